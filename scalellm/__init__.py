@@ -1,0 +1,30 @@
+"""ScaleLLM mesh: the shared library behind the gateway, the workers and the registry.
+
+``from scalellm import LLM, SamplingParams`` gives the offline API. Those names are loaded
+lazily so that the torch-free parts of the mesh (gateway, kvstore) can import ``scalellm.*``
+without pulling in torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from scalellm.engine.sampling_params import SamplingParams
+    from scalellm.llm import LLM, CompletionOutput, RequestOutput
+
+__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SamplingParams":
+        from scalellm.engine.sampling_params import SamplingParams
+
+        return SamplingParams
+    if name in ("LLM", "RequestOutput", "CompletionOutput"):
+        from scalellm import llm
+
+        return getattr(llm, name)
+    raise AttributeError(f"module 'scalellm' has no attribute {name!r}")

@@ -1,0 +1,79 @@
+"""The `scalellm` command line.
+
+Each subcommand lives in the module that owns it and is imported only when it runs, so
+`scalellm --help` is instant and a torch-free command never imports torch.
+
+    scalellm model prepare            turn the demo GGUF into a Hugging Face folder, print its path
+    scalellm generate PROMPT ...      offline generation with the engine (no mesh)
+    scalellm serve SERVICE [ARGS]     run one tier: same as `python -m services.SERVICE [ARGS]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _cmd_model_prepare(args: argparse.Namespace) -> int:
+    from scalellm.models.prepare import prepare_demo_model
+
+    path = prepare_demo_model(cache_dir=args.cache_dir, force=args.force)
+    print(path)
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from scalellm.llm import run_generate_command
+
+    return run_generate_command(args)
+
+
+SERVICES = ("gateway", "prefill", "decode", "kvstore")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = importlib.import_module(f"services.{args.service}.__main__")
+    return int(module.main(args.service_args) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scalellm", description="ScaleLLM mesh command line")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    model = sub.add_parser("model", help="model folders")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    prep = model_sub.add_parser("prepare", help="prepare the demo model (SmolLM2-135M-Instruct) once")
+    prep.add_argument("--cache-dir", default=None, help="where prepared models live (default: user cache)")
+    prep.add_argument("--force", action="store_true", help="rebuild even if a prepared folder exists")
+    prep.set_defaults(func=_cmd_model_prepare)
+
+    gen = sub.add_parser("generate", help="generate offline with the engine alone")
+    gen.add_argument("prompts", nargs="+", help="one or more prompts")
+    gen.add_argument("--model", default=None, help="Hugging Face folder (default: the prepared demo model)")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    gen.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    gen.set_defaults(func=_cmd_generate)
+
+    serve = sub.add_parser("serve", help="run one service of the mesh", add_help=False)
+    serve.add_argument("service", choices=SERVICES)
+    serve.add_argument("service_args", nargs=argparse.REMAINDER, help="the service's own flags")
+    serve.set_defaults(func=_cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Deployable services of the mesh; each is a thin servicer over plain classes in scalellm/."""

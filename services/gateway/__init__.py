@@ -1,0 +1,1 @@
+"""The gateway service (python -m services.gateway)."""

@@ -1,0 +1,1 @@
+"""The kvstore service (python -m services.kvstore)."""

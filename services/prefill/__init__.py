@@ -1,0 +1,1 @@
+"""The prefill service (python -m services.prefill)."""
