@@ -1,4 +1,5 @@
 """Allow `python -m scalellm`."""
+
 import sys
 
 from scalellm.cli import main

@@ -1,0 +1,160 @@
+"""Offline engine throughput on the demo model, side by side with a transformers static batch.
+
+    python bench/engine_throughput.py                 # 32 and 64 requests, 3 repeats each
+    python bench/engine_throughput.py --num-requests 32 --repeats 1 --out results.json
+
+Workload: random prompts of 16-256 tokens and outputs of 16-128 tokens (seeded, EOS ignored).
+Ours: ``LLM.generate`` with continuous batching. Baseline: what a transformers user writes, one
+left-padded batch through ``model.generate`` (KV cache, eager attention) running until the longest
+output is done. Both count only the tokens each request asked for. The bound: the machine's own
+measured float32 matmul peak / (2 x parameters) tokens per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class Workload:
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(self.output_lens)
+
+
+def make_workload(n: int, vocab: int, seed: int = 0) -> Workload:
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(100, vocab) for _ in range(rng.randint(16, 256))] for _ in range(n)]
+    return Workload(prompts, [rng.randint(16, 128) for _ in range(n)])
+
+
+def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t)
+    return 2 * size**3 / min(times)
+
+
+def run_ours(llm, work: Workload) -> float:  # type: ignore[no-untyped-def]
+    from scalellm import SamplingParams
+
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in work.output_lens]
+    prompts = [{"prompt_token_ids": p} for p in work.prompts]
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - t
+    assert sum(len(o.outputs[0].token_ids) for o in outs) == work.output_tokens
+    return elapsed
+
+
+def run_hf(model, work: Workload, pad_id: int) -> float:  # type: ignore[no-untyped-def]
+    width = max(len(p) for p in work.prompts)
+    ids = torch.full((len(work.prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(work.prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    t = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=max(work.output_lens),
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=pad_id,
+        )
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=None, help="HF folder (default: the prepared demo model)")
+    parser.add_argument("--num-requests", type=int, nargs="+", default=[32, 64])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--hf-repeats", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None, help="write JSON results here")
+    args = parser.parse_args()
+
+    import transformers
+
+    from scalellm import LLM
+    from scalellm.models.prepare import resolve_model_dir
+
+    model_dir = resolve_model_dir(args.model)
+    threads = torch.get_num_threads()
+    llm = LLM(model=str(model_dir), max_num_seqs=max(args.num_requests))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    params = sum(p.numel() for p in hf.parameters())
+    peak = matmul_peak_flops()
+    bound = peak / (2 * params)
+    vocab = llm.engine.model_config.vocab_size
+
+    results = []
+    for n in args.num_requests:
+        work = make_workload(n, vocab, seed=n)
+        run_ours(llm, make_workload(4, vocab, seed=999))  # warm-up
+        ours = [run_ours(llm, work) for _ in range(args.repeats)]
+        base = [run_hf(hf, work, pad_id=0) for _ in range(args.hf_repeats)]
+        ours_tps = work.output_tokens / statistics.median(ours)
+        hf_tps = work.output_tokens / statistics.median(base)
+        results.append(
+            dict(
+                num_requests=n,
+                output_tokens=work.output_tokens,
+                prompt_tokens=sum(len(p) for p in work.prompts),
+                ours_seconds=ours,
+                hf_seconds=base,
+                ours_tokens_per_s=ours_tps,
+                hf_tokens_per_s=hf_tps,
+                speedup=ours_tps / hf_tps,
+                fraction_of_bound=ours_tps / bound,
+            )
+        )
+        print(
+            f"n={n}: ours {ours_tps:.1f} tok/s, transformers {hf_tps:.1f} tok/s, x{ours_tps / hf_tps:.2f}",
+            flush=True,
+        )
+
+    machine = (
+        f"{platform.processor() or platform.machine()}, {threads} torch threads, torch {torch.__version__}"
+    )
+    print(
+        f"\nmachine: {machine}; matmul peak {peak / 1e9:.1f} GFLOP/s; bound {bound:.0f} tok/s ({params / 1e6:.1f}M params)\n"
+    )
+    print("| requests | output tokens | ours tok/s | transformers tok/s | speedup | ours / matmul bound |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(
+            f"| {r['num_requests']} | {r['output_tokens']} | {r['ours_tokens_per_s']:.1f} | "
+            f"{r['hf_tokens_per_s']:.1f} | {r['speedup']:.2f}x | {100 * r['fraction_of_bound']:.1f}% |"
+        )
+    if args.out:
+        summary = dict(
+            machine=machine, matmul_peak_flops=peak, params=params, bound_tokens_per_s=bound, runs=results
+        )
+        args.out.write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

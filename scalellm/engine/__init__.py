@@ -1,0 +1,1 @@
+"""The engine: block manager, scheduler, model runner, sampler."""

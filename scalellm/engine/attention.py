@@ -1,0 +1,116 @@
+"""Attention over the paged KV cache.
+
+The cache of one layer is ``kv[2, num_blocks, block_size, num_kv_heads, head_dim]``. A step's
+tokens arrive flattened, single-token queries (decodes) first, then prefill chunks:
+
+    tokens   [d0 d1 d2 | p0 p0 p0 p0 | p1 p1]     num_decode_tokens = 3
+              decodes    chunk of A    chunk of B
+
+Decodes are batched: each one's blocks are gathered into a padded [B, L] context and attended with
+one masked SDPA call (grouped-query heads are not expanded). Prefill chunks attend one request at
+a time: a fresh prompt uses its own K/V with a causal mask and reads nothing back; a chunk that
+continues a prompt (chunked prefill, prefix-cache hit) gathers its earlier blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PrefillSpan:
+    start: int
+    """Offset of the chunk in the flattened tokens."""
+    end: int
+    context_len: int
+    """Tokens already in the cache before this chunk."""
+    block_table: torch.Tensor
+    """Block ids covering context_len + chunk length, on the cache's device."""
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor
+    """[T] cache slot (block * block_size + offset) of each new token."""
+    num_decode_tokens: int
+    decode_block_tables: torch.Tensor | None
+    """[B, max_blocks] block ids of each decode, padded with 0."""
+    decode_mask: torch.Tensor | None
+    """[B, 1, 1, max_blocks * block_size]: True where the slot holds context."""
+    prefills: tuple[PrefillSpan, ...]
+
+
+def paged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """q [T, Hq, D], k and v [T, Hkv, D] (rope applied); writes k, v into the cache and returns
+    the attention output [T, Hq * D]."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    k_cache, v_cache = kv[0], kv[1]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+
+    out = torch.empty_like(q)
+    nd = meta.num_decode_tokens
+    if nd:
+        assert meta.decode_block_tables is not None and meta.decode_mask is not None
+        out[:nd] = _decode(q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_mask, scale)
+    for span in meta.prefills:
+        out[span.start : span.end] = _prefill(q, k, v, k_cache, v_cache, span, scale)
+    return out.view(num_tokens, num_heads * head_dim)
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """[..., max_blocks] block ids -> [..., Hkv, max_blocks * block_size, D]."""
+    blocks = cache[block_table]  # [..., nb, bs, Hkv, D]
+    *lead, nb, bs, hkv, d = blocks.shape
+    return blocks.view(*lead, nb * bs, hkv, d).transpose(-3, -2)
+
+
+def _decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    keys = _gather(k_cache, block_tables)  # [B, Hkv, L, D]
+    values = _gather(v_cache, block_tables)
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+    )  # [B, Hq, 1, D]
+    return out.squeeze(2)
+
+
+def _prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    span: PrefillSpan,
+    scale: float,
+) -> torch.Tensor:
+    n = span.end - span.start
+    query = q[span.start : span.end].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
+    if span.context_len == 0:
+        keys = k[span.start : span.end].transpose(0, 1).unsqueeze(0)
+        values = v[span.start : span.end].transpose(0, 1).unsqueeze(0)
+        out = F.scaled_dot_product_attention(
+            query, keys, values, is_causal=True, scale=scale, enable_gqa=True
+        )
+    else:
+        total = span.context_len + n
+        keys = _gather(k_cache, span.block_table)[:, :total].unsqueeze(0)
+        values = _gather(v_cache, span.block_table)[:, :total].unsqueeze(0)
+        rows = torch.arange(n, device=q.device).unsqueeze(1) + span.context_len
+        mask = torch.arange(total, device=q.device).unsqueeze(0) <= rows  # [n, total]
+        out = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+        )
+    return out.squeeze(0).transpose(0, 1)  # [n, Hq, D]

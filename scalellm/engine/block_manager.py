@@ -1,0 +1,133 @@
+"""Paged KV-cache block accounting with reference counts and hash-based prefix reuse.
+
+The cache is ``num_blocks`` blocks of ``block_size`` token slots. A request owns an ordered list
+of block ids (its block table); token ``i`` lives in slot ``block_ids[i // bs] * bs + i % bs``.
+
+Prefix reuse: every *full* block whose KV has been computed is registered under a hash chained
+over all tokens before it, so two requests that share a prefix share its blocks:
+
+    tokens   [t0 .. t15][t16 .. t31][t32 .. t40]
+    hashes   h0 = H(-1, t0..t15)  h1 = H(h0, t16..t31)   (partial block: no hash)
+
+A block whose reference count falls to zero goes back on the free list but keeps its hash, so a
+later request can still hit it; it is only forgotten when the free list hands it out again (least
+recently freed first). Free-block accounting is exact: ``num_free_blocks`` counts every block with
+no owner, cached or not.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from scalellm.engine.request import Request
+
+_NO_PARENT = -1
+
+
+def hash_block(parent: int, tokens: tuple[int, ...]) -> int:
+    """Chained block hash. Hashes of int tuples do not depend on PYTHONHASHSEED, so they agree
+    across processes of the same Python version (what KV-aware routing will need)."""
+    return hash((parent, tokens))
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks}, {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.cached: dict[int, int] = {}
+        """hash -> block id, for computed full blocks."""
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+
+    # ---- queries -------------------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- allocation ----------------------------------------------------------------------
+
+    def allocate(self, req: Request, num_tokens: int, reserve: int = 0) -> bool:
+        """Grow ``req.block_ids`` to hold ``num_tokens`` slots; all or nothing.
+
+        On a request's first allocation its prompt is matched against the prefix cache: hit
+        blocks are shared and ``req.num_computed_tokens`` jumps past them. At least the last
+        block is always computed afresh, so a sequence never writes into a shared block.
+        ``reserve`` blocks must stay free afterwards (the admission watermark).
+        """
+        hits: list[int] = []
+        if not req.block_ids and req.num_computed_tokens == 0 and self.enable_prefix_caching:
+            hits = self._match_prefix(req, max_blocks=(req.num_tokens - 1) // self.block_size)
+        num_new = self.blocks_needed(num_tokens) - len(req.block_ids) - len(hits)
+        # Hit blocks that sit on the free list are taken from it too.
+        num_taken = num_new + sum(1 for b in hits if self.ref_counts[b] == 0)
+        if num_taken + reserve > len(self.free):
+            return False
+        for b in hits:
+            if self.ref_counts[b] == 0:
+                del self.free[b]
+            self.ref_counts[b] += 1
+        req.block_ids.extend(hits)
+        if hits:
+            req.num_computed_tokens = req.num_cached_tokens = len(hits) * self.block_size
+        for _ in range(max(num_new, 0)):
+            req.block_ids.append(self._pop_free())
+        return True
+
+    def free_request(self, req: Request) -> None:
+        """Drop the request's references. Tail blocks go back first, so they are reused before
+        the (more widely shared) head of the prefix."""
+        for b in reversed(req.block_ids):
+            self.ref_counts[b] -= 1
+            if self.ref_counts[b] == 0:
+                self.free[b] = None
+        req.block_ids = []
+
+    def commit_computed_blocks(self, req: Request) -> None:
+        """Register the hashes of the request's full blocks whose KV is now computed."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = min(req.num_computed_tokens, req.num_tokens) // self.block_size
+        hashes = req.block_hashes
+        bs = self.block_size
+        while len(hashes) < num_full:
+            i = len(hashes)
+            parent = hashes[-1] if hashes else _NO_PARENT
+            h = hash_block(parent, tuple(req.token_ids[i * bs : (i + 1) * bs]))
+            hashes.append(h)
+            block = req.block_ids[i]
+            if self.block_hash[block] is None and h not in self.cached:
+                self.block_hash[block] = h
+                self.cached[h] = block
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _match_prefix(self, req: Request, max_blocks: int) -> list[int]:
+        hits: list[int] = []
+        parent = _NO_PARENT
+        bs = self.block_size
+        for i in range(max_blocks):
+            h = hash_block(parent, tuple(req.token_ids[i * bs : (i + 1) * bs]))
+            block = self.cached.get(h)
+            if block is None:
+                break
+            hits.append(block)
+            parent = h
+        req.block_hashes = [self.block_hash[b] for b in hits]  # type: ignore[misc]
+        return hits
+
+    def _pop_free(self) -> int:
+        block, _ = self.free.popitem(last=False)
+        h = self.block_hash[block]
+        if h is not None:
+            del self.cached[h]
+            self.block_hash[block] = None
+        self.ref_counts[block] = 1
+        return block

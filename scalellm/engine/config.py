@@ -1,0 +1,53 @@
+"""The engine's configuration: one frozen dataclass, resolved against the model folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    """A Hugging Face Llama-family folder."""
+    dtype: str = "auto"
+    """float32, bfloat16, float16, or auto (float32 on CPU; the checkpoint's half type on CUDA)."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto (cuda when available)."""
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    """KV cache size in blocks; None sizes it from kv_cache_gb (CPU) or free GPU memory."""
+    kv_cache_gb: float = 2.0
+    gpu_memory_utilization: float = 0.85
+    max_model_len: int | None = None
+    """Context length; None: the model's, capped so one request always fits in the cache."""
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    num_threads: int | None = None
+    """torch intra-op threads on CPU (None: torch's default)."""
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self, checkpoint_dtype: str) -> torch.dtype:
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        if self.torch_device().type == "cpu":
+            return torch.float32
+        return (
+            _DTYPES.get(checkpoint_dtype, torch.bfloat16) if checkpoint_dtype != "float32" else torch.bfloat16
+        )

@@ -1,0 +1,141 @@
+"""The one place that runs torch: owns the model and the KV cache, turns a scheduled step into
+tensors, runs the forward pass and samples.
+
+The KV cache is a single tensor ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``
+(2 = K, V): the transfer layer ships slices of it between workers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from scalellm.engine.attention import AttentionMetadata, PrefillSpan
+from scalellm.engine.config import EngineConfig
+from scalellm.engine.request import Request
+from scalellm.engine.sampler import Sampler, SamplerOutput
+from scalellm.engine.scheduler import ScheduledRequest
+from scalellm.models.config import ModelConfig
+from scalellm.models.loader import load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    sample_indices: torch.Tensor
+    """Row of each sampling request's last token in the flattened batch."""
+    sampling: list[Request]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.device = config.torch_device()
+        self.dtype = config.torch_dtype(model_config.torch_dtype)
+        if config.num_threads and self.device.type == "cpu":
+            torch.set_num_threads(config.num_threads)
+        self.block_size = config.block_size
+        self.model = load_model(Path(config.model), model_config, self.dtype, self.device, max_model_len)
+        self.num_blocks = config.num_kv_blocks or self._blocks_that_fit()
+        self.kv_cache = torch.zeros(
+            model_config.num_layers,
+            2,
+            self.num_blocks,
+            self.block_size,
+            model_config.num_kv_heads,
+            model_config.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self.sampler = Sampler(self.device)
+        log.info(
+            "model %s on %s (%s), KV cache %d blocks x %d tokens",
+            model_config.architecture,
+            self.device,
+            self.dtype,
+            self.num_blocks,
+            self.block_size,
+        )
+
+    @property
+    def bytes_per_block(self) -> int:
+        c = self.model_config
+        return 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * self.dtype.itemsize
+
+    def _blocks_that_fit(self) -> int:
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = free * self.config.gpu_memory_utilization
+        else:
+            budget = self.config.kv_cache_gb * 2**30
+        return max(1, int(budget // self.bytes_per_block))
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledRequest]) -> tuple[list[Request], SamplerOutput]:
+        """Run one step; returns the requests that sampled a token and what they sampled."""
+        inputs = self.prepare(scheduled)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
+        if not inputs.sampling:
+            return [], SamplerOutput([], [])
+        logits = self.model.compute_logits(hidden[inputs.sample_indices])
+        return inputs.sampling, self.sampler(logits, inputs.sampling)
+
+    def prepare(self, scheduled: list[ScheduledRequest]) -> StepInputs:
+        """Flatten a step: decodes (one token each) first, then prefill chunks."""
+        bs = self.block_size
+        decodes = [s for s in scheduled if s.num_new_tokens == 1]
+        prefills = [s for s in scheduled if s.num_new_tokens > 1]
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        sampling: list[Request] = []
+
+        for s in decodes:
+            req, pos = s.request, s.request.num_computed_tokens
+            input_ids.append(req.token_ids[pos])
+            positions.append(pos)
+            slots.append(req.block_ids[pos // bs] * bs + pos % bs)
+            if s.samples:
+                sample_rows.append(len(input_ids) - 1)
+                sampling.append(req)
+
+        spans: list[PrefillSpan] = []
+        for s in prefills:
+            req, start, n = s.request, s.request.num_computed_tokens, s.num_new_tokens
+            offset = len(input_ids)
+            input_ids.extend(req.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            slots.extend(req.block_ids[p // bs] * bs + p % bs for p in range(start, start + n))
+            table = req.block_ids[: -(-(start + n) // bs)] if start else []
+            spans.append(PrefillSpan(offset, offset + n, start, self._tensor(table)))
+            if s.samples:
+                sample_rows.append(offset + n - 1)
+                sampling.append(req)
+
+        block_tables = mask = None
+        if decodes:
+            width = max(len(s.request.block_ids) for s in decodes)
+            block_tables = self._tensor(
+                [s.request.block_ids + [0] * (width - len(s.request.block_ids)) for s in decodes]
+            )
+            context = self._tensor([s.request.num_computed_tokens + 1 for s in decodes])
+            mask = (torch.arange(width * bs, device=self.device).unsqueeze(0) < context.unsqueeze(1))[
+                :, None, None, :
+            ]
+
+        meta = AttentionMetadata(self._tensor(slots), len(decodes), block_tables, mask, tuple(spans))
+        return StepInputs(
+            self._tensor(input_ids), self._tensor(positions), meta, self._tensor(sample_rows), sampling
+        )
+
+    def _tensor(self, data: list[int] | list[list[int]]) -> torch.Tensor:
+        return torch.tensor(data, dtype=torch.long, device=self.device)

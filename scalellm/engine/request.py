@@ -1,0 +1,138 @@
+"""A request's state inside the engine, and the status enum that drives the scheduler.
+
+add_request          schedule()             remote KV landed
+    |                    |                        |
+    v                    v                        v
+ WAITING ----------> RUNNING -----------> FINISHED_{STOPPED,LENGTH,ABORTED}
+    ^                  |   ^
+    |    blocks ran out|   |  (decode worker) KV pushed by a prefill worker
+    +---- PREEMPTED <--+   +--------- WAITING_FOR_REMOTE_KVS
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from scalellm.engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = enum.auto()
+    """Queued here for (re)computing its prompt."""
+    WAITING_FOR_REMOTE_KVS = enum.auto()
+    """Blocks reserved on a decode worker; a prefill worker is computing and pushing the KV."""
+    RUNNING = enum.auto()
+    """In the continuous batch: prefilling in chunks or decoding."""
+    PREEMPTED = enum.auto()
+    """Blocks taken back under memory pressure; it will be recomputed from its tokens."""
+    FINISHED_STOPPED = enum.auto()
+    """Sampled EOS or one of its stop token ids."""
+    FINISHED_LENGTH = enum.auto()
+    """Reached max_tokens or the model's context length."""
+    FINISHED_ABORTED = enum.auto()
+    """Cancelled by the caller."""
+
+    @property
+    def finished(self) -> bool:
+        return self in _FINISHED
+
+    @property
+    def finish_reason(self) -> str | None:
+        """The OpenAI-style finish reason: "stop", "length", "abort" or None while unfinished."""
+        return _FINISH_REASON.get(self)
+
+
+_FINISHED = frozenset(
+    {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED}
+)
+_FINISH_REASON = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+}
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Logprobs of one generated token: the sampled one and the top-N alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence being generated.
+
+    ``token_ids`` holds the prompt followed by the tokens generated so far. The KV cache holds
+    the first ``num_computed_tokens`` of them, in the slots of ``block_ids``:
+
+        token_ids:  p0 p1 p2 p3 p4 p5 | o0 o1
+                    <-- computed ---->  ^ next to feed (decode: exactly one token)
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    max_tokens: int
+    """Effective output limit: max_tokens capped by the model's context length."""
+    eos_token_ids: frozenset[int] = frozenset()
+    priority: int = 0
+    """Lower runs first (as in vLLM); ties go to the earlier arrival."""
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    status: RequestStatus = RequestStatus.WAITING
+    token_ids: list[int] = field(init=False)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache at admission."""
+    block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)
+    """Hash chain over the full blocks of token_ids (see BlockManager)."""
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    first_token_time: float | None = None
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def sort_key(self) -> tuple[int, float]:
+        """Scheduling order: priority first, then arrival (FCFS)."""
+        return (self.priority, self.arrival_time)
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
+
+    def check_stop(self) -> RequestStatus | None:
+        """After a token was appended: the finished status it leads to, if any."""
+        last = self.token_ids[-1]
+        params = self.sampling_params
+        if not params.ignore_eos and last in self.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if last in params.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if self.num_output_tokens >= self.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return None

@@ -1,0 +1,112 @@
+"""Token sampling, vectorised over the batch.
+
+Per row: greedy (argmax of the raw logits), or temperature -> top-k -> top-p -> min-p -> a draw.
+A draw is ``argmax(p / e)`` with ``e ~ Exp(1)`` per vocabulary entry (the exponential race), so a
+request with a seed uses its own generator for its own row and gets the same tokens whatever
+else is in the batch. Logprobs are those of the model's raw distribution (before temperature
+and truncation), as vLLM and OpenAI report them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from scalellm.engine.request import Request, TokenLogprobs
+
+
+@dataclass(frozen=True)
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+class Sampler:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._generators: dict[str, torch.Generator] = {}
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request's generator."""
+        self._generators.pop(request_id, None)
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        """logits [N, V] float32, one row per request, in order."""
+        params = [r.sampling_params for r in requests]
+        greedy_ids = logits.argmax(dim=-1)
+        random_rows = [i for i, p in enumerate(params) if not p.greedy]
+        token_ids = greedy_ids
+        if random_rows:
+            token_ids = greedy_ids.clone()
+            rows = torch.tensor(random_rows, device=logits.device)
+            token_ids[rows] = self._sample(logits[rows], [requests[i] for i in random_rows])
+        ids = token_ids.tolist()
+        want = [p.logprobs for p in params]
+        if all(n is None for n in want):
+            return SamplerOutput(ids, [None] * len(ids))
+        return SamplerOutput(ids, _logprobs(logits, token_ids, want))
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        params = [r.sampling_params for r in requests]
+        dev = logits.device
+        vocab = logits.shape[-1]
+        temps = torch.tensor([p.temperature for p in params], device=dev, dtype=logits.dtype)
+        logits = logits / temps.unsqueeze(1)
+        top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+        top_p = [p.top_p for p in params]
+        min_p = [p.min_p for p in params]
+        needs_sort = any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p)
+        order: torch.Tensor | None = None
+        if needs_sort:
+            logits, order = logits.sort(dim=-1, descending=True)
+            ranks = torch.arange(vocab, device=dev).unsqueeze(0)
+            logits = logits.masked_fill(ranks >= torch.tensor(top_k, device=dev).unsqueeze(1), float("-inf"))
+        probs = logits.softmax(dim=-1)
+        if needs_sort and any(p < 1.0 for p in top_p):
+            before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
+            cut = before >= torch.tensor(top_p, device=dev, dtype=probs.dtype).unsqueeze(1)
+            probs = probs.masked_fill(cut, 0.0)  # the top token is never cut (before == 0)
+        if any(m > 0.0 for m in min_p):
+            floor = torch.tensor(min_p, device=dev, dtype=probs.dtype).unsqueeze(1)
+            probs = probs.masked_fill(probs < floor * probs.max(dim=-1, keepdim=True).values, 0.0)
+        noise = self._exponential(probs, requests)
+        choice = (probs / noise).argmax(dim=-1)
+        return order.gather(1, choice.unsqueeze(1)).squeeze(1) if order is not None else choice
+
+    def _exponential(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        noise = torch.empty_like(probs).exponential_()
+        for i, req in enumerate(requests):
+            seed = req.sampling_params.seed
+            if seed is None:
+                continue
+            gen = self._generators.get(req.request_id)
+            if gen is None:
+                gen = torch.Generator(device=probs.device)
+                gen.manual_seed(seed)
+                self._generators[req.request_id] = gen
+            noise[i].exponential_(generator=gen)
+        return noise
+
+
+def _logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, want: list[int | None]
+) -> list[TokenLogprobs | None]:
+    logprobs = logits.log_softmax(dim=-1)
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()
+    k = max(n or 0 for n in want)
+    top_vals: list[list[float]] = []
+    top_ids: list[list[int]] = []
+    if k:
+        values, indices = logprobs.topk(k, dim=-1)
+        top_vals, top_ids = values.tolist(), indices.tolist()
+    ids = token_ids.tolist()
+    out: list[TokenLogprobs | None] = []
+    for i, n in enumerate(want):
+        if n is None:
+            out.append(None)
+            continue
+        top = tuple(zip(top_ids[i][:n], top_vals[i][:n], strict=True)) if n else ()
+        out.append(TokenLogprobs(ids[i], chosen[i], top))
+    return out

@@ -1,0 +1,213 @@
+"""Continuous batching with chunked prefill under a per-step token budget.
+
+Each ``schedule()`` builds one step's batch:
+
+    budget = max_num_batched_tokens
+    1. running requests, highest priority first: one token each when decoding, the next chunk
+       of the prompt when prefilling; if a request needs a block and none is free, the running
+       request with the lowest priority (latest arrival among equals) is preempted: its blocks
+       are freed and it goes back to the waiting queue to be recomputed.
+    2. waiting requests (priority, then FCFS) while budget, sequence slots and blocks last:
+       blocks for the whole prompt are allocated on admission (prefix-cache hits are shared),
+       then its first chunk is scheduled. Nothing is admitted in a step that preempted.
+
+``update()`` applies the step's sampled tokens: requests whose computed tokens reached the end
+of their sequence get the new token, and finished ones free their blocks.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from scalellm.engine.block_manager import BlockManager
+from scalellm.engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    """Most requests in the running batch."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step (decode tokens plus prefill chunks)."""
+    watermark_blocks: int = 0
+    """Blocks that admission leaves free so running requests can grow without preemption."""
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+    """Tokens fed this step, starting at request.num_computed_tokens."""
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step reaches the end of the sequence, so a token is sampled."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.blocks = block_manager
+        self.waiting: list[Request] = []
+        """Sorted by Request.sort_key."""
+        self.running: list[Request] = []
+        self.remote: dict[str, Request] = {}
+        """Requests in WAITING_FOR_REMOTE_KVS, by id."""
+        self.finished: list[Request] = []
+        """Finished since the last take_finished(), blocks already freed."""
+
+    # ---- admission -----------------------------------------------------------------------
+
+    def add(self, req: Request) -> None:
+        req.status = RequestStatus.WAITING
+        self._enqueue(req)
+
+    def reserve_remote(self, req: Request) -> bool:
+        """Decode worker: reserve blocks for the whole prompt before asking a prefill worker for
+        its KV. False (nothing changed) when the blocks are not free right now; never
+        over-commits."""
+        if not self.blocks.allocate(req, req.num_tokens, reserve=0):
+            return False
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING_FOR_REMOTE_KVS
+        self.remote[req.request_id] = req
+        return True
+
+    def remote_kv_ready(self, request_id: str, first_token: int) -> Request:
+        """Decode worker: the prompt's KV has landed and the prefill worker sampled
+        ``first_token``; the request joins the running batch at its next step."""
+        req = self.remote.pop(request_id)
+        req.num_computed_tokens = req.num_tokens
+        self.blocks.commit_computed_blocks(req)
+        req.append_token(first_token)
+        stop = req.check_stop()
+        if stop is not None:
+            self._finish(req, stop)
+        else:
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+        return req
+
+    def abort(self, request_id: str) -> Request | None:
+        """Remove a request wherever it is and free its blocks. None if unknown or finished."""
+        for queue in (self.waiting, self.running):
+            for i, req in enumerate(queue):
+                if req.request_id == request_id:
+                    del queue[i]
+                    self._finish(req, RequestStatus.FINISHED_ABORTED)
+                    return req
+        req = self.remote.pop(request_id, None)
+        if req is not None:
+            self._finish(req, RequestStatus.FINISHED_ABORTED)
+        return req
+
+    # ---- one step ------------------------------------------------------------------------
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        self.running.sort(key=lambda r: r.sort_key)
+        chosen: dict[str, ScheduledRequest] = {}
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.blocks.allocate(req, req.num_computed_tokens + n):
+                victim = self.running.pop()  # lowest priority, latest arrival
+                budget += self._preempt(victim, chosen, out)
+                if victim is req:
+                    break
+            else:
+                chosen[req.request_id] = ScheduledRequest(req, n)
+                budget -= n
+                i += 1
+
+        while (
+            self.waiting and budget > 0 and not out.preempted and len(self.running) < self.config.max_num_seqs
+        ):
+            req = self.waiting[0]
+            if not self.blocks.allocate(req, req.num_tokens, reserve=self.config.watermark_blocks):
+                break
+            del self.waiting[0]
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            chosen[req.request_id] = ScheduledRequest(req, n)
+            budget -= n
+
+        out.scheduled = list(chosen.values())
+        return out
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance the scheduled requests; ``sampled`` maps request id to its new token for
+        those whose step reached the end of their sequence. Returns the requests that got a
+        token this step (some may now be finished)."""
+        advanced: list[Request] = []
+        for s in out.scheduled:
+            req = s.request
+            if req.status is not RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            req.num_computed_tokens += s.num_new_tokens
+            self.blocks.commit_computed_blocks(req)
+            token = sampled.get(req.request_id)
+            if token is None:
+                continue
+            req.append_token(token)
+            advanced.append(req)
+            stop = req.check_stop()
+            if stop is not None:
+                self.running.remove(req)
+                self._finish(req, stop)
+        return advanced
+
+    def take_finished(self) -> list[Request]:
+        done, self.finished = self.finished, []
+        return done
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _enqueue(self, req: Request, front: bool = False) -> None:
+        keys = [r.sort_key for r in self.waiting]
+        pos = bisect.bisect_left(keys, req.sort_key) if front else bisect.bisect_right(keys, req.sort_key)
+        self.waiting.insert(pos, req)
+
+    def _preempt(self, req: Request, chosen: dict[str, ScheduledRequest], out: SchedulerOutput) -> int:
+        """Free a running request's blocks and requeue it; returns budget given back."""
+        self.blocks.free_request(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        out.preempted.append(req)
+        self._enqueue(req, front=True)
+        given_back = chosen.pop(req.request_id, None)
+        return given_back.num_new_tokens if given_back else 0
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        req.status = status
+        self.blocks.free_request(req)
+        self.finished.append(req)

@@ -1,0 +1,38 @@
+"""Build a model from a Hugging Face folder (config.json + *.safetensors)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from scalellm.models.config import ModelConfig
+from scalellm.models.llama import LlamaForCausalLM, RotaryEmbedding
+
+
+def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"model folder {model_dir} has no *.safetensors weights")
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                yield name, f.get_tensor(name)
+
+
+def load_model(
+    model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int
+) -> LlamaForCausalLM:
+    """Allocate the model on ``device`` without random init, then copy the checkpoint in."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg, max_positions)
+    model = model.to_empty(device=device).to(dtype)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    # Rope tables stay float32 (cast per use), as in transformers.
+    with torch.device(device):
+        model.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions)
+    model.load_weights(iter_safetensors(model_dir))
+    return model.eval()

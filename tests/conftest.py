@@ -1,0 +1,39 @@
+"""Fixtures shared by every test tier."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir() -> Path:
+    """The prepared SmolLM2-135M-Instruct folder.
+
+    Prepared once into the user cache (or ``$SCALELLM_CACHE_DIR``) and reused by later runs; parallel
+    sessions wait on the prepare lock instead of building twice.
+    """
+    from scalellm.models.prepare import prepare_demo_model
+
+    return prepare_demo_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Build (once per family) a tiny random Llama-family checkpoint; returns its folder."""
+    from tests.tiny_models import build_tiny_model
+
+    built: dict[str, Path] = {}
+
+    def make(family: str) -> Path:
+        if family not in built:
+            built[family] = build_tiny_model(family, tmp_path_factory.mktemp(f"tiny-{family}"))
+        return built[family]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model_factory) -> Path:  # type: ignore[no-untyped-def]
+    return tiny_model_factory("llama")

@@ -1,0 +1,71 @@
+"""Greedy output is identical to Hugging Face transformers: the project's correctness anchor."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from scalellm.engine.config import EngineConfig
+from scalellm.engine.engine import LLMEngine
+from scalellm.engine.sampling_params import SamplingParams
+from tests.tiny_models import hf_greedy
+
+
+def _run(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    reqs = [engine.add_request(str(i), p, params) for i, p in enumerate(prompts)]
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.num_free_blocks == engine.blocks.num_blocks, "blocks leaked"
+    return [r.output_token_ids for r in reqs]
+
+
+@pytest.mark.parametrize("family", ["llama", "llama3", "qwen2", "qwen3", "mistral"])
+def test_tiny_families_match_transformers(tiny_model_factory, family: str) -> None:  # type: ignore[no-untyped-def]
+    model_dir: Path = tiny_model_factory(family)
+    rng = random.Random(family)
+    prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(1, 90))] for _ in range(10)]
+    expected = hf_greedy(model_dir, prompts, max_new_tokens=20)
+    # A small cache and budget force chunked prefill, mixed batches and preemption.
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(model_dir), num_kv_blocks=80, block_size=4, max_num_batched_tokens=48, max_num_seqs=6
+        )
+    )
+    assert _run(engine, prompts, 20) == expected
+
+
+def test_prefix_cache_hits_give_the_same_tokens(tiny_llama: Path) -> None:
+    rng = random.Random(7)
+    shared = [rng.randrange(3, 512) for _ in range(40)]
+    prompts = [shared + [rng.randrange(3, 512) for _ in range(rng.randint(1, 20))] for _ in range(4)]
+    expected = hf_greedy(tiny_llama, prompts, max_new_tokens=12)
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama), num_kv_blocks=200, block_size=4))
+    assert _run(engine, prompts[:1], 12) == expected[:1]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    reqs = [engine.add_request(f"b{i}", p, params) for i, p in enumerate(prompts[1:])]
+    while engine.has_unfinished():
+        engine.step()
+    assert [r.output_token_ids for r in reqs] == expected[1:]
+    assert all(r.num_cached_tokens == 40 for r in reqs)
+
+
+def test_demo_model_matches_transformers(demo_model_dir: Path) -> None:
+    from scalellm.text import Tokenizer
+
+    tok = Tokenizer.from_dir(demo_model_dir)
+    texts = [
+        "The three primary colors are",
+        "def fibonacci(n):\n    ",
+        "Translate to French: The weather is lovely today.",
+        "In 1969, the first humans",
+    ]
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "Name two planets."}], add_generation_prompt=True
+    )
+    prompts = [tok.encode(t) for t in texts] + [tok.encode(chat, add_special_tokens=False)]
+    expected = hf_greedy(demo_model_dir, prompts, max_new_tokens=24)
+    engine = LLMEngine(EngineConfig(model=str(demo_model_dir), num_kv_blocks=256, max_num_batched_tokens=64))
+    assert _run(engine, prompts, 24) == expected

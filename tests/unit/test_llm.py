@@ -1,0 +1,87 @@
+"""The offline API, shaped like vLLM's: LLM(model=...).generate(prompts, sampling_params)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from scalellm import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(demo_model_dir: Path) -> LLM:
+    return LLM(model=str(demo_model_dir), num_kv_blocks=512, max_model_len=1024)
+
+
+def test_generate_strings_and_token_prompts(llm: LLM) -> None:
+    greedy = SamplingParams(temperature=0.0, max_tokens=12)
+    ids = llm.tokenizer.encode("The capital of France is")
+    by_text, by_ids = llm.generate(["The capital of France is", {"prompt_token_ids": ids}], greedy)
+    assert by_text.prompt == "The capital of France is" and by_ids.prompt is None
+    assert by_text.prompt_token_ids == by_ids.prompt_token_ids == ids
+    assert by_text.outputs[0].token_ids == by_ids.outputs[0].token_ids
+    assert by_text.outputs[0].text == llm.tokenizer.decode(by_text.outputs[0].token_ids)
+    assert "Paris" in by_text.outputs[0].text
+    assert by_text.outputs[0].finish_reason in ("stop", "length")
+
+
+def test_one_sampling_params_per_prompt(llm: LLM) -> None:
+    outs = llm.generate(
+        ["Hello", "Hello"],
+        [SamplingParams(temperature=0.0, max_tokens=3), SamplingParams(temperature=0.0, max_tokens=7)],
+    )
+    assert [len(o.outputs[0].token_ids) for o in outs] == [3, 7]
+    assert [o.outputs[0].finish_reason for o in outs] == ["length", "length"]
+
+
+def test_chat_stops_at_end_of_turn(llm: LLM) -> None:
+    out = llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        SamplingParams(temperature=0.0, max_tokens=64),
+    )
+    assert "Paris" in out.outputs[0].text
+    assert out.outputs[0].finish_reason == "stop"
+    assert "<|im_end|>" not in out.outputs[0].text
+
+
+def test_seeded_sampling_is_reproducible(llm: LLM) -> None:
+    params = SamplingParams(temperature=1.0, top_p=0.95, seed=42, max_tokens=20)
+    a = llm.generate("Once upon a time", params)[0].outputs[0].token_ids
+    b = llm.generate(["Tell me a joke.", "Once upon a time"], params)[1].outputs[0].token_ids
+    c = llm.generate("Once upon a time", SamplingParams(temperature=1.0, top_p=0.95, seed=43, max_tokens=20))
+    assert a == b
+    assert c[0].outputs[0].token_ids != a
+
+
+def test_logprobs(llm: LLM) -> None:
+    out = llm.generate("1, 2, 3,", SamplingParams(temperature=0.0, max_tokens=4, logprobs=2))[0].outputs[0]
+    assert out.logprobs is not None and len(out.logprobs) == 4
+    for tok, lp in zip(out.token_ids, out.logprobs, strict=True):
+        assert lp.token_id == tok and lp.logprob <= 0.0 and lp.top[0][0] == tok  # greedy: the top token
+
+
+@pytest.mark.parametrize(
+    ("prompt", "match"),
+    [
+        ({"prompt_token_ids": [1, 2, 49152]}, "prompt_token_ids"),
+        ({"prompt_token_ids": [-1]}, "prompt_token_ids"),
+        ({"prompt_token_ids": []}, "prompt_token_ids"),
+        ({"prompt_token_ids": [5] * 1024}, "context length"),
+        ({"text": "hi"}, "prompt"),
+    ],
+)
+def test_bad_prompts_raise_clear_errors_and_leave_the_engine_clean(
+    llm: LLM, prompt: dict, match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        llm.generate(["fine", prompt], SamplingParams(max_tokens=2))  # type: ignore[list-item]
+    assert not llm.engine.has_unfinished()
+    assert llm.engine.num_free_blocks == llm.engine.blocks.num_blocks
+
+
+def test_max_tokens_is_capped_by_the_context(llm: LLM) -> None:
+    out = llm.generate(
+        {"prompt_token_ids": [5] * 1020}, SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+    )
+    assert len(out[0].outputs[0].token_ids) == 4 and out[0].outputs[0].finish_reason == "length"

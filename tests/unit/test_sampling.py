@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from scalellm.engine.request import Request
+from scalellm.engine.sampler import Sampler
+from scalellm.engine.sampling_params import SamplingParams
+
+
+def _reqs(*params: SamplingParams) -> list[Request]:
+    return [Request(f"r{i}", [1], p, max_tokens=8) for i, p in enumerate(params)]
+
+
+def _logits(rows: int = 4, vocab: int = 50, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, vocab, generator=g) * 3
+
+
+def test_greedy_is_argmax() -> None:
+    logits = _logits()
+    out = Sampler(torch.device("cpu"))(logits, _reqs(*[SamplingParams(temperature=0.0)] * 4))
+    assert out.token_ids == logits.argmax(-1).tolist()
+
+
+def test_seeded_rows_are_reproducible_whatever_the_batch() -> None:
+    logits = _logits(rows=3) / 3
+    seeded = SamplingParams(temperature=1.0, seed=1234)
+    first = Sampler(torch.device("cpu"))
+    alone = [first(logits[1:2], _reqs(seeded)).token_ids[0] for _ in range(20)]
+    second = Sampler(torch.device("cpu"))
+    batch = _reqs(SamplingParams(temperature=0.7), seeded, SamplingParams(temperature=0.0))
+    batch[1].request_id = "r0"  # same request id -> same generator stream as `alone`
+    mixed = [second(logits, batch).token_ids[1] for _ in range(20)]
+    assert alone == mixed
+    assert len(set(alone)) > 1  # it does sample, not argmax
+
+
+def test_top_k_one_and_tiny_top_p_reduce_to_argmax() -> None:
+    logits = _logits()
+    sampler = Sampler(torch.device("cpu"))
+    for params in (SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=1.0, top_p=1e-6)):
+        for _ in range(5):
+            assert sampler(logits, _reqs(*[params] * 4)).token_ids == logits.argmax(-1).tolist()
+
+
+def test_top_k_keeps_only_the_k_best() -> None:
+    logits = _logits(rows=1, vocab=100)
+    allowed = set(logits[0].topk(3).indices.tolist())
+    sampler = Sampler(torch.device("cpu"))
+    seen = {sampler(logits, _reqs(SamplingParams(temperature=2.0, top_k=3))).token_ids[0] for _ in range(200)}
+    assert seen <= allowed and len(seen) == 3
+
+
+def test_top_p_and_min_p_cut_the_tail() -> None:
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    sampler = Sampler(torch.device("cpu"))
+    seen_p = {sampler(logits, _reqs(SamplingParams(top_p=0.8))).token_ids[0] for _ in range(300)}
+    assert seen_p == {0, 1}  # 0.5 + 0.3 reaches 0.8: the tail is cut
+    seen_m = {sampler(logits, _reqs(SamplingParams(min_p=0.25))).token_ids[0] for _ in range(300)}
+    assert seen_m == {0, 1, 2}  # below 0.25 * 0.5 = 0.125 is dropped
+
+
+def test_sampling_follows_the_distribution() -> None:
+    logits = torch.tensor([[0.0, math.log(3.0)]])  # p = [0.25, 0.75]
+    sampler = Sampler(torch.device("cpu"))
+    picks = [sampler(logits, _reqs(SamplingParams(seed=None))).token_ids[0] for _ in range(2000)]
+    assert 0.70 < sum(picks) / len(picks) < 0.80
+
+
+def test_logprobs_are_raw_log_softmax() -> None:
+    logits = _logits(rows=2)
+    out = Sampler(torch.device("cpu"))(
+        logits, _reqs(SamplingParams(temperature=0.0, logprobs=3), SamplingParams())
+    )
+    lp = out.logprobs[0]
+    ref = logits[0].log_softmax(-1)
+    assert lp is not None and lp.token_id == out.token_ids[0]
+    assert lp.logprob == pytest.approx(ref.max().item(), abs=1e-5)
+    assert [t for t, _ in lp.top] == ref.topk(3).indices.tolist()
+    assert out.logprobs[1] is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_k": -5}, "top_k"),
+        ({"min_p": 2.0}, "min_p"),
+        ({"seed": -1}, "seed"),
+        ({"logprobs": 99}, "logprobs"),
+        ({"stop_token_ids": [-3]}, "stop_token_ids"),
+        ({"n": 2}, "n"),
+    ],
+)
+def test_bad_parameters_name_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
