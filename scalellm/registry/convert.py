@@ -1,0 +1,137 @@
+"""Conversions between the typed records and the scalellm.v1 registry protobuf messages."""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from scalellm.registry.errors import InvalidRegistration
+from scalellm.registry.records import (
+    EventType,
+    Lease,
+    WorkerEvent,
+    WorkerInfo,
+    WorkerLoad,
+    WorkerRecord,
+    WorkerRole,
+)
+from scalellm.v1 import registry_pb2 as pb
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(round(seconds * 1e9))
+    return ts
+
+
+def _seconds(ts: Timestamp) -> float:
+    return ts.ToNanoseconds() / 1e9
+
+
+def role_from_proto(value: int) -> WorkerRole:
+    """The wire role number to WorkerRole; InvalidRegistration for UNSPECIFIED or unknown numbers."""
+    try:
+        return WorkerRole(value)
+    except ValueError:
+        raise InvalidRegistration(f"role {value} is unknown (expected PREFILL, DECODE or BOTH)") from None
+
+
+def info_to_proto(info: WorkerInfo) -> pb.WorkerInfo:
+    """WorkerInfo to its wire message."""
+    return pb.WorkerInfo(
+        worker_id=info.worker_id,
+        role=info.role.value,
+        model=info.model,
+        grpc_address=info.grpc_address,
+        transfer_endpoint=info.transfer_endpoint,
+        kv_capacity_blocks=info.kv_capacity_blocks,
+        kv_block_size=info.kv_block_size,
+        version=info.version,
+    )
+
+
+def info_from_proto(msg: pb.WorkerInfo) -> WorkerInfo:
+    """The wire message to WorkerInfo (role checked here; the rest by validate_worker_info)."""
+    return WorkerInfo(
+        worker_id=msg.worker_id,
+        role=role_from_proto(msg.role),
+        model=msg.model,
+        grpc_address=msg.grpc_address,
+        transfer_endpoint=msg.transfer_endpoint,
+        kv_capacity_blocks=msg.kv_capacity_blocks,
+        kv_block_size=msg.kv_block_size,
+        version=msg.version,
+    )
+
+
+def load_to_proto(load: WorkerLoad) -> pb.Load:
+    """WorkerLoad to its wire message."""
+    return pb.Load(
+        running=load.running,
+        waiting=load.waiting,
+        free_blocks=load.free_blocks,
+        tokens_per_second=load.tokens_per_second,
+        updated=_timestamp(load.updated_at),
+    )
+
+
+def load_from_proto(msg: pb.Load) -> WorkerLoad:
+    """The wire message to WorkerLoad."""
+    return WorkerLoad(
+        running=msg.running,
+        waiting=msg.waiting,
+        free_blocks=msg.free_blocks,
+        tokens_per_second=msg.tokens_per_second,
+        updated_at=_seconds(msg.updated),
+    )
+
+
+def record_to_proto(record: WorkerRecord) -> pb.Worker:
+    """WorkerRecord to its wire message."""
+    return pb.Worker(
+        info=info_to_proto(record.info),
+        load=load_to_proto(record.load),
+        registered=_timestamp(record.registered_at),
+    )
+
+
+def record_from_proto(msg: pb.Worker) -> WorkerRecord:
+    """The wire message to WorkerRecord."""
+    return WorkerRecord(
+        info=info_from_proto(msg.info),
+        load=load_from_proto(msg.load),
+        registered_at=_seconds(msg.registered),
+    )
+
+
+def event_to_proto(event: WorkerEvent) -> pb.WorkerEvent:
+    """WorkerEvent to its wire message."""
+    msg = pb.WorkerEvent(
+        type=event.type.value,
+        worker_id=event.worker_id,
+        snapshot=[record_to_proto(r) for r in event.snapshot],
+        lease_ms=round(event.lease_s * 1000),
+    )
+    if event.worker is not None:
+        msg.worker.CopyFrom(record_to_proto(event.worker))
+    return msg
+
+
+def event_from_proto(msg: pb.WorkerEvent) -> WorkerEvent:
+    """The wire message to WorkerEvent."""
+    return WorkerEvent(
+        type=EventType(msg.type),
+        worker_id=msg.worker_id,
+        worker=record_from_proto(msg.worker) if msg.HasField("worker") else None,
+        snapshot=tuple(record_from_proto(w) for w in msg.snapshot),
+        lease_s=msg.lease_ms / 1000,
+    )
+
+
+def lease_from_response(worker_id: str, msg: pb.RegisterResponse) -> Lease:
+    """RegisterResponse to a Lease."""
+    return Lease(
+        worker_id=worker_id,
+        lease_id=msg.lease_id,
+        lease_s=msg.lease_ms / 1000,
+        heartbeat_interval_s=msg.heartbeat_interval_ms / 1000,
+    )
