@@ -93,8 +93,13 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)
     """Hash chain over the full blocks of token_ids (see BlockManager)."""
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    scheduled_time: float | None = None
+    """When it was first admitted to the running batch (queue time ends here)."""
     first_token_time: float | None = None
     num_preemptions: int = 0
+    keep_blocks: bool = False
+    """Prefill worker: the blocks outlive the finish until their KV has been sent; the owner
+    then calls Scheduler.release()."""
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

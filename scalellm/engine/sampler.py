@@ -85,6 +85,10 @@ class Sampler:
             if gen is None:
                 gen = torch.Generator(device=probs.device)
                 gen.manual_seed(seed)
+                # A request continued on another worker (disaggregated decode) already drew once per
+                # token it has: skip those draws so its stream matches the engine alone.
+                for _ in range(req.num_output_tokens):
+                    torch.empty_like(noise[i]).exponential_(generator=gen)
                 self._generators[req.request_id] = gen
             noise[i].exponential_(generator=gen)
         return noise

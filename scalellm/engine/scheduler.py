@@ -18,6 +18,7 @@ of their sequence get the new token, and finished ones free their blocks.
 from __future__ import annotations
 
 import bisect
+import time
 from dataclasses import dataclass, field
 
 from scalellm.engine.block_manager import BlockManager
@@ -155,6 +156,8 @@ class Scheduler:
                 break
             del self.waiting[0]
             req.status = RequestStatus.RUNNING
+            if req.scheduled_time is None:
+                req.scheduled_time = time.monotonic()
             self.running.append(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             chosen[req.request_id] = ScheduledRequest(req, n)
@@ -207,7 +210,13 @@ class Scheduler:
         given_back = chosen.pop(req.request_id, None)
         return given_back.num_new_tokens if given_back else 0
 
+    def release(self, req: Request) -> None:
+        """Free the blocks of a finished request that was kept with ``keep_blocks``."""
+        assert req.status.finished, "release() is for finished requests"
+        self.blocks.free_request(req)
+
     def _finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status
-        self.blocks.free_request(req)
+        if not req.keep_blocks or status is RequestStatus.FINISHED_ABORTED:
+            self.blocks.free_request(req)
         self.finished.append(req)

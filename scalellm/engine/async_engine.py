@@ -1,0 +1,169 @@
+"""Run an LLMEngine on its own thread and talk to it from asyncio.
+
+    event loop (gRPC servicers)                 step thread
+    ---------------------------                 -----------
+    submit(fn) ----- command queue ----------->  fn(engine) between steps
+    stream(request_id) <- call_soon_threadsafe -  engine.step() -> TokenEvents
+
+All engine state is touched by the step thread only; the event loop never runs torch. Torch
+releases the GIL inside its kernels, so the loop stays responsive while a step runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
+
+from scalellm.engine.engine import LLMEngine, TokenEvent
+from scalellm.engine.request import Request
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+StepHook = Callable[[LLMEngine, list[TokenEvent]], None]
+
+
+class EngineStoppedError(RuntimeError):
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, on_step: StepHook | None = None) -> None:
+        """``on_step`` runs on the step thread after every step with that step's events."""
+        self.engine = engine
+        self._on_step = on_step
+        self._commands: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._streams: dict[str, tuple[Request, asyncio.Queue[TokenEvent]]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+        self.num_steps = 0
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is None or self._stopped:
+            return
+        self._stopped = True
+        self._commands.put(None)
+        self._thread.join(timeout=30)
+
+    # ---- calls from the event loop -------------------------------------------------------
+
+    def submit(self, fn: Callable[[LLMEngine], T]) -> asyncio.Future[T]:
+        """Run ``fn(engine)`` on the step thread between steps; its result resolves the future."""
+        if self._stopped or self._loop is None:
+            raise EngineStoppedError("engine is stopped")
+        loop = self._loop
+        fut: asyncio.Future[T] = loop.create_future()
+
+        def command() -> None:
+            try:
+                result = fn(self.engine)
+            except BaseException as exc:  # delivered to the awaiting coroutine
+                loop.call_soon_threadsafe(_set_exception, fut, exc)
+            else:
+                loop.call_soon_threadsafe(_set_result, fut, result)
+
+        self._commands.put(command)
+        return fut
+
+    def open_stream(self, req: Request) -> asyncio.Queue[TokenEvent]:
+        """Start collecting a request's events (call before it can produce any). Events of an
+        earlier request that had the same id are not delivered here."""
+        q: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self._streams[req.request_id] = (req, q)
+        return q
+
+    def close_stream(self, req: Request) -> None:
+        entry = self._streams.get(req.request_id)
+        if entry is not None and entry[0] is req:
+            del self._streams[req.request_id]
+
+    async def add_and_stream(self, req: Request) -> AsyncIterator[TokenEvent]:
+        """Queue a built request and yield its events until it finishes. Leaving early (the
+        consumer is cancelled or stops iterating) aborts the request and frees its blocks."""
+        events = self.open_stream(req)
+        finished = False
+        try:
+            await self.submit(lambda e: e.scheduler.add(req))
+            async for event in self.iterate(events):
+                finished = event.finished
+                yield event
+        finally:
+            self.close_stream(req)
+            if not finished:
+                self.abort(req.request_id)
+
+    async def iterate(self, events: asyncio.Queue[TokenEvent]) -> AsyncIterator[TokenEvent]:
+        while True:
+            event = await events.get()
+            yield event
+            if event.finished:
+                return
+
+    def abort(self, request_id: str) -> None:
+        """Fire and forget: abort the request wherever it is (no-op if finished)."""
+        if not self._stopped:
+            self.submit(lambda e: e.abort_request(request_id))
+
+    # ---- the step thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            block = not engine.has_unfinished()
+            try:
+                while True:
+                    command = self._commands.get(block=block)
+                    if command is None:
+                        return
+                    command()
+                    block = False
+            except queue.Empty:
+                pass
+            if not engine.has_unfinished():
+                continue
+            try:
+                events = engine.step()
+            except Exception:  # a bug in a step must not kill the worker silently
+                log.exception("engine step failed; aborting its requests")
+                events = [TokenEvent(r, None, None, True) for r in _abort_all(engine)]
+            self.num_steps += 1
+            if self._on_step is not None:
+                self._on_step(engine, events)
+            if events and self._loop is not None:
+                self._loop.call_soon_threadsafe(self._dispatch, events)
+
+    def _dispatch(self, events: list[TokenEvent]) -> None:
+        for event in events:
+            entry = self._streams.get(event.request.request_id)
+            if entry is not None and entry[0] is event.request:
+                entry[1].put_nowait(event)
+
+
+def _abort_all(engine: LLMEngine) -> list[Request]:
+    reqs = [*engine.scheduler.running, *engine.scheduler.waiting]
+    for r in reqs:
+        engine.abort_request(r.request_id)
+    engine.scheduler.take_finished()
+    return reqs
+
+
+def _set_result(fut: asyncio.Future[T], result: T) -> None:
+    if not fut.done():
+        fut.set_result(result)
+
+
+def _set_exception(fut: asyncio.Future[T], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

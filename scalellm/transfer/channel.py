@@ -1,0 +1,50 @@
+"""Shared vocabulary of both channel ends: state, callbacks, and safe callback invocation."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from scalellm.transfer.stats import TransferStats
+
+log = logging.getLogger(__name__)
+
+Resolver = Callable[[int, int, int], list[int] | None]
+"""``resolve(transfer_id, num_tokens, num_blocks)``: destination block ids, or None if cancelled."""
+CompleteCallback = Callable[[int, TransferStats], None]
+ErrorCallback = Callable[[int, BaseException], None]
+
+
+class ChannelState(Enum):
+    CONNECTING = "connecting"  # waiting for the peer to join, or building the process group
+    READY = "ready"
+    BROKEN = "broken"  # failed; the manager opens a new epoch on next use
+    CLOSED = "closed"  # closed locally
+
+    @property
+    def alive(self) -> bool:
+        return self in (ChannelState.CONNECTING, ChannelState.READY)
+
+
+@dataclass(frozen=True)
+class ReceiverCallbacks:
+    """What the decode worker plugs into the receiver. Called on the receiver thread: keep them
+    short and thread-safe (e.g. hand off with ``loop.call_soon_threadsafe``)."""
+
+    resolve: Resolver
+    on_complete: CompleteCallback
+    on_error: ErrorCallback
+
+    def complete(self, transfer_id: int, stats: TransferStats) -> None:
+        try:
+            self.on_complete(transfer_id, stats)
+        except Exception:
+            log.exception("on_complete(%d) raised", transfer_id)
+
+    def error(self, transfer_id: int, exc: BaseException) -> None:
+        try:
+            self.on_error(transfer_id, exc)
+        except Exception:
+            log.exception("on_error(%d) raised", transfer_id)

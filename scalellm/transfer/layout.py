@@ -1,0 +1,120 @@
+"""The KV-cache layout both ends of a pair must agree on before any KV flows."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Final
+
+import torch
+
+from scalellm.transfer.errors import ProtocolError, TransferError
+
+PROTOCOL_VERSION: Final[int] = 1
+"""Version of the wire protocol (header layout, control messages, store keys)."""
+
+_DTYPES: Final[dict[str, torch.dtype]] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class FieldDiff:
+    """One layout field whose value differs between the two ends."""
+
+    name: str
+    local: object
+    peer: object
+
+
+class LayoutMismatchError(TransferError):
+    """The peer's KV layout is incompatible with ours; no KV may flow between them."""
+
+    def __init__(self, diffs: tuple[FieldDiff, ...], peer: str = "peer") -> None:
+        self.diffs = diffs
+        self.peer = peer
+        detail = "; ".join(f"{d.name}: local={d.local!r} {peer}={d.peer!r}" for d in diffs)
+        super().__init__(f"KV layout mismatch with {peer}: {detail}")
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Shape-defining facts of a worker's paged KV cache (all but its number of blocks).
+
+    The cache tensor is ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``.
+    """
+
+    model: str
+    dtype: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    protocol_version: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"unsupported KV dtype {self.dtype!r}; expected one of {sorted(_DTYPES)}")
+
+    @classmethod
+    def from_kv_cache(cls, kv_cache: torch.Tensor, model: str) -> KVLayout:
+        """The layout of an engine KV cache tensor serving ``model``."""
+        if kv_cache.dim() != 6 or kv_cache.shape[1] != 2:
+            raise ValueError(
+                f"expected a [layers, 2, blocks, block_size, heads, dim] cache, got {tuple(kv_cache.shape)}"
+            )
+        layers, _, _, block_size, heads, head_dim = kv_cache.shape
+        dtype = str(kv_cache.dtype).removeprefix("torch.")
+        return cls(model, dtype, layers, heads, head_dim, block_size)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def block_bytes_per_layer(self) -> int:
+        """Bytes of K and V of one block in one layer."""
+        item = torch.empty((), dtype=self.torch_dtype).element_size()
+        return 2 * self.block_size * self.num_kv_heads * self.head_dim * item
+
+    def diff(self, peer: KVLayout) -> tuple[FieldDiff, ...]:
+        """Every field that differs, in declaration order."""
+        return tuple(
+            FieldDiff(f.name, getattr(self, f.name), getattr(peer, f.name))
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(peer, f.name)
+        )
+
+    def check_compatible(self, peer: KVLayout, peer_name: str = "peer") -> None:
+        """Raise :class:`LayoutMismatchError` naming every differing field."""
+        diffs = self.diff(peer)
+        if diffs:
+            raise LayoutMismatchError(diffs, peer_name)
+
+    def check_cache(self, kv_cache: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``kv_cache`` has this layout."""
+        got = KVLayout.from_kv_cache(kv_cache, self.model)
+        diffs = self.diff(got)
+        if diffs:
+            raise ValueError(f"kv_cache does not match the layout: {LayoutMismatchError(diffs, 'cache')}")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, peer_name: str = "peer") -> KVLayout:
+        """Parse a peer's layout; a peer on another protocol version is a mismatch, not garbage."""
+        try:
+            fields = json.loads(text)
+            version = fields.get("protocol_version")
+        except (AttributeError, ValueError) as exc:
+            raise ProtocolError(f"malformed KV layout from {peer_name}: {text!r}") from exc
+        if version != PROTOCOL_VERSION:
+            raise LayoutMismatchError((FieldDiff("protocol_version", PROTOCOL_VERSION, version),), peer_name)
+        try:
+            return cls(**fields)
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(f"malformed KV layout from {peer_name}: {text!r}") from exc

@@ -1,0 +1,60 @@
+"""Prometheus metrics of a worker: latency, queue, batch, KV blocks and KV transfer.
+
+Each worker owns its CollectorRegistry (so several workers can live in one test process) and
+serves it over HTTP on --metrics-port. Gauges are refreshed from the engine after every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass
+class WorkerMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.ttft = Histogram(
+            "scalellm_time_to_first_token_seconds",
+            "Time to first token",
+            registry=r,
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.tpot = Histogram(
+            "scalellm_time_per_output_token_seconds", "Time per output token after the first", registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+        )  # fmt: skip
+        self.requests = Counter("scalellm_requests_total", "Requests by outcome", ["outcome"], registry=r)
+        self.tokens = Counter("scalellm_generated_tokens_total", "Generated tokens", registry=r)
+        self.waiting = Gauge("scalellm_queue_depth", "Requests waiting to be scheduled", registry=r)
+        self.running = Gauge("scalellm_running_batch", "Requests in the running batch", registry=r)
+        self.free_blocks = Gauge("scalellm_kv_blocks_free", "Free KV cache blocks", registry=r)
+        self.total_blocks = Gauge("scalellm_kv_blocks_total", "KV cache blocks", registry=r)
+        self.transfer_bytes = Counter(
+            "scalellm_kv_transfer_bytes_total", "KV bytes moved", ["direction"], registry=r
+        )
+        self.transfer_seconds = Counter(
+            "scalellm_kv_transfer_seconds_total", "Seconds spent moving KV", ["direction"], registry=r
+        )
+        self.transfer_failures = Counter(
+            "scalellm_kv_transfer_failures_total", "Failed KV transfers", registry=r
+        )
+        self._server: Any = None
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Serve /metrics on port (0 picks one); returns the bound port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._server = server
+        return int(server.server_address[1])
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

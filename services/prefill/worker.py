@@ -1,0 +1,132 @@
+"""PrefillWorker: compute prompts for decode workers and push their KV.
+
+    Prefill rpc ──> engine (batched, chunked; max one token, blocks kept) ──> first token
+                ──> push KV over the pair channel to the asking decode worker ──> reply
+
+A prompt's blocks stay held after its first token until the push has finished, then return to
+the pool (still in the prefix cache). Cancelling the rpc removes a queued or running prefill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from scalellm.engine.request import Request, RequestStatus, TokenLogprobs
+from scalellm.engine.sampling_params import SamplingParams
+from scalellm.transfer import KVLayout, TransferClient, TransferStats
+from scalellm.worker.config import WorkerConfig
+from scalellm.worker.engine_host import EngineHost
+from scalellm.worker.errors import Unavailable
+from scalellm.worker.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KVTarget:
+    decode_worker_id: str
+    transfer_endpoint: str
+    transfer_id: int
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    first_token_id: int
+    logprobs: TokenLogprobs | None
+    cached_tokens: int
+    queue_seconds: float
+    prefill_seconds: float
+    transfer: TransferStats
+
+
+class PrefillWorker:
+    def __init__(self, config: WorkerConfig, host: EngineHost, metrics: WorkerMetrics) -> None:
+        self.config = config
+        self.host = host
+        self.metrics = metrics
+        self.client: TransferClient | None = None
+        self.draining = False
+        self.in_flight = 0
+
+    @property
+    def transfer_endpoint(self) -> str:
+        return ""
+
+    async def start(self) -> None:
+        self.host.start()
+        kv = self.host.engine.runner.kv_cache
+        layout = KVLayout.from_kv_cache(kv, self.host.model_name)
+        self.client = TransferClient(self.config.worker_id, layout, kv, self.config.channel_config())
+
+    async def stop(self) -> None:
+        if self.client is not None:
+            await asyncio.to_thread(self.client.close)
+        self.host.stop()
+
+    async def prefill(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int,
+        target: KVTarget,
+    ) -> PrefillResult:
+        if self.draining:
+            raise Unavailable(f"prefill worker {self.config.worker_id} is draining")
+        if not target.decode_worker_id or not target.transfer_endpoint:
+            raise ValueError("destination.decode_worker_id and destination.transfer_endpoint are required")
+        # The same request id may come from two decode workers: qualify it.
+        rid = f"{target.decode_worker_id}/{request_id}/{target.transfer_id}"
+        req = self.host.engine.make_request(rid, prompt_token_ids, params, priority)
+        req.max_tokens = 1
+        req.keep_blocks = True
+        self.in_flight += 1
+        try:
+            return await self._run(req, target)
+        finally:
+            self.in_flight -= 1
+
+    async def _run(self, req: Request, target: KVTarget) -> PrefillResult:
+        aengine = self.host.aengine
+        events = [event async for event in aengine.add_and_stream(req)]  # one: the first token
+        event = events[-1]
+        if req.status is RequestStatus.FINISHED_ABORTED or event.token_id is None:
+            raise Unavailable(f"prefill of {req.request_id} was aborted")
+        computed = time.monotonic()
+        loop = asyncio.get_running_loop()
+
+        def release(_: object = None) -> None:  # the blocks return to the pool once the push is over
+            loop.call_soon_threadsafe(aengine.submit, lambda e: e.scheduler.release(req))
+
+        try:
+            assert self.client is not None
+            future = self.client.submit_kv(
+                target.decode_worker_id, target.transfer_endpoint, target.transfer_id, req.block_ids,
+                req.num_prompt_tokens,
+            )  # fmt: skip
+        except Exception as exc:
+            release()
+            self.metrics.transfer_failures.inc()
+            raise Unavailable(f"KV transfer to {target.decode_worker_id} failed: {exc}") from exc
+        future.add_done_callback(release)
+        try:
+            stats = await asyncio.wrap_future(future)
+        except Exception as exc:
+            self.metrics.transfer_failures.inc()
+            raise Unavailable(f"KV transfer to {target.decode_worker_id} failed: {exc}") from exc
+        self.metrics.transfer_bytes.labels("out").inc(stats.bytes)
+        self.metrics.transfer_seconds.labels("out").inc(stats.seconds)
+        self.metrics.requests.labels("prefilled").inc()
+        scheduled = req.scheduled_time or req.arrival_time
+        self.metrics.ttft.observe(computed - req.arrival_time)
+        return PrefillResult(
+            first_token_id=event.token_id,
+            logprobs=event.logprobs,
+            cached_tokens=req.num_cached_tokens,
+            queue_seconds=scheduled - req.arrival_time,
+            prefill_seconds=computed - scheduled,
+            transfer=stats,
+        )

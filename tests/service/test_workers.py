@@ -1,0 +1,294 @@
+"""Prefill and decode workers as real processes on CPU (gloo): exactness, failures, no leaks."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from scalellm.redis_server import free_port
+from scalellm.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from tests.procs import Service, start_service
+
+pytestmark = pytest.mark.slow
+
+PREFILL_ID = "prefill-test"
+
+
+def _worker_args(model: Path, *extra: str) -> list[str]:
+    return [
+        "--model", str(model), "--listen", "127.0.0.1:0", "--advertise-host", "127.0.0.1",
+        "--transfer-listen", "127.0.0.1:0", "--num-kv-blocks", "400", "--num-threads", "1",
+        "--metrics-port", str(free_port()), *extra,
+    ]  # fmt: skip
+
+
+@dataclass
+class Mesh:
+    decode: Service
+    prefill: Service | None
+
+    @property
+    def targets(self) -> list[worker_pb2.PrefillTarget]:
+        if self.prefill is None:
+            return []
+        return [worker_pb2.PrefillTarget(worker_id=PREFILL_ID, address=self.prefill.address)]
+
+
+@pytest.fixture(scope="module")
+def workload(demo_model_dir: Path) -> tuple[list[list[int]], list[int], list[list[int]]]:
+    """32 prompts of mixed lengths and their greedy continuations from the engine alone."""
+    from scalellm import LLM, SamplingParams
+
+    rng = random.Random(3)
+    prompts = [[rng.randrange(100, 49000) for _ in range(rng.randint(4, 120))] for _ in range(32)]
+    lengths = [rng.randint(4, 24) for _ in range(32)]
+    llm = LLM(model=str(demo_model_dir), num_kv_blocks=600)
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths],
+    )
+    return prompts, lengths, [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def disagg(demo_model_dir: Path) -> Iterator[Mesh]:
+    prefill = start_service("services.prefill", _worker_args(demo_model_dir, "--worker-id", PREFILL_ID))
+    decode = start_service("services.decode", _worker_args(demo_model_dir, "--role", "decode"))
+    yield Mesh(decode, prefill)
+    assert decode.stop() == 0, decode.log()
+    assert prefill.stop() == 0, prefill.log()
+
+
+@pytest.fixture(scope="module")
+def colocated(demo_model_dir: Path) -> Iterator[Mesh]:
+    decode = start_service("services.decode", _worker_args(demo_model_dir, "--role", "both"))
+    yield Mesh(decode, None)
+    assert decode.stop() == 0, decode.log()
+
+
+def _request(
+    rid: str, prompt: list[int], max_tokens: int, targets: list, **sampling
+) -> worker_pb2.GenerateRequest:  # type: ignore[no-untyped-def]
+    return worker_pb2.GenerateRequest(
+        request_id=rid,
+        prompt_token_ids=prompt,
+        sampling=common_pb2.SamplingParams(
+            **{"temperature": 0.0, "max_tokens": max_tokens, "ignore_eos": True, **sampling}
+        ),
+        prefill=targets,
+    )
+
+
+async def _generate(
+    address: str, requests: list[worker_pb2.GenerateRequest]
+) -> list[tuple[list[int], worker_pb2.GenerateResponse]]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = worker_pb2_grpc.DecodeWorkerStub(channel)
+
+        async def one(req: worker_pb2.GenerateRequest) -> tuple[list[int], worker_pb2.GenerateResponse]:
+            tokens: list[int] = []
+            last = None
+            async for msg in stub.Generate(req):
+                tokens += msg.token_ids
+                last = msg
+            assert last is not None
+            return tokens, last
+
+        return await asyncio.gather(*(one(r) for r in requests))
+
+
+def _scrape(svc: Service, metric: str) -> float:
+    port = int(re.search(r"metrics on :(\d+)", svc.log()).group(1))  # type: ignore[union-attr]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return float(re.search(rf"^{metric} (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
+
+
+async def _wait_all_blocks_free(svc: Service) -> None:
+    for _ in range(100):
+        if _scrape(svc, "scalellm_kv_blocks_free") == _scrape(svc, "scalellm_kv_blocks_total"):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("KV blocks leaked:\n" + svc.log())
+
+
+@pytest.mark.parametrize("mesh_name", ["disagg", "colocated"])
+async def test_32_concurrent_requests_match_the_engine_alone(request, mesh_name: str, workload) -> None:  # type: ignore[no-untyped-def]
+    mesh: Mesh = request.getfixturevalue(mesh_name)
+    prompts, lengths, expected = workload
+    reqs = [
+        _request(f"{mesh_name}-{i}", p, n, mesh.targets)
+        for i, (p, n) in enumerate(zip(prompts, lengths, strict=True))
+    ]
+    results = await _generate(mesh.decode.address, reqs)
+    assert [tokens for tokens, _ in results] == expected
+    for (tokens, last), p in zip(results, prompts, strict=True):
+        assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH
+        assert last.usage.prompt_tokens == len(p) and last.usage.completion_tokens == len(tokens)
+        if mesh.prefill is not None:
+            assert last.timings.transfer_bytes > 0
+    await _wait_all_blocks_free(mesh.decode)
+
+
+async def test_seeded_sampling_matches_across_the_split(disagg: Mesh, colocated: Mesh) -> None:
+    req = _request("seeded", [5, 6, 7, 8, 9] * 6, 12, [], temperature=0.9, seed=7)
+    local = await _generate(colocated.decode.address, [req])
+    req.prefill.extend(disagg.targets)
+    remote = await _generate(disagg.decode.address, [req])
+    assert local[0][0] == remote[0][0]
+
+
+async def test_bad_requests_are_invalid_argument(disagg: Mesh) -> None:
+    bad = [
+        _request("r1", [1, 2, 10**6], 4, disagg.targets),
+        _request("", [1, 2], 4, []),
+        _request("r3", [], 4, []),
+        _request("r4", [1, 2], 4, [], top_p=1.5),
+    ]
+    for req in bad:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _generate(disagg.decode.address, [req])
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert (await _generate(disagg.decode.address, [_request("ok", [1, 2, 3], 2, disagg.targets)]))[0][0]
+
+
+async def test_no_room_is_resource_exhausted_at_once(demo_model_dir: Path) -> None:
+    small = start_service(
+        "services.decode", [*_worker_args(demo_model_dir, "--role", "decode"), "--num-kv-blocks", "20"]
+    )
+    try:
+        async with grpc.aio.insecure_channel(small.address) as channel:
+            stub = worker_pb2_grpc.DecodeWorkerStub(channel)
+            occupant = stub.Generate(_request("occupant", [9] * 250, 60, []))  # 16 of 20 blocks
+            async for _ in occupant:
+                break
+            targets = [worker_pb2.PrefillTarget(worker_id="nobody", address="127.0.0.1:1")]
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in stub.Generate(_request("big", [7] * 100, 4, targets)):
+                    pass
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "free KV blocks" in (err.value.details() or "")
+            occupant.cancel()
+        await _wait_all_blocks_free(small)
+    finally:
+        assert small.stop() == 0
+
+
+async def test_cancelled_stream_frees_its_blocks_and_its_prefill(disagg: Mesh) -> None:
+    async with grpc.aio.insecure_channel(disagg.decode.address) as channel:
+        stub = worker_pb2_grpc.DecodeWorkerStub(channel)
+        call = stub.Generate(_request("cancel-me", [11] * 300, 2000, disagg.targets))
+        got = 0
+        async for msg in call:
+            got += len(msg.token_ids)
+            if got >= 3:
+                call.cancel()
+                break
+    await _wait_all_blocks_free(disagg.decode)
+    assert disagg.prefill is not None
+    await _wait_all_blocks_free(disagg.prefill)
+
+
+async def test_health_and_reflection(disagg: Mesh) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    for svc, name in (
+        (disagg.decode, "scalellm.v1.DecodeWorker"),
+        (disagg.prefill, "scalellm.v1.PrefillWorker"),
+    ):
+        assert svc is not None
+        async with grpc.aio.insecure_channel(svc.address) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=name)
+            )
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            stream = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            )
+            async for answer in stream:
+                assert name in [s.name for s in answer.list_services_response.service]
+                break
+
+
+async def test_killing_the_prefill_worker_under_load_loses_no_request(demo_model_dir: Path, workload) -> None:  # type: ignore[no-untyped-def]
+    prompts, lengths, expected = workload
+    prefill = start_service("services.prefill", _worker_args(demo_model_dir, "--worker-id", "doomed"))
+    decode = start_service(
+        "services.decode", _worker_args(demo_model_dir, "--role", "decode", "--transfer-timeout", "10")
+    )
+    try:
+        targets = [worker_pb2.PrefillTarget(worker_id="doomed", address=prefill.address)]
+        reqs = [
+            _request(f"k{i}", p, n, targets) for i, (p, n) in enumerate(zip(prompts, lengths, strict=True))
+        ]
+        first_token = asyncio.Event()
+
+        async def killer() -> None:
+            await first_token.wait()
+            prefill.kill()
+
+        async with grpc.aio.insecure_channel(decode.address) as channel:
+            stub = worker_pb2_grpc.DecodeWorkerStub(channel)
+
+            async def one(req: worker_pb2.GenerateRequest) -> list[int]:
+                tokens: list[int] = []
+                async for msg in stub.Generate(req):
+                    tokens += msg.token_ids
+                    first_token.set()
+                return tokens
+
+            results, _ = await asyncio.gather(asyncio.gather(*(one(r) for r in reqs)), killer())
+        assert results == expected, decode.log()
+        assert "recomputing" in decode.log()  # some requests really lost their prefill worker
+        await _wait_all_blocks_free(decode)
+        again = await _generate(decode.address, [_request("after", prompts[0], lengths[0], targets)])
+        assert again[0][0] == expected[0]
+    finally:
+        prefill.kill()
+        assert decode.stop() == 0, decode.log()
+
+
+async def test_layout_mismatch_is_refused_with_a_clear_error(demo_model_dir: Path) -> None:
+    prefill = start_service(
+        "services.prefill", _worker_args(demo_model_dir, "--worker-id", "odd", "--block-size", "8")
+    )
+    decode = start_service(
+        "services.decode", _worker_args(demo_model_dir, "--role", "decode", "--prefill-fallback", "fail")
+    )
+    try:
+        targets = [worker_pb2.PrefillTarget(worker_id="odd", address=prefill.address)]
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _generate(decode.address, [_request("mismatch", [3] * 40, 4, targets)])
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "block_size" in (err.value.details() or ""), err.value.details()
+        await _wait_all_blocks_free(decode)
+    finally:
+        assert prefill.stop() == 0
+        assert decode.stop() == 0
+
+
+async def test_sigterm_drains_in_flight_requests(demo_model_dir: Path) -> None:
+    decode = start_service("services.decode", _worker_args(demo_model_dir, "--role", "both"))
+    async with grpc.aio.insecure_channel(decode.address) as channel:
+        stub = worker_pb2_grpc.DecodeWorkerStub(channel)
+        call = stub.Generate(_request("drained", [4] * 50, 40, []))
+        tokens: list[int] = []
+        async for msg in call:
+            tokens += msg.token_ids
+            if len(tokens) == 1:
+                decode.proc.send_signal(15)
+                with pytest.raises(grpc.aio.AioRpcError) as err:  # new work is refused while draining
+                    await asyncio.sleep(0.3)
+                    async for _ in stub.Generate(_request("late", [4] * 5, 2, [])):
+                        pass
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert len(tokens) == 40  # the in-flight request finished
+    assert decode.proc.wait(30) == 0

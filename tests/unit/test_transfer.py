@@ -1,0 +1,338 @@
+"""KV transfer over a gloo pair channel between this process (decode) and spawned prefill processes."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from scalellm.transfer import (
+    ChannelConfig,
+    ChannelState,
+    KVLayout,
+    LayoutMismatchError,
+    ProtocolError,
+    TransferClient,
+    TransferServer,
+    TransferStats,
+)
+from scalellm.transfer.group import PREFILL_RANK, open_pair_group
+from scalellm.transfer.rendezvous import (
+    CLAIM_KEY,
+    GROUP_PREFIX,
+    LAYOUT_KEYS,
+    Control,
+    ControlMessage,
+    PairKeys,
+    push,
+)
+from scalellm.transfer.wire import Header
+
+LAYERS, BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM = 6, 48, 4, 2, 8
+CONFIG = ChannelConfig(op_timeout_s=5, connect_timeout_s=10, layers_per_group=2, device_host="127.0.0.1")
+Transfer = tuple[int, tuple[int, ...], int]  # transfer id, source block ids, num tokens
+
+
+def make_cache(seed: int, block_size: int = BLOCK_SIZE, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (LAYERS, 2, BLOCKS, block_size, HEADS, HEAD_DIM)
+    return torch.randn(shape, generator=gen).to(dtype)
+
+
+# ---- the prefill process ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Send:
+    worker_id: str
+    decode_id: str
+    endpoint: str
+    transfers: tuple[Transfer, ...]
+    block_size: int = BLOCK_SIZE
+
+
+@dataclass(frozen=True)
+class Close:
+    """Close every client and report the transfer threads still alive."""
+
+
+def _prefill_main(conn, seed: int) -> None:  # type: ignore[no-untyped-def]
+    torch.set_num_threads(1)
+    clients: dict[tuple[str, int], TransferClient] = {}
+    while True:
+        cmd = conn.recv()
+        if isinstance(cmd, Close):
+            for client in clients.values():
+                client.close()
+            conn.send([t.name for t in threading.enumerate() if t.name.startswith("kv-")])
+            return
+        key = (cmd.worker_id, cmd.block_size)
+        if key not in clients:
+            cache = make_cache(seed, cmd.block_size)
+            clients[key] = TransferClient(cmd.worker_id, KVLayout.from_kv_cache(cache, "tiny"), cache, CONFIG)
+        client = clients[key]
+        futures = [client.submit_kv(cmd.decode_id, cmd.endpoint, *t) for t in cmd.transfers]
+        outcomes = []
+        for fut in futures:
+            exc = fut.exception()
+            outcomes.append(("ok", "") if exc is None else (type(exc).__name__, str(exc)))
+        conn.send(outcomes)
+
+
+@dataclass
+class Prefill:
+    process: mp.process.BaseProcess
+    conn: object
+    seed: int
+
+    def send(self, cmd: Send | Close) -> None:
+        self.conn.send(cmd)  # type: ignore[attr-defined]
+
+    def reply(self, timeout: float = 30.0) -> list:
+        assert self.conn.poll(timeout), "prefill process did not answer"  # type: ignore[attr-defined]
+        return self.conn.recv()  # type: ignore[attr-defined]
+
+
+def spawn_prefill(seed: int) -> Prefill:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    process = ctx.Process(target=_prefill_main, args=(child, seed), daemon=True)
+    process.start()
+    return Prefill(process, parent, seed)
+
+
+@pytest.fixture(scope="module")
+def prefill() -> Iterator[Prefill]:
+    agent = spawn_prefill(seed=1)
+    yield agent
+    agent.send(Close())
+    assert agent.reply() == []
+    agent.process.join(10)
+
+
+# ---- the decode side (this process) ----------------------------------------------------------
+
+
+@dataclass
+class Decode:
+    """A TransferServer whose resolver hands out the block ids reserved in ``reserved``."""
+
+    reserved: dict[int, list[int] | None] = field(default_factory=dict)
+    events: queue.Queue[tuple[str, int, object]] = field(default_factory=queue.Queue)
+    cache: torch.Tensor = field(default_factory=lambda: make_cache(seed=99))
+    on_resolve: object = None
+
+    def __post_init__(self) -> None:
+        self.server = TransferServer(
+            "decode-0", "127.0.0.1:0", KVLayout.from_kv_cache(self.cache, "tiny"), self.cache,
+            self.resolve, lambda t, s: self.events.put(("done", t, s)), lambda t, e: self.events.put(("error", t, e)),
+            CONFIG,
+        )  # fmt: skip
+
+    def resolve(self, transfer_id: int, num_tokens: int, num_blocks: int) -> list[int] | None:
+        if callable(self.on_resolve):
+            self.on_resolve()
+        ids = self.reserved[transfer_id]
+        assert ids is None or len(ids) == num_blocks
+        return ids
+
+    def next_event(self, timeout: float = 15.0) -> tuple[str, int, object]:
+        return self.events.get(timeout=timeout)
+
+
+@pytest.fixture
+def decode() -> Iterator[Decode]:
+    side = Decode()
+    yield side
+    side.server.close()
+
+
+def send(
+    prefill: Prefill, decode: Decode, worker: str, transfers: list[Transfer], block_size: int = BLOCK_SIZE
+) -> list:
+    prefill.send(Send(worker, "decode-0", str(decode.server.endpoint), tuple(transfers), block_size))
+    return prefill.reply()
+
+
+def expect_landed(decode: Decode, before: torch.Tensor, src: torch.Tensor, landed: list[Transfer]) -> None:
+    """Exactly the first num_tokens slots of each reserved block table changed, to the sent KV."""
+    expected = before.clone()
+    for tid, src_ids, tokens in landed:
+        dst_ids = decode.reserved[tid]
+        assert dst_ids is not None
+        for i, (s, d) in enumerate(zip(src_ids, dst_ids, strict=True)):
+            n = min(BLOCK_SIZE, tokens - i * BLOCK_SIZE)
+            expected[:, :, d, :n] = src[:, :, s, :n]
+    assert torch.equal(decode.cache, expected)
+
+
+# ---- tests -----------------------------------------------------------------------------------
+
+
+def test_layout_diff_names_every_field() -> None:
+    ours = KVLayout("m", "float32", 30, 3, 64, 16)
+    theirs = KVLayout("m", "bfloat16", 30, 3, 64, 8)
+    with pytest.raises(LayoutMismatchError) as err:
+        ours.check_compatible(theirs)
+    assert [d.name for d in err.value.diffs] == ["dtype", "block_size"]
+    assert "dtype: local='float32' peer='bfloat16'" in str(
+        err.value
+    ) and "block_size: local=16 peer=8" in str(err.value)
+    assert KVLayout.from_json(ours.to_json()) == ours
+
+
+def test_header_roundtrip_and_garbage() -> None:
+    layout = KVLayout.from_kv_cache(make_cache(0), "tiny")
+    header = Header(seq=3, transfer_id=2**62, num_tokens=9, num_blocks=3, num_layers=LAYERS, layers_per_group=4,
+                    payload_bytes=LAYERS * 3 * layout.block_bytes_per_layer)  # fmt: skip
+    decoded = Header.from_tensor(header.to_tensor(torch.device("cpu")))
+    assert decoded == header and decoded.groups == [(0, 4), (4, 6)]
+    decoded.validate(layout, seq=3, transfer_id=2**62, capacity=BLOCKS)
+    with pytest.raises(ProtocolError, match="seq 3 != expected 4"):
+        decoded.validate(layout, seq=4, transfer_id=2**62, capacity=BLOCKS)
+    with pytest.raises(ProtocolError, match="magic"):
+        Header.from_tensor(torch.arange(16))
+
+
+def test_transfers_land_exactly_in_reserved_blocks_in_fifo_order(prefill: Prefill, decode: Decode) -> None:
+    transfers: list[Transfer] = [
+        (11, (3,), 1),
+        (12, (7,), 4),
+        (13, (0, 9, 5, 40, 8), 17),
+        (-5, (20, 21, 30), 10),
+    ]
+    decode.reserved = {11: [47], 12: [2], 13: [10, 1, 33, 4, 12], -5: [46, 0, 45]}
+    before = decode.cache.clone()
+    decode.server.open("prefill-a")
+    assert send(prefill, decode, "prefill-a", transfers) == [("ok", "")] * 4
+    events = [decode.next_event() for _ in transfers]
+    assert [(kind, tid) for kind, tid, _ in events] == [("done", t[0]) for t in transfers]
+    stats = events[2][2]
+    assert isinstance(stats, TransferStats) and stats.num_tokens == 17 and stats.num_blocks == 5
+    expect_landed(decode, before, make_cache(prefill.seed), transfers)
+    snap = decode.server.counters.snapshot()
+    assert (snap.transfers, snap.failures) == (4, 0) and snap.bytes > 0
+
+
+def test_cancelled_transfer_is_drained_and_channel_stays_usable(prefill: Prefill, decode: Decode) -> None:
+    transfers: list[Transfer] = [(1, (1, 2), 8), (2, (3, 4, 5), 9), (3, (6,), 3)]
+    decode.reserved = {1: [5, 6], 2: None, 3: [7]}
+    before = decode.cache.clone()
+    decode.server.open("prefill-b")
+    assert send(prefill, decode, "prefill-b", transfers) == [("ok", "")] * 3
+    assert [decode.next_event()[:2] for _ in range(2)] == [("done", 1), ("done", 3)]
+    expect_landed(decode, before, make_cache(prefill.seed), [transfers[0], transfers[2]])
+    assert decode.server.counters.snapshot().cancelled == 1
+
+
+def test_layout_mismatch_is_refused_on_both_sides(prefill: Prefill, decode: Decode) -> None:
+    channel = decode.server.open("prefill-c")
+    [(kind, message)] = send(prefill, decode, "prefill-c", [(1, (0,), 2)], block_size=8)
+    assert kind == "LayoutMismatchError" and "block_size: local=8 decode worker decode-0=4" in message
+    with pytest.raises(LayoutMismatchError, match="block_size: local=4 prefill worker prefill-c=8"):
+        channel.wait_ready(10)
+    assert channel.state is ChannelState.BROKEN
+
+
+def test_killed_sender_fails_the_transfer_and_a_new_epoch_works(prefill: Prefill, decode: Decode) -> None:
+    victim = spawn_prefill(seed=1)
+
+    def kill_victim() -> None:  # called once the header arrived, before any payload
+        decode.on_resolve = None
+        os.kill(victim.process.pid, signal.SIGKILL)
+        victim.process.join(10)
+
+    decode.on_resolve = kill_victim
+    decode.reserved = {1: list(range(12)), 2: [20, 21]}
+    first = decode.server.open("prefill-v")
+    victim.send(Send("prefill-v", "decode-0", str(decode.server.endpoint), ((1, tuple(range(12)), 48),)))
+    start = time.monotonic()
+    kind, tid, exc = decode.next_event(timeout=CONFIG.connect_timeout_s + CONFIG.op_timeout_s)
+    assert (kind, tid) == ("error", 1), exc
+    assert time.monotonic() - start < CONFIG.connect_timeout_s + CONFIG.op_timeout_s
+    first.join(5)
+    assert first.state is ChannelState.BROKEN and not first.running
+
+    second = decode.server.open("prefill-v")
+    assert second.epoch == first.epoch + 1
+    before = decode.cache.clone()
+    assert send(prefill, decode, "prefill-v", [(2, (1, 2), 5)]) == [("ok", "")]
+    assert decode.next_event()[:2] == ("done", 2)
+    expect_landed(decode, before, make_cache(prefill.seed), [(2, (1, 2), 5)])
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_close_releases_threads_sockets_and_port(prefill: Prefill) -> None:
+    fds = []
+    for cycle in range(2):  # the first cycle may start gloo's process-wide event loop
+        decode = Decode(reserved={1: [3], 2: [4]})
+        decode.server.open("prefill-d")
+        assert send(prefill, decode, "prefill-d", [(1, (0,), 1)]) == [("ok", "")]
+        assert decode.next_event()[:2] == ("done", 1)
+        endpoint = decode.server.endpoint
+        decode.server.close()
+        assert [t.name for t in threading.enumerate() if t.name.startswith("kv-")] == []
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((endpoint.host, endpoint.port), timeout=1).close()
+        fds.append(_open_fds())
+        if cycle == 0:  # the prefill side notices at its next send, at once
+            start = time.monotonic()
+            [(kind, message)] = send(prefill, decode, "prefill-d", [(2, (0,), 1)])
+            assert kind == "ChannelBrokenError", message
+            assert time.monotonic() - start < CONFIG.op_timeout_s
+    assert fds[0] == fds[1]
+
+
+def test_restarted_prefill_process_gets_a_fresh_epoch(decode: Decode) -> None:
+    """A new process with the same worker id finds its epoch claimed and asks for a new one."""
+    src = make_cache(seed=5)
+    layout = KVLayout.from_kv_cache(src, "tiny")
+    decode.reserved = {1: [3], 2: [4]}
+    first = decode.server.open("prefill-r")
+    old, new = (
+        TransferClient("prefill-r", layout, src, CONFIG),
+        TransferClient("prefill-r", layout, src, CONFIG),
+    )
+    try:
+        old.send_kv("decode-0", decode.server.endpoint, 1, [0], 2)
+        assert decode.next_event()[:2] == ("done", 1)
+        new.send_kv("decode-0", decode.server.endpoint, 2, [1], 2)  # "old" never closed: it died
+        assert decode.next_event()[:2] == ("done", 2)
+        assert decode.server.channel("prefill-r").epoch == first.epoch + 1
+        assert first.state is ChannelState.BROKEN
+    finally:
+        old.close()
+        new.close()
+
+
+def test_garbage_header_breaks_the_channel(decode: Decode) -> None:
+    """A peer that joins properly and then sends a bad frame fails that transfer, not the process."""
+    channel = decode.server.open("prefill-g")
+    endpoint = decode.server.endpoint
+    store = torch.distributed.TCPStore(endpoint.host, endpoint.port, is_master=False)
+    view = PairKeys("decode-0", "prefill-g").epoch_store(store, channel.epoch)
+    assert view.add(CLAIM_KEY, 1) == 1
+    view.set(LAYOUT_KEYS[1], KVLayout.from_kv_cache(decode.cache, "tiny").to_json())
+    push(view, ControlMessage(Control.JOIN))
+    group = open_pair_group(
+        torch.distributed.PrefixStore(GROUP_PREFIX, view), PREFILL_RANK, torch.device("cpu"), CONFIG
+    )
+    push(view, ControlMessage(Control.SEND, 7))
+    group.wait(group.send(torch.full((16,), 12345, dtype=torch.int64)))
+    kind, tid, exc = decode.next_event()
+    assert (kind, tid) == ("error", 7) and isinstance(exc, ProtocolError), exc
+    channel.join(5)
+    assert channel.state is ChannelState.BROKEN and not channel.running
+    group.abort()
