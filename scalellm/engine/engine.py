@@ -76,8 +76,8 @@ class LLMEngine:
             raise ValueError(f"prompt_token_ids contains {bad!r}, outside the vocabulary [0, {vocab})")
         if len(prompt_token_ids) >= self.max_model_len:
             raise ValueError(
-                f"prompt is {len(prompt_token_ids)} tokens; the context length is {self.max_model_len} "
-                "(prompt plus at least one generated token)"
+                f"prompt_token_ids has {len(prompt_token_ids)} tokens; the context length is "
+                f"{self.max_model_len} (prompt plus at least one generated token)"
             )
         room = self.max_model_len - len(prompt_token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)

@@ -67,7 +67,7 @@ def test_logprobs(llm: LLM) -> None:
         ({"prompt_token_ids": [1, 2, 49152]}, "prompt_token_ids"),
         ({"prompt_token_ids": [-1]}, "prompt_token_ids"),
         ({"prompt_token_ids": []}, "prompt_token_ids"),
-        ({"prompt_token_ids": [5] * 1024}, "context length"),
+        ({"prompt_token_ids": [5] * 1024}, "prompt_token_ids has 1024 tokens; the context length is 1024"),
         ({"text": "hi"}, "prompt"),
     ],
 )
