@@ -54,7 +54,8 @@ def validate_worker_info(info: WorkerInfo) -> None:
     if len(info.model) > MAX_MODEL_LEN:
         raise InvalidRegistration(f"model is longer than {MAX_MODEL_LEN} characters")
     check_grpc_address(info.grpc_address)
-    if info.transfer_endpoint or info.role is not WorkerRole.BOTH:
+    # Decode workers host the KV rendezvous that prefill workers join; the others need none.
+    if info.transfer_endpoint or info.role is WorkerRole.DECODE:
         if not info.transfer_endpoint:
             raise InvalidRegistration(f"transfer_endpoint is empty (required for role {info.role.name})")
         check_host_port(info.transfer_endpoint, "transfer_endpoint")
