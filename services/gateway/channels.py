@@ -1,0 +1,53 @@
+"""WorkerChannels: one long-lived grpc.aio channel (and stub) per worker address, reused by every
+request; channels of workers that left are closed when the worker set changes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection
+
+import grpc
+
+from scalellm.v1 import worker_pb2_grpc
+
+# Fast reconnects after a worker restarts; pings keep idle HTTP/2 connections warm through NATs.
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+)
+
+
+class WorkerChannels:
+    """Stubs of the decode workers by address; channels are created on first use."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[str, worker_pb2_grpc.DecodeWorkerStub] = {}
+
+    def decode_stub(self, address: str) -> worker_pb2_grpc.DecodeWorkerStub:
+        stub = self._stubs.get(address)
+        if stub is None:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = channel
+            stub = self._stubs[address] = worker_pb2_grpc.DecodeWorkerStub(channel)
+        return stub
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return tuple(self._channels)
+
+    def prune(self, live: Collection[str]) -> None:
+        """Close channels to addresses no longer in live (calls on them finish or fail first)."""
+        for address in [a for a in self._channels if a not in live]:
+            self._stubs.pop(address, None)
+            channel = self._channels.pop(address)
+            asyncio.get_running_loop().create_task(channel.close(grace=30.0))
+
+    async def close(self) -> None:
+        channels, self._channels, self._stubs = self._channels, {}, {}
+        await asyncio.gather(*(c.close() for c in channels.values()), return_exceptions=True)

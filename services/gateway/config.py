@@ -1,0 +1,157 @@
+"""GatewayConfig: every setting of the gateway, from flags with SCALELLM_GATEWAY_* fallbacks.
+
+Precedence: flag, then environment variable, then default. Nothing is read at import time.
+Repeatable flags (--decode-addr, --prefill-addr, --kvstore) take comma-separated lists in env vars.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+ENV_PREFIX = "SCALELLM_GATEWAY_"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GatewayConfig:
+    """Settings of one gateway replica. Limits of 0 mean "the model's context length"."""
+
+    host: str = "0.0.0.0"
+    http_port: int = 8000
+    grpc_port: int = 50051
+    model: str | None = None  # HF folder; None: the prepared demo model
+    served_model_name: str | None = None  # default: the folder's name
+    worker_model: str | None = None  # registry filter; None: served name; "*": any model
+    kvstore: tuple[str, ...] = ()
+    decode_addrs: tuple[str, ...] = ()
+    prefill_addrs: tuple[str, ...] = ()
+    api_keys_file: str | None = None
+    max_prompt_tokens: int = 0
+    max_total_tokens: int = 0
+    max_payload_bytes: int = 4 * 1024 * 1024
+    max_n: int = 16
+    max_stop_strings: int = 8
+    max_inflight: int = 1024
+    route_attempts: int = 3
+    prefill_fallbacks: int = 2
+    colocate_below_tokens: int = 0
+    request_timeout_s: float = 600.0
+    grace_s: float = 5.0
+    event_loop: str = "uvloop"
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        for name in ("max_payload_bytes", "max_n", "max_inflight", "route_attempts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_prompt_tokens", "max_total_tokens", "max_stop_strings", "prefill_fallbacks"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("http_port", "grpc_port"):
+            if not 0 <= getattr(self, name) < 65536:
+                raise ValueError(f"{name} must be a port (0: any free one), got {getattr(self, name)}")
+        if self.request_timeout_s <= 0 or self.grace_s < 0:
+            raise ValueError("request_timeout_s must be > 0 and grace_s >= 0")
+        if self.event_loop not in ("uvloop", "asyncio"):
+            raise ValueError(f"event_loop must be uvloop or asyncio, got {self.event_loop!r}")
+        if self.kvstore and (self.decode_addrs or self.prefill_addrs):
+            raise ValueError("give either --kvstore or static --decode-addr/--prefill-addr, not both")
+        if self.prefill_addrs and not self.decode_addrs:
+            raise ValueError("--prefill-addr needs at least one --decode-addr")
+
+    @classmethod
+    def from_args(
+        cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+    ) -> GatewayConfig:
+        """Parse flags (argv, default sys.argv[1:]) falling back to environ (default os.environ)."""
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for option in OPTIONS:
+            value = getattr(args, option.field)
+            env_name = option.env
+            if value is None and env.get(env_name):
+                try:
+                    value = option.parse_env(env[env_name])
+                except ValueError:
+                    parser.error(f"{env_name}={env[env_name]!r} is not valid for {option.flag}")
+            if value is not None and option.repeat:
+                value = tuple(a for item in value for a in _addresses(item))
+            if value is not None:
+                values[option.field] = value
+        try:
+            return cls(**values)
+        except ValueError as exc:
+            parser.error(str(exc))
+            raise  # unreachable: parser.error exits
+
+
+def _addresses(text: str) -> list[str]:
+    return [a.strip() for a in text.split(",") if a.strip()]
+
+
+@dataclass(frozen=True, slots=True)
+class _Option:
+    flag: str
+    field: str
+    type: Callable[[str], Any]
+    help: str
+    repeat: bool = False
+
+    @property
+    def env(self) -> str:
+        """SCALELLM_GATEWAY_ + the flag's name: --decode-addr reads SCALELLM_GATEWAY_DECODE_ADDR."""
+        return ENV_PREFIX + self.flag.lstrip("-").replace("-", "_").upper()
+
+    def parse_env(self, text: str) -> Any:
+        return _addresses(text) if self.repeat else self.type(text)
+
+
+OPTIONS: tuple[_Option, ...] = (
+    _Option("--host", "host", str, "address the HTTP and gRPC listeners bind"),
+    _Option("--http-port", "http_port", int, "OpenAI-compatible HTTP port (0: any free port)"),
+    _Option("--grpc-port", "grpc_port", int, "gRPC Gateway port (0: any free port)"),
+    _Option("--model", "model", str, "Hugging Face model folder (tokenizer, chat template, config)"),
+    _Option("--served-model-name", "served_model_name", str, "the model's public name"),
+    _Option("--worker-model", "worker_model", str, "model name workers register under ('*': any)"),
+    _Option("--kvstore", "kvstore", str, "kvstore address (repeatable or comma-separated)", True),
+    _Option("--decode-addr", "decode_addrs", str, "static decode worker [id=]host:port (repeatable)", True),
+    _Option(
+        "--prefill-addr", "prefill_addrs", str, "static prefill worker [id=]host:port (repeatable)", True
+    ),
+    _Option("--api-keys-file", "api_keys_file", str, "file of 'KEY TENANT' lines; enables auth"),
+    _Option("--max-prompt-tokens", "max_prompt_tokens", int, "longest prompt (0: context length)"),
+    _Option("--max-total-tokens", "max_total_tokens", int, "prompt + max_tokens bound (0: context)"),
+    _Option("--max-payload-bytes", "max_payload_bytes", int, "largest request body / message"),
+    _Option("--max-n", "max_n", int, "most choices per request (n x prompts)"),
+    _Option("--max-stop-strings", "max_stop_strings", int, "most stop strings per request"),
+    _Option("--max-inflight", "max_inflight", int, "requests in flight before 429 / RESOURCE_EXHAUSTED"),
+    _Option("--route-attempts", "route_attempts", int, "decode workers tried per sequence"),
+    _Option("--prefill-fallbacks", "prefill_fallbacks", int, "prefill workers passed, best first"),
+    _Option("--colocate-below-tokens", "colocate_below_tokens", int, "shorter prompts skip prefill workers"),
+    _Option("--request-timeout-s", "request_timeout_s", float, "deadline of an HTTP request"),
+    _Option("--grace-s", "grace_s", float, "how long SIGTERM lets requests finish"),
+    _Option("--event-loop", "event_loop", str, "uvloop or asyncio"),
+    _Option("--log-level", "log_level", str, "DEBUG, INFO, WARNING or ERROR"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The gateway's flags; every default is None so that env vars and dataclass defaults apply."""
+    parser = argparse.ArgumentParser(prog="python -m services.gateway", description="the mesh's gateway")
+    defaults = {f.name: f.default for f in fields(GatewayConfig)}
+    for option in OPTIONS:
+        env_name = option.env
+        parser.add_argument(
+            option.flag,
+            dest=option.field,
+            type=option.type,
+            default=None,
+            action="append" if option.repeat else "store",
+            help=f"{option.help} (env {env_name}; default {defaults[option.field]!r})",
+        )
+    return parser

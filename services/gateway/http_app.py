@@ -1,0 +1,191 @@
+"""The OpenAI-compatible HTTP API (aiohttp, on the same event loop as the gRPC server).
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models[/{id}], GET /health,
+GET /metrics. Every route but /health needs an API key when keys are configured. Errors use
+OpenAI's body; once an SSE stream has started, an error is sent as a last ``data: {"error": ...}``
+event before ``data: [DONE]``. Send ``x-scalellm-timings: 1`` to get each choice's timings.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from services.gateway import sse
+from services.gateway.body import parse_json_object
+from services.gateway.core import GatewayCore
+from services.gateway.errors import ErrorKind, GatewayError
+from services.gateway.generation import Generation
+from services.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from services.gateway.openai_format import OpenAIFormatter
+from services.gateway.openai_parse import Api, OpenAIRequest, parse_chat, parse_completion
+
+log = logging.getLogger(__name__)
+
+TIMINGS_HEADER = "x-scalellm-timings"
+REQUEST_ID_HEADER = "x-request-id"
+_HTTP_KINDS = {404: ErrorKind.NOT_FOUND, 405: ErrorKind.METHOD_NOT_ALLOWED, 413: ErrorKind.TOO_LARGE}
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(exc: GatewayError) -> web.Response:
+    return web.Response(
+        body=sse.dumps(exc.to_openai()), status=exc.kind.http_status, content_type="application/json"
+    )
+
+
+class HttpApi:
+    """aiohttp handlers over a GatewayCore."""
+
+    def __init__(self, core: GatewayCore) -> None:
+        self.core = core
+
+    def build_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.core.config.max_payload_bytes, middlewares=[self._errors])
+        app.router.add_post("/v1/completions", self.completions, name="completions")
+        app.router.add_post("/v1/chat/completions", self.chat, name="chat")
+        app.router.add_get("/v1/models", self.models, name="models")
+        app.router.add_get("/v1/models/{model}", self.model, name="model")
+        app.router.add_get("/health", self.health, name="health")
+        app.router.add_get("/metrics", self.metrics, name="metrics")
+        return app
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """OpenAI-shaped errors for everything, and one outcome count per request."""
+        route = request.match_info.route.name or "unknown"
+        error: BaseException | None = None
+        try:
+            response = await handler(request)
+            error = request.get("stream_error")
+            return response
+        except GatewayError as exc:
+            error = exc
+            return error_response(exc)
+        except web.HTTPException as exc:
+            kind = _HTTP_KINDS.get(exc.status, ErrorKind.INVALID)
+            message = f"{request.method} {request.path}: {exc.reason}"
+            if exc.status == 413:
+                message = (
+                    f"the request body is larger than the limit of {self.core.config.max_payload_bytes} bytes"
+                )
+            error = GatewayError(kind, message)
+            return error_response(error)
+        except ConnectionError as exc:  # the client went away while we wrote
+            error = exc
+            raise
+        except Exception as exc:
+            error = exc
+            log.exception("unexpected error on %s %s", request.method, request.path)
+            return error_response(GatewayError(ErrorKind.INTERNAL, f"internal error: {type(exc).__name__}"))
+        except BaseException as exc:  # cancelled: the client went away
+            error = exc
+            raise
+        finally:
+            if route not in ("health", "metrics"):
+                self.core.record(route, error)
+
+    # -- generation --------------------------------------------------------------------------------
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, Api.COMPLETIONS)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, Api.CHAT)
+
+    async def _generate(self, request: web.Request, api: Api) -> web.StreamResponse:
+        tenant = self.core.authenticate(request.headers.get("Authorization"))
+        with self.core.scope(api.value) as scope:
+            data = parse_json_object(await request.read())
+            call = parse_chat(data) if api is Api.CHAT else parse_completion(data)
+            generation = await self.core.generate(call.spec, tenant, scope.received_at)
+            reason = "client"  # why choices still running at the end are cancelled
+            try:
+                formatter = OpenAIFormatter(
+                    call, generation.request, self.core.model, request.headers.get(TIMINGS_HEADER) == "1"
+                )
+                if call.stream:
+                    return await self._stream(request, call, generation, formatter)
+                async for update in generation.updates():
+                    formatter.add(update)
+                return web.Response(
+                    body=sse.dumps(formatter.response()),
+                    content_type="application/json",
+                    headers={REQUEST_ID_HEADER: generation.request.request_id},
+                )
+            except GatewayError:
+                reason = "error"
+                raise
+            finally:
+                await generation.close("error" if "stream_error" in request else reason)
+
+    async def _stream(
+        self, request: web.Request, call: OpenAIRequest, generation: Generation, formatter: OpenAIFormatter
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": sse.CONTENT_TYPE,
+                "Cache-Control": "no-cache",
+                REQUEST_ID_HEADER: generation.request.request_id,
+            }
+        )
+        await response.prepare(request)
+        try:
+            async for update in generation.updates():
+                chunk = formatter.chunk(update)
+                if chunk is not None:
+                    await response.write(sse.event(chunk))
+            if call.include_usage:
+                await response.write(sse.event(formatter.usage_chunk()))
+        except GatewayError as exc:
+            request["stream_error"] = exc
+            await response.write(sse.event(exc.to_openai()))
+        await response.write(sse.DONE)
+        await response.write_eof()
+        return response
+
+    # -- the rest ----------------------------------------------------------------------------------
+
+    def _card(self) -> dict[str, Any]:
+        model = self.core.model
+        return {
+            "id": model.name,
+            "object": "model",
+            "created": model.created,
+            "owned_by": "scalellm",
+            "max_model_len": model.limits.max_total_tokens,
+        }
+
+    async def models(self, request: web.Request) -> web.Response:
+        self.core.authenticate(request.headers.get("Authorization"))
+        return web.json_response({"object": "list", "data": [self._card()]}, dumps=_dumps)
+
+    async def model(self, request: web.Request) -> web.Response:
+        self.core.authenticate(request.headers.get("Authorization"))
+        self.core.preprocessor.check_model(request.match_info["model"])
+        return web.json_response(self._card(), dumps=_dumps)
+
+    async def health(self, request: web.Request) -> web.Response:
+        """200 while the gateway can route to a decode worker, else 503 (for load balancers)."""
+        workers = self.core.source.current()
+        ready = bool(workers.decode) and not self.core.draining
+        body = {
+            "status": "ok" if ready else ("draining" if self.core.draining else "no_workers"),
+            "decode_workers": len(workers.decode),
+            "prefill_workers": len(workers.prefill),
+            "requests_in_flight": self.core.in_flight,
+        }
+        return web.json_response(body, status=200 if ready else 503, dumps=_dumps)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        self.core.authenticate(request.headers.get("Authorization"))
+        response = web.Response(body=self.core.metrics.render())
+        response.headers["Content-Type"] = METRICS_CONTENT_TYPE
+        return response
+
+
+def _dumps(obj: Any) -> str:
+    return sse.dumps(obj).decode("utf-8")

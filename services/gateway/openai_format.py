@@ -1,0 +1,198 @@
+"""Gateway results in OpenAI's response shapes: streaming chunks and whole responses.
+
+One OpenAIFormatter per request keeps the per-choice state (chat role sent, text offsets, and for
+non-streaming answers the accumulated text). Timings go on each choice's final chunk (or on the
+choice of a whole response) as ``"timings"`` when the client opted in.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from scalellm.v1 import common_pb2
+from services.gateway.model import ServedModel
+from services.gateway.openai_parse import Api, OpenAIRequest
+from services.gateway.request import GenerationRequest
+from services.gateway.results import ChoiceUpdate, ChoiceUsage
+
+
+class _Choice:
+    __slots__ = ("finish", "logprobs", "offset", "started", "texts", "timings", "usage")
+
+    def __init__(self) -> None:
+        self.started = False
+        self.offset = 0
+        self.texts: list[str] = []
+        self.logprobs: list[Any] = []
+        self.finish: str | None = None
+        self.usage: ChoiceUsage | None = None
+        self.timings: dict[str, Any] | None = None
+
+
+class OpenAIFormatter:
+    """Builds the JSON objects of one request's answer."""
+
+    def __init__(
+        self, call: OpenAIRequest, request: GenerationRequest, model: ServedModel, timings: bool = False
+    ) -> None:
+        self.call = call
+        self.request = request
+        self.model = model
+        self.timings = timings
+        chat = call.api is Api.CHAT
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{request.request_id}"
+        self.object = "chat.completion.chunk" if chat else "text_completion"
+        self.created = int(time.time())
+        self._choices = [_Choice() for _ in range(request.num_choices)]
+
+    def _envelope(self, choices: list[dict[str, Any]], obj: str | None = None) -> dict[str, Any]:
+        out = {
+            "id": self.id,
+            "object": obj or self.object,
+            "created": self.created,
+            "model": self.request.model,
+        }
+        out["choices"] = choices
+        if self.call.include_usage:
+            out["usage"] = None
+        return out
+
+    # -- streaming ---------------------------------------------------------------------------------
+
+    def chunk(self, update: ChoiceUpdate) -> dict[str, Any] | None:
+        """The chunk for one update, or None when it carries nothing a client would see."""
+        state = self._choices[update.index]
+        logprobs = self._logprobs(state, update.logprobs) if self.call.logprobs and update.logprobs else None
+        if not update.text and logprobs is None and update.finish is None and state.started:
+            return None
+        choice: dict[str, Any] = {"index": update.index}
+        if self.call.api is Api.CHAT:
+            delta: dict[str, Any] = {} if state.started else {"role": "assistant"}
+            if update.text or not state.started:
+                delta["content"] = update.text
+            choice["delta"] = delta
+        else:
+            choice["text"] = update.text
+        state.started = True
+        choice["logprobs"] = logprobs
+        choice["finish_reason"] = update.finish.value if update.finish else None
+        if update.finish is not None:
+            self._finish(state, update)
+            if self.timings and state.timings is not None:
+                choice["timings"] = state.timings
+        return self._envelope([choice])
+
+    def usage_chunk(self) -> dict[str, Any]:
+        """The last chunk when stream_options.include_usage is set: no choices, the usage."""
+        out = self._envelope([])
+        out["usage"] = self.usage()
+        return out
+
+    # -- whole responses ---------------------------------------------------------------------------
+
+    def add(self, update: ChoiceUpdate) -> None:
+        """Accumulate one update of a non-streaming answer."""
+        state = self._choices[update.index]
+        state.texts.append(update.text)
+        if self.call.logprobs and update.logprobs:
+            self._logprobs(state, update.logprobs)
+        if update.finish is not None:
+            self._finish(state, update)
+
+    def response(self) -> dict[str, Any]:
+        """The whole answer once every choice finished."""
+        choices = []
+        for index, state in enumerate(self._choices):
+            text = "".join(state.texts)
+            choice: dict[str, Any] = {"index": index}
+            if self.call.api is Api.CHAT:
+                choice["message"] = {"role": "assistant", "content": text}
+                choice["logprobs"] = {"content": state.logprobs} if self.call.logprobs else None
+            else:
+                choice["text"] = text
+                choice["logprobs"] = (
+                    _merge_completion_logprobs(state.logprobs) if self.call.logprobs else None
+                )
+            choice["finish_reason"] = state.finish
+            if self.timings and state.timings is not None:
+                choice["timings"] = state.timings
+            choices.append(choice)
+        obj = "chat.completion" if self.call.api is Api.CHAT else "text_completion"
+        out = self._envelope(choices, obj)
+        out["usage"] = self.usage()
+        return out
+
+    def usage(self) -> dict[str, Any]:
+        """Usage in OpenAI's shape: each prompt counted once, completions summed over choices."""
+        n = self.request.n
+        completion = sum(s.usage.completion_tokens for s in self._choices if s.usage)
+        cached = sum(
+            s.usage.cached_prompt_tokens for i, s in enumerate(self._choices) if s.usage and i % n == 0
+        )
+        prompt = self.request.prompt_tokens
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def _finish(self, state: _Choice, update: ChoiceUpdate) -> None:
+        state.finish = update.finish.value if update.finish else None
+        state.usage = update.usage
+        state.timings = update.timings.to_json() if update.timings else None
+
+    def _logprobs(self, state: _Choice, entries: Sequence[common_pb2.TokenLogprobs]) -> Any:
+        model = self.model
+        if self.call.api is Api.CHAT:
+            content = [
+                {
+                    "token": model.token_text(e.token_id),
+                    "logprob": _finite(e.logprob),
+                    "bytes": list(model.token_bytes(e.token_id)),
+                    "top_logprobs": [
+                        {
+                            "token": model.token_text(t.token_id),
+                            "logprob": _finite(t.logprob),
+                            "bytes": list(model.token_bytes(t.token_id)),
+                        }
+                        for t in e.top
+                    ],
+                }
+                for e in entries
+            ]
+            state.logprobs.extend(content)
+            return {"content": content}
+        tokens, offsets = [], []
+        for e in entries:
+            text = model.token_text(e.token_id)
+            tokens.append(text)
+            offsets.append(state.offset)
+            state.offset += len(text)
+        block = {
+            "tokens": tokens,
+            "token_logprobs": [_finite(e.logprob) for e in entries],
+            "top_logprobs": [
+                {model.token_text(t.token_id): _finite(t.logprob) for t in e.top} for e in entries
+            ],
+            "text_offset": offsets,
+        }
+        state.logprobs.append(block)
+        return block
+
+
+def _finite(logprob: float) -> float:
+    """Logprobs as OpenAI reports them: -9999.0 stands for -inf (JSON has no infinities)."""
+    return logprob if logprob >= -9999.0 else -9999.0
+
+
+def _merge_completion_logprobs(blocks: list[dict[str, list[Any]]]) -> dict[str, list[Any]]:
+    merged: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for block in blocks:
+        for key, values in block.items():
+            merged[key].extend(values)
+    return merged

@@ -1,0 +1,171 @@
+"""OpenAI request bodies to GenerationSpecs: /v1/completions and /v1/chat/completions.
+
+Supported: model, prompt / messages, max_tokens (max_completion_tokens), temperature, top_p, n,
+stop, seed, stream, stream_options.include_usage, logprobs / top_logprobs, user; and the vLLM
+extensions top_k, min_p, ignore_eos, stop_token_ids, skip_special_tokens,
+include_stop_str_in_output. Known OpenAI fields that would change the answer (tools,
+response_format, penalties, logit_bias, echo...) are refused by name unless they hold their no-op
+value; anything else unknown is refused by name too.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from services.gateway.body import Body, kind_of
+from services.gateway.errors import invalid
+from services.gateway.request import GenerationSpec, Prompt, PromptKind, Sampling
+from services.gateway.text_inputs import parse_messages, parse_prompt, parse_stop
+
+MAX_LOGPROBS = 20
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+class Api(enum.Enum):
+    COMPLETIONS = "completions"
+    CHAT = "chat"
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAIRequest:
+    """A parsed OpenAI request: the spec plus how to shape the answer."""
+
+    api: Api
+    spec: GenerationSpec
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: bool = False
+
+
+def _zero(v: Any) -> bool:
+    return v == 0 and not isinstance(v, bool)
+
+
+def _empty(v: Any) -> bool:
+    return v in ([], {})
+
+
+# Known OpenAI fields this server does not implement: name -> "its value changes nothing".
+_COMMON_UNSUPPORTED = {
+    "presence_penalty": _zero,
+    "frequency_penalty": _zero,
+    "logit_bias": _empty,
+    "repetition_penalty": lambda v: v == 1,
+}
+_CHAT_UNSUPPORTED = {
+    "tools": _empty,
+    "tool_choice": lambda v: v == "none",
+    "functions": _empty,
+    "function_call": lambda v: v == "none",
+    "parallel_tool_calls": lambda v: False,
+    "response_format": lambda v: v == {"type": "text"},
+    "audio": lambda v: False,
+    "modalities": lambda v: v == ["text"],
+    "prediction": lambda v: False,
+    "reasoning_effort": lambda v: False,
+    "web_search_options": lambda v: False,
+    "store": lambda v: v is False,
+    "metadata": _empty,
+    "service_tier": lambda v: v in ("auto", "default"),
+}
+_COMPLETION_UNSUPPORTED = {
+    "echo": lambda v: v is False,
+    "suffix": lambda v: v == "",
+    "best_of": lambda v: v == 1,
+}
+
+
+def _sampling(body: Body, max_tokens: int | None, logprobs: int | None) -> Sampling:
+    stop_ids = body.raw("stop_token_ids")
+    if stop_ids is not None and (
+        not isinstance(stop_ids, list)
+        or any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in stop_ids)
+    ):
+        raise invalid("'stop_token_ids' must be an array of non-negative integers", "stop_token_ids")
+    top_k = body.integer("top_k", 0, lo=-1)
+    return Sampling(
+        temperature=body.number("temperature", 1.0, lo=0.0, hi=2.0),
+        top_p=body.number("top_p", 1.0, lo=0.0, hi=1.0, lo_open=True),
+        top_k=0 if top_k == -1 else top_k or 0,
+        min_p=body.number("min_p", 0.0, lo=0.0, hi=1.0),
+        seed=body.integer("seed", None, lo=0, hi=2**63 - 1),
+        max_tokens=max_tokens,
+        stop_token_ids=tuple(stop_ids or ()),
+        ignore_eos=body.boolean("ignore_eos"),
+        logprobs=logprobs,
+    )
+
+
+def _stream_options(body: Body, stream: bool) -> bool:
+    options = body.raw("stream_options")
+    if options is None:
+        return False
+    if not stream:
+        raise invalid("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    if not isinstance(options, dict):
+        raise invalid(f"'stream_options' must be an object, got {kind_of(options)}", "stream_options")
+    inner = Body(options, "stream_options.")
+    include = inner.boolean("include_usage")
+    inner.reject("continuous_usage_stats", lambda v: v is False)
+    inner.finish()
+    return include
+
+
+def _common(
+    body: Body, api: Api, prompt: Prompt, max_tokens: int | None, logprobs: int | None
+) -> OpenAIRequest:
+    for name, noop in _COMMON_UNSUPPORTED.items():
+        body.reject(name, noop)
+    model = body.string("model")
+    body.string("user")  # accepted: an end-user id for the operator's logs; it changes nothing
+    stream = body.boolean("stream")
+    include_usage = _stream_options(body, stream)
+    spec = GenerationSpec(
+        model=model,
+        prompt=prompt,
+        sampling=_sampling(body, max_tokens, logprobs),
+        n=body.integer("n", 1, lo=1) or 1,
+        stop=parse_stop(body.raw("stop"), "stop"),
+        include_stop=body.boolean("include_stop_str_in_output"),
+        skip_special_tokens=body.boolean("skip_special_tokens", True),
+        default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS if api is Api.COMPLETIONS else None,
+    )
+    body.finish()
+    return OpenAIRequest(api, spec, stream, include_usage, logprobs is not None)
+
+
+def parse_completion(data: dict[str, Any]) -> OpenAIRequest:
+    """A /v1/completions body; GatewayError (400) naming the field on anything wrong."""
+    body = Body(data)
+    for name, noop in _COMPLETION_UNSUPPORTED.items():
+        body.reject(name, noop)
+    if not body.has("prompt"):
+        raise invalid("'prompt' is required", "prompt", "missing_required_parameter")
+    prompt = parse_prompt(body.raw("prompt"), "prompt")
+    max_tokens = body.integer("max_tokens", None, lo=1)
+    logprobs = body.integer("logprobs", None, lo=0, hi=MAX_LOGPROBS)
+    return _common(body, Api.COMPLETIONS, prompt, max_tokens, logprobs)
+
+
+def parse_chat(data: dict[str, Any]) -> OpenAIRequest:
+    """A /v1/chat/completions body; GatewayError (400) naming the field on anything wrong."""
+    body = Body(data)
+    for name, noop in _CHAT_UNSUPPORTED.items():
+        body.reject(name, noop)
+    if not body.has("messages"):
+        raise invalid("'messages' is required", "messages", "missing_required_parameter")
+    messages = parse_messages(body.raw("messages"), "messages")
+    max_tokens = body.integer("max_tokens", None, lo=1)
+    max_completion = body.integer("max_completion_tokens", None, lo=1)
+    if max_tokens is not None and max_completion is not None and max_tokens != max_completion:
+        raise invalid("give 'max_tokens' or 'max_completion_tokens', not two different values", "max_tokens")
+    want_logprobs = body.boolean("logprobs")
+    top = body.integer("top_logprobs", None, lo=0, hi=MAX_LOGPROBS)
+    if top is not None and not want_logprobs:
+        raise invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    prompt = Prompt(PromptKind.CHAT, "messages", messages=messages)
+    return _common(
+        body, Api.CHAT, prompt, max_tokens or max_completion, (top or 0) if want_logprobs else None
+    )

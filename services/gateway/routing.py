@@ -1,0 +1,137 @@
+"""Router: picks the least-loaded decode worker with KV room and the prefill workers to use.
+
+A worker's estimated load is its last reported queue (running + waiting) plus the change in this
+gateway's own in-flight count on it since that report; free blocks likewise. So a burst spreads
+over the workers before the next heartbeat, and a fresh report (which already counts our
+requests) resets the correction. Static workers have no reports: their load is our in-flight count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from scalellm.registry import WorkerRole
+from services.gateway.errors import ErrorKind, GatewayError
+from services.gateway.workers import WorkerEndpoint, WorkerSource
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where one sequence goes: a decode worker and its prefill workers, best first (may be empty)."""
+
+    decode: WorkerEndpoint
+    prefill: tuple[WorkerEndpoint, ...] = ()
+
+
+class _Tally:
+    """This gateway's outstanding work on one worker, and its value when the last report came."""
+
+    __slots__ = ("base_blocks", "base_inflight", "blocks", "inflight", "reported_at")
+
+    def __init__(self) -> None:
+        self.inflight = self.blocks = self.base_inflight = self.base_blocks = 0
+        self.reported_at = 0.0
+
+    def sync(self, worker: WorkerEndpoint) -> None:
+        if worker.reported_at != self.reported_at:
+            self.reported_at = worker.reported_at
+            self.base_inflight, self.base_blocks = self.inflight, self.blocks
+
+    def load(self, worker: WorkerEndpoint) -> int:
+        return max(0, worker.running + worker.waiting + self.inflight - self.base_inflight)
+
+    def free_blocks(self, worker: WorkerEndpoint) -> int | None:
+        if worker.free_blocks is None:
+            return None
+        return worker.free_blocks - (self.blocks - self.base_blocks)
+
+
+class RouteLease:
+    """The in-flight count a Route holds; release() once the sequence ends (idempotent)."""
+
+    __slots__ = ("_blocks", "_tallies", "route")
+
+    def __init__(self, route: Route, tallies: list[_Tally], blocks: int) -> None:
+        self.route = route
+        self._tallies = tallies
+        self._blocks = blocks
+        for tally in tallies:
+            tally.inflight += 1
+            tally.blocks += blocks
+
+    def release(self) -> None:
+        for tally in self._tallies:
+            tally.inflight -= 1
+            tally.blocks -= self._blocks
+        self._tallies = []
+
+
+class Router:
+    """Routes sequences over a WorkerSource."""
+
+    def __init__(
+        self, source: WorkerSource, *, prefill_fallbacks: int = 2, colocate_below_tokens: int = 0
+    ) -> None:
+        self.source = source
+        self.prefill_fallbacks = prefill_fallbacks
+        self.colocate_below_tokens = colocate_below_tokens
+        self._tallies: dict[str, _Tally] = {}
+
+    def _tally(self, worker: WorkerEndpoint) -> _Tally:
+        tally = self._tallies.get(worker.worker_id)
+        if tally is None:
+            tally = self._tallies[worker.worker_id] = _Tally()
+        tally.sync(worker)
+        return tally
+
+    def inflight(self, worker_id: str) -> int:
+        """This gateway's sequences now running on a worker (tests, metrics)."""
+        tally = self._tallies.get(worker_id)
+        return tally.inflight if tally else 0
+
+    def can_serve(self) -> bool:
+        """True while at least one decode worker is known."""
+        return bool(self.source.current().decode)
+
+    def route(self, prompt_len: int, exclude: Collection[str] = ()) -> Route | None:
+        """The best route for a prompt, skipping decode workers in exclude (already tried).
+
+        None when every decode worker is excluded; GatewayError(UNAVAILABLE) when there is none.
+        """
+        workers = self.source.current()
+        if not workers.decode:
+            raise GatewayError(ErrorKind.UNAVAILABLE, "no decode worker is available", code="no_workers")
+        if len(self._tallies) > 64 + 4 * (len(workers.decode) + len(workers.prefill)):
+            self._prune({w.worker_id for w in (*workers.decode, *workers.prefill)})
+        best: tuple[tuple[int, int, int], WorkerEndpoint] | None = None
+        for worker in workers.decode:
+            if worker.worker_id in exclude:
+                continue
+            tally = self._tally(worker)
+            free = tally.free_blocks(worker)
+            need = -(-prompt_len // worker.block_size) if worker.block_size else 0
+            short = 0 if free is None or free >= need else 1  # reports may be stale: try anyway, last
+            key = (short, tally.load(worker), -(free or 0))
+            if best is None or key < best[0]:
+                best = (key, worker)
+        if best is None:
+            return None
+        decode = best[1]
+        if decode.role is WorkerRole.BOTH and prompt_len < self.colocate_below_tokens:
+            return Route(decode)
+        prefill = sorted(workers.prefill, key=lambda w: self._tally(w).load(w))
+        return Route(decode, tuple(prefill[: self.prefill_fallbacks]))
+
+    def _prune(self, live: set[str]) -> None:
+        for worker_id in [i for i, t in self._tallies.items() if i not in live and not t.inflight]:
+            del self._tallies[worker_id]
+
+    def acquire(self, route: Route, prompt_len: int) -> RouteLease:
+        """Count a sequence against its decode worker (and first prefill worker) until released."""
+        decode = route.decode
+        blocks = -(-prompt_len // decode.block_size) if decode.block_size else 0
+        tallies = [self._tally(decode)]
+        if route.prefill:
+            tallies.append(self._tally(route.prefill[0]))
+        return RouteLease(route, tallies, blocks)

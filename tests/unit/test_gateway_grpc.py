@@ -1,0 +1,141 @@
+"""The gRPC Gateway service as a streaming client sees it (scripted workers: test_gateway_server.py)."""
+
+# ruff: noqa: F811 - the fixtures imported from test_gateway_server are pytest parameters here
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from scalellm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from tests.unit.test_gateway_server import (  # noqa: F401 - fixtures
+    REPLY,
+    Mesh,
+    MeshFactory,
+    mesh,
+    mesh_factory,
+    served_config,
+    served_model,
+    wait_for,
+)
+
+Request = gateway_pb2.GatewayGenerateRequest
+
+
+async def generate(mesh: Mesh, request: Request, **kw: object) -> list[gateway_pb2.GatewayGenerateResponse]:
+    async with grpc.aio.insecure_channel(mesh.grpc_address) as channel:
+        return [m async for m in gateway_pb2_grpc.GatewayStub(channel).Generate(request, **kw)]
+
+
+async def test_generate_streams_text_ids_usage_and_timings(mesh: Mesh) -> None:
+    messages = await generate(
+        mesh, Request(text="Say hi", sampling=common_pb2.SamplingParams(max_tokens=100))
+    )
+    assert "".join(m.text for m in messages) == REPLY
+    assert all("\ufffd" not in m.text for m in messages)  # 😀 spans two tokens: never half a character
+    assert [t for m in messages for t in m.token_ids] == [*mesh.reply_ids, 2]
+    assert len({m.request_id for m in messages}) == 1 and messages[0].request_id
+    last = messages[-1]
+    assert last.finish_reason == common_pb2.FINISH_REASON_STOP and all(
+        m.finish_reason == 0 for m in messages[:-1]
+    )
+    assert last.usage.completion_tokens == len(mesh.reply_ids) + 1 and last.usage.prompt_tokens > 0
+    assert last.timings.gateway > 0 and last.timings.decode == pytest.approx(0.003)
+    sent = mesh.workers[0].requests[0]
+    assert sent.sampling.temperature == 0 and sent.sampling.max_tokens == 100  # unset temperature: greedy
+
+
+async def test_generate_chat_n_and_stop(mesh_factory: MeshFactory) -> None:
+    mesh = await mesh_factory(worker_kw=[{"delay_s": 0.01}])
+    chat = gateway_pb2.ChatMessages(messages=[gateway_pb2.ChatMessage(role="user", content="hi")])
+    messages = await generate(mesh, Request(chat=chat, n=2, stop=["😀"]))
+    texts = {0: "", 1: ""}
+    for m in messages:
+        texts[m.index] += m.text
+    assert texts == {0: "Hello! The café costs 5€. ", 1: "Hello! The café costs 5€. "}
+    finals = [m for m in messages if m.finish_reason]
+    assert sorted(m.index for m in finals) == [0, 1] and all(m.stop_str == "😀" for m in finals)
+    await wait_for(lambda: len(mesh.workers[0].cancelled) == 2)
+
+
+async def test_generate_token_ids_and_logprobs(mesh: Mesh) -> None:
+    sampling = common_pb2.SamplingParams(max_tokens=3, logprobs=2)
+    messages = await generate(mesh, Request(token_ids=gateway_pb2.TokenIds(ids=[1, 2, 3]), sampling=sampling))
+    assert list(mesh.workers[0].requests[0].prompt_token_ids) == [1, 2, 3]
+    logprobs = [lp for m in messages for lp in m.logprobs]
+    assert len(logprobs) == 3 and all(len(lp.top) == 2 for lp in logprobs)
+    assert messages[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "needle"),
+    [
+        (Request(), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+        (Request(text=""), grpc.StatusCode.INVALID_ARGUMENT, "text"),
+        (Request(text="x", sampling=common_pb2.SamplingParams(temperature=101)), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        (Request(text="x", sampling=common_pb2.SamplingParams(top_p=2)), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        (Request(text="x", sampling=common_pb2.SamplingParams(top_k=-3)), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+        (Request(text="x", sampling=common_pb2.SamplingParams(logprobs=21)), grpc.StatusCode.INVALID_ARGUMENT, "logprobs"),
+        (Request(text="x", sampling=common_pb2.SamplingParams(max_tokens=10**6)), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        (Request(text="x", n=17), grpc.StatusCode.INVALID_ARGUMENT, "'n'"),
+        (Request(text="x", stop=[str(i) for i in range(9)]), grpc.StatusCode.INVALID_ARGUMENT, "stop"),
+        (Request(chat=gateway_pb2.ChatMessages()), grpc.StatusCode.INVALID_ARGUMENT, "chat"),
+        (Request(token_ids=gateway_pb2.TokenIds(ids=[10**6])), grpc.StatusCode.INVALID_ARGUMENT, "vocabulary"),
+        (Request(model="gpt-4", text="x"), grpc.StatusCode.NOT_FOUND, "gpt-4"),
+    ],
+)  # fmt: skip
+async def test_bad_requests(mesh: Mesh, request_: Request, code: grpc.StatusCode, needle: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await generate(mesh, request_)
+    assert err.value.code() is code and needle in err.value.details()
+    assert mesh.workers[0].requests == []
+    assert "".join(m.text for m in await generate(mesh, Request(text="x"))) == REPLY  # still serving
+
+
+async def test_cancel_and_deadline_cancel_the_decode_stream(mesh_factory: MeshFactory) -> None:
+    mesh = await mesh_factory(worker_kw=[{"delay_s": 0.05}])
+    async with grpc.aio.insecure_channel(mesh.grpc_address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        call = stub.Generate(Request(text="x"))
+        assert (await call.read()).token_ids
+        call.cancel()
+        await wait_for(lambda: len(mesh.workers[0].cancelled) == 1)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            [m async for m in stub.Generate(Request(text="x"), timeout=0.3)]
+        assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        await wait_for(lambda: len(mesh.workers[0].cancelled) == 2)
+        await wait_for(lambda: mesh.gateway.core.in_flight == 0)
+
+
+async def test_tokenize_list_models_health_reflection(mesh: Mesh) -> None:
+    tok = mesh.gateway.core.model.tokenizer
+    async with grpc.aio.insecure_channel(mesh.grpc_address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        out = await stub.Tokenize(gateway_pb2.TokenizeRequest(text="Hello world"))
+        assert list(out.token_ids) == tok.encode("Hello world") and out.max_total_tokens == 8192
+        chat = gateway_pb2.ChatMessages(messages=[gateway_pb2.ChatMessage(role="user", content="hi")])
+        out = await stub.Tokenize(gateway_pb2.TokenizeRequest(chat=chat))
+        assert list(out.token_ids) == tok.encode_chat([{"role": "user", "content": "hi"}])
+        models = await stub.ListModels(gateway_pb2.ListModelsRequest())
+        assert [m.id for m in models.models] == ["SmolLM2-135M-Instruct"]
+
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "scalellm.v1.Gateway"):
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = reflection.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
+        services = {s.name async for r in responses for s in r.list_services_response.service}
+        assert {"scalellm.v1.Gateway", "grpc.health.v1.Health"} <= services
+
+
+async def test_oversized_message_is_refused(mesh_factory: MeshFactory) -> None:
+    mesh = await mesh_factory(max_payload_bytes=64 * 1024)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await generate(mesh, Request(text="x" * 100_000))
+    assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "".join(m.text for m in await generate(mesh, Request(text="x"))) == REPLY

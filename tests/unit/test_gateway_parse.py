@@ -1,0 +1,149 @@
+"""OpenAI and gRPC requests to GenerationSpecs, and the Preprocessor's limits (no servers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from scalellm.v1 import common_pb2, gateway_pb2
+from services.gateway.body import parse_json_object
+from services.gateway.config import GatewayConfig
+from services.gateway.errors import ErrorKind, GatewayError
+from services.gateway.grpc_convert import spec_from_proto
+from services.gateway.model import ServedModel
+from services.gateway.openai_parse import Api, parse_chat, parse_completion
+from services.gateway.preprocess import Preprocessor
+from services.gateway.request import ChatMessage, PromptKind, Sampling
+
+
+def bad(fn, *args) -> GatewayError:  # type: ignore[no-untyped-def]
+    with pytest.raises(GatewayError) as err:
+        fn(*args)
+    assert err.value.kind is ErrorKind.INVALID
+    return err.value
+
+
+def test_completion_maps_every_supported_field() -> None:
+    call = parse_completion(
+        {
+            "model": "m", "prompt": "hi", "max_tokens": 7, "temperature": 0, "top_p": 0.9, "top_k": 5,
+            "min_p": 0.05, "seed": 3, "n": 2, "stop": "\n", "stream": True,
+            "stream_options": {"include_usage": True}, "logprobs": 2, "ignore_eos": True,
+            "stop_token_ids": [5, 6], "skip_special_tokens": False, "include_stop_str_in_output": True, "user": "u",
+        }
+    )  # fmt: skip
+    assert call.api is Api.COMPLETIONS and call.stream and call.include_usage and call.logprobs
+    spec = call.spec
+    assert spec.model == "m" and spec.prompt.kind is PromptKind.TEXT and spec.prompt.texts == ("hi",)
+    assert spec.sampling == Sampling(
+        temperature=0.0, top_p=0.9, top_k=5, min_p=0.05, seed=3, max_tokens=7,
+        stop_token_ids=(5, 6), ignore_eos=True, logprobs=2,
+    )  # fmt: skip
+    assert spec.n == 2 and spec.stop == ("\n",) and spec.include_stop and not spec.skip_special_tokens
+
+
+def test_completion_defaults_follow_openai() -> None:
+    spec = parse_completion({"prompt": [1, 2, 3]}).spec
+    assert spec.prompt.token_ids == ((1, 2, 3),) and spec.default_max_tokens == 16
+    assert spec.sampling.temperature == 1.0 and spec.sampling.top_p == 1.0 and spec.sampling.logprobs is None
+    batch = parse_completion({"prompt": [[1], [2, 3]]}).spec.prompt
+    assert batch.kind is PromptKind.TOKENS and batch.count == 2
+    assert parse_completion({"prompt": ["a", "b"]}).spec.prompt.texts == ("a", "b")
+
+
+def test_chat_maps_messages_and_logprobs() -> None:
+    call = parse_chat(
+        {
+            "messages": [
+                {"role": "developer", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}], "name": "x"},
+                {"role": "assistant", "content": None},
+            ],
+            "logprobs": True, "top_logprobs": 3, "max_completion_tokens": 9,
+        }
+    )  # fmt: skip
+    assert call.api is Api.CHAT and call.logprobs and call.spec.sampling.logprobs == 3
+    assert call.spec.sampling.max_tokens == 9 and call.spec.default_max_tokens is None
+    assert call.spec.prompt.messages == (
+        ChatMessage("system", "be brief"), ChatMessage("user", "a\nb", "x"), ChatMessage("assistant", ""),
+    )  # fmt: skip
+    assert (
+        parse_chat({"messages": [{"role": "user", "content": "x"}], "logprobs": True}).spec.sampling.logprobs
+        == 0
+    )
+    assert parse_chat({"messages": [{"role": "user", "content": "x"}]}).spec.sampling.logprobs is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        (b"{", "not valid JSON"),
+        (b"[]", "JSON object"),
+        (b'{"a": Infinity}', "Infinity"),
+        (b"\xff", "not valid JSON"),
+    ],
+)
+def test_malformed_bodies(raw: bytes, needle: str) -> None:
+    assert needle in bad(parse_json_object, raw).message
+
+
+def test_errors_name_the_field_and_say_why() -> None:
+    e = bad(parse_completion, {"prompt": "x", "top_p": 0})
+    assert (e.param, e.code) == ("top_p", "invalid_value") and "(0, 1]" in e.message
+    e = bad(parse_completion, {"prompt": "x", "max_tokens": True})
+    assert e.param == "max_tokens" and "integer" in e.message and "boolean" in e.message
+    e = bad(parse_chat, {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]})
+    assert (e.param, e.code) == ("tools", "unsupported_parameter") and "not supported" in e.message
+    e = bad(parse_chat, {"messages": [{"role": "user", "content": "x"}], "temprature": 1})
+    assert (e.param, e.code) == ("temprature", "unknown_parameter")
+
+
+def test_grpc_request_maps_to_the_same_spec() -> None:
+    request = gateway_pb2.GatewayGenerateRequest(
+        text="hi",
+        sampling=common_pb2.SamplingParams(temperature=0.5, top_k=3, seed=9, max_tokens=4, logprobs=1),
+        n=2, stop=["x", "x", "y"], keep_special_tokens=True, priority=-1,
+    )  # fmt: skip
+    spec = spec_from_proto(request)
+    assert spec.prompt.texts == ("hi",) and spec.n == 2 and spec.stop == ("x", "y") and spec.priority == -1
+    assert spec.sampling == Sampling(temperature=0.5, top_p=1.0, top_k=3, seed=9, max_tokens=4, logprobs=1)
+    assert not spec.skip_special_tokens
+    unset = spec_from_proto(gateway_pb2.GatewayGenerateRequest(text="hi"))
+    assert unset.n == 1 and unset.sampling.temperature == 0 and unset.sampling.max_tokens is None
+    assert (
+        bad(
+            spec_from_proto,
+            gateway_pb2.GatewayGenerateRequest(text="x", sampling=common_pb2.SamplingParams(min_p=2)),
+        ).param
+        == "sampling.min_p"
+    )
+
+
+@pytest.fixture(scope="module")
+def pre(demo_model_dir: Path) -> Preprocessor:
+    config = GatewayConfig(max_prompt_tokens=32, max_total_tokens=64, max_n=4, max_stop_strings=2)
+    return Preprocessor(ServedModel(demo_model_dir, config), config)
+
+
+async def test_preprocessor_limits_and_max_tokens(pre: Preprocessor) -> None:
+    req = await pre.prepare(parse_completion({"prompt": "Hello world"}).spec, "t", 1.0)
+    assert (
+        req.prompts == (tuple(pre.model.tokenizer.encode("Hello world")),) and req.sampling.max_tokens == 16
+    )
+    assert req.tenant == "t" and req.received_at == 1.0 and len(req.request_id) == 32
+    chat = await pre.prepare(parse_chat({"messages": [{"role": "user", "content": "hi"}]}).spec, "t", 0.0)
+    assert chat.sampling.max_tokens == 64 - len(chat.prompts[0])  # chat default: the rest of the room
+    for body, param in [
+        ({"prompt": "word " * 40}, "prompt"),
+        ({"prompt": "x", "max_tokens": 64}, "max_tokens"),
+        ({"prompt": "x", "n": 5}, "n"),
+        ({"prompt": ["a", "b", "c"], "n": 2}, "n"),
+        ({"prompt": "x", "stop": ["a", "b", "c"]}, "stop"),
+    ]:
+        with pytest.raises(GatewayError) as err:
+            await pre.prepare(parse_completion(body).spec, "t", 0.0)
+        assert err.value.param == param, body
+    with pytest.raises(GatewayError) as err:
+        await pre.prepare(parse_completion({"model": "other", "prompt": "x"}).spec, "t", 0.0)
+    assert err.value.kind is ErrorKind.NOT_FOUND and err.value.code == "model_not_found"

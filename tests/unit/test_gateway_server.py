@@ -1,0 +1,338 @@
+"""The gateway in-process (HTTP + gRPC) in front of scripted decode workers defined here.
+
+The scripted worker streams a fixed reply (multi-byte characters included) one token per message,
+honours max_tokens, can refuse with RESOURCE_EXHAUSTED, and records which streams were cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import openai
+import pytest
+
+from scalellm.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from services.gateway.config import GatewayConfig
+from services.gateway.model import ServedModel
+from services.gateway.server import GatewayServer
+from services.gateway.sse import parse_events
+
+REPLY = "Hello! The café costs 5€. 😀 Done, stop here."
+EOS = 2
+
+
+class ScriptedDecode(worker_pb2_grpc.DecodeWorkerServicer):
+    """A decode worker that replies REPLY (then EOS), one token per message."""
+
+    def __init__(self, reply_ids: list[int], *, delay_s: float = 0.0, exhausted: bool = False) -> None:
+        self.reply_ids = reply_ids
+        self.delay_s = delay_s
+        self.exhausted = exhausted
+        self.requests: list[worker_pb2.GenerateRequest] = []
+        self.cancelled: list[str] = []
+        self.completed: list[str] = []
+
+    async def Generate(
+        self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        self.requests.append(request)
+        if self.exhausted:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "no KV blocks free")
+        ids = [*self.reply_ids, EOS]
+        limit = request.sampling.max_tokens or len(ids)
+        ids = ids[:limit]
+        try:
+            for i, token in enumerate(ids):
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s)
+                msg = worker_pb2.GenerateResponse(token_ids=[token])
+                if request.sampling.HasField("logprobs"):
+                    top = [
+                        common_pb2.TopLogprob(token_id=token + k, logprob=-0.1 * (k + 1))
+                        for k in range(request.sampling.logprobs)
+                    ]
+                    msg.logprobs.add(token_id=token, logprob=-0.25, top=top)
+                if i == len(ids) - 1:
+                    msg.finish_reason = (
+                        common_pb2.FINISH_REASON_STOP if token == EOS else common_pb2.FINISH_REASON_LENGTH
+                    )
+                    msg.usage.CopyFrom(
+                        common_pb2.Usage(
+                            prompt_tokens=len(request.prompt_token_ids), completion_tokens=len(ids)
+                        )
+                    )
+                    msg.timings.CopyFrom(common_pb2.Timings(queue=0.001, prefill=0.002, decode=0.003))
+                yield msg
+            self.completed.append(request.request_id)
+        except asyncio.CancelledError:
+            self.cancelled.append(request.request_id)
+            raise
+
+
+@dataclass
+class Mesh:
+    gateway: GatewayServer
+    workers: list[ScriptedDecode]
+    reply_ids: list[int]
+    clients: list[openai.AsyncOpenAI] = field(default_factory=list)
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.gateway.http_port}"
+
+    @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.gateway.grpc_port}"
+
+    def client(self, key: str = "none") -> openai.AsyncOpenAI:
+        """An official OpenAI client on the gateway (closed at teardown)."""
+        client = openai.AsyncOpenAI(base_url=self.http + "/v1", api_key=key, max_retries=0)
+        self.clients.append(client)
+        return client
+
+
+@pytest.fixture(scope="module")
+def served_config(demo_model_dir: Path) -> GatewayConfig:
+    return GatewayConfig(host="127.0.0.1", http_port=0, grpc_port=0, model=str(demo_model_dir), grace_s=0.5)
+
+
+@pytest.fixture(scope="module")
+def served_model(demo_model_dir: Path, served_config: GatewayConfig) -> ServedModel:
+    return ServedModel(demo_model_dir, served_config)
+
+
+MeshFactory = Callable[..., Awaitable[Mesh]]
+
+
+@pytest.fixture
+async def mesh_factory(served_config: GatewayConfig, served_model: ServedModel) -> AsyncIterator[MeshFactory]:
+    started: list[tuple[Mesh, list[grpc.aio.Server]]] = []
+
+    async def make(workers: int = 1, worker_kw: list[dict[str, Any]] | None = None, **overrides: Any) -> Mesh:
+        reply_ids = served_model.tokenizer.encode(REPLY)
+        scripted, servers, addrs = [], [], []
+        for i in range(workers):
+            worker = ScriptedDecode(reply_ids, **((worker_kw or [{}] * workers)[i]))
+            server = grpc.aio.server()
+            worker_pb2_grpc.add_DecodeWorkerServicer_to_server(worker, server)
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            scripted.append(worker)
+            servers.append(server)
+            addrs.append(f"w{i}=127.0.0.1:{port}")
+        settings = {"decode_addrs": tuple(addrs)} | overrides
+        config = GatewayConfig(**{**_fields(served_config), **settings})
+        gateway = GatewayServer(config, model=ServedModel(served_model.path, config))
+        await gateway.start()
+        mesh = Mesh(gateway, scripted, reply_ids)
+        started.append((mesh, servers))
+        return mesh
+
+    yield make
+    for mesh, servers in started:
+        for client in mesh.clients:
+            await client.close()
+        await mesh.gateway.stop(0)
+        for server in servers:
+            await server.stop(0)
+
+
+def _fields(config: GatewayConfig) -> dict[str, Any]:
+    return {name: getattr(config, name) for name in config.__dataclass_fields__}
+
+
+@pytest.fixture
+async def mesh(mesh_factory: MeshFactory) -> Mesh:
+    return await mesh_factory()
+
+
+async def wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+# -- OpenAI HTTP through the official client --------------------------------------------------------
+
+
+async def test_chat_completion(mesh: Mesh) -> None:
+    out = await mesh.client().chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert out.choices[0].message.content == REPLY and out.choices[0].finish_reason == "stop"
+    assert out.choices[0].message.role == "assistant" and out.object == "chat.completion"
+    prompt = mesh.workers[0].requests[0].prompt_token_ids
+    assert out.usage.prompt_tokens == len(prompt) and out.usage.completion_tokens == len(mesh.reply_ids) + 1
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    # The chat template was applied and the default max_tokens fills the context.
+    text = mesh.gateway.core.model.tokenizer.decode(prompt, skip_special_tokens=False)
+    assert text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    assert mesh.workers[0].requests[0].sampling.max_tokens == 8192 - len(prompt)
+    await wait_for(lambda: len(mesh.workers[0].completed) == 1)
+    assert mesh.workers[0].cancelled == []  # a finished stream is not cancelled
+
+
+async def test_completion_stream_with_usage(mesh: Mesh) -> None:
+    stream = await mesh.client().completions.create(
+        model="SmolLM2-135M-Instruct", prompt="Say hi", max_tokens=100, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = [c async for c in stream]
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == REPLY
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(mesh.reply_ids) + 1
+    assert all(c.usage is None for c in chunks[:-1])
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+async def test_sse_framing(mesh: Mesh) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            mesh.http + "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "x"}], "stream": True, "max_tokens": 4},
+        ) as resp,
+    ):
+        assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+        raw = await resp.read()
+    assert raw.endswith(b"\n\ndata: [DONE]\n\n") and raw.startswith(b"data: {")
+    events = parse_events(raw)
+    assert events[-1] == "[DONE]" and events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    assert (
+        "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
+        == REPLY[: len("Hello! The café")]
+    )
+
+
+async def test_max_tokens_gives_length(mesh: Mesh) -> None:
+    out = await mesh.client().completions.create(model="SmolLM2-135M-Instruct", prompt="x", max_tokens=2)
+    assert out.choices[0].text == "Hello!" and out.choices[0].finish_reason == "length"
+    assert out.usage.completion_tokens == 2
+
+
+async def test_completions_default_max_tokens_is_16(mesh: Mesh) -> None:
+    await mesh.client().completions.create(model="SmolLM2-135M-Instruct", prompt="x")
+    assert mesh.workers[0].requests[0].sampling.max_tokens == 16
+
+
+async def test_stop_string_cuts_exactly_and_cancels(mesh_factory: MeshFactory) -> None:
+    mesh = await mesh_factory(worker_kw=[{"delay_s": 0.01}])
+    out = await mesh.client().chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "x"}], stop=["5€", "zzz"]
+    )
+    assert (
+        out.choices[0].message.content == "Hello! The café costs " and out.choices[0].finish_reason == "stop"
+    )
+    assert out.usage.completion_tokens < len(mesh.reply_ids)
+    await wait_for(lambda: len(mesh.workers[0].cancelled) == 1)
+    assert mesh.workers[0].completed == []
+
+
+async def test_stop_string_streaming_never_leaks_the_stop(mesh: Mesh) -> None:
+    stream = await mesh.client().completions.create(
+        model="SmolLM2-135M-Instruct", prompt="x", max_tokens=50, stop="Done", stream=True
+    )
+    text = "".join([c.choices[0].text async for c in stream])
+    assert text == "Hello! The café costs 5€. 😀 "
+
+
+async def test_n_fans_out(mesh_factory: MeshFactory) -> None:
+    mesh = await mesh_factory(workers=2)
+    out = await mesh.client().chat.completions.create(
+        model="SmolLM2-135M-Instruct",
+        messages=[{"role": "user", "content": "x"}],
+        n=4,
+        seed=7,
+        temperature=0.5,
+    )
+    assert sorted(c.index for c in out.choices) == [0, 1, 2, 3]
+    assert all(c.message.content == REPLY for c in out.choices)
+    ids = sorted(r.request_id for w in mesh.workers for r in w.requests)
+    assert len(set(ids)) == 4 and all(len(w.requests) == 2 for w in mesh.workers)  # spread over both
+    assert out.usage.completion_tokens == 4 * (len(mesh.reply_ids) + 1)
+    assert out.usage.prompt_tokens == len(mesh.workers[0].requests[0].prompt_token_ids)
+    sampling = mesh.workers[0].requests[0].sampling
+    assert sampling.seed == 7 and sampling.temperature == pytest.approx(0.5)
+
+
+async def test_n_streams_interleave(mesh: Mesh) -> None:
+    stream = await mesh.client().completions.create(
+        model="SmolLM2-135M-Instruct", prompt="x", n=3, max_tokens=100, stream=True
+    )
+    texts = ["", "", ""]
+    async for chunk in stream:
+        texts[chunk.choices[0].index] += chunk.choices[0].text
+    assert texts == [REPLY] * 3
+
+
+async def test_logprobs(mesh: Mesh) -> None:
+    client = mesh.client()
+    out = await client.chat.completions.create(
+        model="SmolLM2-135M-Instruct",
+        messages=[{"role": "user", "content": "x"}],
+        logprobs=True,
+        top_logprobs=2,
+    )
+    content = out.choices[0].logprobs.content
+    assert len(content) == len(mesh.reply_ids) + 1 and all(len(c.top_logprobs) == 2 for c in content)
+    assert bytes(b for c in content for b in c.bytes).decode() == REPLY + "<|im_end|>"
+    assert content[0].logprob == pytest.approx(-0.25) and mesh.workers[0].requests[0].sampling.logprobs == 2
+    comp = await client.completions.create(
+        model="SmolLM2-135M-Instruct", prompt="x", logprobs=1, max_tokens=3
+    )
+    lp = comp.choices[0].logprobs
+    assert (
+        lp.tokens == ["Hello", "!", " The"] and lp.text_offset == [0, 5, 6] and len(lp.top_logprobs[0]) == 1
+    )
+
+
+async def test_timings_opt_in(mesh: Mesh) -> None:
+    client = mesh.client()
+    messages = [{"role": "user", "content": "x"}]
+    plain = await client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages)
+    assert "timings" not in (plain.choices[0].model_extra or {})
+    timed = await client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=messages, extra_headers={"x-scalellm-timings": "1"}
+    )
+    timings = timed.choices[0].model_extra["timings"]
+    assert set(timings) == {"gateway", "queue", "prefill", "transfer", "decode", "transfer_bytes", "total"}
+    assert timings["queue"] == pytest.approx(0.001) and 0 < timings["gateway"] < timings["total"]
+
+
+async def test_models_and_health(mesh: Mesh) -> None:
+    models = await mesh.client().models.list()
+    assert [m.id for m in models.data] == ["SmolLM2-135M-Instruct"]
+    assert (await mesh.client().models.retrieve("SmolLM2-135M-Instruct")).id == "SmolLM2-135M-Instruct"
+    with pytest.raises(openai.NotFoundError):
+        await mesh.client().models.retrieve("gpt-4")
+    async with aiohttp.ClientSession() as session, session.get(mesh.http + "/health") as resp:
+        assert resp.status == 200 and (await resp.json())["decode_workers"] == 1
+
+
+async def test_unknown_model_is_404(mesh: Mesh) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        await mesh.client().completions.create(model="gpt-4", prompt="x")
+    assert info.value.body["code"] == "model_not_found"
+    assert mesh.workers[0].requests == []
+
+
+async def test_metrics(mesh: Mesh) -> None:
+    await mesh.client().completions.create(model="SmolLM2-135M-Instruct", prompt="x", max_tokens=3)
+    with pytest.raises(openai.BadRequestError):
+        await mesh.client().completions.create(model="SmolLM2-135M-Instruct", prompt="x", max_tokens=-1)
+    async with aiohttp.ClientSession() as session, session.get(mesh.http + "/metrics") as resp:
+        text = await resp.text()
+    assert 'scalellm_gateway_requests_total{api="completions",outcome="ok"} 1.0' in text
+    assert 'scalellm_gateway_errors_total{api="completions",kind="invalid"} 1.0' in text
+    assert "scalellm_gateway_time_to_first_token_seconds_count 1.0" in text
+    assert "scalellm_gateway_time_per_output_token_seconds_count 1.0" in text
+    assert "scalellm_gateway_requests_in_flight 0.0" in text
+    assert 'scalellm_gateway_workers{kind="decode"} 1.0' in text
