@@ -6,6 +6,7 @@ Each subcommand lives in the module that owns it and is imported only when it ru
     scalellm model prepare            turn the demo GGUF into a Hugging Face folder, print its path
     scalellm generate PROMPT ...      offline generation with the engine (no mesh)
     scalellm serve SERVICE [ARGS]     run one tier: same as `python -m services.SERVICE [ARGS]`
+    scalellm up [FLAGS]               the whole mesh as local processes, until Ctrl-C
 """
 
 from __future__ import annotations
@@ -39,6 +40,56 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return int(module.main(args.service_args) or 0)
 
 
+def _cmd_up(args: argparse.Namespace) -> int:
+    from scalellm.launcher import UpConfig, run_up
+
+    try:
+        config = UpConfig.from_namespace(args)
+    except ValueError as exc:
+        args.parser.error(str(exc))
+    return run_up(config)
+
+
+def _add_up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    up = sub.add_parser(
+        "up",
+        help="run the whole mesh locally (Redis, kvstore, workers, gateway) until Ctrl-C",
+        description="Start Redis, a kvstore, prefill and decode workers and a gateway as child "
+        "processes; Ctrl-C or SIGTERM drains and stops them all.",
+    )
+    add = up.add_argument
+    add("--model", default=None, help="Hugging Face folder (default: the demo model, prepared once)")
+    add("--served-model-name", default=None, help="public model name (default: the folder's name)")
+    add("--prefill", type=int, default=None, help="prefill workers (default 1; 0 with --colocated)")
+    add("--decode", type=int, default=1, help="decode workers (default 1)")
+    add("--colocated", action="store_true", help="run --decode workers with role both, no prefill workers")
+    add("--host", default="127.0.0.1", help="address the gateway binds (default 127.0.0.1)")
+    add("--http-port", type=int, default=8000, help="gateway OpenAI HTTP port (0: any free one)")
+    add("--grpc-port", type=int, default=50051, help="gateway gRPC port (0: any free one)")
+    add("--redis-url", default=None, help="use this Redis instead of starting a private redis-server")
+    add(
+        "--threads-per-worker",
+        type=int,
+        default=None,
+        help="torch threads per worker (default: cores / workers)",
+    )
+    add("--device", default="auto", help="worker device: cpu, cuda or auto")
+    add("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    add("--gpus", default=None, help="comma-separated GPU ids handed to workers round-robin")
+    add("--num-kv-blocks", type=int, default=None, help="KV cache blocks per worker")
+    add("--kv-cache-gb", type=float, default=None, help="KV cache size per worker in GB")
+    add("--max-num-seqs", type=int, default=None, help="running batch limit per worker")
+    add("--max-model-len", type=int, default=None, help="context length limit")
+    add("--worker-arg", action="append", metavar="ARG", help="extra worker flag: --worker-arg=--flag=value")
+    add(
+        "--gateway-arg", action="append", metavar="ARG", help="extra gateway flag: --gateway-arg=--flag=value"
+    )
+    add("--drain-timeout", type=float, default=30.0, help="seconds each tier may drain on stop")
+    add("--startup-timeout", type=float, default=300.0, help="seconds to wait for the mesh to be ready")
+    add("--quiet", action="store_true", help="do not echo the services' logs")
+    up.set_defaults(func=_cmd_up, parser=up)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scalellm", description="ScaleLLM mesh command line")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("service", choices=SERVICES)
     serve.add_argument("service_args", nargs=argparse.REMAINDER, help="the service's own flags")
     serve.set_defaults(func=_cmd_serve)
+
+    _add_up_parser(sub)
     return parser
 
 

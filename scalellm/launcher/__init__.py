@@ -1,0 +1,25 @@
+"""`scalellm up`: the whole mesh (Redis, kvstore, prefill and decode workers, gateway) as local
+child processes, each started through its own `python -m services.<name>` entry point.
+
+    config.py       UpConfig, the one frozen config
+    plan.py         ChildSpec per process: the exact command lines
+    child.py        Child: one process, its output and its READY line
+    launcher.py     Launcher: start in order, supervise, report a dead child
+    shutdown.py     stop in order: gateway, workers, kvstore, Redis
+    probes.py       gRPC health / HTTP /health checks (also `python -m scalellm.launcher.probes`,
+                    the containers' healthcheck)
+    redis_child.py  a private redis-server as a child of its own
+"""
+
+from __future__ import annotations
+
+from scalellm.launcher.config import UpConfig
+
+__all__ = ["UpConfig", "run_up"]
+
+
+def run_up(config: UpConfig) -> int:
+    """Run the mesh until Ctrl-C / SIGTERM (0) or until a child dies or it cannot start (1)."""
+    from scalellm.launcher.launcher import Launcher
+
+    return Launcher(config).run()

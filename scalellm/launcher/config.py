@@ -1,0 +1,105 @@
+"""UpConfig: every setting of `scalellm up`, validated once (the flags live in scalellm/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpConfig:
+    """One local mesh: Redis, a kvstore, prefill and decode workers and a gateway."""
+
+    model: str | None = None
+    """Hugging Face folder; None: the demo model (prepared once, up front)."""
+    served_model_name: str | None = None
+    prefill: int = 1
+    decode: int = 1
+    colocated: bool = False
+    """Run `decode` workers with role both and no prefill workers."""
+    host: str = "127.0.0.1"
+    """Where the gateway listens (workers, kvstore and Redis always bind 127.0.0.1)."""
+    http_port: int = 8000
+    grpc_port: int = 50051
+    redis_url: str | None = None
+    """An existing Redis; None: start a private redis-server."""
+    threads_per_worker: int | None = None
+    """torch threads per worker; None: divide this process's CPU cores between the workers."""
+    device: str = "auto"
+    dtype: str = "auto"
+    gpus: tuple[str, ...] = ()
+    """GPU ids handed out round-robin to workers through CUDA_VISIBLE_DEVICES."""
+    num_kv_blocks: int | None = None
+    kv_cache_gb: float | None = None
+    max_num_seqs: int | None = None
+    max_model_len: int | None = None
+    worker_args: tuple[str, ...] = ()
+    gateway_args: tuple[str, ...] = ()
+    drain_timeout_s: float = 30.0
+    startup_timeout_s: float = 300.0
+    quiet: bool = False
+    """Do not echo the children's output (it is still shown when one fails)."""
+
+    def __post_init__(self) -> None:
+        if self.decode < 1:
+            raise ValueError(f"--decode must be >= 1, got {self.decode}")
+        if self.colocated and self.prefill:
+            raise ValueError("--colocated runs no prefill workers: drop --prefill")
+        if not self.colocated and self.prefill < 1:
+            raise ValueError(f"--prefill must be >= 1 (or use --colocated), got {self.prefill}")
+        for name in ("http_port", "grpc_port"):
+            if not 0 <= getattr(self, name) < 65536:
+                raise ValueError(f"--{name.replace('_', '-')} must be a port (0: any free one)")
+        if self.threads_per_worker is not None and self.threads_per_worker < 1:
+            raise ValueError("--threads-per-worker must be >= 1")
+        if self.drain_timeout_s < 0 or self.startup_timeout_s <= 0:
+            raise ValueError("--drain-timeout must be >= 0 and --startup-timeout > 0")
+
+    @property
+    def workers(self) -> int:
+        """How many worker processes this mesh runs."""
+        return self.prefill + self.decode
+
+    def worker_threads(self, cores: int | None = None) -> int:
+        """torch threads for each worker: the given number, else an even share of the cores."""
+        if self.threads_per_worker:
+            return self.threads_per_worker
+        cores = cores or _cpu_count()
+        return max(1, cores // self.workers)
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> UpConfig:
+        """Build from the `scalellm up` flags (see scalellm/cli.py)."""
+        prefill = args.prefill if args.prefill is not None else (0 if args.colocated else 1)
+        return cls(
+            model=args.model,
+            served_model_name=args.served_model_name,
+            prefill=prefill,
+            decode=args.decode,
+            colocated=args.colocated,
+            host=args.host,
+            http_port=args.http_port,
+            grpc_port=args.grpc_port,
+            redis_url=args.redis_url,
+            threads_per_worker=args.threads_per_worker,
+            device=args.device,
+            dtype=args.dtype,
+            gpus=tuple(g.strip() for g in (args.gpus or "").split(",") if g.strip()),
+            num_kv_blocks=args.num_kv_blocks,
+            kv_cache_gb=args.kv_cache_gb,
+            max_num_seqs=args.max_num_seqs,
+            max_model_len=args.max_model_len,
+            worker_args=tuple(args.worker_arg or ()),
+            gateway_args=tuple(args.gateway_arg or ()),
+            drain_timeout_s=args.drain_timeout,
+            startup_timeout_s=args.startup_timeout,
+            quiet=args.quiet,
+        )
+
+
+def _cpu_count() -> int:
+    """CPU cores this process may run on (its affinity mask where the platform has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1

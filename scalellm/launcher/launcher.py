@@ -1,0 +1,172 @@
+"""Launcher: start the mesh's processes in order, watch them, stop them in order.
+
+start: model prepared -> Redis -> kvstore -> workers + gateway -> the gateway sees every worker
+stop (SIGINT, SIGTERM, SIGHUP, or a child that died): gateway, workers, kvstore, Redis
+     (see shutdown.py); a second signal kills what is left at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from scalellm.launcher import plan
+from scalellm.launcher.child import Child
+from scalellm.launcher.config import UpConfig
+from scalellm.launcher.probes import grpc_serving, http_health, port_free
+from scalellm.launcher.shutdown import stop_in_order
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(Exception):
+    """A stop signal arrived while the mesh was starting."""
+
+
+class LaunchError(Exception):
+    """The mesh could not start, or a child died."""
+
+
+class Launcher:
+    def __init__(self, config: UpConfig) -> None:
+        self.config = config
+        self.children: list[Child] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._force = threading.Event()
+        self._deadline = 0.0
+        self._seen = ""
+
+    def say(self, message: str) -> None:
+        self._echo(f"scalellm up: {message}")
+
+    def _echo(self, line: str) -> None:
+        """Print a line; a closed stdout (`scalellm up | tee` after Ctrl-C) must not stop the
+        shutdown, so output goes to /dev/null from then on."""
+        with self._lock:
+            try:
+                print(line, flush=True)
+            except BrokenPipeError:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+    def _on_signal(self, _signum: int, _frame: Any) -> None:
+        if self._stopping.is_set():
+            self._force.set()
+        self._stopping.set()
+
+    def run(self) -> int:
+        """Start, serve until a stop signal (0) or a child's death (1), stop everything."""
+        try:
+            model_dir = self._prepare()  # before our handlers: Ctrl-C here just interrupts
+        except LaunchError as exc:
+            self.say(f"error: {exc}")
+            return 1
+        except KeyboardInterrupt:
+            return 130
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._on_signal)
+        try:
+            self._start_all(model_dir)
+            while True:
+                self._check_children()
+                time.sleep(0.2)
+        except Interrupted:
+            return 0
+        except LaunchError as exc:
+            self.say(f"error: {exc}")
+            return 1
+        finally:
+            if self.children:
+                self.say("stopping")
+                stop_in_order(self.children, self.config.drain_timeout_s, self._force, self.say)
+                self.say(f"stopped {len(self.children)} processes")
+
+    def _prepare(self) -> Path:
+        """Check the gateway's ports, then prepare the model once so the children never race."""
+        from scalellm.models.prepare import resolve_model_dir
+
+        c = self.config
+        for port in (c.http_port, c.grpc_port):
+            if port and not port_free(c.host, port):
+                raise LaunchError(f"port {port} on {c.host} is taken: choose --http-port / --grpc-port")
+        try:
+            return resolve_model_dir(c.model)
+        except ValueError as exc:
+            raise LaunchError(str(exc)) from exc
+
+    def _start_all(self, model_dir: Path) -> None:
+        c = self.config
+        self._deadline = time.monotonic() + c.startup_timeout_s
+        redis_url = c.redis_url or self._wait_ready(self._start(plan.redis_spec())).address
+        kvstore = self._wait_ready(self._start(plan.kvstore_spec(redis_url))).address
+        workers = [self._start(s) for s in plan.worker_specs(c, model_dir, kvstore, uuid.uuid4().hex[:6])]
+        gateway = self._start(plan.gateway_spec(c, model_dir, kvstore))
+        for child in (*workers, gateway):
+            self._wait_ready(child)
+        host = plan.LOOPBACK if c.host in ("0.0.0.0", "::", "") else c.host  # where a local client connects
+        http_port = gateway.address.rsplit(":", 1)[1]
+        grpc_port = gateway.ready_line.split("grpc=", 1)[1].split()[0].rsplit(":", 1)[1]
+        health = f"http://{host}:{http_port}/health"
+        self._wait_until(lambda: self._sees_all_workers(health), lambda: f"the gateway to see {self._seen}")
+        self.say(f"model {model_dir}" + (f"; gateway listening on {c.host}" if host != c.host else ""))
+        self._echo(f"mesh ready: http://{host}:{http_port}/v1  grpc {host}:{grpc_port}")
+
+    def _sees_all_workers(self, health_url: str) -> bool:
+        body = http_health(health_url) or {}
+        decode, prefill = body.get("decode_workers", 0), body.get("prefill_workers", 0)
+        c = self.config
+        self._seen = f"{decode}/{c.decode} decode-capable and {prefill}/{c.prefill} prefill workers"
+        return decode >= c.decode and prefill >= c.prefill
+
+    def _start(self, spec: plan.ChildSpec) -> Child:
+        child = Child(spec, echo=None if self.config.quiet else self._echo)
+        child.start()
+        self.children.append(child)
+        self.say(f"started {spec.name} pid={child.pid}")
+        return child
+
+    def _wait_ready(self, child: Child) -> Child:
+        """Wait for the child's READY line (or for its gRPC health to say SERVING)."""
+        if child.spec.ready is plan.Ready.GRPC_HEALTH:
+            self._wait_until(lambda: grpc_serving(child.address, child.spec.health_service), child.name)
+        else:
+            self._wait_until(lambda: child.printed_ready, child.name)
+        extra = child.ready_line.split(maxsplit=2)[2:] if child.ready_line else []
+        metrics = [f"metrics={child.spec.metrics}"] if child.spec.metrics else []
+        self.say(" ".join(["ready", child.name, child.address, *extra, f"pid={child.pid}", *metrics]))
+        return child
+
+    def _wait_until(self, ready: Callable[[], bool], what: str | Callable[[], str]) -> None:
+        """Poll ready() until true; a stop signal, a dead child or the startup deadline ends it."""
+        start = time.monotonic()
+        next_note = start + 30.0
+        while not ready():
+            self._check_children()
+            now = time.monotonic()
+            if now > next_note or now > self._deadline:
+                waited = f"waiting for {what() if callable(what) else what} ({now - start:.0f} s)"
+                if now > self._deadline:
+                    raise LaunchError(
+                        f"--startup-timeout {self.config.startup_timeout_s:g} s ran out {waited}"
+                    )
+                self.say(f"still {waited}")
+                next_note = now + 30.0
+            time.sleep(0.1)
+
+    def _check_children(self) -> None:
+        """Raise Interrupted on a stop signal, LaunchError when a child has exited."""
+        if self._stopping.is_set():
+            raise Interrupted
+        for child in self.children:
+            if (code := child.returncode) is not None:
+                raise LaunchError(
+                    f"{child.name} (pid {child.pid}) exited unexpectedly with status {code}; "
+                    f"its last output:\n{child.tail()}"
+                )

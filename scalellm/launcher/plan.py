@@ -1,0 +1,112 @@
+"""What `scalellm up` runs: one ChildSpec per process, built from the config (no side effects
+beyond picking free ports). Every service is started through its own entry point,
+`python -m services.<name>`, with the same flags a user would type."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from scalellm.launcher.config import UpConfig
+from scalellm.redis_server import free_port
+
+LOOPBACK = "127.0.0.1"
+
+
+class Ready(Enum):
+    """How the launcher knows a child is serving."""
+
+    LINE = "line"
+    """It prints `READY <address> ...` on stdout."""
+    GRPC_HEALTH = "grpc-health"
+    """Its gRPC health service reports `health_service` SERVING at `address`."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChildSpec:
+    name: str
+    argv: tuple[str, ...]
+    ready: Ready = Ready.LINE
+    address: str = ""
+    """Known up front for GRPC_HEALTH children; LINE children report theirs."""
+    health_service: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    metrics: str = ""
+    """URL of the child's Prometheus endpoint, when it has one."""
+
+
+def _module(name: str, *args: str) -> tuple[str, ...]:
+    return (sys.executable, "-m", name, *args)
+
+
+def redis_spec() -> ChildSpec:
+    """A private redis-server (RedisServer) behind a small supervisor that prints READY <url>."""
+    return ChildSpec("redis", _module("scalellm.launcher.redis_child"))
+
+
+def kvstore_spec(redis_url: str, port: Callable[[], int] = free_port) -> ChildSpec:
+    address, metrics_port = f"{LOOPBACK}:{port()}", port()
+    argv = _module(
+        "services.kvstore", "--listen", address, "--redis-url", redis_url,
+        "--metrics-host", LOOPBACK, "--metrics-port", str(metrics_port),
+    )  # fmt: skip
+    return ChildSpec(
+        "kvstore", argv, Ready.GRPC_HEALTH, address, health_service="scalellm.v1.Registry",
+        env={"OMP_NUM_THREADS": "1"}, metrics=f"http://{LOOPBACK}:{metrics_port}/metrics",
+    )  # fmt: skip
+
+
+def worker_specs(
+    config: UpConfig, model_dir: Path, kvstore: str, run_id: str, port: Callable[[], int] = free_port
+) -> list[ChildSpec]:
+    """Prefill workers first, then decode (or colocated) workers, each with its share of cores.
+    Worker ids are `<name>-<run_id>` (e.g. decode-2-1a2b3c), unique per launcher run."""
+    threads = str(config.worker_threads())
+    tiers = [("prefill", "services.prefill", "prefill")] * config.prefill
+    role = "both" if config.colocated else "decode"
+    tiers += [("decode", "services.decode", role)] * config.decode
+    specs: list[ChildSpec] = []
+    count = {"prefill": 0, "decode": 0}
+    for i, (tier, module, role_name) in enumerate(tiers):
+        count[tier] += 1
+        name = f"{tier}-{count[tier]}"
+        metrics_port = port()
+        argv = [
+            "--role", role_name, "--model", str(model_dir), "--worker-id", f"{name}-{run_id}",
+            "--listen", f"{LOOPBACK}:0", "--advertise-host", LOOPBACK, "--transfer-listen", f"{LOOPBACK}:0",
+            "--kvstore", kvstore, "--metrics-port", str(metrics_port), "--num-threads", threads,
+            "--device", config.device, "--dtype", config.dtype, "--drain-timeout", str(config.drain_timeout_s),
+        ]  # fmt: skip
+        argv += _optional(config)
+        env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        if config.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = config.gpus[i % len(config.gpus)]
+        metrics = f"http://{LOOPBACK}:{metrics_port}/metrics"
+        specs.append(ChildSpec(name, _module(module, *argv, *config.worker_args), env=env, metrics=metrics))
+    return specs
+
+
+def _optional(config: UpConfig) -> list[str]:
+    flags = {
+        "--served-model-name": config.served_model_name,
+        "--num-kv-blocks": config.num_kv_blocks,
+        "--kv-cache-gb": config.kv_cache_gb,
+        "--max-num-seqs": config.max_num_seqs,
+        "--max-model-len": config.max_model_len,
+    }
+    return [item for flag, value in flags.items() if value is not None for item in (flag, str(value))]
+
+
+def gateway_spec(config: UpConfig, model_dir: Path, kvstore: str) -> ChildSpec:
+    argv = [
+        "--host", config.host, "--http-port", str(config.http_port), "--grpc-port", str(config.grpc_port),
+        "--model", str(model_dir), "--kvstore", kvstore, "--grace-s", str(config.drain_timeout_s),
+    ]  # fmt: skip
+    if config.served_model_name:
+        argv += ["--served-model-name", config.served_model_name]
+    return ChildSpec(
+        "gateway", _module("services.gateway", *argv, *config.gateway_args), env={"OMP_NUM_THREADS": "1"}
+    )

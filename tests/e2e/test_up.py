@@ -1,0 +1,269 @@
+"""`scalellm up`: the plan it runs (fast), then the whole mesh as a subprocess on CPU (slow):
+Redis, kvstore, 2 prefill and 2 decode workers and the gateway serve 32 concurrent OpenAI requests
+spread over every worker; SIGTERM stops everything in order and leaves no process or port behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from scalellm.launcher.config import UpConfig
+from scalellm.launcher.plan import gateway_spec, kvstore_spec, worker_specs
+from tests.procs import ROOT
+
+MODEL = "SmolLM2-135M-Instruct"
+CHILDREN = {"redis", "kvstore", "prefill-1", "prefill-2", "decode-1", "decode-2", "gateway"}
+
+
+# ---------------------------------------------------------------- the plan (no processes)
+
+
+def _ports() -> Iterator[int]:
+    yield from range(41000, 42000)
+
+
+def test_plan_uses_each_service_entry_point_and_divides_cores() -> None:
+    config = UpConfig(
+        prefill=2, decode=2, num_kv_blocks=64, worker_args=("--max-num-seqs=8",), gateway_args=("--max-n=2",)
+    )
+    ports = _ports()
+    specs = worker_specs(config, Path("/m"), "127.0.0.1:1", "r1", port=lambda: next(ports))
+    assert [s.name for s in specs] == ["prefill-1", "prefill-2", "decode-1", "decode-2"]
+    threads = str(max(1, len(os.sched_getaffinity(0)) // 4))
+    for spec in specs:
+        argv = list(spec.argv)
+        assert argv[:3] == [sys.executable, "-m", f"services.{spec.name.split('-')[0]}"]
+        flag = {argv[i]: argv[i + 1] for i in range(3, len(argv) - 1) if argv[i].startswith("--")}
+        assert flag["--role"] == spec.name.split("-")[0] and flag["--worker-id"] == f"{spec.name}-r1"
+        assert (flag["--num-threads"], spec.env["OMP_NUM_THREADS"]) == (threads, threads)
+        assert (flag["--kvstore"], flag["--model"], flag["--num-kv-blocks"]) == ("127.0.0.1:1", "/m", "64")
+        assert argv[-1] == "--max-num-seqs=8"
+    assert len({s.metrics for s in specs}) == 4
+    assert kvstore_spec("redis://x:1/0").argv[:3] == (sys.executable, "-m", "services.kvstore")
+    gateway = list(gateway_spec(config, Path("/m"), "127.0.0.1:1").argv)
+    assert gateway[:3] == [sys.executable, "-m", "services.gateway"] and gateway[-1] == "--max-n=2"
+    assert gateway[gateway.index("--kvstore") + 1] == "127.0.0.1:1"
+
+
+def test_colocated_runs_workers_with_role_both_and_no_prefill() -> None:
+    config = UpConfig(prefill=0, decode=3, colocated=True, threads_per_worker=2, gpus=("0", "1"))
+    specs = worker_specs(config, Path("/m"), "127.0.0.1:1", "r1")
+    assert [s.argv[s.argv.index("--role") + 1] for s in specs] == ["both"] * 3
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in specs] == ["0", "1", "0"]
+    assert UpConfig(prefill=1, decode=4).worker_threads(cores=16) == 3
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--colocated", "--prefill", "1"], ["--decode", "0"], ["--prefill", "0"], ["--http-port", "70000"]],
+)
+def test_bad_flags_are_refused_before_anything_starts(argv: list[str]) -> None:
+    from scalellm.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["up", *argv])
+    assert exc.value.code == 2
+
+
+# ---------------------------------------------------------------- the whole mesh (slow)
+
+
+class Up:
+    """`python -m scalellm up ...` in its own session, its output collected line by line."""
+
+    def __init__(self, *args: str) -> None:
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "scalellm", "up", *args],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def log(self) -> str:
+        return "\n".join(self.lines[-150:])
+
+    def wait_for(self, prefix: str, timeout: float = 100.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [line for line in self.lines if line.startswith(prefix)]
+            if found:
+                return found[0]
+            assert self.proc.poll() is None, f"scalellm up exited {self.proc.returncode}:\n{self.log()}"
+            time.sleep(0.1)
+        raise AssertionError(f"no {prefix!r} line in {timeout} s:\n{self.log()}")
+
+    def pids(self) -> dict[int, str]:
+        """Every process it started (children from its own lines, redis-server from the READY
+        line, anything else from /proc), with the start time that tells a reused pid apart."""
+        pids = {int(m) for line in self.lines for m in re.findall(r"\b(?:redis_)?pid=(\d+)", line)}
+        pids |= _descendants(self.proc.pid)
+        return {pid: _start_time(pid) for pid in pids}
+
+    def addresses(self) -> list[tuple[str, int]]:
+        found = re.findall(r"(?:^|[\s=/])(127\.0\.0\.1):(\d+)", "\n".join(self.lines))
+        return [(host, int(port)) for host, port in set(found)]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
+    def cleanup(self, known: dict[int, str]) -> None:
+        """After a failure: make sure nothing outlives the test."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        for pid in _alive(known):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _descendants(root: int) -> set[int]:
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _stat(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
+def _start_time(pid: int) -> str:
+    fields = _stat(pid)
+    return fields[19] if fields else ""
+
+
+def _alive(pids: dict[int, str]) -> list[int]:
+    """Pids still running as the same process (not a zombie, not a reused pid)."""
+    return [pid for pid, start in pids.items() if (f := _stat(pid)) and f[0] != "Z" and f[19] == start]
+
+
+def _free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _metrics(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    return {m[0]: float(m[1]) for m in re.findall(r"^(scalellm_\w+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
+
+
+def _assert_gone(up: Up, pids: dict[int, str], addresses: list[tuple[str, int]]) -> None:
+    deadline = time.monotonic() + 5  # the sweep of process groups is synchronous; this is slack
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pids), f"left running: {_alive(pids)}\n{up.log()}"
+    assert addresses and all(_free(h, p) for h, p in addresses), [a for a in addresses if not _free(*a)]
+
+
+@pytest.mark.slow
+def test_up_serves_over_every_worker_and_stops_clean(demo_model_dir: Path) -> None:
+    import openai
+
+    up = Up("--prefill", "2", "--decode", "2", "--http-port", "0", "--grpc-port", "0",
+            "--num-kv-blocks", "256", "--startup-timeout", "90", "--drain-timeout", "10")  # fmt: skip
+    pids: dict[int, str] = {}
+    try:
+        ready = up.wait_for("mesh ready: ")
+        pids = up.pids()
+        base_url = ready.split()[2]
+        children = {
+            m[0]: int(m[1]) for line in up.lines for m in re.findall(r"started (\S+) pid=(\d+)", line)
+        }
+        assert set(children) == CHILDREN
+        assert all(_stat(pid)[3] == str(pid) for pid in children.values()), "each child leads its own session"
+        metrics = dict(re.findall(r"ready ((?:prefill|decode)-\d) .* metrics=(\S+)", "\n".join(up.lines)))
+
+        client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=120)
+
+        def complete(i: int) -> openai.types.Completion:
+            prompt = f"Fact {i}: the capital of France is"
+            return client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+
+        with ThreadPoolExecutor(32) as pool:
+            outs = list(pool.map(complete, range(32)))
+        assert all(o.choices[0].text and o.usage.completion_tokens == 8 for o in outs)
+
+        served = {name: _metrics(url) for name, url in metrics.items()}
+        finished = {
+            n: sum(v for k, v in m.items() if k.startswith("scalellm_requests_total"))
+            for n, m in served.items()
+        }
+        assert finished["decode-1"] > 0 and finished["decode-2"] > 0, finished
+        assert finished["decode-1"] + finished["decode-2"] == 32, finished
+        prefilled = {n: served[n].get('scalellm_requests_total{outcome="prefilled"}', 0) for n in served}
+        assert prefilled["prefill-1"] > 0 and prefilled["prefill-2"] > 0, prefilled
+        assert all(
+            served[n].get('scalellm_kv_transfer_bytes_total{direction="in"}', 0) > 0
+            for n in ("decode-1", "decode-2")
+        )
+
+        addresses = up.addresses()
+        assert up.stop() == 0, up.log()
+        _assert_gone(up, pids, addresses)
+        log = up.lines
+        first = {key: next(i for i, line in enumerate(log) if key in line) for key in (
+            "gateway shutting down", "draining", "kvstore shutting down", "stopped 7 processes")}  # fmt: skip
+        assert list(first.values()) == sorted(first.values()), first  # gateway, workers, kvstore, done
+    finally:
+        up.cleanup(pids)
+
+
+@pytest.mark.slow
+def test_a_dead_child_stops_the_mesh_with_an_error(demo_model_dir: Path) -> None:
+    up = Up("--colocated", "--decode", "1", "--http-port", "0", "--grpc-port", "0", "--num-kv-blocks", "64",
+            "--quiet", "--startup-timeout", "90", "--drain-timeout", "5")  # fmt: skip
+    pids: dict[int, str] = {}
+    try:
+        up.wait_for("mesh ready: ")
+        pids = up.pids()
+        addresses = up.addresses()
+        decode = int(re.search(r"started decode-1 pid=(\d+)", "\n".join(up.lines)).group(1))  # type: ignore[union-attr]
+        os.kill(decode, signal.SIGKILL)
+        assert up.proc.wait(60) == 1, up.log()
+        assert f"decode-1 (pid {decode}) exited unexpectedly with status -9" in up.log()
+        _assert_gone(up, pids, addresses)
+    finally:
+        up.cleanup(pids)
