@@ -1,7 +1,9 @@
 """Launcher: start the mesh's processes in order, watch them, stop them in order.
 
 start: model prepared -> Redis -> kvstore -> workers + gateway -> the gateway sees every worker
-stop (SIGINT, SIGTERM, SIGHUP, or a child that died): gateway, workers, kvstore, Redis
+stop (SIGINT, SIGTERM, SIGHUP, or Redis, the kvstore or the gateway dying): gateway, workers,
+kvstore, Redis. A worker that dies once the mesh is up is restarted (the gateway routes around
+it meanwhile); one that keeps dying stops the mesh.
      (see shutdown.py); a second signal kills what is left at once.
 """
 
@@ -24,6 +26,7 @@ from scalellm.launcher.probes import grpc_serving, http_health, port_free
 from scalellm.launcher.shutdown import stop_in_order
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+RESTARTS_PER_MINUTE = 3
 
 
 class Interrupted(Exception):
@@ -42,6 +45,8 @@ class Launcher:
         self._stopping = threading.Event()
         self._force = threading.Event()
         self._deadline = 0.0
+        self._up = False
+        self._restarts: dict[str, list[float]] = {}
         self._seen = ""
 
     def say(self, message: str) -> None:
@@ -116,6 +121,7 @@ class Launcher:
         health = f"http://{host}:{http_port}/health"
         self._wait_until(lambda: self._sees_all_workers(health), lambda: f"the gateway to see {self._seen}")
         self.say(f"model {model_dir}" + (f"; gateway listening on {c.host}" if host != c.host else ""))
+        self._up = True
         self._echo(f"mesh ready: http://{host}:{http_port}/v1  grpc {host}:{grpc_port}")
 
     def _sees_all_workers(self, health_url: str) -> bool:
@@ -161,12 +167,25 @@ class Launcher:
             time.sleep(0.1)
 
     def _check_children(self) -> None:
-        """Raise Interrupted on a stop signal, LaunchError when a child has exited."""
+        """Raise Interrupted on a stop signal; restart a dead worker once the mesh is up; raise
+        LaunchError when any other child (or a worker during startup) has exited."""
         if self._stopping.is_set():
             raise Interrupted
-        for child in self.children:
-            if (code := child.returncode) is not None:
-                raise LaunchError(
-                    f"{child.name} (pid {child.pid}) exited unexpectedly with status {code}; "
-                    f"its last output:\n{child.tail()}"
-                )
+        for i, child in enumerate(self.children):
+            if (code := child.returncode) is None:
+                continue
+            died = f"{child.name} (pid {child.pid}) exited unexpectedly with status {code}"
+            if not (self._up and child.spec.restart and self._may_restart(child.name)):
+                raise LaunchError(f"{died}; its last output:\n{child.tail()}")
+            self.say(f"{died}; restarting it")
+            fresh = Child(child.spec, echo=None if self.config.quiet else self._echo)
+            fresh.start()
+            self.children[i] = fresh
+            self.say(f"started {fresh.name} pid={fresh.pid}")
+
+    def _may_restart(self, name: str) -> bool:
+        """At most RESTARTS_PER_MINUTE restarts of one worker within a minute."""
+        now = time.monotonic()
+        recent = [t for t in self._restarts.get(name, []) if now - t < 60.0]
+        self._restarts[name] = [*recent, now]
+        return len(recent) < RESTARTS_PER_MINUTE

@@ -36,6 +36,8 @@ class ChildSpec:
     env: dict[str, str] = field(default_factory=dict)
     metrics: str = ""
     """URL of the child's Prometheus endpoint, when it has one."""
+    restart: bool = False
+    """Restart it when it dies after the mesh is up (workers); others dying stops the mesh."""
 
 
 def _module(name: str, *args: str) -> tuple[str, ...]:
@@ -85,7 +87,8 @@ def worker_specs(
         if config.gpus:
             env["CUDA_VISIBLE_DEVICES"] = config.gpus[i % len(config.gpus)]
         metrics = f"http://{LOOPBACK}:{metrics_port}/metrics"
-        specs.append(ChildSpec(name, _module(module, *argv, *config.worker_args), env=env, metrics=metrics))
+        argv_all = _module(module, *argv, *config.worker_args)
+        specs.append(ChildSpec(name, argv_all, env=env, metrics=metrics, restart=True))
     return specs
 
 

@@ -252,7 +252,40 @@ def test_up_serves_over_every_worker_and_stops_clean(demo_model_dir: Path) -> No
 
 
 @pytest.mark.slow
-def test_a_dead_child_stops_the_mesh_with_an_error(demo_model_dir: Path) -> None:
+def test_a_killed_worker_is_restarted_and_the_mesh_keeps_serving(demo_model_dir: Path) -> None:
+    up = Up("--colocated", "--decode", "1", "--http-port", "0", "--grpc-port", "0", "--num-kv-blocks", "64",
+            "--quiet", "--startup-timeout", "90", "--drain-timeout", "5")  # fmt: skip
+    pids: dict[int, str] = {}
+    try:
+        ready = up.wait_for("mesh ready: ")
+        decode = int(re.search(r"started decode-1 pid=(\d+)", "\n".join(up.lines)).group(1))  # type: ignore[union-attr]
+        os.kill(decode, signal.SIGKILL)
+        up.wait_for(f"scalellm up: decode-1 (pid {decode}) exited unexpectedly with status -9; restarting it")
+        assert up.proc.poll() is None  # the launcher keeps the mesh up
+        import openai
+
+        client = openai.OpenAI(base_url=ready.split()[2], api_key="none", max_retries=0, timeout=30)
+        deadline = time.monotonic() + 60
+        while True:  # the restarted worker registers again and the gateway routes to it
+            try:
+                reply = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0)
+                break
+            except openai.APIError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        assert reply.usage is not None and reply.usage.completion_tokens == 4
+        pids = up.pids()
+        addresses = up.addresses()
+        up.proc.send_signal(signal.SIGTERM)
+        assert up.proc.wait(60) == 0, up.log()
+        _assert_gone(up, pids, addresses)
+    finally:
+        up.cleanup(pids)
+
+
+@pytest.mark.slow
+def test_a_dead_gateway_stops_the_mesh_with_an_error(demo_model_dir: Path) -> None:
     up = Up("--colocated", "--decode", "1", "--http-port", "0", "--grpc-port", "0", "--num-kv-blocks", "64",
             "--quiet", "--startup-timeout", "90", "--drain-timeout", "5")  # fmt: skip
     pids: dict[int, str] = {}
@@ -260,10 +293,10 @@ def test_a_dead_child_stops_the_mesh_with_an_error(demo_model_dir: Path) -> None
         up.wait_for("mesh ready: ")
         pids = up.pids()
         addresses = up.addresses()
-        decode = int(re.search(r"started decode-1 pid=(\d+)", "\n".join(up.lines)).group(1))  # type: ignore[union-attr]
-        os.kill(decode, signal.SIGKILL)
+        gateway = int(re.search(r"started gateway pid=(\d+)", "\n".join(up.lines)).group(1))  # type: ignore[union-attr]
+        os.kill(gateway, signal.SIGKILL)
         assert up.proc.wait(60) == 1, up.log()
-        assert f"decode-1 (pid {decode}) exited unexpectedly with status -9" in up.log()
+        assert f"gateway (pid {gateway}) exited unexpectedly with status -9" in up.log()
         _assert_gone(up, pids, addresses)
     finally:
         up.cleanup(pids)
