@@ -160,7 +160,12 @@ class DecodeWorker:
 
     async def _disaggregated(self, req: Request, targets: tuple[PrefillTarget, ...]) -> AsyncIterator[Chunk]:
         aengine = self.host.aengine
-        if not await aengine.submit(lambda e: e.scheduler.reserve_remote(req)):
+        try:
+            reserved = await aengine.submit(lambda e: e.scheduler.reserve_remote(req))
+        except asyncio.CancelledError:
+            aengine.abort(req.request_id)  # queued behind the reservation: frees it if it was made
+            raise
+        if not reserved:
             self.metrics.requests.labels("no_kv_room").inc()
             raise ResourceExhausted(
                 f"not enough free KV blocks for a {req.num_prompt_tokens}-token prompt "
