@@ -3,15 +3,15 @@ variable fallbacks (flag, then SCALELLM_* variable, then default). Nothing is re
 
 from __future__ import annotations
 
-import argparse
 import enum
-import os
 import socket
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from scalellm.registry import WorkerRole
+from scalellm.settings import Option, parse_config
 from scalellm.transfer import ChannelConfig
 
 
@@ -70,78 +70,52 @@ class WorkerConfig:
         return ChannelConfig(op_timeout_s=self.transfer_timeout_s, device_host=self.advertise_host or None)
 
 
-_ENV = "SCALELLM_"
+def _option(flag: str, field: str, type_: Callable[[str], Any], help_: str, **kw: Any) -> Option:
+    """SCALELLM_ + the flag's name: --num-threads reads SCALELLM_NUM_THREADS."""
+    return Option(
+        flag, field, type_, help_, env="SCALELLM_" + flag.lstrip("-").replace("-", "_").upper(), **kw
+    )
+
+
+def worker_options(roles: Sequence[WorkerRole]) -> tuple[Option, ...]:
+    return (
+        _option("--role", "role", WorkerRole.parse, "what this worker does", choices=tuple(roles)),
+        _option("--model", "model", str, "Hugging Face folder (default: the prepared demo model)"),
+        _option("--served-model-name", "served_model_name", str, "name registered for routing"),
+        _option("--worker-id", "worker_id", str, "registry id (default: role + random suffix)"),
+        _option("--listen", "listen", str, "gRPC host:port (port 0: any free one)"),
+        _option("--advertise-host", "advertise_host", str, "host others reach this worker at"),
+        _option("--transfer-listen", "transfer_listen", str, "KV transfer rendezvous host:port (decode)"),
+        _option("--kvstore", "kvstore", str, "kvstore address (repeatable or comma-separated)", repeat=True),
+        _option("--metrics-port", "metrics_port", int, "Prometheus HTTP port (0: off)"),
+        _option("--dtype", "dtype", str, "float32, bfloat16, float16 or auto"),
+        _option("--device", "device", str, "cpu, cuda, cuda:N or auto"),
+        _option("--block-size", "block_size", int, "tokens per KV block"),
+        _option("--num-kv-blocks", "num_kv_blocks", int, "KV cache blocks (default: from --kv-cache-gb)"),
+        _option("--kv-cache-gb", "kv_cache_gb", float, "KV cache size on CPU"),
+        _option("--max-model-len", "max_model_len", int, "context length limit"),
+        _option("--max-num-seqs", "max_num_seqs", int, "running batch limit"),
+        _option("--max-num-batched-tokens", "max_num_batched_tokens", int, "token budget of one step"),
+        _option("--num-threads", "num_threads", int, "torch threads (CPU)"),
+        _option("--prefill-timeout", "prefill_timeout_s", float, "seconds a Prefill rpc may take"),
+        _option("--transfer-timeout", "transfer_timeout_s", float, "seconds a KV transfer op may take"),
+        _option(
+            "--prefill-fallback",
+            "prefill_fallback",
+            PrefillFallback,
+            "when every prefill worker failed",
+            choices=tuple(PrefillFallback),
+        ),
+        _option("--drain-timeout", "drain_timeout_s", float, "seconds SIGTERM lets requests finish"),
+    )
 
 
 def parse_worker_args(
     argv: Sequence[str] | None, roles: Sequence[WorkerRole], environ: Mapping[str, str] | None = None
 ) -> WorkerConfig:
-    env = os.environ if environ is None else environ
-
-    def default(name: str, fallback: str | None = None) -> str | None:
-        return env.get(_ENV + name, fallback)
-
-    p = argparse.ArgumentParser(description=f"ScaleLLM {'/'.join(r.name.lower() for r in roles)} worker")
-    p.add_argument(
-        "--role", choices=[r.name.lower() for r in roles], default=default("ROLE", roles[0].name.lower())
-    )
-    p.add_argument("--model", default=default("MODEL"), help="HF folder (default: prepared demo model)")
-    p.add_argument("--served-model-name", default=default("SERVED_MODEL_NAME"))
-    p.add_argument("--worker-id", default=default("WORKER_ID", ""))
-    p.add_argument("--listen", default=default("LISTEN", "0.0.0.0:0"), help="gRPC host:port (port 0: any)")
-    p.add_argument("--advertise-host", default=default("ADVERTISE_HOST", ""))
-    p.add_argument("--transfer-listen", default=default("TRANSFER_LISTEN", "0.0.0.0:0"))
-    p.add_argument("--kvstore", default=default("KVSTORE", ""), help="comma-separated kvstore addresses")
-    p.add_argument("--metrics-port", type=int, default=int(default("METRICS_PORT", "0") or 0))
-    p.add_argument("--dtype", default=default("DTYPE", "auto"))
-    p.add_argument("--device", default=default("DEVICE", "auto"))
-    p.add_argument("--block-size", type=int, default=int(default("BLOCK_SIZE", "16") or 16))
-    p.add_argument("--num-kv-blocks", type=int, default=_opt_int(default("NUM_KV_BLOCKS")))
-    p.add_argument("--kv-cache-gb", type=float, default=float(default("KV_CACHE_GB", "2.0") or 2.0))
-    p.add_argument("--max-model-len", type=int, default=_opt_int(default("MAX_MODEL_LEN")))
-    p.add_argument("--max-num-seqs", type=int, default=int(default("MAX_NUM_SEQS", "64") or 64))
-    p.add_argument(
-        "--max-num-batched-tokens", type=int, default=int(default("MAX_NUM_BATCHED_TOKENS", "2048") or 2048)
-    )
-    p.add_argument("--num-threads", type=int, default=_opt_int(default("NUM_THREADS")))
-    p.add_argument("--prefill-timeout", type=float, default=float(default("PREFILL_TIMEOUT", "60") or 60))
-    p.add_argument("--transfer-timeout", type=float, default=float(default("TRANSFER_TIMEOUT", "30") or 30))
-    p.add_argument(
-        "--prefill-fallback",
-        choices=[f.value for f in PrefillFallback],
-        default=default("PREFILL_FALLBACK", "local"),
-    )
-    p.add_argument("--drain-timeout", type=float, default=float(default("DRAIN_TIMEOUT", "30") or 30))
-    a = p.parse_args(argv)
-    try:
-        return WorkerConfig(
-            role=WorkerRole.parse(a.role),
-            model=a.model,
-            served_model_name=a.served_model_name,
-            worker_id=a.worker_id,
-            listen=a.listen,
-            advertise_host=a.advertise_host,
-            transfer_listen=a.transfer_listen,
-            kvstore=tuple(x.strip() for x in a.kvstore.split(",") if x.strip()),
-            metrics_port=a.metrics_port,
-            dtype=a.dtype,
-            device=a.device,
-            block_size=a.block_size,
-            num_kv_blocks=a.num_kv_blocks,
-            kv_cache_gb=a.kv_cache_gb,
-            max_model_len=a.max_model_len,
-            max_num_seqs=a.max_num_seqs,
-            max_num_batched_tokens=a.max_num_batched_tokens,
-            num_threads=a.num_threads,
-            prefill_timeout_s=a.prefill_timeout,
-            transfer_timeout_s=a.transfer_timeout,
-            prefill_fallback=PrefillFallback(a.prefill_fallback),
-            drain_timeout_s=a.drain_timeout,
-        )
-    except ValueError as exc:
-        p.error(str(exc))
-        raise  # unreachable: p.error exits
-
-
-def _opt_int(text: str | None) -> int | None:
-    return int(text) if text else None
+    """Flags, then SCALELLM_* variables, then defaults; the role defaults to roles[0]."""
+    names = "/".join(r.name.lower() for r in roles)
+    return parse_config(
+        WorkerConfig, worker_options(roles), argv, environ, prog=f"scalellm {names} worker",
+        description=f"ScaleLLM {names} worker", extra={"role": roles[0]},
+    )  # fmt: skip

@@ -6,11 +6,11 @@ Repeatable flags (--decode-addr, --prefill-addr, --kvstore) take comma-separated
 
 from __future__ import annotations
 
-import argparse
-import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
+
+from scalellm.settings import Option, parse_config
 
 ENV_PREFIX = "SCALELLM_GATEWAY_"
 
@@ -67,91 +67,41 @@ class GatewayConfig:
         cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
     ) -> GatewayConfig:
         """Parse flags (argv, default sys.argv[1:]) falling back to environ (default os.environ)."""
-        parser = build_parser()
-        args = parser.parse_args(argv)
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for option in OPTIONS:
-            value = getattr(args, option.field)
-            env_name = option.env
-            if value is None and env.get(env_name):
-                try:
-                    value = option.parse_env(env[env_name])
-                except ValueError:
-                    parser.error(f"{env_name}={env[env_name]!r} is not valid for {option.flag}")
-            if value is not None and option.repeat:
-                value = tuple(a for item in value for a in _addresses(item))
-            if value is not None:
-                values[option.field] = value
-        try:
-            return cls(**values)
-        except ValueError as exc:
-            parser.error(str(exc))
-            raise  # unreachable: parser.error exits
+        return parse_config(
+            cls, OPTIONS, argv, environ, prog="python -m services.gateway", description="the mesh's gateway"
+        )
 
 
-def _addresses(text: str) -> list[str]:
-    return [a.strip() for a in text.split(",") if a.strip()]
+def _option(flag: str, field: str, type_: Callable[[str], Any], help_: str, repeat: bool = False) -> Option:
+    """SCALELLM_GATEWAY_ + the flag's name: --decode-addr reads SCALELLM_GATEWAY_DECODE_ADDR."""
+    env = ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+    return Option(flag, field, type_, help_, env=env, repeat=repeat)
 
 
-@dataclass(frozen=True, slots=True)
-class _Option:
-    flag: str
-    field: str
-    type: Callable[[str], Any]
-    help: str
-    repeat: bool = False
-
-    @property
-    def env(self) -> str:
-        """SCALELLM_GATEWAY_ + the flag's name: --decode-addr reads SCALELLM_GATEWAY_DECODE_ADDR."""
-        return ENV_PREFIX + self.flag.lstrip("-").replace("-", "_").upper()
-
-    def parse_env(self, text: str) -> Any:
-        return _addresses(text) if self.repeat else self.type(text)
-
-
-OPTIONS: tuple[_Option, ...] = (
-    _Option("--host", "host", str, "address the HTTP and gRPC listeners bind"),
-    _Option("--http-port", "http_port", int, "OpenAI-compatible HTTP port (0: any free port)"),
-    _Option("--grpc-port", "grpc_port", int, "gRPC Gateway port (0: any free port)"),
-    _Option("--model", "model", str, "Hugging Face model folder (tokenizer, chat template, config)"),
-    _Option("--served-model-name", "served_model_name", str, "the model's public name"),
-    _Option("--worker-model", "worker_model", str, "model name workers register under ('*': any)"),
-    _Option("--kvstore", "kvstore", str, "kvstore address (repeatable or comma-separated)", True),
-    _Option("--decode-addr", "decode_addrs", str, "static decode worker [id=]host:port (repeatable)", True),
-    _Option(
+OPTIONS: tuple[Option, ...] = (
+    _option("--host", "host", str, "address the HTTP and gRPC listeners bind"),
+    _option("--http-port", "http_port", int, "OpenAI-compatible HTTP port (0: any free port)"),
+    _option("--grpc-port", "grpc_port", int, "gRPC Gateway port (0: any free port)"),
+    _option("--model", "model", str, "Hugging Face model folder (tokenizer, chat template, config)"),
+    _option("--served-model-name", "served_model_name", str, "the model's public name"),
+    _option("--worker-model", "worker_model", str, "model name workers register under ('*': any)"),
+    _option("--kvstore", "kvstore", str, "kvstore address (repeatable or comma-separated)", True),
+    _option("--decode-addr", "decode_addrs", str, "static decode worker [id=]host:port (repeatable)", True),
+    _option(
         "--prefill-addr", "prefill_addrs", str, "static prefill worker [id=]host:port (repeatable)", True
     ),
-    _Option("--api-keys-file", "api_keys_file", str, "file of 'KEY TENANT' lines; enables auth"),
-    _Option("--max-prompt-tokens", "max_prompt_tokens", int, "longest prompt (0: context length)"),
-    _Option("--max-total-tokens", "max_total_tokens", int, "prompt + max_tokens bound (0: context)"),
-    _Option("--max-payload-bytes", "max_payload_bytes", int, "largest request body / message"),
-    _Option("--max-n", "max_n", int, "most choices per request (n x prompts)"),
-    _Option("--max-stop-strings", "max_stop_strings", int, "most stop strings per request"),
-    _Option("--max-inflight", "max_inflight", int, "requests in flight before 429 / RESOURCE_EXHAUSTED"),
-    _Option("--route-attempts", "route_attempts", int, "decode workers tried per sequence"),
-    _Option("--prefill-fallbacks", "prefill_fallbacks", int, "prefill workers passed, best first"),
-    _Option("--colocate-below-tokens", "colocate_below_tokens", int, "shorter prompts skip prefill workers"),
-    _Option("--request-timeout-s", "request_timeout_s", float, "deadline of an HTTP request"),
-    _Option("--grace-s", "grace_s", float, "how long SIGTERM lets requests finish"),
-    _Option("--event-loop", "event_loop", str, "uvloop or asyncio"),
-    _Option("--log-level", "log_level", str, "DEBUG, INFO, WARNING or ERROR"),
+    _option("--api-keys-file", "api_keys_file", str, "file of 'KEY TENANT' lines; enables auth"),
+    _option("--max-prompt-tokens", "max_prompt_tokens", int, "longest prompt (0: context length)"),
+    _option("--max-total-tokens", "max_total_tokens", int, "prompt + max_tokens bound (0: context)"),
+    _option("--max-payload-bytes", "max_payload_bytes", int, "largest request body / message"),
+    _option("--max-n", "max_n", int, "most choices per request (n x prompts)"),
+    _option("--max-stop-strings", "max_stop_strings", int, "most stop strings per request"),
+    _option("--max-inflight", "max_inflight", int, "requests in flight before 429 / RESOURCE_EXHAUSTED"),
+    _option("--route-attempts", "route_attempts", int, "decode workers tried per sequence"),
+    _option("--prefill-fallbacks", "prefill_fallbacks", int, "prefill workers passed, best first"),
+    _option("--colocate-below-tokens", "colocate_below_tokens", int, "shorter prompts skip prefill workers"),
+    _option("--request-timeout-s", "request_timeout_s", float, "deadline of an HTTP request"),
+    _option("--grace-s", "grace_s", float, "how long SIGTERM lets requests finish"),
+    _option("--event-loop", "event_loop", str, "uvloop or asyncio"),
+    _option("--log-level", "log_level", str, "DEBUG, INFO, WARNING or ERROR"),
 )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The gateway's flags; every default is None so that env vars and dataclass defaults apply."""
-    parser = argparse.ArgumentParser(prog="python -m services.gateway", description="the mesh's gateway")
-    defaults = {f.name: f.default for f in fields(GatewayConfig)}
-    for option in OPTIONS:
-        env_name = option.env
-        parser.add_argument(
-            option.flag,
-            dest=option.field,
-            type=option.type,
-            default=None,
-            action="append" if option.repeat else "store",
-            help=f"{option.help} (env {env_name}; default {defaults[option.field]!r})",
-        )
-    return parser

@@ -5,11 +5,10 @@ Precedence: flag, then environment variable, then default. Nothing is read at im
 
 from __future__ import annotations
 
-import argparse
-import os
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from scalellm.settings import Option, parse_config
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -41,72 +40,42 @@ class KvstoreConfig:
         cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
     ) -> KvstoreConfig:
         """Parse flags (argv, default sys.argv[1:]) falling back to environ (default os.environ)."""
-        parser = build_parser()
-        args = parser.parse_args(argv)
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for option in OPTIONS:
-            value = getattr(args, option.field)
-            if value is None and option.env in env:
-                try:
-                    value = option.type(env[option.env])
-                except ValueError:
-                    parser.error(f"{option.env}={env[option.env]!r} is not a valid {option.type.__name__}")
-            if value is not None:
-                values[option.field] = value
-        try:
-            return cls(**values)
-        except ValueError as exc:
-            parser.error(str(exc))
-            raise  # unreachable: parser.error exits
+        return parse_config(
+            cls,
+            OPTIONS,
+            argv,
+            environ,
+            prog="python -m services.kvstore",
+            description="the kvstore placement registry",
+        )
 
 
-@dataclass(frozen=True, slots=True)
-class _Option:
-    flag: str
-    field: str
-    type: Callable[[str], Any]
-    env: str
-    help: str
-
-
-OPTIONS: tuple[_Option, ...] = (
-    _Option("--listen", "listen", str, "SCALELLM_KVSTORE_ADDR", "host:port for gRPC (port 0: any free port)"),
-    _Option("--redis-url", "redis_url", str, "SCALELLM_REDIS_URL", "Redis holding the registry state"),
-    _Option("--namespace", "namespace", str, "SCALELLM_REDIS_NAMESPACE", "key prefix, to share one Redis"),
-    _Option("--lease-s", "lease_s", float, "SCALELLM_KVSTORE_LEASE_S", "lease length in seconds"),
-    _Option(
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "--listen", "listen", str, "host:port for gRPC (port 0: any free port)", env="SCALELLM_KVSTORE_ADDR"
+    ),
+    Option("--redis-url", "redis_url", str, "Redis holding the registry state", env="SCALELLM_REDIS_URL"),
+    Option("--namespace", "namespace", str, "key prefix, to share one Redis", env="SCALELLM_REDIS_NAMESPACE"),
+    Option("--lease-s", "lease_s", float, "lease length in seconds", env="SCALELLM_KVSTORE_LEASE_S"),
+    Option(
         "--reap-interval-s",
         "reap_interval_s",
         float,
-        "SCALELLM_KVSTORE_REAP_INTERVAL_S",
         "expiry scan period",
+        env="SCALELLM_KVSTORE_REAP_INTERVAL_S",
     ),
-    _Option("--metrics-host", "metrics_host", str, "SCALELLM_KVSTORE_METRICS_HOST", "Prometheus HTTP host"),
-    _Option(
+    Option(
+        "--metrics-host", "metrics_host", str, "Prometheus HTTP host", env="SCALELLM_KVSTORE_METRICS_HOST"
+    ),
+    Option(
         "--metrics-port",
         "metrics_port",
         int,
-        "SCALELLM_KVSTORE_METRICS_PORT",
         "Prometheus HTTP port (0: off)",
+        env="SCALELLM_KVSTORE_METRICS_PORT",
     ),
-    _Option("--grace-s", "grace_s", float, "SCALELLM_KVSTORE_GRACE_S", "how long SIGTERM lets calls finish"),
-    _Option("--log-level", "log_level", str, "SCALELLM_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR"),
+    Option(
+        "--grace-s", "grace_s", float, "how long SIGTERM lets calls finish", env="SCALELLM_KVSTORE_GRACE_S"
+    ),
+    Option("--log-level", "log_level", str, "DEBUG, INFO, WARNING or ERROR", env="SCALELLM_LOG_LEVEL"),
 )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The kvstore's flags; every default is None so that env vars and dataclass defaults apply."""
-    parser = argparse.ArgumentParser(
-        prog="python -m services.kvstore", description="the kvstore placement registry"
-    )
-    defaults = {f.name: f.default for f in fields(KvstoreConfig)}
-    for option in OPTIONS:
-        parser.add_argument(
-            option.flag,
-            dest=option.field,
-            type=option.type,
-            default=None,
-            help=f"{option.help} (env {option.env}; default {defaults[option.field]})",
-        )
-    return parser

@@ -181,14 +181,15 @@ def test_every_variable_is_one_the_service_reads(
     services: dict[str, Any], cpu_services: dict[str, Any]
 ) -> None:
     """A misspelt SCALELLM_* variable would be ignored silently in the container."""
+    from scalellm.registry import WorkerRole
+    from scalellm.worker.config import worker_options
     from services.gateway import config as gateway
     from services.kvstore import config as kvstore
 
-    worker_source = (ROOT / "scalellm" / "worker" / "config.py").read_text()
-    worker = {f"SCALELLM_{name}" for name in re.findall(r'default\("(\w+)"', worker_source)}
+    worker = {o.env for o in worker_options(tuple(WorkerRole))}
     reads = {
         "kvstore": {o.env for o in kvstore.OPTIONS},
-        "gateway": {gateway.ENV_PREFIX + o.field.upper() for o in gateway.OPTIONS},
+        "gateway": {o.env for o in gateway.OPTIONS},
         "prefill": worker,
         "decode": worker,
         "model": set(),
