@@ -7,6 +7,7 @@ Each subcommand lives in the module that owns it and is imported only when it ru
     scalellm generate PROMPT ...      offline generation with the engine (no mesh)
     scalellm serve SERVICE [ARGS]     run one tier: same as `python -m services.SERVICE [ARGS]`
     scalellm up [FLAGS]               the whole mesh as local processes, until Ctrl-C
+    scalellm bench [FLAGS]            load an OpenAI-compatible endpoint, report TTFT/TPOT/throughput
 """
 
 from __future__ import annotations
@@ -48,6 +49,19 @@ def _cmd_up(args: argparse.Namespace) -> int:
     except ValueError as exc:
         args.parser.error(str(exc))
     return run_up(config)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent  # bench/ lives in the source checkout
+    if not (root / "bench" / "serving" / "main.py").is_file():
+        print("scalellm bench: needs the source checkout (bench/serving/ is not installed)", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(root))
+    from bench.serving.main import main as bench_main
+
+    return bench_main(args.bench_args)
 
 
 def _add_up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -120,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_cmd_serve)
 
     _add_up_parser(sub)
+
+    # prefix_chars="+": every flag after `bench` is passed through untouched to bench/serving/main.py
+    bench = sub.add_parser(
+        "bench", help="benchmark an OpenAI-compatible endpoint (scalellm bench --help)",
+        add_help=False, prefix_chars="+",
+    )  # fmt: skip
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own flags")
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 

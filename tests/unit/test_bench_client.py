@@ -1,0 +1,153 @@
+"""The serving benchmark client: SSE parsing, vLLM metric math, and runs against a tiny SSE server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from bench.serving.client import RunConfig, arrival_gaps, payload, run, send
+from bench.serving.metrics import SLO, RequestResult, Stat, summarize
+from bench.serving.sse import SSEParser
+from bench.serving.workload import BenchRequest, dataset_requests, random_requests
+
+
+def test_sse_parser_handles_splits_crlf_comments_and_multiline() -> None:
+    parser = SSEParser()
+    assert parser.feed(b'data: {"a"') == []
+    assert parser.feed(b": 1}\r\n\r\n: ping\n\nevent: x\ndata: one\ndata:two\n") == ['{"a": 1}']
+    assert parser.feed(b"\ndata: [DONE]") == ["one\ntwo"]
+    assert parser.close() == ["[DONE]"]
+
+
+def test_tpot_follows_vllm() -> None:
+    r = RequestResult(success=True, output_tokens=5, ttft=0.2, latency=1.0)
+    assert r.tpot == pytest.approx(0.2)  # (1.0 - 0.2) / (5 - 1)
+    assert RequestResult(success=True, output_tokens=1, ttft=0.2, latency=0.2).tpot is None
+
+
+def test_summary_throughput_percentiles_and_goodput() -> None:
+    results = [
+        RequestResult(True, "", 10, 11, True, ttft=0.1 * (i + 1), latency=1.1 * (i + 1), itl=[0.1] * 10)
+        for i in range(4)
+    ] + [RequestResult(False, "HTTP 500")]
+    s = summarize(results, duration_s=2.0, slo=SLO(ttft_ms=250, tpot_ms=150))
+    assert (s.completed, s.failed) == (4, 1)
+    assert s.total_input_tokens == 40 and s.total_output_tokens == 44
+    assert s.request_throughput == 2.0 and s.output_throughput == 22.0
+    assert s.total_token_throughput == 42.0
+    assert s.ttft.mean_ms == pytest.approx(250.0) and s.ttft.median_ms == pytest.approx(250.0)
+    assert s.ttft.p99_ms == pytest.approx(100 + 0.99 * 300)  # numpy's linear interpolation
+    assert s.tpot.median_ms == pytest.approx(250.0)  # (1.1 - 0.1)(i + 1) / (11 - 1): 100..400 ms
+    # TPOT of request i is (1.1 - 0.1)(i + 1) / 10 = 0.1 (i + 1) s: only i = 0 meets 150 ms; TTFT <= 250 ms
+    assert s.goodput == pytest.approx(1 / 2.0)
+    assert summarize(results, 2.0).goodput is None
+    assert Stat.of([]) == Stat(0.0, 0.0, 0.0)
+
+
+def test_arrivals_and_payload() -> None:
+    assert arrival_gaps(3, float("inf"), 0) == [0.0, 0.0, 0.0]
+    gaps = arrival_gaps(2000, 10.0, 0)
+    assert sum(gaps) / len(gaps) == pytest.approx(0.1, rel=0.1)
+    body = payload(RunConfig("u", "m", ignore_eos=True, extra_body={"top_k": 1}), BenchRequest("hi", 1, 7))
+    assert body["max_tokens"] == 7 and body["stream"] and body["stream_options"] == {"include_usage": True}
+    assert body["ignore_eos"] is True and body["top_k"] == 1
+
+
+def test_workloads(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    words = random_requests(3, 8, 4, tokenizer=None, seed=1)
+    assert len(words) == 3 and all(len(r.prompt.split()) == 8 and r.output_len == 4 for r in words)
+    assert words == random_requests(3, 8, 4, tokenizer=None, seed=1)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a b c", "output_len": 5}\n\n{"prompt": "d"}\n')
+    rows = dataset_requests(str(data), 4, 9, seed=0)
+    assert sorted((r.prompt, r.output_len) for r in rows) == [("a b c", 5)] * 2 + [("d", 9)] * 2
+
+
+def events(texts: list[str], usage: dict[str, int] | None) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = [{"choices": [{"index": 0, "text": t}]} for t in texts]
+    if usage is not None:
+        out.append({"choices": [], "usage": usage})
+    return out
+
+
+class TinyServer:
+    """POST /v1/completions streams the script chosen by the prompt, DELAY seconds per event."""
+
+    DELAY = 0.02
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.inflight = self.peak = 0
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.bodies.append(body)
+        prompt = body["prompt"]
+        if prompt == "http-error":
+            return web.json_response({"error": {"message": "bad"}}, status=400)
+        script = {
+            "usage": events(["", "a", "b", "c"], {"prompt_tokens": 3, "completion_tokens": 4}),
+            "no-usage": events(["x", "y"], None),
+            "error": [*events(["a"], None), {"error": {"message": "worker died"}}],
+        }[prompt]
+        self.inflight += 1
+        self.peak = max(self.peak, self.inflight)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in script:
+            await asyncio.sleep(self.DELAY)
+            await response.write(f"data: {json.dumps(event)}\r\n\r\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        self.inflight -= 1
+        return response
+
+
+@pytest.fixture
+async def server():  # type: ignore[no-untyped-def]
+    tiny = TinyServer()
+    app = web.Application()
+    app.router.add_post("/v1/completions", tiny.completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield tiny, RunConfig(base_url=f"http://127.0.0.1:{port}/v1", model="m", max_concurrency=2)
+    await runner.cleanup()
+
+
+async def test_send_times_content_chunks_and_reads_usage(server) -> None:  # type: ignore[no-untyped-def]
+    tiny, config = server
+    results, duration = await run(config, [BenchRequest("usage", 1, 4)], progress=False)
+    r = results[0]
+    assert r.success and r.usage_reported and r.text == "abc"
+    assert (r.prompt_len, r.output_tokens) == (3, 4)  # from usage, not the 3 chunks
+    assert r.ttft >= 2 * tiny.DELAY * 0.9  # the empty first chunk does not count
+    assert len(r.itl) == 2 and all(gap >= tiny.DELAY * 0.5 for gap in r.itl)
+    assert r.latency >= r.ttft + sum(r.itl) - 1e-6 and duration >= r.latency
+    assert r.tpot == pytest.approx((r.latency - r.ttft) / 3)
+
+
+async def test_fallbacks_and_failures(server) -> None:  # type: ignore[no-untyped-def]
+    _, config = server
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        plain = await send(session, config, BenchRequest("no-usage", 5, 2))
+        assert (
+            plain.success and not plain.usage_reported and plain.output_tokens == 2 and plain.prompt_len == 5
+        )
+        failed = await send(session, config, BenchRequest("error", 1, 2))
+        assert not failed.success and "worker died" in failed.error
+        refused = await send(session, config, BenchRequest("http-error", 1, 2))
+        assert not refused.success and refused.error.startswith("HTTP 400")
+
+
+async def test_concurrency_is_bounded(server) -> None:  # type: ignore[no-untyped-def]
+    tiny, config = server
+    results, _ = await run(config, [BenchRequest("usage", 1, 4)] * 6, progress=False)
+    assert all(r.success for r in results) and tiny.peak == 2 and len(tiny.bodies) == 6
