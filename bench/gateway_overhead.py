@@ -1,9 +1,9 @@
 """The gateway's own cost: the same streams through the gateway and straight to the decode worker.
 
 Starts a colocated decode worker on the model (default: the prepared demo model) and a gateway
-pointing at it (static --decode-addr), then, at each concurrency level, runs the same greedy
-requests (fixed prompt, fixed length, ignore_eos) three ways, interleaved round by round so that
-drift hits them alike:
+pointing at it (static --decode-addr), then, at each concurrency level, runs greedy requests of the
+same shape (fresh random prompts for every path, so the prefix cache favours none; fixed lengths;
+ignore_eos) three ways, interleaved round by round so that drift hits them alike:
 
   direct        gRPC DecodeWorker.Generate on the worker
   gateway-grpc  gRPC Gateway.Generate on the gateway
@@ -165,9 +165,13 @@ async def bench(args: argparse.Namespace, worker: str, gw_grpc: str, gw_http: st
             ]
             await run_level(paths.direct, warm, concurrency)  # batch-size warm-up, untimed
             before = await paths.gateway_overhead()
-            for _ in range(args.rounds):  # the same prompts on every path; the order rotates per round
-                prompts = [[rng.randrange(100, 40000) for _ in range(args.prompt_tokens)] for _ in range(n)]
+            for _ in range(args.rounds):  # the order rotates per round
                 for name in order:
+                    # Fresh prompts for every path: shared ones would hit the prefix cache on every
+                    # path but the first and make the later paths look faster.
+                    prompts = [
+                        [rng.randrange(100, 40000) for _ in range(args.prompt_tokens)] for _ in range(n)
+                    ]
                     samples[name] += await run_level(named[name], prompts, concurrency)
                 order = order[1:] + order[:1]
             after = await paths.gateway_overhead()
