@@ -4,7 +4,7 @@
     python bench/engine_throughput.py --num-requests 32 --repeats 1 --out results.json
 
 Workload: random prompts of 16-256 tokens and outputs of 16-128 tokens (seeded, EOS ignored).
-Ours: ``LLM.generate`` with continuous batching. Baseline: what a transformers user writes, one
+Runs of ours and of the baseline are interleaved. Ours: ``LLM.generate`` with continuous batching. Baseline: what a transformers user writes, one
 left-padded batch through ``model.generate`` (KV cache, eager attention) running until the longest
 output is done. Both count only the tokens each request asked for. The bound: the machine's own
 measured float32 matmul peak / (2 x parameters) tokens per second.
@@ -114,8 +114,15 @@ def main() -> None:
     for n in args.num_requests:
         work = make_workload(n, vocab, seed=n)
         run_ours(llm, make_workload(4, vocab, seed=999))  # warm-up
-        ours = [run_ours(llm, work) for _ in range(args.repeats)]
-        base = [run_hf(hf, work, pad_id=0) for _ in range(args.hf_repeats)]
+        # Interleaved (ours, transformers, ours, ...) so that a change in the machine's load
+        # during the run hits both sides alike.
+        ours: list[float] = []
+        base: list[float] = []
+        for i in range(max(args.repeats, args.hf_repeats)):
+            if i < args.repeats:
+                ours.append(run_ours(llm, work))
+            if i < args.hf_repeats:
+                base.append(run_hf(hf, work, pad_id=0))
         ours_tps = work.output_tokens / statistics.median(ours)
         hf_tps = work.output_tokens / statistics.median(base)
         results.append(

@@ -171,6 +171,28 @@ def run(backend: str, sizes: list[int], repeats: int) -> list[Row]:
     return rows
 
 
+def prefill_seconds(model: str | None, sizes: list[int], repeats: int) -> dict[int, float]:
+    """Median engine time to prefill one prompt of each size (and sample its first token)."""
+    import random
+    import time
+
+    from scalellm import LLM, SamplingParams
+
+    llm = LLM(model=model, enable_prefix_caching=False, max_num_batched_tokens=max(sizes), kv_cache_gb=1.0)
+    rng = random.Random(0)
+    params = SamplingParams(temperature=0.0, max_tokens=1)
+    result = {}
+    for tokens in sizes:
+        times = []
+        for _ in range(repeats):
+            prompt = [rng.randrange(100, 49000) for _ in range(tokens)]
+            start = time.perf_counter()
+            llm.generate({"prompt_token_ids": prompt}, params)
+            times.append(time.perf_counter() - start)
+        result[tokens] = statistics.median(times)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -178,6 +200,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[128, 512, 2048])
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument(
+        "--prefill-model",
+        default="demo",
+        help="HF folder whose prefill time to set beside (demo; none: skip)",
+    )
     args = parser.parse_args()
 
     rows = run("gloo", args.tokens, args.repeats)
@@ -197,12 +224,24 @@ def main() -> None:
     for r in rows:
         print(f"| {r.backend} | {r.tokens} | {r.payload_mb:.1f} | {r.transport} | {r.median_s * 1e3:.2f} "
               f"| {r.gbytes_per_s:.2f} | {r.ratio_to_raw:.0%} |")  # fmt: skip
+    prefill: dict[int, float] = {}
+    if args.prefill_model != "none":
+        prefill = prefill_seconds(
+            None if args.prefill_model == "demo" else args.prefill_model, args.tokens, 3
+        )
+        ours = {r.tokens: r.median_s for r in rows if r.backend == "gloo" and r.transport == "ours"}
+        print("\n| prompt tokens | prefill ms (engine) | transfer ms (ours, gloo) | transfer / prefill |")
+        print("|---:|---:|---:|---:|")
+        for tokens, seconds in prefill.items():
+            sent = ours.get(tokens, float("nan"))
+            print(f"| {tokens} | {seconds * 1e3:.1f} | {sent * 1e3:.1f} | {sent / seconds:.0%} |")
     if args.out:
         report = {
             "machine": machine,
             "nccl": nccl_note,
             "repeats": args.repeats,
             "rows": [asdict(r) for r in rows],
+            "prefill_seconds": prefill,
         }
         args.out.write_text(json.dumps(report, indent=2))
 
