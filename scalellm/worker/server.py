@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from collections.abc import Callable
 from typing import Protocol
 
@@ -19,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from scalellm.lifecycle import run_event_loop, wait_for_stop_signal
 from scalellm.registry import RegistryClient, WorkerRegistration
 from scalellm.worker.config import WorkerConfig
 from scalellm.worker.engine_host import EngineHost
@@ -108,11 +108,7 @@ class WorkerServer:
         self._stopped.set()
 
     async def run_until_signal(self) -> None:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await wait_for_stop_signal()
         log.info("draining (up to %.0f s)", self.config.drain_timeout_s)
         await self.drain_and_stop()
 
@@ -127,10 +123,5 @@ def run_worker(config: WorkerConfig, build: Callable[[WorkerConfig], WorkerServe
         print(f"READY {server.address}", flush=True)
         await server.run_until_signal()
 
-    try:
-        import uvloop
-
-        uvloop.run(main())
-    except ImportError:
-        asyncio.run(main())
+    run_event_loop(main())
     return 0

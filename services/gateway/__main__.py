@@ -5,27 +5,12 @@ Prints ``READY HOST:HTTP_PORT grpc=HOST:GRPC_PORT`` once both listeners accept c
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
-from collections.abc import Coroutine
-from typing import Any
 
+from scalellm.lifecycle import run_event_loop
 from services.gateway.config import GatewayConfig
 from services.gateway.server import serve
-
-
-def _run(main: Coroutine[Any, Any, None], loop: str) -> None:
-    """Run on uvloop when asked for and installed (it is not on Windows), else on asyncio."""
-    if loop == "uvloop":
-        try:
-            import uvloop
-        except ImportError:
-            logging.getLogger("services.gateway").warning("uvloop is not installed; using asyncio")
-        else:
-            uvloop.run(main)
-            return
-    asyncio.run(main)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        _run(serve(config), config.event_loop)
+        run_event_loop(serve(config), config.event_loop)
     except (ValueError, OSError, RuntimeError) as exc:  # bad model folder or keys file, port in use
         logging.getLogger("services.gateway").error("gateway failed to start: %s", exc)
         return 1

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from scalellm.lifecycle import wait_for_stop_signal
 from scalellm.models.prepare import resolve_model_dir
 from scalellm.registry import RegistryClient, WorkerView
 from scalellm.v1 import gateway_pb2, gateway_pb2_grpc
@@ -138,12 +138,8 @@ async def serve(config: GatewayConfig) -> None:
     server = GatewayServer(config)
     await server.start()
     print(f"READY {config.host}:{server.http_port} grpc={config.host}:{server.grpc_port}", flush=True)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
     try:
-        await stopping.wait()
+        await wait_for_stop_signal()
         log.info("gateway shutting down (grace %.1f s)", config.grace_s)
     finally:
         await server.stop()

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from scalellm.lifecycle import wait_for_stop_signal
 from scalellm.registry.errors import BackendUnavailable
 from scalellm.registry.reaper import LeaseReaper
 from scalellm.registry.store import RegistryStore
@@ -117,12 +117,8 @@ async def serve(config: KvstoreConfig) -> None:
     """Run one replica until SIGTERM or SIGINT, then shut down gracefully."""
     server = KvstoreServer(config)
     await server.start()
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
     try:
-        await stopping.wait()
+        await wait_for_stop_signal()
         log.info("kvstore shutting down (grace %.1f s)", config.grace_s)
     finally:
         await server.stop()
