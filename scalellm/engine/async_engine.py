@@ -41,7 +41,6 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopped = False
-        self.num_steps = 0
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -138,7 +137,6 @@ class AsyncEngine:
             except Exception:  # a bug in a step must not kill the worker silently
                 log.exception("engine step failed; aborting its requests")
                 events = [TokenEvent(r, None, None, True) for r in _abort_all(engine)]
-            self.num_steps += 1
             if self._on_step is not None:
                 self._on_step(engine, events)
             if events and self._loop is not None:

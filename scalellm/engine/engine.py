@@ -6,7 +6,6 @@ Used directly by the offline ``LLM`` API and, on their own threads, by the worke
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from scalellm.engine.block_manager import BlockManager
 from scalellm.engine.config import EngineConfig
@@ -26,10 +25,6 @@ class TokenEvent:
     """None for a request that finished without a new token (aborted)."""
     logprobs: TokenLogprobs | None
     finished: bool
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self.request.status.finish_reason
 
 
 class LLMEngine:
@@ -133,7 +128,3 @@ class LLMEngine:
     @property
     def num_free_blocks(self) -> int:
         return self.blocks.num_free_blocks
-
-    @property
-    def model_dir(self) -> Path:
-        return Path(self.config.model)

@@ -38,6 +38,9 @@ class EngineHost:
         )
         self.aengine = AsyncEngine(self.engine, on_step=self._on_step)
         self._token_times: deque[tuple[float, int]] = deque()
+        """(time, tokens) of each step in the last window; touched by the step thread only."""
+        self._rate: tuple[float, float] = (0.0, 0.0)
+        """(tokens per second, when computed): written whole by the step thread, read by load()."""
         # Live values, read when /metrics is scraped (len() reads are atomic under the GIL).
         sched = self.engine.scheduler
         metrics.total_blocks.set(self.engine.blocks.num_blocks)
@@ -69,21 +72,22 @@ class EngineHost:
         """The load right now. Read from the event loop: len() of the scheduler's queues is atomic
         under the GIL, and a value one step old is fine for routing."""
         sched = self.engine.scheduler
-        times = list(self._token_times)
-        span = times[-1][0] - times[0][0] if len(times) > 1 else 0.0
-        rate = sum(n for _, n in times[1:]) / span if span > 0 else 0.0
+        rate, at = self._rate
         return WorkerLoad(
             running=len(sched.running) + len(sched.remote),
             waiting=len(sched.waiting),
             free_blocks=self.engine.num_free_blocks,
-            tokens_per_second=rate,
+            tokens_per_second=rate if time.monotonic() - at <= _RATE_WINDOW_S else 0.0,
         )
 
     def _on_step(self, engine: LLMEngine, events: list[TokenEvent]) -> None:
-        """Step thread: record the step's tokens for the token rate."""
+        """Step thread: the token rate over the last window, published as one tuple."""
         now = time.monotonic()
         new_tokens = sum(1 for e in events if e.token_id is not None)
-        self._token_times.append((now, new_tokens))
-        while now - self._token_times[0][0] > _RATE_WINDOW_S:
-            self._token_times.popleft()
+        window = self._token_times
+        window.append((now, new_tokens))
+        while now - window[0][0] > _RATE_WINDOW_S:
+            window.popleft()
+        span = now - window[0][0]
+        self._rate = (sum(n for _, n in window) - window[0][1]) / span if span > 0 else 0.0, now
         self.metrics.tokens.inc(new_tokens)
