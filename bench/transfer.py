@@ -5,14 +5,19 @@
 
 Two processes on this host: rank 0 plays the decode worker (TransferServer), rank 1 the prefill
 worker (TransferClient). Layout: SmolLM2-135M (30 layers, 3 KV heads, head dim 64, block size 16,
-float32); block tables are random, non-contiguous blocks of the paged cache. Per repeat, both
-transports move the same payload bytes, alternating which goes first:
+float32), block-major paged caches like the engine's. Per repeat, every transport moves the same
+payload bytes, in an order that alternates between repeats:
 
 - raw: one contiguous tensor, ``dist.send``/``dist.recv`` on an ``init_process_group`` world;
 - naive: what a user would write for paged KV on that world: gather every block into one
-  preallocated tensor, send, receive, scatter into the reserved blocks (no pipelining, no header);
-- ours: ``send_kv`` gathers the blocks, sends header + layer groups, the receiver scatters them into
-  its reserved blocks; timed from the call to ``on_complete`` (end to end, queueing included).
+  preallocated tensor, send, receive, scatter into the reserved blocks (no header);
+- ours (contiguous): ``send_kv`` with source and destination blocks that are each one run of
+  consecutive ids, what the block manager hands a fresh prompt: one message, no copy;
+- ours (scattered): random source and destination blocks, no two consecutive: one message per
+  block, still no copy (the worst case for fragmentation).
+
+"ours" is timed from the ``send_kv`` call to the receiver's ``on_complete`` (end to end: hand-off
+to the sender thread, epoch check, doorbell, header, segment table, payload).
 
 Seconds are CLOCK_MONOTONIC differences between the two processes; medians over repeats. NCCL runs
 when CUDA has 2 GPUs (one per process); otherwise the report says it was skipped.
@@ -38,9 +43,8 @@ import torch.distributed as dist
 
 from scalellm.transfer import ChannelConfig, KVLayout, TransferClient, TransferServer
 
-LAYERS, HEADS, HEAD_DIM, BLOCK_SIZE, CACHE_BLOCKS = 30, 3, 64, 16, 256
-# channel variants (worker id -> layers per group): auto-sized groups, one layer each, one message
-VARIANTS: dict[str, int | None] = {"ours": None, "ours-1-layer-groups": 1, "ours-one-group": LAYERS}
+LAYERS, HEADS, HEAD_DIM, BLOCK_SIZE, CACHE_BLOCKS = 30, 3, 64, 16, 320
+VARIANTS = ("ours-contiguous", "ours-scattered")
 BASELINES = ("raw", "naive")
 
 
@@ -50,15 +54,21 @@ class Row:
     tokens: int
     payload_mb: float
     transport: str
-    layers_per_group: int | None
     median_s: float
     gbytes_per_s: float
     ratio_to_raw: float
 
 
-def _block_table(tokens: int, seed: int) -> list[int]:
+def _block_table(tokens: int, seed: int, contiguous: bool) -> list[int]:
+    """Block ids for ``tokens``: one run at a seed-dependent offset, or random with no two
+    consecutive ids anywhere (each block its own segment)."""
+    n = -(-tokens // BLOCK_SIZE)
     gen = torch.Generator().manual_seed(seed)
-    return torch.randperm(CACHE_BLOCKS, generator=gen)[: -(-tokens // BLOCK_SIZE)].tolist()
+    if contiguous:
+        start = int(torch.randint(0, CACHE_BLOCKS - n + 1, (1,), generator=gen))
+        return list(range(start, start + n))
+    evens = torch.randperm(CACHE_BLOCKS // 2, generator=gen)[:n] * 2  # even ids: never consecutive
+    return evens.tolist()
 
 
 def _worker(rank: int, port: int, backend: str, sizes: list[int], repeats: int, out: mp.Queue) -> None:
@@ -69,7 +79,7 @@ def _worker(rank: int, port: int, backend: str, sizes: list[int], repeats: int, 
         torch.cuda.set_device(device)  # NCCL barriers use the current device: one GPU per rank
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=300))
     dist.init_process_group(backend, store=dist.PrefixStore("raw", store), rank=rank, world_size=2)
-    kv = torch.randn(LAYERS, 2, CACHE_BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM, device=device)
+    kv = torch.randn(CACHE_BLOCKS, LAYERS, 2, BLOCK_SIZE, HEADS, HEAD_DIM, device=device)
     layout = KVLayout.from_kv_cache(kv, "SmolLM2-135M")
     landed: dict[int, float] = {}
     arrived = threading.Condition()
@@ -83,39 +93,43 @@ def _worker(rank: int, port: int, backend: str, sizes: list[int], repeats: int, 
         print(f"transfer {tid} failed: {exc}", flush=True)
         os._exit(1)
 
+    destinations: dict[int, list[int]] = {}  # transfer id -> reserved blocks (rank 0)
+    config = ChannelConfig(device_host="127.0.0.1")
     if rank == 0:
-        server = TransferServer("decode", "127.0.0.1:0", layout, kv, lambda t, n, b: _block_table(n, t + 1),
-                                on_complete, on_error, ChannelConfig(device_host="127.0.0.1"))  # fmt: skip
-        for name in VARIANTS:
-            server.open(name)
+        server = TransferServer("decode", "127.0.0.1:0", layout, kv, lambda t, n, b: destinations[t],
+                                on_complete, on_error, config)  # fmt: skip
+        server.open("prefill")
         store.set("endpoint", str(server.endpoint))
     else:
         endpoint = store.get("endpoint").decode()
-        clients = {name: TransferClient(name, layout, kv, ChannelConfig(device_host="127.0.0.1", layers_per_group=g))
-                   for name, g in VARIANTS.items()}  # fmt: skip
+        client = TransferClient("prefill", layout, kv, config)
 
     tid, samples = 0, {}
     for tokens in sizes:
-        ids, flat = _block_table(tokens, 0), torch.empty(_payload(tokens, layout) // 4, device=device)
-        index = torch.tensor(ids if rank == 1 else _block_table(tokens, 1), device=device)
-        staged = kv.index_select(2, index)
-        for rep in range(repeats + 1):  # repeat 0 warms up and lets every channel join
+        flat = torch.empty(_payload(tokens, layout) // 4, device=device)
+        src = {v: _block_table(tokens, 0, v.endswith("contiguous")) for v in VARIANTS}
+        dst = {v: _block_table(tokens, 1, v.endswith("contiguous")) for v in VARIANTS}
+        index = torch.tensor((src if rank == 1 else dst)["ours-scattered"], device=device)
+        staged = kv.index_select(0, index)
+        for rep in range(repeats + 1):  # repeat 0 warms up and lets the channel join
             for name in [*BASELINES, *VARIANTS] if rep % 2 else [*VARIANTS, *BASELINES]:
                 tid += 1
+                if rank == 0 and name in VARIANTS:
+                    destinations[tid] = dst[name]
                 dist.barrier()
                 if rank == 1:
                     store.set(f"t0/{tid}", str(time.monotonic()))
                     if name == "raw":
                         dist.send(flat, 0)
                     elif name == "naive":
-                        dist.send(torch.index_select(kv, 2, index, out=staged), 0)
+                        dist.send(torch.index_select(kv, 0, index, out=staged), 0)
                     else:
-                        clients[name].send_kv("decode", endpoint, tid, ids, tokens)
+                        client.send_kv("decode", endpoint, tid, src[name], dst[name], tokens)
                     continue
                 if name in BASELINES:
                     dist.recv(flat if name == "raw" else staged, 1)
                     if name == "naive":
-                        kv.index_copy_(2, index, staged)
+                        kv.index_copy_(0, index, staged)
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                     t1 = time.monotonic()
@@ -131,13 +145,12 @@ def _worker(rank: int, port: int, backend: str, sizes: list[int], repeats: int, 
         out.put({key: statistics.median(v) for key, v in samples.items()})
         server.close()
     else:
-        for client in clients.values():
-            client.close()
+        client.close()
     dist.destroy_process_group()
 
 
 def _payload(tokens: int, layout: KVLayout) -> int:
-    return LAYERS * -(-tokens // BLOCK_SIZE) * layout.block_bytes_per_layer
+    return -(-tokens // BLOCK_SIZE) * layout.block_bytes
 
 
 def run(backend: str, sizes: list[int], repeats: int) -> list[Row]:
@@ -165,9 +178,7 @@ def run(backend: str, sizes: list[int], repeats: int) -> list[Row]:
         raw, nbytes = medians[(tokens, "raw")], _payload(tokens, layout)
         for name in [*BASELINES, *VARIANTS]:
             s = medians[(tokens, name)]
-            rows.append(
-                Row(backend, tokens, nbytes / 1e6, name, VARIANTS.get(name), s, nbytes / s / 1e9, raw / s)
-            )
+            rows.append(Row(backend, tokens, nbytes / 1e6, name, s, nbytes / s / 1e9, raw / s))
     return rows
 
 
@@ -229,7 +240,9 @@ def main() -> None:
         prefill = prefill_seconds(
             None if args.prefill_model == "demo" else args.prefill_model, args.tokens, 3
         )
-        ours = {r.tokens: r.median_s for r in rows if r.backend == "gloo" and r.transport == "ours"}
+        ours = {
+            r.tokens: r.median_s for r in rows if r.backend == "gloo" and r.transport == "ours-contiguous"
+        }
         print("\n| prompt tokens | prefill ms (engine) | transfer ms (ours, gloo) | transfer / prefill |")
         print("|---:|---:|---:|---:|")
         for tokens, seconds in prefill.items():

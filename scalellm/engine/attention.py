@@ -1,7 +1,7 @@
 """Attention over the paged KV cache.
 
-The cache of one layer is ``kv[2, num_blocks, block_size, num_kv_heads, head_dim]``. A step's
-tokens arrive flattened, single-token queries (decodes) first, then prefill chunks:
+The cache of one layer is the strided view ``kv[num_blocks, 2, block_size, num_kv_heads,
+head_dim]`` of the block-major engine cache (see model_runner). A step's tokens arrive flattened, single-token queries (decodes) first, then prefill chunks:
 
     tokens   [d0 d1 d2 | p0 p0 p0 p0 | p1 p1]     num_decode_tokens = 3
               decodes    chunk of A    chunk of B
@@ -33,8 +33,10 @@ class PrefillSpan:
 
 @dataclass(frozen=True)
 class AttentionMetadata:
-    slot_mapping: torch.Tensor
-    """[T] cache slot (block * block_size + offset) of each new token."""
+    slot_blocks: torch.Tensor
+    """[T] block id of each new token's cache slot."""
+    slot_offsets: torch.Tensor
+    """[T] its offset inside the block."""
     num_decode_tokens: int
     decode_block_tables: torch.Tensor | None
     """[B, max_blocks] block ids of each decode, padded with 0."""
@@ -49,10 +51,10 @@ def paged_attention(
     """q [T, Hq, D], k and v [T, Hkv, D] (rope applied); writes k, v into the cache and returns
     the attention output [T, Hq * D]."""
     num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    k_cache, v_cache = kv[0], kv[1]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    k_cache, v_cache = kv[:, 0], kv[:, 1]  # [num_blocks, block_size, Hkv, D], strided
+    slots = (meta.slot_blocks, meta.slot_offsets)
+    k_cache.index_put_(slots, k)
+    v_cache.index_put_(slots, v)
 
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
@@ -67,7 +69,7 @@ def paged_attention(
 def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
     """[..., max_blocks] block ids -> [..., Hkv, max_blocks * block_size, D].
 
-    index_select copies whole blocks with memcpy; plain advanced indexing is ~3x slower here."""
+    index_select copies whole blocks (each is contiguous); plain advanced indexing is ~3x slower."""
     *lead, nb = block_table.shape
     _, bs, hkv, d = cache.shape
     blocks = cache.index_select(0, block_table.reshape(-1))

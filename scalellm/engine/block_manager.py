@@ -11,7 +11,9 @@ over all tokens before it, so two requests that share a prefix share its blocks:
 
 A block whose reference count falls to zero goes back on the free list but keeps its hash, so a
 later request can still hit it; it is only forgotten when the free list hands it out again (least
-recently freed first). Free-block accounting is exact: ``num_free_blocks`` counts every block with
+recently freed first). The fresh blocks of one allocation are handed out in ascending order, so a
+prompt that takes back what an earlier request freed gets consecutive ids (one contiguous span of
+the block-major cache). Free-block accounting is exact: ``num_free_blocks`` counts every block with
 no owner, cached or not.
 """
 
@@ -77,8 +79,9 @@ class BlockManager:
         req.block_ids.extend(hits)
         if hits:
             req.num_computed_tokens = req.num_cached_tokens = len(hits) * self.block_size
-        for _ in range(max(num_new, 0)):
-            req.block_ids.append(self._pop_free())
+        # Sorted: blocks freed together come back as an ascending run, which the KV transfer
+        # sends as one contiguous slice of the block-major cache.
+        req.block_ids.extend(sorted(self._pop_free() for _ in range(max(num_new, 0))))
         return True
 
     def free_request(self, req: Request) -> None:

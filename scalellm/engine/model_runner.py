@@ -1,8 +1,11 @@
 """The one place that runs torch: owns the model and the KV cache, turns a scheduled step into
 tensors, runs the forward pass and samples.
 
-The KV cache is a single tensor ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``
-(2 = K, V): the transfer layer ships slices of it between workers.
+The KV cache is one block-major tensor ``[num_blocks, num_layers, 2, block_size, num_kv_heads,
+head_dim]`` (2 = K, V). A block holds every layer's K and V of its tokens in one contiguous
+span, so a run of consecutive block ids is one contiguous slice: the transfer layer puts such runs
+on the wire as they are, with no gather or scatter copy. Each layer sees the strided view
+``kv_cache[:, layer]``.
 """
 
 from __future__ import annotations
@@ -46,9 +49,9 @@ class ModelRunner:
         self.model = load_model(Path(config.model), model_config, self.dtype, self.device, max_model_len)
         self.num_blocks = config.num_kv_blocks or self._blocks_that_fit()
         self.kv_cache = torch.zeros(
+            self.num_blocks,
             model_config.num_layers,
             2,
-            self.num_blocks,
             self.block_size,
             model_config.num_kv_heads,
             model_config.head_dim,
@@ -132,7 +135,10 @@ class ModelRunner:
                 :, None, None, :
             ]
 
-        meta = AttentionMetadata(self._tensor(slots), len(decodes), block_tables, mask, tuple(spans))
+        slot_tensor = self._tensor(slots)
+        meta = AttentionMetadata(
+            slot_tensor // bs, slot_tensor % bs, len(decodes), block_tables, mask, tuple(spans)
+        )
         return StepInputs(
             self._tensor(input_ids), self._tensor(positions), meta, self._tensor(sample_rows), sampling
         )

@@ -86,7 +86,8 @@ class Scheduler:
     def reserve_remote(self, req: Request) -> bool:
         """Decode worker: reserve blocks for the whole prompt before asking a prefill worker for
         its KV. False (nothing changed) when the blocks are not free right now; never
-        over-commits."""
+        over-commits. Blocks found in our own prefix cache come first in ``req.block_ids`` and
+        ``req.num_cached_tokens`` counts them: only the rest needs to travel."""
         if not self.blocks.allocate(req, req.num_tokens, reserve=0):
             return False
         req.num_computed_tokens = 0

@@ -155,7 +155,7 @@ class LlamaForCausalLM(nn.Module):
         """Flattened tokens of one step -> final hidden states [T, hidden]."""
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, self.rotary, kv_cache[i], meta)
+            x = layer(x, positions, self.rotary, kv_cache[:, i], meta)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

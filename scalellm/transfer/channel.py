@@ -12,7 +12,8 @@ from scalellm.transfer.stats import TransferStats
 log = logging.getLogger(__name__)
 
 Resolver = Callable[[int, int, int], list[int] | None]
-"""``resolve(transfer_id, num_tokens, num_blocks)``: destination block ids, or None if cancelled."""
+"""``resolve(transfer_id, num_tokens, num_blocks)``: the destination block ids (the ones the
+prefill worker was told, in the same order), or None if cancelled."""
 CompleteCallback = Callable[[int, TransferStats], None]
 ErrorCallback = Callable[[int, BaseException], None]
 

@@ -57,22 +57,26 @@ class TransferClient:
         decode_id: str,
         endpoint: str | Endpoint,
         transfer_id: int,
-        block_ids: list[int],
+        src_blocks: list[int],
+        dst_blocks: list[int],
         num_tokens: int,
     ) -> Future[TransferStats]:
-        """Queue the KV of ``block_ids`` (first ``num_tokens`` slots) for ``decode_id``."""
-        return self.channel(decode_id, endpoint).submit_kv(transfer_id, self.kv_cache, block_ids, num_tokens)
+        """Queue the KV of ``num_tokens`` tokens in our ``src_blocks`` for ``decode_id``'s
+        ``dst_blocks`` (see :meth:`PrefillChannel.submit_kv`)."""
+        channel = self.channel(decode_id, endpoint)
+        return channel.submit_kv(transfer_id, self.kv_cache, src_blocks, dst_blocks, num_tokens)
 
     def send_kv(
         self,
         decode_id: str,
         endpoint: str | Endpoint,
         transfer_id: int,
-        block_ids: list[int],
+        src_blocks: list[int],
+        dst_blocks: list[int],
         num_tokens: int,
     ) -> TransferStats:
         """Blocking :meth:`submit_kv`; call it from a worker thread."""
-        return self.submit_kv(decode_id, endpoint, transfer_id, block_ids, num_tokens).result()
+        return self.submit_kv(decode_id, endpoint, transfer_id, src_blocks, dst_blocks, num_tokens).result()
 
     def close_channel(self, decode_id: str) -> None:
         with self._lock:

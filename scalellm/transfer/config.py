@@ -18,7 +18,7 @@ class Transport(Enum):
 
 @dataclass(frozen=True)
 class ChannelConfig:
-    """Timeouts and pipelining of a pair channel (same values on both ends is simplest)."""
+    """Timeouts and transport of a pair channel (same values on both ends is simplest)."""
 
     op_timeout_s: float = 30.0
     """Limit of every blocking send/recv; hitting it breaks the channel."""
@@ -26,24 +26,10 @@ class ChannelConfig:
     """Limit of the rendezvous (store connection, epoch wait, process-group construction)."""
     idle_wait_s: float = 600.0
     """How long one idle wait on the control queue lasts before it is simply re-armed."""
-    layers_per_group: int | None = None
-    """Layers per payload message; None: ``group_target_bytes`` per message, at most ``max_groups``."""
-    group_target_bytes: int = 2 << 20
-    """Approximate payload bytes per message when ``layers_per_group`` is None."""
-    max_groups: int = 8
-    """Most messages one transfer's payload is split into (each costs a handshake)."""
-    inflight_bytes: int = 64 << 20
-    """Budget of payload buffers on the wire at once per channel end (at least 2 groups)."""
     transport: Transport | None = None
     """None: NCCL for CUDA caches, gloo otherwise. Gloo with a CUDA cache stages through CPU."""
     device_host: str | None = None
     """Address gloo binds and advertises to the peer; None: gloo's default (hostname lookup)."""
-
-    def __post_init__(self) -> None:
-        if self.max_groups < 1 or self.group_target_bytes < 1 or self.inflight_bytes < 1:
-            raise ValueError("max_groups, group_target_bytes and inflight_bytes must be positive")
-        if self.layers_per_group is not None and self.layers_per_group < 1:
-            raise ValueError("layers_per_group must be >= 1")
 
     @property
     def op_timeout(self) -> timedelta:

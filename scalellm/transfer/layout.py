@@ -11,7 +11,7 @@ import torch
 
 from scalellm.transfer.errors import ProtocolError, TransferError
 
-PROTOCOL_VERSION: Final[int] = 1
+PROTOCOL_VERSION: Final[int] = 2
 """Version of the wire protocol (header layout, control messages, store keys)."""
 
 _DTYPES: Final[dict[str, torch.dtype]] = {
@@ -44,7 +44,8 @@ class LayoutMismatchError(TransferError):
 class KVLayout:
     """Shape-defining facts of a worker's paged KV cache (all but its number of blocks).
 
-    The cache tensor is ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``.
+    The cache tensor is block-major: ``[num_blocks, num_layers, 2, block_size, num_kv_heads,
+    head_dim]``, so that a run of consecutive blocks is one contiguous slice.
     """
 
     model: str
@@ -62,11 +63,12 @@ class KVLayout:
     @classmethod
     def from_kv_cache(cls, kv_cache: torch.Tensor, model: str) -> KVLayout:
         """The layout of an engine KV cache tensor serving ``model``."""
-        if kv_cache.dim() != 6 or kv_cache.shape[1] != 2:
+        if kv_cache.dim() != 6 or kv_cache.shape[2] != 2 or not kv_cache.is_contiguous():
             raise ValueError(
-                f"expected a [layers, 2, blocks, block_size, heads, dim] cache, got {tuple(kv_cache.shape)}"
+                "expected a contiguous [blocks, layers, 2, block_size, heads, dim] cache, got "
+                f"{tuple(kv_cache.shape)}"
             )
-        layers, _, _, block_size, heads, head_dim = kv_cache.shape
+        _, layers, _, block_size, heads, head_dim = kv_cache.shape
         dtype = str(kv_cache.dtype).removeprefix("torch.")
         return cls(model, dtype, layers, heads, head_dim, block_size)
 
@@ -75,10 +77,10 @@ class KVLayout:
         return _DTYPES[self.dtype]
 
     @property
-    def block_bytes_per_layer(self) -> int:
-        """Bytes of K and V of one block in one layer."""
+    def block_bytes(self) -> int:
+        """Bytes of one block: K and V of ``block_size`` tokens in every layer."""
         item = torch.empty((), dtype=self.torch_dtype).element_size()
-        return 2 * self.block_size * self.num_kv_heads * self.head_dim * item
+        return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim * item
 
     def diff(self, peer: KVLayout) -> tuple[FieldDiff, ...]:
         """Every field that differs, in declaration order."""

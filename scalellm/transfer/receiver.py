@@ -33,8 +33,8 @@ from scalellm.transfer.rendezvous import (
     push,
 )
 from scalellm.transfer.stats import TransferCounters, TransferStats
-from scalellm.transfer.stream import recv_header, recv_payload
-from scalellm.transfer.wire import HEADER_BYTES, Blocks, BufferPool, Header
+from scalellm.transfer.stream import recv_header, recv_payload, recv_table
+from scalellm.transfer.wire import BufferPool, Header, check_block_ids, runs_match, wire_bytes
 
 log = logging.getLogger(__name__)
 
@@ -202,10 +202,11 @@ class DecodeChannel:
         start = time.perf_counter()
         try:
             header = recv_header(group)
-            header.validate(side.layout, self._seq, transfer_id, side.kv_cache.shape[2])
+            header.validate(side.layout, self._seq, transfer_id, side.kv_cache.shape[0])
             self._seq += 1
-            blocks, problem = self._resolve(header)
-            recv_payload(group, header, side.layout, side.kv_cache, blocks, pool, side.config)
+            runs = recv_table(group, header)
+            blocks, problem = self._resolve(header, runs)
+            recv_payload(group, runs, side.kv_cache, pool, land=blocks is not None)
         except (TransferError, RuntimeError) as exc:
             error = as_transfer_error(exc, f"KV transfer {transfer_id} from {self.prefill_id} failed")
             side.counters.record_failure()
@@ -215,7 +216,7 @@ class DecodeChannel:
             transfer_id,
             header.num_tokens,
             header.num_blocks,
-            HEADER_BYTES + header.payload_bytes,
+            wire_bytes(header),
             time.perf_counter() - start,
         )
         if problem is not None:
@@ -227,11 +228,21 @@ class DecodeChannel:
             side.counters.record(stats)
             side.callbacks.complete(transfer_id, stats)
 
-    def _resolve(self, header: Header) -> tuple[Blocks | None, Exception | None]:
-        """Destination blocks, None to discard (cancelled), or the resolver's failure."""
+    def _resolve(
+        self, header: Header, runs: list[tuple[int, int]]
+    ) -> tuple[list[int] | None, Exception | None]:
+        """Destination blocks, None to discard (cancelled), or why they cannot take the payload."""
         try:
             ids = self._side.callbacks.resolve(header.transfer_id, header.num_tokens, header.num_blocks)
-            return (None if ids is None else Blocks.build(ids, header.num_tokens, self._side.kv_cache)), None
+            if ids is None:
+                return None, None
+            cache = self._side.kv_cache
+            check_block_ids(ids, header.num_tokens, self._side.layout.block_size, cache.shape[0])
+            if not runs_match(runs, ids):
+                raise ValueError(
+                    f"the sender's segments {runs} do not lay out the reserved blocks {list(ids)}"
+                )
+            return list(ids), None
         except Exception as exc:
             log.warning("resolve(%d) failed, discarding its KV: %s", header.transfer_id, exc)
             return None, exc

@@ -19,7 +19,7 @@ from scalellm.transfer.link import PrefillRendezvous
 from scalellm.transfer.rendezvous import Control, ControlMessage, Endpoint, PairKeys, push
 from scalellm.transfer.stats import TransferCounters, TransferStats
 from scalellm.transfer.stream import send_transfer
-from scalellm.transfer.wire import HEADER_BYTES, Blocks, Header, choose_layers_per_group, payload_bytes
+from scalellm.transfer.wire import Header, Segment, check_block_ids, plan_segments, wire_bytes
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 class _Job:
     transfer_id: int
     kv_cache: torch.Tensor
-    block_ids: list[int]
+    src_blocks: list[int]
+    dst_blocks: list[int]
     num_tokens: int
     future: Future[TransferStats] = field(default_factory=Future)
 
@@ -50,10 +51,13 @@ class PrefillChannel:
         self.state = ChannelState.CONNECTING
 
     def submit_kv(
-        self, transfer_id: int, kv_cache: torch.Tensor, block_ids: list[int], num_tokens: int
-    ) -> Future[TransferStats]:
-        """Queue a transfer. The blocks must stay untouched until the future resolves."""
-        job = _Job(transfer_id, kv_cache, list(block_ids), num_tokens)
+        self, transfer_id: int, kv_cache: torch.Tensor, src_blocks: list[int], dst_blocks: list[int],
+        num_tokens: int,
+    ) -> Future[TransferStats]:  # fmt: skip
+        """Queue a transfer of ``num_tokens`` tokens' KV from our ``src_blocks`` into the decode
+        worker's ``dst_blocks`` (same length, in token order). The source blocks must stay
+        untouched until the future resolves."""
+        job = _Job(transfer_id, kv_cache, list(src_blocks), list(dst_blocks), num_tokens)
         with self._cond:
             if self._closed:
                 raise ChannelClosedError(f"channel to {self.keys.decode_id} is closed")
@@ -66,10 +70,11 @@ class PrefillChannel:
         return job.future
 
     def send_kv(
-        self, transfer_id: int, kv_cache: torch.Tensor, block_ids: list[int], num_tokens: int
-    ) -> TransferStats:
+        self, transfer_id: int, kv_cache: torch.Tensor, src_blocks: list[int], dst_blocks: list[int],
+        num_tokens: int,
+    ) -> TransferStats:  # fmt: skip
         """Blocking :meth:`submit_kv` (call it from a worker thread, never an event loop)."""
-        return self.submit_kv(transfer_id, kv_cache, block_ids, num_tokens).result()
+        return self.submit_kv(transfer_id, kv_cache, src_blocks, dst_blocks, num_tokens).result()
 
     def close(self, timeout: float | None = None) -> None:
         """Finish the transfer in flight, fail queued ones, tell the decode side, drop the link."""
@@ -91,15 +96,9 @@ class PrefillChannel:
             if not job.future.set_running_or_notify_cancel():
                 continue
             try:
-                self._layout.check_cache(job.kv_cache)
-                if job.kv_cache.device != self._device:
-                    raise ValueError(f"kv_cache is on {job.kv_cache.device}, the channel on {self._device}")
-                blocks = Blocks.build(job.block_ids, job.num_tokens, job.kv_cache)
+                job.future.set_result(self._send(job))
             except ValueError as exc:  # a bad request, not a broken channel
                 job.future.set_exception(exc)
-                continue
-            try:
-                job.future.set_result(self._send(job, blocks))
             except (TransferError, RuntimeError) as exc:
                 error = as_transfer_error(
                     exc, f"KV transfer {job.transfer_id} to {self.keys.decode_id} failed"
@@ -124,21 +123,43 @@ class PrefillChannel:
             if not job.future.done():
                 job.future.set_exception(exc)
 
-    def _send(self, job: _Job, blocks: Blocks) -> TransferStats:
+    def _send(self, job: _Job) -> TransferStats:
+        self._layout.check_cache(job.kv_cache)
+        if job.kv_cache.device != self._device:
+            raise ValueError(f"kv_cache is on {job.kv_cache.device}, the channel on {self._device}")
+        # Join (and compare layouts) before judging the block ids: a peer with another block size
+        # sends block counts that look wrong, and the layout mismatch is the error that explains it.
         link = self._rendezvous.link()
         self.state = ChannelState.READY
+        segments = _plan(job, self._layout.block_size)
         start = time.perf_counter()
         push(link.store, ControlMessage(Control.SEND, job.transfer_id))
-        num_blocks = len(blocks.ids)
-        per_group = choose_layers_per_group(self._layout, num_blocks, self._config)
-        nbytes = payload_bytes(self._layout, num_blocks)
+        num_blocks = len(job.src_blocks)
+        nbytes = num_blocks * self._layout.block_bytes
         header = Header(
-            link.seq, job.transfer_id, job.num_tokens, num_blocks, self._layout.num_layers, per_group, nbytes
+            link.seq,
+            job.transfer_id,
+            job.num_tokens,
+            num_blocks,
+            self._layout.num_layers,
+            len(segments),
+            nbytes,
         )
         link.seq += 1
-        send_transfer(link.group, header, self._layout, job.kv_cache, blocks, link.pool, self._config)
+        send_transfer(link.group, header, segments, job.kv_cache, link.pool)
         stats = TransferStats(
-            job.transfer_id, job.num_tokens, num_blocks, HEADER_BYTES + nbytes, time.perf_counter() - start
+            job.transfer_id, job.num_tokens, num_blocks, wire_bytes(header), time.perf_counter() - start
         )
         self._counters.record(stats)
         return stats
+
+
+def _plan(job: _Job, block_size: int) -> list[Segment]:
+    """Validate the job's block ids and cut them into segments; ``ValueError`` if they are bad."""
+    check_block_ids(job.src_blocks, job.num_tokens, block_size, job.kv_cache.shape[0])
+    if len(job.dst_blocks) != len(job.src_blocks):
+        raise ValueError(f"{len(job.dst_blocks)} destination blocks for {len(job.src_blocks)} source blocks")
+    check_block_ids(
+        job.dst_blocks, job.num_tokens, block_size, capacity=2**62
+    )  # the receiver checks the range
+    return plan_segments(job.src_blocks, job.dst_blocks)

@@ -1,41 +1,49 @@
-"""The data path of one transfer: header, then layer groups pipelined on the wire.
+"""The data path of one transfer: header, segment table, then one message per segment.
 
-The sender gathers group i+1 while group i is in flight; the receiver keeps ``inflight`` receives
-posted and scatters group i while later groups arrive. Each end sizes its own buffer depth
-(``ChannelConfig.inflight_bytes``).
+Zero-copy when the transport works on the cache's own device (gloo with a CPU cache, NCCL with a
+CUDA cache): a segment is the slice ``kv_cache[start:start + count]`` of the block-major cache, sent
+from and received into as is, with up to ``WINDOW`` messages posted at once. Gloo with a CUDA
+cache stages each segment through a pinned CPU buffer, one at a time.
 """
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Sequence
+from typing import Final
+
 import torch
 import torch.distributed as dist
 
-from scalellm.transfer.config import ChannelConfig
 from scalellm.transfer.group import PairGroup
-from scalellm.transfer.layout import KVLayout
-from scalellm.transfer.wire import HEADER_WORDS, Blocks, BufferPool, Header, gather, inflight_groups, scatter
+from scalellm.transfer.wire import (
+    HEADER_WORDS,
+    BufferPool,
+    Header,
+    Segment,
+    table_from_tensor,
+    table_to_tensor,
+)
+
+WINDOW: Final[int] = 32
+"""Most payload messages posted at once per side."""
 
 
 def send_transfer(
-    group: PairGroup, header: Header, layout: KVLayout, kv_cache: torch.Tensor, blocks: Blocks, pool: BufferPool,
-    config: ChannelConfig,
-) -> None:  # fmt: skip
+    group: PairGroup, header: Header, segments: Sequence[Segment], kv_cache: torch.Tensor, pool: BufferPool
+) -> None:
     """Put one transfer on the wire; returns once every byte was handed to the transport."""
-    header_work = group.send(header.to_tensor(group.wire_device))
-    spans = header.groups
-    buffers = _buffers(pool, layout, header, config)
-    pending: list[dist.Work | None] = [None] * len(buffers)
-    for i, (l0, l1) in enumerate(spans):
-        slot = i % len(buffers)
-        if (work := pending[slot]) is not None:
-            group.wait(work)
-        out = buffers[slot][: l1 - l0]
-        gather(kv_cache, l0, l1, blocks, out)
-        pending[slot] = group.send(out)
-    group.wait(header_work)
-    for work in pending:
-        if work is not None:
-            group.wait(work)
+    works = deque([group.send(header.to_tensor(group.wire_device))])
+    works.append(group.send(table_to_tensor(segments, group.wire_device)))
+    staged = group.wire_device != kv_cache.device
+    for seg in segments:
+        span = kv_cache[seg.src : seg.src + seg.count]
+        if staged:
+            _drain(group, works, 0)  # one staging buffer: the previous segment must be out
+            span = pool.get(span).copy_(span)
+        works.append(group.send(span))
+        _drain(group, works, WINDOW)
+    _drain(group, works, 0)
 
 
 def recv_header(group: PairGroup) -> Header:
@@ -45,31 +53,36 @@ def recv_header(group: PairGroup) -> Header:
     return Header.from_tensor(raw)
 
 
+def recv_table(group: PairGroup, header: Header) -> list[tuple[int, int]]:
+    """Receive the segment table that follows ``header``: ``(dst_start, count)`` pairs."""
+    raw = torch.empty(header.num_segments, 2, dtype=torch.int64, device=group.wire_device)
+    group.wait(group.recv(raw))
+    return table_from_tensor(raw, header.num_blocks)
+
+
 def recv_payload(
-    group: PairGroup, header: Header, layout: KVLayout, kv_cache: torch.Tensor, blocks: Blocks | None,
-    pool: BufferPool, config: ChannelConfig,
-) -> None:  # fmt: skip
-    """Receive the payload of ``header``; land it in ``blocks``, or discard it when None."""
-    spans = header.groups
-    buffers = _buffers(pool, layout, header, config)
-    posted: dict[int, dist.Work] = {}
-
-    def post(i: int) -> None:
-        l0, l1 = spans[i]
-        posted[i] = group.recv(buffers[i % len(buffers)][: l1 - l0])
-
-    for i in range(len(buffers)):
-        post(i)
-    for i, (l0, l1) in enumerate(spans):
-        group.wait(posted.pop(i))
-        if blocks is not None:
-            scatter(kv_cache, l0, l1, blocks, buffers[i % len(buffers)][: l1 - l0])
-        if i + len(buffers) < len(spans):
-            post(i + len(buffers))
-    if kv_cache.is_cuda:
+    group: PairGroup, runs: Sequence[tuple[int, int]], kv_cache: torch.Tensor, pool: BufferPool, land: bool
+) -> None:
+    """Receive one message per run into ``kv_cache[dst:dst + count]``, or drain it when not ``land``."""
+    staged = group.wire_device != kv_cache.device
+    works: deque[dist.Work] = deque()
+    for dst, count in runs:
+        span = kv_cache[dst : dst + count]
+        if not land or staged:
+            _drain(group, works, 0)  # one pool buffer: the previous message must be in
+            buffer = pool.get(span)
+            group.wait(group.recv(buffer))
+            if land:
+                span.copy_(buffer)
+            continue
+        works.append(group.recv(span))
+        _drain(group, works, WINDOW)
+    _drain(group, works, 0)
+    if land and kv_cache.is_cuda:
         torch.cuda.current_stream(kv_cache.device).synchronize()
 
 
-def _buffers(pool: BufferPool, layout: KVLayout, header: Header, config: ChannelConfig) -> list[torch.Tensor]:
-    count = min(inflight_groups(header, layout, config), len(header.groups))
-    return [pool.get(slot, layout, header.layers_per_group, header.num_blocks) for slot in range(count)]
+def _drain(group: PairGroup, works: deque[dist.Work], keep: int) -> None:
+    """Wait for the oldest posted messages until at most ``keep`` remain."""
+    while len(works) > keep:
+        group.wait(works.popleft())

@@ -60,14 +60,18 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., destination: _Optional[_Union[KVDestination, _Mapping]] = ..., prefill_worker_id: _Optional[str] = ...) -> None: ...
 
 class KVDestination(_message.Message):
-    __slots__ = ("decode_worker_id", "transfer_endpoint", "transfer_id")
+    __slots__ = ("decode_worker_id", "transfer_endpoint", "transfer_id", "skip_blocks", "block_ids")
     DECODE_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    SKIP_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     decode_worker_id: str
     transfer_endpoint: str
     transfer_id: int
-    def __init__(self, decode_worker_id: _Optional[str] = ..., transfer_endpoint: _Optional[str] = ..., transfer_id: _Optional[int] = ...) -> None: ...
+    skip_blocks: int
+    block_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, decode_worker_id: _Optional[str] = ..., transfer_endpoint: _Optional[str] = ..., transfer_id: _Optional[int] = ..., skip_blocks: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("first_token_id", "first_token_logprobs", "cached_prompt_tokens", "queue_seconds", "prefill_seconds", "transfer_seconds", "transfer_bytes")

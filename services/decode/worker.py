@@ -211,9 +211,11 @@ class DecodeWorker:
         """Ask each target in turn; None when all failed and the fallback is to recompute here."""
         assert self.transfer is not None and self.pending is not None
         errors: list[str] = []
+        skip = req.num_cached_tokens // self.host.engine.block_size  # our own prefix-cache hits
+        blocks = req.block_ids[skip:]
         for target in targets:
             transfer_id = next(self._transfer_ids)
-            landed = self.pending.expect(transfer_id, req.block_ids)
+            landed = self.pending.expect(transfer_id, blocks)
             try:
                 self.transfer.open(target.worker_id)
                 started = time.monotonic()
@@ -228,6 +230,8 @@ class DecodeWorker:
                             decode_worker_id=self.config.worker_id,
                             transfer_endpoint=self.transfer_endpoint,
                             transfer_id=transfer_id,
+                            skip_blocks=skip,
+                            block_ids=blocks,
                         ),
                     ),
                     timeout=self.config.prefill_timeout_s,

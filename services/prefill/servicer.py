@@ -29,7 +29,13 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             list(request.prompt_token_ids),
             sampling_from_proto(request.sampling),
             request.priority,
-            KVTarget(dest.decode_worker_id, dest.transfer_endpoint, dest.transfer_id),
+            KVTarget(
+                dest.decode_worker_id,
+                dest.transfer_endpoint,
+                dest.transfer_id,
+                dest.skip_blocks,
+                tuple(dest.block_ids),
+            ),
         )
         reply = worker_pb2.PrefillResponse(
             first_token_id=result.first_token_id,

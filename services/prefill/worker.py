@@ -27,9 +27,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class KVTarget:
+    """Where a prompt's KV goes: the decode worker's reserved blocks for prompt blocks
+    ``skip_blocks ..`` (it holds the first ``skip_blocks`` already)."""
+
     decode_worker_id: str
     transfer_endpoint: str
     transfer_id: int
+    skip_blocks: int
+    block_ids: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,11 @@ class PrefillWorker:
         # The same request id may come from two decode workers: qualify it.
         rid = f"{target.decode_worker_id}/{request_id}/{target.transfer_id}"
         req = self.host.engine.make_request(rid, prompt_token_ids, params, priority)
+        if not target.block_ids or target.skip_blocks * self.host.engine.block_size >= req.num_prompt_tokens:
+            raise ValueError(
+                f"destination.block_ids is empty or skip_blocks={target.skip_blocks} skips the whole "
+                f"{req.num_prompt_tokens}-token prompt"
+            )  # their exact count is checked by the channel, after it has compared KV layouts
         req.max_tokens = 1
         req.keep_blocks = True
         self.in_flight += 1
@@ -103,9 +113,11 @@ class PrefillWorker:
 
         try:
             assert self.client is not None
+            skip = target.skip_blocks
             future = self.client.submit_kv(
-                target.decode_worker_id, target.transfer_endpoint, target.transfer_id, req.block_ids,
-                req.num_prompt_tokens,
+                target.decode_worker_id, target.transfer_endpoint, target.transfer_id,
+                req.block_ids[skip : skip + len(target.block_ids)], list(target.block_ids),
+                req.num_prompt_tokens - skip * self.host.engine.block_size,
             )  # fmt: skip
         except Exception as exc:
             release()
@@ -114,6 +126,9 @@ class PrefillWorker:
         future.add_done_callback(release)
         try:
             stats = await asyncio.wrap_future(future)
+        except ValueError as exc:  # destination blocks that do not fit the prompt
+            self.metrics.transfer_failures.inc()
+            raise ValueError(f"bad destination: {exc}") from exc
         except Exception as exc:
             self.metrics.transfer_failures.inc()
             raise Unavailable(f"KV transfer to {target.decode_worker_id} failed: {exc}") from exc

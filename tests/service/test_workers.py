@@ -146,6 +146,26 @@ async def test_seeded_sampling_matches_across_the_split(disagg: Mesh, colocated:
     assert local[0][0] == remote[0][0]
 
 
+async def test_blocks_the_decode_worker_has_cached_are_not_sent(disagg: Mesh) -> None:
+    """A prompt whose head is in the decode worker's own prefix cache: only the tail travels, and
+    the output equals the one computed from a full transfer."""
+    rng = random.Random(11)
+    prompt, block_size = [rng.randrange(100, 49000) for _ in range(90)], 16  # a prompt no test sent
+    [(first, last_first)] = await _generate(
+        disagg.decode.address, [_request("cache-1", prompt, 8, disagg.targets)]
+    )
+    [(again, last_again)] = await _generate(
+        disagg.decode.address, [_request("cache-2", prompt, 8, disagg.targets)]
+    )
+    assert first == again
+    blocks = -(-len(prompt) // block_size)
+    cached = (len(prompt) - 1) // block_size  # the last block is always sent
+    sent_first, sent_again = last_first.timings.transfer_bytes, last_again.timings.transfer_bytes
+    assert 0 < sent_again < sent_first  # bytes include a small header and segment table
+    assert round(sent_first / (sent_again / (blocks - cached))) == blocks
+    await _wait_all_blocks_free(disagg.decode)
+
+
 async def test_bad_requests_are_invalid_argument(disagg: Mesh) -> None:
     bad = [
         _request("r1", [1, 2, 10**6], 4, disagg.targets),

@@ -99,3 +99,15 @@ def test_caching_disabled() -> None:
 def test_rejects_nonsense_sizes() -> None:
     with pytest.raises(ValueError):
         BlockManager(0, 16)
+
+
+def test_blocks_freed_together_come_back_as_an_ascending_run() -> None:
+    """The KV transfer sends a run of consecutive ids as one slice, so allocation keeps runs whole."""
+    bm = BlockManager(num_blocks=12, block_size=4)
+    a, b = _req("a", list(range(16))), _req("b", list(range(100, 132)))
+    assert bm.allocate(a, a.num_tokens) and bm.allocate(b, b.num_tokens)
+    assert a.block_ids == [0, 1, 2, 3] and b.block_ids == list(range(4, 12))
+    bm.free_request(a)  # freed tail first: 3, 2, 1, 0 on the free list
+    c = _req("c", list(range(200, 216)))
+    assert bm.allocate(c, c.num_tokens)
+    assert c.block_ids == [0, 1, 2, 3]

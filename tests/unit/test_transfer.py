@@ -35,16 +35,18 @@ from scalellm.transfer.rendezvous import (
     PairKeys,
     push,
 )
-from scalellm.transfer.wire import Header
+from scalellm.transfer.wire import Header, Segment, plan_segments
 
 LAYERS, BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM = 6, 48, 4, 2, 8
-CONFIG = ChannelConfig(op_timeout_s=5, connect_timeout_s=10, layers_per_group=2, device_host="127.0.0.1")
-Transfer = tuple[int, tuple[int, ...], int]  # transfer id, source block ids, num tokens
+CONFIG = ChannelConfig(op_timeout_s=5, connect_timeout_s=10, device_host="127.0.0.1")
+Transfer = tuple[
+    int, tuple[int, ...], tuple[int, ...], int
+]  # transfer id, source / destination blocks, tokens
 
 
 def make_cache(seed: int, block_size: int = BLOCK_SIZE, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    shape = (LAYERS, 2, BLOCKS, block_size, HEADS, HEAD_DIM)
+    shape = (BLOCKS, LAYERS, 2, block_size, HEADS, HEAD_DIM)
     return torch.randn(shape, generator=gen).to(dtype)
 
 
@@ -164,15 +166,16 @@ def send(
 
 
 def expect_landed(decode: Decode, before: torch.Tensor, src: torch.Tensor, landed: list[Transfer]) -> None:
-    """Exactly the first num_tokens slots of each reserved block table changed, to the sent KV."""
+    """Exactly the reserved blocks changed, each to its source block (whole blocks travel)."""
     expected = before.clone()
-    for tid, src_ids, tokens in landed:
-        dst_ids = decode.reserved[tid]
-        assert dst_ids is not None
-        for i, (s, d) in enumerate(zip(src_ids, dst_ids, strict=True)):
-            n = min(BLOCK_SIZE, tokens - i * BLOCK_SIZE)
-            expected[:, :, d, :n] = src[:, :, s, :n]
+    for _, src_ids, dst_ids, _ in landed:
+        for s, d in zip(src_ids, dst_ids, strict=True):
+            expected[d] = src[s]
     assert torch.equal(decode.cache, expected)
+
+
+def reserve(decode: Decode, transfers: list[Transfer]) -> None:
+    decode.reserved = {tid: list(dst) for tid, _, dst, _ in transfers}
 
 
 # ---- tests -----------------------------------------------------------------------------------
@@ -192,10 +195,10 @@ def test_layout_diff_names_every_field() -> None:
 
 def test_header_roundtrip_and_garbage() -> None:
     layout = KVLayout.from_kv_cache(make_cache(0), "tiny")
-    header = Header(seq=3, transfer_id=2**62, num_tokens=9, num_blocks=3, num_layers=LAYERS, layers_per_group=4,
-                    payload_bytes=LAYERS * 3 * layout.block_bytes_per_layer)  # fmt: skip
+    header = Header(seq=3, transfer_id=2**62, num_tokens=9, num_blocks=3, num_layers=LAYERS, num_segments=2,
+                    payload_bytes=3 * layout.block_bytes)  # fmt: skip
     decoded = Header.from_tensor(header.to_tensor(torch.device("cpu")))
-    assert decoded == header and decoded.groups == [(0, 4), (4, 6)]
+    assert decoded == header
     decoded.validate(layout, seq=3, transfer_id=2**62, capacity=BLOCKS)
     with pytest.raises(ProtocolError, match="seq 3 != expected 4"):
         decoded.validate(layout, seq=4, transfer_id=2**62, capacity=BLOCKS)
@@ -203,29 +206,41 @@ def test_header_roundtrip_and_garbage() -> None:
         Header.from_tensor(torch.arange(16))
 
 
+def test_segments_are_runs_consecutive_on_both_sides() -> None:
+    assert plan_segments([7, 8, 9, 3, 4, 5], [20, 21, 22, 23, 30, 31]) == [
+        Segment(7, 20, 3),
+        Segment(3, 23, 1),
+        Segment(4, 30, 2),
+    ]
+    assert plan_segments(list(range(10, 18)), list(range(0, 8))) == [Segment(10, 0, 8)]
+    assert plan_segments([5, 4], [1, 2]) == [Segment(5, 1, 1), Segment(4, 2, 1)]  # descending is no run
+
+
 def test_transfers_land_exactly_in_reserved_blocks_in_fifo_order(prefill: Prefill, decode: Decode) -> None:
     transfers: list[Transfer] = [
-        (11, (3,), 1),
-        (12, (7,), 4),
-        (13, (0, 9, 5, 40, 8), 17),
-        (-5, (20, 21, 30), 10),
+        (11, (3,), (47,), 1),
+        (12, (7,), (2,), 4),
+        (13, (0, 9, 5, 40, 8), (10, 1, 33, 4, 12), 17),  # no run anywhere: five messages
+        (-5, (20, 21, 22, 30), (40, 41, 42, 43), 14),  # two runs: (20..22 -> 40..42), (30 -> 43)
+        (14, tuple(range(24, 36)), tuple(range(13, 25)), 48),  # one run: one message
     ]
-    decode.reserved = {11: [47], 12: [2], 13: [10, 1, 33, 4, 12], -5: [46, 0, 45]}
+    reserve(decode, transfers)
     before = decode.cache.clone()
     decode.server.open("prefill-a")
-    assert send(prefill, decode, "prefill-a", transfers) == [("ok", "")] * 4
+    assert send(prefill, decode, "prefill-a", transfers) == [("ok", "")] * len(transfers)
     events = [decode.next_event() for _ in transfers]
     assert [(kind, tid) for kind, tid, _ in events] == [("done", t[0]) for t in transfers]
     stats = events[2][2]
     assert isinstance(stats, TransferStats) and stats.num_tokens == 17 and stats.num_blocks == 5
     expect_landed(decode, before, make_cache(prefill.seed), transfers)
     snap = decode.server.counters.snapshot()
-    assert (snap.transfers, snap.failures) == (4, 0) and snap.bytes > 0
+    assert (snap.transfers, snap.failures) == (len(transfers), 0) and snap.bytes > 0
 
 
 def test_cancelled_transfer_is_drained_and_channel_stays_usable(prefill: Prefill, decode: Decode) -> None:
-    transfers: list[Transfer] = [(1, (1, 2), 8), (2, (3, 4, 5), 9), (3, (6,), 3)]
-    decode.reserved = {1: [5, 6], 2: None, 3: [7]}
+    transfers: list[Transfer] = [(1, (1, 2), (5, 6), 8), (2, (3, 4, 5), (7, 8, 9), 9), (3, (6,), (7,), 3)]
+    reserve(decode, transfers)
+    decode.reserved[2] = None
     before = decode.cache.clone()
     decode.server.open("prefill-b")
     assert send(prefill, decode, "prefill-b", transfers) == [("ok", "")] * 3
@@ -234,9 +249,22 @@ def test_cancelled_transfer_is_drained_and_channel_stays_usable(prefill: Prefill
     assert decode.server.counters.snapshot().cancelled == 1
 
 
+def test_destination_other_than_reserved_is_refused_and_drained(prefill: Prefill, decode: Decode) -> None:
+    """A sender told other blocks than the ones reserved must not write anywhere."""
+    transfers: list[Transfer] = [(1, (1, 2), (5, 6), 8), (2, (3,), (9,), 2)]
+    decode.reserved = {1: [6, 5], 2: [9]}
+    before = decode.cache.clone()
+    decode.server.open("prefill-w")
+    assert send(prefill, decode, "prefill-w", transfers) == [("ok", "")] * 2
+    kind, tid, exc = decode.next_event()
+    assert (kind, tid) == ("error", 1) and "do not lay out the reserved blocks" in str(exc)
+    assert decode.next_event()[:2] == ("done", 2)
+    expect_landed(decode, before, make_cache(prefill.seed), [transfers[1]])
+
+
 def test_layout_mismatch_is_refused_on_both_sides(prefill: Prefill, decode: Decode) -> None:
     channel = decode.server.open("prefill-c")
-    [(kind, message)] = send(prefill, decode, "prefill-c", [(1, (0,), 2)], block_size=8)
+    [(kind, message)] = send(prefill, decode, "prefill-c", [(1, (0,), (0,), 2)], block_size=8)
     assert kind == "LayoutMismatchError" and "block_size: local=8 decode worker decode-0=4" in message
     with pytest.raises(LayoutMismatchError, match="block_size: local=4 prefill worker prefill-c=8"):
         channel.wait_ready(10)
@@ -254,7 +282,14 @@ def test_killed_sender_fails_the_transfer_and_a_new_epoch_works(prefill: Prefill
     decode.on_resolve = kill_victim
     decode.reserved = {1: list(range(12)), 2: [20, 21]}
     first = decode.server.open("prefill-v")
-    victim.send(Send("prefill-v", "decode-0", str(decode.server.endpoint), ((1, tuple(range(12)), 48),)))
+    victim.send(
+        Send(
+            "prefill-v",
+            "decode-0",
+            str(decode.server.endpoint),
+            ((1, tuple(range(12)), tuple(range(12)), 48),),
+        )
+    )
     start = time.monotonic()
     kind, tid, exc = decode.next_event(timeout=CONFIG.connect_timeout_s + CONFIG.op_timeout_s)
     assert (kind, tid) == ("error", 1), exc
@@ -265,9 +300,9 @@ def test_killed_sender_fails_the_transfer_and_a_new_epoch_works(prefill: Prefill
     second = decode.server.open("prefill-v")
     assert second.epoch == first.epoch + 1
     before = decode.cache.clone()
-    assert send(prefill, decode, "prefill-v", [(2, (1, 2), 5)]) == [("ok", "")]
+    assert send(prefill, decode, "prefill-v", [(2, (1, 2), (20, 21), 5)]) == [("ok", "")]
     assert decode.next_event()[:2] == ("done", 2)
-    expect_landed(decode, before, make_cache(prefill.seed), [(2, (1, 2), 5)])
+    expect_landed(decode, before, make_cache(prefill.seed), [(2, (1, 2), (20, 21), 5)])
 
 
 def _open_fds() -> int:
@@ -279,7 +314,7 @@ def test_close_releases_threads_sockets_and_port(prefill: Prefill) -> None:
     for cycle in range(2):  # the first cycle may start gloo's process-wide event loop
         decode = Decode(reserved={1: [3], 2: [4]})
         decode.server.open("prefill-d")
-        assert send(prefill, decode, "prefill-d", [(1, (0,), 1)]) == [("ok", "")]
+        assert send(prefill, decode, "prefill-d", [(1, (0,), (3,), 1)]) == [("ok", "")]
         assert decode.next_event()[:2] == ("done", 1)
         endpoint = decode.server.endpoint
         decode.server.close()
@@ -289,7 +324,7 @@ def test_close_releases_threads_sockets_and_port(prefill: Prefill) -> None:
         fds.append(_open_fds())
         if cycle == 0:  # the prefill side notices at its next send, at once
             start = time.monotonic()
-            [(kind, message)] = send(prefill, decode, "prefill-d", [(2, (0,), 1)])
+            [(kind, message)] = send(prefill, decode, "prefill-d", [(2, (0,), (4,), 1)])
             assert kind == "ChannelBrokenError", message
             assert time.monotonic() - start < CONFIG.op_timeout_s
     assert fds[0] == fds[1]
@@ -306,9 +341,9 @@ def test_restarted_prefill_process_gets_a_fresh_epoch(decode: Decode) -> None:
         TransferClient("prefill-r", layout, src, CONFIG),
     )
     try:
-        old.send_kv("decode-0", decode.server.endpoint, 1, [0], 2)
+        old.send_kv("decode-0", decode.server.endpoint, 1, [0], [3], 2)
         assert decode.next_event()[:2] == ("done", 1)
-        new.send_kv("decode-0", decode.server.endpoint, 2, [1], 2)  # "old" never closed: it died
+        new.send_kv("decode-0", decode.server.endpoint, 2, [1], [4], 2)  # "old" never closed: it died
         assert decode.next_event()[:2] == ("done", 2)
         assert decode.server.channel("prefill-r").epoch == first.epoch + 1
         assert first.state is ChannelState.BROKEN
