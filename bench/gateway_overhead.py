@@ -9,9 +9,26 @@ ignore_eos) three ways, interleaved round by round so that drift hits them alike
   gateway-grpc  gRPC Gateway.Generate on the gateway
   gateway-http  POST /v1/completions with "stream": true (SSE) on the gateway
 
-and reports TTFT and end-to-end latency (p50, p99) and the ratio of each gateway path to direct.
+and reports TTFT and end-to-end latency (p50, p99), each gateway path's difference to direct at
+p50 and p99, and the gateway's own time per request: the `gateway` timing it returns with every
+answer (routing and dispatch plus its processing of each worker message), p50 and p99.
 
-    python bench/gateway_overhead.py [--concurrency 1 8 32 64] [--requests 64] [--max-tokens 16]
+Two ways of loading it:
+
+  --mode burst   (default) each round sends max(--requests, concurrency) requests with
+                 `concurrency` streams open: at 64 streams the first 64 arrive at once, so the
+                 median request waits behind the others' tokenization and dispatch.
+  --mode steady  closed loop: each of the `concurrency` streams sends --warmup requests that are
+                 not counted, then --requests counted ones, each as soon as its previous one
+                 ended (concurrency x --requests samples per path, level and round).
+
+--model tiny serves a tiny random Llama (3 layers, width 64) with the demo model's tokenizer and
+vocabulary, built once into the model cache: a step takes milliseconds even on a CPU, so tokens
+come at a GPU-like rate (which loads the gateway harder than a real model on a CPU does) and the
+model's run-to-run spread no longer hides milliseconds.
+
+    python bench/gateway_overhead.py [--model tiny|FOLDER] [--mode burst|steady]
+        [--concurrency 1 8 32 64] [--requests 32] [--warmup 4] [--rounds 2] [--max-tokens 16]
 """
 
 from __future__ import annotations
@@ -21,6 +38,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import socket
 import statistics
 import subprocess
@@ -38,8 +56,41 @@ sys.path.insert(0, str(ROOT))
 
 from scalellm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, worker_pb2, worker_pb2_grpc  # noqa: E402
 
-Sample = tuple[float, float]  # (ttft, e2e) seconds
+# (ttft, e2e, the gateway's own time (nan on the direct path), messages or SSE events received)
+Sample = tuple[float, float, float, int]
 Path_ = Callable[[list[int]], Awaitable[Sample]]
+
+# What the gateway reads from a model folder besides config.json.
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+def tiny_model(demo: Path) -> Path:
+    """A tiny random Llama with demo's vocabulary and tokenizer files, built once next to demo."""
+    vocab = json.loads((demo / "config.json").read_text())["vocab_size"]
+    target = demo.parent / f"bench-tiny-llama-{vocab}"
+    if (target / "model.safetensors").is_file():
+        return target
+    import torch
+    import transformers
+
+    from tests.tiny_models import TINY_COMMON
+
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    config = transformers.LlamaConfig(**{**TINY_COMMON, "vocab_size": vocab}, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp, safe_serialization=True)
+    for name in _TOKENIZER_FILES:
+        if (demo / name).is_file():
+            shutil.copy(demo / name, tmp / name)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
 
 
 def start(module: str, args: list[str]) -> tuple[subprocess.Popen[str], str]:
@@ -62,7 +113,7 @@ def free_port() -> int:
 
 
 class Paths:
-    """The three ways of running one request; each returns (ttft, e2e)."""
+    """The three ways of running one request; each returns (ttft, e2e, gateway's own time)."""
 
     def __init__(self, worker: str, gw_grpc: str, gw_http: str, max_tokens: int) -> None:
         self.sampling = common_pb2.SamplingParams(
@@ -77,11 +128,17 @@ class Paths:
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
 
     async def _stream(self, call: grpc.aio.UnaryStreamCall) -> Sample:
-        start, ttft = time.perf_counter(), None
+        start, ttft, tokens, inside, messages = time.perf_counter(), None, 0, float("nan"), 0
         async for message in call:
-            if ttft is None and message.token_ids:
-                ttft = time.perf_counter() - start
-        return ttft or 0.0, time.perf_counter() - start
+            messages += 1
+            if message.token_ids:
+                tokens += len(message.token_ids)
+                if ttft is None:
+                    ttft = time.perf_counter() - start
+            if message.HasField("timings") and message.timings.gateway:
+                inside = message.timings.gateway
+        assert tokens == self.max_tokens, f"{tokens} tokens, expected {self.max_tokens}"
+        return ttft or 0.0, time.perf_counter() - start, inside, messages
 
     async def direct(self, prompt: list[int]) -> Sample:
         request = worker_pb2.GenerateRequest(
@@ -103,13 +160,18 @@ class Paths:
             "stream": True,
             "ignore_eos": True,
         }
-        start, ttft = time.perf_counter(), None
-        async with self.session.post(self.http_url, json=body) as response:
+        start, ttft, inside, events = time.perf_counter(), None, float("nan"), 0
+        headers = {"x-scalellm-timings": "1"}
+        async with self.session.post(self.http_url, json=body, headers=headers) as response:
             assert response.status == 200, await response.text()
             async for line in response.content:
-                if ttft is None and line.startswith(b"data: {"):
-                    ttft = time.perf_counter() - start
-        return ttft or 0.0, time.perf_counter() - start
+                if line.startswith(b"data: {"):
+                    events += 1
+                    if ttft is None:
+                        ttft = time.perf_counter() - start
+                if b'"timings"' in line:
+                    inside = json.loads(line[6:])["choices"][0]["timings"]["gateway"]
+        return ttft or 0.0, time.perf_counter() - start, inside, events
 
     async def gateway_overhead(self) -> tuple[float, float]:
         """(sum, count) of scalellm_gateway_overhead_seconds: the gateway's own time per request."""
@@ -141,60 +203,114 @@ async def run_level(path: Path_, prompts: list[list[int]], concurrency: int) -> 
     return samples
 
 
+async def run_steady(
+    path: Path_, prompt: Callable[[], list[int]], concurrency: int, warmup: int, count: int
+) -> list[Sample]:
+    """Closed loop: `concurrency` streams, each `warmup` uncounted requests then `count` counted."""
+    samples: list[Sample] = []
+
+    async def client() -> None:
+        for i in range(warmup + count):
+            sample = await path(prompt())
+            if i >= warmup:
+                samples.append(sample)
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return samples
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc; nan elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def bench(args: argparse.Namespace, worker: str, gw_grpc: str, gw_http: str) -> list[dict[str, float]]:
+async def bench(
+    args: argparse.Namespace, worker: str, gw_grpc: str, gw_http: str, pids: dict[str, int]
+) -> list[dict[str, float]]:
     paths = Paths(worker, gw_grpc, gw_http, args.max_tokens)
     rng = random.Random(0)
-    named: dict[str, Path_] = {
+
+    def prompt() -> list[int]:
+        # Fresh prompts for every request: shared ones would hit the prefix cache on every path but
+        # the first and make the later paths look faster.
+        return [rng.randrange(100, 40000) for _ in range(args.prompt_tokens)]
+
+    every: dict[str, Path_] = {
         "direct": paths.direct, "gateway-grpc": paths.gateway_grpc, "gateway-http": paths.gateway_http,
     }  # fmt: skip
+    named = {name: every[name] for name in args.paths}
     rows = []
     try:
         for path in named.values():  # open channels, load caches
-            await run_level(path, [[rng.randrange(100, 40000) for _ in range(args.prompt_tokens)]] * 2, 2)
+            await run_level(path, [prompt(), prompt()], 2)
         for concurrency in args.concurrency:
             n = max(args.requests, concurrency)
             samples: dict[str, list[Sample]] = {name: [] for name in named}
+            cpu: dict[str, dict[str, float]] = {name: dict.fromkeys(pids, 0.0) for name in named}
             order = list(named)
-            warm = [
-                [rng.randrange(100, 40000) for _ in range(args.prompt_tokens)] for _ in range(concurrency)
-            ]
-            await run_level(paths.direct, warm, concurrency)  # batch-size warm-up, untimed
+            await run_level(paths.direct, [prompt() for _ in range(concurrency)], concurrency)  # warm-up
             before = await paths.gateway_overhead()
             for _ in range(args.rounds):  # the order rotates per round
                 for name in order:
-                    # Fresh prompts for every path: shared ones would hit the prefix cache on every
-                    # path but the first and make the later paths look faster.
-                    prompts = [
-                        [rng.randrange(100, 40000) for _ in range(args.prompt_tokens)] for _ in range(n)
-                    ]
-                    samples[name] += await run_level(named[name], prompts, concurrency)
+                    used = {proc: cpu_seconds(pid) for proc, pid in pids.items()}
+                    if args.mode == "steady":
+                        got = await run_steady(named[name], prompt, concurrency, args.warmup, args.requests)
+                    else:
+                        got = await run_level(named[name], [prompt() for _ in range(n)], concurrency)
+                    for proc, pid in pids.items():
+                        cpu[name][proc] += cpu_seconds(pid) - used[proc]
+                    samples[name] += got
                 order = order[1:] + order[:1]
             after = await paths.gateway_overhead()
-            inside_ms = 1000 * (after[0] - before[0]) / max(1.0, after[1] - before[1])
-            base = statistics.median(e for _, e in samples["direct"])
+            mean_inside_ms = 1000 * (after[0] - before[0]) / max(1.0, after[1] - before[1])
+            direct_e2e = [s[1] for s in samples.get("direct", ())] or [float("nan")]
+            base50, base99 = pct(direct_e2e, 0.5), pct(direct_e2e, 0.99)
             for name, got in samples.items():
-                ttft, e2e = [t for t, _ in got], [e for _, e in got]
+                ttft, e2e = [s[0] for s in got], [s[1] for s in got]
+                inside = [s[2] for s in got if s[2] == s[2]] or [0.0]
                 row = {
                     "concurrency": concurrency, "path": name, "requests": len(got),
                     "ttft_p50_ms": 1000 * pct(ttft, 0.5), "ttft_p99_ms": 1000 * pct(ttft, 0.99),
                     "e2e_p50_ms": 1000 * pct(e2e, 0.5), "e2e_p99_ms": 1000 * pct(e2e, 0.99),
-                    "e2e_p50_vs_direct": statistics.median(e2e) / base,
-                    "gateway_inside_ms": inside_ms if name != "direct" else 0.0,
+                    "e2e_p50_minus_direct_ms": 1000 * (pct(e2e, 0.5) - base50),
+                    "e2e_p99_minus_direct_ms": 1000 * (pct(e2e, 0.99) - base99),
+                    "e2e_p50_vs_direct": statistics.median(e2e) / statistics.median(direct_e2e),
+                    "gateway_p50_ms": 1000 * pct(inside, 0.5), "gateway_p99_ms": 1000 * pct(inside, 0.99),
+                    "messages_per_request": statistics.mean(s[3] for s in got),
                 }  # fmt: skip
+                # CPU per request, warm-up requests included (steady mode runs them in the window).
+                per = len(got) * (1 + args.warmup / args.requests if args.mode == "steady" else 1)
+                for proc in pids:
+                    row[f"{proc}_cpu_ms_per_request"] = 1000 * cpu[name][proc] / per
                 rows.append(row)
-                print(
-                    f"c={concurrency:<3} {name:<13} ttft p50 {row['ttft_p50_ms']:8.1f} ms  p99 {row['ttft_p99_ms']:8.1f} ms"
-                    f"   e2e p50 {row['e2e_p50_ms']:8.1f} ms  p99 {row['e2e_p99_ms']:8.1f} ms"
-                    f"   p50 / direct {row['e2e_p50_vs_direct']:.3f}",
-                    flush=True,
+                line = (
+                    f"c={concurrency:<3} {name:<13} n={len(got):<5} ttft p50 {row['ttft_p50_ms']:8.1f}"
+                    f" p99 {row['ttft_p99_ms']:8.1f}   e2e p50 {row['e2e_p50_ms']:8.1f}"
+                    f" p99 {row['e2e_p99_ms']:8.1f} ms"
                 )
+                if name != "direct":
+                    line += (
+                        f"   vs direct p50 {row['e2e_p50_minus_direct_ms']:+7.2f}"
+                        f" p99 {row['e2e_p99_minus_direct_ms']:+7.2f} ms"
+                        f"   gateway's own p50 {row['gateway_p50_ms']:6.3f} p99 {row['gateway_p99_ms']:6.3f} ms"
+                    )
+                line += f"   msgs/req {row['messages_per_request']:.1f}   cpu ms/req " + " ".join(
+                    f"{proc} {row[f'{proc}_cpu_ms_per_request']:.2f}" for proc in pids
+                )
+                print(line, flush=True)
             print(
-                f"c={concurrency:<3} time inside the gateway per request (its own metric): {inside_ms:.3f} ms"
+                f"c={concurrency:<3} mean time inside the gateway per request (its metric): "
+                f"{mean_inside_ms:.3f} ms",
+                flush=True,
             )
     finally:
         await paths.close()
@@ -205,31 +321,51 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default=None, help="HF folder (default: the prepared demo model)")
+    parser.add_argument(
+        "--model", default=None, help="HF folder, or 'tiny' (default: the prepared demo model)"
+    )
+    parser.add_argument("--mode", choices=("burst", "steady"), default="burst")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
-    parser.add_argument("--requests", type=int, default=32, help="requests per path, level and round")
+    parser.add_argument(
+        "--requests", type=int, default=32,
+        help="burst: requests per path, level and round; steady: counted requests per stream",
+    )  # fmt: skip
+    parser.add_argument("--warmup", type=int, default=4, help="steady: uncounted requests per stream first")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument(
+        "--paths", nargs="+", choices=("direct", "gateway-grpc", "gateway-http"),
+        default=["direct", "gateway-grpc", "gateway-http"], help="which paths to run (e.g. to profile one)",
+    )  # fmt: skip
     parser.add_argument("--worker-args", default="", help="extra decode worker flags, e.g. '--device cuda'")
+    parser.add_argument("--gateway-args", default="", help="extra gateway flags")
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args(argv)
 
     from scalellm.models.prepare import resolve_model_dir
 
-    model = str(resolve_model_dir(args.model))
+    tiny = args.model == "tiny"
+    model = str(tiny_model(resolve_model_dir(None)) if tiny else resolve_model_dir(args.model))
     worker_args = [
         "--role", "both", "--model", model, "--listen", "127.0.0.1:0", "--advertise-host", "127.0.0.1",
         "--transfer-listen", "127.0.0.1:0", "--max-num-seqs", str(max(args.concurrency)),
+        *(["--num-kv-blocks", "1024"] if tiny else []),
         *args.worker_args.split(),
     ]  # fmt: skip
     worker, ready = start("services.decode", worker_args)
     worker_address = ready.split()[1]
     http_port, grpc_port = free_port(), free_port()
     gateway_args = ["--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port)]
-    gateway, _ = start("services.gateway", [*gateway_args, "--model", model, "--decode-addr", worker_address])
+    gateway, _ = start(
+        "services.gateway",
+        [*gateway_args, "--model", model, "--decode-addr", worker_address, *args.gateway_args.split()],
+    )
+    print(f"model {model}; worker pid {worker.pid}, gateway pid {gateway.pid}", flush=True)
     try:
-        rows = asyncio.run(bench(args, worker_address, f"127.0.0.1:{grpc_port}", f"127.0.0.1:{http_port}"))
+        pids = {"gateway": gateway.pid, "worker": worker.pid, "client": os.getpid()}
+        gw_grpc, gw_http = f"127.0.0.1:{grpc_port}", f"127.0.0.1:{http_port}"
+        rows = asyncio.run(bench(args, worker_address, gw_grpc, gw_http, pids))
     finally:
         for proc in (gateway, worker):
             proc.terminate()
