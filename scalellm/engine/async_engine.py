@@ -83,6 +83,15 @@ class AsyncEngine:
         self._streams[req.request_id] = (req, q)
         return q
 
+    def queued(self, request_id: str) -> int:
+        """Events delivered to a request's stream and not yet consumed (0 if it has no stream).
+
+        A consumer that is slower than the steps can take every queued event at once (the next
+        ``iterate`` steps return without waiting) and send them on as one message.
+        """
+        entry = self._streams.get(request_id)
+        return entry[1].qsize() if entry is not None else 0
+
     def close_stream(self, req: Request) -> None:
         entry = self._streams.get(req.request_id)
         if entry is not None and entry[0] is req:

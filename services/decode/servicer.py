@@ -1,9 +1,17 @@
 """The DecodeWorker gRPC servicer: proto in, DecodeWorker, proto out. Errors are mapped by
-scalellm.worker.errors.ErrorInterceptor."""
+scalellm.worker.errors.ErrorInterceptor.
+
+A stream's reader may be slower than the engine's steps (a busy gateway, a slow network, this
+process's own event loop behind the step thread): then the request's tokens wait in its event
+queue, and every token already waiting when a message is built goes into that message (the
+GenerateResponse fields are repeated) instead of one message per token. A reader that keeps up
+still gets one message per step, with no waiting added.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
 
 import grpc
 
@@ -30,8 +38,30 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             request.priority,
             tuple(PrefillTarget(t.worker_id, t.address) for t in request.prefill),
         )
-        async for chunk in chunks:
-            yield to_proto(chunk)
+        queued, request_id = self.worker.host.aengine.queued, request.request_id
+        async with aclosing(coalesce(chunks, lambda: queued(request_id) > 0)) as messages:
+            async for message in messages:
+                yield message
+
+
+async def coalesce(
+    chunks: AsyncGenerator[Chunk, None], ready: Callable[[], bool]
+) -> AsyncIterator[worker_pb2.GenerateResponse]:
+    """One message per chunk, plus each following chunk while ready() says one is already there
+    (so taking it does not wait). Token order is kept, logprobs stay aligned with their tokens, and
+    the finish (usage, timings) goes on the message that carries the last token, which ends it."""
+    async with aclosing(chunks) as stream:  # closed at once, however the call ends
+        async for chunk in stream:
+            message = to_proto(chunk)
+            while chunk.finish is None and ready():
+                try:
+                    chunk = await anext(stream)
+                except StopAsyncIteration:
+                    break
+                _append(message, chunk)
+            yield message
+            if chunk.finish is not None:
+                return  # the stream is complete (closing the chunks ends the worker's side)
 
 
 def to_proto(chunk: Chunk) -> worker_pb2.GenerateResponse:
@@ -39,23 +69,35 @@ def to_proto(chunk: Chunk) -> worker_pb2.GenerateResponse:
         token_ids=chunk.token_ids, logprobs=[logprobs_to_proto(lp) for lp in chunk.logprobs]
     )
     if chunk.finish is not None:
-        msg.finish_reason = finish_reason_to_proto(chunk.finish)  # type: ignore[assignment]
-        msg.usage.CopyFrom(
-            common_pb2.Usage(
-                prompt_tokens=chunk.prompt_tokens,
-                completion_tokens=chunk.completion_tokens,
-                cached_prompt_tokens=chunk.cached_tokens,
+        _finish(msg, chunk)
+    return msg
+
+
+def _append(msg: worker_pb2.GenerateResponse, chunk: Chunk) -> None:
+    msg.token_ids.extend(chunk.token_ids)
+    msg.logprobs.extend(logprobs_to_proto(lp) for lp in chunk.logprobs)
+    if chunk.finish is not None:
+        _finish(msg, chunk)
+
+
+def _finish(msg: worker_pb2.GenerateResponse, chunk: Chunk) -> None:
+    assert chunk.finish is not None
+    msg.finish_reason = finish_reason_to_proto(chunk.finish)  # type: ignore[assignment]
+    msg.usage.CopyFrom(
+        common_pb2.Usage(
+            prompt_tokens=chunk.prompt_tokens,
+            completion_tokens=chunk.completion_tokens,
+            cached_prompt_tokens=chunk.cached_tokens,
+        )
+    )
+    if chunk.timings is not None:
+        t = chunk.timings
+        msg.timings.CopyFrom(
+            common_pb2.Timings(
+                queue=t.queue,
+                prefill=t.prefill,
+                transfer=t.transfer,
+                decode=t.decode,
+                transfer_bytes=t.transfer_bytes,
             )
         )
-        if chunk.timings is not None:
-            t = chunk.timings
-            msg.timings.CopyFrom(
-                common_pb2.Timings(
-                    queue=t.queue,
-                    prefill=t.prefill,
-                    transfer=t.transfer,
-                    decode=t.decode,
-                    transfer_bytes=t.transfer_bytes,
-                )
-            )
-    return msg
