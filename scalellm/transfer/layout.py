@@ -12,7 +12,7 @@ import torch
 from scalellm.transfer.errors import ProtocolError, TransferError
 
 PROTOCOL_VERSION: Final[int] = 2
-"""Version of the wire protocol (header layout, control messages, store keys)."""
+"""Version of the wire protocol (frame format, control messages, store keys)."""
 
 _DTYPES: Final[dict[str, torch.dtype]] = {
     "float32": torch.float32,

@@ -33,8 +33,8 @@ from scalellm.transfer.rendezvous import (
     push,
 )
 from scalellm.transfer.stats import TransferCounters, TransferStats
-from scalellm.transfer.stream import recv_header, recv_payload, recv_table
-from scalellm.transfer.wire import BufferPool, Header, check_block_ids, runs_match, wire_bytes
+from scalellm.transfer.stream import recv_payload
+from scalellm.transfer.wire import BufferPool, Frame, check_block_ids
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class DecodeChannel:
         try:
             if self._rendezvous():
                 while (msg := self._next()) is not None:
-                    self._receive(msg.transfer_id)
+                    self._receive(msg)
         except _ResetRequested:
             reset = True
             self._set_broken(ChannelBrokenError(f"prefill worker {self.prefill_id} asked for a new epoch"))
@@ -196,28 +196,23 @@ class DecodeChannel:
         self._ready.set()
         return self._state is ChannelState.READY
 
-    def _receive(self, transfer_id: int) -> None:
-        side, group, pool = self._side, self._group, self._pool
+    def _receive(self, msg: ControlMessage) -> None:
+        side, group, pool, transfer_id = self._side, self._group, self._pool, msg.transfer_id
         assert group is not None and pool is not None
         start = time.perf_counter()
         try:
-            header = recv_header(group)
-            header.validate(side.layout, self._seq, transfer_id, side.kv_cache.shape[0])
+            frame = Frame.decode(msg.frame)
+            frame.validate(side.layout, self._seq, side.kv_cache.shape[0])
             self._seq += 1
-            runs = recv_table(group, header)
-            blocks, problem = self._resolve(header, runs)
-            recv_payload(group, runs, side.kv_cache, pool, land=blocks is not None)
+            blocks, problem = self._resolve(transfer_id, frame)
+            recv_payload(group, frame.runs, side.kv_cache, pool, land=blocks is not None)
         except (TransferError, RuntimeError) as exc:
             error = as_transfer_error(exc, f"KV transfer {transfer_id} from {self.prefill_id} failed")
             side.counters.record_failure()
             side.callbacks.error(transfer_id, error)
             raise error  # noqa: B904 (as_transfer_error chained it)
         stats = TransferStats(
-            transfer_id,
-            header.num_tokens,
-            header.num_blocks,
-            wire_bytes(header),
-            time.perf_counter() - start,
+            transfer_id, frame.num_tokens, frame.num_blocks, frame.payload_bytes, time.perf_counter() - start
         )
         if problem is not None:
             side.counters.record_failure()
@@ -228,23 +223,21 @@ class DecodeChannel:
             side.counters.record(stats)
             side.callbacks.complete(transfer_id, stats)
 
-    def _resolve(
-        self, header: Header, runs: list[tuple[int, int]]
-    ) -> tuple[list[int] | None, Exception | None]:
+    def _resolve(self, transfer_id: int, frame: Frame) -> tuple[list[int] | None, Exception | None]:
         """Destination blocks, None to discard (cancelled), or why they cannot take the payload."""
         try:
-            ids = self._side.callbacks.resolve(header.transfer_id, header.num_tokens, header.num_blocks)
+            ids = self._side.callbacks.resolve(transfer_id, frame.num_tokens, frame.num_blocks)
             if ids is None:
                 return None, None
             cache = self._side.kv_cache
-            check_block_ids(ids, header.num_tokens, self._side.layout.block_size, cache.shape[0])
-            if not runs_match(runs, ids):
+            check_block_ids(ids, frame.num_tokens, self._side.layout.block_size, cache.shape[0])
+            if not frame.lays_out(ids):
                 raise ValueError(
-                    f"the sender's segments {runs} do not lay out the reserved blocks {list(ids)}"
+                    f"the sender's runs {list(frame.runs)} do not lay out the reserved blocks {list(ids)}"
                 )
             return list(ids), None
         except Exception as exc:
-            log.warning("resolve(%d) failed, discarding its KV: %s", header.transfer_id, exc)
+            log.warning("resolve(%d) failed, discarding its KV: %s", transfer_id, exc)
             return None, exc
 
     def _set_broken(self, exc: BaseException) -> None:

@@ -6,7 +6,8 @@ Keys (``d`` decode id, ``p`` prefill id, ``e`` epoch)::
     pair/d/p/e/layout/0    decode's KVLayout (JSON), written when epoch e opens
     pair/d/p/e/layout/1    prefill's KVLayout, written before it joins
     pair/d/p/e/claim       counter; the first prefill process to claim epoch e owns it
-    pair/d/p/e/ctl         queue of ControlMessage, prefill -> decode (and local wake-ups)
+    pair/d/p/e/ctl         queue of ControlMessage, prefill -> decode (and local wake-ups);
+                           a SEND carries the transfer's frame (sizes and destination runs)
     pair/d/p/e/pg/...      the process group's own rendezvous keys
 """
 
@@ -30,7 +31,7 @@ class Control(Enum):
     """What a control message announces to the decode side's receiver."""
 
     JOIN = "J"  # the prefill side wrote its layout and is building the process group
-    SEND = "S"  # a transfer (header + payload) follows on the process group
+    SEND = "S"  # a transfer follows on the process group; the message carries its frame
     RESET = "R"  # a new prefill process wants this epoch replaced by a fresh one
     CLOSE = "C"  # local wake-up: the channel is closing
 
@@ -39,15 +40,17 @@ class Control(Enum):
 class ControlMessage:
     kind: Control
     transfer_id: int = 0
+    frame: str = ""
+    """SEND only: the encoded :class:`~scalellm.transfer.wire.Frame` (no ``:`` inside)."""
 
     def encode(self) -> str:
-        return f"{self.kind.value}:{self.transfer_id}"
+        return f"{self.kind.value}:{self.transfer_id}:{self.frame}"
 
     @classmethod
     def decode(cls, raw: bytes) -> ControlMessage:
         try:
-            kind, tid = raw.decode().split(":")
-            return cls(Control(kind), int(tid))
+            kind, tid, frame = raw.decode().split(":")
+            return cls(Control(kind), int(tid), frame)
         except ValueError as exc:
             raise ProtocolError(f"bad control message {raw!r}") from exc
 

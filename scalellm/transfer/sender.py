@@ -18,8 +18,8 @@ from scalellm.transfer.layout import KVLayout
 from scalellm.transfer.link import PrefillRendezvous
 from scalellm.transfer.rendezvous import Control, ControlMessage, Endpoint, PairKeys, push
 from scalellm.transfer.stats import TransferCounters, TransferStats
-from scalellm.transfer.stream import send_transfer
-from scalellm.transfer.wire import Header, Segment, check_block_ids, plan_segments, wire_bytes
+from scalellm.transfer.stream import send_payload
+from scalellm.transfer.wire import Frame, Segment, check_block_ids, plan_segments
 
 log = logging.getLogger(__name__)
 
@@ -133,22 +133,16 @@ class PrefillChannel:
         self.state = ChannelState.READY
         segments = _plan(job, self._layout.block_size)
         start = time.perf_counter()
-        push(link.store, ControlMessage(Control.SEND, job.transfer_id))
-        num_blocks = len(job.src_blocks)
-        nbytes = num_blocks * self._layout.block_bytes
-        header = Header(
-            link.seq,
+        frame = Frame.build(link.seq, job.num_tokens, segments, self._layout)
+        push(link.store, ControlMessage(Control.SEND, job.transfer_id, frame.encode()))
+        link.seq += 1
+        send_payload(link.group, segments, job.kv_cache, link.pool)
+        stats = TransferStats(
             job.transfer_id,
             job.num_tokens,
-            num_blocks,
-            self._layout.num_layers,
-            len(segments),
-            nbytes,
-        )
-        link.seq += 1
-        send_transfer(link.group, header, segments, job.kv_cache, link.pool)
-        stats = TransferStats(
-            job.transfer_id, job.num_tokens, num_blocks, wire_bytes(header), time.perf_counter() - start
+            frame.num_blocks,
+            frame.payload_bytes,
+            time.perf_counter() - start,
         )
         self._counters.record(stats)
         return stats

@@ -14,7 +14,7 @@ class TransferStats:
     num_tokens: int
     num_blocks: int
     bytes: int
-    """Header, segment table and payload bytes put on (or taken off) the wire."""
+    """KV payload bytes put on (or taken off) the wire."""
     seconds: float
     """From the first byte announced to the last byte landed (sender: handed to the transport)."""
 

@@ -1,41 +1,31 @@
-"""Frame format: a fixed int64 header, a segment table, then the payload as contiguous block runs.
+"""What travels for one transfer: a frame on the control queue, then the payload as block runs.
 
 The engine cache is block-major, ``[num_blocks, num_layers, 2, block_size, heads, head_dim]``:
 block ``b`` is one contiguous span holding every layer's K and V of its tokens, and blocks
 ``b .. b+n-1`` are one contiguous slice. A transfer moves source block ``src[i]`` into destination
 block ``dst[i]``. It is cut into *segments*, maximal runs where both the source and the destination
-ids are consecutive, and each segment travels as one message, straight out of the sender's cache
-and straight into the receiver's (no gather, no scatter, no staging buffer)::
+ids are consecutive, and each segment travels as one message on the pair group, straight out of
+the sender's cache and straight into the receiver's (no gather, no scatter, no staging buffer)::
 
     src  [ 7  8  9 |  3 |  4  5 ]     segments (src, dst, count): (7, 20, 3) (3, 23, 1) (4, 30, 2)
     dst  [20 21 22 | 23 | 30 31 ]     9 -> 3 breaks the source run, 23 -> 30 the destination run
 
-Header (``HEADER_WORDS`` int64 words, one message)::
+The :class:`Frame` (sequence number, sizes, and the destination runs ``(dst, count)`` in wire
+order) rides in the ``SEND`` control message that announces the transfer, so the receiver can post
+every payload receive at once; nothing but KV goes over the process group. Encoded as text::
 
-    0 MAGIC            5 num_blocks
-    1 PROTOCOL_VERSION 6 num_layers
-    2 seq              7 num_segments
-    3 transfer_id      8 payload_bytes
-    4 num_tokens       9..15 reserved (0)
-
-Segment table (one message): int64 ``[num_segments, 2]`` of ``(dst_start, count)``, in wire order.
-The receiver checks it against the destination blocks it reserved before any payload lands.
+    seq,num_tokens,num_blocks,num_layers,payload_bytes;dst,count;dst,count...
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
 
 import torch
 
 from scalellm.transfer.errors import ProtocolError
-from scalellm.transfer.layout import PROTOCOL_VERSION, KVLayout
-
-MAGIC: Final[int] = 0x534C_4B56_5846_5232  # "SLKVXFR2"
-HEADER_WORDS: Final[int] = 16
-HEADER_BYTES: Final[int] = HEADER_WORDS * 8
+from scalellm.transfer.layout import KVLayout
 
 
 @dataclass(frozen=True)
@@ -70,40 +60,45 @@ def check_block_ids(ids: Sequence[int], num_tokens: int, block_size: int, capaci
 
 
 @dataclass(frozen=True)
-class Header:
-    """The fixed-size header that opens every transfer."""
+class Frame:
+    """Everything the receiver needs before the payload: announced with the transfer."""
 
     seq: int
-    transfer_id: int
     num_tokens: int
     num_blocks: int
     num_layers: int
-    num_segments: int
     payload_bytes: int
-
-    def to_tensor(self, device: torch.device) -> torch.Tensor:
-        words = [MAGIC, PROTOCOL_VERSION, self.seq, self.transfer_id, self.num_tokens, self.num_blocks]
-        words += [self.num_layers, self.num_segments, self.payload_bytes]
-        words += [0] * (HEADER_WORDS - len(words))
-        return torch.tensor(words, dtype=torch.int64, device=device)
+    runs: tuple[tuple[int, int], ...]
+    """``(dst_start, count)`` of each payload message, in wire order."""
 
     @classmethod
-    def from_tensor(cls, tensor: torch.Tensor) -> Header:
-        """Decode a received header; wrong magic or version is a :class:`ProtocolError`."""
-        words = tensor.cpu().tolist()
-        if words[0] != MAGIC:
-            raise ProtocolError(f"bad frame magic {words[0]:#x}: the stream is out of sync")
-        if words[1] != PROTOCOL_VERSION:
-            raise ProtocolError(f"peer speaks protocol {words[1]}, we speak {PROTOCOL_VERSION}")
-        return cls(*words[2:9])
+    def build(cls, seq: int, num_tokens: int, segments: Sequence[Segment], layout: KVLayout) -> Frame:
+        num_blocks = sum(s.count for s in segments)
+        runs = tuple((s.dst, s.count) for s in segments)
+        return cls(seq, num_tokens, num_blocks, layout.num_layers, num_blocks * layout.block_bytes, runs)
 
-    def validate(self, layout: KVLayout, seq: int, transfer_id: int, capacity: int) -> None:
-        """Check the header against the channel state and our cache (``capacity`` blocks)."""
+    def encode(self) -> str:
+        sizes = f"{self.seq},{self.num_tokens},{self.num_blocks},{self.num_layers},{self.payload_bytes}"
+        return ";".join([sizes, *(f"{dst},{count}" for dst, count in self.runs)])
+
+    @classmethod
+    def decode(cls, text: str) -> Frame:
+        """Parse a frame; anything malformed is a :class:`ProtocolError`."""
+        try:
+            sizes, *runs = text.split(";")
+            seq, num_tokens, num_blocks, num_layers, payload = (int(v) for v in sizes.split(","))
+            pairs = tuple((int(dst), int(count)) for dst, count in (r.split(",") for r in runs))
+        except ValueError as exc:
+            raise ProtocolError(f"malformed transfer frame {text!r}: the stream is out of sync") from exc
+        return cls(seq, num_tokens, num_blocks, num_layers, payload, pairs)
+
+    def validate(self, layout: KVLayout, seq: int, capacity: int) -> None:
+        """Check the frame against the channel state and our cache (``capacity`` blocks)."""
         blocks = -(-self.num_tokens // layout.block_size)
         expected_bytes = self.num_blocks * layout.block_bytes
+        counts = [count for _, count in self.runs]
         checks = [
             (self.seq == seq, f"seq {self.seq} != expected {seq}"),
-            (self.transfer_id == transfer_id, f"transfer id {self.transfer_id} != announced {transfer_id}"),
             (self.num_tokens >= 1, f"num_tokens {self.num_tokens} < 1"),
             (
                 self.num_blocks == blocks,
@@ -111,38 +106,20 @@ class Header:
             ),
             (self.num_blocks <= capacity, f"num_blocks {self.num_blocks} > cache capacity {capacity}"),
             (self.num_layers == layout.num_layers, f"num_layers {self.num_layers} != {layout.num_layers}"),
-            (
-                1 <= self.num_segments <= self.num_blocks,
-                f"num_segments {self.num_segments} not in [1, {self.num_blocks}]",
-            ),
             (self.payload_bytes == expected_bytes, f"payload_bytes {self.payload_bytes} != {expected_bytes}"),
+            (
+                bool(counts) and min(counts) >= 1 and sum(counts) == self.num_blocks,
+                f"runs {list(self.runs)} do not cover {self.num_blocks} blocks",
+            ),
         ]
         problems = [message for ok, message in checks if not ok]
         if problems:
-            raise ProtocolError("invalid transfer header: " + "; ".join(problems))
+            raise ProtocolError("invalid transfer frame: " + "; ".join(problems))
 
-
-def wire_bytes(header: Header) -> int:
-    """Bytes of the whole frame: header, segment table and payload."""
-    return HEADER_BYTES + 16 * header.num_segments + header.payload_bytes
-
-
-def table_to_tensor(segments: Sequence[Segment], device: torch.device) -> torch.Tensor:
-    return torch.tensor([[s.dst, s.count] for s in segments], dtype=torch.int64, device=device)
-
-
-def table_from_tensor(table: torch.Tensor, num_blocks: int) -> list[tuple[int, int]]:
-    """``(dst_start, count)`` pairs; counts that do not add up to ``num_blocks`` are a ProtocolError."""
-    runs = [(int(dst), int(count)) for dst, count in table.cpu().tolist()]
-    if any(count < 1 for _, count in runs) or sum(count for _, count in runs) != num_blocks:
-        raise ProtocolError(f"segment table {runs} does not cover {num_blocks} blocks")
-    return runs
-
-
-def runs_match(runs: Sequence[tuple[int, int]], dst_ids: Sequence[int]) -> bool:
-    """Whether the announced runs lay out exactly ``dst_ids``, in order."""
-    expanded = [dst + i for dst, count in runs for i in range(count)]
-    return expanded == list(dst_ids)
+    def lays_out(self, dst_ids: Sequence[int]) -> bool:
+        """Whether the runs cover exactly ``dst_ids``, in order."""
+        expanded = [dst + i for dst, count in self.runs for i in range(count)]
+        return expanded == list(dst_ids)
 
 
 class BufferPool:

@@ -35,7 +35,7 @@ from scalellm.transfer.rendezvous import (
     PairKeys,
     push,
 )
-from scalellm.transfer.wire import Header, Segment, plan_segments
+from scalellm.transfer.wire import Frame, Segment, plan_segments
 
 LAYERS, BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM = 6, 48, 4, 2, 8
 CONFIG = ChannelConfig(op_timeout_s=5, connect_timeout_s=10, device_host="127.0.0.1")
@@ -193,17 +193,20 @@ def test_layout_diff_names_every_field() -> None:
     assert KVLayout.from_json(ours.to_json()) == ours
 
 
-def test_header_roundtrip_and_garbage() -> None:
+def test_frame_roundtrip_and_garbage() -> None:
     layout = KVLayout.from_kv_cache(make_cache(0), "tiny")
-    header = Header(seq=3, transfer_id=2**62, num_tokens=9, num_blocks=3, num_layers=LAYERS, num_segments=2,
-                    payload_bytes=3 * layout.block_bytes)  # fmt: skip
-    decoded = Header.from_tensor(header.to_tensor(torch.device("cpu")))
-    assert decoded == header
-    decoded.validate(layout, seq=3, transfer_id=2**62, capacity=BLOCKS)
+    frame = Frame.build(3, 9, plan_segments([4, 5, 9], [7, 8, 2]), layout)
+    assert frame.runs == ((7, 2), (2, 1)) and frame.payload_bytes == 3 * layout.block_bytes
+    decoded = Frame.decode(frame.encode())
+    assert decoded == frame and decoded.lays_out([7, 8, 2]) and not decoded.lays_out([7, 8, 3])
+    decoded.validate(layout, seq=3, capacity=BLOCKS)
     with pytest.raises(ProtocolError, match="seq 3 != expected 4"):
-        decoded.validate(layout, seq=4, transfer_id=2**62, capacity=BLOCKS)
-    with pytest.raises(ProtocolError, match="magic"):
-        Header.from_tensor(torch.arange(16))
+        decoded.validate(layout, seq=4, capacity=BLOCKS)
+    with pytest.raises(ProtocolError, match=r"runs .* do not cover 3 blocks"):
+        Frame(3, 9, 3, LAYERS, 3 * layout.block_bytes, ((7, 2),)).validate(layout, seq=3, capacity=BLOCKS)
+    for garbage in ("", "1,2", "a,b,c,d,e", "3,9,3,6,1;7"):
+        with pytest.raises(ProtocolError, match="malformed"):
+            Frame.decode(garbage)
 
 
 def test_segments_are_runs_consecutive_on_both_sides() -> None:
@@ -352,8 +355,8 @@ def test_restarted_prefill_process_gets_a_fresh_epoch(decode: Decode) -> None:
         new.close()
 
 
-def test_garbage_header_breaks_the_channel(decode: Decode) -> None:
-    """A peer that joins properly and then sends a bad frame fails that transfer, not the process."""
+def test_garbage_frame_breaks_the_channel(decode: Decode) -> None:
+    """A peer that joins properly and then announces a bad frame fails that transfer, not the process."""
     channel = decode.server.open("prefill-g")
     endpoint = decode.server.endpoint
     store = torch.distributed.TCPStore(endpoint.host, endpoint.port, is_master=False)
@@ -364,8 +367,7 @@ def test_garbage_header_breaks_the_channel(decode: Decode) -> None:
     group = open_pair_group(
         torch.distributed.PrefixStore(GROUP_PREFIX, view), PREFILL_RANK, torch.device("cpu"), CONFIG
     )
-    push(view, ControlMessage(Control.SEND, 7))
-    group.wait(group.send(torch.full((16,), 12345, dtype=torch.int64)))
+    push(view, ControlMessage(Control.SEND, 7, "12345,1,1,6,1;0,1"))  # a sequence number out of step
     kind, tid, exc = decode.next_event()
     assert (kind, tid) == ("error", 7) and isinstance(exc, ProtocolError), exc
     channel.join(5)
