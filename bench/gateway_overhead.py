@@ -93,11 +93,17 @@ def tiny_model(demo: Path) -> Path:
     return target
 
 
-def start(module: str, args: list[str]) -> tuple[subprocess.Popen[str], str]:
-    """Run `python -m module args`; return the process and its READY line."""
+def start(module: str, args: list[str], cpus: set[int] | None = None) -> tuple[subprocess.Popen[str], str]:
+    """Run `python -m module args` (on cpus only, if given); return the process and its READY line."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     proc = subprocess.Popen(
-        [sys.executable, "-m", module, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=pin,
     )
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -340,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--worker-args", default="", help="extra decode worker flags, e.g. '--device cuda'")
     parser.add_argument("--gateway-args", default="", help="extra gateway flags")
+    parser.add_argument(
+        "--pin", default="",
+        help="WORKER:GATEWAY:CLIENT cpu lists (Linux), e.g. '0:1:1' keeps the gateway off the model's core",
+    )  # fmt: skip
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args(argv)
 
@@ -353,13 +363,22 @@ def main(argv: list[str] | None = None) -> int:
         *(["--num-kv-blocks", "1024"] if tiny else []),
         *args.worker_args.split(),
     ]  # fmt: skip
-    worker, ready = start("services.decode", worker_args)
+    pins = (
+        [{int(c) for c in part.split(",")} if part else None for part in args.pin.split(":")]
+        if args.pin
+        else []
+    )
+    worker_cpus, gateway_cpus, client_cpus = [*pins, None, None, None][:3]
+    if client_cpus:
+        os.sched_setaffinity(0, client_cpus)
+    worker, ready = start("services.decode", worker_args, worker_cpus)
     worker_address = ready.split()[1]
     http_port, grpc_port = free_port(), free_port()
     gateway_args = ["--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port)]
     gateway, _ = start(
         "services.gateway",
         [*gateway_args, "--model", model, "--decode-addr", worker_address, *args.gateway_args.split()],
+        gateway_cpus,
     )
     print(f"model {model}; worker pid {worker.pid}, gateway pid {gateway.pid}", flush=True)
     try:
