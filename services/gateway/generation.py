@@ -99,6 +99,10 @@ async def start_generation(
     """Open every choice (each has received its first message when this returns)."""
     deadline = time.perf_counter() + timeout_s
     sampling = request.sampling.to_proto()
+    if request.num_choices == 1:
+        # Dispatched here and now: gather would wrap it in a task that starts only after every
+        # callback already queued on the loop (under load, milliseconds of other streams' tokens).
+        return Generation(request, [await dispatcher.open(request, 0, sampling, deadline)], metrics)
     opened = await asyncio.gather(
         *(dispatcher.open(request, i, sampling, deadline) for i in range(request.num_choices)),
         return_exceptions=True,
