@@ -132,19 +132,26 @@ class HttpApi:
                 REQUEST_ID_HEADER: generation.request.request_id,
             }
         )
-        await response.prepare(request)
+        await response.prepare(request)  # the headers go out with the first event
+        running = generation.request.num_choices
+        tail = b""  # the last choice's last event: sent with [DONE] and the body's end in one write
         try:
             async for update in generation.updates():
-                chunk = formatter.chunk(update)
-                if chunk is not None:
-                    await response.write(sse.event(chunk))
+                event = formatter.event(update)
+                if update.finish is not None:
+                    running -= 1
+                if event is None:
+                    continue
+                if running:
+                    await response.write(event)
+                else:
+                    tail = event
             if call.include_usage:
-                await response.write(sse.event(formatter.usage_chunk()))
+                tail += sse.event(formatter.usage_chunk())
         except GatewayError as exc:
             request["stream_error"] = exc
-            await response.write(sse.event(exc.to_openai()))
-        await response.write(sse.DONE)
-        await response.write_eof()
+            tail += sse.event(exc.to_openai())
+        await response.write_eof(tail + sse.DONE)
         return response
 
     # -- the rest ----------------------------------------------------------------------------------

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from json.encoder import encode_basestring
 from typing import Any
 
 from scalellm.v1 import common_pb2
+from services.gateway import sse
 from services.gateway.model import ServedModel
 from services.gateway.openai_parse import Api, OpenAIRequest
 from services.gateway.request import GenerationRequest
@@ -46,6 +48,7 @@ class OpenAIFormatter:
         self.object = "chat.completion.chunk" if chat else "text_completion"
         self.created = int(time.time())
         self._choices = [_Choice() for _ in range(request.num_choices)]
+        self._text_events: dict[int, tuple[bytes, bytes] | None] = {}
 
     def _envelope(self, choices: list[dict[str, Any]], obj: str | None = None) -> dict[str, Any]:
         out = {
@@ -83,6 +86,38 @@ class OpenAIFormatter:
             if self.timings and state.timings is not None:
                 choice["timings"] = state.timings
         return self._envelope([choice])
+
+    def event(self, update: ChoiceUpdate) -> bytes | None:
+        """The SSE event of chunk(update), or None when there is none.
+
+        A text delta in mid-stream (the common case) skips the JSON encoder: the chunk is the
+        choice's pre-encoded envelope around the encoded text, byte for byte what chunk() gives.
+        """
+        state = self._choices[update.index]
+        if state.started and update.finish is None and not (self.call.logprobs and update.logprobs):
+            if not update.text:
+                return None
+            around = self._text_event(update.index)
+            if around is not None:
+                return around[0] + encode_basestring(update.text).encode("utf-8") + around[1]
+        chunk = self.chunk(update)
+        return None if chunk is None else sse.event(chunk)
+
+    def _text_event(self, index: int) -> tuple[bytes, bytes] | None:
+        """The bytes before and after the text in a mid-stream text-only event of choice index."""
+        if index not in self._text_events:
+            marker = "\x00scalellm-text\x00"
+            choice: dict[str, Any] = {"index": index}
+            if self.call.api is Api.CHAT:
+                choice["delta"] = {"content": marker}
+            else:
+                choice["text"] = marker
+            choice["logprobs"] = None
+            choice["finish_reason"] = None
+            encoded, quoted = sse.event(self._envelope([choice])), encode_basestring(marker).encode()
+            before, _, after = encoded.partition(quoted)
+            self._text_events[index] = (before, after) if encoded.count(quoted) == 1 else None
+        return self._text_events[index]
 
     def usage_chunk(self) -> dict[str, Any]:
         """The last chunk when stream_options.include_usage is set: no choices, the usage."""

@@ -112,6 +112,38 @@ def test_completion_response_with_logprobs_and_n(model: ServedModel) -> None:
     json.dumps(out, allow_nan=False)
 
 
+@pytest.mark.parametrize("api", ["chat", "completions"])
+@pytest.mark.parametrize("usage", [False, True])
+@pytest.mark.parametrize("logprobs", [False, True])
+def test_stream_events_are_the_chunks_bytes(
+    model: ServedModel, api: str, usage: bool, logprobs: bool
+) -> None:
+    """The pre-encoded mid-stream events equal the JSON encoder's, whatever the text holds."""
+    body: dict[str, object] = {"stream": True, "n": 2}
+    if usage:
+        body["stream_options"] = {"include_usage": True}
+    if logprobs:
+        body["logprobs"] = True if api == "chat" else 1
+    if api == "chat":
+        call = parse_chat({**body, "messages": [{"role": "user", "content": "x"}]})
+    else:
+        call = parse_completion({**body, "prompt": "x"})
+    fast, slow = OpenAIFormatter(call, request(n=2), model), OpenAIFormatter(call, request(n=2), model)
+    slow.created = fast.created
+    tok = model.tokenizer.encode("Hello")[0]
+    lp = [common_pb2.TokenLogprobs(token_id=tok, logprob=-0.5)]
+    texts = ["", "Hi", "", ' "quoted" \\ back\nslash\t', "é😀\u2028\x00\x1f", "</script>", "plain"]
+    updates = [ChoiceUpdate(i, [tok], t, lp if k % 2 else ()) for k, t in enumerate(texts) for i in (0, 1)]
+    updates += [
+        ChoiceUpdate(i, [tok], "end", lp, Finish.LENGTH, usage=ChoiceUsage(3, 8), timings=Timings())
+        for i in (1, 0)
+    ]
+    for update in updates:
+        chunk = slow.chunk(update)
+        assert fast.event(update) == (None if chunk is None else sse.event(chunk))
+    assert set(fast._text_events) == {0, 1} and None not in fast._text_events.values()  # taken
+
+
 def test_config_flags_env_and_validation() -> None:
     env = {
         "SCALELLM_GATEWAY_HTTP_PORT": "9000",
