@@ -1,4 +1,7 @@
-"""`python -m services.kvstore [FLAGS]` (or `scalellm serve kvstore [FLAGS]`): run one kvstore replica."""
+"""`python -m services.kvstore [FLAGS]` (or `scalellm serve kvstore [FLAGS]`): run one kvstore replica.
+
+Prints ``READY HOST:PORT`` once it serves (port 0 in --listen picks a free one).
+"""
 
 from __future__ import annotations
 

@@ -117,6 +117,8 @@ async def serve(config: KvstoreConfig) -> None:
     """Run one replica until SIGTERM or SIGINT, then shut down gracefully."""
     server = KvstoreServer(config)
     await server.start()
+    host = config.listen.rpartition(":")[0]
+    print(f"READY {host}:{server.port}", flush=True)  # like every other service of the mesh
     try:
         await wait_for_stop_signal()
         log.info("kvstore shutting down (grace %.1f s)", config.grace_s)

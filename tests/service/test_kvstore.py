@@ -303,20 +303,25 @@ def test_imports_are_torch_free() -> None:
 
 
 async def test_main_serves_and_stops_on_sigterm(redis_server: RedisServer) -> None:
-    port = free_port()
     env = os.environ | {"SCALELLM_REDIS_URL": redis_server.url, "SCALELLM_KVSTORE_METRICS_PORT": "0"}
-    cmd = [sys.executable, "-m", "services.kvstore", "--listen", f"127.0.0.1:{port}", "--lease-s", "1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE)
+    cmd = [sys.executable, "-m", "services.kvstore", "--listen", "127.0.0.1:0", "--lease-s", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        assert proc.stdout is not None
+        ready = await asyncio.to_thread(proc.stdout.readline)
+        assert ready.startswith("READY 127.0.0.1:"), ready
+        address = ready.split()[1]
+        async with grpc.aio.insecure_channel(address) as channel:
             request = health_pb2.HealthCheckRequest(service="scalellm.v1.Registry")
-            reply = await health_pb2_grpc.HealthStub(channel).Check(request, timeout=20, wait_for_ready=True)
-            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            replies = health_pb2_grpc.HealthStub(channel).Watch(request, timeout=20)
+            async for reply in replies:  # NOT_SERVING until its Redis connection is up
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    break
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 10) == 0
     finally:
         proc.kill()
-        stderr = proc.communicate()[1].decode()
+        stderr = proc.communicate()[1]
     assert "kvstore shutting down" in stderr, stderr
 
 
