@@ -12,7 +12,8 @@ payload bytes, in an order that alternates between repeats:
 - naive: what a user would write for paged KV on that world: gather every block into one
   preallocated tensor, send, receive, scatter into the reserved blocks (no header);
 - ours (contiguous): ``send_kv`` with source and destination blocks that are each one run of
-  consecutive ids, what the block manager hands a fresh prompt: one message, no copy;
+  consecutive ids, what the block manager hands a fresh prompt: no copy, messages of at most
+  ``ChannelConfig.message_bytes`` (4 MiB); "ours-contiguous-1msg" sends the run as one message;
 - ours (scattered): random source and destination blocks, no two consecutive: one message per
   block, still no copy (the worst case for fragmentation).
 
@@ -44,7 +45,12 @@ import torch.distributed as dist
 from scalellm.transfer import ChannelConfig, KVLayout, TransferClient, TransferServer
 
 LAYERS, HEADS, HEAD_DIM, BLOCK_SIZE, CACHE_BLOCKS = 30, 3, 64, 16, 320
-VARIANTS = ("ours-contiguous", "ours-scattered")
+# channel variants: name -> (block tables are one run, largest message in bytes)
+VARIANTS: dict[str, tuple[bool, int]] = {
+    "ours-contiguous": (True, ChannelConfig.message_bytes),
+    "ours-contiguous-1msg": (True, 1 << 40),
+    "ours-scattered": (False, ChannelConfig.message_bytes),
+}
 BASELINES = ("raw", "naive")
 
 
@@ -94,21 +100,25 @@ def _worker(rank: int, port: int, backend: str, sizes: list[int], repeats: int, 
         os._exit(1)
 
     destinations: dict[int, list[int]] = {}  # transfer id -> reserved blocks (rank 0)
-    config = ChannelConfig(device_host="127.0.0.1")
+    configs = {
+        name: ChannelConfig(device_host="127.0.0.1", message_bytes=size)
+        for name, (_, size) in VARIANTS.items()
+    }
     if rank == 0:
         server = TransferServer("decode", "127.0.0.1:0", layout, kv, lambda t, n, b: destinations[t],
-                                on_complete, on_error, config)  # fmt: skip
-        server.open("prefill")
+                                on_complete, on_error, configs["ours-contiguous"])  # fmt: skip
+        for name in VARIANTS:
+            server.open(name)
         store.set("endpoint", str(server.endpoint))
     else:
         endpoint = store.get("endpoint").decode()
-        client = TransferClient("prefill", layout, kv, config)
+        clients = {name: TransferClient(name, layout, kv, configs[name]) for name in VARIANTS}
 
     tid, samples = 0, {}
     for tokens in sizes:
         flat = torch.empty(_payload(tokens, layout) // 4, device=device)
-        src = {v: _block_table(tokens, 0, v.endswith("contiguous")) for v in VARIANTS}
-        dst = {v: _block_table(tokens, 1, v.endswith("contiguous")) for v in VARIANTS}
+        src = {v: _block_table(tokens, 0, run) for v, (run, _) in VARIANTS.items()}
+        dst = {v: _block_table(tokens, 1, run) for v, (run, _) in VARIANTS.items()}
         index = torch.tensor((src if rank == 1 else dst)["ours-scattered"], device=device)
         staged = kv.index_select(0, index)
         for rep in range(repeats + 1):  # repeat 0 warms up and lets the channel join
@@ -124,7 +134,7 @@ def _worker(rank: int, port: int, backend: str, sizes: list[int], repeats: int, 
                     elif name == "naive":
                         dist.send(torch.index_select(kv, 0, index, out=staged), 0)
                     else:
-                        client.send_kv("decode", endpoint, tid, src[name], dst[name], tokens)
+                        clients[name].send_kv("decode", endpoint, tid, src[name], dst[name], tokens)
                     continue
                 if name in BASELINES:
                     dist.recv(flat if name == "raw" else staged, 1)
@@ -145,7 +155,8 @@ def _worker(rank: int, port: int, backend: str, sizes: list[int], repeats: int, 
         out.put({key: statistics.median(v) for key, v in samples.items()})
         server.close()
     else:
-        client.close()
+        for client in clients.values():
+            client.close()
     dist.destroy_process_group()
 
 

@@ -26,10 +26,17 @@ class ChannelConfig:
     """Limit of the rendezvous (store connection, epoch wait, process-group construction)."""
     idle_wait_s: float = 600.0
     """How long one idle wait on the control queue lasts before it is simply re-armed."""
+    message_bytes: int = 4 << 20
+    """Largest payload message (rounded down to whole blocks, at least one): a long run of blocks
+    goes as several messages, so the receiver's copy out of the socket overlaps the sender's."""
     transport: Transport | None = None
     """None: NCCL for CUDA caches, gloo otherwise. Gloo with a CUDA cache stages through CPU."""
     device_host: str | None = None
     """Address gloo binds and advertises to the peer; None: gloo's default (hostname lookup)."""
+
+    def __post_init__(self) -> None:
+        if self.message_bytes < 1:
+            raise ValueError(f"message_bytes must be positive, got {self.message_bytes}")
 
     @property
     def op_timeout(self) -> timedelta:

@@ -131,7 +131,9 @@ class PrefillChannel:
         # sends block counts that look wrong, and the layout mismatch is the error that explains it.
         link = self._rendezvous.link()
         self.state = ChannelState.READY
-        segments = _plan(job, self._layout.block_size)
+        segments = _plan(
+            job, self._layout.block_size, max(1, self._config.message_bytes // self._layout.block_bytes)
+        )
         start = time.perf_counter()
         frame = Frame.build(link.seq, job.num_tokens, segments, self._layout)
         push(link.store, ControlMessage(Control.SEND, job.transfer_id, frame.encode()))
@@ -148,7 +150,7 @@ class PrefillChannel:
         return stats
 
 
-def _plan(job: _Job, block_size: int) -> list[Segment]:
+def _plan(job: _Job, block_size: int, max_blocks: int) -> list[Segment]:
     """Validate the job's block ids and cut them into segments; ``ValueError`` if they are bad."""
     check_block_ids(job.src_blocks, job.num_tokens, block_size, job.kv_cache.shape[0])
     if len(job.dst_blocks) != len(job.src_blocks):
@@ -156,4 +158,4 @@ def _plan(job: _Job, block_size: int) -> list[Segment]:
     check_block_ids(
         job.dst_blocks, job.num_tokens, block_size, capacity=2**62
     )  # the receiver checks the range
-    return plan_segments(job.src_blocks, job.dst_blocks)
+    return plan_segments(job.src_blocks, job.dst_blocks, max_blocks)

@@ -37,12 +37,21 @@ class Segment:
     count: int
 
 
-def plan_segments(src_ids: Sequence[int], dst_ids: Sequence[int]) -> list[Segment]:
-    """Cut a block mapping into maximal runs consecutive on both sides."""
+def plan_segments(
+    src_ids: Sequence[int], dst_ids: Sequence[int], max_count: int | None = None
+) -> list[Segment]:
+    """Cut a block mapping into maximal runs consecutive on both sides, each at most ``max_count``
+    blocks long (None: no limit)."""
     segments: list[Segment] = []
+    limit = max_count or len(src_ids)
     for src, dst in zip(src_ids, dst_ids, strict=True):
         last = segments[-1] if segments else None
-        if last is not None and src == last.src + last.count and dst == last.dst + last.count:
+        if (
+            last is not None
+            and last.count < limit
+            and src == last.src + last.count
+            and dst == last.dst + last.count
+        ):
             segments[-1] = Segment(last.src, last.dst, last.count + 1)
         else:
             segments.append(Segment(src, dst, 1))

@@ -38,7 +38,8 @@ from scalellm.transfer.rendezvous import (
 from scalellm.transfer.wire import Frame, Segment, plan_segments
 
 LAYERS, BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM = 6, 48, 4, 2, 8
-CONFIG = ChannelConfig(op_timeout_s=5, connect_timeout_s=10, device_host="127.0.0.1")
+# message_bytes: three blocks of this layout, so that long runs travel as several messages
+CONFIG = ChannelConfig(op_timeout_s=5, connect_timeout_s=10, device_host="127.0.0.1", message_bytes=3 * 3072)
 Transfer = tuple[
     int, tuple[int, ...], tuple[int, ...], int
 ]  # transfer id, source / destination blocks, tokens
@@ -217,6 +218,11 @@ def test_segments_are_runs_consecutive_on_both_sides() -> None:
     ]
     assert plan_segments(list(range(10, 18)), list(range(0, 8))) == [Segment(10, 0, 8)]
     assert plan_segments([5, 4], [1, 2]) == [Segment(5, 1, 1), Segment(4, 2, 1)]  # descending is no run
+    assert plan_segments(list(range(10, 15)), list(range(0, 5)), max_count=2) == [
+        Segment(10, 0, 2),
+        Segment(12, 2, 2),
+        Segment(14, 4, 1),
+    ]
 
 
 def test_transfers_land_exactly_in_reserved_blocks_in_fifo_order(prefill: Prefill, decode: Decode) -> None:
