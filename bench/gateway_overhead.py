@@ -21,6 +21,10 @@ Two ways of loading it:
   --mode steady  closed loop: each of the `concurrency` streams sends --warmup requests that are
                  not counted, then --requests counted ones, each as soon as its previous one
                  ended (concurrency x --requests samples per path, level and round).
+  --mode paired  steady, but each gateway path runs at the same time as `concurrency` direct
+                 streams (the worker batches both, 2 x concurrency): both see the same steps, so
+                 their difference is the gateway's hop and not the model's drift between phases.
+                 The direct rows are named after their partner (direct/gateway-grpc).
 
 --model tiny serves a tiny random Llama (3 layers, width 64) with the demo model's tokenizer and
 vocabulary, built once into the model cache: a step takes milliseconds even on a CPU, so tokens
@@ -254,6 +258,12 @@ async def bench(
         "direct": paths.direct, "gateway-grpc": paths.gateway_grpc, "gateway-http": paths.gateway_http,
     }  # fmt: skip
     named = {name: every[name] for name in args.paths}
+    if args.mode == "paired":  # each gateway path with its own direct partner, run together
+        phases = [[name, f"direct/{name}"] for name in named if name != "direct"]
+        named |= {f"direct/{name}": paths.direct for name in named if name != "direct"}
+        named.pop("direct", None)
+    else:
+        phases = [[name] for name in named]
     rows = []
     try:
         for path in named.values():  # open channels, load caches
@@ -262,25 +272,33 @@ async def bench(
             n = max(args.requests, concurrency)
             samples: dict[str, list[Sample]] = {name: [] for name in named}
             cpu: dict[str, dict[str, float]] = {name: dict.fromkeys(pids, 0.0) for name in named}
-            order = list(named)
+            order = list(phases)
             await run_level(paths.direct, [prompt() for _ in range(concurrency)], concurrency)  # warm-up
             before = await paths.gateway_overhead()
             for _ in range(args.rounds):  # the order rotates per round
-                for name in order:
+                for phase in order:
                     used = {proc: cpu_seconds(pid) for proc, pid in pids.items()}
-                    if args.mode == "steady":
-                        got = await run_steady(named[name], prompt, concurrency, args.warmup, args.requests)
+                    if args.mode == "burst":
+                        runs = [
+                            run_level(named[name], [prompt() for _ in range(n)], concurrency)
+                            for name in phase
+                        ]
                     else:
-                        got = await run_level(named[name], [prompt() for _ in range(n)], concurrency)
-                    for proc, pid in pids.items():
-                        cpu[name][proc] += cpu_seconds(pid) - used[proc]
-                    samples[name] += got
+                        runs = [
+                            run_steady(named[name], prompt, concurrency, args.warmup, args.requests)
+                            for name in phase
+                        ]
+                    for name, got in zip(phase, await asyncio.gather(*runs), strict=True):
+                        samples[name] += got
+                    for proc, pid in pids.items():  # a paired phase's CPU goes to its gateway path
+                        cpu[phase[0]][proc] += cpu_seconds(pid) - used[proc]
                 order = order[1:] + order[:1]
             after = await paths.gateway_overhead()
             mean_inside_ms = 1000 * (after[0] - before[0]) / max(1.0, after[1] - before[1])
-            direct_e2e = [s[1] for s in samples.get("direct", ())] or [float("nan")]
-            base50, base99 = pct(direct_e2e, 0.5), pct(direct_e2e, 0.99)
             for name, got in samples.items():
+                base = samples.get(f"direct/{name}") or samples.get("direct") or [(0.0, float("nan"), 0.0, 0)]
+                direct_e2e = [s[1] for s in base]
+                base50, base99 = pct(direct_e2e, 0.5), pct(direct_e2e, 0.99)
                 ttft, e2e = [s[0] for s in got], [s[1] for s in got]
                 inside = [s[2] for s in got if s[2] == s[2]] or [0.0]
                 row = {
@@ -294,24 +312,26 @@ async def bench(
                     "messages_per_request": statistics.mean(s[3] for s in got),
                 }  # fmt: skip
                 # CPU per request, warm-up requests included (steady mode runs them in the window).
-                per = len(got) * (1 + args.warmup / args.requests if args.mode == "steady" else 1)
+                per = len(got) * (1 + args.warmup / args.requests if args.mode != "burst" else 1)
                 for proc in pids:
                     row[f"{proc}_cpu_ms_per_request"] = 1000 * cpu[name][proc] / per
                 rows.append(row)
                 line = (
-                    f"c={concurrency:<3} {name:<13} n={len(got):<5} ttft p50 {row['ttft_p50_ms']:8.1f}"
+                    f"c={concurrency:<3} {name:<19} n={len(got):<5} ttft p50 {row['ttft_p50_ms']:8.1f}"
                     f" p99 {row['ttft_p99_ms']:8.1f}   e2e p50 {row['e2e_p50_ms']:8.1f}"
                     f" p99 {row['e2e_p99_ms']:8.1f} ms"
                 )
-                if name != "direct":
+                if not name.startswith("direct"):
                     line += (
                         f"   vs direct p50 {row['e2e_p50_minus_direct_ms']:+7.2f}"
                         f" p99 {row['e2e_p99_minus_direct_ms']:+7.2f} ms"
                         f"   gateway's own p50 {row['gateway_p50_ms']:6.3f} p99 {row['gateway_p99_ms']:6.3f} ms"
                     )
-                line += f"   msgs/req {row['messages_per_request']:.1f}   cpu ms/req " + " ".join(
-                    f"{proc} {row[f'{proc}_cpu_ms_per_request']:.2f}" for proc in pids
-                )
+                line += f"   msgs/req {row['messages_per_request']:.1f}"
+                if not name.startswith("direct/"):
+                    line += "   cpu ms/req " + " ".join(
+                        f"{proc} {row[f'{proc}_cpu_ms_per_request']:.2f}" for proc in pids
+                    )
                 print(line, flush=True)
             print(
                 f"c={concurrency:<3} mean time inside the gateway per request (its metric): "
@@ -330,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model", default=None, help="HF folder, or 'tiny' (default: the prepared demo model)"
     )
-    parser.add_argument("--mode", choices=("burst", "steady"), default="burst")
+    parser.add_argument("--mode", choices=("burst", "steady", "paired"), default="burst")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument(
         "--requests", type=int, default=32,
@@ -359,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     model = str(tiny_model(resolve_model_dir(None)) if tiny else resolve_model_dir(args.model))
     worker_args = [
         "--role", "both", "--model", model, "--listen", "127.0.0.1:0", "--advertise-host", "127.0.0.1",
-        "--transfer-listen", "127.0.0.1:0", "--max-num-seqs", str(max(args.concurrency)),
+        "--transfer-listen", "127.0.0.1:0", "--max-num-seqs", str(max(args.concurrency) * (2 if args.mode == "paired" else 1)),
         *(["--num-kv-blocks", "1024"] if tiny else []),
         *args.worker_args.split(),
     ]  # fmt: skip
