@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncGenerator
 from pathlib import Path
@@ -116,17 +117,26 @@ async def test_a_slow_reader_gets_the_engines_tokens_in_fewer_messages(tiny_llam
                 request_id=rid, prompt_token_ids=[5, 17, 99, 3, 42, 8], sampling=sampling
             )
 
-        async def read(rid: str, stall_s: float) -> list[worker_pb2.GenerateResponse]:
+        async def read(rid: str, stall: bool) -> list[worker_pb2.GenerateResponse]:
             out: list[Any] = []
             async for message in servicer.Generate(request(rid), _Context()):  # type: ignore[arg-type]
                 out.append(message)
-                if stall_s and len(out) == 1:
-                    time.sleep(stall_s)  # the loop is blocked: steps go on, their events queue up
-                    await asyncio.sleep(0.05)  # let the queued deliveries run
+                if stall and len(out) == 1:
+                    # Block the event loop until the engine has generated every token: the steps
+                    # go on on their thread, their events wait to be delivered to the stream.
+                    deadline = time.monotonic() + 120  # a hang guard only
+                    while host.engine.has_unfinished() and time.monotonic() < deadline:
+                        time.sleep(0.01)
+                    # A command runs on the step thread after the last step handed its events
+                    # to the loop: once it ran, every delivery is queued.
+                    barrier = threading.Event()
+                    host.aengine.submit(lambda _, ran=barrier: ran.set())
+                    assert barrier.wait(120)
+                    await asyncio.sleep(0)  # the queued deliveries run first
             return out
 
-        keeping_up = await read("keep", 0.0)
-        slow = await read("slow", 0.5)
+        keeping_up = await read("keep", stall=False)
+        slow = await read("slow", stall=True)
     finally:
         host.stop()
 
@@ -135,7 +145,7 @@ async def test_a_slow_reader_gets_the_engines_tokens_in_fewer_messages(tiny_llam
 
     assert len(tokens(keeping_up)) == len(tokens(slow)) == 24
     assert tokens(slow) == tokens(keeping_up)  # greedy: same tokens, same order
-    assert len(slow) < len(keeping_up) and max(len(m.token_ids) for m in slow) > 1
+    assert len(slow) == 2  # what came before the stall, then everything that queued during it
     for m in slow:
         assert [lp.token_id for lp in m.logprobs] == list(m.token_ids)
     logprobs = [lp.logprob for m in slow for lp in m.logprobs]
