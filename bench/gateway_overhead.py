@@ -13,7 +13,7 @@ and reports TTFT and end-to-end latency (p50, p99), each gateway path's differen
 p50 and p99, and the gateway's own time per request: the `gateway` timing it returns with every
 answer (routing and dispatch plus its processing of each worker message), p50 and p99.
 
-Two ways of loading it:
+Three ways of loading it:
 
   --mode burst   (default) each round sends max(--requests, concurrency) requests with
                  `concurrency` streams open: at 64 streams the first 64 arrive at once, so the
@@ -372,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args(argv)
+    if args.mode == "paired" and args.paths == ["direct"]:
+        parser.error("--mode paired needs a gateway path")
 
     from scalellm.models.prepare import resolve_model_dir
 
