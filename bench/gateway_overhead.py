@@ -31,8 +31,9 @@ vocabulary, built once into the model cache: a step takes milliseconds even on a
 come at a GPU-like rate (which loads the gateway harder than a real model on a CPU does) and the
 model's run-to-run spread no longer hides milliseconds.
 
-    python bench/gateway_overhead.py [--model tiny|FOLDER] [--mode burst|steady]
+    python bench/gateway_overhead.py [--model tiny|FOLDER] [--mode burst|steady|paired]
         [--concurrency 1 8 32 64] [--requests 32] [--warmup 4] [--rounds 2] [--max-tokens 16]
+        [--pin WORKER:GATEWAY:CLIENT] [--paths direct gateway-grpc gateway-http]
 """
 
 from __future__ import annotations
