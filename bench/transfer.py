@@ -8,12 +8,16 @@ worker (TransferClient). Layout: SmolLM2-135M (30 layers, 3 KV heads, head dim 6
 float32), block-major paged caches like the engine's. Per repeat, every transport moves the same
 payload bytes, in an order that alternates between repeats:
 
-- raw: one contiguous tensor, ``dist.send``/``dist.recv`` on an ``init_process_group`` world;
+- raw: one contiguous tensor, ``dist.send``/``dist.recv`` on an ``init_process_group`` world
+  (the issue's baseline);
+- raw-chunked: the same tensor as one-block messages, all posted at once (``isend``/``irecv``):
+  on gloo over loopback this is about twice as fast as one large message, so it is the stricter
+  baseline;
 - naive: what a user would write for paged KV on that world: gather every block into one
   preallocated tensor, send, receive, scatter into the reserved blocks (no header);
 - ours (contiguous): ``send_kv`` with source and destination blocks that are each one run of
   consecutive ids, what the block manager hands a fresh prompt: no copy, messages of at most
-  ``ChannelConfig.message_bytes`` (4 MiB); "ours-contiguous-1msg" sends the run as one message;
+  ``ChannelConfig.message_bytes`` (1 MiB: one block here); "ours-contiguous-1msg" sends the run as one message;
 - ours (scattered): random source and destination blocks, no two consecutive: one message per
   block, still no copy (the worst case for fragmentation).
 
@@ -51,7 +55,7 @@ VARIANTS: dict[str, tuple[bool, int]] = {
     "ours-contiguous-1msg": (True, 1 << 40),
     "ours-scattered": (False, ChannelConfig.message_bytes),
 }
-BASELINES = ("raw", "naive")
+BASELINES = ("raw", "raw-chunked", "naive")
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,7 @@ def _worker(rank: int, port: int, backend: str, sizes: list[int], repeats: int, 
         dst = {v: _block_table(tokens, 1, run) for v, (run, _) in VARIANTS.items()}
         index = torch.tensor((src if rank == 1 else dst)["ours-scattered"], device=device)
         staged = kv.index_select(0, index)
+        chunks = flat.split(layout.block_bytes // 4)
         for rep in range(repeats + 1):  # repeat 0 warms up and lets the channel join
             for name in [*BASELINES, *VARIANTS] if rep % 2 else [*VARIANTS, *BASELINES]:
                 tid += 1
@@ -131,13 +136,20 @@ def _worker(rank: int, port: int, backend: str, sizes: list[int], repeats: int, 
                     store.set(f"t0/{tid}", str(time.monotonic()))
                     if name == "raw":
                         dist.send(flat, 0)
+                    elif name == "raw-chunked":
+                        for work in [dist.isend(c, 0) for c in chunks]:
+                            work.wait()
                     elif name == "naive":
                         dist.send(torch.index_select(kv, 0, index, out=staged), 0)
                     else:
                         clients[name].send_kv("decode", endpoint, tid, src[name], dst[name], tokens)
                     continue
                 if name in BASELINES:
-                    dist.recv(flat if name == "raw" else staged, 1)
+                    if name == "raw-chunked":
+                        for work in [dist.irecv(c, 1) for c in chunks]:
+                            work.wait()
+                    else:
+                        dist.recv(flat if name == "raw" else staged, 1)
                     if name == "naive":
                         kv.index_copy_(0, index, staged)
                     if device.type == "cuda":
