@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="HF folder (default: the prepared demo model)")
     parser.add_argument("--num-requests", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--hf-repeats", type=int, default=1)
+    parser.add_argument("--hf-repeats", type=int, default=1, help="0: skip the transformers baseline")
     parser.add_argument("--out", type=Path, default=None, help="write JSON results here")
     args = parser.parse_args()
 
@@ -124,7 +124,7 @@ def main() -> None:
             if i < args.hf_repeats:
                 base.append(run_hf(hf, work, pad_id=0))
         ours_tps = work.output_tokens / statistics.median(ours)
-        hf_tps = work.output_tokens / statistics.median(base)
+        hf_tps = work.output_tokens / statistics.median(base) if base else float("nan")  # --hf-repeats 0
         results.append(
             dict(
                 num_requests=n,
