@@ -1,7 +1,8 @@
 """Attention over the paged KV cache.
 
 The cache of one layer is the strided view ``kv[num_blocks, 2, block_size, num_kv_heads,
-head_dim]`` of the block-major engine cache (see model_runner). A step's tokens arrive flattened, single-token queries (decodes) first, then prefill chunks:
+head_dim]`` of the block-major engine cache (see model_runner). A step's tokens arrive
+flattened, single-token queries (decodes) first, then prefill chunks:
 
     tokens   [d0 d1 d2 | p0 p0 p0 p0 | p1 p1]     num_decode_tokens = 3
               decodes    chunk of A    chunk of B

@@ -98,7 +98,7 @@ class ModelRunner:
         prefills = [s for s in scheduled if s.num_new_tokens > 1]
         input_ids: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
+        slot_blocks: list[int] = []  # the block of each new token (its offset is position % bs)
         sample_rows: list[int] = []
         sampling: list[Request] = []
 
@@ -106,7 +106,7 @@ class ModelRunner:
             req, pos = s.request, s.request.num_computed_tokens
             input_ids.append(req.token_ids[pos])
             positions.append(pos)
-            slots.append(req.block_ids[pos // bs] * bs + pos % bs)
+            slot_blocks.append(req.block_ids[pos // bs])
             if s.samples:
                 sample_rows.append(len(input_ids) - 1)
                 sampling.append(req)
@@ -117,7 +117,7 @@ class ModelRunner:
             offset = len(input_ids)
             input_ids.extend(req.token_ids[start : start + n])
             positions.extend(range(start, start + n))
-            slots.extend(req.block_ids[p // bs] * bs + p % bs for p in range(start, start + n))
+            slot_blocks.extend(req.block_ids[p // bs] for p in range(start, start + n))
             table = req.block_ids[: -(-(start + n) // bs)] if start else []
             spans.append(PrefillSpan(offset, offset + n, start, self._tensor(table)))
             if s.samples:
@@ -135,13 +135,11 @@ class ModelRunner:
                 :, None, None, :
             ]
 
-        slot_tensor = self._tensor(slots)
+        position_tensor = self._tensor(positions)
         meta = AttentionMetadata(
-            slot_tensor // bs, slot_tensor % bs, len(decodes), block_tables, mask, tuple(spans)
+            self._tensor(slot_blocks), position_tensor % bs, len(decodes), block_tables, mask, tuple(spans)
         )
-        return StepInputs(
-            self._tensor(input_ids), self._tensor(positions), meta, self._tensor(sample_rows), sampling
-        )
+        return StepInputs(self._tensor(input_ids), position_tensor, meta, self._tensor(sample_rows), sampling)
 
     def _tensor(self, data: list[int] | list[list[int]]) -> torch.Tensor:
         return torch.tensor(data, dtype=torch.long, device=self.device)

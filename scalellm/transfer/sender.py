@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import sys
 import threading
 import time
 from concurrent.futures import Future
@@ -155,7 +156,6 @@ def _plan(job: _Job, block_size: int, max_blocks: int) -> list[Segment]:
     check_block_ids(job.src_blocks, job.num_tokens, block_size, job.kv_cache.shape[0])
     if len(job.dst_blocks) != len(job.src_blocks):
         raise ValueError(f"{len(job.dst_blocks)} destination blocks for {len(job.src_blocks)} source blocks")
-    check_block_ids(
-        job.dst_blocks, job.num_tokens, block_size, capacity=2**62
-    )  # the receiver checks the range
+    # Distinct and one per block; only the receiver knows its capacity, so it checks the range.
+    check_block_ids(job.dst_blocks, job.num_tokens, block_size, capacity=sys.maxsize)
     return plan_segments(job.src_blocks, job.dst_blocks, max_blocks)
