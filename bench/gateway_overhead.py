@@ -61,8 +61,9 @@ sys.path.insert(0, str(ROOT))
 
 from scalellm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, worker_pb2, worker_pb2_grpc  # noqa: E402
 
-# (ttft, e2e, the gateway's own time (nan on the direct path), messages or SSE events received)
-Sample = tuple[float, float, float, int]
+# (ttft, e2e, the gateway's own time, messages or SSE events received, the worker's stream as the
+#  gateway saw it (worker_call); the gateway's two are nan on the direct path)
+Sample = tuple[float, float, float, int, float]
 Path_ = Callable[[list[int]], Awaitable[Sample]]
 
 # What the gateway reads from a model folder besides config.json.
@@ -140,6 +141,7 @@ class Paths:
 
     async def _stream(self, call: grpc.aio.UnaryStreamCall) -> Sample:
         start, ttft, tokens, inside, messages = time.perf_counter(), None, 0, float("nan"), 0
+        worker_call = float("nan")
         async for message in call:
             messages += 1
             if message.token_ids:
@@ -147,9 +149,9 @@ class Paths:
                 if ttft is None:
                     ttft = time.perf_counter() - start
             if message.HasField("timings") and message.timings.gateway:
-                inside = message.timings.gateway
+                inside, worker_call = message.timings.gateway, message.timings.worker_call
         assert tokens == self.max_tokens, f"{tokens} tokens, expected {self.max_tokens}"
-        return ttft or 0.0, time.perf_counter() - start, inside, messages
+        return ttft or 0.0, time.perf_counter() - start, inside, messages, worker_call
 
     async def direct(self, prompt: list[int]) -> Sample:
         request = worker_pb2.GenerateRequest(
@@ -171,7 +173,7 @@ class Paths:
             "stream": True,
             "ignore_eos": True,
         }
-        start, ttft, inside, events = time.perf_counter(), None, float("nan"), 0
+        start, ttft, inside, events, worker_call = time.perf_counter(), None, float("nan"), 0, float("nan")
         headers = {"x-scalellm-timings": "1"}
         async with self.session.post(self.http_url, json=body, headers=headers) as response:
             assert response.status == 200, await response.text()
@@ -181,8 +183,9 @@ class Paths:
                     if ttft is None:
                         ttft = time.perf_counter() - start
                 if b'"timings"' in line:
-                    inside = json.loads(line[6:])["choices"][0]["timings"]["gateway"]
-        return ttft or 0.0, time.perf_counter() - start, inside, events
+                    t = json.loads(line[6:])["choices"][0]["timings"]
+                    inside, worker_call = t["gateway"], t["worker_call"]
+        return ttft or 0.0, time.perf_counter() - start, inside, events, worker_call
 
     async def gateway_overhead(self) -> tuple[float, float]:
         """(sum, count) of scalellm_gateway_overhead_seconds: the gateway's own time per request."""
@@ -244,6 +247,17 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def p50_difference_ci(a: list[float], b: list[float], draws: int = 1000) -> tuple[float, float]:
+    """95% bootstrap interval of median(a) - median(b): how far the measured difference could move
+    by chance alone, given each path's own spread (independent resampling of both)."""
+    rng = random.Random(1)
+    diffs = sorted(
+        statistics.median(rng.choices(a, k=len(a))) - statistics.median(rng.choices(b, k=len(b)))
+        for _ in range(draws)
+    )
+    return diffs[int(0.025 * draws)], diffs[int(0.975 * draws)]
+
+
 async def bench(
     args: argparse.Namespace, worker: str, gw_grpc: str, gw_http: str, pids: dict[str, int]
 ) -> list[dict[str, float]]:
@@ -297,10 +311,16 @@ async def bench(
             after = await paths.gateway_overhead()
             mean_inside_ms = 1000 * (after[0] - before[0]) / max(1.0, after[1] - before[1])
             for name, got in samples.items():
-                base = samples.get(f"direct/{name}") or samples.get("direct") or [(0.0, float("nan"), 0.0, 0)]
+                nan = float("nan")
+                base = samples.get(f"direct/{name}") or samples.get("direct") or [(0.0, nan, 0.0, 0, nan)]
                 direct_e2e = [s[1] for s in base]
                 base50, base99 = pct(direct_e2e, 0.5), pct(direct_e2e, 0.99)
                 ttft, e2e = [s[0] for s in got], [s[1] for s in got]
+                # The hop: what this request's client waited beyond the gateway's own call to the
+                # worker (accepting the call, all before dispatch, passing the last message on).
+                # Measured within each request, so free of the step quantization that moves e2e.
+                hop = [s[1] - s[4] for s in got if s[4] == s[4]] or [nan]
+                worker_call = [s[4] for s in got if s[4] == s[4]] or [nan]
                 inside = [s[2] for s in got if s[2] == s[2]] or [0.0]
                 row = {
                     "concurrency": concurrency, "path": name, "requests": len(got),
@@ -309,6 +329,11 @@ async def bench(
                     "e2e_p50_minus_direct_ms": 1000 * (pct(e2e, 0.5) - base50),
                     "e2e_p99_minus_direct_ms": 1000 * (pct(e2e, 0.99) - base99),
                     "e2e_p50_vs_direct": statistics.median(e2e) / statistics.median(direct_e2e),
+                    "e2e_mean_minus_direct_ms": 1000 * (statistics.mean(e2e) - statistics.mean(direct_e2e)),
+                    "e2e_p50_minus_direct_ci95_ms": [1000 * x for x in p50_difference_ci(e2e, direct_e2e)]
+                    if not name.startswith("direct") and direct_e2e[0] == direct_e2e[0] else [nan, nan],
+                    "hop_p50_ms": 1000 * pct(hop, 0.5), "hop_p99_ms": 1000 * pct(hop, 0.99),
+                    "worker_call_p50_minus_direct_ms": 1000 * (pct(worker_call, 0.5) - base50),
                     "gateway_p50_ms": 1000 * pct(inside, 0.5), "gateway_p99_ms": 1000 * pct(inside, 0.99),
                     "messages_per_request": statistics.mean(s[3] for s in got),
                 }  # fmt: skip
@@ -316,16 +341,20 @@ async def bench(
                 per = len(got) * (1 + args.warmup / args.requests if args.mode != "burst" else 1)
                 for proc in pids:
                     row[f"{proc}_cpu_ms_per_request"] = 1000 * cpu[name][proc] / per
-                rows.append(row)
+                rows.append(row | {"samples": [list(sample) for sample in got]} if args.json else row)
                 line = (
                     f"c={concurrency:<3} {name:<19} n={len(got):<5} ttft p50 {row['ttft_p50_ms']:8.1f}"
                     f" p99 {row['ttft_p99_ms']:8.1f}   e2e p50 {row['e2e_p50_ms']:8.1f}"
                     f" p99 {row['e2e_p99_ms']:8.1f} ms"
                 )
                 if not name.startswith("direct"):
+                    low, high = row["e2e_p50_minus_direct_ci95_ms"]
                     line += (
-                        f"   vs direct p50 {row['e2e_p50_minus_direct_ms']:+7.2f}"
-                        f" p99 {row['e2e_p99_minus_direct_ms']:+7.2f} ms"
+                        f"   vs direct: e2e p50 {row['e2e_p50_minus_direct_ms']:+7.2f}"
+                        f" (95% CI {low:+.1f}..{high:+.1f})"
+                        f" p99 {row['e2e_p99_minus_direct_ms']:+7.2f} mean {row['e2e_mean_minus_direct_ms']:+7.2f} ms"
+                        f"   hop p50 {row['hop_p50_ms']:6.2f} p99 {row['hop_p99_ms']:6.2f} ms"
+                        f" (its worker call vs direct p50 {row['worker_call_p50_minus_direct_ms']:+6.2f} ms)"
                         f"   gateway's own p50 {row['gateway_p50_ms']:6.3f} p99 {row['gateway_p99_ms']:6.3f} ms"
                     )
                 line += f"   msgs/req {row['messages_per_request']:.1f}"
@@ -371,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         "--pin", default="",
         help="WORKER:GATEWAY:CLIENT cpu lists (Linux), e.g. '0:1:1' keeps the gateway off the model's core",
     )  # fmt: skip
-    parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--json", default=None, help="also write the rows here, each request's sample too")
     args = parser.parse_args(argv)
     if args.mode == "paired" and args.paths == ["direct"]:
         parser.error("--mode paired needs a gateway path")

@@ -129,6 +129,7 @@ class ChoiceStream:
 
     def _final(self, msg: worker_pb2.GenerateResponse, cut: bool) -> tuple[ChoiceUsage, Timings]:
         total = self.last_at - self.request.received_at
+        worker_call = self.last_at - self.dispatched_at
         if not cut and msg.HasField("usage"):
             u, t = msg.usage, msg.timings
             usage = ChoiceUsage(
@@ -136,12 +137,15 @@ class ChoiceStream:
             )
             timings = Timings(
                 queue=t.queue, prefill=t.prefill, transfer=t.transfer, decode=t.decode,
-                transfer_bytes=t.transfer_bytes, total=total,
+                transfer_bytes=t.transfer_bytes, total=total, worker_call=worker_call,
             )  # fmt: skip
             return usage, timings
         # Cut by a stop string (the worker's own summary never comes): count and time it here.
         usage = ChoiceUsage(self._prompt_len, self.completion_tokens)
         timings = Timings(
-            prefill=self.first_at - self.dispatched_at, decode=self.last_at - self.first_at, total=total
+            prefill=self.first_at - self.dispatched_at,
+            decode=self.last_at - self.first_at,
+            total=total,
+            worker_call=worker_call,
         )
         return usage, timings

@@ -37,7 +37,8 @@ class Timings:
     transfer: float = 0.0
     decode: float = 0.0
     transfer_bytes: int = 0
-    total: float = 0.0  # arrival at the gateway to the last token
+    total: float = 0.0  # arrival at the gateway to the worker's last message
+    worker_call: float = 0.0  # the decode stream as the gateway saw it: opened to last message
 
     def to_proto(self) -> common_pb2.Timings:
         return common_pb2.Timings(
@@ -47,6 +48,8 @@ class Timings:
             transfer=self.transfer,
             decode=self.decode,
             transfer_bytes=self.transfer_bytes,
+            total=self.total,
+            worker_call=self.worker_call,
         )
 
     def to_json(self) -> dict[str, float | int]:
@@ -58,6 +61,7 @@ class Timings:
             "decode": round(self.decode, 6),
             "transfer_bytes": self.transfer_bytes,
             "total": round(self.total, 6),
+            "worker_call": round(self.worker_call, 6),
         }
 
 

@@ -156,6 +156,8 @@ def test_chat_and_stream_equal_the_engine(mesh: Mesh, expected: Expected) -> Non
     final = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
     timings = final.choices[0].model_extra["timings"]
     assert timings["prefill"] > 0 and timings["decode"] > 0 and timings["gateway"] < timings["total"]
+    worker_span = timings["queue"] + timings["prefill"] + timings["transfer"] + timings["decode"]
+    assert worker_span < timings["worker_call"] < timings["total"]  # the gateway's view wraps the worker's
 
 
 def test_static_gateway_n_and_stop(mesh: Mesh, expected: Expected) -> None:

@@ -42,6 +42,7 @@ async def test_generate_streams_text_ids_usage_and_timings(mesh: Mesh) -> None:
     )
     assert last.usage.completion_tokens == len(mesh.reply_ids) + 1 and last.usage.prompt_tokens > 0
     assert last.timings.gateway > 0 and last.timings.decode == pytest.approx(0.003)
+    assert 0 < last.timings.worker_call < last.timings.total
     sent = mesh.workers[0].requests[0]
     assert sent.sampling.temperature == 0 and sent.sampling.max_tokens == 100  # unset temperature: greedy
 

@@ -303,8 +303,11 @@ async def test_timings_opt_in(mesh: Mesh) -> None:
         model="SmolLM2-135M-Instruct", messages=messages, extra_headers={"x-scalellm-timings": "1"}
     )
     timings = timed.choices[0].model_extra["timings"]
-    assert set(timings) == {"gateway", "queue", "prefill", "transfer", "decode", "transfer_bytes", "total"}
+    assert set(timings) == {
+        "gateway", "queue", "prefill", "transfer", "decode", "transfer_bytes", "total", "worker_call",
+    }  # fmt: skip
     assert timings["queue"] == pytest.approx(0.001) and 0 < timings["gateway"] < timings["total"]
+    assert 0 < timings["worker_call"] < timings["total"]  # the worker's stream, inside the total
 
 
 async def test_models_and_health(mesh: Mesh) -> None:
