@@ -10,9 +10,10 @@ at import time: ``parse_config`` reads argv and the environment when a service s
 from __future__ import annotations
 
 import argparse
+import enum
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, Field, dataclass, fields
 from typing import Any, TypeVar
 
 C = TypeVar("C")
@@ -36,12 +37,29 @@ def split_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def _default_text(f: Field[Any], extra: Mapping[str, Any]) -> str:
+    """What --help shows as a field's default: extra's value, the dataclass default, or 'required'."""
+    if f.name in extra:
+        value = extra[f.name]
+    elif f.default is not MISSING:
+        value = f.default
+    elif f.default_factory is not MISSING:
+        value = f.default_factory()
+    else:
+        return "required"
+    return f"default {_choice_name(value) if isinstance(value, enum.Enum) else repr(value)}"
+
+
 def build_parser(
-    config_cls: type, options: Sequence[Option], prog: str, description: str
+    config_cls: type,
+    options: Sequence[Option],
+    prog: str,
+    description: str,
+    extra: Mapping[str, Any] | None = None,
 ) -> argparse.ArgumentParser:
     """Every default is None, so that the environment and then the dataclass default apply."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    defaults = {f.name: f.default for f in fields(config_cls)}
+    defaults = {f.name: _default_text(f, extra or {}) for f in fields(config_cls)}
     for option in options:
         parser.add_argument(
             option.flag,
@@ -51,7 +69,7 @@ def build_parser(
             choices=option.choices,
             metavar="{" + ",".join(map(_choice_name, option.choices)) + "}" if option.choices else None,
             action="append" if option.repeat else "store",
-            help=f"{option.help} (env {option.env}; default {defaults.get(option.field)!r})",
+            help=f"{option.help} (env {option.env}; {defaults.get(option.field, 'default None')})",
         )
     return parser
 
@@ -68,7 +86,7 @@ def parse_config(
 ) -> C:
     """Build ``config_cls`` from flags (argv, default sys.argv[1:]) and environ (default
     os.environ); a bad value exits with the parser's usage error naming it."""
-    parser = build_parser(config_cls, options, prog, description)
+    parser = build_parser(config_cls, options, prog, description, extra)
     args = parser.parse_args(argv)
     env = os.environ if environ is None else environ
     values: dict[str, Any] = dict(extra or {})
