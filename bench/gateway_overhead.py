@@ -3,15 +3,19 @@
 Starts a colocated decode worker on the model (default: the prepared demo model) and a gateway
 pointing at it (static --decode-addr), then, at each concurrency level, runs greedy requests of the
 same shape (fresh random prompts for every path, so the prefix cache favours none; fixed lengths;
-ignore_eos) three ways, interleaved round by round so that drift hits them alike:
+ignore_eos) several ways, interleaved round by round so that drift hits them alike:
 
-  direct        gRPC DecodeWorker.Generate on the worker
-  gateway-grpc  gRPC Gateway.Generate on the gateway
-  gateway-http  POST /v1/completions with "stream": true (SSE) on the gateway
+  direct          gRPC DecodeWorker.Generate on the worker, one call per request
+  direct-session  gRPC DecodeWorker.Session on the worker, every request on one stream (the
+                  protocol the gateway itself uses to reach the worker)
+  gateway-grpc    gRPC Gateway.Generate on the gateway
+  gateway-http    POST /v1/completions with "stream": true (SSE) on the gateway
 
-and reports TTFT and end-to-end latency (p50, p99), each gateway path's difference to direct at
-p50 and p99, and the gateway's own time per request: the `gateway` timing it returns with every
-answer (routing and dispatch plus its processing of each worker message), p50 and p99.
+and reports TTFT and end-to-end latency (p50, p99; the end is the message that carries the finish
+reason, or `[DONE]`), each gateway path's difference to direct (and to direct-session when it ran)
+at p50, with a 95% bootstrap interval, p99 and mean, and the gateway's own time per request: the
+`gateway` timing it returns with every answer (routing and dispatch plus its processing of each
+worker message), p50 and p99.
 
 Three ways of loading it:
 
@@ -33,7 +37,7 @@ model's run-to-run spread no longer hides milliseconds.
 
     python bench/gateway_overhead.py [--model tiny|FOLDER] [--mode burst|steady|paired]
         [--concurrency 1 8 32 64] [--requests 32] [--warmup 4] [--rounds 2] [--max-tokens 16]
-        [--pin WORKER:GATEWAY:CLIENT] [--paths direct gateway-grpc gateway-http]
+        [--pin WORKER:GATEWAY:CLIENT] [--paths direct direct-session gateway-grpc gateway-http]
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from scalellm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, worker_pb2, worker_pb2_grpc  # noqa: E402
+from services.gateway.session import WorkerSession  # noqa: E402
 
 # (ttft, e2e, the gateway's own time, messages or SSE events received, the worker's stream as the
 #  gateway saw it (worker_call); the gateway's two are nan on the direct path)
@@ -135,6 +140,7 @@ class Paths:
         self.worker_channel = grpc.aio.insecure_channel(worker)
         self.gateway_channel = grpc.aio.insecure_channel(gw_grpc)
         self.worker = worker_pb2_grpc.DecodeWorkerStub(self.worker_channel)
+        self.worker_session = WorkerSession(self.worker, worker)
         self.gateway = gateway_pb2_grpc.GatewayStub(self.gateway_channel)
         self.http_url = f"http://{gw_http}/v1/completions"
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
@@ -142,22 +148,40 @@ class Paths:
     async def _stream(self, call: grpc.aio.UnaryStreamCall) -> Sample:
         start, ttft, tokens, inside, messages = time.perf_counter(), None, 0, float("nan"), 0
         worker_call = float("nan")
+        end = None
         async for message in call:
             messages += 1
             if message.token_ids:
                 tokens += len(message.token_ids)
                 if ttft is None:
                     ttft = time.perf_counter() - start
+            if message.finish_reason:  # the answer is complete; the call's status follows
+                end = time.perf_counter() - start
             if message.HasField("timings") and message.timings.gateway:
                 inside, worker_call = message.timings.gateway, message.timings.worker_call
         assert tokens == self.max_tokens, f"{tokens} tokens, expected {self.max_tokens}"
-        return ttft or 0.0, time.perf_counter() - start, inside, messages, worker_call
+        return ttft or 0.0, end or time.perf_counter() - start, inside, messages, worker_call
 
     async def direct(self, prompt: list[int]) -> Sample:
         request = worker_pb2.GenerateRequest(
             request_id=uuid.uuid4().hex, prompt_token_ids=prompt, sampling=self.sampling
         )
         return await self._stream(self.worker.Generate(request))
+
+    async def direct_session(self, prompt: list[int]) -> Sample:
+        """The worker's Session rpc, as the gateway calls it (every stream of the bench on one)."""
+        request = worker_pb2.GenerateRequest(
+            request_id=uuid.uuid4().hex, prompt_token_ids=prompt, sampling=self.sampling
+        )
+        start, ttft, tokens, messages = time.perf_counter(), None, 0, 0
+        call = self.worker_session.start(request, start + 600.0)
+        while (message := await call.read()) is not None:
+            messages += 1
+            tokens += len(message.token_ids)
+            if ttft is None and message.token_ids:
+                ttft = time.perf_counter() - start
+        assert tokens == self.max_tokens, f"{tokens} tokens, expected {self.max_tokens}"
+        return ttft or 0.0, time.perf_counter() - start, float("nan"), messages, float("nan")
 
     async def gateway_grpc(self, prompt: list[int]) -> Sample:
         request = gateway_pb2.GatewayGenerateRequest(
@@ -200,6 +224,7 @@ class Paths:
 
     async def close(self) -> None:
         await self.session.close()
+        await self.worker_session.close()
         await self.worker_channel.close()
         await self.gateway_channel.close()
 
@@ -270,7 +295,8 @@ async def bench(
         return [rng.randrange(100, 40000) for _ in range(args.prompt_tokens)]
 
     every: dict[str, Path_] = {
-        "direct": paths.direct, "gateway-grpc": paths.gateway_grpc, "gateway-http": paths.gateway_http,
+        "direct": paths.direct, "direct-session": paths.direct_session,
+        "gateway-grpc": paths.gateway_grpc, "gateway-http": paths.gateway_http,
     }  # fmt: skip
     named = {name: every[name] for name in args.paths}
     if args.mode == "paired":  # each gateway path with its own direct partner, run together
@@ -316,6 +342,7 @@ async def bench(
                 direct_e2e = [s[1] for s in base]
                 base50, base99 = pct(direct_e2e, 0.5), pct(direct_e2e, 0.99)
                 ttft, e2e = [s[0] for s in got], [s[1] for s in got]
+                session_e2e = [s[1] for s in samples.get("direct-session", [])] or [nan]
                 # The hop: what this request's client waited beyond the gateway's own call to the
                 # worker (accepting the call, all before dispatch, passing the last message on).
                 # Measured within each request, so free of the step quantization that moves e2e.
@@ -332,6 +359,7 @@ async def bench(
                     "e2e_mean_minus_direct_ms": 1000 * (statistics.mean(e2e) - statistics.mean(direct_e2e)),
                     "e2e_p50_minus_direct_ci95_ms": [1000 * x for x in p50_difference_ci(e2e, direct_e2e)]
                     if not name.startswith("direct") and direct_e2e[0] == direct_e2e[0] else [nan, nan],
+                    "e2e_p50_minus_direct_session_ms": 1000 * (pct(e2e, 0.5) - pct(session_e2e, 0.5)),
                     "hop_p50_ms": 1000 * pct(hop, 0.5), "hop_p99_ms": 1000 * pct(hop, 0.99),
                     "worker_call_p50_minus_direct_ms": 1000 * (pct(worker_call, 0.5) - base50),
                     "gateway_p50_ms": 1000 * pct(inside, 0.5), "gateway_p99_ms": 1000 * pct(inside, 0.99),
@@ -353,6 +381,7 @@ async def bench(
                         f"   vs direct: e2e p50 {row['e2e_p50_minus_direct_ms']:+7.2f}"
                         f" (95% CI {low:+.1f}..{high:+.1f})"
                         f" p99 {row['e2e_p99_minus_direct_ms']:+7.2f} mean {row['e2e_mean_minus_direct_ms']:+7.2f} ms"
+                        f"   vs direct-session: e2e p50 {row['e2e_p50_minus_direct_session_ms']:+7.2f} ms"
                         f"   hop p50 {row['hop_p50_ms']:6.2f} p99 {row['hop_p99_ms']:6.2f} ms"
                         f" (its worker call vs direct p50 {row['worker_call_p50_minus_direct_ms']:+6.2f} ms)"
                         f"   gateway's own p50 {row['gateway_p50_ms']:6.3f} p99 {row['gateway_p99_ms']:6.3f} ms"
@@ -391,8 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument(
-        "--paths", nargs="+", choices=("direct", "gateway-grpc", "gateway-http"),
-        default=["direct", "gateway-grpc", "gateway-http"], help="which paths to run (e.g. to profile one)",
+        "--paths", nargs="+", choices=("direct", "direct-session", "gateway-grpc", "gateway-http"),
+        default=["direct", "direct-session", "gateway-grpc", "gateway-http"], help="which paths to run (e.g. to profile one)",
     )  # fmt: skip
     parser.add_argument("--worker-args", default="", help="extra decode worker flags, e.g. '--device cuda'")
     parser.add_argument("--gateway-args", default="", help="extra gateway flags")

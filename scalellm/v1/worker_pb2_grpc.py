@@ -40,6 +40,11 @@ class DecodeWorkerStub:
                 request_serializer=scalellm_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=scalellm_dot_v1_dot_worker__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/scalellm.v1.DecodeWorker/Session',
+                request_serializer=scalellm_dot_v1_dot_worker__pb2.SessionRequest.SerializeToString,
+                response_deserializer=scalellm_dot_v1_dot_worker__pb2.SessionResponse.FromString,
+                _registered_method=True)
 
 
 class DecodeWorkerServicer:
@@ -59,6 +64,19 @@ class DecodeWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """Many requests over one long-lived stream: what the gateway uses. Requests and cancels go up
+        as SessionRequests; every SessionResponse carries each request's output since the last one,
+        so one message serves a whole engine step instead of one message per request, and starting a
+        request costs one message instead of a new call. Each request behaves as it would under
+        Generate (same admission, same errors, reported per request as SessionUpdate.error_code).
+        Half-closing the stream lets the running requests finish and then ends it; cancelling it
+        cancels every request still running on it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -66,6 +84,11 @@ def add_DecodeWorkerServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=scalellm_dot_v1_dot_worker__pb2.GenerateRequest.FromString,
                     response_serializer=scalellm_dot_v1_dot_worker__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=scalellm_dot_v1_dot_worker__pb2.SessionRequest.FromString,
+                    response_serializer=scalellm_dot_v1_dot_worker__pb2.SessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -96,6 +119,33 @@ class DecodeWorker:
             '/scalellm.v1.DecodeWorker/Generate',
             scalellm_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
             scalellm_dot_v1_dot_worker__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/scalellm.v1.DecodeWorker/Session',
+            scalellm_dot_v1_dot_worker__pb2.SessionRequest.SerializeToString,
+            scalellm_dot_v1_dot_worker__pb2.SessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

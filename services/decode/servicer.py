@@ -1,5 +1,5 @@
 """The DecodeWorker gRPC servicer: proto in, DecodeWorker, proto out. Errors are mapped by
-scalellm.worker.errors.ErrorInterceptor.
+scalellm.worker.errors.ErrorInterceptor (Generate) or per request (Session, services/decode/session.py).
 
 A stream's reader may be slower than the engine's steps (a busy gateway, a slow network, this
 process's own event loop behind the step thread): then the request's tokens wait in its event
@@ -17,6 +17,7 @@ import grpc
 
 from scalellm.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from scalellm.worker.convert import finish_reason_to_proto, logprobs_to_proto, sampling_from_proto
+from services.decode.session import serve_session
 from services.decode.worker import Chunk, DecodeWorker, PrefillTarget
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["DecodeWorker"].full_name
@@ -29,6 +30,21 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
     async def Generate(
         self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        async with aclosing(self.messages(request)) as messages:
+            async for message in messages:
+                yield message
+
+    async def Session(
+        self, request_iterator: AsyncIterator[worker_pb2.SessionRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.SessionResponse]:
+        async with aclosing(serve_session(request_iterator, self.messages)) as responses:
+            async for response in responses:
+                yield response
+
+    async def messages(
+        self, request: worker_pb2.GenerateRequest
+    ) -> AsyncGenerator[worker_pb2.GenerateResponse, None]:
+        """One request's messages, for Generate and for each request of a Session."""
         if not request.request_id:
             raise ValueError("request_id must not be empty")
         chunks = self.worker.generate(
@@ -46,7 +62,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
 
 async def coalesce(
     chunks: AsyncGenerator[Chunk, None], ready: Callable[[], bool]
-) -> AsyncIterator[worker_pb2.GenerateResponse]:
+) -> AsyncGenerator[worker_pb2.GenerateResponse, None]:
     """One message per chunk, plus each following chunk while ready() says one is already there
     (so taking it does not wait). Token order is kept, logprobs stay aligned with their tokens, and
     the finish (usage, timings) goes on the message that carries the last token, which ends it."""

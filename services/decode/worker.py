@@ -14,7 +14,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -139,7 +139,7 @@ class DecodeWorker:
         params: SamplingParams,
         priority: int = 0,
         targets: tuple[PrefillTarget, ...] = (),
-    ) -> AsyncIterator[Chunk]:
+    ) -> AsyncGenerator[Chunk, None]:
         if self.draining:
             raise Unavailable(f"decode worker {self.config.worker_id} is draining")
         req = self.host.engine.make_request(request_id, prompt_token_ids, params, priority)

@@ -1,5 +1,6 @@
-"""WorkerChannels: one long-lived grpc.aio channel (and stub) per worker address, reused by every
-request; channels of workers that left are closed when the worker set changes."""
+"""WorkerChannels: one long-lived grpc.aio channel (and stub) per worker address, and on it one
+Session stream (services/gateway/session.py), reused by every request; those of workers that left
+are closed when the worker set changes."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Collection
 import grpc
 
 from scalellm.v1 import worker_pb2_grpc
+from services.gateway.session import WorkerSession
 
 # Fast reconnects after a worker restarts; pings keep idle HTTP/2 connections warm through NATs.
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
@@ -28,6 +30,7 @@ class WorkerChannels:
     def __init__(self) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, worker_pb2_grpc.DecodeWorkerStub] = {}
+        self._sessions: dict[str, WorkerSession] = {}
 
     def decode_stub(self, address: str) -> worker_pb2_grpc.DecodeWorkerStub:
         stub = self._stubs.get(address)
@@ -37,6 +40,13 @@ class WorkerChannels:
             stub = self._stubs[address] = worker_pb2_grpc.DecodeWorkerStub(channel)
         return stub
 
+    def session(self, address: str) -> WorkerSession:
+        """The open Session stream to the decode worker at address (a new one if the last ended)."""
+        session = self._sessions.get(address)
+        if session is None or session.closed:
+            session = self._sessions[address] = WorkerSession(self.decode_stub(address), address)
+        return session
+
     @property
     def addresses(self) -> tuple[str, ...]:
         return tuple(self._channels)
@@ -45,9 +55,14 @@ class WorkerChannels:
         """Close channels to addresses no longer in live (calls on them finish or fail first)."""
         for address in [a for a in self._channels if a not in live]:
             self._stubs.pop(address, None)
+            session = self._sessions.pop(address, None)
+            if session is not None:
+                session.finish()  # its running requests finish, then the worker ends the stream
             channel = self._channels.pop(address)
             asyncio.get_running_loop().create_task(channel.close(grace=30.0))
 
     async def close(self) -> None:
+        sessions, self._sessions = self._sessions, {}
+        await asyncio.gather(*(s.close() for s in sessions.values()), return_exceptions=True)
         channels, self._channels, self._stubs = self._channels, {}, {}
         await asyncio.gather(*(c.close() for c in channels.values()), return_exceptions=True)

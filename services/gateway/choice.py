@@ -19,6 +19,7 @@ from services.gateway.errors import ErrorKind, GatewayError
 from services.gateway.request import GenerationRequest
 from services.gateway.results import ChoiceUpdate, ChoiceUsage, Finish, Timings
 from services.gateway.routing import RouteLease
+from services.gateway.session import SessionCall
 
 _FINISH = {common_pb2.FINISH_REASON_STOP: Finish.STOP, common_pb2.FINISH_REASON_LENGTH: Finish.LENGTH}
 
@@ -46,7 +47,7 @@ class ChoiceStream:
         request: GenerationRequest,
         index: int,
         tokenizer: Tokenizer,
-        call: grpc.aio.UnaryStreamCall,
+        call: SessionCall,
         lease: RouteLease,
         first: worker_pb2.GenerateResponse,
         *,
@@ -89,7 +90,7 @@ class ChoiceStream:
                         msg = await self._call.read()
                     except grpc.aio.AioRpcError as exc:
                         raise worker_error(exc, self.worker_id) from exc
-                    if msg is grpc.aio.EOF:
+                    if msg is None:
                         raise GatewayError(ErrorKind.INTERNAL, f"decode worker {self.worker_id} ended early")
                     self.last_at = time.perf_counter()
                 self._first = None

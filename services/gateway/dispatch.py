@@ -63,11 +63,8 @@ class Dispatcher:
                 ],
             )
             lease = self.router.acquire(route, len(prompt))
-            now = time.perf_counter()
-            dispatched_at = dispatched_at or now
-            call = self.channels.decode_stub(route.decode.address).Generate(
-                message, timeout=max(deadline - now, 0.001)
-            )
+            dispatched_at = dispatched_at or time.perf_counter()
+            call = self.channels.session(route.decode.address).start(message, deadline)
             try:
                 first = await call.read()
             except grpc.aio.AioRpcError as exc:
@@ -82,7 +79,7 @@ class Dispatcher:
                 call.cancel()
                 lease.release()
                 raise
-            if first is grpc.aio.EOF:
+            if first is None:
                 lease.release()
                 raise GatewayError(ErrorKind.INTERNAL, f"decode worker {route.decode.worker_id} sent nothing")
             return ChoiceStream(

@@ -311,3 +311,88 @@ async def test_sigterm_drains_in_flight_requests(demo_model_dir: Path) -> None:
                 assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert len(tokens) == 40  # the in-flight request finished
     assert decode.proc.wait(30) == 0
+
+
+async def _session_run(
+    address: str, messages: list[worker_pb2.SessionRequest]
+) -> tuple[dict[str, list[int]], dict[str, worker_pb2.SessionUpdate], list[int]]:
+    """Send messages on one Session stream, half-close, read it to its end: tokens per request, each
+    request's last update, and the number of updates each SessionResponse carried."""
+    tokens: dict[str, list[int]] = {}
+    last: dict[str, worker_pb2.SessionUpdate] = {}
+    sizes: list[int] = []
+
+    async def requests():  # type: ignore[no-untyped-def]
+        for message in messages:
+            yield message
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        async for response in worker_pb2_grpc.DecodeWorkerStub(channel).Session(requests()):
+            sizes.append(len(response.updates))
+            for update in response.updates:
+                assert update.request_id not in last, "an update after the request's last one"
+                tokens.setdefault(update.request_id, []).extend(update.response.token_ids)
+                if update.error_code or update.response.finish_reason:
+                    last[update.request_id] = update
+    return tokens, last, sizes
+
+
+@pytest.mark.parametrize("mesh_name", ["disagg", "colocated"])
+async def test_session_serves_many_requests_on_one_stream(request, mesh_name: str, workload) -> None:  # type: ignore[no-untyped-def]
+    """The gateway's path: the 32 requests on one Session stream equal the engine alone, several
+    requests share a message, a bad request fails alone, and half-closing ends the stream."""
+    mesh: Mesh = request.getfixturevalue(mesh_name)
+    prompts, lengths, expected = workload
+    good = [
+        _request(f"s-{mesh_name}-{i}", p, n, mesh.targets)
+        for i, (p, n) in enumerate(zip(prompts, lengths, strict=True))
+    ]
+    twin = _request("s-twin", [5] * 30, 500, [])
+    bad = _request("s-bad", [1, 2, 10**6], 4, mesh.targets)  # out of vocabulary
+    sent = [twin, good[0], bad, *good[1:], twin]  # the second twin reuses a running id
+    messages = [worker_pb2.SessionRequest(generate=g) for g in sent]
+    tokens, last, sizes = await _session_run(mesh.decode.address, messages)
+    assert [tokens[g.request_id] for g in good] == expected
+    assert all(last[g.request_id].response.finish_reason == common_pb2.FINISH_REASON_LENGTH for g in good)
+    invalid = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert last["s-bad"].error_code == invalid, last["s-bad"]
+    assert last["s-twin"].error_code == invalid and "already running" in last["s-twin"].error_message
+    assert max(sizes) > 1, sizes  # one message carried several requests' tokens
+    await _wait_all_blocks_free(mesh.decode)
+
+
+async def test_session_cancel_frees_blocks_and_keeps_the_stream(disagg: Mesh) -> None:
+    """Through the gateway's WorkerSession: a cancelled request frees its blocks on both workers, a
+    deadline ends a request with DEADLINE_EXCEEDED, and the same stream serves the next request."""
+    import time
+
+    from services.gateway.session import WorkerSession
+
+    async with grpc.aio.insecure_channel(disagg.decode.address) as channel:
+        session = WorkerSession(worker_pb2_grpc.DecodeWorkerStub(channel), disagg.decode.address)
+        far = time.perf_counter() + 60
+        call = session.start(_request("s-cancel", [11] * 300, 2000, disagg.targets), far)
+        got = 0
+        while got < 3:
+            got += len((await call.read()).token_ids)  # type: ignore[union-attr]
+        assert call.cancel()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call.read()
+        assert err.value.code() == grpc.StatusCode.CANCELLED
+        await _wait_all_blocks_free(disagg.decode)
+        assert disagg.prefill is not None
+        await _wait_all_blocks_free(disagg.prefill)
+
+        late = session.start(_request("s-deadline", [12] * 40, 2000, []), time.perf_counter() + 0.5)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            while True:
+                await late.read()
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await _wait_all_blocks_free(disagg.decode)
+
+        again = session.start(_request("s-again", [1, 2, 3], 3, []), far)
+        out: list[int] = []
+        while (msg := await again.read()) is not None:
+            out += msg.token_ids
+        assert len(out) == 3 and not session.closed and session.running == 0
+        await session.close()

@@ -13,6 +13,7 @@ from tests.unit.test_gateway_server import (  # noqa: F401 - fixtures
     REPLY,
     Mesh,
     MeshFactory,
+    ScriptedDecode,
     mesh,
     mesh_factory,
     served_config,
@@ -107,6 +108,51 @@ async def test_cancel_and_deadline_cancel_the_decode_stream(mesh_factory: MeshFa
         assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
         await wait_for(lambda: len(mesh.workers[0].cancelled) == 2)
         await wait_for(lambda: mesh.gateway.core.in_flight == 0)
+
+
+async def test_a_worker_dying_mid_stream_fails_its_requests_and_a_restart_serves(
+    mesh_factory: MeshFactory,
+) -> None:
+    """The worker's Session stream breaks: the request on it ends with UNAVAILABLE (no hang), and
+    once a worker is back at the address the gateway opens a new stream to it."""
+    import asyncio
+
+    from scalellm.redis_server import free_port
+    from scalellm.v1 import worker_pb2_grpc
+
+    port = free_port()
+    mesh = await mesh_factory(workers=0, decode_addrs=(f"w0=127.0.0.1:{port}",))
+
+    async def serve(**kw: float) -> grpc.aio.Server:
+        server = grpc.aio.server()
+        worker_pb2_grpc.add_DecodeWorkerServicer_to_server(ScriptedDecode(mesh.reply_ids, **kw), server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        return server
+
+    server = await serve(delay_s=0.05)
+    async with grpc.aio.insecure_channel(mesh.grpc_address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        call = stub.Generate(Request(text="x"))
+        assert (await call.read()).token_ids
+        await server.stop(0)  # the worker dies with the request running
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await asyncio.wait_for(call.read(), 10)
+        assert err.value.code() is grpc.StatusCode.UNAVAILABLE, err.value
+        await wait_for(lambda: mesh.gateway.core.in_flight == 0)
+
+        server = await serve()
+        try:
+            for _ in range(50):  # the channel reconnects within its backoff (100 ms at first)
+                try:
+                    messages = [m async for m in stub.Generate(Request(text="x"))]
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() is grpc.StatusCode.UNAVAILABLE, exc
+                    await asyncio.sleep(0.1)
+            assert "".join(m.text for m in messages) == REPLY
+        finally:
+            await server.stop(0)
 
 
 async def test_tokenize_list_models_health_reflection(mesh: Mesh) -> None:

@@ -2,13 +2,14 @@
 
 The scripted worker streams a fixed reply (multi-byte characters included) one token per message,
 honours max_tokens, can refuse with RESOURCE_EXHAUSTED, and records which streams were cancelled.
+The gateway reaches it over the worker's real Session code (services/decode/session.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ import openai
 import pytest
 
 from scalellm.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from scalellm.worker.errors import ResourceExhausted
+from services.decode.session import serve_session
 from services.gateway.config import GatewayConfig
 from services.gateway.model import ServedModel
 from services.gateway.server import GatewayServer
@@ -42,9 +45,24 @@ class ScriptedDecode(worker_pb2_grpc.DecodeWorkerServicer):
     async def Generate(
         self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        try:
+            async for message in self.reply(request):
+                yield message
+        except ResourceExhausted as exc:
+            await context.abort(exc.code, str(exc))
+
+    async def Session(
+        self, request_iterator: AsyncIterator[worker_pb2.SessionRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.SessionResponse]:
+        async for response in serve_session(request_iterator, self.reply):  # the worker's own session
+            yield response
+
+    async def reply(
+        self, request: worker_pb2.GenerateRequest
+    ) -> AsyncGenerator[worker_pb2.GenerateResponse, None]:
         self.requests.append(request)
         if self.exhausted:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "no KV blocks free")
+            raise ResourceExhausted("no KV blocks free")
         ids = [*self.reply_ids, EOS]
         limit = request.sampling.max_tokens or len(ids)
         ids = ids[:limit]
@@ -71,7 +89,7 @@ class ScriptedDecode(worker_pb2_grpc.DecodeWorkerServicer):
                     msg.timings.CopyFrom(common_pb2.Timings(queue=0.001, prefill=0.002, decode=0.003))
                 yield msg
             self.completed.append(request.request_id)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
             self.cancelled.append(request.request_id)
             raise
 
