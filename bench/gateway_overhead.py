@@ -11,8 +11,8 @@ ignore_eos) several ways, interleaved round by round so that drift hits them ali
   gateway-grpc    gRPC Gateway.Generate on the gateway
   gateway-http    POST /v1/completions with "stream": true (SSE) on the gateway
 
-and reports TTFT and end-to-end latency (p50, p99; the end is the message that carries the finish
-reason, or `[DONE]`), each gateway path's difference to direct (and to direct-session when it ran)
+and reports TTFT and end-to-end latency (p50, p99; the end is the message or SSE event that carries
+the finish reason, on every path), each gateway path's difference to direct (and to direct-session when it ran)
 at p50, with a 95% bootstrap interval, p99 and mean, and the gateway's own time per request: the
 `gateway` timing it returns with every answer (routing and dispatch plus its processing of each
 worker message), p50 and p99.
@@ -198,6 +198,7 @@ class Paths:
             "ignore_eos": True,
         }
         start, ttft, inside, events, worker_call = time.perf_counter(), None, float("nan"), 0, float("nan")
+        end = None
         headers = {"x-scalellm-timings": "1"}
         async with self.session.post(self.http_url, json=body, headers=headers) as response:
             assert response.status == 200, await response.text()
@@ -206,10 +207,11 @@ class Paths:
                     events += 1
                     if ttft is None:
                         ttft = time.perf_counter() - start
-                if b'"timings"' in line:
+                if b'"timings"' in line:  # the event with the finish reason: the answer is complete
+                    end = time.perf_counter() - start
                     t = json.loads(line[6:])["choices"][0]["timings"]
                     inside, worker_call = t["gateway"], t["worker_call"]
-        return ttft or 0.0, time.perf_counter() - start, inside, events, worker_call
+        return ttft or 0.0, end or time.perf_counter() - start, inside, events, worker_call
 
     async def gateway_overhead(self) -> tuple[float, float]:
         """(sum, count) of scalellm_gateway_overhead_seconds: the gateway's own time per request."""
