@@ -396,3 +396,35 @@ async def test_session_cancel_frees_blocks_and_keeps_the_stream(disagg: Mesh) ->
             out += msg.token_ids
         assert len(out) == 3 and not session.closed and session.running == 0
         await session.close()
+
+
+async def test_sigterm_drains_requests_on_a_session(demo_model_dir: Path) -> None:
+    """SIGTERM with the gateway's Session stream open: the running request finishes, a new one on
+    the same stream is refused with UNAVAILABLE (the gateway then routes it elsewhere), and the
+    stream ends when the worker stops."""
+    import time
+
+    from services.gateway.session import WorkerSession
+
+    decode = start_service("services.decode", _worker_args(demo_model_dir, "--role", "both"))
+    async with grpc.aio.insecure_channel(decode.address) as channel:
+        session = WorkerSession(worker_pb2_grpc.DecodeWorkerStub(channel), decode.address)
+        far = time.perf_counter() + 60
+        call = session.start(_request("s-drained", [4] * 50, 40, []), far)
+        tokens: list[int] = []
+        while (msg := await call.read()) is not None:
+            tokens += msg.token_ids
+            if len(tokens) == 1:
+                decode.proc.send_signal(15)
+                await asyncio.sleep(0.3)
+                late = session.start(_request("s-late", [4] * 5, 2, []), far)
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await late.read()
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert len(tokens) == 40  # the in-flight request finished
+        assert decode.proc.wait(30) == 0
+        for _ in range(100):
+            if session.closed:
+                break
+            await asyncio.sleep(0.05)
+        assert session.closed and session.running == 0
