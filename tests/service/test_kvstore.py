@@ -304,8 +304,20 @@ def test_imports_are_torch_free() -> None:
 
 async def test_main_serves_and_stops_on_sigterm(redis_server: RedisServer) -> None:
     env = os.environ | {"SCALELLM_REDIS_URL": redis_server.url, "SCALELLM_KVSTORE_METRICS_PORT": "0"}
-    cmd = [sys.executable, "-m", "services.kvstore", "--listen", "127.0.0.1:0", "--lease-s", "1"]
+    # -X faulthandler: if it ever hangs on the way out, SIGABRT makes it print every thread's stack.
+    cmd = [
+        sys.executable,
+        "-X",
+        "faulthandler",
+        "-m",
+        "services.kvstore",
+        "--listen",
+        "127.0.0.1:0",
+        "--lease-s",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    code: int | None = None
     try:
         assert proc.stdout is not None
         ready = await asyncio.to_thread(proc.stdout.readline)
@@ -317,11 +329,19 @@ async def test_main_serves_and_stops_on_sigterm(redis_server: RedisServer) -> No
             async for reply in replies:  # NOT_SERVING until its Redis connection is up
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     break
+            replies.cancel()
         proc.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(proc.wait, 10) == 0
+        try:
+            code = await asyncio.to_thread(proc.wait, 20)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
     finally:
-        proc.kill()
-        stderr = proc.communicate()[1]
+        try:
+            stderr = proc.communicate(timeout=10)[1]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stderr = proc.communicate()[1]
+    assert code == 0, f"exit code {code} after SIGTERM:\n{stderr}"
     assert "kvstore shutting down" in stderr, stderr
 
 
