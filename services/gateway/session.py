@@ -165,6 +165,7 @@ class WorkerSession:
             pass
         finally:
             self.closed = True
+            self._outgoing.put_nowait(None)  # ends _requests(), and with it grpc's task that reads it
             for call in list(self._calls.values()):
                 call._fail(error)
             self._calls.clear()
