@@ -44,6 +44,14 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 
 
+def reported_status(exc: BaseException, where: str = "handler") -> tuple[grpc.StatusCode, str]:
+    """status_of(exc) for a client; an unexpected error (INTERNAL) is logged with its traceback."""
+    code, message = status_of(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.error("unhandled error in %s", where, exc_info=exc)
+    return code, message
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps exceptions escaping a handler to statuses (ValueError -> INVALID_ARGUMENT, ...)."""
 
@@ -67,10 +75,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
-    code, message = status_of(exc)
-    if code is grpc.StatusCode.INTERNAL:
-        log.exception("unhandled error in handler", exc_info=exc)
-    await context.abort(code, message)
+    await context.abort(*reported_status(exc))
 
 
 def _wrap_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:

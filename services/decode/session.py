@@ -16,34 +16,39 @@ a new call for the worker to accept.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncGenerator, AsyncIterable, Callable
 from contextlib import aclosing
 
 import grpc
 
 from scalellm.v1 import worker_pb2
-from scalellm.worker.errors import status_of
-
-log = logging.getLogger(__name__)
+from scalellm.worker.errors import reported_status
 
 Start = Callable[[worker_pb2.GenerateRequest], AsyncGenerator[worker_pb2.GenerateResponse, None]]
 
 
 class _Outbox:
-    """Updates posted by the request tasks, taken all at once by the writer."""
+    """The next SessionResponse, filled by the request tasks and taken whole by the writer (each
+    update is built in place: one copy of a request's message, not one per wrapper)."""
 
     def __init__(self) -> None:
-        self.updates: list[worker_pb2.SessionUpdate] = []
+        self.response = worker_pb2.SessionResponse()
         self.wake = asyncio.Event()
 
-    def post(self, update: worker_pb2.SessionUpdate) -> None:
-        self.updates.append(update)
+    def output(self, request_id: str, message: worker_pb2.GenerateResponse) -> None:
+        self.response.updates.add(request_id=request_id, response=message)
         self.wake.set()
 
-    def take(self) -> list[worker_pb2.SessionUpdate]:
-        updates, self.updates = self.updates, []
-        return updates
+    def error(self, request_id: str, code: grpc.StatusCode, text: str) -> None:
+        self.response.updates.add(request_id=request_id, error_code=code.value[0], error_message=text)
+        self.wake.set()
+
+    def __len__(self) -> int:
+        return len(self.response.updates)
+
+    def take(self) -> worker_pb2.SessionResponse:
+        response, self.response = self.response, worker_pb2.SessionResponse()
+        return response
 
 
 async def serve_session(
@@ -58,14 +63,11 @@ async def serve_session(
         try:
             async with aclosing(start(request)) as messages:
                 async for message in messages:
-                    outbox.post(worker_pb2.SessionUpdate(request_id=request_id, response=message))
+                    outbox.output(request_id, message)
         except asyncio.CancelledError:
             raise  # cancelled by the client (or the stream ended): nobody waits for an answer
         except Exception as exc:
-            code, text = status_of(exc)
-            if code is grpc.StatusCode.INTERNAL:
-                log.exception("request %s failed", request_id, exc_info=exc)
-            outbox.post(_error(request_id, code, text))
+            outbox.error(request_id, *reported_status(exc, f"request {request_id}"))
         finally:
             if running.get(request_id) is asyncio.current_task():
                 del running[request_id]
@@ -78,15 +80,13 @@ async def serve_session(
                 if kind == "generate":
                     request_id = message.generate.request_id
                     if not request_id:
-                        outbox.post(
-                            _error("", grpc.StatusCode.INVALID_ARGUMENT, "request_id must not be empty")
-                        )
+                        outbox.error("", grpc.StatusCode.INVALID_ARGUMENT, "request_id must not be empty")
                     elif (twin := running.pop(request_id, None)) is not None:
                         # Ids must be unique: the id's updates could no longer be told apart, so
                         # the running request stops too and the id's last update is this error.
                         twin.cancel()
                         why = f"request_id {request_id!r} is already running on this session"
-                        outbox.post(_error(request_id, grpc.StatusCode.INVALID_ARGUMENT, why))
+                        outbox.error(request_id, grpc.StatusCode.INVALID_ARGUMENT, why)
                     else:
                         running[request_id] = asyncio.create_task(run(message.generate))
                 elif kind == "cancel" and (task := running.get(message.cancel)) is not None:
@@ -99,9 +99,9 @@ async def serve_session(
         while True:
             await outbox.wake.wait()
             outbox.wake.clear()
-            if outbox.updates:
-                yield worker_pb2.SessionResponse(updates=outbox.take())
-            if reader.done() and not running and not outbox.updates:
+            if outbox:
+                yield outbox.take()
+            if reader.done() and not running and not outbox:
                 reader.result()  # re-raise a broken request stream
                 return
     finally:
@@ -109,7 +109,3 @@ async def serve_session(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _error(request_id: str, code: grpc.StatusCode, text: str) -> worker_pb2.SessionUpdate:
-    return worker_pb2.SessionUpdate(request_id=request_id, error_code=code.value[0], error_message=text)

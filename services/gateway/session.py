@@ -64,11 +64,7 @@ class SessionCall:
 
     def cancel(self) -> bool:
         """Stop the request on the worker unless it already ended; True if it was still running."""
-        if self._ended:
-            return False
-        self._end(rpc_error(grpc.StatusCode.CANCELLED, "cancelled by the gateway"))
-        self._session.cancel(self.request_id)
-        return True
+        return self._stop(rpc_error(grpc.StatusCode.CANCELLED, "cancelled by the gateway"))
 
     def _deliver(self, update: worker_pb2.SessionUpdate) -> None:
         if self._ended:
@@ -87,9 +83,15 @@ class SessionCall:
             self._end(error)
 
     def _expire(self) -> None:
-        if not self._ended:
-            self._end(rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"))
-            self._session.cancel(self.request_id)
+        self._stop(rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"))
+
+    def _stop(self, error: grpc.aio.AioRpcError) -> bool:
+        """End the request here with error and on the worker, unless it already ended."""
+        if self._ended:
+            return False
+        self._end(error)
+        self._session.cancel(self.request_id)
+        return True
 
     def _end(self, error: grpc.aio.AioRpcError | None) -> None:
         self._ended = True
@@ -140,7 +142,7 @@ class WorkerSession:
             self._outgoing.put_nowait(None)
 
     async def close(self) -> None:
-        """End the stream now; requests still running fail with CANCELLED."""
+        """End the stream now; requests still running fail with UNAVAILABLE."""
         self._stream.cancel()
         await asyncio.gather(self._reader, return_exceptions=True)
 
@@ -167,5 +169,4 @@ class WorkerSession:
             self.closed = True
             self._outgoing.put_nowait(None)  # ends _requests(), and with it grpc's task that reads it
             for call in list(self._calls.values()):
-                call._fail(error)
-            self._calls.clear()
+                call._fail(error)  # each one forgets itself
