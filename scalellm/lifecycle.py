@@ -1,4 +1,4 @@
-"""Process lifecycle shared by every service: which event loop runs it, and the stop signals.
+"""Process lifecycle shared by every service: the event loop, the stop signals, stopping tasks.
 
 Torch-free: the gateway and the kvstore use it too.
 """
@@ -10,6 +10,8 @@ import logging
 import signal
 from collections.abc import Coroutine
 from typing import Any
+
+CANCEL_RETRY_S = 0.05
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -34,3 +36,22 @@ async def wait_for_stop_signal() -> None:
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
+
+
+async def cancel_and_wait(*tasks: asyncio.Future[Any], retry_s: float = CANCEL_RETRY_S) -> None:
+    """Cancel the tasks and return once all of them are done; their exceptions are dropped.
+
+    Cancels again every retry_s until each task ends. One cancel() is not enough on Python 3.11:
+    `asyncio.wait_for` drops a cancellation that races the completion of what it waits on
+    (CPython gh-86296, fixed in 3.12), and redis-py waits on every socket write that way, so a
+    background loop that talks to Redis can swallow the cancel and run on, and a plain
+    `task.cancel(); await task` then waits forever.
+    """
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=retry_s)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved, so asyncio does not log it as never retrieved

@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from scalellm.lifecycle import cancel_and_wait
 from scalellm.registry.backoff import Backoff
 from scalellm.registry.client import RegistryClient
 from scalellm.registry.errors import RegistryUnavailable
@@ -63,8 +64,7 @@ class WorkerView:
         """Stop watching (the last view stays readable)."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await cancel_and_wait(task)
         if self._stale_timer is not None:
             self._stale_timer.cancel()
         self._set_connected(False)

@@ -7,6 +7,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 
+from scalellm.lifecycle import cancel_and_wait
 from scalellm.registry.backoff import Backoff
 from scalellm.registry.client import RegistryClient
 from scalellm.registry.errors import (
@@ -81,8 +82,7 @@ class WorkerRegistration:
         """Stop heartbeating without deregistering (the lease then expires on its own)."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await cancel_and_wait(task)
 
     async def drain(self) -> None:
         """Stop heartbeating and deregister, so routing drops this worker at once."""

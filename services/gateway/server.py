@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 import grpc
@@ -11,7 +10,7 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from scalellm.lifecycle import wait_for_stop_signal
+from scalellm.lifecycle import cancel_and_wait, wait_for_stop_signal
 from scalellm.models.prepare import resolve_model_dir
 from scalellm.registry import RegistryClient, WorkerView
 from scalellm.v1 import gateway_pb2, gateway_pb2_grpc
@@ -120,9 +119,7 @@ class GatewayServer:
         while core.in_flight and loop.time() < deadline:
             await asyncio.sleep(0.02)
         if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+            await cancel_and_wait(self._watch)
         if self._grpc is not None:
             await self._grpc.stop(0.5)
         if self._runner is not None:

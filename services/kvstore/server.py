@@ -10,7 +10,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from scalellm.lifecycle import wait_for_stop_signal
+from scalellm.lifecycle import cancel_and_wait, wait_for_stop_signal
 from scalellm.registry.errors import BackendUnavailable
 from scalellm.registry.reaper import LeaseReaper
 from scalellm.registry.store import RegistryStore
@@ -90,9 +90,7 @@ class KvstoreServer:
             return
         self._stopped = True
         await self.health.enter_graceful_shutdown()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks)
         self._tasks = []
         if self._server is not None:
             await self._server.stop(self.config.grace_s if grace_s is None else grace_s)

@@ -1,0 +1,56 @@
+"""cancel_and_wait: stopping background tasks that may swallow a cancel."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from scalellm.lifecycle import cancel_and_wait
+
+
+async def _swallows_first_cancel(cancels_seen: list[int]) -> None:
+    """What a Python 3.11 asyncio.wait_for does when a cancel races the completion it waits on."""
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        cancels_seen.append(1)
+        asyncio.current_task().uncancel()  # type: ignore[union-attr]
+    await asyncio.sleep(60)  # the loop runs on
+
+
+async def test_a_swallowed_cancel_is_repeated_until_the_task_ends() -> None:
+    cancels_seen: list[int] = []
+    task = asyncio.create_task(_swallows_first_cancel(cancels_seen))
+    await asyncio.sleep(0)
+    await asyncio.wait_for(cancel_and_wait(task, retry_s=0.01), timeout=5)
+    assert task.cancelled()
+    assert cancels_seen == [1]
+
+
+async def test_a_single_cancel_is_not_enough_for_such_a_task() -> None:
+    """The failure cancel_and_wait exists for: cancel() once, and the task never ends."""
+    task = asyncio.create_task(_swallows_first_cancel([]))
+    await asyncio.sleep(0)
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=0.2)
+    assert not done
+    await cancel_and_wait(task)
+
+
+async def test_done_and_failed_tasks_are_waited_for_and_their_errors_dropped() -> None:
+    async def fails() -> None:
+        raise ValueError("boom")
+
+    failed = asyncio.create_task(fails())
+    finished = asyncio.create_task(asyncio.sleep(0))
+    sleeping = asyncio.create_task(asyncio.sleep(60))
+    await asyncio.sleep(0.01)
+    await cancel_and_wait(failed, finished, sleeping)
+    assert failed.done() and finished.done() and sleeping.cancelled()
+    with pytest.raises(ValueError):
+        failed.result()
+
+
+async def test_nothing_to_cancel_returns_at_once() -> None:
+    await cancel_and_wait()
