@@ -2,12 +2,16 @@
 
     python bench/engine_throughput.py                 # 32 and 64 requests, 3 repeats each
     python bench/engine_throughput.py --num-requests 32 --repeats 1 --out results.json
+    python bench/engine_throughput.py --device cuda --num-requests 64 256   # bfloat16 on a GPU
 
 Workload: random prompts of 16-256 tokens and outputs of 16-128 tokens (seeded, EOS ignored).
 Runs of ours and of the baseline are interleaved. Ours: ``LLM.generate`` with continuous batching. Baseline: what a transformers user writes, one
 left-padded batch through ``model.generate`` (KV cache, eager attention) running until the longest
-output is done. Both count only the tokens each request asked for. The bound: the machine's own
-measured float32 matmul peak / (2 x parameters) tokens per second.
+output is done. Both count only the tokens each request asked for. Both run on the same device in the same dtype
+(float32 on CPU, bfloat16 on CUDA unless --dtype says otherwise); transformers uses eager attention
+on CPU (its fastest there for this model) and SDPA on CUDA. The bound: the device's own measured
+matmul peak in that dtype / (2 x parameters) tokens per second (a decode-step bound: it ignores
+attention and the weight reads that dominate small batches on a GPU).
 """
 
 from __future__ import annotations
@@ -40,15 +44,24 @@ def make_workload(n: int, vocab: int, seed: int = 0) -> Workload:
     return Workload(prompts, [rng.randint(16, 128) for _ in range(n)])
 
 
-def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, repeats: int = 10) -> float:
+    size = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     torch.mm(a, b)
     times = []
     for _ in range(repeats):
+        sync(device)
         t = time.perf_counter()
         torch.mm(a, b)
+        sync(device)
         times.append(time.perf_counter() - t)
     return 2 * size**3 / min(times)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def run_ours(llm, work: Workload) -> float:  # type: ignore[no-untyped-def]
@@ -70,6 +83,8 @@ def run_hf(model, work: Workload, pad_id: int) -> float:  # type: ignore[no-unty
     for i, p in enumerate(work.prompts):
         ids[i, width - len(p) :] = torch.tensor(p)
         mask[i, width - len(p) :] = 1
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    sync(model.device)
     t = time.perf_counter()
     with torch.inference_mode():
         model.generate(
@@ -80,6 +95,7 @@ def run_hf(model, work: Workload, pad_id: int) -> float:  # type: ignore[no-unty
             eos_token_id=None,
             pad_token_id=pad_id,
         )
+    sync(model.device)
     return time.perf_counter() - t
 
 
@@ -92,6 +108,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--hf-repeats", type=int, default=1, help="0: skip the transformers baseline")
     parser.add_argument("--out", type=Path, default=None, help="write JSON results here")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
+    parser.add_argument("--dtype", default="auto", help="float32, bfloat16, or auto (per device)")
     args = parser.parse_args()
 
     import transformers
@@ -100,13 +118,25 @@ def main() -> None:
     from scalellm.models.prepare import resolve_model_dir
 
     model_dir = resolve_model_dir(args.model)
+    auto_device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto_device if args.device == "auto" else args.device)
+    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = getattr(torch, dtype_name)
     threads = torch.get_num_threads()
-    llm = LLM(model=str(model_dir), max_num_seqs=max(args.num_requests))
+    # transformers first: on a GPU the engine then sizes its KV cache from what is left.
     hf = transformers.AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation="eager"
-    ).eval()
+        model_dir, dtype=dtype, attn_implementation="sdpa" if device.type == "cuda" else "eager"
+    ).to(device)
+    hf.eval()
+    llm = LLM(
+        model=str(model_dir),
+        max_num_seqs=max(args.num_requests),
+        device=str(device),
+        dtype=dtype_name,
+        gpu_memory_utilization=0.5,
+    )
     params = sum(p.numel() for p in hf.parameters())
-    peak = matmul_peak_flops()
+    peak = matmul_peak_flops(device, dtype)
     bound = peak / (2 * params)
     vocab = llm.engine.model_config.vocab_size
 
@@ -143,11 +173,14 @@ def main() -> None:
             flush=True,
         )
 
-    machine = (
-        f"{platform.processor() or platform.machine()}, {threads} torch threads, torch {torch.__version__}"
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine()
     )
+    machine = f"{where}, {dtype_name}, {threads} torch threads, torch {torch.__version__}"
     print(
-        f"\nmachine: {machine}; matmul peak {peak / 1e9:.1f} GFLOP/s; bound {bound:.0f} tok/s ({params / 1e6:.1f}M params)\n"
+        f"\nmachine: {machine}; matmul peak {peak / 1e12:.2f} TFLOP/s; bound {bound:.0f} tok/s ({params / 1e6:.1f}M params)\n"
     )
     print("| requests | output tokens | ours tok/s | transformers tok/s | speedup | ours / matmul bound |")
     print("|---:|---:|---:|---:|---:|---:|")

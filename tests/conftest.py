@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(scope="session")
+def engine_device() -> str:
+    """Where the exactness tests run the engine and transformers: cpu, or what
+    ``SCALELLM_TEST_DEVICE`` names (``cuda`` on a GPU machine; both sides then run float32 there)."""
+    return os.environ.get("SCALELLM_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")

@@ -63,15 +63,22 @@ def build_tiny_model(family: str, out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+def hf_greedy(
+    model_dir: Path,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> list[list[int]]:
     """Reference greedy continuations from transformers, one prompt at a time (no padding)."""
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    model.eval()
     outs = []
     with torch.no_grad():
         for ids in prompts:
-            x = torch.tensor([ids])
+            x = torch.tensor([ids], device=device)
             y = model.generate(
                 x,
                 attention_mask=torch.ones_like(x),

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Everything this project measures on a lent GPU machine, in one go (the device tool's machines keep
+# nothing between calls). Needs: the repo, Python with torch+CUDA and transformers, the project's
+# other dependencies importable (PYTHONPATH or installed), and two model folders:
+#   SIDE   a model folder's config and tokenizer files (bench/random_model.py gives it random weights)
+#   TINY   the tiny bench model (bench/gateway_overhead.py --model tiny builds it)
+# Stages (any subset, in order): env exact parity throughput backends gateway gateway-paired
+#   bash bench/gpu_suite.sh SIDE TINY OUTDIR [STAGE...]
+set -uo pipefail
+side=$1 tiny=$2 out=$3
+shift 3
+stages=${*:-env exact parity throughput backends gateway gateway-paired}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+rand=/tmp/scalellm-random-$(basename "$side")
+# Worker, gateway and client each on their own cores: what the 2-core VM cannot give.
+pin="0,1,2,3:4,5,6,7:$(seq -s, 8 $(($(nproc) - 1)))"
+
+stage() {  # name, time limit in seconds, command...
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name ($(date -u +%H:%M:%S))"
+  timeout "$limit" "$@" 2>&1 | tee "$out/$name.log" | grep -v -E "Loading weights|Writing model"
+  echo "=== $name: exit ${PIPESTATUS[0]}"
+}
+
+for s in $stages; do
+  case $s in
+    env)
+      stage env 60 bash -c 'nvidia-smi -L; nproc; python3 -c "import torch, transformers, grpc; print(torch.__version__, torch.version.cuda, transformers.__version__, grpc.__version__, torch.cuda.get_device_name())"' ;;
+    exact)
+      stage exact 200 env SCALELLM_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider \
+        tests/unit/test_engine_exact.py -k "not demo" ;;
+    parity)
+      [ -f "$rand/model.safetensors" ] || python3 bench/random_model.py "$side" "$rand" >/dev/null
+      stage parity-float32 120 python3 bench/greedy_parity.py --model "$rand" --dtype float32
+      stage parity-bfloat16 120 python3 bench/greedy_parity.py --model "$rand" --dtype bfloat16 ;;
+    throughput)
+      [ -f "$rand/model.safetensors" ] || python3 bench/random_model.py "$side" "$rand" >/dev/null
+      stage throughput 300 python3 bench/engine_throughput.py --model "$rand" --device cuda \
+        --num-requests 64 256 --repeats 3 --hf-repeats 1 --out "$out/throughput.json" ;;
+    backends)
+      [ -f "$rand/model.safetensors" ] || python3 bench/random_model.py "$side" "$rand" >/dev/null
+      stage backends 270 python3 bench/sdpa_backends.py --model "$rand" \
+        --backends default ;;
+    gateway)
+      stage gateway-steady 280 python3 bench/gateway_overhead.py --model "$tiny" --mode steady \
+        --concurrency 1 8 32 64 --rounds 2 --pin "$pin" --worker-args "--num-kv-blocks 4096" \
+        --json "$out/gateway-steady.json" ;;
+    gateway-paired)
+      stage gateway-paired 200 python3 bench/gateway_overhead.py --model "$tiny" --mode paired \
+        --concurrency 64 --rounds 3 --paths direct gateway-grpc gateway-http --pin "$pin" \
+        --worker-args "--num-kv-blocks 4096" --json "$out/gateway-paired.json" ;;
+    *) echo "unknown stage $s" ;;
+  esac
+done
