@@ -87,9 +87,7 @@ def _decode(
 ) -> torch.Tensor:
     keys = _gather(k_cache, block_tables)  # [B, Hkv, L, D]
     values = _gather(v_cache, block_tables)
-    out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
-    )  # [B, Hq, 1, D]
+    out = sdpa(q.unsqueeze(2), keys, values, scale, mask=mask)  # [B, Hq, 1, D]
     return out.squeeze(2)
 
 
@@ -107,16 +105,42 @@ def _prefill(
     if span.context_len == 0:
         keys = k[span.start : span.end].transpose(0, 1).unsqueeze(0)
         values = v[span.start : span.end].transpose(0, 1).unsqueeze(0)
-        out = F.scaled_dot_product_attention(
-            query, keys, values, is_causal=True, scale=scale, enable_gqa=True
-        )
+        out = sdpa(query, keys, values, scale, causal=True)
     else:
         total = span.context_len + n
         keys = _gather(k_cache, span.block_table)[:, :total].unsqueeze(0)
         values = _gather(v_cache, span.block_table)[:, :total].unsqueeze(0)
         rows = torch.arange(n, device=q.device).unsqueeze(1) + span.context_len
         mask = torch.arange(total, device=q.device).unsqueeze(0) <= rows  # [n, total]
-        out = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
-        )
+        out = sdpa(query, keys, values, scale, mask=mask)
     return out.squeeze(0).transpose(0, 1)  # [n, Hq, D]
+
+
+def sdpa(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scale: float,
+    *,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    expand_heads: bool | None = None,
+) -> torch.Tensor:
+    """SDPA over [B, H, L, D] with fewer K/V heads than query heads (grouped-query attention).
+
+    On CUDA (expand_heads None) the K/V heads are repeated up to the query heads first: torch's
+    flash and memory-efficient kernels only take equal head counts, and grouped heads otherwise
+    land on cuDNN attention, which builds a plan for every new shape. The engine's shapes change
+    with every step (batch, context width, prompt length), so on an H100 that cost 3-4x the run
+    time of a fresh workload (docs/benchmarks.md). On CPU, grouped heads go in as they are.
+    """
+    groups = query.shape[-3] // keys.shape[-3]
+    if expand_heads is None:
+        expand_heads = query.is_cuda
+    if groups > 1 and expand_heads:
+        keys = keys.repeat_interleave(groups, dim=-3)
+        values = values.repeat_interleave(groups, dim=-3)
+        groups = 1
+    return F.scaled_dot_product_attention(
+        query, keys, values, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=groups > 1
+    )

@@ -10,11 +10,13 @@ on the wire as they are, with no gather or scatter copy. Each layer sees the str
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from scalellm.engine.attention import AttentionMetadata, PrefillSpan
 from scalellm.engine.config import EngineConfig
@@ -25,6 +27,8 @@ from scalellm.models.config import ModelConfig
 from scalellm.models.loader import load_model
 
 log = logging.getLogger(__name__)
+
+_CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass(frozen=True)
@@ -85,11 +89,19 @@ class ModelRunner:
     def execute(self, scheduled: list[ScheduledRequest]) -> tuple[list[Request], SamplerOutput]:
         """Run one step; returns the requests that sampled a token and what they sampled."""
         inputs = self.prepare(scheduled)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
+        with self._attention_kernels():
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
         if not inputs.sampling:
             return [], SamplerOutput([], [])
         logits = self.model.compute_logits(hidden[inputs.sample_indices])
         return inputs.sampling, self.sampler(logits, inputs.sampling)
+
+    def _attention_kernels(self) -> contextlib.AbstractContextManager[None]:
+        """On CUDA, SDPA may use flash, memory-efficient or math kernels but not cuDNN's, which
+        builds a plan for every new shape (see attention.sdpa); elsewhere, torch's choice."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return sdpa_kernel(_CUDA_SDPA_BACKENDS)
 
     def prepare(self, scheduled: list[ScheduledRequest]) -> StepInputs:
         """Flatten a step: decodes (one token each) first, then prefill chunks."""

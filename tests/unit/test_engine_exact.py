@@ -23,26 +23,36 @@ def _run(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> list[l
 
 
 @pytest.mark.parametrize("family", ["llama", "llama3", "qwen2", "qwen3", "mistral"])
-def test_tiny_families_match_transformers(tiny_model_factory, family: str) -> None:  # type: ignore[no-untyped-def]
+def test_tiny_families_match_transformers(tiny_model_factory, family: str, engine_device: str) -> None:  # type: ignore[no-untyped-def]
     model_dir: Path = tiny_model_factory(family)
     rng = random.Random(family)
     prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(1, 90))] for _ in range(10)]
-    expected = hf_greedy(model_dir, prompts, max_new_tokens=20)
+    expected = hf_greedy(model_dir, prompts, max_new_tokens=20, device=engine_device)
     # A small cache and budget force chunked prefill, mixed batches and preemption.
     engine = LLMEngine(
         EngineConfig(
-            model=str(model_dir), num_kv_blocks=80, block_size=4, max_num_batched_tokens=48, max_num_seqs=6
+            model=str(model_dir),
+            device=engine_device,
+            dtype="float32",
+            num_kv_blocks=80,
+            block_size=4,
+            max_num_batched_tokens=48,
+            max_num_seqs=6,
         )
     )
     assert _run(engine, prompts, 20) == expected
 
 
-def test_prefix_cache_hits_give_the_same_tokens(tiny_llama: Path) -> None:
+def test_prefix_cache_hits_give_the_same_tokens(tiny_llama: Path, engine_device: str) -> None:
     rng = random.Random(7)
     shared = [rng.randrange(3, 512) for _ in range(40)]
     prompts = [shared + [rng.randrange(3, 512) for _ in range(rng.randint(1, 20))] for _ in range(4)]
-    expected = hf_greedy(tiny_llama, prompts, max_new_tokens=12)
-    engine = LLMEngine(EngineConfig(model=str(tiny_llama), num_kv_blocks=200, block_size=4))
+    expected = hf_greedy(tiny_llama, prompts, max_new_tokens=12, device=engine_device)
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(tiny_llama), device=engine_device, dtype="float32", num_kv_blocks=200, block_size=4
+        )
+    )
     assert _run(engine, prompts[:1], 12) == expected[:1]
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     reqs = [engine.add_request(f"b{i}", p, params) for i, p in enumerate(prompts[1:])]
@@ -69,3 +79,24 @@ def test_demo_model_matches_transformers(demo_model_dir: Path) -> None:
     expected = hf_greedy(demo_model_dir, prompts, max_new_tokens=24)
     engine = LLMEngine(EngineConfig(model=str(demo_model_dir), num_kv_blocks=256, max_num_batched_tokens=64))
     assert _run(engine, prompts, 24) == expected
+
+
+@pytest.mark.parametrize("case", ["decode", "causal"])
+def test_sdpa_with_repeated_heads_equals_grouped_heads(case: str) -> None:
+    """The CUDA path of attention.sdpa (K/V heads repeated) computes what grouped SDPA computes."""
+    import torch
+
+    from scalellm.engine.attention import sdpa
+
+    gen = torch.Generator().manual_seed(0)
+    q_len = 1 if case == "decode" else 12
+    query = torch.randn(3, 9, q_len, 16, generator=gen)
+    keys, values = torch.randn(2, 3, 3, 12, 16, generator=gen)
+    mask = None
+    if case == "decode":
+        mask = torch.rand(3, 1, 1, 12, generator=gen) > 0.3
+        mask[..., 0] = True  # every row attends somewhere
+    kwargs = dict(mask=mask, causal=case == "causal")
+    grouped = sdpa(query, keys, values, 0.25, expand_heads=False, **kwargs)
+    repeated = sdpa(query, keys, values, 0.25, expand_heads=True, **kwargs)
+    torch.testing.assert_close(repeated, grouped)
