@@ -4,12 +4,12 @@
 # other dependencies importable (PYTHONPATH or installed), and two model folders:
 #   SIDE   a model folder's config and tokenizer files (bench/random_model.py gives it random weights)
 #   TINY   the tiny bench model (bench/gateway_overhead.py --model tiny builds it)
-# Stages (any subset, in order): env exact parity throughput backends gateway gateway-paired
+# Stages (any subset, in order): env exact parity throughput backends profile gateway gateway-paired
 #   bash bench/gpu_suite.sh SIDE TINY OUTDIR [STAGE...]
 set -uo pipefail
 side=$1 tiny=$2 out=$3
 shift 3
-stages=${*:-env exact parity throughput backends gateway gateway-paired}
+stages=${*:-env exact parity throughput backends profile gateway gateway-paired}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 rand=/tmp/scalellm-random-$(basename "$side")
@@ -43,6 +43,9 @@ for s in $stages; do
       [ -f "$rand/model.safetensors" ] || python3 bench/random_model.py "$side" "$rand" >/dev/null
       stage backends 270 python3 bench/sdpa_backends.py --model "$rand" \
         --backends default ;;
+    profile)
+      [ -f "$rand/model.safetensors" ] || python3 bench/random_model.py "$side" "$rand" >/dev/null
+      stage profile 170 python3 bench/step_profile.py --model "$rand" --batch 1 64 256 --steps 20 ;;
     gateway)
       stage gateway-steady 280 python3 bench/gateway_overhead.py --model "$tiny" --mode steady \
         --concurrency 1 8 32 64 --rounds 2 --pin "$pin" --worker-args "--num-kv-blocks 4096" \

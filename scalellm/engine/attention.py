@@ -8,7 +8,8 @@ flattened, single-token queries (decodes) first, then prefill chunks:
               decodes    chunk of A    chunk of B
 
 Decodes are batched: each one's blocks are gathered into a padded [B, L] context and attended with
-one masked SDPA call (grouped-query heads are not expanded). Prefill chunks attend one request at
+one masked SDPA call, the query heads that share a K/V head folded into the query length (so
+grouped-query K/V is never repeated; see _decode). Prefill chunks attend one request at
 a time: a fresh prompt uses its own K/V with a causal mask and reads nothing back; a chunk that
 continues a prompt (chunked prefill, prefix-cache hit) gathers its earlier blocks.
 """
@@ -85,10 +86,17 @@ def _decode(
     mask: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
+    """One query token per request, so the query heads that share a K/V head can sit in the query
+    length dimension instead: q [B, Hq, D] -> [B, Hkv, G, D], G = Hq / Hkv (heads j*G..j*G+G-1
+    read K/V head j, as in transformers' repeat_kv). Every SDPA kernel then sees equal head counts
+    and the K/V context is read once, never repeated; the mask [B, 1, 1, L] covers all G rows.
+    """
     keys = _gather(k_cache, block_tables)  # [B, Hkv, L, D]
     values = _gather(v_cache, block_tables)
-    out = sdpa(q.unsqueeze(2), keys, values, scale, mask=mask)  # [B, Hq, 1, D]
-    return out.squeeze(2)
+    batch, num_heads, head_dim = q.shape
+    grouped = q.reshape(batch, keys.shape[1], num_heads // keys.shape[1], head_dim)
+    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
+    return out.reshape(batch, num_heads, head_dim)
 
 
 def _prefill(
@@ -126,7 +134,8 @@ def sdpa(
     causal: bool = False,
     expand_heads: bool | None = None,
 ) -> torch.Tensor:
-    """SDPA over [B, H, L, D] with fewer K/V heads than query heads (grouped-query attention).
+    """SDPA over [B, H, L, D] with fewer K/V heads than query heads (grouped-query attention), for
+    prefill chunks (a causal chunk cannot fold its heads into the query length the way _decode does).
 
     On CUDA (expand_heads None) the K/V heads are repeated up to the query heads first: torch's
     flash and memory-efficient kernels only take equal head counts, and grouped heads otherwise

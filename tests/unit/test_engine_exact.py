@@ -100,3 +100,19 @@ def test_sdpa_with_repeated_heads_equals_grouped_heads(case: str) -> None:
     grouped = sdpa(query, keys, values, 0.25, expand_heads=False, **kwargs)
     repeated = sdpa(query, keys, values, 0.25, expand_heads=True, **kwargs)
     torch.testing.assert_close(repeated, grouped)
+
+
+def test_decode_with_heads_folded_into_the_query_length_equals_repeated_heads() -> None:
+    import torch
+
+    from scalellm.engine.attention import _decode, _gather, sdpa
+
+    gen = torch.Generator().manual_seed(1)
+    k_cache, v_cache = torch.randn(2, 10, 4, 3, 16, generator=gen)  # [blocks, block_size, Hkv, D]
+    tables = torch.tensor([[1, 4, 0], [7, 2, 9]])
+    context = torch.tensor([9, 12])
+    mask = (torch.arange(12).unsqueeze(0) < context.unsqueeze(1))[:, None, None, :]
+    q = torch.randn(2, 9, 16, generator=gen)  # 9 query heads over 3 K/V heads
+    keys, values = _gather(k_cache, tables), _gather(v_cache, tables)
+    expected = sdpa(q.unsqueeze(2), keys, values, 0.25, mask=mask, expand_heads=True).squeeze(2)
+    torch.testing.assert_close(_decode(q, k_cache, v_cache, tables, mask, 0.25), expected)
