@@ -13,6 +13,7 @@ continuations match exactly and, for the others, where they first differ.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import sys
@@ -58,8 +59,6 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-
-    import json
 
     vocab = json.loads((args.model / "config.json").read_text())["vocab_size"]
     rng = random.Random(args.seed)

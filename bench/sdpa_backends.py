@@ -1,16 +1,17 @@
 """The engine's offline run under each torch SDPA backend, repeat by repeat (a GPU diagnostic).
 
-    python bench/sdpa_backends.py --model FOLDER [--num-requests 64] [--repeats 3] [--profile]
+    python bench/sdpa_backends.py --model FOLDER [--num-requests 64] [--repeats 3]
 
 One process per backend choice (torch's default, all but cuDNN, math, efficient, cudnn, flash), each running the
 engine_throughput workload --repeats times. Repeats that get faster and faster point at per-shape
 set-up cost (a kernel plan built for every new batch or context width); a backend that fails
-says so. --profile adds a torch profiler table of the last repeat under the default choice.
+says so. Where one step's time goes: bench/step_profile.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -23,8 +24,7 @@ sys.path.insert(0, str(ROOT))
 BACKENDS = ("default", "no-cudnn", "math", "efficient", "cudnn", "flash")
 
 
-def child(model: str, backend: str, n: int, repeats: int, profile: bool) -> None:
-    import torch
+def child(model: str, backend: str, n: int, repeats: int) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from bench.engine_throughput import make_workload, run_ours
@@ -41,26 +41,14 @@ def child(model: str, backend: str, n: int, repeats: int, profile: bool) -> None
         "flash": [SDPBackend.FLASH_ATTENTION],
     }.get(backend)
     times = []
-    for i in range(repeats):
-        ctx = sdpa_kernel(chosen) if chosen else torch.autograd.profiler.record_function("run")
-        last_profiled = profile and i == repeats - 1
-        prof = torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        )
-        with ctx:
-            if last_profiled:
-                prof.start()
+    for _ in range(repeats):
+        with sdpa_kernel(chosen) if chosen else contextlib.nullcontext():
             try:
                 times.append(round(run_ours(llm, work), 3))
             except Exception as exc:
                 print(json.dumps({"backend": backend, "error": f"{type(exc).__name__}: {exc}"[:300]}))
                 return
-            if last_profiled:
-                prof.stop()
     print(json.dumps({"backend": backend, "seconds": times, "tokens": work.output_tokens}), flush=True)
-    if profile:
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15), flush=True)
-        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12), flush=True)
 
 
 def main() -> None:
@@ -71,17 +59,15 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
-    parser.add_argument("--profile", action="store_true")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.model, args.child, args.num_requests, args.repeats, args.profile)
+        child(args.model, args.child, args.num_requests, args.repeats)
         return
     for backend in args.backends:
         t = time.perf_counter()
         cmd = [sys.executable, __file__, "--model", args.model, "--child", backend]
         cmd += ["--num-requests", str(args.num_requests), "--repeats", str(args.repeats)]
-        cmd += ["--profile"] if args.profile and backend == "default" else []
         subprocess.run(cmd, check=False)
         print(f"({backend}: {time.perf_counter() - t:.0f} s with start-up)", flush=True)
 

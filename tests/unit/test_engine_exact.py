@@ -81,7 +81,7 @@ def test_demo_model_matches_transformers(demo_model_dir: Path) -> None:
     assert _run(engine, prompts, 24) == expected
 
 
-@pytest.mark.parametrize("case", ["decode", "causal"])
+@pytest.mark.parametrize("case", ["masked", "causal"])
 def test_sdpa_with_repeated_heads_equals_grouped_heads(case: str) -> None:
     """The CUDA path of attention.sdpa (K/V heads repeated) computes what grouped SDPA computes."""
     import torch
@@ -89,11 +89,11 @@ def test_sdpa_with_repeated_heads_equals_grouped_heads(case: str) -> None:
     from scalellm.engine.attention import sdpa
 
     gen = torch.Generator().manual_seed(0)
-    q_len = 1 if case == "decode" else 12
+    q_len = 1 if case == "masked" else 12
     query = torch.randn(3, 9, q_len, 16, generator=gen)
     keys, values = torch.randn(2, 3, 3, 12, 16, generator=gen)
     mask = None
-    if case == "decode":
+    if case == "masked":
         mask = torch.rand(3, 1, 1, 12, generator=gen) > 0.3
         mask[..., 0] = True  # every row attends somewhere
     kwargs = dict(mask=mask, causal=case == "causal")
