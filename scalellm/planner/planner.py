@@ -64,9 +64,11 @@ class TierState:
     def observe(self, now: float, live: int, need: float) -> Change | None:
         """Record one need; returns the change made, if any."""
         p = self.policy
-        self._needs.append((now, need))
-        while self._needs and now - self._needs[0][0] > max(p.up_window_s, p.down_window_s):
-            self._needs.popleft()
+        needs = self._needs
+        needs.append((now, need))
+        # Keep the newest need from before the longest window: it says the window is covered.
+        while len(needs) > 1 and now - needs[1][0] >= max(p.up_window_s, p.down_window_s):
+            needs.popleft()
         since = now - self.changed_at if self.last_change is not None else math.inf
         low = self._extreme(now, p.up_window_s, min)
         if low is not None and low > self.desired * (1 + p.up_tolerance) and since >= p.up_cooldown_s:
@@ -84,10 +86,12 @@ class TierState:
         return None
 
     def _extreme(self, now: float, window_s: float, pick: Callable[[Iterable[float]], float]) -> float | None:
-        """min or max of the needs in the last window_s; None until the needs span the window."""
+        """min or max of the needs since the last one taken at least window_s ago (that one
+        included: it held until the next); None until the needs span the window."""
         if not self._needs or now - self._needs[0][0] < window_s:
             return None
-        return pick(n for t, n in self._needs if now - t <= window_s)
+        start = max(t for t, _ in self._needs if now - t >= window_s)
+        return pick(n for t, n in self._needs if t >= start)
 
     def _change(self, now: float, desired: int, change: Change) -> Change:
         self.desired, self.changed_at, self.last_change = desired, now, change

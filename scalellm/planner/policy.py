@@ -75,7 +75,7 @@ class PlannerPolicy:
     max_step_down: int = 1
 
     def __post_init__(self) -> None:
-        for f in fields(self):
+        for f in fields(PlannerPolicy):
             if getattr(self, f.name) < 0:
                 raise ValueError(f"{f.name} must be >= 0, got {getattr(self, f.name)}")
         for name in ("interval_s", "target_occupancy", "target_kv_usage", "target_backlog_tokens"):

@@ -217,3 +217,17 @@ def test_needs_from_before_a_change_do_not_decide_the_next_one() -> None:
     mesh.run(until=200)
     times = [t for t, _ in mesh.times_of_changes(Tier.DECODE)][1:]
     assert len(times) >= 3 and all(b - a >= POLICY.up_window_s for a, b in itertools.pairwise(times))
+
+
+def test_decisions_do_not_depend_on_samples_landing_on_the_window_edges() -> None:
+    """Real intervals drift (0.25 s apart, never exactly a window apart): the windows still close."""
+    planner = _planner(interval_s=0.25, up_window_s=1, down_window_s=3, up_cooldown_s=0, down_cooldown_s=3)
+    t, desired, seen = 0.0, 1, []
+    for sequences in [40] * 20 + [0] * 40:
+        t += 0.25 + 0.013  # an interval plus the time the tick took
+        (plan,) = (
+            p for p in planner.observe(view(*decode_workers(desired, sequences)), t) if p.tier is Tier.DECODE
+        )
+        desired = plan.desired
+        seen.append(desired)
+    assert max(seen) == 4 and seen[-1] == 1  # up to the maximum, then down to the minimum
