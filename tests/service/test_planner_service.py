@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import urllib.request
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -78,7 +79,7 @@ async def test_the_planner_exports_desired_counts_that_follow_the_load(kvstore: 
         loads = {WorkerRole.DECODE: WorkerLoad(free_blocks=100), WorkerRole.PREFILL: WorkerLoad()}
         async with RegistryClient(f"127.0.0.1:{kvstore.port}") as client:
             workers = [  # real registrations, heartbeating whatever `loads` says now
-                WorkerRegistration(client, _info(f"{role.name.lower()}-1", role), lambda r=role: loads[r],
+                WorkerRegistration(client, _info(f"{role.name.lower()}-1", role), partial(loads.__getitem__, role),
                                    heartbeat_interval_s=0.1)
                 for role in loads
             ]  # fmt: skip
