@@ -197,10 +197,8 @@ def _read_by_the_library() -> set[str]:
         for node in ast.walk(ast.parse(path.read_text())):
             key = None
             if isinstance(node, ast.Call) and node.args and isinstance(node.func, ast.Attribute):
-                if (
-                    node.func.attr in ("get", "getenv")
-                    and "environ" in ast.unparse(node.func.value) + node.func.attr
-                ):
+                owner, attr = ast.unparse(node.func.value), node.func.attr
+                if (attr == "get" and owner.endswith("environ")) or (attr == "getenv" and owner == "os"):
                     key = node.args[0]
             elif isinstance(node, ast.Subscript) and ast.unparse(node.value).endswith("environ"):
                 key = node.slice
