@@ -31,7 +31,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return run_generate_command(args)
 
 
-SERVICES = ("gateway", "prefill", "decode", "kvstore")
+SERVICES = ("gateway", "prefill", "decode", "kvstore", "planner")
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -101,6 +101,26 @@ def _add_up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     add("--drain-timeout", type=float, default=30.0, help="seconds each tier may drain on stop")
     add("--startup-timeout", type=float, default=300.0, help="seconds to wait for the mesh to be ready")
     add("--quiet", action="store_true", help="do not echo the services' logs")
+    add(
+        "--autoscale",
+        action="store_true",
+        help="start and drain workers as the planner says (docs/planner.md)",
+    )
+    add(
+        "--max-prefill",
+        type=int,
+        default=None,
+        help="with --autoscale: most prefill workers (--prefill: least)",
+    )
+    add(
+        "--max-decode", type=int, default=None, help="with --autoscale: most decode workers (--decode: least)"
+    )
+    add(
+        "--planner-arg",
+        action="append",
+        metavar="ARG",
+        help="planner policy flag: --planner-arg=--up-window-s=10",
+    )
     up.set_defaults(func=_cmd_up, parser=up)
 
 

@@ -55,3 +55,16 @@ async def cancel_and_wait(*tasks: asyncio.Future[Any], retry_s: float = CANCEL_R
     for task in tasks:
         if not task.cancelled():
             task.exception()  # retrieved, so asyncio does not log it as never retrieved
+
+
+def run_service(name: str, main: Coroutine[Any, Any, None], loop: str = "asyncio") -> int:
+    """A service's process: run ``main`` until it returns (after a stop signal); 0 then, 1 when it
+    could not start (a port in use, a bad file), logged under ``services.<name>``."""
+    try:
+        run_event_loop(main, loop)
+    except (ValueError, OSError, RuntimeError) as exc:
+        logging.getLogger(f"services.{name}").error("%s failed: %s", name, exc)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -40,6 +40,13 @@ class UpConfig:
     startup_timeout_s: float = 300.0
     quiet: bool = False
     """Do not echo the children's output (it is still shown when one fails)."""
+    autoscale: bool = False
+    """Run the planner against the mesh's registry: `prefill` and `decode` become the minimums."""
+    max_prefill: int | None = None
+    """Most prefill workers with autoscale (None: `prefill`, so the tier stays fixed)."""
+    max_decode: int | None = None
+    planner_args: tuple[str, ...] = ()
+    """Planner policy flags (scalellm/planner/policy.py), e.g. --up-window-s=10."""
 
     def __post_init__(self) -> None:
         if self.decode < 1:
@@ -55,11 +62,31 @@ class UpConfig:
             raise ValueError("--threads-per-worker must be >= 1")
         if self.drain_timeout_s < 0 or self.startup_timeout_s <= 0:
             raise ValueError("--drain-timeout must be >= 0 and --startup-timeout > 0")
+        self._check_autoscale()
+
+    def _check_autoscale(self) -> None:
+        if not self.autoscale and (
+            self.max_prefill is not None or self.max_decode is not None or self.planner_args
+        ):
+            raise ValueError("--max-prefill, --max-decode and --planner-arg need --autoscale")
+        if self.colocated and self.max_prefill:
+            raise ValueError("--colocated runs no prefill workers: drop --max-prefill")
+        if self.max_prefill_workers < self.prefill or self.max_decode_workers < self.decode:
+            raise ValueError("--max-prefill / --max-decode must be >= --prefill / --decode")
+
+    @property
+    def max_prefill_workers(self) -> int:
+        """The most prefill workers this mesh runs (the fixed count without autoscale)."""
+        return self.prefill if self.max_prefill is None else self.max_prefill
+
+    @property
+    def max_decode_workers(self) -> int:
+        return self.decode if self.max_decode is None else self.max_decode
 
     @property
     def workers(self) -> int:
-        """How many worker processes this mesh runs."""
-        return self.prefill + self.decode
+        """How many worker processes this mesh runs at most (cores are shared out for that many)."""
+        return self.max_prefill_workers + self.max_decode_workers
 
     def worker_threads(self, cores: int | None = None) -> int:
         """torch threads for each worker: the given number, else an even share of the cores."""
@@ -95,6 +122,10 @@ class UpConfig:
             drain_timeout_s=args.drain_timeout,
             startup_timeout_s=args.startup_timeout,
             quiet=args.quiet,
+            autoscale=args.autoscale,
+            max_prefill=args.max_prefill,
+            max_decode=args.max_decode,
+            planner_args=tuple(args.planner_arg or ()),
         )
 
 

@@ -1,10 +1,11 @@
 """Launcher: start the mesh's processes in order, watch them, stop them in order.
 
 start: model prepared -> Redis -> kvstore -> workers + gateway -> the gateway sees every worker
+       (-> the planner, with --autoscale: then workers are started and drained as it says)
 stop (SIGINT, SIGTERM, SIGHUP, or Redis, the kvstore or the gateway dying): gateway, workers,
-kvstore, Redis. A worker that dies once the mesh is up is restarted (the gateway routes around
-it meanwhile); one that keeps dying stops the mesh.
-     (see shutdown.py); a second signal kills what is left at once.
+kvstore, Redis (see shutdown.py); a second signal kills what is left at once. A worker that dies
+once the mesh is up is restarted (the gateway routes around it meanwhile); one that keeps dying
+stops the mesh. A worker the autoscaler drains is not restarted (autoscale.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from scalellm.launcher import plan
+from scalellm.launcher.autoscale import Autoscaler
 from scalellm.launcher.child import Child
 from scalellm.launcher.config import UpConfig
 from scalellm.launcher.probes import grpc_serving, http_health, port_free
@@ -48,6 +50,8 @@ class Launcher:
         self._up = False
         self._restarts: dict[str, list[float]] = {}
         self._seen = ""
+        self._autoscaler: Autoscaler | None = None
+        self._spawn: Callable[[str, int], Child] | None = None
 
     def say(self, message: str) -> None:
         self._echo(f"scalellm up: {message}")
@@ -102,16 +106,21 @@ class Launcher:
             if port and not port_free(c.host, port):
                 raise LaunchError(f"port {port} on {c.host} is taken: choose --http-port / --grpc-port")
         try:
-            return resolve_model_dir(c.model)
+            model_dir = resolve_model_dir(c.model)
         except ValueError as exc:
             raise LaunchError(str(exc)) from exc
+        if c.autoscale:  # parses the planner's flags: bad ones exit 2 before anything starts
+            self._autoscaler = Autoscaler(c, c.served_model_name or model_dir.name, self.say)
+        return model_dir
 
     def _start_all(self, model_dir: Path) -> None:
         c = self.config
         self._deadline = time.monotonic() + c.startup_timeout_s
         redis_url = c.redis_url or self._wait_ready(self._start(plan.redis_spec())).address
         kvstore = self._wait_ready(self._start(plan.kvstore_spec(redis_url))).address
-        workers = [self._start(s) for s in plan.worker_specs(c, model_dir, kvstore, uuid.uuid4().hex[:6])]
+        run_id = uuid.uuid4().hex[:6]
+        workers = [self._start(s) for s in plan.worker_specs(c, model_dir, kvstore, run_id)]
+        self._spawn = lambda tier, n: self._start(plan.worker_spec(c, model_dir, kvstore, run_id, tier, n))
         gateway = self._start(plan.gateway_spec(c, model_dir, kvstore))
         for child in (*workers, gateway):
             self._wait_ready(child)
@@ -121,6 +130,12 @@ class Launcher:
         health = f"http://{host}:{http_port}/health"
         self._wait_until(lambda: self._sees_all_workers(health), lambda: f"the gateway to see {self._seen}")
         self.say(f"model {model_dir}" + (f"; gateway listening on {c.host}" if host != c.host else ""))
+        if self._autoscaler is not None:
+            planner = self._wait_ready(self._start(plan.planner_spec(c, kvstore, self._autoscaler.model)))
+            self._autoscaler.metrics_url = planner.spec.metrics
+            self.say(
+                f"autoscaling: prefill {c.prefill}..{c.max_prefill_workers}, decode {c.decode}..{c.max_decode_workers}"
+            )
         self._up = True
         self._echo(f"mesh ready: http://{host}:{http_port}/v1  grpc {host}:{grpc_port}")
 
@@ -171,8 +186,10 @@ class Launcher:
         LaunchError when any other child (or a worker during startup) has exited."""
         if self._stopping.is_set():
             raise Interrupted
+        if self._autoscaler is not None and self._up and self._spawn is not None:
+            self._autoscaler.reconcile(self.children, self._spawn)
         for i, child in enumerate(self.children):
-            if (code := child.returncode) is None:
+            if (code := child.returncode) is None or (self._autoscaler and self._autoscaler.retiring(child)):
                 continue
             died = f"{child.name} (pid {child.pid}) exited unexpectedly with status {code}"
             if not (self._up and child.spec.restart and self._may_restart(child.name)):

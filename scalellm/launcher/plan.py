@@ -66,30 +66,57 @@ def worker_specs(
 ) -> list[ChildSpec]:
     """Prefill workers first, then decode (or colocated) workers, each with its share of cores.
     Worker ids are `<name>-<run_id>` (e.g. decode-2-1a2b3c), unique per launcher run."""
+    tiers = [("prefill", n) for n in range(1, config.prefill + 1)]
+    tiers += [("decode", n) for n in range(1, config.decode + 1)]
+    return [worker_spec(config, model_dir, kvstore, run_id, tier, n, port) for tier, n in tiers]
+
+
+def worker_spec(
+    config: UpConfig, model_dir: Path, kvstore: str, run_id: str, tier: str, number: int,
+    port: Callable[[], int] = free_port,
+) -> ChildSpec:  # fmt: skip
+    """Worker `<tier>-<number>` (tier: prefill or decode). GPUs go round-robin over the slots of
+    the largest mesh: prefill workers first, then decode workers (`scalellm up --autoscale` adds
+    and removes workers by number, and each number keeps its GPU)."""
     threads = str(config.worker_threads())
-    tiers = [("prefill", "services.prefill", "prefill")] * config.prefill
-    role = "both" if config.colocated else "decode"
-    tiers += [("decode", "services.decode", role)] * config.decode
-    specs: list[ChildSpec] = []
-    count = {"prefill": 0, "decode": 0}
-    for i, (tier, module, role_name) in enumerate(tiers):
-        count[tier] += 1
-        name = f"{tier}-{count[tier]}"
-        metrics_port = port()
-        argv = [
-            "--role", role_name, "--model", str(model_dir), "--worker-id", f"{name}-{run_id}",
-            "--listen", f"{LOOPBACK}:0", "--advertise-host", LOOPBACK, "--transfer-listen", f"{LOOPBACK}:0",
-            "--kvstore", kvstore, "--metrics-port", str(metrics_port), "--num-threads", threads,
-            "--device", config.device, "--dtype", config.dtype, "--drain-timeout", str(config.drain_timeout_s),
-        ]  # fmt: skip
-        argv += _optional(config)
-        env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-        if config.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = config.gpus[i % len(config.gpus)]
-        metrics = f"http://{LOOPBACK}:{metrics_port}/metrics"
-        argv_all = _module(module, *argv, *config.worker_args)
-        specs.append(ChildSpec(name, argv_all, env=env, metrics=metrics, restart=True))
-    return specs
+    module, role_name = (
+        ("services.prefill", "prefill") if tier == "prefill" else ("services.decode", "decode")
+    )
+    if tier == "decode" and config.colocated:
+        role_name = "both"
+    name = f"{tier}-{number}"
+    metrics_port = port()
+    argv = [
+        "--role", role_name, "--model", str(model_dir), "--worker-id", f"{name}-{run_id}",
+        "--listen", f"{LOOPBACK}:0", "--advertise-host", LOOPBACK, "--transfer-listen", f"{LOOPBACK}:0",
+        "--kvstore", kvstore, "--metrics-port", str(metrics_port), "--num-threads", threads,
+        "--device", config.device, "--dtype", config.dtype, "--drain-timeout", str(config.drain_timeout_s),
+    ]  # fmt: skip
+    argv += _optional(config)
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    if config.gpus:
+        slot = number - 1 if tier == "prefill" else config.max_prefill_workers + number - 1
+        env["CUDA_VISIBLE_DEVICES"] = config.gpus[slot % len(config.gpus)]
+    metrics = f"http://{LOOPBACK}:{metrics_port}/metrics"
+    argv_all = _module(module, *argv, *config.worker_args)
+    return ChildSpec(name, argv_all, env=env, metrics=metrics, restart=True)
+
+
+def planner_spec(
+    config: UpConfig, kvstore: str, model: str, port: Callable[[], int] = free_port
+) -> ChildSpec:
+    """The planner service for `--autoscale`, planning this mesh's model within the tiers' limits;
+    the launcher reads its desired counts from its /metrics."""
+    metrics_port = port()
+    argv = _module(
+        "services.planner", "--listen", f"{LOOPBACK}:0", "--kvstore", kvstore, "--model", model,
+        "--min-prefill", str(config.prefill), "--max-prefill", str(config.max_prefill_workers),
+        "--min-decode", str(config.decode), "--max-decode", str(config.max_decode_workers),
+        "--metrics-host", LOOPBACK, "--metrics-port", str(metrics_port), *config.planner_args,
+    )  # fmt: skip
+    return ChildSpec(
+        "planner", argv, env={"OMP_NUM_THREADS": "1"}, metrics=f"http://{LOOPBACK}:{metrics_port}/metrics"
+    )
 
 
 def _optional(config: UpConfig) -> list[str]:

@@ -1,4 +1,4 @@
-"""Stopping the mesh in order: gateway, then workers, then kvstore, then Redis.
+"""Stopping the mesh in order: the planner (`--autoscale`), gateway, workers, kvstore, Redis.
 
 Each tier gets SIGTERM together (its processes drain in parallel) and `drain_timeout_s + 10` s
 to exit before SIGKILL; a set `force` event (a second Ctrl-C) kills at once. Whatever a child
@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 from scalellm.launcher.child import Child
 
-ORDER = ("gateway", "worker", "kvstore", "redis")
+ORDER = ("planner", "gateway", "worker", "kvstore", "redis")
 
 
 def stop_in_order(

@@ -46,6 +46,7 @@ def info_to_proto(info: WorkerInfo) -> pb.WorkerInfo:
         kv_capacity_blocks=info.kv_capacity_blocks,
         kv_block_size=info.kv_block_size,
         version=info.version,
+        max_running=info.max_running,
     )
 
 
@@ -60,6 +61,7 @@ def info_from_proto(msg: pb.WorkerInfo) -> WorkerInfo:
         kv_capacity_blocks=msg.kv_capacity_blocks,
         kv_block_size=msg.kv_block_size,
         version=msg.version,
+        max_running=msg.max_running,
     )
 
 
@@ -70,6 +72,9 @@ def load_to_proto(load: WorkerLoad) -> pb.Load:
         waiting=load.waiting,
         free_blocks=load.free_blocks,
         tokens_per_second=load.tokens_per_second,
+        prefill_backlog_tokens=load.prefill_backlog_tokens,
+        ttft_seconds=load.ttft_s,
+        itl_seconds=load.itl_s,
         updated=_timestamp(load.updated_at),
     )
 
@@ -81,6 +86,9 @@ def load_from_proto(msg: pb.Load) -> WorkerLoad:
         waiting=msg.waiting,
         free_blocks=msg.free_blocks,
         tokens_per_second=msg.tokens_per_second,
+        prefill_backlog_tokens=msg.prefill_backlog_tokens,
+        ttft_s=msg.ttft_seconds,
+        itl_s=msg.itl_seconds,
         updated_at=_seconds(msg.updated),
     )
 

@@ -59,6 +59,8 @@ class WorkerInfo:
     kv_block_size: int
     transfer_endpoint: str = ""
     version: str = ""
+    max_running: int = 0
+    """Most sequences in its running batch (max_num_seqs); 0: not reported."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,6 +71,12 @@ class WorkerLoad:
     waiting: int = 0
     free_blocks: int = 0
     tokens_per_second: float = 0.0
+    prefill_backlog_tokens: int = 0
+    """Prompt tokens waiting or partly computed here, not yet run."""
+    ttft_s: float = 0.0
+    """Mean time to first token over the last window (0: no first token in it)."""
+    itl_s: float = 0.0
+    """Mean time between two tokens of a request over the last window (0: none)."""
     updated_at: float = 0.0
 
 

@@ -10,6 +10,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from google.protobuf.message import DecodeError
 
@@ -79,13 +80,7 @@ class RegistryStore:
     def _stamped(self, load: WorkerLoad | None) -> WorkerLoad:
         load = load or WorkerLoad()
         validate_load(load)
-        return WorkerLoad(
-            running=load.running,
-            waiting=load.waiting,
-            free_blocks=load.free_blocks,
-            tokens_per_second=load.tokens_per_second,
-            updated_at=self._clock(),
-        )
+        return replace(load, updated_at=self._clock())
 
     async def register(self, info: WorkerInfo, load: WorkerLoad | None = None) -> Lease:
         """Register info (replacing a registration of the same id) and grant a fresh lease."""

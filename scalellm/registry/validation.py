@@ -69,14 +69,16 @@ def validate_worker_info(info: WorkerInfo) -> None:
         )
     if len(info.version) > MAX_VERSION_LEN:
         raise InvalidRegistration(f"version is longer than {MAX_VERSION_LEN} characters")
+    if info.max_running < 0:
+        raise InvalidRegistration(f"max_running {info.max_running} is negative")
 
 
 def validate_load(load: WorkerLoad) -> None:
-    """Counts are non-negative; the token rate is a finite non-negative number."""
-    for name in ("running", "waiting", "free_blocks"):
+    """Counts are non-negative; the rate and the latencies are finite non-negative numbers."""
+    for name in ("running", "waiting", "free_blocks", "prefill_backlog_tokens"):
         if getattr(load, name) < 0:
             raise InvalidRegistration(f"load.{name} {getattr(load, name)} is negative")
-    if not math.isfinite(load.tokens_per_second) or load.tokens_per_second < 0:
-        raise InvalidRegistration(
-            f"load.tokens_per_second {load.tokens_per_second} is not a finite rate >= 0"
-        )
+    for name in ("tokens_per_second", "ttft_s", "itl_s"):
+        value = getattr(load, name)
+        if not math.isfinite(value) or value < 0:
+            raise InvalidRegistration(f"load.{name} {value} is not a finite number >= 0")

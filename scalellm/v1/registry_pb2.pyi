@@ -37,7 +37,7 @@ WORKER_EVENT_TYPE_EXPIRED: WorkerEventType
 WORKER_EVENT_TYPE_LOAD: WorkerEventType
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "model", "grpc_address", "transfer_endpoint", "kv_capacity_blocks", "kv_block_size", "version")
+    __slots__ = ("worker_id", "role", "model", "grpc_address", "transfer_endpoint", "kv_capacity_blocks", "kv_block_size", "version", "max_running")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class WorkerInfo(_message.Message):
     KV_CAPACITY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_RUNNING_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     model: str
@@ -54,21 +55,28 @@ class WorkerInfo(_message.Message):
     kv_capacity_blocks: int
     kv_block_size: int
     version: str
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., model: _Optional[str] = ..., grpc_address: _Optional[str] = ..., transfer_endpoint: _Optional[str] = ..., kv_capacity_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    max_running: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., model: _Optional[str] = ..., grpc_address: _Optional[str] = ..., transfer_endpoint: _Optional[str] = ..., kv_capacity_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., version: _Optional[str] = ..., max_running: _Optional[int] = ...) -> None: ...
 
 class Load(_message.Message):
-    __slots__ = ("running", "waiting", "free_blocks", "tokens_per_second", "updated")
+    __slots__ = ("running", "waiting", "free_blocks", "tokens_per_second", "updated", "prefill_backlog_tokens", "ttft_seconds", "itl_seconds")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     UPDATED_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_BACKLOG_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ITL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     free_blocks: int
     tokens_per_second: float
     updated: _timestamp_pb2.Timestamp
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., updated: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    prefill_backlog_tokens: int
+    ttft_seconds: float
+    itl_seconds: float
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., updated: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., prefill_backlog_tokens: _Optional[int] = ..., ttft_seconds: _Optional[float] = ..., itl_seconds: _Optional[float] = ...) -> None: ...
 
 class Worker(_message.Message):
     __slots__ = ("info", "load", "registered")

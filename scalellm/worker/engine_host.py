@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections import deque
 
 from scalellm.engine.async_engine import AsyncEngine
 from scalellm.engine.config import EngineConfig
@@ -11,9 +10,8 @@ from scalellm.engine.engine import LLMEngine, TokenEvent
 from scalellm.models.prepare import resolve_model_dir
 from scalellm.registry import WorkerInfo, WorkerLoad
 from scalellm.worker.config import WorkerConfig
+from scalellm.worker.load_window import LoadWindow, prefill_backlog_tokens
 from scalellm.worker.metrics import WorkerMetrics
-
-_RATE_WINDOW_S = 10.0
 
 
 class EngineHost:
@@ -37,10 +35,8 @@ class EngineHost:
             )
         )
         self.aengine = AsyncEngine(self.engine, on_step=self._on_step)
-        self._token_times: deque[tuple[float, int]] = deque()
-        """(time, tokens) of each step in the last window; touched by the step thread only."""
-        self._rate: tuple[float, float] = (0.0, 0.0)
-        """(tokens per second, when computed): written whole by the step thread, read by load()."""
+        self._window = LoadWindow()
+        """Token rate, TTFT, ITL and prefill backlog: written by the step thread, read by load()."""
         # Live values, read when /metrics is scraped (len() reads are atomic under the GIL).
         sched = self.engine.scheduler
         metrics.total_blocks.set(self.engine.blocks.num_blocks)
@@ -66,28 +62,26 @@ class EngineHost:
             kv_block_size=self.engine.block_size,
             transfer_endpoint=transfer_endpoint,
             version=__version__,
+            max_running=self.config.max_num_seqs,
         )
 
     def load(self) -> WorkerLoad:
         """The load right now. Read from the event loop: len() of the scheduler's queues is atomic
         under the GIL, and a value one step old is fine for routing."""
         sched = self.engine.scheduler
-        rate, at = self._rate
+        measured = self._window.signals()
         return WorkerLoad(
             running=len(sched.running) + len(sched.remote),
             waiting=len(sched.waiting),
             free_blocks=self.engine.num_free_blocks,
-            tokens_per_second=rate if time.monotonic() - at <= _RATE_WINDOW_S else 0.0,
+            tokens_per_second=measured.tokens_per_second,
+            prefill_backlog_tokens=measured.prefill_backlog_tokens,
+            ttft_s=measured.ttft_s,
+            itl_s=measured.itl_s,
         )
 
     def _on_step(self, engine: LLMEngine, events: list[TokenEvent]) -> None:
-        """Step thread: the token rate over the last window, published as one tuple."""
-        now = time.monotonic()
-        new_tokens = sum(1 for e in events if e.token_id is not None)
-        window = self._token_times
-        window.append((now, new_tokens))
-        while now - window[0][0] > _RATE_WINDOW_S:
-            window.popleft()
-        span = now - window[0][0]
-        self._rate = (sum(n for _, n in window) - window[0][1]) / span if span > 0 else 0.0, now
-        self.metrics.tokens.inc(new_tokens)
+        """Step thread: fold the step into the load window (the scheduler's queues are ours here)."""
+        sched = engine.scheduler
+        backlog = prefill_backlog_tokens(sched.waiting, sched.running)
+        self.metrics.tokens.inc(self._window.on_step(time.monotonic(), events, backlog))

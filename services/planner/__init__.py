@@ -1,0 +1,1 @@
+"""The planner service: desired prefill and decode worker counts, exported for autoscalers."""

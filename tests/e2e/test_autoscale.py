@@ -1,0 +1,170 @@
+"""`scalellm up --autoscale`: the planner grows the decode tier under a flood and shrinks it after,
+with no failed request (tiny random model, short planner windows given by flags)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from scalellm.launcher.config import UpConfig
+from scalellm.launcher.plan import planner_spec, worker_spec
+from scalellm.launcher.probes import http_health
+from tests.e2e.test_up import Up, _assert_gone
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_served(tiny_llama: Path, demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Llama with the demo model's tokenizer files (the gateway needs a tokenizer;
+    requests send token ids below the tiny vocabulary)."""
+    folder = tmp_path_factory.mktemp("tiny-served")
+    for item in tiny_llama.iterdir():
+        shutil.copy(item, folder / item.name)
+    for name in TOKENIZER_FILES:
+        if (demo_model_dir / name).exists():
+            shutil.copy(demo_model_dir / name, folder / name)
+    return folder
+
+
+class Load:
+    """Closed-loop OpenAI clients, each sending one request after another until stopped."""
+
+    def __init__(self, base_url: str, clients: int, max_tokens: int) -> None:
+        import openai
+
+        self.client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=120)
+        self.max_tokens = max_tokens
+        self.done = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self, seed: int) -> None:
+        i = 0
+        while not self._stop.is_set():
+            prompt = [(seed * 31 + i * 7 + k) % 400 + 10 for k in range(20)]
+            try:
+                out = self.client.completions.create(
+                    model="", prompt=prompt, max_tokens=self.max_tokens, temperature=0
+                )
+                assert out.choices[0].finish_reason in ("length", "stop"), out
+                self.done += 1
+            except Exception as exc:  # every failure counts; none is expected
+                self.failures.append(repr(exc))
+            i += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(180)
+
+
+def _wait(condition: Callable[[], bool], up: Up, what: str, timeout: float = 180.0) -> None:
+    """Poll a condition; the timeout is a hang guard only."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert up.proc.poll() is None, f"scalellm up exited {up.proc.returncode}:\n{up.log()}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s:\n{up.log()}"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--max-decode", "2"],  # needs --autoscale
+        ["--autoscale", "--decode", "2", "--max-decode", "1"],  # max below min
+        ["--autoscale", "--colocated", "--max-prefill", "1"],
+        ["--autoscale", "--planner-arg=--up-window-s=-1"],  # the planner's own check
+        ["--autoscale", "--planner-arg=--no-such-flag"],
+    ],
+)
+def test_bad_autoscale_flags_are_refused_before_anything_starts(argv: list[str], tmp_path: Path) -> None:
+    from scalellm.cli import main
+
+    (tmp_path / "config.json").write_text("{}")  # a model folder: nothing is loaded before the check
+    with pytest.raises(SystemExit) as exc:
+        main(["up", "--model", str(tmp_path), "--http-port", "0", "--grpc-port", "0", *argv])
+    assert exc.value.code == 2
+
+
+def test_the_planner_child_plans_this_mesh_within_its_limits() -> None:
+    config = UpConfig(prefill=1, decode=1, autoscale=True, max_decode=3, planner_args=("--interval-s=1",))
+    argv = list(planner_spec(config, "127.0.0.1:9", "smol", port=lambda: 4242).argv)
+    assert argv[:3] == [sys.executable, "-m", "services.planner"] and argv[-1] == "--interval-s=1"
+    flag = {argv[i]: argv[i + 1] for i in range(3, len(argv) - 1) if argv[i].startswith("--")}
+    assert (flag["--kvstore"], flag["--model"], flag["--metrics-port"]) == ("127.0.0.1:9", "smol", "4242")
+    assert [flag[f"--{e}-{t}"] for t in ("prefill", "decode") for e in ("min", "max")] == ["1", "1", "1", "3"]
+    assert config.worker_threads(cores=8) == 2  # cores shared out for the largest mesh (1 + 3)
+    # GPUs go by slot in the largest mesh, so decode-2 keeps its GPU whenever it is started
+    gpus = UpConfig(
+        prefill=1, decode=1, autoscale=True, max_prefill=2, max_decode=2, gpus=("0", "1", "2", "3")
+    )
+    spec = worker_spec(gpus, Path("/m"), "127.0.0.1:9", "r", "decode", 2, port=lambda: 1)
+    assert spec.env["CUDA_VISIBLE_DEVICES"] == "3" and spec.restart
+
+
+@pytest.mark.slow
+def test_decode_grows_under_a_flood_and_shrinks_after_it_with_no_failed_request(tiny_served: Path) -> None:
+    up = Up(
+        "--model", str(tiny_served), "--http-port", "0", "--grpc-port", "0", "--quiet",
+        "--autoscale", "--max-decode", "2", "--max-num-seqs", "4", "--num-kv-blocks", "256",
+        "--startup-timeout", "120", "--drain-timeout", "30",
+        "--planner-arg=--interval-s=0.25", "--planner-arg=--up-window-s=1", "--planner-arg=--up-cooldown-s=0",
+        "--planner-arg=--down-window-s=3", "--planner-arg=--down-cooldown-s=3",
+    )  # fmt: skip
+    pids: dict[int, str] = {}
+    trickle: Load | None = None
+    flood: Load | None = None
+    try:
+        ready = up.wait_for("mesh ready: ", timeout=150)
+        base_url = ready.split()[2]
+        health = base_url.removesuffix("/v1") + "/health"
+
+        def decode_workers() -> int:
+            return int((http_health(health) or {}).get("decode_workers", -1))
+
+        assert decode_workers() == 1
+        trickle = Load(base_url, clients=1, max_tokens=16)  # runs throughout, across both changes
+        flood = Load(base_url, clients=12, max_tokens=48)
+        _wait(lambda: decode_workers() == 2, up, "second decode worker in the gateway's view")
+        assert any(re.match(r"scalellm up: planner: decode 1 -> 2 \(need [\d.]+ workers\)$", line)
+                   for line in up.lines), up.log()  # fmt: skip
+        served_before = flood.done
+        _wait(lambda: flood.done > served_before + 12, up, "requests served with two decode workers")
+        flood.stop()
+
+        _wait(lambda: decode_workers() == 1, up, "the decode tier back to one worker")
+        _wait(lambda: any("drained and stopped (status 0)" in line for line in up.lines), up, "drain")
+        drained = next(line for line in up.lines if "drained and stopped" in line)
+        assert drained.startswith("scalellm up: decode-2 (pid "), drained
+        assert not any("restarting it" in line for line in up.lines), up.log()  # not taken for a crash
+        served_before = trickle.done
+        _wait(lambda: trickle.done > served_before + 2, up, "requests served after the drain")
+        trickle.stop()
+
+        assert flood.failures == [] and trickle.failures == [], (flood.failures[:3], trickle.failures[:3])
+        assert flood.done > 0 and trickle.done > 0
+        pids = up.pids()
+        addresses = up.addresses()
+        assert up.stop() == 0, up.log()
+        _assert_gone(up, pids, addresses)
+    finally:
+        for load in (flood, trickle):
+            if load is not None:
+                load.stop()
+        up.cleanup(pids)
