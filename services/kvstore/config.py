@@ -25,7 +25,8 @@ class KvstoreConfig:
     namespace: str = "scalellm"
     lease_s: float = 10.0
     reap_interval_s: float = 0.25
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = ""
+    """Where /metrics listens; empty: the host of --listen."""
     metrics_port: int = 9470
     grace_s: float = 1.0
     log_level: str = "INFO"
@@ -40,6 +41,10 @@ class KvstoreConfig:
             raise ValueError(f"metrics_port must be 0 (off) or a port, got {self.metrics_port}")
         if not self.listen or not self.redis_url or not self.namespace:
             raise ValueError("listen, redis_url and namespace must not be empty")
+
+    @property
+    def metrics_bind_host(self) -> str:
+        return self.metrics_host or self.listen.rpartition(":")[0].strip("[]") or "0.0.0.0"
 
     def redis_connection_url(self) -> str:
         """The Redis URL with the password from --redis-password-file in it, when one is given."""
@@ -85,7 +90,11 @@ OPTIONS: tuple[Option, ...] = (
         env="SCALELLM_KVSTORE_REAP_INTERVAL_S",
     ),
     Option(
-        "--metrics-host", "metrics_host", str, "Prometheus HTTP host", env="SCALELLM_KVSTORE_METRICS_HOST"
+        "--metrics-host",
+        "metrics_host",
+        str,
+        "Prometheus HTTP host (default: the --listen host)",
+        env="SCALELLM_KVSTORE_METRICS_HOST",
     ),
     Option(
         "--metrics-port",

@@ -69,7 +69,7 @@ class KvstoreServer:
     async def _start(self) -> None:
         if self.config.metrics_port:
             self._metrics_http = MetricsHttpServer(
-                self.metrics, self.config.metrics_host, self.config.metrics_port
+                self.metrics, self.config.metrics_bind_host, self.config.metrics_port
             )
             self.metrics_port = self._metrics_http.port
         server = grpc.aio.server(
