@@ -26,7 +26,7 @@ class SignedStore(dist.Store):
 
     def set(self, key: str, value: str | bytes) -> None:
         raw = value.encode() if isinstance(value, str) else bytes(value)
-        self._inner.set(key, self._tag(key, raw) + raw)
+        self._inner.set(key, self._tag(key, raw) + raw)  # type: ignore[arg-type]  # bytes are fine
 
     def get(self, key: str) -> bytes:
         raw = self._inner.get(key)
@@ -52,10 +52,3 @@ class SignedStore(dist.Store):
 
     def num_keys(self) -> int:
         return self._inner.num_keys()
-
-    def set_timeout(self, timeout: timedelta) -> None:
-        self._inner.set_timeout(timeout)
-
-    @property
-    def timeout(self) -> timedelta:
-        return self._inner.timeout
