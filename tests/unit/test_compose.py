@@ -5,7 +5,9 @@ healthcheck is run against a real gRPC health server."""
 from __future__ import annotations
 
 import copy
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -277,7 +279,7 @@ def test_the_redis_service_requires_its_password(services: dict[str, Any], tmp_p
     assert empty.returncode == 1 and "set SCALELLM_REDIS_PASSWORD" in empty.stderr
     secret.write_text("pw-" + "x" * 30)
     script = script.replace("--appendonly no", f"--appendonly no --port {port} --bind 127.0.0.1")
-    server = subprocess.Popen(["sh", "-c", script], cwd=tmp_path)
+    server = subprocess.Popen(["sh", "-c", script], cwd=tmp_path, start_new_session=True)
     try:
         deadline = time.monotonic() + 30
         while not ping("127.0.0.1", port, password=secret.read_text()):
@@ -289,8 +291,8 @@ def test_the_redis_service_requires_its_password(services: dict[str, Any], tmp_p
         assert subprocess.run(["sh", "-c", wrong], timeout=30).returncode != 0
         cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes()  # exec: the shell became redis-server
         assert b"redis-server" in cmdline and b"pw-" not in cmdline
-    finally:
-        server.terminate()
+    finally:  # the whole session: nothing of it may outlive the test
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)
 
 
