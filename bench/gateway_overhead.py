@@ -63,6 +63,7 @@ import grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scalellm.security import SecurityConfig  # noqa: E402
 from scalellm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, worker_pb2, worker_pb2_grpc  # noqa: E402
 from services.gateway.session import WorkerSession  # noqa: E402
 
@@ -137,10 +138,13 @@ class Paths:
             temperature=0, top_p=1.0, max_tokens=max_tokens, ignore_eos=True
         )  # exactly what the gateway sends
         self.max_tokens = max_tokens
-        self.worker_channel = grpc.aio.insecure_channel(worker)
+        # With SCALELLM_MESH_TOKEN set, the worker and gateway this bench starts inherit it, and
+        # the direct paths must carry it too (as the gateway does: once per Session stream).
+        self.mesh = SecurityConfig.from_env().load()
+        self.worker_channel = self.mesh.channel(worker)
         self.gateway_channel = grpc.aio.insecure_channel(gw_grpc)
         self.worker = worker_pb2_grpc.DecodeWorkerStub(self.worker_channel)
-        self.worker_session = WorkerSession(self.worker, worker)
+        self.worker_session = WorkerSession(self.worker, worker, self.mesh.metadata)
         self.gateway = gateway_pb2_grpc.GatewayStub(self.gateway_channel)
         self.http_url = f"http://{gw_http}/v1/completions"
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
@@ -166,7 +170,7 @@ class Paths:
         request = worker_pb2.GenerateRequest(
             request_id=uuid.uuid4().hex, prompt_token_ids=prompt, sampling=self.sampling
         )
-        return await self._stream(self.worker.Generate(request))
+        return await self._stream(self.worker.Generate(request, metadata=self.mesh.metadata))
 
     async def direct_session(self, prompt: list[int]) -> Sample:
         """The worker's Session rpc, as the gateway calls it (every stream of the bench on one)."""

@@ -69,7 +69,8 @@ def _add_up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         "up",
         help="run the whole mesh locally (Redis, kvstore, workers, gateway) until Ctrl-C",
         description="Start Redis, a kvstore, prefill and decode workers and a gateway as child "
-        "processes; Ctrl-C or SIGTERM drains and stops them all.",
+        "processes; Ctrl-C or SIGTERM drains and stops them all. Everything binds 127.0.0.1 but the "
+        "gateway's --host; internal calls carry a mesh token (SCALELLM_MESH_TOKEN, else a fresh one).",
     )
     add = up.add_argument
     add("--model", default=None, help="Hugging Face folder (default: the demo model, prepared once)")
@@ -80,6 +81,8 @@ def _add_up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     add("--host", default="127.0.0.1", help="address the gateway binds (default 127.0.0.1)")
     add("--http-port", type=int, default=8000, help="gateway OpenAI HTTP port (0: any free one)")
     add("--grpc-port", type=int, default=50051, help="gateway gRPC port (0: any free one)")
+    add("--tls-cert", default=None, help="gateway certificate (PEM): serve HTTPS and gRPC over TLS")
+    add("--tls-key", default=None, help="the gateway certificate's private key (PEM, mode 600)")
     add("--redis-url", default=None, help="use this Redis instead of starting a private redis-server")
     add(
         "--threads-per-worker",

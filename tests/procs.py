@@ -39,9 +39,15 @@ class Service:
         self.stop(signal.SIGKILL)
 
 
-def start_service(module: str, args: list[str], name: str | None = None, timeout: float = 120.0) -> Service:
-    """Run `python -m module args` and wait for its "READY <address>" line."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+def start_service(
+    module: str,
+    args: list[str],
+    name: str | None = None,
+    timeout: float = 120.0,
+    env: dict[str, str] | None = None,
+) -> Service:
+    """Run `python -m module args` (with ``env`` added to ours) and wait for its "READY <address>" line."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.Popen(
         [sys.executable, "-m", module, *args],
         cwd=ROOT,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -22,8 +22,11 @@ class UpConfig:
     """Where the gateway listens (workers, kvstore and Redis always bind 127.0.0.1)."""
     http_port: int = 8000
     grpc_port: int = 50051
-    redis_url: str | None = None
-    """An existing Redis; None: start a private redis-server."""
+    tls_cert: str | None = None
+    """The gateway's certificate and key: HTTPS and gRPC over TLS (for --host beyond loopback)."""
+    tls_key: str | None = None
+    redis_url: str | None = field(default=None, repr=False)
+    """An existing Redis (its URL may hold a password); None: start a private redis-server."""
     threads_per_worker: int | None = None
     """torch threads per worker; None: divide this process's CPU cores between the workers."""
     device: str = "auto"
@@ -60,6 +63,8 @@ class UpConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be a port (0: any free one)")
         if self.threads_per_worker is not None and self.threads_per_worker < 1:
             raise ValueError("--threads-per-worker must be >= 1")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
         if self.drain_timeout_s < 0 or self.startup_timeout_s <= 0:
             raise ValueError("--drain-timeout must be >= 0 and --startup-timeout > 0")
         self._check_autoscale()
@@ -108,6 +113,8 @@ class UpConfig:
             host=args.host,
             http_port=args.http_port,
             grpc_port=args.grpc_port,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
             redis_url=args.redis_url,
             threads_per_worker=args.threads_per_worker,
             device=args.device,

@@ -10,6 +10,7 @@ stops the mesh. A worker the autoscaler drains is not restarted (autoscale.py).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -52,6 +53,7 @@ class Launcher:
         self._seen = ""
         self._autoscaler: Autoscaler | None = None
         self._spawn: Callable[[str, int], Child] | None = None
+        self._secrets = plan.Secrets.for_run(os.environ)
 
     def say(self, message: str) -> None:
         self._echo(f"scalellm up: {message}")
@@ -116,7 +118,10 @@ class Launcher:
     def _start_all(self, model_dir: Path) -> None:
         c = self.config
         self._deadline = time.monotonic() + c.startup_timeout_s
-        redis_url = c.redis_url or self._wait_ready(self._start(plan.redis_spec())).address
+        password = self._secrets.redis_password
+        redis_url = c.redis_url or plan.redis_url_for(
+            self._wait_ready(self._start(plan.redis_spec(password))).address, password
+        )
         kvstore = self._wait_ready(self._start(plan.kvstore_spec(redis_url))).address
         run_id = uuid.uuid4().hex[:6]
         workers = [self._start(s) for s in plan.worker_specs(c, model_dir, kvstore, run_id)]
@@ -127,7 +132,8 @@ class Launcher:
         host = plan.LOOPBACK if c.host in ("0.0.0.0", "::", "") else c.host  # where a local client connects
         http_port = gateway.address.rsplit(":", 1)[1]
         grpc_port = gateway.ready_line.split("grpc=", 1)[1].split()[0].rsplit(":", 1)[1]
-        health = f"http://{host}:{http_port}/health"
+        scheme = "https" if c.tls_cert else "http"
+        health = f"{scheme}://{host}:{http_port}/health"
         self._wait_until(lambda: self._sees_all_workers(health), lambda: f"the gateway to see {self._seen}")
         self.say(f"model {model_dir}" + (f"; gateway listening on {c.host}" if host != c.host else ""))
         if self._autoscaler is not None:
@@ -136,8 +142,10 @@ class Launcher:
             self.say(
                 f"autoscaling: prefill {c.prefill}..{c.max_prefill_workers}, decode {c.decode}..{c.max_decode_workers}"
             )
+        if self._secrets.generated_token:
+            self.say("internal calls need this run's mesh token (set SCALELLM_MESH_TOKEN to choose it)")
         self._up = True
-        self._echo(f"mesh ready: http://{host}:{http_port}/v1  grpc {host}:{grpc_port}")
+        self._echo(f"mesh ready: {scheme}://{host}:{http_port}/v1  grpc {host}:{grpc_port}")
 
     def _sees_all_workers(self, health_url: str) -> bool:
         body = http_health(health_url) or {}
@@ -147,6 +155,7 @@ class Launcher:
         return decode >= c.decode and prefill >= c.prefill
 
     def _start(self, spec: plan.ChildSpec) -> Child:
+        spec = dataclasses.replace(spec, env={**spec.env, **self._secrets.mesh})
         child = Child(spec, echo=None if self.config.quiet else self._echo)
         child.start()
         self.children.append(child)

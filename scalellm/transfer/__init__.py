@@ -8,7 +8,13 @@ See docs/transfer.md for the protocol.
 from scalellm.transfer.channel import ChannelState, CompleteCallback, ErrorCallback, Resolver
 from scalellm.transfer.client import TransferClient
 from scalellm.transfer.config import ChannelConfig, Transport
-from scalellm.transfer.errors import ChannelBrokenError, ChannelClosedError, ProtocolError, TransferError
+from scalellm.transfer.errors import (
+    AuthenticationError,
+    ChannelBrokenError,
+    ChannelClosedError,
+    ProtocolError,
+    TransferError,
+)
 from scalellm.transfer.layout import PROTOCOL_VERSION, FieldDiff, KVLayout, LayoutMismatchError
 from scalellm.transfer.receiver import DecodeChannel
 from scalellm.transfer.rendezvous import Endpoint
@@ -18,6 +24,7 @@ from scalellm.transfer.stats import CounterSnapshot, TransferCounters, TransferS
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "AuthenticationError",
     "ChannelBrokenError",
     "ChannelClosedError",
     "ChannelConfig",

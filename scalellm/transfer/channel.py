@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -49,3 +51,22 @@ class ReceiverCallbacks:
             self.on_error(transfer_id, exc)
         except Exception:
             log.exception("on_error(%d) raised", transfer_id)
+
+
+class LogThrottle:
+    """At most one warning per ``every_s`` seconds (with how many were held back): what a peer
+    without the token sends must not flood the log."""
+
+    def __init__(self, logger: logging.Logger, every_s: float) -> None:
+        self._log, self._every_s = logger, every_s
+        self._lock = threading.Lock()
+        self._last, self._held = float("-inf"), 0
+
+    def warn(self, message: str) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last < self._every_s:
+                self._held += 1
+                return
+            held, self._last, self._held = self._held, now, 0
+        self._log.warning("%s%s", message, f" (and {held} more since the last report)" if held else "")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import Enum
 
@@ -34,6 +34,9 @@ class ChannelConfig:
     """None: NCCL for CUDA caches, gloo otherwise. Gloo with a CUDA cache stages through CPU."""
     device_host: str | None = None
     """Address gloo binds and advertises to the peer; None: gloo's default (hostname lookup)."""
+    auth_key: bytes | None = field(default=None, repr=False)
+    """HMAC key both ends must hold (derived from the mesh token); None: pairs are not
+    authenticated. A decode side with a key refuses peers without it (auth.py)."""
 
     def __post_init__(self) -> None:
         if self.message_bytes < 1:

@@ -19,6 +19,11 @@ class ProtocolError(ChannelBrokenError):
     """The peer sent something that is not a valid frame of this protocol."""
 
 
+class AuthenticationError(TransferError):
+    """The peer could not prove it holds the mesh token (or holds another one); nothing of its
+    was accepted."""
+
+
 class ChannelClosedError(TransferError):
     """The channel (or its manager) was closed locally."""
 

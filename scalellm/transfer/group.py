@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from scalellm.transfer.config import ChannelConfig, Transport
-from scalellm.transfer.errors import ChannelBrokenError
+from scalellm.transfer.errors import ChannelBrokenError, TransferError
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,8 @@ def open_pair_group(
         else:
             backend = _gloo(store, rank, config)
             wire = torch.device("cpu")
+    except TransferError:  # e.g. a signed rendezvous key someone else wrote (AuthenticationError)
+        raise
     except RuntimeError as exc:  # DistStoreError on rendezvous timeout, gloo connect errors
         raise ChannelBrokenError(f"{transport.value} pair group rendezvous failed: {exc}") from exc
     return PairGroup(backend, transport, rank, wire, config.op_timeout)

@@ -11,8 +11,8 @@ import torch
 
 from scalellm.transfer.errors import ProtocolError, TransferError
 
-PROTOCOL_VERSION: Final[int] = 2
-"""Version of the wire protocol (frame format, control messages, store keys)."""
+PROTOCOL_VERSION: Final[int] = 3
+"""Version of the wire protocol (frame format, control messages, store keys); 3 added the tags."""
 
 _DTYPES: Final[dict[str, torch.dtype]] = {
     "float32": torch.float32,

@@ -10,8 +10,18 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from scalellm.transfer.auth import (
+    AUTH_KEY,
+    NONCE_KEY,
+    SCHEME,
+    VERDICT_KEY,
+    EpochKey,
+    PairSession,
+    Transcript,
+    new_nonce,
+)
 from scalellm.transfer.config import ChannelConfig
-from scalellm.transfer.errors import ChannelBrokenError
+from scalellm.transfer.errors import AuthenticationError, ChannelBrokenError, TransferError
 from scalellm.transfer.group import PREFILL_RANK, PairGroup, open_pair_group
 from scalellm.transfer.layout import KVLayout, LayoutMismatchError
 from scalellm.transfer.rendezvous import (
@@ -30,13 +40,22 @@ from scalellm.transfer.wire import BufferPool
 
 @dataclass
 class Link:
-    """A joined epoch: its store view, process group and wire buffers."""
+    """A joined epoch: its store view, process group and wire buffers (and, with a mesh token,
+    what its control messages are sealed with)."""
 
     epoch: int
     store: dist.Store
     group: PairGroup
     pool: BufferPool
+    session: PairSession | None = None
+    epoch_key: EpochKey | None = None
     seq: int = 0
+
+    def seal(self, msg: ControlMessage) -> ControlMessage:
+        """``msg`` as the decode side accepts it on this epoch."""
+        if msg.kind is Control.RESET and self.epoch_key is not None:
+            return self.epoch_key.reset()
+        return self.session.seal(msg) if self.session is not None else msg
 
 
 class PrefillRendezvous:
@@ -56,7 +75,9 @@ class PrefillRendezvous:
         self._store: dist.TCPStore | None = None
         self._link: Link | None = None
         self._last_epoch = 0
-        self._mismatch: tuple[int, LayoutMismatchError] | None = None
+        self._mismatch: tuple[int, TransferError] | None = None
+        """A layout or token mismatch with an epoch: refused at once until the decode side opens
+        a new one."""
 
     def link(self) -> Link:
         """The current link, re-joining if the decode side moved to a newer epoch."""
@@ -79,7 +100,7 @@ class PrefillRendezvous:
         if link is not None:
             if notice is not None:
                 with contextlib.suppress(RuntimeError):  # the store may be what failed
-                    push(link.store, ControlMessage(notice))
+                    push(link.store, link.seal(ControlMessage(notice)))
             link.group.abort()
         if notice is not None:
             self._store = None  # reconnect next time: the store may be what failed
@@ -95,7 +116,7 @@ class PrefillRendezvous:
                 view = self.keys.epoch_store(store, epoch)
                 if view.add(CLAIM_KEY, 1) == 1:
                     return self._handshake(view, epoch)
-                push(view, ControlMessage(Control.RESET))  # an earlier process of ours owned it
+                push(view, self._reset(view, epoch))  # an earlier process of ours owned it
             left = deadline - time.monotonic()
             following = self.keys.epoch_store(store, self._last_epoch + 1)
             if left <= 0 or not wait_key(following, LAYOUT_KEYS[0], timedelta(seconds=left)):
@@ -104,16 +125,64 @@ class PrefillRendezvous:
                     f"within {self._config.connect_timeout_s}s"
                 )
 
+    def _reset(self, view: dist.Store, epoch: int) -> ControlMessage:
+        key = self._config.auth_key
+        if key is None:
+            return ControlMessage(Control.RESET)
+        return EpochKey(key, self.keys, epoch, view.get(NONCE_KEY).decode()).reset()
+
     def _handshake(self, view: dist.Store, epoch: int) -> Link:
-        view.set(LAYOUT_KEYS[1], self._layout.to_json())
-        push(view, ControlMessage(Control.JOIN))
+        layout = self._layout.to_json()
+        view.set(LAYOUT_KEYS[1], layout)
         peer = f"decode worker {self.keys.decode_id}"
         try:
+            transcript = self._join_message(view, epoch, layout.encode(), peer)
             self._layout.check_compatible(KVLayout.from_json(view.get(LAYOUT_KEYS[0]), peer), peer)
-        except LayoutMismatchError as exc:
+            session = self._verdict(view, transcript, peer)
+        except (LayoutMismatchError, AuthenticationError) as exc:
             self._mismatch = (epoch, exc)  # refuse at once until the decode side opens a new epoch
             raise
+        store = dist.PrefixStore(GROUP_PREFIX, view)
         group = open_pair_group(
-            dist.PrefixStore(GROUP_PREFIX, view), PREFILL_RANK, self._device, self._config
+            session.signed(store) if session else store, PREFILL_RANK, self._device, self._config
         )
-        return Link(epoch, view, group, BufferPool(group.wire_device))
+        if session is not None:
+            try:
+                session.prove_group(group)
+            except TransferError:
+                group.abort()
+                raise
+        key = self._config.auth_key
+        epoch_key = EpochKey(key, self.keys, epoch, transcript.nonce0) if transcript and key else None
+        return Link(epoch, view, group, BufferPool(group.wire_device), session, epoch_key)
+
+    def _join_message(self, view: dist.Store, epoch: int, layout: bytes, peer: str) -> Transcript | None:
+        """Push our JOIN (tagged when we hold a key); refuse a decode side that does not match us."""
+        key, required = self._config.auth_key, view.get(AUTH_KEY).decode() == SCHEME
+        if key is None:
+            push(view, ControlMessage(Control.JOIN))
+            if required:
+                raise AuthenticationError(f"{peer} requires the mesh token, and this worker has none")
+            return None
+        if not required:
+            push(view, ControlMessage(Control.CLOSE))  # the decode side ends the epoch at once
+            raise AuthenticationError(
+                f"{peer} does not authenticate KV transfers (no mesh token) but this worker does: "
+                "give both the same token"
+            )
+        nonce0 = view.get(NONCE_KEY).decode()
+        transcript = Transcript(self.keys, epoch, nonce0, new_nonce(), view.get(LAYOUT_KEYS[0]), layout)
+        push(view, transcript.join(key))
+        return transcript
+
+    def _verdict(self, view: dist.Store, transcript: Transcript | None, peer: str) -> PairSession | None:
+        """The decode side's answer to our JOIN: the session, or AuthenticationError."""
+        key = self._config.auth_key
+        if transcript is None or key is None:
+            return None
+        verdict = view.get(VERDICT_KEY).decode()  # waits up to connect_timeout_s
+        if not transcript.verdict_is_valid(key, verdict):
+            raise AuthenticationError(
+                f"{peer} refused our KV channel or could not prove the mesh token (do both hold the same one?)"
+            )
+        return transcript.session(key)

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from scalellm.transfer.channel import ChannelState, ReceiverCallbacks
+from scalellm.transfer.auth import DecodeGate
+from scalellm.transfer.channel import ChannelState, LogThrottle, ReceiverCallbacks
 from scalellm.transfer.config import ChannelConfig
 from scalellm.transfer.errors import (
+    AuthenticationError,
     ChannelBrokenError,
     ChannelClosedError,
     ProtocolError,
@@ -37,6 +39,7 @@ from scalellm.transfer.stream import recv_payload
 from scalellm.transfer.wire import BufferPool, Frame, check_block_ids
 
 log = logging.getLogger(__name__)
+_REFUSALS = LogThrottle(log, every_s=10.0)
 
 
 class _ResetRequested(Exception):
@@ -62,10 +65,12 @@ class DecodeChannel:
         side: DecodeSide,
         keys: PairKeys,
         epoch: int,
+        nonce: str,
         store: dist.Store,
         on_reset: Callable[[DecodeChannel], None],
     ) -> None:
         self.prefill_id, self.epoch = keys.prefill_id, epoch
+        self._gate = DecodeGate(side.config.auth_key, keys, epoch, nonce)
         self._side, self._on_reset = side, on_reset
         self._notify: dist.Store | None = keys.epoch_store(store, epoch)  # shared connection, wake-ups only
         self._store: dist.Store | None = keys.epoch_store(store.clone(), epoch)  # this thread's own
@@ -147,6 +152,9 @@ class DecodeChannel:
         except _ResetRequested:
             reset = True
             self._set_broken(ChannelBrokenError(f"prefill worker {self.prefill_id} asked for a new epoch"))
+        except AuthenticationError as exc:
+            self._side.counters.record_refused()
+            self._set_broken(exc)
         except (TransferError, RuntimeError) as exc:
             self._set_broken(as_transfer_error(exc, f"KV channel from {self.prefill_id} failed"))
         finally:
@@ -158,8 +166,17 @@ class DecodeChannel:
         """The next message on the control queue, or None once the channel stops."""
         assert self._store is not None
         while self._state.alive:
-            msg = next_control(self._store, self._side.config.idle_wait)
+            try:
+                msg = next_control(self._store, self._side.config.idle_wait)
+            except ProtocolError:
+                if not self._gate.enabled:
+                    raise
+                self._refuse("a malformed control message")
+                continue
             if msg is None:
+                continue
+            if self._state.alive and not self._gate.admits(msg):  # (not alive: our own wake-up)
+                self._refuse(f"a {msg.kind.name} without a valid tag")
                 continue
             if msg.kind is Control.RESET:
                 raise _ResetRequested
@@ -181,16 +198,20 @@ class DecodeChannel:
             raise ProtocolError(f"expected JOIN from {self.prefill_id}, got {msg.kind.name}")
         assert self._store is not None
         peer = f"prefill worker {self.prefill_id}"
-        self._side.layout.check_compatible(KVLayout.from_json(self._store.get(LAYOUT_KEYS[1]), peer), peer)
+        theirs = self._store.get(LAYOUT_KEYS[1])
+        self._gate.accept(self._store, msg, self._side.layout.to_json().encode(), theirs)
+        self._side.layout.check_compatible(KVLayout.from_json(theirs, peer), peer)
         group = open_pair_group(
-            dist.PrefixStore(GROUP_PREFIX, self._store),
+            self._gate.group_store(dist.PrefixStore(GROUP_PREFIX, self._store)),
             DECODE_RANK,
             self._side.kv_cache.device,
             self._side.config,
         )
+        with self._lock:
+            self._group = group  # from here on, abort() and teardown drop it
+        self._gate.prove_group(group)
         self._pool = BufferPool(group.wire_device)
         with self._lock:
-            self._group = group
             if self._state is ChannelState.CONNECTING:
                 self._state = ChannelState.READY
         self._ready.set()
@@ -240,6 +261,11 @@ class DecodeChannel:
             log.warning("resolve(%d) failed, discarding its KV: %s", transfer_id, exc)
             return None, exc
 
+    def _refuse(self, what: str) -> None:
+        """Count and drop a message a peer without the token could have written."""
+        self._side.counters.record_refused()
+        _REFUSALS.warn(f"KV channel from {self.prefill_id} (epoch {self.epoch}) dropped {what}")
+
     def _set_broken(self, exc: BaseException) -> None:
         with self._lock:
             if self._state.alive:
@@ -257,7 +283,7 @@ class DecodeChannel:
         except RuntimeError:
             pending = []
         for msg in pending:
-            if msg.kind is Control.SEND:
+            if msg.kind is Control.SEND and self._gate.admits(msg):
                 self._side.counters.record_failure()
                 self._side.callbacks.error(msg.transfer_id, error)
         with self._lock:

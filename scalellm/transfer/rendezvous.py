@@ -8,11 +8,15 @@ Keys (``d`` decode id, ``p`` prefill id, ``e`` epoch)::
     pair/d/p/e/claim       counter; the first prefill process to claim epoch e owns it
     pair/d/p/e/ctl         queue of ControlMessage, prefill -> decode (and local wake-ups);
                            a SEND carries the transfer's frame (sizes and destination runs)
-    pair/d/p/e/pg/...      the process group's own rendezvous keys
+    pair/d/p/e/auth/0      "hmac-sha256" when the decode side requires the mesh token, else "none"
+    pair/d/p/e/nonce/0     the decode side's nonce of epoch e
+    pair/d/p/e/verdict/0   the decode side's answer to an authenticated JOIN (see auth.py)
+    pair/d/p/e/pg/...      the process group's own rendezvous keys (signed with a token)
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import Enum
@@ -41,16 +45,23 @@ class ControlMessage:
     kind: Control
     transfer_id: int = 0
     frame: str = ""
-    """SEND only: the encoded :class:`~scalellm.transfer.wire.Frame` (no ``:`` inside)."""
+    """SEND: the encoded :class:`~scalellm.transfer.wire.Frame`; JOIN and RESET: the sender's
+    nonce (no ``:`` inside)."""
+    mac: str = ""
+    """With a mesh token: the message's HMAC tag (see auth.py); empty without one."""
+
+    @property
+    def signed_part(self) -> str:
+        return f"{self.kind.value}:{self.transfer_id}:{self.frame}"
 
     def encode(self) -> str:
-        return f"{self.kind.value}:{self.transfer_id}:{self.frame}"
+        return f"{self.signed_part}:{self.mac}"
 
     @classmethod
     def decode(cls, raw: bytes) -> ControlMessage:
         try:
-            kind, tid, frame = raw.decode().split(":")
-            return cls(Control(kind), int(tid), frame)
+            kind, tid, frame, mac = raw.decode().split(":")
+            return cls(Control(kind), int(tid), frame, mac)
         except ValueError as exc:
             raise ProtocolError(f"bad control message {raw!r}") from exc
 
@@ -110,10 +121,11 @@ def next_control(store: dist.Store, timeout: timedelta) -> ControlMessage | None
 
 
 def drain_controls(store: dist.Store) -> list[ControlMessage]:
-    """Pop every queued control message without waiting."""
+    """Pop every queued control message without waiting (skipping malformed ones)."""
     messages = []
     while store.queue_len(CONTROL_KEY) > 0:
-        messages.append(ControlMessage.decode(store.queue_pop(CONTROL_KEY, False)))
+        with contextlib.suppress(ProtocolError):
+            messages.append(ControlMessage.decode(store.queue_pop(CONTROL_KEY, False)))
     return messages
 
 

@@ -137,7 +137,7 @@ class PrefillChannel:
         )
         start = time.perf_counter()
         frame = Frame.build(link.seq, job.num_tokens, segments, self._layout)
-        push(link.store, ControlMessage(Control.SEND, job.transfer_id, frame.encode()))
+        push(link.store, link.seal(ControlMessage(Control.SEND, job.transfer_id, frame.encode())))
         link.seq += 1
         send_payload(link.group, segments, job.kv_cache, link.pool)
         stats = TransferStats(

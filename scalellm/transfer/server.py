@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 import threading
 
 import torch
 import torch.distributed as dist
 
+from scalellm.transfer.auth import AUTH_KEY, NO_AUTH, NONCE_KEY, SCHEME, new_nonce
 from scalellm.transfer.channel import CompleteCallback, ErrorCallback, ReceiverCallbacks, Resolver
 from scalellm.transfer.config import ChannelConfig
 from scalellm.transfer.errors import ChannelBrokenError, ChannelClosedError
@@ -26,7 +28,8 @@ class TransferServer:
     """Receives pushed KV for one decode worker.
 
     Hosts a ``TCPStore`` on ``endpoint`` (port 0 picks a free one; read :attr:`endpoint`), which
-    the worker advertises in the registry. Callbacks run on receiver threads.
+    the worker advertises in the registry. Callbacks run on receiver threads. The store serves
+    on a socket we bind to ``endpoint``'s host (torch's own would take every interface).
     """
 
     def __init__(
@@ -44,12 +47,14 @@ class TransferServer:
         self._side = DecodeSide(
             layout, kv_cache, ReceiverCallbacks(resolve, on_complete, on_error), self.counters, config
         )
+        listener = _listen(where)
         self._store: dist.TCPStore | None = dist.TCPStore(
             where.host or "0.0.0.0",
-            where.port,
+            listener.getsockname()[1],
             is_master=True,
             wait_for_workers=False,
             timeout=config.connect_timeout,
+            master_listen_fd=listener.detach(),  # the store owns (and closes) the socket now
         )
         self.endpoint = Endpoint(where.host, self._store.port)
         self._lock = threading.Lock()
@@ -69,8 +74,11 @@ class TransferServer:
                 self._retired.append(current)
             keys = PairKeys(self.worker_id, prefill_id)
             epoch = self._store.add(keys.epoch_key, 1)
-            keys.epoch_store(self._store, epoch).set(LAYOUT_KEYS[0], self._side.layout.to_json())
-            channel = DecodeChannel(self._side, keys, epoch, self._store, self._reopen)
+            view, nonce = keys.epoch_store(self._store, epoch), new_nonce()
+            view.set(NONCE_KEY, nonce)
+            view.set(AUTH_KEY, SCHEME if self._side.config.auth_key else NO_AUTH)
+            view.set(LAYOUT_KEYS[0], self._side.layout.to_json())  # last: it announces the epoch
+            channel = DecodeChannel(self._side, keys, epoch, nonce, self._store, self._reopen)
             self._channels[prefill_id] = channel
             self._retired = [c for c in self._retired if c.running]
             return channel
@@ -115,3 +123,12 @@ class TransferServer:
                 self.open(channel.prefill_id)
             except (ChannelClosedError, RuntimeError) as exc:
                 log.warning("could not reopen channel for %s: %s", channel.prefill_id, exc)
+
+
+def _listen(where: Endpoint) -> socket.socket:
+    """A listening socket on exactly ``where`` (an empty host or a wildcard: every interface)."""
+    family = socket.AF_INET6 if ":" in where.host else socket.AF_INET
+    try:
+        return socket.create_server((where.host or "0.0.0.0", where.port), family=family, backlog=128)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot bind the KV transfer endpoint {where}: {exc.strerror}") from exc

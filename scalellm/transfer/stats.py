@@ -30,6 +30,8 @@ class CounterSnapshot:
     cancelled: int
     bytes: int
     seconds: float
+    refused: int = 0
+    """Control messages or joins refused for a missing or wrong tag (a peer without the token)."""
 
 
 @dataclass
@@ -41,6 +43,7 @@ class TransferCounters:
     cancelled: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    refused: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def record(self, stats: TransferStats, cancelled: bool = False) -> None:
@@ -54,6 +57,12 @@ class TransferCounters:
         with self._lock:
             self.failures += 1
 
+    def record_refused(self) -> None:
+        with self._lock:
+            self.refused += 1
+
     def snapshot(self) -> CounterSnapshot:
         with self._lock:
-            return CounterSnapshot(self.transfers, self.failures, self.cancelled, self.bytes, self.seconds)
+            return CounterSnapshot(
+                self.transfers, self.failures, self.cancelled, self.bytes, self.seconds, self.refused
+            )

@@ -7,12 +7,15 @@ import enum
 import socket
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from scalellm.registry import WorkerRole
+from scalellm.security import SECURITY, SecurityConfig
 from scalellm.settings import Option, parse_config
 from scalellm.transfer import ChannelConfig
+
+_WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]"})
 
 
 class PrefillFallback(enum.Enum):
@@ -38,6 +41,8 @@ class WorkerConfig:
     """host:port of the KV transfer rendezvous (decode workers)."""
     kvstore: tuple[str, ...] = ()
     metrics_port: int = 0
+    metrics_host: str = ""
+    """Where /metrics listens; empty: the host of --listen."""
     # engine
     dtype: str = "auto"
     device: str = "auto"
@@ -53,6 +58,7 @@ class WorkerConfig:
     transfer_timeout_s: float = 30.0
     prefill_fallback: PrefillFallback = PrefillFallback.LOCAL
     drain_timeout_s: float = 30.0
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self) -> None:
         if not self.worker_id:
@@ -64,10 +70,25 @@ class WorkerConfig:
         host = self.advertise_host or socket.gethostname()
         return f"{host}:{port}"
 
+    @property
+    def listen_host(self) -> str:
+        """The host of --listen, brackets removed ("" for none)."""
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def metrics_bind_host(self) -> str:
+        return self.metrics_host or self.listen_host or "0.0.0.0"
+
     def channel_config(self) -> ChannelConfig:
-        """KV transfer tunables: blocking operations time out with transfer_timeout_s, and gloo
-        binds the advertised host when one is set."""
-        return ChannelConfig(op_timeout_s=self.transfer_timeout_s, device_host=self.advertise_host or None)
+        """KV transfer tunables: blocking operations time out with transfer_timeout_s; gloo binds
+        the advertised host (else the --listen host unless it is a wildcard); pairs are
+        authenticated with the mesh token's transfer key when one is set."""
+        listen = None if self.listen_host in _WILDCARDS else self.listen_host
+        return ChannelConfig(
+            op_timeout_s=self.transfer_timeout_s,
+            device_host=self.advertise_host or listen,
+            auth_key=self.security.load().transfer_key,
+        )
 
 
 def _option(flag: str, field: str, type_: Callable[[str], Any], help_: str, **kw: Any) -> Option:
@@ -88,6 +109,7 @@ def worker_options(roles: Sequence[WorkerRole]) -> tuple[Option, ...]:
         _option("--transfer-listen", "transfer_listen", str, "KV transfer rendezvous host:port (decode)"),
         _option("--kvstore", "kvstore", str, "kvstore address (repeatable or comma-separated)", repeat=True),
         _option("--metrics-port", "metrics_port", int, "Prometheus HTTP port (0: off)"),
+        _option("--metrics-host", "metrics_host", str, "Prometheus HTTP host (default: the --listen host)"),
         _option("--dtype", "dtype", str, "float32, bfloat16, float16 or auto"),
         _option("--device", "device", str, "cpu, cuda, cuda:N or auto"),
         _option("--block-size", "block_size", int, "tokens per KV block"),
@@ -117,5 +139,5 @@ def parse_worker_args(
     names = "/".join(r.name.lower() for r in roles)
     return parse_config(
         WorkerConfig, worker_options(roles), argv, environ, prog=f"scalellm {names} worker",
-        description=f"ScaleLLM {names} worker", extra={"role": roles[0]},
+        description=f"ScaleLLM {names} worker", extra={"role": roles[0]}, groups=(SECURITY,),
     )  # fmt: skip

@@ -6,10 +6,13 @@ serves it over HTTP on --metrics-port. Gauges are refreshed from the engine afte
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -45,9 +48,26 @@ class WorkerMetrics:
         self.transfer_failures = Counter(
             "scalellm_kv_transfer_failures_total", "Failed KV transfers", registry=r
         )
+        self.auth_failures = Counter(
+            "scalellm_mesh_auth_failures_total",
+            "Internal gRPC calls refused for a missing or wrong mesh token, by reason",
+            ["reason"],
+            registry=r,
+        )
         self._server: Any = None
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+    def count_auth_failure(self, reason: str) -> None:
+        self.auth_failures.labels(reason).inc()
+
+    def watch_transfer_refusals(self, read: Callable[[], int]) -> None:
+        """Report the KV channels' refused joins and messages (no mesh token) at scrape time."""
+        self.registry.register(
+            _Reading(
+                "scalellm_kv_transfer_refused", "KV-transfer joins and messages refused (no token)", read
+            )
+        )
+
+    def serve(self, port: int, host: str) -> int:
         """Serve /metrics on port (0 picks one); returns the bound port."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         self._server = server
@@ -58,3 +78,13 @@ class WorkerMetrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+class _Reading(Collector):
+    """A counter read from elsewhere when scraped."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], int]) -> None:
+        self._name, self._documentation, self._read = name, documentation, read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self._name, self._documentation, value=self._read())

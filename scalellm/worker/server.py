@@ -66,21 +66,23 @@ class WorkerServer:
 
     async def start(self) -> None:
         await self.worker.start()
-        server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+        security = self.config.security.load()
+        interceptors = [*security.interceptors(self.metrics.count_auth_failure), ErrorInterceptor()]
+        server = grpc.aio.server(interceptors=interceptors)
         name = self._add_servicer(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        self.port = server.add_insecure_port(self.config.listen)
+        self.port = security.add_port(server, self.config.listen)
         await server.start()
         self.server = server
         for service in ("", name):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         if self.config.metrics_port:
-            self.metrics_port = self.metrics.serve(self.config.metrics_port)
+            self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.metrics_bind_host)
         if self.config.kvstore:
             info = self.worker.host.info(self.address, self.worker.transfer_endpoint)
             self.registration = WorkerRegistration(
-                RegistryClient(list(self.config.kvstore)), info, self.worker.host.load
+                RegistryClient(list(self.config.kvstore), security=security), info, self.worker.host.load
             )
             await self.registration.start(wait=False)
         log.info(

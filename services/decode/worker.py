@@ -121,6 +121,9 @@ class DecodeWorker:
             on_error=self.pending.fail,
             config=self.config.channel_config(),
         )
+        self.metrics.watch_transfer_refusals(
+            lambda: self.transfer.counters.snapshot().refused if self.transfer else 0
+        )
 
     async def stop(self) -> None:
         for channel in self._channels.values():
@@ -235,6 +238,7 @@ class DecodeWorker:
                         ),
                     ),
                     timeout=self.config.prefill_timeout_s,
+                    metadata=self.config.security.load().metadata,
                 )
                 stats = await asyncio.wait_for(landed, timeout=self.config.transfer_timeout_s)
             except asyncio.CancelledError:
@@ -317,6 +321,6 @@ class DecodeWorker:
     def _stub(self, address: str) -> worker_pb2_grpc.PrefillWorkerStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address)
+            channel = self.config.security.load().channel(address)
             self._channels[address] = channel
         return worker_pb2_grpc.PrefillWorkerStub(channel)

@@ -1,19 +1,49 @@
 """API keys: a file of keys mapped to tenants, checked on every route but /health.
 
 File format, one key per line: ``KEY TENANT`` (whitespace between; TENANT defaults to "default").
-Blank lines and lines starting with ``#`` are skipped. Keys are kept only as SHA-256 digests, so a
-lookup costs the same whichever key is presented and the process never holds the keys in clear.
+Blank lines and lines starting with ``#`` are skipped. The file is refused when users other than
+its owner (and group) can read it, like any secret file (scalellm/security/files.py).
+
+Keys are kept only as SHA-256 digests, in a dict from digest to tenant. Is the lookup constant
+time? Not literally: the dict hashes the digest and compares it with the entries in one bucket,
+and how long that takes depends on the digest. But the digest is of the *presented* key, and what
+the timing could reveal is how a stored digest relates to it (a shared prefix, a bucket). Turning
+that into a key would need a SHA-256 preimage, so the timing tells an attacker nothing they can
+use, whatever they send; and the process never holds a key in clear. A lookup costs one SHA-256
+and one dict probe (about a microsecond) however many keys there are, where comparing with
+``hmac.compare_digest`` against every stored key would grow with their number.
+
+A refusal says why (``AuthFailure``: missing, malformed, unknown), which the gateway counts in
+/metrics; neither the key nor its digest is ever logged or counted.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from scalellm.security import check_private
 from services.gateway.errors import ErrorKind, GatewayError
 
 ANONYMOUS = "anonymous"
+
+
+class AuthFailure(enum.Enum):
+    """Why a request was refused (the label of scalellm_gateway_auth_failures)."""
+
+    MISSING = "missing"
+    MALFORMED = "malformed"
+    UNKNOWN = "unknown"
+
+
+class KeyRefused(GatewayError):
+    """UNAUTHENTICATED, with the reason."""
+
+    def __init__(self, reason: AuthFailure, message: str) -> None:
+        super().__init__(ErrorKind.UNAUTHENTICATED, message, code="invalid_api_key")
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,9 +58,11 @@ class ApiKeys:
 
     @classmethod
     def load(cls, path: str | Path) -> ApiKeys:
-        """Read a keys file; ValueError on a malformed one (a gateway must not start open by mistake)."""
+        """Read a keys file; ValueError on a malformed one or one others can read (a gateway must
+        not start open by mistake)."""
         tenants: dict[bytes, str] = {}
-        for lineno, raw in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        text = check_private(path, "API keys file").read_text(encoding="utf-8")
+        for lineno, raw in enumerate(text.splitlines(), 1):
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
@@ -47,23 +79,19 @@ class ApiKeys:
         return bool(self.tenants)
 
     def tenant(self, authorization: str | None) -> str:
-        """The tenant of an ``Authorization: Bearer KEY`` value; GatewayError(UNAUTHENTICATED) if none."""
+        """The tenant of an ``Authorization: Bearer KEY`` value; KeyRefused if none."""
         if not self.tenants:
             return ANONYMOUS
         if not authorization:
-            raise _unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
+            raise KeyRefused(AuthFailure.MISSING, "missing API key: send 'Authorization: Bearer <key>'")
         scheme, _, key = authorization.strip().partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
-            raise _unauthenticated("malformed Authorization header: expected 'Bearer <key>'")
+            raise KeyRefused(AuthFailure.MALFORMED, "malformed Authorization header: expected 'Bearer <key>'")
         tenant = self.tenants.get(_digest(key.strip()))
         if tenant is None:
-            raise _unauthenticated("incorrect API key provided")
+            raise KeyRefused(AuthFailure.UNKNOWN, "incorrect API key provided")
         return tenant
 
 
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8")).digest()
-
-
-def _unauthenticated(message: str) -> GatewayError:
-    return GatewayError(ErrorKind.UNAUTHENTICATED, message, code="invalid_api_key")

@@ -9,6 +9,7 @@ from collections.abc import Collection
 
 import grpc
 
+from scalellm.security import MeshSecurity
 from scalellm.v1 import worker_pb2_grpc
 from services.gateway.session import WorkerSession
 
@@ -25,9 +26,11 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
 
 
 class WorkerChannels:
-    """Stubs of the decode workers by address; channels are created on first use."""
+    """Stubs of the decode workers by address; channels are created on first use, with the mesh
+    token and mesh TLS when ``security`` has them."""
 
-    def __init__(self) -> None:
+    def __init__(self, security: MeshSecurity | None = None) -> None:
+        self._security = security or MeshSecurity()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, worker_pb2_grpc.DecodeWorkerStub] = {}
         self._sessions: dict[str, WorkerSession] = {}
@@ -35,7 +38,7 @@ class WorkerChannels:
     def decode_stub(self, address: str) -> worker_pb2_grpc.DecodeWorkerStub:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = self._security.channel(address, CHANNEL_OPTIONS)
             self._channels[address] = channel
             stub = self._stubs[address] = worker_pb2_grpc.DecodeWorkerStub(channel)
         return stub
@@ -44,7 +47,8 @@ class WorkerChannels:
         """The open Session stream to the decode worker at address (a new one if the last ended)."""
         session = self._sessions.get(address)
         if session is None or session.closed:
-            session = self._sessions[address] = WorkerSession(self.decode_stub(address), address)
+            stub, metadata = self.decode_stub(address), self._security.metadata
+            session = self._sessions[address] = WorkerSession(stub, address, metadata)
         return session
 
     @property

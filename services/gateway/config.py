@@ -7,9 +7,10 @@ Repeatable flags (--decode-addr, --prefill-addr, --kvstore) take comma-separated
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from scalellm.security import SECURITY, SecurityConfig, TlsFiles
 from scalellm.settings import Option, parse_config
 
 ENV_PREFIX = "SCALELLM_GATEWAY_"
@@ -29,6 +30,9 @@ class GatewayConfig:
     decode_addrs: tuple[str, ...] = ()
     prefill_addrs: tuple[str, ...] = ()
     api_keys_file: str | None = None
+    tls_cert: str | None = None
+    """Certificate chain (PEM) to serve HTTPS and gRPC over TLS with; needs tls_key."""
+    tls_key: str | None = None
     max_prompt_tokens: int = 0
     max_total_tokens: int = 0
     max_payload_bytes: int = 4 * 1024 * 1024
@@ -42,6 +46,8 @@ class GatewayConfig:
     grace_s: float = 5.0
     event_loop: str = "uvloop"
     log_level: str = "INFO"
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    """The mesh token and mesh TLS the gateway's calls to workers and the kvstore carry."""
 
     def __post_init__(self) -> None:
         for name in ("max_payload_bytes", "max_n", "max_inflight", "route_attempts"):
@@ -61,6 +67,13 @@ class GatewayConfig:
             raise ValueError("give either --kvstore or static --decode-addr/--prefill-addr, not both")
         if self.prefill_addrs and not self.decode_addrs:
             raise ValueError("--prefill-addr needs at least one --decode-addr")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+
+    @property
+    def tls(self) -> TlsFiles | None:
+        """The public listeners' TLS identity, or None (plaintext)."""
+        return TlsFiles(self.tls_cert, self.tls_key) if self.tls_cert and self.tls_key else None
 
     @classmethod
     def from_args(
@@ -68,8 +81,9 @@ class GatewayConfig:
     ) -> GatewayConfig:
         """Parse flags (argv, default sys.argv[1:]) falling back to environ (default os.environ)."""
         return parse_config(
-            cls, OPTIONS, argv, environ, prog="python -m services.gateway", description="the mesh's gateway"
-        )
+            cls, OPTIONS, argv, environ, prog="python -m services.gateway", description="the mesh's gateway",
+            groups=(SECURITY,),
+        )  # fmt: skip
 
 
 def _option(flag: str, field: str, type_: Callable[[str], Any], help_: str, repeat: bool = False) -> Option:
@@ -90,7 +104,9 @@ OPTIONS: tuple[Option, ...] = (
     _option(
         "--prefill-addr", "prefill_addrs", str, "static prefill worker [id=]host:port (repeatable)", True
     ),
-    _option("--api-keys-file", "api_keys_file", str, "file of 'KEY TENANT' lines; enables auth"),
+    _option("--api-keys-file", "api_keys_file", str, "file of 'KEY TENANT' lines (mode 600); enables auth"),
+    _option("--tls-cert", "tls_cert", str, "certificate chain (PEM): serve HTTPS and gRPC over TLS"),
+    _option("--tls-key", "tls_key", str, "its private key (PEM, mode 600 or 640)"),
     _option("--max-prompt-tokens", "max_prompt_tokens", int, "longest prompt (0: context length)"),
     _option("--max-total-tokens", "max_total_tokens", int, "prompt + max_tokens bound (0: context)"),
     _option("--max-payload-bytes", "max_payload_bytes", int, "largest request body / message"),

@@ -10,7 +10,7 @@ import asyncio
 import time
 from types import TracebackType
 
-from services.gateway.auth import ApiKeys
+from services.gateway.auth import ApiKeys, KeyRefused
 from services.gateway.channels import WorkerChannels
 from services.gateway.config import GatewayConfig
 from services.gateway.dispatch import Dispatcher
@@ -78,7 +78,7 @@ class GatewayCore:
             prefill_fallbacks=config.prefill_fallbacks,
             colocate_below_tokens=config.colocate_below_tokens,
         )
-        self.channels = WorkerChannels()
+        self.channels = WorkerChannels(config.security.load())
         self.dispatcher = Dispatcher(
             self.router, self.channels, model.tokenizer, self.metrics, config.route_attempts
         )
@@ -90,8 +90,13 @@ class GatewayCore:
         )
 
     def authenticate(self, authorization: str | None) -> str:
-        """The caller's tenant; GatewayError(UNAUTHENTICATED) when keys are on and this one is wrong."""
-        return self.keys.tenant(authorization)
+        """The caller's tenant; GatewayError(UNAUTHENTICATED) when keys are on and this one is
+        wrong (counted by reason, never with the key)."""
+        try:
+            return self.keys.tenant(authorization)
+        except KeyRefused as exc:
+            self.metrics.auth_failures.labels(exc.reason.value).inc()
+            raise
 
     def scope(self, api: str) -> RequestScope:
         """Admit a request (``with core.scope("chat"):``); OVERLOADED past the in-flight bound."""

@@ -73,6 +73,12 @@ class GatewayMetrics:
             "scalellm_gateway_cancelled", "Decode streams cancelled early, by reason", ["reason"], registry=r
         )
         self.workers = Gauge("scalellm_gateway_workers", "Routable workers, by kind", ["kind"], registry=r)
+        self.auth_failures = Counter(
+            "scalellm_gateway_auth_failures",
+            "Requests refused for their API key: missing, malformed or unknown (never the key itself)",
+            ["reason"],
+            registry=r,
+        )
 
     def watch_workers(self, decode: Callable[[], float], prefill: Callable[[], float]) -> None:
         """Report the routable worker counts at scrape time."""

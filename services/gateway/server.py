@@ -54,7 +54,8 @@ class GatewayServer:
         if c.decode_addrs:
             return StaticWorkers(c.decode_addrs, c.prefill_addrs)
         if c.kvstore:
-            self.view = WorkerView(RegistryClient(c.kvstore), model=model.worker_model)
+            client = RegistryClient(c.kvstore, security=c.security.load())
+            self.view = WorkerView(client, model=model.worker_model)
             return RegistryWorkers(self.view)
         raise ValueError("no workers to route to: give --kvstore or --decode-addr")
 
@@ -62,6 +63,7 @@ class GatewayServer:
         """Load the tokenizer, start watching the registry, bind both listeners."""
         c = self.config
         model = self._model or await asyncio.to_thread(ServedModel, resolve_model_dir(c.model), c)
+        tls = c.tls.read() if c.tls else None  # a bad certificate or key stops the start here
         source = self._source or self._make_source(model)
         keys = ApiKeys.load(c.api_keys_file) if c.api_keys_file else ApiKeys.disabled()
         self.core = core = GatewayCore(c, model, source, keys)
@@ -75,17 +77,26 @@ class GatewayServer:
         reflection.enable_server_reflection(
             (GATEWAY_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        self.grpc_port = server.add_insecure_port(f"{c.host}:{c.grpc_port}")
+        address = f"{c.host}:{c.grpc_port}"
+        self.grpc_port = (
+            server.add_secure_port(address, tls.server_credentials())
+            if tls
+            else server.add_insecure_port(address)
+        )
         await server.start()
 
         self._runner = web.AppRunner(HttpApi(core).build_app(), handler_cancellation=True, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, c.host, c.http_port, backlog=1024)
+        ssl_context = c.tls.server_context() if c.tls else None
+        site = web.TCPSite(self._runner, c.host, c.http_port, backlog=1024, ssl_context=ssl_context)
         await site.start()
         self.http_port = self._runner.addresses[0][1]
         await self._update_health()
         self._watch = asyncio.create_task(self._watch_workers(), name="gateway-worker-watch")
-        log.info("gateway serving %s: http %d, grpc %d", model.name, self.http_port, self.grpc_port)
+        log.info(
+            "gateway serving %s: %s %d, grpc%s %d", model.name, "https" if tls else "http", self.http_port,
+            " (TLS)" if tls else "", self.grpc_port,
+        )  # fmt: skip
 
     async def _update_health(self) -> None:
         assert self.core is not None

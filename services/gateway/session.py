@@ -108,12 +108,14 @@ class SessionCall:
 class WorkerSession:
     """One open Session stream to a decode worker; closed for good once it ends (open a new one)."""
 
-    def __init__(self, stub: worker_pb2_grpc.DecodeWorkerStub, address: str) -> None:
+    def __init__(
+        self, stub: worker_pb2_grpc.DecodeWorkerStub, address: str, metadata: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         self.address = address
         self.closed = False
         self._calls: dict[str, SessionCall] = {}
         self._outgoing: asyncio.Queue[worker_pb2.SessionRequest | None] = asyncio.Queue()
-        self._stream = stub.Session(self._requests())
+        self._stream = stub.Session(self._requests(), metadata=metadata)  # the mesh token, if any
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     def start(self, request: worker_pb2.GenerateRequest, deadline: float) -> SessionCall:

@@ -6,8 +6,10 @@ Precedence: flag, then environment variable, then default. Nothing is read at im
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from scalellm.registry.backend import with_password
+from scalellm.security import SECURITY, SecurityConfig, read_secret
 from scalellm.settings import Option, parse_config
 
 
@@ -16,14 +18,19 @@ class KvstoreConfig:
     """Settings of one kvstore replica."""
 
     listen: str = "0.0.0.0:50070"
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
+    """redis://, rediss:// (TLS) or unix://, with an ACL user and password if Redis wants them."""
+    redis_password_file: str | None = None
+    """Redis's password, kept out of the URL (and out of `ps` and the environment)."""
     namespace: str = "scalellm"
     lease_s: float = 10.0
     reap_interval_s: float = 0.25
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = ""
+    """Where /metrics listens; empty: the host of --listen."""
     metrics_port: int = 9470
     grace_s: float = 1.0
     log_level: str = "INFO"
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self) -> None:
         if self.lease_s <= 0:
@@ -34,6 +41,16 @@ class KvstoreConfig:
             raise ValueError(f"metrics_port must be 0 (off) or a port, got {self.metrics_port}")
         if not self.listen or not self.redis_url or not self.namespace:
             raise ValueError("listen, redis_url and namespace must not be empty")
+
+    @property
+    def metrics_bind_host(self) -> str:
+        return self.metrics_host or self.listen.rpartition(":")[0].strip("[]") or "0.0.0.0"
+
+    def redis_connection_url(self) -> str:
+        """The Redis URL with the password from --redis-password-file in it, when one is given."""
+        if not self.redis_password_file:
+            return self.redis_url
+        return with_password(self.redis_url, read_secret(self.redis_password_file, "Redis password file"))
 
     @classmethod
     def from_args(
@@ -47,6 +64,7 @@ class KvstoreConfig:
             environ,
             prog="python -m services.kvstore",
             description="the kvstore placement registry",
+            groups=(SECURITY,),
         )
 
 
@@ -55,6 +73,13 @@ OPTIONS: tuple[Option, ...] = (
         "--listen", "listen", str, "host:port for gRPC (port 0: any free port)", env="SCALELLM_KVSTORE_ADDR"
     ),
     Option("--redis-url", "redis_url", str, "Redis holding the registry state", env="SCALELLM_REDIS_URL"),
+    Option(
+        "--redis-password-file",
+        "redis_password_file",
+        str,
+        "file holding Redis's password (mode 600 or 640)",
+        env="SCALELLM_REDIS_PASSWORD_FILE",
+    ),
     Option("--namespace", "namespace", str, "key prefix, to share one Redis", env="SCALELLM_REDIS_NAMESPACE"),
     Option("--lease-s", "lease_s", float, "lease length in seconds", env="SCALELLM_KVSTORE_LEASE_S"),
     Option(
@@ -65,7 +90,11 @@ OPTIONS: tuple[Option, ...] = (
         env="SCALELLM_KVSTORE_REAP_INTERVAL_S",
     ),
     Option(
-        "--metrics-host", "metrics_host", str, "Prometheus HTTP host", env="SCALELLM_KVSTORE_METRICS_HOST"
+        "--metrics-host",
+        "metrics_host",
+        str,
+        "Prometheus HTTP host (default: the --listen host)",
+        env="SCALELLM_KVSTORE_METRICS_HOST",
     ),
     Option(
         "--metrics-port",

@@ -34,6 +34,15 @@ class KvstoreMetrics:
         self.workers = Gauge("scalellm_kvstore_workers", "Registrations in the lease index", registry=r)
         self.expired = Counter("scalellm_kvstore_leases_expired", "Leases this replica expired", registry=r)
         self.backend_up = Gauge("scalellm_kvstore_backend_up", "1 while Redis answers, else 0", registry=r)
+        self.auth_failures = Counter(
+            "scalellm_mesh_auth_failures",
+            "Internal gRPC calls refused for a missing or wrong mesh token, by reason",
+            ["reason"],
+            registry=r,
+        )
+
+    def count_auth_failure(self, reason: str) -> None:
+        self.auth_failures.labels(reason).inc()
 
     def observe_rpc(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
         """Count one finished unary RPC."""

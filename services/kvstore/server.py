@@ -38,7 +38,10 @@ class KvstoreServer:
 
     def __init__(self, config: KvstoreConfig) -> None:
         self.config = config
-        self.store = RegistryStore(config.redis_url, lease_s=config.lease_s, namespace=config.namespace)
+        self.security = config.security.load()
+        self.store = RegistryStore(
+            config.redis_connection_url(), lease_s=config.lease_s, namespace=config.namespace
+        )
         self.metrics = KvstoreMetrics()
         self.health = health.aio.HealthServicer()
         self.port = 0
@@ -66,17 +69,19 @@ class KvstoreServer:
     async def _start(self) -> None:
         if self.config.metrics_port:
             self._metrics_http = MetricsHttpServer(
-                self.metrics, self.config.metrics_host, self.config.metrics_port
+                self.metrics, self.config.metrics_bind_host, self.config.metrics_port
             )
             self.metrics_port = self._metrics_http.port
-        server = grpc.aio.server(options=SERVER_OPTIONS)
+        server = grpc.aio.server(
+            options=SERVER_OPTIONS, interceptors=self.security.interceptors(self.metrics.count_auth_failure)
+        )
         self._server = server
         pb_grpc.add_RegistryServicer_to_server(RegistryServicer(self.store, self.metrics), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (REGISTRY_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        self.port = server.add_insecure_port(self.config.listen)
+        self.port = self.security.add_port(server, self.config.listen)
         await server.start()
         await self._reaper.tick()  # sets the Registry health status before the first client asks
         self._tasks = [

@@ -4,6 +4,7 @@ spread over every worker; SIGTERM stops everything in order and leaves no proces
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -17,11 +18,14 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import pytest
 
 from scalellm.launcher.config import UpConfig
-from scalellm.launcher.plan import gateway_spec, kvstore_spec, worker_specs
+from scalellm.launcher.plan import Secrets, gateway_spec, kvstore_spec, redis_spec, worker_specs
+from scalellm.v1 import worker_pb2, worker_pb2_grpc
 from tests.procs import ROOT
+from tests.sockets import is_loopback, listening
 
 MODEL = "SmolLM2-135M-Instruct"
 CHILDREN = {"redis", "kvstore", "prefill-1", "prefill-2", "decode-1", "decode-2", "gateway"}
@@ -51,10 +55,22 @@ def test_plan_uses_each_service_entry_point_and_divides_cores() -> None:
         assert (flag["--kvstore"], flag["--model"], flag["--num-kv-blocks"]) == ("127.0.0.1:1", "/m", "64")
         assert argv[-1] == "--max-num-seqs=8"
     assert len({s.metrics for s in specs}) == 4
-    assert kvstore_spec("redis://x:1/0").argv[:3] == (sys.executable, "-m", "services.kvstore")
+    kvstore = kvstore_spec("redis://:pw@x:1/0")
+    assert kvstore.argv[:3] == (sys.executable, "-m", "services.kvstore")
+    assert "pw" not in " ".join(kvstore.argv) and kvstore.env["SCALELLM_REDIS_URL"] == "redis://:pw@x:1/0"
+    assert redis_spec("pw").env == {"SCALELLM_REDIS_PASSWORD": "pw"} and "pw" not in repr(redis_spec("pw"))
     gateway = list(gateway_spec(config, Path("/m"), "127.0.0.1:1").argv)
     assert gateway[:3] == [sys.executable, "-m", "services.gateway"] and gateway[-1] == "--max-n=2"
     assert gateway[gateway.index("--kvstore") + 1] == "127.0.0.1:1"
+
+
+def test_the_mesh_token_is_generated_unless_given() -> None:
+    fresh, other = Secrets.for_run({}), Secrets.for_run({})
+    assert fresh.generated_token and len(fresh.mesh["SCALELLM_MESH_TOKEN"]) >= 32
+    assert fresh.mesh != other.mesh and fresh.redis_password != other.redis_password
+    assert fresh.mesh["SCALELLM_MESH_TOKEN"] not in repr(fresh)
+    for given in ({"SCALELLM_MESH_TOKEN": "x" * 20}, {"SCALELLM_MESH_TOKEN_FILE": "/run/secrets/t"}):
+        assert Secrets.for_run(given).mesh == {}  # the children inherit the user's
 
 
 def test_colocated_runs_workers_with_role_both_and_no_prefill() -> None:
@@ -83,12 +99,12 @@ def test_bad_flags_are_refused_before_anything_starts(argv: list[str]) -> None:
 class Up:
     """`python -m scalellm up ...` in its own session, its output collected line by line."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "scalellm", "up", *args],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )  # fmt: skip
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -190,6 +206,35 @@ def _metrics(url: str) -> dict[str, float]:
     return {m[0]: float(m[1]) for m in re.findall(r"^(scalellm_\w+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
 
 
+def _assert_nothing_beyond_loopback(up: Up, pids: dict[int, str]) -> None:
+    """Every socket any process of the mesh listens on is on loopback."""
+    exposed = {}
+    for pid in _alive(pids):
+        sockets = listening(pid)
+        exposed[pid] = sockets
+        assert all(is_loopback(addr) for addr, _ in sockets), f"pid {pid} listens on {sockets}\n{up.log()}"
+    assert sum(len(s) for s in exposed.values()) >= 12, exposed  # grpc, metrics, transfer, gloo, redis, http
+
+
+def _assert_secret_only_in_environment(pids: dict[int, str], token: str) -> None:
+    """`ps` shows no secret: the token is in the children's environment, never on a command line."""
+    for pid in _alive(pids):
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        assert token not in cmdline and "requirepass" not in cmdline and "redis://:" not in cmdline, cmdline
+    services = [pid for pid in _alive(pids) if b"services." in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(services) == 6 and all(
+        f"SCALELLM_MESH_TOKEN={token}".encode() in Path(f"/proc/{pid}/environ").read_bytes()
+        for pid in services
+    )
+
+
+async def _refused_without_token(address: str) -> grpc.StatusCode:
+    async with grpc.aio.insecure_channel(address) as channel:
+        request = worker_pb2.GenerateRequest(request_id="intruder", prompt_token_ids=[1, 2, 3])
+        call = worker_pb2_grpc.DecodeWorkerStub(channel).Generate(request, timeout=10)
+        return await call.code()
+
+
 def _assert_gone(up: Up, pids: dict[int, str], addresses: list[tuple[str, int]]) -> None:
     deadline = time.monotonic() + 5  # the sweep of process groups is synchronous; this is slack
     while _alive(pids) and time.monotonic() < deadline:
@@ -202,8 +247,10 @@ def _assert_gone(up: Up, pids: dict[int, str], addresses: list[tuple[str, int]])
 def test_up_serves_over_every_worker_and_stops_clean(demo_model_dir: Path) -> None:
     import openai
 
+    token = "e2e-mesh-token-0123456789abcdef"
     up = Up("--prefill", "2", "--decode", "2", "--http-port", "0", "--grpc-port", "0",
-            "--num-kv-blocks", "256", "--startup-timeout", "90", "--drain-timeout", "10")  # fmt: skip
+            "--num-kv-blocks", "256", "--startup-timeout", "90", "--drain-timeout", "10",
+            env={"SCALELLM_MESH_TOKEN": token})  # fmt: skip
     pids: dict[int, str] = {}
     try:
         ready = up.wait_for("mesh ready: ")
@@ -239,6 +286,11 @@ def test_up_serves_over_every_worker_and_stops_clean(demo_model_dir: Path) -> No
             served[n].get('scalellm_kv_transfer_bytes_total{direction="in"}', 0) > 0
             for n in ("decode-1", "decode-2")
         )
+
+        _assert_nothing_beyond_loopback(up, pids)  # with every KV channel open
+        _assert_secret_only_in_environment(pids, token)
+        decode = re.search(r"ready decode-1 (\S+)", up.log()).group(1)  # type: ignore[union-attr]
+        assert asyncio.run(_refused_without_token(decode)) is grpc.StatusCode.UNAUTHENTICATED
 
         addresses = up.addresses()
         assert up.stop() == 0, up.log()

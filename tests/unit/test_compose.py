@@ -5,9 +5,12 @@ healthcheck is run against a real gRPC health server."""
 from __future__ import annotations
 
 import copy
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -53,8 +56,9 @@ def _merge(base: Any, override: Any) -> Any:
 
 
 def _interpolate(value: str) -> str:
-    """${VAR:-default} / ${VAR-default} / ${VAR} with an empty host environment."""
-    return re.sub(r"\$\{\w+(?::?-([^}]*))?\}", lambda m: m.group(1) or "", value)
+    """${VAR:-default} / ${VAR-default} / ${VAR} with an empty host environment; $$ is a $."""
+    value = re.sub(r"(?<!\$)\$\{\w+(?::?-([^}]*))?\}", lambda m: m.group(1) or "", value)
+    return value.replace("$$", "$")
 
 
 def _env(service: dict[str, Any]) -> dict[str, str]:
@@ -106,7 +110,7 @@ def test_grpc_services_are_health_checked_over_grpc(services: dict[str, Any]) ->
         assert test[:4] == PROBE, name
         assert test[4].rsplit(":", 1)[1] == listen[name].rsplit(":", 1)[1], name
     assert services["kvstore"]["healthcheck"]["test"][5:] == ["scalellm.v1.Registry"]
-    assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert services["redis"]["healthcheck"]["test"][0] == "CMD-SHELL"  # redis-cli with the password
 
 
 def test_the_healthcheck_speaks_grpc_health() -> None:
@@ -182,14 +186,16 @@ def test_every_variable_is_one_the_service_reads(
 ) -> None:
     """A misspelt SCALELLM_* variable would be ignored silently in the container."""
     from scalellm.registry import WorkerRole
+    from scalellm.security import SECURITY
     from scalellm.worker.config import worker_options
     from services.gateway import config as gateway
     from services.kvstore import config as kvstore
 
-    worker = {o.env for o in worker_options(tuple(WorkerRole))}
+    security = {o.env for o in SECURITY.options}
+    worker = {o.env for o in worker_options(tuple(WorkerRole))} | security
     reads = {
-        "kvstore": {o.env for o in kvstore.OPTIONS},
-        "gateway": {o.env for o in gateway.OPTIONS},
+        "kvstore": {o.env for o in kvstore.OPTIONS} | security,
+        "gateway": {o.env for o in gateway.OPTIONS} | security,
         "prefill": worker,
         "decode": worker,
         "model": set(),
@@ -200,6 +206,94 @@ def test_every_variable_is_one_the_service_reads(
             {k for k in _env(services[name]) if k.startswith("SCALELLM_")} - known - {"SCALELLM_CACHE_DIR"}
         )
         assert not unknown, f"{name} does not read {sorted(unknown)}"
+
+
+MESH_TOKEN_FILE = "/run/secrets/mesh_token"
+REDIS_PASSWORD_FILE = "/run/secrets/redis_password"
+
+
+def test_secrets_reach_only_the_services_that_need_them(services: dict[str, Any]) -> None:
+    """Both secrets come from the environment compose runs in, and reach each service as a file only
+    its user can read; no secret is in any service's environment."""
+    assert _load("compose.yaml")["secrets"] == {
+        "mesh_token": {"environment": "SCALELLM_MESH_TOKEN"},
+        "redis_password": {"environment": "SCALELLM_REDIS_PASSWORD"},
+    }
+    users = {"redis": "999"} | {name: "10001" for name in GRPC_SERVICES}  # the images' users
+    wanted = {name: {"mesh_token"} for name in GRPC_SERVICES} | {"redis": {"redis_password"}}
+    wanted["kvstore"] = {"mesh_token", "redis_password"}
+    for name, service in services.items():
+        mounts = service.get("secrets", [])
+        assert {m["source"] for m in mounts} == wanted.get(name, set()), name
+        for mount in mounts:
+            assert (mount["uid"], mount["gid"], str(mount["mode"])) == (users[name], users[name], "0o400"), (
+                name
+            )
+            assert mount["target"] == mount["source"]
+        env = _env(service)
+        assert "SCALELLM_MESH_TOKEN" not in env and "SCALELLM_REDIS_PASSWORD" not in env, name
+        assert all("@" not in v for v in env.values()), f"{name}: a password in a URL"
+        if name in GRPC_SERVICES:
+            assert env["SCALELLM_MESH_TOKEN_FILE"] == MESH_TOKEN_FILE, name
+    assert services["redis"]["user"] == "999:999"
+    assert _env(services["kvstore"])["SCALELLM_REDIS_PASSWORD_FILE"] == REDIS_PASSWORD_FILE
+
+
+def test_each_service_loads_its_secrets(services: dict[str, Any], tmp_path: Path) -> None:
+    """The files compose mounts (mode 0400) load through each service's own parser."""
+    from scalellm.registry import WorkerRole
+    from scalellm.worker.config import parse_worker_args
+    from services.gateway.config import GatewayConfig
+    from services.kvstore.config import KvstoreConfig
+
+    files = {MESH_TOKEN_FILE: tmp_path / "mesh_token", REDIS_PASSWORD_FILE: tmp_path / "redis_password"}
+    for path, value in zip(files.values(), ("m" * 64, "r" * 64), strict=True):
+        path.write_text(value + "\n")
+        path.chmod(0o400)
+
+    def env(name: str) -> dict[str, str]:
+        return {k: str(files.get(v, v)) for k, v in _env(services[name]).items()}
+
+    kv = KvstoreConfig.from_args([], environ=env("kvstore"))
+    assert kv.redis_connection_url() == "redis://:" + "r" * 64 + "@redis:6379/0"
+    configs = [kv.security, GatewayConfig.from_args([], environ=env("gateway")).security]
+    configs += [parse_worker_args([], roles=(r,), environ=env(n)).security for n, r in
+                (("prefill", WorkerRole.PREFILL), ("decode", WorkerRole.DECODE))]  # fmt: skip
+    for config in configs:
+        token = config.load().token
+        assert token is not None and token.matches("m" * 64)
+
+
+def test_the_redis_service_requires_its_password(services: dict[str, Any], tmp_path: Path) -> None:
+    """compose's redis command and healthcheck, run with a real redis-server on a free port."""
+    from scalellm.redis_server import free_port, ping
+
+    secret, port = tmp_path / "redis_password", free_port()
+    script = _interpolate(services["redis"]["command"][2]).replace(REDIS_PASSWORD_FILE, str(secret))
+    health = _interpolate(services["redis"]["healthcheck"]["test"][1]).replace(
+        REDIS_PASSWORD_FILE, str(secret)
+    )
+    health = health.replace("redis-cli ping", f"redis-cli -p {port} ping")
+    secret.write_text("")
+    empty = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30)
+    assert empty.returncode == 1 and "set SCALELLM_REDIS_PASSWORD" in empty.stderr
+    secret.write_text("pw-" + "x" * 30)
+    script = script.replace("--appendonly no", f"--appendonly no --port {port} --bind 127.0.0.1")
+    server = subprocess.Popen(["sh", "-c", script], cwd=tmp_path, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not ping("127.0.0.1", port, password=secret.read_text()):
+            assert server.poll() is None and time.monotonic() < deadline, "redis did not start"
+            time.sleep(0.05)
+        assert not ping("127.0.0.1", port)  # without the password: NOAUTH
+        assert subprocess.run(["sh", "-c", health], timeout=30).returncode == 0
+        wrong = health.replace(f"$(cat {secret})", "wrong")
+        assert subprocess.run(["sh", "-c", wrong], timeout=30).returncode != 0
+        cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes()  # exec: the shell became redis-server
+        assert b"redis-server" in cmdline and b"pw-" not in cmdline
+    finally:  # the whole session: nothing of it may outlive the test
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
 
 
 def test_entrypoint_advertises_the_container_hostname() -> None:

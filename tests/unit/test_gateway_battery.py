@@ -162,6 +162,7 @@ async def test_wrong_method_and_path(limited: Mesh) -> None:
 async def test_api_keys(mesh_factory: MeshFactory, tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     keys.write_text("# key tenant\nsk-alpha team-a\nsk-beta team-b\n")
+    keys.chmod(0o600)
     mesh = await mesh_factory(api_keys_file=str(keys))
     with pytest.raises(openai.AuthenticationError) as info:
         await mesh.client("sk-wrong").completions.create(model="SmolLM2-135M-Instruct", prompt="x")

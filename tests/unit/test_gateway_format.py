@@ -11,9 +11,9 @@ import pytest
 
 from scalellm.v1 import common_pb2
 from services.gateway import sse
-from services.gateway.auth import ApiKeys
+from services.gateway.auth import ApiKeys, KeyRefused
 from services.gateway.config import GatewayConfig
-from services.gateway.errors import ErrorKind, GatewayError, invalid
+from services.gateway.errors import ErrorKind, invalid
 from services.gateway.model import ServedModel
 from services.gateway.openai_format import OpenAIFormatter
 from services.gateway.openai_parse import parse_chat, parse_completion
@@ -165,12 +165,19 @@ def test_config_flags_env_and_validation() -> None:
 def test_api_keys(tmp_path: Path) -> None:
     path = tmp_path / "keys"
     path.write_text("\n# comment\nsk-1 acme\nsk-2\n")
+    path.chmod(0o644)
+    with pytest.raises(ValueError, match="other users may read"):
+        ApiKeys.load(path)  # a keys file others can read is refused
+    path.chmod(0o600)
     keys = ApiKeys.load(path)
     assert keys.tenant("Bearer sk-1") == "acme" and keys.tenant("bearer  sk-2 ") == "default"
-    for header in (None, "", "sk-1", "Basic sk-1", "Bearer", "Bearer sk-3"):
-        with pytest.raises(GatewayError) as err:
+    reasons = ["missing", "missing", "malformed", "malformed", "malformed", "unknown"]
+    for header, reason in zip(
+        (None, "", "sk-1", "Basic sk-1", "Bearer", "Bearer sk-3"), reasons, strict=True
+    ):
+        with pytest.raises(KeyRefused) as err:
             keys.tenant(header)
-        assert err.value.kind is ErrorKind.UNAUTHENTICATED
+        assert err.value.kind is ErrorKind.UNAUTHENTICATED and err.value.reason.value == reason
     assert ApiKeys.disabled().tenant(None) == "anonymous"
     path.write_text("# nothing\n")
     with pytest.raises(ValueError, match="no API keys"):

@@ -30,3 +30,23 @@ def test_bad_environment_value_is_a_usage_error(capsys: pytest.CaptureFixture[st
     with pytest.raises(SystemExit):
         parse_worker_args([], (WorkerRole.DECODE,), {"SCALELLM_MAX_NUM_SEQS": "many"})
     assert "SCALELLM_MAX_NUM_SEQS='many'" in capsys.readouterr().err
+
+
+def test_a_group_of_flags_fills_its_own_dataclass() -> None:
+    """The mesh security flags every service shares: flag > environment, into config.security."""
+    roles, token = (WorkerRole.DECODE,), "t" * 20
+    config = parse_worker_args([], roles, {"SCALELLM_MESH_TOKEN": token})
+    assert config.security.mesh_token == token and token not in repr(config)
+    flagged = parse_worker_args(["--mesh-token", "u" * 20], roles, {"SCALELLM_MESH_TOKEN": token})
+    assert flagged.security.mesh_token == "u" * 20
+    with pytest.raises(SystemExit):  # the group's own validation is a usage error too
+        parse_worker_args(["--mesh-tls-cert", "c.pem"], roles, {})
+    assert parse_worker_args([], roles, {}).security.load().token is None
+
+
+def test_every_worker_listener_binds_the_host_it_is_given() -> None:
+    loopback = WorkerConfig(role=WorkerRole.DECODE, listen="127.0.0.1:0")
+    assert loopback.metrics_bind_host == "127.0.0.1" and loopback.channel_config().device_host == "127.0.0.1"
+    advertised = WorkerConfig(role=WorkerRole.DECODE, listen="0.0.0.0:0", advertise_host="10.1.2.3")
+    assert advertised.metrics_bind_host == "0.0.0.0" and advertised.channel_config().device_host == "10.1.2.3"
+    assert WorkerConfig(role=WorkerRole.DECODE, metrics_host="::1").metrics_bind_host == "::1"
