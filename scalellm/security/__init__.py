@@ -5,6 +5,7 @@
     tls.py          TlsFiles -> gRPC credentials and ssl contexts (TLS and mutual TLS)
     interceptor.py  TokenInterceptor: the one server-side check of every internal gRPC call
     mesh.py         SecurityConfig (shared flags) -> MeshSecurity (servers, channels, metadata)
+    metrics.py      scalellm_mesh_auth_failures_total{reason}, the refusals every server counts
 
 No torch here: the gateway and the kvstore use it too. See docs/deploy.md, "Security".
 """

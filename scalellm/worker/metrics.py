@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from scalellm.security.metrics import auth_failure_counter
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -48,12 +50,7 @@ class WorkerMetrics:
         self.transfer_failures = Counter(
             "scalellm_kv_transfer_failures_total", "Failed KV transfers", registry=r
         )
-        self.auth_failures = Counter(
-            "scalellm_mesh_auth_failures_total",
-            "Internal gRPC calls refused for a missing or wrong mesh token, by reason",
-            ["reason"],
-            registry=r,
-        )
+        self.auth_failures = auth_failure_counter(r)
         self._server: Any = None
 
     def count_auth_failure(self, reason: str) -> None:

@@ -8,6 +8,8 @@ from wsgiref.simple_server import WSGIServer
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from scalellm.security.metrics import auth_failure_counter
+
 log = logging.getLogger(__name__)
 
 
@@ -34,12 +36,7 @@ class KvstoreMetrics:
         self.workers = Gauge("scalellm_kvstore_workers", "Registrations in the lease index", registry=r)
         self.expired = Counter("scalellm_kvstore_leases_expired", "Leases this replica expired", registry=r)
         self.backend_up = Gauge("scalellm_kvstore_backend_up", "1 while Redis answers, else 0", registry=r)
-        self.auth_failures = Counter(
-            "scalellm_mesh_auth_failures",
-            "Internal gRPC calls refused for a missing or wrong mesh token, by reason",
-            ["reason"],
-            registry=r,
-        )
+        self.auth_failures = auth_failure_counter(r)
 
     def count_auth_failure(self, reason: str) -> None:
         self.auth_failures.labels(reason).inc()
