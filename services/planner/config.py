@@ -1,13 +1,15 @@
 """PlannerServiceConfig: the planner's policy (scalellm/planner/policy.py) plus where it reads the
-registry and serves health and metrics. Flag, then SCALELLM_PLANNER_* variable, then default."""
+registry and serves health and metrics, and the mesh security every service shares. Flag, then
+SCALELLM_PLANNER_* variable (SCALELLM_MESH_* for the security group), then default."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from scalellm.planner import POLICY_OPTIONS, PlannerPolicy, Tier, TierLimits
 from scalellm.planner.policy import planner_option
+from scalellm.security import SECURITY, SecurityConfig
 from scalellm.settings import Option, parse_config
 
 
@@ -24,9 +26,12 @@ class PlannerServiceConfig(PlannerPolicy):
     max_prefill: int = 4
     min_decode: int = 1
     max_decode: int = 4
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = ""
+    """Where /metrics listens; empty: the host of --listen."""
     metrics_port: int = 9480
     log_level: str = "INFO"
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    """The mesh token its registry calls carry and its gRPC server checks; mesh TLS both ways."""
 
     def __post_init__(self) -> None:
         super(PlannerServiceConfig, self).__post_init__()
@@ -35,6 +40,10 @@ class PlannerServiceConfig(PlannerPolicy):
         if not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port must be 0 (off) or a port, got {self.metrics_port}")
         self.limits()  # refuses min > max
+
+    @property
+    def metrics_bind_host(self) -> str:
+        return self.metrics_host or self.listen.rpartition(":")[0].strip("[]") or "0.0.0.0"
 
     def limits(self) -> dict[Tier, TierLimits]:
         return {
@@ -50,6 +59,7 @@ class PlannerServiceConfig(PlannerPolicy):
         return parse_config(
             cls, OPTIONS, argv, environ, prog="python -m services.planner",
             description="the planner: desired worker counts from the registry's load reports",
+            groups=(SECURITY,),
         )  # fmt: skip
 
 
@@ -61,7 +71,7 @@ OPTIONS: tuple[Option, ...] = (
     planner_option("--max-prefill", "max_prefill", int, "most prefill workers per model (0: not planned)"),
     planner_option("--min-decode", "min_decode", int, "fewest decode workers per model"),
     planner_option("--max-decode", "max_decode", int, "most decode workers per model (0: not planned)"),
-    planner_option("--metrics-host", "metrics_host", str, "Prometheus HTTP host"),
+    planner_option("--metrics-host", "metrics_host", str, "Prometheus HTTP host (default: --listen host)"),
     planner_option("--metrics-port", "metrics_port", int, "Prometheus HTTP port (0: off)"),
     Option("--log-level", "log_level", str, "DEBUG, INFO, WARNING or ERROR", env="SCALELLM_LOG_LEVEL"),
     *POLICY_OPTIONS,

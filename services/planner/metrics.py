@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from scalellm.planner import TierPlan
+from scalellm.security.metrics import auth_failure_counter
 
 _TIER = ["model", "tier"]
 
@@ -46,6 +47,10 @@ class PlannerMetrics:
         self.connected = Gauge(
             "scalellm_planner_registry_connected", "1 while the registry watch is open", registry=r
         )
+        self.auth_failures = auth_failure_counter(r)
+
+    def count_auth_failure(self, reason: str) -> None:
+        self.auth_failures.labels(reason).inc()
 
     def update(self, plans: Sequence[TierPlan], connected: bool) -> None:
         self.connected.set(1 if connected else 0)

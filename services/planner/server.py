@@ -2,6 +2,9 @@
 
 Health: "" is SERVING while the process runs (liveness and readiness alike: a planner cut off from
 the registry keeps exporting its last counts, which is what an autoscaler should keep acting on).
+Security as in every internal service: its registry calls carry the mesh token (mesh TLS when
+configured), its gRPC server checks the token first (health stays open, reflection does not), and
+/metrics binds the --listen host unless --metrics-host says otherwise.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ log = logging.getLogger(__name__)
 class PlannerServer:
     def __init__(self, config: PlannerServiceConfig) -> None:
         self.config = config
+        self.security = config.security.load()
         self.metrics = PlannerMetrics()
-        self.client = RegistryClient(list(config.kvstore))
+        self.client = RegistryClient(list(config.kvstore), security=self.security)
         self.view = WorkerView(self.client, model=config.model)
         self.planner = Planner(config, config.limits(), model=config.model)
         self.loop = PlannerLoop(self.planner, self.view, self._on_plan)
@@ -40,18 +44,26 @@ class PlannerServer:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        """Bind /metrics and gRPC, then watch the registry and plan (all or nothing)."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         c = self.config
         if c.metrics_port:
             self._metrics_http, _ = start_http_server(
-                c.metrics_port, addr=c.metrics_host, registry=self.metrics.registry
+                c.metrics_port, addr=c.metrics_bind_host, registry=self.metrics.registry
             )
             self.metrics_port = int(self._metrics_http.server_port)  # type: ignore[attr-defined]
-        server = grpc.aio.server()
+        server = grpc.aio.server(interceptors=self.security.interceptors(self.metrics.count_auth_failure))
+        self._server = server
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        self.port = server.add_insecure_port(c.listen)
+        self.port = self.security.add_port(server, c.listen)
         await server.start()
-        self._server = server
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.view.start()
         self._task = asyncio.create_task(self.loop.run(), name="planner-loop")
@@ -64,13 +76,16 @@ class PlannerServer:
         await self.health.enter_graceful_shutdown()
         if self._task is not None:
             await cancel_and_wait(self._task)
+            self._task = None
         await self.view.stop()
         await self.client.close()
         if self._server is not None:
             await self._server.stop(0.5)
+            self._server = None
         if self._metrics_http is not None:
             self._metrics_http.shutdown()  # type: ignore[attr-defined]
             self._metrics_http.server_close()  # type: ignore[attr-defined]
+            self._metrics_http = None
 
 
 async def serve(config: PlannerServiceConfig) -> None:
