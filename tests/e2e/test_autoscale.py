@@ -1,5 +1,7 @@
 """`scalellm up --autoscale`: the planner grows the decode tier under a flood and shrinks it after,
-with no failed request (tiny random model, short planner windows given by flags)."""
+with no failed request (tiny random model, short planner windows given by flags). The mesh runs
+with the mesh token and Redis password `scalellm up` generates; every socket of every process,
+the planner's and the added worker's included, is on loopback."""
 
 from __future__ import annotations
 
@@ -11,12 +13,24 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from scalellm.launcher.config import UpConfig
 from scalellm.launcher.plan import planner_spec, worker_spec
 from scalellm.launcher.probes import http_health
-from tests.e2e.test_up import Up, _assert_gone
+from tests.e2e.test_up import (
+    Up,
+    _alive,
+    _assert_gone,
+    _assert_no_call_was_refused,
+    _assert_nothing_beyond_loopback,
+    _assert_secret_only_in_environment,
+    _child_pid,
+    _mesh_token_of,
+)
+from tests.sockets import listening
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -74,6 +88,33 @@ class Load:
             thread.join(180)
 
 
+def _reflection_code(address: str) -> grpc.StatusCode:
+    """What the planner's gRPC server answers a reflection call without the mesh token."""
+    with grpc.insecure_channel(address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        try:
+            list(stub.ServerReflectionInfo(iter([request]), timeout=10))
+        except grpc.RpcError as exc:
+            return exc.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
+
+
+def _assert_the_planner_is_one_of_the_mesh(up: Up, pids: dict[int, str]) -> None:
+    """Its two listeners (gRPC health, /metrics) are on loopback, it holds the run's generated
+    token like every other service, and its gRPC server refuses callers without it."""
+    planner = _child_pid(up, "planner")
+    assert planner in _alive(pids), up.log()
+    ready = re.search(r"ready planner 127\.0\.0\.1:(\d+) .*metrics=http://127\.0\.0\.1:(\d+)/", up.log())
+    assert ready is not None, up.log()
+    grpc_port, metrics_port = int(ready.group(1)), int(ready.group(2))
+    assert listening(planner) == {("127.0.0.1", grpc_port), ("127.0.0.1", metrics_port)}
+    token = _mesh_token_of(planner)
+    assert len(token) >= 32, "the planner child has no mesh token in its environment"
+    _assert_secret_only_in_environment(pids, token, services=6)  # kvstore, 1 + 2 workers, gateway, planner
+    assert _reflection_code(f"127.0.0.1:{grpc_port}") is grpc.StatusCode.UNAUTHENTICATED
+
+
 def _wait(condition: Callable[[], bool], up: Up, what: str, timeout: float = 180.0) -> None:
     """Poll a condition; the timeout is a hang guard only."""
     deadline = time.monotonic() + timeout
@@ -126,6 +167,7 @@ def test_decode_grows_under_a_flood_and_shrinks_after_it_with_no_failed_request(
         "--startup-timeout", "120", "--drain-timeout", "30",
         "--planner-arg=--interval-s=0.25", "--planner-arg=--up-window-s=1", "--planner-arg=--up-cooldown-s=0",
         "--planner-arg=--down-window-s=3", "--planner-arg=--down-cooldown-s=3",
+        env={"SCALELLM_MESH_TOKEN": None, "SCALELLM_MESH_TOKEN_FILE": None},  # the run makes its own
     )  # fmt: skip
     pids: dict[int, str] = {}
     trickle: Load | None = None
@@ -146,6 +188,10 @@ def test_decode_grows_under_a_flood_and_shrinks_after_it_with_no_failed_request(
                    for line in up.lines), up.log()  # fmt: skip
         served_before = flood.done
         _wait(lambda: flood.done > served_before + 12, up, "requests served with two decode workers")
+        assert "scalellm up: internal calls need this run's mesh token" in up.log()
+        pids = up.pids()  # every process at the largest: decode-2 (the planner's) included
+        _assert_nothing_beyond_loopback(up, pids, at_least=15)  # + the planner's gRPC and metrics
+        _assert_the_planner_is_one_of_the_mesh(up, pids)
         flood.stop()
 
         _wait(lambda: decode_workers() == 1, up, "the decode tier back to one worker")
@@ -159,7 +205,8 @@ def test_decode_grows_under_a_flood_and_shrinks_after_it_with_no_failed_request(
 
         assert flood.failures == [] and trickle.failures == [], (flood.failures[:3], trickle.failures[:3])
         assert flood.done > 0 and trickle.done > 0
-        pids = up.pids()
+        _assert_no_call_was_refused(up)
+        pids |= up.pids()
         addresses = up.addresses()
         assert up.stop() == 0, up.log()
         _assert_gone(up, pids, addresses)

@@ -99,12 +99,14 @@ def test_bad_flags_are_refused_before_anything_starts(argv: list[str]) -> None:
 class Up:
     """`python -m scalellm up ...` in its own session, its output collected line by line."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str | None] | None = None) -> None:
+        """env: added to this process's environment; a None value removes the variable."""
         self.lines: list[str] = []
+        environ = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "scalellm", "up", *args],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            env={k: v for k, v in environ.items() if v is not None},
         )  # fmt: skip
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -206,26 +208,43 @@ def _metrics(url: str) -> dict[str, float]:
     return {m[0]: float(m[1]) for m in re.findall(r"^(scalellm_\w+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
 
 
-def _assert_nothing_beyond_loopback(up: Up, pids: dict[int, str]) -> None:
+def _assert_nothing_beyond_loopback(up: Up, pids: dict[int, str], at_least: int = 12) -> None:
     """Every socket any process of the mesh listens on is on loopback."""
     exposed = {}
     for pid in _alive(pids):
         sockets = listening(pid)
         exposed[pid] = sockets
         assert all(is_loopback(addr) for addr, _ in sockets), f"pid {pid} listens on {sockets}\n{up.log()}"
-    assert sum(len(s) for s in exposed.values()) >= 12, exposed  # grpc, metrics, transfer, gloo, redis, http
+    assert sum(len(s) for s in exposed.values()) >= at_least, exposed  # grpc, metrics, transfer, gloo, ...
 
 
-def _assert_secret_only_in_environment(pids: dict[int, str], token: str) -> None:
+def _child_pid(up: Up, name: str) -> int:
+    return int(re.search(rf"started {name} pid=(\d+)", up.log()).group(1))  # type: ignore[union-attr]
+
+
+def _mesh_token_of(pid: int) -> str:
+    """The SCALELLM_MESH_TOKEN in a process's environment ('' if none)."""
+    for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+        if entry.startswith(b"SCALELLM_MESH_TOKEN="):
+            return entry.split(b"=", 1)[1].decode()
+    return ""
+
+
+def _assert_secret_only_in_environment(pids: dict[int, str], token: str, services: int = 6) -> None:
     """`ps` shows no secret: the token is in the children's environment, never on a command line."""
     for pid in _alive(pids):
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
         assert token not in cmdline and "requirepass" not in cmdline and "redis://:" not in cmdline, cmdline
-    services = [pid for pid in _alive(pids) if b"services." in Path(f"/proc/{pid}/cmdline").read_bytes()]
-    assert len(services) == 6 and all(
-        f"SCALELLM_MESH_TOKEN={token}".encode() in Path(f"/proc/{pid}/environ").read_bytes()
-        for pid in services
-    )
+    found = [pid for pid in _alive(pids) if b"services." in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(found) == services and all(_mesh_token_of(pid) == token for pid in found), found
+
+
+def _assert_no_call_was_refused(up: Up) -> None:
+    """The kvstore refused no registry call for a missing or wrong token: every child that talks
+    to it (workers, gateway, planner) carries the token."""
+    url = re.search(r"ready kvstore .* metrics=(\S+)", up.log()).group(1)  # type: ignore[union-attr]
+    refused = {k: v for k, v in _metrics(url).items() if k.startswith("scalellm_mesh_auth_failures")}
+    assert not any(refused.values()), refused
 
 
 async def _refused_without_token(address: str) -> grpc.StatusCode:
@@ -289,6 +308,7 @@ def test_up_serves_over_every_worker_and_stops_clean(demo_model_dir: Path) -> No
 
         _assert_nothing_beyond_loopback(up, pids)  # with every KV channel open
         _assert_secret_only_in_environment(pids, token)
+        _assert_no_call_was_refused(up)
         decode = re.search(r"ready decode-1 (\S+)", up.log()).group(1)  # type: ignore[union-attr]
         assert asyncio.run(_refused_without_token(decode)) is grpc.StatusCode.UNAUTHENTICATED
 
