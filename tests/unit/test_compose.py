@@ -5,12 +5,9 @@ healthcheck is run against a real gRPC health server."""
 from __future__ import annotations
 
 import copy
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -19,6 +16,8 @@ import grpc
 import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from tests.redis_script import check_redis_requires_its_password
 
 ROOT = Path(__file__).resolve().parents[2]
 GRPC_SERVICES = ("kvstore", "gateway", "prefill", "decode")
@@ -266,34 +265,11 @@ def test_each_service_loads_its_secrets(services: dict[str, Any], tmp_path: Path
 
 def test_the_redis_service_requires_its_password(services: dict[str, Any], tmp_path: Path) -> None:
     """compose's redis command and healthcheck, run with a real redis-server on a free port."""
-    from scalellm.redis_server import free_port, ping
-
-    secret, port = tmp_path / "redis_password", free_port()
-    script = _interpolate(services["redis"]["command"][2]).replace(REDIS_PASSWORD_FILE, str(secret))
-    health = _interpolate(services["redis"]["healthcheck"]["test"][1]).replace(
-        REDIS_PASSWORD_FILE, str(secret)
+    script = _interpolate(services["redis"]["command"][2])
+    health = _interpolate(services["redis"]["healthcheck"]["test"][1])
+    check_redis_requires_its_password(
+        script, health, REDIS_PASSWORD_FILE, "set SCALELLM_REDIS_PASSWORD", tmp_path
     )
-    health = health.replace("redis-cli ping", f"redis-cli -p {port} ping")
-    secret.write_text("")
-    empty = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30)
-    assert empty.returncode == 1 and "set SCALELLM_REDIS_PASSWORD" in empty.stderr
-    secret.write_text("pw-" + "x" * 30)
-    script = script.replace("--appendonly no", f"--appendonly no --port {port} --bind 127.0.0.1")
-    server = subprocess.Popen(["sh", "-c", script], cwd=tmp_path, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 30
-        while not ping("127.0.0.1", port, password=secret.read_text()):
-            assert server.poll() is None and time.monotonic() < deadline, "redis did not start"
-            time.sleep(0.05)
-        assert not ping("127.0.0.1", port)  # without the password: NOAUTH
-        assert subprocess.run(["sh", "-c", health], timeout=30).returncode == 0
-        wrong = health.replace(f"$(cat {secret})", "wrong")
-        assert subprocess.run(["sh", "-c", wrong], timeout=30).returncode != 0
-        cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes()  # exec: the shell became redis-server
-        assert b"redis-server" in cmdline and b"pw-" not in cmdline
-    finally:  # the whole session: nothing of it may outlive the test
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
 
 
 def test_entrypoint_advertises_the_container_hostname() -> None:
