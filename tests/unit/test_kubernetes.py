@@ -3,12 +3,16 @@ kubernetes-validate package bundles, KEDA's ScaledObjects checked structurally (
 them), and the wiring checked against the code: selectors match labels, ports are the ones the
 services' own flag parsers derive from the manifests' environment, every SCALELLM_* variable is one
 the service reads (its option table, or a variable the library reads itself), and the autoscalers'
-limits and metric are the planner's."""
+limits and metric are the planner's. The two secrets (the mesh token, Redis's password) come from
+one Secret the operator creates, mounted as files into exactly the pods that need them: every
+service loads the same token from its manifest, the kvstore the password Redis's pod requires."""
 
 from __future__ import annotations
 
 import ast
-from collections.abc import Callable, Iterator, Mapping
+import re
+import stat
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +21,10 @@ import pytest
 import yaml
 
 from scalellm.registry import WorkerRole
+from scalellm.security import SECURITY, SecurityConfig
+from scalellm.security.files import UNSAFE_BITS
 from scalellm.settings import Option
+from tests.redis_script import check_redis_requires_its_password
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "kubernetes"
@@ -189,11 +196,35 @@ def _service_kinds() -> dict[str, ServiceKind]:
     }  # fmt: skip
 
 
-def _read_by_the_library() -> set[str]:
+def _module_files(module: str) -> set[Path]:
+    """The project's source files that ``python -m <module>`` may import: a static walk of the
+    import statements (those inside functions too), through scalellm/ and services/ only."""
+    found: set[Path] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        if parts[0] not in ("scalellm", "services"):
+            continue
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # importing a.b.c runs a, a.b
+        base = ROOT.joinpath(*parts)
+        path = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+        if path in found or not path.exists():
+            continue
+        found.add(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                todo += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                todo += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+    return found
+
+
+def _read_by_the_code(files: Iterable[Path]) -> set[str]:
     """SCALELLM_* names the code reads from the environment itself (os.environ.get("..."),
     os.getenv("..."), os.environ["..."]), outside the option tables: e.g. the model cache."""
     names: set[str] = set()
-    for path in [*ROOT.glob("scalellm/**/*.py"), *ROOT.glob("services/**/*.py")]:
+    for path in files:
         for node in ast.walk(ast.parse(path.read_text())):
             key = None
             if isinstance(node, ast.Call) and node.args and isinstance(node.func, ast.Attribute):
@@ -218,14 +249,34 @@ def _containers() -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
             yield name, workload, container
 
 
+def _reads(kind: ServiceKind, env: dict[str, str]) -> set[str]:
+    """The variables the service's parser reads: its option table, and the SCALELLM_MESH_* group
+    when its config carries the mesh security (every service's does)."""
+    carries_security = isinstance(getattr(kind.parse(env), "security", None), SecurityConfig)
+    return {o.env for o in kind.options()} | (
+        {o.env for o in SECURITY.options} if carries_security else set()
+    )
+
+
 def test_every_scalellm_variable_is_one_the_service_reads() -> None:
-    kinds, library = _service_kinds(), _read_by_the_library()
+    """Read by the service's parser, or by the code the service imports (not by other code: the
+    launcher reads SCALELLM_MESH_TOKEN_FILE, which says nothing of whether the planner does)."""
+    kinds = _service_kinds()
+    library = _read_by_the_code([*ROOT.glob("scalellm/**/*.py"), *ROOT.glob("services/**/*.py")])
     assert "SCALELLM_CACHE_DIR" in library  # the scan finds what it should
+    assert "SCALELLM_MESH_TOKEN_FILE" in library - _read_by_the_code(
+        _module_files("services.planner.__main__")
+    )
     seen = 0
     for name, _, container in _containers():
         command = container.get("command", [])
         kind = kinds.get(command[2]) if command[:2] == ["python", "-m"] else None
-        readable = library | ({o.env for o in kind.options()} if kind else set())
+        if kind is None:  # e.g. `scalellm model prepare`
+            readable = library
+        else:
+            readable = _reads(kind, _env(container)) | _read_by_the_code(
+                _module_files(f"{command[2]}.__main__")
+            )
         for variable in _env(container):
             if variable.startswith("SCALELLM_"):
                 seen += 1
@@ -278,6 +329,113 @@ def test_grace_periods_cover_the_drain() -> None:
         pod = _pod(BY_KIND["Deployment"][f"scalellm-{tier}"])["spec"]
         (container,) = pod["containers"]
         assert pod["terminationGracePeriodSeconds"] > float(_env(container)[variable]), tier
+
+
+# ---------------------------------------------------------------- the two secrets
+
+
+def _secret_files(workload: dict[str, Any], container: dict[str, Any]) -> dict[str, tuple[str, str, int]]:
+    """Path in the container -> (Secret name, key, file mode) for every Secret file it mounts."""
+    volumes = {v["name"]: v["secret"] for v in _pod(workload)["spec"].get("volumes", []) if "secret" in v}
+    files = {}
+    for mount in container.get("volumeMounts", []):
+        secret = volumes.get(mount["name"])
+        if secret is not None:
+            assert secret.get("items"), "mount only the keys the pod needs"
+            for item in secret["items"]:
+                mode = item.get("mode", secret.get("defaultMode", 0o644))  # Kubernetes' default
+                files[f"{mount['mountPath']}/{item['path']}"] = (secret["secretName"], item["key"], mode)
+    return files
+
+
+def _keys(workload: dict[str, Any], container: dict[str, Any]) -> set[str]:
+    return {key for _, key, _ in _secret_files(workload, container).values()}
+
+
+def _redis() -> tuple[dict[str, Any], dict[str, Any]]:
+    redis = BY_KIND["StatefulSet"]["scalellm-redis"]
+    (container,) = _pod(redis)["spec"]["containers"]
+    return redis, container
+
+
+def _secret_value(key: str) -> str:
+    """A stand-in value per Secret key (a valid mesh token: printable, no spaces, >= 16 chars)."""
+    return f"{key}-value-0123456789abcdef"
+
+
+def test_every_tier_that_talks_to_the_mesh_gets_the_token(tmp_path: Path) -> None:
+    """Each service's manifest, parsed by the service's own flag parser with the Secret's files
+    written where the pod mounts them (with the manifest's modes, which the services' secret-file
+    check must accept): every service holds the same token, and the kvstore the Redis password."""
+    kinds = _service_kinds()
+    tokens: dict[str, str] = {}
+    for name, workload, container in _containers():
+        command = container.get("command", [])
+        if command[:2] != ["python", "-m"]:
+            continue
+        pod = _pod(workload)["spec"]
+        local = {}
+        for path, (_, key, mode) in _secret_files(workload, container).items():
+            assert mode & stat.S_IRGRP and not mode & UNSAFE_BITS, (name, path, oct(mode))
+            assert pod["securityContext"]["fsGroup"], f"{name}: the pod's user cannot read {path}"
+            file = tmp_path / name / key
+            file.parent.mkdir(exist_ok=True)
+            file.write_text(_secret_value(key) + "\n")
+            file.chmod(mode)
+            local[path] = str(file)
+        env = {k: local.get(v, v) for k, v in _env(container).items()}
+        config = kinds[command[2]].parse(env)
+        token = config.security.load().token
+        assert token is not None, f"{name} talks to the mesh without the mesh token"
+        (tokens[command[2]],) = {
+            key for key in _keys(workload, container) if token.matches(_secret_value(key))
+        }
+        if command[2] == "services.kvstore":
+            (required,) = _keys(*_redis())  # the key Redis's pod requires
+            url = config.redis_connection_url()
+            assert url == f"redis://:{_secret_value(required)}@scalellm-redis:6379/0", url
+    assert set(tokens) == set(kinds) and len(set(tokens.values())) == 1, tokens
+
+
+def test_secrets_reach_only_the_pods_that_need_them_and_never_the_environment() -> None:
+    mounted: dict[str, set[str]] = {}
+    names = set()
+    for name, workload, container in _containers():
+        for secret, key, _ in _secret_files(workload, container).values():
+            names.add(secret)
+            mounted.setdefault(key, set()).add(name)
+        for entry in container.get("env", []):
+            assert "secretKeyRef" not in entry.get("valueFrom", {}), f"{name}: a secret as a variable"
+            assert "@" not in str(entry.get("value", "")), f"{name}: a password in a URL"
+            assert entry["name"] not in ("SCALELLM_MESH_TOKEN", "SCALELLM_REDIS_PASSWORD"), name
+    assert len(names) == 1, names  # one Secret, created by the operator (docs/deploy.md)
+    services = {n for n in _workloads() if n not in ("scalellm-redis", "scalellm-model-prepare")}
+    assert sorted(mounted.values(), key=len) == [{"scalellm-kvstore", "scalellm-redis"}, services], mounted
+
+
+def test_the_docs_create_the_secret_the_pods_mount() -> None:
+    wanted = {
+        (secret, key)
+        for _, workload, container in _containers()
+        for secret, key, _ in _secret_files(workload, container).values()
+    }
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    created = re.findall(r"create secret generic (\S+)((?:\s+--from-file=\S+)+)", docs)
+    assert created, "docs/deploy.md does not say how to create the Secret"
+    made = {(name, key) for name, files in created for key in re.findall(r"--from-file=([\w.-]+)", files)}
+    assert made == wanted, (made, wanted)
+
+
+def test_the_redis_pod_requires_its_password(tmp_path: Path) -> None:
+    """The Redis pod's command and readiness probe, run with a real redis-server on a free port."""
+    redis, container = _redis()
+    (path,) = _secret_files(redis, container)
+    assert container["command"][:2] == ["sh", "-c"] and "args" not in container
+    probe = container["readinessProbe"]["exec"]["command"]
+    assert probe[:2] == ["sh", "-c"]
+    check_redis_requires_its_password(
+        container["command"][2], probe[2], path, "no redis-password in scalellm-secrets", tmp_path
+    )
 
 
 # ---------------------------------------------------------------- autoscaling on the planner
