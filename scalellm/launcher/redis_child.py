@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 
+from scalellm.lifecycle import ReadyLine
 from scalellm.redis_server import RedisServer, RedisServerError, server_pid
 
 
@@ -24,7 +25,7 @@ def main() -> int:
         print(f"redis failed: {exc}", flush=True)
         return 1
     try:
-        print(f"READY {redis.url} redis_pid={server_pid(redis.host, redis.port)}", flush=True)
+        print(ReadyLine(redis.url, {"redis_pid": str(server_pid(redis.host, redis.port))}), flush=True)
         while not stopping.wait(0.5):
             if not redis.running:
                 print("redis-server exited", flush=True)

@@ -66,7 +66,7 @@ SMOLLM2_CHAT_TEMPLATE = (
     "{% endif %}"
 )
 
-# What the prepared folder must say (the DESIGN's numbers for SmolLM2-135M).
+# What the prepared folder must say: SmolLM2-135M-Instruct's published shape.
 EXPECTED_CONFIG: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
