@@ -41,12 +41,12 @@ class EngineHost:
         """(time, tokens) of each step in the last window; touched by the step thread only."""
         self._rate: tuple[float, float] = (0.0, 0.0)
         """(tokens per second, when computed): written whole by the step thread, read by load()."""
-        # Live values, read when /metrics is scraped (len() reads are atomic under the GIL).
-        sched = self.engine.scheduler
-        metrics.total_blocks.set(self.engine.blocks.num_blocks)
-        metrics.free_blocks.set_function(lambda: self.engine.num_free_blocks)
-        metrics.waiting.set_function(lambda: len(sched.waiting))
-        metrics.running.set_function(lambda: len(sched.running) + len(sched.remote))
+        # Live values, read when /metrics is scraped: the engine's last published snapshot.
+        aengine = self.aengine
+        metrics.total_blocks.set(self.engine.num_blocks)
+        metrics.free_blocks.set_function(lambda: aengine.stats.num_free_blocks)
+        metrics.waiting.set_function(lambda: aengine.stats.num_waiting)
+        metrics.running.set_function(lambda: aengine.stats.num_running)
 
     def start(self) -> None:
         self.aengine.start()
@@ -62,21 +62,21 @@ class EngineHost:
             role=self.config.role,
             model=self.model_name,
             grpc_address=grpc_address,
-            kv_capacity_blocks=self.engine.blocks.num_blocks,
+            kv_capacity_blocks=self.engine.num_blocks,
             kv_block_size=self.engine.block_size,
             transfer_endpoint=transfer_endpoint,
             version=__version__,
         )
 
     def load(self) -> WorkerLoad:
-        """The load right now. Read from the event loop: len() of the scheduler's queues is atomic
-        under the GIL, and a value one step old is fine for routing."""
-        sched = self.engine.scheduler
+        """The load right now: the engine's snapshot after its last step or command (a value one
+        step old is fine for routing)."""
+        stats = self.aengine.stats
         rate, at = self._rate
         return WorkerLoad(
-            running=len(sched.running) + len(sched.remote),
-            waiting=len(sched.waiting),
-            free_blocks=self.engine.num_free_blocks,
+            running=stats.num_running,
+            waiting=stats.num_waiting,
+            free_blocks=stats.num_free_blocks,
             tokens_per_second=rate if time.monotonic() - at <= _RATE_WINDOW_S else 0.0,
         )
 
