@@ -5,13 +5,18 @@ at import time: ``parse_config`` reads argv and the environment when a service s
 
     OPTIONS = (Option("--listen", "listen", str, "host:port to bind", env="SCALELLM_KVSTORE_ADDR"), ...)
     config = parse_config(KvstoreConfig, OPTIONS, argv, prog="python -m services.kvstore")
+
+An option may set a field of a nested config dataclass ("engine.dtype": the `dtype` of the config's
+`engine` field), so a service embeds another room's config instead of re-declaring its fields.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import enum
 import os
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, Field, dataclass, fields
 from typing import Any, TypeVar
@@ -23,7 +28,7 @@ C = TypeVar("C")
 class Option:
     flag: str
     field: str
-    """The config dataclass field it sets."""
+    """The config dataclass field it sets ("engine.dtype": a field of a nested config)."""
     type: Callable[[str], Any]
     help: str
     env: str
@@ -59,7 +64,7 @@ def build_parser(
 ) -> argparse.ArgumentParser:
     """Every default is None, so that the environment and then the dataclass default apply."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    defaults = {f.name: _default_text(f, extra or {}) for f in fields(config_cls)}
+    defaults = {name: _default_text(f, extra or {}) for name, f in _fields(config_cls)}
     for option in options:
         parser.add_argument(
             option.flag,
@@ -67,7 +72,11 @@ def build_parser(
             type=option.type,
             default=None,
             choices=option.choices,
-            metavar="{" + ",".join(map(_choice_name, option.choices)) + "}" if option.choices else None,
+            metavar=(
+                "{" + ",".join(map(_choice_name, option.choices)) + "}"
+                if option.choices
+                else option.field.rpartition(".")[2].upper()  # "engine.dtype" shows as DTYPE
+            ),
             action="append" if option.repeat else "store",
             help=f"{option.help} (env {option.env}; {defaults.get(option.field, 'default None')})",
         )
@@ -107,10 +116,44 @@ def parse_config(
         if value is not None:
             values[option.field] = value
     try:
-        return config_cls(**values)
+        return _build(config_cls, values)
     except ValueError as exc:
         parser.error(str(exc))
         raise  # unreachable: parser.error exits
+
+
+def _nested(config_cls: type) -> dict[str, type]:
+    """The fields of config_cls that are config dataclasses themselves, with their classes."""
+    hints = typing.get_type_hints(config_cls)
+    return {f.name: hints[f.name] for f in fields(config_cls) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def _fields(config_cls: type) -> list[tuple[str, Field[Any]]]:
+    """Every settable field by option name: plain ones, and "outer.inner" for nested configs."""
+    nested = _nested(config_cls)
+    out: list[tuple[str, Field[Any]]] = []
+    for f in fields(config_cls):
+        if f.name in nested:
+            out.extend((f"{f.name}.{inner.name}", inner) for inner in fields(nested[f.name]))
+        else:
+            out.append((f.name, f))
+    return out
+
+
+def _build(config_cls: type[C], values: Mapping[str, Any]) -> C:
+    """config_cls(**values), building nested configs from their "outer.inner" values."""
+    nested = _nested(config_cls)
+    flat: dict[str, Any] = {}
+    inner: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        outer, dot, name = key.partition(".")
+        if dot:
+            inner.setdefault(outer, {})[name] = value
+        else:
+            flat[key] = value
+    for outer, kwargs in inner.items():
+        flat[outer] = nested[outer](**kwargs)
+    return config_cls(**flat)
 
 
 def _choice_name(choice: Any) -> str:

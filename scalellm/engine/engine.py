@@ -14,7 +14,7 @@ last event); they never touch the scheduler or mutate a Request.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -24,6 +24,7 @@ from scalellm.engine.model_runner import ModelRunner
 from scalellm.engine.request import Request, RequestStatus
 from scalellm.engine.scheduler import Scheduler, SchedulerConfig
 from scalellm.models.config import ModelConfig
+from scalellm.models.prepare import resolve_model_dir
 from scalellm.types import FinishReason, InvalidParameter, SamplingParams, TokenLogprobs, Usage
 
 
@@ -99,8 +100,9 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
-        self.config = config
-        self.model_config = ModelConfig.from_dir(config.model)
+        model_dir = resolve_model_dir(config.model)  # None: the demo model, prepared if need be
+        self.config = config = replace(config, model=str(model_dir))
+        self.model_config = ModelConfig.from_dir(model_dir)
         self.max_model_len = self._max_model_len()
         self.runner = ModelRunner(config, self.model_config, self.max_model_len)
         self.block_size = config.block_size

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from dataclasses import replace
 
 from scalellm.engine.async_engine import AsyncEngine
-from scalellm.engine.config import EngineConfig
 from scalellm.engine.engine import LLMEngine, TokenEvent
 from scalellm.models.prepare import resolve_model_dir
 from scalellm.registry import WorkerInfo, WorkerLoad
@@ -20,22 +20,9 @@ class EngineHost:
     def __init__(self, config: WorkerConfig, metrics: WorkerMetrics) -> None:
         self.config = config
         self.metrics = metrics
-        self.model_dir = resolve_model_dir(config.model)
+        self.model_dir = resolve_model_dir(config.engine.model)
         self.model_name = config.served_model_name or self.model_dir.name
-        self.engine = LLMEngine(
-            EngineConfig(
-                model=str(self.model_dir),
-                dtype=config.dtype,
-                device=config.device,
-                block_size=config.block_size,
-                num_kv_blocks=config.num_kv_blocks,
-                kv_cache_gb=config.kv_cache_gb,
-                max_model_len=config.max_model_len,
-                max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=config.max_num_batched_tokens,
-                num_threads=config.num_threads,
-            )
-        )
+        self.engine = LLMEngine(replace(config.engine, model=str(self.model_dir)))
         self.aengine = AsyncEngine(self.engine, on_step=self._on_step)
         self._token_times: deque[tuple[float, int]] = deque()
         """(time, tokens) of each step in the last window; touched by the step thread only."""

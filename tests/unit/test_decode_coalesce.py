@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from scalellm.engine.config import EngineConfig
 from scalellm.registry import WorkerRole
 from scalellm.types import FinishReason, Timings, TokenLogprobs, Usage
 from scalellm.v1 import common_pb2, worker_pb2
@@ -102,7 +103,8 @@ async def test_a_slow_reader_gets_the_engines_tokens_in_fewer_messages(tiny_llam
     """A real engine on its step thread while this event loop stalls: the tokens that queued up
     come in one message, exactly the tokens (and logprobs) a reader that keeps up gets."""
     config = WorkerConfig(
-        role=WorkerRole.BOTH, model=str(tiny_llama), num_kv_blocks=64, block_size=4, num_threads=1
+        role=WorkerRole.BOTH,
+        engine=EngineConfig(model=str(tiny_llama), num_kv_blocks=64, block_size=4, num_threads=1),
     )
     host = EngineHost(config, WorkerMetrics())
     worker = DecodeWorker(config, host, WorkerMetrics())

@@ -21,9 +21,12 @@ def test_help_shows_real_defaults_never_a_sentinel() -> None:
 def test_flag_beats_environment_beats_default() -> None:
     roles = (WorkerRole.DECODE,)
     env = {"SCALELLM_MAX_NUM_SEQS": "7"}
-    assert parse_worker_args([], roles, env).max_num_seqs == 7
-    assert parse_worker_args(["--max-num-seqs", "9"], roles, env).max_num_seqs == 9
-    assert parse_worker_args([], roles, {}).max_num_seqs == WorkerConfig(role=roles[0]).max_num_seqs
+    assert parse_worker_args([], roles, env).engine.max_num_seqs == 7
+    assert parse_worker_args(["--max-num-seqs", "9"], roles, env).engine.max_num_seqs == 9
+    assert (
+        parse_worker_args([], roles, {}).engine.max_num_seqs
+        == WorkerConfig(role=roles[0]).engine.max_num_seqs
+    )
 
 
 def test_bad_environment_value_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
