@@ -122,10 +122,10 @@ class Scheduler:
                     del queue[i]
                     self._finish(req, RequestStatus.FINISHED_ABORTED)
                     return req
-        req = self.remote.pop(request_id, None)
-        if req is not None:
-            self._finish(req, RequestStatus.FINISHED_ABORTED)
-        return req
+        remote = self.remote.pop(request_id, None)
+        if remote is not None:
+            self._finish(remote, RequestStatus.FINISHED_ABORTED)
+        return remote
 
     def abort_all(self) -> list[Request]:
         """Abort every unfinished request and return them. Waiting and running ones free their

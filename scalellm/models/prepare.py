@@ -374,7 +374,7 @@ def _load_gguf(gguf_path: Path) -> tuple[Any, Any, dict[str, Any]]:
 
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    model: Any = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
     if model.dtype != torch.float32:
         model = model.to(torch.float32)
     return model, tokenizer, _gguf_metadata(gguf_path)

@@ -38,7 +38,7 @@ def prompt_from_proto(msg: gateway_pb2.GatewayGenerateRequest | gateway_pb2.Toke
     which = msg.WhichOneof("prompt")
     if which == "text":
         return Prompt(PromptKind.TEXT, "text", texts=(msg.text,))
-    if which == "token_ids":
+    if which == "token_ids" and isinstance(msg, gateway_pb2.GatewayGenerateRequest):
         return Prompt(PromptKind.TOKENS, "token_ids", token_ids=(tuple(msg.token_ids.ids),))
     if which == "chat":
         return Prompt(PromptKind.CHAT, "chat", messages=_messages(msg.chat, "chat"))

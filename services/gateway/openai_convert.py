@@ -128,7 +128,7 @@ def completion_logprobs_to_openai(
         tokens.append(text)
         offsets.append(offset)
         offset += len(text)
-    block = {
+    block: dict[str, list[Any]] = {
         "tokens": tokens,
         "token_logprobs": [_finite(e.logprob) for e in entries],
         "top_logprobs": [{model.token_text(t): _finite(v) for t, v in e.top} for e in entries],

@@ -61,7 +61,9 @@ class GatewayServer:
     async def start(self) -> None:
         """Load the tokenizer, start watching the registry, bind both listeners."""
         c = self.config
-        model = self._model or await asyncio.to_thread(ServedModel, resolve_model_dir(c.model), c)
+        model = self._model
+        if model is None:
+            model = await asyncio.to_thread(ServedModel, resolve_model_dir(c.model), c)
         source = self._source or self._make_source(model)
         keys = ApiKeys.load(c.api_keys_file) if c.api_keys_file else ApiKeys.disabled()
         self.core = core = GatewayCore(c, model, source, keys)
