@@ -23,7 +23,8 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
-from scalellm.engine.engine import EngineStats, LLMEngine, RemoteReservation, TokenEvent
+from scalellm.engine.engine import LLMEngine
+from scalellm.engine.events import EngineStats, RemoteReservation, TokenEvent
 from scalellm.engine.request import Request
 from scalellm.types import TokenLogprobs
 

@@ -14,88 +14,19 @@ last event); they never touch the scheduler or mutate a Request.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
 from scalellm.engine.block_manager import BlockManager
 from scalellm.engine.config import EngineConfig
+from scalellm.engine.events import EngineStats, RemoteReservation, TokenEvent, outcome
 from scalellm.engine.model_runner import ModelRunner
 from scalellm.engine.request import Request, RequestStatus
 from scalellm.engine.scheduler import Scheduler, SchedulerConfig
 from scalellm.models.config import ModelConfig
 from scalellm.models.prepare import resolve_model_dir
-from scalellm.types import FinishReason, InvalidParameter, SamplingParams, TokenLogprobs, Usage
-
-
-@dataclass(frozen=True, slots=True)
-class FinishedRequest:
-    """What a request reports when it finishes (times are time.monotonic())."""
-
-    status: RequestStatus
-    """One of the FINISHED_* statuses."""
-    num_prompt_tokens: int
-    num_output_tokens: int
-    num_cached_tokens: int
-    """Prompt tokens whose KV was not computed here (prefix-cache hits, or the prefill worker's
-    count for a request whose KV was pushed to this engine)."""
-    arrival_time: float
-    scheduled_time: float | None
-    """When it first joined the running batch (None: never did, e.g. KV pushed by a prefill worker)."""
-    first_token_time: float | None
-    kept_block_ids: tuple[int, ...] = ()
-    """A prefill-only request's blocks, held (and unchanged) until ``release()``."""
-
-    @property
-    def finish_reason(self) -> FinishReason:
-        reason = self.status.finish_reason
-        assert reason is not None, "a FinishedRequest has a finished status"
-        return reason
-
-    @property
-    def usage(self) -> Usage:
-        return Usage(self.num_prompt_tokens, self.num_output_tokens, self.num_cached_tokens)
-
-
-@dataclass(frozen=True, slots=True)
-class TokenEvent:
-    """One step's news for one request: a new token, and on its last event how it finished."""
-
-    request: Request
-    """The engine's request object (identity only: callers read the fields below)."""
-    token_id: int | None
-    """None for a request that finished without a new token (aborted)."""
-    logprobs: TokenLogprobs | None
-    outcome: FinishedRequest | None = None
-    """Set on the request's last event."""
-
-    @property
-    def request_id(self) -> str:
-        return self.request.request_id
-
-    @property
-    def finished(self) -> bool:
-        return self.outcome is not None
-
-
-@dataclass(frozen=True, slots=True)
-class RemoteReservation:
-    """Blocks reserved for a prompt whose KV a prefill worker will push: the first
-    ``skip_blocks`` hold this engine's own prefix-cache hits, ``block_ids`` take the rest."""
-
-    skip_blocks: int
-    block_ids: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class EngineStats:
-    """The engine's load at one moment, for metrics and registry heartbeats."""
-
-    num_running: int
-    """In the running batch, plus those whose KV a prefill worker is pushing."""
-    num_waiting: int
-    num_free_blocks: int
-    num_blocks: int
+from scalellm.types import InvalidParameter, SamplingParams, TokenLogprobs
 
 
 class LLMEngine:
@@ -212,7 +143,7 @@ class LLMEngine:
         events = []
         for req in self.scheduler.abort_all():
             self.runner.sampler.release(req.request_id)
-            events.append(TokenEvent(req, None, None, _outcome(req)))
+            events.append(TokenEvent(req, None, None, outcome(req)))
         self.scheduler.take_finished()
         return events
 
@@ -239,11 +170,11 @@ class LLMEngine:
         ran meanwhile)."""
         req = self.scheduler.remote_kv_ready(request_id, first_token)
         if req.status is RequestStatus.FINISHED_ABORTED:  # abort_all() ran while its KV was in flight
-            return TokenEvent(req, None, None, _outcome(req))
+            return TokenEvent(req, None, None, outcome(req))
         req.num_cached_tokens = num_cached_tokens
         if logprobs is not None:
             req.logprobs.append(logprobs)
-        return TokenEvent(req, first_token, logprobs, _outcome(req) if req.status.finished else None)
+        return TokenEvent(req, first_token, logprobs, outcome(req) if req.status.finished else None)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
@@ -271,7 +202,7 @@ class LLMEngine:
                 req.logprobs.append(lp)
         advanced = self.scheduler.update(out, tokens)
         events = [
-            TokenEvent(r, r.token_ids[-1], logprobs[r.request_id], _outcome(r) if r.status.finished else None)
+            TokenEvent(r, r.token_ids[-1], logprobs[r.request_id], outcome(r) if r.status.finished else None)
             for r in advanced
         ]
         return self._drain_finished(events)
@@ -283,23 +214,9 @@ class LLMEngine:
             if req.keep_blocks and req.block_ids:
                 self._kept[req.request_id] = req
             if req.request_id not in reported and req.status is RequestStatus.FINISHED_ABORTED:
-                events.append(TokenEvent(req, None, None, _outcome(req)))
+                events.append(TokenEvent(req, None, None, outcome(req)))
         return events
 
     @property
     def num_free_blocks(self) -> int:
         return self.blocks.num_free_blocks
-
-
-def _outcome(req: Request) -> FinishedRequest:
-    assert req.status.finished, "only finished requests have an outcome"
-    return FinishedRequest(
-        status=req.status,
-        num_prompt_tokens=req.num_prompt_tokens,
-        num_output_tokens=req.num_output_tokens,
-        num_cached_tokens=req.num_cached_tokens,
-        arrival_time=req.arrival_time,
-        scheduled_time=req.scheduled_time,
-        first_token_time=req.first_token_time,
-        kept_block_ids=tuple(req.block_ids) if req.keep_blocks else (),
-    )

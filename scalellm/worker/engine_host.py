@@ -7,7 +7,8 @@ from collections import deque
 from dataclasses import replace
 
 from scalellm.engine.async_engine import AsyncEngine
-from scalellm.engine.engine import LLMEngine, TokenEvent
+from scalellm.engine.engine import LLMEngine
+from scalellm.engine.events import TokenEvent
 from scalellm.models.prepare import resolve_model_dir
 from scalellm.registry import WorkerInfo, WorkerLoad
 from scalellm.worker.config import WorkerConfig

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from scalellm.engine.engine import FinishedRequest, RemoteReservation, TokenEvent
+from scalellm.engine.events import FinishedRequest, RemoteReservation, TokenEvent
 from scalellm.engine.request import Request
 from scalellm.transfer import KVLayout, TransferServer
 from scalellm.types import (

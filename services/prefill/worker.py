@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 
-from scalellm.engine.engine import TokenEvent
+from scalellm.engine.events import TokenEvent
 from scalellm.engine.request import Request
 from scalellm.transfer import KVLayout, TransferClient
 from scalellm.types import FinishReason, KVDestination, PrefillResult, SamplingParams

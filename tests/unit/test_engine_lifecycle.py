@@ -13,7 +13,8 @@ import pytest
 
 from scalellm.engine.async_engine import AsyncEngine
 from scalellm.engine.config import EngineConfig
-from scalellm.engine.engine import LLMEngine, TokenEvent
+from scalellm.engine.engine import LLMEngine
+from scalellm.engine.events import TokenEvent
 from scalellm.engine.request import RequestStatus
 from scalellm.types import FinishReason, InvalidParameter, SamplingParams
 
