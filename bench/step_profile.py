@@ -23,15 +23,14 @@ sys.path.insert(0, str(ROOT))
 
 
 def profile_batch(engine, batch: int, steps: int, device: str) -> None:  # type: ignore[no-untyped-def]
-    from scalellm.engine.sampling_params import SamplingParams
+    from scalellm.types import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=steps + 40, ignore_eos=True)
     for i in range(batch):
         engine.add_request(f"b{batch}-{i}", [100 + (i + j) % 1000 for j in range(128)], params)
-    while any(r.num_computed_tokens < len(r.prompt_token_ids) for r in engine.scheduler.running) or (
-        engine.scheduler.waiting
-    ):
-        engine.step()
+    decoding: set[str] = set()  # a request decodes from its first token on
+    while len(decoding) < batch:
+        decoding.update(e.request_id for e in engine.step() if e.token_id is not None)
     for _ in range(3):
         engine.step()
     activities = [torch.profiler.ProfilerActivity.CPU]

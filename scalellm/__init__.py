@@ -1,28 +1,25 @@
 """ScaleLLM mesh: the shared library behind the gateway, the workers and the registry.
 
-``from scalellm import LLM, SamplingParams`` gives the offline API. Those names are loaded
-lazily so that the torch-free parts of the mesh (gateway, kvstore) can import ``scalellm.*``
-without pulling in torch.
+``from scalellm import LLM, SamplingParams`` gives the offline API. ``LLM`` is loaded lazily so
+that the torch-free parts of the mesh (gateway, kvstore) can import ``scalellm.*`` without pulling
+in torch; SamplingParams is one of the torch-free shared types (scalellm.types).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from scalellm.types import SamplingParams
+
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from scalellm.engine.sampling_params import SamplingParams
     from scalellm.llm import LLM, CompletionOutput, RequestOutput
 
 __all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "SamplingParams":
-        from scalellm.engine.sampling_params import SamplingParams
-
-        return SamplingParams
     if name in ("LLM", "RequestOutput", "CompletionOutput"):
         from scalellm import llm
 

@@ -64,7 +64,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args.bench_args)
 
 
-def _add_up_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_up_parser(sub: argparse._SubParsersAction) -> None:
     up = sub.add_parser(
         "up",
         help="run the whole mesh locally (Redis, kvstore, workers, gateway) until Ctrl-C",

@@ -8,12 +8,42 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 CANCEL_RETRY_S = 0.05
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@dataclass(frozen=True)
+class ReadyLine:
+    """What every service prints on stdout once it serves, and how a parent reads it back:
+    ``READY <address> [key=value ...]``, e.g. ``READY 0.0.0.0:8000 grpc=0.0.0.0:50051``."""
+
+    address: str
+    fields: Mapping[str, str] = field(default_factory=dict)
+
+    PREFIX: ClassVar[str] = "READY "
+
+    def __str__(self) -> str:
+        return " ".join(["READY", self.address, *(f"{k}={v}" for k, v in self.fields.items())])
+
+    @classmethod
+    def parse(cls, line: str) -> ReadyLine | None:
+        """The READY line's parts, or None for any other line (or a READY line without an address)."""
+        if not line.startswith(cls.PREFIX):
+            return None
+        address, *rest = line[len(cls.PREFIX) :].split() or [""]
+        if not address:
+            return None
+        return cls(address, dict(part.partition("=")[::2] for part in rest))
+
+    def port_of(self, key: str | None = None) -> int:
+        """The port of the address (or of the address field ``key``, e.g. "grpc")."""
+        where = self.address if key is None else self.fields[key]
+        return int(where.rsplit(":", 1)[1])
 
 
 def run_event_loop(main: Coroutine[Any, Any, None], loop: str = "uvloop") -> None:

@@ -18,10 +18,10 @@ from tqdm import tqdm
 
 from scalellm.engine.config import EngineConfig
 from scalellm.engine.engine import LLMEngine
-from scalellm.engine.request import Request, TokenLogprobs
-from scalellm.engine.sampling_params import SamplingParams
+from scalellm.engine.request import Request
 from scalellm.models.prepare import resolve_model_dir
 from scalellm.text import Tokenizer
+from scalellm.types import FinishReason, SamplingParams, TokenLogprobs
 
 
 class TokensPrompt(TypedDict):
@@ -36,7 +36,8 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None
+    finish_reason: FinishReason | None
+    """A str enum: compares equal to "stop", "length", "abort"."""
     logprobs: list[TokenLogprobs] | None = None
 
 
@@ -82,7 +83,7 @@ class LLM:
             text, ids = self._tokenize(prompt)
             requests.append((text, self.engine.make_request(str(next(self._ids)), ids, params, prio)))
         for _, req in requests:
-            self.engine.scheduler.add(req)
+            self.engine.add(req)
 
         bar = tqdm(total=len(requests), desc="generate", disable=not use_tqdm)
         while self.engine.has_unfinished():

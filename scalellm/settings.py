@@ -5,13 +5,21 @@ at import time: ``parse_config`` reads argv and the environment when a service s
 
     OPTIONS = (Option("--listen", "listen", str, "host:port to bind", env="SCALELLM_KVSTORE_ADDR"), ...)
     config = parse_config(KvstoreConfig, OPTIONS, argv, prog="python -m services.kvstore")
+
+An option may set a field of a nested config dataclass ("engine.dtype": the `dtype` of the config's
+`engine` field), so a service embeds another room's config instead of re-declaring its fields.
+Options written once for a shared config are nested into each service's with ``nested``:
+
+    OPTIONS = (..., *nested("security", SECURITY_OPTIONS))   # --mesh-token -> config.security.mesh_token
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import enum
 import os
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, Field, dataclass, fields
 from typing import Any, TypeVar
@@ -23,7 +31,7 @@ C = TypeVar("C")
 class Option:
     flag: str
     field: str
-    """The config dataclass field it sets."""
+    """The config dataclass field it sets ("engine.dtype": a field of a nested config)."""
     type: Callable[[str], Any]
     help: str
     env: str
@@ -33,24 +41,20 @@ class Option:
     """Allowed values after conversion (enum members are shown by their lower-case name)."""
 
 
-@dataclass(frozen=True, slots=True)
-class OptionGroup:
-    """Flags that fill one nested config dataclass (e.g. the mesh security every service shares)."""
-
-    field: str
-    """The config field the group's dataclass goes into."""
-    cls: type
-    options: tuple[Option, ...]
+def nested(field: str, options: Sequence[Option]) -> tuple[Option, ...]:
+    """Options of a nested config dataclass as options of the config that holds it in ``field``:
+    the mesh security flags, written once for SecurityConfig, become "security.mesh_token", ..."""
+    return tuple(dataclasses.replace(option, field=f"{field}.{option.field}") for option in options)
 
 
 def split_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
-def _default_text(f: Field[Any], extra: Mapping[str, Any]) -> str:
+def _default_text(name: str, f: Field[Any], extra: Mapping[str, Any]) -> str:
     """What --help shows as a field's default: extra's value, the dataclass default, or 'required'."""
-    if f.name in extra:
-        value = extra[f.name]
+    if name in extra:
+        value = extra[name]
     elif f.default is not MISSING:
         value = f.default
     elif f.default_factory is not MISSING:
@@ -66,20 +70,10 @@ def build_parser(
     prog: str,
     description: str,
     extra: Mapping[str, Any] | None = None,
-    groups: Sequence[OptionGroup] = (),
 ) -> argparse.ArgumentParser:
     """Every default is None, so that the environment and then the dataclass default apply."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    _add_options(parser, config_cls, options, extra or {})
-    for group in groups:
-        _add_options(parser, group.cls, group.options, {})
-    return parser
-
-
-def _add_options(
-    parser: argparse.ArgumentParser, config_cls: type, options: Sequence[Option], extra: Mapping[str, Any]
-) -> None:
-    defaults = {f.name: _default_text(f, extra) for f in fields(config_cls)}
+    defaults = {name: _default_text(name, f, extra or {}) for name, f in _fields(config_cls)}
     for option in options:
         parser.add_argument(
             option.flag,
@@ -87,10 +81,15 @@ def _add_options(
             type=option.type,
             default=None,
             choices=option.choices,
-            metavar="{" + ",".join(map(_choice_name, option.choices)) + "}" if option.choices else None,
+            metavar=(
+                "{" + ",".join(map(_choice_name, option.choices)) + "}"
+                if option.choices
+                else option.field.rpartition(".")[2].upper()  # "engine.dtype" shows as DTYPE
+            ),
             action="append" if option.repeat else "store",
             help=f"{option.help} (env {option.env}; {defaults.get(option.field, 'default None')})",
         )
+    return parser
 
 
 def parse_config(
@@ -102,33 +101,14 @@ def parse_config(
     prog: str,
     description: str = "",
     extra: Mapping[str, Any] | None = None,
-    groups: Sequence[OptionGroup] = (),
 ) -> C:
     """Build ``config_cls`` from flags (argv, default sys.argv[1:]) and environ (default
-    os.environ); a bad value exits with the parser's usage error naming it. Each group's flags
-    build its own dataclass, passed as the field the group names."""
-    parser = build_parser(config_cls, options, prog, description, extra, groups)
+    os.environ); a bad value, in the config or in a nested one, exits with the parser's usage
+    error naming it."""
+    parser = build_parser(config_cls, options, prog, description, extra)
     args = parser.parse_args(argv)
     env = os.environ if environ is None else environ
-    try:
-        values: dict[str, Any] = dict(extra or {})
-        values |= _values(parser, args, env, options)
-        for group in groups:
-            values[group.field] = group.cls(**_values(parser, args, env, group.options))
-        return config_cls(**values)
-    except ValueError as exc:
-        parser.error(str(exc))
-        raise  # unreachable: parser.error exits
-
-
-def _values(
-    parser: argparse.ArgumentParser,
-    args: argparse.Namespace,
-    env: Mapping[str, str],
-    options: Sequence[Option],
-) -> dict[str, Any]:
-    """The options given, by field: the flag, else the environment variable."""
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = dict(extra or {})
     for option in options:
         value = getattr(args, option.field)
         if value is None and env.get(option.env):
@@ -145,7 +125,46 @@ def _values(
             value = tuple(item for v in value for item in split_list(v))
         if value is not None:
             values[option.field] = value
-    return values
+    try:
+        return _build(config_cls, values)
+    except ValueError as exc:
+        parser.error(str(exc))
+        raise  # unreachable: parser.error exits
+
+
+def _nested(config_cls: type) -> dict[str, type]:
+    """The fields of config_cls that are config dataclasses themselves, with their classes."""
+    hints = typing.get_type_hints(config_cls)
+    return {f.name: hints[f.name] for f in fields(config_cls) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def _fields(config_cls: type) -> list[tuple[str, Field[Any]]]:
+    """Every settable field by option name: plain ones, and "outer.inner" for nested configs."""
+    nested_classes = _nested(config_cls)
+    out: list[tuple[str, Field[Any]]] = []
+    for f in fields(config_cls):
+        if f.name in nested_classes:
+            out.extend((f"{f.name}.{name}", inner) for name, inner in _fields(nested_classes[f.name]))
+        else:
+            out.append((f.name, f))
+    return out
+
+
+def _build(config_cls: type[C], values: Mapping[str, Any]) -> C:
+    """config_cls(**values), building nested configs from their "outer.inner" values; a nested
+    config none of whose options was given keeps the field's default."""
+    nested_classes = _nested(config_cls)
+    flat: dict[str, Any] = {}
+    inner: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        outer, dot, name = key.partition(".")
+        if dot:
+            inner.setdefault(outer, {})[name] = value
+        else:
+            flat[key] = value
+    for outer, kwargs in inner.items():
+        flat[outer] = _build(nested_classes[outer], kwargs)
+    return config_cls(**flat)
 
 
 def _choice_name(choice: Any) -> str:

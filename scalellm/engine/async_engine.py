@@ -2,24 +2,31 @@
 
     event loop (gRPC servicers)                 step thread
     ---------------------------                 -----------
-    submit(fn) ----- command queue ----------->  fn(engine) between steps
+    add / abort / release / reserve_remote /
+    remote_kv_landed ---- command queue ------>  the LLMEngine method, between steps
     stream(request_id) <- call_soon_threadsafe -  engine.step() -> TokenEvents
+    stats <-------------- one snapshot ---------  after every step and every command
 
 All engine state is touched by the step thread only; the event loop never runs torch. Torch
-releases the GIL inside its kernels, so the loop stays responsive while a step runs.
+releases the GIL inside its kernels, so the loop stays responsive while a step runs. The methods
+here are the asyncio face of LLMEngine's lifecycle methods: callers never reach the engine's
+internals.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
-from scalellm.engine.engine import LLMEngine, TokenEvent
+from scalellm.engine.engine import LLMEngine
+from scalellm.engine.events import EngineStats, RemoteReservation, TokenEvent
 from scalellm.engine.request import Request
+from scalellm.types import TokenLogprobs
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -41,6 +48,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopped = False
+        self._stats = engine.stats()
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -56,25 +64,63 @@ class AsyncEngine:
         self._commands.put(None)
         self._thread.join(timeout=30)
 
-    # ---- calls from the event loop -------------------------------------------------------
+    # ---- a request's lifecycle, from the event loop ---------------------------------------
 
-    def submit(self, fn: Callable[[LLMEngine], T]) -> asyncio.Future[T]:
-        """Run ``fn(engine)`` on the step thread between steps; its result resolves the future."""
-        if self._stopped or self._loop is None:
-            raise EngineStoppedError("engine is stopped")
-        loop = self._loop
-        fut: asyncio.Future[T] = loop.create_future()
+    async def add_and_stream(self, req: Request) -> AsyncIterator[TokenEvent]:
+        """Queue a request built by ``engine.make_request`` and yield its events until it
+        finishes. Leaving early (the consumer is cancelled or stops iterating) aborts the request
+        and frees its blocks."""
+        events = self.open_stream(req)
+        finished = False
+        try:
+            await self._submit(lambda e: e.add(req))
+            async for event in self.iterate(events):
+                finished = event.finished
+                yield event
+        finally:
+            self.close_stream(req)
+            if not finished:
+                self.abort(req.request_id)
 
-        def command() -> None:
-            try:
-                result = fn(self.engine)
-            except BaseException as exc:  # delivered to the awaiting coroutine
-                loop.call_soon_threadsafe(_set_exception, fut, exc)
-            else:
-                loop.call_soon_threadsafe(_set_result, fut, result)
+    def abort(self, request_id: str) -> asyncio.Future[None]:
+        """Abort the request wherever it is (no-op if finished); await the result to know the
+        abort ran, or drop it (fire and forget)."""
+        return self._fire(lambda e: e.abort_request(request_id))
 
-        self._commands.put(command)
-        return fut
+    def release(self, request_id: str) -> asyncio.Future[None]:
+        """Give back the blocks a finished prefill-only request kept (fire and forget)."""
+        return self._fire(lambda e: e.release(request_id))
+
+    async def reserve_remote(self, req: Request) -> RemoteReservation | None:
+        """Reserve blocks for a prompt whose KV a prefill worker will push (None: no room now).
+        A caller cancelled while this waits must still abort(req.request_id)."""
+        return await self._submit(lambda e: e.reserve_remote(req))
+
+    async def remote_kv_landed(
+        self, request_id: str, first_token: int, logprobs: TokenLogprobs | None, num_cached_tokens: int
+    ) -> TokenEvent:
+        """The reserved request's KV has landed: it joins the running batch; its first event."""
+        return await self._submit(
+            lambda e: e.remote_kv_landed(request_id, first_token, logprobs, num_cached_tokens)
+        )
+
+    @property
+    def stats(self) -> EngineStats:
+        """The load after the last step or command (readable from any thread; a barrier()
+        that resolved has seen the commands before it counted)."""
+        return self._stats
+
+    def barrier(self) -> concurrent.futures.Future[None]:
+        """Resolves (on the step thread, so usable from any thread) once every command submitted
+        before it has run and every earlier step's events have been handed to the event loop."""
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        if self._stopped or self._thread is None:
+            done.set_result(None)  # no step will run again
+        else:
+            self._commands.put(lambda: done.set_result(None))
+        return done
+
+    # ---- event streams -------------------------------------------------------------------
 
     def open_stream(self, req: Request) -> asyncio.Queue[TokenEvent]:
         """Start collecting a request's events (call before it can produce any). Events of an
@@ -97,21 +143,6 @@ class AsyncEngine:
         if entry is not None and entry[0] is req:
             del self._streams[req.request_id]
 
-    async def add_and_stream(self, req: Request) -> AsyncIterator[TokenEvent]:
-        """Queue a built request and yield its events until it finishes. Leaving early (the
-        consumer is cancelled or stops iterating) aborts the request and frees its blocks."""
-        events = self.open_stream(req)
-        finished = False
-        try:
-            await self.submit(lambda e: e.scheduler.add(req))
-            async for event in self.iterate(events):
-                finished = event.finished
-                yield event
-        finally:
-            self.close_stream(req)
-            if not finished:
-                self.abort(req.request_id)
-
     async def iterate(self, events: asyncio.Queue[TokenEvent]) -> AsyncIterator[TokenEvent]:
         while True:
             event = await events.get()
@@ -119,10 +150,37 @@ class AsyncEngine:
             if event.finished:
                 return
 
-    def abort(self, request_id: str) -> None:
-        """Fire and forget: abort the request wherever it is (no-op if finished)."""
-        if not self._stopped:
-            self.submit(lambda e: e.abort_request(request_id))
+    # ---- commands ------------------------------------------------------------------------
+
+    def _submit(self, fn: Callable[[LLMEngine], T]) -> asyncio.Future[T]:
+        """Run ``fn(engine)`` on the step thread between steps; its result resolves the future."""
+        if self._stopped or self._loop is None:
+            raise EngineStoppedError("engine is stopped")
+        loop = self._loop
+        fut: asyncio.Future[T] = loop.create_future()
+
+        def command() -> None:
+            try:
+                result = fn(self.engine)
+            except BaseException as exc:  # delivered to the awaiting coroutine
+                loop.call_soon_threadsafe(_set_exception, fut, exc)
+            else:
+                loop.call_soon_threadsafe(_set_result, fut, result)
+
+        self._commands.put(command)
+        return fut
+
+    def _fire(self, fn: Callable[[LLMEngine], object]) -> asyncio.Future[None]:
+        """A command whose result nobody needs; a no-op once the engine has stopped."""
+        if self._stopped or self._loop is None:
+            done: asyncio.Future[None] = (self._loop or asyncio.get_running_loop()).create_future()
+            done.set_result(None)
+            return done
+
+        def run(engine: LLMEngine) -> None:
+            fn(engine)
+
+        return self._submit(run)
 
     # ---- the step thread -----------------------------------------------------------------
 
@@ -136,6 +194,7 @@ class AsyncEngine:
                     if command is None:
                         return
                     command()
+                    self._stats = engine.stats()
                     block = False
             except queue.Empty:
                 pass
@@ -145,7 +204,8 @@ class AsyncEngine:
                 events = engine.step()
             except Exception:  # a bug in a step must not kill the worker silently
                 log.exception("engine step failed; aborting its requests")
-                events = [TokenEvent(r, None, None, True) for r in _abort_all(engine)]
+                events = engine.abort_all()
+            self._stats = engine.stats()
             if self._on_step is not None:
                 self._on_step(engine, events)
             if events and self._loop is not None:
@@ -156,14 +216,6 @@ class AsyncEngine:
             entry = self._streams.get(event.request.request_id)
             if entry is not None and entry[0] is event.request:
                 entry[1].put_nowait(event)
-
-
-def _abort_all(engine: LLMEngine) -> list[Request]:
-    reqs = [*engine.scheduler.running, *engine.scheduler.waiting]
-    for r in reqs:
-        engine.abort_request(r.request_id)
-    engine.scheduler.take_finished()
-    return reqs
 
 
 def _set_result(fut: asyncio.Future[T], result: T) -> None:

@@ -114,6 +114,7 @@ class BlockManager:
 
     def _match_prefix(self, req: Request, max_blocks: int) -> list[int]:
         hits: list[int] = []
+        hashes: list[int] = []
         parent = _NO_PARENT
         bs = self.block_size
         for i in range(max_blocks):
@@ -122,8 +123,9 @@ class BlockManager:
             if block is None:
                 break
             hits.append(block)
+            hashes.append(h)
             parent = h
-        req.block_hashes = [self.block_hash[b] for b in hits]  # type: ignore[misc]
+        req.block_hashes = hashes
         return hits
 
     def _pop_free(self) -> int:

@@ -11,7 +11,10 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str
+    """Every engine setting, once: the offline LLM takes them as keyword arguments, the worker
+    services as flags (scalellm/worker/config.py). ``model`` None is the prepared demo model."""
+
+    model: str | None = None
     """A Hugging Face Llama-family folder."""
     dtype: str = "auto"
     """float32, bfloat16, float16, or auto (float32 on CPU; the checkpoint's half type on CUDA)."""

@@ -1,39 +1,43 @@
 """LLMEngine: requests in, tokens out. One ``step()`` is schedule -> run -> update.
 
-Used directly by the offline ``LLM`` API and, on their own threads, by the worker services.
+Used directly by the offline ``LLM`` API and, on their own step threads, by the worker services
+(through AsyncEngine). Its methods are every lifecycle step a request has:
+
+    make_request ──> add ─────────────────────────────> step() ... TokenEvent(finished)
+                 └─> add (prefill_only) ──> step() ──> first token, blocks kept ──> release
+                 └─> reserve_remote ──> remote_kv_landed(first token) ──> step() ... finished
+    abort / abort_all at any point; stats() for load reports
+
+Callers get what they need from the return values and events (``FinishedRequest`` on a request's
+last event); they never touch the scheduler or mutate a Request.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
+
+import torch
 
 from scalellm.engine.block_manager import BlockManager
 from scalellm.engine.config import EngineConfig
+from scalellm.engine.events import EngineStats, RemoteReservation, TokenEvent, outcome
 from scalellm.engine.model_runner import ModelRunner
-from scalellm.engine.request import Request, RequestStatus, TokenLogprobs
-from scalellm.engine.sampling_params import SamplingParams
+from scalellm.engine.request import Request, RequestStatus
 from scalellm.engine.scheduler import Scheduler, SchedulerConfig
 from scalellm.models.config import ModelConfig
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """One step's news for one request: a new token, and whether that finished it."""
-
-    request: Request
-    token_id: int | None
-    """None for a request that finished without a new token (aborted)."""
-    logprobs: TokenLogprobs | None
-    finished: bool
+from scalellm.models.prepare import resolve_model_dir
+from scalellm.types import InvalidParameter, SamplingParams, TokenLogprobs
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
-        self.config = config
-        self.model_config = ModelConfig.from_dir(config.model)
+        model_dir = resolve_model_dir(config.model)  # None: the demo model, prepared if need be
+        self.config = config = replace(config, model=str(model_dir))
+        self.model_config = ModelConfig.from_dir(model_dir)
         self.max_model_len = self._max_model_len()
         self.runner = ModelRunner(config, self.model_config, self.max_model_len)
         self.block_size = config.block_size
+        self.num_blocks = self.runner.num_blocks
         self.max_model_len = min(self.max_model_len, self.runner.num_blocks * self.block_size)
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -45,6 +49,8 @@ class LLMEngine:
             self.blocks,
         )
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
+        self._kept: dict[str, Request] = {}
+        """Finished prefill-only requests whose blocks are held until release()."""
 
     def _max_model_len(self) -> int:
         cfg = self.model_config
@@ -57,12 +63,33 @@ class LLMEngine:
             limit = self.config.max_model_len
         return limit
 
-    # ---- requests ------------------------------------------------------------------------
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        """The block-major KV cache (what the transfer layer sends from and receives into)."""
+        return self.runner.kv_cache
+
+    # ---- building requests (any thread: reads only the immutable configuration) ----------
 
     def make_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        *,
+        prefill_only: bool = False,
     ) -> Request:
-        """Validate and build a request (not yet queued)."""
+        """Validate and build a request (not yet queued). A prefill-only request stops after its
+        first token and keeps its blocks until ``release()`` (a prefill worker's, whose KV is
+        sent after the first token)."""
+        if params.n != 1:
+            raise InvalidParameter(
+                "n", f"must be 1 in the engine (the gateway fans out n > 1), got {params.n}"
+            )
+        if params.stop:
+            raise InvalidParameter(
+                "stop", "strings are applied to text by the gateway; the engine takes stop_token_ids"
+            )
         if not prompt_token_ids:
             raise ValueError("prompt_token_ids must not be empty")
         vocab = self.model_config.vocab_size
@@ -80,26 +107,86 @@ class LLMEngine:
             request_id=request_id,
             prompt_token_ids=list(prompt_token_ids),
             sampling_params=params,
-            max_tokens=max_tokens,
+            max_tokens=1 if prefill_only else max_tokens,
             eos_token_ids=self.eos_token_ids,
             priority=priority,
+            keep_blocks=prefill_only,
         )
+
+    # ---- the lifecycle (the step thread only) ---------------------------------------------
+
+    def add(self, req: Request) -> None:
+        """Queue a request built by make_request()."""
+        self.scheduler.add(req)
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
     ) -> Request:
         req = self.make_request(request_id, prompt_token_ids, params, priority)
-        self.scheduler.add(req)
+        self.add(req)
         return req
 
     def abort_request(self, request_id: str) -> Request | None:
+        """Abort the request wherever it is and free its blocks (None: unknown or finished). A
+        finished prefill-only request that still keeps its blocks gives them back."""
         req = self.scheduler.abort(request_id)
         if req is not None:
             self.runner.sampler.release(request_id)
+        else:
+            self.release(request_id)
         return req
+
+    def abort_all(self) -> list[TokenEvent]:
+        """Abort every unfinished request; returns their last events. Blocks reserved for remote
+        KV stay held until their owner settles them (remote_kv_landed or abort_request), since a
+        transfer may still be writing into them."""
+        events = []
+        for req in self.scheduler.abort_all():
+            self.runner.sampler.release(req.request_id)
+            events.append(TokenEvent(req, None, None, outcome(req)))
+        self.scheduler.take_finished()
+        return events
+
+    def release(self, request_id: str) -> None:
+        """Free the blocks a finished prefill-only request kept (no-op if it has none)."""
+        req = self._kept.pop(request_id, None)
+        if req is not None:
+            self.scheduler.release(req)
+
+    def reserve_remote(self, req: Request) -> RemoteReservation | None:
+        """Reserve blocks for the whole prompt of a request built by make_request(), whose KV a
+        prefill worker will push. None (nothing held) when the blocks are not free now."""
+        if not self.scheduler.reserve_remote(req):
+            return None
+        skip = req.num_cached_tokens // self.block_size
+        return RemoteReservation(skip, tuple(req.block_ids[skip:]))
+
+    def remote_kv_landed(
+        self, request_id: str, first_token: int, logprobs: TokenLogprobs | None, num_cached_tokens: int
+    ) -> TokenEvent:
+        """The prompt's KV is in the reserved blocks and the prefill worker sampled first_token
+        (with logprobs; num_cached_tokens of the prompt were in its prefix cache). The request
+        joins the running batch; the event carries the first token (or an abort, if abort_all
+        ran meanwhile)."""
+        req = self.scheduler.remote_kv_ready(request_id, first_token)
+        if req.status is RequestStatus.FINISHED_ABORTED:  # abort_all() ran while its KV was in flight
+            return TokenEvent(req, None, None, outcome(req))
+        req.num_cached_tokens = num_cached_tokens
+        if logprobs is not None:
+            req.logprobs.append(logprobs)
+        return TokenEvent(req, first_token, logprobs, outcome(req) if req.status.finished else None)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
+
+    def stats(self) -> EngineStats:
+        sched = self.scheduler
+        return EngineStats(
+            num_running=len(sched.running) + len(sched.remote),
+            num_waiting=len(sched.waiting),
+            num_free_blocks=self.blocks.num_free_blocks,
+            num_blocks=self.num_blocks,
+        )
 
     # ---- one step ------------------------------------------------------------------------
 
@@ -114,15 +201,20 @@ class LLMEngine:
             if lp is not None:
                 req.logprobs.append(lp)
         advanced = self.scheduler.update(out, tokens)
-        events = [TokenEvent(r, r.token_ids[-1], logprobs[r.request_id], r.status.finished) for r in advanced]
+        events = [
+            TokenEvent(r, r.token_ids[-1], logprobs[r.request_id], outcome(r) if r.status.finished else None)
+            for r in advanced
+        ]
         return self._drain_finished(events)
 
     def _drain_finished(self, events: list[TokenEvent]) -> list[TokenEvent]:
         reported = {e.request.request_id for e in events}
         for req in self.scheduler.take_finished():
             self.runner.sampler.release(req.request_id)
+            if req.keep_blocks and req.block_ids:
+                self._kept[req.request_id] = req
             if req.request_id not in reported and req.status is RequestStatus.FINISHED_ABORTED:
-                events.append(TokenEvent(req, None, None, True))
+                events.append(TokenEvent(req, None, None, outcome(req)))
         return events
 
     @property

@@ -50,6 +50,7 @@ class ModelRunner:
         if config.num_threads and self.device.type == "cpu":
             torch.set_num_threads(config.num_threads)
         self.block_size = config.block_size
+        assert config.model is not None, "LLMEngine resolves the model folder first"
         self.model = load_model(Path(config.model), model_config, self.dtype, self.device, max_model_len)
         self.num_blocks = config.num_kv_blocks or self._blocks_that_fit()
         self.kv_cache = torch.zeros(

@@ -15,7 +15,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from scalellm.engine.sampling_params import SamplingParams
+from scalellm.types import FinishReason, SamplingParams, TokenLogprobs
 
 
 class RequestStatus(enum.Enum):
@@ -39,8 +39,8 @@ class RequestStatus(enum.Enum):
         return self in _FINISHED
 
     @property
-    def finish_reason(self) -> str | None:
-        """The OpenAI-style finish reason: "stop", "length", "abort" or None while unfinished."""
+    def finish_reason(self) -> FinishReason | None:
+        """Why it finished; None while unfinished."""
         return _FINISH_REASON.get(self)
 
 
@@ -48,19 +48,10 @@ _FINISHED = frozenset(
     {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED}
 )
 _FINISH_REASON = {
-    RequestStatus.FINISHED_STOPPED: "stop",
-    RequestStatus.FINISHED_LENGTH: "length",
-    RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_STOPPED: FinishReason.STOP,
+    RequestStatus.FINISHED_LENGTH: FinishReason.LENGTH,
+    RequestStatus.FINISHED_ABORTED: FinishReason.ABORT,
 }
-
-
-@dataclass(frozen=True)
-class TokenLogprobs:
-    """Logprobs of one generated token: the sampled one and the top-N alternatives."""
-
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(eq=False)

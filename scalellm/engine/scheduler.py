@@ -97,8 +97,12 @@ class Scheduler:
 
     def remote_kv_ready(self, request_id: str, first_token: int) -> Request:
         """Decode worker: the prompt's KV has landed and the prefill worker sampled
-        ``first_token``; the request joins the running batch at its next step."""
+        ``first_token``; the request joins the running batch at its next step (or, aborted by
+        abort_all() meanwhile, frees its blocks)."""
         req = self.remote.pop(request_id)
+        if req.status is RequestStatus.FINISHED_ABORTED:  # by abort_all(): its blocks are safe now
+            self.blocks.free_request(req)
+            return req
         req.num_computed_tokens = req.num_tokens
         self.blocks.commit_computed_blocks(req)
         req.append_token(first_token)
@@ -118,10 +122,24 @@ class Scheduler:
                     del queue[i]
                     self._finish(req, RequestStatus.FINISHED_ABORTED)
                     return req
-        req = self.remote.pop(request_id, None)
-        if req is not None:
+        remote = self.remote.pop(request_id, None)
+        if remote is not None:
+            self._finish(remote, RequestStatus.FINISHED_ABORTED)
+        return remote
+
+    def abort_all(self) -> list[Request]:
+        """Abort every unfinished request and return them. Waiting and running ones free their
+        blocks now; those waiting for remote KV keep theirs (a transfer may still be writing
+        into them) until remote_kv_ready() or abort() settles them."""
+        reqs = [*self.running, *self.waiting]
+        self.running, self.waiting = [], []
+        for req in reqs:
             self._finish(req, RequestStatus.FINISHED_ABORTED)
-        return req
+        for req in self.remote.values():
+            if req.status is RequestStatus.WAITING_FOR_REMOTE_KVS:
+                req.status = RequestStatus.FINISHED_ABORTED
+                reqs.append(req)
+        return reqs
 
     # ---- one step ------------------------------------------------------------------------
 

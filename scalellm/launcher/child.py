@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable
 
 from scalellm.launcher.plan import ChildSpec
+from scalellm.lifecycle import ReadyLine
 
 _PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
@@ -38,7 +39,8 @@ class Child:
         self.spec = spec
         self.name = spec.name
         self.address = spec.address
-        self.ready_line = ""
+        self.ready: ReadyLine | None = None
+        """What it printed once serving (LINE children; see scalellm.lifecycle.ReadyLine)."""
         self.output: deque[str] = deque(maxlen=60)
         self._echo = echo
         self._ready = threading.Event()
@@ -73,9 +75,9 @@ class Child:
         for raw in self._proc.stdout:
             line = raw.rstrip("\n")
             self.output.append(line)
-            if line.startswith("READY ") and not self._ready.is_set():
-                self.ready_line = line
-                self.address = line.split()[1]
+            if not self._ready.is_set() and (ready := ReadyLine.parse(line)) is not None:
+                self.ready = ready
+                self.address = ready.address
                 self._ready.set()
             if self._echo is not None:
                 self._echo(f"{self.name:<10} | {line}")

@@ -2,10 +2,11 @@
 
 start: model prepared -> Redis -> kvstore -> workers + gateway -> the gateway sees every worker
        (-> the planner, with --autoscale: then workers are started and drained as it says)
-stop (SIGINT, SIGTERM, SIGHUP, or Redis, the kvstore or the gateway dying): gateway, workers,
-kvstore, Redis (see shutdown.py); a second signal kills what is left at once. A worker that dies
-once the mesh is up is restarted (the gateway routes around it meanwhile); one that keeps dying
-stops the mesh. A worker the autoscaler drains is not restarted (autoscale.py).
+stop (SIGINT, SIGTERM, SIGHUP, or Redis, the kvstore or the gateway dying): the planner, gateway,
+workers, kvstore, Redis, each tier drained in turn (see shutdown.py); a second signal kills what
+is left at once. A worker that dies once the mesh is up is restarted (the gateway routes around
+it meanwhile); one that keeps dying stops the mesh. A worker the autoscaler drains is not
+restarted (autoscale.py).
 """
 
 from __future__ import annotations
@@ -130,8 +131,8 @@ class Launcher:
         for child in (*workers, gateway):
             self._wait_ready(child)
         host = plan.LOOPBACK if c.host in ("0.0.0.0", "::", "") else c.host  # where a local client connects
-        http_port = gateway.address.rsplit(":", 1)[1]
-        grpc_port = gateway.ready_line.split("grpc=", 1)[1].split()[0].rsplit(":", 1)[1]
+        assert gateway.ready is not None  # _wait_ready returned: it printed its READY line
+        http_port, grpc_port = gateway.ready.port_of(), gateway.ready.port_of("grpc")
         scheme = "https" if c.tls_cert else "http"
         health = f"{scheme}://{host}:{http_port}/health"
         self._wait_until(lambda: self._sees_all_workers(health), lambda: f"the gateway to see {self._seen}")
@@ -168,7 +169,7 @@ class Launcher:
             self._wait_until(lambda: grpc_serving(child.address, child.spec.health_service), child.name)
         else:
             self._wait_until(lambda: child.printed_ready, child.name)
-        extra = child.ready_line.split(maxsplit=2)[2:] if child.ready_line else []
+        extra = [f"{k}={v}" for k, v in child.ready.fields.items()] if child.ready else []
         metrics = [f"metrics={child.spec.metrics}"] if child.spec.metrics else []
         self.say(" ".join(["ready", child.name, child.address, *extra, f"pid={child.pid}", *metrics]))
         return child

@@ -20,10 +20,9 @@ def grpc_serving(address: str, service: str = "", timeout_s: float = 1.0) -> boo
     from scalellm.security import SecurityConfig
 
     with SecurityConfig.from_env().load().sync_channel(address) as channel:
+        stub: Any = health_pb2_grpc.HealthStub(channel)  # its stubs (types-grpcio-health-checking) omit Check
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
-            )
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
         except grpc.RpcError:
             return False
     return reply.status == health_pb2.HealthCheckResponse.SERVING

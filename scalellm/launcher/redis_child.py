@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 
+from scalellm.lifecycle import ReadyLine
 from scalellm.redis_server import RedisServer, RedisServerError, server_pid
 
 PASSWORD_ENV = "SCALELLM_REDIS_PASSWORD"
@@ -30,7 +31,7 @@ def main() -> int:
         return 1
     try:
         pid = server_pid(redis.host, redis.port, password=redis.password)
-        print(f"READY {redis.url} redis_pid={pid}", flush=True)
+        print(ReadyLine(redis.url, {"redis_pid": str(pid)}), flush=True)
         while not stopping.wait(0.5):
             if not redis.running:
                 print("redis-server exited", flush=True)

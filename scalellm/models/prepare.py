@@ -66,7 +66,7 @@ SMOLLM2_CHAT_TEMPLATE = (
     "{% endif %}"
 )
 
-# What the prepared folder must say (the DESIGN's numbers for SmolLM2-135M).
+# What the prepared folder must say: SmolLM2-135M-Instruct's published shape.
 EXPECTED_CONFIG: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
@@ -374,7 +374,7 @@ def _load_gguf(gguf_path: Path) -> tuple[Any, Any, dict[str, Any]]:
 
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    model: Any = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
     if model.dtype != torch.float32:
         model = model.to(torch.float32)
     return model, tokenizer, _gguf_metadata(gguf_path)

@@ -13,6 +13,7 @@ from scalellm.registry.convert import (
     lease_from_response,
     load_to_proto,
     record_from_proto,
+    role_to_proto,
 )
 from scalellm.registry.errors import (
     InvalidRegistration,
@@ -140,7 +141,9 @@ class RegistryClient:
         self, model: str | None = None, role: WorkerRole | None = None
     ) -> list[WorkerRecord]:
         """Live workers sorted by id, optionally filtered."""
-        request = pb.ListWorkersRequest(model=model or "", role=role.value if role else 0)
+        request = pb.ListWorkersRequest(
+            model=model or "", role=role_to_proto(role) if role else pb.WORKER_ROLE_UNSPECIFIED
+        )
         response = await self._unary("ListWorkers", request)
         assert isinstance(response, pb.ListWorkersResponse)
         return [record_from_proto(w) for w in response.workers]

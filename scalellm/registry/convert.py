@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from scalellm.registry.errors import InvalidRegistration
@@ -27,6 +29,11 @@ def _seconds(ts: Timestamp) -> float:
     return ts.ToNanoseconds() / 1e9
 
 
+def role_to_proto(role: WorkerRole) -> pb.WorkerRole:
+    """WorkerRole's values are the wire numbers (the generated stubs type enum fields by class)."""
+    return cast(pb.WorkerRole, role.value)
+
+
 def role_from_proto(value: int) -> WorkerRole:
     """The wire role number to WorkerRole; InvalidRegistration for UNSPECIFIED or unknown numbers."""
     try:
@@ -39,7 +46,7 @@ def info_to_proto(info: WorkerInfo) -> pb.WorkerInfo:
     """WorkerInfo to its wire message."""
     return pb.WorkerInfo(
         worker_id=info.worker_id,
-        role=info.role.value,
+        role=role_to_proto(info.role),
         model=info.model,
         grpc_address=info.grpc_address,
         transfer_endpoint=info.transfer_endpoint,
@@ -114,7 +121,7 @@ def record_from_proto(msg: pb.Worker) -> WorkerRecord:
 def event_to_proto(event: WorkerEvent) -> pb.WorkerEvent:
     """WorkerEvent to its wire message."""
     msg = pb.WorkerEvent(
-        type=event.type.value,
+        type=cast(pb.WorkerEventType, event.type.value),  # EventType's values are the wire numbers
         worker_id=event.worker_id,
         snapshot=[record_to_proto(r) for r in event.snapshot],
         lease_ms=round(event.lease_s * 1000),

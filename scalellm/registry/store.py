@@ -87,7 +87,7 @@ class RegistryStore:
         validate_worker_info(info)
         record = WorkerRecord(info=info, load=self._stamped(load), registered_at=self._clock())
         lease_id = secrets.token_hex(8)
-        args = [
+        args: list[str | int | bytes] = [
             info.worker_id,
             lease_id,
             self._lease_ms,

@@ -12,13 +12,13 @@ No torch here: the gateway and the kvstore use it too. See docs/deploy.md, "Secu
 
 from scalellm.security.files import SecretFileError, check_private, read_secret
 from scalellm.security.interceptor import TokenInterceptor
-from scalellm.security.mesh import SECURITY, MeshSecurity, SecurityConfig
+from scalellm.security.mesh import SECURITY_OPTIONS, MeshSecurity, SecurityConfig
 from scalellm.security.tls import TlsFiles, TlsMaterial
 from scalellm.security.token import METADATA_KEY, MeshToken
 
 __all__ = [
     "METADATA_KEY",
-    "SECURITY",
+    "SECURITY_OPTIONS",
     "MeshSecurity",
     "MeshToken",
     "SecretFileError",

@@ -25,7 +25,7 @@ from scalellm.security.files import read_secret
 from scalellm.security.interceptor import RefusalCounter, TokenInterceptor
 from scalellm.security.tls import TlsFiles, TlsMaterial
 from scalellm.security.token import METADATA_KEY, MeshToken
-from scalellm.settings import Option, OptionGroup, parse_config
+from scalellm.settings import Option, parse_config
 
 TRANSFER_KEY_LABEL = "kv-transfer"
 
@@ -68,7 +68,7 @@ class SecurityConfig:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> SecurityConfig:
         """The SCALELLM_MESH_* variables alone (health probes, tools)."""
-        return parse_config(cls, SECURITY.options, [], environ, prog="scalellm")
+        return parse_config(cls, SECURITY_OPTIONS, [], environ, prog="scalellm")
 
 
 @functools.cache
@@ -139,16 +139,13 @@ def _option(flag: str, field_name: str, help_: str) -> Option:
     return Option(flag, field_name, str, help_, env=_env(flag))
 
 
-SECURITY = OptionGroup(
-    "security",
-    SecurityConfig,
-    (
-        _option("--mesh-token", "mesh_token", "shared secret of internal calls (prefer the variable)"),
-        _option("--mesh-token-file", "mesh_token_file", "file holding the mesh token (mode 600 or 640)"),
-        _option("--mesh-tls-cert", "mesh_tls_cert", "this service's certificate for mesh mutual TLS"),
-        _option("--mesh-tls-key", "mesh_tls_key", "its private key (mode 600 or 640)"),
-        _option("--mesh-tls-ca", "mesh_tls_ca", "CA that signed every mesh service's certificate"),
-        _option("--mesh-tls-server-name", "mesh_tls_server_name", "name in the services' certificates"),
-    ),
+SECURITY_OPTIONS = (
+    _option("--mesh-token", "mesh_token", "shared secret of internal calls (prefer the variable)"),
+    _option("--mesh-token-file", "mesh_token_file", "file holding the mesh token (mode 600 or 640)"),
+    _option("--mesh-tls-cert", "mesh_tls_cert", "this service's certificate for mesh mutual TLS"),
+    _option("--mesh-tls-key", "mesh_tls_key", "its private key (mode 600 or 640)"),
+    _option("--mesh-tls-ca", "mesh_tls_ca", "CA that signed every mesh service's certificate"),
+    _option("--mesh-tls-server-name", "mesh_tls_server_name", "name in the services' certificates"),
 )
-"""The flags every service adds for SecurityConfig (SCALELLM_MESH_TOKEN, SCALELLM_MESH_TLS_CERT, ...)."""
+"""SecurityConfig's flags (SCALELLM_MESH_TOKEN, ...); every service adds them as
+``settings.nested("security", SECURITY_OPTIONS)``, into its config's ``security`` field."""

@@ -133,15 +133,17 @@ class Tokenizer:
         return cls(backend, config, chat_templates=templates, generation_eos_ids=eos_ids, name=str(path))
 
     def _update_post_processor(self) -> None:
-        bos, eos = self.special_tokens.get("bos_token"), self.special_tokens.get("eos_token")
-        add_bos = self.add_bos_token and bos is not None
-        add_eos = self.add_eos_token and eos is not None
-        single = f"{(bos + ':0 ') if add_bos else ''}$A:0{(' ' + eos + ':0') if add_eos else ''}"
-        pair = f"{single}{(' ' + bos + ':1') if add_bos else ''} $B:1{(' ' + eos + ':1') if add_eos else ''}"
+        # The tokens to add (None: not added, or the tokenizer has none).
+        bos = self.special_tokens.get("bos_token") if self.add_bos_token else None
+        eos = self.special_tokens.get("eos_token") if self.add_eos_token else None
+        single = (
+            f"{(bos + ':0 ') if bos is not None else ''}$A:0{(' ' + eos + ':0') if eos is not None else ''}"
+        )
+        pair = f"{single}{(' ' + bos + ':1') if bos is not None else ''} $B:1{(' ' + eos + ':1') if eos is not None else ''}"
         special = []
-        if add_bos:
+        if bos is not None:
             special.append((bos, self._tok.token_to_id(bos)))
-        if add_eos:
+        if eos is not None:
             special.append((eos, self._tok.token_to_id(eos)))
         self._tok.post_processor = processors.TemplateProcessing(
             single=single, pair=pair, special_tokens=special

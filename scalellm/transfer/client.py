@@ -78,12 +78,6 @@ class TransferClient:
         """Blocking :meth:`submit_kv`; call it from a worker thread."""
         return self.submit_kv(decode_id, endpoint, transfer_id, src_blocks, dst_blocks, num_tokens).result()
 
-    def close_channel(self, decode_id: str) -> None:
-        with self._lock:
-            channel = self._channels.pop(decode_id, None)
-        if channel is not None:
-            channel.close()
-
     def close(self) -> None:
         """Close every channel (in-flight transfers finish, queued ones fail)."""
         with self._lock:

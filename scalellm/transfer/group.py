@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -23,11 +25,24 @@ DECODE_RANK = 0
 PREFILL_RANK = 1
 
 
+class PairBackend(Protocol):
+    """What a pair uses of ProcessGroupGloo / ProcessGroupNCCL (torch's stubs declare neither
+    send/recv on those classes nor gloo's _Options: the constructors below are typed Any)."""
+
+    def send(self, tensors: list[torch.Tensor], dst: int, tag: int) -> dist.Work: ...
+
+    def recv(self, tensors: list[torch.Tensor], src: int, tag: int) -> dist.Work: ...
+
+    def abort(self) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
 @dataclass
 class PairGroup:
     """One pair's backend with timed point-to-point operations."""
 
-    backend: dist.Backend
+    backend: PairBackend
     transport: Transport
     rank: int
     wire_device: torch.device
@@ -45,7 +60,9 @@ class PairGroup:
         """Start receiving the peer's next message into ``tensor``."""
         return self._start(self.backend.recv, tensor)
 
-    def _start(self, op, tensor: torch.Tensor) -> dist.Work:  # type: ignore[no-untyped-def]
+    def _start(
+        self, op: Callable[[list[torch.Tensor], int, int], dist.Work], tensor: torch.Tensor
+    ) -> dist.Work:
         try:
             return op([tensor], self.peer, 0)
         except RuntimeError as exc:
@@ -89,8 +106,8 @@ def open_pair_group(
     return PairGroup(backend, transport, rank, wire, config.op_timeout)
 
 
-def _gloo(store: dist.Store, rank: int, config: ChannelConfig) -> dist.Backend:
-    gloo = dist.ProcessGroupGloo
+def _gloo(store: dist.Store, rank: int, config: ChannelConfig) -> PairBackend:
+    gloo: Any = dist.ProcessGroupGloo
     options = gloo._Options()
     options._timeout = config.connect_timeout
     options._threads = 1  # point-to-point runs on the caller's thread; collectives are unused
@@ -103,12 +120,12 @@ def _gloo(store: dist.Store, rank: int, config: ChannelConfig) -> dist.Backend:
     return backend
 
 
-def _nccl(store: dist.Store, rank: int, device: torch.device, config: ChannelConfig) -> dist.Backend:
+def _nccl(store: dist.Store, rank: int, device: torch.device, config: ChannelConfig) -> PairBackend:
     # NCCL's watchdog tears the whole process down on a timed-out op by default (mode 3). A pair
     # channel must only abort its communicator, so ask for mode 2 unless the operator chose.
     # ProcessGroupNCCL reads this variable in its constructor.
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
-    nccl = dist.ProcessGroupNCCL
+    nccl: Any = dist.ProcessGroupNCCL
     options = nccl.Options()
     options._timeout = config.op_timeout
     options.is_high_priority_stream = False

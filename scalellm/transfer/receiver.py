@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -73,9 +74,11 @@ class DecodeChannel:
         self._gate = DecodeGate(side.config.auth_key, keys, epoch, nonce)
         self._side, self._on_reset = side, on_reset
         self._notify: dist.Store | None = keys.epoch_store(store, epoch)  # shared connection, wake-ups only
-        self._store: dist.Store | None = keys.epoch_store(store.clone(), epoch)  # this thread's own
+        # This thread's own connection (TCPStore.clone, which torch's stubs do not declare).
+        self._store: dist.Store | None = keys.epoch_store(cast(Any, store).clone(), epoch)
         self._lock = threading.Lock()
-        self._state, self._error = ChannelState.CONNECTING, None
+        self._state = ChannelState.CONNECTING
+        self._error: BaseException | None = None
         self._ready = threading.Event()
         self._group: PairGroup | None = None
         self._seq = 0

@@ -1,5 +1,6 @@
 """WorkerConfig: every setting of a prefill or decode worker, from flags with environment
-variable fallbacks (flag, then SCALELLM_* variable, then default). Nothing is read at import."""
+variable fallbacks (flag, then SCALELLM_* variable, then default). Nothing is read at import.
+The engine's settings are the engine's own EngineConfig (``config.engine``), not copies."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from scalellm.engine.config import EngineConfig
 from scalellm.registry import WorkerRole
-from scalellm.security import SECURITY, SecurityConfig
-from scalellm.settings import Option, parse_config
+from scalellm.security import SECURITY_OPTIONS, SecurityConfig
+from scalellm.settings import Option, nested, parse_config
 from scalellm.transfer import ChannelConfig
 
 _WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]"})
@@ -30,8 +32,8 @@ class PrefillFallback(enum.Enum):
 @dataclass(frozen=True, kw_only=True)
 class WorkerConfig:
     role: WorkerRole
-    model: str | None = None
-    """Hugging Face folder; None: the prepared demo model."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """The engine's settings; engine.model None is the prepared demo model."""
     served_model_name: str | None = None
     worker_id: str = ""
     listen: str = "0.0.0.0:0"
@@ -43,16 +45,6 @@ class WorkerConfig:
     metrics_port: int = 0
     metrics_host: str = ""
     """Where /metrics listens; empty: the host of --listen."""
-    # engine
-    dtype: str = "auto"
-    device: str = "auto"
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    kv_cache_gb: float = 2.0
-    max_model_len: int | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    num_threads: int | None = None
     # failure handling
     prefill_timeout_s: float = 60.0
     transfer_timeout_s: float = 30.0
@@ -91,17 +83,17 @@ class WorkerConfig:
         )
 
 
-def _option(flag: str, field: str, type_: Callable[[str], Any], help_: str, **kw: Any) -> Option:
+def _option(flag: str, name: str, type_: Callable[[str], Any], help_: str, **kw: Any) -> Option:
     """SCALELLM_ + the flag's name: --num-threads reads SCALELLM_NUM_THREADS."""
     return Option(
-        flag, field, type_, help_, env="SCALELLM_" + flag.lstrip("-").replace("-", "_").upper(), **kw
+        flag, name, type_, help_, env="SCALELLM_" + flag.lstrip("-").replace("-", "_").upper(), **kw
     )
 
 
 def worker_options(roles: Sequence[WorkerRole]) -> tuple[Option, ...]:
     return (
         _option("--role", "role", WorkerRole.parse, "what this worker does", choices=tuple(roles)),
-        _option("--model", "model", str, "Hugging Face folder (default: the prepared demo model)"),
+        _option("--model", "engine.model", str, "Hugging Face folder (default: the prepared demo model)"),
         _option("--served-model-name", "served_model_name", str, "name registered for routing"),
         _option("--worker-id", "worker_id", str, "registry id (default: role + random suffix)"),
         _option("--listen", "listen", str, "gRPC host:port (port 0: any free one)"),
@@ -110,15 +102,17 @@ def worker_options(roles: Sequence[WorkerRole]) -> tuple[Option, ...]:
         _option("--kvstore", "kvstore", str, "kvstore address (repeatable or comma-separated)", repeat=True),
         _option("--metrics-port", "metrics_port", int, "Prometheus HTTP port (0: off)"),
         _option("--metrics-host", "metrics_host", str, "Prometheus HTTP host (default: the --listen host)"),
-        _option("--dtype", "dtype", str, "float32, bfloat16, float16 or auto"),
-        _option("--device", "device", str, "cpu, cuda, cuda:N or auto"),
-        _option("--block-size", "block_size", int, "tokens per KV block"),
-        _option("--num-kv-blocks", "num_kv_blocks", int, "KV cache blocks (default: from --kv-cache-gb)"),
-        _option("--kv-cache-gb", "kv_cache_gb", float, "KV cache size on CPU"),
-        _option("--max-model-len", "max_model_len", int, "context length limit"),
-        _option("--max-num-seqs", "max_num_seqs", int, "running batch limit"),
-        _option("--max-num-batched-tokens", "max_num_batched_tokens", int, "token budget of one step"),
-        _option("--num-threads", "num_threads", int, "torch threads (CPU)"),
+        _option("--dtype", "engine.dtype", str, "float32, bfloat16, float16 or auto"),
+        _option("--device", "engine.device", str, "cpu, cuda, cuda:N or auto"),
+        _option("--block-size", "engine.block_size", int, "tokens per KV block"),
+        _option(
+            "--num-kv-blocks", "engine.num_kv_blocks", int, "KV cache blocks (default: from --kv-cache-gb)"
+        ),
+        _option("--kv-cache-gb", "engine.kv_cache_gb", float, "KV cache size on CPU"),
+        _option("--max-model-len", "engine.max_model_len", int, "context length limit"),
+        _option("--max-num-seqs", "engine.max_num_seqs", int, "running batch limit"),
+        _option("--max-num-batched-tokens", "engine.max_num_batched_tokens", int, "token budget of one step"),
+        _option("--num-threads", "engine.num_threads", int, "torch threads (CPU)"),
         _option("--prefill-timeout", "prefill_timeout_s", float, "seconds a Prefill rpc may take"),
         _option("--transfer-timeout", "transfer_timeout_s", float, "seconds a KV transfer op may take"),
         _option(
@@ -129,6 +123,7 @@ def worker_options(roles: Sequence[WorkerRole]) -> tuple[Option, ...]:
             choices=tuple(PrefillFallback),
         ),
         _option("--drain-timeout", "drain_timeout_s", float, "seconds SIGTERM lets requests finish"),
+        *nested("security", SECURITY_OPTIONS),
     )
 
 
@@ -139,5 +134,5 @@ def parse_worker_args(
     names = "/".join(r.name.lower() for r in roles)
     return parse_config(
         WorkerConfig, worker_options(roles), argv, environ, prog=f"scalellm {names} worker",
-        description=f"ScaleLLM {names} worker", extra={"role": roles[0]}, groups=(SECURITY,),
+        description=f"ScaleLLM {names} worker", extra={"role": roles[0]},
     )  # fmt: skip

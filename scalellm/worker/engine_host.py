@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from scalellm.engine.async_engine import AsyncEngine
-from scalellm.engine.config import EngineConfig
-from scalellm.engine.engine import LLMEngine, TokenEvent
+from scalellm.engine.engine import LLMEngine
+from scalellm.engine.events import TokenEvent
 from scalellm.models.prepare import resolve_model_dir
 from scalellm.registry import WorkerInfo, WorkerLoad
 from scalellm.worker.config import WorkerConfig
@@ -18,31 +19,18 @@ class EngineHost:
     def __init__(self, config: WorkerConfig, metrics: WorkerMetrics) -> None:
         self.config = config
         self.metrics = metrics
-        self.model_dir = resolve_model_dir(config.model)
+        self.model_dir = resolve_model_dir(config.engine.model)
         self.model_name = config.served_model_name or self.model_dir.name
-        self.engine = LLMEngine(
-            EngineConfig(
-                model=str(self.model_dir),
-                dtype=config.dtype,
-                device=config.device,
-                block_size=config.block_size,
-                num_kv_blocks=config.num_kv_blocks,
-                kv_cache_gb=config.kv_cache_gb,
-                max_model_len=config.max_model_len,
-                max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=config.max_num_batched_tokens,
-                num_threads=config.num_threads,
-            )
-        )
+        self.engine = LLMEngine(replace(config.engine, model=str(self.model_dir)))
         self.aengine = AsyncEngine(self.engine, on_step=self._on_step)
         self._window = LoadWindow()
         """Token rate, TTFT, ITL and prefill backlog: written by the step thread, read by load()."""
-        # Live values, read when /metrics is scraped (len() reads are atomic under the GIL).
-        sched = self.engine.scheduler
-        metrics.total_blocks.set(self.engine.blocks.num_blocks)
-        metrics.free_blocks.set_function(lambda: self.engine.num_free_blocks)
-        metrics.waiting.set_function(lambda: len(sched.waiting))
-        metrics.running.set_function(lambda: len(sched.running) + len(sched.remote))
+        # Live values, read when /metrics is scraped: the engine's last published snapshot.
+        aengine = self.aengine
+        metrics.total_blocks.set(self.engine.num_blocks)
+        metrics.free_blocks.set_function(lambda: aengine.stats.num_free_blocks)
+        metrics.waiting.set_function(lambda: aengine.stats.num_waiting)
+        metrics.running.set_function(lambda: aengine.stats.num_running)
 
     def start(self) -> None:
         self.aengine.start()
@@ -58,22 +46,22 @@ class EngineHost:
             role=self.config.role,
             model=self.model_name,
             grpc_address=grpc_address,
-            kv_capacity_blocks=self.engine.blocks.num_blocks,
+            kv_capacity_blocks=self.engine.num_blocks,
             kv_block_size=self.engine.block_size,
             transfer_endpoint=transfer_endpoint,
             version=__version__,
-            max_running=self.config.max_num_seqs,
+            max_running=self.config.engine.max_num_seqs,
         )
 
     def load(self) -> WorkerLoad:
-        """The load right now. Read from the event loop: len() of the scheduler's queues is atomic
-        under the GIL, and a value one step old is fine for routing."""
-        sched = self.engine.scheduler
+        """The load right now: the engine's snapshot after its last step or command, and the
+        window's measurements (a value one step old is fine for routing)."""
+        stats = self.aengine.stats
         measured = self._window.signals()
         return WorkerLoad(
-            running=len(sched.running) + len(sched.remote),
-            waiting=len(sched.waiting),
-            free_blocks=self.engine.num_free_blocks,
+            running=stats.num_running,
+            waiting=stats.num_waiting,
+            free_blocks=stats.num_free_blocks,
             tokens_per_second=measured.tokens_per_second,
             prefill_backlog_tokens=measured.prefill_backlog_tokens,
             ttft_s=measured.ttft_s,

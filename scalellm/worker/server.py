@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from scalellm.lifecycle import run_event_loop, wait_for_stop_signal
+from scalellm.lifecycle import ReadyLine, run_event_loop, wait_for_stop_signal
 from scalellm.registry import RegistryClient, WorkerRegistration
 from scalellm.worker.config import WorkerConfig
 from scalellm.worker.engine_host import EngineHost
@@ -122,7 +122,7 @@ def run_worker(config: WorkerConfig, build: Callable[[WorkerConfig], WorkerServe
     async def main() -> None:
         server = build(config)
         await server.start()
-        print(f"READY {server.address}", flush=True)
+        print(ReadyLine(server.address), flush=True)
         await server.run_until_signal()
 
     run_event_loop(main())

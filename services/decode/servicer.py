@@ -15,10 +15,17 @@ from contextlib import aclosing
 
 import grpc
 
-from scalellm.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from scalellm.worker.convert import finish_reason_to_proto, logprobs_to_proto, sampling_from_proto
+from scalellm.types.proto import (
+    finish_reason_to_proto,
+    logprobs_to_proto,
+    prefill_target_from_proto,
+    sampling_from_proto,
+    timings_to_proto,
+    usage_to_proto,
+)
+from scalellm.v1 import worker_pb2, worker_pb2_grpc
 from services.decode.session import serve_session
-from services.decode.worker import Chunk, DecodeWorker, PrefillTarget
+from services.decode.worker import Chunk, DecodeWorker
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["DecodeWorker"].full_name
 
@@ -52,7 +59,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             list(request.prompt_token_ids),
             sampling_from_proto(request.sampling),
             request.priority,
-            tuple(PrefillTarget(t.worker_id, t.address) for t in request.prefill),
+            tuple(prefill_target_from_proto(t) for t in request.prefill),
         )
         queued, request_id = self.worker.host.aengine.queued, request.request_id
         async with aclosing(coalesce(chunks, lambda: queued(request_id) > 0)) as messages:
@@ -97,23 +104,8 @@ def _append(msg: worker_pb2.GenerateResponse, chunk: Chunk) -> None:
 
 
 def _finish(msg: worker_pb2.GenerateResponse, chunk: Chunk) -> None:
-    assert chunk.finish is not None
-    msg.finish_reason = finish_reason_to_proto(chunk.finish)  # type: ignore[assignment]
-    msg.usage.CopyFrom(
-        common_pb2.Usage(
-            prompt_tokens=chunk.prompt_tokens,
-            completion_tokens=chunk.completion_tokens,
-            cached_prompt_tokens=chunk.cached_tokens,
-        )
-    )
+    msg.finish_reason = finish_reason_to_proto(chunk.finish)
+    if chunk.usage is not None:
+        msg.usage.CopyFrom(usage_to_proto(chunk.usage))
     if chunk.timings is not None:
-        t = chunk.timings
-        msg.timings.CopyFrom(
-            common_pb2.Timings(
-                queue=t.queue,
-                prefill=t.prefill,
-                transfer=t.transfer,
-                decode=t.decode,
-                transfer_bytes=t.transfer_bytes,
-            )
-        )
+        msg.timings.CopyFrom(timings_to_proto(chunk.timings))

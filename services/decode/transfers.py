@@ -76,12 +76,6 @@ class PendingTransfers:
     def fail(self, transfer_id: int, exc: BaseException) -> None:
         self._finish(transfer_id, exc)
 
-    def fail_all(self, exc: BaseException) -> None:
-        with self._lock:
-            ids = list(self._pending)
-        for tid in ids:
-            self._finish(tid, exc)
-
     def _finish(self, transfer_id: int, outcome: TransferStats | BaseException) -> None:
         with self._lock:
             entry = self._pending.pop(transfer_id, None)

@@ -19,12 +19,26 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from scalellm.engine.request import Request, RequestStatus, TokenLogprobs
-from scalellm.engine.sampling_params import SamplingParams
+from scalellm.engine.events import FinishedRequest, RemoteReservation, TokenEvent
+from scalellm.engine.request import Request
 from scalellm.transfer import KVLayout, TransferServer
+from scalellm.types import (
+    FinishReason,
+    KVDestination,
+    PrefillResult,
+    PrefillTarget,
+    SamplingParams,
+    Timings,
+    TokenLogprobs,
+    Usage,
+)
+from scalellm.types.proto import (
+    kv_destination_to_proto,
+    prefill_result_from_proto,
+    sampling_to_proto,
+)
 from scalellm.v1 import worker_pb2, worker_pb2_grpc
 from scalellm.worker.config import PrefillFallback, WorkerConfig
-from scalellm.worker.convert import logprobs_from_proto, sampling_to_proto
 from scalellm.worker.engine_host import EngineHost
 from scalellm.worker.errors import ResourceExhausted, Unavailable
 from scalellm.worker.metrics import WorkerMetrics
@@ -48,39 +62,14 @@ _RETRYABLE = frozenset(
 
 
 @dataclass(frozen=True)
-class PrefillTarget:
-    worker_id: str
-    address: str
-
-
-@dataclass
-class Timings:
-    queue: float = 0.0
-    prefill: float = 0.0
-    transfer: float = 0.0
-    decode: float = 0.0
-    transfer_bytes: int = 0
-
-
-@dataclass(frozen=True)
 class Chunk:
     """New tokens of one request; the last chunk carries finish, usage and timings."""
 
     token_ids: list[int]
     logprobs: list[TokenLogprobs] = field(default_factory=list)
-    finish: RequestStatus | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
+    finish: FinishReason | None = None
+    usage: Usage | None = None
     timings: Timings | None = None
-
-
-@dataclass(frozen=True)
-class _RemotePrefill:
-    first_token: int
-    logprobs: TokenLogprobs | None
-    cached_tokens: int
-    timings: Timings
 
 
 class DecodeWorker:
@@ -110,12 +99,12 @@ class DecodeWorker:
         self.host.start()
         self.pending = PendingTransfers(asyncio.get_running_loop())
         engine = self.host.engine
-        layout = KVLayout.from_kv_cache(engine.runner.kv_cache, self.host.model_name)
+        layout = KVLayout.from_kv_cache(engine.kv_cache, self.host.model_name)
         self.transfer = TransferServer(
             self.config.worker_id,
             self.config.transfer_listen,
             layout,
-            engine.runner.kv_cache,
+            engine.kv_cache,
             resolve=self.pending.resolve,
             on_complete=self.pending.complete,
             on_error=self.pending.fail,
@@ -159,28 +148,29 @@ class DecodeWorker:
 
     async def _local(self, req: Request) -> AsyncIterator[Chunk]:
         async for event in self.host.aengine.add_and_stream(req):
-            yield self._chunk(req, event.token_id, event.logprobs, event.finished, None)
+            yield self._chunk(event, None)
 
     async def _disaggregated(self, req: Request, targets: tuple[PrefillTarget, ...]) -> AsyncIterator[Chunk]:
         aengine = self.host.aengine
         try:
-            reserved = await aengine.submit(lambda e: e.scheduler.reserve_remote(req))
+            reservation = await aengine.reserve_remote(req)
         except asyncio.CancelledError:
             aengine.abort(req.request_id)  # queued behind the reservation: frees it if it was made
             raise
-        if not reserved:
+        if reservation is None:
             self.metrics.requests.labels("no_kv_room").inc()
+            stats = aengine.stats
             raise ResourceExhausted(
                 f"not enough free KV blocks for a {req.num_prompt_tokens}-token prompt "
-                f"({self.host.engine.num_free_blocks} of {self.host.engine.blocks.num_blocks} blocks free)"
+                f"({stats.num_free_blocks} of {stats.num_blocks} blocks free)"
             )
         events = aengine.open_stream(req)
         finished = False
         try:
-            remote = await self._remote_prefill(req, targets)
+            remote = await self._remote_prefill(req, reservation, targets)
             if remote is None:  # every prefill worker failed: recompute here
                 aengine.close_stream(req)
-                await aengine.submit(lambda e: e.abort_request(req.request_id))
+                await aengine.abort(req.request_id)
                 fresh = self.host.engine.make_request(
                     req.request_id, req.prompt_token_ids, req.sampling_params, req.priority
                 )
@@ -188,37 +178,38 @@ class DecodeWorker:
                     finished = chunk.finish is not None
                     yield chunk
                 return
-
-            def land(engine):  # type: ignore[no-untyped-def]
-                if remote.logprobs is not None:
-                    req.logprobs.append(remote.logprobs)
-                return engine.scheduler.remote_kv_ready(req.request_id, remote.first_token)
-
-            await aengine.submit(land)
-            req.num_cached_tokens = remote.cached_tokens
-            finished = req.status.finished
-            yield self._chunk(req, remote.first_token, remote.logprobs, finished, remote.timings)
+            result, timings = remote
+            first = await aengine.remote_kv_landed(
+                req.request_id, result.first_token_id, result.logprobs, result.cached_tokens
+            )
+            finished = first.finished
+            yield self._chunk(first, timings)
             if finished:
                 return
             async for event in aengine.iterate(events):
                 finished = event.finished
-                yield self._chunk(req, event.token_id, event.logprobs, event.finished, remote.timings)
+                yield self._chunk(event, timings)
         finally:
             aengine.close_stream(req)
             if not finished:
                 aengine.abort(req.request_id)
 
     async def _remote_prefill(
-        self, req: Request, targets: tuple[PrefillTarget, ...]
-    ) -> _RemotePrefill | None:
+        self, req: Request, reservation: RemoteReservation, targets: tuple[PrefillTarget, ...]
+    ) -> tuple[PrefillResult, Timings] | None:
         """Ask each target in turn; None when all failed and the fallback is to recompute here."""
         assert self.transfer is not None and self.pending is not None
         errors: list[str] = []
-        skip = req.num_cached_tokens // self.host.engine.block_size  # our own prefix-cache hits
-        blocks = req.block_ids[skip:]
         for target in targets:
             transfer_id = next(self._transfer_ids)
-            landed = self.pending.expect(transfer_id, blocks)
+            landed = self.pending.expect(transfer_id, list(reservation.block_ids))
+            destination = KVDestination(
+                self.config.worker_id,
+                self.transfer_endpoint,
+                transfer_id,
+                reservation.skip_blocks,
+                reservation.block_ids,
+            )
             try:
                 self.transfer.open(target.worker_id)
                 started = time.monotonic()
@@ -229,13 +220,7 @@ class DecodeWorker:
                         sampling=sampling_to_proto(req.sampling_params),
                         priority=req.priority,
                         prefill_worker_id=target.worker_id,
-                        destination=worker_pb2.KVDestination(
-                            decode_worker_id=self.config.worker_id,
-                            transfer_endpoint=self.transfer_endpoint,
-                            transfer_id=transfer_id,
-                            skip_blocks=skip,
-                            block_ids=blocks,
-                        ),
+                        destination=kv_destination_to_proto(destination),
                     ),
                     timeout=self.config.prefill_timeout_s,
                     metadata=self.config.security.load().metadata,
@@ -257,18 +242,14 @@ class DecodeWorker:
             else:
                 self.metrics.transfer_bytes.labels("in").inc(stats.bytes)
                 self.metrics.transfer_seconds.labels("in").inc(stats.seconds)
+                result = prefill_result_from_proto(reply)
                 timings = Timings(
-                    queue=(started - req.arrival_time) + reply.queue_seconds,
-                    prefill=reply.prefill_seconds,
-                    transfer=reply.transfer_seconds,
+                    queue=(started - req.arrival_time) + result.queue_seconds,
+                    prefill=result.prefill_seconds,
+                    transfer=result.transfer_seconds,
                     transfer_bytes=stats.bytes,
                 )
-                logprobs = (
-                    logprobs_from_proto(reply.first_token_logprobs)
-                    if reply.HasField("first_token_logprobs")
-                    else None
-                )
-                return _RemotePrefill(reply.first_token_id, logprobs, reply.cached_prompt_tokens, timings)
+                return result, timings
             log.warning("prefill of %s failed: %s", req.request_id, errors[-1])
         if self.config.prefill_fallback is PrefillFallback.FAIL:
             raise Unavailable("every prefill worker failed: " + "; ".join(errors))
@@ -277,46 +258,38 @@ class DecodeWorker:
 
     # ---- helpers -------------------------------------------------------------------------
 
-    def _chunk(
-        self,
-        req: Request,
-        token: int | None,
-        logprobs: TokenLogprobs | None,
-        finished: bool,
-        remote: Timings | None,
-    ) -> Chunk:
-        tokens = [token] if token is not None else []
-        lps = [logprobs] if logprobs is not None else []
-        if not finished:
+    def _chunk(self, event: TokenEvent, remote: Timings | None) -> Chunk:
+        """The event as a chunk; on the last event with usage and timings (remote: what the
+        prefill hop took, for a request whose KV was pushed)."""
+        tokens = [event.token_id] if event.token_id is not None else []
+        lps = [event.logprobs] if event.logprobs is not None else []
+        done = event.outcome
+        if done is None:
             return Chunk(tokens, lps)
         now = time.monotonic()
-        first = req.first_token_time or now
+        first = done.first_token_time or now
         if remote is not None:
             timings = Timings(
-                remote.queue, remote.prefill, remote.transfer, now - first, remote.transfer_bytes
+                queue=remote.queue,
+                prefill=remote.prefill,
+                transfer=remote.transfer,
+                decode=now - first,
+                transfer_bytes=remote.transfer_bytes,
             )
         else:
-            scheduled = req.scheduled_time or req.arrival_time
+            scheduled = done.scheduled_time or done.arrival_time
             timings = Timings(
-                queue=scheduled - req.arrival_time, prefill=first - scheduled, decode=now - first
+                queue=scheduled - done.arrival_time, prefill=first - scheduled, decode=now - first
             )
-        self._observe(req, now)
-        return Chunk(
-            tokens,
-            lps,
-            req.status,
-            req.num_prompt_tokens,
-            req.num_output_tokens,
-            req.num_cached_tokens,
-            timings,
-        )
+        self._observe(done, now)
+        return Chunk(tokens, lps, done.finish_reason, done.usage, timings)
 
-    def _observe(self, req: Request, now: float) -> None:
-        self.metrics.requests.labels(req.status.name.lower()).inc()
-        if req.first_token_time is not None:
-            self.metrics.ttft.observe(req.first_token_time - req.arrival_time)
-            if req.num_output_tokens > 1:
-                self.metrics.tpot.observe((now - req.first_token_time) / (req.num_output_tokens - 1))
+    def _observe(self, done: FinishedRequest, now: float) -> None:
+        self.metrics.requests.labels(done.status.name.lower()).inc()
+        if done.first_token_time is not None:
+            self.metrics.ttft.observe(done.first_token_time - done.arrival_time)
+            if done.num_output_tokens > 1:
+                self.metrics.tpot.observe((now - done.first_token_time) / (done.num_output_tokens - 1))
 
     def _stub(self, address: str) -> worker_pb2_grpc.PrefillWorkerStub:
         channel = self._channels.get(address)

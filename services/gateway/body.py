@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, overload
 
 from services.gateway.errors import GatewayError, invalid
 
@@ -85,37 +85,26 @@ class Body:
     def string(self, key: str, default: str | None = None) -> str | None:
         return self._typed(key, (str,), "a string", default)
 
-    def integer(
-        self, key: str, default: int | None = None, lo: int | None = None, hi: int | None = None
-    ) -> int | None:
-        value = self._typed(key, (int,), "an integer", _MISSING)
-        if value is _MISSING:
-            return default
-        self._check_range(key, value, lo, hi)
-        return value
+    @overload
+    def integer(self, key: str, default: int) -> int: ...
 
-    def number(
-        self,
-        key: str,
-        default: float,
-        lo: float | None = None,
-        hi: float | None = None,
-        lo_open: bool = False,
-    ) -> float:
+    @overload
+    def integer(self, key: str, default: None = None) -> int | None: ...
+
+    def integer(self, key: str, default: int | None = None) -> int | None:
+        value = self._typed(key, (int,), "an integer", _MISSING)
+        return default if value is _MISSING else value
+
+    def number(self, key: str, default: float, lo: float | None = None, hi: float | None = None) -> float:
+        """A finite number (ints become floats), within [lo, hi] when given."""
         value = self._typed(key, (int, float), "a number", _MISSING)
         if value is _MISSING:
             return default
         value = float(value)
-        if not math.isfinite(value) or (lo_open and lo is not None and value <= lo):
-            raise invalid(
-                _range_message(self.name(key), value, lo, hi, lo_open), self.name(key), "invalid_value"
-            )
-        self._check_range(key, value, lo, hi)
-        return value
-
-    def _check_range(self, key: str, value: float, lo: float | None, hi: float | None) -> None:
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
+        in_range = (lo is None or value >= lo) and (hi is None or value <= hi)
+        if not (math.isfinite(value) and in_range):
             raise invalid(_range_message(self.name(key), value, lo, hi), self.name(key), "invalid_value")
+        return value
 
     def reject(self, key: str, is_noop: Callable[[Any], bool], why: str = "") -> None:
         """Refuse a known-but-unsupported field unless its value changes nothing."""
@@ -131,9 +120,11 @@ class Body:
             raise invalid(f"unknown parameter '{name}'", name, "unknown_parameter")
 
 
-def _range_message(name: str, value: float, lo: float | None, hi: float | None, lo_open: bool = False) -> str:
+def _range_message(name: str, value: float, lo: float | None, hi: float | None) -> str:
     if lo is not None and hi is not None:
-        return f"'{name}' must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {value:g}"
+        return f"'{name}' must be in [{lo:g}, {hi:g}], got {value:g}"
     if lo is not None:
-        return f"'{name}' must be {'>' if lo_open else '>='} {lo:g}, got {value:g}"
-    return f"'{name}' must be <= {hi:g}, got {value:g}"
+        return f"'{name}' must be >= {lo:g}, got {value:g}"
+    if hi is not None:
+        return f"'{name}' must be <= {hi:g}, got {value:g}"
+    return f"'{name}' must be a finite number, got {value:g}"

@@ -51,10 +51,6 @@ class WorkerChannels:
             session = self._sessions[address] = WorkerSession(stub, address, metadata)
         return session
 
-    @property
-    def addresses(self) -> tuple[str, ...]:
-        return tuple(self._channels)
-
     def prune(self, live: Collection[str]) -> None:
         """Close channels to addresses no longer in live (calls on them finish or fail first)."""
         for address in [a for a in self._channels if a not in live]:

@@ -14,14 +14,14 @@ from dataclasses import replace
 import grpc
 
 from scalellm.text import IncrementalDetokenizer, StopStringMatcher, Tokenizer
-from scalellm.v1 import common_pb2, worker_pb2
+from scalellm.types import FinishReason, Timings, Usage
+from scalellm.types.proto import finish_reason_from_proto, logprobs_from_proto, timings_from_proto
+from scalellm.v1 import worker_pb2
 from services.gateway.errors import ErrorKind, GatewayError
 from services.gateway.request import GenerationRequest
-from services.gateway.results import ChoiceUpdate, ChoiceUsage, Finish, Timings
+from services.gateway.results import ChoiceUpdate
 from services.gateway.routing import RouteLease
 from services.gateway.session import SessionCall
-
-_FINISH = {common_pb2.FINISH_REASON_STOP: Finish.STOP, common_pb2.FINISH_REASON_LENGTH: Finish.LENGTH}
 
 
 def worker_error(exc: grpc.aio.AioRpcError, worker_id: str) -> GatewayError:
@@ -61,8 +61,11 @@ class ChoiceStream:
         self._lease = lease
         self._first: worker_pb2.GenerateResponse | None = first
         prompt = request.prompt_of(index)
-        self._detok = IncrementalDetokenizer(tokenizer, request.skip_special_tokens, prompt_ids=prompt)
-        self._stop = StopStringMatcher(request.stop, request.include_stop) if request.stop else None
+        sampling = request.sampling
+        self._detok = IncrementalDetokenizer(tokenizer, sampling.skip_special_tokens, prompt_ids=prompt)
+        self._stop = (
+            StopStringMatcher(sampling.stop, sampling.include_stop_str_in_output) if sampling.stop else None
+        )
         self._prompt_len = len(prompt)
         self.completion_tokens = 0
         self.dispatched_at = dispatched_at
@@ -106,8 +109,8 @@ class ChoiceStream:
         ids = msg.token_ids
         self.completion_tokens += len(ids)
         text = self._detok.add(ids) if ids else ""
-        finish = _FINISH.get(msg.finish_reason)
-        if finish is None and msg.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+        finish = finish_reason_from_proto(msg.finish_reason)
+        if finish is FinishReason.ABORT or (finish is None and msg.finish_reason):
             raise GatewayError(ErrorKind.UNAVAILABLE, f"decode worker {self.worker_id} aborted the request")
         if finish is not None:
             text += self._detok.flush()
@@ -115,11 +118,12 @@ class ChoiceStream:
         if self._stop is not None:
             text, stop_str = self._stop.add(text)
             if stop_str is not None:
-                finish = Finish.STOP
+                finish = FinishReason.STOP
                 self._call.cancel()  # no more tokens are needed
             elif finish is not None:
                 text += self._stop.flush()
-        update = ChoiceUpdate(self.index, ids, text, msg.logprobs, finish, stop_str)
+        logprobs = [logprobs_from_proto(lp) for lp in msg.logprobs] if msg.logprobs else ()
+        update = ChoiceUpdate(self.index, ids, text, logprobs, finish, stop_str)
         if finish is not None:
             self._ended = stop_str is None
             update.usage, update.timings = self._final(msg, stop_str is not None)
@@ -128,21 +132,16 @@ class ChoiceStream:
             update.timings = replace(update.timings, gateway=self.gateway_s)
         return update
 
-    def _final(self, msg: worker_pb2.GenerateResponse, cut: bool) -> tuple[ChoiceUsage, Timings]:
+    def _final(self, msg: worker_pb2.GenerateResponse, cut: bool) -> tuple[Usage, Timings]:
         total = self.last_at - self.request.received_at
         worker_call = self.last_at - self.dispatched_at
         if not cut and msg.HasField("usage"):
-            u, t = msg.usage, msg.timings
-            usage = ChoiceUsage(
-                u.prompt_tokens or self._prompt_len, u.completion_tokens, u.cached_prompt_tokens
-            )
-            timings = Timings(
-                queue=t.queue, prefill=t.prefill, transfer=t.transfer, decode=t.decode,
-                transfer_bytes=t.transfer_bytes, total=total, worker_call=worker_call,
-            )  # fmt: skip
-            return usage, timings
+            u = msg.usage
+            usage = Usage(u.prompt_tokens or self._prompt_len, u.completion_tokens, u.cached_prompt_tokens)
+            worker = timings_from_proto(msg.timings)
+            return usage, replace(worker, total=total, worker_call=worker_call)
         # Cut by a stop string (the worker's own summary never comes): count and time it here.
-        usage = ChoiceUsage(self._prompt_len, self.completion_tokens)
+        usage = Usage(self._prompt_len, self.completion_tokens)
         timings = Timings(
             prefill=self.first_at - self.dispatched_at,
             decode=self.last_at - self.first_at,

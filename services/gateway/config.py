@@ -10,8 +10,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from scalellm.security import SECURITY, SecurityConfig, TlsFiles
-from scalellm.settings import Option, parse_config
+from scalellm.security import SECURITY_OPTIONS, SecurityConfig, TlsFiles
+from scalellm.settings import Option, nested, parse_config
 
 ENV_PREFIX = "SCALELLM_GATEWAY_"
 
@@ -81,9 +81,8 @@ class GatewayConfig:
     ) -> GatewayConfig:
         """Parse flags (argv, default sys.argv[1:]) falling back to environ (default os.environ)."""
         return parse_config(
-            cls, OPTIONS, argv, environ, prog="python -m services.gateway", description="the mesh's gateway",
-            groups=(SECURITY,),
-        )  # fmt: skip
+            cls, OPTIONS, argv, environ, prog="python -m services.gateway", description="the mesh's gateway"
+        )
 
 
 def _option(flag: str, field: str, type_: Callable[[str], Any], help_: str, repeat: bool = False) -> Option:
@@ -120,4 +119,5 @@ OPTIONS: tuple[Option, ...] = (
     _option("--grace-s", "grace_s", float, "how long SIGTERM lets requests finish"),
     _option("--event-loop", "event_loop", str, "uvloop or asyncio"),
     _option("--log-level", "log_level", str, "DEBUG, INFO, WARNING or ERROR"),
+    *nested("security", SECURITY_OPTIONS),
 )

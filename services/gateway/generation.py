@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+from scalellm.types.proto import sampling_to_proto
 from services.gateway.choice import ChoiceStream
 from services.gateway.dispatch import Dispatcher
 from services.gateway.metrics import GatewayMetrics
@@ -98,7 +99,7 @@ async def start_generation(
 ) -> Generation:
     """Open every choice (each has received its first message when this returns)."""
     deadline = time.perf_counter() + timeout_s
-    sampling = request.sampling.to_proto()
+    sampling = sampling_to_proto(request.sampling)  # built once, shared by the choices
     if request.num_choices == 1:
         # Dispatched here and now: gather would wrap it in a task that starts only after every
         # callback already queued on the loop (under load, milliseconds of other streams' tokens).

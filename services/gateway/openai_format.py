@@ -12,12 +12,19 @@ from collections.abc import Sequence
 from json.encoder import encode_basestring
 from typing import Any
 
-from scalellm.v1 import common_pb2
+from scalellm.types import TokenLogprobs, Usage
 from services.gateway import sse
 from services.gateway.model import ServedModel
+from services.gateway.openai_convert import (
+    chat_logprobs_to_openai,
+    completion_logprobs_to_openai,
+    finish_reason_to_openai,
+    timings_to_openai,
+    usage_to_openai,
+)
 from services.gateway.openai_parse import Api, OpenAIRequest
 from services.gateway.request import GenerationRequest
-from services.gateway.results import ChoiceUpdate, ChoiceUsage
+from services.gateway.results import ChoiceUpdate
 
 
 class _Choice:
@@ -29,7 +36,7 @@ class _Choice:
         self.texts: list[str] = []
         self.logprobs: list[Any] = []
         self.finish: str | None = None
-        self.usage: ChoiceUsage | None = None
+        self.usage: Usage | None = None
         self.timings: dict[str, Any] | None = None
 
 
@@ -80,7 +87,7 @@ class OpenAIFormatter:
             choice["text"] = update.text
         state.started = True
         choice["logprobs"] = logprobs
-        choice["finish_reason"] = update.finish.value if update.finish else None
+        choice["finish_reason"] = finish_reason_to_openai(update.finish)
         if update.finish is not None:
             self._finish(state, update)
             if self.timings and state.timings is not None:
@@ -161,68 +168,28 @@ class OpenAIFormatter:
 
     def usage(self) -> dict[str, Any]:
         """Usage in OpenAI's shape: each prompt counted once, completions summed over choices."""
-        n = self.request.n
+        n = self.request.sampling.n
         completion = sum(s.usage.completion_tokens for s in self._choices if s.usage)
         cached = sum(
             s.usage.cached_prompt_tokens for i, s in enumerate(self._choices) if s.usage and i % n == 0
         )
-        prompt = self.request.prompt_tokens
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached},
-        }
+        return usage_to_openai(Usage(self.request.prompt_tokens, completion, cached))
 
     # -- helpers -----------------------------------------------------------------------------------
 
     def _finish(self, state: _Choice, update: ChoiceUpdate) -> None:
-        state.finish = update.finish.value if update.finish else None
+        state.finish = finish_reason_to_openai(update.finish)
         state.usage = update.usage
-        state.timings = update.timings.to_json() if update.timings else None
+        state.timings = timings_to_openai(update.timings) if update.timings else None
 
-    def _logprobs(self, state: _Choice, entries: Sequence[common_pb2.TokenLogprobs]) -> Any:
-        model = self.model
+    def _logprobs(self, state: _Choice, entries: Sequence[TokenLogprobs]) -> Any:
         if self.call.api is Api.CHAT:
-            content = [
-                {
-                    "token": model.token_text(e.token_id),
-                    "logprob": _finite(e.logprob),
-                    "bytes": list(model.token_bytes(e.token_id)),
-                    "top_logprobs": [
-                        {
-                            "token": model.token_text(t.token_id),
-                            "logprob": _finite(t.logprob),
-                            "bytes": list(model.token_bytes(t.token_id)),
-                        }
-                        for t in e.top
-                    ],
-                }
-                for e in entries
-            ]
+            content = chat_logprobs_to_openai(entries, self.model)
             state.logprobs.extend(content)
             return {"content": content}
-        tokens, offsets = [], []
-        for e in entries:
-            text = model.token_text(e.token_id)
-            tokens.append(text)
-            offsets.append(state.offset)
-            state.offset += len(text)
-        block = {
-            "tokens": tokens,
-            "token_logprobs": [_finite(e.logprob) for e in entries],
-            "top_logprobs": [
-                {model.token_text(t.token_id): _finite(t.logprob) for t in e.top} for e in entries
-            ],
-            "text_offset": offsets,
-        }
+        block, state.offset = completion_logprobs_to_openai(entries, self.model, state.offset)
         state.logprobs.append(block)
         return block
-
-
-def _finite(logprob: float) -> float:
-    """Logprobs as OpenAI reports them: -9999.0 stands for -inf (JSON has no infinities)."""
-    return logprob if logprob >= -9999.0 else -9999.0
 
 
 def _merge_completion_logprobs(blocks: list[dict[str, list[Any]]]) -> dict[str, list[Any]]:

@@ -16,10 +16,10 @@ from typing import Any
 
 from services.gateway.body import Body, kind_of
 from services.gateway.errors import invalid
-from services.gateway.request import GenerationSpec, Prompt, PromptKind, Sampling
-from services.gateway.text_inputs import parse_messages, parse_prompt, parse_stop
+from services.gateway.openai_convert import sampling_from_openai
+from services.gateway.request import GenerationSpec, Prompt, PromptKind
+from services.gateway.text_inputs import parse_messages, parse_prompt
 
-MAX_LOGPROBS = 20
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
@@ -77,27 +77,6 @@ _COMPLETION_UNSUPPORTED = {
 }
 
 
-def _sampling(body: Body, max_tokens: int | None, logprobs: int | None) -> Sampling:
-    stop_ids = body.raw("stop_token_ids")
-    if stop_ids is not None and (
-        not isinstance(stop_ids, list)
-        or any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in stop_ids)
-    ):
-        raise invalid("'stop_token_ids' must be an array of non-negative integers", "stop_token_ids")
-    top_k = body.integer("top_k", 0, lo=-1)
-    return Sampling(
-        temperature=body.number("temperature", 1.0, lo=0.0, hi=2.0),
-        top_p=body.number("top_p", 1.0, lo=0.0, hi=1.0, lo_open=True),
-        top_k=0 if top_k == -1 else top_k or 0,
-        min_p=body.number("min_p", 0.0, lo=0.0, hi=1.0),
-        seed=body.integer("seed", None, lo=0, hi=2**63 - 1),
-        max_tokens=max_tokens,
-        stop_token_ids=tuple(stop_ids or ()),
-        ignore_eos=body.boolean("ignore_eos"),
-        logprobs=logprobs,
-    )
-
-
 def _stream_options(body: Body, stream: bool) -> bool:
     options = body.raw("stream_options")
     if options is None:
@@ -114,7 +93,12 @@ def _stream_options(body: Body, stream: bool) -> bool:
 
 
 def _common(
-    body: Body, api: Api, prompt: Prompt, max_tokens: int | None, logprobs: int | None
+    body: Body,
+    api: Api,
+    prompt: Prompt,
+    max_tokens: int | None,
+    logprobs: int | None,
+    names: dict[str, str] | None = None,
 ) -> OpenAIRequest:
     for name, noop in _COMMON_UNSUPPORTED.items():
         body.reject(name, noop)
@@ -125,11 +109,7 @@ def _common(
     spec = GenerationSpec(
         model=model,
         prompt=prompt,
-        sampling=_sampling(body, max_tokens, logprobs),
-        n=body.integer("n", 1, lo=1) or 1,
-        stop=parse_stop(body.raw("stop"), "stop"),
-        include_stop=body.boolean("include_stop_str_in_output"),
-        skip_special_tokens=body.boolean("skip_special_tokens", True),
+        sampling=sampling_from_openai(body, max_tokens, logprobs, names),
         default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS if api is Api.COMPLETIONS else None,
     )
     body.finish()
@@ -144,9 +124,7 @@ def parse_completion(data: dict[str, Any]) -> OpenAIRequest:
     if not body.has("prompt"):
         raise invalid("'prompt' is required", "prompt", "missing_required_parameter")
     prompt = parse_prompt(body.raw("prompt"), "prompt")
-    max_tokens = body.integer("max_tokens", None, lo=1)
-    logprobs = body.integer("logprobs", None, lo=0, hi=MAX_LOGPROBS)
-    return _common(body, Api.COMPLETIONS, prompt, max_tokens, logprobs)
+    return _common(body, Api.COMPLETIONS, prompt, body.integer("max_tokens"), body.integer("logprobs"))
 
 
 def parse_chat(data: dict[str, Any]) -> OpenAIRequest:
@@ -157,15 +135,23 @@ def parse_chat(data: dict[str, Any]) -> OpenAIRequest:
     if not body.has("messages"):
         raise invalid("'messages' is required", "messages", "missing_required_parameter")
     messages = parse_messages(body.raw("messages"), "messages")
-    max_tokens = body.integer("max_tokens", None, lo=1)
-    max_completion = body.integer("max_completion_tokens", None, lo=1)
+    max_tokens = body.integer("max_tokens")
+    max_completion = body.integer("max_completion_tokens")
     if max_tokens is not None and max_completion is not None and max_tokens != max_completion:
         raise invalid("give 'max_tokens' or 'max_completion_tokens', not two different values", "max_tokens")
     want_logprobs = body.boolean("logprobs")
-    top = body.integer("top_logprobs", None, lo=0, hi=MAX_LOGPROBS)
+    top = body.integer("top_logprobs")
     if top is not None and not want_logprobs:
         raise invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     prompt = Prompt(PromptKind.CHAT, "messages", messages=messages)
+    names = {"logprobs": "top_logprobs"}
+    if max_tokens is None and max_completion is not None:
+        names["max_tokens"] = "max_completion_tokens"
     return _common(
-        body, Api.CHAT, prompt, max_tokens or max_completion, (top or 0) if want_logprobs else None
+        body,
+        Api.CHAT,
+        prompt,
+        max_tokens if max_tokens is not None else max_completion,
+        (top or 0) if want_logprobs else None,
+        names,
     )

@@ -67,14 +67,14 @@ class Preprocessor:
     async def prepare(self, spec: GenerationSpec, tenant: str, received_at: float) -> GenerationRequest:
         """Tokenize, check the limits, resolve max_tokens; GatewayError naming the field otherwise."""
         self.check_model(spec.model)
-        choices = spec.prompt.count * spec.n
+        choices = spec.prompt.count * spec.sampling.n
         if choices > self.config.max_n:
             raise invalid(
                 f"'n' x prompts = {choices} choices is more than the limit {self.config.max_n}", "n"
             )
-        if len(spec.stop) > self.config.max_stop_strings:
+        if len(spec.sampling.stop) > self.config.max_stop_strings:
             raise invalid(
-                f"'stop' has {len(spec.stop)} strings, more than the limit {self.config.max_stop_strings}",
+                f"'stop' has {len(spec.sampling.stop)} strings, more than the limit {self.config.max_stop_strings}",
                 "stop",
             )
         prompts = await self.tokenize(spec.prompt)
@@ -104,10 +104,6 @@ class Preprocessor:
             model=self.model.name,
             prompts=prompts,
             sampling=replace(spec.sampling, max_tokens=max_tokens),
-            n=spec.n,
-            stop=spec.stop,
-            include_stop=spec.include_stop,
-            skip_special_tokens=spec.skip_special_tokens,
             priority=spec.priority,
             tenant=tenant,
             received_at=received_at,

@@ -10,7 +10,7 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from scalellm.lifecycle import cancel_and_wait, wait_for_stop_signal
+from scalellm.lifecycle import ReadyLine, cancel_and_wait, wait_for_stop_signal
 from scalellm.models.prepare import resolve_model_dir
 from scalellm.registry import RegistryClient, WorkerView
 from scalellm.v1 import gateway_pb2, gateway_pb2_grpc
@@ -62,7 +62,9 @@ class GatewayServer:
     async def start(self) -> None:
         """Load the tokenizer, start watching the registry, bind both listeners."""
         c = self.config
-        model = self._model or await asyncio.to_thread(ServedModel, resolve_model_dir(c.model), c)
+        model = self._model
+        if model is None:
+            model = await asyncio.to_thread(ServedModel, resolve_model_dir(c.model), c)
         tls = c.tls.read() if c.tls else None  # a bad certificate or key stops the start here
         source = self._source or self._make_source(model)
         keys = ApiKeys.load(c.api_keys_file) if c.api_keys_file else ApiKeys.disabled()
@@ -145,7 +147,10 @@ async def serve(config: GatewayConfig) -> None:
     """Run one gateway until SIGTERM or SIGINT, then drain gracefully."""
     server = GatewayServer(config)
     await server.start()
-    print(f"READY {config.host}:{server.http_port} grpc={config.host}:{server.grpc_port}", flush=True)
+    print(
+        ReadyLine(f"{config.host}:{server.http_port}", {"grpc": f"{config.host}:{server.grpc_port}"}),
+        flush=True,
+    )
     try:
         await wait_for_stop_signal()
         log.info("gateway shutting down (grace %.1f s)", config.grace_s)

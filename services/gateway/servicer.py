@@ -28,7 +28,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def Generate(
         self, request: gateway_pb2.GatewayGenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.GatewayGenerateResponse]:
-        core, error = self.core, None
+        core = self.core
+        error: BaseException | None = None
         try:
             tenant = core.authenticate(_authorization(context))
             with core.scope("grpc_generate") as scope:

@@ -1,8 +1,7 @@
-"""Validation of the text inputs every front end takes: prompts, chat messages and stop strings."""
+"""Validation of the text inputs every front end takes: prompts and chat messages."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from services.gateway.body import Body, kind_of, unsupported
@@ -11,7 +10,6 @@ from services.gateway.request import ChatMessage, Prompt, PromptKind
 
 # Roles the chat template is given; "developer" is OpenAI's newer name for "system".
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant"})
-MAX_STOP_CHARS = 1024
 _PROMPT_SHAPES = "a string, an array of strings, an array of token ids or an array of arrays of token ids"
 
 
@@ -83,18 +81,3 @@ def parse_messages(value: Any, param: str) -> tuple[ChatMessage, ...]:
         body.finish()
         out.append(ChatMessage("system" if role == "developer" else role, text, speaker))
     return tuple(out)
-
-
-def parse_stop(value: Any, param: str) -> tuple[str, ...]:
-    """Stop strings: absent, one string or an array of non-empty strings (duplicates dropped)."""
-    if value is None:
-        return ()
-    items: Sequence[Any] = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-        raise invalid(f"'{param}' must be a string or an array of strings, got {kind_of(value)}", param)
-    for s in items:
-        if not s:
-            raise invalid(f"'{param}' strings must not be empty", param)
-        if len(s) > MAX_STOP_CHARS:
-            raise invalid(f"'{param}' strings must be at most {MAX_STOP_CHARS} characters", param)
-    return tuple(dict.fromkeys(items))

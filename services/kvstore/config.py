@@ -9,8 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from scalellm.registry.backend import with_password
-from scalellm.security import SECURITY, SecurityConfig, read_secret
-from scalellm.settings import Option, parse_config
+from scalellm.security import SECURITY_OPTIONS, SecurityConfig, read_secret
+from scalellm.settings import Option, nested, parse_config
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -64,7 +64,6 @@ class KvstoreConfig:
             environ,
             prog="python -m services.kvstore",
             description="the kvstore placement registry",
-            groups=(SECURITY,),
         )
 
 
@@ -107,4 +106,5 @@ OPTIONS: tuple[Option, ...] = (
         "--grace-s", "grace_s", float, "how long SIGTERM lets calls finish", env="SCALELLM_KVSTORE_GRACE_S"
     ),
     Option("--log-level", "log_level", str, "DEBUG, INFO, WARNING or ERROR", env="SCALELLM_LOG_LEVEL"),
+    *nested("security", SECURITY_OPTIONS),
 )

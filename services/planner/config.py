@@ -1,6 +1,6 @@
 """PlannerServiceConfig: the planner's policy (scalellm/planner/policy.py) plus where it reads the
 registry and serves health and metrics, and the mesh security every service shares. Flag, then
-SCALELLM_PLANNER_* variable (SCALELLM_MESH_* for the security group), then default."""
+SCALELLM_PLANNER_* variable (SCALELLM_MESH_* for the mesh security), then default."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 from scalellm.planner import POLICY_OPTIONS, PlannerPolicy, Tier, TierLimits
 from scalellm.planner.policy import planner_option
-from scalellm.security import SECURITY, SecurityConfig
-from scalellm.settings import Option, parse_config
+from scalellm.security import SECURITY_OPTIONS, SecurityConfig
+from scalellm.settings import Option, nested, parse_config
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -59,7 +59,6 @@ class PlannerServiceConfig(PlannerPolicy):
         return parse_config(
             cls, OPTIONS, argv, environ, prog="python -m services.planner",
             description="the planner: desired worker counts from the registry's load reports",
-            groups=(SECURITY,),
         )  # fmt: skip
 
 
@@ -75,4 +74,5 @@ OPTIONS: tuple[Option, ...] = (
     planner_option("--metrics-port", "metrics_port", int, "Prometheus HTTP port (0: off)"),
     Option("--log-level", "log_level", str, "DEBUG, INFO, WARNING or ERROR", env="SCALELLM_LOG_LEVEL"),
     *POLICY_OPTIONS,
+    *nested("security", SECURITY_OPTIONS),
 )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+import grpc
+
 from scalellm.registry import WorkerRole
 from scalellm.v1 import worker_pb2_grpc
 from scalellm.worker.config import WorkerConfig, parse_worker_args
@@ -19,7 +21,7 @@ def build_server(config: WorkerConfig) -> WorkerServer:
     metrics = WorkerMetrics()
     worker = PrefillWorker(config, EngineHost(config, metrics), metrics)
 
-    def add(server) -> str:  # type: ignore[no-untyped-def]
+    def add(server: grpc.aio.Server) -> str:
         worker_pb2_grpc.add_PrefillWorkerServicer_to_server(PrefillServicer(worker), server)
         return SERVICE_NAME
 

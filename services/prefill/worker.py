@@ -12,39 +12,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 
-from scalellm.engine.request import Request, RequestStatus, TokenLogprobs
-from scalellm.engine.sampling_params import SamplingParams
-from scalellm.transfer import KVLayout, TransferClient, TransferStats
+from scalellm.engine.events import TokenEvent
+from scalellm.engine.request import Request
+from scalellm.transfer import KVLayout, TransferClient
+from scalellm.types import FinishReason, KVDestination, PrefillResult, SamplingParams
 from scalellm.worker.config import WorkerConfig
 from scalellm.worker.engine_host import EngineHost
 from scalellm.worker.errors import Unavailable
 from scalellm.worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class KVTarget:
-    """Where a prompt's KV goes: the decode worker's reserved blocks for prompt blocks
-    ``skip_blocks ..`` (it holds the first ``skip_blocks`` already)."""
-
-    decode_worker_id: str
-    transfer_endpoint: str
-    transfer_id: int
-    skip_blocks: int
-    block_ids: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class PrefillResult:
-    first_token_id: int
-    logprobs: TokenLogprobs | None
-    cached_tokens: int
-    queue_seconds: float
-    prefill_seconds: float
-    transfer: TransferStats
 
 
 class PrefillWorker:
@@ -62,7 +40,7 @@ class PrefillWorker:
 
     async def start(self) -> None:
         self.host.start()
-        kv = self.host.engine.runner.kv_cache
+        kv = self.host.engine.kv_cache
         layout = KVLayout.from_kv_cache(kv, self.host.model_name)
         self.client = TransferClient(self.config.worker_id, layout, kv, self.config.channel_config())
 
@@ -77,7 +55,7 @@ class PrefillWorker:
         prompt_token_ids: list[int],
         params: SamplingParams,
         priority: int,
-        target: KVTarget,
+        target: KVDestination,
     ) -> PrefillResult:
         if self.draining:
             raise Unavailable(f"prefill worker {self.config.worker_id} is draining")
@@ -85,39 +63,38 @@ class PrefillWorker:
             raise ValueError("destination.decode_worker_id and destination.transfer_endpoint are required")
         # The same request id may come from two decode workers: qualify it.
         rid = f"{target.decode_worker_id}/{request_id}/{target.transfer_id}"
-        req = self.host.engine.make_request(rid, prompt_token_ids, params, priority)
+        req = self.host.engine.make_request(rid, prompt_token_ids, params, priority, prefill_only=True)
         if not target.block_ids or target.skip_blocks * self.host.engine.block_size >= req.num_prompt_tokens:
             raise ValueError(
                 f"destination.block_ids is empty or skip_blocks={target.skip_blocks} skips the whole "
                 f"{req.num_prompt_tokens}-token prompt"
             )  # their exact count is checked by the channel, after it has compared KV layouts
-        req.max_tokens = 1
-        req.keep_blocks = True
         self.in_flight += 1
         try:
             return await self._run(req, target)
         finally:
             self.in_flight -= 1
 
-    async def _run(self, req: Request, target: KVTarget) -> PrefillResult:
+    async def _run(self, req: Request, target: KVDestination) -> PrefillResult:
         aengine = self.host.aengine
         events = [event async for event in aengine.add_and_stream(req)]  # one: the first token
-        event = events[-1]
-        if req.status is RequestStatus.FINISHED_ABORTED or event.token_id is None:
+        first: TokenEvent = events[-1]
+        done = first.outcome
+        if done is None or done.finish_reason is FinishReason.ABORT or first.token_id is None:
             raise Unavailable(f"prefill of {req.request_id} was aborted")
         computed = time.monotonic()
         loop = asyncio.get_running_loop()
 
         def release(_: object = None) -> None:  # the blocks return to the pool once the push is over
-            loop.call_soon_threadsafe(aengine.submit, lambda e: e.scheduler.release(req))
+            loop.call_soon_threadsafe(aengine.release, req.request_id)
 
         try:
             assert self.client is not None
             skip = target.skip_blocks
             future = self.client.submit_kv(
                 target.decode_worker_id, target.transfer_endpoint, target.transfer_id,
-                req.block_ids[skip : skip + len(target.block_ids)], list(target.block_ids),
-                req.num_prompt_tokens - skip * self.host.engine.block_size,
+                list(done.kept_block_ids[skip : skip + len(target.block_ids)]), list(target.block_ids),
+                done.num_prompt_tokens - skip * self.host.engine.block_size,
             )  # fmt: skip
         except Exception as exc:
             release()
@@ -135,13 +112,14 @@ class PrefillWorker:
         self.metrics.transfer_bytes.labels("out").inc(stats.bytes)
         self.metrics.transfer_seconds.labels("out").inc(stats.seconds)
         self.metrics.requests.labels("prefilled").inc()
-        scheduled = req.scheduled_time or req.arrival_time
-        self.metrics.ttft.observe(computed - req.arrival_time)
+        scheduled = done.scheduled_time or done.arrival_time
+        self.metrics.ttft.observe(computed - done.arrival_time)
         return PrefillResult(
-            first_token_id=event.token_id,
-            logprobs=event.logprobs,
-            cached_tokens=req.num_cached_tokens,
-            queue_seconds=scheduled - req.arrival_time,
+            first_token_id=first.token_id,
+            logprobs=first.logprobs,
+            cached_tokens=done.num_cached_tokens,
+            queue_seconds=scheduled - done.arrival_time,
             prefill_seconds=computed - scheduled,
-            transfer=stats,
+            transfer_seconds=stats.seconds,
+            transfer_bytes=stats.bytes,
         )

@@ -4,7 +4,7 @@ import pytest
 
 from scalellm.engine.block_manager import BlockManager
 from scalellm.engine.request import Request
-from scalellm.engine.sampling_params import SamplingParams
+from scalellm.types import SamplingParams
 
 
 def _req(rid: str, tokens: list[int]) -> Request:

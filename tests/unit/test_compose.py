@@ -185,16 +185,14 @@ def test_every_variable_is_one_the_service_reads(
 ) -> None:
     """A misspelt SCALELLM_* variable would be ignored silently in the container."""
     from scalellm.registry import WorkerRole
-    from scalellm.security import SECURITY
     from scalellm.worker.config import worker_options
     from services.gateway import config as gateway
     from services.kvstore import config as kvstore
 
-    security = {o.env for o in SECURITY.options}
-    worker = {o.env for o in worker_options(tuple(WorkerRole))} | security
+    worker = {o.env for o in worker_options(tuple(WorkerRole))}  # the SCALELLM_MESH_* ones included
     reads = {
-        "kvstore": {o.env for o in kvstore.OPTIONS} | security,
-        "gateway": {o.env for o in gateway.OPTIONS} | security,
+        "kvstore": {o.env for o in kvstore.OPTIONS},
+        "gateway": {o.env for o in gateway.OPTIONS},
         "prefill": worker,
         "decode": worker,
         "model": set(),

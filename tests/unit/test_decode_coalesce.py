@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import AsyncGenerator
 from pathlib import Path
@@ -11,25 +10,26 @@ from typing import Any
 
 import pytest
 
-from scalellm.engine.request import RequestStatus, TokenLogprobs
+from scalellm.engine.config import EngineConfig
 from scalellm.registry import WorkerRole
+from scalellm.types import FinishReason, Timings, TokenLogprobs, Usage
 from scalellm.v1 import common_pb2, worker_pb2
 from scalellm.worker.config import WorkerConfig
 from scalellm.worker.engine_host import EngineHost
 from scalellm.worker.metrics import WorkerMetrics
 from services.decode.servicer import DecodeServicer, coalesce
-from services.decode.worker import Chunk, DecodeWorker, Timings
+from services.decode.worker import Chunk, DecodeWorker
 
 
-def _chunk(token: int, finish: RequestStatus | None = None) -> Chunk:
+def _chunk(token: int, finish: FinishReason | None = None) -> Chunk:
     lp = TokenLogprobs(token, -0.5 * token, ((token, -0.5 * token), (token + 100, -9.0)))
     if finish is None:
         return Chunk([token], [lp])
-    return Chunk([token], [lp], finish, 7, 5, 3, Timings(queue=0.1, prefill=0.2, decode=0.3))
+    return Chunk([token], [lp], finish, Usage(7, 5, 3), Timings(queue=0.1, prefill=0.2, decode=0.3))
 
 
 async def test_ready_chunks_join_the_message_in_order_with_their_logprobs() -> None:
-    chunks = [_chunk(t) for t in (10, 11, 12, 13)] + [_chunk(14, RequestStatus.FINISHED_LENGTH)]
+    chunks = [_chunk(t) for t in (10, 11, 12, 13)] + [_chunk(14, FinishReason.LENGTH)]
     # ready() answers "is the next chunk already there?" after each chunk taken: 11 and 12 wait
     # behind 10; 13 comes alone; 14 (the finish) waits behind 13.
     waiting = iter([True, True, False, True])
@@ -63,7 +63,7 @@ async def test_ready_chunks_join_the_message_in_order_with_their_logprobs() -> N
 async def test_nothing_is_taken_past_the_finish_and_a_keeping_up_reader_gets_one_per_chunk() -> None:
     async def source() -> AsyncGenerator[Chunk, None]:
         yield _chunk(1)
-        yield _chunk(2, RequestStatus.FINISHED_STOPPED)
+        yield _chunk(2, FinishReason.STOP)
         yield _chunk(3)  # never sent: a stream ends with its finish
 
     always = [m async for m in coalesce(source(), lambda: True)]
@@ -73,7 +73,7 @@ async def test_nothing_is_taken_past_the_finish_and_a_keeping_up_reader_gets_one
     async def three() -> AsyncGenerator[Chunk, None]:
         for t in (1, 2):
             yield _chunk(t)
-        yield _chunk(3, RequestStatus.FINISHED_LENGTH)
+        yield _chunk(3, FinishReason.LENGTH)
 
     never = [m async for m in coalesce(three(), lambda: False)]
     assert [list(m.token_ids) for m in never] == [[1], [2], [3]]
@@ -103,7 +103,8 @@ async def test_a_slow_reader_gets_the_engines_tokens_in_fewer_messages(tiny_llam
     """A real engine on its step thread while this event loop stalls: the tokens that queued up
     come in one message, exactly the tokens (and logprobs) a reader that keeps up gets."""
     config = WorkerConfig(
-        role=WorkerRole.BOTH, model=str(tiny_llama), num_kv_blocks=64, block_size=4, num_threads=1
+        role=WorkerRole.BOTH,
+        engine=EngineConfig(model=str(tiny_llama), num_kv_blocks=64, block_size=4, num_threads=1),
     )
     host = EngineHost(config, WorkerMetrics())
     worker = DecodeWorker(config, host, WorkerMetrics())
@@ -129,9 +130,7 @@ async def test_a_slow_reader_gets_the_engines_tokens_in_fewer_messages(tiny_llam
                         time.sleep(0.01)
                     # A command runs on the step thread after the last step handed its events
                     # to the loop: once it ran, every delivery is queued.
-                    barrier = threading.Event()
-                    host.aengine.submit(lambda _, ran=barrier: ran.set())
-                    assert barrier.wait(120)
+                    host.aengine.barrier().result(timeout=120)
                     await asyncio.sleep(0)  # the queued deliveries run first
             return out
 

@@ -9,7 +9,7 @@ import pytest
 
 from scalellm.engine.config import EngineConfig
 from scalellm.engine.engine import LLMEngine
-from scalellm.engine.sampling_params import SamplingParams
+from scalellm.types import SamplingParams
 from tests.tiny_models import hf_greedy
 
 

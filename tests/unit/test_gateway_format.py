@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from scalellm.v1 import common_pb2
+from scalellm.types import FinishReason, SamplingParams, Timings, TokenLogprobs, Usage
 from services.gateway import sse
 from services.gateway.auth import ApiKeys, KeyRefused
 from services.gateway.config import GatewayConfig
@@ -17,8 +17,8 @@ from services.gateway.errors import ErrorKind, invalid
 from services.gateway.model import ServedModel
 from services.gateway.openai_format import OpenAIFormatter
 from services.gateway.openai_parse import parse_chat, parse_completion
-from services.gateway.request import GenerationRequest, Sampling
-from services.gateway.results import ChoiceUpdate, ChoiceUsage, Finish, Timings
+from services.gateway.request import GenerationRequest
+from services.gateway.results import ChoiceUpdate
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,7 +49,7 @@ def model(demo_model_dir: Path) -> ServedModel:
 
 def request(n: int = 1) -> GenerationRequest:
     return GenerationRequest(
-        request_id="r1", model="smol", prompts=((1, 2, 3),), sampling=Sampling(max_tokens=5), n=n
+        request_id="r1", model="smol", prompts=((1, 2, 3),), sampling=SamplingParams(max_tokens=5, n=n)
     )
 
 
@@ -72,7 +72,7 @@ def test_chat_stream_chunks(model: ServedModel) -> None:
     assert fmt.chunk(ChoiceUpdate(0, [9], "")) is None  # nothing new to show
     assert fmt.chunk(ChoiceUpdate(0, [9], "Hi"))["choices"][0]["delta"] == {"content": "Hi"}
     end = ChoiceUpdate(
-        0, [2], "", finish=Finish.STOP, usage=ChoiceUsage(3, 3, 1), timings=Timings(gateway=0.001, total=0.5)
+        0, [2], "", finish=FinishReason.STOP, usage=Usage(3, 3, 1), timings=Timings(gateway=0.001, total=0.5)
     )
     last = fmt.chunk(end)["choices"][0]
     assert last["finish_reason"] == "stop" and last["delta"] == {} and last["timings"]["total"] == 0.5
@@ -86,14 +86,12 @@ def test_completion_response_with_logprobs_and_n(model: ServedModel) -> None:
     call = parse_completion({"prompt": "x", "n": 2, "logprobs": 1})
     fmt = OpenAIFormatter(call, request(n=2), model)
     tok = model.tokenizer.encode("Hello")[0]
-    lp = common_pb2.TokenLogprobs(
-        token_id=tok, logprob=-0.5, top=[common_pb2.TopLogprob(token_id=tok, logprob=float("-inf"))]
-    )
+    lp = TokenLogprobs(tok, -0.5, ((tok, float("-inf")),))
     for index in (0, 1):
         fmt.add(ChoiceUpdate(index, [tok], "Hello", [lp]))
         fmt.add(
             ChoiceUpdate(
-                index, [tok], "Hello", [lp], Finish.LENGTH, usage=ChoiceUsage(3, 2), timings=Timings()
+                index, [tok], "Hello", [lp], FinishReason.LENGTH, usage=Usage(3, 2), timings=Timings()
             )
         )
     out = fmt.response()
@@ -131,11 +129,11 @@ def test_stream_events_are_the_chunks_bytes(
     fast, slow = OpenAIFormatter(call, request(n=2), model), OpenAIFormatter(call, request(n=2), model)
     slow.created = fast.created
     tok = model.tokenizer.encode("Hello")[0]
-    lp = [common_pb2.TokenLogprobs(token_id=tok, logprob=-0.5)]
+    lp = [TokenLogprobs(tok, -0.5)]
     texts = ["", "Hi", "", ' "quoted" \\ back\nslash\t', "é😀\u2028\x00\x1f", "</script>", "plain"]
     updates = [ChoiceUpdate(i, [tok], t, lp if k % 2 else ()) for k, t in enumerate(texts) for i in (0, 1)]
     updates += [
-        ChoiceUpdate(i, [tok], "end", lp, Finish.LENGTH, usage=ChoiceUsage(3, 8), timings=Timings())
+        ChoiceUpdate(i, [tok], "end", lp, FinishReason.LENGTH, usage=Usage(3, 8), timings=Timings())
         for i in (1, 0)
     ]
     for update in updates:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from scalellm.types import SamplingParams
 from scalellm.v1 import common_pb2, gateway_pb2
 from services.gateway.body import parse_json_object
 from services.gateway.config import GatewayConfig
@@ -14,7 +15,7 @@ from services.gateway.grpc_convert import spec_from_proto
 from services.gateway.model import ServedModel
 from services.gateway.openai_parse import Api, parse_chat, parse_completion
 from services.gateway.preprocess import Preprocessor
-from services.gateway.request import ChatMessage, PromptKind, Sampling
+from services.gateway.request import ChatMessage, PromptKind
 
 
 def bad(fn, *args) -> GatewayError:  # type: ignore[no-untyped-def]
@@ -36,11 +37,11 @@ def test_completion_maps_every_supported_field() -> None:
     assert call.api is Api.COMPLETIONS and call.stream and call.include_usage and call.logprobs
     spec = call.spec
     assert spec.model == "m" and spec.prompt.kind is PromptKind.TEXT and spec.prompt.texts == ("hi",)
-    assert spec.sampling == Sampling(
+    assert spec.sampling == SamplingParams(
         temperature=0.0, top_p=0.9, top_k=5, min_p=0.05, seed=3, max_tokens=7,
         stop_token_ids=(5, 6), ignore_eos=True, logprobs=2,
+        n=2, stop=("\n",), include_stop_str_in_output=True, skip_special_tokens=False,
     )  # fmt: skip
-    assert spec.n == 2 and spec.stop == ("\n",) and spec.include_stop and not spec.skip_special_tokens
 
 
 def test_completion_defaults_follow_openai() -> None:
@@ -106,11 +107,13 @@ def test_grpc_request_maps_to_the_same_spec() -> None:
         n=2, stop=["x", "x", "y"], keep_special_tokens=True, priority=-1,
     )  # fmt: skip
     spec = spec_from_proto(request)
-    assert spec.prompt.texts == ("hi",) and spec.n == 2 and spec.stop == ("x", "y") and spec.priority == -1
-    assert spec.sampling == Sampling(temperature=0.5, top_p=1.0, top_k=3, seed=9, max_tokens=4, logprobs=1)
-    assert not spec.skip_special_tokens
+    assert spec.prompt.texts == ("hi",) and spec.priority == -1
+    assert spec.sampling == SamplingParams(
+        temperature=0.5, top_p=1.0, top_k=3, seed=9, max_tokens=4, logprobs=1,
+        n=2, stop=("x", "y"), skip_special_tokens=False,
+    )  # fmt: skip
     unset = spec_from_proto(gateway_pb2.GatewayGenerateRequest(text="hi"))
-    assert unset.n == 1 and unset.sampling.temperature == 0 and unset.sampling.max_tokens is None
+    assert unset.sampling.n == 1 and unset.sampling.temperature == 0 and unset.sampling.max_tokens is None
     assert (
         bad(
             spec_from_proto,

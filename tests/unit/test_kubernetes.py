@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from scalellm.registry import WorkerRole
-from scalellm.security import SECURITY, SecurityConfig
+from scalellm.security import SecurityConfig
 from scalellm.security.files import UNSAFE_BITS
 from scalellm.settings import Option
 from tests.redis_script import check_redis_requires_its_password
@@ -250,12 +250,10 @@ def _containers() -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
 
 
 def _reads(kind: ServiceKind, env: dict[str, str]) -> set[str]:
-    """The variables the service's parser reads: its option table, and the SCALELLM_MESH_* group
-    when its config carries the mesh security (every service's does)."""
-    carries_security = isinstance(getattr(kind.parse(env), "security", None), SecurityConfig)
-    return {o.env for o in kind.options()} | (
-        {o.env for o in SECURITY.options} if carries_security else set()
-    )
+    """The variables the service's parser reads: its option table, the SCALELLM_MESH_* options
+    included (nested into every service's config, whose ``security`` they fill)."""
+    assert isinstance(kind.parse(env).security, SecurityConfig)
+    return {o.env for o in kind.options()}
 
 
 def test_every_scalellm_variable_is_one_the_service_reads() -> None:

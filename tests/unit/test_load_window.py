@@ -87,7 +87,7 @@ def test_the_backlog_of_a_real_scheduler_falls_as_chunks_run(tiny_llama: Path) -
     """Chunked prefill of 3 prompts of 40 tokens, 8 tokens a step, one sequence at a time."""
     from scalellm.engine.config import EngineConfig
     from scalellm.engine.engine import LLMEngine
-    from scalellm.engine.sampling_params import SamplingParams
+    from scalellm.types import SamplingParams
 
     engine = LLMEngine(
         EngineConfig(
@@ -109,16 +109,19 @@ def test_the_backlog_of_a_real_scheduler_falls_as_chunks_run(tiny_llama: Path) -
 
 async def test_engine_host_reports_what_it_measured(tiny_llama: Path) -> None:
     """The heartbeat's load (EngineHost.load) carries the window's signals and the batch limit."""
-    from scalellm.engine.sampling_params import SamplingParams
+    from scalellm.engine.config import EngineConfig
     from scalellm.registry import WorkerRole
+    from scalellm.types import SamplingParams
     from scalellm.worker.config import WorkerConfig
     from scalellm.worker.engine_host import EngineHost
     from scalellm.worker.metrics import WorkerMetrics
 
     config = WorkerConfig(
-        role=WorkerRole.BOTH, model=str(tiny_llama), num_kv_blocks=64, block_size=4, num_threads=1,
-        max_num_seqs=5,
-    )  # fmt: skip
+        role=WorkerRole.BOTH,
+        engine=EngineConfig(
+            model=str(tiny_llama), num_kv_blocks=64, block_size=4, num_threads=1, max_num_seqs=5
+        ),
+    )
     host = EngineHost(config, WorkerMetrics())
     assert host.info("127.0.0.1:1").max_running == 5
     assert host.load().ttft_s == 0.0 and host.load().itl_s == 0.0

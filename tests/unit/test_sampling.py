@@ -7,7 +7,7 @@ import torch
 
 from scalellm.engine.request import Request
 from scalellm.engine.sampler import Sampler
-from scalellm.engine.sampling_params import SamplingParams
+from scalellm.types import SamplingParams
 
 
 def _reqs(*params: SamplingParams) -> list[Request]:
@@ -97,7 +97,8 @@ def test_logprobs_are_raw_log_softmax() -> None:
         ({"seed": -1}, "seed"),
         ({"logprobs": 99}, "logprobs"),
         ({"stop_token_ids": [-3]}, "stop_token_ids"),
-        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
+        ({"stop": [""]}, "stop"),
     ],
 )
 def test_bad_parameters_name_the_field(kwargs: dict, field: str) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from scalellm.engine.block_manager import BlockManager
 from scalellm.engine.request import Request, RequestStatus
-from scalellm.engine.sampling_params import SamplingParams
 from scalellm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from scalellm.types import SamplingParams
 
 
 def _sched(num_blocks: int = 64, block_size: int = 4, budget: int = 32, seqs: int = 8) -> Scheduler:

@@ -1,0 +1,64 @@
+"""What a request produces, in wire-neutral types: finish reason, token logprobs, usage, timings.
+
+The engine, the workers and the gateway all speak these; scalellm.types.proto converts them to and
+from the wire, the gateway's OpenAI converter to and from OpenAI's JSON.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class FinishReason(str, enum.Enum):
+    """Why a request ended; the values are OpenAI's ``finish_reason`` strings (and compare equal
+    to them)."""
+
+    STOP = "stop"
+    """An end-of-sequence token, a stop token id or (gateway) a stop string."""
+    LENGTH = "length"
+    """max_tokens or the model's context length was reached."""
+    ABORT = "abort"
+    """Cancelled: client disconnect, deadline, an explicit cancel or a failed engine step."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """Logprobs of one generated token: the sampled one and the top-N alternatives, best first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts of one finished sequence."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int = 0
+    """Prompt tokens whose KV came from a prefix cache instead of being computed."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Timings:
+    """Where a request's time went, in seconds. Workers fill queue .. transfer_bytes; the gateway
+    adds its own share and what it saw of the worker's stream."""
+
+    gateway: float = 0.0
+    """In the gateway: validation, tokenization, routing, detokenization."""
+    queue: float = 0.0
+    """Waiting for KV blocks and a prefill slot."""
+    prefill: float = 0.0
+    """Computing the prompt, up to the first token."""
+    transfer: float = 0.0
+    """Moving the prompt's KV from the prefill worker to the decode worker (0 when colocated)."""
+    decode: float = 0.0
+    """From the first token to the last."""
+    transfer_bytes: int = 0
+    """Bytes of KV moved between workers."""
+    total: float = 0.0
+    """From the gateway receiving the request to the decode worker's last message."""
+    worker_call: float = 0.0
+    """The decode stream as the gateway saw it: opened to the worker's last message."""

@@ -1,0 +1,174 @@
+"""The one converter between scalellm.types and the scalellm.v1 protos, for the gateway and the
+workers alike. Proto3 has no "unset" for plain scalars, so 0 stands for it where common.proto
+says so (top_p 0 -> 1, max_tokens 0 -> up to the context length).
+
+Building a type validates it: a bad SamplingParams message raises InvalidParameter naming the
+field (the workers' interceptor reports it as INVALID_ARGUMENT; the gateway as 'sampling.<field>').
+"""
+
+from __future__ import annotations
+
+from scalellm.types.outputs import FinishReason, Timings, TokenLogprobs, Usage
+from scalellm.types.prefill import KVDestination, PrefillResult, PrefillTarget
+from scalellm.types.sampling import SamplingParams
+from scalellm.v1 import common_pb2, worker_pb2
+
+_FINISH_TO_PROTO = {
+    FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: common_pb2.FINISH_REASON_ABORT,
+}
+_FINISH_FROM_PROTO: dict[int, FinishReason] = {v: k for k, v in _FINISH_TO_PROTO.items()}
+
+
+# ---- sampling --------------------------------------------------------------------------------
+
+
+def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
+    """The per-sequence parameters a worker takes (n and stop strings stay with the gateway)."""
+    msg = common_pb2.SamplingParams(
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        min_p=params.min_p,
+        max_tokens=params.max_tokens or 0,
+        stop_token_ids=params.stop_token_ids,
+        ignore_eos=params.ignore_eos,
+    )
+    if params.seed is not None:
+        msg.seed = params.seed
+    if params.logprobs is not None:
+        msg.logprobs = params.logprobs
+    return msg
+
+
+def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
+    """Unset temperature is greedy, unset top_p is 1, unset max_tokens is up to the context."""
+    return SamplingParams(
+        temperature=msg.temperature,
+        top_p=msg.top_p or 1.0,
+        top_k=msg.top_k,
+        min_p=msg.min_p,
+        seed=msg.seed if msg.HasField("seed") else None,
+        max_tokens=msg.max_tokens or None,
+        stop_token_ids=tuple(msg.stop_token_ids),
+        ignore_eos=msg.ignore_eos,
+        logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+    )
+
+
+# ---- outputs ---------------------------------------------------------------------------------
+
+
+def finish_reason_to_proto(reason: FinishReason | None) -> common_pb2.FinishReason:
+    return _FINISH_TO_PROTO[reason] if reason is not None else common_pb2.FINISH_REASON_UNSPECIFIED
+
+
+def finish_reason_from_proto(value: int) -> FinishReason | None:
+    """None while unfinished (FINISH_REASON_UNSPECIFIED)."""
+    return _FINISH_FROM_PROTO.get(value)
+
+
+def logprobs_to_proto(lp: TokenLogprobs) -> common_pb2.TokenLogprobs:
+    return common_pb2.TokenLogprobs(
+        token_id=lp.token_id,
+        logprob=lp.logprob,
+        top=[common_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+    )
+
+
+def logprobs_from_proto(msg: common_pb2.TokenLogprobs) -> TokenLogprobs:
+    return TokenLogprobs(msg.token_id, msg.logprob, tuple((t.token_id, t.logprob) for t in msg.top))
+
+
+def usage_to_proto(usage: Usage) -> common_pb2.Usage:
+    return common_pb2.Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cached_prompt_tokens=usage.cached_prompt_tokens,
+    )
+
+
+def usage_from_proto(msg: common_pb2.Usage) -> Usage:
+    return Usage(msg.prompt_tokens, msg.completion_tokens, msg.cached_prompt_tokens)
+
+
+def timings_to_proto(t: Timings) -> common_pb2.Timings:
+    return common_pb2.Timings(
+        gateway=t.gateway,
+        queue=t.queue,
+        prefill=t.prefill,
+        transfer=t.transfer,
+        decode=t.decode,
+        transfer_bytes=t.transfer_bytes,
+        total=t.total,
+        worker_call=t.worker_call,
+    )
+
+
+def timings_from_proto(msg: common_pb2.Timings) -> Timings:
+    return Timings(
+        gateway=msg.gateway,
+        queue=msg.queue,
+        prefill=msg.prefill,
+        transfer=msg.transfer,
+        decode=msg.decode,
+        transfer_bytes=msg.transfer_bytes,
+        total=msg.total,
+        worker_call=msg.worker_call,
+    )
+
+
+# ---- disaggregated prefill -------------------------------------------------------------------
+
+
+def prefill_target_to_proto(target: PrefillTarget) -> worker_pb2.PrefillTarget:
+    return worker_pb2.PrefillTarget(worker_id=target.worker_id, address=target.address)
+
+
+def prefill_target_from_proto(msg: worker_pb2.PrefillTarget) -> PrefillTarget:
+    return PrefillTarget(msg.worker_id, msg.address)
+
+
+def kv_destination_to_proto(dest: KVDestination) -> worker_pb2.KVDestination:
+    return worker_pb2.KVDestination(
+        decode_worker_id=dest.decode_worker_id,
+        transfer_endpoint=dest.transfer_endpoint,
+        transfer_id=dest.transfer_id,
+        skip_blocks=dest.skip_blocks,
+        block_ids=dest.block_ids,
+    )
+
+
+def kv_destination_from_proto(msg: worker_pb2.KVDestination) -> KVDestination:
+    return KVDestination(
+        msg.decode_worker_id, msg.transfer_endpoint, msg.transfer_id, msg.skip_blocks, tuple(msg.block_ids)
+    )
+
+
+def prefill_result_to_proto(result: PrefillResult) -> worker_pb2.PrefillResponse:
+    reply = worker_pb2.PrefillResponse(
+        first_token_id=result.first_token_id,
+        cached_prompt_tokens=result.cached_tokens,
+        queue_seconds=result.queue_seconds,
+        prefill_seconds=result.prefill_seconds,
+        transfer_seconds=result.transfer_seconds,
+        transfer_bytes=result.transfer_bytes,
+    )
+    if result.logprobs is not None:
+        reply.first_token_logprobs.CopyFrom(logprobs_to_proto(result.logprobs))
+    return reply
+
+
+def prefill_result_from_proto(msg: worker_pb2.PrefillResponse) -> PrefillResult:
+    return PrefillResult(
+        first_token_id=msg.first_token_id,
+        logprobs=logprobs_from_proto(msg.first_token_logprobs)
+        if msg.HasField("first_token_logprobs")
+        else None,
+        cached_tokens=msg.cached_prompt_tokens,
+        queue_seconds=msg.queue_seconds,
+        prefill_seconds=msg.prefill_seconds,
+        transfer_seconds=msg.transfer_seconds,
+        transfer_bytes=msg.transfer_bytes,
+    )
