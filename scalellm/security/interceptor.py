@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, TypeVar
 
 import grpc
 
 from scalellm.security.token import METADATA_KEY, MeshToken
 
 log = logging.getLogger(__name__)
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
 
 OPEN_PREFIXES: Final[tuple[str, ...]] = ("/grpc.health.v1.Health/",)
 """Methods callable without the token."""
@@ -41,9 +43,9 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Req, Resp] | None]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Req, Resp] | None:
         if details.method.startswith(OPEN_PREFIXES):
             return await continuation(details)
         presented = _metadata_value(details.invocation_metadata, METADATA_KEY)
@@ -67,10 +69,10 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
             self._last_log, self._unlogged = now, 0
 
 
-def _metadata_value(metadata: Any, key: str) -> str | bytes | None:
+def _metadata_value(metadata: Sequence[tuple[str, str | bytes]] | None, key: str) -> str | bytes | None:
     for item in metadata or ():
         if item[0] == key:
-            return item[1]  # type: ignore[no-any-return]
+            return item[1]
     return None
 
 
@@ -81,7 +83,7 @@ async def _deny(_request: Any, context: grpc.aio.ServicerContext) -> None:
     await context.abort(grpc.StatusCode.UNAUTHENTICATED, _MESSAGE)
 
 
-def _refusing(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
+def _refusing(handler: grpc.RpcMethodHandler[Req, Resp] | None) -> grpc.RpcMethodHandler[Req, Resp]:
     """A handler of the same shape that aborts at once; the request stays raw bytes, unparsed."""
     if handler is None or handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(_deny)

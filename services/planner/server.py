@@ -57,7 +57,7 @@ class PlannerServer:
             self._metrics_http, _ = start_http_server(
                 c.metrics_port, addr=c.metrics_bind_host, registry=self.metrics.registry
             )
-            self.metrics_port = int(self._metrics_http.server_port)  # type: ignore[attr-defined]
+            self.metrics_port = int(self._metrics_http.server_port)
         server = grpc.aio.server(interceptors=self.security.interceptors(self.metrics.count_auth_failure))
         self._server = server
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
