@@ -186,6 +186,7 @@ class LLMEngine:
             num_waiting=len(sched.waiting),
             num_free_blocks=self.blocks.num_free_blocks,
             num_blocks=self.num_blocks,
+            prefill_backlog_tokens=sched.prefill_backlog_tokens,
         )
 
     # ---- one step ------------------------------------------------------------------------

@@ -58,6 +58,14 @@ class TokenEvent:
     def finished(self) -> bool:
         return self.outcome is not None
 
+    @property
+    def ttft_s(self) -> float | None:
+        """Seconds from the request's arrival at this engine to its first token (None before it
+        has one; a decode worker's first token is the prefill worker's, landed with its KV). Set
+        once, so any thread may read it."""
+        req = self.request
+        return None if req.first_token_time is None else req.first_token_time - req.arrival_time
+
 
 @dataclass(frozen=True, slots=True)
 class RemoteReservation:
@@ -77,6 +85,9 @@ class EngineStats:
     num_waiting: int
     num_free_blocks: int
     num_blocks: int
+    prefill_backlog_tokens: int
+    """Tokens to compute before the waiting requests and those still in prefill decode (the
+    planner's signal for the prefill tier)."""
 
 
 def outcome(req: Request) -> FinishedRequest:

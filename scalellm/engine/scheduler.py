@@ -19,10 +19,20 @@ from __future__ import annotations
 
 import bisect
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from scalellm.engine.block_manager import BlockManager
 from scalellm.engine.request import Request, RequestStatus
+
+
+def prefill_backlog_tokens(waiting: Iterable[Request], running: Iterable[Request]) -> int:
+    """Tokens still to compute before these requests decode: all of a waiting request's tokens
+    not yet computed (a preempted one recomputes its output too), and the rest of the prompt of a
+    running request still in prefill."""
+    queued = sum(r.num_tokens - r.num_computed_tokens for r in waiting)
+    partial = sum(max(0, r.num_prompt_tokens - r.num_computed_tokens) for r in running)
+    return queued + partial
 
 
 @dataclass(frozen=True)
@@ -146,6 +156,10 @@ class Scheduler:
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    @property
+    def prefill_backlog_tokens(self) -> int:
+        return prefill_backlog_tokens(self.waiting, self.running)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()

@@ -11,7 +11,7 @@ from scalellm.engine.events import TokenEvent
 from scalellm.models.prepare import resolve_model_dir
 from scalellm.registry import WorkerInfo, WorkerLoad
 from scalellm.worker.config import WorkerConfig
-from scalellm.worker.load_window import LoadWindow, prefill_backlog_tokens
+from scalellm.worker.load_window import LoadWindow
 from scalellm.worker.metrics import WorkerMetrics
 
 
@@ -24,7 +24,7 @@ class EngineHost:
         self.engine = LLMEngine(replace(config.engine, model=str(self.model_dir)))
         self.aengine = AsyncEngine(self.engine, on_step=self._on_step)
         self._window = LoadWindow()
-        """Token rate, TTFT, ITL and prefill backlog: written by the step thread, read by load()."""
+        """Token rate, TTFT and ITL: written by the step thread, read by load()."""
         # Live values, read when /metrics is scraped: the engine's last published snapshot.
         aengine = self.aengine
         metrics.total_blocks.set(self.engine.num_blocks)
@@ -54,8 +54,9 @@ class EngineHost:
         )
 
     def load(self) -> WorkerLoad:
-        """The load right now: the engine's snapshot after its last step or command, and the
-        window's measurements (a value one step old is fine for routing)."""
+        """The load right now: the engine's snapshot after its last step or command (queues, free
+        blocks, prefill backlog) and the window's measurements (a value one step old is fine for
+        routing and planning)."""
         stats = self.aengine.stats
         measured = self._window.signals()
         return WorkerLoad(
@@ -63,13 +64,11 @@ class EngineHost:
             waiting=stats.num_waiting,
             free_blocks=stats.num_free_blocks,
             tokens_per_second=measured.tokens_per_second,
-            prefill_backlog_tokens=measured.prefill_backlog_tokens,
+            prefill_backlog_tokens=stats.prefill_backlog_tokens,
             ttft_s=measured.ttft_s,
             itl_s=measured.itl_s,
         )
 
-    def _on_step(self, engine: LLMEngine, events: list[TokenEvent]) -> None:
-        """Step thread: fold the step into the load window (the scheduler's queues are ours here)."""
-        sched = engine.scheduler
-        backlog = prefill_backlog_tokens(sched.waiting, sched.running)
-        self.metrics.tokens.inc(self._window.on_step(time.monotonic(), events, backlog))
+    def _on_step(self, _engine: LLMEngine, events: list[TokenEvent]) -> None:
+        """Step thread: fold the step's events into the load window."""
+        self.metrics.tokens.inc(self._window.on_step(time.monotonic(), events))

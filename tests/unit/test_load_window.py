@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from scalellm.worker.load_window import LoadWindow, prefill_backlog_tokens
+from scalellm.engine.scheduler import prefill_backlog_tokens
+from scalellm.worker.load_window import LoadWindow
 
 
 @dataclass(eq=False)
@@ -17,6 +18,7 @@ class _Req:
     num_computed_tokens: int = 0
     prompt: int = 0
     output: int = 0
+    request_id: str = ""
 
     @property
     def num_tokens(self) -> int:
@@ -29,37 +31,47 @@ class _Req:
 
 @dataclass
 class _Event:
+    """The fields of TokenEvent the window reads."""
+
     request: _Req
     token_id: int | None = 7
     finished: bool = False
     logprobs: object = field(default=None)
 
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id or str(id(self.request))
+
+    @property
+    def ttft_s(self) -> float | None:
+        first = self.request.first_token_time
+        return None if first is None else first - self.request.arrival_time
+
 
 def test_ttft_itl_and_rate_over_the_window() -> None:
     window = LoadWindow(window_s=10.0)
-    a = _Req(arrival_time=0.0, first_token_time=0.5)
-    b = _Req(arrival_time=1.0, first_token_time=2.0)
-    window.on_step(0.5, [_Event(a)], backlog_tokens=30)  # a's first token: TTFT 0.5
-    window.on_step(0.7, [_Event(a)], backlog_tokens=20)  # ITL 0.2
-    window.on_step(2.0, [_Event(a), _Event(b)], backlog_tokens=0)  # a: ITL 1.3; b: TTFT 1.0
+    a = _Req(arrival_time=0.0, first_token_time=0.5, request_id="a")
+    b = _Req(arrival_time=1.0, first_token_time=2.0, request_id="b")
+    window.on_step(0.5, [_Event(a)])  # a's first token: TTFT 0.5
+    window.on_step(0.7, [_Event(a)])  # ITL 0.2
+    window.on_step(2.0, [_Event(a), _Event(b)])  # a: ITL 1.3; b: TTFT 1.0
     s = window.signals(now=2.0)
     assert s.ttft_s == pytest.approx((0.5 + 1.0) / 2)
     assert s.itl_s == pytest.approx((0.2 + 1.3) / 2)
     assert s.tokens_per_second == pytest.approx(3 / 1.5)  # the oldest step's token is before the span
-    assert s.prefill_backlog_tokens == 0
 
-    window.on_step(2.1, [_Event(a, finished=True), _Event(b, token_id=None, finished=True)], 0)
-    a2 = _Req(arrival_time=2.1, first_token_time=2.5)  # a fresh request: its first token is TTFT again
-    window.on_step(13.0, [_Event(a2)], backlog_tokens=5)  # everything before 3.0 left the window
+    window.on_step(2.1, [_Event(a, finished=True), _Event(b, token_id=None, finished=True)])
+    a2 = _Req(arrival_time=2.1, first_token_time=2.5, request_id="a")  # the id again, a new request
+    window.on_step(13.0, [_Event(a2)])  # everything before 3.0 left the window
     s = window.signals(now=13.0)
-    assert s.ttft_s == pytest.approx(0.4) and s.itl_s == 0.0 and s.prefill_backlog_tokens == 5
+    assert s.ttft_s == pytest.approx(0.4) and s.itl_s == 0.0
 
 
-def test_an_idle_worker_reports_no_measurements_but_keeps_its_backlog() -> None:
+def test_an_idle_worker_reports_no_measurements() -> None:
     window = LoadWindow(window_s=10.0)
     req = _Req(arrival_time=0.0, first_token_time=1.0)
-    window.on_step(1.0, [_Event(req)], backlog_tokens=0)
-    window.on_step(1.1, [_Event(req)], backlog_tokens=0)
+    window.on_step(1.0, [_Event(req)])
+    window.on_step(1.1, [_Event(req)])
     assert window.signals(now=5.0).itl_s == pytest.approx(0.1)
     idle = window.signals(now=11.2)
     assert (idle.tokens_per_second, idle.ttft_s, idle.itl_s) == (0.0, 0.0, 0.0)
@@ -68,9 +80,9 @@ def test_an_idle_worker_reports_no_measurements_but_keeps_its_backlog() -> None:
 def test_a_request_whose_finish_was_never_seen_is_forgotten() -> None:
     window = LoadWindow(window_s=1.0)
     lost = _Req(arrival_time=0.0)
-    window.on_step(0.0, [_Event(lost)], 0)
+    window.on_step(0.0, [_Event(lost)])
     for t in range(1, 5):
-        window.on_step(float(t), [], 0)
+        window.on_step(float(t), [])
     assert not window._last_token  # pruned once it had no token for a whole window
 
 
@@ -83,8 +95,9 @@ def test_backlog_counts_queued_tokens_and_the_rest_of_prompts_in_prefill() -> No
     assert prefill_backlog_tokens(waiting, running) == 40 + 13 + 24
 
 
-def test_the_backlog_of_a_real_scheduler_falls_as_chunks_run(tiny_llama: Path) -> None:
-    """Chunked prefill of 3 prompts of 40 tokens, 8 tokens a step, one sequence at a time."""
+def test_the_engines_backlog_falls_as_chunks_run(tiny_llama: Path) -> None:
+    """Chunked prefill of 3 prompts of 40 tokens, 8 tokens a step, one sequence at a time: the
+    backlog in the engine's stats (what the heartbeat reports)."""
     from scalellm.engine.config import EngineConfig
     from scalellm.engine.engine import LLMEngine
     from scalellm.types import SamplingParams
@@ -97,11 +110,10 @@ def test_the_backlog_of_a_real_scheduler_falls_as_chunks_run(tiny_llama: Path) -
     )  # fmt: skip
     for i in range(3):
         engine.add_request(f"r{i}", list(range(3, 43)), SamplingParams(max_tokens=2, ignore_eos=True))
-    sched = engine.scheduler
-    seen = [prefill_backlog_tokens(sched.waiting, sched.running)]
+    seen = [engine.stats().prefill_backlog_tokens]
     while engine.has_unfinished():
         engine.step()
-        seen.append(prefill_backlog_tokens(sched.waiting, sched.running))
+        seen.append(engine.stats().prefill_backlog_tokens)
     assert seen[:6] == [120, 112, 104, 96, 88, 80]  # r0's prompt, 8 tokens a step
     assert seen[6] == 80  # r0 decodes its second token; r1 waits for the only slot
     assert seen[-1] == 0 and seen == sorted(seen, reverse=True)
