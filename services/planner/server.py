@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from scalellm.lifecycle import cancel_and_wait, wait_for_stop_signal
+from scalellm.lifecycle import ReadyLine, cancel_and_wait, wait_for_stop_signal
 from scalellm.planner import Planner, PlannerLoop, TierPlan
 from scalellm.registry import RegistryClient, WorkerView
 from services.planner.config import PlannerServiceConfig
@@ -40,7 +41,7 @@ class PlannerServer:
         self.port = 0
         self.metrics_port = 0
         self._server: grpc.aio.Server | None = None
-        self._metrics_http: object | None = None
+        self._metrics_http: WSGIServer | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -83,8 +84,8 @@ class PlannerServer:
             await self._server.stop(0.5)
             self._server = None
         if self._metrics_http is not None:
-            self._metrics_http.shutdown()  # type: ignore[attr-defined]
-            self._metrics_http.server_close()  # type: ignore[attr-defined]
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
             self._metrics_http = None
 
 
@@ -93,7 +94,7 @@ async def serve(config: PlannerServiceConfig) -> None:
     server = PlannerServer(config)
     await server.start()
     host = config.listen.rpartition(":")[0]
-    print(f"READY {host}:{server.port}", flush=True)  # like every other service of the mesh
+    print(ReadyLine(f"{host}:{server.port}"), flush=True)  # like every other service of the mesh
     try:
         await wait_for_stop_signal()
     finally:

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from scalellm.launcher.probes import grpc_serving
+from scalellm.lifecycle import ReadyLine
 from scalellm.redis_server import free_port
 from scalellm.registry import RegistryClient, WorkerInfo, WorkerLoad, WorkerRegistration, WorkerRole
 from scalellm.security import SecurityConfig
@@ -85,8 +86,9 @@ async def test_the_planner_exports_desired_counts_that_follow_the_load(kvstore: 
         lines = []
         while not (ready := await asyncio.to_thread(proc.stdout.readline)).startswith("READY") and ready:
             lines.append(ready)
-        assert ready.startswith("READY 127.0.0.1:"), lines
-        assert await asyncio.to_thread(grpc_serving, ready.split()[1])
+        parsed = ReadyLine.parse(ready.rstrip("\n"))  # read as the launcher reads it
+        assert parsed is not None and parsed.address.startswith("127.0.0.1:"), lines
+        assert parsed.port_of() > 0 and await asyncio.to_thread(grpc_serving, parsed.address)
         loads = {WorkerRole.DECODE: WorkerLoad(free_blocks=100), WorkerRole.PREFILL: WorkerLoad()}
         async with RegistryClient(f"127.0.0.1:{kvstore.port}") as client:
             workers = [  # real registrations, heartbeating whatever `loads` says now
