@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from datetime import timedelta
+from typing import Any, cast
 
 import torch.distributed as dist
 
@@ -26,7 +27,8 @@ class SignedStore(dist.Store):
 
     def set(self, key: str, value: str | bytes) -> None:
         raw = value.encode() if isinstance(value, str) else bytes(value)
-        self._inner.set(key, self._tag(key, raw) + raw)  # type: ignore[arg-type]  # bytes are fine
+        # torch's stubs type Store.set's value as str; the C++ store keeps bytes as they are.
+        cast(Any, self._inner).set(key, self._tag(key, raw) + raw)
 
     def get(self, key: str) -> bytes:
         raw = self._inner.get(key)
