@@ -35,7 +35,7 @@ def available() -> bool:
         load(
             name=f"scalellm_cpu_{digest}",
             sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,
