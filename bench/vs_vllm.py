@@ -33,7 +33,12 @@ from bench.serving.systems import Running, System, mesh  # noqa: E402
 from bench.vs_vllm_report import Level, load_levels, machine, write_report  # noqa: E402
 
 SYSTEMS = ("vllm", "mesh-colocated", "mesh-disaggregated")
-DEFAULT_VLLM = ROOT.parent.parent / "shared" / "peers" / "vllm-cpu.sh"
+
+
+def default_vllm_script() -> str:
+    """$VLLM_CPU_SCRIPT, else shared/peers/vllm-cpu.sh beside the checkout or one of its parents."""
+    found = (p / "shared" / "peers" / "vllm-cpu.sh" for p in ROOT.parents)
+    return os.environ.get("VLLM_CPU_SCRIPT") or str(next((f for f in found if f.exists()), "vllm-cpu.sh"))
 
 
 @dataclass(frozen=True)
@@ -143,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     add("--prompts-per-stream", type=int, default=2, help="requests per level: this x concurrency ...")
     add("--min-prompts", type=int, default=8, help="... but at least this many")
     add("--warmup-prompts", type=int, default=8, help="untimed requests after each start")
-    add("--vllm-script", default=os.environ.get("VLLM_CPU_SCRIPT", str(DEFAULT_VLLM)))
+    add("--vllm-script", default=default_vllm_script(), help="the peers script (install, serve, bench)")
     add("--vllm-arg", action="append", default=[], help="extra `vllm serve` flag: --vllm-arg=--flag=value")
     add("--mesh-arg", action="append", default=[], help="extra `scalellm up` flag: --mesh-arg=--flag=value")
     add("--results", default=str(ROOT / "bench" / "results" / "vs_vllm"), help="one JSON per level")

@@ -21,6 +21,7 @@ BEGIN, END = "<!-- vs_vllm:begin -->", "<!-- vs_vllm:end -->"
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 NAME = re.compile(r"r(\d+)-(\w+)-([\w-]+)-c(\d+)\.json$")
 OURS = ("mesh-colocated", "mesh-disaggregated")
+COLORS = {"vllm": "C1", "mesh-colocated": "C0", "mesh-disaggregated": "C2"}
 
 
 @dataclass(frozen=True)
@@ -106,10 +107,10 @@ def plot(levels: list[Level], path: Path) -> None:
             cs = sorted({lv.concurrency for lv in mine})
             if not cs:
                 continue
-            style = "-" if dtype == "bfloat16" else "--"
+            style = "-" if dtype == "bfloat16" else "--"  # one colour per system, dashed for float32
             for ax, key in ((left, "output_throughput"), (right, "median_tpot_ms")):
                 ys = [_median([lv for lv in mine if lv.concurrency == c], key) for c in cs]
-                ax.plot(cs, ys, style, marker="o", label=f"{system} {dtype}")
+                ax.plot(cs, ys, style, marker="o", color=COLORS.get(system), label=f"{system} {dtype}")
     for ax, title in ((left, "output tokens/s"), (right, "TPOT p50 (ms)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent streams")
