@@ -11,9 +11,11 @@ where it cannot be built.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -23,6 +25,7 @@ from scalellm.engine.attention import AttentionMetadata
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
+STALE_LOCK_S = 600.0
 
 
 @functools.cache
@@ -31,9 +34,10 @@ def available() -> bool:
     try:
         from torch.utils.cpp_extension import load
 
-        digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+        name = f"scalellm_cpu_{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]}"
+        _drop_stale_lock(name)
         load(
-            name=f"scalellm_cpu_{digest}",
+            name=name,
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"],
             extra_ldflags=["-fopenmp"],
@@ -44,6 +48,18 @@ def available() -> bool:
     except Exception as exc:  # no compiler, no ninja, an unusual platform: the torch path works
         log.warning("CPU paged-attention kernel unavailable (%s); using torch SDPA with a gather", exc)
         return False
+
+
+def _drop_stale_lock(name: str) -> None:
+    """torch's builder waits without limit on the lock file of a build that was killed midway;
+    a lock older than any real build is such a leftover."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    with contextlib.suppress(OSError):
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink()
+            log.warning("removed a stale build lock %s", lock)
 
 
 class CpuPagedDecode:
