@@ -57,6 +57,9 @@ class RotaryEmbedding(nn.Module):
     same products and sum, bit for bit, with the sign folded into the table: [x2, x1] * [-sin1, sin2].
     """
 
+    cos: torch.Tensor
+    sin: torch.Tensor
+
     def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int) -> None:
         super().__init__()
         freqs = torch.arange(max_positions).float()[:, None] * rope_inv_freq(rope, head_dim)[None, :]

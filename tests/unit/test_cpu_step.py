@@ -36,8 +36,8 @@ def test_paged_decode_kernel_equals_gather_and_sdpa(
     expected = _decode(q, kv[:, 0], kv[:, 1], tables, mask, head_dim**-0.5)
     got = torch.empty(q.shape, dtype=dtype)
     torch.ops.scalellm_cpu.paged_decode(got, q, kv, tables, context, head_dim**-0.5)
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(got, expected, **tol)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
 
 
 @needs_kernel
@@ -63,11 +63,13 @@ def test_pack_linears_keeps_a_tied_embedding_weight() -> None:
     model = torch.nn.ModuleDict(
         {"embed": torch.nn.Embedding(10, 8), "head": torch.nn.Linear(8, 10, bias=False)}
     )
-    model["head"].weight = model["embed"].weight
+    embed = model["embed"]
+    assert isinstance(embed, torch.nn.Embedding)
+    model["head"].weight = embed.weight
     assert pack_linears(model) == 1
     assert isinstance(model["head"], PackedLinear)
     x = torch.randn(3, 8)
-    torch.testing.assert_close(model["head"](x), x @ model["embed"].weight.T, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model["head"](x), x @ embed.weight.T, atol=1e-5, rtol=1e-5)
 
 
 def test_auto_dtype_on_cpu_follows_native_bf16_and_explicit_wins() -> None:
