@@ -8,7 +8,8 @@ Workload: random prompts of 16-256 tokens and outputs of 16-128 tokens (seeded, 
 Runs of ours and of the baseline are interleaved. Ours: ``LLM.generate`` with continuous batching. Baseline: what a transformers user writes, one
 left-padded batch through ``model.generate`` (KV cache, eager attention) running until the longest
 output is done. Both count only the tokens each request asked for. Both run on the same device in the same dtype
-(float32 on CPU, bfloat16 on CUDA unless --dtype says otherwise); transformers uses eager attention
+(the engine's auto choice unless --dtype says otherwise: bfloat16 on CUDA and on CPUs with native
+bf16, float32 elsewhere); transformers uses eager attention
 on CPU (its fastest there for this model) and SDPA on CUDA. The bound: the device's own measured
 matmul peak in that dtype / (2 x parameters) tokens per second (a decode-step bound: it ignores
 attention and the weight reads that dominate small batches on a GPU).
@@ -120,7 +121,13 @@ def main() -> None:
     model_dir = resolve_model_dir(args.model)
     auto_device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto_device if args.device == "auto" else args.device)
-    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    from scalellm.engine.config import EngineConfig
+    from scalellm.models.config import ModelConfig
+
+    auto = EngineConfig(model=str(model_dir), device=str(device)).torch_dtype(
+        ModelConfig.from_dir(model_dir).torch_dtype
+    )
+    dtype_name = args.dtype if args.dtype != "auto" else str(auto).removeprefix("torch.")
     dtype = getattr(torch, dtype_name)
     threads = torch.get_num_threads()
     # transformers first: on a GPU the engine then sizes its KV cache from what is left.

@@ -1,4 +1,4 @@
-"""Attention over the paged KV cache.
+"""Attention over the paged KV cache, behind one interface.
 
 The cache of one layer is the strided view ``kv[num_blocks, 2, block_size, num_kv_heads,
 head_dim]`` of the block-major engine cache (see model_runner). A step's tokens arrive
@@ -7,19 +7,32 @@ flattened, single-token queries (decodes) first, then prefill chunks:
     tokens   [d0 d1 d2 | p0 p0 p0 p0 | p1 p1]     num_decode_tokens = 3
               decodes    chunk of A    chunk of B
 
-Decodes are batched: each one's blocks are gathered into a padded [B, L] context and attended with
-one masked SDPA call, the query heads that share a K/V head folded into the query length (so
-grouped-query K/V is never repeated; see _decode). Prefill chunks attend one request at
-a time: a fresh prompt uses its own K/V with a causal mask and reads nothing back; a chunk that
-continues a prompt (chunked prefill, prefix-cache hit) gathers its earlier blocks.
+The model calls ``paged_attention`` and knows nothing else: it writes the step's K/V into the
+cache and hands decodes and prefill chunks to the step's backend (``AttentionMetadata.backend``).
+A backend is chosen once per engine (``select_backend``) and logged at startup; a GPU backend
+(a paged kernel reading the block table itself, CUDA graphs) plugs in here without touching the
+model code.
+
+Backends:
+- ``TorchSDPA`` (every device): each decode's blocks are gathered into a padded [B, L] context
+  and attended with one masked SDPA call, the query heads that share a K/V head folded into the
+  query length (so grouped-query K/V is never repeated; see _decode). Prefill chunks attend one
+  request at a time.
+- ``CpuPagedDecode`` (CPU, where its C++ kernel builds; scalellm/engine/cpu_kernels.py): decodes
+  read K/V straight from their blocks, no gathered copy; prefill chunks as TorchSDPA.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,30 +55,76 @@ class AttentionMetadata:
     num_decode_tokens: int
     decode_block_tables: torch.Tensor | None
     """[B, max_blocks] block ids of each decode, padded with 0."""
-    decode_mask: torch.Tensor | None
-    """[B, 1, 1, max_blocks * block_size]: True where the slot holds context."""
+    decode_context_lens: torch.Tensor | None
+    """[B] tokens each decode attends to (its own new one included)."""
     prefills: tuple[PrefillSpan, ...]
+    backend: AttentionBackend
+    decode_mask: torch.Tensor | None = None
+    """[B, 1, 1, max_blocks * block_size]: True where the slot holds context (TorchSDPA only)."""
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def prepare(self, meta: AttentionMetadata, block_size: int) -> AttentionMetadata:
+        """Once per step: add what this backend needs to the step's metadata."""
+        ...
+
+    def decode(
+        self, q: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        """q [B, Hq, D] of the step's decodes -> [B, Hq, D]; their K/V is already in ``kv``."""
+        ...
 
 
 def paged_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor, new_kv: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
-    """q [T, Hq, D], k and v [T, Hkv, D] (rope applied); writes k, v into the cache and returns
-    the attention output [T, Hq * D]."""
+    """q [T, Hq, D] and new_kv [T, 2, Hkv, D] (rope applied); writes new_kv into the cache and
+    returns the attention output [T, Hq * D]."""
     num_tokens, num_heads, head_dim = q.shape
-    k_cache, v_cache = kv[:, 0], kv[:, 1]  # [num_blocks, block_size, Hkv, D], strided
-    slots = (meta.slot_blocks, meta.slot_offsets)
-    k_cache.index_put_(slots, k)
-    v_cache.index_put_(slots, v)
-
-    out = torch.empty_like(q)
+    kv[meta.slot_blocks, :, meta.slot_offsets] = new_kv
     nd = meta.num_decode_tokens
+    if nd == num_tokens:
+        return meta.backend.decode(q, kv, meta, scale).reshape(num_tokens, num_heads * head_dim)
+    out = torch.empty_like(q)
     if nd:
-        assert meta.decode_block_tables is not None and meta.decode_mask is not None
-        out[:nd] = _decode(q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_mask, scale)
+        out[:nd] = meta.backend.decode(q[:nd], kv, meta, scale)
     for span in meta.prefills:
-        out[span.start : span.end] = _prefill(q, k, v, k_cache, v_cache, span, scale)
+        out[span.start : span.end] = _prefill(q, new_kv, kv, span, scale)
     return out.view(num_tokens, num_heads * head_dim)
+
+
+class TorchSDPA:
+    """Gather each decode's blocks into a padded context; torch's SDPA does the rest."""
+
+    name = "torch-sdpa"
+
+    def prepare(self, meta: AttentionMetadata, block_size: int) -> AttentionMetadata:
+        if meta.decode_block_tables is None or meta.decode_context_lens is None:
+            return meta
+        width = meta.decode_block_tables.shape[1] * block_size
+        slots = torch.arange(width, device=meta.decode_block_tables.device)
+        mask = (slots.unsqueeze(0) < meta.decode_context_lens.unsqueeze(1))[:, None, None, :]
+        return dataclasses.replace(meta, decode_mask=mask)
+
+    def decode(
+        self, q: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        assert meta.decode_block_tables is not None and meta.decode_mask is not None
+        return _decode(q, kv[:, 0], kv[:, 1], meta.decode_block_tables, meta.decode_mask, scale)
+
+
+def select_backend(device: torch.device) -> AttentionBackend:
+    """The fastest backend that works here; the choice is logged."""
+    backend: AttentionBackend = TorchSDPA()
+    if device.type == "cpu":
+        from scalellm.engine import cpu_kernels
+
+        if cpu_kernels.available():
+            backend = cpu_kernels.CpuPagedDecode()
+    log.info("attention backend: %s", backend.name)
+    return backend
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
@@ -100,24 +159,18 @@ def _decode(
 
 
 def _prefill(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    span: PrefillSpan,
-    scale: float,
+    q: torch.Tensor, new_kv: torch.Tensor, kv: torch.Tensor, span: PrefillSpan, scale: float
 ) -> torch.Tensor:
     n = span.end - span.start
     query = q[span.start : span.end].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
     if span.context_len == 0:
-        keys = k[span.start : span.end].transpose(0, 1).unsqueeze(0)
-        values = v[span.start : span.end].transpose(0, 1).unsqueeze(0)
+        keys = new_kv[span.start : span.end, 0].transpose(0, 1).unsqueeze(0)
+        values = new_kv[span.start : span.end, 1].transpose(0, 1).unsqueeze(0)
         out = sdpa(query, keys, values, scale, causal=True)
     else:
         total = span.context_len + n
-        keys = _gather(k_cache, span.block_table)[:, :total].unsqueeze(0)
-        values = _gather(v_cache, span.block_table)[:, :total].unsqueeze(0)
+        keys = _gather(kv[:, 0], span.block_table)[:, :total].unsqueeze(0)
+        values = _gather(kv[:, 1], span.block_table)[:, :total].unsqueeze(0)
         rows = torch.arange(n, device=q.device).unsqueeze(1) + span.context_len
         mask = torch.arange(total, device=q.device).unsqueeze(0) <= rows  # [n, total]
         out = sdpa(query, keys, values, scale, mask=mask)

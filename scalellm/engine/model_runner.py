@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from scalellm.engine.attention import AttentionMetadata, PrefillSpan
+from scalellm.engine.attention import AttentionMetadata, PrefillSpan, select_backend
 from scalellm.engine.config import EngineConfig
 from scalellm.engine.request import Request
 from scalellm.engine.sampler import Sampler, SamplerOutput
@@ -64,6 +64,7 @@ class ModelRunner:
             device=self.device,
         )
         self.sampler = Sampler(self.device)
+        self.attention = select_backend(self.device)
         log.info(
             "model %s on %s (%s), KV cache %d blocks x %d tokens",
             model_config.architecture,
@@ -137,21 +138,25 @@ class ModelRunner:
                 sample_rows.append(offset + n - 1)
                 sampling.append(req)
 
-        block_tables = mask = None
+        block_tables = context = None
         if decodes:
             width = max(len(s.request.block_ids) for s in decodes)
             block_tables = self._tensor(
                 [s.request.block_ids + [0] * (width - len(s.request.block_ids)) for s in decodes]
             )
             context = self._tensor([s.request.num_computed_tokens + 1 for s in decodes])
-            mask = (torch.arange(width * bs, device=self.device).unsqueeze(0) < context.unsqueeze(1))[
-                :, None, None, :
-            ]
 
         position_tensor = self._tensor(positions)
         meta = AttentionMetadata(
-            self._tensor(slot_blocks), position_tensor % bs, len(decodes), block_tables, mask, tuple(spans)
+            self._tensor(slot_blocks),
+            position_tensor % bs,
+            len(decodes),
+            block_tables,
+            context,
+            tuple(spans),
+            self.attention,
         )
+        meta = self.attention.prepare(meta, bs)
         return StepInputs(self._tensor(input_ids), position_tensor, meta, self._tensor(sample_rows), sampling)
 
     def _tensor(self, data: list[int] | list[list[int]]) -> torch.Tensor:

@@ -3,13 +3,20 @@
 Each ``schedule()`` builds one step's batch:
 
     budget = max_num_batched_tokens
+    prefill budget = prefill_tokens_with_decodes while any running request decodes, else budget
     1. running requests, highest priority first: one token each when decoding, the next chunk
-       of the prompt when prefilling; if a request needs a block and none is free, the running
-       request with the lowest priority (latest arrival among equals) is preempted: its blocks
-       are freed and it goes back to the waiting queue to be recomputed.
-    2. waiting requests (priority, then FCFS) while budget, sequence slots and blocks last:
+       of the prompt when prefilling (within both budgets); if a request needs a block and none
+       is free, the running request with the lowest priority (latest arrival among equals) is
+       preempted: its blocks are freed and it goes back to the waiting queue to be recomputed.
+    2. waiting requests (priority, then FCFS) while both budgets, sequence slots and blocks last:
        blocks for the whole prompt are allocated on admission (prefix-cache hits are shared),
        then its first chunk is scheduled. Nothing is admitted in a step that preempted.
+
+Decode latency: a step costs roughly its token count, so one 2048-token prefill step stalls
+every running stream for seconds on a CPU (an inter-token latency p99 of 5 s at 64 streams,
+docs/serving_benchmark.md). While anything decodes, prompts therefore advance by at most
+``prefill_tokens_with_decodes`` tokens a step, riding along the decode steps that run anyway; a
+burst with nothing decoding yet still fills the whole budget.
 
 ``update()`` applies the step's sampled tokens: requests whose computed tokens reached the end
 of their sequence get the new token, and finished ones free their blocks.
@@ -43,10 +50,14 @@ class SchedulerConfig:
     """Token budget of one step (decode tokens plus prefill chunks)."""
     watermark_blocks: int = 0
     """Blocks that admission leaves free so running requests can grow without preemption."""
+    prefill_tokens_with_decodes: int = 256
+    """Most prompt tokens in a step while any running request decodes (protects decode latency)."""
 
     def __post_init__(self) -> None:
-        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
-            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.prefill_tokens_with_decodes < 1:
+            raise ValueError(
+                "max_num_seqs, max_num_batched_tokens, prefill_tokens_with_decodes must be positive"
+            )
 
 
 @dataclass(frozen=True)
@@ -164,25 +175,37 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        decoding = any(r.num_tokens - r.num_computed_tokens == 1 for r in self.running)
+        prefill_budget = min(budget, self.config.prefill_tokens_with_decodes) if decoding else budget
         self.running.sort(key=lambda r: r.sort_key)
         chosen: dict[str, ScheduledRequest] = {}
 
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            left = req.num_tokens - req.num_computed_tokens
+            n = min(left, budget, prefill_budget if left > 1 else 1)
+            if n < 1:
+                i += 1  # a prompt waiting for the next step's prefill budget
+                continue
             while not self.blocks.allocate(req, req.num_computed_tokens + n):
                 victim = self.running.pop()  # lowest priority, latest arrival
-                budget += self._preempt(victim, chosen, out)
+                given_back = self._preempt(victim, chosen, out)
+                budget += given_back
+                prefill_budget += given_back if given_back > 1 else 0
                 if victim is req:
                     break
             else:
                 chosen[req.request_id] = ScheduledRequest(req, n)
                 budget -= n
+                prefill_budget -= n if left > 1 else 0
                 i += 1
 
         while (
-            self.waiting and budget > 0 and not out.preempted and len(self.running) < self.config.max_num_seqs
+            self.waiting
+            and min(budget, prefill_budget) > 0
+            and not out.preempted
+            and len(self.running) < self.config.max_num_seqs
         ):
             req = self.waiting[0]
             if not self.blocks.allocate(req, req.num_tokens, reserve=self.config.watermark_blocks):
@@ -192,9 +215,10 @@ class Scheduler:
             if req.scheduled_time is None:
                 req.scheduled_time = time.monotonic()
             self.running.append(req)
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = min(req.num_tokens - req.num_computed_tokens, budget, prefill_budget)
             chosen[req.request_id] = ScheduledRequest(req, n)
             budget -= n
+            prefill_budget -= n
 
         out.scheduled = list(chosen.values())
         return out

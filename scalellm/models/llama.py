@@ -2,7 +2,9 @@
 
 Numerics follow Hugging Face transformers step for step (RMSNorm in float32, rope cos/sin from
 float32 frequencies, the same residual order), which is what keeps greedy output identical.
-q/k/v and gate/up projections are fused into one matmul each.
+q/k/v and gate/up projections are fused into one matmul each; rope tables are looked up once per
+step and applied to q and k together, in place; on CPU the linear layers run through oneDNN
+(packed_linear).
 """
 
 from __future__ import annotations
@@ -25,10 +27,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.to(torch.float32)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        """torch's fused rms_norm: in float32 bit for bit transformers' ``weight * (x * rsqrt(mean(x^2)
+        + eps))``; in half types one rounding fewer than transformers (weight applied before the cast)."""
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -50,7 +51,14 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position, computed once in float32."""
+    """cos/sin tables for every position, computed once in float32; looked up once per step.
+
+    transformers rotates ``x * cos + rotate_half(x) * sin`` with rotate_half(x) = [-x2, x1]. The
+    same products and sum, bit for bit, with the sign folded into the table: [x2, x1] * [-sin1, sin2].
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
 
     cos: torch.Tensor  # buffers, declared for the type checker
     sin: torch.Tensor
@@ -59,20 +67,21 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         freqs = torch.arange(max_positions).float()[:, None] * rope_inv_freq(rope, head_dim)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
+        half = head_dim // 2
+        sin = emb.sin()
         self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.register_buffer("sin", torch.cat((-sin[:, :half], sin[:, half:]), dim=-1), persistent=False)
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].to(q.dtype).unsqueeze(1)  # [T, 1, D]
-        sin = self.sin[positions].to(q.dtype).unsqueeze(1)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin [T, 1, D] for the step's positions, in the model's dtype."""
+        return self.cos[positions].to(dtype).unsqueeze(1), self.sin[positions].to(dtype).unsqueeze(1)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def apply_rope_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
+    """Rotate x [T, H, D] in place (each head's halves swapped, then the two products summed)."""
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    x.mul_(cos).add_(swapped.mul_(signed_sin))
 
 
 class Attention(nn.Module):
@@ -90,19 +99,24 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rotary: RotaryEmbedding,
+        rope: tuple[torch.Tensor, torch.Tensor],
         kv: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        """q/k/v come out of one matmul as [T, Hq + 2 Hkv, D]; q and k are rotated in place there,
+        and the K/V heads go to the cache as the view [T, 2, Hkv, D] of the same buffer.
+
+            qkv [T, | q: Hq heads | k: Hkv | v: Hkv |, D]
+                    '--- rope ---------'    '-- new_kv --'
+        """
+        hq, hkv = self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x).view(x.shape[0], hq + 2 * hkv, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
-        return self.o_proj(paged_attention(q, k, v, kv, meta, self.scale))
+            qkv[:, :hq] = self.q_norm(qkv[:, :hq])
+            qkv[:, hq : hq + hkv] = self.k_norm(qkv[:, hq : hq + hkv])
+        apply_rope_(qkv[:, : hq + hkv], *rope)
+        new_kv = qkv[:, hq:].unflatten(1, (2, hkv))
+        return self.o_proj(paged_attention(qkv[:, :hq], new_kv, kv, meta, self.scale))
 
 
 class MLP(nn.Module):
@@ -127,12 +141,11 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rotary: RotaryEmbedding,
+        rope: tuple[torch.Tensor, torch.Tensor],
         kv: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv, meta)
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -157,8 +170,9 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Flattened tokens of one step -> final hidden states [T, hidden]."""
         x = self.embed_tokens(input_ids)
+        rope = self.rotary.tables(positions, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, self.rotary, kv_cache[:, i], meta)
+            x = layer(x, rope, kv_cache[:, i], meta)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,9 @@ from safetensors import safe_open
 
 from scalellm.models.config import ModelConfig
 from scalellm.models.llama import LlamaForCausalLM, RotaryEmbedding
+from scalellm.models.packed_linear import pack_linears, packing_supported
+
+log = logging.getLogger(__name__)
 
 
 def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -35,4 +39,6 @@ def load_model(
     with torch.device(device):
         model.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions)
     model.load_weights(iter_safetensors(model_dir))
+    if packing_supported(device, dtype):
+        log.info("linear layers: oneDNN, %d weights reordered for this CPU", pack_linears(model))
     return model.eval()

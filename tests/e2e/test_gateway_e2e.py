@@ -58,7 +58,7 @@ class Mesh:
 def expected(demo_model_dir: Path) -> Expected:
     from scalellm import LLM, SamplingParams
 
-    llm = LLM(model=str(demo_model_dir), num_kv_blocks=200)
+    llm = LLM(model=str(demo_model_dir), dtype="float32", num_kv_blocks=200)
     greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
     outs = llm.generate(PROMPTS, greedy)
     chat = llm.chat(CHAT, SamplingParams(temperature=0.0, max_tokens=24))
@@ -119,6 +119,7 @@ def mesh(demo_model_dir: Path, expected: Expected) -> Iterator[Mesh]:
                 "--role", "both", "--model", str(demo_model_dir), "--listen", "127.0.0.1:0",
                 "--advertise-host", "127.0.0.1", "--transfer-listen", "127.0.0.1:0", "--num-kv-blocks", "400",
                 "--num-threads", "1", "--metrics-port", str(metrics_port), "--kvstore", kv_address,
+                "--dtype", "float32",
             ],
         )  # fmt: skip
         gateways: list[Gateway] = []

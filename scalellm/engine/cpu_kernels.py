@@ -1,0 +1,81 @@
+"""CPU kernels of our own, built once per machine with the C++ compiler torch uses.
+
+Torch has no attention over a paged cache: on CPU the alternative is gathering each decode's
+blocks into a padded copy every layer (attention.TorchSDPA), which moves the whole context three
+times (read, write, read again) where a kernel that follows the block table reads it once.
+``csrc/paged_decode.cpp`` is that kernel; this module compiles it on first use with
+``torch.utils.cpp_extension.load`` (g++ and ninja, cached under torch's extensions folder by a
+hash of the source, so a machine builds it once) and falls back to TorchSDPA, with a warning,
+where it cannot be built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from scalellm.engine.attention import AttentionMetadata
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
+STALE_LOCK_S = 600.0
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernels are loaded (building them the first time on this machine)."""
+    try:
+        from torch.utils.cpp_extension import load
+
+        name = f"scalellm_cpu_{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]}"
+        _drop_stale_lock(name)
+        load(
+            name=name,
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+        return hasattr(torch.ops.scalellm_cpu, "paged_decode")
+    except Exception as exc:  # no compiler, no ninja, an unusual platform: the torch path works
+        log.warning("CPU paged-attention kernel unavailable (%s); using torch SDPA with a gather", exc)
+        return False
+
+
+def _drop_stale_lock(name: str) -> None:
+    """torch's builder waits without limit on the lock file of a build that was killed midway;
+    a lock older than any real build is such a leftover."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    with contextlib.suppress(OSError):
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink()
+            log.warning("removed a stale build lock %s", lock)
+
+
+class CpuPagedDecode:
+    """Decodes read K/V from the cache blocks directly (see csrc/paged_decode.cpp)."""
+
+    name = "cpu-paged (C++ decode kernel; SDPA for prefill)"
+
+    def prepare(self, meta: AttentionMetadata, block_size: int) -> AttentionMetadata:
+        return meta
+
+    def decode(
+        self, q: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        torch.ops.scalellm_cpu.paged_decode(
+            out, q, kv, meta.decode_block_tables, meta.decode_context_lens, scale
+        )
+        return out

@@ -1,0 +1,78 @@
+"""The CPU step's parts against their reference paths: the paged decode kernel against gather +
+SDPA, oneDNN linear layers against F.linear, the dtype that ``auto`` picks, the backend choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scalellm.engine import cpu_kernels
+from scalellm.engine.attention import TorchSDPA, _decode, select_backend
+from scalellm.engine.config import EngineConfig, cpu_has_native_bf16
+from scalellm.models.packed_linear import PackedLinear, pack_linears, packing_supported
+
+needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ toolchain for the CPU kernel")
+
+
+def _cache(dtype: torch.dtype, head_dim: int, kv_heads: int, gen: torch.Generator) -> torch.Tensor:
+    """A block-major cache [blocks, layers, 2, block_size, Hkv, D]; layer 1 is the one attended."""
+    return torch.randn(12, 3, 2, 4, kv_heads, head_dim, generator=gen).to(dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("head_dim", "heads", "kv_heads"), [(64, 9, 3), (128, 4, 4), (16, 6, 2)])
+def test_paged_decode_kernel_equals_gather_and_sdpa(
+    dtype: torch.dtype, head_dim: int, heads: int, kv_heads: int
+) -> None:
+    gen = torch.Generator().manual_seed(head_dim)
+    kv = _cache(dtype, head_dim, kv_heads, gen)[:, 1]  # strided, as the engine passes it
+    tables = torch.tensor([[3, 7, 1, 0], [11, 2, 0, 0], [5, 9, 4, 8]])
+    context = torch.tensor([13, 1, 16])  # mid-block, a single token, every slot
+    qkv = torch.randn(3, heads + 2 * kv_heads, head_dim, generator=gen).to(dtype)
+    q = qkv[:, :heads]  # a view with the fused projection's row stride
+    mask = (torch.arange(16).unsqueeze(0) < context.unsqueeze(1))[:, None, None, :]
+    expected = _decode(q, kv[:, 0], kv[:, 1], tables, mask, head_dim**-0.5)
+    got = torch.empty(q.shape, dtype=dtype)
+    torch.ops.scalellm_cpu.paged_decode(got, q, kv, tables, context, head_dim**-0.5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+
+
+@needs_kernel
+def test_cpu_backend_is_chosen_on_cpu_and_torch_sdpa_elsewhere() -> None:
+    assert isinstance(select_backend(torch.device("cpu")), cpu_kernels.CpuPagedDecode)
+    assert isinstance(select_backend(torch.device("meta")), TorchSDPA)
+
+
+@pytest.mark.skipif(not packing_supported(torch.device("cpu"), torch.float32), reason="no oneDNN")
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_equals_f_linear(bias: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(48, 80, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(80, 48, generator=gen))
+    x = torch.randn(2, 5, 48, generator=gen)
+    packed = PackedLinear(linear)
+    torch.testing.assert_close(packed(x), F.linear(x, linear.weight, linear.bias), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.skipif(not packing_supported(torch.device("cpu"), torch.float32), reason="no oneDNN")
+def test_pack_linears_keeps_a_tied_embedding_weight() -> None:
+    model = torch.nn.ModuleDict(
+        {"embed": torch.nn.Embedding(10, 8), "head": torch.nn.Linear(8, 10, bias=False)}
+    )
+    embed = model["embed"]
+    assert isinstance(embed, torch.nn.Embedding)
+    model["head"].weight = embed.weight
+    assert pack_linears(model) == 1
+    assert isinstance(model["head"], PackedLinear)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(model["head"](x), x @ embed.weight.T, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_dtype_on_cpu_follows_native_bf16_and_explicit_wins() -> None:
+    auto = EngineConfig(model="m", device="cpu").torch_dtype("float32")
+    assert auto == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    assert EngineConfig(model="m", device="cpu", dtype="float32").torch_dtype("bfloat16") == torch.float32
