@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from scalellm.engine.request import Request, TokenLogprobs
+from scalellm.engine.request import Request
+from scalellm.types import TokenLogprobs
 
 
 @dataclass(frozen=True)

@@ -57,9 +57,6 @@ class RotaryEmbedding(nn.Module):
     same products and sum, bit for bit, with the sign folded into the table: [x2, x1] * [-sin1, sin2].
     """
 
-    cos: torch.Tensor
-    sin: torch.Tensor
-
     cos: torch.Tensor  # buffers, declared for the type checker
     sin: torch.Tensor
 

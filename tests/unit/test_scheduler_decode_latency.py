@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from scalellm.engine.block_manager import BlockManager
 from scalellm.engine.request import Request
-from scalellm.engine.sampling_params import SamplingParams
 from scalellm.engine.scheduler import Scheduler, SchedulerConfig
+from scalellm.types import SamplingParams
 
 
 def _sched(budget: int, cap: int) -> Scheduler:
