@@ -180,6 +180,12 @@ async def _list_services(channel: grpc.aio.Channel, metadata: tuple[tuple[str, s
     return {s.name for s in replies[0].list_services_response.service}
 
 
+async def _refused_reflection(channel: grpc.aio.Channel) -> grpc.StatusCode:
+    """The status of a reflection stream that writes nothing, so a refusal cannot race a write."""
+    call = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(timeout=10)
+    return await call.code()  # type: ignore[no-any-return]
+
+
 async def _health(channel: grpc.aio.Channel) -> int:
     reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
     return int(reply.status)
