@@ -194,13 +194,14 @@ async def test_api_keys(mesh_factory: MeshFactory, tmp_path: Path) -> None:
 
 
 async def test_inflight_bound_gives_429(mesh_factory: MeshFactory) -> None:
-    mesh = await mesh_factory(max_inflight=1, worker_kw=[{"delay_s": 0.05}])
+    mesh = await mesh_factory(max_inflight=1, worker_kw=[{"hold_after": 1}])
     client = mesh.client()
     first = await client.completions.create(
         model="SmolLM2-135M-Instruct", prompt="x", max_tokens=10, stream=True
     )
     with pytest.raises(openai.RateLimitError):
         await client.completions.create(model="SmolLM2-135M-Instruct", prompt="x")
+    mesh.workers[0].release.set()
     assert "".join([c.choices[0].text async for c in first]).startswith("Hello!")
     ok = await client.completions.create(model="SmolLM2-135M-Instruct", prompt="x", max_tokens=1)
     assert ok.choices[0].text == "Hello"
@@ -231,7 +232,7 @@ async def test_unreachable_worker_is_503(mesh_factory: MeshFactory) -> None:
 
 
 async def test_stream_disconnect_cancels_the_decode_stream(mesh_factory: MeshFactory) -> None:
-    mesh = await mesh_factory(worker_kw=[{"delay_s": 0.05}])
+    mesh = await mesh_factory(worker_kw=[{"hold_after": 1}])
     async with aiohttp.ClientSession() as session:
         resp = await session.post(mesh.http + C, json={"prompt": "x", "max_tokens": 50, "stream": True})
         assert (await resp.content.readline()).startswith(b"data: ")
@@ -242,11 +243,10 @@ async def test_stream_disconnect_cancels_the_decode_stream(mesh_factory: MeshFac
 
 
 async def test_non_streaming_disconnect_cancels_the_decode_stream(mesh_factory: MeshFactory) -> None:
-    mesh = await mesh_factory(worker_kw=[{"delay_s": 0.05}])
+    mesh = await mesh_factory(worker_kw=[{"hold_after": 1}])
     async with aiohttp.ClientSession() as session:
         task = asyncio.create_task(session.post(mesh.http + C, json={"prompt": "x", "max_tokens": 50}))
-        await wait_for(lambda: len(mesh.workers[0].requests) == 1)
-        await asyncio.sleep(0.1)
+        await wait_for(lambda: mesh.workers[0].sent == 1)  # the gateway is collecting the answer
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     await wait_for(lambda: len(mesh.workers[0].cancelled) == 1)
@@ -254,7 +254,7 @@ async def test_non_streaming_disconnect_cancels_the_decode_stream(mesh_factory: 
 
 
 async def test_deadline_cancels_the_decode_stream(mesh_factory: MeshFactory) -> None:
-    mesh = await mesh_factory(worker_kw=[{"delay_s": 0.05}], request_timeout_s=0.3)
+    mesh = await mesh_factory(worker_kw=[{"hold_after": 1}], request_timeout_s=0.3)
     status, error = await post(mesh, C, {"prompt": "x", "max_tokens": 50})
     assert status == 504 and error["error"]["type"] == "timeout_error"
     await wait_for(lambda: len(mesh.workers[0].cancelled) == 1)

@@ -1,7 +1,9 @@
 """The gateway in-process (HTTP + gRPC) in front of scripted decode workers defined here.
 
 The scripted worker streams a fixed reply (multi-byte characters included) one token per message,
-honours max_tokens, can refuse with RESOURCE_EXHAUSTED, and records which streams were cancelled.
+honours max_tokens, can refuse with RESOURCE_EXHAUSTED, can hold a stream after some tokens until
+the test releases it (so "still running" never depends on timing), and records which streams were
+cancelled.
 The gateway reaches it over the worker's real Session code (services/decode/session.py).
 """
 
@@ -32,13 +34,18 @@ EOS = 2
 
 
 class ScriptedDecode(worker_pb2_grpc.DecodeWorkerServicer):
-    """A decode worker that replies REPLY (then EOS), one token per message."""
+    """A decode worker that replies REPLY (then EOS), one token per message; with hold_after, each
+    stream stops after that many tokens until `release` is set."""
 
-    def __init__(self, reply_ids: list[int], *, delay_s: float = 0.0, exhausted: bool = False) -> None:
+    def __init__(
+        self, reply_ids: list[int], *, hold_after: int | None = None, exhausted: bool = False
+    ) -> None:
         self.reply_ids = reply_ids
-        self.delay_s = delay_s
+        self.hold_after = hold_after
+        self.release = asyncio.Event()
         self.exhausted = exhausted
         self.requests: list[worker_pb2.GenerateRequest] = []
+        self.sent = 0  # tokens sent, all streams together
         self.cancelled: list[str] = []
         self.completed: list[str] = []
 
@@ -68,8 +75,8 @@ class ScriptedDecode(worker_pb2_grpc.DecodeWorkerServicer):
         ids = ids[:limit]
         try:
             for i, token in enumerate(ids):
-                if self.delay_s:
-                    await asyncio.sleep(self.delay_s)
+                if i == self.hold_after:
+                    await self.release.wait()
                 msg = worker_pb2.GenerateResponse(token_ids=[token])
                 if request.sampling.HasField("logprobs"):
                     top = [
@@ -87,6 +94,7 @@ class ScriptedDecode(worker_pb2_grpc.DecodeWorkerServicer):
                         )
                     )
                     msg.timings.CopyFrom(common_pb2.Timings(queue=0.001, prefill=0.002, decode=0.003))
+                self.sent += 1
                 yield msg
             self.completed.append(request.request_id)
         except (asyncio.CancelledError, GeneratorExit):
@@ -171,7 +179,8 @@ async def mesh(mesh_factory: MeshFactory) -> Mesh:
     return await mesh_factory()
 
 
-async def wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+async def wait_for(predicate: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    """Wait until predicate() holds; timeout_s is a hang guard only."""
     deadline = time.monotonic() + timeout_s
     while not predicate():
         assert time.monotonic() < deadline, "condition not met in time"
@@ -241,8 +250,15 @@ async def test_completions_default_max_tokens_is_16(mesh: Mesh) -> None:
     assert mesh.workers[0].requests[0].sampling.max_tokens == 16
 
 
+def tokens_until(mesh: Mesh, text: str) -> int:
+    """How many tokens of the reply it takes for its text to contain `text`."""
+    tok = mesh.gateway.core.model.tokenizer
+    return next(k for k in range(len(mesh.reply_ids) + 1) if text in tok.decode(mesh.reply_ids[:k]))
+
+
 async def test_stop_string_cuts_exactly_and_cancels(mesh_factory: MeshFactory) -> None:
-    mesh = await mesh_factory(worker_kw=[{"delay_s": 0.01}])
+    mesh = await mesh_factory()
+    mesh.workers[0].hold_after = tokens_until(mesh, "5€")  # the rest only comes if nobody cancels
     out = await mesh.client().chat.completions.create(
         model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "x"}], stop=["5€", "zzz"]
     )
