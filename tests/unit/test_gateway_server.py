@@ -293,8 +293,9 @@ async def test_n_fans_out(mesh_factory: MeshFactory) -> None:
     assert len(set(ids)) == 4 and all(len(w.requests) == 2 for w in mesh.workers)  # spread over both
     assert out.usage.completion_tokens == 4 * (len(mesh.reply_ids) + 1)
     assert out.usage.prompt_tokens == len(mesh.workers[0].requests[0].prompt_token_ids)
-    sampling = mesh.workers[0].requests[0].sampling
-    assert sampling.seed == 7 and sampling.temperature == pytest.approx(0.5)
+    sent = [r.sampling for w in mesh.workers for r in w.requests]
+    assert sorted(s.seed for s in sent) == [7, 8, 9, 10]  # choice k samples with seed + k
+    assert all(s.temperature == pytest.approx(0.5) for s in sent)
 
 
 async def test_n_streams_interleave(mesh: Mesh) -> None:
