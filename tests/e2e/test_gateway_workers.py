@@ -1,0 +1,317 @@
+"""The gateway (in-process, its real code) in front of real decode worker processes on a tiny model
+with the demo tokenizer: n > 1, logprobs, stop token ids, cancellation by stop string, disconnect
+and deadline, retries on RESOURCE_EXHAUSTED and UNAVAILABLE and the --route-attempts cap, and a
+worker dying mid-stream. Every answer is compared with the engine alone on the same model.
+
+A tiny model generates thousands of tokens per request here (max_tokens LONG): a request that is
+still running when the test cancels it has thousands of steps left, so "the worker stopped early"
+is read from its generated-token counter, never from the clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import openai
+import pytest
+
+from scalellm.redis_server import free_port
+from scalellm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, worker_pb2_grpc
+from services.gateway.config import GatewayConfig
+from services.gateway.server import GatewayServer
+from services.gateway.sse import parse_events
+from tests.fake_prefill import FakePrefill, Mode
+from tests.procs import Service, await_until, start_service
+from tests.service.worker_calls import request, worker_args
+
+pytestmark = pytest.mark.slow
+
+LONG = 8000  # tokens a cancelled request would still generate (the tiny model's context is 8192)
+PROMPT = "The tiny model says"
+
+
+def _dead() -> str:
+    return f"127.0.0.1:{free_port()}"  # nobody listens: UNAVAILABLE at once
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_chat_model: Path) -> Any:
+    """The engine alone on the same weights: what every answer through the gateway must equal."""
+    from scalellm import LLM
+
+    return LLM(model=str(tiny_chat_model), num_kv_blocks=200)
+
+
+def _sampling(**kw: Any) -> Any:
+    from scalellm import SamplingParams
+
+    return SamplingParams(**{"temperature": 0.0, "ignore_eos": True, **kw})
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_chat_model: Path) -> Iterator[Service]:
+    svc = start_service(
+        "services.decode", worker_args(tiny_chat_model, "--role", "both", "--num-kv-blocks", "1200")
+    )
+    yield svc
+    assert svc.stop() == 0, svc.log()
+
+
+GatewayFactory = Callable[..., Awaitable[GatewayServer]]
+
+
+@pytest.fixture
+async def gateway(tiny_chat_model: Path) -> AsyncIterator[GatewayFactory]:
+    """Start in-process gateways over the given workers (GatewayConfig fields as keywords)."""
+    started: list[GatewayServer] = []
+
+    async def start(*decode: str, **config: Any) -> GatewayServer:
+        settings = {"host": "127.0.0.1", "http_port": 0, "grpc_port": 0, "model": str(tiny_chat_model)}
+        server = GatewayServer(GatewayConfig(**settings, decode_addrs=decode, **config))
+        await server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        await server.stop(0)
+
+
+def client(gw: GatewayServer) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{gw.http_port}/v1", api_key="none", max_retries=0)
+
+
+def model_name(tiny_chat_model: Path) -> str:
+    return tiny_chat_model.name
+
+
+def long_stream(tiny_chat_model: Path) -> dict[str, Any]:
+    """A streamed completion that would run LONG tokens."""
+    return {
+        "model": model_name(tiny_chat_model),
+        "prompt": PROMPT,
+        "max_tokens": LONG,
+        "stream": True,
+        "ignore_eos": True,
+    }
+
+
+def requests_served(worker: Service) -> float:
+    return sum(v for k, v in worker.metrics().items() if k.startswith("scalellm_requests_total"))
+
+
+async def test_n_seeded_choices_each_equal_the_engine_with_its_own_seed(
+    gateway: GatewayFactory, worker: Service, engine: Any, tiny_chat_model: Path
+) -> None:
+    """Choice k of a seeded request samples with seed + k (as vLLM does): distinct choices, each
+    reproducible with the engine alone."""
+    gw = await gateway(worker.address)
+    out = await client(gw).completions.create(
+        model=model_name(tiny_chat_model), prompt=PROMPT, n=3, temperature=1.0, seed=42, max_tokens=12,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    texts = [c.text for c in sorted(out.choices, key=lambda c: c.index)]
+    expected = [
+        engine.generate(PROMPT, _sampling(temperature=1.0, seed=42 + k, max_tokens=12))[0].outputs[0].text
+        for k in range(3)
+    ]
+    assert texts == expected
+    assert len(set(texts)) == 3
+
+
+async def test_logprobs_equal_the_engines(gateway: GatewayFactory, worker: Service, engine: Any) -> None:
+    gw = await gateway(worker.address)
+    expected = engine.generate(PROMPT, _sampling(max_tokens=6, logprobs=3))[0].outputs[0]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.grpc_port}") as channel:
+        sampling = common_pb2.SamplingParams(temperature=0, max_tokens=6, logprobs=3, ignore_eos=True)
+        messages = [
+            m
+            async for m in gateway_pb2_grpc.GatewayStub(channel).Generate(
+                gateway_pb2.GatewayGenerateRequest(text=PROMPT, sampling=sampling)
+            )
+        ]
+    got = [lp for m in messages for lp in m.logprobs]
+    assert [lp.token_id for lp in got] == expected.token_ids
+    for lp, want in zip(got, expected.logprobs, strict=True):
+        assert lp.logprob == pytest.approx(want.logprob, abs=1e-4)
+        assert [t.token_id for t in lp.top] == [t for t, _ in want.top]
+        assert [t.logprob for t in lp.top] == pytest.approx([v for _, v in want.top], abs=1e-4)
+
+
+async def test_stop_token_ids_end_the_choice(
+    gateway: GatewayFactory, worker: Service, engine: Any, tiny_chat_model: Path
+) -> None:
+    greedy = engine.generate(PROMPT, _sampling(max_tokens=24))[0].outputs[0].token_ids
+    at = next(i for i in range(3, len(greedy)) if greedy[i] not in greedy[:i])  # a first occurrence
+    stop_id = greedy[at]
+    gw = await gateway(worker.address)
+    out = await client(gw).completions.create(
+        model=model_name(tiny_chat_model), prompt=PROMPT, temperature=0, max_tokens=24,
+        extra_body={"ignore_eos": True, "stop_token_ids": [stop_id]},
+    )  # fmt: skip
+    want = engine.generate(PROMPT, _sampling(max_tokens=24, stop_token_ids=[stop_id]))[0].outputs[0]
+    assert want.token_ids == greedy[: at + 1]  # the engine alone stops on it, and so must the mesh
+    assert out.choices[0].finish_reason == "stop" and out.usage.completion_tokens == at + 1
+    assert out.choices[0].text == want.text
+
+
+async def _stopped_early(worker: Service, before: float) -> None:
+    """The worker's batch is empty again and it generated far fewer than LONG tokens since before."""
+    await await_until(lambda: worker.metric("scalellm_running_batch") == 0, "the worker's batch drained")
+    generated = worker.metric("scalellm_generated_tokens_total") - before
+    assert 0 < generated < LONG / 2, generated
+
+
+async def test_a_stop_string_cancels_the_worker(
+    gateway: GatewayFactory, worker: Service, engine: Any, tiny_chat_model: Path
+) -> None:
+    text = engine.generate(PROMPT, _sampling(max_tokens=40))[0].outputs[0].text
+    stop = text[len(text) // 3 : len(text) // 3 + 3]
+    gw = await gateway(worker.address)
+    before = worker.metric("scalellm_generated_tokens_total")
+    out = await client(gw).completions.create(
+        model=model_name(tiny_chat_model), prompt=PROMPT, temperature=0, max_tokens=LONG, stop=[stop],
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    assert out.choices[0].text == text[: text.index(stop)] and out.choices[0].finish_reason == "stop"
+    await _stopped_early(worker, before)
+
+
+async def test_a_client_disconnect_cancels_the_worker(
+    gateway: GatewayFactory, worker: Service, tiny_chat_model: Path
+) -> None:
+    gw = await gateway(worker.address)
+    before = worker.metric("scalellm_generated_tokens_total")
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(
+            f"http://127.0.0.1:{gw.http_port}/v1/completions", json=long_stream(tiny_chat_model)
+        )
+        assert (await response.content.readline()).startswith(b"data: ")
+        response.close()  # the client goes away mid-stream
+    await _stopped_early(worker, before)
+
+
+async def test_a_deadline_cancels_the_worker(gateway: GatewayFactory, worker: Service) -> None:
+    gw = await gateway(worker.address)
+    before = worker.metric("scalellm_generated_tokens_total")
+    sampling = common_pb2.SamplingParams(temperature=0, max_tokens=LONG, ignore_eos=True)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.grpc_port}") as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            request_ = gateway_pb2.GatewayGenerateRequest(text=PROMPT, sampling=sampling)
+            [m async for m in stub.Generate(request_, timeout=1.0)]
+    assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    await _stopped_early(worker, before)
+
+
+async def test_no_kv_room_moves_to_the_next_worker_and_429_when_none_has_room(
+    gateway: GatewayFactory, worker: Service, engine: Any, tiny_chat_model: Path
+) -> None:
+    """A decode worker whose blocks are all reserved (by a request whose prefill never answers)
+    refuses at once with RESOURCE_EXHAUSTED: the gateway tries the next worker; with no other,
+    the client gets 429."""
+    small = start_service(
+        "services.decode",
+        worker_args(tiny_chat_model, "--role", "decode", "--num-kv-blocks", "20", "--prefill-timeout", "600"),
+    )
+    rng = random.Random(1)
+    prompt = [rng.randrange(3, 49000) for _ in range(100)]  # 7 blocks of 16
+    try:
+        async with FakePrefill(Mode.HANG) as hung, grpc.aio.insecure_channel(small.address) as channel:
+            occupant = worker_pb2_grpc.DecodeWorkerStub(channel).Generate(
+                request("occupant", [7] * 250, 8, [hung.target("hung")])  # 16 of 20 blocks
+            )
+            await await_until(lambda: len(hung.requests) == 1, "the occupant's blocks are reserved")
+            gw = await gateway(small.address, worker.address, prefill_addrs=(f"p={_dead()}",))
+            out = await client(gw).completions.create(
+                model=model_name(tiny_chat_model), prompt=prompt, temperature=0, max_tokens=8,
+                extra_body={"ignore_eos": True},
+            )  # fmt: skip
+            want = engine.generate({"prompt_token_ids": prompt}, _sampling(max_tokens=8))[0].outputs[0]
+            assert out.choices[0].text == want.text
+            assert small.metric('scalellm_requests_total{outcome="no_kv_room"}') == 1
+            assert (
+                'scalellm_gateway_route_retries_total{code="RESOURCE_EXHAUSTED"} 1.0'
+                in gw.core.metrics.render().decode()
+            )
+
+            alone = await gateway(small.address, prefill_addrs=(f"p={_dead()}",))
+            with pytest.raises(openai.RateLimitError):
+                await client(alone).completions.create(
+                    model=model_name(tiny_chat_model), prompt=prompt, max_tokens=8
+                )
+            occupant.cancel()
+    finally:
+        assert small.stop() == 0, small.log()
+
+
+async def test_unavailable_moves_on_until_route_attempts_run_out(
+    gateway: GatewayFactory, worker: Service, engine: Any, tiny_chat_model: Path
+) -> None:
+    dead = [f"gone{i}={_dead()}" for i in range(2)]
+    want = engine.generate(PROMPT, _sampling(max_tokens=8))[0].outputs[0].text
+    three = await gateway(*dead, worker.address, route_attempts=3)
+    out = await client(three).completions.create(
+        model=model_name(tiny_chat_model),
+        prompt=PROMPT,
+        temperature=0,
+        max_tokens=8,
+        extra_body={"ignore_eos": True},
+    )
+    assert out.choices[0].text == want
+    assert (
+        'scalellm_gateway_route_retries_total{code="UNAVAILABLE"} 2.0' in three.core.metrics.render().decode()
+    )
+
+    served = requests_served(worker)
+    two = await gateway(*dead, worker.address, route_attempts=2)
+    with pytest.raises(openai.InternalServerError) as err:
+        await client(two).completions.create(model=model_name(tiny_chat_model), prompt=PROMPT, max_tokens=8)
+    assert err.value.status_code == 503
+    assert requests_served(worker) == served  # the third worker was never asked
+
+
+async def test_a_worker_dying_mid_stream_ends_streams_with_an_error(
+    gateway: GatewayFactory, tiny_chat_model: Path
+) -> None:
+    """SIGKILL while an SSE stream and a gRPC stream run on it: the SSE stream ends with an error
+    event and [DONE], the gRPC stream with UNAVAILABLE."""
+    doomed = start_service("services.decode", worker_args(tiny_chat_model, "--role", "both"))
+    try:
+        gw = await gateway(doomed.address)
+        body = long_stream(tiny_chat_model)
+        sampling = common_pb2.SamplingParams(temperature=0, max_tokens=LONG, ignore_eos=True)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"http://127.0.0.1:{gw.http_port}/v1/completions", json=body) as response,
+            grpc.aio.insecure_channel(f"127.0.0.1:{gw.grpc_port}") as channel,
+        ):
+            call = gateway_pb2_grpc.GatewayStub(channel).Generate(
+                gateway_pb2.GatewayGenerateRequest(text=PROMPT, sampling=sampling)
+            )
+            assert (await call.read()).token_ids
+            first = await response.content.readline()
+            assert first.startswith(b"data: ") and "choices" in json.loads(first[6:])
+            doomed.kill()
+            rest = await asyncio.wait_for(response.read(), 60)  # a hang guard only
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await asyncio.wait_for(_drain(call), 60)
+        events = parse_events(first + rest)
+        assert events[-1] == "[DONE]" and "error" in events[-2], events[-3:]
+        assert events[-2]["error"]["type"] == "service_unavailable"
+        assert all("choices" in e for e in events[:-2])
+        assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+    finally:
+        doomed.kill()
+
+
+async def _drain(call: Any) -> None:
+    while await call.read() is not grpc.aio.EOF:
+        pass
