@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from services.gateway.server import GatewayServer
 from services.gateway.sse import parse_events
 from tests.fake_prefill import FakePrefill, Mode
 from tests.procs import Service, await_until, start_service
-from tests.service.worker_calls import request, worker_args
+from tests.service.worker_calls import request, until_not_serving, worker_args
 
 pytestmark = pytest.mark.slow
 
@@ -315,3 +316,43 @@ async def test_a_worker_dying_mid_stream_ends_streams_with_an_error(
 async def _drain(call: Any) -> None:
     while await call.read() is not grpc.aio.EOF:
         pass
+
+
+async def test_sigterm_drains_the_gateway(worker: Service, engine: Any, tiny_chat_model: Path) -> None:
+    """SIGTERM with a request in flight (held in its prefill): health NOT_SERVING, /health and new
+    requests 503, the request in flight still finishes, the process exits 0."""
+    async with FakePrefill(Mode.HANG) as hung:
+        gw = start_service(
+            "services.gateway",
+            ["--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", "--model", str(tiny_chat_model),
+             "--decode-addr", worker.address, "--prefill-addr", f"hung={hung.address}", "--grace-s", "600"],
+            name="gateway",
+        )  # fmt: skip
+        http = f"http://{gw.address}"
+        grpc_address = next(line for line in gw.output if line.startswith("READY ")).split("grpc=")[1]
+        body = {
+            "model": model_name(tiny_chat_model),
+            "prompt": PROMPT,
+            "max_tokens": 8,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+        try:
+            async with aiohttp.ClientSession() as session, grpc.aio.insecure_channel(grpc_address) as channel:
+                held = asyncio.ensure_future(session.post(http + "/v1/completions", json=body))
+                await await_until(lambda: len(hung.requests) == 1, "the request is in flight")
+                gw.proc.send_signal(signal.SIGTERM)
+                await until_not_serving(channel)
+                async with session.get(http + "/health") as resp:
+                    assert resp.status == 503 and (await resp.json())["status"] == "draining"
+                async with session.post(http + "/v1/completions", json=body) as resp:
+                    assert resp.status == 503, await resp.text()
+                hung.release.set()  # its prefill fails over to the worker itself
+                async with await asyncio.wait_for(held, 60) as resp:
+                    assert resp.status == 200
+                    out = await resp.json()
+            want = engine.generate(PROMPT, _sampling(max_tokens=8))[0].outputs[0].text
+            assert out["choices"][0]["text"] == want
+            assert await asyncio.to_thread(gw.proc.wait, 60) == 0, gw.log()
+        finally:
+            gw.kill()

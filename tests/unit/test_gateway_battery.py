@@ -29,6 +29,7 @@ from tests.unit.test_gateway_server import (  # noqa: F401 - fixtures
 )
 
 M = [{"role": "user", "content": "hi"}]
+ALPHA = {"Authorization": "Bearer sk-alpha"}
 C = "/v1/completions"
 CHAT = "/v1/chat/completions"
 
@@ -179,18 +180,34 @@ async def test_api_keys(mesh_factory: MeshFactory, tmp_path: Path) -> None:
             assert r.status == 200
         async with session.get(mesh.http + "/metrics", headers={"Authorization": "Bearer sk-alpha"}) as r:
             assert r.status == 200
+    async with aiohttp.ClientSession() as session:
+        card = mesh.http + "/v1/models/SmolLM2-135M-Instruct"
+        for headers, status in (({}, 401), ({"Authorization": "Bearer sk-x"}, 401), (ALPHA, 200)):
+            async with session.get(card, headers=headers) as r:
+                assert r.status == status, (headers, r.status)
+        for path in (C, CHAT):  # no key at all: refused before anything is parsed or routed
+            async with session.post(mesh.http + path, json={"prompt": "x", "messages": M}) as r:
+                assert r.status == 401 and (await r.json())["error"]["code"] == "invalid_api_key"
     assert len(mesh.workers[0].requests) == 1
     async with grpc.aio.insecure_channel(mesh.grpc_address) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.ListModels(gateway_pb2.ListModelsRequest())
         assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        tokenize = gateway_pb2.TokenizeRequest(text="Hello")
+        for metadata in ((), (("authorization", "Bearer nope"),)):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Tokenize(tokenize, metadata=metadata)
+            assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert (await stub.Tokenize(tokenize, metadata=[("authorization", "Bearer sk-alpha")])).token_ids
         request = gateway_pb2.GatewayGenerateRequest(text="x")
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            [m async for m in stub.Generate(request, metadata=[("authorization", "Bearer nope")])]
-        assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        for metadata in ((), (("authorization", "Bearer nope"),)):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                [m async for m in stub.Generate(request, metadata=metadata)]
+            assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
         messages = [m async for m in stub.Generate(request, metadata=[("authorization", "Bearer sk-alpha")])]
         assert "".join(m.text for m in messages) == REPLY
+    assert len(mesh.workers[0].requests) == 2  # only the two requests with a good key reached it
 
 
 async def test_inflight_bound_gives_429(mesh_factory: MeshFactory) -> None:

@@ -20,7 +20,9 @@ import aiohttp
 import grpc
 import openai
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from scalellm.registry import WorkerRole
 from scalellm.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from scalellm.worker.errors import ResourceExhausted
 from services.decode.session import serve_session
@@ -28,6 +30,9 @@ from services.gateway.config import GatewayConfig
 from services.gateway.model import ServedModel
 from services.gateway.server import GatewayServer
 from services.gateway.sse import parse_events
+from services.gateway.workers import WorkerEndpoint, WorkerSet
+
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 REPLY = "Hello! The café costs 5€. 😀 Done, stop here."
 EOS = 2
@@ -353,6 +358,61 @@ async def test_models_and_health(mesh: Mesh) -> None:
         await mesh.client().models.retrieve("gpt-4")
     async with aiohttp.ClientSession() as session, session.get(mesh.http + "/health") as resp:
         assert resp.status == 200 and (await resp.json())["decode_workers"] == 1
+
+
+async def test_responses_carry_the_request_id_the_worker_got(mesh: Mesh) -> None:
+    async with aiohttp.ClientSession() as session:
+        for stream in (False, True):
+            body = {"prompt": "x", "max_tokens": 2, "stream": stream}
+            async with session.post(mesh.http + "/v1/completions", json=body) as resp:
+                assert resp.status == 200
+                await resp.read()
+                request_id = resp.headers["x-request-id"]
+            assert mesh.workers[0].requests[-1].request_id == f"{request_id}-0"  # its choice 0
+    assert len({r.request_id for r in mesh.workers[0].requests}) == 2
+
+
+class SwitchableWorkers:
+    """A worker source the test changes: no decode worker at first."""
+
+    def __init__(self) -> None:
+        self.workers = WorkerSet()
+
+    def current(self) -> WorkerSet:
+        return self.workers
+
+
+async def test_health_is_503_without_a_decode_worker(
+    served_config: GatewayConfig, served_model: ServedModel
+) -> None:
+    source = SwitchableWorkers()
+    gateway = GatewayServer(served_config, source=source, model=served_model)
+    await gateway.start()
+    http = f"http://127.0.0.1:{gateway.http_port}"
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel,
+        ):
+            health = health_pb2_grpc.HealthStub(channel)
+            async with session.get(http + "/health") as resp:
+                assert resp.status == 503 and (await resp.json())["status"] == "no_workers"
+            assert (await health.Check(health_pb2.HealthCheckRequest())).status == NOT_SERVING
+            async with session.post(http + "/v1/completions", json={"prompt": "x"}) as resp:
+                assert resp.status == 503 and (await resp.json())["error"]["type"] == "service_unavailable"
+
+            source.workers = WorkerSet(
+                (WorkerEndpoint(worker_id="w", address="127.0.0.1:1", role=WorkerRole.BOTH),)
+            )
+            watch = health.Watch(health_pb2.HealthCheckRequest())
+            async for reply in watch:  # the gateway notices the new worker set on its own
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            watch.cancel()
+            async with session.get(http + "/health") as resp:
+                assert resp.status == 200 and (await resp.json())["decode_workers"] == 1
+    finally:
+        await gateway.stop(0)
 
 
 async def test_unknown_model_is_404(mesh: Mesh) -> None:
