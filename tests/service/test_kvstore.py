@@ -283,7 +283,7 @@ async def test_metrics_endpoint(kvstore_factory: KvstoreFactory) -> None:
     async with RegistryClient(f"127.0.0.1:{kvstore.port}") as client:
         await client.register(make_info())
     url = f"http://127.0.0.1:{kvstore.metrics_port}/metrics"
-    body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=30).read().decode())
     assert 'scalellm_kvstore_rpcs_total{code="OK",method="Register"} 1.0' in body
     assert "scalellm_kvstore_backend_up 1.0" in body
 
@@ -346,7 +346,7 @@ async def test_main_serves_and_stops_on_sigterm(redis_server: RedisServer) -> No
             proc.send_signal(signal.SIGABRT)
     finally:
         try:
-            stderr = proc.communicate(timeout=10)[1]
+            stderr = proc.communicate(timeout=30)[1]
         except subprocess.TimeoutExpired:
             proc.kill()
             stderr = proc.communicate()[1]

@@ -23,7 +23,7 @@ async def test_a_swallowed_cancel_is_repeated_until_the_task_ends() -> None:
     cancels_seen: list[int] = []
     task = asyncio.create_task(_swallows_first_cancel(cancels_seen))
     await asyncio.sleep(0)
-    await asyncio.wait_for(cancel_and_wait(task, retry_s=0.01), timeout=5)
+    await asyncio.wait_for(cancel_and_wait(task, retry_s=0.01), timeout=60)  # a hang guard only
     assert task.cancelled()
     assert cancels_seen == [1]
 
