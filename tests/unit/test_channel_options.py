@@ -36,5 +36,5 @@ async def test_a_slow_handshake_is_waited_for_not_failed(
     async with grpc.aio.insecure_channel(silent_listener, options=options) as channel:
         stub = worker_pb2_grpc.DecodeWorkerStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub.Generate(worker_pb2.GenerateRequest(request_id="r"), timeout=2.0).read()
+            await stub.Generate(worker_pb2.GenerateRequest(request_id="r"), timeout=1.0).read()
     assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED, err.value.details()

@@ -171,6 +171,7 @@ def _waiting_on_lock(lock: Path) -> int:
     return sum(1 for line in Path("/proc/locks").read_text().splitlines() if "->" in line and inode in line)
 
 
+@pytest.mark.slow  # three processes
 def test_concurrent_prepares_build_once(tmp_path: Path) -> None:
     """One process builds; two more start meanwhile, wait on the lock, then find the folder built."""
     log, cache = tmp_path / "log", tmp_path / "cache"
@@ -194,6 +195,7 @@ def test_concurrent_prepares_build_once(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.slow  # three processes
 def test_incomplete_folder_is_rebuilt_and_force_rebuilds(tmp_path: Path) -> None:
     log, cache = tmp_path / "log", tmp_path / "cache"
     target = prepare.demo_model_dir(cache)

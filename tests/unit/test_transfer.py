@@ -36,6 +36,8 @@ from scalellm.transfer.rendezvous import (
 )
 from scalellm.transfer.wire import Frame, Segment, plan_segments
 
+pytestmark = pytest.mark.slow  # prefill sides run in processes of their own
+
 LAYERS, BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM = 6, 48, 4, 2, 8
 # message_bytes: three blocks of this layout, so that long runs travel as several messages
 CONFIG = ChannelConfig(op_timeout_s=5, connect_timeout_s=10, device_host="127.0.0.1", message_bytes=3 * 3072)
