@@ -76,7 +76,7 @@ async def test_a_stalled_prefill_worker_times_out_and_the_next_target_serves(
     (the transfer timeout), then a real one, whose KV the request decodes from."""
     prefill = start_service("services.prefill", worker_args(tiny_llama, "--worker-id", "real"))
     decode = start_service(
-        "services.decode", worker_args(tiny_llama, "--role", "decode", "--transfer-timeout", "3")
+        "services.decode", worker_args(tiny_llama, "--role", "decode", "--transfer-timeout", "5")
     )
     try:
         async with FakePrefill(Mode.STALL) as stalled:
