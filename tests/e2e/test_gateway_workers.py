@@ -32,7 +32,7 @@ from services.gateway.server import GatewayServer
 from services.gateway.sse import parse_events
 from tests.fake_prefill import FakePrefill, Mode
 from tests.procs import Service, await_until, start_service
-from tests.service.worker_calls import request, until_not_serving, worker_args
+from tests.service.worker_calls import until_not_serving, worker_args, worker_request
 
 pytestmark = pytest.mark.slow
 
@@ -229,7 +229,7 @@ async def test_no_kv_room_moves_to_the_next_worker_and_429_when_none_has_room(
     try:
         async with FakePrefill(Mode.HANG) as hung, grpc.aio.insecure_channel(small.address) as channel:
             occupant = worker_pb2_grpc.DecodeWorkerStub(channel).Generate(
-                request("occupant", [7] * 250, 8, [hung.target("hung")])  # 16 of 20 blocks
+                worker_request("occupant", [7] * 250, 8, [hung.target("hung")])  # 16 of 20 blocks
             )
             await await_until(lambda: len(hung.requests) == 1, "the occupant's blocks are reserved")
             gw = await gateway(small.address, worker.address, prefill_addrs=(f"p={_dead()}",))

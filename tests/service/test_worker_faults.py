@@ -26,10 +26,10 @@ from tests.fake_prefill import FakePrefill, Mode
 from tests.procs import Service, await_until, start_service
 from tests.service.worker_calls import (
     generate,
-    request,
     until_not_serving,
     wait_all_blocks_free,
     worker_args,
+    worker_request,
 )
 
 pytestmark = pytest.mark.slow
@@ -82,7 +82,7 @@ async def test_a_stalled_prefill_worker_times_out_and_the_next_target_serves(
         async with FakePrefill(Mode.STALL) as stalled:
             real = worker_pb2.PrefillTarget(worker_id="real", address=prefill.address)
             targets = [dead_target(), stalled.target("stalled"), real]
-            calls = generate(decode.address, [request("fall", PROMPT, 8, targets)])
+            calls = generate(decode.address, [worker_request("fall", PROMPT, 8, targets)])
             [(tokens, last)] = await asyncio.wait_for(calls, 120)  # a hang guard only
         assert tokens == engine(PROMPT, 8)
         assert last.timings.transfer_bytes > 0  # the KV came from the real prefill worker
@@ -102,7 +102,7 @@ async def test_a_stalled_prefill_worker_times_out_and_the_next_target_serves(
 async def test_cancelling_during_the_prefill_call_cancels_it(decode: Service) -> None:
     async with FakePrefill(Mode.HANG) as hung, grpc.aio.insecure_channel(decode.address) as channel:
         call = worker_pb2_grpc.DecodeWorkerStub(channel).Generate(
-            request("cancel-prefill", PROMPT, 8, [hung.target("hung")])
+            worker_request("cancel-prefill", PROMPT, 8, [hung.target("hung")])
         )
         reading = asyncio.ensure_future(call.read())  # nothing comes before the prefill
         await await_until(lambda: len(hung.requests) == 1, "the decode worker called Prefill")
@@ -118,7 +118,7 @@ async def test_cancelling_while_the_kv_is_awaited_frees_the_blocks_at_once(decod
     failures = decode.metric("scalellm_kv_transfer_failures_total")
     async with FakePrefill(Mode.STALL) as stalled, grpc.aio.insecure_channel(decode.address) as channel:
         call = worker_pb2_grpc.DecodeWorkerStub(channel).Generate(
-            request("cancel-transfer", PROMPT, 8, [stalled.target("stalled")])
+            worker_request("cancel-transfer", PROMPT, 8, [stalled.target("stalled")])
         )
         reading = asyncio.ensure_future(call.read())
         await await_until(lambda: stalled.answered == 1, "the stalled prefill worker answered")
@@ -168,7 +168,7 @@ async def test_cancelling_a_queued_prefill_aborts_it_on_the_prefill_worker(
                 worker_pb2.PrefillRequest(
                     request_id="occupant",
                     prompt_token_ids=PROMPT * 2 + PROMPT[:20],  # 100 tokens: 7 of 8 blocks
-                    sampling=request("", [], 1, []).sampling,
+                    sampling=worker_request("", [], 1, []).sampling,
                     destination=worker_pb2.KVDestination(
                         decode_worker_id="nobody", transfer_endpoint=store.address, transfer_id=1,
                         block_ids=list(range(7)),
@@ -181,7 +181,7 @@ async def test_cancelling_a_queued_prefill_aborts_it_on_the_prefill_worker(
             async with grpc.aio.insecure_channel(decode.address) as channel:
                 target = worker_pb2.PrefillTarget(worker_id="small", address=prefill.address)
                 call = worker_pb2_grpc.DecodeWorkerStub(channel).Generate(
-                    request("queued", PROMPT, 8, [target])
+                    worker_request("queued", PROMPT, 8, [target])
                 )
                 reading = asyncio.ensure_future(call.read())
                 await await_until(
@@ -219,7 +219,7 @@ async def test_sigterm_reports_not_serving_deregisters_and_finishes_what_runs(
         await view.wait_until(lambda s: "leaving" in s.ids, 60)
         stub = worker_pb2_grpc.DecodeWorkerStub(channel)
         held = asyncio.ensure_future(
-            generate(decode.address, [request("held", PROMPT, 8, [hung.target("h")])])
+            generate(decode.address, [worker_request("held", PROMPT, 8, [hung.target("h")])])
         )
         await await_until(lambda: len(hung.requests) == 1, "the held request reached its prefill")
 
@@ -227,7 +227,7 @@ async def test_sigterm_reports_not_serving_deregisters_and_finishes_what_runs(
         await until_not_serving(channel)
         await view.wait_until(lambda s: "leaving" not in s.ids, 60)  # deregistered, not expired
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub.Generate(request("late", PROMPT, 2, [])).read()
+            await stub.Generate(worker_request("late", PROMPT, 2, [])).read()
         assert err.value.code() is grpc.StatusCode.UNAVAILABLE and "draining" in (err.value.details() or "")
 
         hung.release.set()  # its prefill fails: the worker recomputes it and finishes it
@@ -245,7 +245,7 @@ async def test_sigterm_cuts_off_what_outlives_the_drain_timeout(tiny_llama: Path
     )
     async with FakePrefill(Mode.HANG) as hung:
         stuck = asyncio.ensure_future(
-            generate(decode.address, [request("stuck", PROMPT, 8, [hung.target("h")])])
+            generate(decode.address, [worker_request("stuck", PROMPT, 8, [hung.target("h")])])
         )
         await await_until(lambda: len(hung.requests) == 1, "the request reached its prefill")
         decode.proc.send_signal(signal.SIGTERM)

@@ -16,10 +16,10 @@ from scalellm.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from tests.procs import Service, await_until, start_service
 from tests.service.worker_calls import (
     generate,
-    request,
     until_not_serving,
     wait_all_blocks_free,
     worker_args,
+    worker_request,
 )
 
 pytestmark = pytest.mark.slow
@@ -76,7 +76,7 @@ async def test_32_concurrent_requests_match_the_engine_alone(request, mesh_name:
     mesh: Mesh = request.getfixturevalue(mesh_name)
     prompts, lengths, expected = workload
     reqs = [
-        request(f"{mesh_name}-{i}", p, n, mesh.targets)
+        worker_request(f"{mesh_name}-{i}", p, n, mesh.targets)
         for i, (p, n) in enumerate(zip(prompts, lengths, strict=True))
     ]
     results = await generate(mesh.decode.address, reqs)
@@ -90,8 +90,8 @@ async def test_32_concurrent_requests_match_the_engine_alone(request, mesh_name:
 
 
 async def test_seeded_sampling_matches_across_the_split(disagg: Mesh, colocated: Mesh) -> None:
-    req = request("seeded", [5, 6, 7, 8, 9] * 6, 12, [], temperature=0.9, seed=7)
-    other = request("seeded-8", [5, 6, 7, 8, 9] * 6, 12, [], temperature=0.9, seed=8)
+    req = worker_request("seeded", [5, 6, 7, 8, 9] * 6, 12, [], temperature=0.9, seed=7)
+    other = worker_request("seeded-8", [5, 6, 7, 8, 9] * 6, 12, [], temperature=0.9, seed=8)
     (local, _), (local_other, _) = await generate(colocated.decode.address, [req, other])
     req.prefill.extend(disagg.targets)
     [(remote, _)] = await generate(disagg.decode.address, [req])
@@ -105,10 +105,10 @@ async def test_blocks_the_decode_worker_has_cached_are_not_sent(disagg: Mesh) ->
     rng = random.Random(11)
     prompt, block_size = [rng.randrange(100, 49000) for _ in range(90)], 16  # a prompt no test sent
     [(first, last_first)] = await generate(
-        disagg.decode.address, [request("cache-1", prompt, 8, disagg.targets)]
+        disagg.decode.address, [worker_request("cache-1", prompt, 8, disagg.targets)]
     )
     [(again, last_again)] = await generate(
-        disagg.decode.address, [request("cache-2", prompt, 8, disagg.targets)]
+        disagg.decode.address, [worker_request("cache-2", prompt, 8, disagg.targets)]
     )
     assert first == again
     blocks = -(-len(prompt) // block_size)
@@ -120,16 +120,16 @@ async def test_blocks_the_decode_worker_has_cached_are_not_sent(disagg: Mesh) ->
 
 async def test_bad_requests_are_invalid_argument(disagg: Mesh) -> None:
     bad = [
-        request("r1", [1, 2, 10**6], 4, disagg.targets),
-        request("", [1, 2], 4, []),
-        request("r3", [], 4, []),
-        request("r4", [1, 2], 4, [], top_p=1.5),
+        worker_request("r1", [1, 2, 10**6], 4, disagg.targets),
+        worker_request("", [1, 2], 4, []),
+        worker_request("r3", [], 4, []),
+        worker_request("r4", [1, 2], 4, [], top_p=1.5),
     ]
     for req in bad:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await generate(disagg.decode.address, [req])
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
-    assert (await generate(disagg.decode.address, [request("ok", [1, 2, 3], 2, disagg.targets)]))[0][0]
+    assert (await generate(disagg.decode.address, [worker_request("ok", [1, 2, 3], 2, disagg.targets)]))[0][0]
 
 
 async def test_no_room_is_resource_exhausted_at_once(demo_model_dir: Path) -> None:
@@ -139,12 +139,12 @@ async def test_no_room_is_resource_exhausted_at_once(demo_model_dir: Path) -> No
     try:
         async with grpc.aio.insecure_channel(small.address) as channel:
             stub = worker_pb2_grpc.DecodeWorkerStub(channel)
-            occupant = stub.Generate(request("occupant", [9] * 250, 60, []))  # 16 of 20 blocks
+            occupant = stub.Generate(worker_request("occupant", [9] * 250, 60, []))  # 16 of 20 blocks
             async for _ in occupant:
                 break
             targets = [worker_pb2.PrefillTarget(worker_id="nobody", address="127.0.0.1:1")]
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                async for _ in stub.Generate(request("big", [7] * 100, 4, targets)):
+                async for _ in stub.Generate(worker_request("big", [7] * 100, 4, targets)):
                     pass
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "free KV blocks" in (err.value.details() or "")
@@ -160,7 +160,7 @@ async def test_cancelled_stream_frees_its_blocks(disagg: Mesh) -> None:
     before = disagg.decode.metric("scalellm_generated_tokens_total")
     async with grpc.aio.insecure_channel(disagg.decode.address) as channel:
         stub = worker_pb2_grpc.DecodeWorkerStub(channel)
-        call = stub.Generate(request("cancel-me", [11] * 300, 2000, disagg.targets))
+        call = stub.Generate(worker_request("cancel-me", [11] * 300, 2000, disagg.targets))
         got = 0
         async for msg in call:
             got += len(msg.token_ids)
@@ -192,7 +192,7 @@ async def test_health_and_reflection(disagg: Mesh) -> None:
                 break
 
 
-async def test_killing_the_prefill_worker_under_load_loses_norequest(demo_model_dir: Path, workload) -> None:  # type: ignore[no-untyped-def]
+async def test_killing_the_prefill_worker_under_load_loses_no_request(demo_model_dir: Path, workload) -> None:  # type: ignore[no-untyped-def]
     prompts, lengths, expected = workload
     prefill = start_service("services.prefill", worker_args(demo_model_dir, "--worker-id", "doomed"))
     decode = start_service(
@@ -201,7 +201,8 @@ async def test_killing_the_prefill_worker_under_load_loses_norequest(demo_model_
     try:
         targets = [worker_pb2.PrefillTarget(worker_id="doomed", address=prefill.address)]
         reqs = [
-            request(f"k{i}", p, n, targets) for i, (p, n) in enumerate(zip(prompts, lengths, strict=True))
+            worker_request(f"k{i}", p, n, targets)
+            for i, (p, n) in enumerate(zip(prompts, lengths, strict=True))
         ]
         first_token = asyncio.Event()
 
@@ -223,7 +224,7 @@ async def test_killing_the_prefill_worker_under_load_loses_norequest(demo_model_
         assert results == expected, decode.log()
         assert "recomputing" in decode.log()  # some requests really lost their prefill worker
         await wait_all_blocks_free(decode)
-        again = await generate(decode.address, [request("after", prompts[0], lengths[0], targets)])
+        again = await generate(decode.address, [worker_request("after", prompts[0], lengths[0], targets)])
         assert again[0][0] == expected[0]
     finally:
         prefill.kill()
@@ -240,7 +241,7 @@ async def test_layout_mismatch_is_refused_with_a_clear_error(demo_model_dir: Pat
     try:
         targets = [worker_pb2.PrefillTarget(worker_id="odd", address=prefill.address)]
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await generate(decode.address, [request("mismatch", [3] * 40, 4, targets)])
+            await generate(decode.address, [worker_request("mismatch", [3] * 40, 4, targets)])
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "block_size" in (err.value.details() or ""), err.value.details()
         await wait_all_blocks_free(decode)
@@ -253,7 +254,7 @@ async def test_sigterm_drains_in_flight_requests(demo_model_dir: Path) -> None:
     decode = start_service("services.decode", worker_args(demo_model_dir, "--role", "both"))
     async with grpc.aio.insecure_channel(decode.address) as channel:
         stub = worker_pb2_grpc.DecodeWorkerStub(channel)
-        call = stub.Generate(request("drained", [4] * 50, 40, []))
+        call = stub.Generate(worker_request("drained", [4] * 50, 40, []))
         tokens: list[int] = []
         async for msg in call:
             tokens += msg.token_ids
@@ -261,7 +262,7 @@ async def test_sigterm_drains_in_flight_requests(demo_model_dir: Path) -> None:
                 decode.proc.send_signal(15)
                 await until_not_serving(channel)
                 with pytest.raises(grpc.aio.AioRpcError) as err:  # new work is refused while draining
-                    async for _ in stub.Generate(request("late", [4] * 5, 2, [])):
+                    async for _ in stub.Generate(worker_request("late", [4] * 5, 2, [])):
                         pass
                 assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert len(tokens) == 40  # the in-flight request finished
@@ -299,11 +300,11 @@ async def test_session_serves_many_requests_on_one_stream(request, mesh_name: st
     mesh: Mesh = request.getfixturevalue(mesh_name)
     prompts, lengths, expected = workload
     good = [
-        request(f"s-{mesh_name}-{i}", p, n, mesh.targets)
+        worker_request(f"s-{mesh_name}-{i}", p, n, mesh.targets)
         for i, (p, n) in enumerate(zip(prompts, lengths, strict=True))
     ]
-    twin = request("s-twin", [5] * 30, 500, [])
-    bad = request("s-bad", [1, 2, 10**6], 4, mesh.targets)  # out of vocabulary
+    twin = worker_request("s-twin", [5] * 30, 500, [])
+    bad = worker_request("s-bad", [1, 2, 10**6], 4, mesh.targets)  # out of vocabulary
     sent = [twin, good[0], bad, *good[1:], twin]  # the second twin reuses a running id
     messages = [worker_pb2.SessionRequest(generate=g) for g in sent]
     tokens, last, sizes = await _session_run(mesh.decode.address, messages)
@@ -328,7 +329,7 @@ async def test_session_cancel_frees_blocks_and_keeps_the_stream(disagg: Mesh) ->
         session = WorkerSession(worker_pb2_grpc.DecodeWorkerStub(channel), disagg.decode.address)
         far = time.perf_counter() + 60
         before = disagg.decode.metric("scalellm_generated_tokens_total")
-        call = session.start(request("s-cancel", [11] * 300, 2000, disagg.targets), far)
+        call = session.start(worker_request("s-cancel", [11] * 300, 2000, disagg.targets), far)
         got = 0
         while got < 3:
             got += len((await call.read()).token_ids)  # type: ignore[union-attr]
@@ -338,7 +339,7 @@ async def test_session_cancel_frees_blocks_and_keeps_the_stream(disagg: Mesh) ->
         assert err.value.code() == grpc.StatusCode.CANCELLED
         await wait_all_blocks_free(disagg.decode)
 
-        late = session.start(request("s-deadline", [12] * 40, 2000, []), time.perf_counter() + 0.5)
+        late = session.start(worker_request("s-deadline", [12] * 40, 2000, []), time.perf_counter() + 0.5)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             while True:
                 await late.read()
@@ -346,7 +347,7 @@ async def test_session_cancel_frees_blocks_and_keeps_the_stream(disagg: Mesh) ->
         await wait_all_blocks_free(disagg.decode)
         assert disagg.decode.metric("scalellm_generated_tokens_total") - before < 2000  # both stopped
 
-        again = session.start(request("s-again", [1, 2, 3], 3, []), far)
+        again = session.start(worker_request("s-again", [1, 2, 3], 3, []), far)
         out: list[int] = []
         while (msg := await again.read()) is not None:
             out += msg.token_ids
@@ -366,14 +367,14 @@ async def test_sigterm_drains_requests_on_a_session(demo_model_dir: Path) -> Non
     async with grpc.aio.insecure_channel(decode.address) as channel:
         session = WorkerSession(worker_pb2_grpc.DecodeWorkerStub(channel), decode.address)
         far = time.perf_counter() + 60
-        call = session.start(request("s-drained", [4] * 50, 40, []), far)
+        call = session.start(worker_request("s-drained", [4] * 50, 40, []), far)
         tokens: list[int] = []
         while (msg := await call.read()) is not None:
             tokens += msg.token_ids
             if len(tokens) == 1:
                 decode.proc.send_signal(15)
                 await until_not_serving(channel)
-                late = session.start(request("s-late", [4] * 5, 2, []), far)
+                late = session.start(worker_request("s-late", [4] * 5, 2, []), far)
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await late.read()
                 assert err.value.code() == grpc.StatusCode.UNAVAILABLE

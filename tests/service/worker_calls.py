@@ -23,7 +23,7 @@ def worker_args(model: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def request(
+def worker_request(
     rid: str, prompt: list[int], max_tokens: int, targets: list[worker_pb2.PrefillTarget], **sampling: Any
 ) -> worker_pb2.GenerateRequest:
     """A greedy request for max_tokens tokens (EOS ignored) unless sampling says otherwise."""
