@@ -210,6 +210,8 @@ async def test_redis_restart_worker_reregisters_and_view_recovers(
         return snapshot.connected and not snapshot.stale_ids and fresh
 
     await view.wait_until(recovered, 30)  # a hang guard only
+    # The view can hear of the registration before the worker has read Register's answer.
+    await worker.wait_registered(30)
     assert worker.registrations == 2
     await worker.drain()
     await view.wait_until(lambda s: not s.ids, 30)
