@@ -72,14 +72,6 @@ from services.gateway.session import WorkerSession  # noqa: E402
 Sample = tuple[float, float, float, int, float]
 Path_ = Callable[[list[int]], Awaitable[Sample]]
 
-# What the gateway reads from a model folder besides config.json.
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-    "generation_config.json",
-)
-
 
 def tiny_model(demo: Path) -> Path:
     """A tiny random Llama with demo's vocabulary and tokenizer files, built once next to demo."""
@@ -87,19 +79,11 @@ def tiny_model(demo: Path) -> Path:
     target = demo.parent / f"bench-tiny-llama-{vocab}"
     if (target / "model.safetensors").is_file():
         return target
-    import torch
-    import transformers
-
-    from tests.tiny_models import TINY_COMMON
+    from tests.tiny_models import build_tiny_chat_model
 
     tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    config = transformers.LlamaConfig(**{**TINY_COMMON, "vocab_size": vocab}, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp, safe_serialization=True)
-    for name in _TOKENIZER_FILES:
-        if (demo / name).is_file():
-            shutil.copy(demo / name, tmp / name)
+    build_tiny_chat_model(demo, tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target

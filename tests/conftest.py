@@ -45,3 +45,15 @@ def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory):  # type: ignor
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_model_factory) -> Path:  # type: ignore[no-untyped-def]
     return tiny_model_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama with the demo model's tokenizer and chat template and an 8192-token
+    context: a gateway serves it and a worker runs it at milliseconds per step, for tests about the
+    mesh rather than the text (greedy output is still exact: compare with the engine alone)."""
+    from tests.tiny_models import build_tiny_chat_model
+
+    return build_tiny_chat_model(
+        demo_model_dir, tmp_path_factory.mktemp("tiny-chat"), max_position_embeddings=8192
+    )

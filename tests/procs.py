@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +40,39 @@ class Service:
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
+
+    def metrics(self) -> dict[str, float]:
+        """The worker's Prometheus samples by name with labels, e.g. 'scalellm_kv_blocks_free' or
+        'scalellm_requests_total{outcome="prefilled"}' (served on the port its log names)."""
+        port = re.search(r"metrics on :(\d+)", self.log())
+        assert port is not None, f"{self.name} serves no metrics:\n{self.log()}"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/metrics", timeout=30) as response:
+            text = response.read().decode()
+        return {m[0]: float(m[1]) for m in re.findall(r"^(scalellm_\w+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
+
+    def metric(self, name: str) -> float:
+        """One sample of metrics(); 0 when it was never recorded (a counter without that label yet)."""
+        return self.metrics().get(name, 0.0)
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+    """Poll condition() until it holds; timeout_s is a hang guard only, never a timing assumption."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened within the {timeout_s} s hang guard: {what}")
+        time.sleep(0.02)
+
+
+async def await_until(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+    """wait_until for a test on an event loop (condition() must not block for long)."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened within the {timeout_s} s hang guard: {what}")
+        await asyncio.sleep(0.02)
 
 
 def start_service(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,30 @@ def build_tiny_model(family: str, out_dir: Path, seed: int = 0) -> Path:
             elif "bias" in name:
                 p.normal_(0.0, 0.05)
     model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+CHAT_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+def build_tiny_chat_model(demo_dir: Path, out_dir: Path, max_position_embeddings: int = 1024) -> Path:
+    """A tiny random Llama with the demo model's vocabulary and tokenizer files, saved in out_dir:
+    the gateway can serve it (tokenizer, chat template) and a worker runs it in milliseconds."""
+    import transformers
+
+    vocab = json.loads((demo_dir / "config.json").read_text())["vocab_size"]
+    settings = {**TINY_COMMON, "vocab_size": vocab, "max_position_embeddings": max_position_embeddings}
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**settings, tie_word_embeddings=True))
+    model.save_pretrained(out_dir, safe_serialization=True)
+    for name in CHAT_TOKENIZER_FILES:
+        if (demo_dir / name).is_file():
+            shutil.copy(demo_dir / name, out_dir / name)
     return out_dir
 
 

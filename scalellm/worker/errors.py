@@ -3,6 +3,7 @@ gRPC status (so servicers stay thin and never leak a stack trace as UNKNOWN)."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -92,8 +93,12 @@ def _wrap_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _wrap_stream(behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
-    """behavior is an async generator (grpc's stubs type aio handlers as the sync ones)."""
+def _wrap_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    """behavior is an async generator, or a coroutine that writes with context.write()."""
+    if not inspect.isasyncgenfunction(behavior):
+        # A coroutine that writes with context.write() (grpc's own Health.Watch is one): wrapping it
+        # as a generator broke it (INTERNAL "'async for' requires ... __aiter__").
+        return _wrap_unary(behavior)
 
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:

@@ -14,9 +14,10 @@ from scalellm.v1 import worker_pb2_grpc
 from services.gateway.session import WorkerSession
 
 # Fast reconnects after a worker restarts; pings keep idle HTTP/2 connections warm through NATs.
+# Never set grpc.min_reconnect_backoff_ms: gRPC takes its minimum connect timeout from it (default
+# 20 s), and at 100 ms a worker slow to finish the handshake (loaded, far away) was unreachable.
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2000),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 
 from scalellm.types.proto import sampling_to_proto
+from scalellm.v1 import common_pb2
 from services.gateway.choice import ChoiceStream
 from services.gateway.dispatch import Dispatcher
 from services.gateway.metrics import GatewayMetrics
@@ -105,9 +106,10 @@ async def start_generation(
         # callback already queued on the loop (under load, milliseconds of other streams' tokens).
         return Generation(request, [await dispatcher.open(request, 0, sampling, deadline)], metrics)
     opened = await asyncio.gather(
-        *(dispatcher.open(request, i, sampling, deadline) for i in range(request.num_choices)),
+        *(dispatcher.open(request, i, _choice_sampling(sampling, i % request.n), deadline)
+          for i in range(request.num_choices)),
         return_exceptions=True,
-    )
+    )  # fmt: skip
     streams = [s for s in opened if isinstance(s, ChoiceStream)]
     failure = next((e for e in opened if isinstance(e, BaseException)), None)
     if failure is not None:
@@ -115,3 +117,14 @@ async def start_generation(
             stream.close()
         raise failure
     return Generation(request, streams, metrics)
+
+
+def _choice_sampling(sampling: common_pb2.SamplingParams, k: int) -> common_pb2.SamplingParams:
+    """Choice k of a prompt samples with seed + k (as vLLM does): with one seed for all of them, n
+    seeded choices would all be the same. Unseeded and first choices share the one message."""
+    if k == 0 or not sampling.HasField("seed"):
+        return sampling
+    own = common_pb2.SamplingParams()
+    own.CopyFrom(sampling)
+    own.seed = (sampling.seed + k) % 2**63  # workers take seeds below 2**63
+    return own

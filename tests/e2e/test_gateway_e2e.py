@@ -185,14 +185,15 @@ def test_grpc_generate_equals_the_engine(mesh: Mesh, expected: Expected) -> None
     assert messages[-1].timings.prefill > 0 and messages[-1].timings.gateway > 0
 
 
-def _running(metrics_url: str) -> float:
-    with urllib.request.urlopen(metrics_url, timeout=5) as response:
+def _metric(metrics_url: str, name: str) -> float:
+    with urllib.request.urlopen(metrics_url, timeout=30) as response:
         text = response.read().decode()
-    return float(re.search(r"^scalellm_running_batch (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
+    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
 
 
 def test_disconnect_cancels_the_decode_stream(mesh: Mesh) -> None:
     client = mesh.registry_gw.client()
+    before = _metric(mesh.decode_metrics, "scalellm_generated_tokens_total")
     stream = client.completions.create(
         model=MODEL,
         prompt="Count:",
@@ -202,9 +203,11 @@ def test_disconnect_cancels_the_decode_stream(mesh: Mesh) -> None:
         extra_body={"ignore_eos": True},
     )
     next(iter(stream))
-    assert _running(mesh.decode_metrics) == 1
+    assert _metric(mesh.decode_metrics, "scalellm_running_batch") == 1
     stream.close()  # the client goes away
-    deadline = time.monotonic() + 10
-    while _running(mesh.decode_metrics) != 0:
+    deadline = time.monotonic() + 120  # a hang guard only
+    while _metric(mesh.decode_metrics, "scalellm_running_batch") != 0:
         assert time.monotonic() < deadline, "the decode worker kept generating for a gone client"
         time.sleep(0.05)
+    generated = _metric(mesh.decode_metrics, "scalellm_generated_tokens_total") - before
+    assert generated < 1000, generated  # stopped early, not at its 2000 tokens

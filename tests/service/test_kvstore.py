@@ -65,8 +65,10 @@ def make_info(
 
 
 async def next_events(
-    stream: AsyncIterator[WorkerEvent], count: int, timeout_s: float = 5.0
+    stream: AsyncIterator[WorkerEvent], count: int, timeout_s: float = 30.0
 ) -> list[WorkerEvent]:
+    """The next count events; timeout_s is a hang guard only."""
+
     async def take() -> list[WorkerEvent]:
         return [await anext(stream) for _ in range(count)]
 
@@ -94,22 +96,23 @@ async def test_silent_worker_expires(kvstore: KvstoreServer) -> None:
         assert (await next_events(stream, 1))[0].type is EventType.SNAPSHOT
         start = time.monotonic()
         await client.register(make_info())
-        joined, expired = await next_events(stream, 2, timeout_s=lease_s + 2)
+        joined, expired = await next_events(stream, 2)
         assert (joined.type, expired.type) == (EventType.JOINED, EventType.EXPIRED)
-        assert lease_s * 0.9 <= time.monotonic() - start <= lease_s + 1.0
+        # Never before its lease ran out (a loaded machine can only make it later).
+        assert time.monotonic() - start >= lease_s * 0.9
         assert expired.worker is not None and expired.worker.info == make_info()
         assert await client.list_workers() == []
         await stream.aclose()
 
 
-async def test_watch_delivers_snapshot_then_changes_in_order(kvstore: KvstoreServer) -> None:
-    lease_s = kvstore.config.lease_s
+async def test_watch_delivers_snapshot_then_changes_in_order(kvstore_factory: KvstoreFactory) -> None:
+    kvstore = await kvstore_factory(lease_s=30.0)  # no lease runs out while the test runs
     async with RegistryClient(f"127.0.0.1:{kvstore.port}") as client:
-        early = await client.register(make_info("early"))
+        early = await client.register(make_info("early"), WorkerLoad(running=1))
         stream = client.watch()
         (snapshot,) = await next_events(stream, 1)
-        assert snapshot.type is EventType.SNAPSHOT and snapshot.lease_s == lease_s
-        assert [w.worker_id for w in snapshot.snapshot] == ["early"]
+        assert snapshot.type is EventType.SNAPSHOT and snapshot.lease_s == 30.0
+        assert [(w.info, w.load.running) for w in snapshot.snapshot] == [(make_info("early"), 1)]
         lease = await client.register(make_info("late"))
         sent = WorkerLoad(
             running=3, waiting=1, free_blocks=7, tokens_per_second=12.5, prefill_backlog_tokens=900,
@@ -117,13 +120,15 @@ async def test_watch_delivers_snapshot_then_changes_in_order(kvstore: KvstoreSer
         )  # fmt: skip
         await client.heartbeat(lease, sent)
         assert await client.deregister(lease)
-        events = await next_events(stream, 4, timeout_s=lease_s + 2)  # the 4th: "early" expires
+        assert await client.deregister(early)
+        events = await next_events(stream, 4)
         assert [(e.type, e.worker_id) for e in events] == [
             (EventType.JOINED, "late"),
             (EventType.LOAD, "late"),
             (EventType.LEFT, "late"),
-            (EventType.EXPIRED, "early"),
+            (EventType.LEFT, "early"),
         ]
+        assert events[0].worker is not None and events[0].worker.info == make_info("late")
         load = events[1].worker.load if events[1].worker else None
         assert load is not None and load.updated_at > 0
         assert load == replace(sent, updated_at=load.updated_at)
@@ -196,26 +201,26 @@ async def test_redis_restart_worker_reregisters_and_view_recovers(
     worker = WorkerRegistration(
         RegistryClient(address), make_info(), lambda: WorkerLoad(running=1), backoff=fast()
     )
-    await view.start(wait=True, timeout_s=5)
-    await worker.start(timeout_s=5)
-    first = await view.wait_until(lambda s: "decode-0" in s.ids, 5)
+    await view.start(wait=True, timeout_s=30)
+    await worker.start(timeout_s=30)
+    first = await view.wait_until(lambda s: "decode-0" in s.ids, 30)
 
     await asyncio.to_thread(redis_server.stop)
-    await view.wait_until(lambda s: not s.connected, 5)
+    await view.wait_until(lambda s: not s.connected, 30)
     assert view.snapshot().ids == ("decode-0",)  # the last view stays while the registry is away
     await asyncio.to_thread(redis_server.start)
-    back = time.monotonic()
 
     def recovered(snapshot: ViewSnapshot) -> bool:  # the new registration, confirmed by the registry
         record = snapshot.get("decode-0")
         fresh = record is not None and record.registered_at > first.workers[0].registered_at
         return snapshot.connected and not snapshot.stale_ids and fresh
 
-    await view.wait_until(recovered, lease_s + 3)
-    assert time.monotonic() - back <= lease_s
+    await view.wait_until(recovered, 30)  # a hang guard only
+    # The view can hear of the registration before the worker has read Register's answer.
+    await worker.wait_registered(30)
     assert worker.registrations == 2
     await worker.drain()
-    await view.wait_until(lambda s: not s.ids, 5)
+    await view.wait_until(lambda s: not s.ids, 30)
     await view.stop()
     await view.client.close()
     await worker.client.close()
@@ -226,7 +231,7 @@ async def test_redis_down_gives_unavailable_and_view_keeps_last_view(
 ) -> None:
     async with RegistryClient(kvstore_address) as client, WorkerView(client, backoff=fast()) as view:
         await client.register(make_info())
-        await view.wait_until(lambda s: s.ids == ("decode-0",), 5)
+        await view.wait_until(lambda s: s.ids == ("decode-0",), 30)
         redis_server.stop()
         with pytest.raises(
             RegistryUnavailable, match=r"registry backend \(redis at redis://127\.0\.0\.1:\d+/0\) unavailable"
@@ -234,7 +239,7 @@ async def test_redis_down_gives_unavailable_and_view_keeps_last_view(
             await client.register(make_info("decode-1"))
         async with grpc.aio.insecure_channel(kvstore_address) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await pb_grpc.RegistryStub(channel).ListWorkers(pb.ListWorkersRequest(), timeout=5)
+                await pb_grpc.RegistryStub(channel).ListWorkers(pb.ListWorkersRequest(), timeout=30)
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
             assert f"registry backend (redis at {redis_server.url}) unavailable:" in caught.value.details()
             health = health_pb2_grpc.HealthStub(channel)
@@ -245,7 +250,7 @@ async def test_redis_down_gives_unavailable_and_view_keeps_last_view(
             watch.cancel()
             reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        snapshot = await view.wait_until(lambda s: not s.connected, 5)
+        snapshot = await view.wait_until(lambda s: not s.connected, 30)
         assert snapshot.ids == ("decode-0",) and snapshot.synced
 
 
@@ -255,20 +260,27 @@ async def test_client_moves_to_another_replica(kvstore_factory: KvstoreFactory) 
     addresses = [dead, f"127.0.0.1:{first.port}", f"127.0.0.1:{second.port}"]
     worker = WorkerRegistration(RegistryClient(addresses), make_info(), backoff=fast())
     view = WorkerView(RegistryClient(addresses[1:]), backoff=fast())
-    await worker.start(timeout_s=5)
+    await worker.start(timeout_s=30)
     assert worker.client.address == addresses[1]
-    await view.start(wait=True, timeout_s=5)
-    await view.wait_until(lambda s: "decode-0" in s.ids, 5)
+    await view.start(wait=True, timeout_s=30)
+    await view.wait_until(lambda s: "decode-0" in s.ids, 30)
 
     await first.stop(0)
-    await view.wait_until(lambda s: not s.connected, 5)
-    await view.wait_until(lambda s: s.connected, 5)
+    stopped = time.time()
+    await view.wait_until(lambda s: not s.connected, 30)
+    await view.wait_until(lambda s: s.connected, 30)
     assert view.client.address == addresses[2]
-    await asyncio.sleep(first.config.lease_s * 1.5)  # heartbeats go on through the second replica
+
+    def renewed_past_its_lease(snapshot: ViewSnapshot) -> bool:
+        """A heartbeat stamped a full lease after the first replica went: the lease held over."""
+        record = snapshot.get("decode-0")
+        return record is not None and record.load.updated_at > stopped + first.config.lease_s
+
+    await view.wait_until(renewed_past_its_lease, 30)  # a hang guard only
     assert worker.client.address == addresses[2] and worker.registrations == 1
     assert view.snapshot().ids == ("decode-0",)
     await worker.drain()
-    await view.wait_until(lambda s: not s.ids, 5)
+    await view.wait_until(lambda s: not s.ids, 30)
     await view.stop()
     await view.client.close()
     await worker.client.close()
@@ -279,7 +291,7 @@ async def test_metrics_endpoint(kvstore_factory: KvstoreFactory) -> None:
     async with RegistryClient(f"127.0.0.1:{kvstore.port}") as client:
         await client.register(make_info())
     url = f"http://127.0.0.1:{kvstore.metrics_port}/metrics"
-    body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=30).read().decode())
     assert 'scalellm_kvstore_rpcs_total{code="OK",method="Register"} 1.0' in body
     assert "scalellm_kvstore_backend_up 1.0" in body
 
@@ -342,7 +354,7 @@ async def test_main_serves_and_stops_on_sigterm(redis_server: RedisServer) -> No
             proc.send_signal(signal.SIGABRT)
     finally:
         try:
-            stderr = proc.communicate(timeout=10)[1]
+            stderr = proc.communicate(timeout=30)[1]
         except subprocess.TimeoutExpired:
             proc.kill()
             stderr = proc.communicate()[1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import pytest
@@ -75,15 +76,22 @@ def events(texts: list[str], usage: dict[str, int] | None) -> list[dict[str, Any
 
 
 class TinyServer:
-    """POST /v1/completions streams the script chosen by the prompt, DELAY seconds per event."""
+    """POST /v1/completions streams the script chosen by the prompt, DELAY seconds per event.
+
+    It notes (time.perf_counter, the client's clock too) when the last request came and when each
+    of its events went out, so timing checks compare with what happened, not with DELAY.
+    """
 
     DELAY = 0.02
 
     def __init__(self) -> None:
         self.bodies: list[dict[str, Any]] = []
         self.inflight = self.peak = 0
+        self.received = 0.0
+        self.sent: list[float] = []
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
+        self.received, self.sent = time.perf_counter(), []
         body = await request.json()
         self.bodies.append(body)
         prompt = body["prompt"]
@@ -100,6 +108,7 @@ class TinyServer:
         await response.prepare(request)
         for event in script:
             await asyncio.sleep(self.DELAY)
+            self.sent.append(time.perf_counter())  # before the write: the client reads it later
             await response.write(f"data: {json.dumps(event)}\r\n\r\n".encode())
         await response.write(b"data: [DONE]\n\n")
         self.inflight -= 1
@@ -126,8 +135,10 @@ async def test_send_times_content_chunks_and_reads_usage(server) -> None:  # typ
     r = results[0]
     assert r.success and r.usage_reported and r.text == "abc"
     assert (r.prompt_len, r.output_tokens) == (3, 4)  # from usage, not the 3 chunks
-    assert r.ttft >= 2 * tiny.DELAY * 0.9  # the empty first chunk does not count
-    assert len(r.itl) == 2 and all(gap >= tiny.DELAY * 0.5 for gap in r.itl)
+    # The first content ("a", event 1) was sent after the empty chunk: the empty one does not count.
+    assert r.ttft >= tiny.sent[1] - tiny.received
+    assert len(r.itl) == 2 and all(gap >= 0 for gap in r.itl)  # gaps between "a", "b" and "c" only
+    assert r.ttft + sum(r.itl) >= tiny.sent[3] - tiny.received
     assert r.latency >= r.ttft + sum(r.itl) - 1e-6 and duration >= r.latency
     assert r.tpot == pytest.approx((r.latency - r.ttft) / 3)
 

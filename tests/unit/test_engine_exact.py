@@ -9,17 +9,22 @@ import pytest
 
 from scalellm.engine.config import EngineConfig
 from scalellm.engine.engine import LLMEngine
+from scalellm.engine.request import Request
 from scalellm.types import SamplingParams
 from tests.tiny_models import hf_greedy
 
 
-def _run(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    reqs = [engine.add_request(str(i), p, params) for i, p in enumerate(prompts)]
+def _run(engine: LLMEngine, prompts: list[list[int]], sampling: int | list[SamplingParams]) -> list[Request]:
+    """Run the prompts to the end (greedy for `sampling` tokens, or one SamplingParams each)."""
+    if isinstance(sampling, int):
+        sampling = [SamplingParams(temperature=0.0, max_tokens=sampling, ignore_eos=True)] * len(prompts)
+    reqs = [
+        engine.add_request(str(i), p, sp) for i, (p, sp) in enumerate(zip(prompts, sampling, strict=True))
+    ]
     while engine.has_unfinished():
         engine.step()
     assert engine.num_free_blocks == engine.blocks.num_blocks, "blocks leaked"
-    return [r.output_token_ids for r in reqs]
+    return reqs
 
 
 @pytest.mark.parametrize("family", ["llama", "llama3", "qwen2", "qwen3", "mistral"])
@@ -34,13 +39,35 @@ def test_tiny_families_match_transformers(tiny_model_factory, family: str, engin
             model=str(model_dir),
             device=engine_device,
             dtype="float32",
-            num_kv_blocks=80,
+            num_kv_blocks=64,
             block_size=4,
             max_num_batched_tokens=48,
             max_num_seqs=6,
         )
     )
-    assert _run(engine, prompts, 20) == expected
+    reqs = _run(engine, prompts, 20)
+    assert [r.output_token_ids for r in reqs] == expected
+    assert sum(r.num_preemptions for r in reqs) > 0  # some were recomputed after losing their blocks
+
+
+def test_seeded_sampling_is_unchanged_by_preemption(tiny_llama: Path, engine_device: str) -> None:
+    """A seeded request that loses its blocks and is recomputed samples what it samples unpreempted."""
+    rng = random.Random(5)
+    prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(30, 90))] for _ in range(8)]
+    params = [SamplingParams(temperature=0.9, seed=100 + i, max_tokens=24, ignore_eos=True) for i in range(8)]
+
+    def run(num_kv_blocks: int) -> list[Request]:
+        engine = LLMEngine(
+            EngineConfig(
+                model=str(tiny_llama), device=engine_device, dtype="float32", num_kv_blocks=num_kv_blocks,
+                block_size=4, max_num_batched_tokens=48, max_num_seqs=6,
+            )
+        )  # fmt: skip
+        return _run(engine, prompts, params)
+
+    roomy, tight = run(400), run(64)
+    assert sum(r.num_preemptions for r in roomy) == 0 and sum(r.num_preemptions for r in tight) > 0
+    assert [r.output_token_ids for r in tight] == [r.output_token_ids for r in roomy]
 
 
 def test_prefix_cache_hits_give_the_same_tokens(tiny_llama: Path, engine_device: str) -> None:
@@ -53,7 +80,7 @@ def test_prefix_cache_hits_give_the_same_tokens(tiny_llama: Path, engine_device:
             model=str(tiny_llama), device=engine_device, dtype="float32", num_kv_blocks=200, block_size=4
         )
     )
-    assert _run(engine, prompts[:1], 12) == expected[:1]
+    assert [r.output_token_ids for r in _run(engine, prompts[:1], 12)] == expected[:1]
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     reqs = [engine.add_request(f"b{i}", p, params) for i, p in enumerate(prompts[1:])]
     while engine.has_unfinished():
@@ -62,6 +89,7 @@ def test_prefix_cache_hits_give_the_same_tokens(tiny_llama: Path, engine_device:
     assert all(r.num_cached_tokens == 40 for r in reqs)
 
 
+@pytest.mark.slow
 def test_demo_model_matches_transformers(demo_model_dir: Path) -> None:
     from scalellm.text import Tokenizer
 
@@ -80,7 +108,7 @@ def test_demo_model_matches_transformers(demo_model_dir: Path) -> None:
     engine = LLMEngine(
         EngineConfig(model=str(demo_model_dir), dtype="float32", num_kv_blocks=256, max_num_batched_tokens=64)
     )
-    assert _run(engine, prompts, 24) == expected
+    assert [r.output_token_ids for r in _run(engine, prompts, 24)] == expected
 
 
 @pytest.mark.parametrize("case", ["masked", "causal"])

@@ -29,6 +29,7 @@ from tests.unit.test_gateway_server import (  # noqa: F401 - fixtures
 )
 
 M = [{"role": "user", "content": "hi"}]
+ALPHA = {"Authorization": "Bearer sk-alpha"}
 C = "/v1/completions"
 CHAT = "/v1/chat/completions"
 
@@ -180,28 +181,45 @@ async def test_api_keys(mesh_factory: MeshFactory, tmp_path: Path) -> None:
             assert r.status == 200
         async with session.get(mesh.http + "/metrics", headers={"Authorization": "Bearer sk-alpha"}) as r:
             assert r.status == 200
+    async with aiohttp.ClientSession() as session:
+        card = mesh.http + "/v1/models/SmolLM2-135M-Instruct"
+        for headers, status in (({}, 401), ({"Authorization": "Bearer sk-x"}, 401), (ALPHA, 200)):
+            async with session.get(card, headers=headers) as r:
+                assert r.status == status, (headers, r.status)
+        for path in (C, CHAT):  # no key at all: refused before anything is parsed or routed
+            async with session.post(mesh.http + path, json={"prompt": "x", "messages": M}) as r:
+                assert r.status == 401 and (await r.json())["error"]["code"] == "invalid_api_key"
     assert len(mesh.workers[0].requests) == 1
     async with grpc.aio.insecure_channel(mesh.grpc_address) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.ListModels(gateway_pb2.ListModelsRequest())
         assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        tokenize = gateway_pb2.TokenizeRequest(text="Hello")
+        for metadata in ((), (("authorization", "Bearer nope"),)):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Tokenize(tokenize, metadata=metadata)
+            assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert (await stub.Tokenize(tokenize, metadata=[("authorization", "Bearer sk-alpha")])).token_ids
         request = gateway_pb2.GatewayGenerateRequest(text="x")
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            [m async for m in stub.Generate(request, metadata=[("authorization", "Bearer nope")])]
-        assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        for metadata in ((), (("authorization", "Bearer nope"),)):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                [m async for m in stub.Generate(request, metadata=metadata)]
+            assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
         messages = [m async for m in stub.Generate(request, metadata=[("authorization", "Bearer sk-alpha")])]
         assert "".join(m.text for m in messages) == REPLY
+    assert len(mesh.workers[0].requests) == 2  # only the two requests with a good key reached it
 
 
 async def test_inflight_bound_gives_429(mesh_factory: MeshFactory) -> None:
-    mesh = await mesh_factory(max_inflight=1, worker_kw=[{"delay_s": 0.05}])
+    mesh = await mesh_factory(max_inflight=1, worker_kw=[{"hold_after": 1}])
     client = mesh.client()
     first = await client.completions.create(
         model="SmolLM2-135M-Instruct", prompt="x", max_tokens=10, stream=True
     )
     with pytest.raises(openai.RateLimitError):
         await client.completions.create(model="SmolLM2-135M-Instruct", prompt="x")
+    mesh.workers[0].release.set()
     assert "".join([c.choices[0].text async for c in first]).startswith("Hello!")
     ok = await client.completions.create(model="SmolLM2-135M-Instruct", prompt="x", max_tokens=1)
     assert ok.choices[0].text == "Hello"
@@ -232,7 +250,7 @@ async def test_unreachable_worker_is_503(mesh_factory: MeshFactory) -> None:
 
 
 async def test_stream_disconnect_cancels_the_decode_stream(mesh_factory: MeshFactory) -> None:
-    mesh = await mesh_factory(worker_kw=[{"delay_s": 0.05}])
+    mesh = await mesh_factory(worker_kw=[{"hold_after": 1}])
     async with aiohttp.ClientSession() as session:
         resp = await session.post(mesh.http + C, json={"prompt": "x", "max_tokens": 50, "stream": True})
         assert (await resp.content.readline()).startswith(b"data: ")
@@ -243,11 +261,10 @@ async def test_stream_disconnect_cancels_the_decode_stream(mesh_factory: MeshFac
 
 
 async def test_non_streaming_disconnect_cancels_the_decode_stream(mesh_factory: MeshFactory) -> None:
-    mesh = await mesh_factory(worker_kw=[{"delay_s": 0.05}])
+    mesh = await mesh_factory(worker_kw=[{"hold_after": 1}])
     async with aiohttp.ClientSession() as session:
         task = asyncio.create_task(session.post(mesh.http + C, json={"prompt": "x", "max_tokens": 50}))
-        await wait_for(lambda: len(mesh.workers[0].requests) == 1)
-        await asyncio.sleep(0.1)
+        await wait_for(lambda: mesh.workers[0].sent == 1)  # the gateway is collecting the answer
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     await wait_for(lambda: len(mesh.workers[0].cancelled) == 1)
@@ -255,7 +272,7 @@ async def test_non_streaming_disconnect_cancels_the_decode_stream(mesh_factory: 
 
 
 async def test_deadline_cancels_the_decode_stream(mesh_factory: MeshFactory) -> None:
-    mesh = await mesh_factory(worker_kw=[{"delay_s": 0.05}], request_timeout_s=0.3)
+    mesh = await mesh_factory(worker_kw=[{"hold_after": 1}], request_timeout_s=0.3)
     status, error = await post(mesh, C, {"prompt": "x", "max_tokens": 50})
     assert status == 504 and error["error"]["type"] == "timeout_error"
     await wait_for(lambda: len(mesh.workers[0].cancelled) == 1)

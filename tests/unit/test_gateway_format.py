@@ -183,12 +183,8 @@ def test_api_keys(tmp_path: Path) -> None:
 
 
 def test_gateway_never_imports_torch() -> None:
-    code = (
-        "import sys, time; t = time.perf_counter(); import services.gateway.__main__; "
-        "print('torch' in sys.modules, 'transformers' in sys.modules, time.perf_counter() - t)"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.split()
-    assert out[:2] == ["False", "False"], out
-    assert float(out[2]) < 2.0
+    """The gateway stays lean: none of the model stack is imported (what keeps its start fast)."""
+    heavy = ("torch", "transformers", "numpy", "safetensors")
+    code = f"import sys, services.gateway.__main__; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -18,6 +18,7 @@ from tests.unit.test_gateway_server import (  # noqa: F401 - fixtures
     mesh_factory,
     served_config,
     served_model,
+    tokens_until,
     wait_for,
 )
 
@@ -48,8 +49,8 @@ async def test_generate_streams_text_ids_usage_and_timings(mesh: Mesh) -> None:
     assert sent.sampling.temperature == 0 and sent.sampling.max_tokens == 100  # unset temperature: greedy
 
 
-async def test_generate_chat_n_and_stop(mesh_factory: MeshFactory) -> None:
-    mesh = await mesh_factory(worker_kw=[{"delay_s": 0.01}])
+async def test_generate_chat_n_and_stop(mesh: Mesh) -> None:
+    mesh.workers[0].hold_after = tokens_until(mesh, "😀")  # the rest only comes if nobody cancels
     chat = gateway_pb2.ChatMessages(messages=[gateway_pb2.ChatMessage(role="user", content="hi")])
     messages = await generate(mesh, Request(chat=chat, n=2, stop=["😀"]))
     texts = {0: "", 1: ""}
@@ -96,7 +97,7 @@ async def test_bad_requests(mesh: Mesh, request_: Request, code: grpc.StatusCode
 
 
 async def test_cancel_and_deadline_cancel_the_decode_stream(mesh_factory: MeshFactory) -> None:
-    mesh = await mesh_factory(worker_kw=[{"delay_s": 0.05}])
+    mesh = await mesh_factory(worker_kw=[{"hold_after": 1}])  # never finishes by itself
     async with grpc.aio.insecure_channel(mesh.grpc_address) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         call = stub.Generate(Request(text="x"))
@@ -123,36 +124,43 @@ async def test_a_worker_dying_mid_stream_fails_its_requests_and_a_restart_serves
     port = free_port()
     mesh = await mesh_factory(workers=0, decode_addrs=(f"w0=127.0.0.1:{port}",))
 
-    async def serve(**kw: float) -> grpc.aio.Server:
+    async def serve(**kw: int) -> grpc.aio.Server:
         server = grpc.aio.server()
         worker_pb2_grpc.add_DecodeWorkerServicer_to_server(ScriptedDecode(mesh.reply_ids, **kw), server)
         server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
         return server
 
-    server = await serve(delay_s=0.05)
+    server = await serve(hold_after=1)  # the request is still running when the worker dies
     async with grpc.aio.insecure_channel(mesh.grpc_address) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         call = stub.Generate(Request(text="x"))
         assert (await call.read()).token_ids
         await server.stop(0)  # the worker dies with the request running
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await asyncio.wait_for(call.read(), 10)
+            await asyncio.wait_for(call.read(), 60)  # a hang guard only
         assert err.value.code() is grpc.StatusCode.UNAVAILABLE, err.value
         await wait_for(lambda: mesh.gateway.core.in_flight == 0)
 
         server = await serve()
         try:
-            for _ in range(50):  # the channel reconnects within its backoff (100 ms at first)
-                try:
-                    messages = [m async for m in stub.Generate(Request(text="x"))]
-                    break
-                except grpc.aio.AioRpcError as exc:
-                    assert exc.code() is grpc.StatusCode.UNAVAILABLE, exc
-                    await asyncio.sleep(0.1)
+            messages = await asyncio.wait_for(served_again(stub), 60)  # a hang guard only
             assert "".join(m.text for m in messages) == REPLY
         finally:
             await server.stop(0)
+
+
+async def served_again(stub: gateway_pb2_grpc.GatewayStub) -> list[gateway_pb2.GatewayGenerateResponse]:
+    """Generate until the gateway has reconnected to the restarted worker; until then it answers
+    UNAVAILABLE at once (its channel waits out a reconnect backoff of at most 2 s)."""
+    import asyncio
+
+    while True:
+        try:
+            return [m async for m in stub.Generate(Request(text="x"))]
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() is grpc.StatusCode.UNAVAILABLE, exc
+            await asyncio.sleep(0.05)
 
 
 async def test_tokenize_list_models_health_reflection(mesh: Mesh) -> None:

@@ -73,19 +73,21 @@ def test_local_inflight_spreads_a_burst_before_reports_catch_up() -> None:
 def test_fresh_report_resets_the_local_correction() -> None:
     source = FixedSource(
         WorkerSet(
-            (ep("a", reported_at=1, free_blocks=100), ep("b", running=2, reported_at=1, free_blocks=100))
+            (ep("a", reported_at=1, free_blocks=100), ep("b", running=3, reported_at=1, free_blocks=100))
         )
     )
     r = Router(source)
     lease = r.acquire(r.route(16), 16)
     assert lease.route.decode.worker_id == "a"
-    r.acquire(r.route(16), 16)  # a: 0 + 1 local = 1 < b: 2
+    r.acquire(r.route(16), 16)  # a: 0 + 1 local = 1 < b: 3
     assert r.inflight("a") == 2
-    # A new report from "a" already counts our two requests: the local correction starts again at 0.
+    # A new report from "a" already counts our two requests: the local correction starts again at 0,
+    # so a is 2 (not 2 + 2) and still below b's 3.
     source.workers = WorkerSet((ep("a", running=2, reported_at=2, free_blocks=98), source.workers.decode[1]))
-    third = r.route(16)
-    assert third.decode.worker_id in ("a", "b")
-    lease.release()  # one of ours finished since the report: a's estimate drops to 1
+    assert r.route(16).decode.worker_id == "a"
+    r.acquire(r.route(16), 16)  # a: 2 + 1 local = 3 ties b, and b has more free blocks
+    assert r.route(16).decode.worker_id == "b"
+    lease.release()  # one of ours finished since the report: a's estimate drops to 2
     assert r.route(16).decode.worker_id == "a"
 
 

@@ -1,7 +1,9 @@
 """The gateway in-process (HTTP + gRPC) in front of scripted decode workers defined here.
 
 The scripted worker streams a fixed reply (multi-byte characters included) one token per message,
-honours max_tokens, can refuse with RESOURCE_EXHAUSTED, and records which streams were cancelled.
+honours max_tokens, can refuse with RESOURCE_EXHAUSTED, can hold a stream after some tokens until
+the test releases it (so "still running" never depends on timing), and records which streams were
+cancelled.
 The gateway reaches it over the worker's real Session code (services/decode/session.py).
 """
 
@@ -18,7 +20,9 @@ import aiohttp
 import grpc
 import openai
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from scalellm.registry import WorkerRole
 from scalellm.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from scalellm.worker.errors import ResourceExhausted
 from services.decode.session import serve_session
@@ -26,19 +30,27 @@ from services.gateway.config import GatewayConfig
 from services.gateway.model import ServedModel
 from services.gateway.server import GatewayServer
 from services.gateway.sse import parse_events
+from services.gateway.workers import WorkerEndpoint, WorkerSet
+
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 REPLY = "Hello! The café costs 5€. 😀 Done, stop here."
 EOS = 2
 
 
 class ScriptedDecode(worker_pb2_grpc.DecodeWorkerServicer):
-    """A decode worker that replies REPLY (then EOS), one token per message."""
+    """A decode worker that replies REPLY (then EOS), one token per message; with hold_after, each
+    stream stops after that many tokens until `release` is set."""
 
-    def __init__(self, reply_ids: list[int], *, delay_s: float = 0.0, exhausted: bool = False) -> None:
+    def __init__(
+        self, reply_ids: list[int], *, hold_after: int | None = None, exhausted: bool = False
+    ) -> None:
         self.reply_ids = reply_ids
-        self.delay_s = delay_s
+        self.hold_after = hold_after
+        self.release = asyncio.Event()
         self.exhausted = exhausted
         self.requests: list[worker_pb2.GenerateRequest] = []
+        self.sent = 0  # tokens sent, all streams together
         self.cancelled: list[str] = []
         self.completed: list[str] = []
 
@@ -68,8 +80,8 @@ class ScriptedDecode(worker_pb2_grpc.DecodeWorkerServicer):
         ids = ids[:limit]
         try:
             for i, token in enumerate(ids):
-                if self.delay_s:
-                    await asyncio.sleep(self.delay_s)
+                if i == self.hold_after:
+                    await self.release.wait()
                 msg = worker_pb2.GenerateResponse(token_ids=[token])
                 if request.sampling.HasField("logprobs"):
                     top = [
@@ -87,6 +99,7 @@ class ScriptedDecode(worker_pb2_grpc.DecodeWorkerServicer):
                         )
                     )
                     msg.timings.CopyFrom(common_pb2.Timings(queue=0.001, prefill=0.002, decode=0.003))
+                self.sent += 1
                 yield msg
             self.completed.append(request.request_id)
         except (asyncio.CancelledError, GeneratorExit):
@@ -171,7 +184,8 @@ async def mesh(mesh_factory: MeshFactory) -> Mesh:
     return await mesh_factory()
 
 
-async def wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+async def wait_for(predicate: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    """Wait until predicate() holds; timeout_s is a hang guard only."""
     deadline = time.monotonic() + timeout_s
     while not predicate():
         assert time.monotonic() < deadline, "condition not met in time"
@@ -241,8 +255,15 @@ async def test_completions_default_max_tokens_is_16(mesh: Mesh) -> None:
     assert mesh.workers[0].requests[0].sampling.max_tokens == 16
 
 
+def tokens_until(mesh: Mesh, text: str) -> int:
+    """How many tokens of the reply it takes for its text to contain `text`."""
+    tok = mesh.gateway.core.model.tokenizer
+    return next(k for k in range(len(mesh.reply_ids) + 1) if text in tok.decode(mesh.reply_ids[:k]))
+
+
 async def test_stop_string_cuts_exactly_and_cancels(mesh_factory: MeshFactory) -> None:
-    mesh = await mesh_factory(worker_kw=[{"delay_s": 0.01}])
+    mesh = await mesh_factory()
+    mesh.workers[0].hold_after = tokens_until(mesh, "5€")  # the rest only comes if nobody cancels
     out = await mesh.client().chat.completions.create(
         model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "x"}], stop=["5€", "zzz"]
     )
@@ -277,8 +298,9 @@ async def test_n_fans_out(mesh_factory: MeshFactory) -> None:
     assert len(set(ids)) == 4 and all(len(w.requests) == 2 for w in mesh.workers)  # spread over both
     assert out.usage.completion_tokens == 4 * (len(mesh.reply_ids) + 1)
     assert out.usage.prompt_tokens == len(mesh.workers[0].requests[0].prompt_token_ids)
-    sampling = mesh.workers[0].requests[0].sampling
-    assert sampling.seed == 7 and sampling.temperature == pytest.approx(0.5)
+    sent = [r.sampling for w in mesh.workers for r in w.requests]
+    assert sorted(s.seed for s in sent) == [7, 8, 9, 10]  # choice k samples with seed + k
+    assert all(s.temperature == pytest.approx(0.5) for s in sent)
 
 
 async def test_n_streams_interleave(mesh: Mesh) -> None:
@@ -336,6 +358,61 @@ async def test_models_and_health(mesh: Mesh) -> None:
         await mesh.client().models.retrieve("gpt-4")
     async with aiohttp.ClientSession() as session, session.get(mesh.http + "/health") as resp:
         assert resp.status == 200 and (await resp.json())["decode_workers"] == 1
+
+
+async def test_responses_carry_the_request_id_the_worker_got(mesh: Mesh) -> None:
+    async with aiohttp.ClientSession() as session:
+        for stream in (False, True):
+            body = {"prompt": "x", "max_tokens": 2, "stream": stream}
+            async with session.post(mesh.http + "/v1/completions", json=body) as resp:
+                assert resp.status == 200
+                await resp.read()
+                request_id = resp.headers["x-request-id"]
+            assert mesh.workers[0].requests[-1].request_id == f"{request_id}-0"  # its choice 0
+    assert len({r.request_id for r in mesh.workers[0].requests}) == 2
+
+
+class SwitchableWorkers:
+    """A worker source the test changes: no decode worker at first."""
+
+    def __init__(self) -> None:
+        self.workers = WorkerSet()
+
+    def current(self) -> WorkerSet:
+        return self.workers
+
+
+async def test_health_is_503_without_a_decode_worker(
+    served_config: GatewayConfig, served_model: ServedModel
+) -> None:
+    source = SwitchableWorkers()
+    gateway = GatewayServer(served_config, source=source, model=served_model)
+    await gateway.start()
+    http = f"http://127.0.0.1:{gateway.http_port}"
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel,
+        ):
+            health = health_pb2_grpc.HealthStub(channel)
+            async with session.get(http + "/health") as resp:
+                assert resp.status == 503 and (await resp.json())["status"] == "no_workers"
+            assert (await health.Check(health_pb2.HealthCheckRequest())).status == NOT_SERVING
+            async with session.post(http + "/v1/completions", json={"prompt": "x"}) as resp:
+                assert resp.status == 503 and (await resp.json())["error"]["type"] == "service_unavailable"
+
+            source.workers = WorkerSet(
+                (WorkerEndpoint(worker_id="w", address="127.0.0.1:1", role=WorkerRole.BOTH),)
+            )
+            watch = health.Watch(health_pb2.HealthCheckRequest())
+            async for reply in watch:  # the gateway notices the new worker set on its own
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            watch.cancel()
+            async with session.get(http + "/health") as resp:
+                assert resp.status == 200 and (await resp.json())["decode_workers"] == 1
+    finally:
+        await gateway.stop(0)
 
 
 async def test_unknown_model_is_404(mesh: Mesh) -> None:

@@ -12,7 +12,7 @@ from scalellm.v1 import worker_pb2, worker_pb2_grpc
 from services.gateway.session import WorkerSession
 
 
-async def _until(predicate, timeout_s: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+async def _until(predicate, timeout_s: float = 60.0) -> None:  # type: ignore[no-untyped-def] - a hang guard
     deadline = time.monotonic() + timeout_s
     while not predicate():
         assert time.monotonic() < deadline, "condition not met in time"

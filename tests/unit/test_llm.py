@@ -8,6 +8,8 @@ import pytest
 
 from scalellm import LLM, SamplingParams
 
+pytestmark = pytest.mark.slow  # every test runs the demo model
+
 
 @pytest.fixture(scope="module")
 def llm(demo_model_dir: Path) -> LLM:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -67,10 +68,15 @@ def test_folder_has_the_expected_config(demo_model_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_second_call_is_fast_and_returns_the_same_path(demo_model_dir: Path) -> None:
-    start = time.perf_counter()
+def test_second_call_builds_nothing_and_returns_the_same_path(
+    demo_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no(*args: object) -> None:
+        raise AssertionError("a prepared folder was built again or its lock taken")
+
+    monkeypatch.setattr(prepare, "_build", no)
+    monkeypatch.setattr(prepare, "_file_lock", no)
     again = prepare_demo_model()
-    assert time.perf_counter() - start < 0.5
     assert again == demo_model_dir
     assert resolve_model_dir(None) == demo_model_dir
     assert resolve_model_dir(str(demo_model_dir)) == demo_model_dir.resolve()
@@ -114,10 +120,12 @@ def test_transformers_loads_it_and_answers(demo_model_dir: Path) -> None:
 
 _FAKE_BUILD = """
 import os, sys, time
+from collections.abc import Callable
 from pathlib import Path
 from scalellm.models import prepare
 
 log = Path(sys.argv[1])
+go = log.with_name("go")  # the build finishes once this file exists (the test creates it)
 
 def fake_build(target, cache_root):
     with open(log, "a") as f:
@@ -125,7 +133,9 @@ def fake_build(target, cache_root):
     tmp = target.with_name("." + target.name + ".tmp-fake-" + str(os.getpid()))
     tmp.mkdir()
     (tmp / "config.json").write_text("{}")
-    time.sleep(0.5)
+    deadline = time.monotonic() + 60  # a hang guard only
+    while not go.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
     (tmp / prepare.MARKER_FILE).write_text('{"format": %d}' % prepare.PREPARE_FORMAT)
     prepare._swap_into_place(tmp, target)
     with open(log, "a") as f:
@@ -147,9 +157,31 @@ def _run_fake(log: Path, cache: Path, *extra: str) -> subprocess.Popen:
     )
 
 
+def _wait(condition: Callable[[], bool], what: str, procs: list[subprocess.Popen]) -> None:
+    deadline = time.monotonic() + 60  # a hang guard only
+    while not condition():
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            raise AssertionError(f"never saw {what}: {[p.communicate() for p in procs]}")
+        time.sleep(0.01)
+
+
+def _waiting_on_lock(lock: Path) -> int:
+    """Processes blocked on a flock of this file, from /proc/locks ("->" marks a waiter)."""
+    inode = f":{os.stat(lock).st_ino} "
+    return sum(1 for line in Path("/proc/locks").read_text().splitlines() if "->" in line and inode in line)
+
+
+@pytest.mark.slow  # three processes
 def test_concurrent_prepares_build_once(tmp_path: Path) -> None:
+    """One process builds; two more start meanwhile, wait on the lock, then find the folder built."""
     log, cache = tmp_path / "log", tmp_path / "cache"
-    procs = [_run_fake(log, cache) for _ in range(3)]
+    lock = cache / "models" / ".SmolLM2-135M-Instruct.lock"
+    (tmp_path / "go").unlink(missing_ok=True)
+    builder = _run_fake(log, cache)
+    _wait(lambda: log.exists() and "start" in log.read_text(), "the first build start", [builder])
+    procs = [builder, _run_fake(log, cache), _run_fake(log, cache)]
+    _wait(lambda: _waiting_on_lock(lock) == 2, "two processes waiting on the lock", procs)
+    (tmp_path / "go").touch()
     outs = [p.communicate(timeout=60) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
     paths = {o[0].strip() for o in outs}
@@ -163,11 +195,13 @@ def test_concurrent_prepares_build_once(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.slow  # three processes
 def test_incomplete_folder_is_rebuilt_and_force_rebuilds(tmp_path: Path) -> None:
     log, cache = tmp_path / "log", tmp_path / "cache"
     target = prepare.demo_model_dir(cache)
     target.mkdir(parents=True)
     (target / "config.json").write_text("{half built}")  # no marker: not complete
+    (tmp_path / "go").touch()  # fake builds finish at once
     p = _run_fake(log, cache)
     p.communicate(timeout=60)
     assert p.returncode == 0

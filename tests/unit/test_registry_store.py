@@ -82,14 +82,48 @@ async def test_list_filters_by_model_and_role(store: RegistryStore) -> None:
     assert [r.worker_id for r in await store.list_workers(role=WorkerRole.PREFILL)] == ["p"]
 
 
-async def test_heartbeat_renews_and_reports_load(store: RegistryStore) -> None:
+async def _redis_now_ms(redis: aioredis.Redis) -> int:
+    seconds, micros = await redis.time()
+    return seconds * 1000 + micros // 1000
+
+
+async def _until_redis_clock_passes(redis: aioredis.Redis, deadline_ms: int) -> None:
+    """Wait (on Redis's own clock, which leases use) until deadline_ms is in the past."""
+
+    async def passed() -> None:
+        while await _redis_now_ms(redis) <= deadline_ms:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(passed(), 30)  # a hang guard only
+
+
+async def test_heartbeat_renews_and_reports_load(redis_server: RedisServer) -> None:
+    """A lease about to run out is renewed by a heartbeat: it outlives its old deadline."""
+    store = RegistryStore(redis_server.url, lease_s=30, namespace=f"test-{uuid.uuid4().hex[:8]}")
     lease = await store.register(INFO)
-    for _ in range(5):  # 0.75 s in all: longer than the lease, kept alive by heartbeats
-        await asyncio.sleep(0.15)
+    key, index = f"{store.keys.namespace}:v1:worker:decode-0", f"{store.keys.namespace}:v1:workers"
+    async with aioredis.Redis.from_url(redis_server.url) as redis:
+        soon = await _redis_now_ms(redis) + 50  # the lease nearly ran out
+        await redis.pexpireat(key, soon)
+        await redis.zadd(index, {"decode-0": soon})
         await store.heartbeat("decode-0", lease.lease_id, WorkerLoad(waiting=2, free_blocks=5))
+        await _until_redis_clock_passes(redis, soon)
         assert await store.reap_expired() == []
+        assert 25_000 < await redis.pttl(key) <= 30_000
     (record,) = await store.list_workers()
     assert (record.load.waiting, record.load.free_blocks) == (2, 5)
+    await store.aclose()
+
+
+async def _until_lease_over(store: RegistryStore, redis_server: RedisServer, worker_id: str) -> None:
+    """Wait until Redis itself has expired the worker's registration (its lease ran out)."""
+    async with aioredis.Redis.from_url(redis_server.url) as redis:
+
+        async def expired() -> None:
+            while await redis.exists(f"{store.keys.namespace}:v1:worker:{worker_id}"):
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(expired(), 30)  # a hang guard only
 
 
 async def test_lease_expires_exactly_once_across_replicas(
@@ -97,7 +131,7 @@ async def test_lease_expires_exactly_once_across_replicas(
 ) -> None:
     replica = RegistryStore(redis_server.url, lease_s=LEASE_S, namespace=store.keys.namespace)
     await store.register(INFO)
-    await asyncio.sleep(LEASE_S + 0.05)
+    await _until_lease_over(store, redis_server, "decode-0")
     reaped = await asyncio.gather(store.reap_expired(), replica.reap_expired())
     assert sorted(reaped) == [[], ["decode-0"]]
     assert await store.list_workers() == []
@@ -118,15 +152,17 @@ async def test_reregistration_supersedes_the_old_lease(store: RegistryStore) -> 
     assert await store.list_workers() == []
 
 
-async def test_subscription_sees_every_change_in_order(store: RegistryStore) -> None:
+async def test_subscription_sees_every_change_in_order(
+    store: RegistryStore, redis_server: RedisServer
+) -> None:
     async with store.subscribe() as subscription:
         lease = await store.register(INFO)
         await store.heartbeat("decode-0", lease.lease_id, WorkerLoad(running=4))
         await store.deregister("decode-0", lease.lease_id)
         await store.register(replace(INFO, worker_id="silent"))
-        await asyncio.sleep(LEASE_S + 0.05)
-        await store.reap_expired()
-        messages = [await asyncio.wait_for(anext(subscription), 2) for _ in range(5)]
+        await _until_lease_over(store, redis_server, "silent")
+        assert await store.reap_expired() == ["silent"]
+        messages = [await asyncio.wait_for(anext(subscription), 30) for _ in range(5)]
     assert [(m.type, m.worker_id) for m in messages] == [
         (EventType.JOINED, "decode-0"),
         (EventType.LOAD, "decode-0"),
@@ -142,12 +178,12 @@ async def test_watch_starts_with_snapshot_and_filters_by_model(store: RegistrySt
     await store.register(INFO)
     await store.register(replace(INFO, worker_id="x", model="other"))
     events = WorkerWatch(store, model="smol").events()
-    snapshot = await asyncio.wait_for(anext(events), 2)
+    snapshot = await asyncio.wait_for(anext(events), 30)
     assert snapshot.type is EventType.SNAPSHOT and [r.worker_id for r in snapshot.snapshot] == ["decode-0"]
     await store.register(replace(INFO, worker_id="y", model="other"))  # filtered out
     lease = await store.register(replace(INFO, worker_id="z"))
     await store.heartbeat("z", lease.lease_id, WorkerLoad(running=9))
-    joined, load = [await asyncio.wait_for(anext(events), 2) for _ in range(2)]
+    joined, load = [await asyncio.wait_for(anext(events), 30) for _ in range(2)]
     assert (joined.type, joined.worker_id, load.type) == (EventType.JOINED, "z", EventType.LOAD)
     assert load.worker is not None and load.worker.info.model == "smol" and load.worker.load.running == 9
     await events.aclose()
@@ -163,7 +199,7 @@ async def test_redis_down_raises_backend_unavailable_with_clear_message() -> Non
                 BackendUnavailable,
                 match=r"registry backend \(redis at redis://127\.0\.0\.1:\d+/0\) unavailable: ",
             ):
-                await asyncio.wait_for(call, 5)
+                await asyncio.wait_for(call, 30)
         with pytest.raises(BackendUnavailable):
             async with store.subscribe():
                 pass

@@ -8,7 +8,6 @@ import queue
 import signal
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -36,6 +35,8 @@ from scalellm.transfer.rendezvous import (
     push,
 )
 from scalellm.transfer.wire import Frame, Segment, plan_segments
+
+pytestmark = pytest.mark.slow  # prefill sides run in processes of their own
 
 LAYERS, BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM = 6, 48, 4, 2, 8
 # message_bytes: three blocks of this layout, so that long runs travel as several messages
@@ -299,10 +300,10 @@ def test_killed_sender_fails_the_transfer_and_a_new_epoch_works(prefill: Prefill
             ((1, tuple(range(12)), tuple(range(12)), 48),),
         )
     )
-    start = time.monotonic()
-    kind, tid, exc = decode.next_event(timeout=CONFIG.connect_timeout_s + CONFIG.op_timeout_s)
+    kind, tid, exc = decode.next_event(timeout=120)  # a hang guard only
     assert (kind, tid) == ("error", 1), exc
-    assert time.monotonic() - start < CONFIG.connect_timeout_s + CONFIG.op_timeout_s
+    # The dead peer was noticed (its connection closed), not waited out (a gloo timeout).
+    assert "closed" in str(exc).lower() and "timed out" not in str(exc).lower(), exc
     first.join(5)
     assert first.state is ChannelState.BROKEN and not first.running
 
@@ -331,11 +332,10 @@ def test_close_releases_threads_sockets_and_port(prefill: Prefill) -> None:
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection((endpoint.host, endpoint.port), timeout=1).close()
         fds.append(_open_fds())
-        if cycle == 0:  # the prefill side notices at its next send, at once
-            start = time.monotonic()
+        if cycle == 0:  # the prefill side notices at its next send: a closed peer, not a timeout
             [(kind, message)] = send(prefill, decode, "prefill-d", [(2, (0,), (4,), 1)])
             assert kind == "ChannelBrokenError", message
-            assert time.monotonic() - start < CONFIG.op_timeout_s
+            assert "closed" in message.lower() and "timed out" not in message.lower(), message
     assert fds[0] == fds[1]
 
 

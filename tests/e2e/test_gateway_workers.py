@@ -1,0 +1,344 @@
+"""The gateway (in-process, its real code) in front of real decode worker processes on a tiny model
+with the demo tokenizer: n > 1, logprobs, stop token ids, cancellation by stop string, disconnect
+and deadline, retries on RESOURCE_EXHAUSTED and UNAVAILABLE and the --route-attempts cap, and a
+worker dying mid-stream. Every answer is compared with the engine alone on the same model.
+
+A tiny model generates thousands of tokens per request here (max_tokens LONG): a request that is
+still running when the test cancels it has thousands of steps left, so "the worker stopped early"
+is read from its generated-token counter, never from the clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import openai
+import pytest
+
+from scalellm import LLM, SamplingParams
+from scalellm.redis_server import free_port
+from scalellm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, worker_pb2_grpc
+from services.gateway.config import GatewayConfig
+from services.gateway.server import GatewayServer
+from services.gateway.sse import parse_events
+from tests.fake_prefill import FakePrefill, Mode
+from tests.procs import Service, await_until, start_service
+from tests.service.worker_calls import until_not_serving, worker_args, worker_request
+
+pytestmark = pytest.mark.slow
+
+LONG = 8000  # tokens a cancelled request would still generate (the tiny model's context is 8192)
+PROMPT = "The tiny model says"
+
+
+def _dead() -> str:
+    return f"127.0.0.1:{free_port()}"  # nobody listens: UNAVAILABLE at once
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_chat_model: Path) -> LLM:
+    """The engine alone on the same weights: what every answer through the gateway must equal."""
+    return LLM(model=str(tiny_chat_model), num_kv_blocks=200, dtype="float32")  # as worker_args
+
+
+def _sampling(**kw: Any) -> SamplingParams:
+    return SamplingParams(**{"temperature": 0.0, "ignore_eos": True, **kw})
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_chat_model: Path) -> Iterator[Service]:
+    svc = start_service(
+        "services.decode", worker_args(tiny_chat_model, "--role", "both", "--num-kv-blocks", "1200")
+    )
+    yield svc
+    assert svc.stop() == 0, svc.log()
+
+
+@dataclass
+class Gateway:
+    """An in-process gateway, its served model name and an official OpenAI client on it."""
+
+    server: GatewayServer
+    model: str
+    client: openai.AsyncOpenAI
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.server.http_port}"
+
+    @property
+    def grpc(self) -> str:
+        return f"127.0.0.1:{self.server.grpc_port}"
+
+    def metrics(self) -> str:
+        assert self.server.core is not None
+        return self.server.core.metrics.render().decode()
+
+    async def complete(self, prompt: str | list[int], **kw: Any) -> Any:
+        """A greedy completion (EOS ignored) unless kw says otherwise."""
+        kw = {"temperature": 0, "extra_body": {"ignore_eos": True}, **kw}
+        return await self.client.completions.create(model=self.model, prompt=prompt, **kw)
+
+    def long_stream(self) -> dict[str, Any]:
+        """The body of a streamed completion that would run LONG tokens."""
+        return {"model": self.model, "prompt": PROMPT, "max_tokens": LONG, "stream": True, "ignore_eos": True}
+
+
+GatewayFactory = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def gateway(tiny_chat_model: Path) -> AsyncIterator[GatewayFactory]:
+    """Start in-process gateways over the given workers (GatewayConfig fields as keywords)."""
+    started: list[Gateway] = []
+
+    async def start(*decode: str, **config: Any) -> Gateway:
+        settings = {"host": "127.0.0.1", "http_port": 0, "grpc_port": 0, "model": str(tiny_chat_model)}
+        server = GatewayServer(GatewayConfig(**settings, decode_addrs=decode, **config))
+        await server.start()
+        url = f"http://127.0.0.1:{server.http_port}/v1"
+        gw = Gateway(
+            server, tiny_chat_model.name, openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0)
+        )
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        await gw.client.close()
+        await gw.server.stop(0)
+
+
+def requests_served(worker: Service) -> float:
+    return sum(v for k, v in worker.metrics().items() if k.startswith("scalellm_requests_total"))
+
+
+async def test_n_seeded_choices_each_equal_the_engine_with_its_own_seed(
+    gateway: GatewayFactory, worker: Service, engine: LLM
+) -> None:
+    """Choice k of a seeded request samples with seed + k (as vLLM does): distinct choices, each
+    reproducible with the engine alone."""
+    gw = await gateway(worker.address)
+    out = await gw.complete(PROMPT, n=3, temperature=1.0, seed=42, max_tokens=12)
+    texts = [c.text for c in sorted(out.choices, key=lambda c: c.index)]
+    expected = [
+        engine.generate(PROMPT, _sampling(temperature=1.0, seed=42 + k, max_tokens=12))[0].outputs[0].text
+        for k in range(3)
+    ]
+    assert texts == expected
+    assert len(set(texts)) == 3
+
+
+async def test_logprobs_equal_the_engines(gateway: GatewayFactory, worker: Service, engine: LLM) -> None:
+    gw = await gateway(worker.address)
+    expected = engine.generate(PROMPT, _sampling(max_tokens=6, logprobs=3))[0].outputs[0]
+    assert expected.logprobs is not None
+    async with grpc.aio.insecure_channel(gw.grpc) as channel:
+        sampling = common_pb2.SamplingParams(temperature=0, max_tokens=6, logprobs=3, ignore_eos=True)
+        messages = [
+            m
+            async for m in gateway_pb2_grpc.GatewayStub(channel).Generate(
+                gateway_pb2.GatewayGenerateRequest(text=PROMPT, sampling=sampling)
+            )
+        ]
+    got = [lp for m in messages for lp in m.logprobs]
+    assert [lp.token_id for lp in got] == expected.token_ids
+    for lp, want in zip(got, expected.logprobs, strict=True):
+        assert lp.logprob == pytest.approx(want.logprob, abs=1e-4)
+        assert [t.token_id for t in lp.top] == [t for t, _ in want.top]
+        assert [t.logprob for t in lp.top] == pytest.approx([v for _, v in want.top], abs=1e-4)
+
+
+async def test_stop_token_ids_end_the_choice(gateway: GatewayFactory, worker: Service, engine: LLM) -> None:
+    greedy = engine.generate(PROMPT, _sampling(max_tokens=24))[0].outputs[0].token_ids
+    at = next(i for i in range(3, len(greedy)) if greedy[i] not in greedy[:i])  # a first occurrence
+    stop_id = greedy[at]
+    gw = await gateway(worker.address)
+    out = await gw.complete(
+        PROMPT, max_tokens=24, extra_body={"ignore_eos": True, "stop_token_ids": [stop_id]}
+    )
+    want = engine.generate(PROMPT, _sampling(max_tokens=24, stop_token_ids=[stop_id]))[0].outputs[0]
+    assert want.token_ids == greedy[: at + 1]  # the engine alone stops on it, and so must the mesh
+    assert out.choices[0].finish_reason == "stop" and out.usage.completion_tokens == at + 1
+    assert out.choices[0].text == want.text
+
+
+async def _stopped_early(worker: Service, before: float) -> None:
+    """The worker's batch is empty again and it generated far fewer than LONG tokens since before."""
+    await await_until(lambda: worker.metric("scalellm_running_batch") == 0, "the worker's batch drained")
+    generated = worker.metric("scalellm_generated_tokens_total") - before
+    assert generated < LONG / 2, generated  # (0 when a deadline came before the first token)
+
+
+async def test_a_stop_string_cancels_the_worker(
+    gateway: GatewayFactory, worker: Service, engine: LLM
+) -> None:
+    text = engine.generate(PROMPT, _sampling(max_tokens=40))[0].outputs[0].text
+    stop = text[len(text) // 3 : len(text) // 3 + 3]
+    gw = await gateway(worker.address)
+    before = worker.metric("scalellm_generated_tokens_total")
+    out = await gw.complete(PROMPT, max_tokens=LONG, stop=[stop])
+    assert out.choices[0].text == text[: text.index(stop)] and out.choices[0].finish_reason == "stop"
+    await _stopped_early(worker, before)
+
+
+async def test_a_client_disconnect_cancels_the_worker(gateway: GatewayFactory, worker: Service) -> None:
+    gw = await gateway(worker.address)
+    before = worker.metric("scalellm_generated_tokens_total")
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(gw.http + "/v1/completions", json=gw.long_stream())
+        assert (await response.content.readline()).startswith(b"data: ")
+        response.close()  # the client goes away mid-stream
+    await _stopped_early(worker, before)
+
+
+async def test_a_deadline_cancels_the_worker(gateway: GatewayFactory, worker: Service) -> None:
+    gw = await gateway(worker.address)
+    before = worker.metric("scalellm_generated_tokens_total")
+    sampling = common_pb2.SamplingParams(temperature=0, max_tokens=LONG, ignore_eos=True)
+    async with grpc.aio.insecure_channel(gw.grpc) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            request_ = gateway_pb2.GatewayGenerateRequest(text=PROMPT, sampling=sampling)
+            [m async for m in stub.Generate(request_, timeout=1.0)]
+    assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    await _stopped_early(worker, before)
+
+
+async def test_no_kv_room_moves_to_the_next_worker_and_429_when_none_has_room(
+    gateway: GatewayFactory, worker: Service, engine: LLM, tiny_chat_model: Path
+) -> None:
+    """A decode worker whose blocks are all reserved (by a request whose prefill never answers)
+    refuses at once with RESOURCE_EXHAUSTED: the gateway tries the next worker; with no other,
+    the client gets 429."""
+    small = start_service(
+        "services.decode",
+        worker_args(tiny_chat_model, "--role", "decode", "--num-kv-blocks", "20", "--prefill-timeout", "600"),
+    )
+    rng = random.Random(1)
+    prompt = [rng.randrange(3, 49000) for _ in range(100)]  # 7 blocks of 16
+    try:
+        async with FakePrefill(Mode.HANG) as hung, grpc.aio.insecure_channel(small.address) as channel:
+            occupant = worker_pb2_grpc.DecodeWorkerStub(channel).Generate(
+                worker_request("occupant", [7] * 250, 8, [hung.target("hung")])  # 16 of 20 blocks
+            )
+            await await_until(lambda: len(hung.requests) == 1, "the occupant's blocks are reserved")
+            gw = await gateway(small.address, worker.address, prefill_addrs=(f"p={_dead()}",))
+            out = await gw.complete(prompt, max_tokens=8)
+            want = engine.generate({"prompt_token_ids": prompt}, _sampling(max_tokens=8))[0].outputs[0]
+            assert out.choices[0].text == want.text
+            assert small.metric('scalellm_requests_total{outcome="no_kv_room"}') == 1
+            assert 'scalellm_gateway_route_retries_total{code="RESOURCE_EXHAUSTED"} 1.0' in gw.metrics()
+
+            alone = await gateway(small.address, prefill_addrs=(f"p={_dead()}",))
+            with pytest.raises(openai.RateLimitError):
+                await alone.complete(prompt, max_tokens=8)
+            occupant.cancel()
+    finally:
+        assert small.stop() == 0, small.log()
+
+
+async def test_unavailable_moves_on_until_route_attempts_run_out(
+    gateway: GatewayFactory, worker: Service, engine: LLM
+) -> None:
+    """Static workers tie, so they are tried in the order given: two dead ones, then a live one."""
+    dead = [f"gone{i}={_dead()}" for i in range(2)]
+    want = engine.generate(PROMPT, _sampling(max_tokens=8))[0].outputs[0].text
+    three = await gateway(*dead, worker.address, route_attempts=3)
+    out = await three.complete(PROMPT, max_tokens=8)
+    assert out.choices[0].text == want
+    assert 'scalellm_gateway_route_retries_total{code="UNAVAILABLE"} 2.0' in three.metrics()
+
+    served = requests_served(worker)
+    two = await gateway(*dead, worker.address, route_attempts=2)
+    with pytest.raises(openai.InternalServerError) as err:
+        await two.complete(PROMPT, max_tokens=8)
+    assert err.value.status_code == 503
+    assert requests_served(worker) == served  # the third worker was never asked
+
+
+async def test_a_worker_dying_mid_stream_ends_streams_with_an_error(
+    gateway: GatewayFactory, tiny_chat_model: Path
+) -> None:
+    """SIGKILL while an SSE stream and a gRPC stream run on it: the SSE stream ends with an error
+    event and [DONE], the gRPC stream with UNAVAILABLE."""
+    doomed = start_service("services.decode", worker_args(tiny_chat_model, "--role", "both"))
+    try:
+        gw = await gateway(doomed.address)
+        sampling = common_pb2.SamplingParams(temperature=0, max_tokens=LONG, ignore_eos=True)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(gw.http + "/v1/completions", json=gw.long_stream()) as response,
+            grpc.aio.insecure_channel(gw.grpc) as channel,
+        ):
+            call = gateway_pb2_grpc.GatewayStub(channel).Generate(
+                gateway_pb2.GatewayGenerateRequest(text=PROMPT, sampling=sampling)
+            )
+            assert (await call.read()).token_ids
+            first = await response.content.readline()
+            assert first.startswith(b"data: ") and "choices" in json.loads(first[6:])
+            doomed.kill()
+            rest = await asyncio.wait_for(response.read(), 60)  # a hang guard only
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await asyncio.wait_for(_drain(call), 60)
+        events = parse_events(first + rest)
+        assert events[-1] == "[DONE]" and "error" in events[-2], events[-3:]
+        assert events[-2]["error"]["type"] == "service_unavailable"
+        assert all("choices" in e for e in events[:-2])
+        assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+    finally:
+        doomed.kill()
+
+
+async def _drain(call: grpc.aio.UnaryStreamCall) -> None:
+    while await call.read() is not grpc.aio.EOF:
+        pass
+
+
+async def test_sigterm_drains_the_gateway(worker: Service, engine: LLM, tiny_chat_model: Path) -> None:
+    """SIGTERM with a request in flight (held in its prefill): health NOT_SERVING, /health and new
+    requests 503, the request in flight still finishes, the process exits 0."""
+    async with FakePrefill(Mode.HANG) as hung:
+        gw = start_service(
+            "services.gateway",
+            ["--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", "--model", str(tiny_chat_model),
+             "--decode-addr", worker.address, "--prefill-addr", f"hung={hung.address}", "--grace-s", "600"],
+            name="gateway",
+        )  # fmt: skip
+        http = f"http://{gw.address}"
+        grpc_address = next(line for line in gw.output if line.startswith("READY ")).split("grpc=")[1]
+        body = {
+            "model": tiny_chat_model.name,
+            "prompt": PROMPT,
+            "max_tokens": 8,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+        try:
+            async with aiohttp.ClientSession() as session, grpc.aio.insecure_channel(grpc_address) as channel:
+                held = asyncio.ensure_future(session.post(http + "/v1/completions", json=body))
+                await await_until(lambda: len(hung.requests) == 1, "the request is in flight")
+                gw.proc.send_signal(signal.SIGTERM)
+                await until_not_serving(channel)
+                async with session.get(http + "/health") as resp:
+                    assert resp.status == 503 and (await resp.json())["status"] == "draining"
+                async with session.post(http + "/v1/completions", json=body) as resp:
+                    assert resp.status == 503, await resp.text()
+                hung.release.set()  # its prefill fails over to the worker itself
+                async with await asyncio.wait_for(held, 60) as resp:
+                    assert resp.status == 200
+                    out = await resp.json()
+            want = engine.generate(PROMPT, _sampling(max_tokens=8))[0].outputs[0].text
+            assert out["choices"][0]["text"] == want
+            assert await asyncio.to_thread(gw.proc.wait, 60) == 0, gw.log()
+        finally:
+            gw.kill()
