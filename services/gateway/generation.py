@@ -106,7 +106,7 @@ async def start_generation(
         # callback already queued on the loop (under load, milliseconds of other streams' tokens).
         return Generation(request, [await dispatcher.open(request, 0, sampling, deadline)], metrics)
     opened = await asyncio.gather(
-        *(dispatcher.open(request, i, _choice_sampling(sampling, i % request.n), deadline)
+        *(dispatcher.open(request, i, _choice_sampling(sampling, i % request.sampling.n), deadline)
           for i in range(request.num_choices)),
         return_exceptions=True,
     )  # fmt: skip

@@ -43,9 +43,11 @@ def engine(tiny_llama: Path) -> Callable[[list[int], int], list[int]]:
     """Greedy tokens from the engine alone: what every path through the workers must give."""
     from scalellm.engine.config import EngineConfig
     from scalellm.engine.engine import LLMEngine
-    from scalellm.engine.sampling_params import SamplingParams
+    from scalellm.types import SamplingParams
 
-    engine = LLMEngine(EngineConfig(model=str(tiny_llama), num_kv_blocks=200))
+    engine = LLMEngine(
+        EngineConfig(model=str(tiny_llama), num_kv_blocks=200, dtype="float32")
+    )  # as worker_args
 
     def greedy(prompt: list[int], max_tokens: int) -> list[int]:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
