@@ -196,9 +196,8 @@ def test_no_request_is_lost_when_each_kind_of_child_goes_down(tiny_served: Path,
     try:
         ready = up.wait_for("mesh ready: ", timeout=150)
         base_url = ready.split()[2]
-        first_lines = {
-            name: _latest(up, rf"ready {name} (\S+)").group(1) for name in ("redis", "kvstore", "gateway")
-        }
+        first_lines = {name: _latest(up, rf"ready {name} (\S+)").group(1) for name in ("redis", "kvstore")}
+        first_gateway = _latest(up, r"ready gateway (\S+ grpc=\S+)").group(1).split()
         kvstore_metrics = _latest(up, r"ready kvstore .* metrics=(\S+)").group(1)
         pids = up.pids()
         load = GreedyLoad(base_url, expected)
@@ -238,10 +237,7 @@ def test_no_request_is_lost_when_each_kind_of_child_goes_down(tiny_served: Path,
         load.begin("gateway", hold=True)
         gateway = int(_latest(up, r"started gateway pid=(\d+)").group(1))
         back = _kill_and_wait_restart(up, "gateway", gateway, signal.SIGKILL, "-9")
-        assert back.split()[4:6] == [
-            first_lines["gateway"],
-            _latest(up, r"ready gateway \S+ (grpc=\S+)").group(1),
-        ]
+        assert back.split()[4:6] == first_gateway, back  # the HTTP and gRPC ports clients use
         load.resume()
         load.wait_served("gateway", CLIENTS, may_fail=CLIENTS)
         load.stop()
@@ -252,7 +248,6 @@ def test_no_request_is_lost_when_each_kind_of_child_goes_down(tiny_served: Path,
         assert not lost, lost
         broken = outcomes["gateway"].failed
         assert len(broken) <= CLIENTS and all(f.startswith("APIConnectionError") for f in broken), broken
-        assert sum(o.ok for o in outcomes.values()) >= 6 * CLIENTS
 
         # Everything is back: both restarted workers serve again, and the mesh stops clean.
         _line(up, r"^scalellm up: ready decode-2 ", mark)
