@@ -105,6 +105,12 @@ def _add_up_parser(sub: argparse._SubParsersAction) -> None:
     add("--startup-timeout", type=float, default=300.0, help="seconds to wait for the mesh to be ready")
     add("--quiet", action="store_true", help="do not echo the services' logs")
     add(
+        "--max-restarts",
+        type=int,
+        default=5,
+        help="restarts in a row of a child that keeps dying before the mesh stops (0: none; default 5)",
+    )
+    add(
         "--autoscale",
         action="store_true",
         help="start and drain workers as the planner says (docs/planner.md)",

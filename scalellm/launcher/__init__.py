@@ -4,7 +4,8 @@ child processes, each started through its own `python -m services.<name>` entry 
     config.py       UpConfig, the one frozen config
     plan.py         ChildSpec per process: the exact command lines
     child.py        Child: one process, its output and its READY line
-    launcher.py     Launcher: start in order, supervise, report a dead child
+    launcher.py     Launcher: start in order, supervise, restart a dead child at its address
+    restarts.py     the restart budget and backoff per child
     shutdown.py     stop in order: gateway, workers, kvstore, Redis
     probes.py       gRPC health / HTTP /health checks (also `python -m scalellm.launcher.probes`,
                     the containers' healthcheck)
@@ -19,7 +20,7 @@ __all__ = ["UpConfig", "run_up"]
 
 
 def run_up(config: UpConfig) -> int:
-    """Run the mesh until Ctrl-C / SIGTERM (0) or until a child dies or it cannot start (1)."""
+    """Run the mesh until Ctrl-C / SIGTERM (0), or until it cannot start or a child keeps dying (1)."""
     from scalellm.launcher.launcher import Launcher
 
     return Launcher(config).run()

@@ -43,6 +43,9 @@ class UpConfig:
     startup_timeout_s: float = 300.0
     quiet: bool = False
     """Do not echo the children's output (it is still shown when one fails)."""
+    max_restarts: int = 5
+    """Restarts in a row of a child that keeps dying soon after it starts (launcher/restarts.py)
+    before the mesh stops with an error; 0: any child's exit stops the mesh."""
     autoscale: bool = False
     """Run the planner against the mesh's registry: `prefill` and `decode` become the minimums."""
     max_prefill: int | None = None
@@ -67,6 +70,8 @@ class UpConfig:
             raise ValueError("--tls-cert and --tls-key go together")
         if self.drain_timeout_s < 0 or self.startup_timeout_s <= 0:
             raise ValueError("--drain-timeout must be >= 0 and --startup-timeout > 0")
+        if self.max_restarts < 0:
+            raise ValueError(f"--max-restarts must be >= 0, got {self.max_restarts}")
         self._check_autoscale()
 
     def _check_autoscale(self) -> None:
@@ -129,6 +134,7 @@ class UpConfig:
             drain_timeout_s=args.drain_timeout,
             startup_timeout_s=args.startup_timeout,
             quiet=args.quiet,
+            max_restarts=args.max_restarts,
             autoscale=args.autoscale,
             max_prefill=args.max_prefill,
             max_decode=args.max_decode,

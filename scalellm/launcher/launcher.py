@@ -2,11 +2,14 @@
 
 start: model prepared -> Redis -> kvstore -> workers + gateway -> the gateway sees every worker
        (-> the planner, with --autoscale: then workers are started and drained as it says)
-stop (SIGINT, SIGTERM, SIGHUP, or Redis, the kvstore or the gateway dying): the planner, gateway,
-workers, kvstore, Redis, each tier drained in turn (see shutdown.py); a second signal kills what
-is left at once. A worker that dies once the mesh is up is restarted (the gateway routes around
-it meanwhile); one that keeps dying stops the mesh. A worker the autoscaler drains is not
-restarted (autoscale.py).
+stop (SIGINT, SIGTERM, SIGHUP, a child dying during startup, or one that keeps dying): the
+planner, gateway, workers, kvstore, Redis, each tier drained in turn (see shutdown.py); a second
+signal kills what is left at once.
+Once the mesh is up, any child that exits is restarted on the same command line, so at the same
+address: Redis on its port with its password, the kvstore on its port, the gateway on the ports
+it bound first (restarts.py: backoff, and a budget after which the mesh stops with the child's
+last output). Meanwhile workers keep their leases and the gateway routes on its last view. A
+worker the autoscaler drains is not restarted (autoscale.py).
 """
 
 from __future__ import annotations
@@ -21,16 +24,17 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from scalellm.launcher import plan
 from scalellm.launcher.autoscale import Autoscaler
 from scalellm.launcher.child import Child
 from scalellm.launcher.config import UpConfig
 from scalellm.launcher.probes import grpc_serving, http_health, port_free
+from scalellm.launcher.restarts import RestartPolicy, Restarts
 from scalellm.launcher.shutdown import stop_in_order
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-RESTARTS_PER_MINUTE = 3
 
 
 class Interrupted(Exception):
@@ -50,7 +54,8 @@ class Launcher:
         self._force = threading.Event()
         self._deadline = 0.0
         self._up = False
-        self._restarts: dict[str, list[float]] = {}
+        self._restarts = Restarts(RestartPolicy(budget=config.max_restarts))
+        self._restarted: set[Child] = set()  # restarted, READY line not yet announced
         self._seen = ""
         self._autoscaler: Autoscaler | None = None
         self._spawn: Callable[[str, int], Child] | None = None
@@ -119,10 +124,7 @@ class Launcher:
     def _start_all(self, model_dir: Path) -> None:
         c = self.config
         self._deadline = time.monotonic() + c.startup_timeout_s
-        password = self._secrets.redis_password
-        redis_url = c.redis_url or plan.redis_url_for(
-            self._wait_ready(self._start(plan.redis_spec(password))).address, password
-        )
+        redis_url = c.redis_url or self._start_redis()
         kvstore = self._wait_ready(self._start(plan.kvstore_spec(redis_url))).address
         run_id = uuid.uuid4().hex[:6]
         workers = [self._start(s) for s in plan.worker_specs(c, model_dir, kvstore, run_id)]
@@ -133,6 +135,8 @@ class Launcher:
         host = plan.LOOPBACK if c.host in ("0.0.0.0", "::", "") else c.host  # where a local client connects
         assert gateway.ready is not None  # _wait_ready returned: it printed its READY line
         http_port, grpc_port = gateway.ready.port_of(), gateway.ready.port_of("grpc")
+        # A restarted gateway binds the ports this one got (--http-port 0 picked any free one).
+        gateway.spec = self._secured(plan.gateway_spec(c, model_dir, kvstore, ports=(http_port, grpc_port)))
         scheme = "https" if c.tls_cert else "http"
         health = f"{scheme}://{host}:{http_port}/health"
         self._wait_until(lambda: self._sees_all_workers(health), lambda: f"the gateway to see {self._seen}")
@@ -148,6 +152,14 @@ class Launcher:
         self._up = True
         self._echo(f"mesh ready: {scheme}://{host}:{http_port}/v1  grpc {host}:{grpc_port}")
 
+    def _start_redis(self) -> str:
+        """The private Redis; once it serves, its spec names the port it got, so a restart serves
+        the URL the kvstore was given."""
+        password = self._secrets.redis_password
+        redis = self._wait_ready(self._start(plan.redis_spec(password)))
+        redis.spec = self._secured(plan.redis_spec(password, urlsplit(redis.address).port or 0))
+        return plan.redis_url_for(redis.address, password)
+
     def _sees_all_workers(self, health_url: str) -> bool:
         body = http_health(health_url) or {}
         decode, prefill = body.get("decode_workers", 0), body.get("prefill_workers", 0)
@@ -155,11 +167,18 @@ class Launcher:
         self._seen = f"{decode}/{c.decode} decode-capable and {prefill}/{c.prefill} prefill workers"
         return decode >= c.decode and prefill >= c.prefill
 
+    def _secured(self, spec: plan.ChildSpec) -> plan.ChildSpec:
+        return dataclasses.replace(spec, env={**spec.env, **self._secrets.mesh})
+
     def _start(self, spec: plan.ChildSpec) -> Child:
-        spec = dataclasses.replace(spec, env={**spec.env, **self._secrets.mesh})
+        child = self._launch(self._secured(spec))
+        self.children.append(child)
+        return child
+
+    def _launch(self, spec: plan.ChildSpec) -> Child:
         child = Child(spec, echo=None if self.config.quiet else self._echo)
         child.start()
-        self.children.append(child)
+        self._restarts.started(spec.name)
         self.say(f"started {spec.name} pid={child.pid}")
         return child
 
@@ -169,10 +188,13 @@ class Launcher:
             self._wait_until(lambda: grpc_serving(child.address, child.spec.health_service), child.name)
         else:
             self._wait_until(lambda: child.printed_ready, child.name)
+        self._say_ready(child)
+        return child
+
+    def _say_ready(self, child: Child) -> None:
         extra = [f"{k}={v}" for k, v in child.ready.fields.items()] if child.ready else []
         metrics = [f"metrics={child.spec.metrics}"] if child.spec.metrics else []
         self.say(" ".join(["ready", child.name, child.address, *extra, f"pid={child.pid}", *metrics]))
-        return child
 
     def _wait_until(self, ready: Callable[[], bool], what: str | Callable[[], str]) -> None:
         """Poll ready() until true; a stop signal, a dead child or the startup deadline ends it."""
@@ -192,27 +214,46 @@ class Launcher:
             time.sleep(0.1)
 
     def _check_children(self) -> None:
-        """Raise Interrupted on a stop signal; restart a dead worker once the mesh is up; raise
-        LaunchError when any other child (or a worker during startup) has exited."""
+        """Raise Interrupted on a stop signal. Once the mesh is up, restart any child that exited
+        (after its backoff) and announce restarted ones when they are ready again; raise
+        LaunchError for a death during startup or a child that used up its restart budget."""
         if self._stopping.is_set():
             raise Interrupted
         if self._autoscaler is not None and self._up and self._spawn is not None:
             self._autoscaler.reconcile(self.children, self._spawn)
         for i, child in enumerate(self.children):
-            if (code := child.returncode) is None or (self._autoscaler and self._autoscaler.retiring(child)):
+            if (code := child.returncode) is None:
+                if child in self._restarted and child.printed_ready:
+                    self._restarted.discard(child)
+                    self._say_ready(child)
                 continue
-            died = f"{child.name} (pid {child.pid}) exited unexpectedly with status {code}"
-            if not (self._up and child.spec.restart and self._may_restart(child.name)):
+            if self._autoscaler is not None and self._autoscaler.retiring(child):
+                continue
+            if self._restarts.pending(child.name):
+                if self._restarts.due(child.name):
+                    self.children[i] = self._restart(child)
+                continue
+            how = "stopped (status 0)" if code == 0 else f"exited unexpectedly with status {code}"
+            died = f"{child.name} (pid {child.pid}) {how}"  # status 0: drained after a SIGTERM
+            if not (self._up and child.spec.restart):
                 raise LaunchError(f"{died}; its last output:\n{child.tail()}")
-            self.say(f"{died}; restarting it")
-            fresh = Child(child.spec, echo=None if self.config.quiet else self._echo)
-            fresh.start()
-            self.children[i] = fresh
-            self.say(f"started {fresh.name} pid={fresh.pid}")
+            delay = self._restarts.died(child.name)
+            if delay is None:
+                raise LaunchError(f"{died}; {self._gave_up()}; its last output:\n{child.tail()}")
+            child.sweep()  # e.g. the redis-server of a killed Redis supervisor, holding its port
+            self.say(f"{died}; restarting it in {delay:.1f} s")
 
-    def _may_restart(self, name: str) -> bool:
-        """At most RESTARTS_PER_MINUTE restarts of one worker within a minute."""
-        now = time.monotonic()
-        recent = [t for t in self._restarts.get(name, []) if now - t < 60.0]
-        self._restarts[name] = [*recent, now]
-        return len(recent) < RESTARTS_PER_MINUTE
+    def _restart(self, child: Child) -> Child:
+        self._restarted.discard(child)
+        fresh = self._launch(child.spec)
+        self._restarted.add(fresh)
+        return fresh
+
+    def _gave_up(self) -> str:
+        policy = self._restarts.policy
+        if not policy.budget:
+            return "restarts are off (--max-restarts 0)"
+        return (
+            f"it died {policy.budget + 1} times in a row, each time within {policy.stable_s:g} s of "
+            f"its start (--max-restarts {policy.budget}): giving up"
+        )

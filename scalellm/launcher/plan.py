@@ -41,8 +41,9 @@ class ChildSpec:
     """Added to the launcher's environment; secrets go here, never into argv (`ps` shows argv)."""
     metrics: str = ""
     """URL of the child's Prometheus endpoint, when it has one."""
-    restart: bool = False
-    """Restart it when it dies after the mesh is up (workers); others dying stops the mesh."""
+    restart: bool = True
+    """Restart it on the same command line when it exits once the mesh is up (within the
+    launcher's restart budget); False: its exit stops the mesh."""
 
 
 def _module(name: str, *args: str) -> tuple[str, ...]:
@@ -69,10 +70,11 @@ class Secrets:
         return bool(self.mesh)
 
 
-def redis_spec(password: str) -> ChildSpec:
+def redis_spec(password: str, port: int = 0) -> ChildSpec:
     """A private redis-server (RedisServer) behind a small supervisor that prints READY <url>;
-    it requires ``password``."""
-    return ChildSpec("redis", _module("scalellm.launcher.redis_child"), env={PASSWORD_ENV: password})
+    it requires ``password``. Port 0: a free one; the launcher restarts it on the port it got."""
+    argv = _module("scalellm.launcher.redis_child", "--port", str(port))
+    return ChildSpec("redis", argv, env={PASSWORD_ENV: password})
 
 
 def redis_url_for(ready_url: str, password: str) -> str:
@@ -131,7 +133,7 @@ def worker_spec(
         env["CUDA_VISIBLE_DEVICES"] = config.gpus[slot % len(config.gpus)]
     metrics = f"http://{LOOPBACK}:{metrics_port}/metrics"
     argv_all = _module(module, *argv, *config.worker_args)
-    return ChildSpec(name, argv_all, env=env, metrics=metrics, restart=True)
+    return ChildSpec(name, argv_all, env=env, metrics=metrics)
 
 
 def planner_spec(
@@ -162,9 +164,14 @@ def _optional(config: UpConfig) -> list[str]:
     return [item for flag, value in flags.items() if value is not None for item in (flag, str(value))]
 
 
-def gateway_spec(config: UpConfig, model_dir: Path, kvstore: str) -> ChildSpec:
+def gateway_spec(
+    config: UpConfig, model_dir: Path, kvstore: str, ports: tuple[int, int] | None = None
+) -> ChildSpec:
+    """The gateway on the configured ports, or on ``ports`` (http, grpc): those its first
+    process bound, so a restarted gateway is where clients were sent."""
+    http_port, grpc_port = ports or (config.http_port, config.grpc_port)
     argv = [
-        "--host", config.host, "--http-port", str(config.http_port), "--grpc-port", str(config.grpc_port),
+        "--host", config.host, "--http-port", str(http_port), "--grpc-port", str(grpc_port),
         "--model", str(model_dir), "--kvstore", kvstore, "--grace-s", str(config.drain_timeout_s),
     ]  # fmt: skip
     if config.served_model_name:

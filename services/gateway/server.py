@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import grpc
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+FIRST_VIEW_WAIT_S = 5.0
+"""How long start() waits for the registry's first snapshot before binding anyway: a restarted
+gateway that takes connections only once it knows the workers routes its first request."""
 
 
 class GatewayServer:
@@ -70,7 +74,8 @@ class GatewayServer:
         keys = ApiKeys.load(c.api_keys_file) if c.api_keys_file else ApiKeys.disabled()
         self.core = core = GatewayCore(c, model, source, keys)
         if self.view is not None:
-            await self.view.start()
+            with contextlib.suppress(asyncio.TimeoutError):  # no registry yet: serve; the view keeps trying
+                await self.view.start(wait=True, timeout_s=FIRST_VIEW_WAIT_S)
 
         options = [("grpc.max_receive_message_length", c.max_payload_bytes)]
         self._grpc = server = grpc.aio.server(options=options)

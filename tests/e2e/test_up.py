@@ -81,6 +81,53 @@ def test_colocated_runs_workers_with_role_both_and_no_prefill() -> None:
     assert UpConfig(prefill=1, decode=4).worker_threads(cores=16) == 3
 
 
+def test_restarted_children_keep_their_addresses() -> None:
+    """Redis and the gateway are restarted on the ports they got first (port 0: any free one), and
+    the kvstore on the one its spec names, so every configured address still reaches them."""
+    redis = redis_spec("pw")
+    assert redis.argv[-2:] == ("--port", "0") and redis.restart
+    assert redis_spec("pw", 6390).argv[-2:] == ("--port", "6390")
+    config = UpConfig(http_port=0, grpc_port=0)
+    argv = gateway_spec(config, Path("/m"), "127.0.0.1:1", ports=(8123, 50123)).argv
+    flag = dict(zip(argv[3::2], argv[4::2], strict=True))
+    assert (flag["--http-port"], flag["--grpc-port"]) == ("8123", "50123")
+    kvstore = kvstore_spec("redis://x:1/0")
+    assert kvstore.argv[kvstore.argv.index("--listen") + 1] == kvstore.address != "127.0.0.1:0"
+
+
+def test_redis_child_serves_its_port_and_exits_when_redis_server_dies(tmp_path: Path) -> None:
+    """What the launcher restarts: `redis_child --port N` serves redis://127.0.0.1:N/0 with the
+    password, and exits 1 (instead of lingering) once its redis-server is killed."""
+    from scalellm.launcher.redis_child import PASSWORD_ENV
+    from scalellm.redis_server import free_port, ping
+
+    port = free_port()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "scalellm.launcher.redis_child", "--port", str(port)],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, PASSWORD_ENV: "secret-pw"},
+    )  # fmt: skip
+    try:
+        assert child.stdout is not None
+        ready = child.stdout.readline().split()
+        assert ready[:2] == ["READY", f"redis://127.0.0.1:{port}/0"], ready
+        assert ping("127.0.0.1", port, password="secret-pw") and not ping("127.0.0.1", port)
+        os.kill(int(ready[2].removeprefix("redis_pid=")), signal.SIGKILL)
+        assert child.wait(30) == 1
+        assert "redis-server exited" in child.stdout.read()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+
+
+def test_a_negative_restart_budget_is_refused() -> None:
+    from scalellm.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["up", "--max-restarts", "-1"])
+    assert exc.value.code == 2
+
+
 @pytest.mark.parametrize(
     "argv",
     [["--colocated", "--prefill", "1"], ["--decode", "0"], ["--prefill", "0"], ["--http-port", "70000"]],
@@ -371,18 +418,50 @@ def test_a_killed_worker_is_restarted_and_the_mesh_keeps_serving(demo_model_dir:
 
 
 @pytest.mark.slow
-def test_a_dead_gateway_stops_the_mesh_with_an_error(demo_model_dir: Path) -> None:
+def test_a_dead_gateway_is_restarted_on_its_ports_and_a_crash_loop_stops_the_mesh(
+    demo_model_dir: Path,
+) -> None:
+    import openai
+
     up = Up("--colocated", "--decode", "1", "--http-port", "0", "--grpc-port", "0", "--num-kv-blocks", "64",
-            "--quiet", "--startup-timeout", "90", "--drain-timeout", "5")  # fmt: skip
+            "--quiet", "--startup-timeout", "90", "--drain-timeout", "5", "--max-restarts", "1")  # fmt: skip
     pids: dict[int, str] = {}
     try:
-        up.wait_for("mesh ready: ")
+        ready = up.wait_for("mesh ready: ")
+        first = up.wait_for("scalellm up: ready gateway ")
+        gateway = _child_pid(up, "gateway")
+        os.kill(gateway, signal.SIGKILL)
+        up.wait_for(f"scalellm up: gateway (pid {gateway}) exited unexpectedly with status -9; restarting it")
+        again = _wait_for_nth(up, "scalellm up: ready gateway ", 2)
+        assert again.split()[4:6] == first.split()[4:6], (first, again)  # the same HTTP and gRPC ports
+        client = openai.OpenAI(base_url=ready.split()[2], api_key="none", max_retries=0, timeout=30)
+        reply = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0)
+        assert reply.usage is not None and reply.usage.completion_tokens == 4  # served at once
+
         pids = up.pids()
         addresses = up.addresses()
-        gateway = int(re.search(r"started gateway pid=(\d+)", "\n".join(up.lines)).group(1))  # type: ignore[union-attr]
-        os.kill(gateway, signal.SIGKILL)
+        restarted = int(again.split("pid=")[1].split()[0])
+        os.kill(restarted, signal.SIGKILL)  # dies again within a minute of its start: over budget
         assert up.proc.wait(60) == 1, up.log()
-        assert f"gateway (pid {gateway}) exited unexpectedly with status -9" in up.log()
+        error = next(line for line in up.lines if line.startswith("scalellm up: error: "))
+        assert error == (
+            f"scalellm up: error: gateway (pid {restarted}) exited unexpectedly with status -9; it died "
+            "2 times in a row, each time within 60 s of its start (--max-restarts 1): giving up; "
+            "its last output:"
+        ), error
+        assert (
+            f"    READY {again.split()[4]} {again.split()[5]}" in up.lines
+        )  # its last lines, though --quiet
         _assert_gone(up, pids, addresses)
     finally:
         up.cleanup(pids)
+
+
+def _wait_for_nth(up: Up, prefix: str, n: int, timeout: float = 100.0) -> str:
+    """The n-th line that starts with prefix, once printed."""
+    deadline = time.monotonic() + timeout
+    while len(found := [line for line in up.lines if line.startswith(prefix)]) < n:
+        assert up.proc.poll() is None, f"scalellm up exited {up.proc.returncode}:\n{up.log()}"
+        assert time.monotonic() < deadline, f"no {n} {prefix!r} lines in {timeout} s:\n{up.log()}"
+        time.sleep(0.1)
+    return found[n - 1]

@@ -333,3 +333,39 @@ def test_build_context_keeps_what_the_image_copies(name: str) -> None:
             sources = [s for s in line.split()[1:-1] if not s.startswith("--")]
             assert all(s.rstrip("/") in kept for s in sources), line
             assert all((ROOT / s).exists() for s in sources), line
+
+
+# ---------------------------------------------------------------- failures and restarts
+
+
+def test_every_long_running_service_is_restarted_and_health_checked(services: dict[str, Any]) -> None:
+    """compose's side of `scalellm up`'s restarts: Docker restarts any service that exits, under the
+    same service name (the address every other service was given), with its own backoff; only the
+    one-shot model job is left alone."""
+    for name, service in services.items():
+        if name == "model":
+            assert service["restart"] == "no"
+            continue
+        assert service["restart"] == "unless-stopped", name
+        assert service["healthcheck"]["test"], name
+
+
+def test_redis_keeps_no_data_so_a_restart_comes_back_empty(services: dict[str, Any]) -> None:
+    """The registry is soft state under leases: after a restart workers register again within a
+    heartbeat (docs/deploy.md, "Failures"), so Redis writes nothing to disk."""
+    script = services["redis"]["command"][2]
+    assert '--save ""' in script and "--appendonly no" in script
+    assert "volumes" not in services["redis"]
+
+
+def test_stopping_a_worker_or_the_gateway_waits_for_its_drain(services: dict[str, Any]) -> None:
+    """`docker compose stop` / a rolling replacement sends SIGTERM and kills after the grace
+    period: it must cover the drain, or requests in flight are cut."""
+    for name, variable in (
+        ("prefill", "SCALELLM_DRAIN_TIMEOUT"),
+        ("decode", "SCALELLM_DRAIN_TIMEOUT"),
+        ("gateway", "SCALELLM_GATEWAY_GRACE_S"),
+    ):
+        grace = services[name]["stop_grace_period"]
+        assert grace.endswith("s") and float(grace[:-1]) > float(_env(services[name])[variable]), name
+        assert services[name].get("init") is True, name  # tini forwards SIGTERM to the service

@@ -515,3 +515,65 @@ def test_the_adapter_rule_exposes_the_planners_metric() -> None:
     metric = _desired_metric()
     assert rule["seriesQuery"].startswith(metric + "{") and rule["name"]["as"] == metric
     assert "by (model, tier)" in rule["metricsQuery"]
+
+
+# ---------------------------------------------------------------- failures, restarts, rollouts
+
+SERVING_TIERS = ("kvstore", "prefill", "decode", "gateway")
+
+
+def _probe_window(probe: dict[str, Any]) -> int:
+    """Seconds of failing checks before the kubelet acts (its defaults: period 10, threshold 3)."""
+    return int(probe.get("periodSeconds", 10)) * int(probe.get("failureThreshold", 3))
+
+
+def test_every_pod_is_restarted_and_rollouts_never_shrink_a_tier() -> None:
+    """Pods restart on exit (the same Service names, so every configured address still works);
+    a rolling update starts the new pod before the old one drains (maxUnavailable 0); a new
+    worker counts as available only after its registration had time to reach the gateways."""
+    for name, workload in _workloads().items():
+        if workload["kind"] != "Job":
+            assert _pod(workload)["spec"].get("restartPolicy", "Always") == "Always", name
+    for tier in SERVING_TIERS:
+        spec = BY_KIND["Deployment"][f"scalellm-{tier}"]["spec"]
+        assert spec["strategy"]["type"] == "RollingUpdate", tier
+        assert spec["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}, tier
+    for tier in ("prefill", "decode"):
+        assert BY_KIND["Deployment"][f"scalellm-{tier}"]["spec"]["minReadySeconds"] >= 5, tier
+
+
+def test_liveness_survives_a_redis_outage_a_drain_and_an_empty_mesh() -> None:
+    """Liveness restarts only a process that stopped answering: never the kvstore for Redis being
+    away (its Registry health is NOT_SERVING then: readiness only), never a gateway for having no
+    worker, never a worker that is draining (NOT_SERVING) before its grace period is over."""
+    containers = {name: c for name, _, c in _containers() if c["name"] == name.removeprefix("scalellm-")}
+    kvstore = containers["scalellm-kvstore"]
+    assert kvstore["readinessProbe"]["grpc"]["service"] == "scalellm.v1.Registry"
+    assert "service" not in kvstore["livenessProbe"]["grpc"]  # "": SERVING while the process serves
+    assert "tcpSocket" in containers["scalellm-gateway"]["livenessProbe"]
+    assert "tcpSocket" in containers["scalellm-redis"]["livenessProbe"]
+    for tier in ("prefill", "decode"):
+        pod = _pod(BY_KIND["Deployment"][f"scalellm-{tier}"])["spec"]
+        live = containers[f"scalellm-{tier}"]["livenessProbe"]
+        assert _probe_window(live) >= pod["terminationGracePeriodSeconds"], tier
+
+
+def test_the_gateway_leaves_the_load_balancer_before_it_stops_taking_requests() -> None:
+    """On SIGTERM the gateway refuses new requests: its preStop pause lets the endpoints controller
+    take it out of the Service first, and the grace period covers the pause and the drain."""
+    pod = _pod(BY_KIND["Deployment"]["scalellm-gateway"])["spec"]
+    (container,) = pod["containers"]
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep" and int(command[1]) >= 5
+    drain = float(_env(container)["SCALELLM_GATEWAY_GRACE_S"])
+    assert pod["terminationGracePeriodSeconds"] > int(command[1]) + drain
+
+
+def test_redis_keeps_no_data_and_is_found_by_its_service_name() -> None:
+    """After a restart Redis is empty (workers register again) and at the same address."""
+    redis, container = _redis()
+    script = container["command"][2]
+    assert '--save ""' in script and "--appendonly no" in script
+    assert "volumeClaimTemplates" not in redis["spec"]
+    kvstore_env = _env(_pod(BY_KIND["Deployment"]["scalellm-kvstore"])["spec"]["containers"][0])
+    assert kvstore_env["SCALELLM_REDIS_URL"] == f"redis://{redis['spec']['serviceName']}:6379/0"
