@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypedDict
 
 from tqdm import tqdm
@@ -21,6 +21,8 @@ from scalellm.engine.engine import LLMEngine
 from scalellm.engine.request import Request
 from scalellm.models.prepare import resolve_model_dir
 from scalellm.text import Tokenizer
+from scalellm.text.detokenizer import IncrementalDetokenizer
+from scalellm.text.stop import StopStringMatcher
 from scalellm.types import FinishReason, SamplingParams, TokenLogprobs
 
 
@@ -70,7 +72,8 @@ class LLM:
         use_tqdm: bool = False,
         priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt; results come back in the order of the prompts."""
+        """Generate for every prompt; results come back in the order of the prompts, each with
+        ``n`` choices (choice k of a seeded request samples with seed + k, as in vLLM)."""
         prompt_list = [prompts] if isinstance(prompts, str | dict) else list(prompts)
         params_list = _broadcast(sampling_params or SamplingParams(), len(prompt_list))
         priorities = list(priority) if priority is not None else [0] * len(prompt_list)
@@ -78,18 +81,52 @@ class LLM:
             raise ValueError("priority must have one entry per prompt")
 
         # Validate everything before queueing anything, so a bad prompt leaves the engine clean.
-        requests: list[tuple[str | None, Request]] = []
+        prompts_out: list[tuple[str | None, list[_Choice]]] = []
         for prompt, params, prio in zip(prompt_list, params_list, priorities, strict=True):
             text, ids = self._tokenize(prompt)
-            requests.append((text, self.engine.make_request(str(next(self._ids)), ids, params, prio)))
-        for _, req in requests:
-            self.engine.add(req)
+            choices = [self._choice(ids, params, k, prio) for k in range(params.n)]
+            prompts_out.append((text, choices))
+        by_id = {c.request.request_id: c for _, choices in prompts_out for c in choices}
+        for choice in by_id.values():
+            self.engine.add(choice.request)
 
-        bar = tqdm(total=len(requests), desc="generate", disable=not use_tqdm)
-        while self.engine.has_unfinished():
-            bar.update(sum(1 for e in self.engine.step() if e.finished))
+        bar = tqdm(total=len(prompts_out), desc="generate", disable=not use_tqdm)
+        pending = set(by_id)
+        while pending:
+            events = self.engine.step()
+            for event in events:
+                choice = by_id[event.request_id]
+                if event.token_id is not None and choice.stops is not None:
+                    self._match_stop(choice, event.token_id)
+                if event.finished:  # a stop-string match's abort reports in the next step
+                    pending.discard(event.request_id)
+            if not events and not self.engine.has_unfinished():
+                raise RuntimeError(f"the engine finished without reporting {sorted(pending)}")
+            bar.update(sum(1 for _, cs in prompts_out if all(c.done(pending) for c in cs)) - bar.n)
         bar.close()
-        return [self._output(text, req) for text, req in requests]
+        return [self._output(text, choices) for text, choices in prompts_out]
+
+    def _choice(self, ids: list[int], params: SamplingParams, k: int, priority: int) -> _Choice:
+        """One engine request per choice: stop strings stay here (the engine knows tokens only)."""
+        seed = params.seed if params.seed is None or k == 0 else (params.seed + k) % 2**63
+        engine_params = replace(params, n=1, stop=(), seed=seed)
+        req = self.engine.make_request(str(next(self._ids)), ids, engine_params, priority)
+        stops = None
+        if params.stop:
+            stops = _StopWatch(
+                StopStringMatcher(params.stop, include_stop=params.include_stop_str_in_output),
+                IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, prompt_ids=ids),
+            )
+        return _Choice(k, req, stops)
+
+    def _match_stop(self, choice: _Choice, token_id: int) -> None:
+        """Feed one token's text to the choice's stop strings; on a match, end the request here."""
+        assert choice.stops is not None
+        safe, matched = choice.stops.matcher.add(choice.stops.detokenizer.add(token_id))
+        choice.stops.text += safe
+        if matched is not None and not choice.stop_matched:
+            choice.stop_matched = True
+            self.engine.abort_request(choice.request.request_id)  # None if this was its last token
 
     def chat(
         self, messages: list[dict[str, str]], sampling_params: SamplingParams | None = None
@@ -106,19 +143,52 @@ class LLM:
             return None, list(prompt["prompt_token_ids"])
         raise ValueError("each prompt must be a string or {'prompt_token_ids': [...]}")
 
-    def _output(self, prompt: str | None, req: Request) -> RequestOutput:
+    def _output(self, prompt: str | None, choices: list[_Choice]) -> RequestOutput:
+        first = choices[0].request
+        return RequestOutput(
+            first.request_id,
+            prompt,
+            first.prompt_token_ids,
+            [self._completion(c) for c in choices],
+            first.num_cached_tokens,
+        )
+
+    def _completion(self, choice: _Choice) -> CompletionOutput:
+        req = choice.request
         params = req.sampling_params
-        ids = req.output_token_ids
-        completion = CompletionOutput(
-            index=0,
-            text=self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens),
+        ids = list(req.output_token_ids)
+        if choice.stop_matched and choice.stops is not None:
+            text, reason = choice.stops.text, FinishReason.STOP
+        else:
+            text = self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
+            reason = req.status.finish_reason
+        return CompletionOutput(
+            index=choice.index,
+            text=text,
             token_ids=ids,
-            finish_reason=req.status.finish_reason,
+            finish_reason=reason,
             logprobs=list(req.logprobs) if params.logprobs is not None else None,
         )
-        return RequestOutput(
-            req.request_id, prompt, req.prompt_token_ids, [completion], req.num_cached_tokens
-        )
+
+
+@dataclass
+class _StopWatch:
+    """A choice's text so far, cut where a stop string ends it."""
+
+    matcher: StopStringMatcher
+    detokenizer: IncrementalDetokenizer
+    text: str = ""
+
+
+@dataclass
+class _Choice:
+    index: int
+    request: Request
+    stops: _StopWatch | None
+    stop_matched: bool = False
+
+    def done(self, pending: set[str]) -> bool:
+        return self.request.request_id not in pending
 
 
 def _broadcast(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[SamplingParams]:

@@ -12,10 +12,11 @@ where it cannot be built.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -25,7 +26,6 @@ from scalellm.engine.attention import AttentionMetadata
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
-STALE_LOCK_S = 600.0
 
 
 @functools.cache
@@ -35,31 +35,39 @@ def available() -> bool:
         from torch.utils.cpp_extension import load
 
         name = f"scalellm_cpu_{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]}"
-        _drop_stale_lock(name)
-        load(
-            name=name,
-            sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
+        with build_turn(name):
+            load(
+                name=name,
+                sources=[str(SOURCE)],
+                extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"],
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+                verbose=False,
+            )
         return hasattr(torch.ops.scalellm_cpu, "paged_decode")
     except Exception as exc:  # no compiler, no ninja, an unusual platform: the torch path works
         log.warning("CPU paged-attention kernel unavailable (%s); using torch SDPA with a gather", exc)
         return False
 
 
-def _drop_stale_lock(name: str) -> None:
-    """torch's builder waits without limit on the lock file of a build that was killed midway;
-    a lock older than any real build is such a leftover."""
+@contextlib.contextmanager
+def build_turn(name: str) -> Iterator[None]:
+    """Builders of one kernel take turns under an flock, which the OS drops when its holder dies.
+
+    torch's builder guards its folder with a plain ``lock`` file and waits for it without limit,
+    so a build killed midway (a timeout, Ctrl-C) left every later engine start hanging. Whoever
+    holds our flock is the only builder of ours, so a ``lock`` file found then is such a leftover.
+    """
     from torch.utils.cpp_extension import _get_build_directory
 
-    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
-    with contextlib.suppress(OSError):
-        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-            lock.unlink()
-            log.warning("removed a stale build lock %s", lock)
+    folder = Path(_get_build_directory(name, verbose=False))
+    with open(folder.parent / f"{name}.flock", "w") as turn:
+        fcntl.flock(turn, fcntl.LOCK_EX)
+        stale = folder / "lock"
+        if stale.exists():
+            stale.unlink()
+            log.warning("removed %s, left by a build that was killed midway", stale)
+        yield
 
 
 class CpuPagedDecode:

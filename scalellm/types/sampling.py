@@ -48,7 +48,8 @@ class SamplingParams:
     logprobs: how many top logprobs to return per generated token (None: none; 0: only the
         sampled token's).
     skip_special_tokens: leave special tokens out of the text.
-    stop: strings that end the output (applied to the text by the gateway; duplicates dropped).
+    stop: strings that end the output (applied to the text by the gateway and the offline LLM;
+        duplicates dropped).
     include_stop_str_in_output: keep the matched stop string at the end of the text.
     """
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,42 @@ def test_max_tokens_is_capped_by_the_context(llm: LLM) -> None:
         {"prompt_token_ids": [5] * 1020}, SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
     )
     assert len(out[0].outputs[0].token_ids) == 4 and out[0].outputs[0].finish_reason == "length"
+
+
+def test_stop_strings_cut_the_text_and_end_the_request(llm: LLM) -> None:
+    prompt, greedy = (
+        "The capital of France is",
+        SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
+    )
+    full = llm.generate(prompt, greedy)[0].outputs[0]
+    words = full.text.split()
+    stop = words[len(words) // 2]  # a word in the middle of what the model says
+    cut = full.text.index(stop)
+    out = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=[stop]))
+    kept = llm.generate(
+        prompt,
+        SamplingParams(
+            temperature=0.0, max_tokens=24, ignore_eos=True, stop=stop, include_stop_str_in_output=True
+        ),
+    )
+    for choice, text in (
+        (out[0].outputs[0], full.text[:cut]),
+        (kept[0].outputs[0], full.text[: cut + len(stop)]),
+    ):
+        assert choice.text == text and choice.finish_reason == "stop"
+        ids = choice.token_ids  # generation ended at the token that completed the stop string
+        assert ids == full.token_ids[: len(ids)] and len(ids) < len(full.token_ids)
+        assert stop in llm.tokenizer.decode(ids) and stop not in llm.tokenizer.decode(ids[:-1])
+    stats = llm.engine.stats()
+    assert not llm.engine.has_unfinished() and stats.num_running == stats.num_waiting == 0
+
+
+def test_n_choices_sample_with_seed_plus_k(llm: LLM) -> None:
+    params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=12, ignore_eos=True)
+    (out,) = llm.generate("Once upon a time", params)
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    one = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
+    # The same batch of three, as three prompts seeded 7, 8, 9 (the same batch, so the same numerics)
+    alone = llm.generate(["Once upon a time"] * 3, [replace(one, seed=7 + k) for k in range(3)])
+    assert [c.token_ids for c in out.outputs] == [a.outputs[0].token_ids for a in alone]
+    assert len({tuple(c.token_ids) for c in out.outputs}) == 3
