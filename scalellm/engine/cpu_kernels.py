@@ -5,7 +5,8 @@ blocks into a padded copy every layer (attention.TorchSDPA), which moves the who
 times (read, write, read again) where a kernel that follows the block table reads it once.
 ``csrc/paged_decode.cpp`` is that kernel; this module compiles it on first use with
 ``torch.utils.cpp_extension.load`` (g++ and ninja, cached under torch's extensions folder by a
-hash of the source, so a machine builds it once) and falls back to TorchSDPA, with a warning,
+hash of the source, the flags and the CPU, so a machine builds it once) and falls back to
+TorchSDPA, with a warning,
 where it cannot be built.
 """
 
@@ -16,6 +17,7 @@ import fcntl
 import functools
 import hashlib
 import logging
+import platform
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from scalellm.engine.attention import AttentionMetadata
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only")
 
 
 @functools.cache
@@ -34,12 +37,12 @@ def available() -> bool:
     try:
         from torch.utils.cpp_extension import load
 
-        name = f"scalellm_cpu_{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]}"
+        name = f"scalellm_cpu_{_build_key()}"
         with build_turn(name):
             load(
                 name=name,
                 sources=[str(SOURCE)],
-                extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"],
+                extra_cflags=list(CFLAGS),
                 extra_ldflags=["-fopenmp"],
                 is_python_module=False,
                 verbose=False,
@@ -48,6 +51,23 @@ def available() -> bool:
     except Exception as exc:  # no compiler, no ninja, an unusual platform: the torch path works
         log.warning("CPU paged-attention kernel unavailable (%s); using torch SDPA with a gather", exc)
         return False
+
+
+def _build_key() -> str:
+    """Names the build by everything that shapes it: the source, the flags, torch, and the CPU's
+    instruction sets (-march=native). torch rebuilds in place, and every other process waits,
+    whenever one name is asked for with another source or other flags."""
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest.update("\0".join((*CFLAGS, torch.__version__, _cpu_isa())).encode())
+    return digest.hexdigest()[:12]
+
+
+def _cpu_isa() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    return platform.processor()
 
 
 @contextlib.contextmanager
