@@ -8,14 +8,12 @@ import pytest
 
 from scalellm.types import SamplingParams
 from scalellm.v1 import common_pb2, gateway_pb2
-from services.gateway.body import parse_json_object
+from services.gateway.admission import Preprocessor, ServedModel
 from services.gateway.config import GatewayConfig
-from services.gateway.errors import ErrorKind, GatewayError
-from services.gateway.grpc_convert import spec_from_proto
-from services.gateway.model import ServedModel
+from services.gateway.openai_convert import parse_json_object
 from services.gateway.openai_parse import Api, parse_chat, parse_completion
-from services.gateway.preprocess import Preprocessor
-from services.gateway.request import ChatMessage, PromptKind
+from services.gateway.request import ChatMessage, ErrorKind, GatewayError, PromptKind
+from services.gateway.server import spec_from_proto
 
 
 def bad(fn, *args) -> GatewayError:  # type: ignore[no-untyped-def]
