@@ -178,3 +178,42 @@ class GatewayError(Exception):
 def invalid(message: str, param: str | None = None, code: str | None = None) -> GatewayError:
     """A 400 / INVALID_ARGUMENT naming the offending parameter."""
     return GatewayError(ErrorKind.INVALID, message, param=param, code=code)
+
+
+_RETRYABLE = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE})
+
+
+class WorkerFailure(Exception):
+    """One request failed on a decode worker: the status the worker sent for it, or the one that
+    stands for what befell it on the gateway's side (its Session stream broke: UNAVAILABLE; its
+    deadline passed: DEADLINE_EXCEEDED; the gateway cancelled it: CANCELLED).
+
+    SessionCall.read() raises it; streaming retries it elsewhere while nothing was sent (retryable)
+    or turns it into the GatewayError the client gets (to_gateway_error), which each front end
+    then reports as an HTTP status or a gRPC status.
+    """
+
+    def __init__(self, status: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{status.name}: {details}")
+        self.status = status
+        self.details = details
+
+    @property
+    def retryable(self) -> bool:
+        """No KV room (RESOURCE_EXHAUSTED) or draining, gone (UNAVAILABLE): another worker may
+        take the request."""
+        return self.status in _RETRYABLE
+
+    def to_gateway_error(self, worker_id: str) -> GatewayError:
+        """The failure as the gateway reports it to its client."""
+        status = self.status
+        detail = f"decode worker {worker_id}: {status.name}: {self.details}"
+        if status is grpc.StatusCode.INVALID_ARGUMENT:
+            return GatewayError(ErrorKind.INVALID, self.details or detail)
+        if status is grpc.StatusCode.DEADLINE_EXCEEDED:
+            return GatewayError(ErrorKind.TIMEOUT, "the request ran past its deadline", code="timeout")
+        if status is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return GatewayError(ErrorKind.OVERLOADED, f"no decode worker has KV room ({detail})")
+        if status is grpc.StatusCode.UNAVAILABLE:
+            return GatewayError(ErrorKind.UNAVAILABLE, detail)
+        return GatewayError(ErrorKind.INTERNAL, detail)

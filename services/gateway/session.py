@@ -10,10 +10,9 @@ once per request per engine step, and every new request a new call for the worke
 of ms under load). On a session an engine step arrives as one message, and a request starts with
 one message on an open stream.
 
-A SessionCall behaves like the grpc.aio call it replaces: read() returns each GenerateResponse and
-then None, failures raise grpc.aio.AioRpcError with the worker's status code (so routing
-retries and error mapping stay the same), the deadline ends it with DEADLINE_EXCEEDED, and
-cancel() stops the request on the worker. If the stream breaks (the worker died or stopped), every
+A SessionCall reads like a unary-stream call: read() returns each GenerateResponse and then
+None; a failure raises WorkerFailure (services/gateway/request.py) with the worker's status code,
+the deadline ends it with DEADLINE_EXCEEDED, and cancel() stops the request on the worker. If the stream breaks (the worker died or stopped), every
 request on it fails with UNAVAILABLE and the next request opens a new stream. Streams and channels
 of workers that left are closed when the worker set changes.
 """
@@ -29,6 +28,7 @@ import grpc
 
 from scalellm.security import MeshSecurity
 from scalellm.v1 import worker_pb2, worker_pb2_grpc
+from services.gateway.request import WorkerFailure
 
 # Fast reconnects after a worker restarts (re-resolving its name within a second: a restarted
 # container may keep its hostname and change its IP); pings keep idle HTTP/2 connections warm.
@@ -92,11 +92,6 @@ class WorkerChannels:
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
-_EMPTY = grpc.aio.Metadata()
-
-
-def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(code, _EMPTY, _EMPTY, details)
 
 
 class SessionCall:
@@ -106,14 +101,14 @@ class SessionCall:
         self.request_id = request_id
         self._session = session
         self._messages: collections.deque[worker_pb2.GenerateResponse] = collections.deque()
-        self._error: grpc.aio.AioRpcError | None = None
+        self._error: WorkerFailure | None = None
         self._ended = False  # the last message or an error came: nothing more will
         self._waiter: asyncio.Future[None] | None = None
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(max(deadline - time.perf_counter(), 0.0), self._expire)
 
     async def read(self) -> worker_pb2.GenerateResponse | None:
-        """The next message, or None after the last one; AioRpcError if the request failed."""
+        """The next message, or None after the last one; WorkerFailure if the request failed."""
         while not self._messages:
             if self._error is not None:
                 raise self._error
@@ -128,28 +123,28 @@ class SessionCall:
 
     def cancel(self) -> bool:
         """Stop the request on the worker unless it already ended; True if it was still running."""
-        return self._stop(rpc_error(grpc.StatusCode.CANCELLED, "cancelled by the gateway"))
+        return self._stop(WorkerFailure(grpc.StatusCode.CANCELLED, "cancelled by the gateway"))
 
     def _deliver(self, update: worker_pb2.SessionUpdate) -> None:
         if self._ended:
             return
         if update.error_code:
-            code = _CODES.get(update.error_code, grpc.StatusCode.UNKNOWN)
-            self._end(rpc_error(code, update.error_message))
+            status = _CODES.get(update.error_code, grpc.StatusCode.UNKNOWN)
+            self._end(WorkerFailure(status, update.error_message))
             return
         self._messages.append(update.response)
         if update.response.finish_reason:
             self._end(None)
         self._wake()
 
-    def _fail(self, error: grpc.aio.AioRpcError) -> None:
+    def _fail(self, error: WorkerFailure) -> None:
         if not self._ended:
             self._end(error)
 
     def _expire(self) -> None:
-        self._stop(rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"))
+        self._stop(WorkerFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"))
 
-    def _stop(self, error: grpc.aio.AioRpcError) -> bool:
+    def _stop(self, error: WorkerFailure) -> bool:
         """End the request here with error and on the worker, unless it already ended."""
         if self._ended:
             return False
@@ -157,7 +152,7 @@ class SessionCall:
         self._session.cancel(self.request_id)
         return True
 
-    def _end(self, error: grpc.aio.AioRpcError | None) -> None:
+    def _end(self, error: WorkerFailure | None) -> None:
         self._ended = True
         self._error = error
         self._timer.cancel()
@@ -217,7 +212,7 @@ class WorkerSession:
             yield message
 
     async def _read(self) -> None:
-        error = rpc_error(grpc.StatusCode.UNAVAILABLE, f"decode worker {self.address} ended the session")
+        error = WorkerFailure(grpc.StatusCode.UNAVAILABLE, f"decode worker {self.address} ended the session")
         try:
             while (response := await self._stream.read()) is not grpc.aio.EOF:
                 for update in response.updates:
@@ -225,7 +220,7 @@ class WorkerSession:
                     if call is not None:
                         call._deliver(update)
         except grpc.aio.AioRpcError as exc:
-            error = rpc_error(
+            error = WorkerFailure(
                 exc.code() if exc.code() is not grpc.StatusCode.CANCELLED else grpc.StatusCode.UNAVAILABLE,
                 f"decode worker {self.address}: {exc.details()}",
             )

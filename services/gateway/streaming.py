@@ -25,8 +25,6 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-import grpc
-
 from scalellm.text import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 from scalellm.types import FinishReason, Timings, Usage
 from scalellm.types.proto import (
@@ -36,15 +34,12 @@ from scalellm.types.proto import (
     timings_from_proto,
 )
 from scalellm.v1 import common_pb2, worker_pb2
-from services.gateway.request import ChoiceUpdate, ErrorKind, GatewayError, GenerationRequest
+from services.gateway.request import ChoiceUpdate, ErrorKind, GatewayError, GenerationRequest, WorkerFailure
 from services.gateway.routing import RouteLease, Router
 from services.gateway.session import SessionCall, WorkerChannels
 
 if TYPE_CHECKING:
     from services.gateway.core import GatewayMetrics
-
-
-_RETRYABLE = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE})
 
 
 class Dispatcher:
@@ -95,13 +90,13 @@ class Dispatcher:
             call = self.channels.session(route.decode.address).start(message, deadline)
             try:
                 first = await call.read()
-            except grpc.aio.AioRpcError as exc:
+            except WorkerFailure as exc:
                 lease.release()
-                if exc.code() not in _RETRYABLE:
-                    raise worker_error(exc, route.decode.worker_id) from exc
-                self.metrics.retries.labels(exc.code().name).inc()
+                if not exc.retryable:
+                    raise exc.to_gateway_error(route.decode.worker_id) from exc
+                self.metrics.retries.labels(exc.status.name).inc()
                 tried.append(route.decode.worker_id)
-                last = worker_error(exc, route.decode.worker_id)
+                last = exc.to_gateway_error(route.decode.worker_id)
                 continue
             except BaseException:  # cancelled while waiting: the worker must stop too
                 call.cancel()
@@ -126,21 +121,6 @@ class Dispatcher:
 
 
 # ---- one choice ----------------------------------------------------------------------------------
-
-
-def worker_error(exc: grpc.aio.AioRpcError, worker_id: str) -> GatewayError:
-    """A decode worker's failure as the gateway reports it."""
-    code = exc.code()
-    detail = f"decode worker {worker_id}: {code.name}: {exc.details()}"
-    if code is grpc.StatusCode.INVALID_ARGUMENT:
-        return GatewayError(ErrorKind.INVALID, exc.details() or detail)
-    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        return GatewayError(ErrorKind.TIMEOUT, "the request ran past its deadline", code="timeout")
-    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return GatewayError(ErrorKind.OVERLOADED, f"no decode worker has KV room ({detail})")
-    if code is grpc.StatusCode.UNAVAILABLE:
-        return GatewayError(ErrorKind.UNAVAILABLE, detail)
-    return GatewayError(ErrorKind.INTERNAL, detail)
 
 
 class ChoiceStream:
@@ -195,8 +175,8 @@ class ChoiceStream:
                 if msg is None:
                     try:
                         msg = await self._call.read()
-                    except grpc.aio.AioRpcError as exc:
-                        raise worker_error(exc, self.worker_id) from exc
+                    except WorkerFailure as exc:
+                        raise exc.to_gateway_error(self.worker_id) from exc
                     if msg is None:
                         raise GatewayError(ErrorKind.INTERNAL, f"decode worker {self.worker_id} ended early")
                     self.last_at = time.perf_counter()
