@@ -315,7 +315,8 @@ async def test_sigterm_drains_the_gateway(worker: Service, engine: LLM, tiny_cha
             name="gateway",
         )  # fmt: skip
         http = f"http://{gw.address}"
-        grpc_address = next(line for line in gw.output if line.startswith("READY ")).split("grpc=")[1]
+        assert gw.ready is not None
+        grpc_address = gw.ready.fields["grpc"]
         body = {
             "model": tiny_chat_model.name,
             "prompt": PROMPT,
