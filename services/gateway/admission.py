@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import hashlib
-import json
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -34,6 +33,7 @@ from pathlib import Path
 
 from tokenizers import decoders
 
+from scalellm.models.config import ModelConfig
 from scalellm.security import check_private
 from scalellm.text import ChatTemplateError, Tokenizer
 from services.gateway.config import GatewayConfig
@@ -120,10 +120,6 @@ def _digest(key: str) -> bytes:
 # ---- the served model ----------------------------------------------------------------------------
 
 
-# Used when config.json names no context length.
-_DEFAULT_CONTEXT = 2048
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TokenLimits:
     """Token bounds checked before any worker is touched."""
@@ -142,13 +138,16 @@ class TokenLimits:
 
 
 class ServedModel:
-    """The served model: its tokenizer, public name, context length and token limits."""
+    """The served model: its tokenizer, public name, context length and token limits.
+
+    The context length is the one the workers' engines take from the same config.json, through the
+    same torch-free ModelConfig (a folder the workers could not load is refused here too)."""
 
     def __init__(self, path: Path, config: GatewayConfig) -> None:
         self.path = path
         self.tokenizer = Tokenizer.from_dir(path)
         self.name = config.served_model_name or path.name
-        self.context_length = _context_length(path)
+        self.context_length = ModelConfig.from_dir(path).context_length
         self.limits = TokenLimits.resolve(config, self.context_length)
         self.created = int(time.time())
         self.worker_model: str | None = (
@@ -198,18 +197,6 @@ def _unicode_to_byte() -> dict[str, int]:
             table[chr(256 + extra)] = b
             extra += 1
     return table
-
-
-def _context_length(path: Path) -> int:
-    try:
-        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return _DEFAULT_CONTEXT
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        value = raw.get(key)
-        if isinstance(value, int) and value > 0:
-            return value
-    return _DEFAULT_CONTEXT
 
 
 # ---- tokenize and check --------------------------------------------------------------------------
