@@ -94,10 +94,6 @@ class ApiKeys:
             raise ValueError(f"{path} holds no API keys")
         return cls(tenants)
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.tenants)
-
     def tenant(self, authorization: str | None) -> str:
         """The tenant of an ``Authorization: Bearer KEY`` value; KeyRefused if none."""
         if not self.tenants:
