@@ -12,9 +12,10 @@ one message on an open stream.
 
 A SessionCall reads like a unary-stream call: read() returns each GenerateResponse and then
 None; a failure raises WorkerFailure (services/gateway/request.py) with the worker's status code,
-the deadline ends it with DEADLINE_EXCEEDED, and cancel() stops the request on the worker. If the stream breaks (the worker died or stopped), every
-request on it fails with UNAVAILABLE and the next request opens a new stream. Streams and channels
-of workers that left are closed when the worker set changes.
+the deadline ends it with DEADLINE_EXCEEDED, and cancel() stops the request on the worker. If the
+stream breaks (the worker died or stopped), every request on it fails with UNAVAILABLE and the
+next request opens a new stream. Streams and channels of workers that left are closed when the
+worker set changes.
 """
 
 from __future__ import annotations
