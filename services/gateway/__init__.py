@@ -9,9 +9,11 @@
     admission     core.py            GatewayCore: keys, the in-flight bound, metrics, generate()
                   admission.py       API keys, the served model and its limits, tokenization
     routing       routing.py         where the workers are, which one a choice goes to
-    worker client session.py         one Session stream per decode worker, one request on it
+    worker client session.py         one channel and Session stream per decode worker, one request
+                                     on it (SessionCall)
     streaming     streaming.py       open each choice (retrying), detokenize, stop strings, merge n
-    shared        request.py         GenerationSpec / GenerationRequest / ChoiceUpdate, GatewayError
+    shared        request.py         GenerationSpec, GenerationRequest, ChoiceUpdate; GatewayError (to
+                                     clients), WorkerFailure (from a decode worker)
                   config.py          GatewayConfig (flags, SCALELLM_GATEWAY_* environment)
 
 A chat request: http_app -> openai_parse -> core -> admission -> streaming -> session (the decode
