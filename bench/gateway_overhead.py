@@ -63,6 +63,7 @@ import grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scalellm.lifecycle import ReadyLine  # noqa: E402
 from scalellm.security import SecurityConfig  # noqa: E402
 from scalellm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, worker_pb2, worker_pb2_grpc  # noqa: E402
 from services.gateway.session import WorkerSession  # noqa: E402
@@ -89,7 +90,9 @@ def tiny_model(demo: Path) -> Path:
     return target
 
 
-def start(module: str, args: list[str], cpus: set[int] | None = None) -> tuple[subprocess.Popen[str], str]:
+def start(
+    module: str, args: list[str], cpus: set[int] | None = None
+) -> tuple[subprocess.Popen[str], ReadyLine]:
     """Run `python -m module args` (on cpus only, if given); return the process and its READY line."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
@@ -103,8 +106,8 @@ def start(module: str, args: list[str], cpus: set[int] | None = None) -> tuple[s
     )
     assert proc.stdout is not None
     for line in proc.stdout:
-        if line.startswith("READY "):
-            return proc, line.strip()
+        if (ready := ReadyLine.parse(line)) is not None:
+            return proc, ready
     raise RuntimeError(f"{module} exited before it was ready")
 
 
@@ -443,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     if client_cpus:
         os.sched_setaffinity(0, client_cpus)
     worker, ready = start("services.decode", worker_args, worker_cpus)
-    worker_address = ready.split()[1]
+    worker_address = ready.address
     http_port, grpc_port = free_port(), free_port()
     gateway_args = ["--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port)]
     gateway, _ = start(

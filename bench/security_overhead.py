@@ -32,7 +32,7 @@ from scalellm.security import MeshSecurity, MeshToken
 from scalellm.transfer.auth import PairSession
 from scalellm.transfer.rendezvous import Control, ControlMessage
 from scalellm.worker.errors import ErrorInterceptor
-from services.gateway.auth import ApiKeys
+from services.gateway.admission import ApiKeys
 
 METHOD = "/bench.Echo/Unary"
 

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scalellm.lifecycle import ReadyLine
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -23,6 +25,8 @@ class Service:
     name: str
     proc: subprocess.Popen[str]
     address: str = ""
+    ready: ReadyLine | None = None
+    """Its READY line (address, and fields such as the gateway's grpc=)."""
     output: deque[str] = field(default_factory=lambda: deque(maxlen=200))
 
     def log(self) -> str:
@@ -99,8 +103,8 @@ def start_service(
         assert proc.stdout is not None
         for line in proc.stdout:
             svc.output.append(line.rstrip())
-            if line.startswith("READY ") and not ready.is_set():
-                svc.address = line.split()[1]
+            if not ready.is_set() and (parsed := ReadyLine.parse(line)) is not None:
+                svc.address, svc.ready = parsed.address, parsed
                 ready.set()
 
     threading.Thread(target=pump, daemon=True).start()

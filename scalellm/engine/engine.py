@@ -53,10 +53,7 @@ class LLMEngine:
         """Finished prefill-only requests whose blocks are held until release()."""
 
     def _max_model_len(self) -> int:
-        cfg = self.model_config
-        limit = cfg.max_position_embeddings
-        if cfg.sliding_window:
-            limit = min(limit, cfg.sliding_window)  # no sliding-window attention: stay inside it
+        limit = self.model_config.context_length  # within a sliding window: none is implemented
         if self.config.max_model_len is not None:
             if self.config.max_model_len > limit:
                 raise ValueError(f"max_model_len {self.config.max_model_len} exceeds the model's {limit}")

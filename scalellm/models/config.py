@@ -19,6 +19,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,15 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     torch_dtype: str
 
+    @property
+    def context_length(self) -> int:
+        """The longest sequence (prompt + output) the model serves: its position table, and no more
+        than its sliding window when it has one (nothing here implements sliding-window attention).
+        The engine's max_model_len and the gateway's token limits both start from it."""
+        if self.sliding_window:
+            return min(self.max_position_embeddings, self.sliding_window)
+        return self.max_position_embeddings
+
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelConfig:
         path = Path(model_dir) / "config.json"
@@ -73,6 +83,9 @@ class ModelConfig:
                 f"unsupported architecture {archs!r}; supported: {sorted(SUPPORTED_ARCHITECTURES)}"
             )
         family = SUPPORTED_ARCHITECTURES[arch]
+        missing = [key for key in _REQUIRED if key not in raw]
+        if missing:
+            raise ValueError(f"config.json lacks {', '.join(missing)}")
         num_heads = int(raw["num_attention_heads"])
         hidden = int(raw["hidden_size"])
         sliding = raw.get("sliding_window")

@@ -14,14 +14,12 @@ from typing import Any
 
 from aiohttp import web
 
-from services.gateway import sse
-from services.gateway.body import parse_json_object
-from services.gateway.core import GatewayCore
-from services.gateway.errors import ErrorKind, GatewayError
-from services.gateway.generation import Generation
-from services.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from services.gateway.openai_format import OpenAIFormatter
+from services.gateway.core import METRICS_CONTENT_TYPE, GatewayCore
+from services.gateway.openai_convert import parse_json_object
+from services.gateway.openai_format import SSE_CONTENT_TYPE, SSE_DONE, OpenAIFormatter, dumps, sse_event
 from services.gateway.openai_parse import Api, OpenAIRequest, parse_chat, parse_completion
+from services.gateway.request import ErrorKind, GatewayError
+from services.gateway.streaming import Generation
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +31,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def error_response(exc: GatewayError) -> web.Response:
     return web.Response(
-        body=sse.dumps(exc.to_openai()), status=exc.kind.http_status, content_type="application/json"
+        body=dumps(exc.to_openai()), status=exc.kind.http_status, content_type="application/json"
     )
 
 
@@ -112,7 +110,7 @@ class HttpApi:
                 async for update in generation.updates():
                     formatter.add(update)
                 return web.Response(
-                    body=sse.dumps(formatter.response()),
+                    body=dumps(formatter.response()),
                     content_type="application/json",
                     headers={REQUEST_ID_HEADER: generation.request.request_id},
                 )
@@ -127,7 +125,7 @@ class HttpApi:
     ) -> web.StreamResponse:
         response = web.StreamResponse(
             headers={
-                "Content-Type": sse.CONTENT_TYPE,
+                "Content-Type": SSE_CONTENT_TYPE,
                 "Cache-Control": "no-cache",
                 REQUEST_ID_HEADER: generation.request.request_id,
             }
@@ -147,11 +145,11 @@ class HttpApi:
                 else:
                     tail = event
             if call.include_usage:
-                tail += sse.event(formatter.usage_chunk())
+                tail += sse_event(formatter.usage_chunk())
         except GatewayError as exc:
             request["stream_error"] = exc
-            tail += sse.event(exc.to_openai())
-        await response.write_eof(tail + sse.DONE)
+            tail += sse_event(exc.to_openai())
+        await response.write_eof(tail + SSE_DONE)
         return response
 
     # -- the rest ----------------------------------------------------------------------------------
@@ -195,4 +193,4 @@ class HttpApi:
 
 
 def _dumps(obj: Any) -> str:
-    return sse.dumps(obj).decode("utf-8")
+    return dumps(obj).decode("utf-8")

@@ -1,20 +1,22 @@
-"""Gateway results in OpenAI's response shapes: streaming chunks and whole responses.
+"""Gateway results in OpenAI's response shapes: streaming chunks and whole responses, and the
+server-sent events that carry them (``data: <json>\\n\\n`` per chunk, ``data: [DONE]`` last).
 
 One OpenAIFormatter per request keeps the per-choice state (chat role sent, text offsets, and for
 non-streaming answers the accumulated text). Timings go on each choice's final chunk (or on the
-choice of a whole response) as ``"timings"`` when the client opted in.
+choice of a whole response) as ``"timings"`` when the client opted in. JSON is encoded once per
+chunk, compactly, with non-ASCII text kept as UTF-8.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from json.encoder import encode_basestring
 from typing import Any
 
 from scalellm.types import TokenLogprobs, Usage
-from services.gateway import sse
-from services.gateway.model import ServedModel
+from services.gateway.admission import ServedModel
 from services.gateway.openai_convert import (
     chat_logprobs_to_openai,
     completion_logprobs_to_openai,
@@ -23,8 +25,7 @@ from services.gateway.openai_convert import (
     usage_to_openai,
 )
 from services.gateway.openai_parse import Api, OpenAIRequest
-from services.gateway.request import GenerationRequest
-from services.gateway.results import ChoiceUpdate
+from services.gateway.request import ChoiceUpdate, GenerationRequest
 
 
 class _Choice:
@@ -108,7 +109,7 @@ class OpenAIFormatter:
             if around is not None:
                 return around[0] + encode_basestring(update.text).encode("utf-8") + around[1]
         chunk = self.chunk(update)
-        return None if chunk is None else sse.event(chunk)
+        return None if chunk is None else sse_event(chunk)
 
     def _text_event(self, index: int) -> tuple[bytes, bytes] | None:
         """The bytes before and after the text in a mid-stream text-only event of choice index."""
@@ -121,7 +122,7 @@ class OpenAIFormatter:
                 choice["text"] = marker
             choice["logprobs"] = None
             choice["finish_reason"] = None
-            encoded, quoted = sse.event(self._envelope([choice])), encode_basestring(marker).encode()
+            encoded, quoted = sse_event(self._envelope([choice])), encode_basestring(marker).encode()
             before, _, after = encoded.partition(quoted)
             self._text_events[index] = (before, after) if encoded.count(quoted) == 1 else None
         return self._text_events[index]
@@ -198,3 +199,33 @@ def _merge_completion_logprobs(blocks: list[dict[str, list[Any]]]) -> dict[str, 
         for key, values in block.items():
             merged[key].extend(values)
     return merged
+
+
+# ---- server-sent events --------------------------------------------------------------------------
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+SSE_CONTENT_TYPE = "text/event-stream"
+
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact UTF-8 JSON (also for non-streaming bodies)."""
+    return _encode(obj).encode("utf-8")
+
+
+def sse_event(obj: Any) -> bytes:
+    """One SSE event carrying obj as JSON."""
+    return b"data: " + dumps(obj) + b"\n\n"
+
+
+def parse_events(raw: bytes) -> list[Any]:
+    """Decode a whole SSE body back into its objects ("[DONE]" stays a string); for tests and tools."""
+    out: list[Any] = []
+    for block in raw.decode("utf-8").split("\n\n"):
+        if not block.strip():
+            continue
+        data = "\n".join(line[5:].lstrip(" ") for line in block.split("\n") if line.startswith("data:"))
+        out.append(data if data == "[DONE]" else json.loads(data))
+    return out

@@ -1,13 +1,28 @@
-"""The gateway's typed requests: what the HTTP and gRPC front ends parse into, before and after
-tokenization. Front ends build a GenerationSpec; Preprocessor turns it into a GenerationRequest.
-How to generate is the shared SamplingParams (scalellm.types), n and stop strings included."""
+"""What a request is to the gateway, what it yields, and how it fails.
+
+    GenerationSpec     what a front end parsed: prompt(s) and the shared SamplingParams
+    GenerationRequest  tokenized, limits checked, max_tokens resolved: ready for the workers
+    ChoiceUpdate       new output of one choice; the last one with finish reason, usage, timings
+    GatewayError       any failure reported to a client: its ErrorKind fixes the HTTP status,
+                       the OpenAI error type and the gRPC status code, for both front ends
+
+How to generate (n and stop strings included), finish reason, usage and timings are the shared
+types of scalellm.types.
+"""
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from scalellm.types import SamplingParams
+import grpc
+
+from scalellm.types import FinishReason, SamplingParams, Timings, TokenLogprobs, Usage
+
+# Roles the chat template is given; "developer" is OpenAI's newer name for "system".
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant"})
 
 
 class PromptKind(enum.Enum):
@@ -88,3 +103,117 @@ class GenerationRequest:
     def prompt_tokens(self) -> int:
         """Prompt tokens as OpenAI counts them: each prompt once, whatever n is."""
         return sum(len(p) for p in self.prompts)
+
+
+@dataclass(slots=True)
+class ChoiceUpdate:
+    """New output of one choice: one per decode message, the last with finish, usage and timings."""
+
+    index: int
+    token_ids: Sequence[int]
+    text: str
+    logprobs: Sequence[TokenLogprobs] = ()
+    finish: FinishReason | None = None
+    stop_str: str | None = None
+    usage: Usage | None = None
+    timings: Timings | None = None
+
+
+# ---- errors --------------------------------------------------------------------------------------
+
+
+class ErrorKind(enum.Enum):
+    """(HTTP status, OpenAI error type, gRPC status code) of a kind of failure."""
+
+    INVALID = (400, "invalid_request_error", grpc.StatusCode.INVALID_ARGUMENT)
+    UNAUTHENTICATED = (401, "authentication_error", grpc.StatusCode.UNAUTHENTICATED)
+    NOT_FOUND = (404, "not_found_error", grpc.StatusCode.NOT_FOUND)
+    METHOD_NOT_ALLOWED = (405, "invalid_request_error", grpc.StatusCode.UNIMPLEMENTED)
+    TOO_LARGE = (413, "invalid_request_error", grpc.StatusCode.RESOURCE_EXHAUSTED)
+    OVERLOADED = (429, "rate_limit_error", grpc.StatusCode.RESOURCE_EXHAUSTED)
+    INTERNAL = (500, "server_error", grpc.StatusCode.INTERNAL)
+    UNAVAILABLE = (503, "service_unavailable", grpc.StatusCode.UNAVAILABLE)
+    TIMEOUT = (504, "timeout_error", grpc.StatusCode.DEADLINE_EXCEEDED)
+
+    @property
+    def http_status(self) -> int:
+        return self.value[0]
+
+    @property
+    def openai_type(self) -> str:
+        return self.value[1]
+
+    @property
+    def grpc_code(self) -> grpc.StatusCode:
+        return self.value[2]
+
+
+class GatewayError(Exception):
+    """A failure to report to the client: a kind, a message, and the offending parameter if any."""
+
+    def __init__(
+        self, kind: ErrorKind, message: str, *, param: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def to_openai(self) -> dict[str, Any]:
+        """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.kind.openai_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def __repr__(self) -> str:
+        return f"GatewayError({self.kind.name}, {self.message!r}, param={self.param!r})"
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> GatewayError:
+    """A 400 / INVALID_ARGUMENT naming the offending parameter."""
+    return GatewayError(ErrorKind.INVALID, message, param=param, code=code)
+
+
+_RETRYABLE = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE})
+
+
+class WorkerFailure(Exception):
+    """One request failed on a decode worker: the status the worker sent for it, or the one that
+    stands for what befell it on the gateway's side (its Session stream broke: UNAVAILABLE; its
+    deadline passed: DEADLINE_EXCEEDED; the gateway cancelled it: CANCELLED).
+
+    SessionCall.read() raises it; streaming retries it elsewhere while nothing was sent (retryable)
+    or turns it into the GatewayError the client gets (to_gateway_error), which each front end
+    then reports as an HTTP status or a gRPC status.
+    """
+
+    def __init__(self, status: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{status.name}: {details}")
+        self.status = status
+        self.details = details
+
+    @property
+    def retryable(self) -> bool:
+        """No KV room (RESOURCE_EXHAUSTED) or draining, gone (UNAVAILABLE): another worker may
+        take the request."""
+        return self.status in _RETRYABLE
+
+    def to_gateway_error(self, worker_id: str) -> GatewayError:
+        """The failure as the gateway reports it to its client."""
+        status = self.status
+        detail = f"decode worker {worker_id}: {status.name}: {self.details}"
+        if status is grpc.StatusCode.INVALID_ARGUMENT:
+            return GatewayError(ErrorKind.INVALID, self.details or detail)
+        if status is grpc.StatusCode.DEADLINE_EXCEEDED:
+            return GatewayError(ErrorKind.TIMEOUT, "the request ran past its deadline", code="timeout")
+        if status is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return GatewayError(ErrorKind.OVERLOADED, f"no decode worker has KV room ({detail})")
+        if status is grpc.StatusCode.UNAVAILABLE:
+            return GatewayError(ErrorKind.UNAVAILABLE, detail)
+        return GatewayError(ErrorKind.INTERNAL, detail)

@@ -1,10 +1,18 @@
-"""GatewayServer: the gRPC server (Gateway, health, reflection) and the HTTP app on one event loop."""
+"""GatewayServer: the gRPC server (the Gateway front end, health, reflection) and the HTTP app
+(http_app) on one event loop; SIGTERM drains.
+
+The gRPC front end is GatewayServicer, a thin layer over GatewayCore (the same checks, limits and
+routing as HTTP), with the conversions between the Gateway's messages and the gateway's typed
+requests and results (the shared types go through scalellm.types.proto, as on the workers).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import grpc
 from aiohttp import web
@@ -14,14 +22,30 @@ from grpc_reflection.v1alpha import reflection
 from scalellm.lifecycle import ReadyLine, cancel_and_wait, wait_for_stop_signal
 from scalellm.models.prepare import resolve_model_dir
 from scalellm.registry import RegistryClient, WorkerView
+from scalellm.types import InvalidParameter
+from scalellm.types.proto import (
+    finish_reason_to_proto,
+    logprobs_to_proto,
+    sampling_from_proto,
+    timings_to_proto,
+    usage_to_proto,
+)
 from scalellm.v1 import gateway_pb2, gateway_pb2_grpc
-from services.gateway.auth import ApiKeys
+from services.gateway.admission import ApiKeys, ServedModel
 from services.gateway.config import GatewayConfig
 from services.gateway.core import GatewayCore
 from services.gateway.http_app import HttpApi
-from services.gateway.model import ServedModel
-from services.gateway.servicer import GatewayServicer
-from services.gateway.workers import RegistryWorkers, StaticWorkers, WorkerSource
+from services.gateway.request import (
+    CHAT_ROLES,
+    ChatMessage,
+    ChoiceUpdate,
+    GatewayError,
+    GenerationSpec,
+    Prompt,
+    PromptKind,
+    invalid,
+)
+from services.gateway.routing import RegistryWorkers, StaticWorkers, WorkerSource
 
 log = logging.getLogger(__name__)
 
@@ -161,3 +185,151 @@ async def serve(config: GatewayConfig) -> None:
         log.info("gateway shutting down (grace %.1f s)", config.grace_s)
     finally:
         await server.stop()
+
+
+# ---- the gRPC front end --------------------------------------------------------------------------
+
+
+def _authorization(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return value if isinstance(value, str) else value.decode("latin-1")
+    return None
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    """scalellm.v1.Gateway over a GatewayCore."""
+
+    def __init__(self, core: GatewayCore) -> None:
+        self.core = core
+
+    async def Generate(
+        self, request: gateway_pb2.GatewayGenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.GatewayGenerateResponse]:
+        core = self.core
+        error: BaseException | None = None
+        try:
+            tenant = core.authenticate(_authorization(context))
+            with core.scope("grpc_generate") as scope:
+                spec = spec_from_proto(request)
+                generation = await core.generate(spec, tenant, scope.received_at, context.time_remaining())
+                reason = "client"  # why choices still running at the end are cancelled
+                try:
+                    request_id = generation.request.request_id
+                    async for update in generation.updates():
+                        yield update_to_proto(update, request_id)
+                except GatewayError:
+                    reason = "error"
+                    raise
+                finally:
+                    await generation.close(reason)
+        except GatewayError as exc:
+            error = exc
+            await context.abort(exc.kind.grpc_code, exc.message)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            core.record("grpc_generate", error)
+
+    async def Tokenize(
+        self, request: gateway_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.TokenizeResponse:
+        core, error = self.core, None
+        try:
+            core.authenticate(_authorization(context))
+            core.preprocessor.check_model(request.model or None)
+            (ids,) = await core.preprocessor.tokenize(prompt_from_proto(request))
+            return gateway_pb2.TokenizeResponse(
+                token_ids=ids, max_total_tokens=core.model.limits.max_total_tokens
+            )
+        except GatewayError as exc:
+            error = exc
+            await context.abort(exc.kind.grpc_code, exc.message)
+            raise  # unreachable: abort raises
+        finally:
+            core.record("grpc_tokenize", error)
+
+    async def ListModels(
+        self, request: gateway_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ListModelsResponse:
+        try:
+            self.core.authenticate(_authorization(context))
+        except GatewayError as exc:
+            self.core.record("grpc_models", exc)
+            await context.abort(exc.kind.grpc_code, exc.message)
+        model = self.core.model
+        card = gateway_pb2.ModelCard(
+            id=model.name,
+            created=model.created,
+            owned_by="scalellm",
+            max_total_tokens=model.limits.max_total_tokens,
+        )
+        self.core.record("grpc_models", None)
+        return gateway_pb2.ListModelsResponse(models=[card])
+
+
+# ---- its messages --------------------------------------------------------------------------------
+
+
+def _messages(chat: gateway_pb2.ChatMessages, param: str) -> tuple[ChatMessage, ...]:
+    if not chat.messages:
+        raise invalid(f"'{param}.messages' must hold at least one message", param)
+    out = []
+    for i, m in enumerate(chat.messages):
+        if m.role not in CHAT_ROLES:
+            raise invalid(
+                f"'{param}.messages[{i}].role' must be one of {sorted(CHAT_ROLES)}, got {m.role!r}", param
+            )
+        out.append(ChatMessage("system" if m.role == "developer" else m.role, m.content, m.name or None))
+    return tuple(out)
+
+
+def prompt_from_proto(msg: gateway_pb2.GatewayGenerateRequest | gateway_pb2.TokenizeRequest) -> Prompt:
+    """The oneof `prompt`; INVALID_ARGUMENT when none is set."""
+    which = msg.WhichOneof("prompt")
+    if which == "text":
+        return Prompt(PromptKind.TEXT, "text", texts=(msg.text,))
+    if which == "token_ids" and isinstance(msg, gateway_pb2.GatewayGenerateRequest):
+        return Prompt(PromptKind.TOKENS, "token_ids", token_ids=(tuple(msg.token_ids.ids),))
+    if which == "chat":
+        return Prompt(PromptKind.CHAT, "chat", messages=_messages(msg.chat, "chat"))
+    raise invalid("a prompt is required: set text, token_ids or chat", "prompt")
+
+
+_TOP_LEVEL = frozenset({"n", "stop", "include_stop_str_in_output", "skip_special_tokens"})
+"""SamplingParams fields that GatewayGenerateRequest holds itself, not in its `sampling`."""
+
+
+def spec_from_proto(msg: gateway_pb2.GatewayGenerateRequest) -> GenerationSpec:
+    """A Generate request as a GenerationSpec; INVALID_ARGUMENT naming the field otherwise."""
+    prompt = prompt_from_proto(msg)
+    try:
+        sampling = replace(
+            sampling_from_proto(msg.sampling),
+            n=msg.n or 1,
+            stop=tuple(msg.stop),
+            include_stop_str_in_output=msg.include_stop_str,
+            skip_special_tokens=not msg.keep_special_tokens,
+        )
+    except InvalidParameter as exc:
+        param = exc.field if exc.field in _TOP_LEVEL else f"sampling.{exc.field}"
+        raise invalid(exc.message_for(param), param) from None
+    return GenerationSpec(model=msg.model or None, prompt=prompt, sampling=sampling, priority=msg.priority)
+
+
+def update_to_proto(update: ChoiceUpdate, request_id: str) -> gateway_pb2.GatewayGenerateResponse:
+    """One choice update as a response message."""
+    out = gateway_pb2.GatewayGenerateResponse(
+        request_id=request_id, index=update.index, token_ids=update.token_ids, text=update.text
+    )
+    if update.logprobs:
+        out.logprobs.extend(logprobs_to_proto(lp) for lp in update.logprobs)
+    if update.finish is not None:
+        out.finish_reason = finish_reason_to_proto(update.finish)
+        out.stop_str = update.stop_str or ""
+        if update.usage is not None:
+            out.usage.CopyFrom(usage_to_proto(update.usage))
+        if update.timings is not None:
+            out.timings.CopyFrom(timings_to_proto(update.timings))
+    return out

@@ -1,5 +1,6 @@
-"""WorkerSession: the gateway's one DecodeWorker.Session stream to a decode worker, shared by every
-request routed there; SessionCall: one request on it, read like a unary-stream call.
+"""The gateway's clients of the decode workers: one long-lived grpc.aio channel per worker address
+(WorkerChannels) and on it one DecodeWorker.Session stream (WorkerSession), shared by every
+request routed there; SessionCall is one request on it, read like a unary-stream call.
 
     Dispatcher ── start(request) ──▶ WorkerSession ── SessionRequest ──▶ decode worker
     ChoiceStream ◀── read() ── SessionCall ◀── _read() sorts SessionUpdates ◀── SessionResponse
@@ -9,11 +10,12 @@ once per request per engine step, and every new request a new call for the worke
 of ms under load). On a session an engine step arrives as one message, and a request starts with
 one message on an open stream.
 
-A SessionCall behaves like the grpc.aio call it replaces: read() returns each GenerateResponse and
-then None, failures raise grpc.aio.AioRpcError with the worker's status code (so routing
-retries and error mapping stay the same), the deadline ends it with DEADLINE_EXCEEDED, and
-cancel() stops the request on the worker. If the stream breaks (the worker died or stopped), every
-request on it fails with UNAVAILABLE and the next request opens a new stream.
+A SessionCall reads like a unary-stream call: read() returns each GenerateResponse and then
+None; a failure raises WorkerFailure (services/gateway/request.py) with the worker's status code,
+the deadline ends it with DEADLINE_EXCEEDED, and cancel() stops the request on the worker. If the
+stream breaks (the worker died or stopped), every request on it fails with UNAVAILABLE and the
+next request opens a new stream. Streams and channels of workers that left are closed when the
+worker set changes.
 """
 
 from __future__ import annotations
@@ -21,18 +23,76 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 
 import grpc
 
+from scalellm.security import MeshSecurity
 from scalellm.v1 import worker_pb2, worker_pb2_grpc
+from services.gateway.request import WorkerFailure
+
+# Fast reconnects after a worker restarts (re-resolving its name within a second: a restarted
+# container may keep its hostname and change its IP); pings keep idle HTTP/2 connections warm.
+# Never set grpc.min_reconnect_backoff_ms: gRPC takes its minimum connect timeout from it (default
+# 20 s), and at 100 ms a worker slow to finish the handshake (loaded, far away) was unreachable.
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.dns_min_time_between_resolutions_ms", 1000),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+)
+
+
+class WorkerChannels:
+    """Stubs of the decode workers by address; channels are created on first use, with the mesh
+    token and mesh TLS when ``security`` has them."""
+
+    def __init__(self, security: MeshSecurity | None = None) -> None:
+        self._security = security or MeshSecurity()
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[str, worker_pb2_grpc.DecodeWorkerStub] = {}
+        self._sessions: dict[str, WorkerSession] = {}
+
+    def decode_stub(self, address: str) -> worker_pb2_grpc.DecodeWorkerStub:
+        stub = self._stubs.get(address)
+        if stub is None:
+            channel = self._security.channel(address, CHANNEL_OPTIONS)
+            self._channels[address] = channel
+            stub = self._stubs[address] = worker_pb2_grpc.DecodeWorkerStub(channel)
+        return stub
+
+    def session(self, address: str) -> WorkerSession:
+        """The open Session stream to the decode worker at address (a new one if the last ended)."""
+        session = self._sessions.get(address)
+        if session is None or session.closed:
+            stub, metadata = self.decode_stub(address), self._security.metadata
+            session = self._sessions[address] = WorkerSession(stub, address, metadata)
+        return session
+
+    def prune(self, live: Collection[str]) -> None:
+        """Close channels to addresses no longer in live (calls on them finish or fail first)."""
+        for address in [a for a in self._channels if a not in live]:
+            self._stubs.pop(address, None)
+            session = self._sessions.pop(address, None)
+            if session is not None:
+                session.finish()  # its running requests finish, then the worker ends the stream
+            channel = self._channels.pop(address)
+            asyncio.get_running_loop().create_task(channel.close(grace=30.0))
+
+    async def close(self) -> None:
+        sessions, self._sessions = self._sessions, {}
+        await asyncio.gather(*(s.close() for s in sessions.values()), return_exceptions=True)
+        channels, self._channels, self._stubs = self._channels, {}, {}
+        await asyncio.gather(*(c.close() for c in channels.values()), return_exceptions=True)
+
+
+# ---- one Session stream --------------------------------------------------------------------------
+
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
-_EMPTY = grpc.aio.Metadata()
-
-
-def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(code, _EMPTY, _EMPTY, details)
 
 
 class SessionCall:
@@ -42,14 +102,14 @@ class SessionCall:
         self.request_id = request_id
         self._session = session
         self._messages: collections.deque[worker_pb2.GenerateResponse] = collections.deque()
-        self._error: grpc.aio.AioRpcError | None = None
+        self._error: WorkerFailure | None = None
         self._ended = False  # the last message or an error came: nothing more will
         self._waiter: asyncio.Future[None] | None = None
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(max(deadline - time.perf_counter(), 0.0), self._expire)
 
     async def read(self) -> worker_pb2.GenerateResponse | None:
-        """The next message, or None after the last one; AioRpcError if the request failed."""
+        """The next message, or None after the last one; WorkerFailure if the request failed."""
         while not self._messages:
             if self._error is not None:
                 raise self._error
@@ -64,28 +124,28 @@ class SessionCall:
 
     def cancel(self) -> bool:
         """Stop the request on the worker unless it already ended; True if it was still running."""
-        return self._stop(rpc_error(grpc.StatusCode.CANCELLED, "cancelled by the gateway"))
+        return self._stop(WorkerFailure(grpc.StatusCode.CANCELLED, "cancelled by the gateway"))
 
     def _deliver(self, update: worker_pb2.SessionUpdate) -> None:
         if self._ended:
             return
         if update.error_code:
-            code = _CODES.get(update.error_code, grpc.StatusCode.UNKNOWN)
-            self._end(rpc_error(code, update.error_message))
+            status = _CODES.get(update.error_code, grpc.StatusCode.UNKNOWN)
+            self._end(WorkerFailure(status, update.error_message))
             return
         self._messages.append(update.response)
         if update.response.finish_reason:
             self._end(None)
         self._wake()
 
-    def _fail(self, error: grpc.aio.AioRpcError) -> None:
+    def _fail(self, error: WorkerFailure) -> None:
         if not self._ended:
             self._end(error)
 
     def _expire(self) -> None:
-        self._stop(rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"))
+        self._stop(WorkerFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"))
 
-    def _stop(self, error: grpc.aio.AioRpcError) -> bool:
+    def _stop(self, error: WorkerFailure) -> bool:
         """End the request here with error and on the worker, unless it already ended."""
         if self._ended:
             return False
@@ -93,7 +153,7 @@ class SessionCall:
         self._session.cancel(self.request_id)
         return True
 
-    def _end(self, error: grpc.aio.AioRpcError | None) -> None:
+    def _end(self, error: WorkerFailure | None) -> None:
         self._ended = True
         self._error = error
         self._timer.cancel()
@@ -153,7 +213,7 @@ class WorkerSession:
             yield message
 
     async def _read(self) -> None:
-        error = rpc_error(grpc.StatusCode.UNAVAILABLE, f"decode worker {self.address} ended the session")
+        error = WorkerFailure(grpc.StatusCode.UNAVAILABLE, f"decode worker {self.address} ended the session")
         try:
             while (response := await self._stream.read()) is not grpc.aio.EOF:
                 for update in response.updates:
@@ -161,7 +221,7 @@ class WorkerSession:
                     if call is not None:
                         call._deliver(update)
         except grpc.aio.AioRpcError as exc:
-            error = rpc_error(
+            error = WorkerFailure(
                 exc.code() if exc.code() is not grpc.StatusCode.CANCELLED else grpc.StatusCode.UNAVAILABLE,
                 f"decode worker {self.address}: {exc.details()}",
             )

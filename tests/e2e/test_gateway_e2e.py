@@ -101,9 +101,8 @@ def _start_kvstore(redis_url: str) -> tuple[subprocess.Popen[bytes], str]:
 def _start_gateway(model: Path, *workers: str) -> Gateway:
     args = ["--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", "--model", str(model), *workers]
     service = start_service("services.gateway", args, name="gateway")
-    ready = next(line for line in service.output if line.startswith("READY "))
-    grpc_address = re.search(r"grpc=(\S+)", ready).group(1)  # type: ignore[union-attr]
-    gateway = Gateway(service, service.address, grpc_address)
+    assert service.ready is not None
+    gateway = Gateway(service, service.address, service.ready.fields["grpc"])
     _wait_health(f"http://{gateway.http}/health")  # 200 once a decode worker is routable
     return gateway
 

@@ -28,8 +28,8 @@ from scalellm import LLM, SamplingParams
 from scalellm.redis_server import free_port
 from scalellm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, worker_pb2_grpc
 from services.gateway.config import GatewayConfig
+from services.gateway.openai_format import parse_events
 from services.gateway.server import GatewayServer
-from services.gateway.sse import parse_events
 from tests.fake_prefill import FakePrefill, Mode
 from tests.procs import Service, await_until, start_service
 from tests.service.worker_calls import until_not_serving, worker_args, worker_request
@@ -315,7 +315,8 @@ async def test_sigterm_drains_the_gateway(worker: Service, engine: LLM, tiny_cha
             name="gateway",
         )  # fmt: skip
         http = f"http://{gw.address}"
-        grpc_address = next(line for line in gw.output if line.startswith("READY ")).split("grpc=")[1]
+        assert gw.ready is not None
+        grpc_address = gw.ready.fields["grpc"]
         body = {
             "model": tiny_chat_model.name,
             "prompt": PROMPT,

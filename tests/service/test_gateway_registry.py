@@ -17,8 +17,8 @@ from scalellm.redis_server import RedisServer, free_port
 from scalellm.registry import WorkerInfo, WorkerRole
 from scalellm.registry.store import RegistryStore
 from services.gateway import server as gateway_server
+from services.gateway.admission import ServedModel
 from services.gateway.config import GatewayConfig
-from services.gateway.model import ServedModel
 from services.gateway.server import GatewayServer
 from services.kvstore.config import KvstoreConfig
 from services.kvstore.server import KvstoreServer

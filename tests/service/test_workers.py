@@ -323,6 +323,7 @@ async def test_session_cancel_frees_blocks_and_keeps_the_stream(disagg: Mesh) ->
     request. (Each would generate 2000 tokens: the worker's token counter tells that it stopped.)"""
     import time
 
+    from services.gateway.request import WorkerFailure
     from services.gateway.session import WorkerSession
 
     async with grpc.aio.insecure_channel(disagg.decode.address) as channel:
@@ -334,16 +335,16 @@ async def test_session_cancel_frees_blocks_and_keeps_the_stream(disagg: Mesh) ->
         while got < 3:
             got += len((await call.read()).token_ids)  # type: ignore[union-attr]
         assert call.cancel()
-        with pytest.raises(grpc.aio.AioRpcError) as err:
+        with pytest.raises(WorkerFailure) as err:
             await call.read()
-        assert err.value.code() == grpc.StatusCode.CANCELLED
+        assert err.value.status == grpc.StatusCode.CANCELLED
         await wait_all_blocks_free(disagg.decode)
 
         late = session.start(worker_request("s-deadline", [12] * 40, 2000, []), time.perf_counter() + 0.5)
-        with pytest.raises(grpc.aio.AioRpcError) as err:
+        with pytest.raises(WorkerFailure) as err:
             while True:
                 await late.read()
-        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert err.value.status == grpc.StatusCode.DEADLINE_EXCEEDED
         await wait_all_blocks_free(disagg.decode)
         assert disagg.decode.metric("scalellm_generated_tokens_total") - before < 2000  # both stopped
 
@@ -361,6 +362,7 @@ async def test_sigterm_drains_requests_on_a_session(demo_model_dir: Path) -> Non
     stream ends when the worker stops."""
     import time
 
+    from services.gateway.request import WorkerFailure
     from services.gateway.session import WorkerSession
 
     decode = start_service("services.decode", worker_args(demo_model_dir, "--role", "both"))
@@ -375,9 +377,9 @@ async def test_sigterm_drains_requests_on_a_session(demo_model_dir: Path) -> Non
                 decode.proc.send_signal(15)
                 await until_not_serving(channel)
                 late = session.start(worker_request("s-late", [4] * 5, 2, []), far)
-                with pytest.raises(grpc.aio.AioRpcError) as err:
+                with pytest.raises(WorkerFailure) as err:
                     await late.read()
-                assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert err.value.status == grpc.StatusCode.UNAVAILABLE
         assert len(tokens) == 40  # the in-flight request finished
         assert decode.proc.wait(30) == 0
         await await_until(lambda: session.closed, "the Session stream ended with the worker")

@@ -15,7 +15,7 @@ import pytest
 
 from scalellm.registry.client import CHANNEL_OPTIONS as REGISTRY_OPTIONS
 from scalellm.v1 import worker_pb2, worker_pb2_grpc
-from services.gateway.channels import CHANNEL_OPTIONS as GATEWAY_OPTIONS
+from services.gateway.session import CHANNEL_OPTIONS as GATEWAY_OPTIONS
 
 
 @pytest.fixture

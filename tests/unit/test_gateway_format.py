@@ -10,29 +10,25 @@ from pathlib import Path
 import pytest
 
 from scalellm.types import FinishReason, SamplingParams, Timings, TokenLogprobs, Usage
-from services.gateway import sse
-from services.gateway.auth import ApiKeys, KeyRefused
+from services.gateway.admission import ApiKeys, KeyRefused, ServedModel
 from services.gateway.config import GatewayConfig
-from services.gateway.errors import ErrorKind, invalid
-from services.gateway.model import ServedModel
-from services.gateway.openai_format import OpenAIFormatter
+from services.gateway.openai_format import SSE_DONE, OpenAIFormatter, parse_events, sse_event
 from services.gateway.openai_parse import parse_chat, parse_completion
-from services.gateway.request import GenerationRequest
-from services.gateway.results import ChoiceUpdate
+from services.gateway.request import ChoiceUpdate, ErrorKind, GenerationRequest, invalid
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_sse_framing() -> None:
-    assert sse.event({"a": "é😀", "b": [1, None]}) == 'data: {"a":"é😀","b":[1,null]}\n\n'.encode()
-    assert sse.DONE == b"data: [DONE]\n\n"
-    assert sse.parse_events(sse.event({"x": 1}) + sse.event({"y": "a\nb"}) + sse.DONE) == [
+    assert sse_event({"a": "é😀", "b": [1, None]}) == 'data: {"a":"é😀","b":[1,null]}\n\n'.encode()
+    assert SSE_DONE == b"data: [DONE]\n\n"
+    assert parse_events(sse_event({"x": 1}) + sse_event({"y": "a\nb"}) + SSE_DONE) == [
         {"x": 1},
         {"y": "a\nb"},
         "[DONE]",
     ]
     with pytest.raises(ValueError):
-        sse.event({"x": float("nan")})
+        sse_event({"x": float("nan")})
 
 
 def test_error_body_is_openais() -> None:
@@ -138,7 +134,7 @@ def test_stream_events_are_the_chunks_bytes(
     ]
     for update in updates:
         chunk = slow.chunk(update)
-        assert fast.event(update) == (None if chunk is None else sse.event(chunk))
+        assert fast.event(update) == (None if chunk is None else sse_event(chunk))
     assert set(fast._text_events) == {0, 1} and None not in fast._text_events.values()  # taken
 
 

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from scalellm.models.config import ModelConfig
 from scalellm.types import SamplingParams
 from scalellm.v1 import common_pb2, gateway_pb2
-from services.gateway.body import parse_json_object
+from services.gateway.admission import Preprocessor, ServedModel
 from services.gateway.config import GatewayConfig
-from services.gateway.errors import ErrorKind, GatewayError
-from services.gateway.grpc_convert import spec_from_proto
-from services.gateway.model import ServedModel
+from services.gateway.openai_convert import parse_json_object
 from services.gateway.openai_parse import Api, parse_chat, parse_completion
-from services.gateway.preprocess import Preprocessor
-from services.gateway.request import ChatMessage, PromptKind
+from services.gateway.request import ChatMessage, ErrorKind, GatewayError, PromptKind
+from services.gateway.server import spec_from_proto
 
 
 def bad(fn, *args) -> GatewayError:  # type: ignore[no-untyped-def]
@@ -121,6 +121,28 @@ def test_grpc_request_maps_to_the_same_spec() -> None:
         ).param
         == "sampling.min_p"
     )
+
+
+def test_the_context_length_is_the_one_the_engine_reads(demo_model_dir: Path, tmp_path: Path) -> None:
+    """The gateway's limits start from the ModelConfig the workers' engines read: the position
+    table, within the sliding window when there is one; a folder no worker could load is refused."""
+    for f in demo_model_dir.iterdir():
+        if f.name != "config.json":
+            (tmp_path / f.name).symlink_to(f)
+    raw = json.loads((demo_model_dir / "config.json").read_text())
+    windowed = {**raw, "architectures": ["MistralForCausalLM"], "max_position_embeddings": 4096}
+    (tmp_path / "config.json").write_text(json.dumps({**windowed, "sliding_window": 1000}))
+    model = ServedModel(tmp_path, GatewayConfig())
+    assert model.context_length == ModelConfig.from_dir(tmp_path).context_length == 1000
+    assert (model.limits.max_prompt_tokens, model.limits.max_total_tokens) == (999, 1000)
+    (tmp_path / "config.json").write_text(json.dumps(windowed))
+    assert ServedModel(tmp_path, GatewayConfig()).limits.max_total_tokens == 4096
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        ServedModel(tmp_path, GatewayConfig())
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(ValueError, match="lacks vocab_size"):
+        ServedModel(tmp_path, GatewayConfig())
 
 
 @pytest.fixture(scope="module")

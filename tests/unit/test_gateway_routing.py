@@ -13,9 +13,8 @@ from scalellm.registry import (
     WorkerRole,
     WorkerView,
 )
-from services.gateway.errors import ErrorKind, GatewayError
-from services.gateway.routing import Router
-from services.gateway.workers import RegistryWorkers, StaticWorkers, WorkerEndpoint, WorkerSet
+from services.gateway.request import ErrorKind, GatewayError
+from services.gateway.routing import RegistryWorkers, Router, StaticWorkers, WorkerEndpoint, WorkerSet
 
 
 class FixedSource:

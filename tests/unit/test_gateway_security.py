@@ -19,8 +19,8 @@ import pytest
 
 from scalellm.security import MeshSecurity, MeshToken, SecretFileError, SecurityConfig, TlsFiles
 from scalellm.v1 import gateway_pb2, gateway_pb2_grpc, worker_pb2_grpc
+from services.gateway.admission import ServedModel
 from services.gateway.config import GatewayConfig
-from services.gateway.model import ServedModel
 from services.gateway.server import GatewayServer
 from tests.certs import Pki, make_pki
 from tests.unit.test_gateway_server import (  # noqa: F401 - fixtures

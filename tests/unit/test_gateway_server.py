@@ -26,11 +26,11 @@ from scalellm.registry import WorkerRole
 from scalellm.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from scalellm.worker.errors import ResourceExhausted
 from services.decode.session import serve_session
+from services.gateway.admission import ServedModel
 from services.gateway.config import GatewayConfig
-from services.gateway.model import ServedModel
+from services.gateway.openai_format import parse_events
+from services.gateway.routing import WorkerEndpoint, WorkerSet
 from services.gateway.server import GatewayServer
-from services.gateway.sse import parse_events
-from services.gateway.workers import WorkerEndpoint, WorkerSet
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 

@@ -9,10 +9,10 @@ import pytest
 
 from scalellm.types import FinishReason, Timings, Usage
 from scalellm.v1 import common_pb2, gateway_pb2
-from services.gateway.errors import ErrorKind, GatewayError
-from services.gateway.grpc_convert import spec_from_proto
 from services.gateway.openai_convert import finish_reason_to_openai, timings_to_openai, usage_to_openai
 from services.gateway.openai_parse import parse_chat, parse_completion
+from services.gateway.request import ErrorKind, GatewayError
+from services.gateway.server import spec_from_proto
 
 CHAT: dict[str, Any] = {"messages": [{"role": "user", "content": "x"}]}
 

@@ -1,0 +1,293 @@
+"""Admission: the API keys, the served model with its token limits, and the Preprocessor that
+turns a parsed request into a worker-ready one (tokenize, check the limits, mint the id). Every
+check here runs before any worker is touched.
+
+API keys: a file of keys mapped to tenants, checked on every route but /health. File format, one
+key per line: ``KEY TENANT`` (whitespace between; TENANT defaults to "default"). Blank lines and
+lines starting with ``#`` are skipped. The file is refused when users other than its owner (and
+group) can read it, like any secret file (scalellm/security/files.py).
+
+Keys are kept only as SHA-256 digests, in a dict from digest to tenant. Is the lookup constant
+time? Not literally: the dict hashes the digest and compares it with the entries in one bucket,
+and how long that takes depends on the digest. But the digest is of the *presented* key, and what
+the timing could reveal is how a stored digest relates to it (a shared prefix, a bucket). Turning
+that into a key would need a SHA-256 preimage, so the timing tells an attacker nothing they can
+use, whatever they send; and the process never holds a key in clear. A lookup costs one SHA-256
+and one dict probe (about a microsecond) however many keys there are, where comparing with
+``hmac.compare_digest`` against every stored key would grow with their number.
+
+A refusal says why (``AuthFailure``: missing, malformed, unknown), which the gateway counts in
+/metrics; neither the key nor its digest is ever logged or counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import time
+import uuid
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+
+from tokenizers import decoders
+
+from scalellm.models.config import ModelConfig
+from scalellm.security import check_private
+from scalellm.text import ChatTemplateError, Tokenizer
+from services.gateway.config import GatewayConfig
+from services.gateway.request import (
+    ErrorKind,
+    GatewayError,
+    GenerationRequest,
+    GenerationSpec,
+    Prompt,
+    PromptKind,
+    invalid,
+)
+
+ANONYMOUS = "anonymous"
+
+
+class AuthFailure(enum.Enum):
+    """Why a request was refused (the label of scalellm_gateway_auth_failures)."""
+
+    MISSING = "missing"
+    MALFORMED = "malformed"
+    UNKNOWN = "unknown"
+
+
+class KeyRefused(GatewayError):
+    """UNAUTHENTICATED, with the reason."""
+
+    def __init__(self, reason: AuthFailure, message: str) -> None:
+        super().__init__(ErrorKind.UNAUTHENTICATED, message, code="invalid_api_key")
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeys:
+    """Digest of each key -> its tenant. Empty means authentication is off."""
+
+    tenants: dict[bytes, str]
+
+    @classmethod
+    def disabled(cls) -> ApiKeys:
+        return cls({})
+
+    @classmethod
+    def load(cls, path: str | Path) -> ApiKeys:
+        """Read a keys file; ValueError on a malformed one or one others can read (a gateway must
+        not start open by mistake)."""
+        tenants: dict[bytes, str] = {}
+        text = check_private(path, "API keys file").read_text(encoding="utf-8")
+        for lineno, raw in enumerate(text.splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.split()
+            if len(parts) > 2:
+                raise ValueError(f"{path}:{lineno}: expected 'KEY [TENANT]', got {len(parts)} fields")
+            tenants[_digest(parts[0])] = parts[1] if len(parts) == 2 else "default"
+        if not tenants:
+            raise ValueError(f"{path} holds no API keys")
+        return cls(tenants)
+
+    def tenant(self, authorization: str | None) -> str:
+        """The tenant of an ``Authorization: Bearer KEY`` value; KeyRefused if none."""
+        if not self.tenants:
+            return ANONYMOUS
+        if not authorization:
+            raise KeyRefused(AuthFailure.MISSING, "missing API key: send 'Authorization: Bearer <key>'")
+        scheme, _, key = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise KeyRefused(AuthFailure.MALFORMED, "malformed Authorization header: expected 'Bearer <key>'")
+        tenant = self.tenants.get(_digest(key.strip()))
+        if tenant is None:
+            raise KeyRefused(AuthFailure.UNKNOWN, "incorrect API key provided")
+        return tenant
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+# ---- the served model ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenLimits:
+    """Token bounds checked before any worker is touched."""
+
+    max_prompt_tokens: int
+    max_total_tokens: int
+
+    @classmethod
+    def resolve(cls, config: GatewayConfig, context_length: int) -> TokenLimits:
+        """Configured limits, capped by the model's context length (0 means that length)."""
+        total = min(config.max_total_tokens or context_length, context_length)
+        prompt = min(config.max_prompt_tokens or total - 1, total - 1)
+        if prompt < 1:
+            raise ValueError(f"max_total_tokens {total} leaves no room for a prompt and one token")
+        return cls(max_prompt_tokens=prompt, max_total_tokens=total)
+
+
+class ServedModel:
+    """The served model: its tokenizer, public name, context length and token limits.
+
+    The context length is the one the workers' engines take from the same config.json, through the
+    same torch-free ModelConfig (a folder the workers could not load is refused here too)."""
+
+    def __init__(self, path: Path, config: GatewayConfig) -> None:
+        self.path = path
+        self.tokenizer = Tokenizer.from_dir(path)
+        self.name = config.served_model_name or path.name
+        self.context_length = ModelConfig.from_dir(path).context_length
+        self.limits = TokenLimits.resolve(config, self.context_length)
+        self.created = int(time.time())
+        self.worker_model: str | None = (
+            None if config.worker_model == "*" else config.worker_model or self.name
+        )
+        self._token_text = lru_cache(maxsize=65536)(self._decode_one)
+        self._token_bytes = lru_cache(maxsize=65536)(self._bytes_of)
+        self._byte_level = isinstance(self.tokenizer.backend.decoder, decoders.ByteLevel)
+
+    def accepts(self, name: str | None) -> bool:
+        """True for the names a request may use: empty (the default), the served name or the folder."""
+        return not name or name == self.name or name == str(self.path)
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token alone (logprobs tables); cached, special tokens kept."""
+        return self._token_text(token_id)
+
+    def token_bytes(self, token_id: int) -> tuple[int, ...]:
+        """The UTF-8 bytes one token stands for (exact for byte-level BPE, even mid-character)."""
+        return self._token_bytes(token_id)
+
+    def _decode_one(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _bytes_of(self, token_id: int) -> tuple[int, ...]:
+        piece = self.tokenizer.id_to_token(token_id)
+        if self._byte_level and piece is not None and token_id not in self.tokenizer.special_token_ids:
+            table = _unicode_to_byte()
+            if all(ch in table for ch in piece):
+                return tuple(table[ch] for ch in piece)
+        return tuple(self._decode_one(token_id).encode("utf-8"))
+
+
+@lru_cache(maxsize=1)
+def _unicode_to_byte() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: the character that stands for each byte -> the byte."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+# ---- tokenize and check --------------------------------------------------------------------------
+
+
+# Texts longer than this (characters) are tokenized on a thread, not on the event loop.
+_OFFLOAD_CHARS = 8192
+
+
+class Preprocessor:
+    """Turns validated specs into worker-ready requests for one served model."""
+
+    def __init__(self, model: ServedModel, config: GatewayConfig) -> None:
+        self.model = model
+        self.config = config
+
+    def check_model(self, name: str | None) -> None:
+        if not self.model.accepts(name):
+            raise GatewayError(
+                ErrorKind.NOT_FOUND,
+                f"the model {name!r} does not exist (this gateway serves {self.model.name!r})",
+                param="model",
+                code="model_not_found",
+            )
+
+    async def tokenize(self, prompt: Prompt) -> tuple[tuple[int, ...], ...]:
+        """Token ids of each prompt; the chat template is applied to conversations."""
+        tok = self.model.tokenizer
+        if prompt.kind is PromptKind.TOKENS:
+            vocab = tok.vocab_size
+            for i, ids in enumerate(prompt.token_ids):
+                bad = next((t for t in ids if t >= vocab), None)
+                if bad is not None:
+                    raise invalid(
+                        f"'{prompt.param}': token id {bad} in prompt {i} is not below the vocabulary size {vocab}",
+                        prompt.param,
+                    )
+            return prompt.token_ids
+        if prompt.kind is PromptKind.CHAT:
+            messages = [{"role": m.role, "content": m.content, "name": m.name} for m in prompt.messages]
+            try:
+                text = tok.apply_chat_template(messages, add_generation_prompt=True)
+            except (ChatTemplateError, ValueError) as exc:
+                raise invalid(
+                    f"'{prompt.param}': the chat template refused the conversation: {exc}", prompt.param
+                ) from exc
+            return (tuple(await self._encode(text, add_special_tokens=False)),)
+        return tuple([tuple(await self._encode(text, add_special_tokens=True)) for text in prompt.texts])
+
+    async def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        if len(text) > _OFFLOAD_CHARS:
+            return await asyncio.to_thread(self.model.tokenizer.encode, text, add_special_tokens)
+        return self.model.tokenizer.encode(text, add_special_tokens)
+
+    async def prepare(self, spec: GenerationSpec, tenant: str, received_at: float) -> GenerationRequest:
+        """Tokenize, check the limits, resolve max_tokens; GatewayError naming the field otherwise."""
+        self.check_model(spec.model)
+        choices = spec.prompt.count * spec.sampling.n
+        if choices > self.config.max_n:
+            raise invalid(
+                f"'n' x prompts = {choices} choices is more than the limit {self.config.max_n}", "n"
+            )
+        if len(spec.sampling.stop) > self.config.max_stop_strings:
+            raise invalid(
+                f"'stop' has {len(spec.sampling.stop)} strings, more than the limit {self.config.max_stop_strings}",
+                "stop",
+            )
+        prompts = await self.tokenize(spec.prompt)
+        limits = self.model.limits
+        longest = max(len(p) for p in prompts)
+        if any(not p for p in prompts):
+            raise invalid(f"'{spec.prompt.param}' is empty (no tokens after tokenization)", spec.prompt.param)
+        if longest > limits.max_prompt_tokens:
+            raise invalid(
+                f"'{spec.prompt.param}' has {longest} tokens, more than the limit of {limits.max_prompt_tokens}",
+                spec.prompt.param,
+                "context_length_exceeded",
+            )
+        room = limits.max_total_tokens - longest
+        max_tokens = spec.sampling.max_tokens
+        if max_tokens is None:
+            max_tokens = min(spec.default_max_tokens or room, room)
+        elif max_tokens > room:
+            raise invalid(
+                f"'max_tokens' {max_tokens} + the prompt's {longest} tokens is more than the limit "
+                f"of {limits.max_total_tokens} total tokens",
+                "max_tokens",
+                "context_length_exceeded",
+            )
+        return GenerationRequest(
+            request_id=uuid.uuid4().hex,
+            model=self.model.name,
+            prompts=prompts,
+            sampling=replace(spec.sampling, max_tokens=max_tokens),
+            priority=spec.priority,
+            tenant=tenant,
+            received_at=received_at,
+        )
