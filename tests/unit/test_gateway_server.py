@@ -66,6 +66,7 @@ class ScriptedDecode(worker_pb2_grpc.DecodeWorkerServicer):
     async def Session(
         self, request_iterator: AsyncIterator[worker_pb2.SessionRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.SessionResponse]:
+        await context.send_initial_metadata(())  # accepted, as the worker's servicer says
         async for response in serve_session(request_iterator, self.reply):  # the worker's own session
             yield response
 
