@@ -193,6 +193,12 @@ async def wait_for(predicate: Callable[[], bool], timeout_s: float = 60.0) -> No
         await asyncio.sleep(0.01)
 
 
+# Deadlines to try in turn, each until the request reached the worker before it ran out: a loaded
+# machine may take longer than the first to forward it, and a request the worker never started
+# tells nothing about cancelling it.
+DEADLINES_S = (0.3, 1.0, 3.0, 10.0, 30.0)
+
+
 # -- OpenAI HTTP through the official client --------------------------------------------------------
 
 
