@@ -132,7 +132,7 @@ async def test_watch_delivers_snapshot_then_changes_in_order(kvstore_factory: Kv
         load = events[1].worker.load if events[1].worker else None
         assert load is not None and load.updated_at > 0
         assert load == replace(sent, updated_at=load.updated_at)
-        assert early.worker_id == "early"
+        assert early.lease_id != lease.lease_id  # each registration holds its own lease
         await stream.aclose()
 
 
