@@ -44,6 +44,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
     async def Session(
         self, request_iterator: AsyncIterator[worker_pb2.SessionRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.SessionResponse]:
+        await context.send_initial_metadata(())  # accepted: the gateway writes only after this
         async with aclosing(serve_session(request_iterator, self.messages)) as responses:
             async for response in responses:
                 yield response

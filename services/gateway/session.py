@@ -16,6 +16,12 @@ the deadline ends it with DEADLINE_EXCEEDED, and cancel() stops the request on t
 stream breaks (the worker died or stopped), every request on it fails with UNAVAILABLE and the
 next request opens a new stream. Streams and channels of workers that left are closed when the
 worker set changes.
+
+Nothing is written before the worker accepted the stream (its headers came): grpc fails a write
+that races the stream's end and reports INTERNAL instead of the worker's status, so a refusal (a
+missing mesh token) could read as INTERNAL. A stream refused at the door fails its requests with
+the refusal's code; one that breaks after it was accepted, with UNAVAILABLE (whatever the write
+race made of its status).
 """
 
 from __future__ import annotations
@@ -173,6 +179,7 @@ class WorkerSession:
     ) -> None:
         self.address = address
         self.closed = False
+        self._accepted = False  # the worker's headers came: it took the stream
         self._calls: dict[str, SessionCall] = {}
         self._outgoing: asyncio.Queue[worker_pb2.SessionRequest | None] = asyncio.Queue()
         self._stream = stub.Session(self._requests(), metadata=metadata)  # the mesh token, if any
@@ -209,6 +216,10 @@ class WorkerSession:
         await asyncio.gather(self._reader, return_exceptions=True)
 
     async def _requests(self) -> AsyncIterator[worker_pb2.SessionRequest]:
+        await self._stream.initial_metadata()  # the worker's headers, or the refusal's end
+        if self._stream.done():
+            return
+        self._accepted = True
         while (message := await self._outgoing.get()) is not None:
             yield message
 
@@ -221,10 +232,9 @@ class WorkerSession:
                     if call is not None:
                         call._deliver(update)
         except grpc.aio.AioRpcError as exc:
-            error = WorkerFailure(
-                exc.code() if exc.code() is not grpc.StatusCode.CANCELLED else grpc.StatusCode.UNAVAILABLE,
-                f"decode worker {self.address}: {exc.details()}",
-            )
+            broken = self._accepted or exc.code() is grpc.StatusCode.CANCELLED
+            code = grpc.StatusCode.UNAVAILABLE if broken else exc.code()
+            error = WorkerFailure(code, f"decode worker {self.address}: {exc.code().name} {exc.details()}")
         except asyncio.CancelledError:
             pass
         finally:

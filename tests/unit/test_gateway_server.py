@@ -66,6 +66,7 @@ class ScriptedDecode(worker_pb2_grpc.DecodeWorkerServicer):
     async def Session(
         self, request_iterator: AsyncIterator[worker_pb2.SessionRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.SessionResponse]:
+        await context.send_initial_metadata(())  # accepted, as the worker's servicer says
         async for response in serve_session(request_iterator, self.reply):  # the worker's own session
             yield response
 
@@ -190,6 +191,12 @@ async def wait_for(predicate: Callable[[], bool], timeout_s: float = 60.0) -> No
     while not predicate():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
+
+
+# Deadlines to try in turn, each until the request reached the worker before it ran out: a loaded
+# machine may take longer than the first to forward it, and a request the worker never started
+# tells nothing about cancelling it.
+DEADLINES_S = (0.3, 1.0, 3.0, 10.0, 30.0)
 
 
 # -- OpenAI HTTP through the official client --------------------------------------------------------

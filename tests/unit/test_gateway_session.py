@@ -31,7 +31,7 @@ async def test_a_broken_stream_fails_its_requests_and_leaks_no_task() -> None:
         busy = WorkerSession(stub, "nowhere")
         call = busy.start(worker_pb2.GenerateRequest(request_id="r"), time.perf_counter() + 30)
         try:
-            await asyncio.wait_for(call.read(), 10)
+            await asyncio.wait_for(call.read(), 60)  # a hang guard only
         except WorkerFailure as exc:
             assert exc.status is grpc.StatusCode.UNAVAILABLE and exc.retryable, exc
         else:
@@ -61,3 +61,51 @@ def test_a_worker_failure_reaches_the_client_as_its_kind() -> None:
             assert error.message == "the worker's words"  # the client's own mistake, as the worker put it
         elif kind is not ErrorKind.TIMEOUT:
             assert f"decode worker d1: {status.name}: the worker's words" in error.message
+
+
+class _Ending(worker_pb2_grpc.DecodeWorkerServicer):
+    """A Session that ends with `code` at once (refused, no headers) or, accepted, after the first
+    request came."""
+
+    def __init__(self, code: grpc.StatusCode, accept: bool) -> None:
+        self.code, self.accept = code, accept
+
+    async def Session(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        if self.accept:
+            await context.send_initial_metadata(())
+            await anext(aiter(request_iterator))
+        await context.abort(self.code, "scripted end")
+        yield  # pragma: no cover - makes this an async generator, as a Session handler is
+
+
+async def _first_error(code: grpc.StatusCode, accept: bool) -> WorkerFailure:
+    server = grpc.aio.server()
+    worker_pb2_grpc.add_DecodeWorkerServicer_to_server(_Ending(code, accept), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            session = WorkerSession(worker_pb2_grpc.DecodeWorkerStub(channel), "w")
+            call = session.start(worker_pb2.GenerateRequest(request_id="r"), time.perf_counter() + 60)
+            try:
+                await asyncio.wait_for(call.read(), 60)  # a hang guard only
+            except WorkerFailure as exc:
+                await session.close()
+                return exc
+            raise AssertionError("the request on an ended stream must fail")
+    finally:
+        await server.stop(0)
+
+
+async def test_a_refused_stream_fails_its_requests_with_the_refusal() -> None:
+    """Refused before the worker took the stream (as the mesh token's interceptor refuses): the
+    request fails with the worker's code, which the gateway reports (500 naming it, not a retry)."""
+    err = await _first_error(grpc.StatusCode.UNAUTHENTICATED, accept=False)
+    assert err.status is grpc.StatusCode.UNAUTHENTICATED and "scripted end" in err.details
+
+
+async def test_an_accepted_stream_that_breaks_fails_its_requests_with_unavailable() -> None:
+    """Whatever status a broken session ends with (a write racing the break reads as INTERNAL),
+    its requests fail with UNAVAILABLE: retried elsewhere before their first token, 503 after."""
+    err = await _first_error(grpc.StatusCode.INTERNAL, accept=True)
+    assert err.status is grpc.StatusCode.UNAVAILABLE and "INTERNAL scripted end" in err.details, err

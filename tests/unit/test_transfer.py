@@ -149,7 +149,7 @@ class Decode:
         assert ids is None or len(ids) == num_blocks
         return ids
 
-    def next_event(self, timeout: float = 15.0) -> tuple[str, int, object]:
+    def next_event(self, timeout: float = 60.0) -> tuple[str, int, object]:  # a hang guard only
         return self.events.get(timeout=timeout)
 
 
