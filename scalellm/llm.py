@@ -20,7 +20,7 @@ from scalellm.engine.config import EngineConfig
 from scalellm.engine.engine import LLMEngine
 from scalellm.engine.request import Request
 from scalellm.models.prepare import resolve_model_dir
-from scalellm.text import Tokenizer
+from scalellm.text import Tokenizer, resolve_bad_words
 from scalellm.types import FinishReason, SamplingParams, TokenLogprobs
 
 
@@ -81,6 +81,7 @@ class LLM:
         requests: list[tuple[str | None, Request]] = []
         for prompt, params, prio in zip(prompt_list, params_list, priorities, strict=True):
             text, ids = self._tokenize(prompt)
+            params = resolve_bad_words(self.tokenizer, params)
             requests.append((text, self.engine.make_request(str(next(self._ids)), ids, params, prio)))
         for _, req in requests:
             self.engine.add(req)

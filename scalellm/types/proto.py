@@ -77,9 +77,12 @@ def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
 
 
 def structured_to_proto(so: StructuredOutput) -> common_pb2.StructuredOutput:
+    msg = common_pb2.StructuredOutput()
     if so.kind is StructuredKind.JSON_OBJECT:
-        return common_pb2.StructuredOutput(json_object=True)
-    return common_pb2.StructuredOutput(**{so.kind.value: so.spec})
+        msg.json_object = True
+    else:
+        setattr(msg, so.kind.value, so.spec)
+    return msg
 
 
 def structured_from_proto(msg: common_pb2.StructuredOutput) -> StructuredOutput:
