@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import grpc
 import jsonschema
 import pytest
 
@@ -118,3 +119,29 @@ async def test_disaggregated_equals_colocated_equals_the_engine(
         jsonschema.validate(json.loads(llm.tokenizer.decode(expected[name])), SCHEMA)
     await wait_all_blocks_free(decode)
     await wait_all_blocks_free(colocated)
+
+
+async def test_a_spec_or_id_the_engine_cannot_honour_is_invalid_argument(
+    services: tuple[Service, Service, Service],
+) -> None:
+    prefill, decode, colocated = services
+    target = [worker_pb2.PrefillTarget(worker_id=PREFILL_ID, address=prefill.address)]
+    bad = [
+        SamplingParams(structured_output=StructuredOutput.regex("(unclosed")),
+        SamplingParams(logit_bias={10**6: 1.0}),
+    ]
+    for address, targets in ((decode.address, target), (colocated.address, [])):
+        for i, params in enumerate(bad):
+            req = worker_pb2.GenerateRequest(
+                request_id=f"bad-{i}",
+                prompt_token_ids=PROMPT,
+                sampling=sampling_to_proto(params),
+                prefill=targets,
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await generate(address, [req])
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+            assert err.value.details() is not None and (
+                "structured_output" in err.value.details() or "logit_bias" in err.value.details()
+            )
+    await wait_all_blocks_free(decode)
