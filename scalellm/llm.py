@@ -20,7 +20,7 @@ from scalellm.engine.config import EngineConfig
 from scalellm.engine.engine import LLMEngine
 from scalellm.engine.request import Request
 from scalellm.models.prepare import resolve_model_dir
-from scalellm.text import Tokenizer
+from scalellm.text import Tokenizer, resolve_bad_words
 from scalellm.text.detokenizer import IncrementalDetokenizer
 from scalellm.text.stop import StopStringMatcher
 from scalellm.types import FinishReason, SamplingParams, TokenLogprobs
@@ -84,6 +84,7 @@ class LLM:
         prompts_out: list[tuple[str | None, list[_Choice]]] = []
         for prompt, params, prio in zip(prompt_list, params_list, priorities, strict=True):
             text, ids = self._tokenize(prompt)
+            params = resolve_bad_words(self.tokenizer, params)
             choices = [self._choice(ids, params, k, prio) for k in range(params.n)]
             prompts_out.append((text, choices))
         by_id = {c.request.request_id: c for _, choices in prompts_out for c in choices}

@@ -21,6 +21,7 @@ import torch
 from scalellm.engine.block_manager import BlockManager
 from scalellm.engine.config import EngineConfig
 from scalellm.engine.events import EngineStats, RemoteReservation, TokenEvent, outcome
+from scalellm.engine.grammar import GrammarCompiler
 from scalellm.engine.model_runner import ModelRunner
 from scalellm.engine.request import Request, RequestStatus
 from scalellm.engine.scheduler import Scheduler, SchedulerConfig
@@ -49,6 +50,8 @@ class LLMEngine:
             self.blocks,
         )
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
+        self.grammars = GrammarCompiler(model_dir, self.model_config.vocab_size, self.eos_token_ids)
+        """Structured output, compiled in make_request (off the step thread) and cached."""
         self._kept: dict[str, Request] = {}
         """Finished prefill-only requests whose blocks are held until release()."""
 
@@ -78,7 +81,8 @@ class LLMEngine:
     ) -> Request:
         """Validate and build a request (not yet queued). A prefill-only request stops after its
         first token and keeps its blocks until ``release()`` (a prefill worker's, whose KV is
-        sent after the first token)."""
+        sent after the first token). Structured output is compiled here (cached per spec; an
+        uncached one may take milliseconds: the workers call this off their event loop)."""
         if params.n != 1:
             raise InvalidParameter(
                 "n", f"must be 1 in the engine (the gateway fans out n > 1), got {params.n}"
@@ -87,9 +91,14 @@ class LLMEngine:
             raise InvalidParameter(
                 "stop", "strings are applied to text by the gateway; the engine takes stop_token_ids"
             )
+        if params.bad_words:
+            raise InvalidParameter(
+                "bad_words", "strings are tokenized by the gateway; the engine takes bad_words_token_ids"
+            )
         if not prompt_token_ids:
             raise ValueError("prompt_token_ids must not be empty")
         vocab = self.model_config.vocab_size
+        self._check_token_ids(params, vocab)
         bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"prompt_token_ids contains {bad!r}, outside the vocabulary [0, {vocab})")
@@ -100,6 +109,8 @@ class LLMEngine:
             )
         room = self.max_model_len - len(prompt_token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        spec = params.structured_output
+        grammar = self.grammars.compile(spec).matcher() if spec is not None else None
         return Request(
             request_id=request_id,
             prompt_token_ids=list(prompt_token_ids),
@@ -108,7 +119,20 @@ class LLMEngine:
             eos_token_ids=self.eos_token_ids,
             priority=priority,
             keep_blocks=prefill_only,
+            grammar=grammar,
         )
+
+    @staticmethod
+    def _check_token_ids(params: SamplingParams, vocab: int) -> None:
+        """Token ids in the sampling controls must be in the vocabulary (SamplingParams cannot know it)."""
+        for field, ids in (
+            ("logit_bias", [t for t, _ in params.logit_bias]),
+            ("bad_words_token_ids", [t for seq in params.bad_words_token_ids for t in seq]),
+            ("stop_token_ids", list(params.stop_token_ids)),
+        ):
+            bad = next((t for t in ids if t >= vocab), None)
+            if bad is not None:
+                raise InvalidParameter(field, f"has token id {bad}, outside the vocabulary [0, {vocab})")
 
     # ---- the lifecycle (the step thread only) ---------------------------------------------
 

@@ -14,8 +14,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from scalellm.types import FinishReason, SamplingParams, TokenLogprobs
+
+if TYPE_CHECKING:
+    from scalellm.engine.grammar import GrammarMatcher
 
 
 class RequestStatus(enum.Enum):
@@ -91,6 +95,9 @@ class Request:
     keep_blocks: bool = False
     """Prefill worker: the blocks outlive the finish until their KV has been sent; the owner
     then calls Scheduler.release()."""
+    grammar: GrammarMatcher | None = None
+    """Structured output: where the output stands in its grammar. Every appended token advances
+    it, so a request continued on a decode worker catches up by appending the first token."""
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -118,6 +125,8 @@ class Request:
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+        if self.grammar is not None:
+            self.grammar.accept(token_id)
         if self.first_token_time is None:
             self.first_token_time = time.monotonic()
 
@@ -129,6 +138,8 @@ class Request:
             return RequestStatus.FINISHED_STOPPED
         if last in params.stop_token_ids:
             return RequestStatus.FINISHED_STOPPED
+        if self.grammar is not None and self.grammar.done:
+            return RequestStatus.FINISHED_STOPPED  # complete: only the end could follow
         if self.num_output_tokens >= self.max_tokens:
             return RequestStatus.FINISHED_LENGTH
         return None

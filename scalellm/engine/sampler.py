@@ -1,6 +1,8 @@
 """Token sampling, vectorised over the batch.
 
-Per row: greedy (argmax of the raw logits), or temperature -> top-k -> top-p -> min-p -> a draw.
+Per row: the request's logits controls (structured output, bad words, min_tokens, logit_bias,
+penalties: logits_controls.py), then greedy (argmax) or temperature -> top-k -> top-p -> min-p ->
+a draw.
 A draw is ``argmax(p / e)`` with ``e ~ Exp(1)`` per vocabulary entry (the exponential race), so a
 request with a seed uses its own generator for its own row and gets the same tokens whatever
 else is in the batch. Logprobs are those of the model's raw distribution (before temperature
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from scalellm.engine.logits_controls import LogitsControls
 from scalellm.engine.request import Request
 from scalellm.types import TokenLogprobs
 
@@ -27,6 +30,7 @@ class Sampler:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._generators: dict[str, torch.Generator] = {}
+        self._controls = LogitsControls()
 
     def release(self, request_id: str) -> None:
         """Forget a finished request's generator."""
@@ -36,13 +40,14 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         """logits [N, V] float32, one row per request, in order."""
         params = [r.sampling_params for r in requests]
-        greedy_ids = logits.argmax(dim=-1)
+        processed = self._controls(logits, requests)
+        greedy_ids = processed.argmax(dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         token_ids = greedy_ids
         if random_rows:
             token_ids = greedy_ids.clone()
             rows = torch.tensor(random_rows, device=logits.device)
-            token_ids[rows] = self._sample(logits[rows], [requests[i] for i in random_rows])
+            token_ids[rows] = self._sample(processed[rows], [requests[i] for i in random_rows])
         ids = token_ids.tolist()
         want = [p.logprobs for p in params]
         if all(n is None for n in want):

@@ -6,6 +6,7 @@ detokenize incrementally and apply stop strings without importing torch or trans
 
 from __future__ import annotations
 
+from scalellm.text.bad_words import bad_words_token_ids, resolve_bad_words
 from scalellm.text.chat_template import ChatTemplateError, render_chat_template
 from scalellm.text.detokenizer import IncrementalDetokenizer
 from scalellm.text.stop import StopStringMatcher
@@ -16,5 +17,7 @@ __all__ = [
     "IncrementalDetokenizer",
     "StopStringMatcher",
     "Tokenizer",
+    "bad_words_token_ids",
     "render_chat_template",
+    "resolve_bad_words",
 ]

@@ -1,6 +1,8 @@
 """The mesh's wire-neutral request types, defined once and used by gateway, workers and engine.
 
-    sampling.py   SamplingParams (validated when made), InvalidParameter
+    errors.py     InvalidParameter (a bad value, naming its field)
+    sampling.py   SamplingParams (validated when made)
+    structured.py StructuredOutput: a JSON / JSON Schema / regex / Lark constraint
     outputs.py    FinishReason, TokenLogprobs, Usage, Timings
     prefill.py    PrefillTarget, KVDestination, PrefillResult (disaggregated prefill)
     proto.py      the one converter between these and the scalellm.v1 protos
@@ -11,9 +13,11 @@ Torch-free: the gateway imports them. OpenAI's JSON is converted in the gateway
 
 from __future__ import annotations
 
+from scalellm.types.errors import InvalidParameter
 from scalellm.types.outputs import FinishReason, Timings, TokenLogprobs, Usage
 from scalellm.types.prefill import KVDestination, PrefillResult, PrefillTarget
-from scalellm.types.sampling import MAX_LOGPROBS, MAX_STOP_CHARS, InvalidParameter, SamplingParams
+from scalellm.types.sampling import MAX_LOGPROBS, MAX_STOP_CHARS, SamplingParams
+from scalellm.types.structured import StructuredKind, StructuredOutput
 
 __all__ = [
     "MAX_LOGPROBS",
@@ -24,6 +28,8 @@ __all__ = [
     "PrefillResult",
     "PrefillTarget",
     "SamplingParams",
+    "StructuredKind",
+    "StructuredOutput",
     "Timings",
     "TokenLogprobs",
     "Usage",

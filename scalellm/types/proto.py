@@ -8,9 +8,11 @@ field (the workers' interceptor reports it as INVALID_ARGUMENT; the gateway as '
 
 from __future__ import annotations
 
+from scalellm.types.errors import InvalidParameter
 from scalellm.types.outputs import FinishReason, Timings, TokenLogprobs, Usage
 from scalellm.types.prefill import KVDestination, PrefillResult, PrefillTarget
 from scalellm.types.sampling import SamplingParams
+from scalellm.types.structured import StructuredKind, StructuredOutput
 from scalellm.v1 import common_pb2, worker_pb2
 
 _FINISH_TO_PROTO = {
@@ -34,11 +36,19 @@ def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
         max_tokens=params.max_tokens or 0,
         stop_token_ids=params.stop_token_ids,
         ignore_eos=params.ignore_eos,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        repetition_penalty=params.repetition_penalty,
+        logit_bias=dict(params.logit_bias),
+        min_tokens=params.min_tokens,
+        bad_words_token_ids=[common_pb2.TokenSequence(token_ids=s) for s in params.bad_words_token_ids],
     )
     if params.seed is not None:
         msg.seed = params.seed
     if params.logprobs is not None:
         msg.logprobs = params.logprobs
+    if params.structured_output is not None:
+        msg.structured_output.CopyFrom(structured_to_proto(params.structured_output))
     return msg
 
 
@@ -54,7 +64,35 @@ def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
         stop_token_ids=tuple(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        presence_penalty=msg.presence_penalty,
+        frequency_penalty=msg.frequency_penalty,
+        repetition_penalty=msg.repetition_penalty or 1.0,
+        logit_bias=tuple(sorted(msg.logit_bias.items())),
+        min_tokens=msg.min_tokens,
+        bad_words_token_ids=tuple(tuple(s.token_ids) for s in msg.bad_words_token_ids),
+        structured_output=structured_from_proto(msg.structured_output)
+        if msg.HasField("structured_output")
+        else None,
     )
+
+
+def structured_to_proto(so: StructuredOutput) -> common_pb2.StructuredOutput:
+    msg = common_pb2.StructuredOutput()
+    if so.kind is StructuredKind.JSON_OBJECT:
+        msg.json_object = True
+    else:
+        setattr(msg, so.kind.value, so.spec)
+    return msg
+
+
+def structured_from_proto(msg: common_pb2.StructuredOutput) -> StructuredOutput:
+    """A message with no kind set (or json_object false) is refused: it asks for nothing."""
+    kind = msg.WhichOneof("kind")
+    if kind is None or (kind == "json_object" and not msg.json_object):
+        raise InvalidParameter("structured_output", "must set one of json_object, json_schema, regex, lark")
+    if kind == "json_object":
+        return StructuredOutput.json_object()
+    return StructuredOutput(StructuredKind(kind), getattr(msg, kind))
 
 
 # ---- outputs ---------------------------------------------------------------------------------

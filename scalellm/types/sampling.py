@@ -9,26 +9,21 @@ HTTP 400 with an OpenAI error body).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from scalellm.types.errors import InvalidParameter
+from scalellm.types.structured import StructuredOutput
 
 MAX_LOGPROBS = 20
 """Most top logprobs per token (OpenAI's limit)."""
 MAX_STOP_CHARS = 1024
 """Longest stop string."""
-
-
-class InvalidParameter(ValueError):
-    """A bad value of one field: the message is ``'<field>' <problem>``."""
-
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"'{field}' {problem}")
-        self.field = field
-        self.problem = problem
-
-    def message_for(self, param: str) -> str:
-        """The message with the field under a boundary's own name ("sampling.top_p", ...)."""
-        return f"'{param}' {self.problem}"
+MAX_LOGIT_BIAS = 100.0
+"""logit_bias values lie in [-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS] (OpenAI's range)."""
+MAX_PENALTY = 2.0
+"""presence_penalty and frequency_penalty lie in [-MAX_PENALTY, MAX_PENALTY] (OpenAI's range)."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +46,23 @@ class SamplingParams:
     stop: strings that end the output (applied to the text by the gateway and the offline LLM;
         duplicates dropped).
     include_stop_str_in_output: keep the matched stop string at the end of the text.
+    presence_penalty: subtract this from the logit of every token already generated, in [-2, 2].
+    frequency_penalty: subtract this times the token's count in the output so far, in [-2, 2].
+    repetition_penalty: > 0; a token seen in the prompt or the output has its logit divided by it
+        when positive, multiplied when negative (1: off).
+    logit_bias: (token id, bias) pairs added to the logits before sampling, bias in [-100, 100]
+        (a mapping is accepted and stored as pairs sorted by id).
+    min_tokens: end-of-sequence and stop token ids cannot be sampled before this many tokens.
+    bad_words: strings never to generate (text: the gateway or the offline API turns them into
+        bad_words_token_ids with the tokenizer; the engine takes only the ids).
+    bad_words_token_ids: token sequences never to generate: the last token of a sequence is banned
+        whenever the output ends with the rest of it (a one-token sequence: always banned).
+    structured_output: a JSON / JSON Schema / regex / Lark constraint on the whole output (not with
+        ignore_eos or min_tokens: the grammar decides where the output ends).
+
+    The penalties and controls act in vLLM's order on the logits: structured output mask, bad
+    words, min_tokens, logit_bias, then repetition, frequency and presence penalties; greedy
+    requests take the argmax of the result. Reported logprobs stay those of the raw logits.
     """
 
     n: int = 1
@@ -66,11 +78,25 @@ class SamplingParams:
     skip_special_tokens: bool = True
     stop: tuple[str, ...] = ()
     include_stop_str_in_output: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    bad_words: tuple[str, ...] = ()
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
+    structured_output: StructuredOutput | None = None
+    uses_logits_controls: bool = field(init=False, repr=False, compare=False)
+    """Whether any control beyond temperature / top-k / top-p / min-p touches the logits (set
+    when made: the sampler's fast path for requests that use none)."""
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and stored as tuples (the object is frozen and hashable).
         if not isinstance(self.stop_token_ids, tuple):
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
+        object.__setattr__(self, "bad_words", _strings("bad_words", self.bad_words))
+        object.__setattr__(self, "bad_words_token_ids", _sequences(self.bad_words_token_ids))
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         _check_stop(stop)
         object.__setattr__(self, "stop", tuple(dict.fromkeys(stop)))
@@ -108,6 +134,40 @@ class SamplingParams:
             f"must be in [0, {MAX_LOGPROBS}]",
             self.logprobs,
         )
+        self._validate_controls()
+        uses = (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+            or bool(self.logit_bias)
+            or self.min_tokens > 0
+            or bool(self.bad_words_token_ids)
+            or self.structured_output is not None
+        )
+        object.__setattr__(self, "uses_logits_controls", uses)
+
+    def _validate_controls(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            ok = _is_number(value) and -MAX_PENALTY <= value <= MAX_PENALTY
+            _check(name, ok, f"must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]", value)
+        rp = self.repetition_penalty
+        _check("repetition_penalty", _is_number(rp) and 0.0 < rp < math.inf, "must be > 0", rp)
+        _check(
+            "min_tokens", _is_int(self.min_tokens) and self.min_tokens >= 0, "must be >= 0", self.min_tokens
+        )
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise InvalidParameter(
+                "min_tokens", f"must be at most max_tokens ({self.max_tokens}), got {self.min_tokens}"
+            )
+        so = self.structured_output
+        if so is not None and not isinstance(so, StructuredOutput):
+            raise InvalidParameter("structured_output", f"must be a StructuredOutput, got {so!r}")
+        if so is not None and (self.ignore_eos or self.min_tokens):
+            raise InvalidParameter(
+                "structured_output",
+                "cannot be combined with ignore_eos or min_tokens (the grammar decides where the output ends)",
+            )
 
     @property
     def greedy(self) -> bool:
@@ -117,6 +177,55 @@ class SamplingParams:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _logit_bias(value: object) -> tuple[tuple[int, float], ...]:
+    """A mapping or pairs -> pairs sorted by token id, each checked."""
+    pairs = value.items() if isinstance(value, Mapping) else value
+    if not isinstance(pairs, Iterable) or isinstance(pairs, (str, bytes)):
+        raise InvalidParameter("logit_bias", f"must map token ids to numbers, got {value!r}")
+    out: dict[int, float] = {}
+    for pair in pairs:
+        if not isinstance(pair, tuple) or len(pair) != 2:
+            raise InvalidParameter("logit_bias", f"must map token ids to numbers, got {pair!r}")
+        token, bias = pair
+        if not _is_int(token) or token < 0:
+            raise InvalidParameter("logit_bias", f"keys must be token ids (integers >= 0), got {token!r}")
+        if not _is_number(bias) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+            raise InvalidParameter(
+                "logit_bias", f"values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias!r}"
+            )
+        out[token] = float(bias)
+    return tuple(sorted(out.items()))
+
+
+def _strings(name: str, value: object) -> tuple[str, ...]:
+    items = (value,) if isinstance(value, str) else value
+    if not isinstance(items, Iterable):
+        raise InvalidParameter(name, f"must be a list of strings, got {value!r}")
+    out = tuple(items)
+    for s in out:
+        if not isinstance(s, str) or not s:
+            raise InvalidParameter(name, f"must be non-empty strings, got {s!r}")
+    return out
+
+
+def _sequences(value: object) -> tuple[tuple[int, ...], ...]:
+    if not isinstance(value, Iterable):
+        raise InvalidParameter("bad_words_token_ids", f"must be a list of token id lists, got {value!r}")
+    out = []
+    for seq in value:
+        ids = tuple(seq) if isinstance(seq, Iterable) else ()
+        if not ids or not all(_is_int(t) and t >= 0 for t in ids):
+            raise InvalidParameter(
+                "bad_words_token_ids", f"must be non-empty lists of token ids (integers >= 0), got {seq!r}"
+            )
+        out.append(ids)
+    return tuple(dict.fromkeys(out))
 
 
 def _check(field: str, ok: bool, rule: str, value: object) -> None:

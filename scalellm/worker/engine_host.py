@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import replace
 
 from scalellm.engine.async_engine import AsyncEngine
 from scalellm.engine.engine import LLMEngine
 from scalellm.engine.events import TokenEvent
+from scalellm.engine.request import Request
 from scalellm.models.prepare import resolve_model_dir
 from scalellm.registry import WorkerInfo, WorkerLoad
+from scalellm.types import SamplingParams
 from scalellm.worker.config import WorkerConfig
 from scalellm.worker.load_window import LoadWindow
 from scalellm.worker.metrics import WorkerMetrics
@@ -34,6 +37,30 @@ class EngineHost:
 
     def start(self) -> None:
         self.aengine.start()
+
+    async def make_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        *,
+        prefill_only: bool = False,
+    ) -> Request:
+        """The engine's make_request, off the event loop when it compiles structured output (a
+        new spec takes milliseconds, the first one also loads the grammar tokenizer)."""
+        if params.structured_output is None:
+            return self.engine.make_request(
+                request_id, prompt_token_ids, params, priority, prefill_only=prefill_only
+            )
+        return await asyncio.to_thread(
+            self.engine.make_request,
+            request_id,
+            prompt_token_ids,
+            params,
+            priority,
+            prefill_only=prefill_only,
+        )
 
     def stop(self) -> None:
         self.aengine.stop()

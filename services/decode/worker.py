@@ -134,7 +134,7 @@ class DecodeWorker:
     ) -> AsyncGenerator[Chunk, None]:
         if self.draining:
             raise Unavailable(f"decode worker {self.config.worker_id} is draining")
-        req = self.host.engine.make_request(request_id, prompt_token_ids, params, priority)
+        req = await self.host.make_request(request_id, prompt_token_ids, params, priority)
         self.in_flight += 1
         try:
             if targets:
@@ -171,7 +171,7 @@ class DecodeWorker:
             if remote is None:  # every prefill worker failed: recompute here
                 aengine.close_stream(req)
                 await aengine.abort(req.request_id)
-                fresh = self.host.engine.make_request(
+                fresh = await self.host.make_request(
                     req.request_id, req.prompt_token_ids, req.sampling_params, req.priority
                 )
                 async for chunk in self._local(fresh):

@@ -63,7 +63,7 @@ class PrefillWorker:
             raise ValueError("destination.decode_worker_id and destination.transfer_endpoint are required")
         # The same request id may come from two decode workers: qualify it.
         rid = f"{target.decode_worker_id}/{request_id}/{target.transfer_id}"
-        req = self.host.engine.make_request(rid, prompt_token_ids, params, priority, prefill_only=True)
+        req = await self.host.make_request(rid, prompt_token_ids, params, priority, prefill_only=True)
         if not target.block_ids or target.skip_blocks * self.host.engine.block_size >= req.num_prompt_tokens:
             raise ValueError(
                 f"destination.block_ids is empty or skip_blocks={target.skip_blocks} skips the whole "

@@ -98,3 +98,75 @@ def test_prefill_types_round_trip_through_the_proto() -> None:
 def test_the_types_and_their_proto_converter_import_without_torch() -> None:
     code = "import sys, scalellm.types, scalellm.types.proto; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_sampling_controls_are_checked_and_normalised() -> None:
+    from scalellm.types import StructuredOutput
+
+    p = SamplingParams(logit_bias={9: 1, 3: -2.5}, bad_words_token_ids=[[4, 5], [6], [4, 5]])  # type: ignore[arg-type]
+    assert p.logit_bias == ((3, -2.5), (9, 1.0)) and p.bad_words_token_ids == ((4, 5), (6,))
+    assert p.uses_logits_controls and not SamplingParams(temperature=0.3, top_k=5).uses_logits_controls
+    assert SamplingParams(structured_output=StructuredOutput.regex("a")).uses_logits_controls
+    for kwargs, field in [
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"repetition_penalty": float("nan")}, "repetition_penalty"),
+        ({"logit_bias": {1: 101}}, "logit_bias"),
+        ({"logit_bias": {-1: 1}}, "logit_bias"),
+        ({"logit_bias": {"7": 1}}, "logit_bias"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"min_tokens": 20, "max_tokens": 10}, "min_tokens"),
+        ({"bad_words": [""]}, "bad_words"),
+        ({"bad_words_token_ids": [[]]}, "bad_words_token_ids"),
+        ({"bad_words_token_ids": [[1, -2]]}, "bad_words_token_ids"),
+        ({"structured_output": "json"}, "structured_output"),
+        ({"structured_output": StructuredOutput.json_object(), "ignore_eos": True}, "structured_output"),
+        ({"structured_output": StructuredOutput.json_object(), "min_tokens": 2}, "structured_output"),
+    ]:
+        with pytest.raises(InvalidParameter) as err:
+            SamplingParams(**kwargs)  # type: ignore[arg-type]
+        assert err.value.field == field, kwargs
+
+
+def test_structured_output_checks_what_it_can_without_a_vocabulary() -> None:
+    from scalellm.types import StructuredKind, StructuredOutput
+
+    assert (
+        StructuredOutput.json_schema({"type": "object", "b": 1, "a": 2}).spec
+        == '{"type": "object", "b": 1, "a": 2}'
+    )
+    for make in (
+        lambda: StructuredOutput.json_schema("not json"),
+        lambda: StructuredOutput.json_schema("[1, 2]"),
+        lambda: StructuredOutput.regex(""),
+        lambda: StructuredOutput(StructuredKind.JSON_OBJECT, "x"),
+        lambda: StructuredOutput.lark("x" * (64 * 1024 + 1)),
+    ):
+        with pytest.raises(InvalidParameter) as err:
+            make()
+        assert err.value.field == "structured_output"
+
+
+def test_every_sampling_control_round_trips_through_the_proto() -> None:
+    from scalellm.types import StructuredOutput
+
+    for so in (
+        StructuredOutput.json_object(),
+        StructuredOutput.json_schema({"type": "string"}),
+        StructuredOutput.regex("[a-z]+"),
+        StructuredOutput.lark('start: "x"'),
+    ):
+        full = SamplingParams(
+            temperature=0.5, presence_penalty=0.5, frequency_penalty=-0.25, repetition_penalty=1.5,
+            logit_bias={5: 3.0, 2: -1.0}, bad_words_token_ids=[[1, 2], [3]], structured_output=so,
+        )  # fmt: skip
+        assert convert.sampling_from_proto(convert.sampling_to_proto(full)) == full
+    held = SamplingParams(min_tokens=4, max_tokens=8)
+    assert convert.sampling_from_proto(convert.sampling_to_proto(held)) == held
+    unset = common_pb2.SamplingParams()
+    assert convert.sampling_from_proto(unset).repetition_penalty == 1.0  # 0 on the wire means unset
+    empty = common_pb2.SamplingParams(structured_output=common_pb2.StructuredOutput())
+    with pytest.raises(InvalidParameter) as err:
+        convert.sampling_from_proto(empty)
+    assert err.value.field == "structured_output"

@@ -1,0 +1,155 @@
+"""The sampler's logits controls against a reference written out token by token: penalties,
+logit_bias, min_tokens, bad words; and what they do to sampled tokens."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from scalellm.engine.logits_controls import LogitsControls
+from scalellm.engine.request import Request
+from scalellm.engine.sampler import Sampler
+from scalellm.types import SamplingParams
+
+VOCAB = 40
+EOS = 2
+
+
+def _request(rid: str, params: SamplingParams, prompt: list[int], output: list[int] = ()) -> Request:  # type: ignore[assignment]
+    req = Request(rid, prompt, params, max_tokens=64, eos_token_ids=frozenset({EOS}))
+    for t in output:
+        req.append_token(t)
+    return req
+
+
+def _logits(rows: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, VOCAB, generator=g) * 3
+
+
+def _reference(logits: list[float], req: Request) -> list[float]:
+    """vLLM's order, one token at a time: bad words, min_tokens, bias, repetition, frequency, presence."""
+    p = req.sampling_params
+    out = list(logits)
+    output = req.output_token_ids
+    for seq in p.bad_words_token_ids:
+        if len(seq) == 1 or output[len(output) - len(seq) + 1 :] == list(seq[:-1]):
+            out[seq[-1]] = -math.inf
+    if len(output) < p.min_tokens:
+        for t in {*p.stop_token_ids, *([] if p.ignore_eos else [EOS])}:
+            out[t] = -math.inf
+    for t, b in p.logit_bias:
+        out[t] += b
+    for t in range(VOCAB):
+        count = output.count(t)
+        if count or t in req.prompt_token_ids:
+            out[t] = out[t] / p.repetition_penalty if out[t] > 0 else out[t] * p.repetition_penalty
+        out[t] -= p.frequency_penalty * count + p.presence_penalty * (count > 0)
+    return out
+
+
+def test_every_control_matches_the_reference_row_by_row() -> None:
+    logits = _logits(5)
+    reqs = [
+        _request("plain", SamplingParams(), [3, 4], [5]),
+        _request("pen", SamplingParams(presence_penalty=0.5, frequency_penalty=0.7), [3, 4], [5, 5, 6, 9, 5]),
+        _request("rep", SamplingParams(repetition_penalty=1.7), [3, 4, 11, 11], [5, 6]),
+        _request(
+            "all",
+            SamplingParams(
+                presence_penalty=-0.3,
+                frequency_penalty=1.1,
+                repetition_penalty=0.6,
+                logit_bias={7: 4.5, 8: -2.0, 5: 1.0},
+                min_tokens=4,
+                stop_token_ids=(9,),
+                bad_words_token_ids=[(12,), (5, 13), (6, 14)],
+            ),
+            [7, 3],
+            [6, 5],
+        ),
+        _request("bias-only", SamplingParams(logit_bias={0: -100.0, 39: 100.0}), [1], []),
+    ]
+    processed = LogitsControls()(logits, reqs)
+    for i, req in enumerate(reqs):
+        expected = torch.tensor(_reference(logits[i].tolist(), req))
+        torch.testing.assert_close(processed[i], expected, msg=req.request_id)
+    assert processed[3, 13] == -math.inf and processed[3, 14] != -math.inf  # output ends with 5, not 6
+    assert processed[3, 12] == -math.inf and processed[3, EOS] == -math.inf and processed[3, 9] == -math.inf
+    torch.testing.assert_close(logits, _logits(5))  # the raw logits are not touched (logprobs use them)
+
+
+def test_a_batch_without_controls_is_not_copied() -> None:
+    logits = _logits(3)
+    reqs = [_request(f"r{i}", SamplingParams(temperature=0.5, top_k=3), [1, 2], [3]) for i in range(3)]
+    assert LogitsControls()(logits, reqs) is logits
+
+
+def test_min_tokens_holds_back_eos_and_stop_ids_until_reached() -> None:
+    logits = torch.zeros(1, VOCAB)
+    logits[0, EOS] = 10.0
+    logits[0, 9] = 9.0
+    sampler = Sampler(torch.device("cpu"))
+    params = SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=(9,))
+    for n in range(3):
+        assert sampler(logits, [_request("m", params, [1], [20] * n)]).token_ids[0] not in (EOS, 9)
+    assert sampler(logits, [_request("m", params, [1], [20] * 3)]).token_ids == [EOS]
+    ignoring = SamplingParams(temperature=0.0, min_tokens=3, ignore_eos=True, stop_token_ids=(9,))
+    assert sampler(logits, [_request("i", ignoring, [1])]).token_ids == [EOS]  # EOS does not stop it
+
+
+def test_logit_bias_forces_and_bans_tokens_in_sampling() -> None:
+    logits = _logits(1)
+    sampler = Sampler(torch.device("cpu"))
+    forced = SamplingParams(temperature=1.0, logit_bias={17: 100.0})
+    assert {sampler(logits, [_request("f", forced, [1])]).token_ids[0] for _ in range(50)} == {17}
+    top = int(logits[0].argmax())
+    banned = SamplingParams(temperature=0.0, logit_bias={top: -100.0})
+    assert sampler(logits, [_request("b", banned, [1])]).token_ids[0] != top
+
+
+def test_banned_ids_never_appear_in_samples() -> None:
+    logits = torch.zeros(1, VOCAB)  # uniform: every token is likely without the ban
+    banned = list(range(0, VOCAB, 2))
+    params = SamplingParams(temperature=1.0, bad_words_token_ids=[(t,) for t in banned])
+    sampler = Sampler(torch.device("cpu"))
+    seen = {sampler(logits, [_request("b", params, [1])]).token_ids[0] for _ in range(300)}
+    assert seen.isdisjoint(banned) and len(seen) > 10
+
+
+@pytest.mark.parametrize(
+    ("params", "p_repeat"),
+    [
+        (SamplingParams(presence_penalty=math.log(3)), 0.25),  # 2 - ln 3 against 2: 1/3 : 1
+        (SamplingParams(frequency_penalty=math.log(3) / 2), 0.25),  # counted twice: the same
+        (SamplingParams(repetition_penalty=2.0), 1 / (1 + math.e)),  # 2 / 2 = 1 against 2
+        (SamplingParams(logit_bias={0: math.log(3)}), 0.75),  # 3 : 1
+    ],
+)
+def test_sampled_frequencies_follow_the_penalised_distribution(
+    params: SamplingParams, p_repeat: float
+) -> None:
+    """Two live tokens of equal logits; token 0 is in the output (twice), token 1 is in neither
+    prompt nor output. Token 0's sampled share is the softmax of the controlled logits, as
+    vLLM's formulas give it."""
+    logits = torch.tensor([[2.0, 2.0, -math.inf]])
+    req = _request("d", params, [2], [0, 0] if params.frequency_penalty else [0])
+    sampler = Sampler(torch.device("cpu"))
+    picks = [sampler(logits, [req]).token_ids[0] for _ in range(3000)]
+    share = picks.count(0) / len(picks)
+    assert abs(share - p_repeat) < 0.035, share
+
+
+def test_penalties_change_greedy_choice_and_leave_logprobs_raw() -> None:
+    logits = torch.tensor([[3.0, 2.9, 0.0, 1.0]])
+    sampler = Sampler(torch.device("cpu"))
+    plain = SamplingParams(temperature=0.0, logprobs=1)
+    penalised = SamplingParams(temperature=0.0, logprobs=1, presence_penalty=0.2)
+    assert sampler(logits, [_request("a", plain, [3], [0])]).token_ids == [0]
+    out = sampler(logits, [_request("b", penalised, [3], [0])])
+    assert out.token_ids == [1]
+    lp = out.logprobs[0]
+    assert lp is not None
+    assert lp.logprob == pytest.approx(float(logits[0].log_softmax(-1)[1]))
