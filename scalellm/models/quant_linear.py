@@ -23,6 +23,8 @@ Both compute the same ``(x @ q^T) * s``, accumulated in a different order.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -85,47 +87,65 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
-class Int8Embedding(nn.Module):
-    """``nn.Embedding`` over int8 rows with a scale per row (the token's)."""
+class QuantEmbedding(nn.Module):
+    """``nn.Embedding`` over quantized rows (int8 or fp8) with a scale per row (the token's)."""
 
     qweight: torch.Tensor
     scales: torch.Tensor
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> None:
         super().__init__()
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
+        self.dtype = dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.qweight[ids].to(self.scales.dtype) * self.scales[ids].unsqueeze(-1)
+        return (self.qweight[ids].float() * self.scales[ids].float().unsqueeze(-1)).to(self.dtype)
 
 
-def quantize_int8(model: nn.Module) -> int:
-    """Replace every nn.Linear of ``model`` by an Int8Linear and its ``embed_tokens`` by an
-    Int8Embedding; a weight tied between them is quantized once and shared. Returns how many
-    weights were quantized."""
+Quantizer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+LinearFactory = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], nn.Module]
+
+
+def replace_weights(
+    model: nn.Module,
+    quantize: Quantizer,
+    make_linear: LinearFactory,
+    skip: Callable[[nn.Linear], bool] | None = None,
+) -> int:
+    """Replace every nn.Linear of ``model`` by ``make_linear(q, s, bias)`` and every nn.Embedding
+    by a QuantEmbedding; a weight tied between them is quantized once and shared. Linear layers
+    ``skip`` names keep their weights. Returns how many weights were quantized."""
     quantized: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key = id(weight)
-        if key not in quantized:
-            quantized[key] = quantize_per_channel(weight, weight.dtype)
-        return quantized[key]
+    def cached(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if id(weight) not in quantized:
+            quantized[id(weight)] = quantize(weight)
+        return quantized[id(weight)]
 
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
+            if isinstance(child, nn.Linear) and not (skip and skip(child)):
                 bias = None if child.bias is None else child.bias.detach().clone()
-                setattr(parent, name, Int8Linear(*int8(child.weight), bias))
+                setattr(parent, name, make_linear(*cached(child.weight), bias))
             elif isinstance(child, nn.Embedding):
-                setattr(parent, name, Int8Embedding(*int8(child.weight)))
+                setattr(parent, name, QuantEmbedding(*cached(child.weight), child.weight.dtype))
     return len(quantized)
+
+
+def quantize_int8(model: nn.Module) -> int:
+    """Every linear layer and embedding of ``model`` to int8 (see replace_weights)."""
+    return replace_weights(model, lambda w: quantize_per_channel(w, w.dtype), Int8Linear)
 
 
 def quantize_weights(model: nn.Module, quantization: str) -> int:
     """Quantize ``model`` in place to ``quantization`` (EngineConfig.quantization, not none)."""
     if quantization == "int8":
         return quantize_int8(model)
+    if quantization == "fp8":
+        from scalellm.models.quant_fp8 import quantize_fp8
+
+        return quantize_fp8(model)
     raise ValueError(f"weight quantization {quantization!r} is not implemented")
 
 
