@@ -53,7 +53,7 @@ def test_per_channel_round_trip_is_within_half_a_step(dtype: torch.dtype) -> Non
 def test_int8_linear_equals_f_linear_over_the_dequantized_weight(
     dtype: torch.dtype, rows: int, bias: bool
 ) -> None:
-    """Within the output dtype's rounding: 1e-4 relative in float32, 2e-2 in bfloat16."""
+    """Within the output dtype's rounding: 1e-4 relative in float32, 5e-3 in bfloat16 (two roundings)."""
     linear = torch.nn.Linear(96, 80, bias=bias)
     with torch.no_grad():
         linear.weight.copy_(_weight(80, 96, 1))
@@ -63,7 +63,7 @@ def test_int8_linear_equals_f_linear_over_the_dequantized_weight(
     reference = F.linear(x.float(), dequantize(int8.qweight, int8.scales, torch.float32))
     if bias:
         reference += linear.bias.float()
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    tol = 1e-4 if dtype == torch.float32 else 5e-3
     got = int8(x.unsqueeze(0)).squeeze(0)
     assert got.dtype == dtype and got.shape == (rows, 80)
     torch.testing.assert_close(got.float(), reference, atol=tol * reference.abs().max().item(), rtol=tol)
