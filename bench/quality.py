@@ -25,6 +25,7 @@ import json
 import math
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,10 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
+def progress(stage: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {stage}", file=sys.stderr, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -165,14 +170,18 @@ def main() -> None:
     runners = {f"{q}/{kv}": make_runner(model_dir, args.dtype, q, kv, max_len) for q, kv in MODES}
     ref_name = "none/auto"
     results: dict[str, dict[str, float]] = {}
+    progress("runners loaded")
     scores = {name: score(runner, sequences, args.prefill) for name, runner in runners.items()}
+    progress("teacher-forced scores")
     first_sentences = [p.split(". ")[0] + "." for p in paragraphs]
     greedy = {
         f"{q}/{kv}": greedy_texts(model_dir, args.dtype, q, kv, first_sentences, args.greedy_tokens)
         for q, kv in MODES
     }
+    progress("greedy generations")
     speed_1 = decode_step_times(runners, 1, 128, args.rounds)
     speed_64 = decode_step_times(runners, 64, 128, args.rounds)
+    progress("decode steps")
     ref = scores[ref_name]
     for name, runner in runners.items():
         s = scores[name]
