@@ -6,7 +6,8 @@
 For each (in, out) shape of SmolLM2-135M's linear layers and each row count M, side by side in one
 run, interleaved call by call: PackedLinear (bfloat16, oneDNN), Int8Linear as the engine runs it
 (models/quant_linear.py: ``torch._weight_int8pack_mm`` up to GEMV_ROWS rows, else the int8 weight
-converted and one matmul), and each of its two kernels on its own. Medians in microseconds.
+converted and one matmul), each of its two kernels on its own, and for comparison a W8A8 matmul
+(activations quantized per token, ``torch._int_mm``). Medians in microseconds.
 """
 
 from __future__ import annotations
@@ -52,7 +53,17 @@ def kernels(packed: PackedLinear, int8: Int8Linear, x: torch.Tensor) -> dict[str
         "int8": lambda: int8(x),
         "gemv": lambda: torch._weight_int8pack_mm(x, int8.qweight, int8.scales),
         "convert": lambda: F.linear(x, int8.qweight.to(x.dtype)).mul_(int8.scales),
+        "w8a8": lambda: w8a8(x, int8),
     }
+
+
+def w8a8(x: torch.Tensor, int8: Int8Linear) -> torch.Tensor:
+    """For comparison only (not what the engine runs): activations quantized per token too, then
+    torch._int_mm (int8 x int8 -> int32, VNNI) and both scales."""
+    xf = x.float()
+    xs = xf.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+    xq = torch.round(xf / xs).to(torch.int8)
+    return (torch._int_mm(xq, int8.qweight.t()).float() * xs * int8.scales.float()).to(x.dtype)
 
 
 @torch.inference_mode()
@@ -68,7 +79,9 @@ def main() -> None:
     print(
         f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
-    print("layer | M | bf16 packed us | int8 (engine) us | int8pack_mm us | convert+matmul us | engine/bf16")
+    print(
+        "layer | M | bf16 packed us | int8 (engine) us | int8pack_mm us | convert+matmul us | w8a8 _int_mm us | engine/bf16"
+    )
     for name in args.shapes:
         k, n = SHAPES[name]
         linear = nn.Linear(k, n, bias=False).to(torch.bfloat16)
@@ -77,7 +90,7 @@ def main() -> None:
             x = torch.randn(m, k, dtype=torch.bfloat16)
             t = interleaved(kernels(packed, int8, x), args.repeats)
             print(
-                f"{name} | {m} | {t['bf16']:.0f} | {t['int8']:.0f} | {t['gemv']:.0f} | {t['convert']:.0f} | "
+                f"{name} | {m} | {t['bf16']:.0f} | {t['int8']:.0f} | {t['gemv']:.0f} | {t['convert']:.0f} | {t['w8a8']:.0f} | "
                 f"{t['int8'] / t['bf16']:.2f}",
                 flush=True,
             )
