@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from scalellm.models.quant_linear import replace_weights
+from scalellm.models.quant_linear import QuantLinear, replace_weights
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -33,25 +33,14 @@ def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (xf / scales).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scales
 
 
-class Fp8Linear(nn.Module):
-    """``nn.Linear`` semantics with fp8 weights and per-token fp8 activations (inference only)."""
-
-    qweight: torch.Tensor  # buffers, declared for the type checker
-    scales: torch.Tensor
-    bias: torch.Tensor | None
-
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.out_features, self.in_features = qweight.shape
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("scales", scales.reshape(1, -1))  # [1, out]: row-wise over the output
-        self.register_buffer("bias", bias)
+class Fp8Linear(QuantLinear):
+    """fp8 weights, and activations quantized per token on every call."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         xq, xs = quantize_fp8_rows(x.reshape(-1, self.in_features))
         out = torch._scaled_mm(
-            xq, self.qweight.t(), scale_a=xs, scale_b=self.scales, out_dtype=torch.bfloat16
+            xq, self.qweight.t(), scale_a=xs, scale_b=self.scales.view(1, -1), out_dtype=torch.bfloat16
         ).to(x.dtype)
         if self.bias is not None:
             out = out.add_(self.bias)

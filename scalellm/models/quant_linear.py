@@ -52,8 +52,9 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> tor
     return (q.float() * scales.float().unsqueeze(1)).to(dtype)
 
 
-class Int8Linear(nn.Module):
-    """``nn.Linear`` semantics over an int8 weight with per-output-channel scales (inference only)."""
+class QuantLinear(nn.Module):
+    """``nn.Linear`` semantics over a quantized weight [out, in] with a scale per output channel
+    (inference only); subclasses compute."""
 
     qweight: torch.Tensor  # buffers, declared for the type checker
     scales: torch.Tensor
@@ -65,6 +66,13 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
         self.register_buffer("bias", bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.qweight.dtype}"
+
+
+class Int8Linear(QuantLinear):
+    """int8 weights: ``(x @ q^T) * s`` (see the module docstring for the kernels)."""
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -82,9 +90,6 @@ class Int8Linear(nn.Module):
         if self.bias is not None:
             out = out.add_(self.bias)
         return out.view(*lead, self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
 class QuantEmbedding(nn.Module):
