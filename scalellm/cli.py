@@ -16,6 +16,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+# The engine's choices (scalellm/engine/config.py), spelled here so `scalellm` stays torch-free.
+QUANTIZATIONS = ("none", "int8", "fp8")
+KV_CACHE_DTYPES = ("auto", "int8")
+
 
 def _cmd_model_prepare(args: argparse.Namespace) -> int:
     from scalellm.models.prepare import prepare_demo_model
@@ -92,6 +96,8 @@ def _add_up_parser(sub: argparse._SubParsersAction) -> None:
     )
     add("--device", default="auto", help="worker device: cpu, cuda or auto")
     add("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    add("--quantization", default="none", choices=QUANTIZATIONS, help="worker weights (fp8: CUDA)")
+    add("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help="worker KV cache")
     add("--gpus", default=None, help="comma-separated GPU ids handed to workers round-robin")
     add("--num-kv-blocks", type=int, default=None, help="KV cache blocks per worker")
     add("--kv-cache-gb", type=float, default=None, help="KV cache size per worker in GB")
@@ -155,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     gen.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    gen.add_argument("--quantization", default="none", choices=QUANTIZATIONS, help="weights (fp8: CUDA)")
+    gen.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
     gen.set_defaults(func=_cmd_generate)
 
     serve = sub.add_parser("serve", help="run one service of the mesh", add_help=False)

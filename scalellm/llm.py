@@ -203,7 +203,13 @@ def _broadcast(params: SamplingParams | Sequence[SamplingParams], n: int) -> lis
 
 def run_generate_command(args: argparse.Namespace) -> int:
     """`scalellm generate`: print each prompt's completion."""
-    llm = LLM(model=args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
+    )
     params = SamplingParams(
         temperature=args.temperature,
         top_p=args.top_p,

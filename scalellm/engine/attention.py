@@ -82,6 +82,10 @@ def paged_attention(
 ) -> torch.Tensor:
     """q [T, Hq, D] and new_kv [T, 2, Hkv, D] (rope applied); writes new_kv into the cache and
     returns the attention output [T, Hq * D]."""
+    if kv.dtype == torch.int8:  # an int8 cache quantizes writes, dequantizes reads (kv_quant)
+        from scalellm.engine import kv_quant  # here: kv_quant builds on this module
+
+        return kv_quant.paged_attention(q, new_kv, kv, meta, scale)
     num_tokens, num_heads, head_dim = q.shape
     kv[meta.slot_blocks, :, meta.slot_offsets] = new_kv
     nd = meta.num_decode_tokens

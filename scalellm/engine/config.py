@@ -7,6 +7,9 @@ from dataclasses import dataclass
 import torch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZATIONS = ("none", "int8", "fp8")
+"""Weight formats; fp8 needs a CUDA GPU with fp8 matmuls and is refused elsewhere."""
+KV_CACHE_DTYPES = ("auto", "int8")
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,12 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None
     """torch intra-op threads on CPU (None: torch's default)."""
+    quantization: str = "none"
+    """Weights: none (the model's dtype), int8 (weight-only, a scale per output channel, computed
+    at load; models/quant_linear.py), fp8 (not on CPU)."""
+    kv_cache_dtype: str = "auto"
+    """KV cache: auto (the model's dtype) or int8 (a scale per token and head; about half the
+    bytes of bfloat16; engine/kv_quant.py)."""
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -41,6 +50,20 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
+        self._check_compression()
+
+    def _check_compression(self) -> None:
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {list(QUANTIZATIONS)}, got {self.quantization!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"
+            )
+        if self.quantization == "fp8" and self.torch_device().type != "cuda":
+            raise ValueError(
+                "quantization fp8 needs a CUDA GPU with fp8 matmuls (compute capability 8.9+); "
+                f"this engine runs on {self.torch_device()}: use int8 there"
+            )
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

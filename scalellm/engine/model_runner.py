@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from scalellm.engine.attention import AttentionMetadata, PrefillSpan, select_backend
+from scalellm.engine.attention import AttentionBackend, AttentionMetadata, PrefillSpan, select_backend
 from scalellm.engine.config import EngineConfig
+from scalellm.engine.kv_quant import Int8KVSDPA, KVCacheFormat
 from scalellm.engine.request import Request
 from scalellm.engine.sampler import Sampler, SamplerOutput
 from scalellm.engine.scheduler import ScheduledRequest
@@ -51,7 +52,10 @@ class ModelRunner:
             torch.set_num_threads(config.num_threads)
         self.block_size = config.block_size
         assert config.model is not None, "LLMEngine resolves the model folder first"
-        self.model = load_model(Path(config.model), model_config, self.dtype, self.device, max_model_len)
+        self.model = load_model(
+            Path(config.model), model_config, self.dtype, self.device, max_model_len, config.quantization
+        )
+        self.kv_format = KVCacheFormat.resolve(config.kv_cache_dtype, self.dtype, model_config.head_dim)
         self.num_blocks = config.num_kv_blocks or self._blocks_that_fit()
         self.kv_cache = torch.zeros(
             self.num_blocks,
@@ -59,17 +63,21 @@ class ModelRunner:
             2,
             self.block_size,
             model_config.num_kv_heads,
-            model_config.head_dim,
-            dtype=self.dtype,
+            self.kv_format.row_width,
+            dtype=self.kv_format.dtype,
             device=self.device,
         )
         self.sampler = Sampler(self.device)
-        self.attention = select_backend(self.device)
+        self.attention: AttentionBackend = (
+            Int8KVSDPA(self.dtype) if self.kv_format.quantized else select_backend(self.device)
+        )
         log.info(
-            "model %s on %s (%s), KV cache %d blocks x %d tokens",
+            "model %s on %s (%s, weights %s), KV cache %s, %d blocks x %d tokens",
             model_config.architecture,
             self.device,
             self.dtype,
+            config.quantization,
+            self.kv_format.dtype,
             self.num_blocks,
             self.block_size,
         )
@@ -77,7 +85,7 @@ class ModelRunner:
     @property
     def bytes_per_block(self) -> int:
         c = self.model_config
-        return 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * self.dtype.itemsize
+        return 2 * c.num_layers * self.block_size * c.num_kv_heads * self.kv_format.row_bytes
 
     def _blocks_that_fit(self) -> int:
         if self.device.type == "cuda":

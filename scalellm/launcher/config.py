@@ -31,6 +31,9 @@ class UpConfig:
     """torch threads per worker; None: divide this process's CPU cores between the workers."""
     device: str = "auto"
     dtype: str = "auto"
+    quantization: str = "none"
+    """Worker weights: none, int8 (fp8 on CUDA); EngineConfig.quantization."""
+    kv_cache_dtype: str = "auto"
     gpus: tuple[str, ...] = ()
     """GPU ids handed out round-robin to workers through CUDA_VISIBLE_DEVICES."""
     num_kv_blocks: int | None = None
@@ -124,6 +127,8 @@ class UpConfig:
             threads_per_worker=args.threads_per_worker,
             device=args.device,
             dtype=args.dtype,
+            quantization=args.quantization,
+            kv_cache_dtype=args.kv_cache_dtype,
             gpus=tuple(g.strip() for g in (args.gpus or "").split(",") if g.strip()),
             num_kv_blocks=args.num_kv_blocks,
             kv_cache_gb=args.kv_cache_gb,

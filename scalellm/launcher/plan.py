@@ -125,6 +125,7 @@ def worker_spec(
         "--listen", f"{LOOPBACK}:0", "--advertise-host", LOOPBACK, "--transfer-listen", f"{LOOPBACK}:0",
         "--kvstore", kvstore, "--metrics-port", str(metrics_port), "--num-threads", threads,
         "--device", config.device, "--dtype", config.dtype, "--drain-timeout", str(config.drain_timeout_s),
+        "--quantization", config.quantization, "--kv-cache-dtype", config.kv_cache_dtype,
     ]  # fmt: skip
     argv += _optional(config)
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}

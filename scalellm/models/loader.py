@@ -12,6 +12,7 @@ from safetensors import safe_open
 from scalellm.models.config import ModelConfig
 from scalellm.models.llama import LlamaForCausalLM, RotaryEmbedding
 from scalellm.models.packed_linear import pack_linears, packing_supported
+from scalellm.models.quant_linear import quantize_weights, weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +28,15 @@ def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_model(
-    model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int
+    model_dir: Path,
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int,
+    quantization: str = "none",
 ) -> LlamaForCausalLM:
-    """Allocate the model on ``device`` without random init, then copy the checkpoint in."""
+    """Allocate the model on ``device`` without random init, then copy the checkpoint in; then
+    quantize its weights (``quantization`` other than none) or pack them for oneDNN."""
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_positions)
     model = model.to_empty(device=device).to(dtype)
@@ -39,6 +46,9 @@ def load_model(
     with torch.device(device):
         model.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions)
     model.load_weights(iter_safetensors(model_dir))
-    if packing_supported(device, dtype):
+    if quantization != "none":
+        count = quantize_weights(model, quantization)
+        log.info("weights: %s, %d quantized, %.0f MB", quantization, count, weight_bytes(model) / 1e6)
+    elif packing_supported(device, dtype):
         log.info("linear layers: oneDNN, %d weights reordered for this CPU", pack_linears(model))
     return model.eval()

@@ -18,6 +18,7 @@ _DTYPES: Final[dict[str, torch.dtype]] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
+    "int8": torch.int8,  # an int8 cache (engine/kv_quant.py): head_dim is then D + 2 (the scale)
 }
 
 

@@ -1,0 +1,247 @@
+"""Model compression: int8 weights (models/quant_linear.py) and an int8 KV cache
+(engine/kv_quant.py) against their dequantized references, the engine end to end with both, and
+the settings' validation."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scalellm.engine.attention import AttentionMetadata, PrefillSpan, _decode, sdpa
+from scalellm.engine.config import EngineConfig
+from scalellm.engine.engine import LLMEngine
+from scalellm.engine.kv_quant import Int8KVSDPA, KVCacheFormat, dequantize_rows, quantize_rows
+from scalellm.models.quant_fp8 import Fp8Linear, quantize_fp8_rows, quantize_fp8_weight
+from scalellm.models.quant_linear import (
+    GEMV_ROWS,
+    Int8Linear,
+    QuantEmbedding,
+    dequantize,
+    quantize_int8,
+    quantize_per_channel,
+    weight_bytes,
+)
+from scalellm.transfer import KVLayout, LayoutMismatchError
+from scalellm.types import SamplingParams
+
+
+def _weight(out: int, inp: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=gen) * torch.rand(out, 1, generator=gen)  # rows of unequal range
+    w[3] = 0.0  # an all-zero row must not divide by zero
+    return w
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_channel_round_trip_is_within_half_a_step(dtype: torch.dtype) -> None:
+    w = _weight(40, 24, 0).to(dtype)
+    q, s = quantize_per_channel(w, dtype)
+    assert q.dtype == torch.int8 and s.dtype == dtype and s.shape == (40,)
+    assert int(q.abs().max()) == 127  # each nonzero row spans the whole int8 range
+    assert torch.all(q[3] == 0)
+    err = (dequantize(q, s, torch.float32) - w.float()).abs()
+    assert torch.all(err <= s.float().unsqueeze(1) / 2 * (1 + 1e-3) + 1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, GEMV_ROWS, GEMV_ROWS + 1, 64])  # both kernels
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_linear_equals_f_linear_over_the_dequantized_weight(
+    dtype: torch.dtype, rows: int, bias: bool
+) -> None:
+    """Within the output dtype's rounding: 1e-4 relative in float32, 5e-3 in bfloat16 (two roundings)."""
+    linear = torch.nn.Linear(96, 80, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(_weight(80, 96, 1))
+    linear = linear.to(dtype)
+    int8 = Int8Linear.from_linear(linear)
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    reference = F.linear(x.float(), dequantize(int8.qweight, int8.scales, torch.float32))
+    if bias:
+        reference += linear.bias.float()
+    tol = 1e-4 if dtype == torch.float32 else 5e-3
+    got = int8(x.unsqueeze(0)).squeeze(0)
+    assert got.dtype == dtype and got.shape == (rows, 80)
+    torch.testing.assert_close(got.float(), reference, atol=tol * reference.abs().max().item(), rtol=tol)
+
+
+def test_a_tied_embedding_and_lm_head_share_one_int8_copy() -> None:
+    model = torch.nn.ModuleDict(
+        {"embed": torch.nn.Embedding(50, 16), "head": torch.nn.Linear(16, 50, bias=False)}
+    )
+    model["head"].weight = model["embed"].weight  # type: ignore[union-attr]
+    full = model["embed"].weight.detach().clone()  # type: ignore[union-attr]
+    before = weight_bytes(model)
+    assert quantize_int8(model) == 1
+    embed, head = model["embed"], model["head"]
+    assert isinstance(embed, QuantEmbedding) and isinstance(head, Int8Linear)
+    assert embed.qweight.data_ptr() == head.qweight.data_ptr()
+    assert weight_bytes(model) == 50 * 16 + 50 * 4  # int8 values + a float32 scale per row
+    assert before == 50 * 16 * 4
+    ids = torch.tensor([[0, 7], [49, 7]])
+    step = full.abs().amax(dim=1, keepdim=True) / 127
+    assert torch.all((embed(ids) - full[ids]).abs() <= step[ids] / 2 + 1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 33])
+def test_fp8_linear_equals_the_dequantized_product(rows: int) -> None:
+    """torch's CPU _scaled_mm stands in for the GPU's: per-token activation and per-channel weight
+    scales applied to the fp8 product, up to bfloat16 output rounding."""
+    linear = torch.nn.Linear(64, 48, bias=True).to(torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(_weight(48, 64, 5))
+    fp8 = Fp8Linear(*quantize_fp8_weight(linear.weight), linear.bias.detach())
+    x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+    xq, xs = quantize_fp8_rows(x)
+    w = fp8.qweight.float() * fp8.scales.reshape(-1, 1)
+    reference = (xq.float() * xs) @ w.T + linear.bias.float()
+    got = fp8(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), reference, atol=2e-2 * reference.abs().max().item(), rtol=2e-2)
+    exact = F.linear(x.float(), linear.weight.float(), linear.bias.float())  # fp8 keeps ~2 significant digits
+    assert (got.float() - exact).abs().max() < 0.1 * exact.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_rows_round_trip_and_layout(dtype: torch.dtype) -> None:
+    x = (torch.randn(5, 3, 64, generator=torch.Generator().manual_seed(2)) * 4).to(dtype)
+    x[1, 2] = 0.0
+    rows = quantize_rows(x)
+    assert rows.dtype == torch.int8 and rows.shape == (5, 3, 66)
+    scale = rows[..., 64:].view(torch.float16).float()  # the last two bytes of each row
+    expected = (x.float().abs().amax(-1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float16).tiny)
+    torch.testing.assert_close(scale, expected, rtol=1e-3, atol=0)  # a zero row: the smallest scale
+    back = dequantize_rows(rows, torch.float32)
+    assert torch.all((back - x.float()).abs() <= scale / 2 * (1 + 1e-3) + 1e-6)
+    assert torch.all(back[1, 2] == 0)
+
+
+def test_kv_cache_format_halves_the_bytes_of_a_bfloat16_cache() -> None:
+    auto = KVCacheFormat.resolve("auto", torch.bfloat16, 64)
+    int8 = KVCacheFormat.resolve("int8", torch.bfloat16, 64)
+    assert (auto.dtype, auto.row_bytes, auto.quantized) == (torch.bfloat16, 128, False)
+    assert (int8.dtype, int8.row_bytes, int8.quantized) == (torch.int8, 66, True)
+
+
+def _int8_cache(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """An int8 layer cache [blocks, 2, block_size, Hkv, D + 2] and its float32 dequantization."""
+    full = torch.randn(12, 3, 2, 4, 2, 32, generator=gen)
+    cache = quantize_rows(full)[:, 1]  # the strided view of one layer, as the model passes it
+    return cache, dequantize_rows(cache, torch.float32)
+
+
+def test_int8_decode_equals_sdpa_over_the_dequantized_cache() -> None:
+    gen = torch.Generator().manual_seed(3)
+    cache, reference = _int8_cache(gen)
+    tables = torch.tensor([[3, 7, 1, 0], [11, 2, 0, 0], [5, 9, 4, 8]])
+    context = torch.tensor([13, 1, 16])
+    q = torch.randn(3, 6, 32, generator=gen)
+    backend = Int8KVSDPA(torch.float32)
+    meta = AttentionMetadata(
+        torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), 3, tables, context, (), backend
+    )
+    meta = backend.prepare(meta, 4)
+    assert meta.decode_mask is not None
+    expected = _decode(q, reference[:, 0], reference[:, 1], tables, meta.decode_mask, 0.2)
+    torch.testing.assert_close(backend.decode(q, cache, meta, 0.2), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_int8_prefill_chunk_reads_its_context_dequantized_and_itself_as_computed() -> None:
+    gen = torch.Generator().manual_seed(4)
+    cache, reference = _int8_cache(gen)
+    table = torch.tensor([6, 2, 9])  # 5 tokens of context, then a chunk of 4
+    q = torch.randn(4, 6, 32, generator=gen)
+    new_kv = torch.randn(4, 2, 2, 32, generator=gen)
+    span = PrefillSpan(0, 4, 5, table)
+    got = Int8KVSDPA(torch.float32).prefill(q, new_kv, cache, span, 0.2)
+    context = reference.index_select(0, table).transpose(0, 1).reshape(2, 12, 2, 32)[:, :5]
+    keys = torch.cat((context[0], new_kv[:, 0])).transpose(0, 1).unsqueeze(0)
+    values = torch.cat((context[1], new_kv[:, 1])).transpose(0, 1).unsqueeze(0)
+    mask = torch.arange(9).unsqueeze(0) <= torch.arange(4).unsqueeze(1) + 5
+    expected = sdpa(q.transpose(0, 1).unsqueeze(0), keys, values, 0.2, mask=mask).squeeze(0).transpose(0, 1)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_an_int8_cache_layout_is_refused_by_a_bfloat16_peer() -> None:
+    bf16 = KVLayout.from_kv_cache(torch.zeros(2, 3, 2, 4, 2, 32, dtype=torch.bfloat16), "m")
+    int8 = KVLayout.from_kv_cache(torch.zeros(2, 3, 2, 4, 2, 34, dtype=torch.int8), "m")
+    assert int8.block_bytes == 3 * 2 * 4 * 2 * 34
+    with pytest.raises(LayoutMismatchError, match=r"dtype.*head_dim"):
+        bf16.check_compatible(int8)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"quantization": "int4"}, "quantization must be one of"),
+        ({"kv_cache_dtype": "fp16"}, "kv_cache_dtype must be one of"),
+        ({"quantization": "fp8", "device": "cpu"}, "fp8 needs a CUDA GPU"),
+    ],
+)
+def test_compression_settings_are_validated(kwargs: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(model="m", **kwargs)
+
+
+def test_cli_choices_are_the_engine_s() -> None:
+    from scalellm import cli
+    from scalellm.engine import config
+
+    assert cli.QUANTIZATIONS == config.QUANTIZATIONS and cli.KV_CACHE_DTYPES == config.KV_CACHE_DTYPES
+
+
+def _greedy(model: Path, prompts: list[list[int]], **kwargs: object) -> tuple[list[list[int]], list[int]]:
+    """Greedy outputs under a small cache and budget (chunked prefill, preemption), no leaks."""
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(model),
+            dtype="float32",
+            block_size=4,
+            max_num_batched_tokens=48,
+            max_num_seqs=6,
+            **kwargs,  # type: ignore[arg-type]
+        )
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    reqs = [engine.add_request(str(i), p, params) for i, p in enumerate(prompts)]
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.num_free_blocks == engine.blocks.num_blocks, "blocks leaked"
+    return [r.output_token_ids for r in reqs], [r.num_preemptions for r in reqs]
+
+
+@pytest.mark.parametrize(("quantization", "kv"), [("int8", "auto"), ("none", "int8"), ("int8", "int8")])
+def test_engine_runs_quantized_end_to_end_and_preemption_changes_nothing(
+    tiny_llama: Path, quantization: str, kv: str
+) -> None:
+    """A quantized engine is deterministic through chunked prefill and preemption (a tight cache
+    recomputes some requests), and stays close to the unquantized model's greedy output."""
+    rng = random.Random(11)
+    prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(20, 70))] for _ in range(8)]
+    roomy, roomy_preempted = _greedy(
+        tiny_llama, prompts, num_kv_blocks=400, quantization=quantization, kv_cache_dtype=kv
+    )
+    tight, tight_preempted = _greedy(
+        tiny_llama, prompts, num_kv_blocks=40, quantization=quantization, kv_cache_dtype=kv
+    )
+    assert sum(roomy_preempted) == 0 and sum(tight_preempted) > 0
+    assert tight == roomy
+    plain, _ = _greedy(tiny_llama, prompts, num_kv_blocks=400)
+    first_tokens = sum(a[0] == b[0] for a, b in zip(roomy, plain, strict=True))
+    assert first_tokens >= 6, (roomy, plain)
+
+
+@pytest.mark.slow
+def test_demo_model_answers_sensibly_with_int8_weights_and_cache(demo_model_dir: Path) -> None:
+    from scalellm import LLM
+
+    llm = LLM(model=str(demo_model_dir), quantization="int8", kv_cache_dtype="int8", kv_cache_gb=0.1)
+    chat = llm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True
+    )
+    out = llm.generate([chat], SamplingParams(temperature=0.0, max_tokens=16))[0].outputs[0]
+    assert "Paris" in out.text
