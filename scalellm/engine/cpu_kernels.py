@@ -4,9 +4,12 @@ Torch has no attention over a paged cache: on CPU the alternative is gathering e
 blocks into a padded copy every layer (attention.TorchSDPA), which moves the whole context three
 times (read, write, read again) where a kernel that follows the block table reads it once.
 ``csrc/paged_decode.cpp`` is that kernel; this module compiles it on first use with
-``torch.utils.cpp_extension.load`` (g++ and ninja, cached under torch's extensions folder by a
-hash of the source, so a machine builds it once) and falls back to TorchSDPA, with a warning,
-where it cannot be built.
+``torch.utils.cpp_extension.load`` (g++ and ninja, cached under torch's extensions folder) and
+falls back to TorchSDPA, with a warning, where it cannot be built. The build is native to the
+CPU (``-march=native``), so its cache key covers what the binary depends on: the source, the
+flags, the compiler, torch's version and the CPU's instruction-set flags. A cache folder shared
+with another kind of CPU (a container image, a network home) then builds its own copy instead
+of loading one that dies on an illegal instruction.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import contextlib
 import functools
 import hashlib
 import logging
+import os
+import platform
 import time
 from pathlib import Path
 
@@ -26,24 +31,54 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
 STALE_LOCK_S = 600.0
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only")
+
+
+def build_name(source: Path, prefix: str = "scalellm_cpu") -> str:
+    """The extension's name, which is its cache key (see the module docstring)."""
+    key = hashlib.sha256(source.read_bytes())
+    for part in (
+        " ".join(CFLAGS),
+        os.environ.get("CXX", "c++"),
+        torch.__version__,
+        platform.machine(),
+        _isa(),
+    ):
+        key.update(b"\0" + part.encode())
+    return f"{prefix}_{key.hexdigest()[:12]}"
+
+
+def _isa() -> str:
+    """The CPU's feature flags (Linux), else the ISA level torch dispatches to."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return " ".join(sorted(line.split(":", 1)[1].split()))
+    return str(torch.backends.cpu.get_cpu_capability())
+
+
+def build(source: Path, name: str) -> None:
+    """Compile and load ``source`` as extension ``name`` (a no-op when already built)."""
+    from torch.utils.cpp_extension import load
+
+    _drop_stale_lock(name)
+    load(
+        name=name,
+        sources=[str(source)],
+        extra_cflags=list(CFLAGS),
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=False,
+    )
 
 
 @functools.cache
 def available() -> bool:
     """Whether the kernels are loaded (building them the first time on this machine)."""
     try:
-        from torch.utils.cpp_extension import load
-
-        name = f"scalellm_cpu_{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]}"
-        _drop_stale_lock(name)
-        load(
-            name=name,
-            sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
+        name = build_name(SOURCE)
+        build(SOURCE, name)
+        log.info("CPU kernels: %s built for %s", name, torch.backends.cpu.get_cpu_capability())
         return hasattr(torch.ops.scalellm_cpu, "paged_decode")
     except Exception as exc:  # no compiler, no ninja, an unusual platform: the torch path works
         log.warning("CPU paged-attention kernel unavailable (%s); using torch SDPA with a gather", exc)

@@ -30,14 +30,39 @@ def test_paged_decode_kernel_equals_gather_and_sdpa(
     kv = _cache(dtype, head_dim, kv_heads, gen)[:, 1]  # strided, as the engine passes it
     tables = torch.tensor([[3, 7, 1, 0], [11, 2, 0, 0], [5, 9, 4, 8]])
     context = torch.tensor([13, 1, 16])  # mid-block, a single token, every slot
-    qkv = torch.randn(3, heads + 2 * kv_heads, head_dim, generator=gen).to(dtype)
+    _check_kernel(kv, tables, context, heads, gen)
+
+
+def _check_kernel(
+    kv: torch.Tensor, tables: torch.Tensor, context: torch.Tensor, heads: int, gen: torch.Generator
+) -> None:
+    """The kernel's output for random queries equals gather + SDPA's."""
+    batch, (kv_heads, head_dim), dtype = len(context), kv.shape[-2:], kv.dtype
+    qkv = torch.randn(batch, heads + 2 * kv_heads, head_dim, generator=gen).to(dtype)
     q = qkv[:, :heads]  # a view with the fused projection's row stride
-    mask = (torch.arange(16).unsqueeze(0) < context.unsqueeze(1))[:, None, None, :]
+    width = tables.shape[1] * kv.shape[2]
+    mask = (torch.arange(width).unsqueeze(0) < context.unsqueeze(1))[:, None, None, :]
     expected = _decode(q, kv[:, 0], kv[:, 1], tables, mask, head_dim**-0.5)
     got = torch.empty(q.shape, dtype=dtype)
     torch.ops.scalellm_cpu.paged_decode(got, q, kv, tables, context, head_dim**-0.5)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("head_dim", "heads", "kv_heads"), [(64, 9, 3), (128, 10, 2), (64, 8, 1)])
+def test_paged_decode_kernel_on_long_contexts(
+    dtype: torch.dtype, head_dim: int, heads: int, kv_heads: int
+) -> None:
+    """Contexts over many 16-token blocks, lengths off the 16-lane boundary, and more query heads
+    per K/V head than the vectorized kernel keeps in registers at once."""
+    gen = torch.Generator().manual_seed(7)
+    cache = torch.randn(40, 2, 2, 16, kv_heads, head_dim, generator=gen).to(dtype)
+    kv = cache[:, 1]
+    context = torch.tensor([203, 17, 160, 1])
+    tables = torch.randint(0, 40, (4, 13), generator=gen)
+    _check_kernel(kv, tables, context, heads, gen)
 
 
 @needs_kernel
