@@ -28,17 +28,21 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 SOURCE = "scalellm/engine/csrc/paged_decode.cpp"
+HEADER = "scalellm/engine/csrc/vec512.h"
 
 
 def build_baseline(rev: str, folder: Path) -> Callable[..., None]:
     from scalellm.engine import cpu_kernels
 
-    text = subprocess.run(
-        ["git", "show", f"{rev}:{SOURCE}"], cwd=ROOT, check=True, capture_output=True, text=True
-    )
-    source = folder / "paged_decode_baseline.cpp"
-    source.write_text(text.stdout.replace("scalellm_cpu", "scalellm_cpu_baseline"))
-    cpu_kernels.build(source, cpu_kernels.build_name(source, "scalellm_cpu_baseline"))
+    files = []  # the kernel and, once it had one, its header, under a namespace of their own
+    for path in (SOURCE, HEADER):
+        shown = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True)
+        if shown.returncode == 0:
+            files.append(folder / Path(path).name)
+            files[-1].write_text(shown.stdout.replace("scalellm_cpu", "scalellm_cpu_baseline"))
+    if not files or files[0].suffix != ".cpp":
+        raise SystemExit(f"{SOURCE} is not in revision {rev}")
+    cpu_kernels.build((files[0],), cpu_kernels.build_name(tuple(files), "scalellm_cpu_baseline"))
     return torch.ops.scalellm_cpu_baseline.paged_decode
 
 

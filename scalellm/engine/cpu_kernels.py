@@ -26,17 +26,23 @@ from pathlib import Path
 import torch
 
 from scalellm.engine.attention import AttentionMetadata
+from scalellm.models.ops import LayerOps, TorchOps
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "paged_decode.cpp", CSRC / "fused_ops.cpp")
+HEADERS = (CSRC / "vec512.h",)
 STALE_LOCK_S = 600.0
-CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only")
+# -ffp-contract=off: a * b + c * d stays two roundings and a sum, as torch's separate ops compute it
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only", "-ffp-contract=off")
 
 
-def build_name(source: Path, prefix: str = "scalellm_cpu") -> str:
+def build_name(files: tuple[Path, ...], prefix: str = "scalellm_cpu") -> str:
     """The extension's name, which is its cache key (see the module docstring)."""
-    key = hashlib.sha256(source.read_bytes())
+    key = hashlib.sha256()
+    for path in files:
+        key.update(path.read_bytes())
     for part in (
         " ".join(CFLAGS),
         os.environ.get("CXX", "c++"),
@@ -57,14 +63,14 @@ def _isa() -> str:
     return str(torch.backends.cpu.get_cpu_capability())
 
 
-def build(source: Path, name: str) -> None:
-    """Compile and load ``source`` as extension ``name`` (a no-op when already built)."""
+def build(sources: tuple[Path, ...], name: str) -> None:
+    """Compile and load ``sources`` as extension ``name`` (a no-op when already built)."""
     from torch.utils.cpp_extension import load
 
     _drop_stale_lock(name)
     load(
         name=name,
-        sources=[str(source)],
+        sources=[str(s) for s in sources],
         extra_cflags=list(CFLAGS),
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
@@ -76,8 +82,8 @@ def build(source: Path, name: str) -> None:
 def available() -> bool:
     """Whether the kernels are loaded (building them the first time on this machine)."""
     try:
-        name = build_name(SOURCE)
-        build(SOURCE, name)
+        name = build_name(SOURCES + HEADERS)
+        build(SOURCES, name)
         log.info("CPU kernels: %s built for %s", name, torch.backends.cpu.get_cpu_capability())
         return hasattr(torch.ops.scalellm_cpu, "paged_decode")
     except Exception as exc:  # no compiler, no ninja, an unusual platform: the torch path works
@@ -100,10 +106,13 @@ def _drop_stale_lock(name: str) -> None:
 class CpuPagedDecode:
     """Decodes read K/V from the cache blocks directly (see csrc/paged_decode.cpp)."""
 
-    name = "cpu-paged (C++ decode kernel; SDPA for prefill)"
+    name = "cpu-paged (C++ decode kernel and cache writes; SDPA for prefill)"
 
     def prepare(self, meta: AttentionMetadata, block_size: int) -> AttentionMetadata:
         return meta
+
+    def write_kv(self, kv: torch.Tensor, new_kv: torch.Tensor, meta: AttentionMetadata) -> None:
+        torch.ops.scalellm_cpu.write_kv(kv, new_kv, meta.slot_blocks, meta.slot_offsets)
 
     def decode(
         self, q: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata, scale: float
@@ -114,3 +123,31 @@ class CpuPagedDecode:
             out, q, kv, meta.decode_block_tables, meta.decode_context_lens, scale
         )
         return out
+
+
+class CpuFusedOps:
+    """models.ops.LayerOps in one C++ pass per row (csrc/fused_ops.cpp), float32 and bfloat16."""
+
+    name = "cpu-fused (C++ rms_norm, silu_mul, rope)"
+
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        out = torch.empty_like(x)
+        torch.ops.scalellm_cpu.rms_norm(out, x, residual, weight, eps)
+        return out
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        out = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+        torch.ops.scalellm_cpu.silu_mul(out, gate_up)
+        return out
+
+    def rope_(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
+        torch.ops.scalellm_cpu.rope_(x, cos, signed_sin)
+
+
+def layer_ops(device: torch.device, dtype: torch.dtype) -> LayerOps:
+    """The fused ops where they apply (CPU, float32 or bfloat16, kernels built), else torch's."""
+    if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and available():
+        return CpuFusedOps()
+    return TorchOps()

@@ -3,13 +3,18 @@ SDPA, oneDNN linear layers against F.linear, the dtype that ``auto`` picks, the 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from scalellm.engine import cpu_kernels
-from scalellm.engine.attention import TorchSDPA, _decode, select_backend
+from scalellm.engine.attention import AttentionMetadata, TorchSDPA, _decode, select_backend
 from scalellm.engine.config import EngineConfig, cpu_has_native_bf16
+from scalellm.models.config import RopeConfig
+from scalellm.models.llama import RotaryEmbedding
+from scalellm.models.ops import TorchOps
 from scalellm.models.packed_linear import PackedLinear, pack_linears, packing_supported
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ toolchain for the CPU kernel")
@@ -63,6 +68,68 @@ def test_paged_decode_kernel_on_long_contexts(
     context = torch.tensor([203, 17, 160, 1])
     tables = torch.randint(0, 40, (4, 13), generator=gen)
     _check_kernel(kv, tables, context, heads, gen)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [576, 40])  # SmolLM2's hidden size; one off the 16-lane vectors
+def test_fused_ops_equal_torch_ops(dtype: torch.dtype, width: int) -> None:
+    gen = torch.Generator().manual_seed(width)
+    fused, ref = cpu_kernels.CpuFusedOps(), TorchOps()
+    x, residual, weight = (torch.randn(n, width, generator=gen).to(dtype) for n in (5, 5, 1))
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(fused.rms_norm(x, weight[0], 1e-5), ref.rms_norm(x, weight[0], 1e-5), **tol)
+    res_fused, res_ref = residual.clone(), residual.clone()
+    normed = fused.rms_norm(x, weight[0], 1e-5, res_fused)
+    torch.testing.assert_close(normed, ref.rms_norm(x, weight[0], 1e-5, res_ref), **tol)
+    torch.testing.assert_close(res_fused, res_ref, atol=0, rtol=0)  # the stream itself: exact
+    gate_up = 4 * torch.randn(5, 2 * width, generator=gen).to(dtype)
+    torch.testing.assert_close(fused.silu_mul(gate_up), ref.silu_mul(gate_up), **tol)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 16])
+def test_fused_rope_equals_torch_rope(dtype: torch.dtype, head_dim: int) -> None:
+    """On q and k heads inside a fused projection's output, as the model rotates them. float32 is
+    bit for bit (two products, then their sum, each rounded); bfloat16 rounds once instead."""
+    gen = torch.Generator().manual_seed(head_dim)
+    rotary = RotaryEmbedding(RopeConfig(theta=10000.0), head_dim, 64)
+    cos, sin = rotary.tables(torch.tensor([0, 3, 17, 63]), dtype)
+    qkv = torch.randn(4, 5, head_dim, generator=gen).to(dtype)
+    fused, ref = qkv.clone(), qkv.clone()
+    cpu_kernels.CpuFusedOps().rope_(fused[:, :4], cos, sin)
+    TorchOps().rope_(ref[:, :4], cos, sin)
+    tol = 0 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(fused, ref, atol=tol, rtol=tol)
+    assert torch.equal(fused[:, 4], qkv[:, 4])  # the V head is left alone
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_write_equals_indexed_copy(dtype: torch.dtype) -> None:
+    """The step's K/V rows land in the same slots of the strided layer view as torch's indexed copy,
+    and nothing else changes; a slot outside the cache is refused."""
+    gen = torch.Generator().manual_seed(3)
+    cache = _cache(dtype, 64, 3, gen)
+    qkv = torch.randn(5, 9 + 2 * 3, 64, generator=gen).to(dtype)
+    new_kv = qkv[:, 9:].unflatten(1, (2, 3))  # [T, 2, Hkv, D], a view as the model passes it
+    meta = dataclasses.replace(
+        _meta(torch.tensor([4, 4, 0, 11, 7]), torch.tensor([0, 3, 2, 1, 3])),
+        backend=cpu_kernels.CpuPagedDecode(),
+    )
+    expected = cache.clone()
+    TorchSDPA().write_kv(expected[:, 1], new_kv, meta)
+    cpu_kernels.CpuPagedDecode().write_kv(cache[:, 1], new_kv, meta)
+    assert torch.equal(cache, expected)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        cpu_kernels.CpuPagedDecode().write_kv(
+            cache[:, 1], new_kv, _meta(torch.tensor([4, 4, 0, 12, 7]), meta.slot_offsets)
+        )
+
+
+def _meta(slot_blocks: torch.Tensor, slot_offsets: torch.Tensor) -> AttentionMetadata:
+    return AttentionMetadata(slot_blocks, slot_offsets, 0, None, None, (), TorchSDPA())
 
 
 @needs_kernel

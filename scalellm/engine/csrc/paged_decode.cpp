@@ -25,9 +25,7 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "vec512.h"
 
 namespace {
 
@@ -134,30 +132,6 @@ void decode_kernel(const at::Tensor& out, const at::Tensor& q, const at::Tensor&
 
 #if defined(__AVX512F__)
 // ---- AVX-512: one (request, K/V head) item, D = 16 * NV -------------------------------------
-
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {  // bfloat16 is float32's upper half
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
-// e^x for x <= 0 (softmax scores minus their peak): x = n ln2 + r, |r| <= ln2 / 2, e^r by
-// Cephes' expf polynomial (relative error ~1e-7), times 2^n by scalef.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-103.f));  // e^-103 is 0 in float32; keeps n finite
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
 
 struct Item {
   const int64_t* table;  // this request's block ids
@@ -305,9 +279,39 @@ void paged_decode(const at::Tensor& out, const at::Tensor& q, const at::Tensor& 
   }
 }
 
+// kv[slot_blocks[t], 0 and 1, slot_offsets[t]] = new_kv[t, 0 and 1]: the step's K and V rows into
+// their cache slots ([Hkv, D] each, contiguous on both sides), one copy per row.
+void write_kv(const at::Tensor& kv, const at::Tensor& new_kv, const at::Tensor& slot_blocks,
+              const at::Tensor& slot_offsets) {
+  TORCH_CHECK(kv.dim() == 5 && new_kv.dim() == 4 && new_kv.size(1) == 2, "kv [N, 2, bs, Hkv, D], new_kv [T, 2, Hkv, D]");
+  TORCH_CHECK(kv.scalar_type() == new_kv.scalar_type(), "dtype mismatch");
+  TORCH_CHECK(new_kv.size(2) == kv.size(3) && new_kv.size(3) == kv.size(4), "head shapes do not match");
+  const int64_t row = kv.size(3) * kv.size(4);
+  TORCH_CHECK(kv.stride(4) == 1 && kv.stride(3) == kv.size(4), "a cache slot's [Hkv, D] must be contiguous");
+  TORCH_CHECK(new_kv.stride(3) == 1 && new_kv.stride(2) == new_kv.size(3), "a new row's [Hkv, D] must be contiguous");
+  TORCH_CHECK(slot_blocks.scalar_type() == at::kLong && slot_offsets.scalar_type() == at::kLong, "int64 slots");
+  TORCH_CHECK(slot_blocks.is_contiguous() && slot_offsets.is_contiguous(), "contiguous slots");
+  const int64_t tokens = new_kv.size(0), blocks = kv.size(0), block_size = kv.size(2);
+  TORCH_CHECK(slot_blocks.numel() == tokens && slot_offsets.numel() == tokens, "one slot per token");
+  const int64_t* blk = slot_blocks.data_ptr<int64_t>();
+  const int64_t* off = slot_offsets.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t)
+    TORCH_CHECK(0 <= blk[t] && blk[t] < blocks && 0 <= off[t] && off[t] < block_size, "slot out of range");
+  const int64_t bytes = row * kv.element_size();
+  char* dst = static_cast<char*>(kv.data_ptr());
+  const char* src = static_cast<const char*>(new_kv.data_ptr());
+  const int64_t es = kv.element_size();
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t s = 0; s < 2; ++s)
+      std::memcpy(dst + (blk[t] * kv.stride(0) + s * kv.stride(1) + off[t] * kv.stride(2)) * es,
+                  src + (t * new_kv.stride(0) + s * new_kv.stride(1)) * es, bytes);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(scalellm_cpu, m) {
   m.def("paged_decode(Tensor(a!) out, Tensor q, Tensor kv, Tensor block_tables, Tensor context_lens, float scale) -> ()");
+  m.def("write_kv(Tensor(a!) kv, Tensor new_kv, Tensor slot_blocks, Tensor slot_offsets) -> ()");
   m.impl("paged_decode", c10::DispatchKey::CPU, paged_decode);
+  m.impl("write_kv", c10::DispatchKey::CPU, write_kv);
 }
