@@ -6,9 +6,11 @@ The baseline revision is exported with ``git archive`` into a temporary folder, 
 tree (committed or not) copied beside it. Each round runs
 one process per tree (the order alternates between rounds) on one torch thread; each process
 builds an engine on the demo model, starts B requests of 128 prompt tokens, lets them all decode,
-then times --steps pure decode steps (``LLMEngine.step``) and prints their median. The summary
-gives, per tree and setting, the median over rounds of those medians, and the ratio. On a shared
-machine read the ratio: both trees see the same load.
+then times --steps pure decode steps (``LLMEngine.step``): wall time and the CPU time of the
+stepping thread (one torch thread runs the whole step in it, so CPU time is what the step costs,
+whatever else preempts it on a shared machine). The summary gives, per tree and setting, the
+median over rounds of the per-process medians, and the ratio; on a loaded machine read the CPU
+time.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def time_steps(tree: Path, dtype: str, batches: list[int], steps: int) -> dict[str, float]:
-    """In a child process whose imports come from ``tree``: median ms per decode step by batch."""
+def time_steps(tree: Path, dtype: str, batches: list[int], steps: int) -> dict[str, list[float]]:
+    """In a child process whose imports come from ``tree``: median wall and CPU ms per decode step,
+    by batch."""
     sys.path.insert(0, str(tree))
     import torch
 
@@ -48,14 +51,15 @@ def time_steps(tree: Path, dtype: str, batches: list[int], steps: int) -> dict[s
         while len(decoding) < batch:
             decoding.update(e.request_id for e in engine.step() if e.token_id is not None)
         engine.step()
-        walls = []
+        walls, cpus = [], []
         for _ in range(steps):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             engine.step()
             walls.append((time.perf_counter() - start) * 1e3)
+            cpus.append((time.thread_time() - start_cpu) * 1e3)
         while engine.has_unfinished():
             engine.step()
-        result[str(batch)] = statistics.median(walls)
+        result[str(batch)] = [statistics.median(walls), statistics.median(cpus)]
     return result
 
 
@@ -89,28 +93,28 @@ def main() -> None:
                 (current / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(ROOT / name, current / name)
         trees = {f"baseline ({args.baseline_rev})": base, "current": current}
-        medians: dict[tuple[str, str, str], list[float]] = {}
+        medians: dict[tuple[str, str, str], list[list[float]]] = {}
         for round_ in range(args.rounds):
             order = list(trees.items()) if round_ % 2 == 0 else list(reversed(trees.items()))
             for dtype in args.dtypes:
                 for name, tree in order:
-                    cmd = [sys.executable, __file__, "--baseline-rev", args.baseline_rev, "--child", str(tree), dtype,
-                           "--steps", str(args.steps), "--batch", *map(str, args.batch)]  # fmt: skip
+                    cmd = [sys.executable, str(current / "bench" / "step_ab.py"), "--baseline-rev", args.baseline_rev,
+                           "--child", str(tree), dtype, "--steps", str(args.steps), "--batch", *map(str, args.batch)]  # fmt: skip
                     load = Path("/proc/loadavg").read_text().split()[0]
                     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=tree).stdout
-                    for batch, ms in json.loads(out.strip().splitlines()[-1]).items():
-                        medians.setdefault((dtype, batch, name), []).append(ms)
-                        print(
-                            f"round {round_} {dtype} batch {batch} {name}: {ms:.1f} ms/step (load {load})",
-                            flush=True,
-                        )
-        print("\nmedian over rounds, ms per decode step (one torch thread):")
+                    for batch, (wall, cpu) in json.loads(out.strip().splitlines()[-1]).items():
+                        medians.setdefault((dtype, batch, name), []).append([wall, cpu])
+                        print(f"round {round_} {dtype} batch {batch} {name}: wall {wall:.1f} ms, CPU {cpu:.1f} ms "
+                              f"per step (load {load})", flush=True)  # fmt: skip
+        print("\nmedian over rounds, ms per decode step (one torch thread), wall | CPU:")
         for dtype in args.dtypes:
             for batch in map(str, args.batch):
-                old, new = (statistics.median(medians[(dtype, batch, n)]) for n in trees)
-                print(
-                    f"  {dtype:8s} batch {batch:>3s}: baseline {old:7.1f}  current {new:7.1f}  baseline/current {old / new:.2f}x"
+                (ow, oc), (nw, nc) = (
+                    [statistics.median(m[k] for m in medians[(dtype, batch, n)]) for k in (0, 1)]
+                    for n in trees
                 )
+                print(f"  {dtype:8s} batch {batch:>3s}: baseline {ow:7.1f} | {oc:7.1f}  current {nw:7.1f} | {nc:7.1f}"
+                      f"  baseline/current {ow / nw:.2f}x | {oc / nc:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -148,6 +148,8 @@ def test_packed_linear_equals_f_linear(bias: bool) -> None:
     x = torch.randn(2, 5, 48, generator=gen)
     packed = PackedLinear(linear)
     torch.testing.assert_close(packed(x), F.linear(x, linear.weight, linear.bias), atol=1e-4, rtol=1e-5)
+    flat = x[1]  # [tokens, in]: the engine's shape, which skips the reshapes
+    torch.testing.assert_close(packed(flat), F.linear(flat, linear.weight, linear.bias), atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.skipif(not packing_supported(torch.device("cpu"), torch.float32), reason="no oneDNN")
