@@ -7,9 +7,9 @@ times (read, write, read again) where a kernel that follows the block table read
 ``torch.utils.cpp_extension.load`` (g++ and ninja, cached under torch's extensions folder) and
 falls back to TorchSDPA, with a warning, where it cannot be built. The build is native to the
 CPU (``-march=native``), so its cache key covers what the binary depends on: the source, the
-flags, the compiler, torch's version and the CPU's instruction-set flags. A cache folder shared
-with another kind of CPU (a container image, a network home) then builds its own copy instead
-of loading one that dies on an illegal instruction.
+flags, the compiler, torch's version and the CPU's instruction-set flags (and the sources' paths).
+A cache folder shared with another kind of CPU (a container image, a network home) then builds
+its own copy instead of loading one that dies on an illegal instruction.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-o
 def build_name(files: tuple[Path, ...], prefix: str = "scalellm_cpu") -> str:
     """The extension's name, which is its cache key (see the module docstring)."""
     key = hashlib.sha256()
-    for path in files:
-        key.update(path.read_bytes())
+    for path in files:  # the path too: two checkouts sharing one cache folder would rebuild each
+        key.update(str(path.resolve()).encode() + b"\0" + path.read_bytes())  # other's build by turns
     for part in (
         " ".join(CFLAGS),
         os.environ.get("CXX", "c++"),
