@@ -77,14 +77,16 @@ def test_fused_ops_equal_torch_ops(dtype: torch.dtype, width: int) -> None:
     gen = torch.Generator().manual_seed(width)
     fused, ref = cpu_kernels.CpuFusedOps(), TorchOps()
     x, residual, weight = (torch.randn(n, width, generator=gen).to(dtype) for n in (5, 5, 1))
-    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
-    torch.testing.assert_close(fused.rms_norm(x, weight[0], 1e-5), ref.rms_norm(x, weight[0], 1e-5), **tol)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(
+        fused.rms_norm(x, weight[0], 1e-5), ref.rms_norm(x, weight[0], 1e-5), atol=tol, rtol=tol
+    )
     res_fused, res_ref = residual.clone(), residual.clone()
     normed = fused.rms_norm(x, weight[0], 1e-5, res_fused)
-    torch.testing.assert_close(normed, ref.rms_norm(x, weight[0], 1e-5, res_ref), **tol)
+    torch.testing.assert_close(normed, ref.rms_norm(x, weight[0], 1e-5, res_ref), atol=tol, rtol=tol)
     torch.testing.assert_close(res_fused, res_ref, atol=0, rtol=0)  # the stream itself: exact
     gate_up = 4 * torch.randn(5, 2 * width, generator=gen).to(dtype)
-    torch.testing.assert_close(fused.silu_mul(gate_up), ref.silu_mul(gate_up), **tol)
+    torch.testing.assert_close(fused.silu_mul(gate_up), ref.silu_mul(gate_up), atol=tol, rtol=tol)
 
 
 @needs_kernel
