@@ -36,7 +36,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
     ),
     "qwen2": dict(rope_theta=1000000.0, tie_word_embeddings=True),
     "qwen3": dict(rope_theta=1000000.0, head_dim=32, tie_word_embeddings=False),
-    "mistral": dict(rope_theta=10000.0, sliding_window=None),
+    # head_dim 64: the size the CPU decode kernel has a vectorized path for (csrc/paged_decode.cpp)
+    "mistral": dict(rope_theta=10000.0, sliding_window=None, head_dim=64),
 }
 
 

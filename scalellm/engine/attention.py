@@ -70,6 +70,10 @@ class AttentionBackend(Protocol):
         """Once per step: add what this backend needs to the step's metadata."""
         ...
 
+    def write_kv(self, kv: torch.Tensor, new_kv: torch.Tensor, meta: AttentionMetadata) -> None:
+        """new_kv [T, 2, Hkv, D] into the step's slots of the layer's cache."""
+        ...
+
     def decode(
         self, q: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata, scale: float
     ) -> torch.Tensor:
@@ -87,7 +91,7 @@ def paged_attention(
 
         return kv_quant.paged_attention(q, new_kv, kv, meta, scale)
     num_tokens, num_heads, head_dim = q.shape
-    kv[meta.slot_blocks, :, meta.slot_offsets] = new_kv
+    meta.backend.write_kv(kv, new_kv, meta)
     nd = meta.num_decode_tokens
     if nd == num_tokens:
         return meta.backend.decode(q, kv, meta, scale).reshape(num_tokens, num_heads * head_dim)
@@ -111,6 +115,9 @@ class TorchSDPA:
         slots = torch.arange(width, device=meta.decode_block_tables.device)
         mask = (slots.unsqueeze(0) < meta.decode_context_lens.unsqueeze(1))[:, None, None, :]
         return dataclasses.replace(meta, decode_mask=mask)
+
+    def write_kv(self, kv: torch.Tensor, new_kv: torch.Tensor, meta: AttentionMetadata) -> None:
+        kv[meta.slot_blocks, :, meta.slot_offsets] = new_kv
 
     def decode(
         self, q: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata, scale: float

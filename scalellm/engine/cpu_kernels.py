@@ -4,10 +4,12 @@ Torch has no attention over a paged cache: on CPU the alternative is gathering e
 blocks into a padded copy every layer (attention.TorchSDPA), which moves the whole context three
 times (read, write, read again) where a kernel that follows the block table reads it once.
 ``csrc/paged_decode.cpp`` is that kernel; this module compiles it on first use with
-``torch.utils.cpp_extension.load`` (g++ and ninja, cached under torch's extensions folder by a
-hash of the source, the flags and the CPU, so a machine builds it once) and falls back to
-TorchSDPA, with a warning,
-where it cannot be built.
+``torch.utils.cpp_extension.load`` (g++ and ninja, cached under torch's extensions folder) and
+falls back to TorchSDPA, with a warning, where it cannot be built. The build is native to the
+CPU (``-march=native``), so its cache key covers what the binary depends on: the source, the
+flags, the compiler, torch's version and the CPU's instruction-set flags (and the sources' paths).
+A cache folder shared with another kind of CPU (a container image, a network home) then builds
+its own copy instead of loading one that dies on an illegal instruction.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import fcntl
 import functools
 import hashlib
 import logging
+import os
 import platform
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,50 +27,68 @@ from pathlib import Path
 import torch
 
 from scalellm.engine.attention import AttentionMetadata
+from scalellm.models.ops import LayerOps, TorchOps
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
-CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only")
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "paged_decode.cpp", CSRC / "fused_ops.cpp")
+HEADERS = (CSRC / "vec512.h",)
+# -ffp-contract=off: a * b + c * d stays two roundings and a sum, as torch's separate ops compute it
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only", "-ffp-contract=off")
+
+
+def build_name(files: tuple[Path, ...], prefix: str = "scalellm_cpu") -> str:
+    """The extension's name, which is its cache key (see the module docstring)."""
+    key = hashlib.sha256()
+    for path in files:  # the path too: two checkouts sharing one cache folder would rebuild each
+        key.update(str(path.resolve()).encode() + b"\0" + path.read_bytes())  # other's build by turns
+    for part in (
+        " ".join(CFLAGS),
+        os.environ.get("CXX", "c++"),
+        torch.__version__,
+        platform.machine(),
+        _isa(),
+    ):
+        key.update(b"\0" + part.encode())
+    return f"{prefix}_{key.hexdigest()[:12]}"
+
+
+def _isa() -> str:
+    """The CPU's feature flags (Linux), else the ISA level torch dispatches to."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return " ".join(sorted(line.split(":", 1)[1].split()))
+    return str(torch.backends.cpu.get_cpu_capability())
+
+
+def build(sources: tuple[Path, ...], name: str) -> None:
+    """Compile and load ``sources`` as extension ``name`` (a no-op when already built)."""
+    from torch.utils.cpp_extension import load
+
+    with build_turn(name):
+        load(
+            name=name,
+            sources=[str(s) for s in sources],
+            extra_cflags=list(CFLAGS),
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
 
 
 @functools.cache
 def available() -> bool:
     """Whether the kernels are loaded (building them the first time on this machine)."""
     try:
-        from torch.utils.cpp_extension import load
-
-        name = f"scalellm_cpu_{_build_key()}"
-        with build_turn(name):
-            load(
-                name=name,
-                sources=[str(SOURCE)],
-                extra_cflags=list(CFLAGS),
-                extra_ldflags=["-fopenmp"],
-                is_python_module=False,
-                verbose=False,
-            )
+        name = build_name(SOURCES + HEADERS)
+        build(SOURCES, name)
+        log.info("CPU kernels: %s built for %s", name, torch.backends.cpu.get_cpu_capability())
         return hasattr(torch.ops.scalellm_cpu, "paged_decode")
     except Exception as exc:  # no compiler, no ninja, an unusual platform: the torch path works
         log.warning("CPU paged-attention kernel unavailable (%s); using torch SDPA with a gather", exc)
         return False
-
-
-def _build_key() -> str:
-    """Names the build by everything that shapes it: the source, the flags, torch, and the CPU's
-    instruction sets (-march=native). torch rebuilds in place, and every other process waits,
-    whenever one name is asked for with another source or other flags."""
-    digest = hashlib.sha256(SOURCE.read_bytes())
-    digest.update("\0".join((*CFLAGS, torch.__version__, _cpu_isa())).encode())
-    return digest.hexdigest()[:12]
-
-
-def _cpu_isa() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    return platform.processor()
 
 
 @contextlib.contextmanager
@@ -93,10 +114,13 @@ def build_turn(name: str) -> Iterator[None]:
 class CpuPagedDecode:
     """Decodes read K/V from the cache blocks directly (see csrc/paged_decode.cpp)."""
 
-    name = "cpu-paged (C++ decode kernel; SDPA for prefill)"
+    name = "cpu-paged (C++ decode kernel and cache writes; SDPA for prefill)"
 
     def prepare(self, meta: AttentionMetadata, block_size: int) -> AttentionMetadata:
         return meta
+
+    def write_kv(self, kv: torch.Tensor, new_kv: torch.Tensor, meta: AttentionMetadata) -> None:
+        torch.ops.scalellm_cpu.write_kv(kv, new_kv, meta.slot_blocks, meta.slot_offsets)
 
     def decode(
         self, q: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata, scale: float
@@ -107,3 +131,31 @@ class CpuPagedDecode:
             out, q, kv, meta.decode_block_tables, meta.decode_context_lens, scale
         )
         return out
+
+
+class CpuFusedOps:
+    """models.ops.LayerOps in one C++ pass per row (csrc/fused_ops.cpp), float32 and bfloat16."""
+
+    name = "cpu-fused (C++ rms_norm, silu_mul, rope)"
+
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        out = torch.empty_like(x)
+        torch.ops.scalellm_cpu.rms_norm(out, x, residual, weight, eps)
+        return out
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        out = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+        torch.ops.scalellm_cpu.silu_mul(out, gate_up)
+        return out
+
+    def rope_(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
+        torch.ops.scalellm_cpu.rope_(x, cos, signed_sin)
+
+
+def layer_ops(device: torch.device, dtype: torch.dtype) -> LayerOps:
+    """The fused ops where they apply (CPU, float32 or bfloat16, kernels built), else torch's."""
+    if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and available():
+        return CpuFusedOps()
+    return TorchOps()

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from scalellm.engine.cpu_kernels import layer_ops
 from scalellm.models.config import ModelConfig
 from scalellm.models.llama import LlamaForCausalLM, RotaryEmbedding
 from scalellm.models.packed_linear import pack_linears, packing_supported
@@ -37,8 +38,10 @@ def load_model(
 ) -> LlamaForCausalLM:
     """Allocate the model on ``device`` without random init, then copy the checkpoint in; then
     quantize its weights (``quantization`` other than none) or pack them for oneDNN."""
+    ops = layer_ops(device, dtype)
+    log.info("decoder layer ops: %s", ops.name)
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, max_positions)
+        model = LlamaForCausalLM(cfg, max_positions, ops)
     model = model.to_empty(device=device).to(dtype)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

@@ -3,13 +3,18 @@ SDPA, oneDNN linear layers against F.linear, the dtype that ``auto`` picks, the 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from scalellm.engine import cpu_kernels
-from scalellm.engine.attention import TorchSDPA, _decode, select_backend
+from scalellm.engine.attention import AttentionMetadata, TorchSDPA, _decode, select_backend
 from scalellm.engine.config import EngineConfig, cpu_has_native_bf16
+from scalellm.models.config import RopeConfig
+from scalellm.models.llama import RotaryEmbedding
+from scalellm.models.ops import TorchOps
 from scalellm.models.packed_linear import PackedLinear, pack_linears, packing_supported
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ toolchain for the CPU kernel")
@@ -30,14 +35,103 @@ def test_paged_decode_kernel_equals_gather_and_sdpa(
     kv = _cache(dtype, head_dim, kv_heads, gen)[:, 1]  # strided, as the engine passes it
     tables = torch.tensor([[3, 7, 1, 0], [11, 2, 0, 0], [5, 9, 4, 8]])
     context = torch.tensor([13, 1, 16])  # mid-block, a single token, every slot
-    qkv = torch.randn(3, heads + 2 * kv_heads, head_dim, generator=gen).to(dtype)
+    _check_kernel(kv, tables, context, heads, gen)
+
+
+def _check_kernel(
+    kv: torch.Tensor, tables: torch.Tensor, context: torch.Tensor, heads: int, gen: torch.Generator
+) -> None:
+    """The kernel's output for random queries equals gather + SDPA's."""
+    batch, (kv_heads, head_dim), dtype = len(context), kv.shape[-2:], kv.dtype
+    qkv = torch.randn(batch, heads + 2 * kv_heads, head_dim, generator=gen).to(dtype)
     q = qkv[:, :heads]  # a view with the fused projection's row stride
-    mask = (torch.arange(16).unsqueeze(0) < context.unsqueeze(1))[:, None, None, :]
+    width = tables.shape[1] * kv.shape[2]
+    mask = (torch.arange(width).unsqueeze(0) < context.unsqueeze(1))[:, None, None, :]
     expected = _decode(q, kv[:, 0], kv[:, 1], tables, mask, head_dim**-0.5)
     got = torch.empty(q.shape, dtype=dtype)
     torch.ops.scalellm_cpu.paged_decode(got, q, kv, tables, context, head_dim**-0.5)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("head_dim", "heads", "kv_heads"), [(64, 9, 3), (128, 10, 2), (64, 8, 1)])
+def test_paged_decode_kernel_on_long_contexts(
+    dtype: torch.dtype, head_dim: int, heads: int, kv_heads: int
+) -> None:
+    """Contexts over many 16-token blocks, lengths off the 16-lane boundary, and more query heads
+    per K/V head than the vectorized kernel keeps in registers at once."""
+    gen = torch.Generator().manual_seed(7)
+    cache = torch.randn(40, 2, 2, 16, kv_heads, head_dim, generator=gen).to(dtype)
+    kv = cache[:, 1]
+    context = torch.tensor([203, 17, 160, 1])
+    tables = torch.randint(0, 40, (4, 13), generator=gen)
+    _check_kernel(kv, tables, context, heads, gen)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [576, 40])  # SmolLM2's hidden size; one off the 16-lane vectors
+def test_fused_ops_equal_torch_ops(dtype: torch.dtype, width: int) -> None:
+    gen = torch.Generator().manual_seed(width)
+    fused, ref = cpu_kernels.CpuFusedOps(), TorchOps()
+    x, residual, weight = (torch.randn(n, width, generator=gen).to(dtype) for n in (5, 5, 1))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(
+        fused.rms_norm(x, weight[0], 1e-5), ref.rms_norm(x, weight[0], 1e-5), atol=tol, rtol=tol
+    )
+    res_fused, res_ref = residual.clone(), residual.clone()
+    normed = fused.rms_norm(x, weight[0], 1e-5, res_fused)
+    torch.testing.assert_close(normed, ref.rms_norm(x, weight[0], 1e-5, res_ref), atol=tol, rtol=tol)
+    torch.testing.assert_close(res_fused, res_ref, atol=0, rtol=0)  # the stream itself: exact
+    gate_up = 4 * torch.randn(5, 2 * width, generator=gen).to(dtype)
+    torch.testing.assert_close(fused.silu_mul(gate_up), ref.silu_mul(gate_up), atol=tol, rtol=tol)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 16])
+def test_fused_rope_equals_torch_rope(dtype: torch.dtype, head_dim: int) -> None:
+    """On q and k heads inside a fused projection's output, as the model rotates them. float32 is
+    bit for bit (two products, then their sum, each rounded); bfloat16 rounds once instead."""
+    gen = torch.Generator().manual_seed(head_dim)
+    rotary = RotaryEmbedding(RopeConfig(theta=10000.0), head_dim, 64)
+    cos, sin = rotary.tables(torch.tensor([0, 3, 17, 63]), dtype)
+    qkv = torch.randn(4, 5, head_dim, generator=gen).to(dtype)
+    fused, ref = qkv.clone(), qkv.clone()
+    cpu_kernels.CpuFusedOps().rope_(fused[:, :4], cos, sin)
+    TorchOps().rope_(ref[:, :4], cos, sin)
+    tol = 0 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(fused, ref, atol=tol, rtol=tol)
+    assert torch.equal(fused[:, 4], qkv[:, 4])  # the V head is left alone
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_write_equals_indexed_copy(dtype: torch.dtype) -> None:
+    """The step's K/V rows land in the same slots of the strided layer view as torch's indexed copy,
+    and nothing else changes; a slot outside the cache is refused."""
+    gen = torch.Generator().manual_seed(3)
+    cache = _cache(dtype, 64, 3, gen)
+    qkv = torch.randn(5, 9 + 2 * 3, 64, generator=gen).to(dtype)
+    new_kv = qkv[:, 9:].unflatten(1, (2, 3))  # [T, 2, Hkv, D], a view as the model passes it
+    meta = dataclasses.replace(
+        _meta(torch.tensor([4, 4, 0, 11, 7]), torch.tensor([0, 3, 2, 1, 3])),
+        backend=cpu_kernels.CpuPagedDecode(),
+    )
+    expected = cache.clone()
+    TorchSDPA().write_kv(expected[:, 1], new_kv, meta)
+    cpu_kernels.CpuPagedDecode().write_kv(cache[:, 1], new_kv, meta)
+    assert torch.equal(cache, expected)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        cpu_kernels.CpuPagedDecode().write_kv(
+            cache[:, 1], new_kv, _meta(torch.tensor([4, 4, 0, 12, 7]), meta.slot_offsets)
+        )
+
+
+def _meta(slot_blocks: torch.Tensor, slot_offsets: torch.Tensor) -> AttentionMetadata:
+    return AttentionMetadata(slot_blocks, slot_offsets, 0, None, None, (), TorchSDPA())
 
 
 @needs_kernel
@@ -56,6 +150,8 @@ def test_packed_linear_equals_f_linear(bias: bool) -> None:
     x = torch.randn(2, 5, 48, generator=gen)
     packed = PackedLinear(linear)
     torch.testing.assert_close(packed(x), F.linear(x, linear.weight, linear.bias), atol=1e-4, rtol=1e-5)
+    flat = x[1]  # [tokens, in]: the engine's shape, which skips the reshapes
+    torch.testing.assert_close(packed(flat), F.linear(flat, linear.weight, linear.bias), atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.skipif(not packing_supported(torch.device("cpu"), torch.float32), reason="no oneDNN")

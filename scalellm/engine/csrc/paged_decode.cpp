@@ -9,6 +9,11 @@
 //
 // The layer's cache is the strided view [num_blocks, 2, block_size, Hkv, D] of the engine's
 // block-major cache; only D must be contiguous. Arithmetic in float32 for float32 and bfloat16.
+//
+// Where the compiler targets AVX-512 and D is 64 or 128, decode_item_avx512 does one work item
+// with D/16 registers per K/V row: a row is loaded (and widened from bfloat16) once, dotted with
+// all G query heads, and the softmax's exp runs 16 lanes at a time. Elsewhere the scalar loops
+// of decode_kernel (which the compiler vectorizes as it can).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
@@ -19,6 +24,8 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "vec512.h"
 
 namespace {
 
@@ -122,6 +129,123 @@ void decode_kernel(const at::Tensor& out, const at::Tensor& q, const at::Tensor&
   });
 }
 
+
+#if defined(__AVX512F__)
+// ---- AVX-512: one (request, K/V head) item, D = 16 * NV -------------------------------------
+
+struct Item {
+  const int64_t* table;  // this request's block ids
+  int64_t len;           // context tokens
+  const void* k;         // K of block 0, this head; block i at + i * s_blk, token j at + j * s_tok
+  const void* v;
+  int64_t s_blk, s_tok;  // strides in elements
+};
+
+// f(t, row) for each context token t in order, row = its K (or V) row of this head.
+template <typename T, typename F>
+inline void for_each_row(const Item& it, const T* base, int64_t block_size, F&& f) {
+  for (int64_t first = 0; first < it.len; first += block_size) {
+    const T* block = base + it.table[first / block_size] * it.s_blk;
+    const int64_t n = std::min(block_size, it.len - first);
+    for (int64_t j = 0; j < n; ++j) f(first + j, block + j * it.s_tok);
+  }
+}
+
+// G query heads at a time keep their accumulators in registers (G * NV <= 16 of 32 zmm).
+template <int64_t NV>
+constexpr int64_t kGroupChunk = NV <= 4 ? 4 : 2;
+
+template <typename T, int64_t NV>
+void decode_item_avx512(const Item& it, const T* q, int64_t qs_h, T* out, int64_t os_h, int64_t groups,
+                        int64_t block_size, float scale, float* qf, float* scores) {
+  constexpr int64_t D = 16 * NV;
+  const T* kbase = static_cast<const T*>(it.k);
+  const T* vbase = static_cast<const T*>(it.v);
+  const int64_t len = it.len;
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t v = 0; v < NV; ++v)
+      _mm512_storeu_ps(qf + g * D + 16 * v, _mm512_mul_ps(load16(q + g * qs_h + 16 * v), _mm512_set1_ps(scale)));
+
+  // scores[g, t] = q_g . k_t: each K row is loaded once for all G heads
+  for_each_row(it, kbase, block_size, [&](int64_t t, const T* row) {
+    __m512 k[NV];
+    for (int64_t v = 0; v < NV; ++v) k[v] = load16(row + 16 * v);
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qf + g * D), k[0]);
+      for (int64_t v = 1; v < NV; ++v) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * D + 16 * v), k[v], acc);
+      scores[g * len + t] = _mm512_reduce_add_ps(acc);
+    }
+  });
+  // softmax numerators and 1 / denominator per head
+  std::vector<float> inv(groups);
+  for (int64_t g = 0; g < groups; ++g) {
+    float* s = scores + g * len;
+    __m512 peak = _mm512_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < len; t += 16) {
+      const __mmask16 m = len - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - t)) - 1);
+      peak = _mm512_max_ps(peak, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), m, s + t));
+    }
+    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(peak));
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t t = 0; t < len; t += 16) {
+      const __mmask16 m = len - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - t)) - 1);
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + t), top));
+      _mm512_mask_storeu_ps(s + t, m, e);
+      total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));
+    }
+    inv[g] = 1.f / _mm512_reduce_add_ps(total);
+  }
+  // out_g = sum_t p[g, t] v_t, G heads at a time with their accumulators in registers
+  constexpr int64_t GC = kGroupChunk<NV>;
+  for (int64_t g0 = 0; g0 < groups; g0 += GC) {
+    const int64_t gn = std::min(GC, groups - g0);
+    __m512 acc[GC][NV];
+    for (int64_t g = 0; g < GC; ++g)
+      for (int64_t v = 0; v < NV; ++v) acc[g][v] = _mm512_setzero_ps();
+    for_each_row(it, vbase, block_size, [&](int64_t t, const T* row) {
+      __m512 val[NV];
+      for (int64_t v = 0; v < NV; ++v) val[v] = load16(row + 16 * v);
+      for (int64_t g = 0; g < gn; ++g) {
+        const __m512 p = _mm512_set1_ps(scores[(g0 + g) * len + t]);
+        for (int64_t v = 0; v < NV; ++v) acc[g][v] = _mm512_fmadd_ps(p, val[v], acc[g][v]);
+      }
+    });
+    for (int64_t g = 0; g < gn; ++g) {
+      float row[D];
+      for (int64_t v = 0; v < NV; ++v)
+        _mm512_storeu_ps(row + 16 * v, _mm512_mul_ps(acc[g][v], _mm512_set1_ps(inv[g0 + g])));
+      T* dst = out + (g0 + g) * os_h;
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(row[d]);
+    }
+  }
+}
+
+template <typename T, int64_t NV>
+void decode_avx512(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv,
+                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+  const int64_t batch = q.size(0), num_heads = q.size(1);
+  const int64_t block_size = kv.size(2), num_kv_heads = kv.size(3);
+  const int64_t groups = num_heads / num_kv_heads, max_blocks = block_tables.size(1);
+  const T* q_ptr = q.data_ptr<T>();
+  const T* kv_ptr = kv.data_ptr<T>();
+  T* out_ptr = out.data_ptr<T>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  at::parallel_for(0, batch * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(groups * 16 * NV), scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / num_kv_heads, h = item % num_kv_heads;
+      const T* head = kv_ptr + h * kv.stride(3);
+      const Item it{tables + b * max_blocks, lens[b], head, head + kv.stride(1), kv.stride(0), kv.stride(2)};
+      scores.resize(groups * it.len);
+      decode_item_avx512<T, NV>(it, q_ptr + b * q.stride(0) + h * groups * q.stride(1), q.stride(1),
+                                out_ptr + b * out.stride(0) + h * groups * out.stride(1), out.stride(1),
+                                groups, block_size, static_cast<float>(scale), qf.data(), scores.data());
+    }
+  });
+}
+#endif  // __AVX512F__
+
 void paged_decode(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv,
                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && out.dim() == 3 && kv.dim() == 5, "q/out [B, Hq, D], kv [N, 2, bs, Hkv, D]");
@@ -133,6 +257,16 @@ void paged_decode(const at::Tensor& out, const at::Tensor& q, const at::Tensor& 
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16, "float32 or bfloat16 only");
   const bool bf16 = q.scalar_type() == at::kBFloat16;
   const int64_t d = q.size(2);
+#if defined(__AVX512F__)
+  if (d == 64) {
+    return bf16 ? decode_avx512<c10::BFloat16, 4>(out, q, kv, block_tables, context_lens, scale)
+                : decode_avx512<float, 4>(out, q, kv, block_tables, context_lens, scale);
+  }
+  if (d == 128) {
+    return bf16 ? decode_avx512<c10::BFloat16, 8>(out, q, kv, block_tables, context_lens, scale)
+                : decode_avx512<float, 8>(out, q, kv, block_tables, context_lens, scale);
+  }
+#endif
   if (d == 64) {
     bf16 ? decode_kernel<c10::BFloat16, 64>(out, q, kv, block_tables, context_lens, scale)
          : decode_kernel<float, 64>(out, q, kv, block_tables, context_lens, scale);
@@ -145,9 +279,39 @@ void paged_decode(const at::Tensor& out, const at::Tensor& q, const at::Tensor& 
   }
 }
 
+// kv[slot_blocks[t], 0 and 1, slot_offsets[t]] = new_kv[t, 0 and 1]: the step's K and V rows into
+// their cache slots ([Hkv, D] each, contiguous on both sides), one copy per row.
+void write_kv(const at::Tensor& kv, const at::Tensor& new_kv, const at::Tensor& slot_blocks,
+              const at::Tensor& slot_offsets) {
+  TORCH_CHECK(kv.dim() == 5 && new_kv.dim() == 4 && new_kv.size(1) == 2, "kv [N, 2, bs, Hkv, D], new_kv [T, 2, Hkv, D]");
+  TORCH_CHECK(kv.scalar_type() == new_kv.scalar_type(), "dtype mismatch");
+  TORCH_CHECK(new_kv.size(2) == kv.size(3) && new_kv.size(3) == kv.size(4), "head shapes do not match");
+  const int64_t row = kv.size(3) * kv.size(4);
+  TORCH_CHECK(kv.stride(4) == 1 && kv.stride(3) == kv.size(4), "a cache slot's [Hkv, D] must be contiguous");
+  TORCH_CHECK(new_kv.stride(3) == 1 && new_kv.stride(2) == new_kv.size(3), "a new row's [Hkv, D] must be contiguous");
+  TORCH_CHECK(slot_blocks.scalar_type() == at::kLong && slot_offsets.scalar_type() == at::kLong, "int64 slots");
+  TORCH_CHECK(slot_blocks.is_contiguous() && slot_offsets.is_contiguous(), "contiguous slots");
+  const int64_t tokens = new_kv.size(0), blocks = kv.size(0), block_size = kv.size(2);
+  TORCH_CHECK(slot_blocks.numel() == tokens && slot_offsets.numel() == tokens, "one slot per token");
+  const int64_t* blk = slot_blocks.data_ptr<int64_t>();
+  const int64_t* off = slot_offsets.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t)
+    TORCH_CHECK(0 <= blk[t] && blk[t] < blocks && 0 <= off[t] && off[t] < block_size, "slot out of range");
+  const int64_t bytes = row * kv.element_size();
+  char* dst = static_cast<char*>(kv.data_ptr());
+  const char* src = static_cast<const char*>(new_kv.data_ptr());
+  const int64_t es = kv.element_size();
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t s = 0; s < 2; ++s)
+      std::memcpy(dst + (blk[t] * kv.stride(0) + s * kv.stride(1) + off[t] * kv.stride(2)) * es,
+                  src + (t * new_kv.stride(0) + s * new_kv.stride(1)) * es, bytes);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(scalellm_cpu, m) {
   m.def("paged_decode(Tensor(a!) out, Tensor q, Tensor kv, Tensor block_tables, Tensor context_lens, float scale) -> ()");
+  m.def("write_kv(Tensor(a!) kv, Tensor new_kv, Tensor slot_blocks, Tensor slot_offsets) -> ()");
   m.impl("paged_decode", c10::DispatchKey::CPU, paged_decode);
+  m.impl("write_kv", c10::DispatchKey::CPU, write_kv);
 }

@@ -1,0 +1,123 @@
+"""The CPU paged decode kernel against an older version of itself and against gather + SDPA.
+
+    python bench/decode_kernel.py --baseline-rev HEAD~1 [--batch 1 64] [--context 192] [--repeats 60]
+
+One layer of SmolLM2's attention shape (9 query heads, 3 K/V heads, head dim 64; --heads and
+--head-dim change it) over a block-major cache, on one torch thread. The baseline is
+``scalellm/engine/csrc/paged_decode.cpp`` as it was at --baseline-rev, built under its own name
+and op namespace so both load into this process; the three run interleaved in each repeat, so
+load from other processes hits all of them alike. Prints the minimum and median ms per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SOURCE = "scalellm/engine/csrc/paged_decode.cpp"
+HEADER = "scalellm/engine/csrc/vec512.h"
+
+
+def build_baseline(rev: str, folder: Path) -> Callable[..., None]:
+    from scalellm.engine import cpu_kernels
+
+    files = []  # the kernel and, once it had one, its header, under a namespace of their own
+    for path in (SOURCE, HEADER):
+        shown = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True)
+        if shown.returncode == 0:
+            files.append(folder / Path(path).name)
+            files[-1].write_text(shown.stdout.replace("scalellm_cpu", "scalellm_cpu_baseline"))
+    if not files or files[0].suffix != ".cpp":
+        raise SystemExit(f"{SOURCE} is not in revision {rev}")
+    cpu_kernels.build((files[0],), cpu_kernels.build_name(tuple(files), "scalellm_cpu_baseline"))
+    return torch.ops.scalellm_cpu_baseline.paged_decode
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--baseline-rev", default="HEAD", help="git revision of the baseline kernel")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--context", type=int, default=192, help="tokens per request (each varies by -16..0)")
+    parser.add_argument("--heads", type=int, nargs=2, default=[9, 3], metavar=("HQ", "HKV"))
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=60)
+    args = parser.parse_args()
+
+    from scalellm.engine import cpu_kernels
+    from scalellm.engine.attention import _decode
+
+    torch.set_num_threads(1)
+    assert cpu_kernels.available(), "the current kernel does not build here"
+    with tempfile.TemporaryDirectory() as tmp:
+        baseline = build_baseline(args.baseline_rev, Path(tmp))
+    current = torch.ops.scalellm_cpu.paged_decode
+    print(
+        f"load average {Path('/proc/loadavg').read_text().split()[0]}, {torch.backends.cpu.get_cpu_capability()}"
+    )
+    for dtype_name in args.dtypes:
+        for batch in args.batch:
+            case = make_case(batch, getattr(torch, dtype_name), args)
+            out = torch.empty(case.q.shape, dtype=case.q.dtype)
+            call = (case.q, case.kv, case.tables, case.lens, case.scale)
+            runs: dict[str, Callable[[], object]] = {
+                "gather+sdpa": functools.partial(
+                    _decode, case.q, case.kv[:, 0], case.kv[:, 1], case.tables, case.mask, case.scale
+                ),
+                f"baseline ({args.baseline_rev})": functools.partial(baseline, out, *call),
+                "current": functools.partial(current, out, *call),
+            }
+            times: dict[str, list[float]] = {name: [] for name in runs}
+            for _ in range(args.repeats):
+                for name, fn in runs.items():
+                    start = time.perf_counter()
+                    fn()
+                    times[name].append((time.perf_counter() - start) * 1e3)
+            cells = ", ".join(
+                f"{name} {min(t):.3f} / {statistics.median(t):.3f}" for name, t in times.items()
+            )
+            print(f"{dtype_name:8s} batch {batch:3d}: min / median ms: {cells}", flush=True)
+
+
+@dataclass(frozen=True)
+class Case:
+    q: torch.Tensor
+    kv: torch.Tensor
+    tables: torch.Tensor
+    lens: torch.Tensor
+    mask: torch.Tensor
+    scale: float
+
+
+def make_case(batch: int, dtype: torch.dtype, args: argparse.Namespace) -> Case:
+    """batch decodes of about --context tokens in scattered blocks of a 3-layer block-major cache;
+    layer 1 is attended, through the strided view the engine passes."""
+    hq, hkv = args.heads
+    bs = 16
+    nblocks = -(-args.context // bs)
+    gen = torch.Generator().manual_seed(batch)
+    cache = torch.randn(batch * nblocks, 3, 2, bs, hkv, args.head_dim, generator=gen).to(dtype)
+    tables = torch.randperm(batch * nblocks, generator=gen).view(batch, nblocks)
+    lens = args.context - torch.randint(0, 16, (batch,), generator=gen)
+    q = torch.randn(batch, hq + 2 * hkv, args.head_dim, generator=gen).to(dtype)[:, :hq]
+    mask = (torch.arange(nblocks * bs).unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]
+    return Case(q, cache[:, 1], tables, lens, mask, args.head_dim**-0.5)
+
+
+if __name__ == "__main__":
+    main()
