@@ -158,6 +158,7 @@ class LLM:
         req = choice.request
         params = req.sampling_params
         ids = list(req.output_token_ids)
+        reason: FinishReason | None
         if choice.stop_matched and choice.stops is not None:
             text, reason = choice.stops.text, FinishReason.STOP
         else:

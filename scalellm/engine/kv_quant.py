@@ -87,6 +87,10 @@ class Int8KVSDPA:
     def prepare(self, meta: AttentionMetadata, block_size: int) -> AttentionMetadata:
         return TorchSDPA().prepare(meta, block_size)
 
+    def write_kv(self, kv: torch.Tensor, new_kv: torch.Tensor, meta: AttentionMetadata) -> None:
+        """new_kv [T, 2, Hkv, D] quantized into the step's slots: int8 rows [.., D + 2]."""
+        kv[meta.slot_blocks, :, meta.slot_offsets] = quantize_rows(new_kv)
+
     def decode(
         self, q: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata, scale: float
     ) -> torch.Tensor:
@@ -139,7 +143,7 @@ def paged_attention(
     backend = meta.backend
     assert isinstance(backend, Int8KVSDPA), "an int8 KV cache needs the Int8KVSDPA backend"
     num_tokens, num_heads, head_dim = q.shape
-    kv[meta.slot_blocks, :, meta.slot_offsets] = quantize_rows(new_kv)
+    backend.write_kv(kv, new_kv, meta)
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
     if nd:
