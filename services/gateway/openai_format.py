@@ -33,7 +33,7 @@ class _Choice:
 
     def __init__(self) -> None:
         self.started = False
-        self.tokens = 0  # tokens generated so far (streams: continuous usage)
+        self.tokens = 0  # tokens generated so far (counted by chunk(): for continuous usage stats)
         self.offset = 0
         self.texts: list[str] = []
         self.logprobs: list[Any] = []
@@ -116,11 +116,9 @@ class OpenAIFormatter:
         plain = not (self.call.logprobs and update.logprobs) and not self.call.continuous_usage
         if state.started and update.finish is None and plain:
             if not update.text:
-                state.tokens += len(update.token_ids)
                 return None
             around = self._text_event(update.index)
             if around is not None:
-                state.tokens += len(update.token_ids)
                 return around[0] + encode_basestring(update.text).encode("utf-8") + around[1]
         chunk = self.chunk(update)
         return None if chunk is None else sse_event(chunk)

@@ -11,6 +11,7 @@ is read from its generated-token counter, never from the clock.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import signal
@@ -421,23 +422,31 @@ async def test_response_format_json_schema_validates(gateway: GatewayFactory, wo
 async def test_continuous_usage_stats_put_usage_on_every_chunk(
     gateway: GatewayFactory, worker: Service
 ) -> None:
-    """What vLLM's benchmark client sends: usage on every chunk, then a last usage chunk."""
+    """What vLLM's benchmark client sends: usage so far on every chunk, then a last usage chunk.
+    With logprobs each chunk lists its new tokens, so the counts are checked exactly."""
     gw = await gateway(worker.address)
-    body = {
-        "model": gw.model, "prompt": PROMPT, "max_tokens": 12, "ignore_eos": True, "stream": True,
-        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
-    }  # fmt: skip
-    async with aiohttp.ClientSession() as session, session.post(gw.http + "/v1/completions", json=body) as r:
-        assert r.status == 200, await r.text()
-        events = parse_events(await r.read())
-    assert events[-1] == "[DONE]"
-    chunks, last = events[:-2], events[-2]
-    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 12
-    counts = [c["usage"]["completion_tokens"] for c in chunks]
-    assert counts == sorted(counts) and counts[-1] == 12 and len(chunks) > 1
-    prompt_tokens = last["usage"]["prompt_tokens"]
-    assert all(c["usage"]["prompt_tokens"] == prompt_tokens for c in chunks)
-    assert all(c["usage"]["total_tokens"] == prompt_tokens + n for c, n in zip(chunks, counts, strict=True))
+    for logprobs in (None, 0):
+        body = {
+            "model": gw.model, "prompt": PROMPT, "max_tokens": 12, "ignore_eos": True, "stream": True,
+            "logprobs": logprobs, "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        }  # fmt: skip
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(gw.http + "/v1/completions", json=body) as r,
+        ):
+            assert r.status == 200, await r.text()
+            events = parse_events(await r.read())
+        assert events[-1] == "[DONE]"
+        chunks, last = events[:-2], events[-2]
+        assert last["choices"] == [] and last["usage"]["completion_tokens"] == 12
+        counts = [c["usage"]["completion_tokens"] for c in chunks]
+        assert counts == sorted(counts) and counts[-1] == 12 and len(chunks) > 1
+        if logprobs is not None:
+            seen = [len(c["choices"][0]["logprobs"]["tokens"]) for c in chunks]
+            assert counts == list(itertools.accumulate(seen))
+        prompt = last["usage"]["prompt_tokens"]
+        assert all(c["usage"]["prompt_tokens"] == prompt for c in chunks)
+        assert all(c["usage"]["total_tokens"] == prompt + n for c, n in zip(chunks, counts, strict=True))
 
 
 async def test_values_the_worker_refuses_are_named(gateway: GatewayFactory, worker: Service) -> None:
