@@ -197,11 +197,11 @@ def _token_ids(body: Body, key: str) -> tuple[int, ...]:
     return tuple(value or ())
 
 
-def _logit_bias(body: Body) -> dict[int, Any]:
-    """OpenAI's {"<token id>": bias}; the values are SamplingParams' to check."""
+def _logit_bias(body: Body) -> tuple[tuple[int, Any], ...]:
+    """OpenAI's {"<token id>": bias} as (id, bias) pairs; the values are SamplingParams' to check."""
     value = body.raw("logit_bias")
     if value is None:
-        return {}
+        return ()
     if not isinstance(value, dict):
         raise invalid(f"'logit_bias' must be an object, got {kind_of(value)}", "logit_bias", "invalid_type")
     out: dict[int, Any] = {}
@@ -209,7 +209,7 @@ def _logit_bias(body: Body) -> dict[int, Any]:
         if not (key.isascii() and key.isdigit()):
             raise invalid(f"'logit_bias' keys must be token ids, got {key!r}", "logit_bias", "invalid_value")
         out[int(key)] = bias
-    return out
+    return tuple(out.items())
 
 
 def _structured_output(body: Body) -> tuple[StructuredOutput | None, str]:
