@@ -35,7 +35,8 @@ from tokenizers import decoders
 
 from scalellm.models.config import ModelConfig
 from scalellm.security import check_private
-from scalellm.text import ChatTemplateError, Tokenizer
+from scalellm.text import ChatTemplateError, Tokenizer, resolve_bad_words
+from scalellm.types import InvalidParameter, SamplingParams
 from services.gateway.config import GatewayConfig
 from services.gateway.request import (
     ErrorKind,
@@ -242,6 +243,26 @@ class Preprocessor:
             return (tuple(await self._encode(text, add_special_tokens=False)),)
         return tuple([tuple(await self._encode(text, add_special_tokens=True)) for text in prompt.texts])
 
+    def _worker_sampling(self, sampling: SamplingParams, max_tokens: int) -> SamplingParams:
+        """max_tokens resolved (min_tokens is checked against it again), bad words as token ids,
+        and every token id within the vocabulary; GatewayError naming the field otherwise."""
+        tok = self.model.tokenizer
+        try:
+            out = resolve_bad_words(tok, replace(sampling, max_tokens=max_tokens))
+        except InvalidParameter as exc:
+            raise invalid(str(exc), exc.field, "invalid_value") from None
+        for name, ids in (
+            ("logit_bias", [t for t, _ in out.logit_bias]),
+            ("stop_token_ids", out.stop_token_ids),
+            ("bad_words_token_ids", [t for seq in out.bad_words_token_ids for t in seq]),
+        ):
+            bad = next((t for t in ids if t >= tok.vocab_size), None)
+            if bad is not None:
+                raise invalid(
+                    f"'{name}' has token id {bad}, not below the vocabulary size {tok.vocab_size}", name
+                )
+        return out
+
     async def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         if len(text) > _OFFLOAD_CHARS:
             return await asyncio.to_thread(self.model.tokenizer.encode, text, add_special_tokens)
@@ -286,7 +307,7 @@ class Preprocessor:
             request_id=uuid.uuid4().hex,
             model=self.model.name,
             prompts=prompts,
-            sampling=replace(spec.sampling, max_tokens=max_tokens),
+            sampling=self._worker_sampling(spec.sampling, max_tokens),
             priority=spec.priority,
             tenant=tenant,
             received_at=received_at,

@@ -15,7 +15,15 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, overload
 
-from scalellm.types import FinishReason, InvalidParameter, SamplingParams, Timings, TokenLogprobs, Usage
+from scalellm.types import (
+    FinishReason,
+    InvalidParameter,
+    SamplingParams,
+    StructuredOutput,
+    Timings,
+    TokenLogprobs,
+    Usage,
+)
 from services.gateway.admission import ServedModel
 from services.gateway.request import GatewayError, invalid
 
@@ -151,11 +159,8 @@ def sampling_from_openai(
 ) -> SamplingParams:
     """The body's sampling fields (max_tokens and logprobs already read, as each API spells them;
     ``names`` maps a SamplingParams field to the body's name for it in error messages)."""
-    stop_ids = body.raw("stop_token_ids")
-    if stop_ids is not None and (
-        not isinstance(stop_ids, list) or any(not isinstance(t, int) or isinstance(t, bool) for t in stop_ids)
-    ):
-        raise invalid("'stop_token_ids' must be an array of non-negative integers", "stop_token_ids")
+    names = dict(names or {})
+    structured, names["structured_output"] = _structured_output(body)
     try:
         return SamplingParams(
             n=body.integer("n", 1),
@@ -165,24 +170,116 @@ def sampling_from_openai(
             min_p=body.number("min_p", 0.0),
             seed=body.integer("seed"),
             max_tokens=max_tokens,
-            stop_token_ids=tuple(stop_ids or ()),
+            stop_token_ids=_token_ids(body, "stop_token_ids"),
             ignore_eos=body.boolean("ignore_eos"),
             logprobs=logprobs,
             skip_special_tokens=body.boolean("skip_special_tokens", True),
-            stop=_stop(body.raw("stop")),
+            stop=_strings(body, "stop"),
             include_stop_str_in_output=body.boolean("include_stop_str_in_output"),
+            presence_penalty=body.number("presence_penalty", 0.0),
+            frequency_penalty=body.number("frequency_penalty", 0.0),
+            repetition_penalty=body.number("repetition_penalty", 1.0),
+            logit_bias=_logit_bias(body),
+            min_tokens=body.integer("min_tokens", 0),
+            bad_words=_strings(body, "bad_words"),
+            structured_output=structured,
         )
     except InvalidParameter as exc:
-        raise _invalid(exc, (names or {}).get(exc.field, exc.field)) from None
+        raise _invalid(exc, names.get(exc.field, exc.field)) from None
 
 
-def _stop(value: Any) -> tuple[str, ...]:
-    """Stop strings: absent, one string or an array of strings (SamplingParams checks each one)."""
+def _token_ids(body: Body, key: str) -> tuple[int, ...]:
+    value = body.raw(key)
+    if value is not None and (
+        not isinstance(value, list) or any(not isinstance(t, int) or isinstance(t, bool) for t in value)
+    ):
+        raise invalid(f"'{key}' must be an array of non-negative integers", key, "invalid_type")
+    return tuple(value or ())
+
+
+def _logit_bias(body: Body) -> tuple[tuple[int, Any], ...]:
+    """OpenAI's {"<token id>": bias} as (id, bias) pairs; the values are SamplingParams' to check."""
+    value = body.raw("logit_bias")
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise invalid(f"'logit_bias' must be an object, got {kind_of(value)}", "logit_bias", "invalid_type")
+    out: dict[int, Any] = {}
+    for key, bias in value.items():
+        if not (key.isascii() and key.isdigit()):
+            raise invalid(f"'logit_bias' keys must be token ids, got {key!r}", "logit_bias", "invalid_value")
+        out[int(key)] = bias
+    return tuple(out.items())
+
+
+def _structured_output(body: Body) -> tuple[StructuredOutput | None, str]:
+    """response_format (json_object, json_schema), or vLLM's guided_json / guided_regex; at most one.
+    Returns the constraint and the field it came from (for error messages)."""
+    given = [(key, body.raw(key)) for key in ("response_format", "guided_json", "guided_regex")]
+    given = [(key, v) for key, v in given if v is not None]
+    if len(given) > 1:
+        raise invalid(f"give at most one of {', '.join(k for k, _ in given)}", given[1][0])
+    if not given:
+        return None, "response_format"
+    key, value = given[0]
+    try:
+        if key == "guided_regex":
+            if not isinstance(value, str):
+                raise invalid(f"'{key}' must be a string, got {kind_of(value)}", key, "invalid_type")
+            return StructuredOutput.regex(value), key
+        if key == "guided_json":
+            if not isinstance(value, (dict, str)):
+                raise invalid(f"'{key}' must be an object or a string, got {kind_of(value)}", key)
+            return StructuredOutput.json_schema(value), key
+        return _response_format(value), key
+    except InvalidParameter as exc:
+        raise _invalid(exc, key) from None
+
+
+def _response_format(value: Any) -> StructuredOutput | None:
+    if not isinstance(value, dict):
+        raise invalid(
+            f"'response_format' must be an object, got {kind_of(value)}", "response_format", "invalid_type"
+        )
+    fmt = Body(value, "response_format.")
+    kind = fmt.string("type")
+    out: StructuredOutput | None
+    if kind == "text":
+        out = None
+    elif kind == "json_object":
+        out = StructuredOutput.json_object()
+    elif kind == "json_schema":
+        raw = fmt.raw("json_schema")
+        if not isinstance(raw, dict):
+            name = "response_format.json_schema"
+            raise invalid(f"'{name}' must be an object with a 'schema', got {kind_of(raw)}", name)
+        spec = Body(raw, "response_format.json_schema.")
+        spec.string("name")
+        spec.string("description")
+        spec.boolean("strict")  # the schema is always enforced
+        schema = spec.raw("schema")
+        if not isinstance(schema, dict):
+            name = spec.name("schema")
+            raise invalid(f"'{name}' must be a JSON Schema object, got {kind_of(schema)}", name)
+        spec.finish()
+        out = StructuredOutput.json_schema(schema)
+    else:
+        raise invalid(
+            f"'response_format.type' must be text, json_object or json_schema, got {kind!r}",
+            "response_format.type",
+        )
+    fmt.finish()
+    return out
+
+
+def _strings(body: Body, key: str) -> tuple[str, ...]:
+    """Absent, one string or an array of strings (SamplingParams checks each one)."""
+    value = body.raw(key)
     if value is None:
         return ()
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-        raise invalid(f"'stop' must be a string or an array of strings, got {kind_of(value)}", "stop")
+        raise invalid(f"'{key}' must be a string or an array of strings, got {kind_of(value)}", key)
     return tuple(items)
 
 
@@ -197,14 +294,17 @@ def finish_reason_to_openai(reason: FinishReason | None) -> str | None:
     return reason.value if reason is not None else None
 
 
-def usage_to_openai(usage: Usage) -> dict[str, Any]:
-    """OpenAI's usage object (the counts of a whole request: see OpenAIFormatter.usage)."""
-    return {
+def usage_to_openai(usage: Usage, details: bool = True) -> dict[str, Any]:
+    """OpenAI's usage object (the counts of a whole request: see OpenAIFormatter.usage); without
+    ``details`` (a choice's usage so far, on every chunk of a stream) the three counts only."""
+    out: dict[str, Any] = {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
     }
+    if details:
+        out["prompt_tokens_details"] = {"cached_tokens": usage.cached_prompt_tokens}
+    return out
 
 
 def timings_to_openai(t: Timings) -> dict[str, float | int]:

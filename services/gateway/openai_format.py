@@ -29,10 +29,11 @@ from services.gateway.request import ChoiceUpdate, GenerationRequest
 
 
 class _Choice:
-    __slots__ = ("finish", "logprobs", "offset", "started", "texts", "timings", "usage")
+    __slots__ = ("finish", "logprobs", "offset", "started", "texts", "timings", "tokens", "usage")
 
     def __init__(self) -> None:
         self.started = False
+        self.tokens = 0  # tokens generated so far (counted by chunk(): for continuous usage stats)
         self.offset = 0
         self.texts: list[str] = []
         self.logprobs: list[Any] = []
@@ -58,7 +59,11 @@ class OpenAIFormatter:
         self._choices = [_Choice() for _ in range(request.num_choices)]
         self._text_events: dict[int, tuple[bytes, bytes] | None] = {}
 
-    def _envelope(self, choices: list[dict[str, Any]], obj: str | None = None) -> dict[str, Any]:
+    def _envelope(
+        self, choices: list[dict[str, Any]], obj: str | None = None, index: int | None = None
+    ) -> dict[str, Any]:
+        """A chunk or response around ``choices``; a streamed chunk of choice ``index`` carries its
+        usage so far when the client asked for continuous usage stats."""
         out = {
             "id": self.id,
             "object": obj or self.object,
@@ -66,7 +71,11 @@ class OpenAIFormatter:
             "model": self.request.model,
         }
         out["choices"] = choices
-        if self.call.include_usage:
+        if index is not None and self.call.continuous_usage:
+            state = self._choices[index]
+            done = state.usage.completion_tokens if state.usage is not None else state.tokens
+            out["usage"] = usage_to_openai(Usage(len(self.request.prompt_of(index)), done), details=False)
+        elif self.call.include_usage:
             out["usage"] = None
         return out
 
@@ -75,6 +84,7 @@ class OpenAIFormatter:
     def chunk(self, update: ChoiceUpdate) -> dict[str, Any] | None:
         """The chunk for one update, or None when it carries nothing a client would see."""
         state = self._choices[update.index]
+        state.tokens += len(update.token_ids)
         logprobs = self._logprobs(state, update.logprobs) if self.call.logprobs and update.logprobs else None
         if not update.text and logprobs is None and update.finish is None and state.started:
             return None
@@ -93,16 +103,18 @@ class OpenAIFormatter:
             self._finish(state, update)
             if self.timings and state.timings is not None:
                 choice["timings"] = state.timings
-        return self._envelope([choice])
+        return self._envelope([choice], index=update.index)
 
     def event(self, update: ChoiceUpdate) -> bytes | None:
         """The SSE event of chunk(update), or None when there is none.
 
         A text delta in mid-stream (the common case) skips the JSON encoder: the chunk is the
-        choice's pre-encoded envelope around the encoded text, byte for byte what chunk() gives.
+        choice's pre-encoded envelope around the encoded text, byte for byte what chunk() gives
+        (not with continuous usage stats: there every chunk differs in its usage).
         """
         state = self._choices[update.index]
-        if state.started and update.finish is None and not (self.call.logprobs and update.logprobs):
+        plain = not (self.call.logprobs and update.logprobs) and not self.call.continuous_usage
+        if state.started and update.finish is None and plain:
             if not update.text:
                 return None
             around = self._text_event(update.index)

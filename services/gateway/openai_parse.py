@@ -1,11 +1,12 @@
 """OpenAI request bodies to GenerationSpecs: /v1/completions and /v1/chat/completions.
 
 Supported: model, prompt / messages, max_tokens (max_completion_tokens), temperature, top_p, n,
-stop, seed, stream, stream_options.include_usage, logprobs / top_logprobs, user; and the vLLM
-extensions top_k, min_p, ignore_eos, stop_token_ids, skip_special_tokens,
-include_stop_str_in_output. Known OpenAI fields that would change the answer (tools,
-response_format, penalties, logit_bias, echo...) are refused by name unless they hold their no-op
-value; anything else unknown is refused by name too.
+stop, seed, stream, stream_options (include_usage, continuous_usage_stats), logprobs /
+top_logprobs, presence_penalty, frequency_penalty, logit_bias, response_format (text,
+json_object, json_schema), user; and the vLLM extensions top_k, min_p, repetition_penalty,
+min_tokens, bad_words, guided_json, guided_regex, ignore_eos, stop_token_ids, skip_special_tokens,
+include_stop_str_in_output. Known OpenAI fields that would change the answer (tools, echo...) are
+refused by name unless they hold their no-op value; anything else unknown is refused by name too.
 """
 
 from __future__ import annotations
@@ -112,11 +113,10 @@ class OpenAIRequest:
     spec: GenerationSpec
     stream: bool = False
     include_usage: bool = False
+    """stream_options.include_usage: a last chunk with the request's usage."""
+    continuous_usage: bool = False
+    """stream_options.continuous_usage_stats: every chunk carries its choice's usage so far."""
     logprobs: bool = False
-
-
-def _zero(v: Any) -> bool:
-    return v == 0 and not isinstance(v, bool)
 
 
 def _empty(v: Any) -> bool:
@@ -124,19 +124,12 @@ def _empty(v: Any) -> bool:
 
 
 # Known OpenAI fields this server does not implement: name -> "its value changes nothing".
-_COMMON_UNSUPPORTED = {
-    "presence_penalty": _zero,
-    "frequency_penalty": _zero,
-    "logit_bias": _empty,
-    "repetition_penalty": lambda v: v == 1,
-}
 _CHAT_UNSUPPORTED = {
     "tools": _empty,
     "tool_choice": lambda v: v == "none",
     "functions": _empty,
     "function_call": lambda v: v == "none",
     "parallel_tool_calls": lambda v: False,
-    "response_format": lambda v: v == {"type": "text"},
     "audio": lambda v: False,
     "modalities": lambda v: v == ["text"],
     "prediction": lambda v: False,
@@ -153,19 +146,20 @@ _COMPLETION_UNSUPPORTED = {
 }
 
 
-def _stream_options(body: Body, stream: bool) -> bool:
+def _stream_options(body: Body, stream: bool) -> tuple[bool, bool]:
+    """(include_usage, continuous_usage_stats)."""
     options = body.raw("stream_options")
     if options is None:
-        return False
+        return False, False
     if not stream:
         raise invalid("'stream_options' is only allowed when 'stream' is true", "stream_options")
     if not isinstance(options, dict):
         raise invalid(f"'stream_options' must be an object, got {kind_of(options)}", "stream_options")
     inner = Body(options, "stream_options.")
     include = inner.boolean("include_usage")
-    inner.reject("continuous_usage_stats", lambda v: v is False)
+    continuous = inner.boolean("continuous_usage_stats")
     inner.finish()
-    return include
+    return include, continuous
 
 
 def _common(
@@ -176,12 +170,10 @@ def _common(
     logprobs: int | None,
     names: dict[str, str] | None = None,
 ) -> OpenAIRequest:
-    for name, noop in _COMMON_UNSUPPORTED.items():
-        body.reject(name, noop)
     model = body.string("model")
     body.string("user")  # accepted: an end-user id for the operator's logs; it changes nothing
     stream = body.boolean("stream")
-    include_usage = _stream_options(body, stream)
+    include_usage, continuous_usage = _stream_options(body, stream)
     spec = GenerationSpec(
         model=model,
         prompt=prompt,
@@ -189,7 +181,7 @@ def _common(
         default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS if api is Api.COMPLETIONS else None,
     )
     body.finish()
-    return OpenAIRequest(api, spec, stream, include_usage, logprobs is not None)
+    return OpenAIRequest(api, spec, stream, include_usage, continuous_usage, logprobs is not None)
 
 
 def parse_completion(data: dict[str, Any]) -> OpenAIRequest:

@@ -297,7 +297,7 @@ def prompt_from_proto(msg: gateway_pb2.GatewayGenerateRequest | gateway_pb2.Toke
     raise invalid("a prompt is required: set text, token_ids or chat", "prompt")
 
 
-_TOP_LEVEL = frozenset({"n", "stop", "include_stop_str_in_output", "skip_special_tokens"})
+_TOP_LEVEL = frozenset({"n", "stop", "include_stop_str_in_output", "skip_special_tokens", "bad_words"})
 """SamplingParams fields that GatewayGenerateRequest holds itself, not in its `sampling`."""
 
 
@@ -311,6 +311,7 @@ def spec_from_proto(msg: gateway_pb2.GatewayGenerateRequest) -> GenerationSpec:
             stop=tuple(msg.stop),
             include_stop_str_in_output=msg.include_stop_str,
             skip_special_tokens=not msg.keep_special_tokens,
+            bad_words=tuple(msg.bad_words),
         )
     except InvalidParameter as exc:
         param = exc.field if exc.field in _TOP_LEVEL else f"sampling.{exc.field}"

@@ -11,6 +11,7 @@ is read from its generated-token counter, never from the clock.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import signal
@@ -21,11 +22,13 @@ from typing import Any
 
 import aiohttp
 import grpc
+import jsonschema
 import openai
 import pytest
 
 from scalellm import LLM, SamplingParams
 from scalellm.redis_server import free_port
+from scalellm.text import bad_words_token_ids
 from scalellm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, worker_pb2_grpc
 from services.gateway.config import GatewayConfig
 from services.gateway.openai_format import parse_events
@@ -351,3 +354,127 @@ async def test_sigterm_drains_the_gateway(worker: Service, engine: LLM, tiny_cha
             assert await asyncio.to_thread(gw.proc.wait, 60) == 0, gw.log()
         finally:
             gw.kill()
+
+
+# ---- sampling controls and structured output through the gateway (issue 13) ----------------------
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 99}, "ok": {"type": "boolean"}},
+    "required": ["id", "ok"],
+    "additionalProperties": False,
+}
+
+
+async def test_sampling_controls_equal_the_engines_on_both_apis(
+    gateway: GatewayFactory, worker: Service, engine: LLM
+) -> None:
+    """logit_bias (forcing and banning), penalties and text bad words: HTTP and gRPC give exactly
+    what the engine alone gives with the same SamplingParams; each control changes the answer."""
+    penalties = {"presence_penalty": 0.5, "frequency_penalty": 0.3, "repetition_penalty": 1.2}
+
+    def alone(**kw: Any) -> list[int]:
+        return engine.generate(PROMPT, _sampling(max_tokens=8, **kw))[0].outputs[0].token_ids
+
+    first = alone(**penalties)[0]
+    second = alone(**penalties, logit_bias={first: -100.0})[0]  # what comes once the first is banned
+    word = engine.tokenizer.decode([second]).strip()
+    assert (second,) in bad_words_token_ids(engine.tokenizer, [word])  # the word bans exactly it
+    controls: dict[str, Any] = {**penalties, "logit_bias": {first: -100.0}, "bad_words": [word]}
+    want = alone(**controls)
+    assert want[0] not in (first, second) and alone(logit_bias={first: -100.0}, bad_words=[word]) != want
+
+    gw = await gateway(worker.address)
+    body = {**controls, "logit_bias": {str(first): -100.0}, "ignore_eos": True}
+    out = await gw.complete(PROMPT, max_tokens=8, extra_body=body)
+    assert out.choices[0].text == engine.tokenizer.decode(want)
+    forced = await gw.complete(
+        PROMPT, max_tokens=4, temperature=1.0, extra_body={"logit_bias": {"400": 100}, "ignore_eos": True}
+    )
+    assert (
+        forced.choices[0].text
+        == engine.generate(PROMPT, _sampling(max_tokens=4, temperature=1.0, logit_bias={400: 100}))[0]
+        .outputs[0]
+        .text
+        == engine.tokenizer.decode([400] * 4)
+    )
+    async with grpc.aio.insecure_channel(gw.grpc) as channel:
+        sampling = common_pb2.SamplingParams(
+            max_tokens=8, ignore_eos=True, logit_bias={first: -100.0}, **penalties
+        )
+        request = gateway_pb2.GatewayGenerateRequest(text=PROMPT, sampling=sampling, bad_words=[word])
+        messages = [m async for m in gateway_pb2_grpc.GatewayStub(channel).Generate(request)]
+    assert [t for m in messages for t in m.token_ids] == want
+
+
+async def test_response_format_json_schema_validates(gateway: GatewayFactory, worker: Service) -> None:
+    gw = await gateway(worker.address)
+    response_format = {"type": "json_schema", "json_schema": {"name": "item", "schema": SCHEMA}}
+    for seed in (1, 2):
+        out = await gw.client.chat.completions.create(
+            model=gw.model, messages=[{"role": "user", "content": "An item, please."}], max_tokens=60,
+            temperature=1.0, seed=seed, response_format=response_format,  # type: ignore[arg-type]
+        )  # fmt: skip
+        assert out.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(out.choices[0].message.content or ""), SCHEMA)
+
+
+async def test_continuous_usage_stats_put_usage_on_every_chunk(
+    gateway: GatewayFactory, worker: Service
+) -> None:
+    """What vLLM's benchmark client sends: usage so far on every chunk, then a last usage chunk.
+    With logprobs each chunk lists its new tokens, so the counts are checked exactly."""
+    gw = await gateway(worker.address)
+    for logprobs in (None, 0):
+        body = {
+            "model": gw.model, "prompt": PROMPT, "max_tokens": 12, "ignore_eos": True, "stream": True,
+            "logprobs": logprobs, "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        }  # fmt: skip
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(gw.http + "/v1/completions", json=body) as r,
+        ):
+            assert r.status == 200, await r.text()
+            events = parse_events(await r.read())
+        assert events[-1] == "[DONE]"
+        chunks, last = events[:-2], events[-2]
+        assert last["choices"] == [] and last["usage"]["completion_tokens"] == 12
+        counts = [c["usage"]["completion_tokens"] for c in chunks]
+        assert counts == sorted(counts) and counts[-1] == 12 and len(chunks) > 1
+        if logprobs is not None:
+            seen = [len(c["choices"][0]["logprobs"]["tokens"]) for c in chunks]
+            assert counts == list(itertools.accumulate(seen))
+        prompt = last["usage"]["prompt_tokens"]
+        assert all(c["usage"]["prompt_tokens"] == prompt for c in chunks)
+        assert all(c["usage"]["total_tokens"] == prompt + n for c, n in zip(chunks, counts, strict=True))
+
+
+async def test_values_the_worker_refuses_are_named(gateway: GatewayFactory, worker: Service) -> None:
+    """Out of range (SamplingParams) and uncompilable (the worker's grammar engine): 400 and
+    INVALID_ARGUMENT naming the field."""
+    gw = await gateway(worker.address)
+    async with aiohttp.ClientSession() as session:
+        for body, name in (
+            ({"logit_bias": {"5": 200}}, "logit_bias"),
+            ({"guided_regex": "(unclosed"}, "structured_output"),
+        ):
+            payload = {"model": gw.model, "prompt": PROMPT, "max_tokens": 4, **body}
+            async with session.post(gw.http + "/v1/completions", json=payload) as r:
+                error = (await r.json())["error"]
+                assert r.status == 400 and name in error["message"], error
+    async with grpc.aio.insecure_channel(gw.grpc) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        for sampling, name in (
+            (common_pb2.SamplingParams(logit_bias={5: 200.0}), "sampling.logit_bias"),
+            (
+                common_pb2.SamplingParams(structured_output=common_pb2.StructuredOutput(regex="(")),
+                "structured_output",
+            ),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await _drain(
+                    stub.Generate(gateway_pb2.GatewayGenerateRequest(text=PROMPT, sampling=sampling))
+                )
+            assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and name in (
+                err.value.details() or ""
+            )

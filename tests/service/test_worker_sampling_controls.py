@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import jsonschema
+import openai
 import pytest
 
 from scalellm.types import SamplingParams, StructuredOutput
@@ -144,4 +145,52 @@ async def test_a_spec_or_id_the_engine_cannot_honour_is_invalid_argument(
             assert err.value.details() is not None and (
                 "structured_output" in err.value.details() or "logit_bias" in err.value.details()
             )
+    await wait_all_blocks_free(decode)
+
+
+async def test_through_the_gateway_disaggregated(
+    tiny_chat_model: Path, services: tuple[Service, Service, Service]
+) -> None:
+    """The gateway's OpenAI fields reach a disaggregated pair: logit_bias banning the first token
+    (sampled by the prefill worker) equals the engine alone, response_format json_schema validates."""
+    from scalellm import LLM
+    from services.gateway.config import GatewayConfig
+    from services.gateway.server import GatewayServer
+
+    prefill, decode, _ = services
+    llm = LLM(model=str(tiny_chat_model), dtype="float32", num_kv_blocks=200)
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    [first] = (
+        llm.generate([{"prompt_token_ids": PROMPT}], replace(greedy, max_tokens=1))[0].outputs[0].token_ids
+    )
+    want = llm.generate([{"prompt_token_ids": PROMPT}], replace(greedy, logit_bias={first: -100.0}))[
+        0
+    ].outputs[0]
+    assert want.token_ids[0] != first
+    config = GatewayConfig(
+        host="127.0.0.1", http_port=0, grpc_port=0, model=str(tiny_chat_model),
+        decode_addrs=(decode.address,), prefill_addrs=(f"{PREFILL_ID}={prefill.address}",),
+    )  # fmt: skip
+    server = GatewayServer(config)
+    await server.start()
+    url = f"http://127.0.0.1:{server.http_port}/v1"
+    try:
+        async with openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0) as client:
+            out = await client.completions.create(
+                model=tiny_chat_model.name, prompt=PROMPT, max_tokens=8, temperature=0,
+                extra_body={"ignore_eos": True, "logit_bias": {str(first): -100}},
+                extra_headers={"x-scalellm-timings": "1"},
+            )  # fmt: skip
+            assert out.choices[0].text == want.text
+            assert (out.choices[0].model_extra or {})["timings"][
+                "transfer_bytes"
+            ] > 0  # the prefill worker ran it
+            chat = await client.chat.completions.create(
+                model=tiny_chat_model.name, messages=[{"role": "user", "content": "An item?"}], max_tokens=60,
+                temperature=1.0, seed=7, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}},  # type: ignore[arg-type]
+            )  # fmt: skip
+            assert chat.choices[0].finish_reason == "stop"
+            jsonschema.validate(json.loads(chat.choices[0].message.content or ""), SCHEMA)
+    finally:
+        await server.stop(0)
     await wait_all_blocks_free(decode)

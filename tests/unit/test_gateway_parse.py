@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from scalellm.models.config import ModelConfig
-from scalellm.types import SamplingParams
+from scalellm.types import SamplingParams, StructuredOutput
 from scalellm.v1 import common_pb2, gateway_pb2
 from services.gateway.admission import Preprocessor, ServedModel
 from services.gateway.config import GatewayConfig
@@ -42,6 +42,39 @@ def test_completion_maps_every_supported_field() -> None:
         stop_token_ids=(5, 6), ignore_eos=True, logprobs=2,
         n=2, stop=("\n",), include_stop_str_in_output=True, skip_special_tokens=False,
     )  # fmt: skip
+
+
+def test_sampling_controls_and_structured_output_map_to_sampling_params() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    call = parse_chat(
+        {
+            "messages": [{"role": "user", "content": "x"}], "max_tokens": 9, "presence_penalty": 0.5,
+            "frequency_penalty": -1, "repetition_penalty": 1.1, "logit_bias": {"7": 100, "3": -2.5},
+            "min_tokens": 2, "bad_words": ["no", "never"], "stream": True,
+            "stream_options": {"include_usage": False, "continuous_usage_stats": True},
+        }
+    )  # fmt: skip
+    assert call.continuous_usage and not call.include_usage
+    s = call.spec.sampling
+    assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == (0.5, -1.0, 1.1)
+    assert s.logit_bias == ((3, -2.5), (7, 100.0)) and s.min_tokens == 2 and s.bad_words == ("no", "never")
+    forms = [
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "a", "schema": schema, "strict": True},
+                }
+            },
+            StructuredOutput.json_schema(schema),
+        ),
+        ({"response_format": {"type": "json_object"}}, StructuredOutput.json_object()),
+        ({"response_format": {"type": "text"}}, None),
+        ({"guided_json": schema}, StructuredOutput.json_schema(schema)),
+        ({"guided_regex": "[a-z]+"}, StructuredOutput.regex("[a-z]+")),
+    ]
+    for extra, want in forms:
+        assert parse_completion({"prompt": "x", **extra}).spec.sampling.structured_output == want
 
 
 def test_completion_defaults_follow_openai() -> None:
@@ -104,13 +137,13 @@ def test_grpc_request_maps_to_the_same_spec() -> None:
     request = gateway_pb2.GatewayGenerateRequest(
         text="hi",
         sampling=common_pb2.SamplingParams(temperature=0.5, top_k=3, seed=9, max_tokens=4, logprobs=1),
-        n=2, stop=["x", "x", "y"], keep_special_tokens=True, priority=-1,
+        n=2, stop=["x", "x", "y"], keep_special_tokens=True, priority=-1, bad_words=["no"],
     )  # fmt: skip
     spec = spec_from_proto(request)
     assert spec.prompt.texts == ("hi",) and spec.priority == -1
     assert spec.sampling == SamplingParams(
         temperature=0.5, top_p=1.0, top_k=3, seed=9, max_tokens=4, logprobs=1,
-        n=2, stop=("x", "y"), skip_special_tokens=False,
+        n=2, stop=("x", "y"), skip_special_tokens=False, bad_words=("no",),
     )  # fmt: skip
     unset = spec_from_proto(gateway_pb2.GatewayGenerateRequest(text="hi"))
     assert unset.sampling.n == 1 and unset.sampling.temperature == 0 and unset.sampling.max_tokens is None
