@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 TIMINGS_HEADER = "x-scalellm-timings"
 REQUEST_ID_HEADER = "x-request-id"
+STREAM_ERROR = web.RequestKey("stream_error", GatewayError)
+"""The error a stream ended with after its 200 went out (counted as that error's outcome)."""
 _HTTP_KINDS = {404: ErrorKind.NOT_FOUND, 405: ErrorKind.METHOD_NOT_ALLOWED, 413: ErrorKind.TOO_LARGE}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -58,7 +60,7 @@ class HttpApi:
         error: BaseException | None = None
         try:
             response = await handler(request)
-            error = request.get("stream_error")
+            error = request.get(STREAM_ERROR)
             return response
         except GatewayError as exc:
             error = exc
@@ -118,7 +120,7 @@ class HttpApi:
                 reason = "error"
                 raise
             finally:
-                await generation.close("error" if "stream_error" in request else reason)
+                await generation.close("error" if STREAM_ERROR in request else reason)
 
     async def _stream(
         self, request: web.Request, call: OpenAIRequest, generation: Generation, formatter: OpenAIFormatter
@@ -147,7 +149,7 @@ class HttpApi:
             if call.include_usage:
                 tail += sse_event(formatter.usage_chunk())
         except GatewayError as exc:
-            request["stream_error"] = exc
+            request[STREAM_ERROR] = exc
             tail += sse_event(exc.to_openai())
         await response.write_eof(tail + SSE_DONE)
         return response
