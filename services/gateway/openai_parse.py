@@ -135,15 +135,24 @@ _CHAT_UNSUPPORTED = {
     "prediction": lambda v: False,
     "reasoning_effort": lambda v: False,
     "web_search_options": lambda v: False,
-    "store": lambda v: v is False,
-    "metadata": _empty,
-    "service_tier": lambda v: v in ("auto", "default"),
 }
 _COMPLETION_UNSUPPORTED = {
     "echo": lambda v: v is False,
     "suffix": lambda v: v == "",
     "best_of": lambda v: v == 1,
 }
+
+
+def _informative(body: Body) -> None:
+    """Chat fields that only label a request for the client's own records: type-checked, then
+    ignored (nothing is stored for distillation, and there is one service tier)."""
+    body.boolean("store")
+    body.string("service_tier")
+    metadata = body.raw("metadata")
+    if metadata is not None and (
+        not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise invalid("'metadata' must be an object of string values", "metadata")
 
 
 def _stream_options(body: Body, stream: bool) -> tuple[bool, bool]:
@@ -200,6 +209,7 @@ def parse_chat(data: dict[str, Any]) -> OpenAIRequest:
     body = Body(data)
     for name, noop in _CHAT_UNSUPPORTED.items():
         body.reject(name, noop)
+    _informative(body)
     if not body.has("messages"):
         raise invalid("'messages' is required", "messages", "missing_required_parameter")
     messages = parse_messages(body.raw("messages"), "messages")

@@ -121,6 +121,8 @@ BAD: list[tuple[str, Any, str | None]] = [
     (CHAT, {"messages": M, "tool_choice": "auto"}, "tool_choice"),
     (CHAT, {"messages": M, "response_format": {"type": "json_object", "x": 1}}, "response_format.x"),
     (CHAT, {"messages": M, "parallel_tool_calls": True}, "parallel_tool_calls"),
+    (CHAT, {"messages": M, "metadata": {"team": 1}}, "metadata"),
+    (CHAT, {"messages": M, "store": "yes"}, "store"),
     (CHAT, {"messages": M, "top_logprobs": 2}, "top_logprobs"),
     (CHAT, {"messages": M, "logprobs": "yes"}, "logprobs"),
     (CHAT, {"messages": M, "max_tokens": 5, "max_completion_tokens": 6}, "max_tokens"),
@@ -163,6 +165,7 @@ async def test_noop_values_of_unsupported_fields_are_accepted(limited: Mesh) -> 
         "messages": M, "max_tokens": 2, "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {},
         "tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "user": "u-1",
         "stream": False, "top_k": -1, "min_p": 0.1, "ignore_eos": False, "stop": None, "seed": None,
+        "store": True, "metadata": {"team": "search"}, "service_tier": "flex",  # informative only
     }  # fmt: skip
     status, out = await post(limited, CHAT, body)
     assert status == 200, out
