@@ -5,7 +5,8 @@ penalties: logits_controls.py), then greedy (argmax) or temperature -> top-k -> 
 a draw.
 A draw is ``argmax(p / e)`` with ``e ~ Exp(1)`` per vocabulary entry (the exponential race), so a
 request with a seed uses its own generator for its own row and gets the same tokens whatever
-else is in the batch. Logprobs are those of the model's raw distribution (before temperature
+else is in the batch. Each ``e`` belongs to a token id, not to a rank: whether the batch sorts
+its rows (another row's top-k or top-p) must not change which token a draw picks. Logprobs are those of the model's raw distribution (before temperature
 and truncation), as vLLM and OpenAI report them.
 """
 
@@ -77,7 +78,9 @@ class Sampler:
         if any(m > 0.0 for m in min_p):
             floor = torch.tensor(min_p, device=dev, dtype=probs.dtype).unsqueeze(1)
             probs = probs.masked_fill(probs < floor * probs.max(dim=-1, keepdim=True).values, 0.0)
-        noise = self._exponential(probs, requests)
+        noise = self._exponential(probs, requests)  # one draw per token id, in vocabulary order
+        if order is not None:
+            noise = noise.gather(1, order)  # follows its token: the draw never depends on the batch
         choice = (probs / noise).argmax(dim=-1)
         return order.gather(1, choice.unsqueeze(1)).squeeze(1) if order is not None else choice
 

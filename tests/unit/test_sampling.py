@@ -31,7 +31,8 @@ def test_seeded_rows_are_reproducible_whatever_the_batch() -> None:
     first = Sampler(torch.device("cpu"))
     alone = [first(logits[1:2], _reqs(seeded)).token_ids[0] for _ in range(20)]
     second = Sampler(torch.device("cpu"))
-    batch = _reqs(SamplingParams(temperature=0.7), seeded, SamplingParams(temperature=0.0))
+    # The first row's top-k makes the batch sort its rows: the seeded row's draws must not care.
+    batch = _reqs(SamplingParams(temperature=0.7, top_k=5), seeded, SamplingParams(temperature=0.0))
     batch[1].request_id = "r0"  # same request id -> same generator stream as `alone`
     mixed = [second(logits, batch).token_ids[1] for _ in range(20)]
     assert alone == mixed
