@@ -14,6 +14,7 @@ last event); they never touch the scheduler or mutate a Request.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
@@ -78,11 +79,16 @@ class LLMEngine:
         priority: int = 0,
         *,
         prefill_only: bool = False,
+        resume_token_ids: Sequence[int] = (),
     ) -> Request:
         """Validate and build a request (not yet queued). A prefill-only request stops after its
         first token and keeps its blocks until ``release()`` (a prefill worker's, whose KV is
         sent after the first token). Structured output is compiled here (cached per spec; an
-        uncached one may take milliseconds: the workers call this off their event loop)."""
+        uncached one may take milliseconds: the workers call this off their event loop).
+
+        resume_token_ids: output another worker generated before it failed (stream migration);
+        the request continues after them exactly as it would have there (greedy and seeded
+        sampling alike), counting them against max_tokens."""
         if params.n != 1:
             raise InvalidParameter(
                 "n", f"must be 1 in the engine (the gateway fans out n > 1), got {params.n}"
@@ -99,9 +105,10 @@ class LLMEngine:
             raise ValueError("prompt_token_ids must not be empty")
         vocab = self.model_config.vocab_size
         self._check_token_ids(params, vocab)
-        bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt_token_ids contains {bad!r}, outside the vocabulary [0, {vocab})")
+        _check_in_vocab("prompt_token_ids", prompt_token_ids, vocab)
+        _check_in_vocab("resume_token_ids", resume_token_ids, vocab)
+        if prefill_only and resume_token_ids:
+            raise ValueError("a prefill-only request cannot resume generated tokens")
         if len(prompt_token_ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt_token_ids has {len(prompt_token_ids)} tokens; the context length is "
@@ -109,9 +116,14 @@ class LLMEngine:
             )
         room = self.max_model_len - len(prompt_token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        if resume_token_ids and len(resume_token_ids) >= max_tokens:
+            raise ValueError(
+                f"resume_token_ids has {len(resume_token_ids)} tokens; the request may generate "
+                f"{max_tokens}, so nothing would be left to generate"
+            )
         spec = params.structured_output
         grammar = self.grammars.compile(spec).matcher() if spec is not None else None
-        return Request(
+        req = Request(
             request_id=request_id,
             prompt_token_ids=list(prompt_token_ids),
             sampling_params=params,
@@ -121,6 +133,8 @@ class LLMEngine:
             keep_blocks=prefill_only,
             grammar=grammar,
         )
+        req.resume(resume_token_ids)
+        return req
 
     @staticmethod
     def _check_token_ids(params: SamplingParams, vocab: int) -> None:
@@ -242,3 +256,9 @@ class LLMEngine:
     @property
     def num_free_blocks(self) -> int:
         return self.blocks.num_free_blocks
+
+
+def _check_in_vocab(name: str, token_ids: Sequence[int], vocab: int) -> None:
+    bad = next((t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ValueError(f"{name} contains {bad!r}, outside the vocabulary [0, {vocab})")

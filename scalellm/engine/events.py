@@ -24,6 +24,8 @@ class FinishedRequest:
     scheduled_time: float | None
     """When it first joined the running batch (None: never did, e.g. KV pushed by a prefill worker)."""
     first_token_time: float | None
+    resumed_tokens: int = 0
+    """Output tokens generated elsewhere before this engine took the request over (migration)."""
     kept_block_ids: tuple[int, ...] = ()
     """A prefill-only request's blocks, held (and unchanged) until ``release()``."""
 
@@ -101,5 +103,6 @@ def outcome(req: Request) -> FinishedRequest:
         arrival_time=req.arrival_time,
         scheduled_time=req.scheduled_time,
         first_token_time=req.first_token_time,
+        resumed_tokens=req.resumed_tokens,
         kept_block_ids=tuple(req.block_ids) if req.keep_blocks else (),
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -95,6 +96,8 @@ class Request:
     keep_blocks: bool = False
     """Prefill worker: the blocks outlive the finish until their KV has been sent; the owner
     then calls Scheduler.release()."""
+    resumed_tokens: int = 0
+    """Output tokens another worker generated before this one took the request over (migration)."""
     grammar: GrammarMatcher | None = None
     """Structured output: where the output stands in its grammar. Every appended token advances
     it, so a request continued on a decode worker catches up by appending the first token."""
@@ -129,6 +132,16 @@ class Request:
             self.grammar.accept(token_id)
         if self.first_token_time is None:
             self.first_token_time = time.monotonic()
+
+    def resume(self, token_ids: Sequence[int]) -> None:
+        """Continue a request another worker began: its output so far is taken as given (the
+        grammar advanced through it, first_token_time left for this worker's first own token) and
+        computed again with the prompt, like a preempted request's. ``resumed_tokens`` counts it."""
+        for token_id in token_ids:
+            self.token_ids.append(token_id)
+            if self.grammar is not None:
+                self.grammar.accept(token_id)
+        self.resumed_tokens += len(token_ids)
 
     def check_stop(self) -> RequestStatus | None:
         """After a token was appended: the finished status it leads to, if any."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 
 from scalellm.engine.async_engine import AsyncEngine
@@ -46,12 +47,18 @@ class EngineHost:
         priority: int = 0,
         *,
         prefill_only: bool = False,
+        resume_token_ids: Sequence[int] = (),
     ) -> Request:
         """The engine's make_request, off the event loop when it compiles structured output (a
         new spec takes milliseconds, the first one also loads the grammar tokenizer)."""
         if params.structured_output is None:
             return self.engine.make_request(
-                request_id, prompt_token_ids, params, priority, prefill_only=prefill_only
+                request_id,
+                prompt_token_ids,
+                params,
+                priority,
+                prefill_only=prefill_only,
+                resume_token_ids=resume_token_ids,
             )
         return await asyncio.to_thread(
             self.engine.make_request,
@@ -60,6 +67,7 @@ class EngineHost:
             params,
             priority,
             prefill_only=prefill_only,
+            resume_token_ids=resume_token_ids,
         )
 
     def stop(self) -> None:

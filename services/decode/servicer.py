@@ -61,6 +61,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             sampling_from_proto(request.sampling),
             request.priority,
             tuple(prefill_target_from_proto(t) for t in request.prefill),
+            tuple(request.resume_token_ids),
         )
         queued, request_id = self.worker.host.aengine.queued, request.request_id
         async with aclosing(coalesce(chunks, lambda: queued(request_id) > 0)) as messages:

@@ -131,10 +131,17 @@ class DecodeWorker:
         params: SamplingParams,
         priority: int = 0,
         targets: tuple[PrefillTarget, ...] = (),
+        resume_token_ids: tuple[int, ...] = (),
     ) -> AsyncGenerator[Chunk, None]:
+        """The request's chunks. resume_token_ids: a migrated request's output so far (it is
+        computed here with the prompt, so it never goes to a prefill worker)."""
         if self.draining:
             raise Unavailable(f"decode worker {self.config.worker_id} is draining")
-        req = await self.host.make_request(request_id, prompt_token_ids, params, priority)
+        if resume_token_ids and targets:
+            raise ValueError("a resumed request is computed locally: give no prefill targets")
+        req = await self.host.make_request(
+            request_id, prompt_token_ids, params, priority, resume_token_ids=resume_token_ids
+        )
         self.in_flight += 1
         try:
             if targets:
@@ -288,8 +295,9 @@ class DecodeWorker:
         self.metrics.requests.labels(done.status.name.lower()).inc()
         if done.first_token_time is not None:
             self.metrics.ttft.observe(done.first_token_time - done.arrival_time)
-            if done.num_output_tokens > 1:
-                self.metrics.tpot.observe((now - done.first_token_time) / (done.num_output_tokens - 1))
+            generated = done.num_output_tokens - done.resumed_tokens  # a migrated request's own
+            if generated > 1:
+                self.metrics.tpot.observe((now - done.first_token_time) / (generated - 1))
 
     def _stub(self, address: str) -> worker_pb2_grpc.PrefillWorkerStub:
         channel = self._channels.get(address)

@@ -146,3 +146,53 @@ def test_decode_with_heads_folded_into_the_query_length_equals_repeated_heads() 
     keys, values = _gather(k_cache, tables), _gather(v_cache, tables)
     expected = sdpa(q.unsqueeze(2), keys, values, 0.25, mask=mask, expand_heads=True).squeeze(2)
     torch.testing.assert_close(_decode(q, k_cache, v_cache, tables, mask, 0.25), expected)
+
+
+def test_a_resumed_request_continues_exactly(tiny_llama: Path, engine_device: str) -> None:
+    """Stream migration: a request given the first k tokens of another engine's output (and
+    computing them again with its prompt) produces the rest of that output exactly, greedy and
+    seeded alike, with penalties that count the resumed tokens."""
+    rng = random.Random(11)
+    prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(5, 40))] for _ in range(4)]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True),
+        SamplingParams(temperature=0.9, seed=7, max_tokens=16, ignore_eos=True),
+        SamplingParams(
+            temperature=0.8, seed=8, top_k=20, presence_penalty=1.5, max_tokens=16, ignore_eos=True
+        ),
+        SamplingParams(temperature=0.0, frequency_penalty=2.0, max_tokens=16, ignore_eos=True),
+    ]
+
+    def engine() -> LLMEngine:
+        return LLMEngine(
+            EngineConfig(
+                model=str(tiny_llama), device=engine_device, dtype="float32", num_kv_blocks=200, block_size=4
+            )
+        )
+
+    whole = [r.output_token_ids for r in _run(engine(), prompts, params)]
+    second = engine()
+    resumed = []
+    for i, (prompt, sp, out) in enumerate(zip(prompts, params, whole, strict=True)):
+        k = 3 + 4 * i  # migrated after k tokens
+        req = second.make_request(f"r{i}", prompt, sp, resume_token_ids=out[:k])
+        assert req.num_output_tokens == k and req.resumed_tokens == k
+        second.add(req)
+        resumed.append(req)
+    while second.has_unfinished():
+        second.step()
+    assert [r.output_token_ids for r in resumed] == whole
+    assert second.num_free_blocks == second.blocks.num_blocks
+
+
+def test_resume_token_ids_are_validated(tiny_llama: Path, engine_device: str) -> None:
+    engine = LLMEngine(
+        EngineConfig(model=str(tiny_llama), device=engine_device, dtype="float32", num_kv_blocks=32)
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=4)
+    with pytest.raises(ValueError, match="resume_token_ids contains"):
+        engine.make_request("a", [5, 6], params, resume_token_ids=[10**9])
+    with pytest.raises(ValueError, match="nothing would be left"):
+        engine.make_request("b", [5, 6], params, resume_token_ids=[7, 8, 9, 10])
+    with pytest.raises(ValueError, match="prefill-only"):
+        engine.make_request("c", [5, 6], params, prefill_only=True, resume_token_ids=[7])
