@@ -62,3 +62,5 @@ class Timings:
     """From the gateway receiving the request to the decode worker's last message."""
     worker_call: float = 0.0
     """The decode stream as the gateway saw it: opened to the worker's last message."""
+    migrations: int = 0
+    """Decode workers the request moved to after one failed mid-stream (set by the gateway)."""

@@ -141,6 +141,7 @@ def timings_to_proto(t: Timings) -> common_pb2.Timings:
         transfer_bytes=t.transfer_bytes,
         total=t.total,
         worker_call=t.worker_call,
+        migrations=t.migrations,
     )
 
 
@@ -154,6 +155,7 @@ def timings_from_proto(msg: common_pb2.Timings) -> Timings:
         transfer_bytes=msg.transfer_bytes,
         total=msg.total,
         worker_call=msg.worker_call,
+        migrations=msg.migrations,
     )
 
 

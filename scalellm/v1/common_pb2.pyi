@@ -108,7 +108,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("gateway", "queue", "prefill", "transfer", "decode", "transfer_bytes", "total", "worker_call")
+    __slots__ = ("gateway", "queue", "prefill", "transfer", "decode", "transfer_bytes", "total", "worker_call", "migrations")
     GATEWAY_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
     PREFILL_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,7 @@ class Timings(_message.Message):
     TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     WORKER_CALL_FIELD_NUMBER: _ClassVar[int]
+    MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
     gateway: float
     queue: float
     prefill: float
@@ -125,4 +126,5 @@ class Timings(_message.Message):
     transfer_bytes: int
     total: float
     worker_call: float
-    def __init__(self, gateway: _Optional[float] = ..., queue: _Optional[float] = ..., prefill: _Optional[float] = ..., transfer: _Optional[float] = ..., decode: _Optional[float] = ..., transfer_bytes: _Optional[int] = ..., total: _Optional[float] = ..., worker_call: _Optional[float] = ...) -> None: ...
+    migrations: int
+    def __init__(self, gateway: _Optional[float] = ..., queue: _Optional[float] = ..., prefill: _Optional[float] = ..., transfer: _Optional[float] = ..., decode: _Optional[float] = ..., transfer_bytes: _Optional[int] = ..., total: _Optional[float] = ..., worker_call: _Optional[float] = ..., migrations: _Optional[int] = ...) -> None: ...

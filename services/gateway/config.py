@@ -40,6 +40,8 @@ class GatewayConfig:
     max_stop_strings: int = 8
     max_inflight: int = 1024
     route_attempts: int = 3
+    migration_limit: int = 3
+    """Times one choice may move to another decode worker mid-stream (0: never)."""
     prefill_fallbacks: int = 2
     colocate_below_tokens: int = 0
     request_timeout_s: float = 600.0
@@ -53,7 +55,13 @@ class GatewayConfig:
         for name in ("max_payload_bytes", "max_n", "max_inflight", "route_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_prompt_tokens", "max_total_tokens", "max_stop_strings", "prefill_fallbacks"):
+        for name in (
+            "max_prompt_tokens",
+            "max_total_tokens",
+            "max_stop_strings",
+            "prefill_fallbacks",
+            "migration_limit",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("http_port", "grpc_port"):
@@ -113,6 +121,9 @@ OPTIONS: tuple[Option, ...] = (
     _option("--max-stop-strings", "max_stop_strings", int, "most stop strings per request"),
     _option("--max-inflight", "max_inflight", int, "requests in flight before 429 / RESOURCE_EXHAUSTED"),
     _option("--route-attempts", "route_attempts", int, "decode workers tried per sequence"),
+    _option(
+        "--migration-limit", "migration_limit", int, "moves of a stream to another decode worker mid-stream"
+    ),
     _option("--prefill-fallbacks", "prefill_fallbacks", int, "prefill workers passed, best first"),
     _option("--colocate-below-tokens", "colocate_below_tokens", int, "shorter prompts skip prefill workers"),
     _option("--request-timeout-s", "request_timeout_s", float, "deadline of an HTTP request"),

@@ -79,7 +79,12 @@ class GatewayCore:
         )
         self.channels = WorkerChannels(config.security.load())
         self.dispatcher = Dispatcher(
-            self.router, self.channels, model.tokenizer, self.metrics, config.route_attempts
+            self.router,
+            self.channels,
+            model.tokenizer,
+            self.metrics,
+            config.route_attempts,
+            config.migration_limit,
         )
         self.preprocessor = Preprocessor(model, config)
         self.in_flight = 0
@@ -194,6 +199,12 @@ class GatewayMetrics:
             "scalellm_gateway_route_retries",
             "Decode workers skipped after a failure, by status",
             ["code"],
+            registry=r,
+        )
+        self.migrations = Counter(
+            "scalellm_gateway_migrations",
+            "Choices moved to another decode worker mid-stream, by what ended the first stream",
+            ["reason"],
             registry=r,
         )
         self.cancelled = Counter(

@@ -318,6 +318,7 @@ def timings_to_openai(t: Timings) -> dict[str, float | int]:
         "transfer_bytes": t.transfer_bytes,
         "total": round(t.total, 6),
         "worker_call": round(t.worker_call, 6),
+        "migrations": t.migrations,
     }
 
 

@@ -9,7 +9,9 @@ to the next worker as long as nothing was sent to the client.
 
 ChoiceStream: per message it detokenizes the new ids once (multi-byte safe), runs the stop
 strings over the new text once, and on a stop string cancels the decode call at once. It owns the
-call and its route lease and releases both whichever way the choice ends.
+call and its route lease and releases both whichever way the choice ends. If its worker fails
+mid-stream, it migrates: the choice continues on another worker from the tokens already sent
+(at most --migration-limit times).
 
 Generation: with one choice (the common case) updates come straight from its stream; with n > 1
 (or a batch of prompts) each choice is pumped by its own task into one queue, so a slow choice
@@ -21,9 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from dataclasses import replace
+from collections.abc import AsyncIterator, Collection, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
+
+import grpc
 
 from scalellm.text import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 from scalellm.types import FinishReason, Timings, Usage
@@ -42,6 +46,16 @@ if TYPE_CHECKING:
     from services.gateway.core import GatewayMetrics
 
 
+@dataclass(slots=True)
+class StartedCall:
+    """A decode call that has sent its first message, with the route lease it holds."""
+
+    call: SessionCall
+    lease: RouteLease
+    first: worker_pb2.GenerateResponse
+    dispatched_at: float
+
+
 class Dispatcher:
     """Routes and starts decode streams; the first message is awaited here, so that a worker's
     refusal surfaces before anything was sent to the client and can still be retried elsewhere."""
@@ -53,12 +67,14 @@ class Dispatcher:
         tokenizer: Tokenizer,
         metrics: GatewayMetrics,
         attempts: int = 3,
+        migration_limit: int = 3,
     ) -> None:
         self.router = router
         self.channels = channels
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.attempts = attempts
+        self.migration_limit = migration_limit
 
     async def open(
         self,
@@ -68,12 +84,27 @@ class Dispatcher:
         deadline: float,
     ) -> ChoiceStream:
         """Start choice `index` (deadline: a time.perf_counter() value); GatewayError if no worker can."""
+        started = await self.start(request, index, sampling, deadline)
+        return ChoiceStream(self, request, index, sampling, deadline, started)
+
+    async def start(
+        self,
+        request: GenerationRequest,
+        index: int,
+        sampling: common_pb2.SamplingParams,
+        deadline: float,
+        resume: Sequence[int] = (),
+        exclude: Collection[str] = (),
+    ) -> StartedCall:
+        """Route choice `index` and start it, trying up to `attempts` decode workers (never one in
+        exclude). resume: the output a failed worker already streamed (migration); the new
+        worker computes prompt + resume itself, so no prefill worker is asked."""
         prompt = request.prompt_of(index)
-        tried: list[str] = []
+        tried: list[str] = list(exclude)
         last: GatewayError | None = None
         dispatched_at = 0.0
         for _ in range(self.attempts):
-            route = self.router.route(len(prompt), tried)
+            route = self.router.route(len(prompt) + len(resume), tried)
             if route is None:
                 break
             message = worker_pb2.GenerateRequest(
@@ -81,11 +112,12 @@ class Dispatcher:
                 prompt_token_ids=prompt,
                 sampling=sampling,
                 priority=request.priority,
-                prefill=[
+                prefill=[] if resume else [
                     worker_pb2.PrefillTarget(worker_id=p.worker_id, address=p.address) for p in route.prefill
                 ],
-            )
-            lease = self.router.acquire(route, len(prompt))
+                resume_token_ids=resume,
+            )  # fmt: skip
+            lease = self.router.acquire(route, len(prompt) + len(resume))
             dispatched_at = dispatched_at or time.perf_counter()
             call = self.channels.session(route.decode.address).start(message, deadline)
             try:
@@ -105,16 +137,7 @@ class Dispatcher:
             if first is None:
                 lease.release()
                 raise GatewayError(ErrorKind.INTERNAL, f"decode worker {route.decode.worker_id} sent nothing")
-            return ChoiceStream(
-                request,
-                index,
-                self.tokenizer,
-                call,
-                lease,
-                first,
-                dispatched_at=dispatched_at,
-                first_at=time.perf_counter(),
-            )
+            return StartedCall(call, lease, first, dispatched_at)
         if last is not None:
             raise last
         raise GatewayError(ErrorKind.OVERLOADED, "every decode worker was tried and none could take it")
@@ -124,38 +147,53 @@ class Dispatcher:
 
 
 class ChoiceStream:
-    """One running choice. Iterate updates() once; close() cancels it (idempotent)."""
+    """One running choice. Iterate updates() once; close() cancels it (idempotent).
+
+    Migration: if its decode worker dies, drains past its cut-off or its stream breaks after
+    tokens were sent, the choice continues on another worker from what was streamed:
+
+        worker A: p0..pn -> o0 o1 o2 X (stream broke)
+        worker B: p0..pn o0 o1 o2 (computed again, resume_token_ids) -> o3 o4 ... finish
+
+    The detokenizer and stop strings keep their state, so the client sees one stream with no
+    token repeated or missing; greedy and seeded choices continue exactly (the engine counts the
+    resumed tokens as output: max_tokens, penalties and seeded draws carry over).
+    """
 
     def __init__(
         self,
+        dispatcher: Dispatcher,
         request: GenerationRequest,
         index: int,
-        tokenizer: Tokenizer,
-        call: SessionCall,
-        lease: RouteLease,
-        first: worker_pb2.GenerateResponse,
-        *,
-        dispatched_at: float,
-        first_at: float,
+        sampling: common_pb2.SamplingParams,
+        deadline: float,
+        started: StartedCall,
     ) -> None:
         self.request = request
         self.index = index
-        self.worker_id = lease.route.decode.worker_id
-        self._call = call
-        self._lease = lease
-        self._first: worker_pb2.GenerateResponse | None = first
+        self._dispatcher = dispatcher
+        self._sampling = sampling
+        self._deadline = deadline
+        self._call = started.call
+        self._lease = started.lease
+        self.worker_id = started.lease.route.decode.worker_id
+        self._first: worker_pb2.GenerateResponse | None = started.first
         prompt = request.prompt_of(index)
-        sampling = request.sampling
-        self._detok = IncrementalDetokenizer(tokenizer, sampling.skip_special_tokens, prompt_ids=prompt)
+        params = request.sampling
+        self._detok = IncrementalDetokenizer(
+            dispatcher.tokenizer, params.skip_special_tokens, prompt_ids=prompt
+        )
         self._stop = (
-            StopStringMatcher(sampling.stop, sampling.include_stop_str_in_output) if sampling.stop else None
+            StopStringMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None
         )
         self._prompt_len = len(prompt)
+        self._output: list[int] = []  # every token sent so far (what a migration resumes)
+        self.migrations = 0
         self.completion_tokens = 0
-        self.dispatched_at = dispatched_at
-        self.first_at = first_at
-        self.last_at = first_at
-        self.gateway_s = dispatched_at - request.received_at  # grows with per-message work
+        self.dispatched_at = started.dispatched_at
+        self.first_at = time.perf_counter()
+        self.last_at = self.first_at
+        self.gateway_s = started.dispatched_at - request.received_at  # grows with per-message work
         self.closed = False
         self._ended = False  # the worker sent its last message: nothing to cancel
 
@@ -168,19 +206,11 @@ class ChoiceStream:
             self._lease.release()
 
     async def updates(self) -> AsyncIterator[ChoiceUpdate]:
-        """The choice's updates, the last one finished; GatewayError if the worker fails."""
+        """The choice's updates, the last one finished; GatewayError if the worker fails (and the
+        choice cannot migrate)."""
         try:
             while True:
-                msg = self._first
-                if msg is None:
-                    try:
-                        msg = await self._call.read()
-                    except WorkerFailure as exc:
-                        raise exc.to_gateway_error(self.worker_id) from exc
-                    if msg is None:
-                        raise GatewayError(ErrorKind.INTERNAL, f"decode worker {self.worker_id} ended early")
-                    self.last_at = time.perf_counter()
-                self._first = None
+                msg = await self._next()
                 update = self._process(msg)
                 yield update
                 if update.finish is not None:
@@ -188,9 +218,65 @@ class ChoiceStream:
         finally:
             self.close()
 
+    async def _next(self) -> worker_pb2.GenerateResponse:
+        """The worker's next message; after a failure that migration covers, the next message
+        of the worker that took the choice over."""
+        while True:
+            msg, self._first = self._first, None
+            if msg is None:
+                try:
+                    msg = await self._call.read()
+                except WorkerFailure as exc:
+                    failure = exc.to_gateway_error(self.worker_id)
+                    if exc.status is not grpc.StatusCode.UNAVAILABLE or not self._can_migrate():
+                        raise failure from exc
+                    await self._migrate("unavailable", failure)
+                    continue
+                if msg is None:
+                    failure = GatewayError(ErrorKind.INTERNAL, f"decode worker {self.worker_id} ended early")
+                    if not self._can_migrate():
+                        raise failure
+                    await self._migrate("ended_early", failure)
+                    continue
+                self.last_at = time.perf_counter()
+            if msg.finish_reason == common_pb2.FINISH_REASON_ABORT and not msg.token_ids:
+                self._ended = True  # drained past its cut-off or stopping: the worker is done with it
+                failure = GatewayError(
+                    ErrorKind.UNAVAILABLE, f"decode worker {self.worker_id} aborted the request"
+                )
+                if not self._can_migrate():
+                    raise failure
+                await self._migrate("aborted", failure)
+                continue
+            return msg
+
+    def _can_migrate(self) -> bool:
+        return self.migrations < self._dispatcher.migration_limit and time.perf_counter() < self._deadline
+
+    async def _migrate(self, reason: str, failure: GatewayError) -> None:
+        """Continue on another worker from the tokens sent so far (the failed one excluded), its
+        first message next; raises `failure` if no worker takes the choice."""
+        failed = self.worker_id
+        self._call.cancel()
+        self._lease.release()
+        try:
+            started = await self._dispatcher.start(
+                self.request, self.index, self._sampling, self._deadline, self._output, exclude=(failed,)
+            )
+        except GatewayError as exc:
+            self.closed = True  # nothing left to cancel or release
+            raise failure from exc
+        self.migrations += 1
+        self._dispatcher.metrics.migrations.labels(reason).inc()
+        self._call, self._lease, self._ended = started.call, started.lease, False
+        self.worker_id = started.lease.route.decode.worker_id
+        self._first = started.first
+        self.last_at = time.perf_counter()
+
     def _process(self, msg: worker_pb2.GenerateResponse) -> ChoiceUpdate:
         start = time.perf_counter()
         ids = msg.token_ids
+        self._output.extend(ids)
         self.completion_tokens += len(ids)
         text = self._detok.add(ids) if ids else ""
         finish = finish_reason_from_proto(msg.finish_reason)
@@ -223,7 +309,7 @@ class ChoiceStream:
             u = msg.usage
             usage = Usage(u.prompt_tokens or self._prompt_len, u.completion_tokens, u.cached_prompt_tokens)
             worker = timings_from_proto(msg.timings)
-            return usage, replace(worker, total=total, worker_call=worker_call)
+            return usage, replace(worker, total=total, worker_call=worker_call, migrations=self.migrations)
         # Cut by a stop string (the worker's own summary never comes): count and time it here.
         usage = Usage(self._prompt_len, self.completion_tokens)
         timings = Timings(
@@ -231,6 +317,7 @@ class ChoiceStream:
             decode=self.last_at - self.first_at,
             total=total,
             worker_call=worker_call,
+            migrations=self.migrations,
         )
         return usage, timings
 

@@ -11,8 +11,11 @@ counted:
                                                      in flight or sent while the gateway was down
 
 The launcher restarts each one at the same address. Every request that succeeds must return the
-text the engine alone returns for its prompt. A SIGKILLed decode worker loses its streams until
-the gateway can migrate them (issue 16, part B), so it is not part of this test yet.
+text the engine alone returns for its prompt.
+
+A SIGKILLed decode worker is the second test: 32 streams in flight (half greedy, half seeded) all
+finish, those on the killed worker migrated to the other one (the gateway resumes each from the
+tokens it already streamed), and every text equals the engine alone's.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -260,4 +264,71 @@ def test_no_request_is_lost_when_each_kind_of_child_goes_down(tiny_served: Path,
     finally:
         if load is not None:
             load.stop()
+        up.cleanup(pids)
+
+
+STREAMS = 32
+LONG = 160  # tokens per stream: still running when the worker dies
+
+
+def test_streams_of_a_killed_decode_worker_migrate_and_finish_exactly(tiny_served: Path) -> None:
+    from scalellm import LLM, SamplingParams
+
+    prompts = [[(p * 29 + k * 7) % 400 + 20 for k in range(8 + p % 5)] for p in range(STREAMS)]
+    seeds = [None if p % 2 == 0 else 1000 + p for p in range(STREAMS)]
+    params = [
+        SamplingParams(temperature=0.0 if s is None else 0.8, seed=s, max_tokens=LONG, ignore_eos=True)
+        for s in seeds
+    ]
+    llm = LLM(model=str(tiny_served), num_kv_blocks=512)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    expected = [o.outputs[0].text for o in outs]
+    del llm
+
+    up = Up(
+        "--model", str(tiny_served), "--prefill", "1", "--decode", "2", "--http-port", "0", "--grpc-port", "0",
+        "--quiet", "--num-kv-blocks", "512", "--max-num-seqs", "32", "--startup-timeout", "120",
+    )  # fmt: skip
+    pids: dict[int, str] = {}
+    try:
+        base_url = up.wait_for("mesh ready: ", timeout=150).split()[2]
+        pids = up.pids()
+        decode = int(_latest(up, r"started decode-1 pid=(\d+)").group(1))
+        decode_metrics = _latest(up, r"ready decode-1 .* metrics=(\S+)").group(1)
+        started = threading.Barrier(STREAMS + 1)
+
+        def stream(i: int) -> str:
+            import openai
+
+            client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=120)
+            chunks = client.completions.create(
+                model="", prompt=prompts[i], max_tokens=LONG, stream=True, seed=seeds[i],
+                temperature=0.0 if seeds[i] is None else 0.8, extra_body={"ignore_eos": True},
+            )  # fmt: skip
+            text, waited = "", False
+            for chunk in chunks:
+                text += chunk.choices[0].text if chunk.choices else ""
+                if not waited:
+                    waited = True
+                    started.wait(120)  # every stream is running before the kill
+            return text
+
+        with ThreadPoolExecutor(STREAMS) as pool:
+            futures = [pool.submit(stream, i) for i in range(STREAMS)]
+            started.wait(120)
+            running = _metrics(decode_metrics).get("scalellm_running_batch", 0)
+            os.kill(decode, signal.SIGKILL)
+            texts = [f.result(timeout=300) for f in futures]
+        assert running > 0  # the killed worker had streams in flight
+        assert texts == expected
+        gateway_metrics = _metrics(base_url.removesuffix("/v1") + "/metrics")
+        migrated = sum(
+            v for k, v in gateway_metrics.items() if k.startswith("scalellm_gateway_migrations_total")
+        )
+        assert migrated > 0, gateway_metrics
+        pids |= up.pids()
+        addresses = up.addresses()
+        assert up.stop() == 0, up.log()
+        _assert_gone(up, pids, addresses)
+    finally:
         up.cleanup(pids)

@@ -1,9 +1,10 @@
 """The gateway in-process (HTTP + gRPC) in front of scripted decode workers defined here.
 
 The scripted worker streams a fixed reply (multi-byte characters included) one token per message,
-honours max_tokens, can refuse with RESOURCE_EXHAUSTED, can hold a stream after some tokens until
-the test releases it (so "still running" never depends on timing), and records which streams were
-cancelled.
+honours max_tokens and resume_token_ids (a migrated stream continues where the reply stood), can
+refuse with RESOURCE_EXHAUSTED, can hold a stream after some tokens until the test releases it
+(so "still running" never depends on timing), can abort after some tokens as a draining worker
+does, and records which streams were cancelled.
 The gateway reaches it over the worker's real Session code (services/decode/session.py).
 """
 
@@ -43,10 +44,17 @@ class ScriptedDecode(worker_pb2_grpc.DecodeWorkerServicer):
     stream stops after that many tokens until `release` is set."""
 
     def __init__(
-        self, reply_ids: list[int], *, hold_after: int | None = None, exhausted: bool = False
+        self,
+        reply_ids: list[int],
+        *,
+        hold_after: int | None = None,
+        exhausted: bool = False,
+        abort_after: int | None = None,
     ) -> None:
         self.reply_ids = reply_ids
         self.hold_after = hold_after
+        self.abort_after = abort_after
+        self.abort_once = False  # abort only the first stream that reaches abort_after
         self.release = asyncio.Event()
         self.exhausted = exhausted
         self.requests: list[worker_pb2.GenerateRequest] = []
@@ -78,11 +86,18 @@ class ScriptedDecode(worker_pb2_grpc.DecodeWorkerServicer):
             raise ResourceExhausted("no KV blocks free")
         ids = [*self.reply_ids, EOS]
         limit = request.sampling.max_tokens or len(ids)
+        resumed = len(request.resume_token_ids)
+        assert list(request.resume_token_ids) == ids[:resumed], "a migration resumes what was sent"
         ids = ids[:limit]
         try:
-            for i, token in enumerate(ids):
+            for i, token in enumerate(ids[resumed:], start=resumed):
                 if i == self.hold_after:
                     await self.release.wait()
+                if i == self.abort_after:
+                    if self.abort_once:
+                        self.abort_after = None
+                    yield worker_pb2.GenerateResponse(finish_reason=common_pb2.FINISH_REASON_ABORT)
+                    return
                 msg = worker_pb2.GenerateResponse(token_ids=[token])
                 if request.sampling.HasField("logprobs"):
                     top = [
@@ -113,6 +128,8 @@ class Mesh:
     gateway: GatewayServer
     workers: list[ScriptedDecode]
     reply_ids: list[int]
+    servers: list[grpc.aio.Server] = field(default_factory=list)
+    """The scripted workers' servers (stop one to kill its worker)."""
     clients: list[openai.AsyncOpenAI] = field(default_factory=list)
 
     @property
@@ -163,7 +180,7 @@ async def mesh_factory(served_config: GatewayConfig, served_model: ServedModel) 
         config = GatewayConfig(**{**_fields(served_config), **settings})
         gateway = GatewayServer(config, model=ServedModel(served_model.path, config))
         await gateway.start()
-        mesh = Mesh(gateway, scripted, reply_ids)
+        mesh = Mesh(gateway, scripted, reply_ids, servers)
         started.append((mesh, servers))
         return mesh
 
@@ -352,6 +369,7 @@ async def test_timings_opt_in(mesh: Mesh) -> None:
     timings = timed.choices[0].model_extra["timings"]
     assert set(timings) == {
         "gateway", "queue", "prefill", "transfer", "decode", "transfer_bytes", "total", "worker_call",
+        "migrations",
     }  # fmt: skip
     assert timings["queue"] == pytest.approx(0.001) and 0 < timings["gateway"] < timings["total"]
     assert 0 < timings["worker_call"] < timings["total"]  # the worker's stream, inside the total
