@@ -154,7 +154,13 @@ def test_malformed_generate_requests_get_client_errors(mesh: Mesh) -> None:
     with grpc.insecure_channel(mesh.grpc_address) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
 
-        @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @settings(
+            max_examples=200,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            database=None,
+            derandomize=True,
+        )
         @given(_requests(mesh.model))
         def fuzz(request: gateway_pb2.GatewayGenerateRequest) -> None:
             outcome = _outcome(stub, request)
