@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from json.encoder import encode_basestring
 from typing import Any
 
-from scalellm.types import TokenLogprobs, Usage
+from scalellm.text.tool_calls import ToolCallStream, ToolDelta, ToolFormat, ToolMode, parse_whole
+from scalellm.types import FinishReason, TokenLogprobs, Usage
 from services.gateway.admission import ServedModel
 from services.gateway.openai_convert import (
     chat_logprobs_to_openai,
@@ -29,9 +30,10 @@ from services.gateway.request import ChoiceUpdate, GenerationRequest
 
 
 class _Choice:
-    __slots__ = ("finish", "logprobs", "offset", "started", "texts", "timings", "tokens", "usage")
+    __slots__ = ("finish", "logprobs", "offset", "started", "texts", "timings", "tokens", "tools", "usage")
 
-    def __init__(self) -> None:
+    def __init__(self, tools: ToolCallStream | None = None) -> None:
+        self.tools = tools  # chat with tools: splits the text into content and tool calls
         self.started = False
         self.tokens = 0  # tokens generated so far (counted by chunk(): for continuous usage stats)
         self.offset = 0
@@ -56,7 +58,15 @@ class OpenAIFormatter:
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{request.request_id}"
         self.object = "chat.completion.chunk" if chat else "text_completion"
         self.created = int(time.time())
-        self._choices = [_Choice() for _ in range(request.num_choices)]
+        tools = call.tools if call.tools is not None and call.tools.mode is not ToolMode.NONE else None
+        self._tools = tools
+        self._tool_format = (
+            ToolFormat.for_template(model.tokenizer.get_chat_template(None, tools.tools)) if tools else None
+        )
+        self._choices = [
+            _Choice(ToolCallStream(tools, self._tool_format) if tools and self._tool_format else None)
+            for _ in range(request.num_choices)
+        ]
         self._text_events: dict[int, tuple[bytes, bytes] | None] = {}
 
     def _envelope(
@@ -86,24 +96,52 @@ class OpenAIFormatter:
         state = self._choices[update.index]
         state.tokens += len(update.token_ids)
         logprobs = self._logprobs(state, update.logprobs) if self.call.logprobs and update.logprobs else None
-        if not update.text and logprobs is None and update.finish is None and state.started:
-            return None
         choice: dict[str, Any] = {"index": update.index}
         if self.call.api is Api.CHAT:
-            delta: dict[str, Any] = {} if state.started else {"role": "assistant"}
-            if update.text or not state.started:
-                delta["content"] = update.text
+            delta = self._delta(state, update)
+            if len(delta) == 0 and logprobs is None and update.finish is None:
+                return None
             choice["delta"] = delta
         else:
+            if not update.text and logprobs is None and update.finish is None and state.started:
+                return None
             choice["text"] = update.text
         state.started = True
         choice["logprobs"] = logprobs
-        choice["finish_reason"] = finish_reason_to_openai(update.finish)
+        choice["finish_reason"] = self._finish_reason(state, update.finish)
         if update.finish is not None:
             self._finish(state, update)
             if self.timings and state.timings is not None:
                 choice["timings"] = state.timings
         return self._envelope([choice], index=update.index)
+
+    def _delta(self, state: _Choice, update: ChoiceUpdate) -> dict[str, Any]:
+        """A chat chunk's delta: the role first, then content and (with tools) tool calls."""
+        delta: dict[str, Any] = {} if state.started else {"role": "assistant"}
+        if state.tools is None:
+            if update.text or not state.started:
+                delta["content"] = update.text
+            return delta
+        part = state.tools.feed(update.text)
+        if update.finish is not None:
+            end = state.tools.finish()
+            part = ToolDelta(part.content + end.content, part.calls + end.calls, part.arguments)
+        if part.content or not state.started:
+            delta["content"] = part.content
+        calls = [{"index": state.tools.calls.index(call), **call.to_openai()} for call in part.calls]
+        if part.arguments and calls:
+            calls[0]["function"]["arguments"] += part.arguments
+        elif part.arguments:
+            calls.append({"index": 0, "function": {"arguments": part.arguments}})
+        if calls:
+            delta["tool_calls"] = calls
+        return delta
+
+    def _finish_reason(self, state: _Choice, reason: FinishReason | None) -> str | None:
+        """OpenAI's reason; "tool_calls" for a choice that ended by itself after calling tools."""
+        if reason is FinishReason.STOP and state.tools is not None and state.tools.calls:
+            return "tool_calls"
+        return finish_reason_to_openai(reason)
 
     def event(self, update: ChoiceUpdate) -> bytes | None:
         """The SSE event of chunk(update), or None when there is none.
@@ -113,7 +151,7 @@ class OpenAIFormatter:
         (not with continuous usage stats: there every chunk differs in its usage).
         """
         state = self._choices[update.index]
-        plain = not (self.call.logprobs and update.logprobs) and not self.call.continuous_usage
+        plain = not ((self.call.logprobs and update.logprobs) or self.call.continuous_usage or state.tools)
         if state.started and update.finish is None and plain:
             if not update.text:
                 return None
@@ -163,7 +201,7 @@ class OpenAIFormatter:
             text = "".join(state.texts)
             choice: dict[str, Any] = {"index": index}
             if self.call.api is Api.CHAT:
-                choice["message"] = {"role": "assistant", "content": text}
+                choice["message"] = self._message(state, text)
                 choice["logprobs"] = {"content": state.logprobs} if self.call.logprobs else None
             else:
                 choice["text"] = text
@@ -187,6 +225,17 @@ class OpenAIFormatter:
             s.usage.cached_prompt_tokens for i, s in enumerate(self._choices) if s.usage and i % n == 0
         )
         return usage_to_openai(Usage(self.request.prompt_tokens, completion, cached))
+
+    def _message(self, state: _Choice, text: str) -> dict[str, Any]:
+        """A whole chat answer; with tools, its calls as ``tool_calls`` (content null without text)."""
+        if self._tools is None or self._tool_format is None:
+            return {"role": "assistant", "content": text}
+        content, calls = parse_whole(self._tools, self._tool_format, text)
+        if not calls:
+            return {"role": "assistant", "content": content}
+        if state.finish == "stop":
+            state.finish = "tool_calls"
+        return {"role": "assistant", "content": content or None, "tool_calls": [c.to_openai() for c in calls]}
 
     # -- helpers -----------------------------------------------------------------------------------
 
