@@ -168,16 +168,21 @@ def _tool(raw: Any, name: str) -> Tool:
     return tool
 
 
-def parse_tools(body: Body) -> ToolChoice | None:
-    """tools, tool_choice and parallel_tool_calls; None when no tools are offered."""
-    raw, choice = body.raw("tools"), body.raw("tool_choice")
-    parallel = body.boolean("parallel_tool_calls", True)
+def _tools(body: Body) -> tuple[Tool, ...]:
+    raw = body.raw("tools")
     if raw is not None and not isinstance(raw, list):
         raise invalid(f"'tools' must be an array of tools, got {kind_of(raw)}", "tools")
     tools = tuple(_tool(t, f"tools[{i}]") for i, t in enumerate(raw or ()))
-    names = [t.name for t in tools]
-    if len(set(names)) != len(names):
+    if len({t.name for t in tools}) != len(tools):
         raise invalid("'tools' names a function twice", "tools")
+    return tools
+
+
+def parse_tools(body: Body) -> ToolChoice | None:
+    """tools, tool_choice and parallel_tool_calls; None when no tools are offered."""
+    tools, choice = _tools(body), body.raw("tool_choice")
+    parallel = body.boolean("parallel_tool_calls", True)
+    names = [t.name for t in tools]
     if not tools:
         if choice not in (None, "none"):
             raise invalid("'tool_choice' needs 'tools'", "tool_choice")
@@ -364,3 +369,53 @@ def _with_tools(call: OpenAIRequest, tools: ToolChoice) -> OpenAIRequest:
     except InvalidParameter as exc:
         raise invalid(exc.message_for("tool_choice"), "tool_choice", "invalid_value") from None
     return replace(call, spec=replace(call.spec, sampling=sampling), tools=tools)
+
+
+# ---- /tokenize and /detokenize (vLLM's shapes) ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizeRequest:
+    model: str | None
+    prompt: Prompt
+    """A text, or a conversation (rendered through the chat template as generation would be)."""
+    return_token_strs: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DetokenizeRequest:
+    model: str | None
+    tokens: tuple[int, ...]
+
+
+def parse_tokenize(data: dict[str, Any]) -> TokenizeRequest:
+    """{model, prompt} or {model, messages, tools?}: the ids generation would send to the workers.
+    add_special_tokens / add_generation_prompt only at their defaults (those are what it sends)."""
+    body = Body(data)
+    model = body.string("model")
+    if body.has("messages") == body.has("prompt"):
+        raise invalid("give exactly one of 'prompt' and 'messages'", "prompt", "missing_required_parameter")
+    if body.has("messages"):
+        messages = parse_messages(body.raw("messages"), "messages")
+        prompt = Prompt(PromptKind.CHAT, "messages", messages=messages, tools=_tools(body))
+        body.reject("add_generation_prompt", lambda v: v is True, ": the generation prompt is always added")
+        body.reject("add_special_tokens", lambda v: v is False, ": the chat template writes them")
+    else:
+        text = body.string("prompt")
+        if text is None:
+            raise invalid("'prompt' must be a string", "prompt", "invalid_type")
+        prompt = Prompt(PromptKind.TEXT, "prompt", texts=(text,))
+        body.reject("add_special_tokens", lambda v: v is True, ": a prompt is always encoded with them")
+    out = TokenizeRequest(model, prompt, body.boolean("return_token_strs"))
+    body.finish()
+    return out
+
+
+def parse_detokenize(data: dict[str, Any]) -> DetokenizeRequest:
+    body = Body(data)
+    model = body.string("model")
+    tokens = body.raw("tokens")
+    if not isinstance(tokens, list) or not all(_is_token(t) for t in tokens):
+        raise invalid("'tokens' must be an array of non-negative integers", "tokens", "invalid_type")
+    body.finish()
+    return DetokenizeRequest(model, tuple(tokens))
