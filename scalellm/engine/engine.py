@@ -95,6 +95,10 @@ class LLMEngine:
             raise InvalidParameter(
                 "bad_words", "strings are tokenized by the gateway; the engine takes bad_words_token_ids"
             )
+        if prefill_only and params.prompt_logprobs is not None:
+            raise InvalidParameter(
+                "prompt_logprobs", "are computed where the prompt runs, never on a prefill-only request"
+            )
         if not prompt_token_ids:
             raise ValueError("prompt_token_ids must not be empty")
         vocab = self.model_config.vocab_size
@@ -224,7 +228,13 @@ class LLMEngine:
                 req.logprobs.append(lp)
         advanced = self.scheduler.update(out, tokens)
         events = [
-            TokenEvent(r, r.token_ids[-1], logprobs[r.request_id], outcome(r) if r.status.finished else None)
+            TokenEvent(
+                r,
+                r.token_ids[-1],
+                logprobs[r.request_id],
+                outcome(r) if r.status.finished else None,
+                _prompt_logprobs(r),
+            )
             for r in advanced
         ]
         return self._drain_finished(events)
@@ -242,3 +252,10 @@ class LLMEngine:
     @property
     def num_free_blocks(self) -> int:
         return self.blocks.num_free_blocks
+
+
+def _prompt_logprobs(req: Request) -> tuple[TokenLogprobs, ...] | None:
+    """The prompt's logprobs, on the event of a request's first token when it asked for them."""
+    if req.sampling_params.prompt_logprobs is None or req.num_output_tokens != 1:
+        return None
+    return tuple(req.prompt_logprobs)

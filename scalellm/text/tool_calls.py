@@ -28,7 +28,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Tool", "ToolCall", "ToolCallStream", "ToolChoice", "ToolFormat", "ToolMode", "parse_whole", "required_schema"]
+__all__ = [
+    "Tool",
+    "ToolCall",
+    "ToolCallStream",
+    "ToolChoice",
+    "ToolFormat",
+    "ToolMode",
+    "parse_whole",
+    "required_schema",
+]
 
 
 @dataclass(frozen=True, slots=True)

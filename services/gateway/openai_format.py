@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from json.encoder import encode_basestring
 from typing import Any
 
@@ -21,7 +22,9 @@ from services.gateway.admission import ServedModel
 from services.gateway.openai_convert import (
     chat_logprobs_to_openai,
     completion_logprobs_to_openai,
+    echo_logprobs_to_openai,
     finish_reason_to_openai,
+    prompt_logprobs_to_openai,
     timings_to_openai,
     usage_to_openai,
 )
@@ -30,7 +33,18 @@ from services.gateway.request import ChoiceUpdate, GenerationRequest
 
 
 class _Choice:
-    __slots__ = ("finish", "logprobs", "offset", "started", "texts", "timings", "tokens", "tools", "usage")
+    __slots__ = (
+        "finish",
+        "logprobs",
+        "offset",
+        "prompt_logprobs",
+        "started",
+        "texts",
+        "timings",
+        "tokens",
+        "tools",
+        "usage",
+    )
 
     def __init__(self, tools: ToolCallStream | None = None) -> None:
         self.tools = tools  # chat with tools: splits the text into content and tool calls
@@ -42,6 +56,7 @@ class _Choice:
         self.finish: str | None = None
         self.usage: Usage | None = None
         self.timings: dict[str, Any] | None = None
+        self.prompt_logprobs: list[Any] | None = None  # vLLM's, when asked for
 
 
 class OpenAIFormatter:
@@ -94,18 +109,23 @@ class OpenAIFormatter:
     def chunk(self, update: ChoiceUpdate) -> dict[str, Any] | None:
         """The chunk for one update, or None when it carries nothing a client would see."""
         state = self._choices[update.index]
-        state.tokens += len(update.token_ids)
-        logprobs = self._logprobs(state, update.logprobs) if self.call.logprobs and update.logprobs else None
-        choice: dict[str, Any] = {"index": update.index}
         if self.call.api is Api.CHAT:
+            state.tokens += len(update.token_ids)
+            logprobs = (
+                self._logprobs(state, update.logprobs) if self.call.logprobs and update.logprobs else None
+            )
             delta = self._delta(state, update)
             if len(delta) == 0 and logprobs is None and update.finish is None:
                 return None
-            choice["delta"] = delta
+            choice: dict[str, Any] = {"index": update.index, "delta": delta}
         else:
-            if not update.text and logprobs is None and update.finish is None and state.started:
+            first = not state.started
+            text, logprobs = self._completion_parts(update.index, state, update)
+            if not text and logprobs is None and update.finish is None and not first:
                 return None
-            choice["text"] = update.text
+            choice = {"index": update.index, "text": text}
+            if first and state.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = state.prompt_logprobs
         state.started = True
         choice["logprobs"] = logprobs
         choice["finish_reason"] = self._finish_reason(state, update.finish)
@@ -141,6 +161,8 @@ class OpenAIFormatter:
         """OpenAI's reason; "tool_calls" for a choice that ended by itself after calling tools."""
         if reason is FinishReason.STOP and state.tools is not None and state.tools.calls:
             return "tool_calls"
+        if reason is not None and self.call.echo_only:
+            return "length"  # max_tokens 0: the generated token was dropped
         return finish_reason_to_openai(reason)
 
     def event(self, update: ChoiceUpdate) -> bytes | None:
@@ -151,7 +173,12 @@ class OpenAIFormatter:
         (not with continuous usage stats: there every chunk differs in its usage).
         """
         state = self._choices[update.index]
-        plain = not ((self.call.logprobs and update.logprobs) or self.call.continuous_usage or state.tools)
+        plain = not (
+            (self.call.logprobs and update.logprobs)
+            or self.call.continuous_usage
+            or state.tools
+            or self.call.echo_only
+        )
         if state.started and update.finish is None and plain:
             if not update.text:
                 return None
@@ -188,9 +215,13 @@ class OpenAIFormatter:
     def add(self, update: ChoiceUpdate) -> None:
         """Accumulate one update of a non-streaming answer."""
         state = self._choices[update.index]
-        state.texts.append(update.text)
-        if self.call.logprobs and update.logprobs:
-            self._logprobs(state, update.logprobs)
+        if self.call.api is Api.CHAT:
+            state.texts.append(update.text)
+            if self.call.logprobs and update.logprobs:
+                self._logprobs(state, update.logprobs)
+        else:
+            state.texts.append(self._completion_parts(update.index, state, update)[0])
+            state.started = True
         if update.finish is not None:
             self._finish(state, update)
 
@@ -208,6 +239,8 @@ class OpenAIFormatter:
                 choice["logprobs"] = (
                     _merge_completion_logprobs(state.logprobs) if self.call.logprobs else None
                 )
+                if state.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = state.prompt_logprobs
             choice["finish_reason"] = state.finish
             if self.timings and state.timings is not None:
                 choice["timings"] = state.timings
@@ -226,6 +259,36 @@ class OpenAIFormatter:
         )
         return usage_to_openai(Usage(self.request.prompt_tokens, completion, cached))
 
+    def _completion_parts(self, index: int, state: _Choice, update: ChoiceUpdate) -> tuple[str, Any]:
+        """A completion update's text and logprobs block: echo puts the prompt's text (and
+        logprobs) before the choice's first output; echo_only drops the output."""
+        call = self.call
+        text, block = ("", None) if call.echo_only else (update.text, None)
+        if not call.echo_only:
+            state.tokens += len(update.token_ids)
+        if state.started or not (call.echo or call.prompt_logprobs):
+            if call.logprobs and update.logprobs and not call.echo_only:
+                block = self._logprobs(state, update.logprobs)
+            return text, block
+        if call.prompt_logprobs:
+            state.prompt_logprobs = prompt_logprobs_to_openai(update.prompt_logprobs, self.model)
+        if not call.echo:
+            return text, self._logprobs(state, update.logprobs) if call.logprobs and update.logprobs else None
+        prompt = self.request.prompt_of(index)
+        spec = call.spec.prompt
+        echoed = (
+            spec.texts[index // self.request.sampling.n]
+            if spec.texts
+            else self.model.tokenizer.decode(prompt, skip_special_tokens=False)
+        )
+        if call.logprobs:
+            block = echo_logprobs_to_openai(prompt, update.prompt_logprobs, self.model)
+            state.logprobs.append(block)
+            state.offset = len(echoed)
+            if update.logprobs and not call.echo_only:
+                block = _merge_completion_logprobs([block, self._logprobs(state, update.logprobs)])
+        return echoed + text, block
+
     def _message(self, state: _Choice, text: str) -> dict[str, Any]:
         """A whole chat answer; with tools, its calls as ``tool_calls`` (content null without text)."""
         if self._tools is None or self._tool_format is None:
@@ -240,8 +303,10 @@ class OpenAIFormatter:
     # -- helpers -----------------------------------------------------------------------------------
 
     def _finish(self, state: _Choice, update: ChoiceUpdate) -> None:
-        state.finish = finish_reason_to_openai(update.finish)
+        state.finish = self._finish_reason(state, update.finish)
         state.usage = update.usage
+        if self.call.echo_only and update.usage is not None:
+            state.usage = replace(update.usage, completion_tokens=0)
         state.timings = timings_to_openai(update.timings) if update.timings else None
 
     def _logprobs(self, state: _Choice, entries: Sequence[TokenLogprobs]) -> Any:

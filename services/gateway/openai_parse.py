@@ -233,6 +233,12 @@ class OpenAIRequest:
     logprobs: bool = False
     tools: ToolChoice | None = None
     """Chat: the tools offered and how the answer must use them."""
+    echo: bool = False
+    """Completions: the prompt's text (and with logprobs its logprobs) before each choice's."""
+    echo_only: bool = False
+    """echo with max_tokens 0: the generated token is dropped."""
+    prompt_logprobs: bool = False
+    """vLLM's prompt_logprobs: each choice carries "prompt_logprobs"."""
 
 
 def _empty(v: Any) -> bool:
@@ -250,7 +256,6 @@ _CHAT_UNSUPPORTED = {
     "web_search_options": lambda v: False,
 }
 _COMPLETION_UNSUPPORTED = {
-    "echo": lambda v: v is False,
     "suffix": lambda v: v == "",
     "best_of": lambda v: v == 1,
 }
@@ -291,6 +296,7 @@ def _common(
     max_tokens: int | None,
     logprobs: int | None,
     names: dict[str, str] | None = None,
+    prompt_logprobs: int | None = None,
 ) -> OpenAIRequest:
     model = body.string("model")
     priority = body.integer("priority", 0)
@@ -302,7 +308,7 @@ def _common(
     spec = GenerationSpec(
         model=model,
         prompt=prompt,
-        sampling=sampling_from_openai(body, max_tokens, logprobs, names),
+        sampling=sampling_from_openai(body, max_tokens, logprobs, names, prompt_logprobs),
         default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS if api is Api.COMPLETIONS else None,
         priority=priority,
     )
@@ -318,7 +324,18 @@ def parse_completion(data: dict[str, Any]) -> OpenAIRequest:
     if not body.has("prompt"):
         raise invalid("'prompt' is required", "prompt", "missing_required_parameter")
     prompt = parse_prompt(body.raw("prompt"), "prompt")
-    return _common(body, Api.COMPLETIONS, prompt, body.integer("max_tokens"), body.integer("logprobs"))
+    echo = body.boolean("echo")
+    max_tokens, logprobs = body.integer("max_tokens"), body.integer("logprobs")
+    asked = body.integer("prompt_logprobs")
+    # echo with max_tokens 0 (how evaluation harnesses score a text): one token is generated and
+    # dropped, as vLLM does; echo with logprobs reports the prompt's logprobs before the output's.
+    echo_only = echo and max_tokens == 0
+    prompt_logprobs = max(asked or 0, logprobs) if echo and logprobs is not None else asked
+    names = {} if asked is not None else {"prompt_logprobs": "logprobs"}
+    call = _common(
+        body, Api.COMPLETIONS, prompt, 1 if echo_only else max_tokens, logprobs, names, prompt_logprobs
+    )
+    return replace(call, echo=echo, echo_only=echo_only, prompt_logprobs=asked is not None)
 
 
 def parse_chat(data: dict[str, Any]) -> OpenAIRequest:

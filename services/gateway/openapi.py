@@ -105,10 +105,18 @@ COMPLETION_REQUEST: J = {
     "additionalProperties": False,
     "properties": {
         "prompt": _PROMPT,
-        "max_tokens": _t("integer", "Default 16", minimum=1),
+        "max_tokens": _t("integer", "Default 16; 0 only with echo (scores the prompt)", minimum=0),
         "logprobs": _t("integer", "Top alternatives per token", minimum=0, maximum=20),
         **SAMPLING,
-        "echo": _only("Prepend the prompt to the text", False),
+        "echo": _t(
+            "boolean", "The prompt's text (with logprobs: its logprobs, the first null) before the output"
+        ),
+        "prompt_logprobs": _t(
+            "integer",
+            "vLLM: each choice's prompt_logprobs (alternatives per prompt token)",
+            minimum=0,
+            maximum=20,
+        ),
         "suffix": _only("Text after the completion", ""),
         "best_of": _only("Server-side best of", 1),
     },
@@ -328,6 +336,7 @@ EXAMPLES: dict[str, J] = {
             "logprobs": 2,
             "priority": -1,
         },
+        "score": {"prompt": "The capital of France is Paris", "echo": True, "max_tokens": 0, "logprobs": 1},
     },
     "/v1/chat/completions": {
         "chat": {"messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 8, "temperature": 0},

@@ -135,6 +135,8 @@ class ChoiceUpdate:
     stop_str: str | None = None
     usage: Usage | None = None
     timings: Timings | None = None
+    prompt_logprobs: Sequence[TokenLogprobs] = ()
+    """With the choice's first token, when asked for: those of prompt tokens 1.."""
 
 
 # ---- errors --------------------------------------------------------------------------------------

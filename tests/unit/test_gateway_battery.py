@@ -59,7 +59,13 @@ BAD: list[tuple[str, Any, str | None]] = [
     (C, {"prompt": "x", "stop": [""]}, "stop"),
     (C, {"prompt": "x", "stop": 5}, "stop"),
     (C, {"prompt": "x", "logprobs": 21}, "logprobs"),
-    (C, {"prompt": "x", "echo": True}, "echo"),
+    (C, {"prompt": "x", "echo": "yes"}, "echo"),
+    (C, {"prompt": "x", "max_tokens": 0, "logprobs": 1}, "max_tokens"),  # 0 only with echo
+    (C, {"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs"),
+    (C, {"prompt": "x", "prompt_logprobs": -1}, "prompt_logprobs"),
+    (C, {"prompt": "x", "echo": True, "logprobs": 21}, "logprobs"),
+    (CHAT, {"messages": M, "prompt_logprobs": 1}, "prompt_logprobs"),  # completions only
+    (CHAT, {"messages": M, "echo": True}, "echo"),
     (C, {"prompt": "x", "suffix": "y"}, "suffix"),
     (C, {"prompt": "x", "best_of": 2}, "best_of"),
     (C, {"prompt": "x", "frequency_penalty": 2.5}, "frequency_penalty"),
