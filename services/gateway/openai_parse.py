@@ -161,7 +161,7 @@ def _tool(raw: Any, name: str) -> Tool:
     parameters = fn.raw("parameters")
     if parameters is not None:
         _object(parameters, f"{name}.function.parameters")
-    strict = fn.boolean("strict") if fn.has("strict") else None
+    strict = fn.boolean("strict") if fn.raw("strict") is not None else None
     tool = Tool(fname, fn.string("description"), parameters, strict)
     fn.finish()
     body.finish()

@@ -155,6 +155,19 @@ def test_chat_tools_parse_into_the_prompt_and_the_grammar() -> None:
     assert none.tools is not None and none.tools.mode is ToolMode.NONE and none.spec.prompt.tools
 
 
+def test_nulls_count_as_absent_in_tools() -> None:
+    tools = [
+        {
+            "type": "function",
+            "function": {"name": "f", "description": None, "strict": None, "parameters": None},
+        }
+    ]
+    [tool] = parse_chat({"messages": M, "tools": tools}).spec.prompt.tools
+    assert tool.to_openai() == {"type": "function", "function": {"name": "f"}}
+    strict = [{"type": "function", "function": {"name": "f", "strict": True}}]
+    assert parse_chat({"messages": M, "tools": strict}).spec.prompt.tools[0].strict is True
+
+
 def test_tool_messages_in_the_history_are_accepted() -> None:
     history = [
         *M,
