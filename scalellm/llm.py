@@ -50,6 +50,8 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """With SamplingParams.prompt_logprobs: one entry per prompt token, the first None (as vLLM)."""
 
     @property
     def finished(self) -> bool:
@@ -152,6 +154,7 @@ class LLM:
             first.prompt_token_ids,
             [self._completion(c) for c in choices],
             first.num_cached_tokens,
+            [None, *first.prompt_logprobs] if first.sampling_params.prompt_logprobs is not None else None,
         )
 
     def _completion(self, choice: _Choice) -> CompletionOutput:

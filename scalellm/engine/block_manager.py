@@ -65,7 +65,9 @@ class BlockManager:
         ``reserve`` blocks must stay free afterwards (the admission watermark).
         """
         hits: list[int] = []
-        if not req.block_ids and req.num_computed_tokens == 0 and self.enable_prefix_caching:
+        # A request that wants its prompt's logprobs computes every position (no cache hits).
+        cacheable = self.enable_prefix_caching and req.sampling_params.prompt_logprobs is None
+        if not req.block_ids and req.num_computed_tokens == 0 and cacheable:
             hits = self._match_prefix(req, max_blocks=(req.num_tokens - 1) // self.block_size)
         num_new = self.blocks_needed(num_tokens) - len(req.block_ids) - len(hits)
         # Hit blocks that sit on the free list are taken from it too.

@@ -101,6 +101,10 @@ class LLMEngine:
             raise InvalidParameter(
                 "bad_words", "strings are tokenized by the gateway; the engine takes bad_words_token_ids"
             )
+        if prefill_only and params.prompt_logprobs is not None:
+            raise InvalidParameter(
+                "prompt_logprobs", "are computed where the prompt runs, never on a prefill-only request"
+            )
         if not prompt_token_ids:
             raise ValueError("prompt_token_ids must not be empty")
         vocab = self.model_config.vocab_size
@@ -238,7 +242,13 @@ class LLMEngine:
                 req.logprobs.append(lp)
         advanced = self.scheduler.update(out, tokens)
         events = [
-            TokenEvent(r, r.token_ids[-1], logprobs[r.request_id], outcome(r) if r.status.finished else None)
+            TokenEvent(
+                r,
+                r.token_ids[-1],
+                logprobs[r.request_id],
+                outcome(r) if r.status.finished else None,
+                _prompt_logprobs(r),
+            )
             for r in advanced
         ]
         return self._drain_finished(events)
@@ -262,3 +272,9 @@ def _check_in_vocab(name: str, token_ids: Sequence[int], vocab: int) -> None:
     bad = next((t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
     if bad is not None:
         raise ValueError(f"{name} contains {bad!r}, outside the vocabulary [0, {vocab})")
+
+def _prompt_logprobs(req: Request) -> tuple[TokenLogprobs, ...] | None:
+    """The prompt's logprobs, on the event of a request's first token when it asked for them."""
+    if req.sampling_params.prompt_logprobs is None or req.num_output_tokens != 1:
+        return None
+    return tuple(req.prompt_logprobs)

@@ -51,6 +51,9 @@ class TokenEvent:
     logprobs: TokenLogprobs | None
     outcome: FinishedRequest | None = None
     """Set on the request's last event."""
+    prompt_logprobs: tuple[TokenLogprobs, ...] | None = None
+    """With sampling_params.prompt_logprobs, on the event of the first token: those of prompt
+    tokens 1.. (the first prompt token has none)."""
 
     @property
     def request_id(self) -> str:

@@ -22,7 +22,7 @@ from scalellm.engine.attention import AttentionBackend, AttentionMetadata, Prefi
 from scalellm.engine.config import EngineConfig
 from scalellm.engine.kv_quant import Int8KVSDPA, KVCacheFormat
 from scalellm.engine.request import Request
-from scalellm.engine.sampler import Sampler, SamplerOutput
+from scalellm.engine.sampler import Sampler, SamplerOutput, token_logprobs
 from scalellm.engine.scheduler import ScheduledRequest
 from scalellm.models.config import ModelConfig
 from scalellm.models.loader import load_model
@@ -40,6 +40,9 @@ class StepInputs:
     sample_indices: torch.Tensor
     """Row of each sampling request's last token in the flattened batch."""
     sampling: list[Request]
+    prompt_rows: tuple[tuple[Request, list[int], list[int]], ...] = ()
+    """Requests that want prompt logprobs: (request, rows of the batch, the prompt token each row
+    predicts); see ModelRunner._prompt_rows."""
 
 
 class ModelRunner:
@@ -101,6 +104,11 @@ class ModelRunner:
         inputs = self.prepare(scheduled)
         with self._attention_kernels():
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
+        for req, rows, targets in inputs.prompt_rows:
+            logits = self.model.compute_logits(hidden[self._tensor(rows)]).float()
+            k = req.sampling_params.prompt_logprobs or 0
+            found = token_logprobs(logits, self._tensor(targets), [k] * len(rows))
+            req.prompt_logprobs.extend(lp for lp in found if lp is not None)
         if not inputs.sampling:
             return [], SamplerOutput([], [])
         logits = self.model.compute_logits(hidden[inputs.sample_indices])
@@ -134,6 +142,7 @@ class ModelRunner:
                 sampling.append(req)
 
         spans: list[PrefillSpan] = []
+        prompt_rows: list[tuple[Request, list[int], list[int]]] = []
         for s in prefills:
             req, start, n = s.request, s.request.num_computed_tokens, s.num_new_tokens
             offset = len(input_ids)
@@ -145,6 +154,8 @@ class ModelRunner:
             if s.samples:
                 sample_rows.append(offset + n - 1)
                 sampling.append(req)
+            if req.sampling_params.prompt_logprobs is not None:
+                prompt_rows.extend(self._prompt_rows(req, offset, start, n))
 
         block_tables = context = None
         if decodes:
@@ -165,7 +176,32 @@ class ModelRunner:
             self.attention,
         )
         meta = self.attention.prepare(meta, bs)
-        return StepInputs(self._tensor(input_ids), position_tensor, meta, self._tensor(sample_rows), sampling)
+        return StepInputs(
+            self._tensor(input_ids),
+            position_tensor,
+            meta,
+            self._tensor(sample_rows),
+            sampling,
+            tuple(prompt_rows),
+        )
+
+    @staticmethod
+    def _prompt_rows(
+        req: Request, offset: int, start: int, n: int
+    ) -> list[tuple[Request, list[int], list[int]]]:
+        """The rows of a prefill chunk whose logits give prompt logprobs not yet computed: the
+        row of position p predicts prompt token p + 1 (the last prompt position predicts the
+        first output token, which the sampler reports). A recompute after preemption adds none.
+
+            prompt   t0 t1 t2 t3 t4        chunk = positions start .. start + n - 1
+            row p    -> t(p+1)             for max(start, done) <= p < min(start + n, P - 1)
+        """
+        first = max(start, len(req.prompt_logprobs))
+        last = min(start + n, req.num_prompt_tokens - 1)
+        if first >= last:
+            return []
+        rows = [offset + p - start for p in range(first, last)]
+        return [(req, rows, req.prompt_token_ids[first + 1 : last + 1])]
 
     def _tensor(self, data: list[int] | list[list[int]]) -> torch.Tensor:
         return torch.tensor(data, dtype=torch.long, device=self.device)

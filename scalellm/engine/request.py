@@ -89,6 +89,9 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)
     """Hash chain over the full blocks of token_ids (see BlockManager)."""
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    """With sampling_params.prompt_logprobs: those of prompt tokens 1.. computed so far (entry i
+    is token i + 1's, from the logits at position i)."""
     scheduled_time: float | None = None
     """When it was first admitted to the running batch (queue time ends here)."""
     first_token_time: float | None = None

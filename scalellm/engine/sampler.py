@@ -53,7 +53,7 @@ class Sampler:
         want = [p.logprobs for p in params]
         if all(n is None for n in want):
             return SamplerOutput(ids, [None] * len(ids))
-        return SamplerOutput(ids, _logprobs(logits, token_ids, want))
+        return SamplerOutput(ids, list(token_logprobs(logits, token_ids, want)))
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         params = [r.sampling_params for r in requests]
@@ -103,9 +103,11 @@ class Sampler:
         return noise
 
 
-def _logprobs(
-    logits: torch.Tensor, token_ids: torch.Tensor, want: list[int | None]
+def token_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, want: list[int | None] | list[int]
 ) -> list[TokenLogprobs | None]:
+    """Per row: the logprob of token_ids[row] under the row's logits and the top want[row] (None:
+    nothing for that row)."""
     logprobs = logits.log_softmax(dim=-1)
     chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()
     k = max(n or 0 for n in want)

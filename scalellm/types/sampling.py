@@ -59,6 +59,8 @@ class SamplingParams:
         whenever the output ends with the rest of it (a one-token sequence: always banned).
     structured_output: a JSON / JSON Schema / regex / Lark constraint on the whole output (not with
         ignore_eos or min_tokens: the grammar decides where the output ends).
+    prompt_logprobs: how many top logprobs to return per prompt token, computed at prefill (None:
+        none; 0: only each prompt token's own). The first prompt token has none.
 
     The penalties and controls act in vLLM's order on the logits: structured output mask, bad
     words, min_tokens, logit_bias, then repetition, frequency and presence penalties; greedy
@@ -86,6 +88,7 @@ class SamplingParams:
     bad_words: tuple[str, ...] = ()
     bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
     structured_output: StructuredOutput | None = None
+    prompt_logprobs: int | None = None
     uses_logits_controls: bool = field(init=False, repr=False, compare=False)
     """Whether any control beyond temperature / top-k / top-p / min-p touches the logits (set
     when made: the sampler's fast path for requests that use none)."""
@@ -133,6 +136,13 @@ class SamplingParams:
             self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
             f"must be in [0, {MAX_LOGPROBS}]",
             self.logprobs,
+        )
+        _check(
+            "prompt_logprobs",
+            self.prompt_logprobs is None
+            or (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+            f"must be in [0, {MAX_LOGPROBS}]",
+            self.prompt_logprobs,
         )
         self._validate_controls()
         uses = (

@@ -93,6 +93,7 @@ def to_proto(chunk: Chunk) -> worker_pb2.GenerateResponse:
     msg = worker_pb2.GenerateResponse(
         token_ids=chunk.token_ids, logprobs=[logprobs_to_proto(lp) for lp in chunk.logprobs]
     )
+    msg.prompt_logprobs.extend(logprobs_to_proto(lp) for lp in chunk.prompt_logprobs)
     if chunk.finish is not None:
         _finish(msg, chunk)
     return msg
@@ -101,6 +102,7 @@ def to_proto(chunk: Chunk) -> worker_pb2.GenerateResponse:
 def _append(msg: worker_pb2.GenerateResponse, chunk: Chunk) -> None:
     msg.token_ids.extend(chunk.token_ids)
     msg.logprobs.extend(logprobs_to_proto(lp) for lp in chunk.logprobs)
+    msg.prompt_logprobs.extend(logprobs_to_proto(lp) for lp in chunk.prompt_logprobs)
     if chunk.finish is not None:
         _finish(msg, chunk)
 

@@ -70,6 +70,8 @@ class Chunk:
     finish: FinishReason | None = None
     usage: Usage | None = None
     timings: Timings | None = None
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()
+    """With the first token, when the request asked for them (prompt tokens 1..)."""
 
 
 class DecodeWorker:
@@ -144,7 +146,8 @@ class DecodeWorker:
         )
         self.in_flight += 1
         try:
-            if targets:
+            # Prompt logprobs come from the prefill's logits: such a request is prefilled here.
+            if targets and params.prompt_logprobs is None:
                 async for chunk in self._disaggregated(req, targets):
                     yield chunk
             else:
@@ -270,9 +273,10 @@ class DecodeWorker:
         prefill hop took, for a request whose KV was pushed)."""
         tokens = [event.token_id] if event.token_id is not None else []
         lps = [event.logprobs] if event.logprobs is not None else []
+        prompt_lps = event.prompt_logprobs or ()
         done = event.outcome
         if done is None:
-            return Chunk(tokens, lps)
+            return Chunk(tokens, lps, prompt_logprobs=prompt_lps)
         now = time.monotonic()
         first = done.first_token_time or now
         if remote is not None:
@@ -289,7 +293,7 @@ class DecodeWorker:
                 queue=scheduled - done.arrival_time, prefill=first - scheduled, decode=now - first
             )
         self._observe(done, now)
-        return Chunk(tokens, lps, done.finish_reason, done.usage, timings)
+        return Chunk(tokens, lps, done.finish_reason, done.usage, timings, prompt_lps)
 
     def _observe(self, done: FinishedRequest, now: float) -> None:
         self.metrics.requests.labels(done.status.name.lower()).inc()

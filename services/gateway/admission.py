@@ -233,9 +233,10 @@ class Preprocessor:
                     )
             return prompt.token_ids
         if prompt.kind is PromptKind.CHAT:
-            messages = [{"role": m.role, "content": m.content, "name": m.name} for m in prompt.messages]
+            messages = [m.to_template() for m in prompt.messages]
+            tools = [t.to_openai() for t in prompt.tools] or None
             try:
-                text = tok.apply_chat_template(messages, add_generation_prompt=True)
+                text = tok.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
             except (ChatTemplateError, ValueError) as exc:
                 raise invalid(
                     f"'{prompt.param}': the chat template refused the conversation: {exc}", prompt.param

@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP API (aiohttp, on the same event loop as the gRPC server).
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models[/{id}], GET /health,
-GET /metrics. Every route but /health needs an API key when keys are configured. Errors use
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models[/{id}], POST /tokenize,
+POST /detokenize (vLLM's shapes), GET /version, GET /openapi.json (services/gateway/openapi.py),
+GET /health, GET /metrics. Every route but /health, /version and /openapi.json needs an API key
+when keys are configured. Errors use
 OpenAI's body; once an SSE stream has started, an error is sent as a last ``data: {"error": ...}``
 event before ``data: [DONE]``. Send ``x-scalellm-timings: 1`` to get each choice's timings.
 """
@@ -14,11 +16,20 @@ from typing import Any
 
 from aiohttp import web
 
+from scalellm import __version__
 from services.gateway.core import METRICS_CONTENT_TYPE, GatewayCore
 from services.gateway.openai_convert import parse_json_object
 from services.gateway.openai_format import SSE_CONTENT_TYPE, SSE_DONE, OpenAIFormatter, dumps, sse_event
-from services.gateway.openai_parse import Api, OpenAIRequest, parse_chat, parse_completion
-from services.gateway.request import ErrorKind, GatewayError
+from services.gateway.openai_parse import (
+    Api,
+    OpenAIRequest,
+    parse_chat,
+    parse_completion,
+    parse_detokenize,
+    parse_tokenize,
+)
+from services.gateway.openapi import openapi_document
+from services.gateway.request import ErrorKind, GatewayError, invalid
 from services.gateway.streaming import Generation
 
 log = logging.getLogger(__name__)
@@ -27,6 +38,8 @@ TIMINGS_HEADER = "x-scalellm-timings"
 REQUEST_ID_HEADER = "x-request-id"
 STREAM_ERROR = web.RequestKey("stream_error", GatewayError)
 """The error a stream ended with after its 200 went out (counted as that error's outcome)."""
+_UNCOUNTED = frozenset({"health", "metrics", "version", "openapi"})
+"""Routes whose answers are not counted as requests."""
 _HTTP_KINDS = {404: ErrorKind.NOT_FOUND, 405: ErrorKind.METHOD_NOT_ALLOWED, 413: ErrorKind.TOO_LARGE}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -49,6 +62,10 @@ class HttpApi:
         app.router.add_post("/v1/chat/completions", self.chat, name="chat")
         app.router.add_get("/v1/models", self.models, name="models")
         app.router.add_get("/v1/models/{model}", self.model, name="model")
+        app.router.add_post("/tokenize", self.tokenize, name="tokenize")
+        app.router.add_post("/detokenize", self.detokenize, name="detokenize")
+        app.router.add_get("/version", self.version, name="version")
+        app.router.add_get("/openapi.json", self.openapi, name="openapi")
         app.router.add_get("/health", self.health, name="health")
         app.router.add_get("/metrics", self.metrics, name="metrics")
         return app
@@ -85,7 +102,7 @@ class HttpApi:
             error = exc
             raise
         finally:
-            if route not in ("health", "metrics"):
+            if route not in _UNCOUNTED:
                 self.core.record(route, error)
 
     # -- generation --------------------------------------------------------------------------------
@@ -174,6 +191,43 @@ class HttpApi:
         self.core.authenticate(request.headers.get("Authorization"))
         self.core.preprocessor.check_model(request.match_info["model"])
         return web.json_response(self._card(), dumps=_dumps)
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's /tokenize: the ids a generation request would send (chat template applied)."""
+        self.core.authenticate(request.headers.get("Authorization"))
+        call = parse_tokenize(parse_json_object(await request.read()))
+        self.core.preprocessor.check_model(call.model)
+        (ids,) = await self.core.preprocessor.tokenize(call.prompt)
+        body: dict[str, Any] = {
+            "count": len(ids),
+            "max_model_len": self.core.model.limits.max_total_tokens,
+            "tokens": list(ids),
+        }
+        if call.return_token_strs:
+            body["token_strs"] = [self.core.model.tokenizer.id_to_token(t) for t in ids]
+        return web.json_response(body, dumps=_dumps)
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        """vLLM's /detokenize: {tokens} -> {prompt} (special tokens kept)."""
+        self.core.authenticate(request.headers.get("Authorization"))
+        call = parse_detokenize(parse_json_object(await request.read()))
+        self.core.preprocessor.check_model(call.model)
+        tokenizer = self.core.model.tokenizer
+        bad = next((t for t in call.tokens if t >= tokenizer.vocab_size), None)
+        if bad is not None:
+            raise invalid(
+                f"'tokens': {bad} is not below the vocabulary size {tokenizer.vocab_size}", "tokens"
+            )
+        return web.json_response(
+            {"prompt": tokenizer.decode(call.tokens, skip_special_tokens=False)}, dumps=_dumps
+        )
+
+    async def version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": __version__}, dumps=_dumps)
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """The OpenAPI 3.1 document of this API (services/gateway/openapi.py)."""
+        return web.json_response(openapi_document(__version__), dumps=_dumps)
 
     async def health(self, request: web.Request) -> web.Response:
         """200 while the gateway can route to a decode worker, else 503 (for load balancers)."""

@@ -155,10 +155,15 @@ OPENAI_MAX_TEMPERATURE = 2.0
 
 
 def sampling_from_openai(
-    body: Body, max_tokens: int | None, logprobs: int | None, names: Mapping[str, str] | None = None
+    body: Body,
+    max_tokens: int | None,
+    logprobs: int | None,
+    names: Mapping[str, str] | None = None,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
-    """The body's sampling fields (max_tokens and logprobs already read, as each API spells them;
-    ``names`` maps a SamplingParams field to the body's name for it in error messages)."""
+    """The body's sampling fields (max_tokens, logprobs and prompt_logprobs already read, as each
+    API spells them; ``names`` maps a SamplingParams field to the body's name for it in error
+    messages)."""
     names = dict(names or {})
     structured, names["structured_output"] = _structured_output(body)
     try:
@@ -183,6 +188,7 @@ def sampling_from_openai(
             min_tokens=body.integer("min_tokens", 0),
             bad_words=_strings(body, "bad_words"),
             structured_output=structured,
+            prompt_logprobs=prompt_logprobs,
         )
     except InvalidParameter as exc:
         raise _invalid(exc, names.get(exc.field, exc.field)) from None
@@ -360,6 +366,44 @@ def completion_logprobs_to_openai(
         "text_offset": offsets,
     }
     return block, offset
+
+
+def echo_logprobs_to_openai(
+    prompt: Sequence[int], entries: Sequence[TokenLogprobs], model: ServedModel
+) -> dict[str, list[Any]]:
+    """Completions' ``logprobs`` block of an echoed prompt: its first token has none (null), as
+    OpenAI reports it; ``entries`` are those of tokens 1..; offsets count from the text's start."""
+    first = model.token_text(prompt[0])
+    block, _ = completion_logprobs_to_openai(entries, model, len(first))
+    for key, value in (
+        ("tokens", first),
+        ("token_logprobs", None),
+        ("top_logprobs", None),
+        ("text_offset", 0),
+    ):
+        block[key].insert(0, value)
+    return block
+
+
+def prompt_logprobs_to_openai(
+    entries: Sequence[TokenLogprobs], model: ServedModel
+) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's ``prompt_logprobs``: per prompt token (the first: null), token id -> {logprob, rank,
+    decoded_token} for the prompt's token and its top alternatives (rank 1 is the most likely;
+    null for a prompt token outside the alternatives)."""
+    out: list[dict[str, dict[str, Any]] | None] = [None]
+    for e in entries:
+        ranked = {t: (i + 1, lp) for i, (t, lp) in enumerate(e.top)}
+        rank = ranked.get(e.token_id, (None, 0.0))[0]
+        table = {str(e.token_id): _vllm_logprob(e.logprob, rank, model.token_text(e.token_id))}
+        for t, (r, lp) in ranked.items():
+            table.setdefault(str(t), _vllm_logprob(lp, r, model.token_text(t)))
+        out.append(table)
+    return out
+
+
+def _vllm_logprob(logprob: float, rank: int | None, text: str) -> dict[str, Any]:
+    return {"logprob": _finite(logprob), "rank": rank, "decoded_token": text}
 
 
 def _finite(logprob: float) -> float:

@@ -12,15 +12,19 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from json.encoder import encode_basestring
 from typing import Any
 
-from scalellm.types import TokenLogprobs, Usage
+from scalellm.text.tool_calls import ToolCallStream, ToolDelta, ToolFormat, ToolMode, parse_whole
+from scalellm.types import FinishReason, TokenLogprobs, Usage
 from services.gateway.admission import ServedModel
 from services.gateway.openai_convert import (
     chat_logprobs_to_openai,
     completion_logprobs_to_openai,
+    echo_logprobs_to_openai,
     finish_reason_to_openai,
+    prompt_logprobs_to_openai,
     timings_to_openai,
     usage_to_openai,
 )
@@ -29,9 +33,21 @@ from services.gateway.request import ChoiceUpdate, GenerationRequest
 
 
 class _Choice:
-    __slots__ = ("finish", "logprobs", "offset", "started", "texts", "timings", "tokens", "usage")
+    __slots__ = (
+        "finish",
+        "logprobs",
+        "offset",
+        "prompt_logprobs",
+        "started",
+        "texts",
+        "timings",
+        "tokens",
+        "tools",
+        "usage",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, tools: ToolCallStream | None = None) -> None:
+        self.tools = tools  # chat with tools: splits the text into content and tool calls
         self.started = False
         self.tokens = 0  # tokens generated so far (counted by chunk(): for continuous usage stats)
         self.offset = 0
@@ -40,6 +56,7 @@ class _Choice:
         self.finish: str | None = None
         self.usage: Usage | None = None
         self.timings: dict[str, Any] | None = None
+        self.prompt_logprobs: list[Any] | None = None  # vLLM's, when asked for
 
 
 class OpenAIFormatter:
@@ -56,7 +73,15 @@ class OpenAIFormatter:
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{request.request_id}"
         self.object = "chat.completion.chunk" if chat else "text_completion"
         self.created = int(time.time())
-        self._choices = [_Choice() for _ in range(request.num_choices)]
+        tools = call.tools if call.tools is not None and call.tools.mode is not ToolMode.NONE else None
+        self._tools = tools
+        self._tool_format = (
+            ToolFormat.for_template(model.tokenizer.get_chat_template(None, tools.tools)) if tools else None
+        )
+        self._choices = [
+            _Choice(ToolCallStream(tools, self._tool_format) if tools and self._tool_format else None)
+            for _ in range(request.num_choices)
+        ]
         self._text_events: dict[int, tuple[bytes, bytes] | None] = {}
 
     def _envelope(
@@ -84,26 +109,61 @@ class OpenAIFormatter:
     def chunk(self, update: ChoiceUpdate) -> dict[str, Any] | None:
         """The chunk for one update, or None when it carries nothing a client would see."""
         state = self._choices[update.index]
-        state.tokens += len(update.token_ids)
-        logprobs = self._logprobs(state, update.logprobs) if self.call.logprobs and update.logprobs else None
-        if not update.text and logprobs is None and update.finish is None and state.started:
-            return None
-        choice: dict[str, Any] = {"index": update.index}
         if self.call.api is Api.CHAT:
-            delta: dict[str, Any] = {} if state.started else {"role": "assistant"}
-            if update.text or not state.started:
-                delta["content"] = update.text
-            choice["delta"] = delta
+            state.tokens += len(update.token_ids)
+            logprobs = (
+                self._logprobs(state, update.logprobs) if self.call.logprobs and update.logprobs else None
+            )
+            delta = self._delta(state, update)
+            if len(delta) == 0 and logprobs is None and update.finish is None:
+                return None
+            choice: dict[str, Any] = {"index": update.index, "delta": delta}
         else:
-            choice["text"] = update.text
+            first = not state.started
+            text, logprobs = self._completion_parts(update.index, state, update)
+            if not text and logprobs is None and update.finish is None and not first:
+                return None
+            choice = {"index": update.index, "text": text}
+            if first and state.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = state.prompt_logprobs
         state.started = True
         choice["logprobs"] = logprobs
-        choice["finish_reason"] = finish_reason_to_openai(update.finish)
+        choice["finish_reason"] = self._finish_reason(state, update.finish)
         if update.finish is not None:
             self._finish(state, update)
             if self.timings and state.timings is not None:
                 choice["timings"] = state.timings
         return self._envelope([choice], index=update.index)
+
+    def _delta(self, state: _Choice, update: ChoiceUpdate) -> dict[str, Any]:
+        """A chat chunk's delta: the role first, then content and (with tools) tool calls."""
+        delta: dict[str, Any] = {} if state.started else {"role": "assistant"}
+        if state.tools is None:
+            if update.text or not state.started:
+                delta["content"] = update.text
+            return delta
+        part = state.tools.feed(update.text)
+        if update.finish is not None:
+            end = state.tools.finish()
+            part = ToolDelta(part.content + end.content, part.calls + end.calls, part.arguments)
+        if part.content or not state.started:
+            delta["content"] = part.content
+        calls = [{"index": state.tools.calls.index(call), **call.to_openai()} for call in part.calls]
+        if part.arguments and calls:
+            calls[0]["function"]["arguments"] += part.arguments
+        elif part.arguments:
+            calls.append({"index": 0, "function": {"arguments": part.arguments}})
+        if calls:
+            delta["tool_calls"] = calls
+        return delta
+
+    def _finish_reason(self, state: _Choice, reason: FinishReason | None) -> str | None:
+        """OpenAI's reason; "tool_calls" for a choice that ended by itself after calling tools."""
+        if reason is FinishReason.STOP and state.tools is not None and state.tools.calls:
+            return "tool_calls"
+        if reason is not None and self.call.echo_only:
+            return "length"  # max_tokens 0: the generated token was dropped
+        return finish_reason_to_openai(reason)
 
     def event(self, update: ChoiceUpdate) -> bytes | None:
         """The SSE event of chunk(update), or None when there is none.
@@ -113,7 +173,12 @@ class OpenAIFormatter:
         (not with continuous usage stats: there every chunk differs in its usage).
         """
         state = self._choices[update.index]
-        plain = not (self.call.logprobs and update.logprobs) and not self.call.continuous_usage
+        plain = not (
+            (self.call.logprobs and update.logprobs)
+            or self.call.continuous_usage
+            or state.tools
+            or self.call.echo_only
+        )
         if state.started and update.finish is None and plain:
             if not update.text:
                 return None
@@ -150,9 +215,13 @@ class OpenAIFormatter:
     def add(self, update: ChoiceUpdate) -> None:
         """Accumulate one update of a non-streaming answer."""
         state = self._choices[update.index]
-        state.texts.append(update.text)
-        if self.call.logprobs and update.logprobs:
-            self._logprobs(state, update.logprobs)
+        if self.call.api is Api.CHAT:
+            state.texts.append(update.text)
+            if self.call.logprobs and update.logprobs:
+                self._logprobs(state, update.logprobs)
+        else:
+            state.texts.append(self._completion_parts(update.index, state, update)[0])
+            state.started = True
         if update.finish is not None:
             self._finish(state, update)
 
@@ -163,13 +232,15 @@ class OpenAIFormatter:
             text = "".join(state.texts)
             choice: dict[str, Any] = {"index": index}
             if self.call.api is Api.CHAT:
-                choice["message"] = {"role": "assistant", "content": text}
+                choice["message"] = self._message(state, text)
                 choice["logprobs"] = {"content": state.logprobs} if self.call.logprobs else None
             else:
                 choice["text"] = text
                 choice["logprobs"] = (
                     _merge_completion_logprobs(state.logprobs) if self.call.logprobs else None
                 )
+                if state.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = state.prompt_logprobs
             choice["finish_reason"] = state.finish
             if self.timings and state.timings is not None:
                 choice["timings"] = state.timings
@@ -188,11 +259,54 @@ class OpenAIFormatter:
         )
         return usage_to_openai(Usage(self.request.prompt_tokens, completion, cached))
 
+    def _completion_parts(self, index: int, state: _Choice, update: ChoiceUpdate) -> tuple[str, Any]:
+        """A completion update's text and logprobs block: echo puts the prompt's text (and
+        logprobs) before the choice's first output; echo_only drops the output."""
+        call = self.call
+        text, block = ("", None) if call.echo_only else (update.text, None)
+        if not call.echo_only:
+            state.tokens += len(update.token_ids)
+        if state.started or not (call.echo or call.prompt_logprobs):
+            if call.logprobs and update.logprobs and not call.echo_only:
+                block = self._logprobs(state, update.logprobs)
+            return text, block
+        if call.prompt_logprobs:
+            state.prompt_logprobs = prompt_logprobs_to_openai(update.prompt_logprobs, self.model)
+        if not call.echo:
+            return text, self._logprobs(state, update.logprobs) if call.logprobs and update.logprobs else None
+        prompt = self.request.prompt_of(index)
+        spec = call.spec.prompt
+        echoed = (
+            spec.texts[index // self.request.sampling.n]
+            if spec.texts
+            else self.model.tokenizer.decode(prompt, skip_special_tokens=False)
+        )
+        if call.logprobs:
+            block = echo_logprobs_to_openai(prompt, update.prompt_logprobs, self.model)
+            state.logprobs.append(block)
+            state.offset = len(echoed)
+            if update.logprobs and not call.echo_only:
+                block = _merge_completion_logprobs([block, self._logprobs(state, update.logprobs)])
+        return echoed + text, block
+
+    def _message(self, state: _Choice, text: str) -> dict[str, Any]:
+        """A whole chat answer; with tools, its calls as ``tool_calls`` (content null without text)."""
+        if self._tools is None or self._tool_format is None:
+            return {"role": "assistant", "content": text}
+        content, calls = parse_whole(self._tools, self._tool_format, text)
+        if not calls:
+            return {"role": "assistant", "content": content}
+        if state.finish == "stop":
+            state.finish = "tool_calls"
+        return {"role": "assistant", "content": content or None, "tool_calls": [c.to_openai() for c in calls]}
+
     # -- helpers -----------------------------------------------------------------------------------
 
     def _finish(self, state: _Choice, update: ChoiceUpdate) -> None:
-        state.finish = finish_reason_to_openai(update.finish)
+        state.finish = self._finish_reason(state, update.finish)
         state.usage = update.usage
+        if self.call.echo_only and update.usage is not None:
+            state.usage = replace(update.usage, completion_tokens=0)
         state.timings = timings_to_openai(update.timings) if update.timings else None
 
     def _logprobs(self, state: _Choice, entries: Sequence[TokenLogprobs]) -> Any:

@@ -19,10 +19,11 @@ from typing import Any
 
 import grpc
 
+from scalellm.text.tool_calls import Tool, ToolCall
 from scalellm.types import FinishReason, SamplingParams, Timings, TokenLogprobs, Usage
 
 # Roles the chat template is given; "developer" is OpenAI's newer name for "system".
-CHAT_ROLES = frozenset({"system", "developer", "user", "assistant"})
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 
 class PromptKind(enum.Enum):
@@ -40,6 +41,21 @@ class ChatMessage:
     role: str
     content: str
     name: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    """An assistant's calls earlier in the conversation."""
+    tool_call_id: str | None = None
+    """A tool message: the call it answers."""
+
+    def to_template(self) -> dict[str, Any]:
+        """The message as chat templates read it (transformers' keys; unset ones left out)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = [call.to_template() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +70,8 @@ class Prompt:
     texts: tuple[str, ...] = ()
     token_ids: tuple[tuple[int, ...], ...] = ()
     messages: tuple[ChatMessage, ...] = ()
+    tools: tuple[Tool, ...] = ()
+    """Functions shown to the chat template (a conversation's ``tools``)."""
 
     @property
     def count(self) -> int:
@@ -117,6 +135,8 @@ class ChoiceUpdate:
     stop_str: str | None = None
     usage: Usage | None = None
     timings: Timings | None = None
+    prompt_logprobs: Sequence[TokenLogprobs] = ()
+    """With the choice's first token, when asked for: those of prompt tokens 1.."""
 
 
 # ---- errors --------------------------------------------------------------------------------------

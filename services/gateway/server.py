@@ -326,6 +326,8 @@ def update_to_proto(update: ChoiceUpdate, request_id: str) -> gateway_pb2.Gatewa
     )
     if update.logprobs:
         out.logprobs.extend(logprobs_to_proto(lp) for lp in update.logprobs)
+    if update.prompt_logprobs:
+        out.prompt_logprobs.extend(logprobs_to_proto(lp) for lp in update.prompt_logprobs)
     if update.finish is not None:
         out.finish_reason = finish_reason_to_proto(update.finish)
         out.stop_str = update.stop_str or ""

@@ -294,6 +294,8 @@ class ChoiceStream:
                 text += self._stop.flush()
         logprobs = [logprobs_from_proto(lp) for lp in msg.logprobs] if msg.logprobs else ()
         update = ChoiceUpdate(self.index, ids, text, logprobs, finish, stop_str)
+        if msg.prompt_logprobs:
+            update.prompt_logprobs = [logprobs_from_proto(lp) for lp in msg.prompt_logprobs]
         if finish is not None:
             self._ended = stop_str is None
             update.usage, update.timings = self._final(msg, stop_str is not None)

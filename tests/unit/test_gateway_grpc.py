@@ -72,6 +72,17 @@ async def test_generate_token_ids_and_logprobs(mesh: Mesh) -> None:
     assert messages[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
 
 
+async def test_generate_prompt_logprobs(mesh: Mesh) -> None:
+    sampling = common_pb2.SamplingParams(max_tokens=3, prompt_logprobs=1)
+    messages = await generate(mesh, Request(token_ids=gateway_pb2.TokenIds(ids=[5, 6, 7]), sampling=sampling))
+    assert mesh.workers[0].requests[0].sampling.prompt_logprobs == 1
+    assert [(lp.token_id, [t.token_id for t in lp.top]) for lp in messages[0].prompt_logprobs] == [
+        (6, [7]),
+        (7, [8]),
+    ]
+    assert all(not m.prompt_logprobs for m in messages[1:])
+
+
 @pytest.mark.parametrize(
     ("request_", "code", "needle"),
     [
@@ -81,6 +92,7 @@ async def test_generate_token_ids_and_logprobs(mesh: Mesh) -> None:
         (Request(text="x", sampling=common_pb2.SamplingParams(top_p=2)), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
         (Request(text="x", sampling=common_pb2.SamplingParams(top_k=-3)), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
         (Request(text="x", sampling=common_pb2.SamplingParams(logprobs=21)), grpc.StatusCode.INVALID_ARGUMENT, "logprobs"),
+        (Request(text="x", sampling=common_pb2.SamplingParams(prompt_logprobs=21)), grpc.StatusCode.INVALID_ARGUMENT, "sampling.prompt_logprobs"),
         (Request(text="x", sampling=common_pb2.SamplingParams(max_tokens=10**6)), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
         (Request(text="x", n=17), grpc.StatusCode.INVALID_ARGUMENT, "'n'"),
         (Request(text="x", stop=[str(i) for i in range(9)]), grpc.StatusCode.INVALID_ARGUMENT, "stop"),

@@ -127,8 +127,8 @@ def test_errors_name_the_field_and_say_why() -> None:
     assert (e.param, e.code) == ("top_p", "invalid_value") and "(0, 1]" in e.message
     e = bad(parse_completion, {"prompt": "x", "max_tokens": True})
     assert e.param == "max_tokens" and "integer" in e.message and "boolean" in e.message
-    e = bad(parse_chat, {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]})
-    assert (e.param, e.code) == ("tools", "unsupported_parameter") and "not supported" in e.message
+    e = bad(parse_chat, {"messages": [{"role": "user", "content": "x"}], "functions": [{"name": "f"}]})
+    assert (e.param, e.code) == ("functions", "unsupported_parameter") and "not supported" in e.message
     e = bad(parse_chat, {"messages": [{"role": "user", "content": "x"}], "temprature": 1})
     assert (e.param, e.code) == ("temprature", "unknown_parameter")
 

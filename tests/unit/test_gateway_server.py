@@ -105,6 +105,12 @@ class ScriptedDecode(worker_pb2_grpc.DecodeWorkerServicer):
                         for k in range(request.sampling.logprobs)
                     ]
                     msg.logprobs.add(token_id=token, logprob=-0.25, top=top)
+                if i == 0 and request.sampling.HasField("prompt_logprobs"):
+                    for t in request.prompt_token_ids[1:]:  # the prompt's: -0.5 each, t + 1 the top (-0.125)
+                        top = [common_pb2.TopLogprob(token_id=t + 1, logprob=-0.125)][
+                            : request.sampling.prompt_logprobs
+                        ]
+                        msg.prompt_logprobs.add(token_id=t, logprob=-0.5, top=top)
                 if i == len(ids) - 1:
                     msg.finish_reason = (
                         common_pb2.FINISH_REASON_STOP if token == EOS else common_pb2.FINISH_REASON_LENGTH

@@ -1,0 +1,86 @@
+"""echo and prompt logprobs on /v1/completions through the in-process gateway (fixtures and the
+scripted worker: test_gateway_server.py; the worker reports each prompt token t with logprob -0.5
+and t + 1 as its top alternative at -0.125)."""
+
+# ruff: noqa: F811 - the fixtures imported from test_gateway_server are pytest parameters here
+from __future__ import annotations
+
+from tests.unit.test_gateway_server import (  # noqa: F401 - fixtures
+    REPLY,
+    Mesh,
+    mesh,
+    mesh_factory,
+    served_config,
+    served_model,
+)
+
+PROMPT = "The café is"
+
+
+def texts(mesh: Mesh, ids: list[int]) -> list[str]:
+    return [mesh.gateway.core.model.token_text(t) for t in ids]
+
+
+async def test_echo_puts_the_prompt_before_the_text(mesh: Mesh) -> None:
+    out = await mesh.client().completions.create(
+        model="", prompt=[PROMPT, "Hi"], echo=True, n=2, max_tokens=3
+    )
+    reply = "Hello! The"
+    assert [c.text for c in out.choices] == [PROMPT + reply] * 2 + ["Hi" + reply] * 2
+    assert out.usage is not None and out.usage.completion_tokens == 4 * 3
+    assert not mesh.workers[0].requests[0].sampling.HasField("prompt_logprobs")  # no logprobs asked
+
+
+async def test_echo_with_max_tokens_0_scores_the_prompt(mesh: Mesh) -> None:
+    out = await mesh.client().completions.create(model="", prompt=PROMPT, echo=True, max_tokens=0, logprobs=1)
+    sent = mesh.workers[0].requests[0]
+    ids = list(sent.prompt_token_ids)
+    assert sent.sampling.max_tokens == 1 and sent.sampling.prompt_logprobs == 1
+    choice = out.choices[0]
+    assert choice.text == PROMPT and choice.finish_reason == "length"
+    assert out.usage is not None and out.usage.completion_tokens == 0 and out.usage.prompt_tokens == len(ids)
+    lp = choice.logprobs
+    assert lp is not None and lp.tokens == texts(mesh, ids)
+    assert lp.token_logprobs == [None] + [-0.5] * (len(ids) - 1)
+    assert lp.top_logprobs == [None] + [{t: -0.125} for t in texts(mesh, [i + 1 for i in ids[1:]])]
+    assert lp.text_offset is not None and lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+
+
+async def test_echo_with_logprobs_streams_prompt_then_output(mesh: Mesh) -> None:
+    stream = await mesh.client().completions.create(
+        model="", prompt=PROMPT, echo=True, max_tokens=4, logprobs=0, stream=True
+    )
+    chunks = [c async for c in stream if c.choices]
+    assert chunks[0].choices[0].text.startswith(PROMPT)
+    text = "".join(c.choices[0].text for c in chunks)
+    tokens = [
+        t for c in chunks for t in (c.choices[0].logprobs.tokens or [] if c.choices[0].logprobs else [])
+    ]
+    offsets = [
+        o for c in chunks for o in (c.choices[0].logprobs.text_offset or [] if c.choices[0].logprobs else [])
+    ]
+    ids = list(mesh.workers[0].requests[0].prompt_token_ids)
+    assert text == PROMPT + "Hello! The café"
+    assert tokens == texts(mesh, ids) + texts(mesh, mesh.reply_ids[:4])
+    assert offsets[len(ids)] == len(PROMPT)  # the output's offsets continue after the echoed prompt
+
+
+async def test_prompt_logprobs_in_vllms_shape(mesh: Mesh) -> None:
+    out = await mesh.client().completions.create(
+        model="", prompt=PROMPT, max_tokens=2, extra_body={"prompt_logprobs": 1}
+    )
+    ids = list(mesh.workers[0].requests[0].prompt_token_ids)
+    got = (out.choices[0].model_extra or {})["prompt_logprobs"]
+    assert out.choices[0].text == "Hello!" and got[0] is None and len(got) == len(ids)
+    for t, entry in zip(ids[1:], got[1:], strict=True):
+        assert entry == {
+            str(t): {"logprob": -0.5, "rank": None, "decoded_token": texts(mesh, [t])[0]},
+            str(t + 1): {"logprob": -0.125, "rank": 1, "decoded_token": texts(mesh, [t + 1])[0]},
+        }
+    stream = await mesh.client().completions.create(
+        model="", prompt=PROMPT, max_tokens=2, stream=True, extra_body={"prompt_logprobs": 0}
+    )
+    chunks = [c async for c in stream]
+    firsts = [(c.choices[0].model_extra or {}).get("prompt_logprobs") for c in chunks]
+    assert firsts[0] is not None and len(firsts[0]) == len(ids) and firsts[1:] == [None] * (len(chunks) - 1)
+    assert "".join(c.choices[0].text for c in chunks) == REPLY[:6]

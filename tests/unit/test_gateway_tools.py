@@ -1,0 +1,139 @@
+"""Tool calling through the in-process gateway in front of a scripted decode worker (fixtures:
+test_gateway_server.py): the worker's reply is a tool call in the model's format, and the official
+openai client must read it back as ``tool_calls``, whole and streamed; required / named choices
+reach the worker as a JSON-schema grammar; the chat template is given the tools and the history's
+tool messages."""
+
+# ruff: noqa: F811 - the fixtures imported from test_gateway_server are pytest parameters here
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scalellm.text.tool_calls import ToolCall, required_schema
+from scalellm.types.proto import sampling_from_proto
+from services.gateway.admission import Preprocessor, ServedModel
+from services.gateway.config import GatewayConfig
+from services.gateway.openai_parse import parse_chat
+from tests.unit.test_gateway_server import (  # noqa: F401 - fixtures
+    Mesh,
+    MeshFactory,
+    mesh_factory,
+    served_config,
+    served_model,
+)
+
+MODEL = "SmolLM2-135M-Instruct"
+M = [{"role": "user", "content": "Weather in Paris?"}]
+PARAMS = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+TOOLS: Any = [
+    {"type": "function", "function": {"name": "get_weather", "description": "d", "parameters": PARAMS}}
+]
+HERMES = 'Checking.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+async def replying(mesh_factory: MeshFactory, text: str) -> Mesh:
+    mesh = await mesh_factory()
+    mesh.workers[0].reply_ids = mesh.gateway.core.model.tokenizer.encode(text, add_special_tokens=False)
+    return mesh
+
+
+async def test_auto_tool_call_whole_and_streamed(mesh_factory: MeshFactory) -> None:
+    mesh = await replying(mesh_factory, HERMES)
+    client = mesh.client()
+    out = await client.chat.completions.create(model=MODEL, messages=M, tools=TOOLS)
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Checking."
+    [call] = choice.message.tool_calls or []
+    assert call.type == "function" and call.id.startswith("call_")
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris"})
+    assert mesh.workers[0].requests[0].sampling.HasField("structured_output") is False  # auto: free text
+
+    stream = await client.chat.completions.create(model=MODEL, messages=M, tools=TOOLS, stream=True)
+    chunks = [c async for c in stream]
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    deltas = [t for c in chunks for t in c.choices[0].delta.tool_calls or []]
+    assert content == "Checking." and "<tool_call>" not in content
+    assert [(d.index, d.function.name, json.loads(d.function.arguments)) for d in deltas] == [  # type: ignore[union-attr]
+        (0, "get_weather", {"city": "Paris"})
+    ]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+async def test_plain_answer_with_tools_offered_stays_content(mesh_factory: MeshFactory) -> None:
+    mesh = await replying(mesh_factory, "It is sunny.")
+    out = await mesh.client().chat.completions.create(model=MODEL, messages=M, tools=TOOLS)
+    assert out.choices[0].message.content == "It is sunny." and out.choices[0].message.tool_calls is None
+    assert out.choices[0].finish_reason == "stop"
+
+
+async def test_required_sends_the_grammar_and_parses_the_array(mesh_factory: MeshFactory) -> None:
+    mesh = await replying(mesh_factory, '[{"name": "get_weather", "parameters": {"city": "Oslo"}}]')
+    out = await mesh.client().chat.completions.create(
+        model=MODEL, messages=M, tools=TOOLS, tool_choice="required"
+    )
+    [call] = out.choices[0].message.tool_calls or []
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Oslo"})
+    assert out.choices[0].message.content is None and out.choices[0].finish_reason == "tool_calls"
+    so = sampling_from_proto(mesh.workers[0].requests[0].sampling).structured_output
+    assert so is not None and json.loads(so.spec) == required_schema(
+        parse_chat({"messages": M, "tools": TOOLS}).spec.prompt.tools
+    )
+
+
+async def test_named_function_streams_its_arguments(mesh_factory: MeshFactory) -> None:
+    mesh = await replying(mesh_factory, '{"city": "Rome"}')
+    named: Any = {"type": "function", "function": {"name": "get_weather"}}
+    stream = await mesh.client().chat.completions.create(
+        model=MODEL, messages=M, tools=TOOLS, tool_choice=named, stream=True
+    )
+    chunks = [c async for c in stream]
+    deltas = [t for c in chunks for t in c.choices[0].delta.tool_calls or []]
+    assert deltas[0].id and deltas[0].function and deltas[0].function.name == "get_weather"
+    assert len(deltas) > 2  # the arguments arrive piece by piece
+    assert json.loads("".join(d.function.arguments or "" for d in deltas if d.function)) == {"city": "Rome"}
+    assert {d.index for d in deltas} == {0} and chunks[-1].choices[0].finish_reason == "tool_calls"
+    so = sampling_from_proto(mesh.workers[0].requests[0].sampling).structured_output
+    assert so is not None and json.loads(so.spec) == PARAMS
+
+
+TOOL_TEMPLATE = (
+    "{% if tools %}<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function.name }} {{ c.function.arguments | tojson }}</tool_call>{% endfor %}"
+    "{% if m.tool_call_id %} [{{ m.tool_call_id }}]{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture
+def tool_model(demo_model_dir: Path, tmp_path: Path) -> Path:
+    """The demo tokenizer with a chat template that shows tools and tool messages."""
+    for name in ("tokenizer.json", "config.json", "special_tokens_map.json"):
+        if (demo_model_dir / name).exists():
+            shutil.copy(demo_model_dir / name, tmp_path / name)
+    config = json.loads((demo_model_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = TOOL_TEMPLATE
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+async def test_the_template_sees_tools_and_tool_messages(tool_model: Path) -> None:
+    config = GatewayConfig(model=str(tool_model))
+    model = ServedModel(tool_model, config)
+    call = ToolCall("get_weather", '{"city": "Paris"}', "call_7")
+    history = [
+        *M,
+        {"role": "assistant", "content": None, "tool_calls": [call.to_openai()]},
+        {"role": "tool", "tool_call_id": "call_7", "content": "sunny"},
+    ]
+    spec = parse_chat({"messages": history, "tools": TOOLS}).spec
+    [ids] = await Preprocessor(model, config).tokenize(spec.prompt)
+    text = model.tokenizer.decode(ids, skip_special_tokens=False)
+    assert text.startswith("<tools>" + json.dumps(TOOLS[0]) + "</tools>\n")
+    assert '<tool_call>get_weather {"city": "Paris"}</tool_call>' in text  # arguments as an object
+    assert "<|im_start|>tool\nsunny [call_7]<|im_end|>" in text
