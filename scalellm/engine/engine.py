@@ -273,6 +273,7 @@ def _check_in_vocab(name: str, token_ids: Sequence[int], vocab: int) -> None:
     if bad is not None:
         raise ValueError(f"{name} contains {bad!r}, outside the vocabulary [0, {vocab})")
 
+
 def _prompt_logprobs(req: Request) -> tuple[TokenLogprobs, ...] | None:
     """The prompt's logprobs, on the event of a request's first token when it asked for them."""
     if req.sampling_params.prompt_logprobs is None or req.num_output_tokens != 1:
