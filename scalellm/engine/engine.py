@@ -6,7 +6,8 @@ Used directly by the offline ``LLM`` API and, on their own step threads, by the 
     make_request ──> add ─────────────────────────────> step() ... TokenEvent(finished)
                  └─> add (prefill_only) ──> step() ──> first token, blocks kept ──> release
                  └─> reserve_remote ──> remote_kv_landed(first token) ──> step() ... finished
-    abort / abort_all at any point; stats() for load reports
+    abort / abort_all at any point; stats() for load reports; close() at the end (it stops the
+    tensor-parallel ranks of a tensor_parallel_size > 1 engine)
 
 Callers get what they need from the return values and events (``FinishedRequest`` on a request's
 last event); they never touch the scheduler or mutate a Request.
@@ -196,6 +197,10 @@ class LLMEngine:
         if logprobs is not None:
             req.logprobs.append(logprobs)
         return TokenEvent(req, first_token, logprobs, outcome(req) if req.status.finished else None)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks, if any (idempotent); the engine takes no steps after."""
+        self.runner.close()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import psutil
 import pytest
 
 from scalellm.v1 import worker_pb2
@@ -54,3 +55,23 @@ async def test_disaggregated_mixtral_matches_transformers(tiny_model_factory) ->
     finally:
         assert decode.stop() == 0, decode.log()
         assert prefill.stop() == 0, prefill.log()
+
+
+async def test_tensor_parallel_worker_matches_transformers_and_stops_its_ranks(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+    """A colocated worker with --tensor-parallel-size 2 on Mixtral (experts split 2 + 2): the
+    same greedy tokens; on SIGTERM its rank process is gone before the worker exits."""
+    model: Path = tiny_model_factory("mixtral")
+    work, expected = _workload(model, "tp2")
+    worker = start_service(
+        "services.decode", worker_args(model, "--role", "both", "--tensor-parallel-size", "2")
+    )
+    ranks = psutil.Process(worker.proc.pid).children()
+    try:
+        assert len(ranks) == 1 and "scalellm.engine.tp_ranks" in ranks[0].cmdline()
+        reqs = [worker_request(f"tp-{i}", p, n, []) for i, (p, n) in enumerate(work)]
+        results = await generate(worker.address, reqs)
+        assert [tokens for tokens, _ in results] == expected
+        await wait_all_blocks_free(worker)
+    finally:
+        assert worker.stop() == 0, worker.log()
+    assert not any(rank.is_running() for rank in ranks), "a rank process outlived its worker"
