@@ -6,11 +6,10 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import psutil
 import pytest
 
 from scalellm.v1 import worker_pb2
-from tests.procs import start_service
+from tests.procs import Service, child_pids, start_service
 from tests.service.worker_calls import generate, wait_all_blocks_free, worker_args, worker_request
 from tests.tiny_models import hf_greedy
 
@@ -26,32 +25,37 @@ def _workload(model: Path, seed: str) -> tuple[list[tuple[list[int], int]], list
     return work, [hf_greedy(model, [p], n)[0] for p, n in work]
 
 
+async def _check(
+    worker: Service, model: Path, seed: str, targets: list[worker_pb2.PrefillTarget] | None = None
+) -> list[worker_pb2.GenerateResponse]:
+    """The workload through the worker equals transformers; its blocks are all free after.
+    Returns each request's last message."""
+    work, expected = _workload(model, seed)
+    reqs = [worker_request(f"{seed}-{i}", p, n, targets or []) for i, (p, n) in enumerate(work)]
+    results = await generate(worker.address, reqs)
+    assert [tokens for tokens, _ in results] == expected
+    await wait_all_blocks_free(worker)
+    return [last for _, last in results]
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 async def test_colocated_moe_worker_matches_transformers(tiny_model_factory, family: str) -> None:  # type: ignore[no-untyped-def]
     model: Path = tiny_model_factory(family)
-    work, expected = _workload(model, family)
     worker = start_service("services.decode", worker_args(model, "--role", "both"))
     try:
-        reqs = [worker_request(f"{family}-{i}", p, n, []) for i, (p, n) in enumerate(work)]
-        results = await generate(worker.address, reqs)
-        assert [tokens for tokens, _ in results] == expected
-        await wait_all_blocks_free(worker)
+        await _check(worker, model, family)
     finally:
         assert worker.stop() == 0, worker.log()
 
 
 async def test_disaggregated_mixtral_matches_transformers(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
     model: Path = tiny_model_factory("mixtral")
-    work, expected = _workload(model, "disagg")
     prefill = start_service("services.prefill", worker_args(model, "--worker-id", "moe-prefill"))
     decode = start_service("services.decode", worker_args(model, "--role", "decode"))
     try:
         target = [worker_pb2.PrefillTarget(worker_id="moe-prefill", address=prefill.address)]
-        reqs = [worker_request(f"d-{i}", p, n, target) for i, (p, n) in enumerate(work)]
-        results = await generate(decode.address, reqs)
-        assert [tokens for tokens, _ in results] == expected
-        assert all(last.timings.transfer_bytes > 0 for _, last in results)
-        await wait_all_blocks_free(decode)
+        lasts = await _check(decode, model, "disagg", target)
+        assert all(last.timings.transfer_bytes > 0 for last in lasts)
     finally:
         assert decode.stop() == 0, decode.log()
         assert prefill.stop() == 0, prefill.log()
@@ -61,17 +65,14 @@ async def test_tensor_parallel_worker_matches_transformers_and_stops_its_ranks(t
     """A colocated worker with --tensor-parallel-size 2 on Mixtral (experts split 2 + 2): the
     same greedy tokens; on SIGTERM its rank process is gone before the worker exits."""
     model: Path = tiny_model_factory("mixtral")
-    work, expected = _workload(model, "tp2")
     worker = start_service(
         "services.decode", worker_args(model, "--role", "both", "--tensor-parallel-size", "2")
     )
-    ranks = psutil.Process(worker.proc.pid).children()
+    ranks = child_pids(worker.proc.pid)
     try:
-        assert len(ranks) == 1 and "scalellm.engine.tp_ranks" in ranks[0].cmdline()
-        reqs = [worker_request(f"tp-{i}", p, n, []) for i, (p, n) in enumerate(work)]
-        results = await generate(worker.address, reqs)
-        assert [tokens for tokens, _ in results] == expected
-        await wait_all_blocks_free(worker)
+        assert len(ranks) == 1 and all("scalellm.engine.tp_ranks" in cmd for cmd in ranks.values())
+        await _check(worker, model, "tp2")
     finally:
         assert worker.stop() == 0, worker.log()
-    assert not any(rank.is_running() for rank in ranks), "a rank process outlived its worker"
+    alive = [pid for pid in ranks if Path(f"/proc/{pid}").exists()]
+    assert not alive, f"rank processes {alive} outlived their worker"

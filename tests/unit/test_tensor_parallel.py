@@ -3,10 +3,10 @@ dense and mixture-of-experts models, refuses what it cannot split, and leaves no
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
-import psutil
 import pytest
 
 from scalellm.engine.config import EngineConfig
@@ -15,11 +15,12 @@ from scalellm.engine.model_runner import SeqStep
 from scalellm.registry import WorkerRole
 from scalellm.types import SamplingParams
 from scalellm.worker.config import WorkerConfig
+from tests.procs import child_pids
 from tests.tiny_models import hf_greedy
 
 
 def _children() -> set[int]:
-    return {p.pid for p in psutil.Process().children(recursive=True)}
+    return set(child_pids(os.getpid()))
 
 
 def _greedy(model: Path, prompts: list[list[int]], tp: int) -> list[list[int]]:
