@@ -76,3 +76,22 @@ async def test_tensor_parallel_worker_matches_transformers_and_stops_its_ranks(t
         assert worker.stop() == 0, worker.log()
     alive = [pid for pid in ranks if Path(f"/proc/{pid}").exists()]
     assert not alive, f"rank processes {alive} outlived their worker"
+
+
+async def test_kv_from_a_tp1_prefill_worker_is_refused_by_a_tp2_worker_which_computes_locally(
+    tiny_model_factory,  # type: ignore[no-untyped-def]
+) -> None:
+    """A TP=2 colocated worker holds half the K/V heads per rank: the layout check refuses a TP=1
+    prefill worker's pair (no KV lands in the wrong heads) and the prompt is recomputed locally."""
+    model: Path = tiny_model_factory("qwen2_moe")
+    prefill = start_service("services.prefill", worker_args(model, "--worker-id", "tp1-prefill"))
+    worker = start_service(
+        "services.decode", worker_args(model, "--role", "both", "--tensor-parallel-size", "2")
+    )
+    try:
+        target = [worker_pb2.PrefillTarget(worker_id="tp1-prefill", address=prefill.address)]
+        lasts = await _check(worker, model, "tp-mismatch", target)
+        assert all(last.timings.transfer_bytes == 0 for last in lasts)
+    finally:
+        assert worker.stop() == 0, worker.log()
+        assert prefill.stop() == 0, prefill.log()
