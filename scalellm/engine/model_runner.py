@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +100,8 @@ class ModelRunner:
         self.dtype = config.torch_dtype(model_config.torch_dtype)
         if config.num_threads and self.device.type == "cpu":
             torch.set_num_threads(config.num_threads)
+        elif config.tensor_parallel_size > 1 and self.device.type == "cpu":  # the ranks share the cores
+            torch.set_num_threads(max(1, torch.get_num_threads() // config.tensor_parallel_size))
         self.block_size = config.block_size
         assert config.model is not None, "LLMEngine resolves the model folder first"
         self.ranks: TPRanks | None = None
@@ -106,29 +109,30 @@ class ModelRunner:
             check_divisible(model_config, config.tensor_parallel_size)
             self.ranks = TPRanks.start(config, max_model_len)
         self.tp = tp or (self.ranks.tp if self.ranks is not None else SINGLE)
-        self.model = load_model(
-            Path(config.model),
-            model_config,
-            self.dtype,
-            self.device,
-            max_model_len,
-            config.quantization,
-            self.tp,
-        )
-        self.kv_format = KVCacheFormat.resolve(config.kv_cache_dtype, self.dtype, model_config.head_dim)
-        self.num_kv_heads = model_config.num_kv_heads // self.tp.size
-        """This rank's K/V heads: [rank * num_kv_heads, (rank + 1) * num_kv_heads) of the model's."""
-        self.num_blocks = self._agree(config.num_kv_blocks or self._blocks_that_fit())
-        self.kv_cache = torch.zeros(
-            self.num_blocks,
-            model_config.num_layers,
-            2,
-            self.block_size,
-            self.num_kv_heads,
-            self.kv_format.row_width,
-            dtype=self.kv_format.dtype,
-            device=self.device,
-        )
+        with self._ranks_killed_on_error():
+            self.model = load_model(
+                Path(config.model),
+                model_config,
+                self.dtype,
+                self.device,
+                max_model_len,
+                config.quantization,
+                self.tp,
+            )
+            self.kv_format = KVCacheFormat.resolve(config.kv_cache_dtype, self.dtype, model_config.head_dim)
+            self.num_kv_heads = model_config.num_kv_heads // self.tp.size
+            """This rank's K/V heads: [rank * num_kv_heads, (rank + 1) * num_kv_heads) of the model's."""
+            self.num_blocks = self._agree(config.num_kv_blocks or self._blocks_that_fit())
+            self.kv_cache = torch.zeros(
+                self.num_blocks,
+                model_config.num_layers,
+                2,
+                self.block_size,
+                self.num_kv_heads,
+                self.kv_format.row_width,
+                dtype=self.kv_format.dtype,
+                device=self.device,
+            )
         self.sampler = Sampler(self.device)
         self.attention: AttentionBackend = (
             Int8KVSDPA(self.dtype) if self.kv_format.quantized else select_backend(self.device)
@@ -160,6 +164,16 @@ class ModelRunner:
         """Stop the other ranks (rank 0 only; idempotent)."""
         if self.ranks is not None:
             self.ranks.close()
+
+    @contextlib.contextmanager
+    def _ranks_killed_on_error(self) -> Iterator[None]:
+        """A rank 0 that fails to load leaves no follower waiting for it."""
+        try:
+            yield
+        except BaseException:
+            if self.ranks is not None:
+                self.ranks.kill()
+            raise
 
     def _blocks_that_fit(self) -> int:
         if self.device.type == "cuda":

@@ -2,8 +2,9 @@
 
 Rank 0 is the engine's own process: scheduler, block manager and sampler live there alone.
 Ranks 1..N-1 are child processes (``python -m scalellm.engine.tp_ranks``: a fresh interpreter,
-so no caller needs a ``__main__`` guard, and the engine's settings travel as JSON) that each hold their slice of the model and of the
-KV cache (models/parallel.py) and run every step rank 0 broadcasts:
+so no caller needs a ``__main__`` guard; the engine's settings travel as JSON) that each hold
+their slice of the model and of the KV cache (models/parallel.py) and run every step rank 0
+broadcasts:
 
     rank 0 (LLMEngine.step)                      rank r (follower_main)
     schedule -> [SeqStep] --broadcast (ints)-->  [SeqStep]
@@ -113,14 +114,12 @@ class TPRanks:
         try:
             tp = open_group(store, 0, size)
         except BaseException:
+            for proc in procs:
+                proc.kill()
             cls._reap(procs)
             raise
         log.info("tensor parallel: %d ranks (gloo), followers %s", size, [p.pid for p in procs])
         return cls(tp, store, procs)
-
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self._procs]
 
     def send_steps(self, steps: list[SeqStep]) -> None:
         from scalellm.engine.model_runner import SeqStep
@@ -136,6 +135,13 @@ class TPRanks:
             broadcast_ints(self.tp, [STOP])
         except RuntimeError as exc:  # a follower already gone: the rest are reaped below
             log.warning("tensor parallel: stop broadcast failed: %s", exc)
+        self._reap(self._procs)
+
+    def kill(self) -> None:
+        """Kill the followers at once (rank 0 failed before they could be stopped in order)."""
+        self._closed = True
+        for proc in self._procs:
+            proc.kill()
         self._reap(self._procs)
 
     @staticmethod

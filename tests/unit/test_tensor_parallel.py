@@ -95,3 +95,18 @@ def test_a_step_travels_to_the_ranks_as_integers() -> None:
     ]
     assert SeqStep.decode(SeqStep.encode(steps)) == steps
     assert SeqStep.decode(SeqStep.encode([])) == []
+
+
+@pytest.mark.slow
+def test_the_offline_llm_splits_over_two_processes_and_closes_them(tiny_chat_model: Path) -> None:
+    from scalellm import LLM
+
+    prompts = ["Hello, my name is", "The capital of France is"]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    before = _children()
+    with LLM(model=str(tiny_chat_model), dtype="float32", num_kv_blocks=64) as llm:
+        single = [o.outputs[0].text for o in llm.generate(prompts, params)]
+    with LLM(model=str(tiny_chat_model), dtype="float32", num_kv_blocks=64, tensor_parallel_size=2) as llm:
+        assert len(_children() - before) == 1
+        assert [o.outputs[0].text for o in llm.generate(prompts, params)] == single
+    assert _children() == before
