@@ -198,6 +198,16 @@ class LLMEngine:
             req.logprobs.append(logprobs)
         return TokenEvent(req, first_token, logprobs, outcome(req) if req.status.finished else None)
 
+    def gather_kv(self, block_ids: list[int]) -> torch.Tensor:
+        """A copy of these blocks' K/V with all the model's heads (ModelRunner.gather_kv); on the
+        step thread between steps (a tensor-parallel engine's ranks take part)."""
+        return self.runner.gather_kv(block_ids)
+
+    def empty_full_kv(self) -> torch.Tensor:
+        """Zero blocks shaped as gather_kv's results: what a tensor-parallel worker's KV layout
+        (all the model's heads) is read from."""
+        return self.runner.empty_full_kv()
+
     def close(self) -> None:
         """Stop the tensor-parallel ranks, if any (idempotent); the engine takes no steps after."""
         self.runner.close()

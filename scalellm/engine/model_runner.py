@@ -165,6 +165,20 @@ class ModelRunner:
         if self.ranks is not None:
             self.ranks.close()
 
+    def gather_kv(self, block_ids: list[int]) -> torch.Tensor:
+        """The K/V of ``block_ids`` with every head of the model, ``[n, layers, 2, block_size,
+        model num_kv_heads, D]`` (a copy; under TP each rank's heads, all-gathered in head order):
+        what a KV transfer sends whatever the sending worker's tensor-parallel size."""
+        if self.ranks is not None:
+            self.ranks.send_gather(block_ids)
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        return self.tp.all_gather(self.kv_cache.index_select(0, index), dim=4)
+
+    def empty_full_kv(self) -> torch.Tensor:
+        """A zero-block tensor shaped as gather_kv's results (for layouts and checks)."""
+        _, layers, two, block_size, _, width = self.kv_cache.shape
+        return self.kv_cache.new_empty((0, layers, two, block_size, self.model_config.num_kv_heads, width))
+
     @contextlib.contextmanager
     def _ranks_killed_on_error(self) -> Iterator[None]:
         """A rank 0 that fails to load leaves no follower waiting for it."""

@@ -12,6 +12,9 @@ broadcasts:
     logits:  all-gather of the vocabulary slices <=> (the same; discarded)
     sample
     close(): broadcast STOP -------------------> exit
+    gather_kv(blocks) (a TP prefill worker's push, between steps):
+             broadcast GATHER + block ids -------> its heads of those blocks
+             all-gather along the head axis <===> (the same)
 
 The group is a ProcessGroupGloo built directly on a TCPStore that rank 0 hosts on loopback (no
 ``init_process_group``, no global state; the transfer layer's pair groups stay separate). A step
@@ -46,6 +49,7 @@ CONNECT_TIMEOUT = timedelta(minutes=5)
 """Rendezvous and collectives: a follower loading a large checkpoint may take minutes."""
 JOIN_TIMEOUT_S = 30.0
 STOP = -1
+GATHER = -2
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,10 @@ class TPRanks:
 
         broadcast_ints(self.tp, SeqStep.encode(steps))
 
+    def send_gather(self, block_ids: list[int]) -> None:
+        """Ask the followers for their heads of ``block_ids`` (ModelRunner.gather_kv)."""
+        broadcast_ints(self.tp, [GATHER, *block_ids])
+
     def close(self) -> None:
         """Tell the followers to exit and wait for them (killing any that do not)."""
         if self._closed:
@@ -168,7 +176,10 @@ def follower_main(args: FollowerArgs) -> None:
         values = broadcast_ints(tp)
         if values == [STOP]:
             return
-        runner.run_steps(SeqStep.decode(values))
+        if values[0] == GATHER:
+            runner.gather_kv(values[1:])
+        else:
+            runner.run_steps(SeqStep.decode(values))
 
 
 if __name__ == "__main__":

@@ -81,8 +81,8 @@ class UpConfig:
             raise ValueError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
         if self.tensor_parallel_size > 1 and not self.colocated:
             raise ValueError(
-                "--tensor-parallel-size above 1 needs --colocated: KV transfer between "
-                "tensor-parallel workers is not implemented yet"
+                "--tensor-parallel-size above 1 needs --colocated: decode workers run one rank "
+                "(a tensor-parallel prefill worker is started with services.prefill --tensor-parallel-size)"
             )
         self._check_autoscale()
 

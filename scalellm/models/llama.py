@@ -207,7 +207,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, vocab] float32 logits (every rank's vocabulary slice, gathered, at TP>1)."""
-        return self.tp.all_gather_last(self.lm_head(hidden)).float()
+        return self.tp.all_gather(self.lm_head(hidden)).float()
 
     # ---- weights -------------------------------------------------------------------------
 

@@ -46,13 +46,13 @@ class TensorParallel:
             self.group.allreduce([x]).wait()
         return x
 
-    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
-        """Every rank's x [T, n] -> [T, N * n], rank order."""
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Every rank's x, concatenated along ``dim`` in rank order ([T, n] -> [T, N * n])."""
         if self.size == 1:
             return x
         parts = [torch.empty_like(x) for _ in range(self.size)]
         self.group.allgather([parts], [x.contiguous()]).wait()
-        return torch.cat(parts, dim=-1)
+        return torch.cat(parts, dim=dim)
 
     def split(self, n: int) -> range:
         """This rank's slice of n rows (n divisible by the size: check_divisible says so first)."""

@@ -143,7 +143,7 @@ def test_a_negative_restart_budget_is_refused() -> None:
         ["--decode", "0"],
         ["--prefill", "0"],
         ["--http-port", "70000"],
-        ["--tensor-parallel-size", "2"],  # not colocated: no KV transfer between TP workers yet
+        ["--tensor-parallel-size", "2"],  # not colocated: decode workers run one rank
         ["--colocated", "--tensor-parallel-size", "0"],
     ],
 )

@@ -95,3 +95,21 @@ async def test_kv_from_a_tp1_prefill_worker_is_refused_by_a_tp2_worker_which_com
     finally:
         assert worker.stop() == 0, worker.log()
         assert prefill.stop() == 0, prefill.log()
+
+
+async def test_a_tp2_prefill_worker_feeds_a_tp1_decode_worker_exactly(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+    """The prefill worker's ranks hold half the K/V heads each; the push gathers them (head order)
+    into the decode worker's single-rank layout, and the decode continues transformers' tokens."""
+    model: Path = tiny_model_factory("qwen3_moe")
+    prefill = start_service(
+        "services.prefill", worker_args(model, "--worker-id", "tp2-prefill", "--tensor-parallel-size", "2")
+    )
+    decode = start_service("services.decode", worker_args(model, "--role", "decode"))
+    try:
+        target = [worker_pb2.PrefillTarget(worker_id="tp2-prefill", address=prefill.address)]
+        lasts = await _check(decode, model, "tp2-to-tp1", target)
+        assert all(last.timings.transfer_bytes > 0 for last in lasts)
+        await wait_all_blocks_free(prefill)
+    finally:
+        assert decode.stop() == 0, decode.log()
+        assert prefill.stop() == 0, prefill.log()

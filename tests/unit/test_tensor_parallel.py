@@ -79,12 +79,12 @@ def test_unsupported_settings_are_refused(settings: dict[str, object]) -> None:
         EngineConfig(device="cpu", **settings)  # type: ignore[arg-type]
 
 
-def test_only_colocated_workers_take_a_tensor_parallel_size() -> None:
+def test_decode_workers_take_no_tensor_parallel_size() -> None:
     engine = EngineConfig(tensor_parallel_size=2)
-    assert WorkerConfig(role=WorkerRole.BOTH, engine=engine).engine.tensor_parallel_size == 2
-    for role in (WorkerRole.PREFILL, WorkerRole.DECODE):
-        with pytest.raises(ValueError, match="needs --role both"):
-            WorkerConfig(role=role, engine=engine)
+    for role in (WorkerRole.BOTH, WorkerRole.PREFILL):
+        assert WorkerConfig(role=role, engine=engine).engine.tensor_parallel_size == 2
+    with pytest.raises(ValueError, match="needs --role prefill or both"):
+        WorkerConfig(role=WorkerRole.DECODE, engine=engine)
 
 
 def test_a_step_travels_to_the_ranks_as_integers() -> None:
