@@ -4,15 +4,17 @@
 # other dependencies importable (PYTHONPATH or installed), and two model folders:
 #   SIDE   a model folder's config and tokenizer files (bench/random_model.py gives it random weights)
 #   TINY   the tiny bench model (bench/gateway_overhead.py --model tiny builds it)
-# Stages (any subset, in order): env exact parity throughput backends profile gateway gateway-paired
+#   (moe: a random Mixtral-shaped model with SIDE's vocabulary, bench/random_model.py --moe)
+# Stages (any subset, in order): env exact parity throughput backends profile gateway gateway-paired moe
 #   bash bench/gpu_suite.sh SIDE TINY OUTDIR [STAGE...]
 set -uo pipefail
 side=$1 tiny=$2 out=$3
 shift 3
-stages=${*:-env exact parity throughput backends profile gateway gateway-paired}
+stages=${*:-env exact parity throughput backends profile gateway gateway-paired moe}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 rand=/tmp/scalellm-random-$(basename "$side")
+moe=/tmp/scalellm-random-moe-$(basename "$side")
 # Worker, gateway and client each on their own cores: what the 2-core VM cannot give.
 pin="0,1,2,3:4,5,6,7:$(seq -s, 8 $(($(nproc) - 1)))"
 
@@ -54,6 +56,12 @@ for s in $stages; do
       stage gateway-paired 200 python3 bench/gateway_overhead.py --model "$tiny" --mode paired \
         --concurrency 64 --rounds 3 --paths direct gateway-grpc gateway-http --pin "$pin" \
         --worker-args "--num-kv-blocks 4096" --json "$out/gateway-paired.json" ;;
+    moe)
+      [ -f "$moe/model.safetensors" ] || python3 bench/random_model.py "$side" "$moe" --moe >/dev/null
+      stage moe-parity-float32 150 python3 bench/greedy_parity.py --model "$moe" --dtype float32 \
+        --prompts 8 --max-tokens 32
+      stage moe-throughput 300 python3 bench/engine_throughput.py --model "$moe" --device cuda \
+        --num-requests 64 256 --repeats 3 --hf-repeats 1 --out "$out/moe-throughput.json" ;;
     *) echo "unknown stage $s" ;;
   esac
 done

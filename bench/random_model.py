@@ -1,6 +1,9 @@
 """A randomly initialised copy of a model folder: same config, tokenizer and chat template, new weights.
 
-    python bench/random_model.py SRC_FOLDER DST_FOLDER [--seed 0]
+    python bench/random_model.py SRC_FOLDER DST_FOLDER [--seed 0] [--moe]
+
+--moe writes a Mixtral of MOE_SHAPE instead (8 experts, 2 per token) with SRC's vocabulary and
+tokenizer: an MoE shape to measure where no MoE checkpoint can travel.
 
 For measuring where the real weights cannot go (a GPU machine that reaches no model hub and takes
 only small uploads): speed depends on the shapes, not on the values, and greedy parity with
@@ -23,12 +26,36 @@ SIDE_FILES = (
 )
 
 
-def random_like(src: Path, dst: Path, seed: int = 0) -> Path:
-    """Write a float32 checkpoint with src's config and fresh random weights, plus src's side files."""
+MOE_SHAPE = dict(
+    hidden_size=1024,
+    intermediate_size=3584,
+    num_hidden_layers=8,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+)
+"""Mixtral 8x7B's expert count, top-k and proportions (intermediate 3.5 x hidden, GQA 2:1) at a
+quarter of its width and a quarter of its depth: with a 49152-token vocabulary about 0.83 B
+parameters (3.3 GB in float32), 0.3 B active per token."""
+
+
+def random_like(src: Path, dst: Path, seed: int = 0, moe: bool = False) -> Path:
+    """Write a float32 checkpoint with src's config (or a Mixtral of MOE_SHAPE with src's
+    vocabulary) and fresh random weights, plus src's side files."""
     import torch
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(src)
+    if moe:
+        config = transformers.MixtralConfig(
+            vocab_size=config.vocab_size,
+            bos_token_id=config.bos_token_id,
+            eos_token_id=config.eos_token_id,
+            max_position_embeddings=config.max_position_embeddings,
+            tie_word_embeddings=False,
+            **MOE_SHAPE,
+        )
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     dst.mkdir(parents=True, exist_ok=True)
@@ -46,8 +73,9 @@ def main() -> None:
     parser.add_argument("src", type=Path)
     parser.add_argument("dst", type=Path)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--moe", action="store_true", help="a Mixtral of MOE_SHAPE, src's vocabulary")
     args = parser.parse_args()
-    print(random_like(args.src, args.dst, args.seed))
+    print(random_like(args.src, args.dst, args.seed, args.moe))
 
 
 if __name__ == "__main__":

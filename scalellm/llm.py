@@ -59,13 +59,25 @@ class RequestOutput:
 
 
 class LLM:
-    """An engine plus a tokenizer. Keyword arguments go to :class:`EngineConfig`."""
+    """An engine plus a tokenizer. Keyword arguments go to :class:`EngineConfig`
+    (``tensor_parallel_size=N`` splits the model over N processes: close() stops them)."""
 
     def __init__(self, model: str | None = None, **engine_kwargs: Any) -> None:
         model_dir = resolve_model_dir(model)
         self.engine = LLMEngine(EngineConfig(model=str(model_dir), **engine_kwargs))
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        """Stop the engine's tensor-parallel ranks (``tensor_parallel_size`` > 1); idempotent.
+        Also on leaving a ``with LLM(...) as llm:`` block."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def generate(
         self,

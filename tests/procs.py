@@ -114,3 +114,17 @@ def start_service(
             svc.kill()
             raise RuntimeError(f"{svc.name} did not start:\n{svc.log()}")
     return svc
+
+
+def child_pids(pid: int) -> dict[int, str]:
+    """The live (not zombie) child processes of ``pid``, each with its command line (from /proc)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:  # exited while we looked
+            continue
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            children[int(stat.parent.name)] = cmdline
+    return children

@@ -38,6 +38,24 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "qwen3": dict(rope_theta=1000000.0, head_dim=32, tie_word_embeddings=False),
     # head_dim 64: the size the CPU decode kernel has a vectorized path for (csrc/paged_decode.cpp)
     "mistral": dict(rope_theta=10000.0, sliding_window=None, head_dim=64),
+    # Mixture-of-experts: 4 experts, 2 per token; Qwen's with a dense layer (mlp_only_layers)
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, rope_theta=10000.0),
+    "qwen3_moe": dict(
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        norm_topk_prob=True,
+        mlp_only_layers=[1],
+        head_dim=32,
+    ),
+    "qwen2_moe": dict(
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=96,
+        norm_topk_prob=False,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -51,6 +69,9 @@ def build_tiny_model(family: str, out_dir: Path, seed: int = 0) -> Path:
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+        "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
     }[family]
     config = config_cls(**TINY_COMMON, **FAMILIES[family])
     torch.manual_seed(seed)
@@ -58,7 +79,7 @@ def build_tiny_model(family: str, out_dir: Path, seed: int = 0) -> Path:
     # Larger-than-default weights make the logits spread out, so greedy argmax is well separated.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 2:
+            if p.dim() >= 2:  # 3-D: stacked MoE experts
                 p.normal_(0.0, 0.08)
             elif "bias" in name:
                 p.normal_(0.0, 0.05)

@@ -23,6 +23,8 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
+import torch
+
 from scalellm.engine.engine import LLMEngine
 from scalellm.engine.events import EngineStats, RemoteReservation, TokenEvent
 from scalellm.engine.request import Request
@@ -103,6 +105,10 @@ class AsyncEngine:
         return await self._submit(
             lambda e: e.remote_kv_landed(request_id, first_token, logprobs, num_cached_tokens)
         )
+
+    async def gather_kv(self, block_ids: list[int]) -> torch.Tensor:
+        """LLMEngine.gather_kv between steps (a tensor-parallel prefill worker's push)."""
+        return await self._submit(lambda e: e.gather_kv(block_ids))
 
     @property
     def stats(self) -> EngineStats:

@@ -42,6 +42,9 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     """KV cache: auto (the model's dtype) or int8 (a scale per token and head; about half the
     bytes of bfloat16; engine/kv_quant.py)."""
+    tensor_parallel_size: int = 1
+    """Ranks (processes) the model is split over: heads, MLP rows, experts and the vocabulary
+    (models/parallel.py); one scheduler on rank 0 (engine/tp_ranks.py). CPU (gloo) only for now."""
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -51,6 +54,7 @@ class EngineConfig:
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
         self._check_compression()
+        self._check_tensor_parallel()
 
     def _check_compression(self) -> None:
         if self.quantization not in QUANTIZATIONS:
@@ -63,6 +67,23 @@ class EngineConfig:
             raise ValueError(
                 "quantization fp8 needs a CUDA GPU with fp8 matmuls (compute capability 8.9+); "
                 f"this engine runs on {self.torch_device()}: use int8 there"
+            )
+
+    def _check_tensor_parallel(self) -> None:
+        size = self.tensor_parallel_size
+        if size < 1:
+            raise ValueError(f"tensor_parallel_size must be positive, got {size}")
+        if size == 1:
+            return
+        if self.torch_device().type != "cpu":
+            raise ValueError(
+                f"tensor_parallel_size {size}: tensor parallelism runs on CPU (gloo) in this version, "
+                f"not on {self.torch_device()}"
+            )
+        if self.quantization != "none" or self.kv_cache_dtype != "auto":
+            raise ValueError(
+                f"tensor_parallel_size {size} is not supported with quantization {self.quantization!r} "
+                f"or kv_cache_dtype {self.kv_cache_dtype!r} yet; use none / auto"
             )
 
     def torch_device(self) -> torch.device:

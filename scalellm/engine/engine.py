@@ -6,7 +6,8 @@ Used directly by the offline ``LLM`` API and, on their own step threads, by the 
     make_request ──> add ─────────────────────────────> step() ... TokenEvent(finished)
                  └─> add (prefill_only) ──> step() ──> first token, blocks kept ──> release
                  └─> reserve_remote ──> remote_kv_landed(first token) ──> step() ... finished
-    abort / abort_all at any point; stats() for load reports
+    abort / abort_all at any point; stats() for load reports; close() at the end (it stops the
+    tensor-parallel ranks of a tensor_parallel_size > 1 engine)
 
 Callers get what they need from the return values and events (``FinishedRequest`` on a request's
 last event); they never touch the scheduler or mutate a Request.
@@ -105,6 +106,8 @@ class LLMEngine:
             raise InvalidParameter(
                 "prompt_logprobs", "are computed where the prompt runs, never on a prefill-only request"
             )
+        if params.prompt_logprobs is not None and self.config.tensor_parallel_size > 1:
+            raise InvalidParameter("prompt_logprobs", "are not computed under tensor parallelism")
         if not prompt_token_ids:
             raise ValueError("prompt_token_ids must not be empty")
         vocab = self.model_config.vocab_size
@@ -215,6 +218,20 @@ class LLMEngine:
             req.logprobs.append(logprobs)
         return TokenEvent(req, first_token, logprobs, outcome(req) if req.status.finished else None)
 
+    def gather_kv(self, block_ids: list[int]) -> torch.Tensor:
+        """A copy of these blocks' K/V with all the model's heads (ModelRunner.gather_kv); on the
+        step thread between steps (a tensor-parallel engine's ranks take part)."""
+        return self.runner.gather_kv(block_ids)
+
+    def empty_full_kv(self) -> torch.Tensor:
+        """Zero blocks shaped as gather_kv's results: what a tensor-parallel worker's KV layout
+        (all the model's heads) is read from."""
+        return self.runner.empty_full_kv()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks, if any (idempotent); the engine takes no steps after."""
+        self.runner.close()
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
 
@@ -276,6 +293,6 @@ def _check_in_vocab(name: str, token_ids: Sequence[int], vocab: int) -> None:
 
 def _prompt_logprobs(req: Request) -> tuple[TokenLogprobs, ...] | None:
     """The prompt's logprobs, on the event of a request's first token when it asked for them."""
-    if req.sampling_params.prompt_logprobs is None or req.num_output_tokens != 1:
+    if req.sampling_params.prompt_logprobs is None or req.num_output_tokens - req.resumed_tokens != 1:
         return None
     return tuple(req.prompt_logprobs)

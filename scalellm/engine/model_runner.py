@@ -6,12 +6,17 @@ head_dim]`` (2 = K, V). A block holds every layer's K and V of its tokens in one
 span, so a run of consecutive block ids is one contiguous slice: the transfer layer puts such runs
 on the wire as they are, with no gather or scatter copy. Each layer sees the strided view
 ``kv_cache[:, layer]``.
+
+Under tensor parallelism (``tensor_parallel_size`` N > 1) this runner is rank 0 of N: it starts
+the other ranks (engine/tp_ranks.py), sends each step to them as ``SeqStep``s, and holds the
+heads ``[0, num_kv_heads / N)`` of the KV cache; rank r's runner holds the r-th slice.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +29,49 @@ from scalellm.engine.kv_quant import Int8KVSDPA, KVCacheFormat
 from scalellm.engine.request import Request
 from scalellm.engine.sampler import Sampler, SamplerOutput, token_logprobs
 from scalellm.engine.scheduler import ScheduledRequest
+from scalellm.engine.tp_ranks import TPRanks, broadcast_ints
 from scalellm.models.config import ModelConfig
 from scalellm.models.loader import load_model
+from scalellm.models.parallel import SINGLE, TensorParallel, check_divisible
 
 log = logging.getLogger(__name__)
 
 _CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+@dataclass(frozen=True)
+class SeqStep:
+    """What a step runs of one sequence: everything the ranks need, nothing of the Request."""
+
+    start: int
+    """Tokens already in the cache (the request's num_computed_tokens)."""
+    token_ids: list[int]
+    """The tokens fed this step (positions start, start + 1, ...)."""
+    block_ids: list[int]
+    samples: bool
+
+    @classmethod
+    def of(cls, s: ScheduledRequest) -> SeqStep:
+        req, start = s.request, s.request.num_computed_tokens
+        return cls(start, req.token_ids[start : start + s.num_new_tokens], req.block_ids, s.samples)
+
+    @staticmethod
+    def encode(steps: list[SeqStep]) -> list[int]:
+        """[count, then per step: start, samples, n tokens, n blocks, tokens..., blocks...]"""
+        out = [len(steps)]
+        for s in steps:
+            out += [s.start, int(s.samples), len(s.token_ids), len(s.block_ids), *s.token_ids, *s.block_ids]
+        return out
+
+    @classmethod
+    def decode(cls, values: list[int]) -> list[SeqStep]:
+        steps, i = [], 1
+        for _ in range(values[0]):
+            start, samples, n, b = values[i : i + 4]
+            i += 4
+            steps.append(cls(start, values[i : i + n], values[i + n : i + n + b], bool(samples)))
+            i += n + b
+        return steps
 
 
 @dataclass(frozen=True)
@@ -38,38 +80,61 @@ class StepInputs:
     positions: torch.Tensor
     meta: AttentionMetadata
     sample_indices: torch.Tensor
-    """Row of each sampling request's last token in the flattened batch."""
-    sampling: list[Request]
-    prompt_rows: tuple[tuple[Request, list[int], list[int]], ...] = ()
-    """Requests that want prompt logprobs: (request, rows of the batch, the prompt token each row
-    predicts); see ModelRunner._prompt_rows."""
+    """Row of each sampling sequence's last token in the flattened batch."""
+    sampling: list[int]
+    """Which steps sample (indexes into the step list), in the order of sample_indices."""
+    prefill_offsets: dict[int, int]
+    """Row of each prefill step's first token in the flattened batch (by step index)."""
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_config: ModelConfig,
+        max_model_len: int,
+        tp: TensorParallel | None = None,
+    ) -> None:
+        """``tp`` is given to the runners of ranks 1..N-1; rank 0's (None) starts them."""
         self.config = config
         self.model_config = model_config
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(model_config.torch_dtype)
         if config.num_threads and self.device.type == "cpu":
             torch.set_num_threads(config.num_threads)
+        elif config.tensor_parallel_size > 1 and self.device.type == "cpu":  # the ranks share the cores
+            torch.set_num_threads(max(1, torch.get_num_threads() // config.tensor_parallel_size))
         self.block_size = config.block_size
         assert config.model is not None, "LLMEngine resolves the model folder first"
-        self.model = load_model(
-            Path(config.model), model_config, self.dtype, self.device, max_model_len, config.quantization
-        )
-        self.kv_format = KVCacheFormat.resolve(config.kv_cache_dtype, self.dtype, model_config.head_dim)
-        self.num_blocks = config.num_kv_blocks or self._blocks_that_fit()
-        self.kv_cache = torch.zeros(
-            self.num_blocks,
-            model_config.num_layers,
-            2,
-            self.block_size,
-            model_config.num_kv_heads,
-            self.kv_format.row_width,
-            dtype=self.kv_format.dtype,
-            device=self.device,
-        )
+        self.ranks: TPRanks | None = None
+        if tp is None and config.tensor_parallel_size > 1:
+            check_divisible(model_config, config.tensor_parallel_size)
+            self.ranks = TPRanks.start(config, max_model_len)
+        self.tp = tp or (self.ranks.tp if self.ranks is not None else SINGLE)
+        with self._ranks_killed_on_error():
+            self.model = load_model(
+                Path(config.model),
+                model_config,
+                self.dtype,
+                self.device,
+                max_model_len,
+                config.quantization,
+                self.tp,
+            )
+            self.kv_format = KVCacheFormat.resolve(config.kv_cache_dtype, self.dtype, model_config.head_dim)
+            self.num_kv_heads = model_config.num_kv_heads // self.tp.size
+            """This rank's K/V heads: [rank * num_kv_heads, (rank + 1) * num_kv_heads) of the model's."""
+            self.num_blocks = self._agree(config.num_kv_blocks or self._blocks_that_fit())
+            self.kv_cache = torch.zeros(
+                self.num_blocks,
+                model_config.num_layers,
+                2,
+                self.block_size,
+                self.num_kv_heads,
+                self.kv_format.row_width,
+                dtype=self.kv_format.dtype,
+                device=self.device,
+            )
         self.sampler = Sampler(self.device)
         self.attention: AttentionBackend = (
             Int8KVSDPA(self.dtype) if self.kv_format.quantized else select_backend(self.device)
@@ -87,8 +152,44 @@ class ModelRunner:
 
     @property
     def bytes_per_block(self) -> int:
+        """Of this rank's cache."""
         c = self.model_config
-        return 2 * c.num_layers * self.block_size * c.num_kv_heads * self.kv_format.row_bytes
+        return 2 * c.num_layers * self.block_size * self.num_kv_heads * self.kv_format.row_bytes
+
+    def _agree(self, num_blocks: int) -> int:
+        """Every rank uses rank 0's block count (the scheduler's block ids index them all)."""
+        if self.tp.size == 1:
+            return num_blocks
+        return broadcast_ints(self.tp, [num_blocks] if self.tp.rank == 0 else None)[0]
+
+    def close(self) -> None:
+        """Stop the other ranks (rank 0 only; idempotent)."""
+        if self.ranks is not None:
+            self.ranks.close()
+
+    def gather_kv(self, block_ids: list[int]) -> torch.Tensor:
+        """The K/V of ``block_ids`` with every head of the model, ``[n, layers, 2, block_size,
+        model num_kv_heads, D]`` (a copy; under TP each rank's heads, all-gathered in head order):
+        what a KV transfer sends whatever the sending worker's tensor-parallel size."""
+        if self.ranks is not None:
+            self.ranks.send_gather(block_ids)
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        return self.tp.all_gather(self.kv_cache.index_select(0, index), dim=4)
+
+    def empty_full_kv(self) -> torch.Tensor:
+        """A zero-block tensor shaped as gather_kv's results (for layouts and checks)."""
+        _, layers, two, block_size, _, width = self.kv_cache.shape
+        return self.kv_cache.new_empty((0, layers, two, block_size, self.model_config.num_kv_heads, width))
+
+    @contextlib.contextmanager
+    def _ranks_killed_on_error(self) -> Iterator[None]:
+        """A rank 0 that fails to load leaves no follower waiting for it."""
+        try:
+            yield
+        except BaseException:
+            if self.ranks is not None:
+                self.ranks.kill()
+            raise
 
     def _blocks_that_fit(self) -> int:
         if self.device.type == "cuda":
@@ -101,18 +202,47 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRequest]) -> tuple[list[Request], SamplerOutput]:
         """Run one step; returns the requests that sampled a token and what they sampled."""
-        inputs = self.prepare(scheduled)
-        with self._attention_kernels():
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
-        for req, rows, targets in inputs.prompt_rows:
-            logits = self.model.compute_logits(hidden[self._tensor(rows)]).float()
-            k = req.sampling_params.prompt_logprobs or 0
-            found = token_logprobs(logits, self._tensor(targets), [k] * len(rows))
-            req.prompt_logprobs.extend(lp for lp in found if lp is not None)
+        steps = [SeqStep.of(s) for s in scheduled]
+        if self.ranks is not None:
+            self.ranks.send_steps(steps)
+        inputs, hidden = self._forward(steps)
+        self._prompt_logprobs(scheduled, inputs, hidden)
         if not inputs.sampling:
             return [], SamplerOutput([], [])
         logits = self.model.compute_logits(hidden[inputs.sample_indices])
-        return inputs.sampling, self.sampler(logits, inputs.sampling)
+        requests = [scheduled[i].request for i in inputs.sampling]
+        return requests, self.sampler(logits, requests)
+
+    @torch.inference_mode()
+    def run_steps(self, steps: list[SeqStep]) -> tuple[list[int], torch.Tensor | None]:
+        """The forward pass of a step (every rank runs it): which steps sample, and their logits."""
+        inputs, hidden = self._forward(steps)
+        if not inputs.sampling:
+            return [], None
+        return inputs.sampling, self.model.compute_logits(hidden[inputs.sample_indices])
+
+    def _forward(self, steps: list[SeqStep]) -> tuple[StepInputs, torch.Tensor]:
+        inputs = self.prepare(steps)
+        with self._attention_kernels():
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
+        return inputs, hidden
+
+    def _prompt_logprobs(
+        self, scheduled: list[ScheduledRequest], inputs: StepInputs, hidden: torch.Tensor
+    ) -> None:
+        """Append the prompt logprobs of the prefill chunks whose requests ask for them (rank 0
+        only: the engine refuses prompt_logprobs under tensor parallelism, where compute_logits
+        is a collective every rank would have to join)."""
+        for i, offset in inputs.prefill_offsets.items():
+            s = scheduled[i]
+            req = s.request
+            if req.sampling_params.prompt_logprobs is None:
+                continue
+            for _, rows, targets in self._prompt_rows(req, offset, req.num_computed_tokens, s.num_new_tokens):
+                logits = self.model.compute_logits(hidden[self._tensor(rows)]).float()
+                k = req.sampling_params.prompt_logprobs or 0
+                found = token_logprobs(logits, self._tensor(targets), [k] * len(rows))
+                req.prompt_logprobs.extend(lp for lp in found if lp is not None)
 
     def _attention_kernels(self) -> contextlib.AbstractContextManager[None]:
         """On CUDA, SDPA may use flash, memory-efficient or math kernels but not cuDNN's, which
@@ -121,49 +251,48 @@ class ModelRunner:
             return contextlib.nullcontext()
         return sdpa_kernel(_CUDA_SDPA_BACKENDS)
 
-    def prepare(self, scheduled: list[ScheduledRequest]) -> StepInputs:
+    def prepare(self, steps: list[SeqStep]) -> StepInputs:
         """Flatten a step: decodes (one token each) first, then prefill chunks."""
         bs = self.block_size
-        decodes = [s for s in scheduled if s.num_new_tokens == 1]
-        prefills = [s for s in scheduled if s.num_new_tokens > 1]
+        decodes = [i for i, s in enumerate(steps) if len(s.token_ids) == 1]
+        prefills = [i for i, s in enumerate(steps) if len(s.token_ids) > 1]
         input_ids: list[int] = []
         positions: list[int] = []
         slot_blocks: list[int] = []  # the block of each new token (its offset is position % bs)
         sample_rows: list[int] = []
-        sampling: list[Request] = []
+        sampling: list[int] = []
 
-        for s in decodes:
-            req, pos = s.request, s.request.num_computed_tokens
-            input_ids.append(req.token_ids[pos])
-            positions.append(pos)
-            slot_blocks.append(req.block_ids[pos // bs])
+        for i in decodes:
+            s = steps[i]
+            input_ids.append(s.token_ids[0])
+            positions.append(s.start)
+            slot_blocks.append(s.block_ids[s.start // bs])
             if s.samples:
                 sample_rows.append(len(input_ids) - 1)
-                sampling.append(req)
+                sampling.append(i)
 
         spans: list[PrefillSpan] = []
-        prompt_rows: list[tuple[Request, list[int], list[int]]] = []
-        for s in prefills:
-            req, start, n = s.request, s.request.num_computed_tokens, s.num_new_tokens
-            offset = len(input_ids)
-            input_ids.extend(req.token_ids[start : start + n])
+        prefill_offsets: dict[int, int] = {}
+        for i in prefills:
+            s = steps[i]
+            start, n, offset = s.start, len(s.token_ids), len(input_ids)
+            prefill_offsets[i] = offset
+            input_ids.extend(s.token_ids)
             positions.extend(range(start, start + n))
-            slot_blocks.extend(req.block_ids[p // bs] for p in range(start, start + n))
-            table = req.block_ids[: -(-(start + n) // bs)] if start else []
+            slot_blocks.extend(s.block_ids[p // bs] for p in range(start, start + n))
+            table = s.block_ids[: -(-(start + n) // bs)] if start else []
             spans.append(PrefillSpan(offset, offset + n, start, self._tensor(table)))
             if s.samples:
                 sample_rows.append(offset + n - 1)
-                sampling.append(req)
-            if req.sampling_params.prompt_logprobs is not None:
-                prompt_rows.extend(self._prompt_rows(req, offset, start, n))
+                sampling.append(i)
 
         block_tables = context = None
         if decodes:
-            width = max(len(s.request.block_ids) for s in decodes)
+            width = max(len(steps[i].block_ids) for i in decodes)
             block_tables = self._tensor(
-                [s.request.block_ids + [0] * (width - len(s.request.block_ids)) for s in decodes]
+                [steps[i].block_ids + [0] * (width - len(steps[i].block_ids)) for i in decodes]
             )
-            context = self._tensor([s.request.num_computed_tokens + 1 for s in decodes])
+            context = self._tensor([steps[i].start + 1 for i in decodes])
 
         position_tensor = self._tensor(positions)
         meta = AttentionMetadata(
@@ -182,7 +311,7 @@ class ModelRunner:
             meta,
             self._tensor(sample_rows),
             sampling,
-            tuple(prompt_rows),
+            prefill_offsets,
         )
 
     @staticmethod

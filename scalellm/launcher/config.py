@@ -34,6 +34,8 @@ class UpConfig:
     quantization: str = "none"
     """Worker weights: none, int8 (fp8 on CUDA); EngineConfig.quantization."""
     kv_cache_dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    """Ranks (processes) per worker (EngineConfig.tensor_parallel_size); above 1 only --colocated."""
     gpus: tuple[str, ...] = ()
     """GPU ids handed out round-robin to workers through CUDA_VISIBLE_DEVICES."""
     num_kv_blocks: int | None = None
@@ -75,6 +77,13 @@ class UpConfig:
             raise ValueError("--drain-timeout must be >= 0 and --startup-timeout > 0")
         if self.max_restarts < 0:
             raise ValueError(f"--max-restarts must be >= 0, got {self.max_restarts}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and not self.colocated:
+            raise ValueError(
+                "--tensor-parallel-size above 1 needs --colocated: decode workers run one rank "
+                "(a tensor-parallel prefill worker is started with services.prefill --tensor-parallel-size)"
+            )
         self._check_autoscale()
 
     def _check_autoscale(self) -> None:
@@ -106,7 +115,7 @@ class UpConfig:
         if self.threads_per_worker:
             return self.threads_per_worker
         cores = cores or _cpu_count()
-        return max(1, cores // self.workers)
+        return max(1, cores // (self.workers * self.tensor_parallel_size))
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> UpConfig:
@@ -129,6 +138,7 @@ class UpConfig:
             dtype=args.dtype,
             quantization=args.quantization,
             kv_cache_dtype=args.kv_cache_dtype,
+            tensor_parallel_size=args.tensor_parallel_size,
             gpus=tuple(g.strip() for g in (args.gpus or "").split(",") if g.strip()),
             num_kv_blocks=args.num_kv_blocks,
             kv_cache_gb=args.kv_cache_gb,

@@ -161,6 +161,7 @@ def _optional(config: UpConfig) -> list[str]:
         "--kv-cache-gb": config.kv_cache_gb,
         "--max-num-seqs": config.max_num_seqs,
         "--max-model-len": config.max_model_len,
+        "--tensor-parallel-size": config.tensor_parallel_size if config.tensor_parallel_size > 1 else None,
     }
     return [item for flag, value in flags.items() if value is not None for item in (flag, str(value))]
 

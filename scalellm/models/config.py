@@ -1,7 +1,8 @@
 """The model's architecture, read from a Hugging Face ``config.json``.
 
 Supports the Llama family: Llama 2/3 (llama3 and linear rope scaling), Mistral, Qwen2 (qkv bias),
-Qwen3 (q/k RMSNorm) and SmolLM2. Both the old (``rope_theta`` / ``rope_scaling``) and the new
+Qwen3 (q/k RMSNorm) and SmolLM2, and the mixture-of-experts models Mixtral, Qwen2-MoE (a shared
+expert behind a sigmoid gate) and Qwen3-MoE (``MoeConfig``). Both the old (``rope_theta`` / ``rope_scaling``) and the new
 (``rope_parameters``) spellings of rope settings are understood.
 """
 
@@ -17,6 +18,9 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -30,6 +34,24 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """The sparse MLP of a mixture-of-experts model: a router picks ``top_k`` of ``num_experts``
+    SwiGLU experts per token (softmax, then top-k, renormalised when ``norm_topk_prob``)."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    """Each expert's intermediate size."""
+    norm_topk_prob: bool
+    """Renormalise the top-k probabilities to sum to one (always in Mixtral)."""
+    shared_expert_intermediate_size: int = 0
+    """Qwen2-MoE: a dense expert every token goes through, scaled by sigmoid(gate(x)); 0: none."""
+    dense_layers: tuple[int, ...] = ()
+    """Layers with a dense MLP (``intermediate_size``) instead (Qwen's mlp_only_layers and
+    decoder_sparse_step)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +76,8 @@ class ModelConfig:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     torch_dtype: str
+    moe: MoeConfig | None = None
+    """Set for mixture-of-experts models; None for dense ones."""
 
     @property
     def context_length(self) -> int:
@@ -91,7 +115,7 @@ class ModelConfig:
         sliding = raw.get("sliding_window")
         if family == "qwen2" and not raw.get("use_sliding_window", False):
             sliding = None
-        if family == "qwen3" and not raw.get("use_sliding_window", False):
+        if family in ("qwen3", "qwen2_moe", "qwen3_moe") and not raw.get("use_sliding_window", False):
             sliding = None
         return cls(
             architecture=arch,
@@ -106,13 +130,47 @@ class ModelConfig:
             max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
             rope=_parse_rope(raw),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            attention_bias=family == "qwen2" or bool(raw.get("attention_bias", False)),
-            qk_norm=family == "qwen3",
+            attention_bias=_attention_bias(family, raw),
+            qk_norm=family in ("qwen3", "qwen3_moe"),
             sliding_window=int(sliding) if sliding else None,
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=_as_ids(raw.get("eos_token_id")) + _as_ids(extra_eos),
             torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
+            moe=_parse_moe(family, raw),
         )
+
+
+def _attention_bias(family: str, raw: dict[str, Any]) -> bool:
+    if family == "qwen2":
+        return True
+    if family == "qwen2_moe":
+        return bool(raw.get("qkv_bias", True))
+    return bool(raw.get("attention_bias", False))
+
+
+def _parse_moe(family: str, raw: dict[str, Any]) -> MoeConfig | None:
+    if family == "mixtral":
+        return MoeConfig(
+            num_experts=int(raw.get("num_local_experts", 8)),
+            top_k=int(raw.get("num_experts_per_tok", 2)),
+            intermediate_size=int(raw["intermediate_size"]),
+            norm_topk_prob=True,
+        )
+    if family not in ("qwen2_moe", "qwen3_moe"):
+        return None
+    step = int(raw.get("decoder_sparse_step", 1))
+    only = {int(i) for i in raw.get("mlp_only_layers") or ()}
+    layers = range(int(raw["num_hidden_layers"]))
+    return MoeConfig(
+        num_experts=int(raw.get("num_experts") or raw["num_local_experts"]),
+        top_k=int(raw["num_experts_per_tok"]),
+        intermediate_size=int(raw["moe_intermediate_size"]),
+        norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
+        shared_expert_intermediate_size=int(raw.get("shared_expert_intermediate_size") or 0)
+        if family == "qwen2_moe"
+        else 0,
+        dense_layers=tuple(i for i in layers if i in only or step <= 0 or (i + 1) % step != 0),
+    )
 
 
 def _as_ids(value: int | list[int] | None) -> tuple[int, ...]:

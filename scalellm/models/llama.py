@@ -1,11 +1,13 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) over the paged KV cache.
+"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) and its mixture-of-experts kin
+(Mixtral, Qwen2-MoE, Qwen3-MoE: the MLP is models/moe.py's) over the paged KV cache.
 
 Numerics follow Hugging Face transformers step for step (RMSNorm in float32, rope cos/sin from
 float32 frequencies, the same residual order), which is what keeps greedy output identical.
 q/k/v and gate/up projections are fused into one matmul each; rope tables are looked up once per
 step and applied to q and k together, in place; the residual add rides with the next norm. The
 elementwise ops come from a ``LayerOps`` (models/ops.py: torch's, or fused C++ on CPU) and on CPU
-the linear layers run through oneDNN (packed_linear).
+the linear layers run through oneDNN (packed_linear). Under tensor parallelism each rank builds
+its slice of every layer (models/parallel.py) and all-reduces attention's and the MLP's outputs.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from torch import nn
 
 from scalellm.engine.attention import AttentionMetadata, paged_attention
 from scalellm.models.config import ModelConfig, RopeConfig
+from scalellm.models.moe import SparseMoeBlock, expert_weight, load_expert, moe_prefix
 from scalellm.models.ops import LayerOps, TorchOps
+from scalellm.models.parallel import SINGLE, TensorParallel, VocabParallelEmbedding, shard
 
 TORCH_OPS = TorchOps()
 
@@ -78,12 +82,15 @@ class RotaryEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: LayerOps) -> None:
+    """This rank's heads (all of them at TP=1); o_proj's output is a partial sum at TP>1."""
+
+    def __init__(self, cfg: ModelConfig, ops: LayerOps, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.ops = ops
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.num_heads, self.num_kv_heads = cfg.num_heads // tp.size, cfg.num_kv_heads // tp.size
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * cfg.head_dim
+        self.kv_size = self.num_kv_heads * cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
@@ -114,23 +121,36 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: LayerOps) -> None:
+    """SwiGLU over this rank's rows of ``intermediate`` (all of them at TP=1)."""
+
+    def __init__(self, hidden: int, intermediate: int, ops: LayerOps) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))
 
 
+def make_mlp(cfg: ModelConfig, layer: int, ops: LayerOps, tp: TensorParallel) -> nn.Module:
+    """The layer's dense MLP, or its sparse MoE block (experts split over the TP ranks)."""
+    moe = cfg.moe
+    if moe is None or layer in moe.dense_layers:
+        return MLP(cfg.hidden_size, cfg.intermediate_size // tp.size, ops)
+    shared_size = moe.shared_expert_intermediate_size // tp.size
+    shared = MLP(cfg.hidden_size, shared_size, ops) if shared_size else None
+    return SparseMoeBlock(cfg, moe, ops, shared, tp.split(moe.num_experts))
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: LayerOps) -> None:
+    def __init__(self, cfg: ModelConfig, ops: LayerOps, layer: int = 0, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
+        self.tp = tp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.self_attn = Attention(cfg, ops)
+        self.self_attn = Attention(cfg, ops, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.mlp = MLP(cfg, ops)
+        self.mlp = make_mlp(cfg, layer, ops, tp)
 
     def forward(
         self,
@@ -146,20 +166,27 @@ class DecoderLayer(nn.Module):
             residual, h = x, self.input_layernorm(x)
         else:
             h = self.input_layernorm(x, residual)
-        h = self.self_attn(h, rope, kv, meta)
+        h = self.tp.all_reduce(self.self_attn(h, rope, kv, meta))
         h = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        return self.tp.all_reduce(self.mlp(h)), residual
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int, ops: LayerOps = TORCH_OPS) -> None:
+    def __init__(
+        self, cfg: ModelConfig, max_positions: int, ops: LayerOps = TORCH_OPS, tp: TensorParallel = SINGLE
+    ) -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, ops) for _ in range(cfg.num_layers))
+        self.tp = tp
+        self.embed_tokens: nn.Embedding | VocabParallelEmbedding = (
+            nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            if tp.size == 1
+            else VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        )
+        self.layers = nn.ModuleList(DecoderLayer(cfg, ops, i, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size // tp.size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -179,41 +206,53 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x, residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        """[T, vocab] float32 logits (every rank's vocabulary slice, gathered, at TP>1)."""
+        return self.tp.all_gather(self.lm_head(hidden)).float()
 
     # ---- weights -------------------------------------------------------------------------
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load Hugging Face-named tensors, fusing q/k/v and gate/up as they come."""
+        """Load Hugging Face-named tensors (this rank's slices), fusing q/k/v and gate/up and
+        stacking each MoE layer's experts as they come."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
-        cfg = self.config
-        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        fused = {
-            "q_proj": ("qkv_proj", 0, q),
-            "k_proj": ("qkv_proj", q, kv),
-            "v_proj": ("qkv_proj", q + kv, kv),
-            "gate_proj": ("gate_up_proj", 0, cfg.intermediate_size),
-            "up_proj": ("gate_up_proj", cfg.intermediate_size, cfg.intermediate_size),
-        }
+        tie = self.config.tie_word_embeddings
         for hf_name, tensor in weights:
-            name = hf_name.removeprefix("model.")
-            if "rotary_emb" in name or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+            name = moe_prefix(hf_name.removeprefix("model."))
+            if "rotary_emb" in name or (name == "lm_head.weight" and tie):
                 continue
-            parts = name.split(".")
-            target = fused.get(parts[-2]) if len(parts) >= 2 else None
-            if target is not None:
-                fused_name, offset, size = target
-                name = ".".join([*parts[:-2], fused_name, parts[-1]])
-                _copy(params, name, tensor, offset, size)
-                loaded.add(f"{name}[{offset}]")
-            else:
-                _copy(params, name, tensor)
-                loaded.add(name)
-        expected = {n for n in params if not (cfg.tie_word_embeddings and n == "lm_head.weight")}
+            loaded.update(self._load_one(params, name, tensor))
+        expected = {n for n in params if not (tie and n == "lm_head.weight")}
         missing = {n for n in expected if n not in loaded and not any(k.startswith(n + "[") for k in loaded)}
         if missing:
             raise ValueError(f"checkpoint lacks weights: {sorted(missing)[:8]}")
+
+    def _load_one(self, params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> list[str]:
+        """Copy one checkpoint tensor in; returns the names (``name[part]`` for a fused or
+        stacked part) it filled, none for an expert another rank holds."""
+        expert = expert_weight(name)
+        if expert is not None:
+            prefix, index, which = expert
+            block = self.get_submodule(prefix)
+            if not isinstance(block, SparseMoeBlock):
+                raise ValueError(f"unexpected expert weight {name!r}: layer {prefix} is dense")
+            stacked = "w_down" if which == "down" else "w_gate_up"
+            return (
+                [f"{prefix}.{stacked}[{index}.{which}]"] if load_expert(block, index, which, tensor) else []
+            )
+        tensor = shard(name, tensor, self.tp)
+        parts = name.split(".")
+        cfg, size = self.config, self.tp.size
+        q, kv = cfg.num_heads // size * cfg.head_dim, cfg.num_kv_heads // size * cfg.head_dim
+        offsets = {"q_proj": 0, "k_proj": q, "v_proj": q + kv}
+        offsets |= {"gate_proj": 0, "up_proj": tensor.shape[0]}
+        if len(parts) < 2 or parts[-2] not in offsets:
+            _copy(params, name, tensor)
+            return [name]
+        fused = "qkv_proj" if parts[-2] in ("q_proj", "k_proj", "v_proj") else "gate_up_proj"
+        name, offset = ".".join([*parts[:-2], fused, parts[-1]]), offsets[parts[-2]]
+        _copy(params, name, tensor, offset, tensor.shape[0])
+        return [f"{name}[{offset}]"]
 
 
 def _copy(

@@ -13,6 +13,7 @@ from scalellm.engine.cpu_kernels import layer_ops
 from scalellm.models.config import ModelConfig
 from scalellm.models.llama import LlamaForCausalLM, RotaryEmbedding
 from scalellm.models.packed_linear import pack_linears, packing_supported
+from scalellm.models.parallel import SINGLE, TensorParallel
 from scalellm.models.quant_linear import quantize_weights, weight_bytes
 
 log = logging.getLogger(__name__)
@@ -35,13 +36,15 @@ def load_model(
     device: torch.device,
     max_positions: int,
     quantization: str = "none",
+    tp: TensorParallel = SINGLE,
 ) -> LlamaForCausalLM:
-    """Allocate the model on ``device`` without random init, then copy the checkpoint in; then
-    quantize its weights (``quantization`` other than none) or pack them for oneDNN."""
+    """Allocate the model (this rank's slices under ``tp``) on ``device`` without random init,
+    then copy the checkpoint in; then quantize its weights (``quantization`` other than none) or
+    pack them for oneDNN."""
     ops = layer_ops(device, dtype)
     log.info("decoder layer ops: %s", ops.name)
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, max_positions, ops)
+        model = LlamaForCausalLM(cfg, max_positions, ops, tp)
     model = model.to_empty(device=device).to(dtype)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

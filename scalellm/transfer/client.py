@@ -60,11 +60,16 @@ class TransferClient:
         src_blocks: list[int],
         dst_blocks: list[int],
         num_tokens: int,
+        source: torch.Tensor | None = None,
     ) -> Future[TransferStats]:
         """Queue the KV of ``num_tokens`` tokens in our ``src_blocks`` for ``decode_id``'s
-        ``dst_blocks`` (see :meth:`PrefillChannel.submit_kv`)."""
+        ``dst_blocks`` (see :meth:`PrefillChannel.submit_kv`). ``source``: blocks of this
+        layout to send from instead of the cache (a tensor-parallel worker's gathered heads)."""
+        if source is not None:
+            self.layout.check_cache(source)
         channel = self.channel(decode_id, endpoint)
-        return channel.submit_kv(transfer_id, self.kv_cache, src_blocks, dst_blocks, num_tokens)
+        kv = self.kv_cache if source is None else source
+        return channel.submit_kv(transfer_id, kv, src_blocks, dst_blocks, num_tokens)
 
     def send_kv(
         self,

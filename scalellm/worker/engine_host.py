@@ -72,6 +72,7 @@ class EngineHost:
 
     def stop(self) -> None:
         self.aengine.stop()
+        self.engine.close()
 
     def info(self, grpc_address: str, transfer_endpoint: str = "") -> WorkerInfo:
         from scalellm import __version__

@@ -13,6 +13,8 @@ import asyncio
 import logging
 import time
 
+import torch
+
 from scalellm.engine.events import TokenEvent
 from scalellm.engine.request import Request
 from scalellm.transfer import KVLayout, TransferClient
@@ -40,7 +42,9 @@ class PrefillWorker:
 
     async def start(self) -> None:
         self.host.start()
-        kv = self.host.engine.kv_cache
+        engine = self.host.engine
+        # A tensor-parallel worker's cache holds one rank's heads; it sends gathered ones (_gather)
+        kv = engine.kv_cache if engine.config.tensor_parallel_size == 1 else engine.empty_full_kv()
         layout = KVLayout.from_kv_cache(kv, self.host.model_name)
         self.client = TransferClient(self.config.worker_id, layout, kv, self.config.channel_config())
 
@@ -91,10 +95,11 @@ class PrefillWorker:
         try:
             assert self.client is not None
             skip = target.skip_blocks
+            src, source = await self._gather(list(done.kept_block_ids[skip : skip + len(target.block_ids)]))
             future = self.client.submit_kv(
                 target.decode_worker_id, target.transfer_endpoint, target.transfer_id,
-                list(done.kept_block_ids[skip : skip + len(target.block_ids)]), list(target.block_ids),
-                done.num_prompt_tokens - skip * self.host.engine.block_size,
+                src, list(target.block_ids), done.num_prompt_tokens - skip * self.host.engine.block_size,
+                source,
             )  # fmt: skip
         except Exception as exc:
             release()
@@ -123,3 +128,10 @@ class PrefillWorker:
             transfer_seconds=stats.seconds,
             transfer_bytes=stats.bytes,
         )
+
+    async def _gather(self, blocks: list[int]) -> tuple[list[int], torch.Tensor | None]:
+        """The blocks to send and the tensor they are in: the cache itself, or at TP > 1 a copy
+        with every rank's heads (the decode worker's layout has all of them)."""
+        if self.host.engine.config.tensor_parallel_size == 1:
+            return blocks, None
+        return list(range(len(blocks))), await self.host.aengine.gather_kv(blocks)

@@ -81,6 +81,14 @@ def test_colocated_runs_workers_with_role_both_and_no_prefill() -> None:
     assert UpConfig(prefill=1, decode=4).worker_threads(cores=16) == 3
 
 
+def test_tensor_parallel_workers_get_the_flag_and_a_share_of_cores_per_rank() -> None:
+    config = UpConfig(prefill=0, decode=2, colocated=True, tensor_parallel_size=2)
+    specs = worker_specs(config, Path("/m"), "127.0.0.1:1", "r1")
+    assert all(s.argv[s.argv.index("--tensor-parallel-size") + 1] == "2" for s in specs)
+    assert config.worker_threads(cores=16) == 4  # 2 workers x 2 ranks
+    assert "--tensor-parallel-size" not in worker_specs(UpConfig(), Path("/m"), "127.0.0.1:1", "r1")[0].argv
+
+
 def test_restarted_children_keep_their_addresses() -> None:
     """Redis and the gateway are restarted on the ports they got first (port 0: any free one), and
     the kvstore on the one its spec names, so every configured address still reaches them."""
@@ -130,7 +138,14 @@ def test_a_negative_restart_budget_is_refused() -> None:
 
 @pytest.mark.parametrize(
     "argv",
-    [["--colocated", "--prefill", "1"], ["--decode", "0"], ["--prefill", "0"], ["--http-port", "70000"]],
+    [
+        ["--colocated", "--prefill", "1"],
+        ["--decode", "0"],
+        ["--prefill", "0"],
+        ["--http-port", "70000"],
+        ["--tensor-parallel-size", "2"],  # not colocated: decode workers run one rank
+        ["--colocated", "--tensor-parallel-size", "0"],
+    ],
 )
 def test_bad_flags_are_refused_before_anything_starts(argv: list[str]) -> None:
     from scalellm.cli import main

@@ -27,7 +27,9 @@ def _run(engine: LLMEngine, prompts: list[list[int]], sampling: int | list[Sampl
     return reqs
 
 
-@pytest.mark.parametrize("family", ["llama", "llama3", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize(
+    "family", ["llama", "llama3", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe", "qwen2_moe"]
+)
 def test_tiny_families_match_transformers(tiny_model_factory, family: str, engine_device: str) -> None:  # type: ignore[no-untyped-def]
     model_dir: Path = tiny_model_factory(family)
     rng = random.Random(family)

@@ -1,0 +1,128 @@
+"""The sparse MLP of mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE).
+
+Routing follows transformers step for step, so greedy output matches it in float32:
+
+    logits = gate(x)                           [T, E]
+    probs  = softmax(logits in float32)        [T, E]
+    w, idx = topk(probs, k)                    [T, k]   (w /= w.sum() when norm_topk_prob)
+    out[t] = sum over experts e in increasing order of  w[t, e] * expert_e(x[t])
+
+The reference path (every device; the CPU path) groups the step's tokens by expert and runs
+each hit expert once over its tokens (two matmuls and SiLU-and-mul), adding the weighted rows
+back with ``index_add_``: experts in increasing order, as transformers adds them.
+
+Expert weights are stacked per layer, ``gate_up [E, 2I, H]`` and ``down [E, H, I]``; a rank of a
+tensor-parallel group holds the experts ``[first_expert, first_expert + E_local)`` only and adds
+nothing for the others (the caller all-reduces the partial sums, scalellm.models.parallel).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scalellm.models.config import ModelConfig, MoeConfig
+from scalellm.models.ops import LayerOps
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(
+        self, cfg: ModelConfig, moe: MoeConfig, ops: LayerOps, shared: nn.Module | None, experts: range
+    ) -> None:
+        super().__init__()
+        self.moe = moe
+        self.ops = ops
+        self.experts = experts
+        """The experts this module holds (all of them unless tensor-parallel)."""
+        self.gate = nn.Linear(cfg.hidden_size, moe.num_experts, bias=False)
+        inter, hidden = moe.intermediate_size, cfg.hidden_size
+        self.w_gate_up = nn.Parameter(torch.empty(len(experts), 2 * inter, hidden), requires_grad=False)
+        self.w_down = nn.Parameter(torch.empty(len(experts), hidden, inter), requires_grad=False)
+        self.shared_expert = shared
+        self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if shared is not None else None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (weights [T, k] in x's dtype, expert ids [T, k])."""
+        probs = torch.softmax(self.gate(x).float(), dim=-1)
+        weights, ids = torch.topk(probs, self.moe.top_k, dim=-1)
+        if self.moe.norm_topk_prob:
+            weights /= weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype), ids
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.route(x)
+        out = self.experts_forward(x, weights, ids)
+        if self.shared_expert is not None and self.shared_expert_gate is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
+
+    def experts_forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Group the (token, choice) pairs by expert, run each local expert over its tokens once.
+
+        ids [T, k] --flatten, stable sort--> pairs grouped by expert: | e0 ... | e1 ... | ...
+        pair p (in the flat order) is token p // k's choice p % k
+        """
+        k = self.moe.top_k
+        flat = ids.flatten()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.moe.num_experts).tolist()
+        tokens = order // k
+        pair_weights = weights.flatten()[order]
+        out = torch.zeros_like(x)
+        start = sum(counts[: self.experts.start])
+        for local, expert in enumerate(self.experts):
+            n = counts[expert]
+            if n:
+                rows = tokens[start : start + n]
+                h = self.ops.silu_mul(F.linear(x[rows], self.w_gate_up[local]))
+                h = F.linear(h, self.w_down[local]) * pair_weights[start : start + n, None]
+                out.index_add_(0, rows, h)
+            start += n
+        return out
+
+
+def expert_weight(name: str) -> tuple[str, int, str] | None:
+    """A checkpoint's per-expert weight -> (the block's prefix, expert id, which), or None.
+
+    ``layers.3.block_sparse_moe.experts.5.w1.weight`` (Mixtral: w1 gate, w3 up, w2 down) and
+    ``layers.3.mlp.experts.5.gate_proj.weight`` (Qwen) -> ("layers.3.mlp", 5, "gate")."""
+    parts = name.split(".")
+    if len(parts) < 4 or parts[-4] != "experts" or parts[-1] != "weight":
+        return None
+    which = _EXPERT_PROJ.get(parts[-2])
+    if which is None:
+        return None
+    return moe_prefix(".".join(parts[:-4])), int(parts[-3]), which
+
+
+def moe_prefix(prefix: str) -> str:
+    """Mixtral's ``block_sparse_moe`` is this model's ``mlp``."""
+    return prefix.replace("block_sparse_moe", "mlp")
+
+
+_EXPERT_PROJ = {
+    "w1": "gate",
+    "w3": "up",
+    "w2": "down",
+    "gate_proj": "gate",
+    "up_proj": "up",
+    "down_proj": "down",
+}
+
+
+def load_expert(block: SparseMoeBlock, expert: int, which: str, tensor: torch.Tensor) -> bool:
+    """Copy one expert's projection into the stacked weights; False when another rank holds it."""
+    if expert not in block.experts:
+        return False
+    local, inter = expert - block.experts.start, block.moe.intermediate_size
+    if which == "down":
+        dest = block.w_down.data[local]
+    else:
+        dest = block.w_gate_up.data[local].narrow(0, 0 if which == "gate" else inter, inter)
+    if dest.shape != tensor.shape:
+        raise ValueError(
+            f"expert {expert} {which}: checkpoint shape {tuple(tensor.shape)} != model {tuple(dest.shape)}"
+        )
+    dest.copy_(tensor)
+    return True

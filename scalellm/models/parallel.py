@@ -1,0 +1,120 @@
+"""Tensor parallelism inside the model: which slice of each weight a rank holds, and the
+collectives that join the slices (Megatron's layout, as vLLM and nano-vllm use it).
+
+    column-parallel (q/k/v, gate/up; the vocabulary of embed_tokens and lm_head):
+        W [out, in] -> rank r holds rows [r * out/N, (r + 1) * out/N)   output: a slice
+    row-parallel (o_proj, down_proj):
+        W [out, in] -> rank r holds columns [r * in/N, ...)             output: a partial sum
+
+    attention: heads split over ranks (q heads and K/V heads alike; N must divide both), so a
+               rank's KV cache holds its K/V heads only; o_proj's partial sums are all-reduced
+    MLP:       gate/up column-split, down row-split, one all-reduce
+    MoE:       experts split over ranks (N must divide their count): each rank routes every
+               token, runs its own experts, and the partial sums are all-reduced
+    embedding: a rank looks up the ids in its vocabulary slice, zeros elsewhere, all-reduced
+               (exact: one non-zero term per row)
+    lm_head:   each rank's logits for its vocabulary slice, all-gathered to [T, V] (exact)
+
+Row-parallel sums are added in a different order than one matmul adds them, so TP=N is not
+bit-identical to TP=1 (float rounding); greedy output agrees on well-separated logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scalellm.models.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """This process's place in its tensor-parallel group; ``group`` is None at size 1."""
+
+    rank: int = 0
+    size: int = 1
+    group: Any = None
+    """A ProcessGroup (gloo on CPU, NCCL on CUDA), built directly by scalellm.engine.tp_group."""
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum x over the ranks, in place."""
+        if self.size > 1:
+            self.group.allreduce([x]).wait()
+        return x
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Every rank's x, concatenated along ``dim`` in rank order ([T, n] -> [T, N * n])."""
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        self.group.allgather([parts], [x.contiguous()]).wait()
+        return torch.cat(parts, dim=dim)
+
+    def split(self, n: int) -> range:
+        """This rank's slice of n rows (n divisible by the size: check_divisible says so first)."""
+        per = n // self.size
+        return range(self.rank * per, (self.rank + 1) * per)
+
+
+SINGLE = TensorParallel()
+
+
+def check_divisible(cfg: ModelConfig, size: int) -> None:
+    """Every split dimension must divide evenly over ``size`` ranks; a clear error otherwise."""
+    dims = {
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "intermediate_size": cfg.intermediate_size,
+        "vocab_size": cfg.vocab_size,
+    }
+    if cfg.moe is not None:
+        dims["num_experts"] = cfg.moe.num_experts
+        if cfg.moe.shared_expert_intermediate_size:
+            dims["shared_expert_intermediate_size"] = cfg.moe.shared_expert_intermediate_size
+    bad = [f"{name} {value}" for name, value in dims.items() if value % size]
+    if bad:
+        raise ValueError(
+            f"tensor_parallel_size {size} must divide the model's {', '.join(bad)} "
+            "(attention and the KV cache split by heads, MLPs by rows, experts by count)"
+        )
+
+
+class VocabParallelEmbedding(nn.Module):
+    """This rank's rows [start, start + V/N) of the embedding; other ids look up zeros, and the
+    all-reduce fills them in from the rank that holds them."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel) -> None:
+        super().__init__()
+        rows = tp.split(vocab_size)
+        self.start, self.tp = rows.start, tp
+        self.weight = nn.Parameter(torch.empty(len(rows), hidden_size), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside.unsqueeze(-1), 0.0)
+        return self.tp.all_reduce(out)
+
+
+_COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "embed_tokens", "lm_head")
+_ROW = ("o_proj", "down_proj")
+
+
+def shard(name: str, tensor: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    """This rank's slice of a checkpoint tensor (experts are sliced by count, in models/moe.py;
+    norms and routers are whole on every rank)."""
+    if tp.size == 1:
+        return tensor
+    owner = name.split(".")[-2]
+    if owner in _COLUMN:
+        rows = tp.split(tensor.shape[0])
+        return tensor[rows.start : rows.stop]
+    if owner in _ROW and name.endswith(".weight"):
+        cols = tp.split(tensor.shape[1])
+        return tensor[:, cols.start : cols.stop]
+    return tensor
