@@ -3,7 +3,7 @@
     python bench/quality.py                          # demo model, the engine's dtype, all modes
     python bench/quality.py --dtype float32 --out quality.json
 
-Modes: weights none | int8, KV cache auto | int8 (all four pairs), each its own ModelRunner.
+Modes: weights none | int8 | w8a8, KV cache auto | int8 (the pairs in MODES), each its own ModelRunner.
 
 Quality, teacher-forced: each paragraph of bench/data/quality_text.txt is one sequence; its first
 ``--prefill`` tokens go in as one prefill, every later token as a decode step that reads the
@@ -45,7 +45,7 @@ from scalellm.text import Tokenizer
 from scalellm.types import SamplingParams
 
 TEXT = Path(__file__).parent / "data" / "quality_text.txt"
-MODES = (("none", "auto"), ("int8", "auto"), ("none", "int8"), ("int8", "int8"))
+MODES = (("none", "auto"), ("int8", "auto"), ("w8a8", "auto"), ("none", "int8"), ("int8", "int8"))
 
 
 @dataclass

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 
 # The engine's choices (scalellm/engine/config.py), spelled here so `scalellm` stays torch-free.
-QUANTIZATIONS = ("none", "int8", "fp8")
+QUANTIZATIONS = ("none", "int8", "w8a8", "fp8")
 KV_CACHE_DTYPES = ("auto", "int8")
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-QUANTIZATIONS = ("none", "int8", "fp8")
+QUANTIZATIONS = ("none", "int8", "w8a8", "fp8")
 """Weight formats; fp8 needs a CUDA GPU with fp8 matmuls and is refused elsewhere."""
 KV_CACHE_DTYPES = ("auto", "int8")
 
@@ -62,6 +62,10 @@ class EngineConfig:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(
                 f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"
+            )
+        if self.quantization == "w8a8" and self.torch_device().type != "cpu":
+            raise ValueError(
+                f"quantization w8a8 runs on CPU (this engine runs on {self.torch_device()}): use int8 or fp8 there"
             )
         if self.quantization == "fp8" and self.torch_device().type != "cuda":
             raise ValueError(

@@ -32,7 +32,7 @@ from scalellm.models.ops import LayerOps, TorchOps
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "paged_decode.cpp", CSRC / "fused_ops.cpp")
+SOURCES = (CSRC / "paged_decode.cpp", CSRC / "fused_ops.cpp", CSRC / "quant_ops.cpp")
 HEADERS = (CSRC / "vec512.h",)
 # -ffp-contract=off: a * b + c * d stays two roundings and a sum, as torch's separate ops compute it
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only", "-ffp-contract=off")
@@ -152,6 +152,33 @@ class CpuFusedOps:
 
     def rope_(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
         torch.ops.scalellm_cpu.rope_(x, cos, signed_sin)
+
+
+class CpuInt8Matmul:
+    """models.quant_linear.Int8Matmul: the activations quantized per row in one C++ pass
+    (csrc/quant_ops.cpp), int8 x int8 -> int32 by ``torch._int_mm`` (oneDNN, VNNI where the CPU
+    has it), the two scales and the bias applied in one more pass."""
+
+    name = "cpu-w8a8 (per-token int8 activations, torch._int_mm)"
+
+    def __call__(
+        self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        rows = x.shape[0]
+        xq = torch.empty(x.shape, dtype=torch.int8)
+        x_scales = torch.empty(rows, dtype=torch.float32)
+        torch.ops.scalellm_cpu.quantize_rows_s8(xq, x_scales, x)
+        acc = torch._int_mm(xq, qweight.t())
+        out = torch.empty(acc.shape, dtype=x.dtype)
+        torch.ops.scalellm_cpu.scale_int32(out, acc, x_scales, scales, bias)
+        return out
+
+
+def int8_matmul(device: torch.device, dtype: torch.dtype) -> CpuInt8Matmul | None:
+    """The W8A8 kernel where it applies (CPU, float32 or bfloat16, kernels built), else None."""
+    if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and available():
+        return CpuInt8Matmul()
+    return None
 
 
 def layer_ops(device: torch.device, dtype: torch.dtype) -> LayerOps:

@@ -14,7 +14,9 @@ changes, so appending to a block never re-quantizes it.
 
 Reads dequantize what attention gathers: decodes gather their blocks into a padded context (as
 attention.TorchSDPA does, at half the bytes) and attend with one SDPA call; prefill chunks attend
-their own K/V unquantized and earlier context dequantized. The C++ paged decode kernel reads only
+earlier context dequantized and their own K/V as stored (quantized and dequantized again), so a
+token attends the same values whichever chunk or step computes it: chunked prefill and
+preemption change nothing. The C++ paged decode kernel reads only
 the model's dtype, so an int8 cache always takes this path.
 """
 
@@ -107,10 +109,11 @@ class Int8KVSDPA:
     def prefill(
         self, q: torch.Tensor, new_kv: torch.Tensor, kv: torch.Tensor, span: PrefillSpan, scale: float
     ) -> torch.Tensor:
-        """One prefill chunk -> [n, Hq, D]: its own K/V as computed, earlier context dequantized."""
+        """One prefill chunk -> [n, Hq, D]: earlier context and its own K/V dequantized (as stored)."""
         query = q[span.start : span.end].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
-        chunk_k = new_kv[span.start : span.end, 0].transpose(0, 1)  # [Hkv, n, D]
-        chunk_v = new_kv[span.start : span.end, 1].transpose(0, 1)
+        own = dequantize_rows(quantize_rows(new_kv[span.start : span.end]), self.dtype)
+        chunk_k = own[:, 0].transpose(0, 1)  # [Hkv, n, D]
+        chunk_v = own[:, 1].transpose(0, 1)
         if span.context_len == 0:
             return (
                 sdpa(query, chunk_k.unsqueeze(0), chunk_v.unsqueeze(0), scale, causal=True)

@@ -1,4 +1,4 @@
-"""Weight-only int8 linear layers and embeddings, quantized at load from the checkpoint's weights.
+"""int8 linear layers and embeddings, quantized at load from the checkpoint's weights.
 
 Symmetric, one scale per output channel (per row of the weight), computed once at load:
 
@@ -14,11 +14,22 @@ Kernels (measured in bench/quant_linear.py, docs/benchmarks.md):
 
 - few rows (decode batches up to ``GEMV_ROWS``) in bfloat16/float16: ``torch._weight_int8pack_mm``,
   which streams the int8 weight once per row (a GEMV; its cost grows with the rows);
-- more rows, or float32 activations (where that kernel has no fast path): q converted to the
-  activation dtype (exact: int8 values are integers of every float type) and one matmul, the
-  scales applied to the output columns.
+- ``w8a8`` (CPU, with our kernels: ``Int8Matmul``, scalellm/engine/cpu_kernels.py): the decoder's
+  linear layers but WEIGHT_ONLY at every batch size (so a token's result never depends on what
+  else is in the batch): the activations are quantized too, per row (token), and the product is
+  int8 x int8 in int32 (``torch._int_mm``, VNNI where the CPU has it):
 
-Both compute the same ``(x @ q^T) * s``, accumulated in a different order.
+      x[t] ~= xq[t] * a[t]     a[t] = max_i |x[t, i]| / 127      (dynamic: computed per call)
+      y[t, o] = (xq[t] . q[o]) * a[t] * s[o]                       (the dot product exact in int32)
+
+  This is W8A8 (vLLM's "dynamic per-token" int8): more error than weight-only int8, faster at
+  large batches (docs/benchmarks.md has both: per layer ~1.5x bfloat16's oneDNN layer at 64 rows
+  and at one row on the 2-core EPYC, slower at 2-8 rows);
+- otherwise (no kernels, float32 activations on a GPU, ...): q converted to the activation dtype
+  (exact: int8 values are integers of every float type) and one matmul, the scales applied to the
+  output columns.
+
+The weight-only paths compute the same ``(x @ q^T) * s``, accumulated in a different order.
 """
 
 from __future__ import annotations
@@ -34,6 +45,10 @@ from scalellm.models.packed_linear import PackedLinear
 QMAX = 127
 GEMV_ROWS = 8
 """Up to this many rows the int8 GEMV kernel beats converting the weight (bench/quant_linear.py)."""
+
+Int8Matmul = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+"""(x [T, in], q int8 [out, in], s [out], bias [out] or None) -> x @ (q * s)^T + bias [T, out],
+with x quantized per row to int8 (see the module docstring)."""
 
 
 def quantize_per_channel(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,17 +87,31 @@ class QuantLinear(nn.Module):
 
 
 class Int8Linear(QuantLinear):
-    """int8 weights: ``(x @ q^T) * s`` (see the module docstring for the kernels)."""
+    """int8 weights: ``(x @ q^T) * s`` (see the module docstring for the kernels); ``int8_matmul``
+    takes every batch when given."""
+
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        bias: torch.Tensor | None,
+        int8_matmul: Int8Matmul | None = None,
+    ) -> None:
+        super().__init__(qweight, scales, bias)
+        self.int8_matmul = int8_matmul
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+    def from_linear(cls, linear: nn.Linear, int8_matmul: Int8Matmul | None = None) -> Int8Linear:
         q, s = quantize_per_channel(linear.weight, linear.weight.dtype)
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(q, s, bias)
+        return cls(q, s, bias, int8_matmul)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features)
+        if self.int8_matmul is not None:  # every batch size: a token's result never depends on the batch
+            out = self.int8_matmul(flat.contiguous(), self.qweight, self.scales, self.bias)
+            return out.view(*lead, self.out_features)
         if flat.is_cpu and flat.shape[0] <= GEMV_ROWS and flat.dtype in (torch.bfloat16, torch.float16):
             out = torch._weight_int8pack_mm(flat, self.qweight, self.scales)
         else:
@@ -138,15 +167,37 @@ def replace_weights(
     return len(quantized)
 
 
-def quantize_int8(model: nn.Module) -> int:
-    """Every linear layer and embedding of ``model`` to int8 (see replace_weights)."""
-    return replace_weights(model, lambda w: quantize_per_channel(w, w.dtype), Int8Linear)
+WEIGHT_ONLY = ("down_proj", "lm_head")
+"""Layers that stay weight-only under w8a8. down_proj: its input, silu(gate) * up, has the widest
+outlier channels; quantizing it per token cost the most perplexity (docs/benchmarks.md). lm_head:
+oneDNN's int8 GEMM lays its weight out anew on every call (28 MB for the demo model's vocabulary),
+slower than the weight-only paths from 2 rows up (bench/quant_linear.py)."""
 
 
-def quantize_weights(model: nn.Module, quantization: str) -> int:
+def quantize_int8(model: nn.Module, int8_matmul: Int8Matmul | None = None) -> int:
+    """Every linear layer and embedding of ``model`` to int8 (see replace_weights); int8_matmul:
+    the W8A8 kernel for the decoder's linear layers but WEIGHT_ONLY (None: weight-only int8)."""
+
+    def make(q: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
+        return Int8Linear(q, s, bias, int8_matmul)
+
+    count = replace_weights(model, lambda w: quantize_per_channel(w, w.dtype), make)
+    for name, module in model.named_modules():
+        if isinstance(module, Int8Linear) and name.rsplit(".", 1)[-1] in WEIGHT_ONLY:
+            module.int8_matmul = None
+    return count
+
+
+def quantize_weights(model: nn.Module, quantization: str, int8_matmul: Int8Matmul | None = None) -> int:
     """Quantize ``model`` in place to ``quantization`` (EngineConfig.quantization, not none)."""
     if quantization == "int8":
         return quantize_int8(model)
+    if quantization == "w8a8":
+        if int8_matmul is None:
+            raise ValueError(
+                "quantization w8a8 needs the CPU int8 kernels (csrc/quant_ops.cpp), which did not build"
+            )
+        return quantize_int8(model, int8_matmul)
     if quantization == "fp8":
         from scalellm.models.quant_fp8 import quantize_fp8
 

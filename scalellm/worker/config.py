@@ -118,7 +118,7 @@ def worker_options(roles: Sequence[WorkerRole]) -> tuple[Option, ...]:
         _option("--max-num-seqs", "engine.max_num_seqs", int, "running batch limit"),
         _option("--max-num-batched-tokens", "engine.max_num_batched_tokens", int, "token budget of one step"),
         _option("--num-threads", "engine.num_threads", int, "torch threads (CPU)"),
-        _option("--quantization", "engine.quantization", str, "weights: none, int8 (fp8: CUDA only)"),
+        _option("--quantization", "engine.quantization", str, "weights: none, int8, w8a8 (CPU), fp8 (CUDA)"),
         _option(
             "--kv-cache-dtype", "engine.kv_cache_dtype", str, "KV cache: auto (the model's dtype) or int8"
         ),

@@ -69,6 +69,35 @@ def test_int8_linear_equals_f_linear_over_the_dequantized_weight(
     torch.testing.assert_close(got.float(), reference, atol=tol * reference.abs().max().item(), rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_w8a8_matmul_equals_its_definition(dtype: torch.dtype, rows: int, bias: bool) -> None:
+    """The C++ row quantization, torch._int_mm and the C++ scaling compute
+    (round(x / a) . q) * a * s + b with a = max|x| / 127 per row, up to the output's rounding."""
+    from scalellm.engine.cpu_kernels import int8_matmul
+
+    matmul = int8_matmul(torch.device("cpu"), dtype)
+    if matmul is None:
+        pytest.skip("the CPU kernels did not build here")
+    gen = torch.Generator().manual_seed(rows)
+    q, s = quantize_per_channel(_weight(80, 96, 2).to(dtype), dtype)
+    b = torch.randn(80, generator=gen).to(dtype) if bias else None
+    x = (torch.randn(rows, 96, generator=gen) * 3).to(dtype)
+    x[0, 7] = 40.0  # an outlier channel sets its row's scale
+    a = x.float().abs().amax(dim=1, keepdim=True) / 127
+    xq = torch.round(x.float() / a).clamp(-127, 127)
+    reference = (xq.double() @ q.double().t()) * a.double() * s.double()
+    if b is not None:
+        reference += b.double()
+    got = matmul(x, q, s, b)
+    assert got.dtype == dtype and got.shape == (rows, 80)
+    tol = 1e-5 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(got.double(), reference, atol=tol * reference.abs().max().item(), rtol=tol)
+    # Per row: a row's result does not depend on the other rows of the batch.
+    torch.testing.assert_close(matmul(x[-1:].contiguous(), q, s, b), got[-1:], atol=0, rtol=0)
+
+
 def test_a_tied_embedding_and_lm_head_share_one_int8_copy() -> None:
     model = torch.nn.ModuleDict(
         {"embed": torch.nn.Embedding(50, 16), "head": torch.nn.Linear(16, 50, bias=False)}
@@ -150,7 +179,7 @@ def test_int8_decode_equals_sdpa_over_the_dequantized_cache() -> None:
     torch.testing.assert_close(backend.decode(q, cache, meta, 0.2), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_int8_prefill_chunk_reads_its_context_dequantized_and_itself_as_computed() -> None:
+def test_int8_prefill_chunk_reads_its_context_and_itself_as_stored() -> None:
     gen = torch.Generator().manual_seed(4)
     cache, reference = _int8_cache(gen)
     table = torch.tensor([6, 2, 9])  # 5 tokens of context, then a chunk of 4
@@ -159,8 +188,10 @@ def test_int8_prefill_chunk_reads_its_context_dequantized_and_itself_as_computed
     span = PrefillSpan(0, 4, 5, table)
     got = Int8KVSDPA(torch.float32).prefill(q, new_kv, cache, span, 0.2)
     context = reference.index_select(0, table).transpose(0, 1).reshape(2, 12, 2, 32)[:, :5]
-    keys = torch.cat((context[0], new_kv[:, 0])).transpose(0, 1).unsqueeze(0)
-    values = torch.cat((context[1], new_kv[:, 1])).transpose(0, 1).unsqueeze(0)
+    stored = dequantize_rows(quantize_rows(new_kv), torch.float32)
+    assert not torch.equal(stored, new_kv)  # the round trip is visible
+    keys = torch.cat((context[0], stored[:, 0])).transpose(0, 1).unsqueeze(0)
+    values = torch.cat((context[1], stored[:, 1])).transpose(0, 1).unsqueeze(0)
     mask = torch.arange(9).unsqueeze(0) <= torch.arange(4).unsqueeze(1) + 5
     expected = sdpa(q.transpose(0, 1).unsqueeze(0), keys, values, 0.2, mask=mask).squeeze(0).transpose(0, 1)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
@@ -180,6 +211,7 @@ def test_an_int8_cache_layout_is_refused_by_a_bfloat16_peer() -> None:
         ({"quantization": "int4"}, "quantization must be one of"),
         ({"kv_cache_dtype": "fp16"}, "kv_cache_dtype must be one of"),
         ({"quantization": "fp8", "device": "cpu"}, "fp8 needs a CUDA GPU"),
+        ({"quantization": "w8a8", "device": "cuda"}, "w8a8 runs on CPU"),
     ],
 )
 def test_compression_settings_are_validated(kwargs: dict[str, str], message: str) -> None:
@@ -214,7 +246,9 @@ def _greedy(model: Path, prompts: list[list[int]], **kwargs: object) -> tuple[li
     return [r.output_token_ids for r in reqs], [r.num_preemptions for r in reqs]
 
 
-@pytest.mark.parametrize(("quantization", "kv"), [("int8", "auto"), ("none", "int8"), ("int8", "int8")])
+@pytest.mark.parametrize(
+    ("quantization", "kv"), [("int8", "auto"), ("w8a8", "auto"), ("none", "int8"), ("int8", "int8")]
+)
 def test_engine_runs_quantized_end_to_end_and_preemption_changes_nothing(
     tiny_llama: Path, quantization: str, kv: str
 ) -> None:
