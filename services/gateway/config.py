@@ -39,6 +39,8 @@ class GatewayConfig:
     max_n: int = 16
     max_stop_strings: int = 8
     max_inflight: int = 1024
+    max_queued: int = 0
+    """Requests that wait for a slot past max_inflight, served fairly by tenant weight (0: 429 at once)."""
     route_attempts: int = 3
     prefill_fallbacks: int = 2
     colocate_below_tokens: int = 0
@@ -53,7 +55,9 @@ class GatewayConfig:
         for name in ("max_payload_bytes", "max_n", "max_inflight", "route_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_prompt_tokens", "max_total_tokens", "max_stop_strings", "prefill_fallbacks"):
+        for name in (
+            "max_prompt_tokens", "max_total_tokens", "max_stop_strings", "prefill_fallbacks", "max_queued"
+        ):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("http_port", "grpc_port"):
@@ -103,7 +107,12 @@ OPTIONS: tuple[Option, ...] = (
     _option(
         "--prefill-addr", "prefill_addrs", str, "static prefill worker [id=]host:port (repeatable)", True
     ),
-    _option("--api-keys-file", "api_keys_file", str, "file of 'KEY TENANT' lines (mode 600); enables auth"),
+    _option(
+        "--api-keys-file",
+        "api_keys_file",
+        str,
+        "'KEY TENANT [weight= max_concurrency= rpm= tpm= models=]' lines (mode 600)",
+    ),
     _option("--tls-cert", "tls_cert", str, "certificate chain (PEM): serve HTTPS and gRPC over TLS"),
     _option("--tls-key", "tls_key", str, "its private key (PEM, mode 600 or 640)"),
     _option("--max-prompt-tokens", "max_prompt_tokens", int, "longest prompt (0: context length)"),
@@ -112,6 +121,7 @@ OPTIONS: tuple[Option, ...] = (
     _option("--max-n", "max_n", int, "most choices per request (n x prompts)"),
     _option("--max-stop-strings", "max_stop_strings", int, "most stop strings per request"),
     _option("--max-inflight", "max_inflight", int, "requests in flight before 429 / RESOURCE_EXHAUSTED"),
+    _option("--max-queued", "max_queued", int, "requests waiting past --max-inflight, fair by tenant"),
     _option("--route-attempts", "route_attempts", int, "decode workers tried per sequence"),
     _option("--prefill-fallbacks", "prefill_fallbacks", int, "prefill workers passed, best first"),
     _option("--colocate-below-tokens", "colocate_below_tokens", int, "shorter prompts skip prefill workers"),

@@ -33,7 +33,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def error_response(exc: GatewayError) -> web.Response:
     return web.Response(
-        body=dumps(exc.to_openai()), status=exc.kind.http_status, content_type="application/json"
+        body=dumps(exc.to_openai()),
+        status=exc.kind.http_status,
+        content_type="application/json",
+        headers={"Retry-After": str(exc.retry_after)} if exc.retry_after else None,
     )
 
 
@@ -98,7 +101,7 @@ class HttpApi:
 
     async def _generate(self, request: web.Request, api: Api) -> web.StreamResponse:
         tenant = self.core.authenticate(request.headers.get("Authorization"))
-        with self.core.scope(api.value) as scope:
+        async with self.core.scope(api.value, tenant) as scope:
             data = parse_json_object(await request.read())
             call = parse_chat(data) if api is Api.CHAT else parse_completion(data)
             generation = await self.core.generate(call.spec, tenant, scope.received_at)

@@ -190,6 +190,11 @@ async def serve(config: GatewayConfig) -> None:
 # ---- the gRPC front end --------------------------------------------------------------------------
 
 
+def _retry_metadata(exc: GatewayError) -> tuple[tuple[str, str], ...]:
+    """A refusal's retry-after (seconds) as trailing metadata, as HTTP's Retry-After."""
+    return (("retry-after", str(exc.retry_after)),) if exc.retry_after else ()
+
+
 def _authorization(context: grpc.aio.ServicerContext) -> str | None:
     for key, value in context.invocation_metadata() or ():
         if key == "authorization":
@@ -210,7 +215,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         error: BaseException | None = None
         try:
             tenant = core.authenticate(_authorization(context))
-            with core.scope("grpc_generate") as scope:
+            async with core.scope("grpc_generate", tenant) as scope:
                 spec = spec_from_proto(request)
                 generation = await core.generate(spec, tenant, scope.received_at, context.time_remaining())
                 reason = "client"  # why choices still running at the end are cancelled
@@ -225,7 +230,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     await generation.close(reason)
         except GatewayError as exc:
             error = exc
-            await context.abort(exc.kind.grpc_code, exc.message)
+            await context.abort(exc.kind.grpc_code, exc.message, _retry_metadata(exc))
         except BaseException as exc:
             error = exc
             raise
