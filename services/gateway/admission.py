@@ -163,15 +163,17 @@ class ServedModel:
     The context length is the one the workers' engines take from the same config.json, through the
     same torch-free ModelConfig (a folder the workers could not load is refused here too)."""
 
-    def __init__(self, path: Path, config: GatewayConfig) -> None:
+    def __init__(self, path: Path, config: GatewayConfig, name: str | None = None) -> None:
+        """name: the public name of a model added with --add-model (its workers register under
+        it too); None: the default model's (--served-model-name, else the folder's name)."""
         self.path = path
         self.tokenizer = Tokenizer.from_dir(path)
-        self.name = config.served_model_name or path.name
+        self.name = name or config.served_model_name or path.name
         self.context_length = ModelConfig.from_dir(path).context_length
         self.limits = TokenLimits.resolve(config, self.context_length)
         self.created = int(time.time())
         self.worker_model: str | None = (
-            None if config.worker_model == "*" else config.worker_model or self.name
+            name if name else None if config.worker_model == "*" else config.worker_model or self.name
         )
         self._token_text = lru_cache(maxsize=65536)(self._decode_one)
         self._token_bytes = lru_cache(maxsize=65536)(self._bytes_of)

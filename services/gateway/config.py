@@ -26,6 +26,8 @@ class GatewayConfig:
     model: str | None = None  # HF folder; None: the prepared demo model
     served_model_name: str | None = None  # default: the folder's name
     worker_model: str | None = None  # registry filter; None: served name; "*": any model
+    add_models: tuple[str, ...] = ()
+    """More models, NAME=PATH each: served under NAME, routed to workers registered as NAME."""
     kvstore: tuple[str, ...] = ()
     decode_addrs: tuple[str, ...] = ()
     prefill_addrs: tuple[str, ...] = ()
@@ -69,6 +71,11 @@ class GatewayConfig:
             raise ValueError(f"event_loop must be uvloop or asyncio, got {self.event_loop!r}")
         if self.kvstore and (self.decode_addrs or self.prefill_addrs):
             raise ValueError("give either --kvstore or static --decode-addr/--prefill-addr, not both")
+        if self.add_models and (self.decode_addrs or self.worker_model == "*"):
+            raise ValueError(
+                "--add-model routes by the model workers register under: it needs --kvstore, not "
+                "static --decode-addr, and no --worker-model '*'"
+            )
         if self.prefill_addrs and not self.decode_addrs:
             raise ValueError("--prefill-addr needs at least one --decode-addr")
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -102,6 +109,7 @@ OPTIONS: tuple[Option, ...] = (
     _option("--model", "model", str, "Hugging Face model folder (tokenizer, chat template, config)"),
     _option("--served-model-name", "served_model_name", str, "the model's public name"),
     _option("--worker-model", "worker_model", str, "model name workers register under ('*': any)"),
+    _option("--add-model", "add_models", str, "another model, NAME=PATH (repeatable; lazily loaded)", True),
     _option("--kvstore", "kvstore", str, "kvstore address (repeatable or comma-separated)", True),
     _option("--decode-addr", "decode_addrs", str, "static decode worker [id=]host:port (repeatable)", True),
     _option(

@@ -16,13 +16,14 @@ from types import TracebackType
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from services.gateway.admission import ApiKeys, KeyRefused, Preprocessor, ServedModel
+from services.gateway.admission import ApiKeys, KeyRefused, ServedModel
 from services.gateway.admission_queue import AdmissionQueue
 from services.gateway.config import GatewayConfig
-from services.gateway.request import ErrorKind, GatewayError, GenerationSpec
-from services.gateway.routing import Router, WorkerSource
+from services.gateway.models import ModelCatalog, ModelLane, SourceFor, parse_added
+from services.gateway.request import ErrorKind, GatewayError, GenerationRequest, GenerationSpec
+from services.gateway.routing import WorkerSet, WorkerSource
 from services.gateway.session import WorkerChannels
-from services.gateway.streaming import Dispatcher, Generation, start_generation
+from services.gateway.streaming import Generation, start_generation
 from services.gateway.tenants import ANONYMOUS, RateLimited, Tenant, TenantLimiter
 
 
@@ -111,7 +112,11 @@ class RequestScope:
 
 
 class GatewayCore:
-    """The gateway's shared request path over one served model and one worker source."""
+    """The gateway's shared request path over its models (models.py: a lane per model, the
+    default one's tokenizer loaded now, the others' on first use) and their worker sources.
+
+    ``model``, ``source``, ``router``, ``preprocessor`` and ``dispatcher`` are the default
+    model's; ``source_for`` gives the workers of an --add-model name (the registry view)."""
 
     def __init__(
         self,
@@ -120,29 +125,69 @@ class GatewayCore:
         source: WorkerSource,
         keys: ApiKeys | None = None,
         metrics: GatewayMetrics | None = None,
+        source_for: SourceFor | None = None,
     ) -> None:
         self.config = config
         self.model = model
         self.source = source
         self.keys = keys or ApiKeys.disabled()
         self.metrics = metrics or GatewayMetrics()
-        self.router = Router(
-            source,
-            prefill_fallbacks=config.prefill_fallbacks,
-            colocate_below_tokens=config.colocate_below_tokens,
-        )
         self.channels = WorkerChannels(config.security.load())
-        self.dispatcher = Dispatcher(
-            self.router, self.channels, model.tokenizer, self.metrics, config.route_attempts
-        )
-        self.preprocessor = Preprocessor(model, config)
+        parts = (self.channels, self.metrics)
+        default = ModelLane(model.name, model.path, source, config, parts, served=model)
+        self.catalog = ModelCatalog(default)
+        added = parse_added(config.add_models)
+        if added and source_for is None:
+            raise ValueError("--add-model needs the registry (--kvstore): static workers name no model")
+        for name, path in added:
+            assert source_for is not None
+            self.catalog.add(ModelLane(name, path, source_for(name), config, parts))
+        self.router = default.router
+        assert default.preprocessor is not None and default.dispatcher is not None
+        self.preprocessor, self.dispatcher = default.preprocessor, default.dispatcher
         self.in_flight = 0
         self.admission = AdmissionQueue(config.max_inflight, config.max_queued)
         self.limiter = TenantLimiter()
         self.draining = False
         self.metrics.watch_workers(
-            lambda: len(source.current().decode), lambda: len(source.current().prefill)
+            lambda: sum(len(x.decode) for x in self.worker_sets()),
+            lambda: sum(len(x.prefill) for x in self.worker_sets()),
         )
+
+    def worker_sets(self) -> tuple[WorkerSet, ...]:
+        """Every model's workers now, the default model's first."""
+        return tuple(lane.source.current() for lane in self.catalog.lanes.values())
+
+    def can_serve(self) -> bool:
+        """True while some model has a decode worker."""
+        return any(workers.decode for workers in self.worker_sets())
+
+    def lanes_for(self, tenant: Tenant) -> tuple[ModelLane, ...]:
+        """The models a tenant may use (/v1/models, ListModels)."""
+        return tuple(lane for lane in self.catalog.lanes.values() if tenant.may_use(lane.name))
+
+    def find(self, name: str | None, tenant: Tenant) -> ModelLane:
+        """A request's model; 404 model_not_found for one not served or not the tenant's to use."""
+        lane = self.catalog.find(name)
+        if not tenant.may_use(lane.name):
+            raise GatewayError(
+                ErrorKind.NOT_FOUND,
+                f"the model {name or lane.name!r} does not exist or tenant {tenant.name!r} may not use it",
+                param="model",
+                code="model_not_found",
+            )
+        return lane
+
+    async def lane(self, name: str | None, tenant: Tenant) -> tuple[ModelLane, ServedModel]:
+        """find(), with the model's tokenizer loaded."""
+        lane = self.find(name, tenant)
+        return lane, await lane.load()
+
+    def model_of(self, request: GenerationRequest) -> ServedModel:
+        """The loaded model a prepared request is for."""
+        served = self.catalog.lanes[request.model].loaded
+        assert served is not None, "a request is prepared only after its model is loaded"
+        return served
 
     def authenticate(self, authorization: str | None) -> Tenant:
         """The caller's tenant; GatewayError(UNAUTHENTICATED) when keys are on and this one is
@@ -176,8 +221,9 @@ class GatewayCore:
         self, spec: GenerationSpec, tenant: Tenant, received_at: float, timeout_s: float | None = None
     ) -> Generation:
         """Tokenize, check limits, route and open every choice; GatewayError on any failure."""
-        self._check_tenant_model(tenant, spec.model)
-        request = await self.preprocessor.prepare(spec, tenant.name, received_at)
+        lane, _ = await self.lane(spec.model, tenant)
+        assert lane.preprocessor is not None and lane.dispatcher is not None
+        request = await lane.preprocessor.prepare(spec, tenant.name, received_at)
         try:
             self.limiter.charge_tokens(tenant, request.budget_tokens)
         except RateLimited as exc:
@@ -185,21 +231,11 @@ class GatewayCore:
             raise
         request = replace(request, tenant_weight=tenant.weight)
         timeout = self.config.request_timeout_s if timeout_s is None else timeout_s
-        return await start_generation(self.dispatcher, request, timeout, self.metrics)
-
-    def _check_tenant_model(self, tenant: Tenant, name: str | None) -> None:
-        model = self.model.name if self.model.accepts(name) else name or ""
-        if not tenant.may_use(model):
-            raise GatewayError(
-                ErrorKind.NOT_FOUND,
-                f"the model {model!r} does not exist or tenant {tenant.name!r} may not use it",
-                param="model",
-                code="model_not_found",
-            )
+        return await start_generation(lane.dispatcher, request, timeout, self.metrics)
 
     def prune_channels(self) -> None:
         """Close channels to workers that left (called when the worker set changes)."""
-        self.channels.prune({w.address for w in self.source.current().decode})
+        self.channels.prune({w.address for workers in self.worker_sets() for w in workers.decode})
 
     async def close(self) -> None:
         await self.channels.close()

@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from services.gateway.core import METRICS_CONTENT_TYPE, GatewayCore
+from services.gateway.models import ModelLane
 from services.gateway.openai_convert import parse_json_object
 from services.gateway.openai_format import SSE_CONTENT_TYPE, SSE_DONE, OpenAIFormatter, dumps, sse_event
 from services.gateway.openai_parse import Api, OpenAIRequest, parse_chat, parse_completion
@@ -108,7 +109,10 @@ class HttpApi:
             reason = "client"  # why choices still running at the end are cancelled
             try:
                 formatter = OpenAIFormatter(
-                    call, generation.request, self.core.model, request.headers.get(TIMINGS_HEADER) == "1"
+                    call,
+                    generation.request,
+                    self.core.model_of(generation.request),
+                    request.headers.get(TIMINGS_HEADER) == "1",
                 )
                 if call.stream:
                     return await self._stream(request, call, generation, formatter)
@@ -159,33 +163,34 @@ class HttpApi:
 
     # -- the rest ----------------------------------------------------------------------------------
 
-    def _card(self) -> dict[str, Any]:
-        model = self.core.model
+    @staticmethod
+    def _card(lane: ModelLane) -> dict[str, Any]:
         return {
-            "id": model.name,
+            "id": lane.name,
             "object": "model",
-            "created": model.created,
+            "created": lane.created,
             "owned_by": "scalellm",
-            "max_model_len": model.limits.max_total_tokens,
+            "max_model_len": lane.limits.max_total_tokens,
         }
 
     async def models(self, request: web.Request) -> web.Response:
-        self.core.authenticate(request.headers.get("Authorization"))
-        return web.json_response({"object": "list", "data": [self._card()]}, dumps=_dumps)
+        tenant = self.core.authenticate(request.headers.get("Authorization"))
+        cards = [self._card(lane) for lane in self.core.lanes_for(tenant)]
+        return web.json_response({"object": "list", "data": cards}, dumps=_dumps)
 
     async def model(self, request: web.Request) -> web.Response:
-        self.core.authenticate(request.headers.get("Authorization"))
-        self.core.preprocessor.check_model(request.match_info["model"])
-        return web.json_response(self._card(), dumps=_dumps)
+        tenant = self.core.authenticate(request.headers.get("Authorization"))
+        lane = self.core.find(request.match_info["model"], tenant)
+        return web.json_response(self._card(lane), dumps=_dumps)
 
     async def health(self, request: web.Request) -> web.Response:
         """200 while the gateway can route to a decode worker, else 503 (for load balancers)."""
-        workers = self.core.source.current()
-        ready = bool(workers.decode) and not self.core.draining
+        sets = self.core.worker_sets()
+        ready = self.core.can_serve() and not self.core.draining
         body = {
             "status": "ok" if ready else ("draining" if self.core.draining else "no_workers"),
-            "decode_workers": len(workers.decode),
-            "prefill_workers": len(workers.prefill),
+            "decode_workers": sum(len(w.decode) for w in sets),
+            "prefill_workers": sum(len(w.prefill) for w in sets),
             "requests_in_flight": self.core.in_flight,
         }
         return web.json_response(body, status=200 if ready else 503, dumps=_dumps)
