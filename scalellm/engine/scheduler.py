@@ -8,9 +8,12 @@ Each ``schedule()`` builds one step's batch:
        of the prompt when prefilling (within both budgets); if a request needs a block and none
        is free, the running request with the lowest priority (latest arrival among equals) is
        preempted: its blocks are freed and it goes back to the waiting queue to be recomputed.
-    2. waiting requests (priority, then FCFS) while both budgets, sequence slots and blocks last:
-       blocks for the whole prompt are allocated on admission (prefix-cache hits are shared),
-       then its first chunk is scheduled. Nothing is admitted in a step that preempted.
+    2. waiting requests while both budgets, sequence slots and blocks last: blocks for the whole
+       prompt are allocated on admission (prefix-cache hits are shared), then its first chunk is
+       scheduled. Nothing is admitted in a step that preempted. Which waiting request goes next:
+       the first (priority, then FCFS) of the tenant whose turn it is, by weight
+       (scalellm.types.fairness: start-time fair queuing, one request a turn), so one tenant's
+       flood cannot hold the others back; with one tenant it is simply the first in line.
 
 Decode latency: a step costs roughly its token count, so one 2048-token prefill step stalls
 every running stream for seconds on a CPU (an inter-token latency p99 of 5 s at 64 streams,
@@ -31,6 +34,7 @@ from dataclasses import dataclass, field
 
 from scalellm.engine.block_manager import BlockManager
 from scalellm.engine.request import Request, RequestStatus
+from scalellm.types import FairShares
 
 
 def prefill_backlog_tokens(waiting: Iterable[Request], running: Iterable[Request]) -> int:
@@ -97,6 +101,7 @@ class Scheduler:
         """Requests in WAITING_FOR_REMOTE_KVS, by id."""
         self.finished: list[Request] = []
         """Finished since the last take_finished(), blocks already freed."""
+        self._shares = FairShares()
 
     # ---- admission -----------------------------------------------------------------------
 
@@ -207,13 +212,15 @@ class Scheduler:
             and not out.preempted
             and len(self.running) < self.config.max_num_seqs
         ):
-            req = self.waiting[0]
+            index = self._next_waiting()
+            req = self.waiting[index]
             if not self.blocks.allocate(req, req.num_tokens, reserve=self.config.watermark_blocks):
                 break
-            del self.waiting[0]
+            del self.waiting[index]
             req.status = RequestStatus.RUNNING
-            if req.scheduled_time is None:
+            if req.scheduled_time is None:  # first admission (a preempted one had its turn)
                 req.scheduled_time = time.monotonic()
+                self._shares.charge(req.tenant)
             self.running.append(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget, prefill_budget)
             chosen[req.request_id] = ScheduledRequest(req, n)
@@ -250,6 +257,18 @@ class Scheduler:
         return done
 
     # ---- internals -----------------------------------------------------------------------
+
+    def _next_waiting(self) -> int:
+        """Index of the waiting request to admit next: the first in line of each tenant, and of
+        those the one whose tenant's turn it is."""
+        first: dict[str, int] = {}
+        for i, req in enumerate(self.waiting):
+            first.setdefault(req.tenant.name, i)
+        if len(first) == 1:
+            return 0
+        tenant = self._shares.pick(first)
+        assert tenant is not None
+        return first[tenant]
 
     def _enqueue(self, req: Request, front: bool = False) -> None:
         keys = [r.sort_key for r in self.waiting]

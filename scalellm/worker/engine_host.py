@@ -12,7 +12,7 @@ from scalellm.engine.events import TokenEvent
 from scalellm.engine.request import Request
 from scalellm.models.prepare import resolve_model_dir
 from scalellm.registry import WorkerInfo, WorkerLoad
-from scalellm.types import SamplingParams
+from scalellm.types import DEFAULT_TENANT, SamplingParams, TenantShare
 from scalellm.worker.config import WorkerConfig
 from scalellm.worker.load_window import LoadWindow
 from scalellm.worker.metrics import WorkerMetrics
@@ -46,12 +46,13 @@ class EngineHost:
         priority: int = 0,
         *,
         prefill_only: bool = False,
+        tenant: TenantShare = DEFAULT_TENANT,
     ) -> Request:
         """The engine's make_request, off the event loop when it compiles structured output (a
         new spec takes milliseconds, the first one also loads the grammar tokenizer)."""
         if params.structured_output is None:
             return self.engine.make_request(
-                request_id, prompt_token_ids, params, priority, prefill_only=prefill_only
+                request_id, prompt_token_ids, params, priority, prefill_only=prefill_only, tenant=tenant
             )
         return await asyncio.to_thread(
             self.engine.make_request,
@@ -60,6 +61,7 @@ class EngineHost:
             params,
             priority,
             prefill_only=prefill_only,
+            tenant=tenant,
         )
 
     def stop(self) -> None:

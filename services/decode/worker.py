@@ -23,11 +23,13 @@ from scalellm.engine.events import FinishedRequest, RemoteReservation, TokenEven
 from scalellm.engine.request import Request
 from scalellm.transfer import KVLayout, TransferServer
 from scalellm.types import (
+    DEFAULT_TENANT,
     FinishReason,
     KVDestination,
     PrefillResult,
     PrefillTarget,
     SamplingParams,
+    TenantShare,
     Timings,
     TokenLogprobs,
     Usage,
@@ -131,10 +133,12 @@ class DecodeWorker:
         params: SamplingParams,
         priority: int = 0,
         targets: tuple[PrefillTarget, ...] = (),
+        *,
+        tenant: TenantShare = DEFAULT_TENANT,
     ) -> AsyncGenerator[Chunk, None]:
         if self.draining:
             raise Unavailable(f"decode worker {self.config.worker_id} is draining")
-        req = await self.host.make_request(request_id, prompt_token_ids, params, priority)
+        req = await self.host.make_request(request_id, prompt_token_ids, params, priority, tenant=tenant)
         self.in_flight += 1
         try:
             if targets:
@@ -172,7 +176,7 @@ class DecodeWorker:
                 aengine.close_stream(req)
                 await aengine.abort(req.request_id)
                 fresh = await self.host.make_request(
-                    req.request_id, req.prompt_token_ids, req.sampling_params, req.priority
+                    req.request_id, req.prompt_token_ids, req.sampling_params, req.priority, tenant=req.tenant
                 )
                 async for chunk in self._local(fresh):
                     finished = chunk.finish is not None
@@ -219,6 +223,8 @@ class DecodeWorker:
                         prompt_token_ids=req.prompt_token_ids,
                         sampling=sampling_to_proto(req.sampling_params),
                         priority=req.priority,
+                        tenant=req.tenant.name,
+                        tenant_weight=req.tenant.weight,
                         prefill_worker_id=target.worker_id,
                         destination=kv_destination_to_proto(destination),
                     ),

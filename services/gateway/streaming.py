@@ -81,6 +81,8 @@ class Dispatcher:
                 prompt_token_ids=prompt,
                 sampling=sampling,
                 priority=request.priority,
+                tenant=request.tenant,
+                tenant_weight=request.tenant_weight,
                 prefill=[
                     worker_pb2.PrefillTarget(worker_id=p.worker_id, address=p.address) for p in route.prefill
                 ],

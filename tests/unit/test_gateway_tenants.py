@@ -217,12 +217,16 @@ async def _post(session: aiohttp.ClientSession, mesh: Mesh, key: str) -> aiohttp
 async def test_limits_answer_429_with_retry_after_and_usage_is_per_tenant(
     mesh_factory: MeshFactory, tmp_path: Path
 ) -> None:
-    path = keys_file(tmp_path, "sk-a acme max_concurrency=2\nsk-b bravo tpm=40\nsk-c carol models=other\n")
+    path = keys_file(
+        tmp_path, "sk-a acme max_concurrency=2 weight=2.5\nsk-b bravo tpm=40\nsk-c carol models=other\n"
+    )
     mesh = await mesh_factory(api_keys_file=str(path), worker_kw=[{"hold_after": 1}])
     worker = mesh.workers[0]
     async with aiohttp.ClientSession() as session:
         held = [asyncio.create_task(_post(session, mesh, "sk-a")) for _ in range(2)]
         await wait_for(lambda: len(worker.requests) == 2)
+        # The worker learns whose request it is, for its own fair queue.
+        assert [(r.tenant, r.tenant_weight) for r in worker.requests] == [("acme", 2.5)] * 2
         refused = await _post(session, mesh, "sk-a")
         assert refused.status == 429 and refused.headers["Retry-After"] == "1"
         body = await refused.json()
