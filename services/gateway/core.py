@@ -1,8 +1,10 @@
 """GatewayCore: what the HTTP and gRPC front ends share: keys, admission, preprocessing, routing,
 and the gateway's metrics.
 
-A front end authenticates, opens a RequestScope (the in-flight bound and the request's metrics),
-parses its wire format into a GenerationSpec, and calls generate(); the rest is common.
+A front end authenticates (the caller's Tenant), opens a RequestScope (the tenant's limits, the
+in-flight bound with its fair queue, the request's metrics), parses its wire format into a
+GenerationSpec, and calls generate() (the request's model lane, tokenization, tpm, routing); the
+rest is common.
 """
 
 from __future__ import annotations
