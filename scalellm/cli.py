@@ -77,7 +77,13 @@ def _add_up_parser(sub: argparse._SubParsersAction) -> None:
         "gateway's --host; internal calls carry a mesh token (SCALELLM_MESH_TOKEN, else a fresh one).",
     )
     add = up.add_argument
-    add("--model", default=None, help="Hugging Face folder (default: the demo model, prepared once)")
+    add(
+        "--model",
+        action="append",
+        default=None,
+        help="Hugging Face folder (default: the demo model, prepared once); repeatable as "
+        "NAME=PATH[,prefill=N][,decode=N]: each model gets its own tiers (docs/deploy.md)",
+    )
     add("--served-model-name", default=None, help="public model name (default: the folder's name)")
     add("--prefill", type=int, default=None, help="prefill workers (default 1; 0 with --colocated)")
     add("--decode", type=int, default=1, help="decode workers (default 1)")

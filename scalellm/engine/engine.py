@@ -29,7 +29,7 @@ from scalellm.engine.request import Request, RequestStatus
 from scalellm.engine.scheduler import Scheduler, SchedulerConfig
 from scalellm.models.config import ModelConfig
 from scalellm.models.prepare import resolve_model_dir
-from scalellm.types import InvalidParameter, SamplingParams, TokenLogprobs
+from scalellm.types import DEFAULT_TENANT, InvalidParameter, SamplingParams, TenantShare, TokenLogprobs
 
 
 class LLMEngine:
@@ -81,6 +81,7 @@ class LLMEngine:
         *,
         prefill_only: bool = False,
         resume_token_ids: Sequence[int] = (),
+        tenant: TenantShare = DEFAULT_TENANT,
     ) -> Request:
         """Validate and build a request (not yet queued). A prefill-only request stops after its
         first token and keeps its blocks until ``release()`` (a prefill worker's, whose KV is
@@ -137,6 +138,7 @@ class LLMEngine:
             max_tokens=1 if prefill_only else max_tokens,
             eos_token_ids=self.eos_token_ids,
             priority=priority,
+            tenant=tenant,
             keep_blocks=prefill_only,
             grammar=grammar,
         )

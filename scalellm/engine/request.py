@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from scalellm.types import FinishReason, SamplingParams, TokenLogprobs
+from scalellm.types import DEFAULT_TENANT, FinishReason, SamplingParams, TenantShare, TokenLogprobs
 
 if TYPE_CHECKING:
     from scalellm.engine.grammar import GrammarMatcher
@@ -79,6 +79,9 @@ class Request:
     priority: int = 0
     """Lower runs first (as in vLLM); ties go to the earlier arrival."""
     arrival_time: float = field(default_factory=time.monotonic)
+    tenant: TenantShare = DEFAULT_TENANT
+    """Whose it is: the scheduler's waiting queue is fair across tenants by weight (priority and
+    arrival order within one)."""
 
     status: RequestStatus = RequestStatus.WAITING
     token_ids: list[int] = field(init=False)

@@ -8,9 +8,23 @@ Each ``schedule()`` builds one step's batch:
        of the prompt when prefilling (within both budgets); if a request needs a block and none
        is free, the running request with the lowest priority (latest arrival among equals) is
        preempted: its blocks are freed and it goes back to the waiting queue to be recomputed.
-    2. waiting requests (priority, then FCFS) while both budgets, sequence slots and blocks last:
-       blocks for the whole prompt are allocated on admission (prefix-cache hits are shared),
-       then its first chunk is scheduled. Nothing is admitted in a step that preempted.
+    2. waiting requests while both budgets, sequence slots and blocks last: blocks for the whole
+       prompt are allocated on admission (prefix-cache hits are shared), then its first chunk is
+       scheduled. Nothing is admitted in a step that preempted for memory. Which waiting request
+       goes next: the first (priority, then FCFS) of a tenant under its share of the slots
+       (step 0) if any, else of the tenant whose turn it is, by weight
+       (scalellm.types.fairness: start-time fair queuing, one request a turn), so one tenant's
+       flood cannot hold the others back; with one tenant it is simply the first in line.
+    0. (before 1) the slots are shared fairly too. A tenant's share is max_num_seqs x its weight
+       / the weights of the tenants with work here. When every slot is taken and a waiting
+       tenant runs fewer requests than its share while another runs more, the newest,
+       lowest-priority request of the tenant furthest over its share is preempted (recomputed
+       later, as under memory pressure) and in 2. a tenant under its share goes first, so the
+       freed slot is its in this step. A flood that filled the batch before another tenant
+       arrived would otherwise keep every slot until its requests end. Never with one tenant.
+
+           slots 16, flood running 16, victim arrives:  flood 16 > share 8, victim 0 < 8
+           -> preempt flood's newest, admit the victim's request now
 
 Decode latency: a step costs roughly its token count, so one 2048-token prefill step stalls
 every running stream for seconds on a CPU (an inter-token latency p99 of 5 s at 64 streams,
@@ -31,6 +45,7 @@ from dataclasses import dataclass, field
 
 from scalellm.engine.block_manager import BlockManager
 from scalellm.engine.request import Request, RequestStatus
+from scalellm.types import FairShares
 
 
 def prefill_backlog_tokens(waiting: Iterable[Request], running: Iterable[Request]) -> int:
@@ -97,6 +112,7 @@ class Scheduler:
         """Requests in WAITING_FOR_REMOTE_KVS, by id."""
         self.finished: list[Request] = []
         """Finished since the last take_finished(), blocks already freed."""
+        self._shares = FairShares()
 
     # ---- admission -----------------------------------------------------------------------
 
@@ -179,6 +195,8 @@ class Scheduler:
         prefill_budget = min(budget, self.config.prefill_tokens_with_decodes) if decoding else budget
         self.running.sort(key=lambda r: r.sort_key)
         chosen: dict[str, ScheduledRequest] = {}
+        fair = SchedulerOutput()
+        self._share_full_batch(fair)
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -207,13 +225,15 @@ class Scheduler:
             and not out.preempted
             and len(self.running) < self.config.max_num_seqs
         ):
-            req = self.waiting[0]
+            index = self._next_waiting()
+            req = self.waiting[index]
             if not self.blocks.allocate(req, req.num_tokens, reserve=self.config.watermark_blocks):
                 break
-            del self.waiting[0]
+            del self.waiting[index]
             req.status = RequestStatus.RUNNING
-            if req.scheduled_time is None:
+            if req.scheduled_time is None:  # first admission (a preempted one had its turn)
                 req.scheduled_time = time.monotonic()
+                self._shares.charge(req.tenant)
             self.running.append(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget, prefill_budget)
             chosen[req.request_id] = ScheduledRequest(req, n)
@@ -221,6 +241,7 @@ class Scheduler:
             prefill_budget -= n
 
         out.scheduled = list(chosen.values())
+        out.preempted[:0] = fair.preempted
         return out
 
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
@@ -250,6 +271,51 @@ class Scheduler:
         return done
 
     # ---- internals -----------------------------------------------------------------------
+
+    def _batch_shares(self) -> tuple[dict[str, int], dict[str, float]]:
+        """Running requests per tenant, and each tenant's share of the slots (max_num_seqs x its
+        weight / the weights of every tenant with work here); empty with a single tenant."""
+        running: dict[str, int] = {}
+        weights: dict[str, float] = {}
+        for req in self.running:
+            running[req.tenant.name] = running.get(req.tenant.name, 0) + 1
+            weights[req.tenant.name] = req.tenant.weight
+        for req in self.waiting:
+            weights.setdefault(req.tenant.name, req.tenant.weight)
+        if len(weights) < 2:
+            return {}, {}
+        total = sum(weights.values())
+        return running, {t: self.config.max_num_seqs * w / total for t, w in weights.items()}
+
+    def _share_full_batch(self, out: SchedulerOutput) -> None:
+        """Step 0 of schedule() (module docstring): with every slot taken and a waiting tenant
+        under its share, preempt the newest request of the tenant furthest over its own."""
+        if len(self.running) < self.config.max_num_seqs or not self.waiting:
+            return
+        running, share = self._batch_shares()
+        if not share or not any(running.get(r.tenant.name, 0) < share[r.tenant.name] for r in self.waiting):
+            return
+        over = max(running, key=lambda t: running[t] / share[t])
+        if running[over] <= share[over]:
+            return
+        victim = max((r for r in self.running if r.tenant.name == over), key=lambda r: r.sort_key)
+        self.running.remove(victim)
+        self._preempt(victim, {}, out)
+
+    def _next_waiting(self) -> int:
+        """Index of the waiting request to admit next: the first in line of each tenant; of
+        those, a tenant running fewer than its share of the slots goes before the others, and
+        among them the one whose turn it is (FairShares)."""
+        first: dict[str, int] = {}
+        for i, req in enumerate(self.waiting):
+            first.setdefault(req.tenant.name, i)
+        if len(first) == 1:
+            return 0
+        running, share = self._batch_shares()
+        under = [t for t in first if running.get(t, 0) < share[t]]
+        tenant = self._shares.pick(under or first)
+        assert tenant is not None
+        return first[tenant]
 
     def _enqueue(self, req: Request, front: bool = False) -> None:
         keys = [r.sort_key for r in self.waiting]

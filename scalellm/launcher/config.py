@@ -8,12 +8,43 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ModelTiers:
+    """A model served beside the first: `--model NAME=PATH[,prefill=N][,decode=N]`, its counts
+    resolved (the global --prefill / --decode where the per-model form says nothing)."""
+
+    name: str
+    path: str
+    prefill: int
+    decode: int
+
+    @classmethod
+    def parse(cls, text: str, prefill: int, decode: int) -> ModelTiers:
+        """``NAME=PATH`` or a bare ``PATH`` (named after its folder), then optional counts."""
+        head, *counts = text.split(",")
+        name, sep, path = head.partition("=")
+        if not sep:
+            name, path = os.path.basename(head.rstrip("/")), head
+        tiers = {"prefill": prefill, "decode": decode}
+        for item in counts:
+            key, sep, value = item.partition("=")
+            if key not in tiers or not sep or not value.isdigit():
+                raise ValueError(f"--model {text!r}: expected NAME=PATH[,prefill=N][,decode=N]")
+            tiers[key] = int(value)
+        if not name or not path:
+            raise ValueError(f"--model {text!r}: expected NAME=PATH[,prefill=N][,decode=N]")
+        return cls(name=name, path=path, **tiers)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class UpConfig:
     """One local mesh: Redis, a kvstore, prefill and decode workers and a gateway."""
 
     model: str | None = None
     """Hugging Face folder; None: the demo model (prepared once, up front)."""
     served_model_name: str | None = None
+    extra_models: tuple[ModelTiers, ...] = ()
+    """Models served beside the first, each with its own prefill and decode tiers (workers
+    `NAME-prefill-N`, `NAME-decode-N`); the gateway serves them all (--add-model)."""
     prefill: int = 1
     decode: int = 1
     colocated: bool = False
@@ -85,6 +116,17 @@ class UpConfig:
                 "(a tensor-parallel prefill worker is started with services.prefill --tensor-parallel-size)"
             )
         self._check_autoscale()
+        self._check_models()
+
+    def _check_models(self) -> None:
+        names = [m.name for m in self.extra_models]
+        if len(set(names)) != len(names) or self.served_model_name in names:
+            raise ValueError(f"each --model needs its own name, got {names}")
+        for m in self.extra_models:
+            if m.decode < 1 or (self.colocated and m.prefill) or (not self.colocated and m.prefill < 1):
+                raise ValueError(f"--model {m.name}: needs decode >= 1 and prefill >= 1 (0 with --colocated)")
+        if self.extra_models and self.autoscale:
+            raise ValueError("--autoscale plans one model: give a single --model")
 
     def _check_autoscale(self) -> None:
         if not self.autoscale and (
@@ -108,7 +150,20 @@ class UpConfig:
     @property
     def workers(self) -> int:
         """How many worker processes this mesh runs at most (cores are shared out for that many)."""
-        return self.max_prefill_workers + self.max_decode_workers
+        return (
+            self.max_prefill_workers
+            + self.max_decode_workers
+            + sum(m.prefill + m.decode for m in self.extra_models)
+        )
+
+    @property
+    def all_prefill(self) -> int:
+        """Prefill workers of every model (what the gateway must see before the mesh is up)."""
+        return self.prefill + sum(m.prefill for m in self.extra_models)
+
+    @property
+    def all_decode(self) -> int:
+        return self.decode + sum(m.decode for m in self.extra_models)
 
     def worker_threads(self, cores: int | None = None) -> int:
         """torch threads for each worker: the given number, else an even share of the cores."""
@@ -120,12 +175,17 @@ class UpConfig:
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> UpConfig:
         """Build from the `scalellm up` flags (see scalellm/cli.py)."""
-        prefill = args.prefill if args.prefill is not None else (0 if args.colocated else 1)
+        base_prefill = args.prefill if args.prefill is not None else (0 if args.colocated else 1)
+        given = args.model or []
+        specs = [ModelTiers.parse(m, base_prefill, args.decode) for m in given]
+        first = specs[0] if specs else None
+        named = bool(given) and "=" in given[0].split(",")[0]  # a bare PATH keeps today's meaning
         return cls(
-            model=args.model,
-            served_model_name=args.served_model_name,
-            prefill=prefill,
-            decode=args.decode,
+            model=first.path if first else None,
+            served_model_name=first.name if first and named else args.served_model_name,
+            extra_models=tuple(specs[1:]),
+            prefill=first.prefill if first else base_prefill,
+            decode=first.decode if first else args.decode,
             colocated=args.colocated,
             host=args.host,
             http_port=args.http_port,

@@ -117,6 +117,9 @@ class Launcher:
             model_dir = resolve_model_dir(c.model)
         except ValueError as exc:
             raise LaunchError(str(exc)) from exc
+        for model in c.extra_models:
+            if not (Path(model.path) / "config.json").is_file():
+                raise LaunchError(f"--model {model.name}: {model.path} is not a Hugging Face folder")
         if c.autoscale:  # parses the planner's flags: bad ones exit 2 before anything starts
             self._autoscaler = Autoscaler(c, c.served_model_name or model_dir.name, self.say)
         return model_dir
@@ -164,8 +167,8 @@ class Launcher:
         body = http_health(health_url) or {}
         decode, prefill = body.get("decode_workers", 0), body.get("prefill_workers", 0)
         c = self.config
-        self._seen = f"{decode}/{c.decode} decode-capable and {prefill}/{c.prefill} prefill workers"
-        return decode >= c.decode and prefill >= c.prefill
+        self._seen = f"{decode}/{c.all_decode} decode-capable and {prefill}/{c.all_prefill} prefill workers"
+        return decode >= c.all_decode and prefill >= c.all_prefill
 
     def _secured(self, spec: plan.ChildSpec) -> plan.ChildSpec:
         return dataclasses.replace(spec, env={**spec.env, **self._secrets.mesh})

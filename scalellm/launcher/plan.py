@@ -102,23 +102,33 @@ def worker_specs(
     Worker ids are `<name>-<run_id>` (e.g. decode-2-1a2b3c), unique per launcher run."""
     tiers = [("prefill", n) for n in range(1, config.prefill + 1)]
     tiers += [("decode", n) for n in range(1, config.decode + 1)]
-    return [worker_spec(config, model_dir, kvstore, run_id, tier, n, port) for tier, n in tiers]
+    specs = [worker_spec(config, model_dir, kvstore, run_id, tier, n, port) for tier, n in tiers]
+    slot = config.max_prefill_workers + config.max_decode_workers
+    for model in config.extra_models:  # NAME-prefill-N, NAME-decode-N: each model's own tiers
+        for tier, count in (("prefill", model.prefill), ("decode", model.decode)):
+            for n in range(1, count + 1):
+                spec = worker_spec(config, Path(model.path), kvstore, run_id, tier, n, port, model.name, slot)
+                specs.append(spec)
+                slot += 1
+    return specs
 
 
 def worker_spec(
     config: UpConfig, model_dir: Path, kvstore: str, run_id: str, tier: str, number: int,
-    port: Callable[[], int] = free_port,
+    port: Callable[[], int] = free_port, model_name: str | None = None, gpu_slot: int | None = None,
 ) -> ChildSpec:  # fmt: skip
-    """Worker `<tier>-<number>` (tier: prefill or decode). GPUs go round-robin over the slots of
-    the largest mesh: prefill workers first, then decode workers (`scalellm up --autoscale` adds
-    and removes workers by number, and each number keeps its GPU)."""
+    """Worker `<tier>-<number>` (tier: prefill or decode) of the first model, or
+    `<model_name>-<tier>-<number>` of another one (registered under model_name). GPUs go
+    round-robin over the slots of the largest mesh: prefill workers first, then decode workers
+    (`scalellm up --autoscale` adds and removes workers by number, and each number keeps its
+    GPU), then the other models' workers (gpu_slot)."""
     threads = str(config.worker_threads())
     module, role_name = (
         ("services.prefill", "prefill") if tier == "prefill" else ("services.decode", "decode")
     )
     if tier == "decode" and config.colocated:
         role_name = "both"
-    name = f"{tier}-{number}"
+    name = f"{model_name}-{tier}-{number}" if model_name else f"{tier}-{number}"
     metrics_port = port()
     argv = [
         "--role", role_name, "--model", str(model_dir), "--worker-id", f"{name}-{run_id}",
@@ -127,10 +137,11 @@ def worker_spec(
         "--device", config.device, "--dtype", config.dtype, "--drain-timeout", str(config.drain_timeout_s),
         "--quantization", config.quantization, "--kv-cache-dtype", config.kv_cache_dtype,
     ]  # fmt: skip
-    argv += _optional(config)
+    argv += _optional(config, model_name)
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     if config.gpus:
         slot = number - 1 if tier == "prefill" else config.max_prefill_workers + number - 1
+        slot = slot if gpu_slot is None else gpu_slot
         env["CUDA_VISIBLE_DEVICES"] = config.gpus[slot % len(config.gpus)]
     metrics = f"http://{LOOPBACK}:{metrics_port}/metrics"
     argv_all = _module(module, *argv, *config.worker_args)
@@ -154,9 +165,9 @@ def planner_spec(
     )
 
 
-def _optional(config: UpConfig) -> list[str]:
+def _optional(config: UpConfig, model_name: str | None = None) -> list[str]:
     flags = {
-        "--served-model-name": config.served_model_name,
+        "--served-model-name": model_name or config.served_model_name,
         "--num-kv-blocks": config.num_kv_blocks,
         "--kv-cache-gb": config.kv_cache_gb,
         "--max-num-seqs": config.max_num_seqs,
@@ -178,6 +189,8 @@ def gateway_spec(
     ]  # fmt: skip
     if config.served_model_name:
         argv += ["--served-model-name", config.served_model_name]
+    for model in config.extra_models:
+        argv += ["--add-model", f"{model.name}={model.path}"]
     if config.tls_cert and config.tls_key:
         argv += ["--tls-cert", config.tls_cert, "--tls-key", config.tls_key]
     return ChildSpec(

@@ -5,6 +5,7 @@
     structured.py StructuredOutput: a JSON / JSON Schema / regex / Lark constraint
     outputs.py    FinishReason, TokenLogprobs, Usage, Timings
     prefill.py    PrefillTarget, KVDestination, PrefillResult (disaggregated prefill)
+    fairness.py   TenantShare (a request's tenant and weight), FairShares (who goes next)
     proto.py      the one converter between these and the scalellm.v1 protos
 
 Torch-free: the gateway imports them. OpenAI's JSON is converted in the gateway
@@ -14,14 +15,17 @@ Torch-free: the gateway imports them. OpenAI's JSON is converted in the gateway
 from __future__ import annotations
 
 from scalellm.types.errors import InvalidParameter
+from scalellm.types.fairness import DEFAULT_TENANT, FairShares, TenantShare
 from scalellm.types.outputs import FinishReason, Timings, TokenLogprobs, Usage
 from scalellm.types.prefill import KVDestination, PrefillResult, PrefillTarget
 from scalellm.types.sampling import MAX_LOGPROBS, MAX_STOP_CHARS, SamplingParams
 from scalellm.types.structured import StructuredKind, StructuredOutput
 
 __all__ = [
+    "DEFAULT_TENANT",
     "MAX_LOGPROBS",
     "MAX_STOP_CHARS",
+    "FairShares",
     "FinishReason",
     "InvalidParameter",
     "KVDestination",
@@ -30,6 +34,7 @@ __all__ = [
     "SamplingParams",
     "StructuredKind",
     "StructuredOutput",
+    "TenantShare",
     "Timings",
     "TokenLogprobs",
     "Usage",

@@ -9,6 +9,7 @@ field (the workers' interceptor reports it as INVALID_ARGUMENT; the gateway as '
 from __future__ import annotations
 
 from scalellm.types.errors import InvalidParameter
+from scalellm.types.fairness import DEFAULT_TENANT, TenantShare
 from scalellm.types.outputs import FinishReason, Timings, TokenLogprobs, Usage
 from scalellm.types.prefill import KVDestination, PrefillResult, PrefillTarget
 from scalellm.types.sampling import SamplingParams
@@ -163,6 +164,17 @@ def timings_from_proto(msg: common_pb2.Timings) -> Timings:
 
 
 # ---- disaggregated prefill -------------------------------------------------------------------
+
+
+def tenant_from_proto(name: str, weight: float) -> TenantShare:
+    """A request's tenant fields (GenerateRequest, PrefillRequest); weight 0 (unset) is 1.
+    InvalidParameter for a negative or non-finite weight."""
+    if not name and not weight:
+        return DEFAULT_TENANT
+    try:
+        return TenantShare(name, weight or 1.0)
+    except ValueError as exc:
+        raise InvalidParameter("tenant_weight", str(exc)) from None
 
 
 def prefill_target_to_proto(target: PrefillTarget) -> worker_pb2.PrefillTarget:

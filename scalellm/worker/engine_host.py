@@ -13,7 +13,7 @@ from scalellm.engine.events import TokenEvent
 from scalellm.engine.request import Request
 from scalellm.models.prepare import resolve_model_dir
 from scalellm.registry import WorkerInfo, WorkerLoad
-from scalellm.types import SamplingParams
+from scalellm.types import DEFAULT_TENANT, SamplingParams, TenantShare
 from scalellm.worker.config import WorkerConfig
 from scalellm.worker.load_window import LoadWindow
 from scalellm.worker.metrics import WorkerMetrics
@@ -48,6 +48,7 @@ class EngineHost:
         *,
         prefill_only: bool = False,
         resume_token_ids: Sequence[int] = (),
+        tenant: TenantShare = DEFAULT_TENANT,
     ) -> Request:
         """The engine's make_request, off the event loop when it compiles structured output (a
         new spec takes milliseconds, the first one also loads the grammar tokenizer)."""
@@ -59,6 +60,7 @@ class EngineHost:
                 priority,
                 prefill_only=prefill_only,
                 resume_token_ids=resume_token_ids,
+                tenant=tenant,
             )
         return await asyncio.to_thread(
             self.engine.make_request,
@@ -68,6 +70,7 @@ class EngineHost:
             priority,
             prefill_only=prefill_only,
             resume_token_ids=resume_token_ids,
+            tenant=tenant,
         )
 
     def stop(self) -> None:

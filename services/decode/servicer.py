@@ -20,6 +20,7 @@ from scalellm.types.proto import (
     logprobs_to_proto,
     prefill_target_from_proto,
     sampling_from_proto,
+    tenant_from_proto,
     timings_to_proto,
     usage_to_proto,
 )
@@ -62,6 +63,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             request.priority,
             tuple(prefill_target_from_proto(t) for t in request.prefill),
             tuple(request.resume_token_ids),
+            tenant=tenant_from_proto(request.tenant, request.tenant_weight),
         )
         queued, request_id = self.worker.host.aengine.queued, request.request_id
         async with aclosing(coalesce(chunks, lambda: queued(request_id) > 0)) as messages:

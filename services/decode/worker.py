@@ -23,11 +23,13 @@ from scalellm.engine.events import FinishedRequest, RemoteReservation, TokenEven
 from scalellm.engine.request import Request
 from scalellm.transfer import KVLayout, TransferServer
 from scalellm.types import (
+    DEFAULT_TENANT,
     FinishReason,
     KVDestination,
     PrefillResult,
     PrefillTarget,
     SamplingParams,
+    TenantShare,
     Timings,
     TokenLogprobs,
     Usage,
@@ -134,6 +136,8 @@ class DecodeWorker:
         priority: int = 0,
         targets: tuple[PrefillTarget, ...] = (),
         resume_token_ids: tuple[int, ...] = (),
+        *,
+        tenant: TenantShare = DEFAULT_TENANT,
     ) -> AsyncGenerator[Chunk, None]:
         """The request's chunks. resume_token_ids: a migrated request's output so far (it is
         computed here with the prompt, so it never goes to a prefill worker)."""
@@ -142,7 +146,7 @@ class DecodeWorker:
         if resume_token_ids and targets:
             raise ValueError("a resumed request is computed locally: give no prefill targets")
         req = await self.host.make_request(
-            request_id, prompt_token_ids, params, priority, resume_token_ids=resume_token_ids
+            request_id, prompt_token_ids, params, priority, resume_token_ids=resume_token_ids, tenant=tenant
         )
         self.in_flight += 1
         try:
@@ -182,7 +186,7 @@ class DecodeWorker:
                 aengine.close_stream(req)
                 await aengine.abort(req.request_id)
                 fresh = await self.host.make_request(
-                    req.request_id, req.prompt_token_ids, req.sampling_params, req.priority
+                    req.request_id, req.prompt_token_ids, req.sampling_params, req.priority, tenant=req.tenant
                 )
                 async for chunk in self._local(fresh):
                     finished = chunk.finish is not None
@@ -229,6 +233,8 @@ class DecodeWorker:
                         prompt_token_ids=req.prompt_token_ids,
                         sampling=sampling_to_proto(req.sampling_params),
                         priority=req.priority,
+                        tenant=req.tenant.name,
+                        tenant_weight=req.tenant.weight,
                         prefill_worker_id=target.worker_id,
                         destination=kv_destination_to_proto(destination),
                     ),

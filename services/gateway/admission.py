@@ -3,8 +3,9 @@ turns a parsed request into a worker-ready one (tokenize, check the limits, mint
 check here runs before any worker is touched.
 
 API keys: a file of keys mapped to tenants, checked on every route but /health. File format, one
-key per line: ``KEY TENANT`` (whitespace between; TENANT defaults to "default"). Blank lines and
-lines starting with ``#`` are skipped. The file is refused when users other than its owner (and
+key per line: ``KEY TENANT [key=value ...]`` (whitespace between; TENANT defaults to "default";
+the optional fields are the tenant's weight and limits, tenants.py). Blank lines and lines
+starting with ``#`` are skipped. The file is refused when users other than its owner (and
 group) can read it, like any secret file (scalellm/security/files.py).
 
 Keys are kept only as SHA-256 digests, in a dict from digest to tenant. Is the lookup constant
@@ -47,8 +48,7 @@ from services.gateway.request import (
     PromptKind,
     invalid,
 )
-
-ANONYMOUS = "anonymous"
+from services.gateway.tenants import ANONYMOUS, Tenant, merge_fields
 
 
 class AuthFailure(enum.Enum):
@@ -69,9 +69,10 @@ class KeyRefused(GatewayError):
 
 @dataclass(frozen=True, slots=True)
 class ApiKeys:
-    """Digest of each key -> its tenant. Empty means authentication is off."""
+    """Digest of each key -> its tenant (tenants.py: its weight and limits). Empty means
+    authentication is off: every request is the one tenant ANONYMOUS."""
 
-    tenants: dict[bytes, str]
+    tenants: dict[bytes, Tenant]
 
     @classmethod
     def disabled(cls) -> ApiKeys:
@@ -81,21 +82,35 @@ class ApiKeys:
     def load(cls, path: str | Path) -> ApiKeys:
         """Read a keys file; ValueError on a malformed one or one others can read (a gateway must
         not start open by mistake)."""
-        tenants: dict[bytes, str] = {}
+        keys: dict[bytes, str] = {}
+        fields: dict[str, list[list[str]]] = {}
         text = check_private(path, "API keys file").read_text(encoding="utf-8")
         for lineno, raw in enumerate(text.splitlines(), 1):
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
             parts = line.split()
-            if len(parts) > 2:
-                raise ValueError(f"{path}:{lineno}: expected 'KEY [TENANT]', got {len(parts)} fields")
-            tenants[_digest(parts[0])] = parts[1] if len(parts) == 2 else "default"
-        if not tenants:
+            if len(parts) > 2 and "=" not in parts[1]:
+                name, extra = parts[1], parts[2:]
+            elif len(parts) == 2 and "=" not in parts[1]:
+                name, extra = parts[1], []
+            else:
+                name, extra = "default", parts[1:]
+            try:
+                Tenant.parse(name, extra)
+            except ValueError as exc:
+                raise ValueError(f"{path}:{lineno}: expected 'KEY [TENANT] [key=value ...]': {exc}") from None
+            keys[_digest(parts[0])] = name
+            fields.setdefault(name, []).append(extra)
+        if not keys:
             raise ValueError(f"{path} holds no API keys")
-        return cls(tenants)
+        try:
+            tenants = {name: merge_fields(name, lines) for name, lines in fields.items()}
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        return cls({digest: tenants[name] for digest, name in keys.items()})
 
-    def tenant(self, authorization: str | None) -> str:
+    def lookup(self, authorization: str | None) -> Tenant:
         """The tenant of an ``Authorization: Bearer KEY`` value; KeyRefused if none."""
         if not self.tenants:
             return ANONYMOUS
@@ -108,6 +123,14 @@ class ApiKeys:
         if tenant is None:
             raise KeyRefused(AuthFailure.UNKNOWN, "incorrect API key provided")
         return tenant
+
+    def tenant(self, authorization: str | None) -> str:
+        """The name of lookup()'s tenant."""
+        return self.lookup(authorization).name
+
+    def all_tenants(self) -> tuple[Tenant, ...]:
+        """Every tenant of the file, once each, by name."""
+        return tuple(sorted({t.name: t for t in self.tenants.values()}.values(), key=lambda t: t.name))
 
 
 def _digest(key: str) -> bytes:
@@ -140,15 +163,17 @@ class ServedModel:
     The context length is the one the workers' engines take from the same config.json, through the
     same torch-free ModelConfig (a folder the workers could not load is refused here too)."""
 
-    def __init__(self, path: Path, config: GatewayConfig) -> None:
+    def __init__(self, path: Path, config: GatewayConfig, name: str | None = None) -> None:
+        """name: the public name of a model added with --add-model (its workers register under
+        it too); None: the default model's (--served-model-name, else the folder's name)."""
         self.path = path
         self.tokenizer = Tokenizer.from_dir(path)
-        self.name = config.served_model_name or path.name
+        self.name = name or config.served_model_name or path.name
         self.context_length = ModelConfig.from_dir(path).context_length
         self.limits = TokenLimits.resolve(config, self.context_length)
         self.created = int(time.time())
         self.worker_model: str | None = (
-            None if config.worker_model == "*" else config.worker_model or self.name
+            name if name else None if config.worker_model == "*" else config.worker_model or self.name
         )
         self._token_text = lru_cache(maxsize=65536)(self._decode_one)
         self._token_bytes = lru_cache(maxsize=65536)(self._bytes_of)

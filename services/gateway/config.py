@@ -26,6 +26,8 @@ class GatewayConfig:
     model: str | None = None  # HF folder; None: the prepared demo model
     served_model_name: str | None = None  # default: the folder's name
     worker_model: str | None = None  # registry filter; None: served name; "*": any model
+    add_models: tuple[str, ...] = ()
+    """More models, NAME=PATH each: served under NAME, routed to workers registered as NAME."""
     kvstore: tuple[str, ...] = ()
     decode_addrs: tuple[str, ...] = ()
     prefill_addrs: tuple[str, ...] = ()
@@ -39,6 +41,8 @@ class GatewayConfig:
     max_n: int = 16
     max_stop_strings: int = 8
     max_inflight: int = 1024
+    max_queued: int = 0
+    """Requests that wait for a slot past max_inflight, served fairly by tenant weight (0: 429 at once)."""
     route_attempts: int = 3
     migration_limit: int = 3
     """Times one choice may move to another decode worker mid-stream (0: never)."""
@@ -61,6 +65,7 @@ class GatewayConfig:
             "max_stop_strings",
             "prefill_fallbacks",
             "migration_limit",
+            "max_queued",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -73,6 +78,11 @@ class GatewayConfig:
             raise ValueError(f"event_loop must be uvloop or asyncio, got {self.event_loop!r}")
         if self.kvstore and (self.decode_addrs or self.prefill_addrs):
             raise ValueError("give either --kvstore or static --decode-addr/--prefill-addr, not both")
+        if self.add_models and (self.decode_addrs or self.worker_model == "*"):
+            raise ValueError(
+                "--add-model routes by the model workers register under: it needs --kvstore, not "
+                "static --decode-addr, and no --worker-model '*'"
+            )
         if self.prefill_addrs and not self.decode_addrs:
             raise ValueError("--prefill-addr needs at least one --decode-addr")
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -106,12 +116,18 @@ OPTIONS: tuple[Option, ...] = (
     _option("--model", "model", str, "Hugging Face model folder (tokenizer, chat template, config)"),
     _option("--served-model-name", "served_model_name", str, "the model's public name"),
     _option("--worker-model", "worker_model", str, "model name workers register under ('*': any)"),
+    _option("--add-model", "add_models", str, "another model, NAME=PATH (repeatable; lazily loaded)", True),
     _option("--kvstore", "kvstore", str, "kvstore address (repeatable or comma-separated)", True),
     _option("--decode-addr", "decode_addrs", str, "static decode worker [id=]host:port (repeatable)", True),
     _option(
         "--prefill-addr", "prefill_addrs", str, "static prefill worker [id=]host:port (repeatable)", True
     ),
-    _option("--api-keys-file", "api_keys_file", str, "file of 'KEY TENANT' lines (mode 600); enables auth"),
+    _option(
+        "--api-keys-file",
+        "api_keys_file",
+        str,
+        "'KEY TENANT [weight= max_concurrency= rpm= tpm= models=]' lines (mode 600)",
+    ),
     _option("--tls-cert", "tls_cert", str, "certificate chain (PEM): serve HTTPS and gRPC over TLS"),
     _option("--tls-key", "tls_key", str, "its private key (PEM, mode 600 or 640)"),
     _option("--max-prompt-tokens", "max_prompt_tokens", int, "longest prompt (0: context length)"),
@@ -120,6 +136,7 @@ OPTIONS: tuple[Option, ...] = (
     _option("--max-n", "max_n", int, "most choices per request (n x prompts)"),
     _option("--max-stop-strings", "max_stop_strings", int, "most stop strings per request"),
     _option("--max-inflight", "max_inflight", int, "requests in flight before 429 / RESOURCE_EXHAUSTED"),
+    _option("--max-queued", "max_queued", int, "requests waiting past --max-inflight, fair by tenant"),
     _option("--route-attempts", "route_attempts", int, "decode workers tried per sequence"),
     _option(
         "--migration-limit", "migration_limit", int, "moves of a stream to another decode worker mid-stream"

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from scalellm import __version__
 from services.gateway.core import METRICS_CONTENT_TYPE, GatewayCore
+from services.gateway.models import ModelLane
 from services.gateway.openai_convert import parse_json_object
 from services.gateway.openai_format import SSE_CONTENT_TYPE, SSE_DONE, OpenAIFormatter, dumps, sse_event
 from services.gateway.openai_parse import (
@@ -46,7 +47,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def error_response(exc: GatewayError) -> web.Response:
     return web.Response(
-        body=dumps(exc.to_openai()), status=exc.kind.http_status, content_type="application/json"
+        body=dumps(exc.to_openai()),
+        status=exc.kind.http_status,
+        content_type="application/json",
+        headers={"Retry-After": str(exc.retry_after)} if exc.retry_after else None,
     )
 
 
@@ -115,14 +119,17 @@ class HttpApi:
 
     async def _generate(self, request: web.Request, api: Api) -> web.StreamResponse:
         tenant = self.core.authenticate(request.headers.get("Authorization"))
-        with self.core.scope(api.value) as scope:
+        async with self.core.scope(api.value, tenant) as scope:
             data = parse_json_object(await request.read())
             call = parse_chat(data) if api is Api.CHAT else parse_completion(data)
             generation = await self.core.generate(call.spec, tenant, scope.received_at)
             reason = "client"  # why choices still running at the end are cancelled
             try:
                 formatter = OpenAIFormatter(
-                    call, generation.request, self.core.model, request.headers.get(TIMINGS_HEADER) == "1"
+                    call,
+                    generation.request,
+                    self.core.model_of(generation.request),
+                    request.headers.get(TIMINGS_HEADER) == "1",
                 )
                 if call.stream:
                     return await self._stream(request, call, generation, formatter)
@@ -173,46 +180,48 @@ class HttpApi:
 
     # -- the rest ----------------------------------------------------------------------------------
 
-    def _card(self) -> dict[str, Any]:
-        model = self.core.model
+    @staticmethod
+    def _card(lane: ModelLane) -> dict[str, Any]:
         return {
-            "id": model.name,
+            "id": lane.name,
             "object": "model",
-            "created": model.created,
+            "created": lane.created,
             "owned_by": "scalellm",
-            "max_model_len": model.limits.max_total_tokens,
+            "max_model_len": lane.limits.max_total_tokens,
         }
 
     async def models(self, request: web.Request) -> web.Response:
-        self.core.authenticate(request.headers.get("Authorization"))
-        return web.json_response({"object": "list", "data": [self._card()]}, dumps=_dumps)
+        tenant = self.core.authenticate(request.headers.get("Authorization"))
+        cards = [self._card(lane) for lane in self.core.lanes_for(tenant)]
+        return web.json_response({"object": "list", "data": cards}, dumps=_dumps)
 
     async def model(self, request: web.Request) -> web.Response:
-        self.core.authenticate(request.headers.get("Authorization"))
-        self.core.preprocessor.check_model(request.match_info["model"])
-        return web.json_response(self._card(), dumps=_dumps)
+        tenant = self.core.authenticate(request.headers.get("Authorization"))
+        lane = self.core.find(request.match_info["model"], tenant)
+        return web.json_response(self._card(lane), dumps=_dumps)
 
     async def tokenize(self, request: web.Request) -> web.Response:
         """vLLM's /tokenize: the ids a generation request would send (chat template applied)."""
-        self.core.authenticate(request.headers.get("Authorization"))
+        tenant = self.core.authenticate(request.headers.get("Authorization"))
         call = parse_tokenize(parse_json_object(await request.read()))
-        self.core.preprocessor.check_model(call.model)
-        (ids,) = await self.core.preprocessor.tokenize(call.prompt)
+        lane, served = await self.core.lane(call.model or None, tenant)
+        assert lane.preprocessor is not None  # set once the model is loaded
+        (ids,) = await lane.preprocessor.tokenize(call.prompt)
         body: dict[str, Any] = {
             "count": len(ids),
-            "max_model_len": self.core.model.limits.max_total_tokens,
+            "max_model_len": served.limits.max_total_tokens,
             "tokens": list(ids),
         }
         if call.return_token_strs:
-            body["token_strs"] = [self.core.model.tokenizer.id_to_token(t) for t in ids]
+            body["token_strs"] = [served.tokenizer.id_to_token(t) for t in ids]
         return web.json_response(body, dumps=_dumps)
 
     async def detokenize(self, request: web.Request) -> web.Response:
         """vLLM's /detokenize: {tokens} -> {prompt} (special tokens kept)."""
-        self.core.authenticate(request.headers.get("Authorization"))
+        tenant = self.core.authenticate(request.headers.get("Authorization"))
         call = parse_detokenize(parse_json_object(await request.read()))
-        self.core.preprocessor.check_model(call.model)
-        tokenizer = self.core.model.tokenizer
+        _, served = await self.core.lane(call.model or None, tenant)
+        tokenizer = served.tokenizer
         bad = next((t for t in call.tokens if t >= tokenizer.vocab_size), None)
         if bad is not None:
             raise invalid(
@@ -231,12 +240,12 @@ class HttpApi:
 
     async def health(self, request: web.Request) -> web.Response:
         """200 while the gateway can route to a decode worker, else 503 (for load balancers)."""
-        workers = self.core.source.current()
-        ready = bool(workers.decode) and not self.core.draining
+        sets = self.core.worker_sets()
+        ready = self.core.can_serve() and not self.core.draining
         body = {
             "status": "ok" if ready else ("draining" if self.core.draining else "no_workers"),
-            "decode_workers": len(workers.decode),
-            "prefill_workers": len(workers.prefill),
+            "decode_workers": sum(len(w.decode) for w in sets),
+            "prefill_workers": sum(len(w.prefill) for w in sets),
             "requests_in_flight": self.core.in_flight,
         }
         return web.json_response(body, status=200 if ready else 503, dumps=_dumps)

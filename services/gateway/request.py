@@ -108,6 +108,7 @@ class GenerationRequest:
     sampling: SamplingParams
     priority: int = 0
     tenant: str = ""
+    tenant_weight: float = 1.0
     received_at: float = 0.0  # time.perf_counter() when the request arrived
 
     @property
@@ -121,6 +122,12 @@ class GenerationRequest:
     def prompt_tokens(self) -> int:
         """Prompt tokens as OpenAI counts them: each prompt once, whatever n is."""
         return sum(len(p) for p in self.prompts)
+
+    @property
+    def budget_tokens(self) -> int:
+        """The most tokens it may use (a tenant's tpm counts this): prompt tokens + max_tokens
+        for every choice."""
+        return self.prompt_tokens + (self.sampling.max_tokens or 0) * self.num_choices
 
 
 @dataclass(slots=True)
@@ -172,13 +179,21 @@ class GatewayError(Exception):
     """A failure to report to the client: a kind, a message, and the offending parameter if any."""
 
     def __init__(
-        self, kind: ErrorKind, message: str, *, param: str | None = None, code: str | None = None
+        self,
+        kind: ErrorKind,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.param = param
         self.code = code
+        self.retry_after = retry_after
+        """Seconds a client should wait before retrying (HTTP Retry-After, gRPC retry-after)."""
 
     def to_openai(self) -> dict[str, Any]:
         """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""

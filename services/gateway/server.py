@@ -35,6 +35,7 @@ from services.gateway.admission import ApiKeys, ServedModel
 from services.gateway.config import GatewayConfig
 from services.gateway.core import GatewayCore
 from services.gateway.http_app import HttpApi
+from services.gateway.models import SourceFor
 from services.gateway.request import (
     CHAT_ROLES,
     ChatMessage,
@@ -62,11 +63,17 @@ class GatewayServer:
     routable; /health says the same over HTTP. `source` and `model` may be injected by tests."""
 
     def __init__(
-        self, config: GatewayConfig, *, source: WorkerSource | None = None, model: ServedModel | None = None
+        self,
+        config: GatewayConfig,
+        *,
+        source: WorkerSource | None = None,
+        model: ServedModel | None = None,
+        source_for: SourceFor | None = None,
     ) -> None:
         self.config = config
         self._source = source
         self._model = model
+        self._source_for = source_for
         self.core: GatewayCore | None = None
         self.view: WorkerView | None = None
         self.health = health.aio.HealthServicer()
@@ -83,8 +90,12 @@ class GatewayServer:
             return StaticWorkers(c.decode_addrs, c.prefill_addrs)
         if c.kvstore:
             client = RegistryClient(c.kvstore, security=c.security.load())
-            self.view = WorkerView(client, model=model.worker_model)
-            return RegistryWorkers(self.view)
+            if not c.add_models:
+                self.view = WorkerView(client, model=model.worker_model)
+                return RegistryWorkers(self.view)
+            self.view = view = WorkerView(client)  # every model's workers; each lane filters its own
+            self._source_for = self._source_for or (lambda name: RegistryWorkers(view, name))
+            return RegistryWorkers(view, model.worker_model)
         raise ValueError("no workers to route to: give --kvstore or --decode-addr")
 
     async def start(self) -> None:
@@ -96,7 +107,7 @@ class GatewayServer:
         tls = c.tls.read() if c.tls else None  # a bad certificate or key stops the start here
         source = self._source or self._make_source(model)
         keys = ApiKeys.load(c.api_keys_file) if c.api_keys_file else ApiKeys.disabled()
-        self.core = core = GatewayCore(c, model, source, keys)
+        self.core = core = GatewayCore(c, model, source, keys, source_for=self._source_for)
         if self.view is not None:
             with contextlib.suppress(asyncio.TimeoutError):  # no registry yet: serve; the view keeps trying
                 await self.view.start(wait=True, timeout_s=FIRST_VIEW_WAIT_S)
@@ -131,7 +142,7 @@ class GatewayServer:
 
     async def _update_health(self) -> None:
         assert self.core is not None
-        status = _SERVING if self.core.router.can_serve() and not self.core.draining else _NOT_SERVING
+        status = _SERVING if self.core.can_serve() and not self.core.draining else _NOT_SERVING
         for service in ("", GATEWAY_SERVICE):
             await self.health.set(service, status)
 
@@ -140,8 +151,8 @@ class GatewayServer:
         assert self.core is not None
         last = None
         while True:
-            current = self.core.source.current()
-            if current is not last:
+            current = self.core.worker_sets()
+            if last is None or any(a is not b for a, b in zip(current, last, strict=True)):
                 last = current
                 await self._update_health()
                 self.core.prune_channels()
@@ -190,6 +201,11 @@ async def serve(config: GatewayConfig) -> None:
 # ---- the gRPC front end --------------------------------------------------------------------------
 
 
+def _retry_metadata(exc: GatewayError) -> tuple[tuple[str, str], ...]:
+    """A refusal's retry-after (seconds) as trailing metadata, as HTTP's Retry-After."""
+    return (("retry-after", str(exc.retry_after)),) if exc.retry_after else ()
+
+
 def _authorization(context: grpc.aio.ServicerContext) -> str | None:
     for key, value in context.invocation_metadata() or ():
         if key == "authorization":
@@ -210,7 +226,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         error: BaseException | None = None
         try:
             tenant = core.authenticate(_authorization(context))
-            with core.scope("grpc_generate") as scope:
+            async with core.scope("grpc_generate", tenant) as scope:
                 spec = spec_from_proto(request)
                 generation = await core.generate(spec, tenant, scope.received_at, context.time_remaining())
                 reason = "client"  # why choices still running at the end are cancelled
@@ -225,7 +241,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     await generation.close(reason)
         except GatewayError as exc:
             error = exc
-            await context.abort(exc.kind.grpc_code, exc.message)
+            await context.abort(exc.kind.grpc_code, exc.message, _retry_metadata(exc))
         except BaseException as exc:
             error = exc
             raise
@@ -237,12 +253,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> gateway_pb2.TokenizeResponse:
         core, error = self.core, None
         try:
-            core.authenticate(_authorization(context))
-            core.preprocessor.check_model(request.model or None)
-            (ids,) = await core.preprocessor.tokenize(prompt_from_proto(request))
-            return gateway_pb2.TokenizeResponse(
-                token_ids=ids, max_total_tokens=core.model.limits.max_total_tokens
-            )
+            tenant = core.authenticate(_authorization(context))
+            lane, _ = await core.lane(request.model or None, tenant)
+            assert lane.preprocessor is not None
+            (ids,) = await lane.preprocessor.tokenize(prompt_from_proto(request))
+            return gateway_pb2.TokenizeResponse(token_ids=ids, max_total_tokens=lane.limits.max_total_tokens)
         except GatewayError as exc:
             error = exc
             await context.abort(exc.kind.grpc_code, exc.message)
@@ -254,19 +269,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ListModelsResponse:
         try:
-            self.core.authenticate(_authorization(context))
+            tenant = self.core.authenticate(_authorization(context))
         except GatewayError as exc:
             self.core.record("grpc_models", exc)
             await context.abort(exc.kind.grpc_code, exc.message)
-        model = self.core.model
-        card = gateway_pb2.ModelCard(
-            id=model.name,
-            created=model.created,
-            owned_by="scalellm",
-            max_total_tokens=model.limits.max_total_tokens,
-        )
+            raise  # unreachable: abort raises
+        cards = [
+            gateway_pb2.ModelCard(
+                id=lane.name,
+                created=lane.created,
+                owned_by="scalellm",
+                max_total_tokens=lane.limits.max_total_tokens,
+            )
+            for lane in self.core.lanes_for(tenant)
+        ]
         self.core.record("grpc_models", None)
-        return gateway_pb2.ListModelsResponse(models=[card])
+        return gateway_pb2.ListModelsResponse(models=cards)
 
 
 # ---- its messages --------------------------------------------------------------------------------

@@ -112,6 +112,8 @@ class Dispatcher:
                 prompt_token_ids=prompt,
                 sampling=sampling,
                 priority=request.priority,
+                tenant=request.tenant,
+                tenant_weight=request.tenant_weight,
                 prefill=[] if resume else [
                     worker_pb2.PrefillTarget(worker_id=p.worker_id, address=p.address) for p in route.prefill
                 ],
@@ -342,6 +344,7 @@ class Generation:
         self._tasks: list[asyncio.Task[None]] = []
         metrics.ttft.observe(min(s.first_at for s in streams) - request.received_at)
         metrics.prompt_tokens.inc(request.prompt_tokens)
+        metrics.tenant_tokens.labels(request.tenant, "prompt").inc(request.prompt_tokens)
 
     @property
     def finished(self) -> bool:
@@ -383,6 +386,7 @@ class Generation:
             return
         tokens = stream.completion_tokens
         self.metrics.completion_tokens.inc(tokens)
+        self.metrics.tenant_tokens.labels(self.request.tenant, "completion").inc(tokens)
         if tokens > 1:
             self.metrics.tpot.observe((stream.last_at - stream.first_at) / (tokens - 1))
         if update.timings is not None:

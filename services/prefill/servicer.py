@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import grpc
 
-from scalellm.types.proto import kv_destination_from_proto, prefill_result_to_proto, sampling_from_proto
+from scalellm.types.proto import (
+    kv_destination_from_proto,
+    prefill_result_to_proto,
+    sampling_from_proto,
+    tenant_from_proto,
+)
 from scalellm.v1 import worker_pb2, worker_pb2_grpc
 from scalellm.worker.errors import WrongWorker
 from services.prefill.worker import PrefillWorker
@@ -29,5 +34,6 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             sampling_from_proto(request.sampling),
             request.priority,
             kv_destination_from_proto(request.destination),
+            tenant=tenant_from_proto(request.tenant, request.tenant_weight),
         )
         return prefill_result_to_proto(result)

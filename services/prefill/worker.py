@@ -18,7 +18,14 @@ import torch
 from scalellm.engine.events import TokenEvent
 from scalellm.engine.request import Request
 from scalellm.transfer import KVLayout, TransferClient
-from scalellm.types import FinishReason, KVDestination, PrefillResult, SamplingParams
+from scalellm.types import (
+    DEFAULT_TENANT,
+    FinishReason,
+    KVDestination,
+    PrefillResult,
+    SamplingParams,
+    TenantShare,
+)
 from scalellm.worker.config import WorkerConfig
 from scalellm.worker.engine_host import EngineHost
 from scalellm.worker.errors import Unavailable
@@ -60,6 +67,8 @@ class PrefillWorker:
         params: SamplingParams,
         priority: int,
         target: KVDestination,
+        *,
+        tenant: TenantShare = DEFAULT_TENANT,
     ) -> PrefillResult:
         if self.draining:
             raise Unavailable(f"prefill worker {self.config.worker_id} is draining")
@@ -67,7 +76,9 @@ class PrefillWorker:
             raise ValueError("destination.decode_worker_id and destination.transfer_endpoint are required")
         # The same request id may come from two decode workers: qualify it.
         rid = f"{target.decode_worker_id}/{request_id}/{target.transfer_id}"
-        req = await self.host.make_request(rid, prompt_token_ids, params, priority, prefill_only=True)
+        req = await self.host.make_request(
+            rid, prompt_token_ids, params, priority, prefill_only=True, tenant=tenant
+        )
         if not target.block_ids or target.skip_blocks * self.host.engine.block_size >= req.num_prompt_tokens:
             raise ValueError(
                 f"destination.block_ids is empty or skip_blocks={target.skip_blocks} skips the whole "

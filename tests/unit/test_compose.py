@@ -369,3 +369,31 @@ def test_stopping_a_worker_or_the_gateway_waits_for_its_drain(services: dict[str
         grace = services[name]["stop_grace_period"]
         assert grace.endswith("s") and float(grace[:-1]) > float(_env(services[name])[variable]), name
         assert services[name].get("init") is True, name  # tini forwards SIGTERM to the service
+
+
+def test_a_second_model_gets_its_own_tiers() -> None:
+    """compose.models.yaml: prefill2 / decode2 extend the first model's tiers with another model
+    folder and name, and the gateway serves both (each read through its own parser)."""
+    from scalellm.registry import WorkerRole
+    from scalellm.worker.config import parse_worker_args
+    from services.gateway.config import GatewayConfig
+
+    base = _load("compose.yaml")
+    extra = _load("compose.models.yaml")["services"]
+    merged = _merge(base, {"services": {"gateway": extra["gateway"]}})["services"]
+    gateway = GatewayConfig.from_args([], environ=_env(merged["gateway"]))
+    assert gateway.add_models == ("second=/models/second",) and gateway.kvstore == ("kvstore:50070",)
+    for name, role in (("prefill2", WorkerRole.PREFILL), ("decode2", WorkerRole.DECODE)):
+        service = extra[name]
+        parent = service["extends"]
+        assert parent["file"] == "compose.yaml" and parent["service"] == name.removesuffix("2")
+        assert service["depends_on"] == base["services"][parent["service"]]["depends_on"]
+        for key in ("container_name", "hostname", "ports"):
+            assert key not in service, f"{name}.{key} would stop --scale {name}=N"
+        env = {**_env(_merge(base["services"][parent["service"]], service)), "SCALELLM_ADVERTISE_HOST": "h"}
+        config = parse_worker_args([], roles=(role,), environ=env)
+        assert (config.role, config.served_model_name, config.engine.model) == (
+            role,
+            "second",
+            "/models/second",
+        )

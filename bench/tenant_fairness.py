@@ -1,0 +1,210 @@
+"""One tenant floods the mesh; how long does another tenant wait for its first token?
+
+    python -m bench.tenant_fairness [--flood 256] [--probes 12] [--max-num-seqs 16] [--out FILE]
+
+Starts `scalellm up --colocated --decode 1` on the demo model with three API keys (flood,
+victim: their own tenants; shared: a second key of the flood tenant), then measures, in one run:
+
+    idle     the victim's TTFT, its requests one after another on an idle mesh
+    fair     the same while the flood tenant keeps --flood streams open (each one re-sent as it
+             ends), the victim on its own tenant: the fair queues serve it on its turn
+    unfair   the same flood, the victim's requests sent with the flood tenant's key: one tenant,
+             FCFS behind the flood (what the mesh did before tenants had shares)
+
+and prints the medians and the ratios fair / idle and unfair / idle as JSON. TTFT is what the
+client sees: from sending the request to the first streamed text; beside it the worker's own
+account of the first token (queue: waiting in the engine for a slot, prefill). Issue 15's bar:
+fair / idle within 3x. The flood's requests are short prompts with --flood-tokens tokens each (ignore_eos).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench.serving.client import RunConfig, send
+from bench.serving.sse import SSEParser
+from bench.serving.workload import BenchRequest
+
+MODEL = "SmolLM2-135M-Instruct"
+KEYS = "sk-flood flood\nsk-shared flood\nsk-victim victim\n"
+
+
+class Mesh:
+    """`python -m scalellm up` as a child process, its output collected."""
+
+    def __init__(self, keys: Path, max_num_seqs: int) -> None:
+        argv = [
+            sys.executable, "-m", "scalellm", "up", "--colocated", "--decode", "1", "--http-port", "0",
+            "--grpc-port", "0", "--quiet", "--max-num-seqs", str(max_num_seqs), "--num-kv-blocks", "4096",
+            f"--gateway-arg=--api-keys-file={keys}", "--gateway-arg=--max-inflight=4096",
+        ]  # fmt: skip
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def base_url(self, timeout_s: float = 300.0) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            ready = [line for line in self.lines if line.startswith("mesh ready: ")]
+            if ready:
+                return ready[0].split()[2]
+            if self.proc.poll() is not None:
+                raise RuntimeError("scalellm up exited:\n" + "\n".join(self.lines[-40:]))
+            time.sleep(0.2)
+        raise RuntimeError("the mesh did not come up")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+async def probe(session: aiohttp.ClientSession, base_url: str, key: str, i: int) -> dict[str, float]:
+    """One victim request (streamed): the client's TTFT, and where the worker says the time went
+    until the first token (queue: waiting in the engine for a slot; prefill) from the timings the
+    gateway adds on request (x-scalellm-timings)."""
+    body = {
+        "model": MODEL, "prompt": f"Question {i}: what is the capital of Spain?", "max_tokens": 8,
+        "temperature": 0.0, "stream": True, "ignore_eos": True,
+    }  # fmt: skip
+    headers = {"Authorization": f"Bearer {key}", "x-scalellm-timings": "1"}
+    parser, ttft = SSEParser(), 0.0
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    async with session.post(f"{base_url}/completions", json=body, headers=headers) as response:
+        if response.status != 200:
+            raise RuntimeError(f"probe failed: HTTP {response.status} {await response.text()}")
+        async for raw in response.content.iter_any():
+            for data in parser.feed(raw):
+                if data.strip() == "[DONE]":
+                    continue
+                choice = (json.loads(data).get("choices") or [{}])[0]
+                if choice.get("text") and not ttft:
+                    ttft = time.perf_counter() - start
+                timings = choice.get("timings") or timings
+    return {"ttft": ttft, "queue": timings.get("queue", 0.0), "prefill": timings.get("prefill", 0.0)}
+
+
+async def probe_ttfts(session: aiohttp.ClientSession, base_url: str, key: str, probes: int) -> dict[str, Any]:
+    """The victim's requests, one after another: their TTFTs and worker queue times, and medians."""
+    results = [await probe(session, base_url, key, i) for i in range(probes)]
+    out: dict[str, Any] = {f"{k}_s": [r[k] for r in results] for k in ("ttft", "queue", "prefill")}
+    return out | {
+        f"{k}_p50_s": statistics.median(r[k] for r in results) for k in ("ttft", "queue", "prefill")
+    }
+
+
+async def flood(
+    session: aiohttp.ClientSession, base_url: str, streams: int, tokens: int, stop: asyncio.Event
+) -> int:
+    """Keep `streams` requests of the flood tenant open until stop; how many finished."""
+    config = RunConfig(base_url=base_url, model=MODEL, api_key="sk-flood", ignore_eos=True)
+    done = 0
+
+    async def loop(k: int) -> None:
+        nonlocal done
+        i = 0
+        while not stop.is_set():
+            await send(session, config, BenchRequest(f"Flood {k}.{i}: tell me a story about", 8, tokens))
+            done += 1
+            i += 1
+
+    tasks = [asyncio.create_task(loop(k)) for k in range(streams)]
+    await stop.wait()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return done
+
+
+async def under_flood(base_url: str, key: str, probes: int, args: argparse.Namespace) -> dict[str, Any]:
+    timeout = aiohttp.ClientTimeout(total=3600)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+        stop = asyncio.Event()
+        flooding = asyncio.create_task(flood(session, base_url, args.flood, args.flood_tokens, stop))
+        await asyncio.sleep(args.warmup_s)  # the flood's streams are all queued or running by now
+        started = time.perf_counter()
+        probed = await probe_ttfts(session, base_url, key, probes)
+        seconds = time.perf_counter() - started
+        stop.set()
+        finished = await flooding
+    return probed | {"flood_finished": finished, "seconds": seconds}
+
+
+async def measure(base_url: str, args: argparse.Namespace) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session:
+        await probe_ttfts(session, base_url, "sk-victim", 3)  # warm up
+        idle = await probe_ttfts(session, base_url, "sk-victim", args.probes)
+    fair = await under_flood(base_url, "sk-victim", args.probes, args)
+    unfair = await under_flood(base_url, "sk-shared", args.unfair_probes, args)
+    return {
+        "idle": idle,
+        "fair": fair,
+        "unfair": unfair,
+        "fair_over_idle": fair["ttft_p50_s"] / idle["ttft_p50_s"],
+        "unfair_over_idle": unfair["ttft_p50_s"] / idle["ttft_p50_s"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--flood", type=int, default=256, help="flood streams kept open")
+    parser.add_argument("--flood-tokens", type=int, default=32, help="tokens per flood request")
+    parser.add_argument("--probes", type=int, default=12, help="victim requests per phase")
+    parser.add_argument(
+        "--unfair-probes", type=int, default=3, help="victim requests behind the flood (each waits for it)"
+    )
+    parser.add_argument("--max-num-seqs", type=int, default=16, help="the worker's running batch")
+    parser.add_argument("--warmup-s", type=float, default=10.0, help="flood time before probing")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        keys = Path(tmp) / "keys"
+        keys.write_text(KEYS)
+        keys.chmod(0o600)
+        mesh = Mesh(keys, args.max_num_seqs)
+        try:
+            result = asyncio.run(measure(mesh.base_url(), args))
+        finally:
+            mesh.stop()
+    result["conditions"] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus ({platform.processor() or platform.platform()})",
+        **{k: v for k, v in vars(args).items() if k != "out"},
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        with contextlib.suppress(OSError):
+            Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
