@@ -26,6 +26,7 @@ from typing import TypeVar
 from scalellm.engine.engine import LLMEngine
 from scalellm.engine.events import EngineStats, RemoteReservation, TokenEvent
 from scalellm.engine.request import Request
+from scalellm.kvhash import BlockHashDelta
 from scalellm.types import TokenLogprobs
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,10 @@ class AsyncEngine:
         return await self._submit(
             lambda e: e.remote_kv_landed(request_id, first_token, logprobs, num_cached_tokens)
         )
+
+    async def take_block_hash_delta(self, full: bool = False) -> BlockHashDelta:
+        """LLMEngine.take_block_hash_delta, between steps."""
+        return await self._submit(lambda engine: engine.take_block_hash_delta(full))
 
     @property
     def stats(self) -> EngineStats:
