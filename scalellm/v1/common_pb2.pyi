@@ -108,7 +108,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("gateway", "queue", "prefill", "transfer", "decode", "transfer_bytes", "total", "worker_call")
+    __slots__ = ("gateway", "queue", "prefill", "transfer", "decode", "transfer_bytes", "total", "worker_call", "remote_prefill", "prompt_blocks", "routed_cached_blocks", "routed_ahead_tokens")
     GATEWAY_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
     PREFILL_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,10 @@ class Timings(_message.Message):
     TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     WORKER_CALL_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_PREFILL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    ROUTED_CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    ROUTED_AHEAD_TOKENS_FIELD_NUMBER: _ClassVar[int]
     gateway: float
     queue: float
     prefill: float
@@ -125,4 +129,8 @@ class Timings(_message.Message):
     transfer_bytes: int
     total: float
     worker_call: float
-    def __init__(self, gateway: _Optional[float] = ..., queue: _Optional[float] = ..., prefill: _Optional[float] = ..., transfer: _Optional[float] = ..., decode: _Optional[float] = ..., transfer_bytes: _Optional[int] = ..., total: _Optional[float] = ..., worker_call: _Optional[float] = ...) -> None: ...
+    remote_prefill: bool
+    prompt_blocks: int
+    routed_cached_blocks: int
+    routed_ahead_tokens: int
+    def __init__(self, gateway: _Optional[float] = ..., queue: _Optional[float] = ..., prefill: _Optional[float] = ..., transfer: _Optional[float] = ..., decode: _Optional[float] = ..., transfer_bytes: _Optional[int] = ..., total: _Optional[float] = ..., worker_call: _Optional[float] = ..., remote_prefill: _Optional[bool] = ..., prompt_blocks: _Optional[int] = ..., routed_cached_blocks: _Optional[int] = ..., routed_ahead_tokens: _Optional[int] = ...) -> None: ...
