@@ -158,18 +158,20 @@ class Route:
 
 
 class _Tally:
-    """This gateway's outstanding work on one worker, and its value when the last report came."""
+    """This gateway's outstanding work on one worker, and its value when the last report came:
+    sequences in flight, KV blocks they hold, prompt tokens sent there and not yet prefilled."""
 
-    __slots__ = ("base_blocks", "base_inflight", "blocks", "inflight", "reported_at")
+    __slots__ = ("base_blocks", "base_inflight", "base_tokens", "blocks", "inflight", "reported_at", "tokens")
 
     def __init__(self) -> None:
-        self.inflight = self.blocks = self.base_inflight = self.base_blocks = 0
+        self.inflight = self.blocks = self.tokens = 0
+        self.base_inflight = self.base_blocks = self.base_tokens = 0
         self.reported_at = 0.0
 
     def sync(self, worker: WorkerEndpoint) -> None:
         if worker.reported_at != self.reported_at:
             self.reported_at = worker.reported_at
-            self.base_inflight, self.base_blocks = self.inflight, self.blocks
+            self.base_inflight, self.base_blocks, self.base_tokens = self.inflight, self.blocks, self.tokens
 
     def load(self, worker: WorkerEndpoint) -> int:
         return max(0, worker.running + worker.waiting + self.inflight - self.base_inflight)
@@ -179,25 +181,39 @@ class _Tally:
             return None
         return worker.free_blocks - (self.blocks - self.base_blocks)
 
+    def backlog(self, worker: WorkerEndpoint) -> int:
+        """Prompt tokens waiting there: its report's backlog plus what we sent since."""
+        return worker.prefill_backlog_tokens + max(0, self.tokens - self.base_tokens)
+
 
 class RouteLease:
-    """The in-flight count a Route holds; release() once the sequence ends (idempotent)."""
+    """The in-flight count a Route holds; release() once the sequence ends (idempotent). The
+    prompt's uncached tokens count as the computing worker's backlog until prefilled()."""
 
-    __slots__ = ("_blocks", "_tallies", "route")
+    __slots__ = ("_blocks", "_tallies", "_work", "route")
 
-    def __init__(self, route: Route, tallies: list[_Tally], blocks: int) -> None:
+    def __init__(self, route: Route, tallies: list[_Tally], blocks: int, work: list[int]) -> None:
         self.route = route
         self._tallies = tallies
         self._blocks = blocks
-        for tally in tallies:
+        self._work = work
+        for tally, tokens in zip(tallies, work, strict=True):
             tally.inflight += 1
             tally.blocks += blocks
+            tally.tokens += tokens
+
+    def prefilled(self) -> None:
+        """The first token came: the prompt is no longer anyone's backlog (idempotent)."""
+        for tally, tokens in zip(self._tallies, self._work, strict=True):
+            tally.tokens -= tokens
+        self._work = [0] * len(self._tallies)
 
     def release(self) -> None:
+        self.prefilled()
         for tally in self._tallies:
             tally.inflight -= 1
             tally.blocks -= self._blocks
-        self._tallies = []
+        self._tallies, self._work = [], []
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,9 +311,8 @@ class Router:
     ) -> _Score:
         chain = hashes.of(worker.block_size)
         matched = self.prefix.matched_blocks(blocks, worker.worker_id, chain)
-        ahead = worker.prefill_backlog_tokens + self.policy.queue_weight_tokens * self._tally(worker).load(
-            worker
-        )
+        tally = self._tally(worker)
+        ahead = tally.backlog(worker) + self.policy.queue_weight_tokens * tally.load(worker)
         return _Score(worker, matched, prompt_len - matched * worker.block_size, ahead)
 
     def _route_by_prefix(
@@ -343,13 +358,16 @@ class Router:
         self.prefix.forget(live)
 
     def acquire(self, route: Route, prompt_len: int) -> RouteLease:
-        """Count a sequence against its decode worker (and first prefill worker) until released;
-        under prefix routing, note the prompt's blocks as soon to be on them."""
+        """Count a sequence against its decode worker (and first prefill worker) until released,
+        its uncached prompt tokens against the one computing it until prefilled; under prefix
+        routing, note the prompt's blocks as soon to be on them."""
         decode = route.decode
         blocks = -(-prompt_len // decode.block_size) if decode.block_size else 0
-        tallies = [self._tally(decode)]
+        uncached = max(0, prompt_len - route.cached_blocks * decode.block_size)
+        tallies, work = [self._tally(decode)], [uncached if route.local_prefill else 0]
         self.prefix.predict(decode.worker_id, route.chain)
         if route.prefill:
             tallies.append(self._tally(route.prefill[0]))
+            work.append(uncached)
             self.prefix.predict(route.prefill[0].worker_id, route.chain)
-        return RouteLease(route, tallies, blocks)
+        return RouteLease(route, tallies, blocks, work)

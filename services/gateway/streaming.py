@@ -105,6 +105,7 @@ class Dispatcher:
             if first is None:
                 lease.release()
                 raise GatewayError(ErrorKind.INTERNAL, f"decode worker {route.decode.worker_id} sent nothing")
+            lease.prefilled()
             self.metrics.observe_route(route, len(prompt))
             return ChoiceStream(
                 request,

@@ -127,3 +127,16 @@ def test_a_busy_prefill_tier_keeps_long_prompts_local_and_a_busy_decoder_sends_t
     r = router([ep("d", WorkerRole.DECODE)], prefill, blocks=index(p2=long_new))
     route = r.route(len(long_new), prompt=long_new)
     assert [p.worker_id for p in route.prefill] == ["p2", "p1"] and route.cached_blocks == 62
+
+
+def test_a_burst_of_one_prefix_spreads_until_the_first_is_prefilled() -> None:
+    # Blocks being computed help nobody yet: their tokens count as the worker's backlog until the
+    # first token comes, so simultaneous arrivals are not all piled onto one worker.
+    r = router([ep("a"), ep("b")], blocks=BlockIndex())
+    first = r.acquire(r.route(len(PROMPT), prompt=PROMPT), len(PROMPT))
+    second = r.route(len(PROMPT), prompt=PROMPT)
+    assert second.decode.worker_id != first.route.decode.worker_id and second.decode_cached_blocks == 0
+    r.acquire(second, len(PROMPT))
+    first.prefilled()
+    third = r.route(len(PROMPT), prompt=PROMPT)
+    assert third.decode.worker_id == first.route.decode.worker_id and third.decode_cached_blocks == 41

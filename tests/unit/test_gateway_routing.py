@@ -106,8 +106,8 @@ def test_prefill_workers_least_loaded_first_and_capped(mode: RoutingMode) -> Non
     r = router(decode, prefill, prefill_fallbacks=2, policy=RoutingPolicy(mode=mode))
     route = r.route(1000)
     assert [p.worker_id for p in route.prefill] == ["p0", "p1"]
-    r.acquire(route, 1000)
-    r.acquire(r.route(1000), 1000)  # p0: 0 + 1 ties p1: 1, and stays first
+    r.acquire(route, 1000).prefilled()  # its first token came: only its queue place counts now
+    r.acquire(r.route(1000), 1000).prefilled()  # p0: 0 + 1 ties p1: 1, and stays first
     assert r.inflight("p0") == 2
     assert [p.worker_id for p in r.route(1000).prefill] == ["p1", "p0"]  # p0 is now the busier
 
