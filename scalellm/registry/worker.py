@@ -138,8 +138,9 @@ class WorkerRegistration:
         return self.lease.heartbeat_interval_s if self.lease else 1.0
 
     async def _wait(self, delay: float) -> None:
-        """Sleep until the next beat is due, or less once the block set changed."""
-        if self._block_source is None:
+        """Sleep until the next beat is due, or less once the block set changed (not while the
+        registry is unreachable: the backoff decides then, and the changes wait in the pending delta)."""
+        if self._block_source is None or self._failures:
             await asyncio.sleep(delay)
             return
         loop = asyncio.get_running_loop()
