@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     add("--random-input-len", type=int, default=128)
     add("--threads-per-worker", type=int, default=1)
     add("--worker-arg", action="append", default=[], help="extra worker flag (--worker-arg=--flag=value)")
+    add("--gateway-arg", action="append", default=[], help="extra gateway flag (--gateway-arg=--flag=value)")
+    add("--routings", nargs="+", default=["prefix", "load"], choices=["prefix", "load"])
     add("--out", default=None)
     add("--logs", default="/tmp/prefix-routing-logs")
     args = p.parse_args(argv)
@@ -121,9 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     for round_ in range(args.rounds):
         for shape in args.shapes:
-            for routing in ("prefix", "load") if round_ % 2 == 0 else ("load", "prefix"):
+            for routing in args.routings if round_ % 2 == 0 else args.routings[::-1]:
                 extra = [f"--threads-per-worker={args.threads_per_worker}", f"--gateway-arg=--routing={routing}",
-                         *(f"--worker-arg={a}" for a in args.worker_arg)]  # fmt: skip
+                         *(f"--worker-arg={a}" for a in args.worker_arg),
+                         *(f"--gateway-arg={a}" for a in args.gateway_arg)]  # fmt: skip
                 system = mesh(f"{shape}-{routing}", SHAPES[shape], model, free_port(), extra)
                 started = time.strftime("%H:%M:%S")
                 load_before = os.getloadavg()[0]
