@@ -84,6 +84,8 @@ async def send(session: aiohttp.ClientSession, config: RunConfig, request: Bench
                         result.usage_reported = True
                         result.output_tokens = int(usage.get("completion_tokens") or 0)
                         result.prompt_len = int(usage.get("prompt_tokens") or request.prompt_len)
+                        details = usage.get("prompt_tokens_details") or {}
+                        result.cached_tokens = int(details.get("cached_tokens") or 0)
             result.latency = time.perf_counter() - start
             if not result.usage_reported:
                 result.output_tokens = chunks  # one token per chunk: the best guess without usage

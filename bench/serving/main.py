@@ -3,6 +3,8 @@
     scalellm bench --base-url http://127.0.0.1:8000/v1 --max-concurrency 8 --num-prompts 32 \\
         --input-len 64 --output-len 32 --ignore-eos --slo-ttft-ms 500 --slo-tpot-ms 100 --out r.json
     scalellm bench --request-rate 4 --dataset prompts.jsonl    # Poisson arrivals, JSONL prompts
+    scalellm bench --workload multi-turn --conversations 8 --turns 4 --system-len 512 \
+        --turn-len 64 --output-len 32 --ignore-eos                  # TTFT per turn, prefix hits
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from bench.serving.client import RunConfig, first_model, run
 from bench.serving.metrics import SLO, format_summary, summarize
+from bench.serving.multiturn import MultiTurnSpec, conversations, format_turns, per_turn, run_conversations
 from bench.serving.workload import BenchRequest, dataset_requests, load_tokenizer, random_requests
 
 
@@ -47,7 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("--timeout-s", type=float, default=600.0, help="per-request limit")
     add("--no-progress", action="store_true")
     add("--out", default=None, help="write config, summary and per-request rows as JSON here")
-    return p
+    add(
+        "--workload",
+        choices=("random", "multi-turn"),
+        default="random",
+        help="multi-turn: conversations growing turn by turn (bench/serving/multiturn.py)",
+    )
+    add("--conversations", type=int, default=8, help="multi-turn: conversations")
+    add("--turns", type=int, default=4, help="multi-turn: turns per conversation")
+    add("--system-prompts", type=int, default=2, help="multi-turn: system prompts the conversations share")
+    add("--system-len", type=int, default=512, help="multi-turn: tokens per system prompt")
+    add("--turn-len", type=int, default=64, help="multi-turn: tokens per user message")
+    return p  # fmt: skip
 
 
 def default_tokenizer() -> str | None:
@@ -66,6 +80,36 @@ def make_requests(args: argparse.Namespace) -> list[BenchRequest]:
     return random_requests(args.num_prompts, args.input_len, args.output_len, tokenizer, args.seed)
 
 
+async def bench_multi_turn(args: argparse.Namespace, config: RunConfig) -> dict[str, Any]:
+    spec = MultiTurnSpec(
+        conversations=args.conversations, turns=args.turns, system_prompts=args.system_prompts,
+        system_len=args.system_len, turn_len=args.turn_len, output_len=args.output_len,
+    )  # fmt: skip
+    tokenizer = load_tokenizer(args.tokenizer or default_tokenizer())
+    vocab = tokenizer.get_vocab_size() if tokenizer is not None else 32000
+    if args.warmup:  # another seed: nothing of it is in the measured conversations
+        warm = MultiTurnSpec(conversations=args.warmup, turns=1, system_len=16, turn_len=16, output_len=4)
+        await run_conversations(config, warm, conversations(warm, vocab, seed=args.seed + 999), tokenizer)
+    results, duration = await run_conversations(
+        config, spec, conversations(spec, vocab, args.seed), tokenizer
+    )
+    summary = summarize([r.result for r in results], duration)
+    turns = per_turn(results, spec.turns)
+    print(format_summary(summary, f"{config.model} @ {config.base_url}, multi-turn"))
+    print(format_turns(turns))
+    return {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": platform.node(),
+        "config": {**vars(args), "model": config.model, "request_rate": str(args.request_rate)},
+        "summary": summary.to_dict(), "turns": turns,
+        "requests": [
+            {"conversation": r.conversation, "turn": r.turn, "ok": r.result.success, "error": r.result.error,
+             "prompt_len": r.result.prompt_len, "cached_tokens": r.result.cached_tokens,
+             "output_tokens": r.result.output_tokens, "ttft": r.result.ttft, "latency": r.result.latency}
+            for r in results
+        ],
+    }  # fmt: skip
+
+
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     base_url = args.base_url.rstrip("/")
     model = args.model or await first_model(base_url, args.api_key)
@@ -75,6 +119,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         extra_body=json.loads(args.extra_body) if args.extra_body else {},
         api_key=args.api_key, timeout_s=args.timeout_s, seed=args.seed,
     )  # fmt: skip
+    if args.workload == "multi-turn":
+        return await bench_multi_turn(args, config)
     requests = make_requests(args)
     if args.warmup:
         await run(config, requests[: args.warmup], progress=False)

@@ -28,6 +28,8 @@ class RequestResult:
     latency: float = 0.0
     itl: list[float] = field(default_factory=list)
     text: str = ""
+    cached_tokens: int = 0
+    """usage.prompt_tokens_details.cached_tokens (prefix-cache hits), when the server reports it."""
 
     @property
     def tpot(self) -> float | None:
@@ -77,6 +79,7 @@ class Summary:
     duration_s: float
     total_input_tokens: int
     total_output_tokens: int
+    total_cached_tokens: int
     request_throughput: float
     output_throughput: float
     total_token_throughput: float
@@ -93,6 +96,7 @@ class Summary:
 def summarize(results: list[RequestResult], duration_s: float, slo: SLO = SLO()) -> Summary:
     ok = [r for r in results if r.success]
     inputs = sum(r.prompt_len for r in ok)
+    cached = sum(r.cached_tokens for r in ok)
     outputs = sum(r.output_tokens for r in ok)
     tpots = [t for r in ok if (t := r.tpot) is not None]
     good = sum(slo.met(r) for r in ok) / duration_s if slo.any and duration_s > 0 else None
@@ -103,6 +107,7 @@ def summarize(results: list[RequestResult], duration_s: float, slo: SLO = SLO())
         duration_s=duration_s,
         total_input_tokens=inputs,
         total_output_tokens=outputs,
+        total_cached_tokens=cached,
         request_throughput=len(ok) * per_s,
         output_throughput=outputs * per_s,
         total_token_throughput=(inputs + outputs) * per_s,
@@ -123,6 +128,7 @@ def format_summary(s: Summary, title: str = "") -> str:
         row("Benchmark duration (s):", f"{s.duration_s:.2f}"),
         row("Total input tokens:", s.total_input_tokens),
         row("Total output tokens:", s.total_output_tokens),
+        row("Prefix-cache hit rate (tokens):", f"{s.total_cached_tokens / max(1, s.total_input_tokens):.1%}"),
         row("Request throughput (req/s):", f"{s.request_throughput:.2f}"),
         row("Output token throughput (tok/s):", f"{s.output_throughput:.2f}"),
         row("Total token throughput (tok/s):", f"{s.total_token_throughput:.2f}"),

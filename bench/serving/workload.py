@@ -24,7 +24,8 @@ WORDS = tuple(_WORD_LIST.split())
 
 @dataclass(frozen=True)
 class BenchRequest:
-    prompt: str
+    prompt: str | list[int]
+    """Text, or token ids (the multi-turn workload)."""
     prompt_len: int
     """The client's own count (tokens asked for, or words); the server's usage wins when given."""
     output_len: int

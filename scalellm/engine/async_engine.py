@@ -28,6 +28,7 @@ import torch
 from scalellm.engine.engine import LLMEngine
 from scalellm.engine.events import EngineStats, RemoteReservation, TokenEvent
 from scalellm.engine.request import Request
+from scalellm.kvhash import BlockHashDelta
 from scalellm.types import TokenLogprobs
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,10 @@ class AsyncEngine:
     async def gather_kv(self, block_ids: list[int]) -> torch.Tensor:
         """LLMEngine.gather_kv between steps (a tensor-parallel prefill worker's push)."""
         return await self._submit(lambda e: e.gather_kv(block_ids))
+
+    async def take_block_hash_delta(self, full: bool = False) -> BlockHashDelta:
+        """LLMEngine.take_block_hash_delta, between steps."""
+        return await self._submit(lambda engine: engine.take_block_hash_delta(full))
 
     @property
     def stats(self) -> EngineStats:

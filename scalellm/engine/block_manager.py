@@ -15,6 +15,11 @@ recently freed first). The fresh blocks of one allocation are handed out in asce
 prompt that takes back what an earlier request freed gets consecutive ids (one contiguous span of
 the block-major cache). Free-block accounting is exact: ``num_free_blocks`` counts every block with
 no owner, cached or not.
+
+Every hash that enters or leaves the cache is noted in a BlockHashLog; ``take_hash_delta`` hands
+the changes since the last call to whoever publishes them (the worker's registry heartbeat), so a
+gateway can route a prompt to the worker that already holds its prefix. The chain itself lives
+in ``scalellm.kvhash`` (torch-free), where the gateway computes it too.
 """
 
 from __future__ import annotations
@@ -22,14 +27,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from scalellm.engine.request import Request
-
-_NO_PARENT = -1
-
-
-def hash_block(parent: int, tokens: tuple[int, ...]) -> int:
-    """Chained block hash. Hashes of int tuples do not depend on PYTHONHASHSEED, so they agree
-    across processes of the same Python version (what KV-aware routing will need)."""
-    return hash((parent, tokens))
+from scalellm.kvhash import NO_PARENT, BlockHashDelta, BlockHashLog, hash_block
 
 
 class BlockManager:
@@ -44,6 +42,7 @@ class BlockManager:
         self.cached: dict[int, int] = {}
         """hash -> block id, for computed full blocks."""
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self._hash_log = BlockHashLog()
 
     # ---- queries -------------------------------------------------------------------------
 
@@ -53,6 +52,11 @@ class BlockManager:
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def take_hash_delta(self, full: bool = False) -> BlockHashDelta:
+        """The cached hashes added and evicted since the last call; with ``full``, every cached
+        hash as a reset (and the changes so far are forgotten)."""
+        return self._hash_log.take(tuple(self.cached) if full else None)
 
     # ---- allocation ----------------------------------------------------------------------
 
@@ -104,20 +108,21 @@ class BlockManager:
         bs = self.block_size
         while len(hashes) < num_full:
             i = len(hashes)
-            parent = hashes[-1] if hashes else _NO_PARENT
+            parent = hashes[-1] if hashes else NO_PARENT
             h = hash_block(parent, tuple(req.token_ids[i * bs : (i + 1) * bs]))
             hashes.append(h)
             block = req.block_ids[i]
             if self.block_hash[block] is None and h not in self.cached:
                 self.block_hash[block] = h
                 self.cached[h] = block
+                self._hash_log.added(h)
 
     # ---- internals -----------------------------------------------------------------------
 
     def _match_prefix(self, req: Request, max_blocks: int) -> list[int]:
         hits: list[int] = []
         hashes: list[int] = []
-        parent = _NO_PARENT
+        parent = NO_PARENT
         bs = self.block_size
         for i in range(max_blocks):
             h = hash_block(parent, tuple(req.token_ids[i * bs : (i + 1) * bs]))
@@ -136,5 +141,6 @@ class BlockManager:
         if h is not None:
             del self.cached[h]
             self.block_hash[block] = None
+            self._hash_log.removed(h)
         self.ref_counts[block] = 1
         return block

@@ -27,6 +27,7 @@ from scalellm.engine.grammar import GrammarCompiler
 from scalellm.engine.model_runner import ModelRunner
 from scalellm.engine.request import Request, RequestStatus
 from scalellm.engine.scheduler import Scheduler, SchedulerConfig
+from scalellm.kvhash import BlockHashDelta
 from scalellm.models.config import ModelConfig
 from scalellm.models.prepare import resolve_model_dir
 from scalellm.types import DEFAULT_TENANT, InvalidParameter, SamplingParams, TenantShare, TokenLogprobs
@@ -236,6 +237,11 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
+
+    def take_block_hash_delta(self, full: bool = False) -> BlockHashDelta:
+        """Prefix-cache hashes added and evicted since the last call (with ``full``: all cached
+        hashes, as a reset); a worker publishes them for prefix-aware routing."""
+        return self.blocks.take_hash_delta(full)
 
     def stats(self) -> EngineStats:
         sched = self.scheduler

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from scalellm.registry.backoff import Backoff
+from scalellm.registry.block_index import BlockIndex
 from scalellm.registry.client import RegistryClient, parse_addresses
 from scalellm.registry.errors import (
     BackendUnavailable,
@@ -22,6 +23,7 @@ from scalellm.registry.errors import (
 from scalellm.registry.records import (
     EventType,
     Lease,
+    WorkerBlocks,
     WorkerEvent,
     WorkerInfo,
     WorkerLoad,
@@ -30,7 +32,7 @@ from scalellm.registry.records import (
 )
 from scalellm.registry.view import WorkerView
 from scalellm.registry.view_state import ViewSnapshot
-from scalellm.registry.worker import LoadSource, WorkerRegistration
+from scalellm.registry.worker import BlockSource, LoadSource, WorkerRegistration
 
 if TYPE_CHECKING:
     from scalellm.registry.reaper import LeaseReaper
@@ -46,6 +48,8 @@ _LAZY = {
 __all__ = [
     "BackendUnavailable",
     "Backoff",
+    "BlockIndex",
+    "BlockSource",
     "EventType",
     "InvalidRegistration",
     "Lease",
@@ -58,6 +62,7 @@ __all__ = [
     "RegistryStore",
     "RegistryUnavailable",
     "ViewSnapshot",
+    "WorkerBlocks",
     "WorkerEvent",
     "WorkerInfo",
     "WorkerLoad",

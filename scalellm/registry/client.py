@@ -7,7 +7,9 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
+from scalellm.kvhash import BlockHashDelta
 from scalellm.registry.convert import (
+    delta_to_proto,
     event_from_proto,
     info_to_proto,
     lease_from_response,
@@ -113,18 +115,26 @@ class RegistryClient:
                 self._move_past(address)
         raise RegistryUnavailable(f"{method} failed on every kvstore ({'; '.join(failures)})")
 
-    async def register(self, info: WorkerInfo, load: WorkerLoad | None = None) -> Lease:
-        """Register a worker; returns its lease."""
-        request = pb.RegisterRequest(info=info_to_proto(info), load=load_to_proto(load or WorkerLoad()))
+    async def register(
+        self, info: WorkerInfo, load: WorkerLoad | None = None, blocks: tuple[int, ...] = ()
+    ) -> Lease:
+        """Register a worker (holding the block hashes ``blocks``); returns its lease."""
+        request = pb.RegisterRequest(
+            info=info_to_proto(info),
+            load=load_to_proto(load or WorkerLoad()),
+            blocks=delta_to_proto(BlockHashDelta(blocks, (), reset=True)),
+        )
         response = await self._unary("Register", request)
         assert isinstance(response, pb.RegisterResponse)
         return lease_from_response(info.worker_id, response)
 
-    async def heartbeat(self, lease: Lease, load: WorkerLoad) -> Lease:
-        """Renew a lease and report load; LeaseUnknown means register again."""
+    async def heartbeat(self, lease: Lease, load: WorkerLoad, blocks: BlockHashDelta | None = None) -> Lease:
+        """Renew a lease, report load and block-hash changes; LeaseUnknown means register again."""
         request = pb.HeartbeatRequest(
             worker_id=lease.worker_id, lease_id=lease.lease_id, load=load_to_proto(load)
         )
+        if blocks is not None and not blocks.empty:
+            request.blocks.CopyFrom(delta_to_proto(blocks))
         response = await self._unary("Heartbeat", request)
         assert isinstance(response, pb.HeartbeatResponse)
         return Lease(

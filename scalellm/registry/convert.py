@@ -6,10 +6,12 @@ from typing import cast
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from scalellm.kvhash import BlockHashDelta, from_wire, to_wire
 from scalellm.registry.errors import InvalidRegistration
 from scalellm.registry.records import (
     EventType,
     Lease,
+    WorkerBlocks,
     WorkerEvent,
     WorkerInfo,
     WorkerLoad,
@@ -118,6 +120,22 @@ def record_from_proto(msg: pb.Worker) -> WorkerRecord:
     )
 
 
+def delta_to_proto(delta: BlockHashDelta) -> pb.BlockHashDelta:
+    """BlockHashDelta to its wire message (signed hashes to fixed64)."""
+    return pb.BlockHashDelta(
+        added=[to_wire(h) for h in delta.added],
+        removed=[to_wire(h) for h in delta.removed],
+        reset=delta.reset,
+    )
+
+
+def delta_from_proto(msg: pb.BlockHashDelta) -> BlockHashDelta:
+    """The wire message to BlockHashDelta."""
+    return BlockHashDelta(
+        tuple(from_wire(u) for u in msg.added), tuple(from_wire(u) for u in msg.removed), msg.reset
+    )
+
+
 def event_to_proto(event: WorkerEvent) -> pb.WorkerEvent:
     """WorkerEvent to its wire message."""
     msg = pb.WorkerEvent(
@@ -125,9 +143,15 @@ def event_to_proto(event: WorkerEvent) -> pb.WorkerEvent:
         worker_id=event.worker_id,
         snapshot=[record_to_proto(r) for r in event.snapshot],
         lease_ms=round(event.lease_s * 1000),
+        snapshot_blocks=[
+            pb.WorkerBlocks(worker_id=b.worker_id, hashes=[to_wire(h) for h in b.hashes])
+            for b in event.snapshot_blocks
+        ],
     )
     if event.worker is not None:
         msg.worker.CopyFrom(record_to_proto(event.worker))
+    if event.blocks is not None:
+        msg.blocks.CopyFrom(delta_to_proto(event.blocks))
     return msg
 
 
@@ -139,6 +163,10 @@ def event_from_proto(msg: pb.WorkerEvent) -> WorkerEvent:
         worker=record_from_proto(msg.worker) if msg.HasField("worker") else None,
         snapshot=tuple(record_from_proto(w) for w in msg.snapshot),
         lease_s=msg.lease_ms / 1000,
+        blocks=delta_from_proto(msg.blocks) if msg.HasField("blocks") else None,
+        snapshot_blocks=tuple(
+            WorkerBlocks(b.worker_id, tuple(from_wire(u) for u in b.hashes)) for b in msg.snapshot_blocks
+        ),
     )
 
 

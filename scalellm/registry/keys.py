@@ -2,6 +2,8 @@
 
 <ns>:v1:worker:<worker_id>   hash {lease, info, load, registered_ms} under a PEXPIREAT lease
 <ns>:v1:workers              sorted set worker_id -> lease deadline (unix ms, Redis clock)
+<ns>:v1:blocks:<worker_id>   set of the worker's cached prefix-block hashes (decimal fixed64),
+                             under the same lease deadline as its hash
 <ns>:v1:events               pub/sub channel of membership changes (see bus.py)
 """
 
@@ -31,6 +33,15 @@ class RegistryKeys:
     def worker(self, worker_id: str) -> str:
         """The hash holding one worker's registration."""
         return self.worker_prefix + worker_id
+
+    @property
+    def blocks_prefix(self) -> str:
+        """Prefix of the per-worker block-hash sets."""
+        return f"{self.prefix}:blocks:"
+
+    def blocks(self, worker_id: str) -> str:
+        """The set of block hashes one worker holds."""
+        return self.blocks_prefix + worker_id
 
     @property
     def index(self) -> str:

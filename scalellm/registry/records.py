@@ -10,6 +10,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field, replace
 
+from scalellm.kvhash import BlockHashDelta
+
 
 class WorkerRole(enum.Enum):
     """What a worker does; values are the wire enum's numbers."""
@@ -45,6 +47,7 @@ class EventType(enum.Enum):
     LEFT = 3
     EXPIRED = 4
     LOAD = 5
+    BLOCKS = 6
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -108,12 +111,22 @@ class Lease:
     heartbeat_interval_s: float
 
 
+@dataclass(frozen=True, slots=True)
+class WorkerBlocks:
+    """One worker's whole set of cached prefix-block hashes (signed, as scalellm.kvhash makes them)."""
+
+    worker_id: str
+    hashes: tuple[int, ...] = ()
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerEvent:
     """One membership event.
 
-    SNAPSHOT carries every live worker in `snapshot` and the lease length in `lease_s`; the other
-    kinds carry the worker concerned in `worker` (its last known record for LEFT and EXPIRED).
+    SNAPSHOT carries every live worker in `snapshot`, their cached block hashes in
+    `snapshot_blocks` and the lease length in `lease_s`; BLOCKS carries the change to one
+    worker's block hashes in `blocks`; the other kinds carry the worker concerned in `worker`
+    (its last known record for LEFT and EXPIRED).
     """
 
     type: EventType
@@ -121,3 +134,5 @@ class WorkerEvent:
     worker: WorkerRecord | None = None
     snapshot: tuple[WorkerRecord, ...] = ()
     lease_s: float = 0.0
+    blocks: BlockHashDelta | None = None
+    snapshot_blocks: tuple[WorkerBlocks, ...] = ()

@@ -14,9 +14,11 @@ from dataclasses import replace
 
 from google.protobuf.message import DecodeError
 
+from scalellm.kvhash import BlockHashDelta, from_wire, to_wire
 from scalellm.registry import scripts
 from scalellm.registry.backend import RedisBackend
 from scalellm.registry.convert import (
+    delta_to_proto,
     info_from_proto,
     info_to_proto,
     load_from_proto,
@@ -25,7 +27,14 @@ from scalellm.registry.convert import (
 )
 from scalellm.registry.errors import InvalidRegistration, LeaseSuperseded, LeaseUnknown
 from scalellm.registry.keys import RegistryKeys
-from scalellm.registry.records import Lease, WorkerInfo, WorkerLoad, WorkerRecord, WorkerRole
+from scalellm.registry.records import (
+    Lease,
+    WorkerBlocks,
+    WorkerInfo,
+    WorkerLoad,
+    WorkerRecord,
+    WorkerRole,
+)
 from scalellm.registry.subscription import EventSubscription
 from scalellm.registry.validation import validate_load, validate_worker_id, validate_worker_info
 from scalellm.v1 import registry_pb2 as pb
@@ -82,9 +91,13 @@ class RegistryStore:
         validate_load(load)
         return replace(load, updated_at=self._clock())
 
-    async def register(self, info: WorkerInfo, load: WorkerLoad | None = None) -> Lease:
-        """Register info (replacing a registration of the same id) and grant a fresh lease."""
+    async def register(
+        self, info: WorkerInfo, load: WorkerLoad | None = None, blocks: tuple[int, ...] = ()
+    ) -> Lease:
+        """Register info (replacing a registration of the same id) and grant a fresh lease;
+        ``blocks``: the block hashes the worker holds now (its whole set)."""
         validate_worker_info(info)
+        reset = BlockHashDelta(tuple(blocks), (), reset=True)
         record = WorkerRecord(info=info, load=self._stamped(load), registered_at=self._clock())
         lease_id = secrets.token_hex(8)
         args: list[str | int | bytes] = [
@@ -96,21 +109,38 @@ class RegistryStore:
             round(record.registered_at * 1000),
             self.keys.channel,
             record_to_proto(record).SerializeToString(),
+            delta_to_proto(reset).SerializeToString(),
+            *(to_wire(h) for h in reset.added),
         ]
+        keys = [self.keys.worker(info.worker_id), self.keys.index, self.keys.blocks(info.worker_id)]
         async with self.backend.guard():
-            await self._register(keys=[self.keys.worker(info.worker_id), self.keys.index], args=args)
+            await self._register(keys=keys, args=args)
         log.info("registered %s (%s, %s)", info.worker_id, info.role.name, info.grpc_address)
         return self._lease(info.worker_id, lease_id)
 
-    async def heartbeat(self, worker_id: str, lease_id: str, load: WorkerLoad) -> Lease:
-        """Renew the lease and record load; LeaseUnknown / LeaseSuperseded when it is not ours."""
+    async def heartbeat(
+        self, worker_id: str, lease_id: str, load: WorkerLoad, blocks: BlockHashDelta | None = None
+    ) -> Lease:
+        """Renew the lease, record load and apply the change to the worker's block hashes;
+        LeaseUnknown / LeaseSuperseded when the lease is not ours (nothing is applied then)."""
         _validate_lease_ref(worker_id, lease_id)
         payload = load_to_proto(self._stamped(load)).SerializeToString()
-        keys = [self.keys.worker(worker_id), self.keys.index]
+        keys = [self.keys.worker(worker_id), self.keys.index, self.keys.blocks(worker_id)]
+        delta = blocks if blocks is not None and not blocks.empty else BlockHashDelta()
+        args: list[str | int | bytes] = [
+            worker_id,
+            lease_id,
+            self._lease_ms,
+            payload,
+            self.keys.channel,
+            b"" if delta.empty else delta_to_proto(delta).SerializeToString(),
+            "1" if delta.reset else "0",
+            len(delta.added),
+            *(to_wire(h) for h in delta.added),
+            *(to_wire(h) for h in delta.removed),
+        ]
         async with self.backend.guard():
-            result = await self._heartbeat(
-                keys=keys, args=[worker_id, lease_id, self._lease_ms, payload, self.keys.channel]
-            )
+            result = await self._heartbeat(keys=keys, args=args)
         if result == 0:
             raise LeaseUnknown(f"lease of worker {worker_id!r} is unknown (expired or lost): register again")
         if result < 0:
@@ -120,7 +150,7 @@ class RegistryStore:
     async def deregister(self, worker_id: str, lease_id: str) -> bool:
         """Remove the registration holding lease_id; False if it is gone or was replaced."""
         _validate_lease_ref(worker_id, lease_id)
-        keys = [self.keys.worker(worker_id), self.keys.index]
+        keys = [self.keys.worker(worker_id), self.keys.index, self.keys.blocks(worker_id)]
         async with self.backend.guard():
             result = await self._deregister(keys=keys, args=[worker_id, lease_id, self.keys.channel])
         if result > 0:
@@ -143,11 +173,23 @@ class RegistryStore:
             key=lambda r: r.worker_id,
         )
 
+    async def block_sets(self, worker_ids: list[str]) -> tuple[WorkerBlocks, ...]:
+        """The block hashes each of the workers holds (one round trip)."""
+        async with self.backend.guard(), self.backend.redis.pipeline(transaction=False) as pipe:
+            for worker_id in worker_ids:
+                pipe.smembers(self.keys.blocks(worker_id))
+            members = await pipe.execute()
+        return tuple(
+            WorkerBlocks(worker_id, tuple(from_wire(int(m)) for m in found))
+            for worker_id, found in zip(worker_ids, members, strict=True)
+        )
+
     async def reap_expired(self, limit: int = 100) -> list[str]:
         """Announce EXPIRED for up to `limit` workers whose lease ran out; returns their ids."""
         async with self.backend.guard():
             ids = await self._reap(
-                keys=[self.keys.index], args=[self.keys.worker_prefix, self.keys.channel, limit]
+                keys=[self.keys.index],
+                args=[self.keys.worker_prefix, self.keys.channel, limit, self.keys.blocks_prefix],
             )
         expired = [i.decode() for i in ids]
         for worker_id in expired:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from scalellm.lifecycle import cancel_and_wait
 from scalellm.registry.backoff import Backoff
+from scalellm.registry.block_index import BlockIndex
 from scalellm.registry.client import RegistryClient
 from scalellm.registry.errors import RegistryUnavailable
 from scalellm.registry.records import EventType, WorkerEvent, WorkerRecord
@@ -23,7 +24,8 @@ class WorkerView:
     It reconnects with backoff (moving across kvstore replicas) and keeps the last view while
     disconnected. After a reconnect the fresh snapshot replaces the view, except that workers it
     lacks stay for one lease as `stale` (they may be re-registering after a Redis restart) unless
-    an event settles them first.
+    an event settles them first. ``blocks`` is the per-worker index of cached prefix-block
+    hashes carried by the same stream (the snapshot replaces it too).
     """
 
     def __init__(
@@ -39,6 +41,7 @@ class WorkerView:
         self._model = model
         self._backoff = backoff or Backoff()
         self._state = ViewState(stale_grace_s=stale_grace_s, clock=clock)
+        self.blocks = BlockIndex()
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
         self._stale_timer: asyncio.TimerHandle | None = None
@@ -90,10 +93,13 @@ class WorkerView:
 
     def apply(self, event: WorkerEvent) -> None:
         """Fold one event into the view (the watch loop calls this; tests may too)."""
+        self.blocks.apply(event)
         if self._state.apply(event):
             self._notify()
         if event.type is EventType.SNAPSHOT:
             self._schedule_stale_drop()
+        elif event.type is EventType.BLOCKS:
+            self._notify()  # the worker set is unchanged, but waiters may watch the index
 
     def get(self, worker_id: str) -> WorkerRecord | None:
         """One worker's record in the current view, or None."""

@@ -10,7 +10,8 @@ from scalellm.registry.store import RegistryStore
 
 
 class WorkerWatch:
-    """Snapshot, then JOINED / LEFT / EXPIRED / LOAD events, for one watcher.
+    """Snapshot (with every worker's block hashes), then JOINED / LEFT / EXPIRED / LOAD / BLOCKS
+    events, for one watcher.
 
     It subscribes before reading the snapshot, so nothing falls between the two; it keeps the
     watcher's view, so every event carries the worker's full record and events about workers
@@ -28,7 +29,15 @@ class WorkerWatch:
         async with self._store.subscribe() as subscription:
             records = await self._store.list_workers(self._model)
             self._known = {r.worker_id: r for r in records}
-            yield WorkerEvent(type=EventType.SNAPSHOT, snapshot=tuple(records), lease_s=self._store.lease_s)
+            # Read after subscribing: a change made meanwhile arrives again as an event, and
+            # applying set changes again, in order, leaves the same sets.
+            blocks = await self._store.block_sets([r.worker_id for r in records])
+            yield WorkerEvent(
+                type=EventType.SNAPSHOT,
+                snapshot=tuple(records),
+                lease_s=self._store.lease_s,
+                snapshot_blocks=blocks,
+            )
             async for message in subscription:
                 event = self.apply(message)
                 if event is not None:
@@ -49,6 +58,8 @@ class WorkerWatch:
             return WorkerEvent(type=EventType.LOAD, worker_id=message.worker_id, worker=record)
         if message.type in (EventType.LEFT, EventType.EXPIRED):
             return self._remove(message.worker_id, message.type)
+        if message.type is EventType.BLOCKS and message.worker_id in self._known:
+            return WorkerEvent(type=EventType.BLOCKS, worker_id=message.worker_id, blocks=message.blocks)
         return None
 
     def _remove(self, worker_id: str, kind: EventType) -> WorkerEvent | None:

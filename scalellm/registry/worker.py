@@ -7,6 +7,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 
+from scalellm.kvhash import BlockHashDelta
 from scalellm.lifecycle import cancel_and_wait
 from scalellm.registry.backoff import Backoff
 from scalellm.registry.client import RegistryClient
@@ -23,6 +24,8 @@ from scalellm.registry.validation import validate_load
 log = logging.getLogger(__name__)
 
 LoadSource = Callable[[], WorkerLoad | Awaitable[WorkerLoad]]
+BlockSource = Callable[[bool], Awaitable[BlockHashDelta]]
+"""The engine's block-hash changes since the last call (True: its whole set, as a reset)."""
 
 
 class WorkerRegistration:
@@ -32,6 +35,11 @@ class WorkerRegistration:
     heartbeat interval allows), keeping its lease; a heartbeat answered NOT_FOUND (the lease
     expired, or Redis restarted empty) makes it register again at once. A malformed WorkerInfo or
     another process registering the same worker_id stops it; `error` then says why.
+
+    With a block source it also publishes the worker's cached prefix-block hashes: the whole set
+    with each registration, then the changes, polled every ``blocks_interval_s`` and sent at once
+    (a heartbeat comes early when the set changed). A delta whose beat failed is merged into the
+    next one, so nothing is lost while the registry is away.
     """
 
     def __init__(
@@ -42,10 +50,16 @@ class WorkerRegistration:
         *,
         heartbeat_interval_s: float | None = None,
         backoff: Backoff | None = None,
+        block_source: BlockSource | None = None,
+        blocks_interval_s: float = 0.2,
     ) -> None:
         self.client = client
         self.info = info
         self._load_source = load_source
+        self._block_source = block_source
+        self._blocks_interval_s = blocks_interval_s
+        self._pending = BlockHashDelta()
+        """Block-hash changes not yet accepted by the registry."""
         self._interval_override = heartbeat_interval_s
         self._backoff = backoff or Backoff()
         self._last_load = WorkerLoad()
@@ -110,7 +124,7 @@ class WorkerRegistration:
                 if self.lease is None:
                     await self._register()
                     delay = self._interval_s()
-                await asyncio.sleep(delay)
+                await self._wait(delay)
                 delay = await self._beat()
         except (InvalidRegistration, LeaseSuperseded) as exc:
             log.error("worker %s stops heartbeating: %s", self.info.worker_id, exc)
@@ -123,16 +137,43 @@ class WorkerRegistration:
             return self._interval_override
         return self.lease.heartbeat_interval_s if self.lease else 1.0
 
+    async def _wait(self, delay: float) -> None:
+        """Sleep until the next beat is due, or less once the block set changed (not while the
+        registry is unreachable: the backoff decides then, and the changes wait in the pending delta)."""
+        if self._block_source is None or self._failures:
+            await asyncio.sleep(delay)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + delay
+        while (left := deadline - loop.time()) > 0:
+            await asyncio.sleep(min(self._blocks_interval_s, left))
+            if not (await self._blocks(full=False)).empty:
+                return
+
+    async def _blocks(self, *, full: bool) -> BlockHashDelta:
+        """Take the source's changes into the pending delta (full: start over from its whole set)."""
+        if self._block_source is None:
+            return self._pending
+        try:
+            delta = await self._block_source(full)
+        except Exception:  # e.g. the engine stopped: publish what is known
+            log.exception("block source of %s failed", self.info.worker_id)
+            return BlockHashDelta(reset=True) if full else self._pending
+        self._pending = delta if full else self._pending.then(delta)
+        return self._pending
+
     async def _register(self) -> None:
         """Register, retrying with backoff while the registry is unreachable."""
         while True:
             try:
-                self.lease = await self.client.register(self.info, await self._load())
+                blocks = (await self._blocks(full=True)).added
+                self.lease = await self.client.register(self.info, await self._load(), blocks)
             except RegistryUnavailable as exc:
                 delay = self._backoff.next_delay()
                 self._failed("registration", delay, exc)
                 await asyncio.sleep(delay)
                 continue
+            self._pending = BlockHashDelta()
             self.registrations += 1
             self._recovered()
             self._registered.set()
@@ -143,7 +184,9 @@ class WorkerRegistration:
         """Heartbeat once; returns how long to wait before the next beat (0: register now)."""
         assert self.lease is not None
         try:
-            self.lease = await self.client.heartbeat(self.lease, await self._load())
+            blocks = await self._blocks(full=False)
+            self.lease = await self.client.heartbeat(self.lease, await self._load(), blocks)
+            self._pending = BlockHashDelta()
         except LeaseUnknown:
             log.info("lease of %s is unknown to the registry: registering again", self.info.worker_id)
             self.lease = None

@@ -64,3 +64,12 @@ class Timings:
     """The decode stream as the gateway saw it: opened to the worker's last message."""
     migrations: int = 0
     """Decode workers the request moved to after one failed mid-stream (set by the gateway)."""
+    remote_prefill: bool = False
+    """The gateway's routing sent the prompt to a prefill worker (False: the decode worker
+    computed it). This and the three below are the routing decision's inputs, set by the gateway."""
+    prompt_blocks: int = 0
+    """Prompt blocks a prefix-cache hit could cover (prefix routing; 0 under load routing)."""
+    routed_cached_blocks: int = 0
+    """Of those, blocks routing found cached where the prompt was computed."""
+    routed_ahead_tokens: int = 0
+    """Tokens of work queued where the prompt was computed, as routing saw it."""

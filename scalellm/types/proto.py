@@ -146,6 +146,10 @@ def timings_to_proto(t: Timings) -> common_pb2.Timings:
         total=t.total,
         worker_call=t.worker_call,
         migrations=t.migrations,
+        remote_prefill=t.remote_prefill,
+        prompt_blocks=t.prompt_blocks,
+        routed_cached_blocks=t.routed_cached_blocks,
+        routed_ahead_tokens=t.routed_ahead_tokens,
     )
 
 
@@ -160,6 +164,10 @@ def timings_from_proto(msg: common_pb2.Timings) -> Timings:
         total=msg.total,
         worker_call=msg.worker_call,
         migrations=msg.migrations,
+        remote_prefill=msg.remote_prefill,
+        prompt_blocks=msg.prompt_blocks,
+        routed_cached_blocks=msg.routed_cached_blocks,
+        routed_ahead_tokens=msg.routed_ahead_tokens,
     )
 
 

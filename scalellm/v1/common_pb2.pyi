@@ -110,7 +110,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("gateway", "queue", "prefill", "transfer", "decode", "transfer_bytes", "total", "worker_call", "migrations")
+    __slots__ = ("gateway", "queue", "prefill", "transfer", "decode", "transfer_bytes", "total", "worker_call", "migrations", "remote_prefill", "prompt_blocks", "routed_cached_blocks", "routed_ahead_tokens")
     GATEWAY_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
     PREFILL_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,10 @@ class Timings(_message.Message):
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     WORKER_CALL_FIELD_NUMBER: _ClassVar[int]
     MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_PREFILL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    ROUTED_CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    ROUTED_AHEAD_TOKENS_FIELD_NUMBER: _ClassVar[int]
     gateway: float
     queue: float
     prefill: float
@@ -129,4 +133,8 @@ class Timings(_message.Message):
     total: float
     worker_call: float
     migrations: int
-    def __init__(self, gateway: _Optional[float] = ..., queue: _Optional[float] = ..., prefill: _Optional[float] = ..., transfer: _Optional[float] = ..., decode: _Optional[float] = ..., transfer_bytes: _Optional[int] = ..., total: _Optional[float] = ..., worker_call: _Optional[float] = ..., migrations: _Optional[int] = ...) -> None: ...
+    remote_prefill: bool
+    prompt_blocks: int
+    routed_cached_blocks: int
+    routed_ahead_tokens: int
+    def __init__(self, gateway: _Optional[float] = ..., queue: _Optional[float] = ..., prefill: _Optional[float] = ..., transfer: _Optional[float] = ..., decode: _Optional[float] = ..., transfer_bytes: _Optional[int] = ..., total: _Optional[float] = ..., worker_call: _Optional[float] = ..., migrations: _Optional[int] = ..., remote_prefill: _Optional[bool] = ..., prompt_blocks: _Optional[int] = ..., routed_cached_blocks: _Optional[int] = ..., routed_ahead_tokens: _Optional[int] = ...) -> None: ...

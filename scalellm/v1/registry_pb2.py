@@ -25,43 +25,47 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ascalellm/v1/registry.proto\x12\x0bscalellm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xeb\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12%\n\x04role\x18\x02 \x01(\x0e\x32\x17.scalellm.v1.WorkerRole\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x04 \x01(\t\x12\x19\n\x11transfer_endpoint\x18\x05 \x01(\t\x12\x1a\n\x12kv_capacity_blocks\x18\x06 \x01(\x03\x12\x15\n\rkv_block_size\x18\x07 \x01(\x05\x12\x0f\n\x07version\x18\x08 \x01(\t\x12\x13\n\x0bmax_running\x18\x0b \x01(\x05J\x04\x08\t\x10\x0bJ\x04\x08\x0c\x10\x10\"\xd6\x01\n\x04Load\x12\x0f\n\x07running\x18\x01 \x01(\x05\x12\x0f\n\x07waiting\x18\x02 \x01(\x05\x12\x13\n\x0b\x66ree_blocks\x18\x03 \x01(\x03\x12\x19\n\x11tokens_per_second\x18\x04 \x01(\x01\x12+\n\x07updated\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x16prefill_backlog_tokens\x18\x08 \x01(\x03\x12\x14\n\x0cttft_seconds\x18\t \x01(\x01\x12\x13\n\x0bitl_seconds\x18\n \x01(\x01J\x04\x08\x06\x10\x08\"\x86\x01\n\x06Worker\x12%\n\x04info\x18\x01 \x01(\x0b\x32\x17.scalellm.v1.WorkerInfo\x12\x1f\n\x04load\x18\x02 \x01(\x0b\x32\x11.scalellm.v1.Load\x12.\n\nregistered\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampJ\x04\x08\x04\x10\x08\"_\n\x0fRegisterRequest\x12%\n\x04info\x18\x01 \x01(\x0b\x32\x17.scalellm.v1.WorkerInfo\x12\x1f\n\x04load\x18\x02 \x01(\x0b\x32\x11.scalellm.v1.LoadJ\x04\x08\x03\x10\x06\"U\n\x10RegisterResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x10\n\x08lease_ms\x18\x02 \x01(\x03\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\x03\"^\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x1f\n\x04load\x18\x03 \x01(\x0b\x32\x11.scalellm.v1.LoadJ\x04\x08\x04\x10\x08\"D\n\x11HeartbeatResponse\x12\x10\n\x08lease_ms\x18\x01 \x01(\x03\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x03\"8\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\"%\n\x12\x44\x65registerResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"J\n\x12ListWorkersRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x04role\x18\x02 \x01(\x0e\x32\x17.scalellm.v1.WorkerRole\";\n\x13ListWorkersResponse\x12$\n\x07workers\x18\x01 \x03(\x0b\x32\x13.scalellm.v1.Worker\"$\n\x13WatchWorkersRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xb0\x01\n\x0bWorkerEvent\x12*\n\x04type\x18\x01 \x01(\x0e\x32\x1c.scalellm.v1.WorkerEventType\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12#\n\x06worker\x18\x03 \x01(\x0b\x32\x13.scalellm.v1.Worker\x12%\n\x08snapshot\x18\x04 \x03(\x0b\x32\x13.scalellm.v1.Worker\x12\x10\n\x08lease_ms\x18\x05 \x01(\x03J\x04\x08\x06\x10\n*p\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x14\n\x10WORKER_ROLE_BOTH\x10\x03*\xcf\x01\n\x0fWorkerEventType\x12!\n\x1dWORKER_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aWORKER_EVENT_TYPE_SNAPSHOT\x10\x01\x12\x1c\n\x18WORKER_EVENT_TYPE_JOINED\x10\x02\x12\x1a\n\x16WORKER_EVENT_TYPE_LEFT\x10\x03\x12\x1d\n\x19WORKER_EVENT_TYPE_EXPIRED\x10\x04\x12\x1a\n\x16WORKER_EVENT_TYPE_LOAD\x10\x05\"\x04\x08\x06\x10\t2\x8e\x03\n\x08Registry\x12G\n\x08Register\x12\x1c.scalellm.v1.RegisterRequest\x1a\x1d.scalellm.v1.RegisterResponse\x12J\n\tHeartbeat\x12\x1d.scalellm.v1.HeartbeatRequest\x1a\x1e.scalellm.v1.HeartbeatResponse\x12M\n\nDeregister\x12\x1e.scalellm.v1.DeregisterRequest\x1a\x1f.scalellm.v1.DeregisterResponse\x12P\n\x0bListWorkers\x12\x1f.scalellm.v1.ListWorkersRequest\x1a .scalellm.v1.ListWorkersResponse\x12L\n\x0cWatchWorkers\x12 .scalellm.v1.WatchWorkersRequest\x1a\x18.scalellm.v1.WorkerEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ascalellm/v1/registry.proto\x12\x0bscalellm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xeb\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12%\n\x04role\x18\x02 \x01(\x0e\x32\x17.scalellm.v1.WorkerRole\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x04 \x01(\t\x12\x19\n\x11transfer_endpoint\x18\x05 \x01(\t\x12\x1a\n\x12kv_capacity_blocks\x18\x06 \x01(\x03\x12\x15\n\rkv_block_size\x18\x07 \x01(\x05\x12\x0f\n\x07version\x18\x08 \x01(\t\x12\x13\n\x0bmax_running\x18\x0b \x01(\x05J\x04\x08\t\x10\x0bJ\x04\x08\x0c\x10\x10\"\xd6\x01\n\x04Load\x12\x0f\n\x07running\x18\x01 \x01(\x05\x12\x0f\n\x07waiting\x18\x02 \x01(\x05\x12\x13\n\x0b\x66ree_blocks\x18\x03 \x01(\x03\x12\x19\n\x11tokens_per_second\x18\x04 \x01(\x01\x12+\n\x07updated\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x16prefill_backlog_tokens\x18\x08 \x01(\x03\x12\x14\n\x0cttft_seconds\x18\t \x01(\x01\x12\x13\n\x0bitl_seconds\x18\n \x01(\x01J\x04\x08\x06\x10\x08\"\x86\x01\n\x06Worker\x12%\n\x04info\x18\x01 \x01(\x0b\x32\x17.scalellm.v1.WorkerInfo\x12\x1f\n\x04load\x18\x02 \x01(\x0b\x32\x11.scalellm.v1.Load\x12.\n\nregistered\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampJ\x04\x08\x04\x10\x08\"\x8c\x01\n\x0fRegisterRequest\x12%\n\x04info\x18\x01 \x01(\x0b\x32\x17.scalellm.v1.WorkerInfo\x12\x1f\n\x04load\x18\x02 \x01(\x0b\x32\x11.scalellm.v1.Load\x12+\n\x06\x62locks\x18\x03 \x01(\x0b\x32\x1b.scalellm.v1.BlockHashDeltaJ\x04\x08\x04\x10\x06\"U\n\x10RegisterResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x10\n\x08lease_ms\x18\x02 \x01(\x03\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\x03\"\x8b\x01\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x1f\n\x04load\x18\x03 \x01(\x0b\x32\x11.scalellm.v1.Load\x12+\n\x06\x62locks\x18\x04 \x01(\x0b\x32\x1b.scalellm.v1.BlockHashDeltaJ\x04\x08\x05\x10\x08\"D\n\x11HeartbeatResponse\x12\x10\n\x08lease_ms\x18\x01 \x01(\x03\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x03\"8\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\"%\n\x12\x44\x65registerResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"J\n\x12ListWorkersRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x04role\x18\x02 \x01(\x0e\x32\x17.scalellm.v1.WorkerRole\";\n\x13ListWorkersResponse\x12$\n\x07workers\x18\x01 \x03(\x0b\x32\x13.scalellm.v1.Worker\"$\n\x13WatchWorkersRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x91\x02\n\x0bWorkerEvent\x12*\n\x04type\x18\x01 \x01(\x0e\x32\x1c.scalellm.v1.WorkerEventType\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12#\n\x06worker\x18\x03 \x01(\x0b\x32\x13.scalellm.v1.Worker\x12%\n\x08snapshot\x18\x04 \x03(\x0b\x32\x13.scalellm.v1.Worker\x12\x10\n\x08lease_ms\x18\x05 \x01(\x03\x12+\n\x06\x62locks\x18\x06 \x01(\x0b\x32\x1b.scalellm.v1.BlockHashDelta\x12\x32\n\x0fsnapshot_blocks\x18\x07 \x03(\x0b\x32\x19.scalellm.v1.WorkerBlocksJ\x04\x08\x08\x10\n\"?\n\x0e\x42lockHashDelta\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x03(\x06\x12\x0f\n\x07removed\x18\x02 \x03(\x06\x12\r\n\x05reset\x18\x03 \x01(\x08\"1\n\x0cWorkerBlocks\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x06*p\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x14\n\x10WORKER_ROLE_BOTH\x10\x03*\xed\x01\n\x0fWorkerEventType\x12!\n\x1dWORKER_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aWORKER_EVENT_TYPE_SNAPSHOT\x10\x01\x12\x1c\n\x18WORKER_EVENT_TYPE_JOINED\x10\x02\x12\x1a\n\x16WORKER_EVENT_TYPE_LEFT\x10\x03\x12\x1d\n\x19WORKER_EVENT_TYPE_EXPIRED\x10\x04\x12\x1a\n\x16WORKER_EVENT_TYPE_LOAD\x10\x05\x12\x1c\n\x18WORKER_EVENT_TYPE_BLOCKS\x10\x06\"\x04\x08\x07\x10\t2\x8e\x03\n\x08Registry\x12G\n\x08Register\x12\x1c.scalellm.v1.RegisterRequest\x1a\x1d.scalellm.v1.RegisterResponse\x12J\n\tHeartbeat\x12\x1d.scalellm.v1.HeartbeatRequest\x1a\x1e.scalellm.v1.HeartbeatResponse\x12M\n\nDeregister\x12\x1e.scalellm.v1.DeregisterRequest\x1a\x1f.scalellm.v1.DeregisterResponse\x12P\n\x0bListWorkers\x12\x1f.scalellm.v1.ListWorkersRequest\x1a .scalellm.v1.ListWorkersResponse\x12L\n\x0cWatchWorkers\x12 .scalellm.v1.WatchWorkersRequest\x1a\x18.scalellm.v1.WorkerEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'scalellm.v1.registry_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERROLE']._serialized_start=1469
-  _globals['_WORKERROLE']._serialized_end=1581
-  _globals['_WORKEREVENTTYPE']._serialized_start=1584
-  _globals['_WORKEREVENTTYPE']._serialized_end=1791
+  _globals['_WORKERROLE']._serialized_start=1774
+  _globals['_WORKERROLE']._serialized_end=1886
+  _globals['_WORKEREVENTTYPE']._serialized_start=1889
+  _globals['_WORKEREVENTTYPE']._serialized_end=2126
   _globals['_WORKERINFO']._serialized_start=77
   _globals['_WORKERINFO']._serialized_end=312
   _globals['_LOAD']._serialized_start=315
   _globals['_LOAD']._serialized_end=529
   _globals['_WORKER']._serialized_start=532
   _globals['_WORKER']._serialized_end=666
-  _globals['_REGISTERREQUEST']._serialized_start=668
-  _globals['_REGISTERREQUEST']._serialized_end=763
-  _globals['_REGISTERRESPONSE']._serialized_start=765
-  _globals['_REGISTERRESPONSE']._serialized_end=850
-  _globals['_HEARTBEATREQUEST']._serialized_start=852
-  _globals['_HEARTBEATREQUEST']._serialized_end=946
-  _globals['_HEARTBEATRESPONSE']._serialized_start=948
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1016
-  _globals['_DEREGISTERREQUEST']._serialized_start=1018
-  _globals['_DEREGISTERREQUEST']._serialized_end=1074
-  _globals['_DEREGISTERRESPONSE']._serialized_start=1076
-  _globals['_DEREGISTERRESPONSE']._serialized_end=1113
-  _globals['_LISTWORKERSREQUEST']._serialized_start=1115
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1189
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1191
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1250
-  _globals['_WATCHWORKERSREQUEST']._serialized_start=1252
-  _globals['_WATCHWORKERSREQUEST']._serialized_end=1288
-  _globals['_WORKEREVENT']._serialized_start=1291
-  _globals['_WORKEREVENT']._serialized_end=1467
-  _globals['_REGISTRY']._serialized_start=1794
-  _globals['_REGISTRY']._serialized_end=2192
+  _globals['_REGISTERREQUEST']._serialized_start=669
+  _globals['_REGISTERREQUEST']._serialized_end=809
+  _globals['_REGISTERRESPONSE']._serialized_start=811
+  _globals['_REGISTERRESPONSE']._serialized_end=896
+  _globals['_HEARTBEATREQUEST']._serialized_start=899
+  _globals['_HEARTBEATREQUEST']._serialized_end=1038
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1040
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1108
+  _globals['_DEREGISTERREQUEST']._serialized_start=1110
+  _globals['_DEREGISTERREQUEST']._serialized_end=1166
+  _globals['_DEREGISTERRESPONSE']._serialized_start=1168
+  _globals['_DEREGISTERRESPONSE']._serialized_end=1205
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1207
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1281
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1283
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1342
+  _globals['_WATCHWORKERSREQUEST']._serialized_start=1344
+  _globals['_WATCHWORKERSREQUEST']._serialized_end=1380
+  _globals['_WORKEREVENT']._serialized_start=1383
+  _globals['_WORKEREVENT']._serialized_end=1656
+  _globals['_BLOCKHASHDELTA']._serialized_start=1658
+  _globals['_BLOCKHASHDELTA']._serialized_end=1721
+  _globals['_WORKERBLOCKS']._serialized_start=1723
+  _globals['_WORKERBLOCKS']._serialized_end=1772
+  _globals['_REGISTRY']._serialized_start=2129
+  _globals['_REGISTRY']._serialized_end=2527
 # @@protoc_insertion_point(module_scope)

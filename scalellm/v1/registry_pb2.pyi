@@ -25,6 +25,7 @@ class WorkerEventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WORKER_EVENT_TYPE_LEFT: _ClassVar[WorkerEventType]
     WORKER_EVENT_TYPE_EXPIRED: _ClassVar[WorkerEventType]
     WORKER_EVENT_TYPE_LOAD: _ClassVar[WorkerEventType]
+    WORKER_EVENT_TYPE_BLOCKS: _ClassVar[WorkerEventType]
 WORKER_ROLE_UNSPECIFIED: WorkerRole
 WORKER_ROLE_PREFILL: WorkerRole
 WORKER_ROLE_DECODE: WorkerRole
@@ -35,6 +36,7 @@ WORKER_EVENT_TYPE_JOINED: WorkerEventType
 WORKER_EVENT_TYPE_LEFT: WorkerEventType
 WORKER_EVENT_TYPE_EXPIRED: WorkerEventType
 WORKER_EVENT_TYPE_LOAD: WorkerEventType
+WORKER_EVENT_TYPE_BLOCKS: WorkerEventType
 
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "role", "model", "grpc_address", "transfer_endpoint", "kv_capacity_blocks", "kv_block_size", "version", "max_running")
@@ -89,12 +91,14 @@ class Worker(_message.Message):
     def __init__(self, info: _Optional[_Union[WorkerInfo, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., registered: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("info", "load")
+    __slots__ = ("info", "load", "blocks")
     INFO_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
     info: WorkerInfo
     load: Load
-    def __init__(self, info: _Optional[_Union[WorkerInfo, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ...) -> None: ...
+    blocks: BlockHashDelta
+    def __init__(self, info: _Optional[_Union[WorkerInfo, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., blocks: _Optional[_Union[BlockHashDelta, _Mapping]] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("lease_id", "lease_ms", "heartbeat_interval_ms")
@@ -107,14 +111,16 @@ class RegisterResponse(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., lease_ms: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id", "lease_id", "load")
+    __slots__ = ("worker_id", "lease_id", "load", "blocks")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     lease_id: str
     load: Load
-    def __init__(self, worker_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., load: _Optional[_Union[Load, _Mapping]] = ...) -> None: ...
+    blocks: BlockHashDelta
+    def __init__(self, worker_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., blocks: _Optional[_Union[BlockHashDelta, _Mapping]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("lease_ms", "heartbeat_interval_ms")
@@ -159,15 +165,37 @@ class WatchWorkersRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class WorkerEvent(_message.Message):
-    __slots__ = ("type", "worker_id", "worker", "snapshot", "lease_ms")
+    __slots__ = ("type", "worker_id", "worker", "snapshot", "lease_ms", "blocks", "snapshot_blocks")
     TYPE_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     type: WorkerEventType
     worker_id: str
     worker: Worker
     snapshot: _containers.RepeatedCompositeFieldContainer[Worker]
     lease_ms: int
-    def __init__(self, type: _Optional[_Union[WorkerEventType, str]] = ..., worker_id: _Optional[str] = ..., worker: _Optional[_Union[Worker, _Mapping]] = ..., snapshot: _Optional[_Iterable[_Union[Worker, _Mapping]]] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+    blocks: BlockHashDelta
+    snapshot_blocks: _containers.RepeatedCompositeFieldContainer[WorkerBlocks]
+    def __init__(self, type: _Optional[_Union[WorkerEventType, str]] = ..., worker_id: _Optional[str] = ..., worker: _Optional[_Union[Worker, _Mapping]] = ..., snapshot: _Optional[_Iterable[_Union[Worker, _Mapping]]] = ..., lease_ms: _Optional[int] = ..., blocks: _Optional[_Union[BlockHashDelta, _Mapping]] = ..., snapshot_blocks: _Optional[_Iterable[_Union[WorkerBlocks, _Mapping]]] = ...) -> None: ...
+
+class BlockHashDelta(_message.Message):
+    __slots__ = ("added", "removed", "reset")
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    RESET_FIELD_NUMBER: _ClassVar[int]
+    added: _containers.RepeatedScalarFieldContainer[int]
+    removed: _containers.RepeatedScalarFieldContainer[int]
+    reset: bool
+    def __init__(self, added: _Optional[_Iterable[int]] = ..., removed: _Optional[_Iterable[int]] = ..., reset: _Optional[bool] = ...) -> None: ...
+
+class WorkerBlocks(_message.Message):
+    __slots__ = ("worker_id", "hashes")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    HASHES_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    hashes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, worker_id: _Optional[str] = ..., hashes: _Optional[_Iterable[int]] = ...) -> None: ...

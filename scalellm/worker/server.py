@@ -1,7 +1,8 @@
 """The gRPC process around a worker: health, reflection, the error interceptor, metrics,
 registration with the kvstore, and drain on SIGTERM.
 
-    start: engine thread up -> gRPC bound -> health SERVING -> registered (lease + heartbeats)
+    start: engine thread up -> gRPC bound -> health SERVING -> registered (lease + heartbeats,
+           which carry the engine's prefix-cache block hashes for prefix-aware routing)
     SIGTERM: health NOT_SERVING, deregister, refuse new work, finish in-flight (drain timeout),
              abort the rest, stop.
 """
@@ -82,7 +83,10 @@ class WorkerServer:
         if self.config.kvstore:
             info = self.worker.host.info(self.address, self.worker.transfer_endpoint)
             self.registration = WorkerRegistration(
-                RegistryClient(list(self.config.kvstore), security=security), info, self.worker.host.load
+                RegistryClient(list(self.config.kvstore), security=security),
+                info,
+                self.worker.host.load,
+                block_source=self.worker.host.aengine.take_block_hash_delta,
             )
             await self.registration.start(wait=False)
         log.info(

@@ -12,6 +12,7 @@ from typing import Any
 
 from scalellm.security import SECURITY_OPTIONS, SecurityConfig, TlsFiles
 from scalellm.settings import Option, nested, parse_config
+from services.gateway.prefix import RoutingMode, RoutingPolicy
 
 ENV_PREFIX = "SCALELLM_GATEWAY_"
 
@@ -48,6 +49,11 @@ class GatewayConfig:
     """Times one choice may move to another decode worker mid-stream (0: never)."""
     prefill_fallbacks: int = 2
     colocate_below_tokens: int = 0
+    """--routing load only (deprecated): prompts shorter than this prefill on a BOTH worker.
+    Prefix routing decides per request instead (local_prefill_tokens, services/gateway/prefix.py)."""
+    routing: RoutingMode = RoutingMode.PREFIX
+    queue_weight_tokens: int = 128
+    local_prefill_tokens: int = 256
     request_timeout_s: float = 600.0
     grace_s: float = 5.0
     event_loop: str = "uvloop"
@@ -66,6 +72,8 @@ class GatewayConfig:
             "prefill_fallbacks",
             "migration_limit",
             "max_queued",
+            "queue_weight_tokens",
+            "local_prefill_tokens",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -87,6 +95,15 @@ class GatewayConfig:
             raise ValueError("--prefill-addr needs at least one --decode-addr")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("TLS needs both --tls-cert and --tls-key")
+
+    @property
+    def routing_policy(self) -> RoutingPolicy:
+        """The Router's cost model."""
+        return RoutingPolicy(
+            mode=self.routing,
+            queue_weight_tokens=self.queue_weight_tokens,
+            local_prefill_tokens=self.local_prefill_tokens,
+        )
 
     @property
     def tls(self) -> TlsFiles | None:
@@ -142,7 +159,25 @@ OPTIONS: tuple[Option, ...] = (
         "--migration-limit", "migration_limit", int, "moves of a stream to another decode worker mid-stream"
     ),
     _option("--prefill-fallbacks", "prefill_fallbacks", int, "prefill workers passed, best first"),
-    _option("--colocate-below-tokens", "colocate_below_tokens", int, "shorter prompts skip prefill workers"),
+    _option(
+        "--colocate-below-tokens",
+        "colocate_below_tokens",
+        int,
+        "--routing load only (deprecated): shorter prompts skip prefill workers",
+    ),
+    _option("--routing", "routing", RoutingMode.parse, "prefix (KV cache affinity vs load) or load"),
+    _option(
+        "--queue-weight-tokens",
+        "queue_weight_tokens",
+        int,
+        "prefix routing: tokens one queued sequence costs",
+    ),
+    _option(
+        "--local-prefill-tokens",
+        "local_prefill_tokens",
+        int,
+        "prefix routing: uncached prompt tokens a decode worker prefills itself",
+    ),
     _option("--request-timeout-s", "request_timeout_s", float, "deadline of an HTTP request"),
     _option("--grace-s", "grace_s", float, "how long SIGTERM lets requests finish"),
     _option("--event-loop", "event_loop", str, "uvloop or asyncio"),

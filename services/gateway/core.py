@@ -23,7 +23,7 @@ from services.gateway.admission_queue import AdmissionQueue
 from services.gateway.config import GatewayConfig
 from services.gateway.models import ModelCatalog, ModelLane, SourceFor, parse_added
 from services.gateway.request import ErrorKind, GatewayError, GenerationRequest, GenerationSpec
-from services.gateway.routing import WorkerSet, WorkerSource
+from services.gateway.routing import Route, WorkerSet, WorkerSource
 from services.gateway.session import WorkerChannels
 from services.gateway.streaming import Generation, start_generation
 from services.gateway.tenants import ANONYMOUS, RateLimited, Tenant, TenantLimiter
@@ -340,12 +340,61 @@ class GatewayMetrics:
             ["tenant", "limit"],
             registry=r,
         )
+        by_route = ["worker", "prefill"]
+        """worker: where the prompt is computed; prefill: local (the decode worker) or remote."""
+        self.routes = Counter(
+            "scalellm_gateway_routes",
+            "Sequences started, by the worker computing the prompt and prefill local or remote",
+            by_route,
+            registry=r,
+        )
+        self.route_prompt_blocks = Counter(
+            "scalellm_gateway_route_prompt_blocks",
+            "Prompt blocks a prefix-cache hit could cover, by worker and prefill local or remote",
+            by_route,
+            registry=r,
+        )
+        self.route_cached_blocks = Counter(
+            "scalellm_gateway_route_cached_blocks",
+            "Of those, blocks routing found cached on the worker computing the prompt (prefix hits)",
+            by_route,
+            registry=r,
+        )
+        self.route_prompt_tokens = Counter(
+            "scalellm_gateway_route_prompt_tokens",
+            "Prompt tokens routed, by worker and prefill",
+            by_route,
+            registry=r,
+        )
+        self.route_cached_tokens = Counter(
+            "scalellm_gateway_route_cached_tokens",
+            "Of those, tokens routing found cached on the worker computing the prompt",
+            by_route,
+            registry=r,
+        )
+        self.cached_prompt_tokens = Counter(
+            "scalellm_gateway_cached_prompt_tokens",
+            "Prompt tokens the decode worker reported as prefix-cache hits (usage), by decode worker",
+            ["worker"],
+            registry=r,
+        )
         self.auth_failures = Counter(
             "scalellm_gateway_auth_failures",
             "Requests refused for their API key: missing, malformed or unknown (never the key itself)",
             ["reason"],
             registry=r,
         )
+
+    def observe_route(self, route: Route, prompt_len: int) -> None:
+        """Count one started sequence's routing decision and its prefix hit."""
+        local = route.local_prefill
+        worker = route.decode if local else route.prefill[0]
+        labels = (worker.worker_id, "local" if local else "remote")
+        self.routes.labels(*labels).inc()
+        self.route_prompt_blocks.labels(*labels).inc(route.prompt_blocks)
+        self.route_cached_blocks.labels(*labels).inc(route.cached_blocks)
+        self.route_prompt_tokens.labels(*labels).inc(prompt_len)
+        self.route_cached_tokens.labels(*labels).inc(min(prompt_len, route.cached_blocks * worker.block_size))
 
     def watch_workers(self, decode: Callable[[], float], prefill: Callable[[], float]) -> None:
         """Report the routable worker counts at scrape time."""

@@ -51,6 +51,7 @@ class ModelLane:
             source,
             prefill_fallbacks=config.prefill_fallbacks,
             colocate_below_tokens=config.colocate_below_tokens,
+            policy=config.routing_policy,
         )
         self._channels, self._metrics = parts
         # The card's figures come from config.json alone (cheap); a folder the workers could not

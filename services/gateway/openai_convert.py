@@ -313,8 +313,9 @@ def usage_to_openai(usage: Usage, details: bool = True) -> dict[str, Any]:
     return out
 
 
-def timings_to_openai(t: Timings) -> dict[str, float | int]:
-    """A choice's ``"timings"`` (seconds, to the microsecond), sent when the client asks."""
+def timings_to_openai(t: Timings) -> dict[str, float | int | bool]:
+    """A choice's ``"timings"`` (seconds, to the microsecond, and the routing decision's inputs),
+    sent when the client asks."""
     return {
         "gateway": round(t.gateway, 6),
         "queue": round(t.queue, 6),
@@ -325,6 +326,10 @@ def timings_to_openai(t: Timings) -> dict[str, float | int]:
         "total": round(t.total, 6),
         "worker_call": round(t.worker_call, 6),
         "migrations": t.migrations,
+        "remote_prefill": t.remote_prefill,
+        "prompt_blocks": t.prompt_blocks,
+        "routed_cached_blocks": t.routed_cached_blocks,
+        "routed_ahead_tokens": t.routed_ahead_tokens,
     }
 
 

@@ -1,5 +1,7 @@
 """Where a choice goes: the workers (a live registry view or static addresses) and the Router that
-picks the least-loaded decode worker with KV room and the prefill workers to use.
+picks the decode worker and the prefill workers to use: by prefix (where the prompt's KV already
+is, weighed against load in tokens of work: prefix.py says how) or by load alone (--routing load:
+the least-loaded decode worker with KV room).
 
 Routing reads `WorkerSource.current()` once per sequence; both sources answer from memory (the
 registry source rebuilds its set only when the view's version changes), so no request ever waits
@@ -17,7 +19,14 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from scalellm.registry import WorkerRecord, WorkerRole, WorkerView
+from scalellm.registry import BlockIndex, WorkerRecord, WorkerRole, WorkerView
+from services.gateway.prefix import (
+    PrefixHashes,
+    PrefixIndex,
+    RoutingMode,
+    RoutingPolicy,
+    prefill_locally,
+)
 from services.gateway.request import ErrorKind, GatewayError
 
 
@@ -32,6 +41,7 @@ class WorkerEndpoint:
     running: int = 0
     waiting: int = 0
     free_blocks: int | None = None
+    prefill_backlog_tokens: int = 0
     reported_at: float = 0.0  # the load report's time; a new value means a fresh report
 
     @classmethod
@@ -46,6 +56,7 @@ class WorkerEndpoint:
             running=load.running,
             waiting=load.waiting,
             free_blocks=load.free_blocks if known else None,
+            prefill_backlog_tokens=load.prefill_backlog_tokens,
             reported_at=load.updated_at,
         )
 
@@ -62,10 +73,12 @@ class WorkerEndpoint:
 
 @dataclass(frozen=True, slots=True)
 class WorkerSet:
-    """Decode-capable workers (DECODE, BOTH) and prefill workers (PREFILL) at one moment."""
+    """Decode-capable workers (DECODE, BOTH) and prefill workers (PREFILL) at one moment, and the
+    registry's live index of the prefix blocks they hold (None: not known, e.g. static workers)."""
 
     decode: tuple[WorkerEndpoint, ...] = ()
     prefill: tuple[WorkerEndpoint, ...] = ()
+    blocks: BlockIndex | None = None
 
 
 class WorkerSource(Protocol):
@@ -106,6 +119,7 @@ class RegistryWorkers:
                     for r in snapshot.prefill_workers(self._model)
                     if r.info.role is WorkerRole.PREFILL
                 ),
+                blocks=self.view.blocks,
             )
             self._version = snapshot.version
         return self._set
@@ -116,25 +130,48 @@ class RegistryWorkers:
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """Where one sequence goes: a decode worker and its prefill workers, best first (may be empty)."""
+    """Where one sequence goes: a decode worker and its prefill workers, best first (empty: the
+    decode worker prefills itself), and what routing saw (prefix routing; 0 under load routing)."""
 
     decode: WorkerEndpoint
     prefill: tuple[WorkerEndpoint, ...] = ()
+    chain: tuple[int, ...] = ()
+    """The prompt's block hashes (prefix routing): noted as on its workers once acquired."""
+    prompt_blocks: int = 0
+    """Prompt blocks a cache hit could cover (len(chain))."""
+    decode_cached_blocks: int = 0
+    """Of those, blocks the decode worker holds."""
+    prefill_cached_blocks: int = 0
+    """Of those, blocks the first prefill worker holds (0 when prefill is local)."""
+    ahead_tokens: int = 0
+    """Work queued where the prompt will be computed, in tokens (prefix.py's ahead())."""
+
+    @property
+    def local_prefill(self) -> bool:
+        """True when the decode worker computes the prompt itself."""
+        return not self.prefill
+
+    @property
+    def cached_blocks(self) -> int:
+        """Prompt blocks cached where the prompt will be computed."""
+        return self.decode_cached_blocks if self.local_prefill else self.prefill_cached_blocks
 
 
 class _Tally:
-    """This gateway's outstanding work on one worker, and its value when the last report came."""
+    """This gateway's outstanding work on one worker, and its value when the last report came:
+    sequences in flight, KV blocks they hold, prompt tokens sent there and not yet prefilled."""
 
-    __slots__ = ("base_blocks", "base_inflight", "blocks", "inflight", "reported_at")
+    __slots__ = ("base_blocks", "base_inflight", "base_tokens", "blocks", "inflight", "reported_at", "tokens")
 
     def __init__(self) -> None:
-        self.inflight = self.blocks = self.base_inflight = self.base_blocks = 0
+        self.inflight = self.blocks = self.tokens = 0
+        self.base_inflight = self.base_blocks = self.base_tokens = 0
         self.reported_at = 0.0
 
     def sync(self, worker: WorkerEndpoint) -> None:
         if worker.reported_at != self.reported_at:
             self.reported_at = worker.reported_at
-            self.base_inflight, self.base_blocks = self.inflight, self.blocks
+            self.base_inflight, self.base_blocks, self.base_tokens = self.inflight, self.blocks, self.tokens
 
     def load(self, worker: WorkerEndpoint) -> int:
         return max(0, worker.running + worker.waiting + self.inflight - self.base_inflight)
@@ -144,36 +181,72 @@ class _Tally:
             return None
         return worker.free_blocks - (self.blocks - self.base_blocks)
 
+    def backlog(self, worker: WorkerEndpoint) -> int:
+        """Prompt tokens waiting there: its report's backlog plus what we sent since."""
+        return worker.prefill_backlog_tokens + max(0, self.tokens - self.base_tokens)
+
 
 class RouteLease:
-    """The in-flight count a Route holds; release() once the sequence ends (idempotent)."""
+    """The in-flight count a Route holds; release() once the sequence ends (idempotent). The
+    prompt's uncached tokens count as the computing worker's backlog until prefilled()."""
 
-    __slots__ = ("_blocks", "_tallies", "route")
+    __slots__ = ("_blocks", "_tallies", "_work", "route")
 
-    def __init__(self, route: Route, tallies: list[_Tally], blocks: int) -> None:
+    def __init__(self, route: Route, tallies: list[_Tally], blocks: int, work: list[int]) -> None:
         self.route = route
         self._tallies = tallies
         self._blocks = blocks
-        for tally in tallies:
+        self._work = work
+        for tally, tokens in zip(tallies, work, strict=True):
             tally.inflight += 1
             tally.blocks += blocks
+            tally.tokens += tokens
+
+    def prefilled(self) -> None:
+        """The first token came: the prompt is no longer anyone's backlog (idempotent)."""
+        for tally, tokens in zip(self._tallies, self._work, strict=True):
+            tally.tokens -= tokens
+        self._work = [0] * len(self._tallies)
 
     def release(self) -> None:
+        self.prefilled()
         for tally in self._tallies:
             tally.inflight -= 1
             tally.blocks -= self._blocks
-        self._tallies = []
+        self._tallies, self._work = [], []
+
+
+@dataclass(frozen=True, slots=True)
+class _Score:
+    """One candidate under prefix routing, in tokens (prefix.py)."""
+
+    worker: WorkerEndpoint
+    matched_blocks: int
+    uncached: int
+    ahead: int
+
+    @property
+    def cost(self) -> int:
+        return self.uncached + self.ahead
 
 
 class Router:
-    """Routes sequences over a WorkerSource."""
+    """Routes sequences over a WorkerSource, by prefix (default) or by load (policy.mode)."""
 
     def __init__(
-        self, source: WorkerSource, *, prefill_fallbacks: int = 2, colocate_below_tokens: int = 0
+        self,
+        source: WorkerSource,
+        *,
+        prefill_fallbacks: int = 2,
+        colocate_below_tokens: int = 0,
+        policy: RoutingPolicy | None = None,
     ) -> None:
         self.source = source
         self.prefill_fallbacks = prefill_fallbacks
         self.colocate_below_tokens = colocate_below_tokens
+        """Load routing only: prompts shorter than this prefill on a BOTH worker."""
+        self.policy = policy or RoutingPolicy()
+        self.prefix = PrefixIndex(self.policy.prediction_ttl_s)
         self._tallies: dict[str, _Tally] = {}
 
     def _tally(self, worker: WorkerEndpoint) -> _Tally:
@@ -192,8 +265,11 @@ class Router:
         """True while at least one decode worker is known."""
         return bool(self.source.current().decode)
 
-    def route(self, prompt_len: int, exclude: Collection[str] = ()) -> Route | None:
-        """The best route for a prompt, skipping decode workers in exclude (already tried).
+    def route(
+        self, prompt_len: int, exclude: Collection[str] = (), *, prompt: Sequence[int] = ()
+    ) -> Route | None:
+        """The best route for a prompt (its token ids in prompt, for prefix routing), skipping
+        decode workers in exclude (already tried).
 
         None when every decode worker is excluded; GatewayError(UNAVAILABLE) when there is none.
         """
@@ -202,15 +278,24 @@ class Router:
             raise GatewayError(ErrorKind.UNAVAILABLE, "no decode worker is available", code="no_workers")
         if len(self._tallies) > 64 + 4 * (len(workers.decode) + len(workers.prefill)):
             self._prune({w.worker_id for w in (*workers.decode, *workers.prefill)})
+        if self.policy.mode is RoutingMode.LOAD:
+            return self._route_by_load(workers, prompt_len, exclude)
+        return self._route_by_prefix(workers, prompt_len, exclude, PrefixHashes(prompt))
+
+    def _short(self, worker: WorkerEndpoint, prompt_len: int) -> int:
+        """1 when the worker's reported free blocks cannot hold the prompt (reports may be stale:
+        it is still tried, last), else 0."""
+        free = self._tally(worker).free_blocks(worker)
+        need = -(-prompt_len // worker.block_size) if worker.block_size else 0
+        return 0 if free is None or free >= need else 1
+
+    def _route_by_load(self, workers: WorkerSet, prompt_len: int, exclude: Collection[str]) -> Route | None:
         best: tuple[tuple[int, int, int], WorkerEndpoint] | None = None
         for worker in workers.decode:
             if worker.worker_id in exclude:
                 continue
             tally = self._tally(worker)
-            free = tally.free_blocks(worker)
-            need = -(-prompt_len // worker.block_size) if worker.block_size else 0
-            short = 0 if free is None or free >= need else 1  # reports may be stale: try anyway, last
-            key = (short, tally.load(worker), -(free or 0))
+            key = (self._short(worker, prompt_len), tally.load(worker), -(tally.free_blocks(worker) or 0))
             if best is None or key < best[0]:
                 best = (key, worker)
         if best is None:
@@ -221,15 +306,68 @@ class Router:
         prefill = sorted(workers.prefill, key=lambda w: self._tally(w).load(w))
         return Route(decode, tuple(prefill[: self.prefill_fallbacks]))
 
+    def _score(
+        self, worker: WorkerEndpoint, prompt_len: int, hashes: PrefixHashes, blocks: BlockIndex | None
+    ) -> _Score:
+        chain = hashes.of(worker.block_size)
+        matched = self.prefix.matched_blocks(blocks, worker.worker_id, chain)
+        tally = self._tally(worker)
+        ahead = tally.backlog(worker) + self.policy.queue_weight_tokens * tally.load(worker)
+        return _Score(worker, matched, prompt_len - matched * worker.block_size, ahead)
+
+    def _route_by_prefix(
+        self, workers: WorkerSet, prompt_len: int, exclude: Collection[str], hashes: PrefixHashes
+    ) -> Route | None:
+        best: tuple[tuple[int, int, int], _Score] | None = None
+        for worker in workers.decode:
+            if worker.worker_id in exclude:
+                continue
+            score = self._score(worker, prompt_len, hashes, workers.blocks)
+            free = self._tally(worker).free_blocks(worker) or 0
+            key = (self._short(worker, prompt_len), score.cost, -free)
+            if best is None or key < best[0]:
+                best = (key, score)
+        if best is None:
+            return None
+        decode = best[1]
+        prefill = sorted(
+            (self._score(w, prompt_len, hashes, workers.blocks) for w in workers.prefill),
+            key=lambda s: s.cost,
+        )
+        local = prefill_locally(
+            self.policy,
+            uncached_decode=decode.uncached,
+            decode_cost=decode.cost,
+            prefill_cost=prefill[0].cost if prefill else None,
+        )
+        chain = hashes.of(decode.worker.block_size)
+        first = None if local else prefill[0]
+        return Route(
+            decode.worker,
+            () if local else tuple(p.worker for p in prefill[: self.prefill_fallbacks]),
+            chain=chain,
+            prompt_blocks=len(chain),
+            decode_cached_blocks=decode.matched_blocks,
+            prefill_cached_blocks=first.matched_blocks if first else 0,
+            ahead_tokens=first.ahead if first else decode.ahead,
+        )
+
     def _prune(self, live: set[str]) -> None:
         for worker_id in [i for i, t in self._tallies.items() if i not in live and not t.inflight]:
             del self._tallies[worker_id]
+        self.prefix.forget(live)
 
     def acquire(self, route: Route, prompt_len: int) -> RouteLease:
-        """Count a sequence against its decode worker (and first prefill worker) until released."""
+        """Count a sequence against its decode worker (and first prefill worker) until released,
+        its uncached prompt tokens against the one computing it until prefilled; under prefix
+        routing, note the prompt's blocks as soon to be on them."""
         decode = route.decode
         blocks = -(-prompt_len // decode.block_size) if decode.block_size else 0
-        tallies = [self._tally(decode)]
+        uncached = max(0, prompt_len - route.cached_blocks * decode.block_size)
+        tallies, work = [self._tally(decode)], [uncached if route.local_prefill else 0]
+        self.prefix.predict(decode.worker_id, route.chain)
         if route.prefill:
             tallies.append(self._tally(route.prefill[0]))
-        return RouteLease(route, tallies, blocks)
+            work.append(uncached)
+            self.prefix.predict(route.prefill[0].worker_id, route.chain)
+        return RouteLease(route, tallies, blocks, work)

@@ -104,9 +104,11 @@ class Dispatcher:
         last: GatewayError | None = None
         dispatched_at = 0.0
         for _ in range(self.attempts):
-            route = self.router.route(len(prompt) + len(resume), tried)
+            route = self.router.route(len(prompt) + len(resume), tried, prompt=(*prompt, *resume))
             if route is None:
                 break
+            if resume:  # computed where it resumes, never on a prefill worker
+                route = replace(route, prefill=(), prefill_cached_blocks=0)
             message = worker_pb2.GenerateRequest(
                 request_id=f"{request.request_id}-{index}",
                 prompt_token_ids=prompt,
@@ -139,6 +141,8 @@ class Dispatcher:
             if first is None:
                 lease.release()
                 raise GatewayError(ErrorKind.INTERNAL, f"decode worker {route.decode.worker_id} sent nothing")
+            lease.prefilled()
+            self.metrics.observe_route(route, len(prompt) + len(resume))
             return StartedCall(call, lease, first, dispatched_at)
         if last is not None:
             raise last
@@ -303,7 +307,15 @@ class ChoiceStream:
             update.usage, update.timings = self._final(msg, stop_str is not None)
         self.gateway_s += time.perf_counter() - start
         if update.timings is not None:
-            update.timings = replace(update.timings, gateway=self.gateway_s)
+            route = self._lease.route
+            update.timings = replace(
+                update.timings,
+                gateway=self.gateway_s,
+                remote_prefill=not route.local_prefill,
+                prompt_blocks=route.prompt_blocks,
+                routed_cached_blocks=route.cached_blocks,
+                routed_ahead_tokens=route.ahead_tokens,
+            )
         return update
 
     def _final(self, msg: worker_pb2.GenerateResponse, cut: bool) -> tuple[Usage, Timings]:
@@ -391,6 +403,8 @@ class Generation:
             self.metrics.tpot.observe((stream.last_at - stream.first_at) / (tokens - 1))
         if update.timings is not None:
             self.metrics.overhead.observe(update.timings.gateway)
+        if update.usage is not None and update.usage.cached_prompt_tokens:
+            self.metrics.cached_prompt_tokens.labels(stream.worker_id).inc(update.usage.cached_prompt_tokens)
         if update.stop_str is not None:
             self.metrics.cancelled.labels("stop_string").inc()
 

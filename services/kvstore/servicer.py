@@ -10,6 +10,7 @@ from typing import TypeVar
 import grpc
 
 from scalellm.registry.convert import (
+    delta_from_proto,
     event_to_proto,
     info_from_proto,
     load_from_proto,
@@ -85,7 +86,8 @@ class RegistryServicer(pb_grpc.RegistryServicer):
         self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext
     ) -> pb.RegisterResponse:
         load = load_from_proto(request.load) if request.HasField("load") else None
-        lease = await self.store.register(info_from_proto(request.info), load)
+        blocks = delta_from_proto(request.blocks).added
+        lease = await self.store.register(info_from_proto(request.info), load, blocks)
         lease_ms, interval_ms = _lease_ms(lease)
         return pb.RegisterResponse(
             lease_id=lease.lease_id, lease_ms=lease_ms, heartbeat_interval_ms=interval_ms
@@ -95,7 +97,10 @@ class RegistryServicer(pb_grpc.RegistryServicer):
     async def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> pb.HeartbeatResponse:
-        lease = await self.store.heartbeat(request.worker_id, request.lease_id, load_from_proto(request.load))
+        blocks = delta_from_proto(request.blocks) if request.HasField("blocks") else None
+        lease = await self.store.heartbeat(
+            request.worker_id, request.lease_id, load_from_proto(request.load), blocks
+        )
         lease_ms, interval_ms = _lease_ms(lease)
         return pb.HeartbeatResponse(lease_ms=lease_ms, heartbeat_interval_ms=interval_ms)
 

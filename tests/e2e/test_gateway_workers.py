@@ -236,7 +236,9 @@ async def test_no_kv_room_moves_to_the_next_worker_and_429_when_none_has_room(
         worker_args(tiny_chat_model, "--role", "decode", "--num-kv-blocks", "20", "--prefill-timeout", "600"),
     )
     rng = random.Random(1)
-    prompt = [rng.randrange(3, 49000) for _ in range(100)]  # 7 blocks of 16
+    # 19 blocks of 16; longer than --local-prefill-tokens, so prefix routing asks the prefill worker
+    # (and the decode worker reserves its blocks first) instead of prefilling it on the worker.
+    prompt = [rng.randrange(3, 49000) for _ in range(300)]
     try:
         async with FakePrefill(Mode.HANG) as hung, grpc.aio.insecure_channel(small.address) as channel:
             occupant = worker_pb2_grpc.DecodeWorkerStub(channel).Generate(
@@ -322,7 +324,8 @@ async def test_sigterm_drains_the_gateway(worker: Service, engine: LLM, tiny_cha
         gw = start_service(
             "services.gateway",
             ["--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", "--model", str(tiny_chat_model),
-             "--decode-addr", worker.address, "--prefill-addr", f"hung={hung.address}", "--grace-s", "600"],
+             "--decode-addr", worker.address, "--prefill-addr", f"hung={hung.address}", "--grace-s", "600",
+             "--routing", "load"],  # every prompt to the (hung) prefill worker, short ones too
             name="gateway",
         )  # fmt: skip
         http = f"http://{gw.address}"

@@ -345,7 +345,8 @@ def test_up_serves_over_every_worker_and_stops_clean(demo_model_dir: Path) -> No
     expected = engine_texts(demo_model_dir, 32)
     up = Up("--prefill", "2", "--decode", "2", "--http-port", "0", "--grpc-port", "0",
             "--num-kv-blocks", "256", "--startup-timeout", "90", "--drain-timeout", "10",
-            "--dtype", "float32", env={"SCALELLM_MESH_TOKEN": token})  # fmt: skip
+            "--dtype", "float32", "--gateway-arg=--routing=load",  # short prompts to the prefill tier too
+            env={"SCALELLM_MESH_TOKEN": token})  # fmt: skip
     pids: dict[int, str] = {}
     try:
         ready = up.wait_for("mesh ready: ")

@@ -155,6 +155,7 @@ async def test_through_the_gateway_disaggregated(
     (sampled by the prefill worker) equals the engine alone, response_format json_schema validates."""
     from scalellm import LLM
     from services.gateway.config import GatewayConfig
+    from services.gateway.prefix import RoutingMode
     from services.gateway.server import GatewayServer
 
     prefill, decode, _ = services
@@ -170,6 +171,7 @@ async def test_through_the_gateway_disaggregated(
     config = GatewayConfig(
         host="127.0.0.1", http_port=0, grpc_port=0, model=str(tiny_chat_model),
         decode_addrs=(decode.address,), prefill_addrs=(f"{PREFILL_ID}={prefill.address}",),
+        routing=RoutingMode.LOAD,  # the prefill worker runs every prompt, short ones too
     )  # fmt: skip
     server = GatewayServer(config)
     await server.start()

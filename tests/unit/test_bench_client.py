@@ -12,6 +12,7 @@ from aiohttp import web
 
 from bench.serving.client import RunConfig, arrival_gaps, payload, run, send
 from bench.serving.metrics import SLO, RequestResult, Stat, summarize
+from bench.serving.multiturn import MultiTurnSpec, conversations, per_turn, run_conversations
 from bench.serving.sse import SSEParser
 from bench.serving.workload import BenchRequest, dataset_requests, random_requests
 
@@ -162,3 +163,56 @@ async def test_concurrency_is_bounded(server) -> None:  # type: ignore[no-untype
     tiny, config = server
     results, _ = await run(config, [BenchRequest("usage", 1, 4)] * 6, progress=False)
     assert all(r.success for r in results) and tiny.peak == 2 and len(tiny.bodies) == 6
+
+
+class _Ids:
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+
+
+class _CharTokenizer:
+    """One token per character (ord), enough to follow an answer into the next turn's history."""
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> _Ids:
+        return _Ids([ord(c) for c in text])
+
+
+async def test_multi_turn_conversations_grow_and_share_their_system_prompt() -> None:
+    prompts: list[list[int]] = []
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        prompts.append(body["prompt"])
+        usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": 2,
+                 "prompt_tokens_details": {"cached_tokens": 16}}  # fmt: skip
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in events(["A", "B"], usage):
+            await response.write(f"data: {json.dumps(event)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        spec = MultiTurnSpec(
+            conversations=3, turns=3, system_prompts=2, system_len=20, turn_len=5, output_len=2
+        )
+        convs = conversations(spec, vocab=1000, seed=3)
+        assert convs[0].system == convs[2].system != convs[1].system and convs == conversations(spec, 1000, 3)
+        config = RunConfig(base_url=f"http://127.0.0.1:{port}/v1", model="m", max_concurrency=2)
+        results, _ = await run_conversations(config, spec, convs, _CharTokenizer())
+    finally:
+        await runner.cleanup()
+    assert len(results) == 9 and all(r.result.success for r in results)
+    first, second, third = (p for p in prompts if p[:25] == [*convs[0].system, *convs[0].users[0]])
+    assert len(first) == 25 and second == [*first, ord("A"), ord("B"), *convs[0].users[1]]
+    assert third[: len(second)] == second and len(third) == len(second) + 7
+    rows = per_turn(results, 3)
+    assert [r["completed"] for r in rows] == [3, 3, 3] and [r["prompt_tokens"] for r in rows] == [75, 96, 117]
+    assert all(r["cached_tokens"] == 48 for r in rows)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from scalellm.registry import (
@@ -13,6 +15,7 @@ from scalellm.registry import (
     WorkerRole,
     WorkerView,
 )
+from services.gateway.prefix import RoutingMode, RoutingPolicy
 from services.gateway.request import ErrorKind, GatewayError
 from services.gateway.routing import RegistryWorkers, Router, StaticWorkers, WorkerEndpoint, WorkerSet
 
@@ -29,7 +32,7 @@ def ep(wid: str, role: WorkerRole = WorkerRole.DECODE, **load: float) -> WorkerE
     return WorkerEndpoint(worker_id=wid, address=f"{wid}:1", role=role, block_size=16, **load)  # type: ignore[arg-type]
 
 
-def router(decode: list[WorkerEndpoint], prefill: list[WorkerEndpoint] = (), **kw: int) -> Router:  # type: ignore[assignment]
+def router(decode: list[WorkerEndpoint], prefill: list[WorkerEndpoint] = (), **kw: Any) -> Router:  # type: ignore[assignment]
     return Router(FixedSource(WorkerSet(tuple(decode), tuple(prefill))), **kw)
 
 
@@ -96,21 +99,24 @@ def test_free_block_estimate_counts_our_reservations() -> None:
     assert r.route(64).decode.worker_id == "b"
 
 
-def test_prefill_workers_least_loaded_first_and_capped() -> None:
+@pytest.mark.parametrize("mode", list(RoutingMode))
+def test_prefill_workers_least_loaded_first_and_capped(mode: RoutingMode) -> None:
     prefill = [ep(f"p{i}", WorkerRole.PREFILL, running=i, reported_at=1) for i in (3, 0, 1)]
-    r = router([ep("d", free_blocks=100, reported_at=1)], prefill, prefill_fallbacks=2)
-    route = r.route(10)
+    decode = [ep("d", free_blocks=1000, reported_at=1)]
+    r = router(decode, prefill, prefill_fallbacks=2, policy=RoutingPolicy(mode=mode))
+    route = r.route(1000)
     assert [p.worker_id for p in route.prefill] == ["p0", "p1"]
-    r.acquire(route, 10)
-    r.acquire(r.route(10), 10)  # p0: 0 + 1 ties p1: 1, and stays first
+    r.acquire(route, 1000).prefilled()  # its first token came: only its queue place counts now
+    r.acquire(r.route(1000), 1000).prefilled()  # p0: 0 + 1 ties p1: 1, and stays first
     assert r.inflight("p0") == 2
-    assert [p.worker_id for p in r.route(10).prefill] == ["p1", "p0"]  # p0 is now the busier
+    assert [p.worker_id for p in r.route(1000).prefill] == ["p1", "p0"]  # p0 is now the busier
 
 
-def test_colocated_without_prefill_workers_and_for_short_prompts() -> None:
+def test_colocated_without_prefill_workers_and_for_short_prompts_under_load_routing() -> None:
     assert router([ep("d", reported_at=1)]).route(10).prefill == ()
     both = ep("d", WorkerRole.BOTH, reported_at=1)
-    r = router([both], [ep("p", WorkerRole.PREFILL)], colocate_below_tokens=32)
+    load = RoutingPolicy(mode=RoutingMode.LOAD)
+    r = router([both], [ep("p", WorkerRole.PREFILL)], colocate_below_tokens=32, policy=load)
     assert r.route(10).prefill == () and [p.worker_id for p in r.route(100).prefill] == ["p"]
 
 
@@ -145,7 +151,7 @@ def record(wid: str, role: WorkerRole, running: int = 0, updated: float = 1.0) -
 def test_registry_workers_follow_the_view() -> None:
     view = WorkerView(client=None, model="m")  # type: ignore[arg-type] - fed by apply(), never started
     source = RegistryWorkers(view)
-    assert source.current() == WorkerSet()
+    assert source.current().decode == () and source.current().blocks is view.blocks
     snapshot = (
         record("both", WorkerRole.BOTH),
         record("dec", WorkerRole.DECODE, 3),

@@ -376,6 +376,7 @@ async def test_timings_opt_in(mesh: Mesh) -> None:
     assert set(timings) == {
         "gateway", "queue", "prefill", "transfer", "decode", "transfer_bytes", "total", "worker_call",
         "migrations",
+        "remote_prefill", "prompt_blocks", "routed_cached_blocks", "routed_ahead_tokens",
     }  # fmt: skip
     assert timings["queue"] == pytest.approx(0.001) and 0 < timings["gateway"] < timings["total"]
     assert 0 < timings["worker_call"] < timings["total"]  # the worker's stream, inside the total

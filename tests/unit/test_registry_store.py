@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 import redis.asyncio as aioredis
 
+from scalellm.kvhash import BlockHashDelta
 from scalellm.redis_server import RedisServer
 from scalellm.registry import (
     BackendUnavailable,
@@ -283,3 +284,32 @@ def test_redis_server_restarts_empty_on_the_same_port(redis_server: RedisServer)
         server.stop()
         assert not server.ping() and not server.running
     assert not server.running
+
+
+async def test_block_sets_live_under_the_lease_and_go_with_the_worker(
+    store: RegistryStore, redis_server: RedisServer
+) -> None:
+    key = store.keys.blocks("decode-0")
+    many = tuple(range(-1500, 1500))  # more hashes than one Lua unpack takes
+    async with aioredis.Redis.from_url(redis_server.url) as redis, store.subscribe() as subscription:
+        lease = await store.register(INFO, blocks=many)
+        assert await redis.scard(key) == len(many) and 0 < await redis.pttl(key) <= LEASE_S * 1000
+        delta = BlockHashDelta(added=(2**62, -(2**63)), removed=tuple(range(-1500, 1490)))
+        await store.heartbeat("decode-0", lease.lease_id, WorkerLoad(), delta)
+        (blocks,) = await store.block_sets(["decode-0"])
+        assert sorted(blocks.hashes) == sorted([*range(1490, 1500), 2**62, -(2**63)])
+        await store.heartbeat(
+            "decode-0", lease.lease_id, WorkerLoad(), BlockHashDelta(added=(5,), reset=True)
+        )
+        assert (await store.block_sets(["decode-0"]))[0].hashes == (5,)
+        messages = [await asyncio.wait_for(anext(subscription), 30) for _ in range(6)]
+        assert [m.type for m in messages] == [
+            EventType.JOINED, EventType.BLOCKS, EventType.LOAD, EventType.BLOCKS, EventType.LOAD, EventType.BLOCKS
+        ]  # fmt: skip
+        assert messages[3].blocks == delta and messages[1].blocks is not None and messages[1].blocks.reset
+        await store.deregister("decode-0", lease.lease_id)
+        assert not await redis.exists(key)
+        lease = await store.register(INFO, blocks=(1, 2))
+        await _until_lease_over(store, redis_server, "decode-0")
+        assert await store.reap_expired() == ["decode-0"]
+        assert not await redis.exists(key)

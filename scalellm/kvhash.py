@@ -1,0 +1,112 @@
+"""The prefix-block hash chain, shared by the engine (which caches blocks under it) and the gateway
+(which asks which worker holds a prompt's blocks). Torch-free and proto-free.
+
+    tokens   [t0 .. t15][t16 .. t31][t32 .. t40]
+    hashes   h0 = H(-1, t0..t15)  h1 = H(h0, t16..t31)   (a partial block has no hash)
+
+H is Python's tuple hash over ints: it does not depend on PYTHONHASHSEED, so every process of the
+same Python minor version computes the same chain for the same token ids (the gateway and the
+workers must run one Python version). Hashes are signed 64-bit ints in Python; the wire carries
+them as fixed64 (``to_wire`` / ``from_wire`` at the proto boundary). The chain is not salted by
+model: an index is kept per worker and a worker serves one model, so two models never meet in one
+lookup.
+
+A worker reports what its block manager caches as BlockHashDelta values: hashes added and removed
+since the last report, or, with ``reset``, its whole set (after it registers, so an index never
+keeps what a previous life of the worker held).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+NO_PARENT = -1
+_U64 = 1 << 64
+_I64_MAX = (1 << 63) - 1
+
+
+def hash_block(parent: int, tokens: tuple[int, ...]) -> int:
+    """Chained block hash of one full block of token ids under its parent's hash."""
+    return hash((parent, tokens))
+
+
+def prompt_block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
+    """The chain of a prompt's blocks that a prefix-cache hit can cover: full blocks only, and
+    never the block holding the last token (the engine always computes that one afresh)."""
+    if block_size <= 0:
+        return []
+    hashes: list[int] = []
+    parent = NO_PARENT
+    for i in range((len(token_ids) - 1) // block_size):
+        parent = hash_block(parent, tuple(token_ids[i * block_size : (i + 1) * block_size]))
+        hashes.append(parent)
+    return hashes
+
+
+def to_wire(h: int) -> int:
+    """A signed Python hash as an unsigned fixed64."""
+    return h % _U64
+
+
+def from_wire(u: int) -> int:
+    """An unsigned fixed64 back to the signed Python hash."""
+    return u - _U64 if u > _I64_MAX else u
+
+
+@dataclass(frozen=True, slots=True)
+class BlockHashDelta:
+    """Changes to the set of block hashes a worker caches (signed Python hashes).
+
+    A hash is in at most one of ``added`` / ``removed``; with ``reset`` the set is replaced by
+    ``added`` (and ``removed`` is empty).
+    """
+
+    added: tuple[int, ...] = ()
+    removed: tuple[int, ...] = ()
+    reset: bool = False
+
+    @property
+    def empty(self) -> bool:
+        """Nothing to report (a reset is never empty: it clears the set)."""
+        return not (self.added or self.removed or self.reset)
+
+    def then(self, later: BlockHashDelta) -> BlockHashDelta:
+        """This delta followed by a later one, as one delta."""
+        if later.reset:
+            return later
+        added, removed = set(self.added), set(self.removed)
+        added.difference_update(later.removed)
+        removed.difference_update(later.added)
+        added.update(later.added)
+        if not self.reset:
+            removed.update(later.removed)
+        return BlockHashDelta(tuple(added), tuple(removed), self.reset)
+
+
+class BlockHashLog:
+    """Accumulates a block manager's adds and evictions until they are taken as one delta."""
+
+    __slots__ = ("_added", "_removed")
+
+    def __init__(self) -> None:
+        self._added: set[int] = set()
+        self._removed: set[int] = set()
+
+    def added(self, h: int) -> None:
+        self._removed.discard(h)
+        self._added.add(h)
+
+    def removed(self, h: int) -> None:
+        self._added.discard(h)
+        self._removed.add(h)
+
+    def take(self, full: Iterable[int] | None = None) -> BlockHashDelta:
+        """The changes since the last take (and forget them); with ``full``, a reset to it."""
+        if full is not None:
+            delta = BlockHashDelta(tuple(full), (), reset=True)
+        else:
+            delta = BlockHashDelta(tuple(self._added), tuple(self._removed))
+        self._added.clear()
+        self._removed.clear()
+        return delta

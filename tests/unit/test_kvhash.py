@@ -1,0 +1,95 @@
+"""The shared block-hash chain and the block manager's hash deltas (what workers publish)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from scalellm.engine.block_manager import BlockManager
+from scalellm.engine.request import Request
+from scalellm.kvhash import BlockHashDelta, from_wire, prompt_block_hashes, to_wire
+from scalellm.types import SamplingParams
+
+
+def _req(rid: str, tokens: list[int]) -> Request:
+    return Request(rid, tokens, SamplingParams(), max_tokens=16)
+
+
+def _run(bm: BlockManager, req: Request) -> None:
+    assert bm.allocate(req, req.num_tokens)
+    req.num_computed_tokens = req.num_tokens
+    bm.commit_computed_blocks(req)
+
+
+def test_gateway_chain_is_the_engines_and_skips_the_last_block() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4)
+    tokens = list(range(100, 113))  # 13 tokens: 3 full blocks, all cacheable after computing
+    _run(bm, _req("a", tokens))
+    assert set(bm.cached) == set(prompt_block_hashes([*tokens, 0], 4))
+    # A prompt never hits the block holding its last token, so the gateway does not count it.
+    assert len(prompt_block_hashes(list(range(12)), 4)) == 2
+    assert len(prompt_block_hashes(list(range(13)), 4)) == 3
+    assert prompt_block_hashes([1, 2, 3], 0) == []
+
+
+def test_hashes_agree_across_processes_with_different_hash_seeds() -> None:
+    code = "from scalellm.kvhash import prompt_block_hashes as p; print(p(list(range(40)), 16))"
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={"PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in ("1", "2")
+    }
+    assert outputs == {f"{prompt_block_hashes(list(range(40)), 16)}\n"}
+
+
+def test_wire_form_is_unsigned_and_round_trips() -> None:
+    for h in (-(2**63), -2, 0, 5, 2**63 - 1):
+        assert 0 <= to_wire(h) < 2**64 and from_wire(to_wire(h)) == h
+
+
+def test_deltas_merge_in_order() -> None:
+    first = BlockHashDelta(added=(1, 2), removed=(3,))
+    later = BlockHashDelta(added=(3,), removed=(2, 4))
+    merged = first.then(later)
+    assert sorted(merged.added) == [1, 3] and sorted(merged.removed) == [2, 4] and not merged.reset
+    reset = BlockHashDelta(added=(7, 8), reset=True).then(later)
+    assert sorted(reset.added) == [3, 7, 8] and reset.removed == () and reset.reset
+    assert first.then(BlockHashDelta(added=(9,), reset=True)) == BlockHashDelta(added=(9,), reset=True)
+    assert BlockHashDelta().empty and not BlockHashDelta(reset=True).empty
+
+
+def test_block_manager_reports_adds_and_evictions_once() -> None:
+    bm = BlockManager(num_blocks=3, block_size=4)
+    a = _req("a", list(range(9)))  # 2 full blocks + 1 partial
+    _run(bm, a)
+    delta = bm.take_hash_delta()
+    assert set(delta.added) == set(prompt_block_hashes(list(range(9)), 4)) and delta.removed == ()
+    assert bm.take_hash_delta().empty  # taken once
+    bm.free_request(a)
+    assert bm.take_hash_delta().empty  # freed but still cached: nothing changes
+    b = _req("b", list(range(50, 59)))  # needs all 3 blocks: both cached ones are evicted
+    _run(bm, b)
+    delta = bm.take_hash_delta()
+    assert set(delta.removed) == set(prompt_block_hashes(list(range(9)), 4))
+    assert set(delta.added) == set(prompt_block_hashes(list(range(50, 59)), 4))
+    full = bm.take_hash_delta(full=True)
+    assert full.reset and set(full.added) == set(bm.cached)
+
+
+def test_deltas_applied_in_turn_rebuild_the_cache_through_churn() -> None:
+    bm = BlockManager(num_blocks=3, block_size=4)
+    published: set[int] = set()
+    for i in range(12):
+        req = _req(str(i), [i % 4] * 4 + list(range(i * 10, i * 10 + 5)))  # shared heads, new tails
+        _run(bm, req)
+        bm.free_request(req)
+        if i % 3 == 2:  # several changes (an add and its eviction among them) per delta
+            delta = bm.take_hash_delta()
+            assert not set(delta.added) & set(delta.removed)
+            published = (published - set(delta.removed)) | set(delta.added)
+            assert published == set(bm.cached)
