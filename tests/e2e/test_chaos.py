@@ -268,7 +268,7 @@ def test_no_request_is_lost_when_each_kind_of_child_goes_down(tiny_served: Path,
 
 
 STREAMS = 32
-LONG = 160  # tokens per stream: still running when the worker dies
+LONG = 800  # tokens per stream (the tiny model's context is 1024): still running when a worker dies
 
 
 def test_streams_of_a_killed_decode_worker_migrate_and_finish_exactly(tiny_served: Path) -> None:
@@ -280,21 +280,21 @@ def test_streams_of_a_killed_decode_worker_migrate_and_finish_exactly(tiny_serve
         SamplingParams(temperature=0.0 if s is None else 0.8, seed=s, max_tokens=LONG, ignore_eos=True)
         for s in seeds
     ]
-    llm = LLM(model=str(tiny_served), num_kv_blocks=512)
+    llm = LLM(model=str(tiny_served), num_kv_blocks=2048, dtype="float32")  # the exactness anchor's dtype
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     expected = [o.outputs[0].text for o in outs]
     del llm
 
     up = Up(
         "--model", str(tiny_served), "--prefill", "1", "--decode", "2", "--http-port", "0", "--grpc-port", "0",
-        "--quiet", "--num-kv-blocks", "512", "--max-num-seqs", "32", "--startup-timeout", "120",
+        "--quiet", "--num-kv-blocks", "2048", "--dtype", "float32", "--max-num-seqs", "32", "--startup-timeout", "120",
     )  # fmt: skip
     pids: dict[int, str] = {}
     try:
         base_url = up.wait_for("mesh ready: ", timeout=150).split()[2]
         pids = up.pids()
-        decode = int(_latest(up, r"started decode-1 pid=(\d+)").group(1))
-        decode_metrics = _latest(up, r"ready decode-1 .* metrics=(\S+)").group(1)
+        pids_of = {n: int(_latest(up, rf"started {n} pid=(\d+)").group(1)) for n in ("decode-1", "decode-2")}
+        metrics_of = {n: _latest(up, rf"ready {n} .* metrics=(\S+)").group(1) for n in pids_of}
         started = threading.Barrier(STREAMS + 1)
 
         def stream(i: int) -> str:
@@ -316,8 +316,11 @@ def test_streams_of_a_killed_decode_worker_migrate_and_finish_exactly(tiny_serve
         with ThreadPoolExecutor(STREAMS) as pool:
             futures = [pool.submit(stream, i) for i in range(STREAMS)]
             started.wait(120)
-            running = _metrics(decode_metrics).get("scalellm_running_batch", 0)
-            os.kill(decode, signal.SIGKILL)
+            # The busier worker dies (routing may have put more streams on one of them).
+            batches = {n: _metrics(url).get("scalellm_running_batch", 0) for n, url in metrics_of.items()}
+            victim = max(batches, key=lambda n: batches[n])
+            running = batches[victim]
+            os.kill(pids_of[victim], signal.SIGKILL)
             texts = [f.result(timeout=300) for f in futures]
         assert running > 0  # the killed worker had streams in flight
         assert texts == expected
