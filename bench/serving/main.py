@@ -3,8 +3,9 @@
     scalellm bench --base-url http://127.0.0.1:8000/v1 --max-concurrency 8 --num-prompts 32 \\
         --input-len 64 --output-len 32 --ignore-eos --slo-ttft-ms 500 --slo-tpot-ms 100 --out r.json
     scalellm bench --request-rate 4 --dataset prompts.jsonl    # Poisson arrivals, JSONL prompts
-    scalellm bench --workload multi-turn --conversations 8 --turns 4 --system-len 512 \
-        --turn-len 64 --output-len 32 --ignore-eos                  # TTFT per turn, prefix hits
+    scalellm bench --workload multi-turn --conversations 16 --turns 6 --system-len 1024 \\
+        --turn-len 64 --output-len 64 --conversation-rate 1 --think-time-s 2 --ignore-eos
+                                                        # TTFT per turn, prefix hits
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-concurrency", type=int, default=None, help="streams open at once (default: no limit)")
     add("--request-rate", type=float, default=float("inf"), help="Poisson arrivals/s (default: all at once)")
     add("--input-len", type=int, default=64, help="random prompts: tokens per prompt")
-    add("--output-len", type=int, default=32, help="max_tokens (dataset rows may override)")
+    add("--output-len", type=int, default=None,
+        help="max_tokens (dataset rows may override; default 32, multi-turn 64)")  # fmt: skip
     add("--dataset", default=None, help="JSONL with prompt and optional output_len per line")
     add("--tokenizer", default=None, help="model folder or tokenizer.json for random prompts "
         "(default: the prepared demo model if present; else random words)")  # fmt: skip
@@ -56,11 +58,29 @@ def build_parser() -> argparse.ArgumentParser:
         default="random",
         help="multi-turn: conversations growing turn by turn (bench/serving/multiturn.py)",
     )
-    add("--conversations", type=int, default=8, help="multi-turn: conversations")
-    add("--turns", type=int, default=4, help="multi-turn: turns per conversation")
-    add("--system-prompts", type=int, default=2, help="multi-turn: system prompts the conversations share")
-    add("--system-len", type=int, default=512, help="multi-turn: tokens per system prompt")
-    add("--turn-len", type=int, default=64, help="multi-turn: tokens per user message")
+    mt = MultiTurnSpec()
+    add("--conversations", type=int, default=mt.conversations, help="multi-turn: conversations")
+    add("--turns", type=int, default=mt.turns, help="multi-turn: turns per conversation")
+    add(
+        "--system-prompts",
+        type=int,
+        default=mt.system_prompts,
+        help="multi-turn: system prompts the conversations share",
+    )
+    add("--system-len", type=int, default=mt.system_len, help="multi-turn: tokens per system prompt")
+    add("--turn-len", type=int, default=mt.turn_len, help="multi-turn: tokens per user message")
+    add(
+        "--conversation-rate",
+        type=float,
+        default=mt.arrival_rate,
+        help="multi-turn: conversations started per second, Poisson (inf: all at once)",
+    )
+    add(
+        "--think-time-s",
+        type=float,
+        default=mt.think_time_s,
+        help="multi-turn: mean pause (exponential) between an answer and the next turn",
+    )
     return p  # fmt: skip
 
 
@@ -74,6 +94,7 @@ def default_tokenizer() -> str | None:
 
 
 def make_requests(args: argparse.Namespace) -> list[BenchRequest]:
+    args.output_len = args.output_len or 32
     if args.dataset:
         return dataset_requests(args.dataset, args.num_prompts, args.output_len, args.seed)
     tokenizer = load_tokenizer(args.tokenizer or default_tokenizer())
@@ -83,12 +104,20 @@ def make_requests(args: argparse.Namespace) -> list[BenchRequest]:
 async def bench_multi_turn(args: argparse.Namespace, config: RunConfig) -> dict[str, Any]:
     spec = MultiTurnSpec(
         conversations=args.conversations, turns=args.turns, system_prompts=args.system_prompts,
-        system_len=args.system_len, turn_len=args.turn_len, output_len=args.output_len,
+        system_len=args.system_len, turn_len=args.turn_len, output_len=args.output_len or MultiTurnSpec.output_len,
+        arrival_rate=args.conversation_rate, think_time_s=args.think_time_s,
     )  # fmt: skip
     tokenizer = load_tokenizer(args.tokenizer or default_tokenizer())
     vocab = tokenizer.get_vocab_size() if tokenizer is not None else 32000
     if args.warmup:  # another seed: nothing of it is in the measured conversations
-        warm = MultiTurnSpec(conversations=args.warmup, turns=1, system_len=16, turn_len=16, output_len=4)
+        warm = MultiTurnSpec(
+            conversations=args.warmup,
+            turns=1,
+            system_len=16,
+            turn_len=16,
+            output_len=4,
+            arrival_rate=float("inf"),
+        )
         await run_conversations(config, warm, conversations(warm, vocab, seed=args.seed + 999), tokenizer)
     results, duration = await run_conversations(
         config, spec, conversations(spec, vocab, args.seed), tokenizer

@@ -8,10 +8,20 @@ Conversation c uses system prompt c % system_prompts; turn t sends the whole his
 
 Prompts go as token ids (the history's ids are exactly the previous prompt's, so a server's prefix
 cache can hit all of it); an answer joins the history re-tokenized from its text (a tokenizer is
-needed for that; without one, answers are left out of the history). Conversations run at once
-(bounded by --max-concurrency); the turns of one conversation one after the other, each sent when
-the previous answer is complete. TTFT is reported per turn: turn 0 shows the shared system prompt,
-later turns the conversation's own history.
+needed for that; without one, answers are left out of the history).
+
+Timing, as in chat traffic (and in the multi-turn benchmarks of vLLM's production stack, SGLang and
+Dynamo's AIPerf): conversations start staggered, as Poisson arrivals at ``arrival_rate`` per second
+(inf: all at once), and a user thinks before each next turn, an exponential pause of mean
+``think_time_s`` after the previous answer is complete. Both are drawn from the seed, so every
+system under test sees the same schedule:
+
+    conv 0  |start|--turn 0--|..think..|--turn 1--|..think..|--turn 2--| ...
+    conv 1       |start|--turn 0--|....think....|--turn 1--| ...
+            0 ------------------------------------------------------------------> time
+
+Many conversations are in flight at once (bounded by max_concurrency if set). TTFT is reported
+per turn: turn 0 shows the shared system prompt, later turns the conversation's own history.
 """
 
 from __future__ import annotations
@@ -31,20 +41,32 @@ from bench.serving.workload import BenchRequest
 
 @dataclass(frozen=True)
 class MultiTurnSpec:
-    conversations: int = 8
-    turns: int = 4
+    conversations: int = 16
+    turns: int = 6
     system_prompts: int = 2
-    system_len: int = 512
+    system_len: int = 1024
     """Tokens of each shared system prompt."""
     turn_len: int = 64
     """Tokens of each user message."""
-    output_len: int = 32
+    output_len: int = 64
+    arrival_rate: float = 1.0
+    """Conversations started per second (Poisson); inf starts them all at once."""
+    think_time_s: float = 2.0
+    """Mean pause (exponential) between an answer and the next turn; 0: none."""
+
+    def __post_init__(self) -> None:
+        if self.arrival_rate <= 0 or self.think_time_s < 0:
+            raise ValueError("arrival_rate must be > 0 and think_time_s >= 0")
 
 
 @dataclass(frozen=True)
 class Conversation:
     system: tuple[int, ...]
     users: tuple[tuple[int, ...], ...]
+    start_s: float = 0.0
+    """When the first turn is sent, from the run's start."""
+    think_s: tuple[float, ...] = ()
+    """The pause before each turn after the first (len(users) - 1 of them)."""
 
 
 @dataclass
@@ -57,17 +79,26 @@ class TurnResult:
 def conversations(
     spec: MultiTurnSpec, vocab: int, seed: int = 0, special_ids: int = 100
 ) -> list[Conversation]:
-    """Seeded random token ids: the system prompts, then each conversation's user messages."""
+    """Seeded random token ids (the system prompts, then each conversation's user messages) and
+    the seeded schedule: start times and think times (the module docstring)."""
     rng = random.Random(seed)
+    timing = random.Random(seed + 1)  # its own stream: the ids do not depend on the timing knobs
 
     def ids(n: int) -> tuple[int, ...]:
         return tuple(rng.randrange(special_ids, vocab) for _ in range(n))
 
+    def pause(mean: float) -> float:
+        return timing.expovariate(1.0 / mean) if 0 < mean < float("inf") else 0.0
+
     systems = [ids(spec.system_len) for _ in range(max(1, spec.system_prompts))]
-    return [
-        Conversation(systems[c % len(systems)], tuple(ids(spec.turn_len) for _ in range(spec.turns)))
-        for c in range(spec.conversations)
-    ]
+    convs, start = [], 0.0
+    for c in range(spec.conversations):
+        if c:
+            start += pause(1.0 / spec.arrival_rate)
+        think = tuple(pause(spec.think_time_s) for _ in range(spec.turns - 1))
+        users = tuple(ids(spec.turn_len) for _ in range(spec.turns))
+        convs.append(Conversation(systems[c % len(systems)], users, start, think))
+    return convs
 
 
 async def run_conversations(
@@ -80,10 +111,13 @@ async def run_conversations(
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
 
         async def one(index: int, conv: Conversation) -> None:
+            await asyncio.sleep(conv.start_s)
             history = list(conv.system)
             for turn, user in enumerate(conv.users):
+                if turn and turn - 1 < len(conv.think_s):
+                    await asyncio.sleep(conv.think_s[turn - 1])
                 prompt = history + list(user)
-                request = BenchRequest(prompt, len(prompt), spec.output_len)  # type: ignore[arg-type]
+                request = BenchRequest(prompt, len(prompt), spec.output_len)
                 if limit is None:
                     result = await send(session, config, request)
                 else:

@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
 from bench.serving.client import RunConfig, first_model, run
 from bench.serving.metrics import summarize
 from bench.serving.multiturn import MultiTurnSpec, conversations, per_turn, run_conversations
@@ -28,6 +31,11 @@ from bench.serving.run_all import free_port
 from bench.serving.systems import Running, mesh
 from bench.serving.workload import load_tokenizer, random_requests
 
+ROUTE_METRICS = {
+    "scalellm_gateway_routes": "sequences",
+    "scalellm_gateway_route_prompt_tokens": "prompt_tokens",
+    "scalellm_gateway_route_cached_tokens": "cached_tokens",
+}
 SHAPES = {"colocated-2": ["--colocated", "--decode", "2"], "disagg-2+2": ["--prefill", "2", "--decode", "2"]}
 
 
@@ -37,20 +45,60 @@ async def measure(base_url: str, args: argparse.Namespace, tokenizer: Any) -> di
     spec = MultiTurnSpec(
         conversations=args.conversations, turns=args.turns, system_prompts=args.system_prompts,
         system_len=args.system_len, turn_len=args.turn_len, output_len=args.output_len,
+        arrival_rate=args.conversation_rate, think_time_s=args.think_time_s,
     )  # fmt: skip
     vocab = tokenizer.get_vocab_size()
-    warm = MultiTurnSpec(conversations=2, turns=1, system_len=16, turn_len=16, output_len=4)
+    warm = MultiTurnSpec(
+        conversations=2, turns=1, system_len=16, turn_len=16, output_len=4, arrival_rate=float("inf")
+    )
     await run_conversations(config, warm, conversations(warm, vocab, seed=999), tokenizer)
+    before = await route_counts(base_url)
     results, duration = await run_conversations(config, spec, conversations(spec, vocab, seed=0), tokenizer)
+    after = await route_counts(base_url)
     multi = summarize([r.result for r in results], duration)
     single_requests = random_requests(args.random_prompts, args.random_input_len, args.output_len, tokenizer)
-    single_results, single_duration = await run(config, single_requests, progress=False)
+    single_config = RunConfig(base_url, model, max_concurrency=args.random_concurrency, ignore_eos=True)
+    single_results, single_duration = await run(single_config, single_requests, progress=False)
     single = summarize(single_results, single_duration)
     return {
         "multi_turn": multi.to_dict(),
         "turns": per_turn(results, spec.turns),
         "random": single.to_dict(),
+        "routes": [
+            {"worker": w, "prefill": p, **{k: v - before.get((w, p), {}).get(k, 0.0) for k, v in c.items()}}
+            for (w, p), c in sorted(after.items())
+        ],
+        "requests": [
+            {
+                "conversation": r.conversation,
+                "turn": r.turn,
+                "ok": r.result.success,
+                "prompt_len": r.result.prompt_len,
+                "cached_tokens": r.result.cached_tokens,
+                "ttft": r.result.ttft,
+                "latency": r.result.latency,
+            }
+            for r in results
+        ],
     }
+
+
+async def route_counts(base_url: str) -> dict[tuple[str, str], dict[str, float]]:
+    """The gateway's routing counters (/metrics) by (worker computing the prompt, local|remote)."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(base_url.removesuffix("/v1") + "/metrics") as r,
+    ):
+        text = await r.text()
+    counts: dict[tuple[str, str], dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name not in ROUTE_METRICS:
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                key = (sample.labels["worker"], sample.labels["prefill"])
+                counts.setdefault(key, {})[ROUTE_METRICS[family.name]] = sample.value
+    return counts
 
 
 def report(runs: list[dict[str, Any]]) -> str:
@@ -98,15 +146,19 @@ def main(argv: list[str] | None = None) -> int:
     add("--model", default=None, help="model folder (default: the prepared demo model)")
     add("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     add("--rounds", type=int, default=1)
-    add("--concurrency", type=int, default=8)
-    add("--conversations", type=int, default=8)
-    add("--turns", type=int, default=4)
-    add("--system-prompts", type=int, default=2)
-    add("--system-len", type=int, default=512)
-    add("--turn-len", type=int, default=64)
-    add("--output-len", type=int, default=16)
+    mt = MultiTurnSpec()
+    add("--concurrency", type=int, default=None, help="streams open at once (default: no limit)")
+    add("--conversations", type=int, default=mt.conversations)
+    add("--turns", type=int, default=mt.turns)
+    add("--system-prompts", type=int, default=mt.system_prompts)
+    add("--system-len", type=int, default=mt.system_len)
+    add("--turn-len", type=int, default=mt.turn_len)
+    add("--output-len", type=int, default=mt.output_len)
+    add("--conversation-rate", type=float, default=mt.arrival_rate, help="conversations started per second")
+    add("--think-time-s", type=float, default=mt.think_time_s, help="mean pause before a next turn")
     add("--random-prompts", type=int, default=16)
     add("--random-input-len", type=int, default=128)
+    add("--random-concurrency", type=int, default=8)
     add("--threads-per-worker", type=int, default=1)
     add("--worker-arg", action="append", default=[], help="extra worker flag (--worker-arg=--flag=value)")
     add("--gateway-arg", action="append", default=[], help="extra gateway flag (--gateway-arg=--flag=value)")

@@ -5,8 +5,9 @@ Every cost is counted in prompt tokens a worker must compute before our first to
     cost(w) = uncached(w) + ahead(w)
     uncached(w) = prompt_len - block_size * matched_blocks(w)      prefill work for our prompt
     ahead(w)    = backlog(w) + queue_weight * queued(w)             work queued in front of it
-                  backlog: prompt tokens waiting / in prefill there (its last load report, plus
-                           the uncached tokens this gateway sent there since, until their first token)
+                  backlog: prompt tokens waiting / in prefill there: its last load report less
+                           the whole prompts of ours it may count (a waiting request's cache hit is
+                           only found on admission), plus our uncached tokens until their first token
                   queued:  running + waiting sequences (report + this gateway's in-flight since)
 
 ``queue_weight`` (``--queue-weight-tokens``, default 128) plays Dynamo's ``overlap_score_weight``

@@ -11,6 +11,14 @@ A worker's estimated load is its last reported queue (running + waiting) plus th
 gateway's own in-flight count on it since that report; free blocks likewise. So a burst spreads
 over the workers before the next heartbeat, and a fresh report (which already counts our
 requests) resets the correction. Static workers have no reports: their load is our in-flight count.
+
+Its prefill backlog is counted the same way but with our own prompts replaced by what we know of
+them: a worker reports a waiting request's whole prompt as backlog (its prefix-cache hit is only
+found when the request is admitted), so a prefix holder would look busiest exactly when its
+queue is cache hits, and lose the next request of the same prefix. So:
+
+    backlog = max(0, reported - ours_full_at_report) + ours_uncached_now
+              ^ other gateways' work (and recomputes)    ^ exact: what we sent, not yet prefilled
 """
 
 from __future__ import annotations
@@ -159,19 +167,21 @@ class Route:
 
 class _Tally:
     """This gateway's outstanding work on one worker, and its value when the last report came:
-    sequences in flight, KV blocks they hold, prompt tokens sent there and not yet prefilled."""
+    sequences in flight, KV blocks they hold, prompt tokens to compute there and not yet
+    prefilled (tokens), and the whole prompts of those sequences (prompts)."""
 
-    __slots__ = ("base_blocks", "base_inflight", "base_tokens", "blocks", "inflight", "reported_at", "tokens")
+    __slots__ = ("base_blocks", "base_inflight", "base_prompts", "blocks", "inflight", "prompts", "reported_at",
+                 "tokens")  # fmt: skip
 
     def __init__(self) -> None:
-        self.inflight = self.blocks = self.tokens = 0
-        self.base_inflight = self.base_blocks = self.base_tokens = 0
+        self.inflight = self.blocks = self.tokens = self.prompts = 0
+        self.base_inflight = self.base_blocks = self.base_prompts = 0
         self.reported_at = 0.0
 
     def sync(self, worker: WorkerEndpoint) -> None:
         if worker.reported_at != self.reported_at:
             self.reported_at = worker.reported_at
-            self.base_inflight, self.base_blocks, self.base_tokens = self.inflight, self.blocks, self.tokens
+            self.base_inflight, self.base_blocks, self.base_prompts = self.inflight, self.blocks, self.prompts
 
     def load(self, worker: WorkerEndpoint) -> int:
         return max(0, worker.running + worker.waiting + self.inflight - self.base_inflight)
@@ -182,31 +192,35 @@ class _Tally:
         return worker.free_blocks - (self.blocks - self.base_blocks)
 
     def backlog(self, worker: WorkerEndpoint) -> int:
-        """Prompt tokens waiting there: its report's backlog plus what we sent since."""
-        return worker.prefill_backlog_tokens + max(0, self.tokens - self.base_tokens)
+        """Prompt tokens to compute there before ours: the report's, less our prompts it may
+        have counted whole, plus our uncached tokens not yet prefilled (module docstring)."""
+        return max(0, worker.prefill_backlog_tokens - self.base_prompts) + self.tokens
 
 
 class RouteLease:
     """The in-flight count a Route holds; release() once the sequence ends (idempotent). The
     prompt's uncached tokens count as the computing worker's backlog until prefilled()."""
 
-    __slots__ = ("_blocks", "_tallies", "_work", "route")
+    __slots__ = ("_blocks", "_prompts", "_tallies", "_work", "route")
 
-    def __init__(self, route: Route, tallies: list[_Tally], blocks: int, work: list[int]) -> None:
+    def __init__(self, route: Route, tallies: list[_Tally], blocks: int, work: list[tuple[int, int]]) -> None:
+        """work: per tally, (uncached tokens it computes, whole prompt tokens it may report)."""
         self.route = route
         self._tallies = tallies
         self._blocks = blocks
         self._work = work
-        for tally, tokens in zip(tallies, work, strict=True):
+        for tally, (tokens, prompt) in zip(tallies, work, strict=True):
             tally.inflight += 1
             tally.blocks += blocks
             tally.tokens += tokens
+            tally.prompts += prompt
 
     def prefilled(self) -> None:
         """The first token came: the prompt is no longer anyone's backlog (idempotent)."""
-        for tally, tokens in zip(self._tallies, self._work, strict=True):
+        for tally, (tokens, prompt) in zip(self._tallies, self._work, strict=True):
             tally.tokens -= tokens
-        self._work = [0] * len(self._tallies)
+            tally.prompts -= prompt
+        self._work = [(0, 0)] * len(self._tallies)
 
     def release(self) -> None:
         self.prefilled()
@@ -364,10 +378,11 @@ class Router:
         decode = route.decode
         blocks = -(-prompt_len // decode.block_size) if decode.block_size else 0
         uncached = max(0, prompt_len - route.cached_blocks * decode.block_size)
-        tallies, work = [self._tally(decode)], [uncached if route.local_prefill else 0]
+        local = route.local_prefill
+        tallies, work = [self._tally(decode)], [(uncached, prompt_len) if local else (0, 0)]
         self.prefix.predict(decode.worker_id, route.chain)
         if route.prefill:
             tallies.append(self._tally(route.prefill[0]))
-            work.append(uncached)
+            work.append((uncached, prompt_len))
             self.prefix.predict(route.prefill[0].worker_id, route.chain)
         return RouteLease(route, tallies, blocks, work)

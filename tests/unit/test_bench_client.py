@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -12,7 +14,7 @@ from aiohttp import web
 
 from bench.serving.client import RunConfig, arrival_gaps, payload, run, send
 from bench.serving.metrics import SLO, RequestResult, Stat, summarize
-from bench.serving.multiturn import MultiTurnSpec, conversations, per_turn, run_conversations
+from bench.serving.multiturn import Conversation, MultiTurnSpec, conversations, per_turn, run_conversations
 from bench.serving.sse import SSEParser
 from bench.serving.workload import BenchRequest, dataset_requests, random_requests
 
@@ -177,6 +179,21 @@ class _CharTokenizer:
         return _Ids([ord(c) for c in text])
 
 
+@contextlib.asynccontextmanager
+async def serve_completions(handler: Any) -> AsyncIterator[int]:
+    """A tiny server with handler on /v1/completions; yields its port."""
+    app = web.Application()
+    app.router.add_post("/v1/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()
+
+
 async def test_multi_turn_conversations_grow_and_share_their_system_prompt() -> None:
     prompts: list[list[int]] = []
 
@@ -192,23 +209,15 @@ async def test_multi_turn_conversations_grow_and_share_their_system_prompt() -> 
         await response.write(b"data: [DONE]\n\n")
         return response
 
-    app = web.Application()
-    app.router.add_post("/v1/completions", completions)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with serve_completions(completions) as port:
         spec = MultiTurnSpec(
-            conversations=3, turns=3, system_prompts=2, system_len=20, turn_len=5, output_len=2
-        )
+            conversations=3, turns=3, system_prompts=2, system_len=20, turn_len=5, output_len=2,
+            arrival_rate=float("inf"), think_time_s=0.0,
+        )  # fmt: skip
         convs = conversations(spec, vocab=1000, seed=3)
         assert convs[0].system == convs[2].system != convs[1].system and convs == conversations(spec, 1000, 3)
         config = RunConfig(base_url=f"http://127.0.0.1:{port}/v1", model="m", max_concurrency=2)
         results, _ = await run_conversations(config, spec, convs, _CharTokenizer())
-    finally:
-        await runner.cleanup()
     assert len(results) == 9 and all(r.result.success for r in results)
     first, second, third = (p for p in prompts if p[:25] == [*convs[0].system, *convs[0].users[0]])
     assert len(first) == 25 and second == [*first, ord("A"), ord("B"), *convs[0].users[1]]
@@ -216,3 +225,59 @@ async def test_multi_turn_conversations_grow_and_share_their_system_prompt() -> 
     rows = per_turn(results, 3)
     assert [r["completed"] for r in rows] == [3, 3, 3] and [r["prompt_tokens"] for r in rows] == [75, 96, 117]
     assert all(r["cached_tokens"] == 48 for r in rows)
+
+
+def test_multi_turn_schedule_is_staggered_seeded_and_apart_from_the_ids() -> None:
+    spec = MultiTurnSpec(
+        conversations=400, turns=6, system_len=4, turn_len=3, arrival_rate=2.0, think_time_s=3.0
+    )
+    convs = conversations(spec, vocab=1000, seed=5)
+    starts = [c.start_s for c in convs]
+    assert starts[0] == 0.0 and starts == sorted(starts) and len(set(starts)) == len(starts)
+    assert starts[-1] / (len(starts) - 1) == pytest.approx(0.5, rel=0.15)  # Poisson at 2/s
+    thinks = [t for c in convs for t in c.think_s]
+    assert all(len(c.think_s) == spec.turns - 1 for c in convs) and min(thinks) > 0
+    assert sum(thinks) / len(thinks) == pytest.approx(3.0, rel=0.1)
+    assert convs == conversations(spec, vocab=1000, seed=5)
+    at_once = MultiTurnSpec(conversations=400, turns=6, system_len=4, turn_len=3, arrival_rate=float("inf"),
+                            think_time_s=0.0)  # fmt: skip
+    same_ids = conversations(at_once, vocab=1000, seed=5)
+    assert all(c.start_s == 0.0 and set(c.think_s) == {0.0} for c in same_ids)
+    assert [(c.system, c.users) for c in same_ids] == [(c.system, c.users) for c in convs]
+    with pytest.raises(ValueError):
+        MultiTurnSpec(arrival_rate=0.0)
+
+
+async def test_multi_turn_waits_for_each_start_and_think_time() -> None:
+    received: list[tuple[int, float]] = []  # (prompt length, when it came)
+    answered: dict[int, float] = {}  # prompt length -> when its answer was written
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        received.append((len(body["prompt"]), time.perf_counter()))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in events(["A"], {"prompt_tokens": len(body["prompt"]), "completion_tokens": 1}):
+            await response.write(f"data: {json.dumps(event)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        answered[len(body["prompt"])] = time.perf_counter()
+        return response
+
+    # one conversation per system length, so a prompt's length says whose turn it is
+    spec = MultiTurnSpec(conversations=3, turns=3, system_prompts=1, system_len=300, turn_len=5, output_len=1,
+                         arrival_rate=5.0, think_time_s=0.2)  # fmt: skip
+    convs = [
+        Conversation(c.system[: 10 + 100 * i], c.users, c.start_s, c.think_s)
+        for i, c in enumerate(conversations(spec, vocab=1000, seed=1))
+    ]
+    async with serve_completions(completions) as port:
+        config = RunConfig(base_url=f"http://127.0.0.1:{port}/v1", model="m")
+        begun = time.perf_counter()
+        results, _ = await run_conversations(config, spec, convs, _CharTokenizer())
+    assert len(results) == 9 and all(r.result.success for r in results)
+    for i, conv in enumerate(convs):
+        lengths = [10 + 100 * i + 5, 10 + 100 * i + 11, 10 + 100 * i + 17]  # + user, + "A" + user, ...
+        came = dict(received)
+        assert came[lengths[0]] >= begun + conv.start_s  # lower bounds only: never flaky under load
+        for turn in (1, 2):
+            assert came[lengths[turn]] >= answered[lengths[turn - 1]] + conv.think_s[turn - 1]

@@ -140,3 +140,24 @@ def test_a_burst_of_one_prefix_spreads_until_the_first_is_prefilled() -> None:
     first.prefilled()
     third = r.route(len(PROMPT), prompt=PROMPT)
     assert third.decode.worker_id == first.route.decode.worker_id and third.decode_cached_blocks == 41
+
+
+def test_a_prefix_holder_whose_report_counts_our_queued_hit_whole_keeps_the_prefix() -> None:
+    # a holds the system prompt; we send it a conversation that hits it (20 tokens to compute).
+    # Its next report shows that request still waiting, counted whole (a worker finds the hit only
+    # on admission): 660 tokens of "backlog" that are 20 of work. The next conversation of the same
+    # system prompt must still go to a, not to b where all 656 tokens would be recomputed.
+    source = FixedSource(WorkerSet((ep("a"), ep("b")), (), index(a=SYSTEM)))
+    r = Router(source, policy=RoutingPolicy())
+    first = r.route(len(PROMPT), prompt=PROMPT)
+    assert first.decode.worker_id == "a" and first.decode_cached_blocks == 40
+    r.acquire(first, len(PROMPT))
+    reported = ep("a", reported_at=2, waiting=1, prefill_backlog_tokens=len(PROMPT))
+    source.workers = WorkerSet((reported, ep("b")), (), source.workers.blocks)
+    other = [*SYSTEM, *range(3000, 3020)]
+    second = r.route(len(other), prompt=other)
+    assert second.decode.worker_id == "a" and second.decode_cached_blocks == 40
+    # Work the report counts beyond our own prompts (another gateway's) still weighs.
+    busy = ep("a", reported_at=3, waiting=1, prefill_backlog_tokens=len(PROMPT) + 2000)
+    source.workers = WorkerSet((busy, ep("b")), (), source.workers.blocks)
+    assert r.route(len(other), prompt=other).decode.worker_id == "b"
