@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -52,17 +53,7 @@ class EngineHost:
     ) -> Request:
         """The engine's make_request, off the event loop when it compiles structured output (a
         new spec takes milliseconds, the first one also loads the grammar tokenizer)."""
-        if params.structured_output is None:
-            return self.engine.make_request(
-                request_id,
-                prompt_token_ids,
-                params,
-                priority,
-                prefill_only=prefill_only,
-                resume_token_ids=resume_token_ids,
-                tenant=tenant,
-            )
-        return await asyncio.to_thread(
+        make = functools.partial(
             self.engine.make_request,
             request_id,
             prompt_token_ids,
@@ -72,6 +63,7 @@ class EngineHost:
             resume_token_ids=resume_token_ids,
             tenant=tenant,
         )
+        return make() if params.structured_output is None else await asyncio.to_thread(make)
 
     def stop(self) -> None:
         self.aengine.stop()
