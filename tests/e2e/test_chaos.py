@@ -295,7 +295,6 @@ def test_streams_of_a_killed_decode_worker_migrate_and_finish_exactly(tiny_serve
         pids = up.pids()
         pids_of = {n: int(_latest(up, rf"started {n} pid=(\d+)").group(1)) for n in ("decode-1", "decode-2")}
         metrics_of = {n: _latest(up, rf"ready {n} .* metrics=(\S+)").group(1) for n in pids_of}
-        started = threading.Barrier(STREAMS + 1)
 
         def stream(i: int) -> str:
             import openai
@@ -305,21 +304,14 @@ def test_streams_of_a_killed_decode_worker_migrate_and_finish_exactly(tiny_serve
                 model="", prompt=prompts[i], max_tokens=LONG, stream=True, seed=seeds[i],
                 temperature=0.0 if seeds[i] is None else 0.8, extra_body={"ignore_eos": True},
             )  # fmt: skip
-            text, waited = "", False
-            for chunk in chunks:
-                text += chunk.choices[0].text if chunk.choices else ""
-                if not waited:
-                    waited = True
-                    started.wait(120)  # every stream is running before the kill
-            return text
+            return "".join(chunk.choices[0].text if chunk.choices else "" for chunk in chunks)
 
         with ThreadPoolExecutor(STREAMS) as pool:
             futures = [pool.submit(stream, i) for i in range(STREAMS)]
-            started.wait(120)
-            # The busier worker dies (routing may have put more streams on one of them).
-            batches = {n: _metrics(url).get("scalellm_running_batch", 0) for n, url in metrics_of.items()}
-            victim = max(batches, key=lambda n: batches[n])
-            running = batches[victim]
+            # The first worker to run a quarter of the streams dies, early in their 800 tokens: a
+            # later kill can find a worker that already sent its last token into the gateway's
+            # buffers (the gateway trails the worker on two cores), and then nothing migrates.
+            victim, running = _busy_worker(metrics_of, at_least=STREAMS // 4, timeout=120)
             os.kill(pids_of[victim], signal.SIGKILL)
             texts = [f.result(timeout=300) for f in futures]
         assert running > 0  # the killed worker had streams in flight
@@ -335,3 +327,15 @@ def test_streams_of_a_killed_decode_worker_migrate_and_finish_exactly(tiny_serve
         _assert_gone(up, pids, addresses)
     finally:
         up.cleanup(pids)
+
+
+def _busy_worker(metrics_of: dict[str, str], at_least: int, timeout: float) -> tuple[str, float]:
+    """The first worker (name, running batch) whose running batch reaches at_least."""
+    deadline = time.monotonic() + timeout
+    while True:
+        batches = {n: _metrics(url).get("scalellm_running_batch", 0.0) for n, url in metrics_of.items()}
+        name = max(batches, key=lambda n: batches[n])
+        if batches[name] >= at_least:
+            return name, batches[name]
+        assert time.monotonic() < deadline, f"no worker ran {at_least} streams: {batches}"
+        time.sleep(0.02)
