@@ -14,7 +14,9 @@ victim: their own tenants; shared: a second key of the flood tenant), then measu
 and prints the medians and the ratios fair / idle and unfair / idle as JSON. TTFT is what the
 client sees: from sending the request to the first streamed text; beside it the worker's own
 account of the first token (queue: waiting in the engine for a slot, prefill). Issue 15's bar:
-fair / idle within 3x. The flood's requests are short prompts with --flood-tokens tokens each (ignore_eos).
+fair / idle within 3x. The flood's requests are short prompts with --flood-tokens tokens each (ignore_eos),
+sent by a client process of their own (as another tenant's clients would be), so the victim's
+client does not share an event loop with the flood's 256 streams.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -32,7 +35,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -42,6 +45,12 @@ from bench.serving.workload import BenchRequest
 
 MODEL = "SmolLM2-135M-Instruct"
 KEYS = "sk-flood flood\nsk-shared flood\nsk-victim victim\n"
+
+
+class EventLike(Protocol):
+    def is_set(self) -> bool: ...
+
+    def set(self) -> None: ...
 
 
 class Mesh:
@@ -120,13 +129,14 @@ async def probe_ttfts(session: aiohttp.ClientSession, base_url: str, key: str, p
 
 
 async def flood(
-    session: aiohttp.ClientSession, base_url: str, streams: int, tokens: int, stop: asyncio.Event
+    base_url: str, streams: int, tokens: int, stop: EventLike, ready: EventLike | None = None
 ) -> int:
-    """Keep `streams` requests of the flood tenant open until stop; how many finished."""
+    """Keep `streams` requests of the flood tenant open until stop is set (ready: set once they
+    are sent); how many finished."""
     config = RunConfig(base_url=base_url, model=MODEL, api_key="sk-flood", ignore_eos=True)
     done = 0
 
-    async def loop(k: int) -> None:
+    async def loop(k: int, session: aiohttp.ClientSession) -> None:
         nonlocal done
         i = 0
         while not stop.is_set():
@@ -134,26 +144,51 @@ async def flood(
             done += 1
             i += 1
 
-    tasks = [asyncio.create_task(loop(k)) for k in range(streams)]
-    await stop.wait()
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    timeout = aiohttp.ClientTimeout(total=3600)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+        tasks = [asyncio.create_task(loop(k, session)) for k in range(streams)]
+        await asyncio.sleep(0)
+        if ready is not None:
+            ready.set()
+        while not stop.is_set():
+            await asyncio.sleep(0.1)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     return done
 
 
+def flood_process(
+    base_url: str, streams: int, tokens: int, stop: EventLike, ready: EventLike, finished: Any
+) -> None:
+    """The flood tenant as its own client process (a multiprocessing target): its 256 streams
+    must not share the victim's event loop, or the victim's TTFT measures the client's own lag."""
+    finished.value = asyncio.run(flood(base_url, streams, tokens, stop, ready))
+
+
 async def under_flood(base_url: str, key: str, probes: int, args: argparse.Namespace) -> dict[str, Any]:
-    timeout = aiohttp.ClientTimeout(total=3600)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
-        stop = asyncio.Event()
-        flooding = asyncio.create_task(flood(session, base_url, args.flood, args.flood_tokens, stop))
+    context = multiprocessing.get_context("spawn")
+    stop, ready, finished = context.Event(), context.Event(), context.Value("i", 0)
+    flooder = context.Process(
+        target=flood_process,
+        args=(base_url, args.flood, args.flood_tokens, stop, ready, finished),
+        daemon=True,
+    )
+    flooder.start()
+    try:
+        if not await asyncio.to_thread(ready.wait, 120):
+            raise RuntimeError("the flood client did not start")
         await asyncio.sleep(args.warmup_s)  # the flood's streams are all queued or running by now
         started = time.perf_counter()
-        probed = await probe_ttfts(session, base_url, key, probes)
+        async with aiohttp.ClientSession() as session:
+            probed = await probe_ttfts(session, base_url, key, probes)
         seconds = time.perf_counter() - started
+    finally:
         stop.set()
-        finished = await flooding
-    return probed | {"flood_finished": finished, "seconds": seconds}
+        flooder.join(120)
+        if flooder.is_alive():
+            flooder.kill()
+    return probed | {"flood_finished": finished.value, "seconds": seconds}
 
 
 async def measure(base_url: str, args: argparse.Namespace) -> dict[str, Any]:
