@@ -5,7 +5,8 @@
 Starts `scalellm up --colocated --decode 1` on the demo model with three API keys (flood,
 victim: their own tenants; shared: a second key of the flood tenant), then measures, in one run:
 
-    idle     the victim's TTFT, its requests one after another on an idle mesh
+    idle     the victim's TTFT, its requests one after another (random pauses between them,
+             --probe-gap-s) on an idle mesh
     fair     the same while the flood tenant keeps --flood streams open (each one re-sent as it
              ends), the victim on its own tenant: the fair queues serve it on its turn
     unfair   the same flood, the victim's requests sent with the flood tenant's key: one tenant,
@@ -28,6 +29,7 @@ import json
 import multiprocessing
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -119,9 +121,18 @@ async def probe(session: aiohttp.ClientSession, base_url: str, key: str, i: int)
     return {"ttft": ttft, "queue": timings.get("queue", 0.0), "prefill": timings.get("prefill", 0.0)}
 
 
-async def probe_ttfts(session: aiohttp.ClientSession, base_url: str, key: str, probes: int) -> dict[str, Any]:
-    """The victim's requests, one after another: their TTFTs and worker queue times, and medians."""
-    results = [await probe(session, base_url, key, i) for i in range(probes)]
+async def probe_ttfts(
+    session: aiohttp.ClientSession, base_url: str, key: str, probes: int, gap_s: float = 0.0, seed: int = 0
+) -> dict[str, Any]:
+    """The victim's requests, one after another, each after a pause drawn uniformly from
+    [0, gap_s]: their TTFTs and worker queue times, and medians. Without the pause a request
+    would be sent the moment the previous one finished, which is a step boundary of the busy
+    worker: every probe would arrive just after a step began and wait for all of it."""
+    rng = random.Random(seed)
+    results = []
+    for i in range(probes):
+        await asyncio.sleep(rng.uniform(0.0, gap_s))
+        results.append(await probe(session, base_url, key, i))
     out: dict[str, Any] = {f"{k}_s": [r[k] for r in results] for k in ("ttft", "queue", "prefill")}
     return out | {
         f"{k}_p50_s": statistics.median(r[k] for r in results) for k in ("ttft", "queue", "prefill")
@@ -181,7 +192,7 @@ async def under_flood(base_url: str, key: str, probes: int, args: argparse.Names
         await asyncio.sleep(args.warmup_s)  # the flood's streams are all queued or running by now
         started = time.perf_counter()
         async with aiohttp.ClientSession() as session:
-            probed = await probe_ttfts(session, base_url, key, probes)
+            probed = await probe_ttfts(session, base_url, key, probes, args.probe_gap_s)
         seconds = time.perf_counter() - started
     finally:
         stop.set()
@@ -194,7 +205,7 @@ async def under_flood(base_url: str, key: str, probes: int, args: argparse.Names
 async def measure(base_url: str, args: argparse.Namespace) -> dict[str, Any]:
     async with aiohttp.ClientSession() as session:
         await probe_ttfts(session, base_url, "sk-victim", 3)  # warm up
-        idle = await probe_ttfts(session, base_url, "sk-victim", args.probes)
+        idle = await probe_ttfts(session, base_url, "sk-victim", args.probes, args.probe_gap_s)
     fair = await under_flood(base_url, "sk-victim", args.probes, args)
     unfair = await under_flood(base_url, "sk-shared", args.unfair_probes, args)
     return {
@@ -215,6 +226,9 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=12, help="victim requests per phase")
     parser.add_argument(
         "--unfair-probes", type=int, default=3, help="victim requests behind the flood (each waits for it)"
+    )
+    parser.add_argument(
+        "--probe-gap-s", type=float, default=0.2, help="victim pauses drawn from [0, this] between requests"
     )
     parser.add_argument("--max-num-seqs", type=int, default=16, help="the worker's running batch")
     parser.add_argument("--warmup-s", type=float, default=10.0, help="flood time before probing")
