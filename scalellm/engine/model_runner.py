@@ -176,10 +176,31 @@ class ModelRunner:
         index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         return self.tp.all_gather(self.kv_cache.index_select(0, index), dim=4)
 
-    def empty_full_kv(self) -> torch.Tensor:
-        """A zero-block tensor shaped as gather_kv's results (for layouts and checks)."""
+    def empty_full_kv(self, num_blocks: int = 0) -> torch.Tensor:
+        """A tensor shaped as gather_kv's results, of ``num_blocks`` zeroed blocks (the default
+        0: for layouts and checks)."""
         _, layers, two, block_size, _, width = self.kv_cache.shape
-        return self.kv_cache.new_empty((0, layers, two, block_size, self.model_config.num_kv_heads, width))
+        shape = (num_blocks, layers, two, block_size, self.model_config.num_kv_heads, width)
+        return self.kv_cache.new_zeros(shape)
+
+    def scatter_kv(self, block_ids: list[int], full: torch.Tensor | None) -> None:
+        """The inverse of gather_kv: every rank copies its heads of ``full`` (rank 0's tensor with
+        all the model's heads, in gather_kv's layout; the blocks ``block_ids`` of it) into the
+        same blocks of its cache. A tensor-parallel decode worker's pushed KV lands in ``full``
+        (LLMEngine.kv_landing) and reaches the ranks this way, between steps."""
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        if self.ranks is not None:
+            self.ranks.send_scatter(block_ids)
+        if self.tp.size == 1:
+            assert full is not None
+            self.kv_cache.index_copy_(0, index, full.index_select(0, index))
+            return
+        mine = self.kv_cache.new_empty((len(block_ids), *self.kv_cache.shape[1:]))
+        parts = None
+        if self.tp.rank == 0:
+            assert full is not None
+            parts = list(full.index_select(0, index).chunk(self.tp.size, dim=4))
+        self.kv_cache.index_copy_(0, index, self.tp.scatter(mine, parts))
 
     @contextlib.contextmanager
     def _ranks_killed_on_error(self) -> Iterator[None]:

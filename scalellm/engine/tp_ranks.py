@@ -15,6 +15,9 @@ broadcasts:
     gather_kv(blocks) (a TP prefill worker's push, between steps):
              broadcast GATHER + block ids -------> its heads of those blocks
              all-gather along the head axis <===> (the same)
+    scatter_kv(blocks) (a TP decode worker's landed KV, between steps):
+             broadcast SCATTER + block ids ------> (the same)
+             scatter along the head axis ========> its heads into those blocks
 
 The group is a ProcessGroupGloo built directly on a TCPStore that rank 0 hosts on loopback (no
 ``init_process_group``, no global state; the transfer layer's pair groups stay separate). A step
@@ -50,6 +53,7 @@ CONNECT_TIMEOUT = timedelta(minutes=5)
 JOIN_TIMEOUT_S = 30.0
 STOP = -1
 GATHER = -2
+SCATTER = -3
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,10 @@ class TPRanks:
         """Ask the followers for their heads of ``block_ids`` (ModelRunner.gather_kv)."""
         broadcast_ints(self.tp, [GATHER, *block_ids])
 
+    def send_scatter(self, block_ids: list[int]) -> None:
+        """Hand the followers their heads of ``block_ids`` (ModelRunner.scatter_kv)."""
+        broadcast_ints(self.tp, [SCATTER, *block_ids])
+
     def close(self) -> None:
         """Tell the followers to exit and wait for them (killing any that do not)."""
         if self._closed:
@@ -178,6 +186,8 @@ def follower_main(args: FollowerArgs) -> None:
             return
         if values[0] == GATHER:
             runner.gather_kv(values[1:])
+        elif values[0] == SCATTER:
+            runner.scatter_kv(values[1:], None)
         else:
             runner.run_steps(SeqStep.decode(values))
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -38,7 +39,7 @@ class TensorParallel:
     rank: int = 0
     size: int = 1
     group: Any = None
-    """A ProcessGroup (gloo on CPU, NCCL on CUDA), built directly by scalellm.engine.tp_group."""
+    """A ProcessGroup (gloo on CPU, NCCL on CUDA), built directly by scalellm.engine.tp_ranks."""
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum x over the ranks, in place."""
@@ -54,6 +55,16 @@ class TensorParallel:
         self.group.allgather([parts], [x.contiguous()]).wait()
         return torch.cat(parts, dim=dim)
 
+    def scatter(self, out: torch.Tensor, parts: list[torch.Tensor] | None) -> torch.Tensor:
+        """Rank r receives ``parts[r]`` of rank 0's ``parts`` (None on the other ranks) into
+        ``out``, which it returns (every part shaped as ``out``)."""
+        if self.size == 1:
+            assert parts is not None
+            return out.copy_(parts[0])
+        inputs = [[p.contiguous() for p in parts]] if parts is not None else []
+        self.group.scatter([out], inputs, _root(0)).wait()
+        return out
+
     def split(self, n: int) -> range:
         """This rank's slice of n rows (n divisible by the size: check_divisible says so first)."""
         per = n // self.size
@@ -61,6 +72,12 @@ class TensorParallel:
 
 
 SINGLE = TensorParallel()
+
+
+def _root(rank: int) -> Any:
+    opts: Any = dist.ScatterOptions()
+    opts.rootRank = rank
+    return opts
 
 
 def check_divisible(cfg: ModelConfig, size: int) -> None:

@@ -57,11 +57,6 @@ class WorkerConfig:
             object.__setattr__(self, "worker_id", f"{self.role.name.lower()}-{uuid.uuid4().hex[:8]}")
         if self.prefill_timeout_s <= 0 or self.transfer_timeout_s <= 0 or self.drain_timeout_s < 0:
             raise ValueError("timeouts must be positive")
-        if self.engine.tensor_parallel_size > 1 and self.role is WorkerRole.DECODE:
-            raise ValueError(
-                f"--tensor-parallel-size {self.engine.tensor_parallel_size} needs --role prefill or both: "
-                "a decode worker cannot land pushed KV on several ranks yet"
-            )
 
     def advertised(self, port: int) -> str:
         host = self.advertise_host or socket.gethostname()
@@ -126,7 +121,7 @@ def worker_options(roles: Sequence[WorkerRole]) -> tuple[Option, ...]:
             "--tensor-parallel-size",
             "engine.tensor_parallel_size",
             int,
-            "processes the model is split over (CPU, gloo; not for role decode)",
+            "processes the model is split over (CPU, gloo)",
         ),
         _option("--prefill-timeout", "prefill_timeout_s", float, "seconds a Prefill rpc may take"),
         _option("--transfer-timeout", "transfer_timeout_s", float, "seconds a KV transfer op may take"),

@@ -1,5 +1,6 @@
 """Mixture-of-experts models through real worker processes: tiny random Mixtral and Qwen3-MoE give
-transformers' greedy output colocated, and Mixtral disaggregated (KV over gloo) too."""
+transformers' greedy output colocated, and disaggregated (KV over gloo) across tensor-parallel sizes
+too: TP=1 -> 1 (Mixtral), 2 -> 1 (Qwen3-MoE), 1 -> 2 and 2 -> 2 (Qwen2-MoE)."""
 
 from __future__ import annotations
 
@@ -78,20 +79,30 @@ async def test_tensor_parallel_worker_matches_transformers_and_stops_its_ranks(t
     assert not alive, f"rank processes {alive} outlived their worker"
 
 
-async def test_kv_from_a_tp1_prefill_worker_is_refused_by_a_tp2_worker_which_computes_locally(
+@pytest.mark.parametrize(
+    ("prefill_tp", "decode_role"), [(1, "both"), (2, "decode")], ids=["tp1-to-tp2-both", "tp2-to-tp2"]
+)
+async def test_a_tp2_worker_takes_pushed_kv_and_hands_each_rank_its_heads(
     tiny_model_factory,  # type: ignore[no-untyped-def]
+    prefill_tp: int,
+    decode_role: str,
 ) -> None:
-    """A TP=2 colocated worker holds half the K/V heads per rank: the layout check refuses a TP=1
-    prefill worker's pair (no KV lands in the wrong heads) and the prompt is recomputed locally."""
+    """Pushed KV has all the model's K/V heads whatever the sender's size; a TP=2 worker lands it
+    beside its cache and scatters each rank its half (engine.scatter_kv): transformers' tokens
+    (= colocated TP=1's, tests/unit/test_tensor_parallel.py), with the KV pushed, not recomputed."""
     model: Path = tiny_model_factory("qwen2_moe")
-    prefill = start_service("services.prefill", worker_args(model, "--worker-id", "tp1-prefill"))
+    prefill = start_service(
+        "services.prefill",
+        worker_args(model, "--worker-id", "moe-prefill", "--tensor-parallel-size", str(prefill_tp)),
+    )
     worker = start_service(
-        "services.decode", worker_args(model, "--role", "both", "--tensor-parallel-size", "2")
+        "services.decode", worker_args(model, "--role", decode_role, "--tensor-parallel-size", "2")
     )
     try:
-        target = [worker_pb2.PrefillTarget(worker_id="tp1-prefill", address=prefill.address)]
-        lasts = await _check(worker, model, "tp-mismatch", target)
-        assert all(last.timings.transfer_bytes == 0 for last in lasts)
+        target = [worker_pb2.PrefillTarget(worker_id="moe-prefill", address=prefill.address)]
+        lasts = await _check(worker, model, f"tp{prefill_tp}-to-tp2", target)
+        assert all(last.timings.transfer_bytes > 0 for last in lasts)
+        await wait_all_blocks_free(prefill)
     finally:
         assert worker.stop() == 0, worker.log()
         assert prefill.stop() == 0, prefill.log()

@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from scalellm.engine.config import EngineConfig
 from scalellm.engine.engine import LLMEngine
@@ -79,12 +80,34 @@ def test_unsupported_settings_are_refused(settings: dict[str, object]) -> None:
         EngineConfig(device="cpu", **settings)  # type: ignore[arg-type]
 
 
-def test_decode_workers_take_no_tensor_parallel_size() -> None:
+def test_every_role_takes_a_tensor_parallel_size() -> None:
     engine = EngineConfig(tensor_parallel_size=2)
-    for role in (WorkerRole.BOTH, WorkerRole.PREFILL):
+    for role in (WorkerRole.BOTH, WorkerRole.PREFILL, WorkerRole.DECODE):
         assert WorkerConfig(role=role, engine=engine).engine.tensor_parallel_size == 2
-    with pytest.raises(ValueError, match="needs --role prefill or both"):
-        WorkerConfig(role=WorkerRole.DECODE, engine=engine)
+
+
+@pytest.mark.slow
+def test_landed_kv_reaches_each_rank_as_its_heads(tiny_llama: Path) -> None:
+    """KV landed with all the model's heads (kv_landing) is scattered to the ranks, rank r taking
+    heads [r * H/N, (r + 1) * H/N): gathering the blocks back gives exactly what landed, and the
+    blocks not scattered keep what the ranks held."""
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(tiny_llama), dtype="float32", num_kv_blocks=12, block_size=4, tensor_parallel_size=2
+        )
+    )
+    try:
+        landing = engine.kv_landing()
+        assert landing.shape[0] == engine.num_blocks and landing.shape[4] == engine.model_config.num_kv_heads
+        assert engine.kv_cache.shape[4] * 2 == landing.shape[4]
+        generator = torch.Generator().manual_seed(0)
+        landing.copy_(torch.randn(landing.shape, generator=generator))
+        engine.scatter_kv([5, 2, 9])
+        assert torch.equal(engine.gather_kv([5, 2, 9]), landing[[5, 2, 9]])
+        assert torch.equal(engine.gather_kv([0, 1, 3]), torch.zeros_like(landing[[0, 1, 3]]))
+        assert torch.equal(engine.kv_cache[5], landing[5, :, :, :, : engine.kv_cache.shape[4]])
+    finally:
+        engine.close()
 
 
 def test_a_step_travels_to_the_ranks_as_integers() -> None:
