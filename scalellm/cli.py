@@ -105,6 +105,7 @@ def _add_up_parser(sub: argparse._SubParsersAction) -> None:
     add("--quantization", default="none", choices=QUANTIZATIONS, help="worker weights (fp8: CUDA)")
     add("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help="worker KV cache")
     add("--tensor-parallel-size", type=int, default=1, help="processes (ranks) per worker, both tiers")
+    add("--expert-parallel", action="store_true", help="MoE experts whole on a worker's ranks (TP > 1)")
     add(
         "--prefill-tp",
         type=int,

@@ -108,7 +108,7 @@ class ModelRunner:
         assert config.model is not None, "LLMEngine resolves the model folder first"
         self.ranks: TPRanks | None = None
         if tp is None and config.tensor_parallel_size > 1:
-            check_divisible(model_config, config.tensor_parallel_size)
+            check_divisible(model_config, config.tensor_parallel_size, config.expert_parallel)
             self.ranks = TPRanks.start(config, max_model_len)
         self.tp = tp or (self.ranks.tp if self.ranks is not None else SINGLE)
         with self._ranks_killed_on_error():

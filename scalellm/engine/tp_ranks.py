@@ -74,13 +74,14 @@ class FollowerArgs:
         return cls(int(rank), int(size), int(port), int(max_len), EngineConfig(**json.loads(settings)))
 
 
-def open_group(store: dist.Store, rank: int, size: int) -> TensorParallel:
+def open_group(store: dist.Store, rank: int, size: int, expert_parallel: bool = False) -> TensorParallel:
     """This rank's TensorParallel over a gloo group of ``size`` ranks on ``store``."""
     gloo: Any = dist.ProcessGroupGloo
     options = gloo._Options()
     options._timeout = CONNECT_TIMEOUT
     options._devices = [gloo.create_device(hostname=HOST)]
-    return TensorParallel(rank=rank, size=size, group=gloo(store, rank, size, options))
+    group = gloo(store, rank, size, options)
+    return TensorParallel(rank=rank, size=size, group=group, expert_parallel=expert_parallel)
 
 
 def broadcast_ints(tp: TensorParallel, values: list[int] | None = None) -> list[int]:
@@ -120,7 +121,7 @@ class TPRanks:
             for rank in range(1, size)
         ]
         try:
-            tp = open_group(store, 0, size)
+            tp = open_group(store, 0, size, config.expert_parallel)
         except BaseException:
             for proc in procs:
                 proc.kill()
@@ -177,7 +178,7 @@ def follower_main(args: FollowerArgs) -> None:
 
     assert args.config.model is not None, "rank 0 passes the resolved model folder"
     store = dist.TCPStore(HOST, args.store_port, args.size, is_master=False, timeout=CONNECT_TIMEOUT)
-    tp = open_group(store, args.rank, args.size)
+    tp = open_group(store, args.rank, args.size, args.config.expert_parallel)
     model_config = ModelConfig.from_dir(args.config.model)
     runner = ModelRunner(args.config, model_config, args.max_model_len, tp)
     while True:

@@ -73,6 +73,8 @@ class UpConfig:
     decode_tp: int | None = None
     """Ranks per decode (or colocated) worker (None: tensor_parallel_size). Any pair of sizes
     works: KV travels with all the model's heads and is re-sharded on each side."""
+    expert_parallel: bool = False
+    """MoE experts placed whole on a worker's ranks (EngineConfig.expert_parallel)."""
     gpus: tuple[str, ...] = ()
     """GPU ids handed out round-robin to workers through CUDA_VISIBLE_DEVICES."""
     num_kv_blocks: int | None = None
@@ -224,6 +226,7 @@ class UpConfig:
             tensor_parallel_size=args.tensor_parallel_size,
             prefill_tp=args.prefill_tp,
             decode_tp=args.decode_tp,
+            expert_parallel=args.expert_parallel,
             gpus=tuple(g.strip() for g in (args.gpus or "").split(",") if g.strip()),
             num_kv_blocks=args.num_kv_blocks,
             kv_cache_gb=args.kv_cache_gb,

@@ -141,6 +141,8 @@ def worker_spec(
     tp = config.tier_tp(tier)
     if tp > 1:
         argv += ["--tensor-parallel-size", str(tp)]
+        if config.expert_parallel:
+            argv += ["--expert-parallel", "on"]
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     if config.gpus:
         slot = number - 1 if tier == "prefill" else config.max_prefill_workers + number - 1

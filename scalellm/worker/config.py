@@ -83,6 +83,16 @@ class WorkerConfig:
         )
 
 
+def parse_on_off(text: str) -> bool:
+    """on/off, true/false, yes/no or 1/0 (a flag's value or its environment variable)."""
+    value = text.strip().lower()
+    if value in ("on", "true", "yes", "1"):
+        return True
+    if value in ("off", "false", "no", "0"):
+        return False
+    raise ValueError(f"expected on or off, got {text!r}")
+
+
 def _option(flag: str, name: str, type_: Callable[[str], Any], help_: str, **kw: Any) -> Option:
     """SCALELLM_ + the flag's name: --num-threads reads SCALELLM_NUM_THREADS."""
     return Option(
@@ -122,6 +132,12 @@ def worker_options(roles: Sequence[WorkerRole]) -> tuple[Option, ...]:
             "engine.tensor_parallel_size",
             int,
             "processes the model is split over (CPU, gloo)",
+        ),
+        _option(
+            "--expert-parallel",
+            "engine.expert_parallel",
+            parse_on_off,
+            "on: MoE experts placed whole on the ranks instead of each split over them",
         ),
         _option("--prefill-timeout", "prefill_timeout_s", float, "seconds a Prefill rpc may take"),
         _option("--transfer-timeout", "transfer_timeout_s", float, "seconds a KV transfer op may take"),
