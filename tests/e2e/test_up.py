@@ -107,6 +107,8 @@ def test_each_disaggregated_tier_takes_its_own_tensor_parallel_size() -> None:
     assert split.worker_threads(cores=16) == 4  # 2 x 1 + 1 x 2 ranks
     mixed = UpConfig(prefill=1, decode=1, tensor_parallel_size=4, decode_tp=2)
     assert _tp_by_worker(mixed) == {"prefill-1": "4", "decode-1": "2"}
+    ep = worker_specs(UpConfig(decode_tp=2, expert_parallel=True), Path("/m"), "127.0.0.1:1", "r1")
+    assert ["--expert-parallel" in s.argv for s in ep] == [False, True]  # only where there are ranks
 
 
 def test_restarted_children_keep_their_addresses() -> None:

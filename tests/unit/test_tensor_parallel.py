@@ -21,7 +21,7 @@ from scalellm.models.moe import SparseMoeBlock
 from scalellm.models.parallel import TensorParallel, check_divisible
 from scalellm.registry import WorkerRole
 from scalellm.types import SamplingParams
-from scalellm.worker.config import WorkerConfig
+from scalellm.worker.config import WorkerConfig, parse_on_off
 from tests.procs import child_pids
 from tests.tiny_models import hf_greedy
 
@@ -140,6 +140,9 @@ def test_every_role_takes_a_tensor_parallel_size() -> None:
     engine = EngineConfig(tensor_parallel_size=2)
     for role in (WorkerRole.BOTH, WorkerRole.PREFILL, WorkerRole.DECODE):
         assert WorkerConfig(role=role, engine=engine).engine.tensor_parallel_size == 2
+    assert [parse_on_off(v) for v in ("on", "TRUE", "1", "off", "no", "0")] == [True] * 3 + [False] * 3
+    with pytest.raises(ValueError, match="expected on or off"):
+        parse_on_off("maybe")
 
 
 @pytest.mark.slow
