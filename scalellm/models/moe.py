@@ -20,6 +20,8 @@ caller all-reduces the partial sums (scalellm.models.parallel).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,6 +70,19 @@ class SparseMoeBlock(nn.Module):
         return out
 
     def experts_forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """On CUDA with triton: one grouped matmul per projection over every local expert
+        (models/moe_triton.py; SCALELLM_MOE_KERNEL=torch keeps the reference). Else the reference."""
+        if x.is_cuda and os.environ.get("SCALELLM_MOE_KERNEL", "triton") != "torch":
+            from scalellm.models import moe_triton
+
+            if moe_triton.AVAILABLE:
+                return moe_triton.experts_forward(
+                    x, weights, ids, self.w_gate_up, self.w_down, self.experts, self.moe.num_experts,
+                    self.ops.silu_mul,
+                )  # fmt: skip
+        return self.reference_experts(x, weights, ids)
+
+    def reference_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Group the (token, choice) pairs by expert, run each local expert over its tokens once.
 
         ids [T, k] --flatten, stable sort--> pairs grouped by expert: | e0 ... | e1 ... | ...
