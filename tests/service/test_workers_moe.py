@@ -79,33 +79,38 @@ async def test_tensor_parallel_worker_matches_transformers_and_stops_its_ranks(t
     assert not alive, f"rank processes {alive} outlived their worker"
 
 
-@pytest.mark.parametrize(
-    ("prefill_tp", "decode_role"), [(1, "both"), (2, "decode")], ids=["tp1-to-tp2-both", "tp2-to-tp2"]
-)
-async def test_a_tp2_worker_takes_pushed_kv_and_hands_each_rank_its_heads(
-    tiny_model_factory,  # type: ignore[no-untyped-def]
-    prefill_tp: int,
-    decode_role: str,
-) -> None:
-    """Pushed KV has all the model's K/V heads whatever the sender's size; a TP=2 worker lands it
-    beside its cache and scatters each rank its half (engine.scatter_kv): transformers' tokens
-    (= colocated TP=1's, tests/unit/test_tensor_parallel.py), with the KV pushed, not recomputed."""
+async def test_a_tp2_decode_worker_takes_kv_from_tp1_and_tp2_prefill_workers(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+    """Pushed KV has all the model's K/V heads whatever the sender's size; a TP=2 decode worker
+    lands it beside its cache and scatters each rank its half (engine.scatter_kv). Requests
+    alternate between a TP=1 and a TP=2 prefill worker: transformers' tokens (= colocated TP=1's,
+    tests/unit/test_tensor_parallel.py), every prompt's KV pushed, none recomputed."""
     model: Path = tiny_model_factory("qwen2_moe")
-    prefill = start_service(
-        "services.prefill",
-        worker_args(model, "--worker-id", "moe-prefill", "--tensor-parallel-size", str(prefill_tp)),
-    )
-    worker = start_service(
-        "services.decode", worker_args(model, "--role", decode_role, "--tensor-parallel-size", "2")
+    prefills = {
+        tp: start_service(
+            "services.prefill",
+            worker_args(model, "--worker-id", f"tp{tp}-prefill", "--tensor-parallel-size", str(tp)),
+        )
+        for tp in (1, 2)
+    }
+    decode = start_service(
+        "services.decode", worker_args(model, "--role", "decode", "--tensor-parallel-size", "2")
     )
     try:
-        target = [worker_pb2.PrefillTarget(worker_id="moe-prefill", address=prefill.address)]
-        lasts = await _check(worker, model, f"tp{prefill_tp}-to-tp2", target)
-        assert all(last.timings.transfer_bytes > 0 for last in lasts)
-        await wait_all_blocks_free(prefill)
+        work, expected = _workload(model, "to-tp2")
+        targets = {
+            tp: [worker_pb2.PrefillTarget(worker_id=f"tp{tp}-prefill", address=prefills[tp].address)]
+            for tp in (1, 2)
+        }
+        reqs = [worker_request(f"to-tp2-{i}", p, n, targets[1 + i % 2]) for i, (p, n) in enumerate(work)]
+        results = await generate(decode.address, reqs)
+        assert [tokens for tokens, _ in results] == expected
+        assert all(last.timings.transfer_bytes > 0 for _, last in results)
+        for worker in (decode, *prefills.values()):
+            await wait_all_blocks_free(worker)
     finally:
-        assert worker.stop() == 0, worker.log()
-        assert prefill.stop() == 0, prefill.log()
+        assert decode.stop() == 0, decode.log()
+        for worker in prefills.values():
+            assert worker.stop() == 0, worker.log()
 
 
 async def test_a_tp2_prefill_worker_feeds_a_tp1_decode_worker_exactly(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
