@@ -225,7 +225,9 @@ class LLMEngine:
     def gather_kv(self, block_ids: list[int]) -> torch.Tensor:
         """A copy of these blocks' K/V with all the model's heads (ModelRunner.gather_kv); on the
         step thread between steps (a tensor-parallel engine's ranks take part)."""
-        return self.runner.gather_kv(block_ids)
+        kv = self.runner.gather_kv(block_ids)
+        assert kv is not None, "rank 0 holds the gathered heads"
+        return kv
 
     def kv_landing(self) -> torch.Tensor:
         """Where pushed KV lands, in the layout every worker sends (all the model's K/V heads):

@@ -167,14 +167,15 @@ class ModelRunner:
         if self.ranks is not None:
             self.ranks.close()
 
-    def gather_kv(self, block_ids: list[int]) -> torch.Tensor:
+    def gather_kv(self, block_ids: list[int]) -> torch.Tensor | None:
         """The K/V of ``block_ids`` with every head of the model, ``[n, layers, 2, block_size,
-        model num_kv_heads, D]`` (a copy; under TP each rank's heads, all-gathered in head order):
-        what a KV transfer sends whatever the sending worker's tensor-parallel size."""
+        model num_kv_heads, D]`` (a copy; under TP each rank's heads, gathered in head order):
+        what a KV transfer sends whatever the sending worker's tensor-parallel size. Gathered to
+        rank 0 only (the other ranks return None)."""
         if self.ranks is not None:
             self.ranks.send_gather(block_ids)
         index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        return self.tp.all_gather(self.kv_cache.index_select(0, index), dim=4)
+        return self.tp.gather(self.kv_cache.index_select(0, index), dim=4)
 
     def empty_full_kv(self, num_blocks: int = 0) -> torch.Tensor:
         """A tensor shaped as gather_kv's results, of ``num_blocks`` zeroed blocks (the default

@@ -14,7 +14,7 @@ broadcasts:
     close(): broadcast STOP -------------------> exit
     gather_kv(blocks) (a TP prefill worker's push, between steps):
              broadcast GATHER + block ids -------> its heads of those blocks
-             all-gather along the head axis <===> (the same)
+             gather to rank 0 along the head axis <== (the same)
     scatter_kv(blocks) (a TP decode worker's landed KV, between steps):
              broadcast SCATTER + block ids ------> (the same)
              scatter along the head axis ========> its heads into those blocks

@@ -60,6 +60,18 @@ class TensorParallel:
         self.group.allgather([parts], [x.contiguous()]).wait()
         return torch.cat(parts, dim=dim)
 
+    def gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor | None:
+        """Rank 0: every rank's x concatenated along ``dim`` in rank order; the others: None
+        (half the bytes of all_gather where only rank 0 needs the result)."""
+        if self.size == 1:
+            return x
+        x = x.contiguous()
+        parts = [[torch.empty_like(x) for _ in range(self.size)]] if self.rank == 0 else []
+        opts: Any = dist.GatherOptions()
+        opts.rootRank = 0
+        self.group.gather(parts, [x], opts).wait()
+        return torch.cat(parts[0], dim=dim) if self.rank == 0 else None
+
     def scatter(self, out: torch.Tensor, parts: list[torch.Tensor] | None) -> torch.Tensor:
         """Rank r receives ``parts[r]`` of rank 0's ``parts`` (None on the other ranks) into
         ``out``, which it returns (every part shaped as ``out``)."""
