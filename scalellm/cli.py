@@ -104,7 +104,17 @@ def _add_up_parser(sub: argparse._SubParsersAction) -> None:
     add("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     add("--quantization", default="none", choices=QUANTIZATIONS, help="worker weights (fp8: CUDA)")
     add("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help="worker KV cache")
-    add("--tensor-parallel-size", type=int, default=1, help="processes per worker (above 1: --colocated)")
+    add("--tensor-parallel-size", type=int, default=1, help="processes (ranks) per worker, both tiers")
+    add("--expert-parallel", action="store_true", help="MoE experts whole on a worker's ranks (TP > 1)")
+    add(
+        "--prefill-tp",
+        type=int,
+        default=None,
+        help="ranks per prefill worker (default --tensor-parallel-size)",
+    )
+    add(
+        "--decode-tp", type=int, default=None, help="ranks per decode worker (default --tensor-parallel-size)"
+    )
     add("--gpus", default=None, help="comma-separated GPU ids handed to workers round-robin")
     add("--num-kv-blocks", type=int, default=None, help="KV cache blocks per worker")
     add("--kv-cache-gb", type=float, default=None, help="KV cache size per worker in GB")

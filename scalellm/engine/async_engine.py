@@ -111,6 +111,10 @@ class AsyncEngine:
         """LLMEngine.gather_kv between steps (a tensor-parallel prefill worker's push)."""
         return await self._submit(lambda e: e.gather_kv(block_ids))
 
+    async def scatter_kv(self, block_ids: list[int]) -> None:
+        """LLMEngine.scatter_kv between steps (pushed KV landing on a tensor-parallel worker)."""
+        await self._submit(lambda e: e.scatter_kv(block_ids))
+
     async def take_block_hash_delta(self, full: bool = False) -> BlockHashDelta:
         """LLMEngine.take_block_hash_delta, between steps."""
         return await self._submit(lambda engine: engine.take_block_hash_delta(full))

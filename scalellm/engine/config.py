@@ -45,6 +45,11 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     """Ranks (processes) the model is split over: heads, MLP rows, experts and the vocabulary
     (models/parallel.py); one scheduler on rank 0 (engine/tp_ranks.py). CPU (gloo) only for now."""
+    expert_parallel: bool = False
+    """Mixture-of-experts models under tensor_parallel_size N > 1: place the experts whole on the
+    ranks (E/N each; N must divide the expert count) instead of splitting every expert's
+    intermediate rows over them. Fewer, larger matmuls per rank; balance then depends on routing.
+    No effect at size 1 or on dense models."""
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:

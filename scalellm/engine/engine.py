@@ -57,6 +57,7 @@ class LLMEngine:
         """Structured output, compiled in make_request (off the step thread) and cached."""
         self._kept: dict[str, Request] = {}
         """Finished prefill-only requests whose blocks are held until release()."""
+        self._landing: torch.Tensor | None = None
 
     def _max_model_len(self) -> int:
         limit = self.model_config.context_length  # within a sliding window: none is implemented
@@ -224,7 +225,27 @@ class LLMEngine:
     def gather_kv(self, block_ids: list[int]) -> torch.Tensor:
         """A copy of these blocks' K/V with all the model's heads (ModelRunner.gather_kv); on the
         step thread between steps (a tensor-parallel engine's ranks take part)."""
-        return self.runner.gather_kv(block_ids)
+        kv = self.runner.gather_kv(block_ids)
+        assert kv is not None, "rank 0 holds the gathered heads"
+        return kv
+
+    def kv_landing(self) -> torch.Tensor:
+        """Where pushed KV lands, in the layout every worker sends (all the model's K/V heads):
+        the cache itself at tensor_parallel_size 1; else a tensor of as many blocks with every
+        head, on rank 0 (allocated on first use; it costs N times rank 0's cache), whose landed
+        blocks scatter_kv hands to the ranks."""
+        if self.config.tensor_parallel_size == 1:
+            return self.kv_cache
+        if self._landing is None:
+            self._landing = self.runner.empty_full_kv(self.num_blocks)
+        return self._landing
+
+    def scatter_kv(self, block_ids: list[int]) -> None:
+        """Copy the blocks landed in kv_landing() into the ranks' caches, each rank its heads
+        (nothing to do at tensor_parallel_size 1, where KV lands in the cache); on the step
+        thread between steps, before remote_kv_landed."""
+        if self.config.tensor_parallel_size > 1 and block_ids:
+            self.runner.scatter_kv(block_ids, self.kv_landing())
 
     def empty_full_kv(self) -> torch.Tensor:
         """Zero blocks shaped as gather_kv's results: what a tensor-parallel worker's KV layout

@@ -108,7 +108,7 @@ class ModelRunner:
         assert config.model is not None, "LLMEngine resolves the model folder first"
         self.ranks: TPRanks | None = None
         if tp is None and config.tensor_parallel_size > 1:
-            check_divisible(model_config, config.tensor_parallel_size)
+            check_divisible(model_config, config.tensor_parallel_size, config.expert_parallel)
             self.ranks = TPRanks.start(config, max_model_len)
         self.tp = tp or (self.ranks.tp if self.ranks is not None else SINGLE)
         with self._ranks_killed_on_error():
@@ -167,19 +167,41 @@ class ModelRunner:
         if self.ranks is not None:
             self.ranks.close()
 
-    def gather_kv(self, block_ids: list[int]) -> torch.Tensor:
+    def gather_kv(self, block_ids: list[int]) -> torch.Tensor | None:
         """The K/V of ``block_ids`` with every head of the model, ``[n, layers, 2, block_size,
-        model num_kv_heads, D]`` (a copy; under TP each rank's heads, all-gathered in head order):
-        what a KV transfer sends whatever the sending worker's tensor-parallel size."""
+        model num_kv_heads, D]`` (a copy; under TP each rank's heads, gathered in head order):
+        what a KV transfer sends whatever the sending worker's tensor-parallel size. Gathered to
+        rank 0 only (the other ranks return None)."""
         if self.ranks is not None:
             self.ranks.send_gather(block_ids)
         index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        return self.tp.all_gather(self.kv_cache.index_select(0, index), dim=4)
+        return self.tp.gather(self.kv_cache.index_select(0, index), dim=4)
 
-    def empty_full_kv(self) -> torch.Tensor:
-        """A zero-block tensor shaped as gather_kv's results (for layouts and checks)."""
+    def empty_full_kv(self, num_blocks: int = 0) -> torch.Tensor:
+        """A tensor shaped as gather_kv's results, of ``num_blocks`` zeroed blocks (the default
+        0: for layouts and checks)."""
         _, layers, two, block_size, _, width = self.kv_cache.shape
-        return self.kv_cache.new_empty((0, layers, two, block_size, self.model_config.num_kv_heads, width))
+        shape = (num_blocks, layers, two, block_size, self.model_config.num_kv_heads, width)
+        return self.kv_cache.new_zeros(shape)
+
+    def scatter_kv(self, block_ids: list[int], full: torch.Tensor | None) -> None:
+        """The inverse of gather_kv: every rank copies its heads of ``full`` (rank 0's tensor with
+        all the model's heads, in gather_kv's layout; the blocks ``block_ids`` of it) into the
+        same blocks of its cache. A tensor-parallel decode worker's pushed KV lands in ``full``
+        (LLMEngine.kv_landing) and reaches the ranks this way, between steps."""
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        if self.ranks is not None:
+            self.ranks.send_scatter(block_ids)
+        if self.tp.size == 1:
+            assert full is not None
+            self.kv_cache.index_copy_(0, index, full.index_select(0, index))
+            return
+        mine = self.kv_cache.new_empty((len(block_ids), *self.kv_cache.shape[1:]))
+        parts = None
+        if self.tp.rank == 0:
+            assert full is not None
+            parts = list(full.index_select(0, index).chunk(self.tp.size, dim=4))
+        self.kv_cache.index_copy_(0, index, self.tp.scatter(mine, parts))
 
     @contextlib.contextmanager
     def _ranks_killed_on_error(self) -> Iterator[None]:

@@ -14,7 +14,10 @@ broadcasts:
     close(): broadcast STOP -------------------> exit
     gather_kv(blocks) (a TP prefill worker's push, between steps):
              broadcast GATHER + block ids -------> its heads of those blocks
-             all-gather along the head axis <===> (the same)
+             gather to rank 0 along the head axis <== (the same)
+    scatter_kv(blocks) (a TP decode worker's landed KV, between steps):
+             broadcast SCATTER + block ids ------> (the same)
+             scatter along the head axis ========> its heads into those blocks
 
 The group is a ProcessGroupGloo built directly on a TCPStore that rank 0 hosts on loopback (no
 ``init_process_group``, no global state; the transfer layer's pair groups stay separate). A step
@@ -50,6 +53,7 @@ CONNECT_TIMEOUT = timedelta(minutes=5)
 JOIN_TIMEOUT_S = 30.0
 STOP = -1
 GATHER = -2
+SCATTER = -3
 
 
 @dataclass(frozen=True)
@@ -70,13 +74,14 @@ class FollowerArgs:
         return cls(int(rank), int(size), int(port), int(max_len), EngineConfig(**json.loads(settings)))
 
 
-def open_group(store: dist.Store, rank: int, size: int) -> TensorParallel:
+def open_group(store: dist.Store, rank: int, size: int, expert_parallel: bool = False) -> TensorParallel:
     """This rank's TensorParallel over a gloo group of ``size`` ranks on ``store``."""
     gloo: Any = dist.ProcessGroupGloo
     options = gloo._Options()
     options._timeout = CONNECT_TIMEOUT
     options._devices = [gloo.create_device(hostname=HOST)]
-    return TensorParallel(rank=rank, size=size, group=gloo(store, rank, size, options))
+    group = gloo(store, rank, size, options)
+    return TensorParallel(rank=rank, size=size, group=group, expert_parallel=expert_parallel)
 
 
 def broadcast_ints(tp: TensorParallel, values: list[int] | None = None) -> list[int]:
@@ -116,7 +121,7 @@ class TPRanks:
             for rank in range(1, size)
         ]
         try:
-            tp = open_group(store, 0, size)
+            tp = open_group(store, 0, size, config.expert_parallel)
         except BaseException:
             for proc in procs:
                 proc.kill()
@@ -133,6 +138,10 @@ class TPRanks:
     def send_gather(self, block_ids: list[int]) -> None:
         """Ask the followers for their heads of ``block_ids`` (ModelRunner.gather_kv)."""
         broadcast_ints(self.tp, [GATHER, *block_ids])
+
+    def send_scatter(self, block_ids: list[int]) -> None:
+        """Hand the followers their heads of ``block_ids`` (ModelRunner.scatter_kv)."""
+        broadcast_ints(self.tp, [SCATTER, *block_ids])
 
     def close(self) -> None:
         """Tell the followers to exit and wait for them (killing any that do not)."""
@@ -169,7 +178,7 @@ def follower_main(args: FollowerArgs) -> None:
 
     assert args.config.model is not None, "rank 0 passes the resolved model folder"
     store = dist.TCPStore(HOST, args.store_port, args.size, is_master=False, timeout=CONNECT_TIMEOUT)
-    tp = open_group(store, args.rank, args.size)
+    tp = open_group(store, args.rank, args.size, args.config.expert_parallel)
     model_config = ModelConfig.from_dir(args.config.model)
     runner = ModelRunner(args.config, model_config, args.max_model_len, tp)
     while True:
@@ -178,6 +187,8 @@ def follower_main(args: FollowerArgs) -> None:
             return
         if values[0] == GATHER:
             runner.gather_kv(values[1:])
+        elif values[0] == SCATTER:
+            runner.scatter_kv(values[1:], None)
         else:
             runner.run_steps(SeqStep.decode(values))
 

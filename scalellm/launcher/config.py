@@ -66,7 +66,15 @@ class UpConfig:
     """Worker weights: none, int8 (fp8 on CUDA); EngineConfig.quantization."""
     kv_cache_dtype: str = "auto"
     tensor_parallel_size: int = 1
-    """Ranks (processes) per worker (EngineConfig.tensor_parallel_size); above 1 only --colocated."""
+    """Ranks (processes) per worker (EngineConfig.tensor_parallel_size), both tiers unless
+    prefill_tp / decode_tp say otherwise."""
+    prefill_tp: int | None = None
+    """Ranks per prefill worker (None: tensor_parallel_size)."""
+    decode_tp: int | None = None
+    """Ranks per decode (or colocated) worker (None: tensor_parallel_size). Any pair of sizes
+    works: KV travels with all the model's heads and is re-sharded on each side."""
+    expert_parallel: bool = False
+    """MoE experts placed whole on a worker's ranks (EngineConfig.expert_parallel)."""
     gpus: tuple[str, ...] = ()
     """GPU ids handed out round-robin to workers through CUDA_VISIBLE_DEVICES."""
     num_kv_blocks: int | None = None
@@ -108,12 +116,16 @@ class UpConfig:
             raise ValueError("--drain-timeout must be >= 0 and --startup-timeout > 0")
         if self.max_restarts < 0:
             raise ValueError(f"--max-restarts must be >= 0, got {self.max_restarts}")
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
-        if self.tensor_parallel_size > 1 and not self.colocated:
+        for flag, size in (
+            ("--tensor-parallel-size", self.tensor_parallel_size),
+            ("--prefill-tp", self.prefill_tp),
+            ("--decode-tp", self.decode_tp),
+        ):
+            if size is not None and size < 1:
+                raise ValueError(f"{flag} must be >= 1, got {size}")
+        if self.colocated and self.prefill_tp is not None:
             raise ValueError(
-                "--tensor-parallel-size above 1 needs --colocated: decode workers run one rank "
-                "(a tensor-parallel prefill worker is started with services.prefill --tensor-parallel-size)"
+                "--colocated runs no prefill workers: drop --prefill-tp (--decode-tp sizes them)"
             )
         self._check_autoscale()
         self._check_models()
@@ -165,12 +177,25 @@ class UpConfig:
     def all_decode(self) -> int:
         return self.decode + sum(m.decode for m in self.extra_models)
 
+    def tier_tp(self, tier: str) -> int:
+        """Ranks per worker of ``tier`` ("prefill" or "decode")."""
+        size = self.prefill_tp if tier == "prefill" else self.decode_tp
+        return size if size is not None else self.tensor_parallel_size
+
+    @property
+    def ranks(self) -> int:
+        """Rank processes this mesh runs at most (every worker times its tier's size)."""
+        prefill = self.max_prefill_workers + sum(m.prefill for m in self.extra_models)
+        decode = self.max_decode_workers + sum(m.decode for m in self.extra_models)
+        return prefill * self.tier_tp("prefill") + decode * self.tier_tp("decode")
+
     def worker_threads(self, cores: int | None = None) -> int:
-        """torch threads for each worker: the given number, else an even share of the cores."""
+        """torch threads for each rank of a worker (its --num-threads): the given number, else
+        an even share of the cores over every rank of the mesh."""
         if self.threads_per_worker:
             return self.threads_per_worker
         cores = cores or _cpu_count()
-        return max(1, cores // (self.workers * self.tensor_parallel_size))
+        return max(1, cores // self.ranks)
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> UpConfig:
@@ -199,6 +224,9 @@ class UpConfig:
             quantization=args.quantization,
             kv_cache_dtype=args.kv_cache_dtype,
             tensor_parallel_size=args.tensor_parallel_size,
+            prefill_tp=args.prefill_tp,
+            decode_tp=args.decode_tp,
+            expert_parallel=args.expert_parallel,
             gpus=tuple(g.strip() for g in (args.gpus or "").split(",") if g.strip()),
             num_kv_blocks=args.num_kv_blocks,
             kv_cache_gb=args.kv_cache_gb,

@@ -138,6 +138,11 @@ def worker_spec(
         "--quantization", config.quantization, "--kv-cache-dtype", config.kv_cache_dtype,
     ]  # fmt: skip
     argv += _optional(config, model_name)
+    tp = config.tier_tp(tier)
+    if tp > 1:
+        argv += ["--tensor-parallel-size", str(tp)]
+        if config.expert_parallel:
+            argv += ["--expert-parallel", "on"]
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     if config.gpus:
         slot = number - 1 if tier == "prefill" else config.max_prefill_workers + number - 1
@@ -172,7 +177,6 @@ def _optional(config: UpConfig, model_name: str | None = None) -> list[str]:
         "--kv-cache-gb": config.kv_cache_gb,
         "--max-num-seqs": config.max_num_seqs,
         "--max-model-len": config.max_model_len,
-        "--tensor-parallel-size": config.tensor_parallel_size if config.tensor_parallel_size > 1 else None,
     }
     return [item for flag, value in flags.items() if value is not None for item in (flag, str(value))]
 

@@ -134,13 +134,15 @@ class MLP(nn.Module):
 
 
 def make_mlp(cfg: ModelConfig, layer: int, ops: LayerOps, tp: TensorParallel) -> nn.Module:
-    """The layer's dense MLP, or its sparse MoE block (experts split over the TP ranks)."""
+    """The layer's dense MLP, or its sparse MoE block (experts split over the TP ranks by rows,
+    or by count with expert parallelism)."""
     moe = cfg.moe
     if moe is None or layer in moe.dense_layers:
         return MLP(cfg.hidden_size, cfg.intermediate_size // tp.size, ops)
     shared_size = moe.shared_expert_intermediate_size // tp.size
     shared = MLP(cfg.hidden_size, shared_size, ops) if shared_size else None
-    return SparseMoeBlock(cfg, moe, ops, shared, tp.split(moe.num_experts))
+    experts, rows = tp.expert_split(moe.num_experts, moe.intermediate_size)
+    return SparseMoeBlock(cfg, moe, ops, shared, experts, rows)
 
 
 class DecoderLayer(nn.Module):

@@ -11,12 +11,16 @@ The reference path (every device; the CPU path) groups the step's tokens by expe
 each hit expert once over its tokens (two matmuls and SiLU-and-mul), adding the weighted rows
 back with ``index_add_``: experts in increasing order, as transformers adds them.
 
-Expert weights are stacked per layer, ``gate_up [E, 2I, H]`` and ``down [E, H, I]``; a rank of a
-tensor-parallel group holds the experts ``[first_expert, first_expert + E_local)`` only and adds
-nothing for the others (the caller all-reduces the partial sums, scalellm.models.parallel).
+Expert weights are stacked per layer, ``gate_up [E, 2I, H]`` and ``down [E, H, I]``. A rank of a
+tensor-parallel group holds rows ``[r * I/N, (r + 1) * I/N)`` of every expert (``[E, 2I/N, H]``,
+``[E, H, I/N]``: its output is a partial sum); with expert parallelism it holds the experts
+``[first_expert, first_expert + E/N)`` whole and adds nothing for the others. Either way the
+caller all-reduces the partial sums (scalellm.models.parallel).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -28,15 +32,23 @@ from scalellm.models.ops import LayerOps
 
 class SparseMoeBlock(nn.Module):
     def __init__(
-        self, cfg: ModelConfig, moe: MoeConfig, ops: LayerOps, shared: nn.Module | None, experts: range
+        self,
+        cfg: ModelConfig,
+        moe: MoeConfig,
+        ops: LayerOps,
+        shared: nn.Module | None,
+        experts: range,
+        rows: range | None = None,
     ) -> None:
         super().__init__()
         self.moe = moe
         self.ops = ops
         self.experts = experts
-        """The experts this module holds (all of them unless tensor-parallel)."""
+        """The experts this module holds (all of them unless expert-parallel)."""
+        self.rows = rows if rows is not None else range(moe.intermediate_size)
+        """The rows of each expert's intermediate dimension it holds (all unless tensor-parallel)."""
         self.gate = nn.Linear(cfg.hidden_size, moe.num_experts, bias=False)
-        inter, hidden = moe.intermediate_size, cfg.hidden_size
+        inter, hidden = len(self.rows), cfg.hidden_size
         self.w_gate_up = nn.Parameter(torch.empty(len(experts), 2 * inter, hidden), requires_grad=False)
         self.w_down = nn.Parameter(torch.empty(len(experts), hidden, inter), requires_grad=False)
         self.shared_expert = shared
@@ -58,6 +70,19 @@ class SparseMoeBlock(nn.Module):
         return out
 
     def experts_forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """On CUDA with triton: one grouped matmul per projection over every local expert
+        (models/moe_triton.py; SCALELLM_MOE_KERNEL=torch keeps the reference). Else the reference."""
+        if x.is_cuda and os.environ.get("SCALELLM_MOE_KERNEL", "triton") != "torch":
+            from scalellm.models import moe_triton
+
+            if moe_triton.AVAILABLE:
+                return moe_triton.experts_forward(
+                    x, weights, ids, self.w_gate_up, self.w_down, self.experts, self.moe.num_experts,
+                    self.ops.silu_mul,
+                )  # fmt: skip
+        return self.reference_experts(x, weights, ids)
+
+    def reference_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Group the (token, choice) pairs by expert, run each local expert over its tokens once.
 
         ids [T, k] --flatten, stable sort--> pairs grouped by expert: | e0 ... | e1 ... | ...
@@ -115,14 +140,14 @@ def load_expert(block: SparseMoeBlock, expert: int, which: str, tensor: torch.Te
     """Copy one expert's projection into the stacked weights; False when another rank holds it."""
     if expert not in block.experts:
         return False
-    local, inter = expert - block.experts.start, block.moe.intermediate_size
-    if which == "down":
-        dest = block.w_down.data[local]
+    local, rows, inter = expert - block.experts.start, block.rows, block.moe.intermediate_size
+    hidden = block.w_down.shape[1]
+    full = (hidden, inter) if which == "down" else (inter, hidden)
+    if tuple(tensor.shape) != full:
+        raise ValueError(f"expert {expert} {which}: checkpoint shape {tuple(tensor.shape)} != model {full}")
+    if which == "down":  # this rank's rows of the intermediate dimension: down's input columns
+        block.w_down.data[local].copy_(tensor[:, rows.start : rows.stop])
     else:
-        dest = block.w_gate_up.data[local].narrow(0, 0 if which == "gate" else inter, inter)
-    if dest.shape != tensor.shape:
-        raise ValueError(
-            f"expert {expert} {which}: checkpoint shape {tuple(tensor.shape)} != model {tuple(dest.shape)}"
-        )
-    dest.copy_(tensor)
+        dest = block.w_gate_up.data[local].narrow(0, 0 if which == "gate" else len(rows), len(rows))
+        dest.copy_(tensor[rows.start : rows.stop])
     return True

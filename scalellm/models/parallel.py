@@ -9,8 +9,10 @@ collectives that join the slices (Megatron's layout, as vLLM and nano-vllm use i
     attention: heads split over ranks (q heads and K/V heads alike; N must divide both), so a
                rank's KV cache holds its K/V heads only; o_proj's partial sums are all-reduced
     MLP:       gate/up column-split, down row-split, one all-reduce
-    MoE:       experts split over ranks (N must divide their count): each rank routes every
-               token, runs its own experts, and the partial sums are all-reduced
+    MoE:       every expert's intermediate rows split over the ranks as a dense MLP's (gate/up
+               column-, down row-split); or with expert parallelism whole experts placed on
+               ranks (N must divide their count). Either way each rank routes every token, runs
+               its part, and the partial sums join the one all-reduce
     embedding: a rank looks up the ids in its vocabulary slice, zeros elsewhere, all-reduced
                (exact: one non-zero term per row)
     lm_head:   each rank's logits for its vocabulary slice, all-gathered to [T, V] (exact)
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -38,7 +41,10 @@ class TensorParallel:
     rank: int = 0
     size: int = 1
     group: Any = None
-    """A ProcessGroup (gloo on CPU, NCCL on CUDA), built directly by scalellm.engine.tp_group."""
+    """A ProcessGroup (gloo on CPU, NCCL on CUDA), built directly by scalellm.engine.tp_ranks."""
+    expert_parallel: bool = False
+    """MoE experts placed whole on the ranks (E/N each) instead of every expert's intermediate
+    rows split over them (EngineConfig.expert_parallel)."""
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum x over the ranks, in place."""
@@ -54,16 +60,52 @@ class TensorParallel:
         self.group.allgather([parts], [x.contiguous()]).wait()
         return torch.cat(parts, dim=dim)
 
+    def gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor | None:
+        """Rank 0: every rank's x concatenated along ``dim`` in rank order; the others: None
+        (half the bytes of all_gather where only rank 0 needs the result)."""
+        if self.size == 1:
+            return x
+        x = x.contiguous()
+        parts = [[torch.empty_like(x) for _ in range(self.size)]] if self.rank == 0 else []
+        opts: Any = dist.GatherOptions()
+        opts.rootRank = 0
+        self.group.gather(parts, [x], opts).wait()
+        return torch.cat(parts[0], dim=dim) if self.rank == 0 else None
+
+    def scatter(self, out: torch.Tensor, parts: list[torch.Tensor] | None) -> torch.Tensor:
+        """Rank r receives ``parts[r]`` of rank 0's ``parts`` (None on the other ranks) into
+        ``out``, which it returns (every part shaped as ``out``)."""
+        if self.size == 1:
+            assert parts is not None
+            return out.copy_(parts[0])
+        inputs = [[p.contiguous() for p in parts]] if parts is not None else []
+        self.group.scatter([out], inputs, _root(0)).wait()
+        return out
+
     def split(self, n: int) -> range:
         """This rank's slice of n rows (n divisible by the size: check_divisible says so first)."""
         per = n // self.size
         return range(self.rank * per, (self.rank + 1) * per)
 
+    def expert_split(self, num_experts: int, intermediate: int) -> tuple[range, range]:
+        """The experts this rank holds and the rows of each one's intermediate dimension:
+        all experts and a 1/N row slice of each (tensor parallel), or 1/N of the experts whole
+        (expert parallel)."""
+        if self.expert_parallel:
+            return self.split(num_experts), range(intermediate)
+        return range(num_experts), self.split(intermediate)
+
 
 SINGLE = TensorParallel()
 
 
-def check_divisible(cfg: ModelConfig, size: int) -> None:
+def _root(rank: int) -> Any:
+    opts: Any = dist.ScatterOptions()
+    opts.rootRank = rank
+    return opts
+
+
+def check_divisible(cfg: ModelConfig, size: int, expert_parallel: bool = False) -> None:
     """Every split dimension must divide evenly over ``size`` ranks; a clear error otherwise."""
     dims = {
         "num_attention_heads": cfg.num_heads,
@@ -72,14 +114,18 @@ def check_divisible(cfg: ModelConfig, size: int) -> None:
         "vocab_size": cfg.vocab_size,
     }
     if cfg.moe is not None:
-        dims["num_experts"] = cfg.moe.num_experts
+        if expert_parallel:
+            dims["num_experts (expert parallel)"] = cfg.moe.num_experts
+        else:
+            dims["moe_intermediate_size"] = cfg.moe.intermediate_size
         if cfg.moe.shared_expert_intermediate_size:
             dims["shared_expert_intermediate_size"] = cfg.moe.shared_expert_intermediate_size
     bad = [f"{name} {value}" for name, value in dims.items() if value % size]
     if bad:
         raise ValueError(
             f"tensor_parallel_size {size} must divide the model's {', '.join(bad)} "
-            "(attention and the KV cache split by heads, MLPs by rows, experts by count)"
+            "(attention and the KV cache split by heads, MLPs and experts by rows, or experts by "
+            "count with expert parallelism)"
         )
 
 

@@ -38,12 +38,24 @@ class LayoutMismatchError(TransferError):
         self.diffs = diffs
         self.peer = peer
         detail = "; ".join(f"{d.name}: local={d.local!r} {peer}={d.peer!r}" for d in diffs)
+        if any(d.name == "num_kv_heads" for d in diffs):
+            detail += f" ({_HEADS_HINT})"
         super().__init__(f"KV layout mismatch with {peer}: {detail}")
+
+
+_HEADS_HINT = (
+    "both ends carry all the model's K/V heads whatever their tensor-parallel sizes, which are "
+    "re-sharded on each side: a different head count is another model, not another split"
+)
 
 
 @dataclass(frozen=True)
 class KVLayout:
     """Shape-defining facts of a worker's paged KV cache (all but its number of blocks).
+
+    ``num_kv_heads`` is the model's: a tensor-parallel worker (whose ranks hold a slice of the
+    heads each) sends gathered blocks and lands pushed ones with every head, then scatters them,
+    so any sending size pairs with any receiving size (engine gather_kv / scatter_kv).
 
     The cache tensor is block-major: ``[num_blocks, num_layers, 2, block_size, num_kv_heads,
     head_dim]``, so that a run of consecutive blocks is one contiguous slice.

@@ -57,11 +57,6 @@ class WorkerConfig:
             object.__setattr__(self, "worker_id", f"{self.role.name.lower()}-{uuid.uuid4().hex[:8]}")
         if self.prefill_timeout_s <= 0 or self.transfer_timeout_s <= 0 or self.drain_timeout_s < 0:
             raise ValueError("timeouts must be positive")
-        if self.engine.tensor_parallel_size > 1 and self.role is WorkerRole.DECODE:
-            raise ValueError(
-                f"--tensor-parallel-size {self.engine.tensor_parallel_size} needs --role prefill or both: "
-                "a decode worker cannot land pushed KV on several ranks yet"
-            )
 
     def advertised(self, port: int) -> str:
         host = self.advertise_host or socket.gethostname()
@@ -86,6 +81,16 @@ class WorkerConfig:
             device_host=self.advertise_host or listen,
             auth_key=self.security.load().transfer_key,
         )
+
+
+def parse_on_off(text: str) -> bool:
+    """on/off, true/false, yes/no or 1/0 (a flag's value or its environment variable)."""
+    value = text.strip().lower()
+    if value in ("on", "true", "yes", "1"):
+        return True
+    if value in ("off", "false", "no", "0"):
+        return False
+    raise ValueError(f"expected on or off, got {text!r}")
 
 
 def _option(flag: str, name: str, type_: Callable[[str], Any], help_: str, **kw: Any) -> Option:
@@ -126,7 +131,13 @@ def worker_options(roles: Sequence[WorkerRole]) -> tuple[Option, ...]:
             "--tensor-parallel-size",
             "engine.tensor_parallel_size",
             int,
-            "processes the model is split over (CPU, gloo; not for role decode)",
+            "processes the model is split over (CPU, gloo)",
+        ),
+        _option(
+            "--expert-parallel",
+            "engine.expert_parallel",
+            parse_on_off,
+            "on: MoE experts placed whole on the ranks instead of each split over them",
         ),
         _option("--prefill-timeout", "prefill_timeout_s", float, "seconds a Prefill rpc may take"),
         _option("--transfer-timeout", "transfer_timeout_s", float, "seconds a KV transfer op may take"),

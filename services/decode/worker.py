@@ -103,12 +103,15 @@ class DecodeWorker:
         self.host.start()
         self.pending = PendingTransfers(asyncio.get_running_loop())
         engine = self.host.engine
-        layout = KVLayout.from_kv_cache(engine.kv_cache, self.host.model_name)
+        # Pushed KV carries all the model's heads; a tensor-parallel engine lands it beside its
+        # cache and scatters each rank its heads (LLMEngine.kv_landing, scatter_kv)
+        landing = engine.kv_landing()
+        layout = KVLayout.from_kv_cache(landing, self.host.model_name)
         self.transfer = TransferServer(
             self.config.worker_id,
             self.config.transfer_listen,
             layout,
-            engine.kv_cache,
+            landing,
             resolve=self.pending.resolve,
             on_complete=self.pending.complete,
             on_error=self.pending.fail,
@@ -193,6 +196,7 @@ class DecodeWorker:
                     yield chunk
                 return
             result, timings = remote
+            await aengine.scatter_kv(list(reservation.block_ids))
             first = await aengine.remote_kv_landed(
                 req.request_id, result.first_token_id, result.logprobs, result.cached_tokens
             )

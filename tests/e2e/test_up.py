@@ -89,6 +89,28 @@ def test_tensor_parallel_workers_get_the_flag_and_a_share_of_cores_per_rank() ->
     assert "--tensor-parallel-size" not in worker_specs(UpConfig(), Path("/m"), "127.0.0.1:1", "r1")[0].argv
 
 
+def _tp_by_worker(config: UpConfig) -> dict[str, str]:
+    specs = worker_specs(config, Path("/m"), "127.0.0.1:1", "r1")
+    return {
+        s.name: dict(zip(s.argv, s.argv[1:], strict=False)).get("--tensor-parallel-size", "1") for s in specs
+    }
+
+
+def test_each_disaggregated_tier_takes_its_own_tensor_parallel_size() -> None:
+    """--prefill-tp / --decode-tp size each tier (any pair: KV is re-sharded in the transfer);
+    --tensor-parallel-size alone sizes both; the cores are shared over every rank."""
+    both = UpConfig(prefill=1, decode=2, tensor_parallel_size=2)
+    assert _tp_by_worker(both) == {"prefill-1": "2", "decode-1": "2", "decode-2": "2"}
+    assert both.worker_threads(cores=12) == 2  # 3 workers x 2 ranks
+    split = UpConfig(prefill=2, decode=1, prefill_tp=1, decode_tp=2)
+    assert _tp_by_worker(split) == {"prefill-1": "1", "prefill-2": "1", "decode-1": "2"}
+    assert split.worker_threads(cores=16) == 4  # 2 x 1 + 1 x 2 ranks
+    mixed = UpConfig(prefill=1, decode=1, tensor_parallel_size=4, decode_tp=2)
+    assert _tp_by_worker(mixed) == {"prefill-1": "4", "decode-1": "2"}
+    ep = worker_specs(UpConfig(decode_tp=2, expert_parallel=True), Path("/m"), "127.0.0.1:1", "r1")
+    assert ["--expert-parallel" in s.argv for s in ep] == [False, True]  # only where there are ranks
+
+
 def test_restarted_children_keep_their_addresses() -> None:
     """Redis and the gateway are restarted on the ports they got first (port 0: any free one), and
     the kvstore on the one its spec names, so every configured address still reaches them."""
@@ -143,8 +165,9 @@ def test_a_negative_restart_budget_is_refused() -> None:
         ["--decode", "0"],
         ["--prefill", "0"],
         ["--http-port", "70000"],
-        ["--tensor-parallel-size", "2"],  # not colocated: decode workers run one rank
         ["--colocated", "--tensor-parallel-size", "0"],
+        ["--decode-tp", "0"],
+        ["--colocated", "--prefill-tp", "2"],  # no prefill workers to size
     ],
 )
 def test_bad_flags_are_refused_before_anything_starts(argv: list[str]) -> None:
@@ -481,3 +504,67 @@ def _wait_for_nth(up: Up, prefix: str, n: int, timeout: float = 100.0) -> str:
         assert time.monotonic() < deadline, f"no {n} {prefix!r} lines in {timeout} s:\n{up.log()}"
         time.sleep(0.1)
     return found[n - 1]
+
+
+@pytest.mark.slow
+def test_up_runs_a_tp1_prefill_tier_feeding_a_tp2_decode_tier(tiny_chat_model: Path) -> None:
+    """`--prefill-tp 1 --decode-tp 2`: the decode worker starts its second rank and takes the
+    prefill worker's KV (all heads, scattered to its ranks): the engine alone's greedy text."""
+    import openai
+
+    from scalellm import LLM, SamplingParams
+
+    prompts = [_prompt(i) for i in range(3)]
+    with LLM(model=str(tiny_chat_model), num_kv_blocks=64, dtype="float32") as llm:
+        outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+        expected = [o.outputs[0].text for o in outs]
+    up = Up(
+        "--model",
+        str(tiny_chat_model),
+        "--prefill",
+        "1",
+        "--decode",
+        "1",
+        "--prefill-tp",
+        "1",
+        "--decode-tp",
+        "2",
+        "--http-port",
+        "0",
+        "--grpc-port",
+        "0",
+        "--num-kv-blocks",
+        "64",
+        "--dtype",
+        "float32",
+        "--startup-timeout",
+        "120",
+        "--drain-timeout",
+        "10",
+        "--quiet",
+        "--gateway-arg=--routing=load",
+    )  # fmt: skip  (short prompts go to the prefill tier too)
+    pids: dict[int, str] = {}
+    try:
+        base_url = up.wait_for("mesh ready: ", timeout=150).split()[2]
+        pids = up.pids()
+        ranks = [p for p in pids if b"scalellm.engine.tp_ranks" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(ranks) == 1 and _stat(ranks[0])[2] == str(_child_pid(up, "decode-1")), up.log()
+        client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=120)
+        model = tiny_chat_model.name
+        texts = [
+            client.completions.create(
+                model=model, prompt=p, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+            )
+            .choices[0]
+            .text
+            for p in prompts
+        ]
+        assert texts == expected
+        url = re.search(r"ready decode-1 .* metrics=(\S+)", up.log()).group(1)  # type: ignore[union-attr]
+        assert _metrics(url).get('scalellm_kv_transfer_bytes_total{direction="in"}', 0) > 0
+        addresses = up.addresses()
+        assert up.stop() == 0, up.log()
+        _assert_gone(up, pids, addresses)
+    finally:
+        up.cleanup(pids)

@@ -1,5 +1,6 @@
 """Mixture-of-experts models through real worker processes: tiny random Mixtral and Qwen3-MoE give
-transformers' greedy output colocated, and Mixtral disaggregated (KV over gloo) too."""
+transformers' greedy output colocated, and disaggregated (KV over gloo) across tensor-parallel sizes
+too: TP=1 -> 1 (Mixtral), 2 -> 1 (Qwen3-MoE), 1 -> 2 and 2 -> 2 (Qwen2-MoE)."""
 
 from __future__ import annotations
 
@@ -78,23 +79,38 @@ async def test_tensor_parallel_worker_matches_transformers_and_stops_its_ranks(t
     assert not alive, f"rank processes {alive} outlived their worker"
 
 
-async def test_kv_from_a_tp1_prefill_worker_is_refused_by_a_tp2_worker_which_computes_locally(
-    tiny_model_factory,  # type: ignore[no-untyped-def]
-) -> None:
-    """A TP=2 colocated worker holds half the K/V heads per rank: the layout check refuses a TP=1
-    prefill worker's pair (no KV lands in the wrong heads) and the prompt is recomputed locally."""
+async def test_a_tp2_decode_worker_takes_kv_from_tp1_and_tp2_prefill_workers(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]
+    """Pushed KV has all the model's K/V heads whatever the sender's size; a TP=2 decode worker
+    lands it beside its cache and scatters each rank its half (engine.scatter_kv). Requests
+    alternate between a TP=1 and a TP=2 prefill worker: transformers' tokens (= colocated TP=1's,
+    tests/unit/test_tensor_parallel.py), every prompt's KV pushed, none recomputed."""
     model: Path = tiny_model_factory("qwen2_moe")
-    prefill = start_service("services.prefill", worker_args(model, "--worker-id", "tp1-prefill"))
-    worker = start_service(
-        "services.decode", worker_args(model, "--role", "both", "--tensor-parallel-size", "2")
+    prefills = {
+        tp: start_service(
+            "services.prefill",
+            worker_args(model, "--worker-id", f"tp{tp}-prefill", "--tensor-parallel-size", str(tp)),
+        )
+        for tp in (1, 2)
+    }
+    decode = start_service(
+        "services.decode", worker_args(model, "--role", "decode", "--tensor-parallel-size", "2")
     )
     try:
-        target = [worker_pb2.PrefillTarget(worker_id="tp1-prefill", address=prefill.address)]
-        lasts = await _check(worker, model, "tp-mismatch", target)
-        assert all(last.timings.transfer_bytes == 0 for last in lasts)
+        work, expected = _workload(model, "to-tp2")
+        targets = {
+            tp: [worker_pb2.PrefillTarget(worker_id=f"tp{tp}-prefill", address=prefills[tp].address)]
+            for tp in (1, 2)
+        }
+        reqs = [worker_request(f"to-tp2-{i}", p, n, targets[1 + i % 2]) for i, (p, n) in enumerate(work)]
+        results = await generate(decode.address, reqs)
+        assert [tokens for tokens, _ in results] == expected
+        assert all(last.timings.transfer_bytes > 0 for _, last in results)
+        for worker in (decode, *prefills.values()):
+            await wait_all_blocks_free(worker)
     finally:
-        assert worker.stop() == 0, worker.log()
-        assert prefill.stop() == 0, prefill.log()
+        assert decode.stop() == 0, decode.log()
+        for worker in prefills.values():
+            assert worker.stop() == 0, worker.log()
 
 
 async def test_a_tp2_prefill_worker_feeds_a_tp1_decode_worker_exactly(tiny_model_factory) -> None:  # type: ignore[no-untyped-def]

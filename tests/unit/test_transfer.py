@@ -193,6 +193,11 @@ def test_layout_diff_names_every_field() -> None:
         err.value
     ) and "block_size: local=16 peer=8" in str(err.value)
     assert KVLayout.from_json(ours.to_json()) == ours
+    assert "tensor-parallel" not in str(err.value)
+    with pytest.raises(
+        LayoutMismatchError, match=r"num_kv_heads: local=3 peer=2 .*another model, not another split"
+    ):
+        ours.check_compatible(KVLayout("m", "float32", 30, 2, 64, 16))
 
 
 def test_frame_roundtrip_and_garbage() -> None:
