@@ -58,9 +58,15 @@ class Scores:
         return math.exp(-statistics.fmean(self.logprobs))
 
 
-def make_runner(model_dir: Path, dtype: str, quantization: str, kv: str, max_len: int) -> ModelRunner:
+def make_runner(
+    model_dir: Path, dtype: str, quantization: str, kv: str, max_len: int, kv_cache_gb: float = 0.25
+) -> ModelRunner:
     config = EngineConfig(
-        model=str(model_dir), dtype=dtype, quantization=quantization, kv_cache_dtype=kv, kv_cache_gb=0.25
+        model=str(model_dir),
+        dtype=dtype,
+        quantization=quantization,
+        kv_cache_dtype=kv,
+        kv_cache_gb=kv_cache_gb,
     )
     return ModelRunner(config, ModelConfig.from_dir(model_dir), max_len)
 
