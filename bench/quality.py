@@ -35,7 +35,7 @@ import torch
 
 from scalellm import LLM
 from scalellm.engine.config import EngineConfig
-from scalellm.engine.model_runner import ModelRunner
+from scalellm.engine.model_runner import ModelRunner, SeqStep
 from scalellm.engine.request import Request
 from scalellm.engine.scheduler import ScheduledRequest
 from scalellm.models.config import ModelConfig
@@ -58,9 +58,15 @@ class Scores:
         return math.exp(-statistics.fmean(self.logprobs))
 
 
-def make_runner(model_dir: Path, dtype: str, quantization: str, kv: str, max_len: int) -> ModelRunner:
+def make_runner(
+    model_dir: Path, dtype: str, quantization: str, kv: str, max_len: int, kv_cache_gb: float = 0.25
+) -> ModelRunner:
     config = EngineConfig(
-        model=str(model_dir), dtype=dtype, quantization=quantization, kv_cache_dtype=kv, kv_cache_gb=0.25
+        model=str(model_dir),
+        dtype=dtype,
+        quantization=quantization,
+        kv_cache_dtype=kv,
+        kv_cache_gb=kv_cache_gb,
     )
     return ModelRunner(config, ModelConfig.from_dir(model_dir), max_len)
 
@@ -80,7 +86,7 @@ def _requests(sequences: list[list[int]], block_size: int) -> list[Request]:
 @torch.inference_mode()
 def _run(runner: ModelRunner, scheduled: list[ScheduledRequest]) -> torch.Tensor:
     """One step; the float32 log-softmax of every fed token's logits."""
-    inputs = runner.prepare(scheduled)
+    inputs = runner.prepare([SeqStep.of(s) for s in scheduled])
     hidden = runner.model(inputs.input_ids, inputs.positions, runner.kv_cache, inputs.meta)
     return torch.log_softmax(runner.model.compute_logits(hidden), dim=-1)
 
@@ -162,14 +168,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--speed-batches", type=int, nargs="*", default=[1, 64], help="none: skip speed")
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=[f"{q}/{kv}" for q, kv in MODES],
+        help="weights/kv pairs; none/auto first",
+    )
     args = parser.parse_args()
+    modes = [tuple(m.split("/")) for m in args.modes]
 
     model_dir = resolve_model_dir(args.model)
     tokenizer = Tokenizer.from_dir(model_dir)
     paragraphs = [p.strip() for p in TEXT.read_text().split("\n\n") if p.strip()]
     sequences = [tokenizer.encode(p) for p in paragraphs]
     max_len = max(map(len, sequences)) + 256
-    runners = {f"{q}/{kv}": make_runner(model_dir, args.dtype, q, kv, max_len) for q, kv in MODES}
+    runners = {f"{q}/{kv}": make_runner(model_dir, args.dtype, q, kv, max_len) for q, kv in modes}
     ref_name = "none/auto"
     results: dict[str, dict[str, float]] = {}
     progress("runners loaded")
@@ -178,7 +191,7 @@ def main() -> None:
     first_sentences = [p.split(". ")[0] + "." for p in paragraphs]
     greedy = {
         f"{q}/{kv}": greedy_texts(model_dir, args.dtype, q, kv, first_sentences, args.greedy_tokens)
-        for q, kv in MODES
+        for q, kv in modes
     }
     progress("greedy generations")
     speeds = {b: decode_step_times(runners, b, 128, args.rounds) for b in args.speed_batches}

@@ -154,30 +154,29 @@ class CpuFusedOps:
         torch.ops.scalellm_cpu.rope_(x, cos, signed_sin)
 
 
-class CpuInt8Matmul:
-    """models.quant_linear.Int8Matmul: the activations quantized per row in one C++ pass
-    (csrc/quant_ops.cpp), int8 x int8 -> int32 by ``torch._int_mm`` (oneDNN, VNNI where the CPU
-    has it), the two scales and the bias applied in one more pass."""
+class CpuW8A8:
+    """models.quant_linear.W8A8Kernel: the activations quantized per row and group of 64 channels,
+    the int8 x int8 products in int32 over the packed weight, and the scales, in one C++ call
+    (csrc/quant_ops.cpp's ``w8a8_linear``; AVX2 where the CPU has it)."""
 
-    name = "cpu-w8a8 (per-token int8 activations, torch._int_mm)"
+    name = "cpu-w8a8 (int8 activations per token and 64 channels, packed int8 weights)"
 
     def __call__(
-        self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        packed: torch.Tensor,
+        scales: torch.Tensor,
+        bias: torch.Tensor | None,
     ) -> torch.Tensor:
-        rows = x.shape[0]
-        xq = torch.empty(x.shape, dtype=torch.int8)
-        x_scales = torch.empty(rows, dtype=torch.float32)
-        torch.ops.scalellm_cpu.quantize_rows_s8(xq, x_scales, x)
-        acc = torch._int_mm(xq, qweight.t())
-        out = torch.empty(acc.shape, dtype=x.dtype)
-        torch.ops.scalellm_cpu.scale_int32(out, acc, x_scales, scales, bias)
+        out = torch.empty(x.shape[0], scales.shape[0], dtype=x.dtype)
+        torch.ops.scalellm_cpu.w8a8_linear(out, x, packed, scales, bias)
         return out
 
 
-def int8_matmul(device: torch.device, dtype: torch.dtype) -> CpuInt8Matmul | None:
+def w8a8_kernel(device: torch.device, dtype: torch.dtype) -> CpuW8A8 | None:
     """The W8A8 kernel where it applies (CPU, float32 or bfloat16, kernels built), else None."""
     if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and available():
-        return CpuInt8Matmul()
+        return CpuW8A8()
     return None
 
 

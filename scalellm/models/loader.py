@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from scalellm.engine.cpu_kernels import int8_matmul, layer_ops
+from scalellm.engine.cpu_kernels import layer_ops, w8a8_kernel
 from scalellm.models.config import ModelConfig
 from scalellm.models.llama import LlamaForCausalLM, RotaryEmbedding
 from scalellm.models.packed_linear import pack_linears, packing_supported
@@ -53,7 +53,8 @@ def load_model(
         model.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions)
     model.load_weights(iter_safetensors(model_dir))
     if quantization != "none":
-        count = quantize_weights(model, quantization, int8_matmul(device, dtype))
+        kernel = w8a8_kernel(device, dtype) if quantization == "w8a8" else None
+        count = quantize_weights(model, quantization, kernel)
         log.info("weights: %s, %d quantized, %.0f MB", quantization, count, weight_bytes(model) / 1e6)
     elif packing_supported(device, dtype):
         log.info("linear layers: oneDNN, %d weights reordered for this CPU", pack_linears(model))

@@ -14,17 +14,20 @@ Kernels (measured in bench/quant_linear.py, docs/benchmarks.md):
 
 - few rows (decode batches up to ``GEMV_ROWS``) in bfloat16/float16: ``torch._weight_int8pack_mm``,
   which streams the int8 weight once per row (a GEMV; its cost grows with the rows);
-- ``w8a8`` (CPU, with our kernels: ``Int8Matmul``, scalellm/engine/cpu_kernels.py): the decoder's
-  linear layers but WEIGHT_ONLY at every batch size (so a token's result never depends on what
-  else is in the batch): the activations are quantized too, per row (token), and the product is
-  int8 x int8 in int32 (``torch._int_mm``, VNNI where the CPU has it):
+- ``w8a8`` (CPU, with our kernels: ``W8A8Kernel``, scalellm/engine/cpu_kernels.py): every linear
+  layer, at every batch size (so a token's result never depends on what else is in the batch): the
+  activations are quantized too, per row (token), and the product is int8 x int8 in int32, over a
+  weight packed once at load (``pack_w8a8``; csrc/quant_ops.cpp's ``w8a8_linear``):
 
-      x[t] ~= xq[t] * a[t]     a[t] = max_i |x[t, i]| / 127      (dynamic: computed per call)
-      y[t, o] = (xq[t] . q[o]) * a[t] * s[o]                       (the dot product exact in int32)
+      x[t, g] ~= xq[t, g] * a[t, g]     a[t, g] = max_{i in g} |x[t, i]| / 127   (per call)
+      y[t, o] = s[o] * sum_g (xq[t, g] . q[o, g]) * a[t, g]        (each group's dot exact in int32)
 
-  This is W8A8 (vLLM's "dynamic per-token" int8): more error than weight-only int8, faster at
-  large batches (docs/benchmarks.md has both: per layer ~1.5x bfloat16's oneDNN layer at 64 rows
-  and at one row on the 2-core EPYC, slower at 2-8 rows);
+  with g the groups of ACT_GROUP consecutive input channels. This is W8A8 with dynamic per-token,
+  per-group activation scales: more error than weight-only int8, faster at large batches. A few
+  input channels of a layer's activations are far larger than the rest (down_proj's input most);
+  one scale per token set by them rounds every other channel coarsely (+2.3% perplexity on the
+  demo model, all layers), one per group of 64 only the outlier's group (-0.02%, measured,
+  docs/benchmarks.md; SmoothQuant-style smoothing, tried first, did not help per token);
 - otherwise (no kernels, float32 activations on a GPU, ...): q converted to the activation dtype
   (exact: int8 values are integers of every float type) and one matmul, the scales applied to the
   output columns.
@@ -46,9 +49,14 @@ QMAX = 127
 GEMV_ROWS = 8
 """Up to this many rows the int8 GEMV kernel beats converting the weight (bench/quant_linear.py)."""
 
-Int8Matmul = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
-"""(x [T, in], q int8 [out, in], s [out], bias [out] or None) -> x @ (q * s)^T + bias [T, out],
-with x quantized per row to int8 (see the module docstring)."""
+W8A8Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+"""(x [T, in], packed int8 weight (pack_w8a8), s [out], bias [out] or None) -> x @ (q * s)^T + bias
+[T, out], with x quantized per row and group of ACT_GROUP channels to int8 (module docstring)."""
+
+BLOCK_N = 16
+"""Output channels side by side in pack_w8a8's layout (csrc/quant_ops.cpp's kBlockN)."""
+ACT_GROUP = 64
+"""Input channels per activation scale of the W8A8 kernel (csrc/quant_ops.cpp's kGroup)."""
 
 
 def quantize_per_channel(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,31 +95,17 @@ class QuantLinear(nn.Module):
 
 
 class Int8Linear(QuantLinear):
-    """int8 weights: ``(x @ q^T) * s`` (see the module docstring for the kernels); ``int8_matmul``
-    takes every batch when given."""
-
-    def __init__(
-        self,
-        qweight: torch.Tensor,
-        scales: torch.Tensor,
-        bias: torch.Tensor | None,
-        int8_matmul: Int8Matmul | None = None,
-    ) -> None:
-        super().__init__(qweight, scales, bias)
-        self.int8_matmul = int8_matmul
+    """int8 weights, float activations: ``(x @ q^T) * s`` (see the module docstring for the kernels)."""
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, int8_matmul: Int8Matmul | None = None) -> Int8Linear:
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         q, s = quantize_per_channel(linear.weight, linear.weight.dtype)
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(q, s, bias, int8_matmul)
+        return cls(q, s, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features)
-        if self.int8_matmul is not None:  # every batch size: a token's result never depends on the batch
-            out = self.int8_matmul(flat.contiguous(), self.qweight, self.scales, self.bias)
-            return out.view(*lead, self.out_features)
         if flat.is_cpu and flat.shape[0] <= GEMV_ROWS and flat.dtype in (torch.bfloat16, torch.float16):
             out = torch._weight_int8pack_mm(flat, self.qweight, self.scales)
         else:
@@ -119,6 +113,54 @@ class Int8Linear(QuantLinear):
         if self.bias is not None:
             out = out.add_(self.bias)
         return out.view(*lead, self.out_features)
+
+
+def pack_w8a8(q: torch.Tensor) -> torch.Tensor:
+    """q int8 [N, K] -> [ceil(N / 16), ceil(K / 2), 16, 2]: for each block of 16 output channels,
+    the (k, k + 1) pairs of the 16 side by side (zeros pad N and K); csrc/quant_ops.cpp reads it."""
+    n, k = q.shape
+    n_pad, k_pad = -(-n // BLOCK_N) * BLOCK_N, -(-k // 2) * 2
+    padded = torch.zeros(n_pad, k_pad, dtype=torch.int8, device=q.device)
+    padded[:n, :k] = q
+    return padded.view(n_pad // BLOCK_N, BLOCK_N, k_pad // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def unpack_rows(packed: torch.Tensor, rows: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Rows ``rows`` of the int8 weight that ``pack_w8a8`` packed, [len(rows), in_features]."""
+    picked = packed[rows // BLOCK_N, :, rows % BLOCK_N, :]  # [R, K/2, 2]
+    return picked.reshape(rows.shape[0], -1)[:, :in_features]
+
+
+class W8A8Linear(nn.Module):
+    """int8 weights and int8 activations through ``kernel`` (see the module docstring)."""
+
+    packed: torch.Tensor  # buffers, declared for the type checker
+    scales: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        scales: torch.Tensor,
+        bias: torch.Tensor | None,
+        in_features: int,
+        kernel: W8A8Kernel,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, scales.shape[0]
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", bias)
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.in_features).contiguous()
+        out = self.kernel(flat, self.packed, self.scales, self.bias)
+        return out.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, w8a8"
 
 
 class QuantEmbedding(nn.Module):
@@ -167,37 +209,67 @@ def replace_weights(
     return len(quantized)
 
 
-WEIGHT_ONLY = ("down_proj", "lm_head")
-"""Layers that stay weight-only under w8a8. down_proj: its input, silu(gate) * up, has the widest
-outlier channels; quantizing it per token cost the most perplexity (docs/benchmarks.md). lm_head:
-oneDNN's int8 GEMM lays its weight out anew on every call (28 MB for the demo model's vocabulary),
-slower than the weight-only paths from 2 rows up (bench/quant_linear.py)."""
+class PackedEmbedding(nn.Module):
+    """``nn.Embedding`` over the rows of a weight packed for W8A8 (shared with a tied lm_head)."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, dim: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", scales)
+        self.dim, self.dtype = dim, dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        rows = unpack_rows(self.packed, flat, self.dim).float() * self.scales[flat].float().unsqueeze(-1)
+        return rows.to(self.dtype).view(*ids.shape, self.dim)
 
 
-def quantize_int8(model: nn.Module, int8_matmul: Int8Matmul | None = None) -> int:
-    """Every linear layer and embedding of ``model`` to int8 (see replace_weights); int8_matmul:
-    the W8A8 kernel for the decoder's linear layers but WEIGHT_ONLY (None: weight-only int8)."""
+def quantize_w8a8(model: nn.Module, kernel: W8A8Kernel) -> int:
+    """Every linear layer of ``model`` to W8A8Linear and every embedding to a PackedEmbedding; a
+    weight tied between them is quantized and packed once. Returns how many weights were quantized."""
+    packed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def make(q: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
-        return Int8Linear(q, s, bias, int8_matmul)
+    def cached(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if id(weight) not in packed:
+            q, s = quantize_per_channel(weight, weight.dtype)
+            packed[id(weight)] = pack_w8a8(q), s
+        return packed[id(weight)]
 
-    count = replace_weights(model, lambda w: quantize_per_channel(w, w.dtype), make)
-    for name, module in model.named_modules():
-        if isinstance(module, Int8Linear) and name.rsplit(".", 1)[-1] in WEIGHT_ONLY:
-            module.int8_matmul = None
-    return count
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                bias = None if child.bias is None else child.bias.detach().clone()
+                layer = W8A8Linear(*cached(child.weight), bias, child.in_features, kernel)
+                setattr(parent, name, layer)
+            elif isinstance(child, nn.Embedding):
+                embedding = PackedEmbedding(*cached(child.weight), child.embedding_dim, child.weight.dtype)
+                setattr(parent, name, embedding)
+    return len(packed)
 
 
-def quantize_weights(model: nn.Module, quantization: str, int8_matmul: Int8Matmul | None = None) -> int:
-    """Quantize ``model`` in place to ``quantization`` (EngineConfig.quantization, not none)."""
+def quantize_int8(model: nn.Module) -> int:
+    """Every linear layer and embedding of ``model`` to weight-only int8 (see replace_weights)."""
+    return replace_weights(model, lambda w: quantize_per_channel(w, w.dtype), Int8Linear)
+
+
+def quantize_weights(
+    model: nn.Module,
+    quantization: str,
+    w8a8_kernel: W8A8Kernel | None = None,
+) -> int:
+    """Quantize ``model`` in place to ``quantization`` (EngineConfig.quantization, not none);
+    w8a8 runs on ``w8a8_kernel``."""
     if quantization == "int8":
         return quantize_int8(model)
     if quantization == "w8a8":
-        if int8_matmul is None:
+        if w8a8_kernel is None:
             raise ValueError(
                 "quantization w8a8 needs the CPU int8 kernels (csrc/quant_ops.cpp), which did not build"
             )
-        return quantize_int8(model, int8_matmul)
+        return quantize_w8a8(model, w8a8_kernel)
     if quantization == "fp8":
         from scalellm.models.quant_fp8 import quantize_fp8
 

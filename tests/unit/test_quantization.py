@@ -17,12 +17,19 @@ from scalellm.engine.engine import LLMEngine
 from scalellm.engine.kv_quant import Int8KVSDPA, KVCacheFormat, dequantize_rows, quantize_rows
 from scalellm.models.quant_fp8 import Fp8Linear, quantize_fp8_rows, quantize_fp8_weight
 from scalellm.models.quant_linear import (
+    ACT_GROUP,
     GEMV_ROWS,
     Int8Linear,
+    PackedEmbedding,
     QuantEmbedding,
+    W8A8Kernel,
+    W8A8Linear,
     dequantize,
+    pack_w8a8,
     quantize_int8,
     quantize_per_channel,
+    quantize_w8a8,
+    unpack_rows,
     weight_bytes,
 )
 from scalellm.transfer import KVLayout, LayoutMismatchError
@@ -69,33 +76,80 @@ def test_int8_linear_equals_f_linear_over_the_dequantized_weight(
     torch.testing.assert_close(got.float(), reference, atol=tol * reference.abs().max().item(), rtol=tol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 5, 64])
-@pytest.mark.parametrize("bias", [False, True])
-def test_w8a8_matmul_equals_its_definition(dtype: torch.dtype, rows: int, bias: bool) -> None:
-    """The C++ row quantization, torch._int_mm and the C++ scaling compute
-    (round(x / a) . q) * a * s + b with a = max|x| / 127 per row, up to the output's rounding."""
-    from scalellm.engine.cpu_kernels import int8_matmul
+def _w8a8_kernel(dtype: torch.dtype) -> W8A8Kernel:
+    from scalellm.engine.cpu_kernels import w8a8_kernel
 
-    matmul = int8_matmul(torch.device("cpu"), dtype)
-    if matmul is None:
+    kernel = w8a8_kernel(torch.device("cpu"), dtype)
+    if kernel is None:
         pytest.skip("the CPU kernels did not build here")
+    return kernel
+
+
+def test_pack_w8a8_keeps_every_row_readable() -> None:
+    """The packed layout pads N to 16 and K to even; unpack_rows reads any row back exactly."""
+    q = torch.randint(-127, 128, (35, 9), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    packed = pack_w8a8(q)
+    assert packed.shape == (3, 5, 16, 2)
+    rows = torch.tensor([0, 15, 16, 34, 7])
+    assert torch.equal(unpack_rows(packed, rows, 9), q[rows])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 64])  # register tiles of 6 rows and their remainders
+@pytest.mark.parametrize(("out_features", "in_features"), [(80, 160), (35, 77)])  # 2.5 groups; padded N, K
+@pytest.mark.parametrize("bias", [False, True])
+def test_w8a8_linear_equals_its_definition(
+    dtype: torch.dtype, rows: int, out_features: int, in_features: int, bias: bool
+) -> None:
+    """csrc/quant_ops.cpp's w8a8_linear computes sum_g (round(x_g / a_g) . q_g) * a_g * s + b
+    over groups g of ACT_GROUP input channels, a_g = max|x_g| / 127 per row, each group's dot
+    product exact in int32, up to float32 rounding."""
+    kernel = _w8a8_kernel(dtype)
     gen = torch.Generator().manual_seed(rows)
-    q, s = quantize_per_channel(_weight(80, 96, 2).to(dtype), dtype)
-    b = torch.randn(80, generator=gen).to(dtype) if bias else None
-    x = (torch.randn(rows, 96, generator=gen) * 3).to(dtype)
+    q, s = quantize_per_channel(_weight(out_features, in_features, 2).to(dtype), dtype)
+    b = torch.randn(out_features, generator=gen).to(dtype) if bias else None
+    x = (torch.randn(rows, in_features, generator=gen) * 3).to(dtype)
     x[0, 7] = 40.0  # an outlier channel sets its row's scale
-    a = x.float().abs().amax(dim=1, keepdim=True) / 127
-    xq = torch.round(x.float() / a).clamp(-127, 127)
-    reference = (xq.double() @ q.double().t()) * a.double() * s.double()
+    xm = x.float()
+    reference = torch.zeros(rows, out_features, dtype=torch.float64)
+    for g in range(0, in_features, ACT_GROUP):
+        xg = xm[:, g : g + ACT_GROUP]
+        a = xg.abs().amax(dim=1, keepdim=True) / 127
+        xq = torch.round(xg / a).clamp(-127, 127)
+        reference += (xq.double() @ q[:, g : g + ACT_GROUP].double().t()) * a.double()
+    reference *= s.double()
     if b is not None:
         reference += b.double()
-    got = matmul(x, q, s, b)
-    assert got.dtype == dtype and got.shape == (rows, 80)
+    layer = W8A8Linear(pack_w8a8(q), s, b, in_features, kernel)
+    got = layer(x.unsqueeze(0)).squeeze(0)
+    assert got.dtype == dtype and got.shape == (rows, out_features)
     tol = 1e-5 if dtype == torch.float32 else 8e-3
     torch.testing.assert_close(got.double(), reference, atol=tol * reference.abs().max().item(), rtol=tol)
     # Per row: a row's result does not depend on the other rows of the batch.
-    torch.testing.assert_close(matmul(x[-1:].contiguous(), q, s, b), got[-1:], atol=0, rtol=0)
+    torch.testing.assert_close(layer(x[-1:]), got[-1:], atol=0, rtol=0)
+
+
+def test_w8a8_ties_embedding_and_lm_head_to_one_packed_copy() -> None:
+    kernel = _w8a8_kernel(torch.float32)
+    model = torch.nn.ModuleDict(
+        {
+            "embed": torch.nn.Embedding(50, 16),
+            "head": torch.nn.Linear(16, 50, bias=False),
+            "proj": torch.nn.Linear(16, 24),
+        }
+    )
+    model["head"].weight = model["embed"].weight  # type: ignore[union-attr]
+    full = model["embed"].weight.detach().clone()  # type: ignore[union-attr]
+    assert quantize_w8a8(model, kernel) == 2
+    embed, head, proj = model["embed"], model["head"], model["proj"]
+    assert (
+        isinstance(embed, PackedEmbedding) and isinstance(head, W8A8Linear) and isinstance(proj, W8A8Linear)
+    )
+    assert embed.packed.data_ptr() == head.packed.data_ptr() and proj.bias is not None
+    assert weight_bytes(model) == 64 * 16 + 50 * 4 + 32 * 16 + 24 * 4 * 2  # padded to 16 rows
+    ids = torch.tensor([[0, 7], [49, 17]])
+    step = full.abs().amax(dim=1, keepdim=True) / 127
+    assert torch.all((embed(ids) - full[ids]).abs() <= step[ids] / 2 + 1e-6)
 
 
 def test_a_tied_embedding_and_lm_head_share_one_int8_copy() -> None:
