@@ -38,7 +38,7 @@ SOURCES = (
     CSRC / "quant_ops.cpp",
     CSRC / "bf16_linear.cpp",
 )
-HEADERS = (CSRC / "vec512.h",)
+HEADERS = (CSRC / "vec256.h", CSRC / "vec512.h")
 # -ffp-contract=off: a * b + c * d stays two roundings and a sum, as torch's separate ops compute it
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only", "-ffp-contract=off")
 

@@ -91,6 +91,20 @@ def test_fused_ops_equal_torch_ops(dtype: torch.dtype, width: int) -> None:
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_silu_at_extremes(dtype: torch.dtype) -> None:
+    """The vectorized e^x clamps its argument (vec256.h, vec512.h): SiLU far out on both sides."""
+    gate = torch.tensor(
+        [-200.0, -100.0, -88.0, -87.0, -30.0, -1e-3, 0.0, 1e-3, 30.0, 87.0, 88.0, 100.0, 200.0] * 2
+    )
+    gate_up = torch.cat((gate, torch.full_like(gate, 1.5))).unsqueeze(0).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    got = cpu_kernels.CpuFusedOps().silu_mul(gate_up)
+    torch.testing.assert_close(got, TorchOps().silu_mul(gate_up), atol=tol, rtol=tol)
+    assert torch.isfinite(got).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [64, 16])
 def test_fused_rope_equals_torch_rope(dtype: torch.dtype, head_dim: int) -> None:
     """On q and k heads inside a fused projection's output, as the model rotates them. float32 is
