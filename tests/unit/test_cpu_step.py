@@ -183,7 +183,7 @@ def test_pack_linears_keeps_a_tied_embedding_weight() -> None:
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 7, 64])
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 64, 67])
 @pytest.mark.parametrize(("features", "bias"), [((48, 80), False), ((37, 22), True), ((576, 1536), False)])
 def test_bf16_kernel_equals_float32_products_rounded_once(
     rows: int, features: tuple[int, int], bias: bool

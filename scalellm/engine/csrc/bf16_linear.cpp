@@ -9,7 +9,8 @@
 //   out[m, n] = bf16( sum_k x[m, k] * w[n, k] + bias[n] )      x [M, K], w [N, K] (nn.Linear's)
 //
 // Work is split over blocks of NB = 4 weight rows; each block is read once for MB = 2 rows of x
-// at a time (8 accumulators in registers) and stays in L1 while the rows of x go past it.
+// at a time (8 accumulators in registers) and stays in L1 while the rows of x go past it, in
+// chunks of MC rows that stay in L2 (a decode step's x is one chunk; a prefill's is many).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
@@ -29,6 +30,7 @@ namespace {
 
 constexpr int64_t NB = 4;  // weight rows per block
 constexpr int64_t MB = 2;  // rows of x per pass over a block
+constexpr int64_t MC = 32;  // rows of x per chunk (a prefill's thousands would not stay in cache)
 
 inline float widen(uint16_t b) {
   const uint32_t bits = static_cast<uint32_t>(b) << 16;
@@ -109,30 +111,33 @@ void linear_bf16(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w
   const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, K));
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     float sums[MB * NB];
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t n0 = blk * NB, nn = std::min(NB, N - n0);
-      if (nn < NB) {  // the last rows when N is not a multiple of NB
-        for (int64_t m = 0; m < M; ++m)
-          for (int64_t n = n0; n < N; ++n) {
-            float s = 0.f;
-            for (int64_t k = 0; k < K; ++k) s += xf[m * K + k] * widen(w_ptr[n * K + k]);
-            if (bias_ptr != nullptr) s += widen(bias_ptr[n]);
-            out_ptr[m * N + n] = c10::BFloat16(s);
-          }
-        continue;
-      }
-      for (int64_t m0 = 0; m0 < M; m0 += MB) {
-        const int64_t rows = std::min(MB, M - m0);
-        if (rows == MB)
-          tile<MB>(xf.data() + m0 * K, K, w_ptr + n0 * K, K, sums);
-        else
-          tile<1>(xf.data() + m0 * K, K, w_ptr + n0 * K, K, sums);
-        for (int64_t m = 0; m < rows; ++m)
-          for (int64_t n = 0; n < NB; ++n) {
-            float s = sums[m * NB + n];
-            if (bias_ptr != nullptr) s += widen(bias_ptr[n0 + n]);
-            out_ptr[(m0 + m) * N + n0 + n] = c10::BFloat16(s);
-          }
+    for (int64_t c0 = 0; c0 < M; c0 += MC) {  // a chunk of x stays in L2 while the task's rows of w pass
+      const int64_t c1 = std::min(M, c0 + MC);
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t n0 = blk * NB, nn = std::min(NB, N - n0);
+        if (nn < NB) {  // the last rows when N is not a multiple of NB
+          for (int64_t m = c0; m < c1; ++m)
+            for (int64_t n = n0; n < N; ++n) {
+              float s = 0.f;
+              for (int64_t k = 0; k < K; ++k) s += xf[m * K + k] * widen(w_ptr[n * K + k]);
+              if (bias_ptr != nullptr) s += widen(bias_ptr[n]);
+              out_ptr[m * N + n] = c10::BFloat16(s);
+            }
+          continue;
+        }
+        for (int64_t m0 = c0; m0 < c1; m0 += MB) {
+          const int64_t rows = std::min(MB, c1 - m0);
+          if (rows == MB)
+            tile<MB>(xf.data() + m0 * K, K, w_ptr + n0 * K, K, sums);
+          else
+            tile<1>(xf.data() + m0 * K, K, w_ptr + n0 * K, K, sums);
+          for (int64_t m = 0; m < rows; ++m)
+            for (int64_t n = 0; n < NB; ++n) {
+              float s = sums[m * NB + n];
+              if (bias_ptr != nullptr) s += widen(bias_ptr[n0 + n]);
+              out_ptr[(m0 + m) * N + n0 + n] = c10::BFloat16(s);
+            }
+        }
       }
     }
   });
