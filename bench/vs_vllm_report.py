@@ -6,6 +6,7 @@ heading the first time), so re-running the bench rewrites its own section and no
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -143,7 +144,9 @@ def write_report(levels: list[Level], results: Path, docs: Path, plot_path: Path
         lines += ["", note]
     for dtype in dict.fromkeys(lv.dtype for lv in levels):
         lines += ["", f"**{dtype}**", "", *table(levels, dtype)]
-    if plot_path:
+    if plot_path and importlib.util.find_spec("matplotlib") is None:
+        print("matplotlib is not installed: the report has no plot", flush=True)
+    elif plot_path:
         plot(levels, plot_path)
         rel = os.path.relpath(plot_path, docs.parent)
         lines += ["", f"![vLLM CPU against the mesh]({rel})"]

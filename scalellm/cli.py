@@ -100,6 +100,12 @@ def _add_up_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="torch threads per worker (default: cores / workers)",
     )
+    add(
+        "--pin-cpus",
+        action="store_true",
+        help="pin each worker's threads to cores of its own and the gateway and other services to "
+        "the rest (CPU workers; with --threads-per-worker 1 on 2 cores: the model on core 0)",
+    )
     add("--device", default="auto", help="worker device: cpu, cuda or auto")
     add("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     add("--quantization", default="none", choices=QUANTIZATIONS, help="worker weights (fp8: CUDA)")

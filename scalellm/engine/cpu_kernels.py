@@ -32,8 +32,13 @@ from scalellm.models.ops import LayerOps, TorchOps
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "paged_decode.cpp", CSRC / "fused_ops.cpp", CSRC / "quant_ops.cpp")
-HEADERS = (CSRC / "vec512.h",)
+SOURCES = (
+    CSRC / "paged_decode.cpp",
+    CSRC / "fused_ops.cpp",
+    CSRC / "quant_ops.cpp",
+    CSRC / "bf16_linear.cpp",
+)
+HEADERS = (CSRC / "vec256.h", CSRC / "vec512.h")
 # -ffp-contract=off: a * b + c * d stays two roundings and a sum, as torch's separate ops compute it
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only", "-ffp-contract=off")
 

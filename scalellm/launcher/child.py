@@ -24,12 +24,14 @@ _PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
-def _die_with(parent: int) -> Callable[[], None]:
+def _die_with(parent: int, cpus: tuple[int, ...] = ()) -> Callable[[], None]:
     def preexec() -> None:  # runs in the child between fork and exec: keep it tiny
         if _LIBC is not None:
             _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent:  # the launcher died before prctl took effect
             os._exit(1)
+        if cpus:  # before exec: every thread it starts inherits the mask
+            os.sched_setaffinity(0, cpus)
 
     return preexec
 
@@ -65,7 +67,7 @@ class Child:
         self._proc = subprocess.Popen(
             self.spec.argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True,
-            preexec_fn=_die_with(os.getpid()),
+            preexec_fn=_die_with(os.getpid(), self.spec.cpus),
         )  # fmt: skip
         self._pump = threading.Thread(target=self._read, name=f"up-{self.name}", daemon=True)
         self._pump.start()

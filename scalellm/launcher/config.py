@@ -60,6 +60,8 @@ class UpConfig:
     """An existing Redis (its URL may hold a password); None: start a private redis-server."""
     threads_per_worker: int | None = None
     """torch threads per worker; None: divide this process's CPU cores between the workers."""
+    pin_cpus: bool = False
+    """Pin each worker to its own cores and the services to the rest (launcher/placement.py)."""
     device: str = "auto"
     dtype: str = "auto"
     quantization: str = "none"
@@ -219,6 +221,7 @@ class UpConfig:
             tls_key=args.tls_key,
             redis_url=args.redis_url,
             threads_per_worker=args.threads_per_worker,
+            pin_cpus=args.pin_cpus,
             device=args.device,
             dtype=args.dtype,
             quantization=args.quantization,

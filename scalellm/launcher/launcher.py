@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from scalellm.launcher import plan
+from scalellm.launcher import placement, plan
 from scalellm.launcher.autoscale import Autoscaler
 from scalellm.launcher.child import Child
 from scalellm.launcher.config import UpConfig
@@ -179,10 +179,15 @@ class Launcher:
         return child
 
     def _launch(self, spec: plan.ChildSpec) -> Child:
+        if self.config.pin_cpus and spec.name in placement.SERVICES:
+            spec = dataclasses.replace(spec, cpus=placement.service_cores(self.config))
         child = Child(spec, echo=None if self.config.quiet else self._echo)
         child.start()
         self._restarts.started(spec.name)
-        self.say(f"started {spec.name} pid={child.pid}")
+        self.say(
+            f"started {spec.name} pid={child.pid}"
+            + (f" cpus={','.join(map(str, spec.cpus))}" if spec.cpus else "")
+        )
         return child
 
     def _wait_ready(self, child: Child) -> Child:

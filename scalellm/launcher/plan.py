@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from scalellm.launcher import placement
 from scalellm.launcher.config import UpConfig
 from scalellm.launcher.redis_child import PASSWORD_ENV
 from scalellm.redis_server import free_port
@@ -44,6 +45,8 @@ class ChildSpec:
     restart: bool = True
     """Restart it on the same command line when it exits once the mesh is up (within the
     launcher's restart budget); False: its exit stops the mesh."""
+    cpus: tuple[int, ...] = ()
+    """The CPU cores it runs on (`--pin-cpus`, launcher/placement.py); () any."""
 
 
 def _module(name: str, *args: str) -> tuple[str, ...]:
@@ -144,13 +147,14 @@ def worker_spec(
         if config.expert_parallel:
             argv += ["--expert-parallel", "on"]
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    slot = number - 1 if tier == "prefill" else config.max_prefill_workers + number - 1
+    slot = slot if gpu_slot is None else gpu_slot
     if config.gpus:
-        slot = number - 1 if tier == "prefill" else config.max_prefill_workers + number - 1
-        slot = slot if gpu_slot is None else gpu_slot
         env["CUDA_VISIBLE_DEVICES"] = config.gpus[slot % len(config.gpus)]
     metrics = f"http://{LOOPBACK}:{metrics_port}/metrics"
     argv_all = _module(module, *argv, *config.worker_args)
-    return ChildSpec(name, argv_all, env=env, metrics=metrics)
+    cpus = placement.worker_cores(config, slot) if config.device != "cuda" else ()
+    return ChildSpec(name, argv_all, env=env, metrics=metrics, cpus=cpus)
 
 
 def planner_spec(

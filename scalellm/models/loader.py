@@ -12,7 +12,7 @@ from safetensors import safe_open
 from scalellm.engine.cpu_kernels import layer_ops, w8a8_kernel
 from scalellm.models.config import ModelConfig
 from scalellm.models.llama import LlamaForCausalLM, RotaryEmbedding
-from scalellm.models.packed_linear import pack_linears, packing_supported
+from scalellm.models.packed_linear import Bf16Linear, bf16_kernel_applies, pack_linears, packing_supported
 from scalellm.models.parallel import SINGLE, TensorParallel
 from scalellm.models.quant_linear import quantize_weights, weight_bytes
 
@@ -58,4 +58,7 @@ def load_model(
         log.info("weights: %s, %d quantized, %.0f MB", quantization, count, weight_bytes(model) / 1e6)
     elif packing_supported(device, dtype):
         log.info("linear layers: oneDNN, %d weights reordered for this CPU", pack_linears(model))
+    elif bf16_kernel_applies(device, dtype):
+        count = pack_linears(model, Bf16Linear)
+        log.info("linear layers: %d through the bfloat16 kernel (this CPU has no bfloat16 arithmetic)", count)
     return model.eval()

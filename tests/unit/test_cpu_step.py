@@ -15,7 +15,7 @@ from scalellm.engine.config import EngineConfig, cpu_has_native_bf16
 from scalellm.models.config import RopeConfig
 from scalellm.models.llama import RotaryEmbedding
 from scalellm.models.ops import TorchOps
-from scalellm.models.packed_linear import PackedLinear, pack_linears, packing_supported
+from scalellm.models.packed_linear import Bf16Linear, PackedLinear, pack_linears, packing_supported
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ toolchain for the CPU kernel")
 
@@ -87,6 +87,20 @@ def test_fused_ops_equal_torch_ops(dtype: torch.dtype, width: int) -> None:
     torch.testing.assert_close(res_fused, res_ref, atol=0, rtol=0)  # the stream itself: exact
     gate_up = 4 * torch.randn(5, 2 * width, generator=gen).to(dtype)
     torch.testing.assert_close(fused.silu_mul(gate_up), ref.silu_mul(gate_up), atol=tol, rtol=tol)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_silu_at_extremes(dtype: torch.dtype) -> None:
+    """The vectorized e^x clamps its argument (vec256.h, vec512.h): SiLU far out on both sides."""
+    gate = torch.tensor(
+        [-200.0, -100.0, -88.0, -87.0, -30.0, -1e-3, 0.0, 1e-3, 30.0, 87.0, 88.0, 100.0, 200.0] * 2
+    )
+    gate_up = torch.cat((gate, torch.full_like(gate, 1.5))).unsqueeze(0).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    got = cpu_kernels.CpuFusedOps().silu_mul(gate_up)
+    torch.testing.assert_close(got, TorchOps().silu_mul(gate_up), atol=tol, rtol=tol)
+    assert torch.isfinite(got).all()
 
 
 @needs_kernel
@@ -166,6 +180,52 @@ def test_pack_linears_keeps_a_tied_embedding_weight() -> None:
     assert isinstance(model["head"], PackedLinear)
     x = torch.randn(3, 8)
     torch.testing.assert_close(model["head"](x), x @ embed.weight.T, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 64, 67])
+@pytest.mark.parametrize(("features", "bias"), [((48, 80), False), ((37, 22), True), ((576, 1536), False)])
+def test_bf16_kernel_equals_float32_products_rounded_once(
+    rows: int, features: tuple[int, int], bias: bool
+) -> None:
+    """Odd sizes (a K tail past the 8-lane loop, N not a multiple of the 4-row blocks) and the
+    engine's; the reference: the same bfloat16 values multiplied and summed in float64, rounded."""
+    gen = torch.Generator().manual_seed(rows)
+    k, n = features
+    linear = torch.nn.Linear(k, n, bias=bias).to(torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(n, k, generator=gen))
+        if linear.bias is not None:
+            linear.bias.copy_(torch.randn(n, generator=gen))
+    x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+    exact = F.linear(
+        x.double(), linear.weight.double(), None if linear.bias is None else linear.bias.double()
+    )
+    kernel_only = Bf16Linear(linear, max_kernel_rows=1 << 30)
+    for path in (Bf16Linear(linear), kernel_only):  # oneDNN in float32 above 16 rows; the kernel at all
+        got = path(x)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+        # float32 sums in another order than float64's: at most one bfloat16 step apart
+        torch.testing.assert_close(
+            got.double(), exact.to(torch.bfloat16).double(), atol=1e-3 * k**0.5, rtol=8e-3
+        )
+        batched = path(x.unsqueeze(0))  # [1, rows, k]: the reshape path
+        torch.testing.assert_close(batched[0], got, atol=0, rtol=0)
+    strided = torch.randn(rows, 2 * k, generator=gen).to(torch.bfloat16)[:, :k]  # rows with a gap between
+    torch.testing.assert_close(kernel_only(strided), kernel_only(strided.contiguous()), atol=0, rtol=0)
+
+
+@needs_kernel
+def test_bf16_linear_keeps_a_tied_embedding_weight() -> None:
+    model = torch.nn.ModuleDict(
+        {"embed": torch.nn.Embedding(10, 8), "head": torch.nn.Linear(8, 10, bias=False)}
+    ).to(torch.bfloat16)
+    embed = model["embed"]
+    assert isinstance(embed, torch.nn.Embedding)
+    model["head"].weight = embed.weight
+    assert pack_linears(model, Bf16Linear) == 1
+    head = model["head"]
+    assert isinstance(head, Bf16Linear) and head.weight.data_ptr() == embed.weight.data_ptr()
 
 
 def test_auto_dtype_on_cpu_follows_native_bf16_and_explicit_wins() -> None:

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "vec256.h"
 #include "vec512.h"
 
 namespace {
@@ -66,6 +67,13 @@ void silu_mul_row(T* out, const T* gate, const T* up, int64_t n) {
     const __m512 g = load16(gate + i);
     const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
     store16(out + i, _mm512_mul_ps(silu, load16(up + i)));
+  }
+#elif defined(SCALELLM_AVX2)
+  const __m256 one = _mm256_set1_ps(1.f);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = load8(gate + i);
+    const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    store8(out + i, _mm256_mul_ps(silu, load8(up + i)));
   }
 #endif
   for (; i < n; ++i) {

@@ -13,7 +13,8 @@
 // Where the compiler targets AVX-512 and D is 64 or 128, decode_item_avx512 does one work item
 // with D/16 registers per K/V row: a row is loaded (and widened from bfloat16) once, dotted with
 // all G query heads, and the softmax's exp runs 16 lanes at a time. Elsewhere the scalar loops
-// of decode_kernel (which the compiler vectorizes as it can).
+// of decode_kernel (which the compiler vectorizes as it can; with AVX2 the softmax's exp runs 8
+// lanes at a time, vec256.h).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
@@ -25,6 +26,7 @@
 #include <cstring>
 #include <vector>
 
+#include "vec256.h"
 #include "vec512.h"
 
 namespace {
@@ -101,7 +103,17 @@ void decode_kernel(const at::Tensor& out, const at::Tensor& q, const at::Tensor&
         float peak = -INFINITY;
         for (int64_t t = 0; t < len; ++t) peak = s[t] > peak ? s[t] : peak;
         float total = 0.f;
-        for (int64_t t = 0; t < len; ++t) {
+        int64_t t = 0;
+#if defined(SCALELLM_AVX2)
+        __m256 sum8 = _mm256_setzero_ps();
+        for (; t + 8 <= len; t += 8) {
+          const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), _mm256_set1_ps(peak)));
+          _mm256_storeu_ps(s + t, e);
+          sum8 = _mm256_add_ps(sum8, e);
+        }
+        total = hsum8(sum8);
+#endif
+        for (; t < len; ++t) {
           s[t] = std::exp(s[t] - peak);
           total += s[t];
         }

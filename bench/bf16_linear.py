@@ -1,0 +1,72 @@
+"""Linear layers of a bfloat16 model on this CPU: torch's bfloat16 matmul, our bfloat16 kernel
+(``Bf16Linear``, for CPUs without bfloat16 arithmetic) and oneDNN in float32 for scale.
+
+    python bench/bf16_linear.py [--rows 1 8 64 256] [--threads 1] [--repeats 30]
+
+SmolLM2's shapes (hidden 576: q/k/v 960, gate/up 3072, down from 1536, o 576, lm_head 49152).
+Calls alternate between the paths; prints the minimum and median ms per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {
+    "qkv": (576, 960),
+    "o": (576, 576),
+    "gate_up": (576, 3072),
+    "down": (1536, 576),
+    "lm_head": (576, 49152),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64, 256])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from scalellm.engine import cpu_kernels
+    from scalellm.models.packed_linear import Bf16Linear, PackedLinear, packing_supported
+
+    if not cpu_kernels.available():
+        raise SystemExit("the CPU kernels could not be built here")
+
+    print(f"threads {args.threads}, load {Path('/proc/loadavg').read_text().split()[0]}")
+    for name, (k, n) in SHAPES.items():
+        linear = torch.nn.Linear(k, n, bias=False)
+        bf16 = linear.to(torch.bfloat16)
+        paths = {"torch bf16": partial(F.linear, weight=bf16.weight), "kernel bf16": Bf16Linear(bf16)}
+        if packing_supported(torch.device("cpu"), torch.float32):
+            packed = PackedLinear(torch.nn.Linear(k, n, bias=False))
+            paths["oneDNN fp32"] = lambda x, packed=packed: packed(x.float())
+        for rows in args.rows:
+            x = torch.randn(rows, k).to(torch.bfloat16)
+            times: dict[str, list[float]] = {p: [] for p in paths}
+            with torch.inference_mode():
+                for _ in range(args.repeats):
+                    for p, fn in paths.items():
+                        start = time.perf_counter()
+                        fn(x)
+                        times[p].append((time.perf_counter() - start) * 1e3)
+            cells = "  ".join(f"{p} {min(t):7.3f}/{statistics.median(t):7.3f}" for p, t in times.items())
+            print(f"{name:8s} {k:5d}x{n:<6d} rows {rows:4d}: {cells}  (ms min/median)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
