@@ -22,13 +22,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SHAPES = {
-    "qkv": (576, 960),
-    "o": (576, 576),
-    "gate_up": (576, 3072),
-    "down": (1536, 576),
-    "lm_head": (576, 49152),
-}
+from bench.quant_linear import SHAPES  # noqa: E402  (the demo model's linear shapes, one table)
 
 
 def main() -> None:
