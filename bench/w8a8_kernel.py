@@ -12,6 +12,7 @@ microseconds.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -41,7 +42,10 @@ def load_revision(rev: str) -> str:
     """Compile quant_ops.cpp as of git ``rev`` under op namespace scalellm_ab; returns it."""
     source = subprocess.run(
         ["git", "show", f"{rev}:scalellm/engine/csrc/quant_ops.cpp"],
-        cwd=CSRC, check=True, capture_output=True, text=True,
+        cwd=CSRC,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.replace("TORCH_LIBRARY_FRAGMENT(scalellm_cpu", "TORCH_LIBRARY_FRAGMENT(scalellm_ab")
     folder = Path(tempfile.mkdtemp(prefix="w8a8_ab_"))
     path = folder / "quant_ops_ab.cpp"
@@ -79,17 +83,24 @@ def w8a8(namespace: str, x: torch.Tensor, packed: torch.Tensor, s: torch.Tensor)
 
 @torch.inference_mode()
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16, 64])
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--against", help="git revision whose w8a8_linear to run side by side")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     assert cpu_kernels.available(), "the CPU kernels did not build"
     other = load_revision(args.against) if args.against else None
     torch.manual_seed(0)
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, loadavg {os.getloadavg()[0]:.2f}")
+    print(
+        f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, loadavg {os.getloadavg()[0]:.2f}"
+    )
     cols = "layer | M | f32 us | w8a8 us" + (f" | {args.against} us | new/{args.against}" if other else "")
     print(cols + " | w8a8/f32")
     for name in args.shapes:
@@ -99,7 +110,10 @@ def main() -> None:
         packed = pack_w8a8(q)
         for m in args.rows:
             x = torch.randn(m, k)
-            fns = {"f32": lambda x=x: F.linear(x, w), "new": w8a8("scalellm_cpu", x, packed, s)}
+            fns: dict[str, Callable[[], object]] = {
+                "f32": functools.partial(F.linear, x, w),
+                "new": w8a8("scalellm_cpu", x, packed, s),
+            }
             if other:
                 fns["old"] = w8a8(other, x, packed, s)
             t = interleaved(fns, args.repeats)

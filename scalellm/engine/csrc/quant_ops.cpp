@@ -154,64 +154,18 @@ void block_dot(float (*acc)[kBlockN], const int32_t* pairs, int64_t pairs_stride
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t j0 = g * (kGroup / 2), j1 = std::min(k2, j0 + kGroup / 2);
 #if defined(__AVX2__)
-    // The 2R accumulators are named variables, not arrays: GCC left arrays of 12 __m256i on the
-    // stack (a load and a store per accumulator and k pair, 2x slower at 64 rows).
-    const int32_t* p[kMaxRows];
-    for (int r = 0; r < R; ++r) p[r] = pairs + r * pairs_stride;
-    __m256i l0 = _mm256_setzero_si256(), h0 = l0, l1 = l0, h1 = l0, l2 = l0, h2 = l0, l3 = l0, h3 = l0, l4 = l0,
-            h4 = l0, l5 = l0, h5 = l0;
-#define SCALELLM_W8A8_ROW(r)                                                          \
-  if constexpr (R > r) {                                                              \
-    const __m256i xr = _mm256_set1_epi32(p[r][j]);                                    \
-    l##r = _mm256_add_epi32(l##r, _mm256_madd_epi16(w_lo, xr));                       \
-    h##r = _mm256_add_epi32(h##r, _mm256_madd_epi16(w_hi, xr));                       \
-  }
+    __m256i lo[R], hi[R];
+    for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
     for (int64_t j = j0; j < j1; ++j) {
       const int8_t* wj = w + j * 2 * kBlockN;
-      if constexpr (R == kMaxRows) {
-        // GCC allocates the 12 accumulators + 2 weights + 1 broadcast to 16 ymm registers only
-        // when told: with intrinsics it hoisted all 6 broadcasts and kept 9 accumulators on the
-        // stack (a load and a store each per k pair, 2x slower at 64 rows). Same instructions.
-        __m256i w_lo, w_hi, xr, t;
-        const int32_t *p0 = p[0] + j, *p3 = p[3] + j;  // rows r and r + 1, r + 2 at a stride
-        const int64_t stride = pairs_stride * static_cast<int64_t>(sizeof(int32_t));
-#define SCALELLM_W8A8_ASM_ROW(addr, l, h)  \
-  "vpbroadcastd " addr ", %[x]\n\t"         \
-  "vpmaddwd %[x], %[wl], %[t]\n\t"         \
-  "vpaddd %[t], %[" l "], %[" l "]\n\t"     \
-  "vpmaddwd %[x], %[wh], %[t]\n\t"         \
-  "vpaddd %[t], %[" h "], %[" h "]\n\t"
-        // two statements: one asm takes at most 30 operands, and each "+x" counts twice
-        asm("vpmovsxbw (%[w]), %[wl]\n\t"
-            "vpmovsxbw 16(%[w]), %[wh]\n\t"  //
-            SCALELLM_W8A8_ASM_ROW("(%[p])", "l0", "h0")            //
-            SCALELLM_W8A8_ASM_ROW("(%[p], %[s])", "l1", "h1")      //
-            SCALELLM_W8A8_ASM_ROW("(%[p], %[s], 2)", "l2", "h2")
-            : [l0] "+x"(l0), [h0] "+x"(h0), [l1] "+x"(l1), [h1] "+x"(h1), [l2] "+x"(l2), [h2] "+x"(h2),
-              [wl] "=&x"(w_lo), [wh] "=&x"(w_hi), [x] "=&x"(xr), [t] "=&x"(t)
-            : [w] "r"(wj), [p] "r"(p0), [s] "r"(stride)
-            : "memory");
-        asm(SCALELLM_W8A8_ASM_ROW("(%[p])", "l3", "h3")          //
-            SCALELLM_W8A8_ASM_ROW("(%[p], %[s])", "l4", "h4")    //
-            SCALELLM_W8A8_ASM_ROW("(%[p], %[s], 2)", "l5", "h5")
-            : [l3] "+x"(l3), [h3] "+x"(h3), [l4] "+x"(l4), [h4] "+x"(h4), [l5] "+x"(l5), [h5] "+x"(h5),
-              [x] "=&x"(xr), [t] "=&x"(t)
-            : [wl] "x"(w_lo), [wh] "x"(w_hi), [p] "r"(p3), [s] "r"(stride)
-            : "memory");
-#undef SCALELLM_W8A8_ASM_ROW
-        continue;
-      }
       const __m256i w_lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wj)));
       const __m256i w_hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wj + kBlockN)));
-      SCALELLM_W8A8_ROW(0)
-      SCALELLM_W8A8_ROW(1)
-      SCALELLM_W8A8_ROW(2)
-      SCALELLM_W8A8_ROW(3)
-      SCALELLM_W8A8_ROW(4)
-      SCALELLM_W8A8_ROW(5)
+      for (int r = 0; r < R; ++r) {
+        const __m256i xr = _mm256_set1_epi32(pairs[r * pairs_stride + j]);
+        lo[r] = _mm256_add_epi32(lo[r], _mm256_madd_epi16(w_lo, xr));
+        hi[r] = _mm256_add_epi32(hi[r], _mm256_madd_epi16(w_hi, xr));
+      }
     }
-#undef SCALELLM_W8A8_ROW
-    const __m256i lo[6] = {l0, l1, l2, l3, l4, l5}, hi[6] = {h0, h1, h2, h3, h4, h5};
     for (int r = 0; r < R; ++r) {
       const __m256 ar = _mm256_set1_ps(a[r * groups + g]);
       _mm256_storeu_ps(acc[r], _mm256_add_ps(_mm256_loadu_ps(acc[r]), _mm256_mul_ps(_mm256_cvtepi32_ps(lo[r]), ar)));
