@@ -15,26 +15,18 @@ import argparse
 import functools
 import os
 import platform
-import statistics
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from bench.quant_linear import SHAPES, interleaved
 from scalellm.engine import cpu_kernels
 from scalellm.models.quant_linear import pack_w8a8, quantize_per_channel
 
-SHAPES = {
-    "qkv": (576, 960),
-    "o": (576, 576),
-    "gate_up": (576, 3072),
-    "down": (1536, 576),
-    "lm_head": (576, 49152),
-}
 CSRC = Path(cpu_kernels.__file__).parent / "csrc"
 
 
@@ -60,19 +52,6 @@ def load_revision(rev: str) -> str:
         is_python_module=False,
     )
     return "scalellm_ab"
-
-
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median microseconds of each function, calls interleaved so load changes hit all alike."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {k: 1e6 * statistics.median(v) for k, v in times.items()}
 
 
 def w8a8(namespace: str, x: torch.Tensor, packed: torch.Tensor, s: torch.Tensor) -> Callable[[], object]:
