@@ -110,3 +110,29 @@ def test_cuda_gets_the_triton_backend_unless_told_otherwise(monkeypatch: pytest.
     assert isinstance(select_backend(torch.device("cuda")), attention_triton.TritonPagedDecode)
     monkeypatch.setenv(FORCE_TORCH_ENV, "1")
     assert isinstance(select_backend(torch.device("cuda")), TorchSDPA)
+
+
+def test_a_model_decodes_the_same_logits_through_the_triton_backend() -> None:
+    """The backend where the engine uses it: a tiny random Llama's runner, three prompts
+    prefilled, then one decode step through TorchSDPA and again through the Triton kernel."""
+    from scalellm.engine.config import EngineConfig
+    from scalellm.engine.model_runner import ModelRunner, SeqStep
+    from scalellm.models.config import ModelConfig
+    from scalellm.models.loader import random_model
+
+    cfg = ModelConfig.from_dict(
+        {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
+         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 97,
+         "max_position_embeddings": 64}
+    )  # fmt: skip
+    config = EngineConfig(device="cpu", dtype="float32", block_size=BLOCK_SIZE, num_kv_blocks=NUM_BLOCKS)
+    runner = ModelRunner(config, cfg, 64, model=random_model(cfg, torch.float32, torch.device("cpu"), 64))
+    prompts = [[(7 * i + j) % 97 for j in range(n - 1)] for i, n in enumerate(CONTEXTS) if n > 1]
+    runner.run_steps([SeqStep(0, p, t, True) for p, t in zip(prompts, TABLES[1:], strict=True)])
+    decode = [SeqStep(n - 1, [5 + n], t, True) for n, t in zip(CONTEXTS, TABLES, strict=True)]
+    runner.attention = TorchSDPA()
+    _, expected = runner.run_steps(decode)
+    runner.attention = attention_triton.TritonPagedDecode(block_n=16)
+    _, got = runner.run_steps(decode)
+    assert got is not None and expected is not None
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
