@@ -23,7 +23,8 @@ through attention._prefill as with TorchSDPA. Tested on CPU under TRITON_INTERPR
 TorchSDPA (tests/unit/test_attention_triton.py). One difference there: Triton 3.9's interpreter
 computes tl.dot of bfloat16 tiles wrongly (errors of 1e10 on a 16x16 product), so on CPU tensors
 (the interpreter's only case) the dot inputs are upcast to float32 first; on CUDA half and
-bfloat16 tiles go into tl.dot as they are (tensor cores, float32 accumulation).
+bfloat16 tiles go into tl.dot as they are (tensor cores, float32 accumulation); that variant is
+compiled for sm_90 in the tests too (Triton's bundled ptxas, no GPU needed), not run.
 """
 
 from __future__ import annotations
@@ -146,7 +147,9 @@ class TritonPagedDecode:
 
     name = "triton-paged (Triton decode kernel; SDPA for prefill)"
 
-    def __init__(self, block_n: int = 64) -> None:
+    def __init__(self, block_n: int | None = None) -> None:
+        """``block_n``: context tokens per tile; None: 64, or 32 for a float32 cache (its tiles
+        then need ~43 KB of shared memory on sm_90 instead of ~78 KB)."""
         self.block_n = block_n
 
     def prepare(self, meta: AttentionMetadata, block_size: int) -> AttentionMetadata:
@@ -159,4 +162,5 @@ class TritonPagedDecode:
         self, q: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata, scale: float
     ) -> torch.Tensor:
         assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
-        return paged_decode(q, kv, meta.decode_block_tables, meta.decode_context_lens, scale, self.block_n)
+        block_n = self.block_n or (32 if kv.element_size() == 4 else 64)
+        return paged_decode(q, kv, meta.decode_block_tables, meta.decode_context_lens, scale, block_n)

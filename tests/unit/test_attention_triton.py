@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -136,3 +138,38 @@ def test_a_model_decodes_the_same_logits_through_the_triton_backend() -> None:
     _, got = runner.run_steps(decode)
     assert got is not None and expected is not None
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def _cuda_compiler() -> bool:
+    """Triton's NVIDIA backend and its bundled ptxas: compiling needs no GPU."""
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _cuda_compiler(), reason="triton has no NVIDIA backend here")
+@pytest.mark.parametrize(("dtype", "block_n"), [("bf16", 64), ("fp32", 32)])
+def test_the_kernel_compiles_for_an_h100_class_gpu(
+    dtype: str, block_n: int, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """What the interpreter does not check: the kernel lowers to a cubin for sm_90 (tl.dot shapes
+    and dtypes, the loop-carried types) with the shapes of an 8B Llama (G 4, D 128, blocks of 16)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # compiled here, not found in a cache
+    strides = ["stride_qb", "stride_qh", "stride_ob", "stride_oh", "stride_tb"]
+    strides += ["stride_kb", "stride_kv", "stride_ks", "stride_kh"]
+    signature = {"out_ptr": f"*{dtype}", "q_ptr": f"*{dtype}", "kv_ptr": f"*{dtype}"}
+    signature |= {"table_ptr": "*i64", "lens_ptr": "*i64", "scale": "fp32"} | dict.fromkeys(strides, "i32")
+    constants = {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "BLOCK_G": 16, "BLOCK_D": 128}
+    constants |= {"BLOCK_N": block_n, "UPCAST_DOT": False}
+    signature |= dict.fromkeys(constants, "constexpr")
+    source = ASTSource(attention_triton._kernel(), signature, constexprs=constants)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    assert compiled.asm["cubin"]
+    assert compiled.metadata.shared <= 48 * 1024  # fits without the opt-in to larger shared memory
