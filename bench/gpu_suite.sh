@@ -5,12 +5,16 @@
 #   SIDE   a model folder's config and tokenizer files (bench/random_model.py gives it random weights)
 #   TINY   the tiny bench model (bench/gateway_overhead.py --model tiny builds it)
 #   (moe: a random Mixtral-shaped model with SIDE's vocabulary, bench/random_model.py --moe)
+#   (roofline: needs neither: bench/decode_roofline.py draws an 8B-shaped Llama's bf16 weights on the
+#    GPU and reports decode ms/step, tok/s, HBM roofline fraction and launches per step at batch 1,
+#    16, 64, 256, and a 2k-token prefill against the measured matmul peak; OUTDIR/roofline.json)
 # Stages (any subset, in order): env exact parity throughput backends profile gateway gateway-paired moe
+#   roofline
 #   bash bench/gpu_suite.sh SIDE TINY OUTDIR [STAGE...]
 set -uo pipefail
 side=$1 tiny=$2 out=$3
 shift 3
-stages=${*:-env exact parity throughput backends profile gateway gateway-paired moe}
+stages=${*:-env exact parity throughput backends profile gateway gateway-paired moe roofline}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 rand=/tmp/scalellm-random-$(basename "$side")
@@ -62,6 +66,9 @@ for s in $stages; do
         --prompts 8 --max-tokens 32
       stage moe-throughput 300 python3 bench/engine_throughput.py --model "$moe" --device cuda \
         --num-requests 64 256 --repeats 3 --hf-repeats 1 --out "$out/moe-throughput.json" ;;
+    roofline)
+      stage roofline 240 python3 bench/decode_roofline.py --shape 8b --device cuda \
+        --batch 1 16 64 256 --context 512 --steps 20 --prefill 2048 --json "$out/roofline.json" ;;
     *) echo "unknown stage $s" ;;
   esac
 done

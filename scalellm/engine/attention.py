@@ -20,12 +20,16 @@ Backends:
   request at a time.
 - ``CpuPagedDecode`` (CPU, where its C++ kernel builds; scalellm/engine/cpu_kernels.py): decodes
   read K/V straight from their blocks, no gathered copy; prefill chunks as TorchSDPA.
+- ``TritonPagedDecode`` (CUDA, where triton imports; scalellm/engine/attention_triton.py): the
+  same for GPUs, one Triton program per (sequence, K/V head); ``SCALELLM_ATTENTION_TORCH=1``
+  keeps TorchSDPA there instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -126,14 +130,25 @@ class TorchSDPA:
         return _decode(q, kv[:, 0], kv[:, 1], meta.decode_block_tables, meta.decode_mask, scale)
 
 
+FORCE_TORCH_ENV = "SCALELLM_ATTENTION_TORCH"
+"""Set to 1 to keep TorchSDPA on CUDA even where the Triton kernel could run (A/B runs, a
+suspected kernel fault)."""
+
+
 def select_backend(device: torch.device) -> AttentionBackend:
-    """The fastest backend that works here; the choice is logged."""
+    """The fastest backend that works here; the choice is logged. (An int8 KV cache never gets
+    here: model_runner gives it kv_quant's backend.)"""
     backend: AttentionBackend = TorchSDPA()
     if device.type == "cpu":
         from scalellm.engine import cpu_kernels
 
         if cpu_kernels.available():
             backend = cpu_kernels.CpuPagedDecode()
+    elif device.type == "cuda" and os.environ.get(FORCE_TORCH_ENV, "0") != "1":
+        from scalellm.engine import attention_triton  # here: it builds on this module
+
+        if attention_triton.AVAILABLE:
+            backend = attention_triton.TritonPagedDecode()
     log.info("attention backend: %s", backend.name)
     return backend
 

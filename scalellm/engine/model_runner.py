@@ -31,6 +31,7 @@ from scalellm.engine.sampler import Sampler, SamplerOutput, token_logprobs
 from scalellm.engine.scheduler import ScheduledRequest
 from scalellm.engine.tp_ranks import TPRanks, broadcast_ints
 from scalellm.models.config import ModelConfig
+from scalellm.models.llama import LlamaForCausalLM
 from scalellm.models.loader import load_model
 from scalellm.models.parallel import SINGLE, TensorParallel, check_divisible
 
@@ -94,8 +95,12 @@ class ModelRunner:
         model_config: ModelConfig,
         max_model_len: int,
         tp: TensorParallel | None = None,
+        model: LlamaForCausalLM | None = None,
     ) -> None:
-        """``tp`` is given to the runners of ranks 1..N-1; rank 0's (None) starts them."""
+        """``tp`` is given to the runners of ranks 1..N-1; rank 0's (None) starts them. ``model``:
+        one already built on the device in the runner's dtype (loader.random_model, for
+        benchmarks of shapes without a checkpoint: bench/decode_roofline.py); None (what the
+        engine passes) loads ``config.model``."""
         self.config = config
         self.model_config = model_config
         self.device = config.torch_device()
@@ -105,22 +110,25 @@ class ModelRunner:
         elif config.tensor_parallel_size > 1 and self.device.type == "cpu":  # the ranks share the cores
             torch.set_num_threads(max(1, torch.get_num_threads() // config.tensor_parallel_size))
         self.block_size = config.block_size
-        assert config.model is not None, "LLMEngine resolves the model folder first"
+        assert model is None or config.tensor_parallel_size == 1, "a built model is a single rank's"
         self.ranks: TPRanks | None = None
         if tp is None and config.tensor_parallel_size > 1:
             check_divisible(model_config, config.tensor_parallel_size, config.expert_parallel)
             self.ranks = TPRanks.start(config, max_model_len)
         self.tp = tp or (self.ranks.tp if self.ranks is not None else SINGLE)
         with self._ranks_killed_on_error():
-            self.model = load_model(
-                Path(config.model),
-                model_config,
-                self.dtype,
-                self.device,
-                max_model_len,
-                config.quantization,
-                self.tp,
-            )
+            if model is None:
+                assert config.model is not None, "LLMEngine resolves the model folder first"
+                model = load_model(
+                    Path(config.model),
+                    model_config,
+                    self.dtype,
+                    self.device,
+                    max_model_len,
+                    config.quantization,
+                    self.tp,
+                )
+            self.model = model
             self.kv_format = KVCacheFormat.resolve(config.kv_cache_dtype, self.dtype, model_config.head_dim)
             self.num_kv_heads = model_config.num_kv_heads // self.tp.size
             """This rank's K/V heads: [rank * num_kv_heads, (rank + 1) * num_kv_heads) of the model's."""

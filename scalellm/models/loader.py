@@ -41,6 +41,33 @@ def load_model(
     """Allocate the model (this rank's slices under ``tp``) on ``device`` without random init,
     then copy the checkpoint in; then quantize its weights (``quantization`` other than none) or
     pack them for oneDNN."""
+    model = _allocate(cfg, dtype, device, max_positions, tp)
+    model.load_weights(iter_safetensors(model_dir))
+    return _finish(model, device, dtype, quantization)
+
+
+def random_model(
+    cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int, seed: int = 0
+) -> LlamaForCausalLM:
+    """``cfg``'s model with random weights drawn on ``device`` (normal, std 0.02; norms 1): for
+    benchmarks of shapes whose checkpoints are not at hand (bench/decode_roofline.py builds an
+    8B-shaped Llama on the GPU this way, without a 16 GB file). Otherwise as load_model."""
+    model = _allocate(cfg, dtype, device, max_positions, SINGLE)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+    return _finish(model, device, dtype, "none")
+
+
+def _allocate(
+    cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int, tp: TensorParallel
+) -> LlamaForCausalLM:
     ops = layer_ops(device, dtype)
     log.info("decoder layer ops: %s", ops.name)
     with torch.device("meta"):
@@ -51,7 +78,12 @@ def load_model(
     # Rope tables stay float32 (cast per use), as in transformers.
     with torch.device(device):
         model.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions)
-    model.load_weights(iter_safetensors(model_dir))
+    return model
+
+
+def _finish(
+    model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype, quantization: str
+) -> LlamaForCausalLM:
     if quantization != "none":
         kernel = w8a8_kernel(device, dtype) if quantization == "w8a8" else None
         count = quantize_weights(model, quantization, kernel)

@@ -1,0 +1,284 @@
+"""How close a decode step comes to the device's memory bound, on an 8B-shaped Llama.
+
+    python bench/decode_roofline.py [--shape 8b|tiny] [--device cuda] [--batch 1 16 64 256]
+        [--context 512] [--steps 20] [--prefill 2048] [--json OUT]
+
+The model is Llama-3-8B's shape with random weights drawn on the device (models/loader.py
+random_model; no checkpoint), run by the engine's ModelRunner: the attention backend, cache
+layout and step preparation are the engine's. For each batch size B, B sequences sit at
+--context tokens of (zeroed) cache and one decode step is repeated at that position: its time
+is ModelRunner.run_steps (input preparation, forward, logits) plus a greedy argmax, the median of
+--steps after warm-up, each step closed by a device synchronize. Reported per batch size:
+
+    ms/step, tokens/s (B / step time)
+    roofline = (weight bytes + KV bytes read) / step time / copy bandwidth
+        weight bytes: every parameter but the embedding table (B rows of it), lm_head included
+        KV bytes: B x (context + 1) tokens x layers x K and V x kv heads x head_dim x element
+        copy bandwidth: measured here, a large device-to-device copy (bytes read + written / time)
+    launches/step: CUDA kernels in one profiled step (torch.profiler); CPU: none
+    torch ops/step: aten ops the profiler saw in that step (both devices)
+
+and one --prefill-token prefill: its matmul FLOPs (2 x non-embedding weights x tokens, plus the
+causal attention) over its time, against the bf16 (or --dtype) matmul peak measured here.
+Prints a markdown table; --json writes every figure. ``--shape tiny --device cpu`` runs the same
+code in seconds (tests/unit/test_decode_roofline.py); its figures check the code, not the CPU
+(its "peak" is one 512-wide torch matmul, which the engine's own CPU kernels can beat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from scalellm.engine.config import EngineConfig  # noqa: E402
+from scalellm.engine.model_runner import ModelRunner, SeqStep  # noqa: E402
+from scalellm.models.config import ModelConfig  # noqa: E402
+from scalellm.models.loader import random_model  # noqa: E402
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "8b": {  # Llama-3-8B
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "rope_theta": 500000.0,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 8192,
+    },
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 512,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 4096,
+    },
+}
+BLOCK_SIZE = 16
+
+
+def model_config(shape: str) -> ModelConfig:
+    raw = {"architectures": ["LlamaForCausalLM"], "torch_dtype": "bfloat16", **SHAPES[shape]}
+    return ModelConfig.from_dict(raw)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a device-to-device copy, counting the bytes read and written."""
+    size = 2 << 30 if device.type == "cuda" else 64 << 20
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    seconds = median_seconds(lambda: dst.copy_(src), device, repeats=10, warmup=3)
+    return 2 * size / seconds
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matmul in ``dtype``."""
+    n = 8192 if device.type == "cuda" else 512
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    seconds = median_seconds(lambda: a @ b, device, repeats=10, warmup=3)
+    return 2 * n**3 / seconds
+
+
+def weight_bytes(runner: ModelRunner, batch: int) -> int:
+    """Bytes of weights a step of ``batch`` tokens reads: all but the embedding table's other rows."""
+    model = runner.model
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "rotary" not in n)
+    embed = model.embed_tokens.weight
+    if not runner.model_config.tie_word_embeddings:
+        total -= embed.numel() * embed.element_size()
+        total += batch * embed.shape[1] * embed.element_size()
+    return total
+
+
+def kv_bytes(runner: ModelRunner, batch: int, context: int) -> int:
+    cfg = runner.model_config
+    per_token = cfg.num_layers * 2 * runner.num_kv_heads * cfg.head_dim * runner.kv_cache.element_size()
+    return batch * (context + 1) * per_token
+
+
+def decode_steps(batch: int, context: int, vocab: int) -> list[SeqStep]:
+    """B sequences at ``context`` cached tokens, each decoding its next one (disjoint blocks)."""
+    per_seq = -(-(context + 1) // BLOCK_SIZE)
+    return [
+        SeqStep(context, [(7 * i + 1) % vocab], list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)), True)
+        for i in range(batch)
+    ]
+
+
+def prefill_flops(cfg: ModelConfig, tokens: int) -> int:
+    """Matmul FLOPs of one prefill: every token through every layer's projections, the causal
+    attention (QK^T and PV over the lower triangle), and lm_head for the last token only (the
+    runner computes logits of sampling rows)."""
+    h, d, q, kv = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    per_layer = h * (q + 2 * kv) * d + q * d * h + 3 * h * cfg.intermediate_size
+    attention = 2 * cfg.num_layers * q * d * tokens * (tokens + 1)
+    return 2 * cfg.num_layers * per_layer * tokens + attention + 2 * h * cfg.vocab_size
+
+
+def profile_step(step: Callable[[], object], device: torch.device) -> tuple[int | None, int]:
+    """(CUDA kernels launched, aten ops) in one step."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    sync(device)
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        sync(device)
+    events = prof.events()
+    ops = sum(1 for e in events if e.name.startswith("aten::") and e.cpu_parent is None)
+    if device.type != "cuda":
+        return None, ops
+    return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA), ops
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    cfg = model_config(args.shape)
+    max_len = max(args.context + 1, args.prefill)
+    decode_blocks = max(args.batch) * -(-(args.context + 1) // BLOCK_SIZE)
+    prefill_blocks = -(-args.prefill // BLOCK_SIZE)
+    config = EngineConfig(
+        device=args.device,
+        dtype=args.dtype,
+        block_size=BLOCK_SIZE,
+        num_kv_blocks=1 + max(decode_blocks, prefill_blocks),  # block 0 is never used
+        max_model_len=max_len,
+    )
+    bandwidth = copy_bandwidth(device)
+    peak = matmul_peak(device, dtype)
+    model = random_model(cfg, dtype, device, max_len)
+    runner = ModelRunner(config, cfg, max_len, model=model)
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "shape": args.shape,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": args.dtype,
+        "attention": runner.attention.name,
+        "copy_bandwidth_gb_s": bandwidth / 1e9,
+        "matmul_peak_tflops": peak / 1e12,
+        "context": args.context,
+        "decode": [],
+    }
+
+    for batch in args.batch:
+        steps = decode_steps(batch, args.context, cfg.vocab_size)
+
+        def step(steps: list[SeqStep] = steps) -> object:
+            _, logits = runner.run_steps(steps)
+            assert logits is not None
+            return logits.argmax(dim=-1)
+
+        seconds = median_seconds(step, device, args.steps, args.warmup)
+        launches, ops = profile_step(step, device)
+        moved = weight_bytes(runner, batch) + kv_bytes(runner, batch, args.context)
+        result["decode"].append(
+            {
+                "batch": batch,
+                "ms_per_step": seconds * 1e3,
+                "tokens_per_s": batch / seconds,
+                "bytes_per_step": moved,
+                "roofline": moved / seconds / bandwidth,
+                "launches_per_step": launches,
+                "torch_ops_per_step": ops,
+            }
+        )
+        print(f"batch {batch}: {seconds * 1e3:.2f} ms/step", file=sys.stderr, flush=True)
+
+    tokens = [(3 * i + 1) % cfg.vocab_size for i in range(args.prefill)]
+    prefill = [SeqStep(0, tokens, list(range(1, 1 + prefill_blocks)), True)]
+    seconds = median_seconds(lambda: runner.run_steps(prefill), device, repeats=3, warmup=1)
+    flops = prefill_flops(cfg, args.prefill)
+    result["prefill"] = {
+        "tokens": args.prefill,
+        "ms": seconds * 1e3,
+        "tflops": flops / seconds / 1e12,
+        "of_matmul_peak": flops / seconds / peak,
+    }
+    runner.close()
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [
+        f"{result['shape']} on {result['device']} ({result['dtype']}, {result['attention']}), "
+        f"{result['date']}: copy {result['copy_bandwidth_gb_s']:.0f} GB/s, "
+        f"matmul {result['matmul_peak_tflops']:.3g} TFLOP/s, context {result['context']}",
+        "",
+        "| batch | ms/step | tok/s | roofline | launches/step | torch ops/step |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["decode"]:
+        launches = "-" if row["launches_per_step"] is None else str(row["launches_per_step"])
+        lines.append(
+            f"| {row['batch']} | {row['ms_per_step']:.2f} | {row['tokens_per_s']:.0f} | "
+            f"{100 * row['roofline']:.3g}% | {launches} | {row['torch_ops_per_step']} |"
+        )
+    p = result["prefill"]
+    lines += [
+        "",
+        f"prefill {p['tokens']} tokens: {p['ms']:.1f} ms, {p['tflops']:.3g} TFLOP/s, "
+        f"{100 * p['of_matmul_peak']:.3g}% of the matmul peak",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="8b")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--context", type=int, default=512, help="cached tokens per sequence")
+    parser.add_argument("--steps", type=int, default=20, help="timed decode steps per batch size")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--prefill", type=int, default=2048, help="tokens of the one prefill timed")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    args = parser.parse_args(argv)
+    with torch.inference_mode():
+        result = run(args)
+    print(table(result), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

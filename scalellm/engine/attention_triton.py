@@ -1,0 +1,166 @@
+"""Paged decode attention in Triton: the GPU backend (attention.select_backend picks it on CUDA
+where triton imports and the KV cache is not int8).
+
+Decodes read K/V straight from the cache blocks through the block table; nothing is gathered
+into a padded copy. One program per (sequence, K/V head) pair: the G = Hq / Hkv query heads that
+share that K/V head are the rows of one tile, so each K/V token is loaded once for all of them:
+
+    grid (B, Hkv)           program (b, j): query heads j*G .. j*G+G-1 of sequence b
+    q tile    [BLOCK_G, D]  (rows >= G are zero padding: tl.dot needs 16 rows)
+    for tokens n0 .. n0+BLOCK_N of the context (BLOCK_N a multiple of nothing in particular):
+        block = table[b, n // block_size], slot = n % block_size
+        K, V  [BLOCK_N, D]  <- kv[block, 0|1, slot, j, :]        (int64 addressing)
+        s     = q @ K.T * scale                [BLOCK_G, BLOCK_N], masked past context_len
+        online softmax in float32: m (running max), total (running sum), acc rescaled by exp(m - m')
+        acc  += p @ V
+    out[b, j*G + g] = acc[g] / l[g]
+
+Not split-K: one program walks the whole context, which is enough at the batch sizes where
+(B x Hkv) programs fill the device; a long-context batch-1 decode leaves most of it idle.
+float32, bfloat16 and float16 caches; the scores, softmax and accumulator are float32 (float32
+inputs use IEEE dot products, not TF32). Cache writes are torch indexing; prefill chunks go
+through attention._prefill as with TorchSDPA. Tested on CPU under TRITON_INTERPRET=1 against
+TorchSDPA (tests/unit/test_attention_triton.py). One difference there: Triton 3.9's interpreter
+computes tl.dot of bfloat16 tiles wrongly (errors of 1e10 on a 16x16 product), so on CPU tensors
+(the interpreter's only case) the dot inputs are upcast to float32 first; on CUDA half and
+bfloat16 tiles go into tl.dot as they are (tensor cores, float32 accumulation); that variant is
+compiled for sm_90 in the tests too (Triton's bundled ptxas, no GPU needed), not run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+import torch
+
+from scalellm.engine.attention import AttentionMetadata
+
+AVAILABLE = importlib.util.find_spec("triton") is not None
+"""Whether triton is importable (the CUDA wheels of torch bring it; CPU installs usually lack it)."""
+
+if AVAILABLE:
+    import triton
+    import triton.language as tl
+
+    # tl.max and tl.sum are themselves jitted, and Triton's interpreter cannot call those unless
+    # TRITON_INTERPRET was set before triton was imported; tl.reduce with combine functions of
+    # our own runs both compiled and interpreted (the interpreter calls their Python bodies).
+    @triton.jit
+    def _max_combine(a, b):  # type: ignore[no-untyped-def]
+        return tl.maximum(a, b)
+
+    @triton.jit
+    def _add_combine(a, b):  # type: ignore[no-untyped-def]
+        return a + b
+
+    def _paged_decode_body(  # type: ignore[no-untyped-def]
+        out_ptr, q_ptr, kv_ptr, table_ptr, lens_ptr, scale,
+        stride_qb, stride_qh, stride_ob, stride_oh, stride_tb,
+        stride_kb, stride_kv, stride_ks, stride_kh,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    ):  # fmt: skip
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, BLOCK_D)
+        heads = kv_head * GROUP + g
+        q_mask = (g[:, None] < GROUP) & (d[None, :] < HEAD_DIM)
+        q = tl.load(
+            q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :],
+            mask=q_mask,
+            other=0.0,
+        )
+        if UPCAST_DOT:
+            q = q.to(tl.float32)
+        context_len = tl.load(lens_ptr + seq)
+        m = tl.full((BLOCK_G,), float("-inf"), tl.float32)  # (tl.zeros is itself jitted: see
+        total = tl.full((BLOCK_G,), 0.0, tl.float32)  # models/moe_triton.py)
+        acc = tl.full((BLOCK_G, BLOCK_D), 0.0, tl.float32)
+        head_base = kv_ptr + kv_head.to(tl.int64) * stride_kh
+        for n0 in range(0, context_len, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            valid = n < context_len
+            block = tl.load(table_ptr + seq.to(tl.int64) * stride_tb + n // BLOCK_SIZE, mask=valid, other=0)
+            rows = head_base + block.to(tl.int64) * stride_kb + (n % BLOCK_SIZE).to(tl.int64) * stride_ks
+            kv_mask = valid[:, None] & (d[None, :] < HEAD_DIM)
+            k = tl.load(rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(rows[:, None] + stride_kv + d[None, :], mask=kv_mask, other=0.0)
+            if UPCAST_DOT:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.reduce(s, 1, _max_combine))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new[:, None])
+            total = total * alpha + tl.reduce(p, 1, _add_combine)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            m = m_new
+        out = acc / total[:, None]
+        o = out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :]
+        tl.store(o, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+_KERNELS: dict[bool, Any] = {}
+
+
+def _kernel() -> Any:
+    """Jitted on first use, apart for the interpreter (as models/moe_triton.py does)."""
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if interpret not in _KERNELS:
+        _KERNELS[interpret] = triton.jit(_paged_decode_body)
+    return _KERNELS[interpret]
+
+
+def paged_decode(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    block_n: int = 64,
+) -> torch.Tensor:
+    """q [B, Hq, D]; kv [num_blocks, 2, block_size, Hkv, D] (a strided layer view is fine);
+    block_tables [B, max_blocks]; context_lens [B] (each >= 1) -> [B, Hq, D] in q's dtype."""
+    batch, num_heads, head_dim = q.shape
+    _, two, block_size, num_kv_heads, _ = kv.shape
+    assert two == 2 and num_heads % num_kv_heads == 0 and block_n >= 16
+    assert q.stride(2) == 1 and kv.stride(4) == 1 and block_tables.stride(1) == 1
+    group = num_heads // num_kv_heads
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _kernel()[(batch, num_kv_heads)](
+        out, q, kv, block_tables, context_lens, scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_N=block_n, UPCAST_DOT=not q.is_cuda,
+    )  # fmt: skip
+    return out
+
+
+class TritonPagedDecode:
+    """Decodes through the Triton kernel above; cache writes by indexing; prefill as TorchSDPA."""
+
+    name = "triton-paged (Triton decode kernel; SDPA for prefill)"
+
+    def __init__(self, block_n: int | None = None) -> None:
+        """``block_n``: context tokens per tile; None: 64, or 32 for a float32 cache (its tiles
+        then need ~43 KB of shared memory on sm_90 instead of ~78 KB)."""
+        self.block_n = block_n
+
+    def prepare(self, meta: AttentionMetadata, block_size: int) -> AttentionMetadata:
+        return meta
+
+    def write_kv(self, kv: torch.Tensor, new_kv: torch.Tensor, meta: AttentionMetadata) -> None:
+        kv[meta.slot_blocks, :, meta.slot_offsets] = new_kv
+
+    def decode(
+        self, q: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
+        block_n = self.block_n or (32 if kv.element_size() == 4 else 64)
+        return paged_decode(q, kv, meta.decode_block_tables, meta.decode_context_lens, scale, block_n)
