@@ -45,6 +45,7 @@ from scalellm.engine.config import EngineConfig  # noqa: E402
 from scalellm.engine.model_runner import ModelRunner, SeqStep  # noqa: E402
 from scalellm.models.config import ModelConfig  # noqa: E402
 from scalellm.models.loader import random_model  # noqa: E402
+from scalellm.models.quant_linear import weight_bytes as model_weight_bytes  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
     "8b": {  # Llama-3-8B
@@ -115,11 +116,10 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def weight_bytes(runner: ModelRunner, batch: int) -> int:
-    """Bytes of weights a step of ``batch`` tokens reads: all but the embedding table's other rows."""
-    model = runner.model
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    total += sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "rotary" not in n)
-    embed = model.embed_tokens.weight
+    """Bytes of weights a step of ``batch`` tokens reads: the model's weights (quant_linear's
+    count), less the embedding table's rows it does not look up (when lm_head is not tied to it)."""
+    total = model_weight_bytes(runner.model)
+    embed = runner.model.embed_tokens.weight
     if not runner.model_config.tie_word_embeddings:
         total -= embed.numel() * embed.element_size()
         total += batch * embed.shape[1] * embed.element_size()
