@@ -26,10 +26,15 @@ def available_cores() -> tuple[int, ...]:
     return tuple(sorted(os.sched_getaffinity(0)))
 
 
+def _worker_width(config: UpConfig, cores: tuple[int, ...]) -> int:
+    """Cores one worker holds: its torch threads on each of its tensor-parallel ranks."""
+    return config.worker_threads(len(cores) or None) * config.tensor_parallel_size
+
+
 def worker_cores(config: UpConfig, slot: int, cores: tuple[int, ...] | None = None) -> tuple[int, ...]:
     """The cores of worker ``slot`` (0-based); () unpinned."""
     cores = available_cores() if cores is None else cores
-    width = config.worker_threads(len(cores) or None) * config.tensor_parallel_size
+    width = _worker_width(config, cores)
     start = slot * width
     if not config.pin_cpus or start + width > len(cores):
         return ()
@@ -39,8 +44,7 @@ def worker_cores(config: UpConfig, slot: int, cores: tuple[int, ...] | None = No
 def service_cores(config: UpConfig, cores: tuple[int, ...] | None = None) -> tuple[int, ...]:
     """The cores the services share: those past every worker's; () unpinned."""
     cores = available_cores() if cores is None else cores
-    width = config.worker_threads(len(cores) or None) * config.tensor_parallel_size
-    held = config.workers * width
+    held = config.workers * _worker_width(config, cores)
     if not config.pin_cpus or held >= len(cores):
         return ()
     return cores[held:]
