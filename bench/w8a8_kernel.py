@@ -1,8 +1,10 @@
-"""csrc/quant_ops.cpp's w8a8_linear against float32 F.linear (oneDNN), and optionally against
+"""csrc/quant_ops.cpp's w8a8_linear against the float layer it replaces (float32 F.linear through
+MKL, or bfloat16 PackedLinear through oneDNN: AMX where the CPU has it), and optionally against
 the same kernel's source at another git revision, at the demo model's decode shapes.
 
-    python bench/w8a8_kernel.py                      # w8a8 vs float32, M = 1 8 16 64 rows
-    python bench/w8a8_kernel.py --against main       # + the kernel as committed on main (A/B)
+    python -m bench.w8a8_kernel                      # w8a8 vs float32, M = 1 8 16 64 rows
+    python -m bench.w8a8_kernel --dtype bfloat16     # w8a8 vs bfloat16 PackedLinear
+    python -m bench.w8a8_kernel --against main       # + the kernel as committed on main (A/B)
 
 The ``--against`` source is compiled as a second extension (its op namespace renamed), so both
 kernels run in one process, interleaved call by call: a load change hits both alike. Medians in
@@ -22,9 +24,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from bench.quant_linear import SHAPES, interleaved
 from scalellm.engine import cpu_kernels
+from scalellm.models.packed_linear import PackedLinear
 from scalellm.models.quant_linear import pack_w8a8, quantize_per_channel
 
 CSRC = Path(cpu_kernels.__file__).parent / "csrc"
@@ -70,6 +74,12 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--against", help="git revision whose w8a8_linear to run side by side")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="activations' dtype; the baseline is F.linear (float32) or PackedLinear (bfloat16)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -80,26 +90,34 @@ def main() -> None:
         f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, loadavg {os.getloadavg()[0]:.2f}"
     )
-    cols = "layer | M | f32 us | w8a8 us" + (f" | {args.against} us | new/{args.against}" if other else "")
-    print(cols + " | w8a8/f32")
+    dtype = getattr(torch, args.dtype)
+    base = "f32" if dtype == torch.float32 else "bf16"
+    cols = f"layer | M | {base} us | w8a8 us" + (
+        f" | {args.against} us | new/{args.against}" if other else ""
+    )
+    print(cols + f" | w8a8/{base}")
     for name in args.shapes:
         k, n = SHAPES[name]
-        w = torch.randn(n, k)
-        q, s = quantize_per_channel(w, torch.float32)
+        w = torch.randn(n, k).to(dtype)
+        q, s = quantize_per_channel(w, dtype)
         packed = pack_w8a8(q)
+        linear = nn.Linear(k, n, bias=False, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(w)
+        reference = PackedLinear(linear) if dtype == torch.bfloat16 else functools.partial(F.linear, weight=w)
         for m in args.rows:
-            x = torch.randn(m, k)
+            x = torch.randn(m, k).to(dtype)
             fns: dict[str, Callable[[], object]] = {
-                "f32": functools.partial(F.linear, x, w),
+                "ref": functools.partial(reference, x),
                 "new": w8a8("scalellm_cpu", x, packed, s),
             }
             if other:
                 fns["old"] = w8a8(other, x, packed, s)
             t = interleaved(fns, args.repeats)
-            line = f"{name} | {m} | {t['f32']:.0f} | {t['new']:.0f}"
+            line = f"{name} | {m} | {t['ref']:.0f} | {t['new']:.0f}"
             if other:
                 line += f" | {t['old']:.0f} | {t['new'] / t['old']:.2f}"
-            print(line + f" | {t['new'] / t['f32']:.2f}", flush=True)
+            print(line + f" | {t['new'] / t['ref']:.2f}", flush=True)
     print(f"# loadavg after {os.getloadavg()[0]:.2f}")
 
 
