@@ -55,6 +55,8 @@ W8A8Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor |
 
 BLOCK_N = 16
 """Output channels side by side in pack_w8a8's layout (csrc/quant_ops.cpp's kBlockN)."""
+K_QUAD = 4
+"""Consecutive input channels of one output channel side by side in pack_w8a8's layout (kQuad)."""
 ACT_GROUP = 64
 """Input channels per activation scale of the W8A8 kernel (csrc/quant_ops.cpp's kGroup)."""
 
@@ -116,18 +118,20 @@ class Int8Linear(QuantLinear):
 
 
 def pack_w8a8(q: torch.Tensor) -> torch.Tensor:
-    """q int8 [N, K] -> [ceil(N / 16), ceil(K / 2), 16, 2]: for each block of 16 output channels,
-    the (k, k + 1) pairs of the 16 side by side (zeros pad N and K); csrc/quant_ops.cpp reads it."""
+    """q int8 [N, K] -> [ceil(N / 16), ceil(K / 4), 16, 4]: for each block of 16 output channels,
+    4 consecutive k of each of the 16 side by side (zeros pad N and K), so 64 bytes hold 16
+    channels x 4 k: one AVX-512 register (vpdpbusd's operand) or one row of an AMX int8 B tile;
+    csrc/quant_ops.cpp reads it."""
     n, k = q.shape
-    n_pad, k_pad = -(-n // BLOCK_N) * BLOCK_N, -(-k // 2) * 2
+    n_pad, k_pad = -(-n // BLOCK_N) * BLOCK_N, -(-k // K_QUAD) * K_QUAD
     padded = torch.zeros(n_pad, k_pad, dtype=torch.int8, device=q.device)
     padded[:n, :k] = q
-    return padded.view(n_pad // BLOCK_N, BLOCK_N, k_pad // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return padded.view(n_pad // BLOCK_N, BLOCK_N, k_pad // K_QUAD, K_QUAD).permute(0, 2, 1, 3).contiguous()
 
 
 def unpack_rows(packed: torch.Tensor, rows: torch.Tensor, in_features: int) -> torch.Tensor:
     """Rows ``rows`` of the int8 weight that ``pack_w8a8`` packed, [len(rows), in_features]."""
-    picked = packed[rows // BLOCK_N, :, rows % BLOCK_N, :]  # [R, K/2, 2]
+    picked = packed[rows // BLOCK_N, :, rows % BLOCK_N, :]  # [R, K/4, 4]
     return picked.reshape(rows.shape[0], -1)[:, :in_features]
 
 

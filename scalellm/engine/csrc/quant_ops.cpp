@@ -26,8 +26,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 #include "vec512.h"
 
@@ -132,102 +135,223 @@ void scale_int32(const at::Tensor& out, const at::Tensor& acc, const at::Tensor&
 // ---- w8a8_linear ----------------------------------------------------------------------------
 
 constexpr int64_t kBlockN = 16;  // output channels per packed block
-constexpr int64_t kMaxRows = 6;  // rows per register tile: 6 x 2 int32 accumulators + 2 weights + 1
-constexpr int64_t kGroup = 64;   // input channels per activation scale (kGroup / 2 pairs)
+constexpr int64_t kQuad = 4;     // consecutive k of a channel side by side in the packed layout
+constexpr int64_t kGroup = 64;   // input channels per activation scale
+constexpr int64_t kGroupQuads = kGroup / kQuad;
 
-// (x[t, 2j], x[t, 2j + 1]) as two int16 in one int32 (little end first), j < K/2 (K padded to even)
-void pair_row(int32_t* pairs, const int8_t* q, int64_t k) {
-  for (int64_t j = 0; 2 * j < k; ++j) {
-    const int16_t lo = q[2 * j], hi = 2 * j + 1 < k ? q[2 * j + 1] : 0;
-    pairs[j] = static_cast<int32_t>(static_cast<uint16_t>(lo) |
-                                    (static_cast<uint32_t>(static_cast<uint16_t>(hi)) << 16));
-  }
-}
+// The paths, as w8a8_linear's `path` argument and w8a8_paths() name them.
+enum Path : int64_t { kAuto = 0, kScalar = 1, kAvx2 = 2, kVnni = 3 };
 
-// acc[r][c] = sum over groups g of a[r, g] * (sum_{k in g} xq[r, k] w[c, k]) for R rows and the
-// 16 channels of one packed block: the group's dot product exact in int32, then scaled in float.
+// One call's activations, quantized (a view of the buffers w8a8_linear fills).
+struct Acts {
+  const int32_t* quads;  // [rows, k4]: 4 consecutive int8 of xq per int32 (zeros past K)
+  const int64_t* wide;   // [rows, k4]: the same 4 values as int16 (AVX2), or nullptr
+  const float* scales;   // [rows, groups]: a[t, g] = max_{i in g} |x[t, i]| / 127
+  const int32_t* corr;   // [rows, groups]: 128 * sum_{i in g} xq[t, i] (the VNNI path's offset)
+  int64_t k4, groups;
+};
+
+// Each path computes, for R rows t0.. and the 16 channels c of one block,
+//   acc[r][c] = fma(dot_G, a[G], ... fma(dot_1, a[1], fma(dot_0, a[0], 0)))
+// with dot_g the group's exact int32 dot product (exactly a float32: |dot_g| < 2^21): the same
+// float operations in the same order on every path, so every path returns the same bits.
+
 template <int R>
-void block_dot(float (*acc)[kBlockN], const int32_t* pairs, int64_t pairs_stride, const float* a, int64_t groups,
-               const int8_t* w, int64_t k2) {
+void tile_scalar(float (*acc)[kBlockN], const Acts& v, int64_t t0, const int8_t* w) {
   for (int r = 0; r < R; ++r)
     for (int64_t c = 0; c < kBlockN; ++c) acc[r][c] = 0.f;
-  for (int64_t g = 0; g < groups; ++g) {
-    const int64_t j0 = g * (kGroup / 2), j1 = std::min(k2, j0 + kGroup / 2);
-#if defined(__AVX2__)
-    __m256i lo[R], hi[R];
-    for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
-    for (int64_t j = j0; j < j1; ++j) {
-      const int8_t* wj = w + j * 2 * kBlockN;
-      const __m256i w_lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wj)));
-      const __m256i w_hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wj + kBlockN)));
-      for (int r = 0; r < R; ++r) {
-        const __m256i xr = _mm256_set1_epi32(pairs[r * pairs_stride + j]);
-        lo[r] = _mm256_add_epi32(lo[r], _mm256_madd_epi16(w_lo, xr));
-        hi[r] = _mm256_add_epi32(hi[r], _mm256_madd_epi16(w_hi, xr));
-      }
-    }
+  for (int64_t g = 0; g < v.groups; ++g) {
+    const int64_t j0 = g * kGroupQuads, j1 = std::min(v.k4, j0 + kGroupQuads);
     for (int r = 0; r < R; ++r) {
-      const __m256 ar = _mm256_set1_ps(a[r * groups + g]);
-      _mm256_storeu_ps(acc[r], _mm256_add_ps(_mm256_loadu_ps(acc[r]), _mm256_mul_ps(_mm256_cvtepi32_ps(lo[r]), ar)));
-      _mm256_storeu_ps(acc[r] + 8,
-                       _mm256_add_ps(_mm256_loadu_ps(acc[r] + 8), _mm256_mul_ps(_mm256_cvtepi32_ps(hi[r]), ar)));
-    }
-#else
-    for (int r = 0; r < R; ++r) {
+      const int8_t* x = reinterpret_cast<const int8_t*>(v.quads + (t0 + r) * v.k4);
       int32_t dot[kBlockN] = {};
-      for (int64_t j = j0; j < j1; ++j) {
-        const int8_t* wj = w + j * 2 * kBlockN;
-        const int32_t p = pairs[r * pairs_stride + j];
-        const int32_t x0 = static_cast<int16_t>(p & 0xFFFF), x1 = static_cast<int16_t>(p >> 16);
-        for (int64_t c = 0; c < kBlockN; ++c) dot[c] += x0 * wj[2 * c] + x1 * wj[2 * c + 1];
-      }
-      for (int64_t c = 0; c < kBlockN; ++c) acc[r][c] += static_cast<float>(dot[c]) * a[r * groups + g];
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t c = 0; c < kBlockN; ++c)
+          for (int64_t i = 0; i < kQuad; ++i) dot[c] += x[j * kQuad + i] * w[(j * kBlockN + c) * kQuad + i];
+      const float a = v.scales[(t0 + r) * v.groups + g];
+      for (int64_t c = 0; c < kBlockN; ++c) acc[r][c] = std::fma(static_cast<float>(dot[c]), a, acc[r][c]);
     }
-#endif
   }
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+// Per half block (8 channels): a 16-byte load widened to int16 holds 4 channels x 4 k, and
+// vpmaddwd against the broadcast (x0, x1, x2, x3) int16 quad leaves two partial sums per channel
+// in adjacent int32 lanes (exact: no int16 saturation); a group's end adds the pairs (vphaddd).
 template <int R>
-void block_dot_dispatch(int rows, float (*acc)[kBlockN], const int32_t* pairs, int64_t stride, const float* a,
-                        int64_t groups, const int8_t* w, int64_t k2) {
-  if constexpr (R > 1) {
-    if (rows < R) return block_dot_dispatch<R - 1>(rows, acc, pairs, stride, a, groups, w, k2);
+void tile_avx2(float (*acc)[kBlockN], const Acts& v, int64_t t0, const int8_t* w) {
+  for (int r = 0; r < R; ++r)
+    for (int64_t c = 0; c < kBlockN; ++c) acc[r][c] = 0.f;
+  for (int64_t h = 0; h < 2; ++h) {
+    for (int64_t g = 0; g < v.groups; ++g) {
+      const int64_t j0 = g * kGroupQuads, j1 = std::min(v.k4, j0 + kGroupQuads);
+      __m256i lo[R], hi[R];  // channels 0-3 and 4-7 of the half, two partial sums each
+      for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
+      for (int64_t j = j0; j < j1; ++j) {
+        const int8_t* wj = w + (j * kBlockN + h * 8) * kQuad;
+        const __m256i w_lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wj)));
+        const __m256i w_hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wj + 16)));
+        for (int r = 0; r < R; ++r) {
+          const __m256i xr = _mm256_set1_epi64x(v.wide[(t0 + r) * v.k4 + j]);
+          lo[r] = _mm256_add_epi32(lo[r], _mm256_madd_epi16(w_lo, xr));
+          hi[r] = _mm256_add_epi32(hi[r], _mm256_madd_epi16(w_hi, xr));
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        // hadd: [c0 c1 c4 c5 | c2 c3 c6 c7]; the 64-bit lanes (0, 2, 1, 3) put them in order
+        const __m256i dot = _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo[r], hi[r]), 0xD8);
+        const __m256 a = _mm256_set1_ps(v.scales[(t0 + r) * v.groups + g]);
+        float* o = acc[r] + h * 8;
+        _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), a, _mm256_loadu_ps(o)));
+      }
+    }
   }
-  block_dot<R>(acc, pairs, stride, a, groups, w, k2);
+}
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+// One zmm of the packed weight is 16 channels x 4 k. vpdpbusd multiplies unsigned by signed bytes
+// and adds each lane's 4 products to its int32: the weight, xor 0x80 (w + 128 in [1, 255]), times
+// the broadcast signed activation quad gives dot + 128 * sum(xq) per channel; the per-row offset
+// 128 * sum_g(xq) (Acts::corr) comes off at the group's end. No saturation (vpdpbusds would).
+template <int R>
+void tile_vnni(float (*acc)[kBlockN], const Acts& v, int64_t t0, const int8_t* w) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 f[R];
+  for (int r = 0; r < R; ++r) f[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < v.groups; ++g) {
+    const int64_t j0 = g * kGroupQuads, j1 = std::min(v.k4, j0 + kGroupQuads);
+    __m512i s[R];
+    for (int r = 0; r < R; ++r) s[r] = _mm512_setzero_si512();
+    for (int64_t j = j0; j < j1; ++j) {
+      const __m512i wj = _mm512_xor_si512(_mm512_loadu_si512(w + j * kBlockN * kQuad), flip);
+      for (int r = 0; r < R; ++r) s[r] = _mm512_dpbusd_epi32(s[r], wj, _mm512_set1_epi32(v.quads[(t0 + r) * v.k4 + j]));
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512i dot = _mm512_sub_epi32(s[r], _mm512_set1_epi32(v.corr[(t0 + r) * v.groups + g]));
+      f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(v.scales[(t0 + r) * v.groups + g]), f[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(acc[r], f[r]);
+}
+#endif
+
+using TileFn = void (*)(float (*)[kBlockN], const Acts&, int64_t, const int8_t*);
+constexpr int kMaxTile = 12;  // the most rows of any path's tile (VNNI: 12 x 2 zmm + 2 of 32)
+
+template <template <int> class K, int... Rs>
+std::array<TileFn, sizeof...(Rs)> make_tiles(std::integer_sequence<int, Rs...>) {
+  return {&K<Rs + 1>::run...};
+}
+#define SCALELLM_TILE_KERNEL(name, fn) \
+  template <int R>                     \
+  struct name {                        \
+    static void run(float (*acc)[kBlockN], const Acts& v, int64_t t0, const int8_t* w) { fn<R>(acc, v, t0, w); } \
+  };
+SCALELLM_TILE_KERNEL(ScalarTile, tile_scalar)
+#if defined(__AVX2__) && defined(__FMA__)
+SCALELLM_TILE_KERNEL(Avx2Tile, tile_avx2)
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+SCALELLM_TILE_KERNEL(VnniTile, tile_vnni)
+#endif
+
+// The paths this build has, best last.
+std::vector<int64_t> w8a8_paths() {
+  std::vector<int64_t> paths{kScalar};
+#if defined(__AVX2__) && defined(__FMA__)
+  paths.push_back(kAvx2);
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+  paths.push_back(kVnni);
+#endif
+  return paths;
+}
+
+struct Tiles {
+  const TileFn* fns;  // fns[R - 1] computes R rows
+  int max_rows;
+};
+
+int64_t resolve_path(int64_t path) {
+  const std::vector<int64_t> have = w8a8_paths();
+  if (path == kAuto) return have.back();
+  TORCH_CHECK(std::find(have.begin(), have.end(), path) != have.end(), "w8a8 path ", path,
+              " is not in this build (w8a8_paths)");
+  return path;
+}
+
+Tiles tiles_for(int64_t path) {
+  static const auto scalar = make_tiles<ScalarTile>(std::make_integer_sequence<int, 4>{});
+  if (path == kScalar) return {scalar.data(), 4};
+#if defined(__AVX2__) && defined(__FMA__)
+  static const auto avx2 = make_tiles<Avx2Tile>(std::make_integer_sequence<int, 6>{});
+  if (path == kAvx2) return {avx2.data(), 6};
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+  static const auto vnni = make_tiles<VnniTile>(std::make_integer_sequence<int, kMaxTile>{});
+  if (path == kVnni) return {vnni.data(), kMaxTile};
+#endif
+  TORCH_CHECK(false, "unreachable");
 }
 
 // out [T, N] = (x quantized per row and group of kGroup channels) @ (packed weight)^T, times the
-// weight's scales, plus bias
+// weight's scales, plus bias; `path` picks the inner kernel (kAuto: the best this build has).
 void w8a8_linear(const at::Tensor& out, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w_scales,
-                 const std::optional<at::Tensor>& bias) {
+                 const std::optional<at::Tensor>& bias, int64_t path) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x [T, K] with contiguous rows");
   TORCH_CHECK(packed.scalar_type() == at::kChar && packed.dim() == 4 && packed.is_contiguous() &&
-                  packed.size(2) == kBlockN && packed.size(3) == 2,
-              "packed int8 [N/16, K/2, 16, 2]");
-  const int64_t rows = x.size(0), k = x.size(1), k2 = packed.size(1), n = out.size(1);
+                  packed.size(2) == kBlockN && packed.size(3) == kQuad,
+              "packed int8 [N/16, K/4, 16, 4]");
+  const int64_t rows = x.size(0), k = x.size(1), k4 = packed.size(1), n = out.size(1);
   const int64_t groups = (k + kGroup - 1) / kGroup;
-  TORCH_CHECK(k2 == (k + 1) / 2 && packed.size(0) == (n + kBlockN - 1) / kBlockN, "packed weight's shape vs x, out");
+  TORCH_CHECK(k4 == (k + kQuad - 1) / kQuad && packed.size(0) == (n + kBlockN - 1) / kBlockN,
+              "packed weight's shape vs x, out");
   TORCH_CHECK(out.dim() == 2 && out.size(0) == rows && out.is_contiguous() && out.scalar_type() == x.scalar_type(),
               "out [T, N] contiguous, x's dtype");
   TORCH_CHECK(w_scales.is_contiguous() && w_scales.numel() == n, "weight scales [N]");
   if (bias) TORCH_CHECK(bias->is_contiguous() && bias->numel() == n && bias->scalar_type() == w_scales.scalar_type(),
                         "bias [N], the scales' dtype");
-  at::Tensor xq = at::empty({rows, k}, x.options().dtype(at::kChar));
-  at::Tensor pairs = at::empty({rows, k2}, x.options().dtype(at::kInt));
+  path = resolve_path(path);
+  const Tiles tiles = tiles_for(path);
+  const bool need_wide = path == kAvx2;
+  at::Tensor quads = at::empty({rows, k4}, x.options().dtype(at::kInt));
+  at::Tensor wide = at::empty({need_wide ? rows : 0, k4}, x.options().dtype(at::kLong));
   at::Tensor act_scales = at::empty({rows, groups}, x.options().dtype(at::kFloat));
+  at::Tensor corr = at::empty({rows, groups}, x.options().dtype(at::kInt));
   dispatch(x, [&](auto tag) {
     using scalar_t = decltype(tag);
     at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const scalar_t* xt = x.data_ptr<scalar_t>() + t * x.stride(0);
-        int8_t* qt = xq.data_ptr<int8_t>() + t * k;
+        int8_t* qt = reinterpret_cast<int8_t*>(quads.data_ptr<int32_t>() + t * k4);
         float* at = act_scales.data_ptr<float>() + t * groups;
-        for (int64_t g = 0; g < groups; ++g)
-          quantize_row(qt + g * kGroup, at + g, xt + g * kGroup, std::min(kGroup, k - g * kGroup));
-        pair_row(pairs.data_ptr<int32_t>() + t * k2, qt, k);
+        int32_t* ct = corr.data_ptr<int32_t>() + t * groups;
+        for (int64_t g = 0; g < groups; ++g) {
+          const int64_t len = std::min(kGroup, k - g * kGroup);
+          quantize_row(qt + g * kGroup, at + g, xt + g * kGroup, len);
+          int32_t sum = 0;
+          for (int64_t i = 0; i < len; ++i) sum += qt[g * kGroup + i];
+          ct[g] = 128 * sum;
+        }
+        for (int64_t i = k; i < k4 * kQuad; ++i) qt[i] = 0;
+        if (need_wide) {
+          int64_t* wt = wide.data_ptr<int64_t>() + t * k4;
+          for (int64_t j = 0; j < k4; ++j) {
+            uint64_t v = 0;
+            for (int64_t i = 0; i < kQuad; ++i)
+              v |= static_cast<uint64_t>(static_cast<uint16_t>(static_cast<int16_t>(qt[j * kQuad + i]))) << (16 * i);
+            wt[j] = static_cast<int64_t>(v);
+          }
+        }
       }
     });
   });
+  const Acts acts{quads.data_ptr<int32_t>(), need_wide ? wide.data_ptr<int64_t>() : nullptr,
+                  act_scales.data_ptr<float>(), corr.data_ptr<int32_t>(), k4, groups};
+  // Row tiles of near-equal size (64 rows on a 12-row kernel: 5 x 11 + 9, not 5 x 12 + 4).
+  const int64_t n_tiles = (rows + tiles.max_rows - 1) / tiles.max_rows;
+  const int64_t tile_rows = n_tiles > 0 ? (rows + n_tiles - 1) / n_tiles : 1;
   const int64_t blocks = packed.size(0);
   dispatch(out, [&](auto out_tag) {
     using out_t = decltype(out_tag);
@@ -236,14 +360,13 @@ void w8a8_linear(const at::Tensor& out, const at::Tensor& x, const at::Tensor& p
       const w_t* ws = w_scales.data_ptr<w_t>();
       const w_t* b = bias ? bias->data_ptr<w_t>() : nullptr;
       at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-        float acc[kMaxRows][kBlockN];
+        float acc[kMaxTile][kBlockN];
         for (int64_t nb = begin; nb < end; ++nb) {
-          const int8_t* w = packed.data_ptr<int8_t>() + nb * k2 * 2 * kBlockN;
+          const int8_t* w = packed.data_ptr<int8_t>() + nb * k4 * kBlockN * kQuad;
           const int64_t c0 = nb * kBlockN, cols = std::min(kBlockN, n - c0);
-          for (int64_t t0 = 0; t0 < rows; t0 += kMaxRows) {
-            const int tile = static_cast<int>(std::min(kMaxRows, rows - t0));
-            block_dot_dispatch<kMaxRows>(tile, acc, pairs.data_ptr<int32_t>() + t0 * k2, k2,
-                                         act_scales.data_ptr<float>() + t0 * groups, groups, w, k2);
+          for (int64_t t0 = 0; t0 < rows; t0 += tile_rows) {
+            const int tile = static_cast<int>(std::min(tile_rows, rows - t0));
+            tiles.fns[tile - 1](acc, acts, t0, w);
             for (int r = 0; r < tile; ++r) {
               out_t* o = out.data_ptr<out_t>() + (t0 + r) * n + c0;
               for (int64_t c = 0; c < cols; ++c) {
@@ -266,6 +389,7 @@ TORCH_LIBRARY_FRAGMENT(scalellm_cpu, m) {
   m.def("scale_int32(Tensor(a!) out, Tensor acc, Tensor row_scales, Tensor w_scales, Tensor? bias) -> ()");
   m.impl("quantize_rows_s8", c10::DispatchKey::CPU, quantize_rows_s8);
   m.impl("scale_int32", c10::DispatchKey::CPU, scale_int32);
-  m.def("w8a8_linear(Tensor(a!) out, Tensor x, Tensor packed, Tensor w_scales, Tensor? bias) -> ()");
+  m.def("w8a8_linear(Tensor(a!) out, Tensor x, Tensor packed, Tensor w_scales, Tensor? bias, int path=0) -> ()");
   m.impl("w8a8_linear", c10::DispatchKey::CPU, w8a8_linear);
+  m.def("w8a8_paths() -> int[]", &w8a8_paths);
 }
