@@ -5,6 +5,7 @@ the same kernel's source at another git revision, at the demo model's decode sha
     python -m bench.w8a8_kernel                      # w8a8 vs float32, M = 1 8 16 64 rows
     python -m bench.w8a8_kernel --dtype bfloat16     # w8a8 vs bfloat16 PackedLinear
     python -m bench.w8a8_kernel --against main       # + the kernel as committed on main (A/B)
+    python -m bench.w8a8_kernel --paths vnni avx2    # + those paths of w8a8_linear, forced
 
 The ``--against`` source is compiled as a second extension (its op namespace renamed), so both
 kernels run in one process, interleaved call by call: a load change hits both alike. Medians in
@@ -58,10 +59,14 @@ def load_revision(rev: str) -> str:
     return "scalellm_ab"
 
 
-def w8a8(namespace: str, x: torch.Tensor, packed: torch.Tensor, s: torch.Tensor) -> Callable[[], object]:
+def w8a8(
+    namespace: str, x: torch.Tensor, packed: torch.Tensor, s: torch.Tensor, path: int | None = None
+) -> Callable[[], object]:
     op = getattr(torch.ops, namespace).w8a8_linear
     out = torch.empty(x.shape[0], s.shape[0], dtype=x.dtype)
-    return lambda: op(out, x, packed, s, None)
+    if path is None:  # the default path (and the only signature of older revisions)
+        return lambda: op(out, x, packed, s, None)
+    return lambda: op(out, x, packed, s, None, path)
 
 
 @torch.inference_mode()
@@ -74,6 +79,13 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--against", help="git revision whose w8a8_linear to run side by side")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        default=[],
+        choices=list(cpu_kernels.W8A8_PATHS),
+        help="also time these paths of w8a8_linear (the default path is the w8a8 column)",
+    )
     parser.add_argument(
         "--dtype",
         choices=["float32", "bfloat16"],
@@ -95,6 +107,7 @@ def main() -> None:
     cols = f"layer | M | {base} us | w8a8 us" + (
         f" | {args.against} us | new/{args.against}" if other else ""
     )
+    cols += "".join(f" | {path} us" for path in args.paths)
     print(cols + f" | w8a8/{base}")
     for name in args.shapes:
         k, n = SHAPES[name]
@@ -113,10 +126,13 @@ def main() -> None:
             }
             if other:
                 fns["old"] = w8a8(other, x, packed, s)
+            for path in args.paths:
+                fns[path] = w8a8("scalellm_cpu", x, packed, s, cpu_kernels.W8A8_PATHS[path])
             t = interleaved(fns, args.repeats)
             line = f"{name} | {m} | {t['ref']:.0f} | {t['new']:.0f}"
             if other:
                 line += f" | {t['old']:.0f} | {t['new'] / t['old']:.2f}"
+            line += "".join(f" | {t[path]:.0f}" for path in args.paths)
             print(line + f" | {t['new'] / t['ref']:.2f}", flush=True)
     print(f"# loadavg after {os.getloadavg()[0]:.2f}")
 

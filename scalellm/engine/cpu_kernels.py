@@ -159,7 +159,7 @@ class CpuFusedOps:
         torch.ops.scalellm_cpu.rope_(x, cos, signed_sin)
 
 
-W8A8_PATHS = {"scalar": 1, "avx2": 2, "vnni": 3}
+W8A8_PATHS = {"scalar": 1, "avx2": 2, "vnni": 3, "amx": 4}
 """csrc/quant_ops.cpp's inner kernels of w8a8_linear by name (its ``Path`` enum); a build has
 those ``torch.ops.scalellm_cpu.w8a8_paths()`` lists, and picks the last of them by default."""
 

@@ -98,13 +98,15 @@ def test_pack_w8a8_keeps_every_row_readable() -> None:
     assert torch.equal(unpack_rows(packed, rows, 9), q[rows])
 
 
-W8A8_PATHS = [None, "scalar", "avx2", "vnni"]  # None: the default, the best the build has
+W8A8_PATHS = [None, "scalar", "avx2", "vnni", "amx"]  # None: the default, the best the build has
 
 
 @pytest.mark.parametrize("path", W8A8_PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 64])  # register tiles (4, 6, 12 rows) and remainders
-@pytest.mark.parametrize(("out_features", "in_features"), [(80, 160), (35, 77)])  # 2.5 groups; padded N, K
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 37, 64])  # register tiles (4, 6, 12, 16 rows) and the rest
+@pytest.mark.parametrize(
+    ("out_features", "in_features"), [(80, 160), (35, 77), (40, 192)]
+)  # 2.5 groups; padded N, K; whole groups (AMX)
 @pytest.mark.parametrize("bias", [False, True])
 def test_w8a8_linear_equals_its_definition(
     path: str | None, dtype: torch.dtype, rows: int, out_features: int, in_features: int, bias: bool
@@ -137,7 +139,7 @@ def test_w8a8_linear_equals_its_definition(
     torch.testing.assert_close(layer(x[-1:]), got[-1:], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("rows", [3, 64])
+@pytest.mark.parametrize("rows", [3, 37, 64])
 def test_w8a8_paths_return_the_same_bits(rows: int) -> None:
     """Every path sums the same exact int32 group dot products with the same float32 operations
     in the same order, so a model's output does not depend on the CPU's instruction set; extreme
@@ -147,11 +149,11 @@ def test_w8a8_paths_return_the_same_bits(rows: int) -> None:
     _w8a8_kernel(torch.float32)
     paths = w8a8_paths()
     gen = torch.Generator().manual_seed(rows)
-    q = torch.randint(-127, 128, (50, 200), dtype=torch.int8, generator=gen)
+    q = torch.randint(-127, 128, (50, 256), dtype=torch.int8, generator=gen)
     q[:16, :64] = -127
     q[16:32, :64] = 127
     s = torch.rand(50, generator=gen) + 0.5
-    x = torch.randn(rows, 200, generator=gen)
+    x = torch.randn(rows, 256, generator=gen)
     x[0, :64] = -1.0  # every value of the group quantizes to -127: products of +-127 * 127 only
     x[-1, 64:128] = 1.0
     packed = pack_w8a8(q)
@@ -364,3 +366,27 @@ def test_demo_model_answers_sensibly_with_int8_weights_and_cache(demo_model_dir:
     )
     out = llm.generate([chat], SamplingParams(temperature=0.0, max_tokens=16))[0].outputs[0]
     assert "Paris" in out.text
+
+
+def test_w8a8_amx_and_onednn_take_turns_with_the_tiles() -> None:
+    """The AMX path loads its tile config on every call and does not release the tiles; oneDNN's
+    bfloat16 kernels (PackedLinear, AMX here) configure their own: neither may see the other's."""
+    from scalellm.engine.cpu_kernels import w8a8_paths
+    from scalellm.models.packed_linear import PackedLinear, packing_supported
+
+    _w8a8_kernel(torch.float32)
+    if "amx" not in w8a8_paths() or not packing_supported(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("no AMX path, or no oneDNN bfloat16 here")
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (96, 128), dtype=torch.int8, generator=gen)
+    s = torch.rand(96, generator=gen)
+    x = torch.randn(32, 128, generator=gen)
+    packed, amx, vnni = pack_w8a8(q), _w8a8_kernel(torch.float32, "amx"), _w8a8_kernel(torch.float32, "vnni")
+    linear = torch.nn.Linear(128, 80, bias=False).to(torch.bfloat16)
+    onednn = PackedLinear(linear)
+    xb = x.to(torch.bfloat16)
+    reference = F.linear(xb.float(), linear.weight.float())
+    expected = vnni(x, packed, s, None)
+    for _ in range(3):
+        assert torch.equal(amx(x, packed, s, None), expected)
+        torch.testing.assert_close(onednn(xb).float(), reference, atol=0.05, rtol=0.02)

@@ -34,6 +34,11 @@
 
 #include "vec512.h"
 
+#if defined(__AMX_TILE__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -140,7 +145,7 @@ constexpr int64_t kGroup = 64;   // input channels per activation scale
 constexpr int64_t kGroupQuads = kGroup / kQuad;
 
 // The paths, as w8a8_linear's `path` argument and w8a8_paths() name them.
-enum Path : int64_t { kAuto = 0, kScalar = 1, kAvx2 = 2, kVnni = 3 };
+enum Path : int64_t { kAuto = 0, kScalar = 1, kAvx2 = 2, kVnni = 3, kAmx = 4 };
 
 // One call's activations, quantized (a view of the buffers w8a8_linear fills).
 struct Acts {
@@ -236,8 +241,94 @@ void tile_vnni(float (*acc)[kBlockN], const Acts& v, int64_t t0, const int8_t* w
 }
 #endif
 
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__) && defined(__AVX512BW__) && \
+    defined(__AVX512VNNI__)
+#define SCALELLM_AMX 1
+// Linux hands out the AMX tile state (8 KB of registers per thread) only on request, once per
+// process; a kernel or hypervisor that refuses leaves the VNNI path.
+bool amx_permitted() {
+  static const bool ok = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // asm/prctl.h, fpu/types.h
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+// Tiles 0 and 3: C, 16 rows x 16 int32; 1 and 4: A, 16 rows of xq x 64 int8 (one group); 2 and
+// 5: B, the group's 16 quads x (16 channels x 4 k), 64 bytes each: a [16, 16, 4] slice of the
+// packed block. Two sets, for two groups in flight: one's tdpbssd runs while the other's
+// int32 results are stored and added into float32.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 16, 16};
+};
+
+// f[r] = fma(float(c[r]), a[r], f[r]) for the 16 rows of a stored C tile
+inline void flush16(__m512* f, const int32_t (*c)[kBlockN], const float* a, int64_t a_stride) {
+  for (int r = 0; r < 16; ++r)
+    f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c[r])), _mm512_set1_ps(a[r * a_stride]), f[r]);
+}
+
+// 16 rows t0.. x the 16 channels of one block, for K a multiple of kGroup: tdpbssd (signed x
+// signed, no offset) computes each group's 16 x 16 dot products in int32, which the same fma as
+// the other paths' adds into float32 registers (the tiles configured by the caller's thread).
+void tile_amx16(float (*acc)[kBlockN], const Acts& v, int64_t t0, const int8_t* w) {
+  alignas(64) int32_t c0[16][kBlockN], c1[16][kBlockN];
+  __m512 f[16];
+  for (int r = 0; r < 16; ++r) f[r] = _mm512_setzero_ps();
+  const int8_t* xq = reinterpret_cast<const int8_t*>(v.quads + t0 * v.k4);
+  const int64_t stride = v.k4 * kQuad, w_step = kGroupQuads * kBlockN * kQuad;
+  const float* a = v.scales + t0 * v.groups;
+  int64_t g = 0;
+  for (; g + 2 <= v.groups; g += 2) {
+    _tile_zero(0);
+    _tile_loadd(1, xq + g * kGroup, stride);
+    _tile_loadd(2, w + g * w_step, kBlockN * kQuad);
+    _tile_dpbssd(0, 1, 2);
+    _tile_zero(3);
+    _tile_loadd(4, xq + (g + 1) * kGroup, stride);
+    _tile_loadd(5, w + (g + 1) * w_step, kBlockN * kQuad);
+    _tile_dpbssd(3, 4, 5);
+    _tile_stored(0, c0, kBlockN * sizeof(int32_t));
+    flush16(f, c0, a + g, v.groups);
+    _tile_stored(3, c1, kBlockN * sizeof(int32_t));
+    flush16(f, c1, a + g + 1, v.groups);
+  }
+  if (g < v.groups) {
+    _tile_zero(0);
+    _tile_loadd(1, xq + g * kGroup, stride);
+    _tile_loadd(2, w + g * w_step, kBlockN * kQuad);
+    _tile_dpbssd(0, 1, 2);
+    _tile_stored(0, c0, kBlockN * sizeof(int32_t));
+    flush16(f, c0, a + g, v.groups);
+  }
+  for (int r = 0; r < 16; ++r) _mm512_storeu_ps(acc[r], f[r]);
+}
+#endif
+
+// o[c] = acc[c] * w_scale[c] (+ bias[c]), rounded once to o's type, for the cols <= 16 channels
+// of a block (AVX-512: the same float32 operations and rounding, 16 at a time)
+template <typename T, typename W>
+inline void store_row(T* o, const float* acc, const W* ws, const W* bias, int64_t cols) {
+#if defined(__AVX512F__)
+  if (cols == kBlockN) {
+    __m512 v = _mm512_mul_ps(_mm512_loadu_ps(acc), load16(ws));
+    if (bias != nullptr) v = _mm512_add_ps(v, load16(bias));
+    store16(o, v);
+    return;
+  }
+#endif
+  for (int64_t c = 0; c < cols; ++c) {
+    float v = acc[c] * static_cast<float>(ws[c]);
+    if (bias != nullptr) v += static_cast<float>(bias[c]);
+    o[c] = static_cast<T>(v);
+  }
+}
+
 using TileFn = void (*)(float (*)[kBlockN], const Acts&, int64_t, const int8_t*);
-constexpr int kMaxTile = 12;  // the most rows of any path's tile (VNNI: 12 x 2 zmm + 2 of 32)
+constexpr int kMaxTile = 16;  // the most rows of any path's tile (AMX: 16; VNNI: 12 x 2 zmm + 2 of 32)
+constexpr int kVnniRows = 12;
 
 template <template <int> class K, int... Rs>
 std::array<TileFn, sizeof...(Rs)> make_tiles(std::integer_sequence<int, Rs...>) {
@@ -265,6 +356,9 @@ std::vector<int64_t> w8a8_paths() {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
   paths.push_back(kVnni);
 #endif
+#if defined(SCALELLM_AMX)
+  if (amx_permitted()) paths.push_back(kAmx);
+#endif
   return paths;
 }
 
@@ -289,8 +383,8 @@ Tiles tiles_for(int64_t path) {
   if (path == kAvx2) return {avx2.data(), 6};
 #endif
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-  static const auto vnni = make_tiles<VnniTile>(std::make_integer_sequence<int, kMaxTile>{});
-  if (path == kVnni) return {vnni.data(), kMaxTile};
+  static const auto vnni = make_tiles<VnniTile>(std::make_integer_sequence<int, kVnniRows>{});
+  if (path == kVnni || path == kAmx) return {vnni.data(), kVnniRows};  // AMX: rows past the 16s
 #endif
   TORCH_CHECK(false, "unreachable");
 }
@@ -298,7 +392,7 @@ Tiles tiles_for(int64_t path) {
 // out [T, N] = (x quantized per row and group of kGroup channels) @ (packed weight)^T, times the
 // weight's scales, plus bias; `path` picks the inner kernel (kAuto: the best this build has).
 void w8a8_linear(const at::Tensor& out, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w_scales,
-                 const std::optional<at::Tensor>& bias, int64_t path) {
+                 const std::optional<at::Tensor>& bias, int64_t requested) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x [T, K] with contiguous rows");
   TORCH_CHECK(packed.scalar_type() == at::kChar && packed.dim() == 4 && packed.is_contiguous() &&
                   packed.size(2) == kBlockN && packed.size(3) == kQuad,
@@ -312,8 +406,11 @@ void w8a8_linear(const at::Tensor& out, const at::Tensor& x, const at::Tensor& p
   TORCH_CHECK(w_scales.is_contiguous() && w_scales.numel() == n, "weight scales [N]");
   if (bias) TORCH_CHECK(bias->is_contiguous() && bias->numel() == n && bias->scalar_type() == w_scales.scalar_type(),
                         "bias [N], the scales' dtype");
-  path = resolve_path(path);
+  const int64_t path = resolve_path(requested);
   const Tiles tiles = tiles_for(path);
+  // AMX: tiles of 16 rows while 16 are left, the rest on the VNNI kernel (the same bits); K must
+  // be a multiple of kGroup (the tiles read whole groups), else every row goes to VNNI.
+  const int64_t amx_rows = path == kAmx && k % kGroup == 0 ? rows / 16 * 16 : 0;
   const bool need_wide = path == kAvx2;
   at::Tensor quads = at::empty({rows, k4}, x.options().dtype(at::kInt));
   at::Tensor wide = at::empty({need_wide ? rows : 0, k4}, x.options().dtype(at::kLong));
@@ -350,8 +447,9 @@ void w8a8_linear(const at::Tensor& out, const at::Tensor& x, const at::Tensor& p
   const Acts acts{quads.data_ptr<int32_t>(), need_wide ? wide.data_ptr<int64_t>() : nullptr,
                   act_scales.data_ptr<float>(), corr.data_ptr<int32_t>(), k4, groups};
   // Row tiles of near-equal size (64 rows on a 12-row kernel: 5 x 11 + 9, not 5 x 12 + 4).
-  const int64_t n_tiles = (rows + tiles.max_rows - 1) / tiles.max_rows;
-  const int64_t tile_rows = n_tiles > 0 ? (rows + n_tiles - 1) / n_tiles : 1;
+  const int64_t rest = rows - amx_rows;
+  const int64_t n_tiles = (rest + tiles.max_rows - 1) / tiles.max_rows;
+  const int64_t tile_rows = n_tiles > 0 ? (rest + n_tiles - 1) / n_tiles : 1;
   const int64_t blocks = packed.size(0);
   dispatch(out, [&](auto out_tag) {
     using out_t = decltype(out_tag);
@@ -360,21 +458,32 @@ void w8a8_linear(const at::Tensor& out, const at::Tensor& x, const at::Tensor& p
       const w_t* ws = w_scales.data_ptr<w_t>();
       const w_t* b = bias ? bias->data_ptr<w_t>() : nullptr;
       at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+#if defined(SCALELLM_AMX)
+        const TileConfig config;
+        // Per thread and call, as the psABI has it (tile state is not preserved across calls):
+        // whoever else uses the tiles (oneDNN) loads its own config. Not released after: a
+        // tilerelease and the next call's first tile use cost ~4 us (measured), a third of a
+        // 64-row qkv.
+        if (amx_rows > 0) _tile_loadconfig(&config);
+#endif
         float acc[kMaxTile][kBlockN];
         for (int64_t nb = begin; nb < end; ++nb) {
           const int8_t* w = packed.data_ptr<int8_t>() + nb * k4 * kBlockN * kQuad;
           const int64_t c0 = nb * kBlockN, cols = std::min(kBlockN, n - c0);
-          for (int64_t t0 = 0; t0 < rows; t0 += tile_rows) {
-            const int tile = static_cast<int>(std::min(tile_rows, rows - t0));
-            tiles.fns[tile - 1](acc, acts, t0, w);
-            for (int r = 0; r < tile; ++r) {
-              out_t* o = out.data_ptr<out_t>() + (t0 + r) * n + c0;
-              for (int64_t c = 0; c < cols; ++c) {
-                float v = acc[r][c] * static_cast<float>(ws[c0 + c]);
-                if (b != nullptr) v += static_cast<float>(b[c0 + c]);
-                o[c] = static_cast<out_t>(v);
-              }
+          for (int64_t t0 = 0; t0 < rows;) {
+            int tile;
+#if defined(SCALELLM_AMX)
+            if (t0 < amx_rows) {
+              tile = 16;
+              tile_amx16(acc, acts, t0, w);
+            } else
+#endif
+            {
+              tile = static_cast<int>(std::min(tile_rows, rows - t0));
+              tiles.fns[tile - 1](acc, acts, t0, w);
             }
+            for (int r = 0; r < tile; ++r) store_row(out.data_ptr<out_t>() + (t0 + r) * n + c0, acc[r], ws + c0, b ? b + c0 : b, cols);
+            t0 += tile;
           }
         }
       });
