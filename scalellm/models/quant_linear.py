@@ -22,7 +22,12 @@ Kernels (measured in bench/quant_linear.py, docs/benchmarks.md):
       x[t, g] ~= xq[t, g] * a[t, g]     a[t, g] = max_{i in g} |x[t, i]| / 127   (per call)
       y[t, o] = s[o] * sum_g (xq[t, g] . q[o, g]) * a[t, g]        (each group's dot exact in int32)
 
-  with g the groups of ACT_GROUP consecutive input channels. This is W8A8 with dynamic per-token,
+  with g the groups of ACT_GROUP consecutive input channels. The weight is packed as
+  [N/16, K/4, 16, 4] (16 output channels x 4 consecutive input channels per 64 bytes), what both
+  AVX512-VNNI (one register) and AMX int8 (one row of a B tile) read; the kernel takes AMX for
+  tiles of 16 rows where the CPU and Linux allow it, else AVX512-VNNI, else AVX2, else scalar C++,
+  and every path returns the same bits (the same exact group sums, the same float32 operations).
+  This is W8A8 with dynamic per-token,
   per-group activation scales: more error than weight-only int8, faster at large batches. A few
   input channels of a layer's activations are far larger than the rest (down_proj's input most);
   one scale per token set by them rounds every other channel coarsely (+2.3% perplexity on the

@@ -105,8 +105,8 @@ W8A8_PATHS = [None, "scalar", "avx2", "vnni", "amx"]  # None: the default, the b
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 37, 64])  # register tiles (4, 6, 12, 16 rows) and the rest
 @pytest.mark.parametrize(
-    ("out_features", "in_features"), [(80, 160), (35, 77), (40, 192)]
-)  # 2.5 groups; padded N, K; whole groups (AMX)
+    ("out_features", "in_features"), [(80, 160), (35, 77), (40, 192), (24, 2048)]
+)  # 2.5 groups; padded N, K; whole groups (AMX); 32 groups
 @pytest.mark.parametrize("bias", [False, True])
 def test_w8a8_linear_equals_its_definition(
     path: str | None, dtype: torch.dtype, rows: int, out_features: int, in_features: int, bias: bool
