@@ -349,6 +349,7 @@ inline void store_row(T* o, const float* acc, const W* ws, const W* bias, int64_
 using TileFn = void (*)(float (*)[kBlockN], const Acts&, int64_t, const int8_t*);
 constexpr int kMaxTile = 16;  // the most rows of any path's tile (AMX: 16; VNNI: 12 x 2 zmm + 2 of 32)
 constexpr int kVnniRows = 12;
+constexpr int64_t kWeightChunk = 1 << 20;  // bytes of weight blocks per pass of the row tiles (L2)
 
 
 template <template <int> class K, int... Rs>
@@ -497,24 +498,30 @@ void w8a8_linear(const at::Tensor& out, const at::Tensor& x, const at::Tensor& p
         const int64_t block_bytes = k4 * kBlockN * kQuad;
         // Row tiles outside, blocks inside: a tile's activations stay in L1 while the thread's
         // weight blocks stream past (measured single-threaded, 256 rows: 1.5-2x faster than
-        // blocks outside, or than chunks of blocks sized for L2, which were in between).
-        for (int64_t t0 = 0; t0 < rows;) {
+        // blocks outside, which reread every row's activations from L2 per block). Blocks in
+        // chunks of ~kWeightChunk bytes that stay in L2 for all the row tiles, so a weight that
+        // does not (an lm_head) is read from memory once, not once per row tile.
+        const int64_t chunk = std::max<int64_t>(1, kWeightChunk / block_bytes);
+        for (int64_t b0 = begin; b0 < end; b0 += chunk) {
+          const int64_t b1 = std::min(end, b0 + chunk);
+          for (int64_t t0 = 0; t0 < rows;) {
 #if defined(SCALELLM_AMX)
-          if (t0 < amx_rows) {
-            for (int64_t nb = begin; nb < end; ++nb) {
-              tile_amx16(acc, acts, t0, packed_w + nb * block_bytes);
-              store(nb, t0, 16);
+            if (t0 < amx_rows) {
+              for (int64_t nb = b0; nb < b1; ++nb) {
+                tile_amx16(acc, acts, t0, packed_w + nb * block_bytes);
+                store(nb, t0, 16);
+              }
+              t0 += 16;
+              continue;
             }
-            t0 += 16;
-            continue;
-          }
 #endif
-          const int tile = static_cast<int>(std::min(tile_rows, rows - t0));
-          for (int64_t nb = begin; nb < end; ++nb) {
-            tiles.fns[tile - 1](acc, acts, t0, packed_w + nb * block_bytes);
-            store(nb, t0, tile);
+            const int tile = static_cast<int>(std::min(tile_rows, rows - t0));
+            for (int64_t nb = b0; nb < b1; ++nb) {
+              tiles.fns[tile - 1](acc, acts, t0, packed_w + nb * block_bytes);
+              store(nb, t0, tile);
+            }
+            t0 += tile;
           }
-          t0 += tile;
         }
       });
     });
