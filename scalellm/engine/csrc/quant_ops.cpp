@@ -283,48 +283,46 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {16, 16, 16, 16, 16, 16};
 };
 
-// f[r] = fma(float(c[r]), a[r], f[r]) for the 16 rows of a stored C tile
-inline void flush16(__m512* f, const int32_t (*c)[kBlockN], const float* a, int64_t a_stride) {
-  for (int r = 0; r < 16; ++r)
-    f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c[r])), _mm512_set1_ps(a[r * a_stride]), f[r]);
-}
-
 // 16 rows t0.. x the 16 channels of one block, for K a multiple of kGroup: tdpbssd (signed x
 // signed, no offset) computes each group's 16 x 16 dot products in int32, which the same fma as
 // the other paths' adds into float32 registers (the tiles configured by the caller's thread).
+// Software-pipelined over two tile sets: group g + 1's tdpbssd is issued before group g's
+// result is stored and added.
+#define SCALELLM_AMX_ISSUE(C, A, B, g)                                   \
+  do {                                                                  \
+    _tile_zero(C);                                                      \
+    _tile_loadd(A, xq + (g) * kGroup, stride);                          \
+    _tile_loadd(B, w + (g) * w_step, kBlockN * kQuad);                  \
+    _tile_dpbssd(C, A, B);                                              \
+  } while (0)
+#define SCALELLM_AMX_FLUSH(C, g)                                                                        \
+  do {                                                                                                 \
+    _tile_stored(C, c, kBlockN * sizeof(int32_t));                                                     \
+    _Pragma("GCC unroll 16") for (int r = 0; r < 16; ++r) f[r] = _mm512_fmadd_ps(                       \
+        _mm512_cvtepi32_ps(_mm512_load_si512(c[r])), _mm512_set1_ps(a[r * groups + (g)]), f[r]);       \
+  } while (0)
 void tile_amx16(float (*acc)[kBlockN], const Acts& v, int64_t t0, const int8_t* w) {
-  alignas(64) int32_t c0[16][kBlockN], c1[16][kBlockN];
+  alignas(64) int32_t c[16][kBlockN];
   __m512 f[16];
+#pragma GCC unroll 16
   for (int r = 0; r < 16; ++r) f[r] = _mm512_setzero_ps();
   const int8_t* xq = reinterpret_cast<const int8_t*>(v.quads + t0 * v.k4);
-  const int64_t stride = v.k4 * kQuad, w_step = kGroupQuads * kBlockN * kQuad;
-  const float* a = v.scales + t0 * v.groups;
+  const int64_t stride = v.k4 * kQuad, w_step = kGroupQuads * kBlockN * kQuad, groups = v.groups;
+  const float* a = v.scales + t0 * groups;
+  SCALELLM_AMX_ISSUE(0, 1, 2, 0);
   int64_t g = 0;
-  for (; g + 2 <= v.groups; g += 2) {
-    _tile_zero(0);
-    _tile_loadd(1, xq + g * kGroup, stride);
-    _tile_loadd(2, w + g * w_step, kBlockN * kQuad);
-    _tile_dpbssd(0, 1, 2);
-    _tile_zero(3);
-    _tile_loadd(4, xq + (g + 1) * kGroup, stride);
-    _tile_loadd(5, w + (g + 1) * w_step, kBlockN * kQuad);
-    _tile_dpbssd(3, 4, 5);
-    _tile_stored(0, c0, kBlockN * sizeof(int32_t));
-    flush16(f, c0, a + g, v.groups);
-    _tile_stored(3, c1, kBlockN * sizeof(int32_t));
-    flush16(f, c1, a + g + 1, v.groups);
+  for (; g + 2 <= groups; g += 2) {  // group g in tile 0 on entry
+    SCALELLM_AMX_ISSUE(3, 4, 5, g + 1);
+    SCALELLM_AMX_FLUSH(0, g);
+    if (g + 2 < groups) SCALELLM_AMX_ISSUE(0, 1, 2, g + 2);
+    SCALELLM_AMX_FLUSH(3, g + 1);
   }
-  if (g < v.groups) {
-    _tile_zero(0);
-    _tile_loadd(1, xq + g * kGroup, stride);
-    _tile_loadd(2, w + g * w_step, kBlockN * kQuad);
-    _tile_dpbssd(0, 1, 2);
-    _tile_stored(0, c0, kBlockN * sizeof(int32_t));
-    flush16(f, c0, a + g, v.groups);
-  }
+  if (g < groups) SCALELLM_AMX_FLUSH(0, g);
+#pragma GCC unroll 16
   for (int r = 0; r < 16; ++r) _mm512_storeu_ps(acc[r], f[r]);
 }
-
+#undef SCALELLM_AMX_ISSUE
+#undef SCALELLM_AMX_FLUSH
 #endif
 
 // o[c] = acc[c] * w_scale[c] (+ bias[c]), rounded once to o's type, for the cols <= 16 channels
