@@ -287,9 +287,13 @@ struct alignas(64) TileConfig {
 // signed, no offset) computes each group's 16 x 16 dot products in int32, which the same fma as
 // the other paths' adds into float32 registers (the tiles configured by the caller's thread).
 // Software-pipelined over two tile sets: group g + 1's tdpbssd is issued before group g's
-// result is stored and added.
+// result is stored and added. `next` (or nullptr): the block to prefetch meanwhile, group by
+// group, on the first pass over weights that come from memory (an lm_head: 0.8-0.93x the time).
 #define SCALELLM_AMX_ISSUE(C, A, B, g)                                   \
   do {                                                                  \
+    if (next != nullptr)                                                \
+      for (int64_t i = 0; i < w_step; i += 64)                          \
+        _mm_prefetch(reinterpret_cast<const char*>(next) + (g) * w_step + i, _MM_HINT_T0); \
     _tile_zero(C);                                                      \
     _tile_loadd(A, xq + (g) * kGroup, stride);                          \
     _tile_loadd(B, w + (g) * w_step, kBlockN * kQuad);                  \
@@ -301,7 +305,7 @@ struct alignas(64) TileConfig {
     _Pragma("GCC unroll 16") for (int r = 0; r < 16; ++r) f[r] = _mm512_fmadd_ps(                       \
         _mm512_cvtepi32_ps(_mm512_load_si512(c[r])), _mm512_set1_ps(a[r * groups + (g)]), f[r]);       \
   } while (0)
-void tile_amx16(float (*acc)[kBlockN], const Acts& v, int64_t t0, const int8_t* w) {
+void tile_amx16(float (*acc)[kBlockN], const Acts& v, int64_t t0, const int8_t* w, const int8_t* next) {
   alignas(64) int32_t c[16][kBlockN];
   __m512 f[16];
 #pragma GCC unroll 16
@@ -506,7 +510,8 @@ void w8a8_linear(const at::Tensor& out, const at::Tensor& x, const at::Tensor& p
 #if defined(SCALELLM_AMX)
             if (t0 < amx_rows) {
               for (int64_t nb = b0; nb < b1; ++nb) {
-                tile_amx16(acc, acts, t0, packed_w + nb * block_bytes);
+                tile_amx16(acc, acts, t0, packed_w + nb * block_bytes,
+                           t0 == 0 && nb + 1 < b1 ? packed_w + (nb + 1) * block_bytes : nullptr);
                 store(nb, t0, 16);
               }
               t0 += 16;
