@@ -173,8 +173,9 @@ def w8a8_paths() -> list[str]:
 class CpuW8A8:
     """models.quant_linear.W8A8Kernel: the activations quantized per row and group of 64 channels,
     the int8 x int8 products in int32 over the packed weight, and the scales, in one C++ call
-    (csrc/quant_ops.cpp's ``w8a8_linear``: AVX512-VNNI, else AVX2, else scalar, by what the build
-    has, unless ``path`` names one; every path returns the same bits)."""
+    (csrc/quant_ops.cpp's ``w8a8_linear``: AMX int8 for tiles of 16 rows and AVX512-VNNI for the
+    rest, else AVX512-VNNI, else AVX2, else scalar, by what the build and Linux allow, unless
+    ``path`` names one; every path returns the same bits)."""
 
     name = "cpu-w8a8 (int8 activations per token and 64 channels, packed int8 weights)"
 
