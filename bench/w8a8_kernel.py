@@ -1,6 +1,7 @@
 """csrc/quant_ops.cpp's w8a8_linear against the float layer it replaces (float32 F.linear through
 MKL, or bfloat16 PackedLinear through oneDNN: AMX where the CPU has it), and optionally against
-the same kernel's source at another git revision, at the demo model's decode shapes.
+the same kernel's source at another git revision (packed as that revision reads it), at the demo
+model's decode shapes.
 
     python -m bench.w8a8_kernel                      # w8a8 vs float32, M = 1 8 16 64 rows
     python -m bench.w8a8_kernel --dtype bfloat16     # w8a8 vs bfloat16 PackedLinear
@@ -35,8 +36,9 @@ from scalellm.models.quant_linear import pack_w8a8, quantize_per_channel
 CSRC = Path(cpu_kernels.__file__).parent / "csrc"
 
 
-def load_revision(rev: str) -> str:
-    """Compile quant_ops.cpp as of git ``rev`` under op namespace scalellm_ab; returns it."""
+def load_revision(rev: str) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """Compile quant_ops.cpp as of git ``rev`` under op namespace scalellm_ab; returns it and the
+    packing its w8a8_linear reads (revisions before the VNNI layout: [N/16, K/2, 16, 2])."""
     source = subprocess.run(
         ["git", "show", f"{rev}:scalellm/engine/csrc/quant_ops.cpp"],
         cwd=CSRC,
@@ -56,7 +58,16 @@ def load_revision(rev: str) -> str:
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
     )
-    return "scalellm_ab"
+    return "scalellm_ab", pack_pairs if "packed.size(3) == 2" in source else pack_w8a8
+
+
+def pack_pairs(q: torch.Tensor) -> torch.Tensor:
+    """The layout of w8a8_linear before the VNNI one: [N/16, K/2, 16, 2], zeros padding N and K."""
+    n, k = q.shape
+    n_pad, k_pad = -(-n // 16) * 16, -(-k // 2) * 2
+    padded = torch.zeros(n_pad, k_pad, dtype=torch.int8)
+    padded[:n, :k] = q
+    return padded.view(n_pad // 16, 16, k_pad // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
 def w8a8(
@@ -96,7 +107,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     assert cpu_kernels.available(), "the CPU kernels did not build"
-    other = load_revision(args.against) if args.against else None
+    other, other_pack = load_revision(args.against) if args.against else (None, pack_w8a8)
     torch.manual_seed(0)
     print(
         f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
@@ -113,7 +124,7 @@ def main() -> None:
         k, n = SHAPES[name]
         w = torch.randn(n, k).to(dtype)
         q, s = quantize_per_channel(w, dtype)
-        packed = pack_w8a8(q)
+        packed, other_packed = pack_w8a8(q), other_pack(q)
         linear = nn.Linear(k, n, bias=False, dtype=dtype)
         with torch.no_grad():
             linear.weight.copy_(w)
@@ -125,7 +136,7 @@ def main() -> None:
                 "new": w8a8("scalellm_cpu", x, packed, s),
             }
             if other:
-                fns["old"] = w8a8(other, x, packed, s)
+                fns["old"] = w8a8(other, x, other_packed, s)
             for path in args.paths:
                 fns[path] = w8a8("scalellm_cpu", x, packed, s, cpu_kernels.W8A8_PATHS[path])
             t = interleaved(fns, args.repeats)
