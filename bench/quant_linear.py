@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -35,12 +36,17 @@ SHAPES = {
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median microseconds of each function, calls interleaved so load changes hit all alike."""
+    """Median microseconds of each function, calls interleaved so load changes hit all alike,
+    in a new random order each round, so none always runs right after the same one (whose data
+    evicted its weights from the caches: a rotation keeps the neighbours)."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
+    items = list(fns.items())
+    shuffle = random.Random(0).shuffle
     for _ in range(repeats):
-        for name, fn in fns.items():
+        shuffle(items)
+        for name, fn in items:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)

@@ -159,12 +159,28 @@ class CpuFusedOps:
         torch.ops.scalellm_cpu.rope_(x, cos, signed_sin)
 
 
+W8A8_PATHS = {"scalar": 1, "avx2": 2, "vnni": 3, "amx": 4}
+"""csrc/quant_ops.cpp's inner kernels of w8a8_linear by name (its ``Path`` enum); a build has
+those ``torch.ops.scalellm_cpu.w8a8_paths()`` lists, and picks the last of them by default."""
+
+
+def w8a8_paths() -> list[str]:
+    """The names of the W8A8 kernel paths this machine's build has, slowest first."""
+    built = set(torch.ops.scalellm_cpu.w8a8_paths()) if available() else set()
+    return [name for name, code in W8A8_PATHS.items() if code in built]
+
+
 class CpuW8A8:
     """models.quant_linear.W8A8Kernel: the activations quantized per row and group of 64 channels,
     the int8 x int8 products in int32 over the packed weight, and the scales, in one C++ call
-    (csrc/quant_ops.cpp's ``w8a8_linear``; AVX2 where the CPU has it)."""
+    (csrc/quant_ops.cpp's ``w8a8_linear``: AMX int8 for tiles of 16 rows and AVX512-VNNI for the
+    rest, else AVX512-VNNI, else AVX2, else scalar, by what the build and Linux allow, unless
+    ``path`` names one; every path returns the same bits)."""
 
     name = "cpu-w8a8 (int8 activations per token and 64 channels, packed int8 weights)"
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = 0 if path is None else W8A8_PATHS[path]
 
     def __call__(
         self,
@@ -174,7 +190,7 @@ class CpuW8A8:
         bias: torch.Tensor | None,
     ) -> torch.Tensor:
         out = torch.empty(x.shape[0], scales.shape[0], dtype=x.dtype)
-        torch.ops.scalellm_cpu.w8a8_linear(out, x, packed, scales, bias)
+        torch.ops.scalellm_cpu.w8a8_linear(out, x, packed, scales, bias, self.path)
         return out
 
 

@@ -22,7 +22,12 @@ Kernels (measured in bench/quant_linear.py, docs/benchmarks.md):
       x[t, g] ~= xq[t, g] * a[t, g]     a[t, g] = max_{i in g} |x[t, i]| / 127   (per call)
       y[t, o] = s[o] * sum_g (xq[t, g] . q[o, g]) * a[t, g]        (each group's dot exact in int32)
 
-  with g the groups of ACT_GROUP consecutive input channels. This is W8A8 with dynamic per-token,
+  with g the groups of ACT_GROUP consecutive input channels. The weight is packed as
+  [N/16, K/4, 16, 4] (16 output channels x 4 consecutive input channels per 64 bytes), what both
+  AVX512-VNNI (one register) and AMX int8 (one row of a B tile) read; the kernel takes AMX for
+  tiles of 16 rows where the CPU and Linux allow it, else AVX512-VNNI, else AVX2, else scalar C++,
+  and every path returns the same bits (the same exact group sums, the same float32 operations).
+  This is W8A8 with dynamic per-token,
   per-group activation scales: more error than weight-only int8, faster at large batches. A few
   input channels of a layer's activations are far larger than the rest (down_proj's input most);
   one scale per token set by them rounds every other channel coarsely (+2.3% perplexity on the
@@ -55,6 +60,8 @@ W8A8Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor |
 
 BLOCK_N = 16
 """Output channels side by side in pack_w8a8's layout (csrc/quant_ops.cpp's kBlockN)."""
+K_QUAD = 4
+"""Consecutive input channels of one output channel side by side in pack_w8a8's layout (kQuad)."""
 ACT_GROUP = 64
 """Input channels per activation scale of the W8A8 kernel (csrc/quant_ops.cpp's kGroup)."""
 
@@ -116,18 +123,20 @@ class Int8Linear(QuantLinear):
 
 
 def pack_w8a8(q: torch.Tensor) -> torch.Tensor:
-    """q int8 [N, K] -> [ceil(N / 16), ceil(K / 2), 16, 2]: for each block of 16 output channels,
-    the (k, k + 1) pairs of the 16 side by side (zeros pad N and K); csrc/quant_ops.cpp reads it."""
+    """q int8 [N, K] -> [ceil(N / 16), ceil(K / 4), 16, 4]: for each block of 16 output channels,
+    4 consecutive k of each of the 16 side by side (zeros pad N and K), so 64 bytes hold 16
+    channels x 4 k: one AVX-512 register (vpdpbusd's operand) or one row of an AMX int8 B tile;
+    csrc/quant_ops.cpp reads it."""
     n, k = q.shape
-    n_pad, k_pad = -(-n // BLOCK_N) * BLOCK_N, -(-k // 2) * 2
+    n_pad, k_pad = -(-n // BLOCK_N) * BLOCK_N, -(-k // K_QUAD) * K_QUAD
     padded = torch.zeros(n_pad, k_pad, dtype=torch.int8, device=q.device)
     padded[:n, :k] = q
-    return padded.view(n_pad // BLOCK_N, BLOCK_N, k_pad // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return padded.view(n_pad // BLOCK_N, BLOCK_N, k_pad // K_QUAD, K_QUAD).permute(0, 2, 1, 3).contiguous()
 
 
 def unpack_rows(packed: torch.Tensor, rows: torch.Tensor, in_features: int) -> torch.Tensor:
     """Rows ``rows`` of the int8 weight that ``pack_w8a8`` packed, [len(rows), in_features]."""
-    picked = packed[rows // BLOCK_N, :, rows % BLOCK_N, :]  # [R, K/2, 2]
+    picked = packed[rows // BLOCK_N, :, rows % BLOCK_N, :]  # [R, K/4, 4]
     return picked.reshape(rows.shape[0], -1)[:, :in_features]
 
 

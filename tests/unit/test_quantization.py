@@ -76,35 +76,45 @@ def test_int8_linear_equals_f_linear_over_the_dequantized_weight(
     torch.testing.assert_close(got.float(), reference, atol=tol * reference.abs().max().item(), rtol=tol)
 
 
-def _w8a8_kernel(dtype: torch.dtype) -> W8A8Kernel:
-    from scalellm.engine.cpu_kernels import w8a8_kernel
+def _w8a8_kernel(dtype: torch.dtype, path: str | None = None) -> W8A8Kernel:
+    from scalellm.engine.cpu_kernels import CpuW8A8, w8a8_kernel, w8a8_paths
 
     kernel = w8a8_kernel(torch.device("cpu"), dtype)
     if kernel is None:
         pytest.skip("the CPU kernels did not build here")
-    return kernel
+    if path is not None and path not in w8a8_paths():
+        pytest.skip(f"this build has no {path} path of w8a8_linear (not this CPU's ISA)")
+    return kernel if path is None else CpuW8A8(path)
 
 
 def test_pack_w8a8_keeps_every_row_readable() -> None:
-    """The packed layout pads N to 16 and K to even; unpack_rows reads any row back exactly."""
+    """The packed layout pads N to 16 and K to 4; unpack_rows reads any row back exactly."""
     q = torch.randint(-127, 128, (35, 9), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
     packed = pack_w8a8(q)
-    assert packed.shape == (3, 5, 16, 2)
+    assert packed.shape == (3, 3, 16, 4)
+    row_21_k_8_to_11 = torch.tensor([q[21, 8], 0, 0, 0], dtype=torch.int8)
+    assert torch.equal(packed[1, 2, 5], row_21_k_8_to_11)
     rows = torch.tensor([0, 15, 16, 34, 7])
     assert torch.equal(unpack_rows(packed, rows, 9), q[rows])
 
 
+W8A8_PATHS = [None, "scalar", "avx2", "vnni", "amx"]  # None: the default, the best the build has
+
+
+@pytest.mark.parametrize("path", W8A8_PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 5, 6, 7, 64])  # register tiles of 6 rows and their remainders
-@pytest.mark.parametrize(("out_features", "in_features"), [(80, 160), (35, 77)])  # 2.5 groups; padded N, K
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 37, 64])  # register tiles (4, 6, 12, 16 rows) and the rest
+@pytest.mark.parametrize(
+    ("out_features", "in_features"), [(80, 160), (35, 77), (40, 192), (24, 2048)]
+)  # 2.5 groups; padded N, K; whole groups (AMX); 32 groups
 @pytest.mark.parametrize("bias", [False, True])
 def test_w8a8_linear_equals_its_definition(
-    dtype: torch.dtype, rows: int, out_features: int, in_features: int, bias: bool
+    path: str | None, dtype: torch.dtype, rows: int, out_features: int, in_features: int, bias: bool
 ) -> None:
     """csrc/quant_ops.cpp's w8a8_linear computes sum_g (round(x_g / a_g) . q_g) * a_g * s + b
     over groups g of ACT_GROUP input channels, a_g = max|x_g| / 127 per row, each group's dot
-    product exact in int32, up to float32 rounding."""
-    kernel = _w8a8_kernel(dtype)
+    product exact in int32, up to float32 rounding; on every path the build has."""
+    kernel = _w8a8_kernel(dtype, path)
     gen = torch.Generator().manual_seed(rows)
     q, s = quantize_per_channel(_weight(out_features, in_features, 2).to(dtype), dtype)
     b = torch.randn(out_features, generator=gen).to(dtype) if bias else None
@@ -127,6 +137,29 @@ def test_w8a8_linear_equals_its_definition(
     torch.testing.assert_close(got.double(), reference, atol=tol * reference.abs().max().item(), rtol=tol)
     # Per row: a row's result does not depend on the other rows of the batch.
     torch.testing.assert_close(layer(x[-1:]), got[-1:], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("rows", [3, 37, 64])
+def test_w8a8_paths_return_the_same_bits(rows: int) -> None:
+    """Every path sums the same exact int32 group dot products with the same float32 operations
+    in the same order, so a model's output does not depend on the CPU's instruction set; extreme
+    activations (+-127 after quantization everywhere) check that no path saturates."""
+    from scalellm.engine.cpu_kernels import w8a8_paths
+
+    _w8a8_kernel(torch.float32)
+    paths = w8a8_paths()
+    gen = torch.Generator().manual_seed(rows)
+    q = torch.randint(-127, 128, (50, 256), dtype=torch.int8, generator=gen)
+    q[:16, :64] = -127
+    q[16:32, :64] = 127
+    s = torch.rand(50, generator=gen) + 0.5
+    x = torch.randn(rows, 256, generator=gen)
+    x[0, :64] = -1.0  # every value of the group quantizes to -127: products of +-127 * 127 only
+    x[-1, 64:128] = 1.0
+    packed = pack_w8a8(q)
+    outs = {path: _w8a8_kernel(torch.float32, path)(x, packed, s, None) for path in paths}
+    for path in paths:
+        assert torch.equal(outs[path], outs[paths[0]]), (path, paths[0])
 
 
 def test_w8a8_ties_embedding_and_lm_head_to_one_packed_copy() -> None:
@@ -333,3 +366,27 @@ def test_demo_model_answers_sensibly_with_int8_weights_and_cache(demo_model_dir:
     )
     out = llm.generate([chat], SamplingParams(temperature=0.0, max_tokens=16))[0].outputs[0]
     assert "Paris" in out.text
+
+
+def test_w8a8_amx_and_onednn_take_turns_with_the_tiles() -> None:
+    """The AMX path loads its tile config on every call and does not release the tiles; oneDNN's
+    bfloat16 kernels (PackedLinear, AMX here) configure their own: neither may see the other's."""
+    from scalellm.engine.cpu_kernels import w8a8_paths
+    from scalellm.models.packed_linear import PackedLinear, packing_supported
+
+    _w8a8_kernel(torch.float32)
+    if "amx" not in w8a8_paths() or not packing_supported(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("no AMX path, or no oneDNN bfloat16 here")
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (96, 128), dtype=torch.int8, generator=gen)
+    s = torch.rand(96, generator=gen)
+    x = torch.randn(32, 128, generator=gen)
+    packed, amx, vnni = pack_w8a8(q), _w8a8_kernel(torch.float32, "amx"), _w8a8_kernel(torch.float32, "vnni")
+    linear = torch.nn.Linear(128, 80, bias=False).to(torch.bfloat16)
+    onednn = PackedLinear(linear)
+    xb = x.to(torch.bfloat16)
+    reference = F.linear(xb.float(), linear.weight.float())
+    expected = vnni(x, packed, s, None)
+    for _ in range(3):
+        assert torch.equal(amx(x, packed, s, None), expected)
+        torch.testing.assert_close(onednn(xb).float(), reference, atol=0.05, rtol=0.02)
