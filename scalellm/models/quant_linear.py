@@ -27,8 +27,7 @@ Kernels (measured in bench/quant_linear.py, docs/benchmarks.md):
   AVX512-VNNI (one register) and AMX int8 (one row of a B tile) read; the kernel takes AMX for
   tiles of 16 rows where the CPU and Linux allow it, else AVX512-VNNI, else AVX2, else scalar C++,
   and every path returns the same bits (the same exact group sums, the same float32 operations).
-  This is W8A8 with dynamic per-token,
-  per-group activation scales: more error than weight-only int8, faster at large batches. A few
+  This is W8A8 with dynamic per-token, per-group activation scales: more error than weight-only int8, faster at large batches. A few
   input channels of a layer's activations are far larger than the rest (down_proj's input most);
   one scale per token set by them rounds every other channel coarsely (+2.3% perplexity on the
   demo model, all layers), one per group of 64 only the outlier's group (-0.02%, measured,

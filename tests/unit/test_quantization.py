@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from scalellm.engine import cpu_kernels
 from scalellm.engine.attention import AttentionMetadata, PrefillSpan, _decode, sdpa
 from scalellm.engine.config import EngineConfig
 from scalellm.engine.engine import LLMEngine
@@ -98,7 +99,7 @@ def test_pack_w8a8_keeps_every_row_readable() -> None:
     assert torch.equal(unpack_rows(packed, rows, 9), q[rows])
 
 
-W8A8_PATHS = [None, "scalar", "avx2", "vnni", "amx"]  # None: the default, the best the build has
+W8A8_PATHS = [None, *cpu_kernels.W8A8_PATHS]  # None: the default, the best the build has
 
 
 @pytest.mark.parametrize("path", W8A8_PATHS)
