@@ -69,6 +69,10 @@ class AttentionMetadata:
 
 class AttentionBackend(Protocol):
     name: str
+    graph_safe: bool
+    """Whether its decodes may run bucketed on static buffers and be captured in a CUDA graph
+    (engine/cuda_graphs.py): no host syncs, shapes fixed by the bucket, and a cost that does not
+    grow with the static block table's width (only each row's context length is read)."""
 
     def prepare(self, meta: AttentionMetadata, block_size: int) -> AttentionMetadata:
         """Once per step: add what this backend needs to the step's metadata."""
@@ -111,6 +115,7 @@ class TorchSDPA:
     """Gather each decode's blocks into a padded context; torch's SDPA does the rest."""
 
     name = "torch-sdpa"
+    graph_safe = False  # gathers every column of the block table: padded to max_model_len there
 
     def prepare(self, meta: AttentionMetadata, block_size: int) -> AttentionMetadata:
         if meta.decode_block_tables is None or meta.decode_context_lens is None:

@@ -146,6 +146,7 @@ class TritonPagedDecode:
     """Decodes through the Triton kernel above; cache writes by indexing; prefill as TorchSDPA."""
 
     name = "triton-paged (Triton decode kernel; SDPA for prefill)"
+    graph_safe = True  # the context loop's bound is read from context_lens on the device
 
     def __init__(self, block_n: int | None = None) -> None:
         """``block_n``: context tokens per tile; None: 64, or 32 for a float32 cache (its tiles

@@ -120,6 +120,7 @@ class CpuPagedDecode:
     """Decodes read K/V from the cache blocks directly (see csrc/paged_decode.cpp)."""
 
     name = "cpu-paged (C++ decode kernel and cache writes; SDPA for prefill)"
+    graph_safe = True  # no capture on CPU; the bucketed static-buffer path is tested with it
 
     def prepare(self, meta: AttentionMetadata, block_size: int) -> AttentionMetadata:
         return meta

@@ -82,6 +82,7 @@ class Int8KVSDPA:
     """The attention backend of an int8 cache: TorchSDPA's padded decode over dequantized blocks."""
 
     name = "torch-sdpa over an int8 KV cache (dequantized per step)"
+    graph_safe = False
 
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
