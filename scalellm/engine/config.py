@@ -50,6 +50,12 @@ class EngineConfig:
     ranks (E/N each; N must divide the expert count) instead of splitting every expert's
     intermediate rows over them. Fewer, larger matmuls per rank; balance then depends on routing.
     No effect at size 1 or on dense models."""
+    cuda_graph_max_batch: int | None = None
+    """Pure-decode steps of up to this many sequences replay a CUDA graph captured at startup per
+    batch-size bucket (1, 2, 4, 8, 16, 24, ...; engine/cuda_graphs.py); 0: never. None: 256 on
+    CUDA, 0 elsewhere. Capped at max_num_seqs. Off under tensor parallelism, with an int8 KV
+    cache and for mixture-of-experts models. On CPU a positive value runs the same bucketed
+    static buffers without capture (what the CPU tests check; no speed-up there)."""
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -58,6 +64,8 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
+        if self.cuda_graph_max_batch is not None and self.cuda_graph_max_batch < 0:
+            raise ValueError(f"cuda_graph_max_batch must be 0 or more, got {self.cuda_graph_max_batch}")
         self._check_compression()
         self._check_tensor_parallel()
 

@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from scalellm.engine.attention import AttentionBackend, AttentionMetadata, PrefillSpan, select_backend
 from scalellm.engine.config import EngineConfig
+from scalellm.engine.cuda_graphs import DecodeGraphs, graph_buckets, graph_limit, why_eager
 from scalellm.engine.kv_quant import Int8KVSDPA, KVCacheFormat
 from scalellm.engine.request import Request
 from scalellm.engine.sampler import Sampler, SamplerOutput, token_logprobs
@@ -133,8 +134,13 @@ class ModelRunner:
             self.num_kv_heads = model_config.num_kv_heads // self.tp.size
             """This rank's K/V heads: [rank * num_kv_heads, (rank + 1) * num_kv_heads) of the model's."""
             self.num_blocks = self._agree(config.num_kv_blocks or self._blocks_that_fit())
-            self.kv_cache = torch.zeros(
-                self.num_blocks,
+            self.attention: AttentionBackend = (
+                Int8KVSDPA(self.dtype) if self.kv_format.quantized else select_backend(self.device)
+            )
+            eager_reason = why_eager(config, model_config, self.attention, self.kv_format.quantized)
+            scratch = 0 if eager_reason else 1
+            self._kv_blocks = torch.zeros(
+                self.num_blocks + scratch,
                 model_config.num_layers,
                 2,
                 self.block_size,
@@ -143,10 +149,13 @@ class ModelRunner:
                 dtype=self.kv_format.dtype,
                 device=self.device,
             )
+            """The cache and, with decode graphs, one scratch block past the scheduler's (cuda_graphs)."""
+            self.kv_cache = self._kv_blocks[: self.num_blocks]
+            """The scheduler's blocks: what everything outside the runner sees of the cache."""
+            self.graphs = None if eager_reason else self._decode_graphs(max_model_len)
+        if eager_reason:
+            log.info("decode steps run eagerly: %s", eager_reason)
         self.sampler = Sampler(self.device)
-        self.attention: AttentionBackend = (
-            Int8KVSDPA(self.dtype) if self.kv_format.quantized else select_backend(self.device)
-        )
         log.info(
             "model %s on %s (%s, weights %s), KV cache %s, %d blocks x %d tokens",
             model_config.architecture,
@@ -157,6 +166,33 @@ class ModelRunner:
             self.num_blocks,
             self.block_size,
         )
+
+    def _decode_graphs(self, max_model_len: int) -> DecodeGraphs | None:
+        """Pure-decode steps up to graph_limit sequences through DecodeGraphs: captured on CUDA
+        (a capture that fails leaves the steps eager, with a warning), bucketed on static
+        buffers without capture elsewhere."""
+        buckets = graph_buckets(graph_limit(self.config))
+        capture = self.device.type == "cuda"
+        try:
+            graphs = DecodeGraphs(
+                self.model,
+                self._kv_blocks,
+                self.attention,
+                self.block_size,
+                -(-max_model_len // self.block_size),
+                buckets,
+                capture,
+            )
+        except RuntimeError as e:
+            log.warning("decode CUDA graph capture failed, decode steps run eagerly: %s", e)
+            return None
+        if not capture:
+            log.info(
+                "decode steps bucketed on static buffers for batch sizes %s (no CUDA graphs on %s)",
+                ", ".join(map(str, buckets)),
+                self.device,
+            )
+        return graphs
 
     @property
     def bytes_per_block(self) -> int:
@@ -253,8 +289,12 @@ class ModelRunner:
 
     def _forward(self, steps: list[SeqStep]) -> tuple[StepInputs, torch.Tensor]:
         inputs = self.prepare(steps)
-        with self._attention_kernels():
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
+        hidden = None
+        if self.graphs is not None:  # a pure-decode step its buckets hold; else None
+            hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+        if hidden is None:
+            with self._attention_kernels():
+                hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
         return inputs, hidden
 
     def _prompt_logprobs(

@@ -139,6 +139,12 @@ def worker_options(roles: Sequence[WorkerRole]) -> tuple[Option, ...]:
             parse_on_off,
             "on: MoE experts placed whole on the ranks instead of each split over them",
         ),
+        _option(
+            "--cuda-graph-max-batch",
+            "engine.cuda_graph_max_batch",
+            int,
+            "decode batches up to this size replay CUDA graphs (0: off; default 256 on CUDA)",
+        ),
         _option("--prefill-timeout", "prefill_timeout_s", float, "seconds a Prefill rpc may take"),
         _option("--transfer-timeout", "transfer_timeout_s", float, "seconds a KV transfer op may take"),
         _option(
