@@ -1,26 +1,33 @@
 """How close a decode step comes to the device's memory bound, on an 8B-shaped Llama.
 
     python bench/decode_roofline.py [--shape 8b|tiny] [--device cuda] [--batch 1 16 64 256]
-        [--context 512] [--steps 20] [--prefill 2048] [--json OUT]
+        [--context 512] [--steps 20] [--prefill 2048] [--graphs off on] [--json OUT]
 
 The model is Llama-3-8B's shape with random weights drawn on the device (models/loader.py
 random_model; no checkpoint), run by the engine's ModelRunner: the attention backend, cache
 layout and step preparation are the engine's. For each batch size B, B sequences sit at
 --context tokens of (zeroed) cache and one decode step is repeated at that position: its time
 is ModelRunner.run_steps (input preparation, forward, logits) plus a greedy argmax, the median of
---steps after warm-up, each step closed by a device synchronize. Reported per batch size:
+--steps after warm-up, each step closed by a device synchronize. Each batch size runs once per
+--graphs mode: off (EngineConfig.cuda_graph_max_batch 0: eager steps) and on (the largest batch:
+pure-decode steps replay the CUDA graph of their bucket, engine/cuda_graphs.py; on CPU the same
+bucketed static buffers without capture), one runner after the other over the same weights.
+Reported per batch size and mode:
 
     ms/step, tokens/s (B / step time)
     roofline = (weight bytes + KV bytes read) / step time / copy bandwidth
         weight bytes: every parameter but the embedding table (B rows of it), lm_head included
         KV bytes: B x (context + 1) tokens x layers x K and V x kv heads x head_dim x element
         copy bandwidth: measured here, a large device-to-device copy (bytes read + written / time)
-    launches/step: CUDA kernels in one profiled step (torch.profiler); CPU: none
+    launches/step: CUDA kernels in one profiled step (torch.profiler: the kernels of a graph
+        replay count one by one where the profiler reports them so); CPU: none
+    host launches/step: the host's kernel launch calls in that step (cudaLaunchKernel,
+        cuLaunchKernel, ...; a graph replay is one cudaGraphLaunch); CPU: none
     torch ops/step: aten ops the profiler saw in that step (both devices)
 
 and one --prefill-token prefill: its matmul FLOPs (2 x non-embedding weights x tokens, plus the
 causal attention) over its time, against the bf16 (or --dtype) matmul peak measured here.
-Prints a markdown table; --json writes every figure. ``--shape tiny --device cpu`` runs the same
+The prefill runs on the first mode's runner. Prints a markdown table; --json writes every figure. ``--shape tiny --device cpu`` runs the same
 code in seconds (tests/unit/test_decode_roofline.py); its figures check the code, not the CPU
 (its "peak" is one 512-wide torch matmul, which the engine's own CPU kernels can beat).
 """
@@ -28,11 +35,13 @@ code in seconds (tests/unit/test_decode_roofline.py); its figures check the code
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -151,8 +160,8 @@ def prefill_flops(cfg: ModelConfig, tokens: int) -> int:
     return 2 * cfg.num_layers * per_layer * tokens + attention + 2 * h * cfg.vocab_size
 
 
-def profile_step(step: Callable[[], object], device: torch.device) -> tuple[int | None, int]:
-    """(CUDA kernels launched, aten ops) in one step."""
+def profile_step(step: Callable[[], object], device: torch.device) -> tuple[int | None, int | None, int]:
+    """(CUDA kernels launched, host launch calls, aten ops) in one step."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -163,8 +172,10 @@ def profile_step(step: Callable[[], object], device: torch.device) -> tuple[int 
     events = prof.events()
     ops = sum(1 for e in events if e.name.startswith("aten::") and e.cpu_parent is None)
     if device.type != "cuda":
-        return None, ops
-    return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA), ops
+        return None, None, ops
+    kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    host = sum(1 for e in events if "LaunchKernel" in e.name or e.name == "cudaGraphLaunch")
+    return kernels, host, ops
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -180,59 +191,88 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         block_size=BLOCK_SIZE,
         num_kv_blocks=1 + max(decode_blocks, prefill_blocks),  # block 0 is never used
         max_model_len=max_len,
+        max_num_seqs=max(args.batch),
     )
     bandwidth = copy_bandwidth(device)
     peak = matmul_peak(device, dtype)
     model = random_model(cfg, dtype, device, max_len)
-    runner = ModelRunner(config, cfg, max_len, model=model)
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "shape": args.shape,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": args.dtype,
-        "attention": runner.attention.name,
         "copy_bandwidth_gb_s": bandwidth / 1e9,
         "matmul_peak_tflops": peak / 1e12,
         "context": args.context,
+        "graphs": {},
         "decode": [],
     }
+    for mode in args.graphs:
+        limit = max(args.batch) if mode == "on" else 0
+        runner = ModelRunner(replace(config, cuda_graph_max_batch=limit), cfg, max_len, model=model)
+        result["attention"] = runner.attention.name
+        graphs = runner.graphs
+        result["graphs"][mode] = None if graphs is None else {"buckets": list(graphs.buckets)}
+        result["decode"] += decode_rows(args, runner, mode, bandwidth)
+        if "prefill" not in result:
+            result["prefill"] = prefill_row(args, runner, peak)
+        runner.close()
+        del runner, graphs
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return result
 
+
+def decode_rows(
+    args: argparse.Namespace, runner: ModelRunner, mode: str, bandwidth: float
+) -> list[dict[str, Any]]:
+    """One row per batch size: a decode step at --context, timed and profiled."""
+    rows = []
     for batch in args.batch:
-        steps = decode_steps(batch, args.context, cfg.vocab_size)
+        steps = decode_steps(batch, args.context, runner.model_config.vocab_size)
 
         def step(steps: list[SeqStep] = steps) -> object:
             _, logits = runner.run_steps(steps)
             assert logits is not None
             return logits.argmax(dim=-1)
 
-        seconds = median_seconds(step, device, args.steps, args.warmup)
-        launches, ops = profile_step(step, device)
+        replays = runner.graphs.replays if runner.graphs is not None else 0
+        seconds = median_seconds(step, runner.device, args.steps, args.warmup)
+        bucketed = runner.graphs is not None and runner.graphs.replays > replays
+        launches, host_launches, ops = profile_step(step, runner.device)
         moved = weight_bytes(runner, batch) + kv_bytes(runner, batch, args.context)
-        result["decode"].append(
+        rows.append(
             {
                 "batch": batch,
+                "graphs": mode,
+                "bucketed": bucketed,
                 "ms_per_step": seconds * 1e3,
                 "tokens_per_s": batch / seconds,
                 "bytes_per_step": moved,
                 "roofline": moved / seconds / bandwidth,
                 "launches_per_step": launches,
+                "host_launches_per_step": host_launches,
                 "torch_ops_per_step": ops,
             }
         )
-        print(f"batch {batch}: {seconds * 1e3:.2f} ms/step", file=sys.stderr, flush=True)
+        print(f"batch {batch}, graphs {mode}: {seconds * 1e3:.2f} ms/step", file=sys.stderr, flush=True)
+    return rows
 
+
+def prefill_row(args: argparse.Namespace, runner: ModelRunner, peak: float) -> dict[str, Any]:
+    cfg = runner.model_config
+    blocks = -(-args.prefill // BLOCK_SIZE)
     tokens = [(3 * i + 1) % cfg.vocab_size for i in range(args.prefill)]
-    prefill = [SeqStep(0, tokens, list(range(1, 1 + prefill_blocks)), True)]
-    seconds = median_seconds(lambda: runner.run_steps(prefill), device, repeats=3, warmup=1)
+    prefill = [SeqStep(0, tokens, list(range(1, 1 + blocks)), True)]
+    seconds = median_seconds(lambda: runner.run_steps(prefill), runner.device, repeats=3, warmup=1)
     flops = prefill_flops(cfg, args.prefill)
-    result["prefill"] = {
+    return {
         "tokens": args.prefill,
         "ms": seconds * 1e3,
         "tflops": flops / seconds / 1e12,
         "of_matmul_peak": flops / seconds / peak,
     }
-    runner.close()
-    return result
 
 
 def table(result: dict[str, Any]) -> str:
@@ -241,14 +281,18 @@ def table(result: dict[str, Any]) -> str:
         f"{result['date']}: copy {result['copy_bandwidth_gb_s']:.0f} GB/s, "
         f"matmul {result['matmul_peak_tflops']:.3g} TFLOP/s, context {result['context']}",
         "",
-        "| batch | ms/step | tok/s | roofline | launches/step | torch ops/step |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| batch | graphs | ms/step | tok/s | roofline | launches/step | host launches/step | torch ops/step |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["decode"]:
-        launches = "-" if row["launches_per_step"] is None else str(row["launches_per_step"])
+        launches, host = (
+            "-" if row[key] is None else str(row[key])
+            for key in ("launches_per_step", "host_launches_per_step")
+        )
+        graphs = row["graphs"] + ("" if row["bucketed"] or row["graphs"] == "off" else " (eager)")
         lines.append(
-            f"| {row['batch']} | {row['ms_per_step']:.2f} | {row['tokens_per_s']:.0f} | "
-            f"{100 * row['roofline']:.3g}% | {launches} | {row['torch_ops_per_step']} |"
+            f"| {row['batch']} | {graphs} | {row['ms_per_step']:.2f} | {row['tokens_per_s']:.0f} | "
+            f"{100 * row['roofline']:.3g}% | {launches} | {host} | {row['torch_ops_per_step']} |"
         )
     p = result["prefill"]
     lines += [
@@ -271,6 +315,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed decode steps per batch size")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--prefill", type=int, default=2048, help="tokens of the one prefill timed")
+    parser.add_argument(
+        "--graphs",
+        choices=["off", "on"],
+        nargs="+",
+        default=["off", "on"],
+        help="decode graph modes, in order",
+    )
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
     with torch.inference_mode():

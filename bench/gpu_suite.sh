@@ -7,7 +7,11 @@
 #   (moe: a random Mixtral-shaped model with SIDE's vocabulary, bench/random_model.py --moe)
 #   (roofline: needs neither: bench/decode_roofline.py draws an 8B-shaped Llama's bf16 weights on the
 #    GPU and reports decode ms/step, tok/s, HBM roofline fraction and launches per step at batch 1,
-#    16, 64, 256, and a 2k-token prefill against the measured matmul peak; OUTDIR/roofline.json)
+#    16, 64, 256, with decode CUDA graphs off and on, and a 2k-token prefill against the measured
+#    matmul peak; OUTDIR/roofline.json)
+# exact: greedy output equal to transformers on CUDA (decode CUDA graphs on, the engine's default
+#   there, for dense models), and tests/unit/test_cuda_graphs.py: captured graphs against eager
+#   steps (logits, the cache outside the step's slots untouched, greedy tokens through the engine)
 # Stages (any subset, in order): env exact parity throughput backends profile gateway gateway-paired moe
 #   roofline
 #   bash bench/gpu_suite.sh SIDE TINY OUTDIR [STAGE...]
@@ -35,8 +39,8 @@ for s in $stages; do
     env)
       stage env 60 bash -c 'nvidia-smi -L; nproc; python3 -c "import torch, transformers, grpc; print(torch.__version__, torch.version.cuda, transformers.__version__, grpc.__version__, torch.cuda.get_device_name())"' ;;
     exact)
-      stage exact 200 env SCALELLM_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider \
-        tests/unit/test_engine_exact.py -k "not demo" ;;
+      stage exact 240 env SCALELLM_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider \
+        tests/unit/test_engine_exact.py tests/unit/test_cuda_graphs.py -k "not demo" ;;
     parity)
       [ -f "$rand/model.safetensors" ] || python3 bench/random_model.py "$side" "$rand" >/dev/null
       stage parity-float32 120 python3 bench/greedy_parity.py --model "$rand" --dtype float32
@@ -67,8 +71,9 @@ for s in $stages; do
       stage moe-throughput 300 python3 bench/engine_throughput.py --model "$moe" --device cuda \
         --num-requests 64 256 --repeats 3 --hf-repeats 1 --out "$out/moe-throughput.json" ;;
     roofline)
-      stage roofline 240 python3 bench/decode_roofline.py --shape 8b --device cuda \
-        --batch 1 16 64 256 --context 512 --steps 20 --prefill 2048 --json "$out/roofline.json" ;;
+      stage roofline 360 python3 bench/decode_roofline.py --shape 8b --device cuda \
+        --batch 1 16 64 256 --context 512 --steps 20 --prefill 2048 --graphs off on \
+        --json "$out/roofline.json" ;;
     *) echo "unknown stage $s" ;;
   esac
 done
