@@ -5,7 +5,9 @@ The KV cache is one block-major tensor ``[num_blocks, num_layers, 2, block_size,
 head_dim]`` (2 = K, V). A block holds every layer's K and V of its tokens in one contiguous
 span, so a run of consecutive block ids is one contiguous slice: the transfer layer puts such runs
 on the wire as they are, with no gather or scatter copy. Each layer sees the strided view
-``kv_cache[:, layer]``.
+``kv_cache[:, layer]``. Pure-decode steps of up to ``graph_limit`` sequences run through
+``cuda_graphs.DecodeGraphs`` (a CUDA graph per batch-size bucket; bucketed without capture on
+CPU), whose padding rows write one scratch block allocated past ``kv_cache``'s.
 
 Under tensor parallelism (``tensor_parallel_size`` N > 1) this runner is rank 0 of N: it starts
 the other ranks (engine/tp_ranks.py), sends each step to them as ``SeqStep``s, and holds the
