@@ -41,6 +41,21 @@ class EngineStoppedError(RuntimeError):
     pass
 
 
+def build_engine(build: Callable[[], LLMEngine]) -> LLMEngine:
+    """``build()`` on a thread of its own that exits once the engine is built.
+
+    Why not on the caller's (the event loop's) thread: torch runs CPU kernels on an OpenMP team
+    per calling thread (libgomp), and a team's threads spin between kernels only while the
+    process holds no more OpenMP threads than CPUs; past that they sleep, and every kernel then
+    waits for futex wake-ups. Loading the model on the event loop's thread leaves a team there
+    beside the step thread's (2 CPUs: 3 threads), and serving steps took 2-3x their CPU time
+    (docs/benchmarks.md, 2026-12-03). A thread's team ends with the thread, so after this
+    only the step thread runs torch (the module docstring).
+    """
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-load") as pool:
+        return pool.submit(build).result()
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, on_step: StepHook | None = None) -> None:
         """``on_step`` runs on the step thread after every step with that step's events."""

@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 
-from scalellm.engine.async_engine import AsyncEngine
+from scalellm.engine.async_engine import AsyncEngine, build_engine
 from scalellm.engine.engine import LLMEngine
 from scalellm.engine.events import TokenEvent
 from scalellm.engine.request import Request
@@ -26,7 +26,8 @@ class EngineHost:
         self.metrics = metrics
         self.model_dir = resolve_model_dir(config.engine.model)
         self.model_name = config.served_model_name or self.model_dir.name
-        self.engine = LLMEngine(replace(config.engine, model=str(self.model_dir)))
+        engine_config = replace(config.engine, model=str(self.model_dir))
+        self.engine = build_engine(lambda: LLMEngine(engine_config))
         self.aengine = AsyncEngine(self.engine, on_step=self._on_step)
         self._window = LoadWindow()
         """Token rate, TTFT and ITL: written by the step thread, read by load()."""

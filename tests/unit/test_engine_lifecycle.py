@@ -5,13 +5,16 @@ the same through AsyncEngine on its step thread."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import torch
 
-from scalellm.engine.async_engine import AsyncEngine
+from scalellm.engine.async_engine import AsyncEngine, build_engine
 from scalellm.engine.config import EngineConfig
 from scalellm.engine.engine import LLMEngine
 from scalellm.engine.events import TokenEvent
@@ -248,3 +251,30 @@ async def test_a_failed_step_aborts_every_request_including_remote_ones(tiny_lla
         assert aengine.stats.num_free_blocks == engine.num_blocks and aengine.stats.num_running == 0
     finally:
         aengine.stop()
+
+
+def _os_threads() -> set[str]:
+    return set(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="counts threads through /proc (Linux)")
+def test_build_engine_builds_on_a_thread_that_leaves_no_openmp_team_behind(tiny_llama: Path) -> None:
+    """The worker loads its model through build_engine so that only the step thread keeps an
+    OpenMP team (more OpenMP threads than CPUs make every team sleep between kernels)."""
+    before = _os_threads()
+    callers: list[int] = []
+
+    def build() -> LLMEngine:
+        callers.append(threading.get_ident())
+        torch.ones(1 << 22).mul_(2)  # far above ATen's grain size: a parallel kernel, a team
+        return _engine(tiny_llama)
+
+    engine = build_engine(build)
+    try:
+        assert callers and callers[0] != threading.get_ident()
+        assert _os_threads() <= before  # the loader thread and its team are gone
+        assert _drain_one(engine, _prompt(0))[-1].finished
+    finally:
+        engine.close()
+    with pytest.raises(ValueError, match="bad model"):
+        build_engine(lambda: (_ for _ in ()).throw(ValueError("bad model")))
