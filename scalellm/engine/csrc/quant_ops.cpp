@@ -1,27 +1,15 @@
-// The two elementwise halves of an int8 x int8 matmul with dynamic per-token activation scales
-// (CPU), each one pass over a row instead of ~10 torch ops:
+// w8a8_linear (CPU): out = x @ W^T for an int8 weight W packed once at load (pack_w8a8 in
+// models/quant_linear.py) as [N/16, K/4, 16, 4]: 16 output channels side by side, four
+// consecutive k of each (K padded to 4 with zeros), so 64 bytes are 16 channels x 4 k. One call
+// quantizes the activations to int8 with a scale per row and group of 64 channels (an outlier
+// channel then coarsens only its group), multiplies int8 x int8 and scales:
 //
-//   quantize_rows_s8:  s[t] = max_i |x[t, i]| / 127  (1 for a row of zeros)
-//                      q[t, i] = round_half_even(x[t, i] / s[t])            int8 in [-127, 127]
-//   scale_int32:       out[t, o] = acc[t, o] * s[t] * w_scale[o] (+ bias[o])  rounded once to out's dtype
+//   out[t, o] = (sum_g float(dot_g[t, o]) * a[t, g]) * w_scale[o] (+ bias[o])
+//   dot_g[t, o] = sum_{i in g} xq[t, i] * q[o, i]          exact in int32
 //
-// Between them torch._int_mm(q, W_q^T) computes acc exactly in int32 (|q| <= 127, so a row of K
-// products stays far inside int32 for any K below 2^17).
-//
-//   w8a8_linear:       both halves and the int8 x int8 product in one call, over a weight packed
-//                      once at load (pack_w8a8 in models/quant_linear.py) as [N/16, K/4, 16, 4]:
-//                      16 output channels side by side, four consecutive k of each (K padded to
-//                      4 with zeros), so 64 bytes are 16 channels x 4 k. The activations take a
-//                      scale per row and group of 64 channels (an outlier channel then coarsens
-//                      only its group):
-//
-//                        out[t, o] = (sum_g float(dot_g[t, o]) * a[t, g]) * w_scale[o] (+ bias[o])
-//                        dot_g[t, o] = sum_{i in g} xq[t, i] * q[o, i]          exact in int32
-//
-//                      the groups summed in order, one fma each, the same float32 operations on
-//                      every path below, so all return the same bits (a row's result does not
-//                      depend on the batch nor on the CPU's instruction set). Paths, the best the
-//                      build (-march=native) has unless `path` names one:
+// the groups summed in order, one fma each, the same float32 operations on every path below, so
+// all return the same bits (a row's result does not depend on the batch nor on the CPU's
+// instruction set). Paths, the best the build (-march=native) has unless `path` names one:
 //
 //   - AMX (amx-int8, Linux granted the tile state): tiles of 16 rows. tdpbssd (signed x signed)
 //     takes A = 16 rows x 64 int8 of xq (one group) and B = the group's [16 quads, 16, 4] slice
@@ -35,9 +23,8 @@
 //     (exact: no int16 saturation, unlike u8 x s8 vpmaddubsw), added at the group's end.
 //   - scalar.
 //
-//                      Each thread takes a range of blocks and passes over it once per row tile
-//                      (the tile's activations stay in L1). torch._int_mm has no fast CPU path
-//                      without AVX512-VNNI (a scalar loop).
+// Each thread takes a range of blocks and passes over it once per row tile (the tile's
+// activations stay in L1). torch._int_mm has no fast CPU path without AVX512-VNNI (a scalar loop).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -100,60 +87,11 @@ void quantize_row(int8_t* q, float* scale, const T* x, int64_t n) {
   }
 }
 
-template <typename T, typename W>
-void scale_row(T* out, const int32_t* acc, float row_scale, const W* w_scale, const W* bias, int64_t n) {
-  for (int64_t o = 0; o < n; ++o) {
-    float v = static_cast<float>(acc[o]) * row_scale * static_cast<float>(w_scale[o]);
-    if (bias != nullptr) v += static_cast<float>(bias[o]);
-    out[o] = static_cast<T>(v);
-  }
-}
-
 // f(scalar) with a value of t's element type, float32 or bfloat16
 template <typename F>
 void dispatch(const at::Tensor& t, F&& f) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, "float32 or bfloat16 only");
   t.scalar_type() == at::kBFloat16 ? f(c10::BFloat16{}) : f(float{});
-}
-
-void quantize_rows_s8(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x [T, K] with contiguous rows");
-  TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous() && q.sizes() == x.sizes(), "q int8 like x");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == x.size(0),
-              "scales float32 [T]");
-  const int64_t n = x.size(1);
-  dispatch(x, [&](auto tag) {
-    using scalar_t = decltype(tag);
-    int8_t* q_data = q.data_ptr<int8_t>();
-    float* s_data = scales.data_ptr<float>();
-    const scalar_t* x_data = x.data_ptr<scalar_t>();
-    at::parallel_for(0, x.size(0), kRowsPerTask, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) quantize_row(q_data + t * n, s_data + t, x_data + t * x.stride(0), n);
-    });
-  });
-}
-
-void scale_int32(const at::Tensor& out, const at::Tensor& acc, const at::Tensor& row_scales,
-                 const at::Tensor& w_scales, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(acc.scalar_type() == at::kInt && acc.dim() == 2 && acc.is_contiguous(), "acc int32 [T, N]");
-  TORCH_CHECK(out.sizes() == acc.sizes() && out.is_contiguous(), "out [T, N] contiguous");
-  TORCH_CHECK(row_scales.scalar_type() == at::kFloat && row_scales.numel() == acc.size(0), "row scales [T]");
-  const int64_t n = acc.size(1);
-  TORCH_CHECK(w_scales.is_contiguous() && w_scales.numel() == n, "weight scales [N]");
-  if (bias) TORCH_CHECK(bias->is_contiguous() && bias->numel() == n && bias->scalar_type() == w_scales.scalar_type(),
-                        "bias [N], the scales' dtype");
-  dispatch(out, [&](auto out_tag) {
-    using out_t = decltype(out_tag);
-    dispatch(w_scales, [&](auto w_tag) {
-      using w_t = decltype(w_tag);
-      const w_t* b = bias ? bias->data_ptr<w_t>() : nullptr;
-      at::parallel_for(0, acc.size(0), kRowsPerTask, [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; ++t)
-          scale_row(out.data_ptr<out_t>() + t * n, acc.data_ptr<int32_t>() + t * n,
-                    row_scales.data_ptr<float>()[t], w_scales.data_ptr<w_t>(), b, n);
-      });
-    });
-  });
 }
 
 
@@ -543,10 +481,6 @@ void w8a8_linear(const at::Tensor& out, const at::Tensor& x, const at::Tensor& p
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(scalellm_cpu, m) {
-  m.def("quantize_rows_s8(Tensor(a!) q, Tensor(b!) scales, Tensor x) -> ()");
-  m.def("scale_int32(Tensor(a!) out, Tensor acc, Tensor row_scales, Tensor w_scales, Tensor? bias) -> ()");
-  m.impl("quantize_rows_s8", c10::DispatchKey::CPU, quantize_rows_s8);
-  m.impl("scale_int32", c10::DispatchKey::CPU, scale_int32);
   m.def("w8a8_linear(Tensor(a!) out, Tensor x, Tensor packed, Tensor w_scales, Tensor? bias, int path=0) -> ()");
   m.impl("w8a8_linear", c10::DispatchKey::CPU, w8a8_linear);
   m.def("w8a8_paths() -> int[]", &w8a8_paths);
