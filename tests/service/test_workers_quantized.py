@@ -1,6 +1,7 @@
 """Workers with int8 weights and an int8 KV cache as real processes (gloo): the quantized blocks
 and their scales travel prefill to decode and give the colocated worker's tokens; a worker whose
-cache is not int8 is refused by the layout check and the decode worker recomputes locally."""
+cache is not int8 is refused by the layout check and the decode worker recomputes locally; W8A8
+workers give the same tokens disaggregated as colocated."""
 
 from __future__ import annotations
 
@@ -69,3 +70,35 @@ async def test_a_prefill_worker_with_another_kv_dtype_is_refused_and_the_prompt_
     assert last.timings.transfer_bytes == 0
     assert "KV layout mismatch" in workers["plain_prefill"].log() + workers["decode"].log()
     await wait_all_blocks_free(workers["decode"])
+
+
+@pytest.fixture(scope="module")
+def w8a8_workers(demo_model_dir: Path) -> Iterator[dict[str, Service]]:
+    w8a8 = ("--quantization", "w8a8")
+    started = {
+        "prefill": start_service(
+            "services.prefill", worker_args(demo_model_dir, "--worker-id", "pw8", *w8a8)
+        ),
+        "both": start_service("services.decode", worker_args(demo_model_dir, "--role", "both", *w8a8)),
+    }
+    yield started
+    _stop(*started.values())
+
+
+async def test_w8a8_prompts_prefilled_elsewhere_decode_to_the_colocated_tokens(
+    w8a8_workers: dict[str, Service],
+) -> None:
+    """W8A8 (int8 weights and activations, CPU) disaggregated: the prefill worker's KV and first
+    token continue on the decode side exactly as a colocated prefill does (the kernel's result
+    for a row does not depend on the batch)."""
+    rng = random.Random(23)
+    prompts = [[rng.randrange(100, 49000) for _ in range(rng.randint(20, 100))] for _ in range(6)]
+    both = w8a8_workers["both"]
+    target = [worker_pb2.PrefillTarget(worker_id="pw8", address=w8a8_workers["prefill"].address)]
+    local = await generate(both.address, [worker_request(f"l{i}", p, 12, []) for i, p in enumerate(prompts)])
+    remote = await generate(
+        both.address, [worker_request(f"r{i}", p, 12, target) for i, p in enumerate(prompts)]
+    )
+    assert [tokens for tokens, _ in remote] == [tokens for tokens, _ in local]
+    assert all(last.timings.transfer_bytes > 0 for _, last in remote)  # the prompts did travel
+    await wait_all_blocks_free(both)
