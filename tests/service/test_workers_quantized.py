@@ -79,6 +79,7 @@ def w8a8_workers(demo_model_dir: Path) -> Iterator[dict[str, Service]]:
         "prefill": start_service(
             "services.prefill", worker_args(demo_model_dir, "--worker-id", "pw8", *w8a8)
         ),
+        "decode": start_service("services.decode", worker_args(demo_model_dir, "--role", "decode", *w8a8)),
         "both": start_service("services.decode", worker_args(demo_model_dir, "--role", "both", *w8a8)),
     }
     yield started
@@ -90,15 +91,17 @@ async def test_w8a8_prompts_prefilled_elsewhere_decode_to_the_colocated_tokens(
 ) -> None:
     """W8A8 (int8 weights and activations, CPU) disaggregated: the prefill worker's KV and first
     token continue on the decode side exactly as a colocated prefill does (the kernel's result
-    for a row does not depend on the batch)."""
+    for a row does not depend on the batch). One request at a time, so each prompt is prefilled
+    in one piece on both sides: W8A8 turns the last-bit differences of a chunked prefill's
+    attention into int8 rounding flips, so tokens may differ when the chunking does."""
     rng = random.Random(23)
-    prompts = [[rng.randrange(100, 49000) for _ in range(rng.randint(20, 100))] for _ in range(6)]
-    both = w8a8_workers["both"]
+    prompts = [[rng.randrange(100, 49000) for _ in range(rng.randint(20, 100))] for _ in range(4)]
     target = [worker_pb2.PrefillTarget(worker_id="pw8", address=w8a8_workers["prefill"].address)]
-    local = await generate(both.address, [worker_request(f"l{i}", p, 12, []) for i, p in enumerate(prompts)])
-    remote = await generate(
-        both.address, [worker_request(f"r{i}", p, 12, target) for i, p in enumerate(prompts)]
-    )
-    assert [tokens for tokens, _ in remote] == [tokens for tokens, _ in local]
-    assert all(last.timings.transfer_bytes > 0 for _, last in remote)  # the prompts did travel
-    await wait_all_blocks_free(both)
+    for i, prompt in enumerate(prompts):
+        [(local, _)] = await generate(w8a8_workers["both"].address, [worker_request(f"l{i}", prompt, 12, [])])
+        [(remote, last)] = await generate(
+            w8a8_workers["decode"].address, [worker_request(f"r{i}", prompt, 12, target)]
+        )
+        assert remote == local
+        assert last.timings.transfer_bytes > 0  # the prompt's KV did travel
+    await wait_all_blocks_free(w8a8_workers["decode"])
