@@ -57,24 +57,26 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     return inv_freq
 
 
-class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position, computed once in float32; looked up once per step.
+class RotaryEmbedding:
+    """cos/sin tables for every position, computed once in float32 on the current default device;
+    looked up once per step.
 
     transformers rotates ``x * cos + rotate_half(x) * sin`` with rotate_half(x) = [-x2, x1]. The
     same products and sum, bit for bit, with the sign folded into the table: [x2, x1] * [-sin1, sin2].
+
+    Not an nn.Module: the model's dtype casts and ``to_empty`` leave the tables alone, so the
+    loader builds them once on the real device and allocates the rest of the model on the meta
+    device (where these float ops would run torch's Python decompositions, whose first use
+    imports torch._dynamo: seconds of every worker's start-up).
     """
 
-    cos: torch.Tensor  # buffers, declared for the type checker
-    sin: torch.Tensor
-
     def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int) -> None:
-        super().__init__()
         freqs = torch.arange(max_positions).float()[:, None] * rope_inv_freq(rope, head_dim)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         half = head_dim // 2
         sin = emb.sin()
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", torch.cat((-sin[:, :half], sin[:, half:]), dim=-1), persistent=False)
+        self.cos = emb.cos()
+        self.sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin [T, 1, D] for the step's positions, in the model's dtype."""
@@ -175,19 +177,26 @@ class DecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     def __init__(
-        self, cfg: ModelConfig, max_positions: int, ops: LayerOps = TORCH_OPS, tp: TensorParallel = SINGLE
+        self,
+        cfg: ModelConfig,
+        rotary: RotaryEmbedding,
+        ops: LayerOps = TORCH_OPS,
+        tp: TensorParallel = SINGLE,
     ) -> None:
         super().__init__()
         self.config = cfg
         self.tp = tp
         self.embed_tokens: nn.Embedding | VocabParallelEmbedding = (
-            nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            # _weight: no random init (load_weights fills it; normal_ on meta imports torch._dynamo)
+            nn.Embedding(
+                cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size)
+            )
             if tp.size == 1
             else VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         )
         self.layers = nn.ModuleList(DecoderLayer(cfg, ops, i, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions)
+        self.rotary = rotary
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size // tp.size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight

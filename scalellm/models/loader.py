@@ -70,14 +70,17 @@ def _allocate(
 ) -> LlamaForCausalLM:
     ops = layer_ops(device, dtype)
     log.info("decoder layer ops: %s", ops.name)
+    with torch.device(device):  # float32 tables (cast per use), as in transformers
+        rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions)
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, max_positions, ops, tp)
-    model = model.to_empty(device=device).to(dtype)
+        model = LlamaForCausalLM(cfg, rotary, ops, tp)
+    # Module.to_empty's empty_like on meta tensors imports sympy (1.3 s of every start): allocate
+    # each tensor directly, floating point ones straight in the model's dtype.
+    model = model._apply(
+        lambda t: torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype, device=device)
+    )
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    # Rope tables stay float32 (cast per use), as in transformers.
-    with torch.device(device):
-        model.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions)
     return model
 
 
