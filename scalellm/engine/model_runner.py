@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from scalellm.engine import cpu_kernels
 from scalellm.engine.attention import AttentionBackend, AttentionMetadata, PrefillSpan, select_backend
 from scalellm.engine.config import EngineConfig
 from scalellm.engine.cuda_graphs import DecodeGraphs, graph_buckets, graph_limit, why_eager
@@ -157,7 +158,7 @@ class ModelRunner:
             self.graphs = None if eager_reason else self._decode_graphs(max_model_len)
         if eager_reason:
             log.info("decode steps run eagerly: %s", eager_reason)
-        self.sampler = Sampler(self.device)
+        self.sampler = Sampler(self.device, cpu_kernels.greedy_argmax(self.device))
         log.info(
             "model %s on %s (%s, weights %s), KV cache %s, %d blocks x %d tokens",
             model_config.architecture,

@@ -12,6 +12,7 @@ and truncation), as vLLM and OpenAI report them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,9 +28,18 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]
 
 
+def torch_argmax(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=-1)
+
+
 class Sampler:
-    def __init__(self, device: torch.device) -> None:
+    def __init__(
+        self, device: torch.device, argmax: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> None:
+        """``argmax``: [N, V] -> [N], ``torch.argmax(dim=-1)``'s indices (cpu_kernels.argmax on
+        CPU); None: torch's."""
         self.device = device
+        self._argmax = argmax or torch_argmax
         self._generators: dict[str, torch.Generator] = {}
         self._controls = LogitsControls()
 
@@ -39,10 +49,15 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
-        """logits [N, V] float32, one row per request, in order."""
+        """logits [N, V] in the model's dtype, one row per request, in order. A batch of plain
+        greedy rows takes the argmax of those logits as they are (widening to float32 is exact,
+        so the index is the same); anything else works on a float32 copy."""
         params = [r.sampling_params for r in requests]
+        if all(p.greedy and p.logprobs is None and not p.uses_logits_controls for p in params):
+            return SamplerOutput(self._argmax(logits).tolist(), [None] * len(requests))
+        logits = logits.float()
         processed = self._controls(logits, requests)
-        greedy_ids = processed.argmax(dim=-1)
+        greedy_ids = self._argmax(processed)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         token_ids = greedy_ids
         if random_rows:

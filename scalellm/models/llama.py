@@ -217,8 +217,9 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x, residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[T, vocab] float32 logits (every rank's vocabulary slice, gathered, at TP>1)."""
-        return self.tp.all_gather(self.lm_head(hidden)).float()
+        """[T, vocab] logits in the model's dtype (every rank's vocabulary slice, gathered, at
+        TP>1); the sampler widens them to float32 where it needs more than an argmax."""
+        return self.tp.all_gather(self.lm_head(hidden))
 
     # ---- weights -------------------------------------------------------------------------
 

@@ -232,3 +232,22 @@ def test_auto_dtype_on_cpu_follows_native_bf16_and_explicit_wins() -> None:
     auto = EngineConfig(model="m", device="cpu").torch_dtype("float32")
     assert auto == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
     assert EngineConfig(model="m", device="cpu", dtype="float32").torch_dtype("bfloat16") == torch.float32
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [1, 15, 16, 17, 100, 49152])
+def test_argmax_kernel_gives_torchs_indices(dtype: torch.dtype, vocab: int) -> None:
+    """First of a repeated maximum, rows of -inf and of zeros, NaN (torch picks the first one),
+    vocabularies on and off the 16-lane boundary, and a strided view of wider rows."""
+    logits = torch.randn(7, vocab, generator=torch.Generator().manual_seed(vocab)).to(dtype)
+    logits[1, vocab // 2] = logits[1].max()
+    logits[2] = float("-inf")
+    logits[3] = 0.0
+    logits[4, vocab - 1] = float("nan")
+    if vocab > 3:
+        logits[5, 3] = float("nan")
+        logits[5, vocab - 1] = float("nan")
+    assert torch.equal(cpu_kernels.argmax(logits), logits.argmax(dim=-1))
+    wide = torch.randn(3, vocab + 24).to(dtype)[:, :vocab]
+    assert torch.equal(cpu_kernels.argmax(wide), wide.argmax(dim=-1))

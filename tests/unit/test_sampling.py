@@ -25,6 +25,26 @@ def test_greedy_is_argmax() -> None:
     assert out.token_ids == logits.argmax(-1).tolist()
 
 
+@pytest.mark.parametrize("argmax", [None, "kernel"])
+def test_bfloat16_logits_sample_as_their_float32_values(argmax: str | None) -> None:
+    """The runner hands over logits in the model's dtype: plain greedy rows take their argmax as
+    they are, anything else (here a row that wants logprobs) works on float32, and both give
+    what the float32 logits give."""
+    from scalellm.engine import cpu_kernels
+
+    if argmax and not cpu_kernels.available():
+        pytest.skip("no C++ toolchain for the CPU kernels")
+    logits = _logits(rows=4, vocab=300).to(torch.bfloat16)
+    wide = logits.float()
+    sampler = Sampler(torch.device("cpu"), cpu_kernels.argmax if argmax else None)
+    greedy = _reqs(*[SamplingParams(temperature=0.0)] * 4)
+    assert sampler(logits, greedy).token_ids == wide.argmax(-1).tolist()
+    mixed = _reqs(SamplingParams(temperature=0.0, logprobs=2), *[SamplingParams(temperature=0.0)] * 3)
+    got, want = sampler(logits, mixed), Sampler(torch.device("cpu"))(wide, mixed)
+    assert got.token_ids == want.token_ids == wide.argmax(-1).tolist()
+    assert got.logprobs == want.logprobs and got.logprobs[0] is not None
+
+
 def test_seeded_rows_are_reproducible_whatever_the_batch() -> None:
     logits = _logits(rows=3) / 3
     seeded = SamplingParams(temperature=1.0, seed=1234)
