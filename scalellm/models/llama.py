@@ -64,10 +64,10 @@ class RotaryEmbedding:
     transformers rotates ``x * cos + rotate_half(x) * sin`` with rotate_half(x) = [-x2, x1]. The
     same products and sum, bit for bit, with the sign folded into the table: [x2, x1] * [-sin1, sin2].
 
-    Not an nn.Module: the model's dtype casts and ``to_empty`` leave the tables alone, so the
-    loader builds them once on the real device and allocates the rest of the model on the meta
-    device (where these float ops would run torch's Python decompositions, whose first use
-    imports torch._dynamo: seconds of every worker's start-up).
+    Not an nn.Module: the model's casts and re-allocation leave the tables alone, so the loader
+    builds them once on the real device and allocates the rest of the model on the meta device
+    (where these float ops would run torch's Python decompositions, whose first use imports
+    torch._dynamo: seconds of every worker's start-up).
     """
 
     def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int) -> None:
