@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ast
+import fnmatch
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from scalellm.engine import cpu_kernels
 from scalellm.engine.cpu_kernels import build_turn
 
 NAME = "scalellm_cpu_build_turn_test"
@@ -46,3 +50,16 @@ def test_builders_take_turns(extensions_dir: Path) -> None:
     finally:
         holder.kill()
         holder.wait(timeout=30)
+
+
+def test_an_installed_package_carries_every_file_the_build_reads() -> None:
+    """`pip install .` (the Docker images) ships only package data the patterns in pyproject.toml
+    name: a header left out makes the kernels fail to build there and fall back to torch."""
+    root = Path(__file__).resolve().parents[2]
+    line = re.search(r'^"scalellm\.engine" = (\[.*?\])', (root / "pyproject.toml").read_text(), re.M)
+    assert line, "pyproject.toml names no package data for scalellm.engine"
+    shipped = ast.literal_eval(line.group(1))
+    package = root / "scalellm" / "engine"
+    for path in cpu_kernels.SOURCES + cpu_kernels.HEADERS:
+        relative = str(path.resolve().relative_to(package))
+        assert any(fnmatch.fnmatch(relative, p) for p in shipped), f"{relative} is not package data"
