@@ -11,7 +11,8 @@ EOS ignored, greedy) at each concurrency, stop it. Every level's result is a JSO
 --results; a level whose file exists is skipped, so a stopped run resumes where it stopped and a
 subset can be re-run with --force. --rounds N repeats everything with the system order rotated
 per round; the report takes medians over rounds. The report (a markdown table per dtype, the
-machine, the load seen) goes into --docs between markers, the plot into --plot.
+machine, the load seen) goes into --docs between markers, the plot into --plot (matplotlib:
+`pip install -e '.[bench]'`; without it the report says so and draws none).
 """
 
 from __future__ import annotations
