@@ -235,7 +235,7 @@ def test_auto_dtype_on_cpu_follows_native_bf16_and_explicit_wins() -> None:
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])  # float16: torch's
 @pytest.mark.parametrize("vocab", [1, 15, 16, 17, 100, 49152])
 def test_argmax_kernel_gives_torchs_indices(dtype: torch.dtype, vocab: int) -> None:
     """First of a repeated maximum, rows of -inf and of zeros, NaN (torch picks the first one),
