@@ -1,7 +1,7 @@
 // Greedy sampling's argmax over the vocabulary (CPU): torch.argmax(logits, dim=-1), one
 // vectorized pass per row to find the maximum and a second that stops at its first occurrence.
 // torch's own argmax keeps an index beside every lane and took 5-16 ms for 64 rows of SmolLM2's
-// 49152 logits on a 2-core Xeon, a twentieth of a decode step; this takes well under one.
+// 49152 logits on a 2-core Xeon, a twentieth of a decode step; this takes about 1 ms.
 //
 // The same index as torch: the first position of the maximum, or of the first NaN in a row that
 // has one (torch treats NaN as larger than everything). float32 or bfloat16 rows, any row stride.

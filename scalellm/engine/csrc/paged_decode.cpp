@@ -13,8 +13,8 @@
 // Where the compiler targets AVX-512 and D is 64 or 128, decode_item_avx512 does one work item
 // with D/16 registers per K/V row: a row is loaded (and widened from bfloat16) once, dotted with
 // all G query heads, and the softmax's exp runs 16 lanes at a time. Scores of 16 tokens are summed
-// across lanes together (reduce16) and the next block is prefetched (docs/benchmarks.md: 38 -> 28
-// ms a step for 64 decodes of ~150 tokens in bfloat16 on a 2-core Xeon). Elsewhere the scalar loops
+// across lanes together (reduce16) and the next block is prefetched (~34 -> ~28 ms for 30 layers
+// of 64 decodes of 100-200 tokens in bfloat16 on a 2-core Xeon; docs/benchmarks.md). Elsewhere the scalar loops
 // of decode_kernel (which the compiler vectorizes as it can; with AVX2 the softmax's exp runs 8
 // lanes at a time, vec256.h).
 #include <ATen/Parallel.h>
