@@ -1,11 +1,12 @@
 """Side by side with vLLM's CPU build: the same model folder, the same client, the same workload.
 
-    python bench/vs_vllm.py                                   # everything: ~1 h on 2 cores
+    python bench/vs_vllm.py                                   # everything: ~1.5 h on 2 cores
     python bench/vs_vllm.py --dtypes bfloat16 --concurrency 1 64 --systems vllm mesh-colocated
     python bench/vs_vllm.py --report-only                     # tables and plot from saved results
 
 For each dtype and each system (vLLM's `vllm serve` through ../shared/peers/vllm-cpu.sh, and
-`scalellm up` colocated and disaggregated), one after the other: start the server, warm it up,
+`scalellm up` colocated: one worker on every core; per-core: one colocated worker per core, lending
+idle cores to busy ones; and disaggregated), one after the other: start the server, warm it up,
 run vLLM's own client (`vllm bench serve`: random dataset, 128 prompt tokens, 64 output tokens,
 EOS ignored, greedy) at each concurrency, stop it. Every level's result is a JSON file in
 --results; a level whose file exists is skipped, so a stopped run resumes where it stopped and a
@@ -33,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from bench.serving.systems import Running, System, mesh  # noqa: E402
 from bench.vs_vllm_report import Level, load_levels, machine, write_report  # noqa: E402
 
-SYSTEMS = ("vllm", "mesh-colocated", "mesh-disaggregated")
+SYSTEMS = ("vllm", "mesh-colocated", "mesh-per-core", "mesh-disaggregated")
 
 
 def default_vllm_script() -> str:
@@ -67,9 +68,13 @@ def make_system(name: str, dtype: str, plan: Plan, extra: list[str]) -> System:
     if name == "vllm":
         command = [plan.vllm_script, "serve", plan.model, "--port", str(port), "--dtype", dtype, *extra]
         return System(name, command, port, None)
-    topology = (
-        ["--colocated", "--decode", "1"] if name == "mesh-colocated" else ["--prefill", "1", "--decode", "1"]
-    )
+    topology = {
+        "mesh-colocated": ["--colocated", "--decode", "1"],
+        # one single-threaded colocated worker per core; an idle one lends its core to the busy
+        # ones (scalellm/worker/cpu_share.py), so one stream still runs on every core
+        "mesh-per-core": ["--colocated", "--decode", str(len(os.sched_getaffinity(0)))],
+        "mesh-disaggregated": ["--prefill", "1", "--decode", "1"],
+    }[name]
     return mesh(name, topology, plan.model, port, ["--dtype", dtype, *extra])
 
 

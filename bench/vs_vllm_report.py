@@ -21,8 +21,8 @@ from typing import Any
 BEGIN, END = "<!-- vs_vllm:begin -->", "<!-- vs_vllm:end -->"
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 NAME = re.compile(r"r(\d+)-(\w+)-([\w-]+)-c(\d+)\.json$")
-OURS = ("mesh-colocated", "mesh-disaggregated")
-COLORS = {"vllm": "C1", "mesh-colocated": "C0", "mesh-disaggregated": "C2"}
+OURS = ("mesh-colocated", "mesh-per-core", "mesh-disaggregated")
+COLORS = {"vllm": "C1", "mesh-colocated": "C0", "mesh-per-core": "C3", "mesh-disaggregated": "C2"}
 
 
 @dataclass(frozen=True)

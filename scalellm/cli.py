@@ -98,7 +98,7 @@ def _add_up_parser(sub: argparse._SubParsersAction) -> None:
         "--threads-per-worker",
         type=int,
         default=None,
-        help="torch threads per worker (default: cores / workers)",
+        help="torch threads per worker (default: cores / workers, and an idle CPU worker lends its cores to the busy ones)",
     )
     add(
         "--pin-cpus",

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 StepHook = Callable[[LLMEngine, list[TokenEvent]], None]
+BusyHook = Callable[[bool], None]
 
 
 class EngineStoppedError(RuntimeError):
@@ -57,10 +58,15 @@ def build_engine(build: Callable[[], LLMEngine]) -> LLMEngine:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, on_step: StepHook | None = None) -> None:
-        """``on_step`` runs on the step thread after every step with that step's events."""
+    def __init__(
+        self, engine: LLMEngine, on_step: StepHook | None = None, before_step: BusyHook | None = None
+    ) -> None:
+        """``on_step`` runs on the step thread after every step with that step's events;
+        ``before_step`` runs there before every step with True, and with False each time the
+        engine has nothing to do and is about to wait for a command."""
         self.engine = engine
         self._on_step = on_step
+        self._before_step = before_step
         self._commands: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._streams: dict[str, tuple[Request, asyncio.Queue[TokenEvent]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -218,6 +224,8 @@ class AsyncEngine:
         engine = self.engine
         while True:
             block = not engine.has_unfinished()
+            if block and self._before_step is not None:
+                self._before_step(False)  # about to wait for a command
             try:
                 while True:
                     command = self._commands.get(block=block)
@@ -230,6 +238,8 @@ class AsyncEngine:
                 pass
             if not engine.has_unfinished():
                 continue
+            if self._before_step is not None:
+                self._before_step(True)
             try:
                 events = engine.step()
             except Exception:  # a bug in a step must not kill the worker silently

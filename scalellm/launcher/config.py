@@ -191,6 +191,14 @@ class UpConfig:
         decode = self.max_decode_workers + sum(m.decode for m in self.extra_models)
         return prefill * self.tier_tp("prefill") + decode * self.tier_tp("decode")
 
+    @property
+    def shares_cpus(self) -> bool:
+        """Whether the workers lend each other idle cores (worker/cpu_share.py): on CPU, with
+        more than one worker of one rank each, neither pinned nor given threads by hand."""
+        single_rank = self.tier_tp("prefill") == 1 and self.tier_tp("decode") == 1
+        hand_placed = self.pin_cpus or self.threads_per_worker is not None
+        return self.device != "cuda" and single_rank and not hand_placed and self.ranks > 1
+
     def worker_threads(self, cores: int | None = None) -> int:
         """torch threads for each rank of a worker (its --num-threads): the given number, else
         an even share of the cores over every rank of the mesh."""

@@ -33,6 +33,7 @@ from scalellm.launcher.config import UpConfig
 from scalellm.launcher.probes import grpc_serving, http_health, port_free
 from scalellm.launcher.restarts import RestartPolicy, Restarts
 from scalellm.launcher.shutdown import stop_in_order
+from scalellm.worker import cpu_share
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -60,6 +61,8 @@ class Launcher:
         self._autoscaler: Autoscaler | None = None
         self._spawn: Callable[[str, int], Child] | None = None
         self._secrets = plan.Secrets.for_run(os.environ)
+        self._cpu_share: Path | None = None
+        """The workers' core-sharing file (worker/cpu_share.py), removed when the mesh stops."""
 
     def say(self, message: str) -> None:
         self._echo(f"scalellm up: {message}")
@@ -104,6 +107,8 @@ class Launcher:
                 self.say("stopping")
                 stop_in_order(self.children, self.config.drain_timeout_s, self._force, self.say)
                 self.say(f"stopped {len(self.children)} processes")
+            if self._cpu_share is not None:
+                cpu_share.remove(self._cpu_share)
 
     def _prepare(self) -> Path:
         """Check the gateway's ports, then prepare the model once so the children never race."""
@@ -130,8 +135,11 @@ class Launcher:
         redis_url = c.redis_url or self._start_redis()
         kvstore = self._wait_ready(self._start(plan.kvstore_spec(redis_url))).address
         run_id = uuid.uuid4().hex[:6]
-        workers = [self._start(s) for s in plan.worker_specs(c, model_dir, kvstore, run_id)]
-        self._spawn = lambda tier, n: self._start(plan.worker_spec(c, model_dir, kvstore, run_id, tier, n))
+        share = self._cpu_share = cpu_share.create(c.ranks) if c.shares_cpus else None
+        workers = [self._start(s) for s in plan.worker_specs(c, model_dir, kvstore, run_id, cpu_share=share)]
+        self._spawn = lambda tier, n: self._start(
+            plan.worker_spec(c, model_dir, kvstore, run_id, tier, n, cpu_share=share)
+        )
         gateway = self._start(plan.gateway_spec(c, model_dir, kvstore))
         for child in (*workers, gateway):
             self._wait_ready(child)

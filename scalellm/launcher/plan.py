@@ -99,18 +99,26 @@ def kvstore_spec(redis_url: str, port: Callable[[], int] = free_port) -> ChildSp
 
 
 def worker_specs(
-    config: UpConfig, model_dir: Path, kvstore: str, run_id: str, port: Callable[[], int] = free_port
-) -> list[ChildSpec]:
+    config: UpConfig, model_dir: Path, kvstore: str, run_id: str, port: Callable[[], int] = free_port,
+    cpu_share: Path | None = None,
+) -> list[ChildSpec]:  # fmt: skip
     """Prefill workers first, then decode (or colocated) workers, each with its share of cores.
-    Worker ids are `<name>-<run_id>` (e.g. decode-2-1a2b3c), unique per launcher run."""
+    Worker ids are `<name>-<run_id>` (e.g. decode-2-1a2b3c), unique per launcher run.
+    ``cpu_share``: the file (worker/cpu_share.py, one slot per worker slot) through which the
+    workers lend each other cores, when config.shares_cpus."""
     tiers = [("prefill", n) for n in range(1, config.prefill + 1)]
     tiers += [("decode", n) for n in range(1, config.decode + 1)]
-    specs = [worker_spec(config, model_dir, kvstore, run_id, tier, n, port) for tier, n in tiers]
+    specs = [
+        worker_spec(config, model_dir, kvstore, run_id, tier, n, port, cpu_share=cpu_share)
+        for tier, n in tiers
+    ]
     slot = config.max_prefill_workers + config.max_decode_workers
     for model in config.extra_models:  # NAME-prefill-N, NAME-decode-N: each model's own tiers
         for tier, count in (("prefill", model.prefill), ("decode", model.decode)):
             for n in range(1, count + 1):
-                spec = worker_spec(config, Path(model.path), kvstore, run_id, tier, n, port, model.name, slot)
+                spec = worker_spec(
+                    config, Path(model.path), kvstore, run_id, tier, n, port, model.name, slot, cpu_share
+                )
                 specs.append(spec)
                 slot += 1
     return specs
@@ -119,6 +127,7 @@ def worker_specs(
 def worker_spec(
     config: UpConfig, model_dir: Path, kvstore: str, run_id: str, tier: str, number: int,
     port: Callable[[], int] = free_port, model_name: str | None = None, gpu_slot: int | None = None,
+    cpu_share: Path | None = None,
 ) -> ChildSpec:  # fmt: skip
     """Worker `<tier>-<number>` (tier: prefill or decode) of the first model, or
     `<model_name>-<tier>-<number>` of another one (registered under model_name). GPUs go
@@ -149,6 +158,8 @@ def worker_spec(
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     slot = number - 1 if tier == "prefill" else config.max_prefill_workers + number - 1
     slot = slot if gpu_slot is None else gpu_slot
+    if cpu_share is not None:
+        argv += ["--cpu-share-file", str(cpu_share), "--cpu-share-slot", str(slot)]
     if config.gpus:
         env["CUDA_VISIBLE_DEVICES"] = config.gpus[slot % len(config.gpus)]
     metrics = f"http://{LOOPBACK}:{metrics_port}/metrics"

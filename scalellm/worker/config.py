@@ -50,6 +50,11 @@ class WorkerConfig:
     transfer_timeout_s: float = 30.0
     prefill_fallback: PrefillFallback = PrefillFallback.LOCAL
     drain_timeout_s: float = 30.0
+    cpu_share_file: str = ""
+    """A file of the launcher's through which CPU workers on one machine lend each other cores
+    (worker/cpu_share.py); empty: this worker keeps its --num-threads."""
+    cpu_share_slot: int = 0
+    """This worker's byte in cpu_share_file."""
     security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self) -> None:
@@ -155,6 +160,10 @@ def worker_options(roles: Sequence[WorkerRole]) -> tuple[Option, ...]:
             choices=tuple(PrefillFallback),
         ),
         _option("--drain-timeout", "drain_timeout_s", float, "seconds SIGTERM lets requests finish"),
+        _option(
+            "--cpu-share-file", "cpu_share_file", str, "share cores with the CPU workers using this file"
+        ),
+        _option("--cpu-share-slot", "cpu_share_slot", int, "this worker's slot in --cpu-share-file"),
         *nested("security", SECURITY_OPTIONS),
     )
 

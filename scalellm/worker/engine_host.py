@@ -7,6 +7,9 @@ import functools
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
+
+import torch
 
 from scalellm.engine.async_engine import AsyncEngine, build_engine
 from scalellm.engine.engine import LLMEngine
@@ -16,6 +19,7 @@ from scalellm.models.prepare import resolve_model_dir
 from scalellm.registry import WorkerInfo, WorkerLoad
 from scalellm.types import DEFAULT_TENANT, SamplingParams, TenantShare
 from scalellm.worker.config import WorkerConfig
+from scalellm.worker.cpu_share import CpuShare
 from scalellm.worker.load_window import LoadWindow
 from scalellm.worker.metrics import WorkerMetrics
 
@@ -28,7 +32,11 @@ class EngineHost:
         self.model_name = config.served_model_name or self.model_dir.name
         engine_config = replace(config.engine, model=str(self.model_dir))
         self.engine = build_engine(lambda: LLMEngine(engine_config))
-        self.aengine = AsyncEngine(self.engine, on_step=self._on_step)
+        self._cpu_share: CpuShare | None = None
+        """Cores shared with the other CPU workers of this machine (cpu_share.py)."""
+        if config.cpu_share_file and engine_config.torch_device().type == "cpu":
+            self._cpu_share = CpuShare(Path(config.cpu_share_file), config.cpu_share_slot)
+        self.aengine = AsyncEngine(self.engine, on_step=self._on_step, before_step=self._before_step)
         self._window = LoadWindow()
         """Token rate, TTFT and ITL: written by the step thread, read by load()."""
         # Live values, read when /metrics is scraped: the engine's last published snapshot.
@@ -69,6 +77,8 @@ class EngineHost:
     def stop(self) -> None:
         self.aengine.stop()
         self.engine.close()
+        if self._cpu_share is not None:
+            self._cpu_share.close()
 
     def info(self, grpc_address: str, transfer_endpoint: str = "") -> WorkerInfo:
         from scalellm import __version__
@@ -100,6 +110,15 @@ class EngineHost:
             ttft_s=measured.ttft_s,
             itl_s=measured.itl_s,
         )
+
+    def _before_step(self, busy: bool) -> None:
+        """Step thread: take this worker's share of the cores for the next step (torch's threads
+        are set here, on the thread that runs the steps)."""
+        if self._cpu_share is None:
+            return
+        threads = self._cpu_share.threads(busy)
+        if busy and threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
 
     def _on_step(self, _engine: LLMEngine, events: list[TokenEvent]) -> None:
         """Step thread: fold the step's events into the load window."""

@@ -1,0 +1,75 @@
+"""Cores lent between the CPU workers of one machine.
+
+`scalellm up --colocated --decode 2` on two cores gives each worker one torch thread. At many
+streams two single-threaded engines serve more than one engine on two threads: an OpenMP team
+waits at the end of every kernel for whichever of its threads the OS paused, and two processes
+never wait for each other. But one stream then runs on one core while the other core idles.
+
+A CPU share is a small file (in /dev/shm where there is one: memory, not disk) with one byte per
+worker slot, made by the launcher before the workers start. Each worker sets its byte while it
+has requests and, before each step, takes an even share of the cores among the busy workers:
+
+    worker 1 busy, worker 2 busy   ->  1 thread each
+    worker 1 busy, worker 2 idle   ->  worker 1 takes 2 threads
+
+A worker that dies with its byte set only makes the others use fewer threads until it is
+restarted on the same slot and clears it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import tempfile
+from pathlib import Path
+
+
+def create(slots: int) -> Path:
+    """A new share file for ``slots`` workers, all idle; the caller removes it (``remove``)."""
+    if slots < 1:
+        raise ValueError("a CPU share needs at least one slot")
+    shm = "/dev/shm"
+    fd, name = tempfile.mkstemp(prefix="scalellm-cpu-share-", dir=shm if os.path.isdir(shm) else None)
+    try:
+        os.write(fd, bytes(slots))
+    finally:
+        os.close(fd)
+    return Path(name)
+
+
+def remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+def machine_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class CpuShare:
+    """One worker's view of a share file: its own slot, and how many slots are busy."""
+
+    def __init__(self, path: Path, slot: int, cores: int | None = None) -> None:
+        with open(path, "r+b") as f:
+            size = os.fstat(f.fileno()).st_size
+            if not 0 <= slot < size:
+                raise ValueError(f"CPU share slot {slot} is outside {path} ({size} slots)")
+            self._map = mmap.mmap(f.fileno(), size)
+        self.slot = slot
+        self.cores = cores or machine_cores()
+
+    def threads(self, busy: bool) -> int:
+        """Mark this worker busy or idle; the threads it should use for its next step."""
+        self._map[self.slot] = 1 if busy else 0
+        flags = self._map[:]  # bytes: iterating an mmap itself gives 1-byte strings, all truthy
+        others = sum(1 for i, flag in enumerate(flags) if flag and i != self.slot)
+        return max(1, self.cores // (others + 1))
+
+    def close(self) -> None:
+        """Mark this worker idle and let the file go."""
+        if not self._map.closed:
+            self._map[self.slot] = 0
+            self._map.close()
