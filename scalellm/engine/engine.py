@@ -48,6 +48,7 @@ class LLMEngine:
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=config.max_num_batched_tokens,
+                prefill_tokens_with_decodes=config.max_prefill_tokens_with_decodes,
                 watermark_blocks=max(1, self.runner.num_blocks // 100),
             ),
             self.blocks,

@@ -127,6 +127,12 @@ def worker_options(roles: Sequence[WorkerRole]) -> tuple[Option, ...]:
         _option("--max-model-len", "engine.max_model_len", int, "context length limit"),
         _option("--max-num-seqs", "engine.max_num_seqs", int, "running batch limit"),
         _option("--max-num-batched-tokens", "engine.max_num_batched_tokens", int, "token budget of one step"),
+        _option(
+            "--max-prefill-tokens-with-decodes",
+            "engine.max_prefill_tokens_with_decodes",
+            int,
+            "most prompt tokens in a step while requests decode (larger: throughput over ITL)",
+        ),
         _option("--num-threads", "engine.num_threads", int, "torch threads (CPU)"),
         _option("--quantization", "engine.quantization", str, "weights: none, int8, w8a8 (CPU), fp8 (CUDA)"),
         _option(
