@@ -1,9 +1,10 @@
 """Cores lent between the CPU workers of one machine.
 
-`scalellm up --colocated --decode 2` on two cores gives each worker one torch thread. At many
-streams two single-threaded engines serve more than one engine on two threads: an OpenMP team
-waits at the end of every kernel for whichever of its threads the OS paused, and two processes
-never wait for each other. But one stream then runs on one core while the other core idles.
+`scalellm up --colocated --decode 2` on two cores gives each worker one torch thread. At 64
+streams two single-threaded engines often serve more than one engine on two threads (six of seven
+alternated pairs, ~15% at the median, though not in every round: docs/benchmarks.md): an OpenMP
+team waits at the end of every kernel for whichever of its threads the OS paused, and two
+processes never wait for each other. But one stream then runs on one core while the other idles.
 
 A CPU share is a small file (in /dev/shm where there is one: memory, not disk) with one byte per
 worker slot, made by the launcher before the workers start. Each worker sets its byte while it
