@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.serving.systems import Running, System, mesh  # noqa: E402
 from bench.vs_vllm_report import Level, load_levels, machine, write_report  # noqa: E402
+from scalellm.worker.cpu_share import machine_cores  # noqa: E402
 
 SYSTEMS = ("vllm", "mesh-colocated", "mesh-per-core", "mesh-disaggregated")
 
@@ -72,7 +73,7 @@ def make_system(name: str, dtype: str, plan: Plan, extra: list[str]) -> System:
         "mesh-colocated": ["--colocated", "--decode", "1"],
         # one single-threaded colocated worker per core; an idle one lends its core to the busy
         # ones (scalellm/worker/cpu_share.py), so one stream still runs on every core
-        "mesh-per-core": ["--colocated", "--decode", str(len(os.sched_getaffinity(0)))],
+        "mesh-per-core": ["--colocated", "--decode", str(machine_cores())],
         "mesh-disaggregated": ["--prefill", "1", "--decode", "1"],
     }[name]
     return mesh(name, topology, plan.model, port, ["--dtype", dtype, *extra])

@@ -6,6 +6,8 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
+from scalellm.worker.cpu_share import machine_cores
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ModelTiers:
@@ -204,7 +206,7 @@ class UpConfig:
         an even share of the cores over every rank of the mesh."""
         if self.threads_per_worker:
             return self.threads_per_worker
-        cores = cores or _cpu_count()
+        cores = cores or machine_cores()
         return max(1, cores // self.ranks)
 
     @classmethod
@@ -254,10 +256,3 @@ class UpConfig:
             max_decode=args.max_decode,
             planner_args=tuple(args.planner_arg or ()),
         )
-
-
-def _cpu_count() -> int:
-    """CPU cores this process may run on (its affinity mask where the platform has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1

@@ -43,11 +43,10 @@ def remove(path: Path) -> None:
 
 
 def machine_cores() -> int:
-    """The cores this process may run on."""
-    try:
+    """CPU cores this process may run on (its affinity mask where the platform has one)."""
+    if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    return os.cpu_count() or 1
 
 
 class CpuShare:

@@ -36,7 +36,8 @@ class EngineHost:
         """Cores shared with the other CPU workers of this machine (cpu_share.py)."""
         if config.cpu_share_file and engine_config.torch_device().type == "cpu":
             self._cpu_share = CpuShare(Path(config.cpu_share_file), config.cpu_share_slot)
-        self.aengine = AsyncEngine(self.engine, on_step=self._on_step, before_step=self._before_step)
+        before_step = self._before_step if self._cpu_share is not None else None
+        self.aengine = AsyncEngine(self.engine, on_step=self._on_step, before_step=before_step)
         self._window = LoadWindow()
         """Token rate, TTFT and ITL: written by the step thread, read by load()."""
         # Live values, read when /metrics is scraped: the engine's last published snapshot.
@@ -114,8 +115,7 @@ class EngineHost:
     def _before_step(self, busy: bool) -> None:
         """Step thread: take this worker's share of the cores for the next step (torch's threads
         are set here, on the thread that runs the steps)."""
-        if self._cpu_share is None:
-            return
+        assert self._cpu_share is not None  # hooked only with a share
         threads = self._cpu_share.threads(busy)
         if busy and threads != torch.get_num_threads():
             torch.set_num_threads(threads)
