@@ -1,9 +1,12 @@
 """The CPU paged decode kernel against an older version of itself and against gather + SDPA.
 
     python bench/decode_kernel.py --baseline-rev HEAD~1 [--batch 1 64] [--context 192] [--repeats 60]
+                                  [--layers 30] [--threads 1]
 
-One layer of SmolLM2's attention shape (9 query heads, 3 K/V heads, head dim 64; --heads and
---head-dim change it) over a block-major cache, on one torch thread. The baseline is
+SmolLM2's attention shape (9 query heads, 3 K/V heads, head dim 64; --heads and --head-dim change
+it) over a block-major cache of --layers layers, each attended in turn as a decode step does, so a
+layer's K/V comes from memory, not from the cache the previous call warmed (--layers 1 measures
+the hot case). The figures are ms per layer, on --threads torch threads. The baseline is
 ``scalellm/engine/csrc/paged_decode.cpp`` as it was at --baseline-rev, built under its own name
 and op namespace so both load into this process; the three run interleaved in each repeat, so
 load from other processes hits all of them alike. Prints the minimum and median ms per call.
@@ -28,14 +31,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 SOURCE = "scalellm/engine/csrc/paged_decode.cpp"
-HEADER = "scalellm/engine/csrc/vec512.h"
+HEADERS = ("scalellm/engine/csrc/vec512.h", "scalellm/engine/csrc/vec256.h")
 
 
 def build_baseline(rev: str, folder: Path) -> Callable[..., None]:
     from scalellm.engine import cpu_kernels
 
-    files = []  # the kernel and, once it had one, its header, under a namespace of their own
-    for path in (SOURCE, HEADER):
+    files = []  # the kernel and, once it had them, its headers, under a namespace of their own
+    for path in (SOURCE, *HEADERS):
         shown = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True)
         if shown.returncode == 0:
             files.append(folder / Path(path).name)
@@ -57,12 +60,13 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=60)
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
 
     from scalellm.engine import cpu_kernels
-    from scalellm.engine.attention import _decode
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     assert cpu_kernels.available(), "the current kernel does not build here"
     with tempfile.TemporaryDirectory() as tmp:
         baseline = build_baseline(args.baseline_rev, Path(tmp))
@@ -74,20 +78,18 @@ def main() -> None:
         for batch in args.batch:
             case = make_case(batch, getattr(torch, dtype_name), args)
             out = torch.empty(case.q.shape, dtype=case.q.dtype)
-            call = (case.q, case.kv, case.tables, case.lens, case.scale)
+            layers = [case.cache[:, layer] for layer in range(args.layers)]  # the engine's strided views
             runs: dict[str, Callable[[], object]] = {
-                "gather+sdpa": functools.partial(
-                    _decode, case.q, case.kv[:, 0], case.kv[:, 1], case.tables, case.mask, case.scale
-                ),
-                f"baseline ({args.baseline_rev})": functools.partial(baseline, out, *call),
-                "current": functools.partial(current, out, *call),
+                "gather+sdpa": functools.partial(run_sdpa, case, layers),
+                f"baseline ({args.baseline_rev})": functools.partial(run_kernel, baseline, out, case, layers),
+                "current": functools.partial(run_kernel, current, out, case, layers),
             }
             times: dict[str, list[float]] = {name: [] for name in runs}
             for _ in range(args.repeats):
                 for name, fn in runs.items():
                     start = time.perf_counter()
                     fn()
-                    times[name].append((time.perf_counter() - start) * 1e3)
+                    times[name].append((time.perf_counter() - start) * 1e3 / args.layers)
             cells = ", ".join(
                 f"{name} {min(t):.3f} / {statistics.median(t):.3f}" for name, t in times.items()
             )
@@ -97,26 +99,40 @@ def main() -> None:
 @dataclass(frozen=True)
 class Case:
     q: torch.Tensor
-    kv: torch.Tensor
+    cache: torch.Tensor
     tables: torch.Tensor
     lens: torch.Tensor
     mask: torch.Tensor
     scale: float
 
 
+def run_sdpa(case: Case, layers: list[torch.Tensor]) -> None:
+    from scalellm.engine.attention import _decode
+
+    for kv in layers:
+        _decode(case.q, kv[:, 0], kv[:, 1], case.tables, case.mask, case.scale)
+
+
+def run_kernel(
+    kernel: Callable[..., None], out: torch.Tensor, case: Case, layers: list[torch.Tensor]
+) -> None:
+    for kv in layers:
+        kernel(out, case.q, kv, case.tables, case.lens, case.scale)
+
+
 def make_case(batch: int, dtype: torch.dtype, args: argparse.Namespace) -> Case:
-    """batch decodes of about --context tokens in scattered blocks of a 3-layer block-major cache;
-    layer 1 is attended, through the strided view the engine passes."""
+    """batch decodes of about --context tokens in scattered blocks of a --layers block-major cache
+    [blocks, layers, 2, block_size, Hkv, D]."""
     hq, hkv = args.heads
     bs = 16
     nblocks = -(-args.context // bs)
     gen = torch.Generator().manual_seed(batch)
-    cache = torch.randn(batch * nblocks, 3, 2, bs, hkv, args.head_dim, generator=gen).to(dtype)
+    cache = torch.randn(batch * nblocks, args.layers, 2, bs, hkv, args.head_dim, generator=gen).to(dtype)
     tables = torch.randperm(batch * nblocks, generator=gen).view(batch, nblocks)
     lens = args.context - torch.randint(0, 16, (batch,), generator=gen)
     q = torch.randn(batch, hq + 2 * hkv, args.head_dim, generator=gen).to(dtype)[:, :hq]
     mask = (torch.arange(nblocks * bs).unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]
-    return Case(q, cache[:, 1], tables, lens, mask, args.head_dim**-0.5)
+    return Case(q, cache, tables, lens, mask, args.head_dim**-0.5)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,37 @@ def test_paged_decode_kernel_on_long_contexts(
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("head_dim", "heads", "kv_heads"), [(64, 9, 3), (128, 10, 2)])
+def test_paged_decode_work_items_give_the_same_bits(
+    dtype: torch.dtype, head_dim: int, heads: int, kv_heads: int
+) -> None:
+    """With at least 4 requests per thread the AVX-512 kernel takes a request per work item, else a
+    (request, K/V head): 8 requests on 1 thread and on 8 threads take one layout each, and agree
+    bit for bit (the same sums in the same order), and with gather + SDPA."""
+    gen = torch.Generator().manual_seed(3)
+    cache = torch.randn(8 * 13, 2, 2, 16, kv_heads, head_dim, generator=gen).to(dtype)
+    kv = cache[:, 1]
+    context = torch.tensor([203, 17, 160, 1, 16, 33, 190, 64])
+    tables = torch.randperm(8 * 13, generator=gen).view(8, 13)
+    q = torch.randn(8, heads, head_dim, generator=gen).to(dtype)
+    outs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 8):
+            torch.set_num_threads(n)
+            outs.append(torch.empty_like(q))
+            torch.ops.scalellm_cpu.paged_decode(outs[-1], q, kv, tables, context, head_dim**-0.5)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+    mask = (torch.arange(13 * 16).unsqueeze(0) < context.unsqueeze(1))[:, None, None, :]
+    expected = _decode(q, kv[:, 0], kv[:, 1], tables, mask, head_dim**-0.5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(outs[0], expected, atol=tol, rtol=tol)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("width", [576, 40])  # SmolLM2's hidden size; one off the 16-lane vectors
 def test_fused_ops_equal_torch_ops(dtype: torch.dtype, width: int) -> None:
     gen = torch.Generator().manual_seed(width)

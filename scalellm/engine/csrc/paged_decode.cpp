@@ -14,9 +14,12 @@
 // with D/16 registers per K/V row: a row is loaded (and widened from bfloat16) once, dotted with
 // all G query heads, and the softmax's exp runs 16 lanes at a time. Scores of 16 tokens are summed
 // across lanes together (reduce16) and the next block is prefetched (~34 -> ~28 ms for 30 layers
-// of 64 decodes of 100-200 tokens in bfloat16 on a 2-core Xeon; docs/benchmarks.md). Elsewhere the scalar loops
-// of decode_kernel (which the compiler vectorizes as it can; with AVX2 the softmax's exp runs 8
-// lanes at a time, vec256.h).
+// of 64 decodes of 100-200 tokens in bfloat16 on a 2-core Xeon; docs/benchmarks.md). With enough
+// requests for every thread, decode_request_avx512 takes a whole request per work item instead and
+// reads each block's K (then V) rows of all heads in one sweep: the same arithmetic in the same
+// order, so the same bits, with less memory stall (the kernel is bound by memory at 64 decodes).
+// Elsewhere the scalar loops of decode_kernel (which the compiler vectorizes as it can; with AVX2
+// the softmax's exp runs 8 lanes at a time, vec256.h).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
@@ -189,6 +192,23 @@ inline __m512 dot_row(const __m512* q, const T* row) {
   return acc;
 }
 
+// One query head, ready to score 16 K rows at a time: scores16 returns q . row_j for j < m (0
+// beyond), the rows `stride` elements apart. float32 arithmetic: q * scale once, then one
+// accumulator per row, lane by lane (dot_row), their lanes summed together by reduce16 (16
+// horizontal sums cost more than the products).
+template <typename T, int64_t NV>
+struct QueryHead {
+  __m512 q[NV];
+  QueryHead(const T* src, float scale) {
+    for (int64_t v = 0; v < NV; ++v) q[v] = _mm512_mul_ps(load16(src + 16 * v), _mm512_set1_ps(scale));
+  }
+  __m512 scores16(const T* rows, int64_t stride, int64_t m) const {
+    __m512 acc[16];
+    for (int64_t j = 0; j < 16; ++j) acc[j] = j < m ? dot_row<T, NV>(q, rows + j * stride) : _mm512_setzero_ps();
+    return reduce16(acc);
+  }
+};
+
 // Into L1: `rows` rows of `bytes` bytes each, `stride` elements apart.
 template <typename T>
 inline void prefetch_rows(const T* first, int64_t rows, int64_t stride, int64_t bytes) {
@@ -197,24 +217,43 @@ inline void prefetch_rows(const T* first, int64_t rows, int64_t stride, int64_t 
       _mm_prefetch(reinterpret_cast<const char*>(first + j * stride) + b, _MM_HINT_T0);
 }
 
+// s[t] = e^(s[t] - max s) for t < len, in place; returns 1 / their sum.
+inline float softmax_numerators(float* s, int64_t len) {
+  __m512 peak = _mm512_set1_ps(-INFINITY);
+  for (int64_t t = 0; t < len; t += 16) {
+    const __mmask16 m = len - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - t)) - 1);
+    peak = _mm512_max_ps(peak, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), m, s + t));
+  }
+  const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(peak));
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t t = 0; t < len; t += 16) {
+    const __mmask16 m = len - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - t)) - 1);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + t), top));
+    _mm512_mask_storeu_ps(s + t, m, e);
+    total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));
+  }
+  return 1.f / _mm512_reduce_add_ps(total);
+}
+
 // G query heads at a time keep their accumulators in registers (G * NV <= 16 of 32 zmm).
 template <int64_t NV>
 constexpr int64_t kGroupChunk = NV <= 4 ? 4 : 2;
 
+// Requests per thread from which a work item is a whole request (decode_avx512).
+constexpr int64_t kRequestsPerThread = 4;
+
 template <typename T, int64_t NV>
 void decode_item_avx512(const Item& it, const T* q, int64_t qs_h, T* out, int64_t os_h, int64_t groups,
-                        int64_t block_size, float scale, float* qf, float* scores) {
+                        int64_t block_size, float scale, float* scores) {
   constexpr int64_t D = 16 * NV;
   const T* kbase = static_cast<const T*>(it.k);
   const T* vbase = static_cast<const T*>(it.v);
   const int64_t len = it.len;
-  for (int64_t g = 0; g < groups; ++g)
-    for (int64_t v = 0; v < NV; ++v)
-      _mm512_storeu_ps(qf + g * D + 16 * v, _mm512_mul_ps(load16(q + g * qs_h + 16 * v), _mm512_set1_ps(scale)));
+  std::vector<QueryHead<T, NV>> heads;
+  for (int64_t g = 0; g < groups; ++g) heads.emplace_back(q + g * qs_h, scale);
 
-  // scores[g, t] = q_g . k_t, 16 tokens at a time: one accumulator per token, their lanes summed
-  // together by reduce16 (a horizontal sum per token and head cost more than the products).
-  // Blocks are scattered, so the next block's K and V rows of this head are prefetched first.
+  // scores[g, t] = q_g . k_t, 16 tokens at a time. Blocks are scattered, so the next block's K
+  // and V rows of this head are prefetched first.
   for (int64_t first = 0; first < len; first += block_size) {
     const int64_t index = first / block_size, n = std::min(block_size, len - first);
     if (first + block_size < len) {
@@ -224,42 +263,13 @@ void decode_item_avx512(const Item& it, const T* q, int64_t qs_h, T* out, int64_
     const T* block = kbase + it.table[index] * it.s_blk;
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
       const int64_t m = std::min<int64_t>(16, n - j0);
-      for (int64_t g = 0; g < groups; ++g) {
-        __m512 q[NV];
-        for (int64_t v = 0; v < NV; ++v) q[v] = _mm512_loadu_ps(qf + g * D + 16 * v);
-        float* out = scores + g * len + first + j0;
-        if (m == 16) {  // a full block: straight-line code, the 16 accumulators stay in registers
-          __m512 acc[16];
-          for (int64_t j = 0; j < 16; ++j) acc[j] = dot_row<T, NV>(q, block + (j0 + j) * it.s_tok);
-          _mm512_storeu_ps(out, reduce16(acc));
-        } else {
-          __m512 acc[16];
-          for (int64_t j = 0; j < 16; ++j)
-            acc[j] = j < m ? dot_row<T, NV>(q, block + (j0 + j) * it.s_tok) : _mm512_setzero_ps();
-          _mm512_mask_storeu_ps(out, __mmask16((1u << m) - 1), reduce16(acc));
-        }
-      }
+      for (int64_t g = 0; g < groups; ++g)
+        _mm512_mask_storeu_ps(scores + g * len + first + j0, __mmask16(m == 16 ? 0xFFFF : (1u << m) - 1),
+                              heads[g].scores16(block + j0 * it.s_tok, it.s_tok, m));
     }
   }
-  // softmax numerators and 1 / denominator per head
   std::vector<float> inv(groups);
-  for (int64_t g = 0; g < groups; ++g) {
-    float* s = scores + g * len;
-    __m512 peak = _mm512_set1_ps(-INFINITY);
-    for (int64_t t = 0; t < len; t += 16) {
-      const __mmask16 m = len - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - t)) - 1);
-      peak = _mm512_max_ps(peak, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), m, s + t));
-    }
-    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(peak));
-    __m512 total = _mm512_setzero_ps();
-    for (int64_t t = 0; t < len; t += 16) {
-      const __mmask16 m = len - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - t)) - 1);
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + t), top));
-      _mm512_mask_storeu_ps(s + t, m, e);
-      total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));
-    }
-    inv[g] = 1.f / _mm512_reduce_add_ps(total);
-  }
+  for (int64_t g = 0; g < groups; ++g) inv[g] = softmax_numerators(scores + g * len, len);
   // out_g = sum_t p[g, t] v_t, G heads at a time with their accumulators in registers
   constexpr int64_t GC = kGroupChunk<NV>;
   for (int64_t g0 = 0; g0 < groups; g0 += GC) {
@@ -285,6 +295,85 @@ void decode_item_avx512(const Item& it, const T* q, int64_t qs_h, T* out, int64_
   }
 }
 
+// Every K/V head of one request, block by block: a block's K rows of all heads ([bs, Hkv, D],
+// contiguous) are scored in one sweep, where decode_item_avx512 reads one head's slice of each row
+// and comes back for the next head's later. The next block's K and V lines are prefetched a share
+// per query head, between the heads' scores, not in one burst that fills the line-fill buffers.
+// Same arithmetic in the same order per (head, query head, lane) as decode_item_avx512: the same
+// bits. bench/decode_kernel.py, 30 layers, 64 decodes of ~185 tokens, bfloat16, 2 threads on the
+// 2-core Xeon: 0.79-0.83 ms a layer against 0.88-0.96 per (request, head).
+template <typename T, int64_t NV>
+void decode_request_avx512(const Item& it, int64_t num_kv_heads, const T* q, int64_t qs_h, T* out, int64_t os_h,
+                           int64_t groups, int64_t block_size, float scale, float* scores, float* acc_buf) {
+  constexpr int64_t D = 16 * NV;
+  const T* kbase = static_cast<const T*>(it.k);
+  const T* vbase = static_cast<const T*>(it.v);
+  const int64_t len = it.len, num_heads = num_kv_heads * groups, s_head = D;  // [bs, Hkv, D] per block
+  std::vector<QueryHead<T, NV>> heads;
+  for (int64_t g = 0; g < num_heads; ++g) heads.emplace_back(q + g * qs_h, scale);
+  const int64_t block_bytes = block_size * num_kv_heads * D * static_cast<int64_t>(sizeof(T));
+  // scores[(h * G + g), t], 16 tokens at a time, as decode_item_avx512 computes them
+  const int64_t lines = block_bytes / 64, per_head = (lines + num_heads - 1) / num_heads;
+  for (int64_t first = 0; first < len; first += block_size) {
+    const int64_t index = first / block_size, n = std::min(block_size, len - first);
+    const bool fetch = first + block_size < len;
+    const char* knext = fetch ? reinterpret_cast<const char*>(kbase + it.table[index + 1] * it.s_blk) : nullptr;
+    const char* vnext = fetch ? reinterpret_cast<const char*>(vbase + it.table[index + 1] * it.s_blk) : nullptr;
+    const T* block = kbase + it.table[index] * it.s_blk;
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+      const int64_t m = std::min<int64_t>(16, n - j0);
+      for (int64_t g = 0; g < num_heads; ++g) {
+        _mm512_mask_storeu_ps(scores + g * len + first + j0, __mmask16(m == 16 ? 0xFFFF : (1u << m) - 1),
+                              heads[g].scores16(block + (g / groups) * s_head + j0 * it.s_tok, it.s_tok, m));
+        if (fetch && j0 == 0)
+          for (int64_t l = g * per_head; l < std::min(lines, (g + 1) * per_head); ++l) {
+            _mm_prefetch(knext + 64 * l, _MM_HINT_T0);
+            _mm_prefetch(vnext + 64 * l, _MM_HINT_T0);
+          }
+      }
+    }
+  }
+  std::vector<float> inv(num_heads);
+  for (int64_t g = 0; g < num_heads; ++g) inv[g] = softmax_numerators(scores + g * len, len);
+  // out_g = sum_t p[g, t] v_t: per block and K/V head, that head's query heads' accumulators are
+  // brought into registers, run over the block's rows, and put back (acc_buf [Hq, D], float32)
+  constexpr int64_t GC = kGroupChunk<NV>;
+  std::fill(acc_buf, acc_buf + num_heads * D, 0.f);
+  for (int64_t first = 0; first < len; first += block_size) {
+    const int64_t index = first / block_size, n = std::min(block_size, len - first);
+    const T* block = vbase + it.table[index] * it.s_blk;
+    for (int64_t h = 0; h < num_kv_heads; ++h) {
+      for (int64_t g0 = h * groups; g0 < (h + 1) * groups; g0 += GC) {
+        const int64_t gn = std::min(GC, (h + 1) * groups - g0);
+        __m512 acc[GC][NV];
+        for (int64_t g = 0; g < gn; ++g)
+          for (int64_t v = 0; v < NV; ++v) acc[g][v] = _mm512_loadu_ps(acc_buf + (g0 + g) * D + 16 * v);
+        for (int64_t j = 0; j < n; ++j) {
+          const T* row = block + j * it.s_tok + h * s_head;
+          __m512 val[NV];
+          for (int64_t v = 0; v < NV; ++v) val[v] = load16(row + 16 * v);
+          for (int64_t g = 0; g < gn; ++g) {
+            const __m512 p = _mm512_set1_ps(scores[(g0 + g) * len + first + j]);
+            for (int64_t v = 0; v < NV; ++v) acc[g][v] = _mm512_fmadd_ps(p, val[v], acc[g][v]);
+          }
+        }
+        for (int64_t g = 0; g < gn; ++g)
+          for (int64_t v = 0; v < NV; ++v) _mm512_storeu_ps(acc_buf + (g0 + g) * D + 16 * v, acc[g][v]);
+      }
+    }
+  }
+  for (int64_t g = 0; g < num_heads; ++g) {
+    float row[D];
+    for (int64_t v = 0; v < NV; ++v)
+      _mm512_storeu_ps(row + 16 * v, _mm512_mul_ps(_mm512_loadu_ps(acc_buf + g * D + 16 * v), _mm512_set1_ps(inv[g])));
+    T* dst = out + g * os_h;
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(row[d]);
+  }
+}
+
+// Work items: one per request where there are enough of them to keep every thread busy (a
+// block's heads read together, decode_request_avx512), else one per (request, K/V head) so that a
+// lone long request still spreads over the threads. Both compute the same bits.
 template <typename T, int64_t NV>
 void decode_avx512(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv,
                    const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
@@ -296,8 +385,23 @@ void decode_avx512(const at::Tensor& out, const at::Tensor& q, const at::Tensor&
   T* out_ptr = out.data_ptr<T>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
+  const bool per_request = kv.stride(3) == 16 * NV && kv.stride(2) == num_kv_heads * 16 * NV &&
+                           batch >= kRequestsPerThread * at::get_num_threads();
+  if (per_request) {
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> acc(num_heads * 16 * NV), scores;
+      for (int64_t b = begin; b < end; ++b) {
+        const Item it{tables + b * max_blocks, lens[b], kv_ptr, kv_ptr + kv.stride(1), kv.stride(0), kv.stride(2)};
+        scores.resize(num_heads * it.len);
+        decode_request_avx512<T, NV>(it, num_kv_heads, q_ptr + b * q.stride(0), q.stride(1), out_ptr + b * out.stride(0),
+                                     out.stride(1), groups, block_size, static_cast<float>(scale), scores.data(),
+                                     acc.data());
+      }
+    });
+    return;
+  }
   at::parallel_for(0, batch * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(groups * 16 * NV), scores;
+    std::vector<float> scores;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / num_kv_heads, h = item % num_kv_heads;
       const T* head = kv_ptr + h * kv.stride(3);
@@ -305,7 +409,7 @@ void decode_avx512(const at::Tensor& out, const at::Tensor& q, const at::Tensor&
       scores.resize(groups * it.len);
       decode_item_avx512<T, NV>(it, q_ptr + b * q.stride(0) + h * groups * q.stride(1), q.stride(1),
                                 out_ptr + b * out.stride(0) + h * groups * out.stride(1), out.stride(1),
-                                groups, block_size, static_cast<float>(scale), qf.data(), scores.data());
+                                groups, block_size, static_cast<float>(scale), scores.data());
     }
   });
 }
