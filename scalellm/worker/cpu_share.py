@@ -14,23 +14,32 @@ has requests and, before each step, takes an even share of the cores among the b
     worker 1 busy, worker 2 idle   ->  worker 1 takes 2 threads
 
 A worker that dies with its byte set only makes the others use fewer threads until it is
-restarted on the same slot and clears it.
+restarted on the same slot and clears it. The file's name carries the launcher's pid, so a
+launcher that was killed before it could remove its file has it removed by the next one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import tempfile
 from pathlib import Path
 
+PREFIX = "scalellm-cpu-share-"
 
-def create(slots: int) -> Path:
-    """A new share file for ``slots`` workers, all idle; the caller removes it (``remove``)."""
+
+def create(slots: int, folder: Path | None = None) -> Path:
+    """A new share file for ``slots`` workers, all idle; the caller removes it (``remove``).
+
+    In ``folder`` (default /dev/shm, else the temporary folder), after removing the files there
+    whose launcher is gone."""
     if slots < 1:
         raise ValueError("a CPU share needs at least one slot")
-    shm = "/dev/shm"
-    fd, name = tempfile.mkstemp(prefix="scalellm-cpu-share-", dir=shm if os.path.isdir(shm) else None)
+    if folder is None:
+        folder = Path("/dev/shm") if os.path.isdir("/dev/shm") else Path(tempfile.gettempdir())
+    remove_orphans(folder)
+    fd, name = tempfile.mkstemp(prefix=f"{PREFIX}{os.getpid()}-", dir=folder)
     try:
         os.write(fd, bytes(slots))
     finally:
@@ -40,6 +49,25 @@ def create(slots: int) -> Path:
 
 def remove(path: Path) -> None:
     path.unlink(missing_ok=True)
+
+
+def remove_orphans(folder: Path) -> None:
+    """Remove the share files in ``folder`` whose creator (the pid in the name) no longer runs."""
+    for path in folder.glob(f"{PREFIX}*"):
+        pid = path.name[len(PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            with contextlib.suppress(OSError):  # another launcher removed it first
+                path.unlink()
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def machine_cores() -> int:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,6 +57,22 @@ def test_a_slot_outside_the_file_or_an_empty_share_is_refused(share_file: Path) 
         CpuShare(share_file, 3)
     with pytest.raises(ValueError, match="at least one slot"):
         cpu_share.create(0)
+
+
+def test_a_killed_launchers_file_is_removed_by_the_next_one(tmp_path: Path) -> None:
+    """A launcher killed with SIGKILL cannot remove its share file; the next one to create a
+    share there removes every file whose launcher (the pid in its name) no longer runs."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    orphan = tmp_path / f"{cpu_share.PREFIX}{gone.pid}-abc"
+    orphan.write_bytes(bytes(2))
+    alive = tmp_path / f"{cpu_share.PREFIX}{os.getppid()}-def"  # the process that ran pytest
+    alive.write_bytes(bytes(2))
+    other = tmp_path / "not-a-share"
+    other.write_bytes(b"x")
+    made = cpu_share.create(2, tmp_path)
+    assert made.name.startswith(f"{cpu_share.PREFIX}{os.getpid()}-") and made.read_bytes() == bytes(2)
+    assert not orphan.exists() and alive.exists() and other.exists()
 
 
 def _up(*argv: str) -> UpConfig:
