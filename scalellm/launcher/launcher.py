@@ -136,10 +136,9 @@ class Launcher:
         kvstore = self._wait_ready(self._start(plan.kvstore_spec(redis_url))).address
         run_id = uuid.uuid4().hex[:6]
         share = self._cpu_share = cpu_share.create(c.ranks) if c.shares_cpus else None
-        workers = [self._start(s) for s in plan.worker_specs(c, model_dir, kvstore, run_id, cpu_share=share)]
-        self._spawn = lambda tier, n: self._start(
-            plan.worker_spec(c, model_dir, kvstore, run_id, tier, n, cpu_share=share)
-        )
+        run = plan.WorkerRun(c, kvstore, run_id, share)
+        workers = [self._start(s) for s in plan.worker_specs(run, model_dir)]
+        self._spawn = lambda tier, n: self._start(plan.worker_spec(run, model_dir, tier, n))
         gateway = self._start(plan.gateway_spec(c, model_dir, kvstore))
         for child in (*workers, gateway):
             self._wait_ready(child)

@@ -98,42 +98,48 @@ def kvstore_spec(redis_url: str, port: Callable[[], int] = free_port) -> ChildSp
     )  # fmt: skip
 
 
-def worker_specs(
-    config: UpConfig, model_dir: Path, kvstore: str, run_id: str, port: Callable[[], int] = free_port,
-    cpu_share: Path | None = None,
-) -> list[ChildSpec]:  # fmt: skip
-    """Prefill workers first, then decode (or colocated) workers, each with its share of cores.
-    Worker ids are `<name>-<run_id>` (e.g. decode-2-1a2b3c), unique per launcher run.
-    ``cpu_share``: the file (worker/cpu_share.py, one slot per worker slot) through which the
-    workers lend each other cores, when config.shares_cpus."""
+@dataclass(frozen=True)
+class WorkerRun:
+    """What every worker of one `scalellm up` run shares."""
+
+    config: UpConfig
+    kvstore: str
+    """The kvstore's address."""
+    run_id: str
+    """Unique per launcher run; the tail of each worker's id (e.g. decode-2-1a2b3c)."""
+    cpu_share: Path | None = None
+    """The file (worker/cpu_share.py, one slot per worker slot) through which the workers lend
+    each other cores, when config.shares_cpus."""
+    port: Callable[[], int] = free_port
+    """Picks a free port (tests pass a counter)."""
+
+
+def worker_specs(run: WorkerRun, model_dir: Path) -> list[ChildSpec]:
+    """Prefill workers first, then decode (or colocated) workers, each with its share of cores;
+    then each extra model's tiers (NAME-prefill-N, NAME-decode-N)."""
+    config = run.config
     tiers = [("prefill", n) for n in range(1, config.prefill + 1)]
     tiers += [("decode", n) for n in range(1, config.decode + 1)]
-    specs = [
-        worker_spec(config, model_dir, kvstore, run_id, tier, n, port, cpu_share=cpu_share)
-        for tier, n in tiers
-    ]
+    specs = [worker_spec(run, model_dir, tier, n) for tier, n in tiers]
     slot = config.max_prefill_workers + config.max_decode_workers
-    for model in config.extra_models:  # NAME-prefill-N, NAME-decode-N: each model's own tiers
+    for model in config.extra_models:
         for tier, count in (("prefill", model.prefill), ("decode", model.decode)):
             for n in range(1, count + 1):
-                spec = worker_spec(
-                    config, Path(model.path), kvstore, run_id, tier, n, port, model.name, slot, cpu_share
-                )
-                specs.append(spec)
+                specs.append(worker_spec(run, Path(model.path), tier, n, model.name, slot))
                 slot += 1
     return specs
 
 
 def worker_spec(
-    config: UpConfig, model_dir: Path, kvstore: str, run_id: str, tier: str, number: int,
-    port: Callable[[], int] = free_port, model_name: str | None = None, gpu_slot: int | None = None,
-    cpu_share: Path | None = None,
+    run: WorkerRun, model_dir: Path, tier: str, number: int, model_name: str | None = None,
+    gpu_slot: int | None = None,
 ) -> ChildSpec:  # fmt: skip
     """Worker `<tier>-<number>` (tier: prefill or decode) of the first model, or
     `<model_name>-<tier>-<number>` of another one (registered under model_name). GPUs go
     round-robin over the slots of the largest mesh: prefill workers first, then decode workers
     (`scalellm up --autoscale` adds and removes workers by number, and each number keeps its
     GPU), then the other models' workers (gpu_slot)."""
+    config = run.config
     threads = str(config.worker_threads())
     module, role_name = (
         ("services.prefill", "prefill") if tier == "prefill" else ("services.decode", "decode")
@@ -141,11 +147,11 @@ def worker_spec(
     if tier == "decode" and config.colocated:
         role_name = "both"
     name = f"{model_name}-{tier}-{number}" if model_name else f"{tier}-{number}"
-    metrics_port = port()
+    metrics_port = run.port()
     argv = [
-        "--role", role_name, "--model", str(model_dir), "--worker-id", f"{name}-{run_id}",
+        "--role", role_name, "--model", str(model_dir), "--worker-id", f"{name}-{run.run_id}",
         "--listen", f"{LOOPBACK}:0", "--advertise-host", LOOPBACK, "--transfer-listen", f"{LOOPBACK}:0",
-        "--kvstore", kvstore, "--metrics-port", str(metrics_port), "--num-threads", threads,
+        "--kvstore", run.kvstore, "--metrics-port", str(metrics_port), "--num-threads", threads,
         "--device", config.device, "--dtype", config.dtype, "--drain-timeout", str(config.drain_timeout_s),
         "--quantization", config.quantization, "--kv-cache-dtype", config.kv_cache_dtype,
     ]  # fmt: skip
@@ -158,8 +164,8 @@ def worker_spec(
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     slot = number - 1 if tier == "prefill" else config.max_prefill_workers + number - 1
     slot = slot if gpu_slot is None else gpu_slot
-    if cpu_share is not None:
-        argv += ["--cpu-share-file", str(cpu_share), "--cpu-share-slot", str(slot)]
+    if run.cpu_share is not None:
+        argv += ["--cpu-share-file", str(run.cpu_share), "--cpu-share-slot", str(slot)]
     if config.gpus:
         env["CUDA_VISIBLE_DEVICES"] = config.gpus[slot % len(config.gpus)]
     metrics = f"http://{LOOPBACK}:{metrics_port}/metrics"

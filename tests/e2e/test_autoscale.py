@@ -18,7 +18,7 @@ import pytest
 from grpc_reflection.v1alpha import reflection_pb2_grpc
 
 from scalellm.launcher.config import UpConfig
-from scalellm.launcher.plan import planner_spec, worker_spec
+from scalellm.launcher.plan import WorkerRun, planner_spec, worker_spec
 from scalellm.launcher.probes import http_health
 from tests.e2e.test_up import (
     Up,
@@ -154,7 +154,7 @@ def test_the_planner_child_plans_this_mesh_within_its_limits() -> None:
     gpus = UpConfig(
         prefill=1, decode=1, autoscale=True, max_prefill=2, max_decode=2, gpus=("0", "1", "2", "3")
     )
-    spec = worker_spec(gpus, Path("/m"), "127.0.0.1:9", "r", "decode", 2, port=lambda: 1)
+    spec = worker_spec(WorkerRun(gpus, "127.0.0.1:9", "r", port=lambda: 1), Path("/m"), "decode", 2)
     assert spec.env["CUDA_VISIBLE_DEVICES"] == "3" and spec.restart
 
 

@@ -22,7 +22,7 @@ import grpc
 import pytest
 
 from scalellm.launcher.config import UpConfig
-from scalellm.launcher.plan import Secrets, gateway_spec, kvstore_spec, redis_spec, worker_specs
+from scalellm.launcher.plan import Secrets, WorkerRun, gateway_spec, kvstore_spec, redis_spec, worker_specs
 from scalellm.v1 import worker_pb2, worker_pb2_grpc
 from tests.procs import ROOT
 from tests.sockets import is_loopback, listening
@@ -43,7 +43,7 @@ def test_plan_uses_each_service_entry_point_and_divides_cores() -> None:
         prefill=2, decode=2, num_kv_blocks=64, worker_args=("--max-num-seqs=8",), gateway_args=("--max-n=2",)
     )
     ports = _ports()
-    specs = worker_specs(config, Path("/m"), "127.0.0.1:1", "r1", port=lambda: next(ports))
+    specs = worker_specs(WorkerRun(config, "127.0.0.1:1", "r1", port=lambda: next(ports)), Path("/m"))
     assert [s.name for s in specs] == ["prefill-1", "prefill-2", "decode-1", "decode-2"]
     threads = str(max(1, len(os.sched_getaffinity(0)) // 4))
     for spec in specs:
@@ -75,7 +75,7 @@ def test_the_mesh_token_is_generated_unless_given() -> None:
 
 def test_colocated_runs_workers_with_role_both_and_no_prefill() -> None:
     config = UpConfig(prefill=0, decode=3, colocated=True, threads_per_worker=2, gpus=("0", "1"))
-    specs = worker_specs(config, Path("/m"), "127.0.0.1:1", "r1")
+    specs = worker_specs(WorkerRun(config, "127.0.0.1:1", "r1"), Path("/m"))
     assert [s.argv[s.argv.index("--role") + 1] for s in specs] == ["both"] * 3
     assert [s.env["CUDA_VISIBLE_DEVICES"] for s in specs] == ["0", "1", "0"]
     assert UpConfig(prefill=1, decode=4).worker_threads(cores=16) == 3
@@ -83,14 +83,17 @@ def test_colocated_runs_workers_with_role_both_and_no_prefill() -> None:
 
 def test_tensor_parallel_workers_get_the_flag_and_a_share_of_cores_per_rank() -> None:
     config = UpConfig(prefill=0, decode=2, colocated=True, tensor_parallel_size=2)
-    specs = worker_specs(config, Path("/m"), "127.0.0.1:1", "r1")
+    specs = worker_specs(WorkerRun(config, "127.0.0.1:1", "r1"), Path("/m"))
     assert all(s.argv[s.argv.index("--tensor-parallel-size") + 1] == "2" for s in specs)
     assert config.worker_threads(cores=16) == 4  # 2 workers x 2 ranks
-    assert "--tensor-parallel-size" not in worker_specs(UpConfig(), Path("/m"), "127.0.0.1:1", "r1")[0].argv
+    assert (
+        "--tensor-parallel-size"
+        not in worker_specs(WorkerRun(UpConfig(), "127.0.0.1:1", "r1"), Path("/m"))[0].argv
+    )
 
 
 def _tp_by_worker(config: UpConfig) -> dict[str, str]:
-    specs = worker_specs(config, Path("/m"), "127.0.0.1:1", "r1")
+    specs = worker_specs(WorkerRun(config, "127.0.0.1:1", "r1"), Path("/m"))
     return {
         s.name: dict(zip(s.argv, s.argv[1:], strict=False)).get("--tensor-parallel-size", "1") for s in specs
     }
@@ -107,7 +110,7 @@ def test_each_disaggregated_tier_takes_its_own_tensor_parallel_size() -> None:
     assert split.worker_threads(cores=16) == 4  # 2 x 1 + 1 x 2 ranks
     mixed = UpConfig(prefill=1, decode=1, tensor_parallel_size=4, decode_tp=2)
     assert _tp_by_worker(mixed) == {"prefill-1": "4", "decode-1": "2"}
-    ep = worker_specs(UpConfig(decode_tp=2, expert_parallel=True), Path("/m"), "127.0.0.1:1", "r1")
+    ep = worker_specs(WorkerRun(UpConfig(decode_tp=2, expert_parallel=True), "127.0.0.1:1", "r1"), Path("/m"))
     assert ["--expert-parallel" in s.argv for s in ep] == [False, True]  # only where there are ranks
 
 

@@ -16,7 +16,7 @@ import torch
 
 from scalellm.cli import build_parser
 from scalellm.launcher.config import UpConfig
-from scalellm.launcher.plan import worker_specs
+from scalellm.launcher.plan import WorkerRun, worker_specs
 from scalellm.registry import WorkerRole
 from scalellm.worker import cpu_share
 from scalellm.worker.config import WorkerConfig, parse_worker_args
@@ -102,9 +102,7 @@ def test_up_shares_cores_only_between_single_rank_cpu_workers_it_places(
 def test_each_worker_gets_the_file_and_a_slot_of_its_own() -> None:
     config = _up("--prefill", "1", "--decode", "2")
     ports = iter(range(46000, 47000))
-    specs = worker_specs(
-        config, Path("/m"), "127.0.0.1:1", "r1", port=lambda: next(ports), cpu_share=Path("/s")
-    )
+    specs = worker_specs(WorkerRun(config, "127.0.0.1:1", "r1", Path("/s"), lambda: next(ports)), Path("/m"))
     parsed = []
     for spec in specs:
         args = spec.argv[spec.argv.index("--role") :]
@@ -112,7 +110,7 @@ def test_each_worker_gets_the_file_and_a_slot_of_its_own() -> None:
         parsed.append(parse_worker_args(args, roles, environ={}))
     assert {c.cpu_share_file for c in parsed} == {"/s"}
     assert sorted(c.cpu_share_slot for c in parsed) == [0, 1, 2]
-    no_share = worker_specs(config, Path("/m"), "127.0.0.1:1", "r1", port=lambda: next(ports))
+    no_share = worker_specs(WorkerRun(config, "127.0.0.1:1", "r1", port=lambda: next(ports)), Path("/m"))
     assert not any("--cpu-share-file" in s.argv for s in no_share)
 
 

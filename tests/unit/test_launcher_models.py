@@ -11,7 +11,7 @@ import pytest
 
 from scalellm.cli import build_parser
 from scalellm.launcher.config import ModelTiers, UpConfig
-from scalellm.launcher.plan import gateway_spec, worker_specs
+from scalellm.launcher.plan import WorkerRun, gateway_spec, worker_specs
 from services.gateway.config import GatewayConfig
 
 
@@ -46,7 +46,7 @@ def test_each_model_gets_its_own_tiers_and_the_gateway_serves_them_all() -> None
     )
     assert (config.all_prefill, config.all_decode, config.workers) == (4, 7, 11)
     ports = _ports()
-    specs = worker_specs(config, Path("/ma"), "127.0.0.1:1", "r1", port=lambda: next(ports))
+    specs = worker_specs(WorkerRun(config, "127.0.0.1:1", "r1", port=lambda: next(ports)), Path("/ma"))
     names = [s.name for s in specs]
     assert names == [
         "prefill-1", "decode-1", "decode-2", "b-prefill-1", "b-decode-1", "b-decode-2", "b-decode-3",

@@ -15,7 +15,7 @@ from scalellm.cli import build_parser
 from scalellm.launcher import placement
 from scalellm.launcher.child import Child
 from scalellm.launcher.config import UpConfig
-from scalellm.launcher.plan import ChildSpec, worker_specs
+from scalellm.launcher.plan import ChildSpec, WorkerRun, worker_specs
 
 
 def _up(*argv: str) -> UpConfig:
@@ -50,7 +50,9 @@ def test_nothing_is_pinned_without_the_flag() -> None:
 @pytest.mark.skipif(len(placement.available_cores()) < 2, reason="needs 2 cores to pin one")
 def test_worker_specs_carry_their_cores() -> None:
     config = _up("--colocated", "--decode", "1", "--threads-per-worker", "1", "--pin-cpus", "--device", "cpu")
-    (spec,) = worker_specs(config, Path(config.model or ""), "127.0.0.1:1", "run", port=_ports().__next__)
+    (spec,) = worker_specs(
+        WorkerRun(config, "127.0.0.1:1", "run", port=_ports().__next__), Path(config.model or "")
+    )
     assert spec.cpus == placement.available_cores()[:1]
 
 
