@@ -14,8 +14,9 @@ has requests and, before each step, takes an even share of the cores among the b
     worker 1 busy, worker 2 idle   ->  worker 1 takes 2 threads
 
 A worker that dies with its byte set only makes the others use fewer threads until it is
-restarted on the same slot and clears it. The file's name carries the launcher's pid, so a
-launcher that was killed before it could remove its file has it removed by the next one.
+restarted on the same slot and clears it. The file's name carries the launcher's pid (and its pid
+namespace: containers sharing /dev/shm number their processes apart), so a launcher that was
+killed before it could remove its file has it removed by the next one in the same namespace.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def create(slots: int, folder: Path | None = None) -> Path:
     if folder is None:
         folder = Path("/dev/shm") if os.path.isdir("/dev/shm") else Path(tempfile.gettempdir())
     remove_orphans(folder)
-    fd, name = tempfile.mkstemp(prefix=f"{PREFIX}{os.getpid()}-", dir=folder)
+    fd, name = tempfile.mkstemp(prefix=f"{PREFIX}{_pid_namespace()}.{os.getpid()}-", dir=folder)
     try:
         os.write(fd, bytes(slots))
     finally:
@@ -52,12 +53,21 @@ def remove(path: Path) -> None:
 
 
 def remove_orphans(folder: Path) -> None:
-    """Remove the share files in ``folder`` whose creator (the pid in the name) no longer runs."""
-    for path in folder.glob(f"{PREFIX}*"):
-        pid = path.name[len(PREFIX) :].split("-", 1)[0]
+    """Remove the share files in ``folder`` whose creator (the pid in the name, in this process's
+    pid namespace) no longer runs."""
+    for path in folder.glob(f"{PREFIX}{_pid_namespace()}.*"):
+        pid = path.name[len(PREFIX) :].split("-", 1)[0].split(".", 1)[1]
         if pid.isdigit() and not _running(int(pid)):
             with contextlib.suppress(OSError):  # another launcher removed it first
                 path.unlink()
+
+
+def _pid_namespace() -> int:
+    """This process's pid namespace (Linux: its inode), 0 where there is none to read."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
 
 
 def _running(pid: int) -> bool:

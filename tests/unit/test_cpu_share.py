@@ -61,18 +61,20 @@ def test_a_slot_outside_the_file_or_an_empty_share_is_refused(share_file: Path) 
 
 def test_a_killed_launchers_file_is_removed_by_the_next_one(tmp_path: Path) -> None:
     """A launcher killed with SIGKILL cannot remove its share file; the next one to create a
-    share there removes every file whose launcher (the pid in its name) no longer runs."""
+    share there removes every file whose launcher (the pid in its name) no longer runs, among
+    the files of its own pid namespace (another namespace's pids mean other processes)."""
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    orphan = tmp_path / f"{cpu_share.PREFIX}{gone.pid}-abc"
-    orphan.write_bytes(bytes(2))
-    alive = tmp_path / f"{cpu_share.PREFIX}{os.getppid()}-def"  # the process that ran pytest
-    alive.write_bytes(bytes(2))
+    ns = os.stat("/proc/self/ns/pid").st_ino if os.path.exists("/proc/self/ns/pid") else 0
+    orphan = tmp_path / f"{cpu_share.PREFIX}{ns}.{gone.pid}-abc"
+    alive = tmp_path / f"{cpu_share.PREFIX}{ns}.{os.getppid()}-def"  # the process that ran pytest
+    elsewhere = tmp_path / f"{cpu_share.PREFIX}{ns + 1}.{gone.pid}-ghi"
     other = tmp_path / "not-a-share"
-    other.write_bytes(b"x")
+    for path in (orphan, alive, elsewhere, other):
+        path.write_bytes(bytes(2))
     made = cpu_share.create(2, tmp_path)
-    assert made.name.startswith(f"{cpu_share.PREFIX}{os.getpid()}-") and made.read_bytes() == bytes(2)
-    assert not orphan.exists() and alive.exists() and other.exists()
+    assert made.name.startswith(f"{cpu_share.PREFIX}{ns}.{os.getpid()}-") and made.read_bytes() == bytes(2)
+    assert not orphan.exists() and alive.exists() and elsewhere.exists() and other.exists()
 
 
 def _up(*argv: str) -> UpConfig:
