@@ -10,14 +10,14 @@
 // The layer's cache is the strided view [num_blocks, 2, block_size, Hkv, D] of the engine's
 // block-major cache; only D must be contiguous. Arithmetic in float32 for float32 and bfloat16.
 //
-// Where the compiler targets AVX-512 and D is 64 or 128, decode_item_avx512 does one work item
+// Where the compiler targets AVX-512 and D is 64 or 128, decode_heads_avx512 does a work item
 // with D/16 registers per K/V row: a row is loaded (and widened from bfloat16) once, dotted with
 // all G query heads, and the softmax's exp runs 16 lanes at a time. Scores of 16 tokens are summed
 // across lanes together (reduce16) and the next block is prefetched (~34 -> ~28 ms for 30 layers
-// of 64 decodes of 100-200 tokens in bfloat16 on a 2-core Xeon; docs/benchmarks.md). With enough
-// requests for every thread, decode_request_avx512 takes a whole request per work item instead and
-// reads each block's K (then V) rows of all heads in one sweep: the same arithmetic in the same
-// order, so the same bits, with less memory stall (the kernel is bound by memory at 64 decodes).
+// of 64 decodes of 100-200 tokens in bfloat16 on a 2-core Xeon; docs/benchmarks.md). A work item
+// is a (request, K/V head), or a whole request once every thread has four: then a block's K (then
+// V) rows of all heads are read in one sweep, with less memory stall (the kernel is bound by
+// memory at 64 decodes); the same sums in the same order, so the same bits.
 // Elsewhere the scalar loops of decode_kernel (which the compiler vectorizes as it can; with AVX2
 // the softmax's exp runs 8 lanes at a time, vec256.h).
 #include <ATen/Parallel.h>
@@ -158,16 +158,6 @@ struct Item {
   int64_t s_blk, s_tok;  // strides in elements
 };
 
-// f(t, row) for each context token t in order, row = its K (or V) row of this head.
-template <typename T, typename F>
-inline void for_each_row(const Item& it, const T* base, int64_t block_size, F&& f) {
-  for (int64_t first = 0; first < it.len; first += block_size) {
-    const T* block = base + it.table[first / block_size] * it.s_blk;
-    const int64_t n = std::min(block_size, it.len - first);
-    for (int64_t j = 0; j < n; ++j) f(first + j, block + j * it.s_tok);
-  }
-}
-
 // r[i] = the sum of a[i]'s 16 lanes, for 16 vectors at once: a transpose and add in four rounds
 // (45 instructions where 16 horizontal sums take ~130).
 inline __m512 reduce16(const __m512* a) {
@@ -209,14 +199,6 @@ struct QueryHead {
   }
 };
 
-// Into L1: `rows` rows of `bytes` bytes each, `stride` elements apart.
-template <typename T>
-inline void prefetch_rows(const T* first, int64_t rows, int64_t stride, int64_t bytes) {
-  for (int64_t j = 0; j < rows; ++j)
-    for (int64_t b = 0; b < bytes; b += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(first + j * stride) + b, _MM_HINT_T0);
-}
-
 // s[t] = e^(s[t] - max s) for t < len, in place; returns 1 / their sum.
 inline float softmax_numerators(float* s, int64_t len) {
   __m512 peak = _mm512_set1_ps(-INFINITY);
@@ -242,106 +224,59 @@ constexpr int64_t kGroupChunk = NV <= 4 ? 4 : 2;
 // Requests per thread from which a work item is a whole request (decode_avx512).
 constexpr int64_t kRequestsPerThread = 4;
 
+// K/V heads h0 .. h0 + H - 1 of one request (it.k, it.v: head h0's rows; the H heads adjacent in
+// a row, D apart) and their H * G query heads, block by block:
+//
+//   scores[g, t] = q_g . k_t         16 tokens at a time (QueryHead::scores16), a block's K rows of
+//                                    the H heads in one sweep
+//   p[g, :]      = softmax(scores[g, :])
+//   out_g        = sum_t p[g, t] v_t  per block and head, that head's query heads' accumulators
+//                                    brought into registers (acc_buf [H * G, D] between blocks)
+//
+// A work item is one head (H = 1) or a whole request (H = Hkv, decode_avx512): the same sums in
+// the same order either way, so the same bits. The next block's K and V lines are prefetched a
+// share per query head, between the heads' scores, not in one burst that fills the line-fill
+// buffers. bench/decode_kernel.py, 30 layers, 64 decodes of ~185 tokens, bfloat16, 2 threads on
+// the 2-core Xeon: 0.79-0.85 ms a layer by request against 0.88-0.96 by (request, head).
 template <typename T, int64_t NV>
-void decode_item_avx512(const Item& it, const T* q, int64_t qs_h, T* out, int64_t os_h, int64_t groups,
-                        int64_t block_size, float scale, float* scores) {
+void decode_heads_avx512(const Item& it, int64_t num_kv_heads, const T* q, int64_t qs_h, T* out, int64_t os_h,
+                         int64_t groups, int64_t block_size, float scale, float* scores, float* acc_buf) {
   constexpr int64_t D = 16 * NV;
   const T* kbase = static_cast<const T*>(it.k);
   const T* vbase = static_cast<const T*>(it.v);
-  const int64_t len = it.len;
-  std::vector<QueryHead<T, NV>> heads;
-  for (int64_t g = 0; g < groups; ++g) heads.emplace_back(q + g * qs_h, scale);
-
-  // scores[g, t] = q_g . k_t, 16 tokens at a time. Blocks are scattered, so the next block's K
-  // and V rows of this head are prefetched first.
-  for (int64_t first = 0; first < len; first += block_size) {
-    const int64_t index = first / block_size, n = std::min(block_size, len - first);
-    if (first + block_size < len) {
-      prefetch_rows(kbase + it.table[index + 1] * it.s_blk, block_size, it.s_tok, D * sizeof(T));
-      prefetch_rows(vbase + it.table[index + 1] * it.s_blk, block_size, it.s_tok, D * sizeof(T));
-    }
-    const T* block = kbase + it.table[index] * it.s_blk;
-    for (int64_t j0 = 0; j0 < n; j0 += 16) {
-      const int64_t m = std::min<int64_t>(16, n - j0);
-      for (int64_t g = 0; g < groups; ++g)
-        _mm512_mask_storeu_ps(scores + g * len + first + j0, __mmask16(m == 16 ? 0xFFFF : (1u << m) - 1),
-                              heads[g].scores16(block + j0 * it.s_tok, it.s_tok, m));
-    }
-  }
-  std::vector<float> inv(groups);
-  for (int64_t g = 0; g < groups; ++g) inv[g] = softmax_numerators(scores + g * len, len);
-  // out_g = sum_t p[g, t] v_t, G heads at a time with their accumulators in registers
-  constexpr int64_t GC = kGroupChunk<NV>;
-  for (int64_t g0 = 0; g0 < groups; g0 += GC) {
-    const int64_t gn = std::min(GC, groups - g0);
-    __m512 acc[GC][NV];
-    for (int64_t g = 0; g < GC; ++g)
-      for (int64_t v = 0; v < NV; ++v) acc[g][v] = _mm512_setzero_ps();
-    for_each_row(it, vbase, block_size, [&](int64_t t, const T* row) {
-      __m512 val[NV];
-      for (int64_t v = 0; v < NV; ++v) val[v] = load16(row + 16 * v);
-      for (int64_t g = 0; g < gn; ++g) {
-        const __m512 p = _mm512_set1_ps(scores[(g0 + g) * len + t]);
-        for (int64_t v = 0; v < NV; ++v) acc[g][v] = _mm512_fmadd_ps(p, val[v], acc[g][v]);
-      }
-    });
-    for (int64_t g = 0; g < gn; ++g) {
-      float row[D];
-      for (int64_t v = 0; v < NV; ++v)
-        _mm512_storeu_ps(row + 16 * v, _mm512_mul_ps(acc[g][v], _mm512_set1_ps(inv[g0 + g])));
-      T* dst = out + (g0 + g) * os_h;
-      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(row[d]);
-    }
-  }
-}
-
-// Every K/V head of one request, block by block: a block's K rows of all heads ([bs, Hkv, D],
-// contiguous) are scored in one sweep, where decode_item_avx512 reads one head's slice of each row
-// and comes back for the next head's later. The next block's K and V lines are prefetched a share
-// per query head, between the heads' scores, not in one burst that fills the line-fill buffers.
-// Same arithmetic in the same order per (head, query head, lane) as decode_item_avx512: the same
-// bits. bench/decode_kernel.py, 30 layers, 64 decodes of ~185 tokens, bfloat16, 2 threads on the
-// 2-core Xeon: 0.79-0.83 ms a layer against 0.88-0.96 per (request, head).
-template <typename T, int64_t NV>
-void decode_request_avx512(const Item& it, int64_t num_kv_heads, const T* q, int64_t qs_h, T* out, int64_t os_h,
-                           int64_t groups, int64_t block_size, float scale, float* scores, float* acc_buf) {
-  constexpr int64_t D = 16 * NV;
-  const T* kbase = static_cast<const T*>(it.k);
-  const T* vbase = static_cast<const T*>(it.v);
-  const int64_t len = it.len, num_heads = num_kv_heads * groups, s_head = D;  // [bs, Hkv, D] per block
+  const int64_t len = it.len, num_heads = num_kv_heads * groups;
   std::vector<QueryHead<T, NV>> heads;
   for (int64_t g = 0; g < num_heads; ++g) heads.emplace_back(q + g * qs_h, scale);
-  const int64_t block_bytes = block_size * num_kv_heads * D * static_cast<int64_t>(sizeof(T));
-  // scores[(h * G + g), t], 16 tokens at a time, as decode_item_avx512 computes them
-  const int64_t lines = block_bytes / 64, per_head = (lines + num_heads - 1) / num_heads;
+  // a block's lines of these heads: row_lines per token row, a share of them per query head
+  const int64_t row_lines = (num_kv_heads * D * static_cast<int64_t>(sizeof(T)) + 63) / 64;
+  const int64_t lines = block_size * row_lines, per_head = (lines + num_heads - 1) / num_heads;
   for (int64_t first = 0; first < len; first += block_size) {
     const int64_t index = first / block_size, n = std::min(block_size, len - first);
     const bool fetch = first + block_size < len;
-    const char* knext = fetch ? reinterpret_cast<const char*>(kbase + it.table[index + 1] * it.s_blk) : nullptr;
-    const char* vnext = fetch ? reinterpret_cast<const char*>(vbase + it.table[index + 1] * it.s_blk) : nullptr;
+    const T* knext = fetch ? kbase + it.table[index + 1] * it.s_blk : nullptr;
+    const T* vnext = fetch ? vbase + it.table[index + 1] * it.s_blk : nullptr;
     const T* block = kbase + it.table[index] * it.s_blk;
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
       const int64_t m = std::min<int64_t>(16, n - j0);
       for (int64_t g = 0; g < num_heads; ++g) {
         _mm512_mask_storeu_ps(scores + g * len + first + j0, __mmask16(m == 16 ? 0xFFFF : (1u << m) - 1),
-                              heads[g].scores16(block + (g / groups) * s_head + j0 * it.s_tok, it.s_tok, m));
+                              heads[g].scores16(block + (g / groups) * D + j0 * it.s_tok, it.s_tok, m));
         if (fetch && j0 == 0)
           for (int64_t l = g * per_head; l < std::min(lines, (g + 1) * per_head); ++l) {
-            _mm_prefetch(knext + 64 * l, _MM_HINT_T0);
-            _mm_prefetch(vnext + 64 * l, _MM_HINT_T0);
+            const int64_t at = (l / row_lines) * it.s_tok * static_cast<int64_t>(sizeof(T)) + (l % row_lines) * 64;
+            _mm_prefetch(reinterpret_cast<const char*>(knext) + at, _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(vnext) + at, _MM_HINT_T0);
           }
       }
     }
   }
   std::vector<float> inv(num_heads);
   for (int64_t g = 0; g < num_heads; ++g) inv[g] = softmax_numerators(scores + g * len, len);
-  // out_g = sum_t p[g, t] v_t: per block and K/V head, that head's query heads' accumulators are
-  // brought into registers, run over the block's rows, and put back (acc_buf [Hq, D], float32)
   constexpr int64_t GC = kGroupChunk<NV>;
   std::fill(acc_buf, acc_buf + num_heads * D, 0.f);
   for (int64_t first = 0; first < len; first += block_size) {
-    const int64_t index = first / block_size, n = std::min(block_size, len - first);
-    const T* block = vbase + it.table[index] * it.s_blk;
+    const int64_t n = std::min(block_size, len - first);
+    const T* block = vbase + it.table[first / block_size] * it.s_blk;
     for (int64_t h = 0; h < num_kv_heads; ++h) {
       for (int64_t g0 = h * groups; g0 < (h + 1) * groups; g0 += GC) {
         const int64_t gn = std::min(GC, (h + 1) * groups - g0);
@@ -349,7 +284,7 @@ void decode_request_avx512(const Item& it, int64_t num_kv_heads, const T* q, int
         for (int64_t g = 0; g < gn; ++g)
           for (int64_t v = 0; v < NV; ++v) acc[g][v] = _mm512_loadu_ps(acc_buf + (g0 + g) * D + 16 * v);
         for (int64_t j = 0; j < n; ++j) {
-          const T* row = block + j * it.s_tok + h * s_head;
+          const T* row = block + j * it.s_tok + h * D;
           __m512 val[NV];
           for (int64_t v = 0; v < NV; ++v) val[v] = load16(row + 16 * v);
           for (int64_t g = 0; g < gn; ++g) {
@@ -372,8 +307,8 @@ void decode_request_avx512(const Item& it, int64_t num_kv_heads, const T* q, int
 }
 
 // Work items: one per request where there are enough of them to keep every thread busy (a
-// block's heads read together, decode_request_avx512), else one per (request, K/V head) so that a
-// lone long request still spreads over the threads. Both compute the same bits.
+// block's heads read in one sweep), else one per (request, K/V head) so that a lone long request
+// still spreads over the threads.
 template <typename T, int64_t NV>
 void decode_avx512(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv,
                    const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
@@ -385,31 +320,19 @@ void decode_avx512(const at::Tensor& out, const at::Tensor& q, const at::Tensor&
   T* out_ptr = out.data_ptr<T>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
-  const bool per_request = kv.stride(3) == 16 * NV && kv.stride(2) == num_kv_heads * 16 * NV &&
-                           batch >= kRequestsPerThread * at::get_num_threads();
-  if (per_request) {
-    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> acc(num_heads * 16 * NV), scores;
-      for (int64_t b = begin; b < end; ++b) {
-        const Item it{tables + b * max_blocks, lens[b], kv_ptr, kv_ptr + kv.stride(1), kv.stride(0), kv.stride(2)};
-        scores.resize(num_heads * it.len);
-        decode_request_avx512<T, NV>(it, num_kv_heads, q_ptr + b * q.stride(0), q.stride(1), out_ptr + b * out.stride(0),
-                                     out.stride(1), groups, block_size, static_cast<float>(scale), scores.data(),
-                                     acc.data());
-      }
-    });
-    return;
-  }
-  at::parallel_for(0, batch * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
+  // a whole request per item needs a row's heads adjacent (the engine's cache has them so)
+  const bool per_request = kv.stride(3) == 16 * NV && batch >= kRequestsPerThread * at::get_num_threads();
+  const int64_t item_heads = per_request ? num_kv_heads : 1;
+  at::parallel_for(0, batch * num_kv_heads / item_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(item_heads * groups * 16 * NV), scores;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / num_kv_heads, h = item % num_kv_heads;
+      const int64_t b = item * item_heads / num_kv_heads, h = item * item_heads % num_kv_heads;
       const T* head = kv_ptr + h * kv.stride(3);
       const Item it{tables + b * max_blocks, lens[b], head, head + kv.stride(1), kv.stride(0), kv.stride(2)};
-      scores.resize(groups * it.len);
-      decode_item_avx512<T, NV>(it, q_ptr + b * q.stride(0) + h * groups * q.stride(1), q.stride(1),
-                                out_ptr + b * out.stride(0) + h * groups * out.stride(1), out.stride(1),
-                                groups, block_size, static_cast<float>(scale), scores.data());
+      scores.resize(item_heads * groups * it.len);
+      decode_heads_avx512<T, NV>(it, item_heads, q_ptr + b * q.stride(0) + h * groups * q.stride(1), q.stride(1),
+                                 out_ptr + b * out.stride(0) + h * groups * out.stride(1), out.stride(1), groups,
+                                 block_size, static_cast<float>(scale), scores.data(), acc.data());
     }
   });
 }
