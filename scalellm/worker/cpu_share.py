@@ -40,7 +40,7 @@ def create(slots: int, folder: Path | None = None) -> Path:
     if folder is None:
         folder = Path("/dev/shm") if os.path.isdir("/dev/shm") else Path(tempfile.gettempdir())
     remove_orphans(folder)
-    fd, name = tempfile.mkstemp(prefix=f"{PREFIX}{_pid_namespace()}.{os.getpid()}-", dir=folder)
+    fd, name = tempfile.mkstemp(prefix=f"{_namespace_prefix()}{os.getpid()}-", dir=folder)
     try:
         os.write(fd, bytes(slots))
     finally:
@@ -55,19 +55,22 @@ def remove(path: Path) -> None:
 def remove_orphans(folder: Path) -> None:
     """Remove the share files in ``folder`` whose creator (the pid in the name, in this process's
     pid namespace) no longer runs."""
-    for path in folder.glob(f"{PREFIX}{_pid_namespace()}.*"):
-        pid = path.name[len(PREFIX) :].split("-", 1)[0].split(".", 1)[1]
+    prefix = _namespace_prefix()
+    for path in folder.glob(f"{prefix}*"):
+        pid = path.name[len(prefix) :].split("-", 1)[0]
         if pid.isdigit() and not _running(int(pid)):
             with contextlib.suppress(OSError):  # another launcher removed it first
                 path.unlink()
 
 
-def _pid_namespace() -> int:
-    """This process's pid namespace (Linux: its inode), 0 where there is none to read."""
+def _namespace_prefix() -> str:
+    """Share files' names in this process's pid namespace (Linux: its inode; 0 where there is
+    none to read) start with this, then the creator's pid and a dash."""
     try:
-        return os.stat("/proc/self/ns/pid").st_ino
+        namespace = os.stat("/proc/self/ns/pid").st_ino
     except OSError:
-        return 0
+        namespace = 0
+    return f"{PREFIX}{namespace}."
 
 
 def _running(pid: int) -> bool:
