@@ -31,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.serving.proc_cpu import cpu_delta, tree_cpu  # noqa: E402
 from bench.serving.systems import Running, System, mesh  # noqa: E402
 from bench.vs_vllm_report import Level, load_levels, machine, write_report  # noqa: E402
 from scalellm.worker.cpu_share import machine_cores  # noqa: E402
@@ -87,8 +88,9 @@ def loadavg() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
-def bench(plan: Plan, port: int, prompts: int, concurrency: int, out: Path | None) -> None:
-    """One `vllm bench serve` run; with out, its result JSON (plus the load seen) lands there."""
+def bench(plan: Plan, port: int, prompts: int, concurrency: int, out: Path | None, server: int = 0) -> None:
+    """One `vllm bench serve` run; with out, its result JSON (plus the load seen and, given the
+    server's pid, the CPU seconds each kind of its processes used) lands there."""
     cmd = [plan.vllm_script, "bench", "--backend", "openai", "--base-url", f"http://127.0.0.1:{port}",
            "--endpoint", "/v1/completions", "--model", served_name(port), "--tokenizer", plan.model,
            "--dataset-name", "random", "--random-input-len", str(plan.input_len),
@@ -98,8 +100,9 @@ def bench(plan: Plan, port: int, prompts: int, concurrency: int, out: Path | Non
            "--metric-percentiles", "50,90,99", "--disable-tqdm"]  # fmt: skip
     if out is not None:
         cmd += ["--save-result", "--result-dir", str(out.parent), "--result-filename", out.name + ".tmp"]
-    before = loadavg()
+    before, cpu_before = loadavg(), tree_cpu(server) if server else {}
     proc = subprocess.run(cmd, capture_output=True, text=True)
+    cpu_used = cpu_delta(cpu_before, tree_cpu(server)) if server else {}
     if proc.returncode != 0:
         raise RuntimeError(
             f"vllm bench serve failed ({proc.returncode}): {proc.stdout[-2000:]}{proc.stderr[-2000:]}"
@@ -109,6 +112,7 @@ def bench(plan: Plan, port: int, prompts: int, concurrency: int, out: Path | Non
     tmp = out.with_name(out.name + ".tmp")
     result = json.loads(tmp.read_text())
     result["loadavg_before"], result["loadavg_after"] = before, loadavg()
+    result["server_cpu_s"] = cpu_used  # over the client's whole run, its start-up included
     out.write_text(json.dumps(result, indent=1))  # whole file or none: a resumed run trusts it
     tmp.unlink()
 
@@ -128,17 +132,21 @@ def run_system(plan: Plan, round_: int, dtype: str, name: str, levels: list[int]
     system = make_system(name, dtype, plan, extra)
     log = plan.logs / f"r{round_}-{dtype}-{name}.log"
     started = time.monotonic()
-    with Running(system, log, startup_timeout_s=1200) as _:
+    running = Running(system, log, startup_timeout_s=1200)
+    with running:
+        server = running.proc.pid if running.proc is not None else 0
         print(f"round {round_} {dtype} {name}: up in {time.monotonic() - started:.0f} s", flush=True)
         bench(plan, system.port, plan.warmup_prompts, min(8, plan.warmup_prompts), None)
         for c in todo:
             out = result_file(plan, round_, dtype, name, c)
             prompts = max(plan.min_prompts, plan.prompts_per_stream * c)
-            bench(plan, system.port, prompts, c, out)
+            bench(plan, system.port, prompts, c, out, server)
             r = json.loads(out.read_text())
+            cores = " ".join(f"{k} {v / r['duration']:.2f}" for k, v in r["server_cpu_s"].items() if v >= 0.1)
             print(f"  c={c:<3} n={prompts:<4} {r['output_throughput']:7.1f} tok/s  "
                   f"TPOT p50 {r['median_tpot_ms']:7.1f} ms  TTFT p50 {r['median_ttft_ms']:8.0f} ms  "
-                  f"ITL p99 {r['p99_itl_ms']:7.0f} ms  load {r['loadavg_before']:.1f}-{r['loadavg_after']:.1f}",
+                  f"ITL p99 {r['p99_itl_ms']:7.0f} ms  load {r['loadavg_before']:.1f}-{r['loadavg_after']:.1f}  "
+                  f"cores: {cores}",
                   flush=True)  # fmt: skip
 
 
