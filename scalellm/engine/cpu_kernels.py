@@ -40,8 +40,18 @@ SOURCES = (
     CSRC / "argmax.cpp",
 )
 HEADERS = (CSRC / "vec256.h", CSRC / "vec512.h")
-# -ffp-contract=off: a * b + c * d stays two roundings and a sum, as torch's separate ops compute it
-CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only", "-ffp-contract=off")
+# -ffp-contract=off: a * b + c * d stays two roundings and a sum, as torch's separate ops compute it;
+# -fno-reciprocal-math: x / s stays a division (W8A8's scalar quantization loop, which AVX2-only
+# CPUs run, rounded x * (1 / s) otherwise: one quantization step off near halves)
+CFLAGS = (
+    "-O3",
+    "-march=native",
+    "-fopenmp",
+    "-ffast-math",
+    "-fno-finite-math-only",
+    "-fno-reciprocal-math",
+    "-ffp-contract=off",
+)
 
 
 def build_name(files: tuple[Path, ...], prefix: str = "scalellm_cpu") -> str:
