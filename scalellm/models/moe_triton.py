@@ -22,9 +22,7 @@ within float rounding, not bit for bit (tests: TRITON_INTERPRET=1 on CPU, small 
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
@@ -34,6 +32,8 @@ AVAILABLE = importlib.util.find_spec("triton") is not None
 if AVAILABLE:
     import triton
     import triton.language as tl
+
+    from scalellm.models.triton_jit import Jitted
 
     def _grouped_matmul_body(  # type: ignore[no-untyped-def]
         a_ptr, rows_ptr, w_ptr, tile_expert_ptr, scale_ptr, c_ptr, N, K,
@@ -62,17 +62,7 @@ if AVAILABLE:
         c = c_ptr + slots[:, None].to(tl.int64) * stride_cm + cols[None, :]
         tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & (cols[None, :] < N))
 
-
-_KERNELS: dict[bool, Any] = {}
-
-
-def _kernel() -> Any:
-    """The jitted kernel; built on first use (triton.jit reads TRITON_INTERPRET when it wraps a
-    function: the CPU tests set it, so the interpreter and the compiled kernel are kept apart)."""
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if interpret not in _KERNELS:
-        _KERNELS[interpret] = triton.jit(_grouped_matmul_body)
-    return _KERNELS[interpret]
+    _kernel = Jitted(_grouped_matmul_body)
 
 
 def grouped_matmul(

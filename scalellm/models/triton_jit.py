@@ -1,0 +1,30 @@
+"""One jitted Triton kernel per mode: compiled, or run by Triton's CPU interpreter.
+
+``triton.jit`` reads TRITON_INTERPRET when it wraps a function, and the CPU tests set it per test,
+so a kernel body is wrapped on first use in each mode and kept apart (attention_triton, moe_triton,
+ops_triton). Bodies avoid Triton's own jitted helpers (tl.zeros, tl.max, tl.sum): the interpreter
+cannot call those unless TRITON_INTERPRET was set before triton was imported; tl.full and tl.reduce
+with combine functions of our own run both ways.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+
+class Jitted:
+    """``kernel()`` is ``triton.jit(body)`` for the current TRITON_INTERPRET, built once per mode."""
+
+    def __init__(self, body: Callable[..., Any]) -> None:
+        self.body = body
+        self._modes: dict[bool, Any] = {}
+
+    def __call__(self) -> Any:
+        import triton
+
+        interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        if interpret not in self._modes:
+            self._modes[interpret] = triton.jit(self.body)
+        return self._modes[interpret]
