@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from scalellm.engine.attention import AttentionMetadata
+from scalellm.models import ops_triton
 from scalellm.models.ops import LayerOps, TorchOps
 
 log = logging.getLogger(__name__)
@@ -230,7 +231,10 @@ def w8a8_kernel(device: torch.device, dtype: torch.dtype) -> CpuW8A8 | None:
 
 
 def layer_ops(device: torch.device, dtype: torch.dtype) -> LayerOps:
-    """The fused ops where they apply (CPU, float32 or bfloat16, kernels built), else torch's."""
+    """The fused ops where they apply (CPU, float32 or bfloat16, kernels built: C++; CUDA in half
+    types with triton: models.ops_triton), else torch's (float32 on CUDA: the reference path)."""
     if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and available():
         return CpuFusedOps()
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and ops_triton.AVAILABLE:
+        return ops_triton.TritonOps()
     return TorchOps()
