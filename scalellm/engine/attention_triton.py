@@ -18,8 +18,7 @@ share that K/V head are the rows of one tile, so each K/V token is loaded once f
 Not split-K: one program walks the whole context, which is enough at the batch sizes where
 (B x Hkv) programs fill the device; a long-context batch-1 decode leaves most of it idle.
 float32, bfloat16 and float16 caches; the scores, softmax and accumulator are float32 (float32
-inputs use IEEE dot products, not TF32). Cache writes are torch indexing; prefill chunks go
-through attention._prefill as with TorchSDPA. Tested on CPU under TRITON_INTERPRET=1 against
+inputs use IEEE dot products, not TF32). Cache writes are one small kernel (``write_kv``); prefill chunks go through attention._prefill as with TorchSDPA. Tested on CPU under TRITON_INTERPRET=1 against
 TorchSDPA (tests/unit/test_attention_triton.py). One difference there: Triton 3.9's interpreter
 computes tl.dot of bfloat16 tiles wrongly (errors of 1e10 on a 16x16 product), so on CPU tensors
 (the interpreter's only case) the dot inputs are upcast to float32 first; on CUDA half and
@@ -30,8 +29,6 @@ compiled for sm_90 in the tests too (Triton's bundled ptxas, no GPU needed), not
 from __future__ import annotations
 
 import importlib.util
-import os
-from typing import Any
 
 import torch
 
@@ -43,6 +40,8 @@ AVAILABLE = importlib.util.find_spec("triton") is not None
 if AVAILABLE:
     import triton
     import triton.language as tl
+
+    from scalellm.models.triton_jit import Jitted
 
     # tl.max and tl.sum are themselves jitted, and Triton's interpreter cannot call those unless
     # TRITON_INTERPRET was set before triton was imported; tl.reduce with combine functions of
@@ -103,16 +102,23 @@ if AVAILABLE:
         o = out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :]
         tl.store(o, out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
+    _kernel = Jitted(_paged_decode_body)
 
-_KERNELS: dict[bool, Any] = {}
+    def _write_kv_body(  # type: ignore[no-untyped-def]
+        kv_ptr, new_ptr, blocks_ptr, offsets_ptr,
+        stride_nt, stride_n2, stride_kb, stride_kv, stride_ks,
+        WIDTH: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        token = tl.program_id(0).to(tl.int64)
+        half = tl.program_id(1).to(tl.int64)  # 0: K, 1: V
+        cols = tl.arange(0, BLOCK)
+        mask = cols < WIDTH
+        block = tl.load(blocks_ptr + token).to(tl.int64)
+        slot = tl.load(offsets_ptr + token).to(tl.int64)
+        row = tl.load(new_ptr + token * stride_nt + half * stride_n2 + cols, mask=mask)
+        tl.store(kv_ptr + block * stride_kb + half * stride_kv + slot * stride_ks + cols, row, mask=mask)
 
-
-def _kernel() -> Any:
-    """Jitted on first use, apart for the interpreter (as models/moe_triton.py does)."""
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if interpret not in _KERNELS:
-        _KERNELS[interpret] = triton.jit(_paged_decode_body)
-    return _KERNELS[interpret]
+    _write_kv = Jitted(_write_kv_body)
 
 
 def paged_decode(
@@ -121,12 +127,20 @@ def paged_decode(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
-    block_n: int = 64,
+    block_n: int | None = None,
 ) -> torch.Tensor:
     """q [B, Hq, D]; kv [num_blocks, 2, block_size, Hkv, D] (a strided layer view is fine);
-    block_tables [B, max_blocks]; context_lens [B] (each >= 1) -> [B, Hq, D] in q's dtype."""
+    block_tables [B, max_blocks]; context_lens [B] (each >= 1) -> [B, Hq, D] in q's dtype.
+
+    ``block_n``: context tokens per tile; None: 64, or 32 for a float32 cache (~43 KB of shared
+    memory on sm_90 instead of ~78). Fixed, not autotuned: on an H200 triton.autotune's picks
+    (tiles of 32-128, 4 or 8 warps, 2 or 3 stages) changed from run to run with timing noise and
+    were no faster at batch 64 and 256 (docs/benchmarks.md), and a pick that changes the tile
+    changes the summation order, so bfloat16 greedy output would depend on the timing."""
     batch, num_heads, head_dim = q.shape
     _, two, block_size, num_kv_heads, _ = kv.shape
+    if block_n is None:
+        block_n = 32 if kv.element_size() == 4 else 64
     assert two == 2 and num_heads % num_kv_heads == 0 and block_n >= 16
     assert q.stride(2) == 1 and kv.stride(4) == 1 and block_tables.stride(1) == 1
     group = num_heads // num_kv_heads
@@ -142,26 +156,42 @@ def paged_decode(
     return out
 
 
+def write_kv(
+    kv: torch.Tensor, new_kv: torch.Tensor, slot_blocks: torch.Tensor, slot_offsets: torch.Tensor
+) -> None:
+    """kv[slot_blocks[t], :, slot_offsets[t]] = new_kv[t] in one launch (torch's indexed
+    assignment takes more): new_kv [T, 2, Hkv, D] with each token's K and V rows contiguous."""
+    tokens, _, num_kv_heads, head_dim = new_kv.shape
+    if tokens == 0:
+        return
+    assert new_kv.stride(3) == 1 and new_kv.stride(2) == head_dim and kv.stride(3) == head_dim
+    assert kv.stride(4) == 1
+    width = num_kv_heads * head_dim
+    _write_kv()[(tokens, 2)](
+        kv, new_kv, slot_blocks, slot_offsets,
+        new_kv.stride(0), new_kv.stride(1), kv.stride(0), kv.stride(1), kv.stride(2),
+        WIDTH=width, BLOCK=triton.next_power_of_2(width),
+    )  # fmt: skip
+
+
 class TritonPagedDecode:
-    """Decodes through the Triton kernel above; cache writes by indexing; prefill as TorchSDPA."""
+    """Decodes and cache writes through the Triton kernels above; prefill as TorchSDPA."""
 
     name = "triton-paged (Triton decode kernel; SDPA for prefill)"
     graph_safe = True  # the context loop's bound is read from context_lens on the device
 
     def __init__(self, block_n: int | None = None) -> None:
-        """``block_n``: context tokens per tile; None: 64, or 32 for a float32 cache (its tiles
-        then need ~43 KB of shared memory on sm_90 instead of ~78 KB)."""
+        """``block_n``: context tokens per tile; None: paged_decode's default."""
         self.block_n = block_n
 
     def prepare(self, meta: AttentionMetadata, block_size: int) -> AttentionMetadata:
         return meta
 
     def write_kv(self, kv: torch.Tensor, new_kv: torch.Tensor, meta: AttentionMetadata) -> None:
-        kv[meta.slot_blocks, :, meta.slot_offsets] = new_kv
+        write_kv(kv, new_kv, meta.slot_blocks, meta.slot_offsets)
 
     def decode(
         self, q: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata, scale: float
     ) -> torch.Tensor:
         assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
-        block_n = self.block_n or (32 if kv.element_size() == 4 else 64)
-        return paged_decode(q, kv, meta.decode_block_tables, meta.decode_context_lens, scale, block_n)
+        return paged_decode(q, kv, meta.decode_block_tables, meta.decode_context_lens, scale, self.block_n)

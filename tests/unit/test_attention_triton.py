@@ -173,3 +173,60 @@ def test_the_kernel_compiles_for_an_h100_class_gpu(
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
     assert compiled.asm["cubin"]
     assert compiled.metadata.shared <= 48 * 1024  # fits without the opt-in to larger shared memory
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tol"), [(torch.float32, 1e-4), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)]
+)
+def test_the_compiled_kernel_on_cuda_equals_torch_sdpa_at_an_8b_shape(
+    engine_device: str, dtype: torch.dtype, tol: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under SCALELLM_TEST_DEVICE=cuda (skipped elsewhere): the kernel as the GPU runs it (tensor
+    cores for half types, 64-token tiles; 32 for float32), G 4, D 128, blocks of 16, contexts
+    within one tile, across many and not a tile's multiple, over scattered blocks."""
+    if engine_device != "cuda":
+        pytest.skip("runs under SCALELLM_TEST_DEVICE=cuda")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    device, block, heads, kv_heads, dim = torch.device("cuda"), 16, 32, 8, 128
+    contexts = [1, 63, 700, 129, 2048]
+    g = torch.Generator().manual_seed(7)
+    widths = [-(-n // block) for n in contexts]
+    order = torch.randperm(1 + sum(widths), generator=g)
+    ids = [i for i in order.tolist() if i != 0]
+    tables, start = [], 0
+    for w in widths:
+        tables.append(ids[start : start + w] + [0] * (max(widths) - w))
+        start += w
+    full = torch.randn(1 + sum(widths), 2, 2, block, kv_heads, dim, generator=g).to(dtype)
+    kv = full.to(device)[:, 1]  # a strided layer view
+    q = torch.randn(len(contexts), heads, dim, generator=g).to(dtype).to(device)
+    lens = torch.tensor(contexts, device=device)
+    table = torch.tensor(tables, device=device)
+    backend = attention_triton.TritonPagedDecode()
+    meta = AttentionMetadata(lens * 0, lens * 0, len(contexts), table, lens, (), backend)
+    got = backend.decode(q, kv, meta, dim**-0.5)
+    sdpa = TorchSDPA()
+    expected = sdpa.decode(q.float(), kv.float(), sdpa.prepare(meta, block), dim**-0.5)
+    torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_puts_each_token_in_its_slot_as_indexing_does(
+    engine_device: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From the fused qkv buffer (K/V rows a strided view of it) into a layer view of the cache,
+    as the model hands them over; everything else in the cache untouched. Interpreted on CPU,
+    compiled under SCALELLM_TEST_DEVICE=cuda."""
+    if engine_device == "cuda":
+        monkeypatch.delenv("TRITON_INTERPRET")
+    device, hq, hkv, dim, tokens = torch.device(engine_device), 4, 2, 16, 5
+    g = torch.Generator().manual_seed(9)
+    full = torch.randn(NUM_BLOCKS, LAYERS, 2, BLOCK_SIZE, hkv, dim, generator=g).to(dtype).to(device)
+    qkv = torch.randn(tokens, hq + 2 * hkv, dim, generator=g).to(dtype).to(device)
+    new_kv = qkv[:, hq:].unflatten(1, (2, hkv))
+    blocks = torch.tensor([9, 3, 3, 12, 15], device=device)
+    offsets = torch.tensor([0, 1, 3, 2, 0], device=device)
+    expected = full.clone()
+    expected[:, 1][blocks, :, offsets] = new_kv
+    attention_triton.write_kv(full[:, 1], new_kv, blocks, offsets)
+    torch.testing.assert_close(full, expected, rtol=0, atol=0)
