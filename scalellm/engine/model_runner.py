@@ -16,6 +16,7 @@ heads ``[0, num_kv_heads / N)`` of the KV cache; rank r's runner holds the r-th 
 
 from __future__ import annotations
 
+import array
 import contextlib
 import logging
 from collections.abc import Iterator
@@ -359,33 +360,30 @@ class ModelRunner:
                 sample_rows.append(offset + n - 1)
                 sampling.append(i)
 
-        block_tables = context = None
-        if decodes:
-            width = max(len(steps[i].block_ids) for i in decodes)
-            block_tables = self._tensor(
-                [steps[i].block_ids + [0] * (width - len(steps[i].block_ids)) for i in decodes]
-            )
-            context = self._tensor([steps[i].start + 1 for i in decodes])
-
-        position_tensor = self._tensor(positions)
+        # Every integer input of the step in one host-to-device copy (on a GPU each copy is a
+        # synchronous transfer of its own), then split into views:
+        #     input_ids | positions | slot_blocks | sample_rows | context lens | block tables
+        width = max((len(steps[i].block_ids) for i in decodes), default=0)
+        context = [steps[i].start + 1 for i in decodes]
+        tables: list[int] = []
+        for i in decodes:
+            ids = steps[i].block_ids
+            tables += ids
+            tables += [0] * (width - len(ids))
+        sizes = [len(input_ids)] * 3 + [len(sample_rows), len(context), len(tables)]
+        packed = self._ints(input_ids + positions + slot_blocks + sample_rows + context + tables)
+        ids_t, pos_t, slots_t, sample_t, context_t, tables_t = packed.split(sizes)
         meta = AttentionMetadata(
-            self._tensor(slot_blocks),
-            position_tensor % bs,
+            slots_t,
+            pos_t % bs,
             len(decodes),
-            block_tables,
-            context,
+            tables_t.view(len(decodes), width) if decodes else None,
+            context_t if decodes else None,
             tuple(spans),
             self.attention,
         )
         meta = self.attention.prepare(meta, bs)
-        return StepInputs(
-            self._tensor(input_ids),
-            position_tensor,
-            meta,
-            self._tensor(sample_rows),
-            sampling,
-            prefill_offsets,
-        )
+        return StepInputs(ids_t, pos_t, meta, sample_t, sampling, prefill_offsets)
 
     @staticmethod
     def _prompt_rows(
@@ -407,3 +405,11 @@ class ModelRunner:
 
     def _tensor(self, data: list[int] | list[list[int]]) -> torch.Tensor:
         return torch.tensor(data, dtype=torch.long, device=self.device)
+
+    def _ints(self, data: list[int]) -> torch.Tensor:
+        """``_tensor`` of a flat list, through array.array: a third of torch.tensor's time on a
+        list of ints (0.2 against 0.7 ms for the 10k of a 256-sequence decode step)."""
+        if not data:
+            return torch.empty(0, dtype=torch.long, device=self.device)
+        host = torch.frombuffer(array.array("q", data), dtype=torch.long)
+        return host if self.device.type == "cpu" else host.to(self.device)
