@@ -19,6 +19,8 @@ Reported per batch size and mode:
         weight bytes: every parameter but the embedding table (B rows of it), lm_head included
         KV bytes: B x (context + 1) tokens x layers x K and V x kv heads x head_dim x element
         copy bandwidth: measured here, a large device-to-device copy (bytes read + written / time)
+    prepare ms: ModelRunner.prepare alone (the host's share: lists to one device tensor)
+    kernel ms/step: the kernels' summed device time in one profiled step (CUDA)
     launches/step: CUDA kernels in one profiled step (torch.profiler: the kernels of a graph
         replay count one by one where the profiler reports them so); CPU: none
     host launches/step: the host's kernel launch calls in that step (cudaLaunchKernel,
@@ -40,10 +42,11 @@ import json
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -53,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 from scalellm.engine.config import EngineConfig  # noqa: E402
 from scalellm.engine.model_runner import ModelRunner, SeqStep  # noqa: E402
 from scalellm.models.config import ModelConfig  # noqa: E402
+from scalellm.models.llama import LlamaForCausalLM  # noqa: E402
 from scalellm.models.loader import random_model  # noqa: E402
 from scalellm.models.quant_linear import weight_bytes as model_weight_bytes  # noqa: E402
 
@@ -160,10 +164,21 @@ def prefill_flops(cfg: ModelConfig, tokens: int) -> int:
     return 2 * cfg.num_layers * per_layer * tokens + attention + 2 * h * cfg.vocab_size
 
 
-def profile_step(step: Callable[[], object], device: torch.device) -> tuple[int | None, int | None, int]:
-    """(CUDA kernels launched, host launch calls, aten ops) in one step."""
+class StepProfile(NamedTuple):
+    """What one profiled step ran (see profile_step)."""
+
+    launches: int | None  # CUDA kernels (None off CUDA)
+    host_launches: int | None  # the host's launch calls (None off CUDA)
+    ops: int  # top-level aten ops
+    busy_ms: float | None  # the kernels' summed device time (None off CUDA)
+    top: list[tuple[str, float]]  # the 8 costliest kernels (CUDA) or aten ops (CPU), us in the step
+
+
+def profile_step(step: Callable[[], object], device: torch.device) -> StepProfile:
+    """Kernels, launch calls, aten ops and where the time went in one step."""
     activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    if cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     sync(device)
     with torch.profiler.profile(activities=activities) as prof:
@@ -171,11 +186,21 @@ def profile_step(step: Callable[[], object], device: torch.device) -> tuple[int 
         sync(device)
     events = prof.events()
     ops = sum(1 for e in events if e.name.startswith("aten::") and e.cpu_parent is None)
-    if device.type != "cuda":
-        return None, None, ops
-    kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    costs: dict[str, float] = {}
+    if not cuda:
+        for e in events:
+            if e.name.startswith("aten::"):
+                costs[e.name] = costs.get(e.name, 0.0) + e.self_cpu_time_total
+        return StepProfile(None, None, ops, None, _top(costs))
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    for e in kernels:
+        costs[e.name[:80]] = costs.get(e.name[:80], 0.0) + e.device_time_total
     host = sum(1 for e in events if "LaunchKernel" in e.name or e.name == "cudaGraphLaunch")
-    return kernels, host, ops
+    return StepProfile(len(kernels), host, ops, sum(costs.values()) / 1e3, _top(costs))
+
+
+def _top(costs: dict[str, float]) -> list[tuple[str, float]]:
+    return sorted(costs.items(), key=lambda kv: -kv[1])[:8]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -207,21 +232,41 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "graphs": {},
         "decode": [],
     }
-    for mode in args.graphs:
-        limit = max(args.batch) if mode == "on" else 0
-        runner = ModelRunner(replace(config, cuda_graph_max_batch=limit), cfg, max_len, model=model)
+    for mode in args.graphs:  # a mode that fails is reported and the next one still runs
+        try:
+            run_mode(args, mode, config, cfg, max_len, model, result, bandwidth, peak)
+        except Exception:
+            result.setdefault("errors", {})[mode] = traceback.format_exc()
+            print(f"graphs {mode} failed:\n{result['errors'][mode]}", file=sys.stderr, flush=True)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
+def run_mode(
+    args: argparse.Namespace,
+    mode: str,
+    config: EngineConfig,
+    cfg: ModelConfig,
+    max_len: int,
+    model: LlamaForCausalLM,
+    result: dict[str, Any],
+    bandwidth: float,
+    peak: float,
+) -> None:
+    """Decode rows (and, the first time, the prefill) of one graphs mode on its own runner."""
+    limit = max(args.batch) if mode == "on" else 0
+    runner = ModelRunner(replace(config, cuda_graph_max_batch=limit), cfg, max_len, model=model)
+    try:
         result["attention"] = runner.attention.name
         graphs = runner.graphs
         result["graphs"][mode] = None if graphs is None else {"buckets": list(graphs.buckets)}
         result["decode"] += decode_rows(args, runner, mode, bandwidth)
         if "prefill" not in result:
             result["prefill"] = prefill_row(args, runner, peak)
+    finally:
         runner.close()
-        del runner, graphs
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return result
 
 
 def decode_rows(
@@ -240,23 +285,26 @@ def decode_rows(
         replays = runner.graphs.replays if runner.graphs is not None else 0
         seconds = median_seconds(step, runner.device, args.steps, args.warmup)
         bucketed = runner.graphs is not None and runner.graphs.replays > replays
-        launches, host_launches, ops = profile_step(step, runner.device)
+        prepare = median_seconds(lambda steps=steps: runner.prepare(steps), runner.device, args.steps, 1)
+        prof = profile_step(step, runner.device)
         moved = weight_bytes(runner, batch) + kv_bytes(runner, batch, args.context)
-        rows.append(
-            {
-                "batch": batch,
-                "graphs": mode,
-                "bucketed": bucketed,
-                "ms_per_step": seconds * 1e3,
-                "tokens_per_s": batch / seconds,
-                "bytes_per_step": moved,
-                "roofline": moved / seconds / bandwidth,
-                "launches_per_step": launches,
-                "host_launches_per_step": host_launches,
-                "torch_ops_per_step": ops,
-            }
-        )
-        print(f"batch {batch}, graphs {mode}: {seconds * 1e3:.2f} ms/step", file=sys.stderr, flush=True)
+        row = {
+            "batch": batch,
+            "graphs": mode,
+            "bucketed": bucketed,
+            "ms_per_step": seconds * 1e3,
+            "tokens_per_s": batch / seconds,
+            "bytes_per_step": moved,
+            "roofline": moved / seconds / bandwidth,
+            "launches_per_step": prof.launches,
+            "host_launches_per_step": prof.host_launches,
+            "torch_ops_per_step": prof.ops,
+            "kernel_ms_per_step": prof.busy_ms,
+            "prepare_ms": prepare * 1e3,
+            "top": prof.top,
+        }
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
     return rows
 
 
@@ -277,29 +325,35 @@ def prefill_row(args: argparse.Namespace, runner: ModelRunner, peak: float) -> d
 
 def table(result: dict[str, Any]) -> str:
     lines = [
-        f"{result['shape']} on {result['device']} ({result['dtype']}, {result['attention']}), "
+        f"{result['shape']} on {result['device']} ({result['dtype']}, {result.get('attention')}), "
         f"{result['date']}: copy {result['copy_bandwidth_gb_s']:.0f} GB/s, "
         f"matmul {result['matmul_peak_tflops']:.3g} TFLOP/s, context {result['context']}",
         "",
-        "| batch | graphs | ms/step | tok/s | roofline | launches/step | host launches/step | torch ops/step |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| batch | graphs | ms/step | kernel ms | prepare ms | tok/s | roofline | launches/step "
+        "| host launches/step | torch ops/step |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["decode"]:
         launches, host = (
             "-" if row[key] is None else str(row[key])
             for key in ("launches_per_step", "host_launches_per_step")
         )
+        kernel_ms = "-" if row["kernel_ms_per_step"] is None else f"{row['kernel_ms_per_step']:.2f}"
         graphs = row["graphs"] + ("" if row["bucketed"] or row["graphs"] == "off" else " (eager)")
         lines.append(
-            f"| {row['batch']} | {graphs} | {row['ms_per_step']:.2f} | {row['tokens_per_s']:.0f} | "
+            f"| {row['batch']} | {graphs} | {row['ms_per_step']:.2f} | {kernel_ms} | {row['prepare_ms']:.2f} "
+            f"| {row['tokens_per_s']:.0f} | "
             f"{100 * row['roofline']:.3g}% | {launches} | {host} | {row['torch_ops_per_step']} |"
         )
-    p = result["prefill"]
-    lines += [
-        "",
-        f"prefill {p['tokens']} tokens: {p['ms']:.1f} ms, {p['tflops']:.3g} TFLOP/s, "
-        f"{100 * p['of_matmul_peak']:.3g}% of the matmul peak",
-    ]
+    p = result.get("prefill")
+    if p is not None:
+        lines += [
+            "",
+            f"prefill {p['tokens']} tokens: {p['ms']:.1f} ms, {p['tflops']:.3g} TFLOP/s, "
+            f"{100 * p['of_matmul_peak']:.3g}% of the matmul peak",
+        ]
+    for mode in result.get("errors", {}):
+        lines.append(f"\ngraphs {mode}: FAILED (the JSON's errors hold the traceback)")
     return "\n".join(lines)
 
 
@@ -329,6 +383,8 @@ def main(argv: list[str] | None = None) -> None:
     print(table(result), flush=True)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if result.get("errors"):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

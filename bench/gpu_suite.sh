@@ -11,7 +11,11 @@
 #    matmul peak; OUTDIR/roofline.json)
 # exact: greedy output equal to transformers on CUDA (decode CUDA graphs on, the engine's default
 #   there, for dense models), and tests/unit/test_cuda_graphs.py: captured graphs against eager
-#   steps (logits, the cache outside the step's slots untouched, greedy tokens through the engine)
+#   steps (logits, the cache outside the step's slots untouched, greedy tokens through the engine),
+#   and the compiled Triton kernels against torch: tests/unit/test_ops_triton.py's fused layer ops
+#   and the paged-decode kernel at 8B's head shape (test_attention_triton.py), in float32, bfloat16
+#   and float16 (their interpreted CPU variants are CI's: the machine's older Triton interpreter
+#   cannot run the decode kernel's loop over a loaded bound)
 # Stages (any subset, in order): env exact parity throughput backends profile gateway gateway-paired moe
 #   roofline
 #   bash bench/gpu_suite.sh SIDE TINY OUTDIR [STAGE...]
@@ -40,7 +44,10 @@ for s in $stages; do
       stage env 60 bash -c 'nvidia-smi -L; nproc; python3 -c "import torch, transformers, grpc; print(torch.__version__, torch.version.cuda, transformers.__version__, grpc.__version__, torch.cuda.get_device_name())"' ;;
     exact)
       stage exact 240 env SCALELLM_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider \
-        tests/unit/test_engine_exact.py tests/unit/test_cuda_graphs.py -k "not demo" ;;
+        tests/unit/test_engine_exact.py tests/unit/test_cuda_graphs.py tests/unit/test_ops_triton.py \
+        tests/unit/test_attention_triton.py::test_the_compiled_kernel_on_cuda_equals_torch_sdpa_at_an_8b_shape \
+        tests/unit/test_attention_triton.py::test_write_kv_puts_each_token_in_its_slot_as_indexing_does \
+        -k "not demo and not cpu" ;;
     parity)
       [ -f "$rand/model.safetensors" ] || python3 bench/random_model.py "$side" "$rand" >/dev/null
       stage parity-float32 120 python3 bench/greedy_parity.py --model "$rand" --dtype float32
