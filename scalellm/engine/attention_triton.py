@@ -18,12 +18,14 @@ share that K/V head are the rows of one tile, so each K/V token is loaded once f
 Not split-K: one program walks the whole context, which is enough at the batch sizes where
 (B x Hkv) programs fill the device; a long-context batch-1 decode leaves most of it idle.
 float32, bfloat16 and float16 caches; the scores, softmax and accumulator are float32 (float32
-inputs use IEEE dot products, not TF32). Cache writes are one small kernel (``write_kv``); prefill chunks go through attention._prefill as with TorchSDPA. Tested on CPU under TRITON_INTERPRET=1 against
-TorchSDPA (tests/unit/test_attention_triton.py). One difference there: Triton 3.9's interpreter
-computes tl.dot of bfloat16 tiles wrongly (errors of 1e10 on a 16x16 product), so on CPU tensors
-(the interpreter's only case) the dot inputs are upcast to float32 first; on CUDA half and
-bfloat16 tiles go into tl.dot as they are (tensor cores, float32 accumulation); that variant is
-compiled for sm_90 in the tests too (Triton's bundled ptxas, no GPU needed), not run.
+inputs use IEEE dot products, not TF32). Cache writes are one small kernel (``write_kv``);
+prefill chunks go through attention._prefill as with TorchSDPA. Tested on CPU under
+TRITON_INTERPRET=1 against TorchSDPA (tests/unit/test_attention_triton.py). One difference
+there: Triton 3.9's interpreter computes tl.dot of bfloat16 tiles wrongly (errors of 1e10 on a
+16x16 product), so on CPU tensors (the interpreter's only case) the dot inputs are upcast to
+float32 first; on CUDA half and bfloat16 tiles go into tl.dot as they are (tensor cores, float32
+accumulation). That variant is compiled for sm_90 in CI (Triton's bundled ptxas, no GPU needed)
+and was run on an H200 against TorchSDPA at 8B's head shape (SCALELLM_TEST_DEVICE=cuda).
 """
 
 from __future__ import annotations

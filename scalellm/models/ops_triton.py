@@ -98,6 +98,7 @@ class TritonOps:
         self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
     ) -> torch.Tensor:
         rows, n = x.shape
+        assert x.stride(1) == 1 and (residual is None or residual.stride(1) == 1)
         out = torch.empty_like(x)
         if rows == 0:
             return out
@@ -110,6 +111,7 @@ class TritonOps:
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+        assert gate_up.stride(1) == 1
         out = gate_up.new_empty(rows, inter)
         if rows == 0:
             return out
