@@ -95,6 +95,33 @@ def table(levels: list[Level], dtype: str) -> list[str]:
     return lines
 
 
+def cores(levels: list[Level], dtype: str) -> list[str]:
+    """Where each level's CPU went: the cores each kind of server process used (its CPU seconds
+    over the client's run, median over rounds; kinds under 0.01 core left out). Empty when the
+    results predate that count (no server_cpu_s)."""
+    mine = [lv for lv in levels if lv.dtype == dtype and lv.result.get("server_cpu_s")]
+    systems = [s for s in ("vllm", *OURS) if any(lv.system == s for lv in mine)]
+    if not systems:
+        return []
+    lines = ["| streams | " + " | ".join(f"{s} cores (by process)" for s in systems) + " |"]
+    lines.append("|---:|" + "---|" * len(systems))
+    for c in sorted({lv.concurrency for lv in mine}):
+        cells = [str(c)]
+        for s in systems:
+            runs = [lv for lv in mine if lv.system == s and lv.concurrency == c]
+            kinds = dict.fromkeys(k for lv in runs for k in lv.result["server_cpu_s"])
+            used = {
+                k: statistics.median(
+                    lv.result["server_cpu_s"].get(k, 0.0) / lv.result["duration"] for lv in runs
+                )
+                for k in kinds
+            }
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in used.items() if v >= 0.01)
+            cells.append(f"{sum(used.values()):.2f} ({parts})" if runs else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def plot(levels: list[Level], path: Path) -> None:
     import matplotlib
 
@@ -144,6 +171,8 @@ def write_report(levels: list[Level], results: Path, docs: Path, plot_path: Path
         lines += ["", note]
     for dtype in dict.fromkeys(lv.dtype for lv in levels):
         lines += ["", f"**{dtype}**", "", *table(levels, dtype)]
+        if used := cores(levels, dtype):
+            lines += ["", *used]
     if plot_path and importlib.util.find_spec("matplotlib") is None:
         print("matplotlib is not installed: the report has no plot", flush=True)
     elif plot_path:

@@ -1,0 +1,47 @@
+"""bench/vs_vllm_report.py's tables from saved level results (no server runs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench import vs_vllm_report
+
+
+def _level(results: Path, rnd: int, system: str, streams: int, tok_s: float, cpu: dict[str, float]) -> None:
+    result = {
+        "output_throughput": tok_s,
+        "median_tpot_ms": 100.0,
+        "p99_itl_ms": 200.0,
+        "duration": 10.0,
+        "completed": 8,
+        "num_prompts": 8,
+        "server_cpu_s": cpu,
+    }
+    (results / f"r{rnd}-float32-{system}-c{streams}.json").write_text(json.dumps(result))
+
+
+def test_the_report_shows_each_process_kinds_cores_median_over_rounds(tmp_path: Path) -> None:
+    _level(tmp_path, 0, "vllm", 64, 80.0, {"VLLM::Worker": 10.0, "VLLM::EngineCore": 5.0, "python3": 0.03})
+    _level(tmp_path, 1, "vllm", 64, 90.0, {"VLLM::Worker": 10.0, "VLLM::EngineCore": 7.0, "python3": 0.03})
+    _level(tmp_path, 2, "vllm", 64, 100.0, {"VLLM::Worker": 10.0, "VLLM::EngineCore": 10.0, "python3": 0.03})
+    _level(tmp_path, 0, "mesh-colocated", 64, 130.0, {"services.decode": 19.5, "services.gateway": 0.2})
+    _level(tmp_path, 1, "mesh-colocated", 64, 140.0, {"services.decode": 19.1, "services.gateway": 0.2})
+    levels = vs_vllm_report.load_levels(tmp_path)
+    rows = vs_vllm_report.cores(levels, "float32")
+    assert rows[0] == "| streams | vllm cores (by process) | mesh-colocated cores (by process) |"
+    # vLLM: worker 1.00, engine core median(0.5, 0.7, 1.0) = 0.70 (the mean would be 0.73),
+    # python3 0.003 (counted, not listed).
+    # Mesh: decode median(1.95, 1.91) = 1.93, gateway 0.02.
+    assert rows[2] == (
+        "| 64 | 1.70 (VLLM::Worker 1.00, VLLM::EngineCore 0.70) "
+        "| 1.95 (services.decode 1.93, services.gateway 0.02) |"
+    )
+    assert "| 64 | 90.0 (100, 200) x3 | 135.0 (100, 200) x2 | **1.50x** |" in vs_vllm_report.table(
+        levels, "float32"
+    )
+
+
+def test_results_without_cpu_counts_give_no_cores_table(tmp_path: Path) -> None:
+    _level(tmp_path, 0, "vllm", 1, 10.0, {})
+    assert vs_vllm_report.cores(vs_vllm_report.load_levels(tmp_path), "float32") == []
