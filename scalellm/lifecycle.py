@@ -59,13 +59,16 @@ def run_event_loop(main: Coroutine[Any, Any, None], loop: str = "uvloop") -> Non
     asyncio.run(main)
 
 
-async def wait_for_stop_signal() -> None:
-    """Return once SIGTERM or SIGINT arrives (installs handlers on the running loop)."""
+def stop_requested() -> asyncio.Event:
+    """An event that SIGTERM or SIGINT sets, its handlers on the running loop installed before
+    this returns. Services call it before they print their READY line: a parent that stops a
+    service the moment it reads READY then gets a drain and exit status 0, not a process killed
+    by the signal's default action (-15) in the instant before the handlers were in place."""
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
+    return stopping
 
 
 async def cancel_and_wait(*tasks: asyncio.Future[Any], retry_s: float = CANCEL_RETRY_S) -> None:

@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from scalellm.lifecycle import ReadyLine, run_event_loop, wait_for_stop_signal
+from scalellm.lifecycle import ReadyLine, run_event_loop, stop_requested
 from scalellm.registry import RegistryClient, WorkerRegistration
 from scalellm.worker.config import WorkerConfig
 from scalellm.worker.engine_host import EngineHost
@@ -113,8 +113,8 @@ class WorkerServer:
         self.metrics.close()
         self._stopped.set()
 
-    async def run_until_signal(self) -> None:
-        await wait_for_stop_signal()
+    async def run_until(self, stopping: asyncio.Event) -> None:
+        await stopping.wait()
         log.info("draining (up to %.0f s)", self.config.drain_timeout_s)
         await self.drain_and_stop()
 
@@ -126,8 +126,9 @@ def run_worker(config: WorkerConfig, build: Callable[[WorkerConfig], WorkerServe
     async def main() -> None:
         server = build(config)
         await server.start()
+        stopping = stop_requested()
         print(ReadyLine(server.address), flush=True)
-        await server.run_until_signal()
+        await server.run_until(stopping)
 
     run_event_loop(main())
     return 0

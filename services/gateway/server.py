@@ -19,7 +19,7 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from scalellm.lifecycle import ReadyLine, cancel_and_wait, wait_for_stop_signal
+from scalellm.lifecycle import ReadyLine, cancel_and_wait, stop_requested
 from scalellm.models.prepare import resolve_model_dir
 from scalellm.registry import RegistryClient, WorkerView
 from scalellm.types import InvalidParameter
@@ -187,12 +187,13 @@ async def serve(config: GatewayConfig) -> None:
     """Run one gateway until SIGTERM or SIGINT, then drain gracefully."""
     server = GatewayServer(config)
     await server.start()
+    stopping = stop_requested()  # before READY: a stop right after it drains
     print(
         ReadyLine(f"{config.host}:{server.http_port}", {"grpc": f"{config.host}:{server.grpc_port}"}),
         flush=True,
     )
     try:
-        await wait_for_stop_signal()
+        await stopping.wait()
         log.info("gateway shutting down (grace %.1f s)", config.grace_s)
     finally:
         await server.stop()

@@ -10,7 +10,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from scalellm.lifecycle import ReadyLine, cancel_and_wait, wait_for_stop_signal
+from scalellm.lifecycle import ReadyLine, cancel_and_wait, stop_requested
 from scalellm.registry.errors import BackendUnavailable
 from scalellm.registry.reaper import LeaseReaper
 from scalellm.registry.store import RegistryStore
@@ -121,9 +121,10 @@ async def serve(config: KvstoreConfig) -> None:
     server = KvstoreServer(config)
     await server.start()
     host = config.listen.rpartition(":")[0]
+    stopping = stop_requested()  # before READY: a stop right after it drains
     print(ReadyLine(f"{host}:{server.port}"), flush=True)  # like every other service of the mesh
     try:
-        await wait_for_stop_signal()
+        await stopping.wait()
         log.info("kvstore shutting down (grace %.1f s)", config.grace_s)
     finally:
         await server.stop()

@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from scalellm.lifecycle import ReadyLine, cancel_and_wait, wait_for_stop_signal
+from scalellm.lifecycle import ReadyLine, cancel_and_wait, stop_requested
 from scalellm.planner import Planner, PlannerLoop, TierPlan
 from scalellm.registry import RegistryClient, WorkerView
 from services.planner.config import PlannerServiceConfig
@@ -94,8 +94,9 @@ async def serve(config: PlannerServiceConfig) -> None:
     server = PlannerServer(config)
     await server.start()
     host = config.listen.rpartition(":")[0]
+    stopping = stop_requested()  # before READY: a stop right after it drains
     print(ReadyLine(f"{host}:{server.port}"), flush=True)  # like every other service of the mesh
     try:
-        await wait_for_stop_signal()
+        await stopping.wait()
     finally:
         await server.stop()

@@ -1,12 +1,15 @@
-"""cancel_and_wait: stopping background tasks that may swallow a cancel."""
+"""cancel_and_wait: stopping background tasks that may swallow a cancel; stop_requested: the stop
+signals caught from the moment it returns."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 
 import pytest
 
-from scalellm.lifecycle import cancel_and_wait
+from scalellm.lifecycle import cancel_and_wait, stop_requested
 
 
 async def _swallows_first_cancel(cancels_seen: list[int]) -> None:
@@ -65,3 +68,13 @@ async def test_nothing_to_cancel_returns_without_suspending() -> None:
         step = cancel_and_wait(*tasks).__await__()
         with pytest.raises(StopIteration):
             next(step)
+
+
+async def test_a_stop_signal_right_after_stop_requested_sets_the_event_instead_of_killing() -> None:
+    """What a service relies on when it prints READY just after: SIGTERM sent before the loop
+    runs again (no await in between) is already handled. Without the handler in place the default
+    action would end this test process."""
+    stopping = stop_requested()
+    os.kill(os.getpid(), signal.SIGTERM)
+    await asyncio.wait_for(stopping.wait(), timeout=10)
+    assert stopping.is_set()
