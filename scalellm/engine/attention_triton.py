@@ -43,18 +43,8 @@ if AVAILABLE:
     import triton
     import triton.language as tl
 
-    from scalellm.models.triton_jit import Jitted
-
-    # tl.max and tl.sum are themselves jitted, and Triton's interpreter cannot call those unless
-    # TRITON_INTERPRET was set before triton was imported; tl.reduce with combine functions of
-    # our own runs both compiled and interpreted (the interpreter calls their Python bodies).
-    @triton.jit
-    def _max_combine(a, b):  # type: ignore[no-untyped-def]
-        return tl.maximum(a, b)
-
-    @triton.jit
-    def _add_combine(a, b):  # type: ignore[no-untyped-def]
-        return a + b
+    # tl.reduce with triton_jit's combine functions, not tl.max / tl.sum (see triton_jit)
+    from scalellm.models.triton_jit import Jitted, add_combine, max_combine
 
     def _paged_decode_body(  # type: ignore[no-untyped-def]
         out_ptr, q_ptr, kv_ptr, table_ptr, lens_ptr, scale,
@@ -94,10 +84,10 @@ if AVAILABLE:
                 v = v.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
             s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.reduce(s, 1, _max_combine))
+            m_new = tl.maximum(m, tl.reduce(s, 1, max_combine))
             alpha = tl.exp(m - m_new)
             p = tl.exp(s - m_new[:, None])
-            total = total * alpha + tl.reduce(p, 1, _add_combine)
+            total = total * alpha + tl.reduce(p, 1, add_combine)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
             m = m_new
         out = acc / total[:, None]

@@ -27,11 +27,7 @@ if AVAILABLE:
     import triton
     import triton.language as tl
 
-    from scalellm.models.triton_jit import Jitted
-
-    @triton.jit
-    def _add_combine(a, b):  # type: ignore[no-untyped-def]
-        return a + b
+    from scalellm.models.triton_jit import Jitted, add_combine
 
     def _rms_norm_body(  # type: ignore[no-untyped-def]
         out_ptr, x_ptr, res_ptr, w_ptr, eps, n, stride_x, stride_r, stride_o,
@@ -46,7 +42,7 @@ if AVAILABLE:
             rounded = r.to(res_ptr.dtype.element_ty)  # what residual.add_(x) leaves behind
             tl.store(res_ptr + row * stride_r + cols, rounded, mask=mask)
             x = rounded.to(tl.float32)
-        mean_square = tl.reduce(x * x, 0, _add_combine) / n
+        mean_square = tl.reduce(x * x, 0, add_combine) / n
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         y = x / tl.sqrt(mean_square + eps) * w
         tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)

@@ -1,10 +1,12 @@
-"""One jitted Triton kernel per mode: compiled, or run by Triton's CPU interpreter.
+"""What the Triton kernels share (attention_triton, moe_triton, ops_triton); imported only where
+triton is.
 
-``triton.jit`` reads TRITON_INTERPRET when it wraps a function, and the CPU tests set it per test,
-so a kernel body is wrapped on first use in each mode and kept apart (attention_triton, moe_triton,
-ops_triton). Bodies avoid Triton's own jitted helpers (tl.zeros, tl.max, tl.sum): the interpreter
-cannot call those unless TRITON_INTERPRET was set before triton was imported; tl.full and tl.reduce
-with combine functions of our own run both ways.
+``Jitted``: ``triton.jit`` reads TRITON_INTERPRET when it wraps a function, and the CPU tests set
+it per test, so a kernel body is wrapped on first use in each mode (compiled, or run by Triton's
+CPU interpreter) and the two are kept apart. Bodies avoid Triton's own jitted helpers (tl.zeros,
+tl.max, tl.sum): the interpreter cannot call those unless TRITON_INTERPRET was set before triton
+was imported; tl.full, and tl.reduce with the combine functions below, run both ways (the
+interpreter calls their Python bodies).
 """
 
 from __future__ import annotations
@@ -12,6 +14,19 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from typing import Any
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def max_combine(a, b):  # type: ignore[no-untyped-def]
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def add_combine(a, b):  # type: ignore[no-untyped-def]
+    return a + b
 
 
 class Jitted:
@@ -22,8 +37,6 @@ class Jitted:
         self._modes: dict[bool, Any] = {}
 
     def __call__(self) -> Any:
-        import triton
-
         interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
         if interpret not in self._modes:
             self._modes[interpret] = triton.jit(self.body)
