@@ -56,7 +56,6 @@ sys.path.insert(0, str(ROOT))
 from scalellm.engine.config import EngineConfig  # noqa: E402
 from scalellm.engine.model_runner import ModelRunner, SeqStep  # noqa: E402
 from scalellm.models.config import ModelConfig  # noqa: E402
-from scalellm.models.llama import LlamaForCausalLM  # noqa: E402
 from scalellm.models.loader import random_model  # noqa: E402
 from scalellm.models.quant_linear import weight_bytes as model_weight_bytes  # noqa: E402
 
@@ -232,41 +231,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "graphs": {},
         "decode": [],
     }
-    for mode in args.graphs:  # a mode that fails is reported and the next one still runs
+    for mode in args.graphs:  # one runner per mode; a mode that fails is reported, the next runs
+        limit = max(args.batch) if mode == "on" else 0
+        runner = None
         try:
-            run_mode(args, mode, config, cfg, max_len, model, result, bandwidth, peak)
+            runner = ModelRunner(replace(config, cuda_graph_max_batch=limit), cfg, max_len, model=model)
+            result["attention"] = runner.attention.name
+            buckets = None if runner.graphs is None else {"buckets": list(runner.graphs.buckets)}
+            result["graphs"][mode] = buckets
+            result["decode"] += decode_rows(args, runner, mode, bandwidth)
+            if "prefill" not in result:
+                result["prefill"] = prefill_row(args, runner, peak)
         except Exception:
             result.setdefault("errors", {})[mode] = traceback.format_exc()
             print(f"graphs {mode} failed:\n{result['errors'][mode]}", file=sys.stderr, flush=True)
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        finally:
+            if runner is not None:
+                runner.close()
+            del runner
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return result
-
-
-def run_mode(
-    args: argparse.Namespace,
-    mode: str,
-    config: EngineConfig,
-    cfg: ModelConfig,
-    max_len: int,
-    model: LlamaForCausalLM,
-    result: dict[str, Any],
-    bandwidth: float,
-    peak: float,
-) -> None:
-    """Decode rows (and, the first time, the prefill) of one graphs mode on its own runner."""
-    limit = max(args.batch) if mode == "on" else 0
-    runner = ModelRunner(replace(config, cuda_graph_max_batch=limit), cfg, max_len, model=model)
-    try:
-        result["attention"] = runner.attention.name
-        graphs = runner.graphs
-        result["graphs"][mode] = None if graphs is None else {"buckets": list(graphs.buckets)}
-        result["decode"] += decode_rows(args, runner, mode, bandwidth)
-        if "prefill" not in result:
-            result["prefill"] = prefill_row(args, runner, peak)
-    finally:
-        runner.close()
 
 
 def decode_rows(
