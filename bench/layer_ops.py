@@ -5,8 +5,10 @@
 SmolLM2's shapes (hidden 576, intermediate 1536, 9 + 3 + 3 heads of 64): the residual add and
 RMSNorm, SiLU-and-mul, rope on q and k, and the K/V cache write, each as ``models.ops.TorchOps``
 (and the indexed copy of ``attention.TorchSDPA``) and as ``cpu_kernels.CpuFusedOps`` (and
-``CpuPagedDecode.write_kv``). Calls alternate between the two; prints the minimum and median
-microseconds per call. A step runs each op about 30-60 times (once or twice per layer).
+``CpuPagedDecode.write_kv``), and greedy sampling's argmax over the 49152-token vocabulary
+(``torch.argmax`` against ``cpu_kernels.argmax``). Calls alternate between the two; prints the
+minimum and median microseconds per call. A step runs each layer op about 30-60 times (once or
+twice per layer) and the argmax once.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def cases(tokens: int, dtype: torch.dtype) -> dict[str, tuple[Callable[[], objec
     meta = AttentionMetadata(slots, torch.arange(tokens) % 16, tokens, None, None, (), TorchSDPA())
     new_kv = qkv[:, 9:].unflatten(1, (2, 3))
     paged = cpu_kernels.CpuPagedDecode()
+    logits = torch.randn(tokens, 49152).to(dtype)
     return {
         "add + rms_norm": (
             lambda: ref.rms_norm(x, weight, 1e-5, residual),
@@ -57,6 +60,7 @@ def cases(tokens: int, dtype: torch.dtype) -> dict[str, tuple[Callable[[], objec
             lambda: TorchSDPA().write_kv(cache, new_kv, meta),
             lambda: paged.write_kv(cache, new_kv, meta),
         ),
+        "argmax (vocab)": (lambda: logits.argmax(dim=-1), lambda: cpu_kernels.argmax(logits)),
     }
 
 

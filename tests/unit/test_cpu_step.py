@@ -267,10 +267,11 @@ def test_auto_dtype_on_cpu_follows_native_bf16_and_explicit_wins() -> None:
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])  # float16: torch's
-@pytest.mark.parametrize("vocab", [1, 15, 16, 17, 100, 49152])
+@pytest.mark.parametrize("vocab", [1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 100, 49152])
 def test_argmax_kernel_gives_torchs_indices(dtype: torch.dtype, vocab: int) -> None:
-    """First of a repeated maximum, rows of -inf and of zeros, NaN (torch picks the first one),
-    vocabularies on and off the 16-lane boundary, and a strided view of wider rows."""
+    """First of a repeated maximum, rows of -inf and of zeros, NaN (torch picks the first one,
+    before or after a larger value), vocabularies on and off the 8-, 16- and 32-lane boundaries
+    (AVX2, AVX-512, AVX2's four-vector NaN check), and a strided view of wider rows."""
     logits = torch.randn(7, vocab, generator=torch.Generator().manual_seed(vocab)).to(dtype)
     logits[1, vocab // 2] = logits[1].max()
     logits[2] = float("-inf")
@@ -279,6 +280,8 @@ def test_argmax_kernel_gives_torchs_indices(dtype: torch.dtype, vocab: int) -> N
     if vocab > 3:
         logits[5, 3] = float("nan")
         logits[5, vocab - 1] = float("nan")
+        logits[6, 1] = float("inf")
+        logits[6, vocab * 2 // 3] = float("nan")
     assert torch.equal(cpu_kernels.argmax(logits), logits.argmax(dim=-1))
     wide = torch.randn(3, vocab + 24).to(dtype)[:, :vocab]
     assert torch.equal(cpu_kernels.argmax(wide), wide.argmax(dim=-1))
