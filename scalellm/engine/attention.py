@@ -66,6 +66,18 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None = None
     """[B, 1, 1, max_blocks * block_size]: True where the slot holds context (TorchSDPA only)."""
 
+    @classmethod
+    def decodes(
+        cls,
+        slot_blocks: torch.Tensor,
+        slot_offsets: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        backend: AttentionBackend,
+    ) -> AttentionMetadata:
+        """A step of decodes only, one new token per row of ``block_tables``."""
+        return cls(slot_blocks, slot_offsets, block_tables.shape[0], block_tables, context_lens, (), backend)
+
 
 class AttentionBackend(Protocol):
     name: str

@@ -166,13 +166,11 @@ class DecodeGraphs:
     def _forward(self, rows: int) -> None:
         """The model over the first ``rows`` static rows, into the static output (what a graph
         captures)."""
-        meta = AttentionMetadata(
+        meta = AttentionMetadata.decodes(
             self.slot_blocks[:rows],
             self.slot_offsets[:rows],
-            rows,
             self.block_tables[:rows],
             self.context_lens[:rows],
-            (),
             self.backend,
         )
         meta = self.backend.prepare(meta, self.block_size)

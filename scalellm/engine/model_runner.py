@@ -374,13 +374,13 @@ class ModelRunner:
         packed = self._ints(input_ids + positions + slot_blocks + sample_rows + context + tables)
         ids_t, pos_t, slots_t, sample_t, context_t, tables_t = packed.split(sizes)
         meta = AttentionMetadata(
-            slots_t,
-            pos_t % bs,
-            len(decodes),
-            tables_t.view(len(decodes), width) if decodes else None,
-            context_t if decodes else None,
-            tuple(spans),
-            self.attention,
+            slot_blocks=slots_t,
+            slot_offsets=pos_t % bs,
+            num_decode_tokens=len(decodes),
+            decode_block_tables=tables_t.view(len(decodes), width) if decodes else None,
+            decode_context_lens=context_t if decodes else None,
+            prefills=tuple(spans),
+            backend=self.attention,
         )
         meta = self.attention.prepare(meta, bs)
         return StepInputs(ids_t, pos_t, meta, sample_t, sampling, prefill_offsets)

@@ -48,7 +48,7 @@ def _decode_meta(backend: AttentionBackend) -> AttentionMetadata:
     """Three decodes, their new tokens' slots at positions CONTEXTS - 1."""
     lens = torch.tensor(CONTEXTS)
     slot_blocks = torch.tensor([t[(n - 1) // BLOCK_SIZE] for t, n in zip(TABLES, CONTEXTS, strict=True)])
-    return AttentionMetadata(slot_blocks, (lens - 1) % BLOCK_SIZE, 3, _tables(), lens, (), backend)
+    return AttentionMetadata.decodes(slot_blocks, (lens - 1) % BLOCK_SIZE, _tables(), lens, backend)
 
 
 @pytest.mark.parametrize("head_dim", [16, 32])
@@ -203,7 +203,7 @@ def test_the_compiled_kernel_on_cuda_equals_torch_sdpa_at_an_8b_shape(
     lens = torch.tensor(contexts, device=device)
     table = torch.tensor(tables, device=device)
     backend = attention_triton.TritonPagedDecode()
-    meta = AttentionMetadata(lens * 0, lens * 0, len(contexts), table, lens, (), backend)
+    meta = AttentionMetadata.decodes(lens * 0, lens * 0, table, lens, backend)
     got = backend.decode(q, kv, meta, dim**-0.5)
     sdpa = TorchSDPA()
     expected = sdpa.decode(q.float(), kv.float(), sdpa.prepare(meta, block), dim**-0.5)

@@ -287,5 +287,9 @@ def test_build_engine_builds_on_a_thread_that_leaves_no_openmp_team_behind(tiny_
         assert _drain_one(engine, _prompt(0))[-1].finished
     finally:
         engine.close()
-    with pytest.raises(ValueError, match="bad model"):
-        build_engine(lambda: (_ for _ in ()).throw(ValueError("bad model")))
+
+    def bad_model() -> LLMEngine:
+        raise ValueError("bad model")
+
+    with pytest.raises(ValueError, match="bad model"):  # raised on the loader thread, re-raised here
+        build_engine(bad_model)

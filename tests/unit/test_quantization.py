@@ -258,8 +258,8 @@ def test_int8_decode_equals_sdpa_over_the_dequantized_cache() -> None:
     context = torch.tensor([13, 1, 16])
     q = torch.randn(3, 6, 32, generator=gen)
     backend = Int8KVSDPA(torch.float32)
-    meta = AttentionMetadata(
-        torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), 3, tables, context, (), backend
+    meta = AttentionMetadata.decodes(
+        torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), tables, context, backend
     )
     meta = backend.prepare(meta, 4)
     assert meta.decode_mask is not None
