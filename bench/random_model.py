@@ -1,9 +1,12 @@
 """A randomly initialised copy of a model folder: same config, tokenizer and chat template, new weights.
 
-    python bench/random_model.py SRC_FOLDER DST_FOLDER [--seed 0] [--moe]
+    python bench/random_model.py SRC_FOLDER DST_FOLDER [--seed 0] [--moe | --tiny]
 
 --moe writes a Mixtral of MOE_SHAPE instead (8 experts, 2 per token) with SRC's vocabulary and
-tokenizer: an MoE shape to measure where no MoE checkpoint can travel.
+tokenizer: an MoE shape to measure where no MoE checkpoint can travel. --tiny shrinks SRC's
+config to TINY_SHAPE (one layer, 64 wide, a 1024-token vocabulary): a model whose forward pass
+costs next to nothing, so that a step's time is the engine's host work (bench/step_ab.py
+--model); SRC's tokenizer is copied but yields ids past that vocabulary, so feed it token ids.
 
 For measuring where the real weights cannot go (a GPU machine that reaches no model hub and takes
 only small uploads): speed depends on the shapes, not on the values, and greedy parity with
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import shutil
 from pathlib import Path
+from typing import Any
 
 # Everything in a model folder except its weights.
 SIDE_FILES = (
@@ -26,7 +30,7 @@ SIDE_FILES = (
 )
 
 
-MOE_SHAPE = dict(
+MOE_SHAPE: dict[str, Any] = dict(
     hidden_size=1024,
     intermediate_size=3584,
     num_hidden_layers=8,
@@ -40,13 +44,27 @@ quarter of its width and a quarter of its depth: with a 49152-token vocabulary a
 parameters (3.3 GB in float32), 0.3 B active per token."""
 
 
-def random_like(src: Path, dst: Path, seed: int = 0, moe: bool = False) -> Path:
+TINY_SHAPE: dict[str, Any] = dict(
+    vocab_size=1024,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,
+)
+"""A Llama with next to no arithmetic: what is left of a step is the host's."""
+
+
+def random_like(src: Path, dst: Path, seed: int = 0, moe: bool = False, tiny: bool = False) -> Path:
     """Write a float32 checkpoint with src's config (or a Mixtral of MOE_SHAPE with src's
-    vocabulary) and fresh random weights, plus src's side files."""
+    vocabulary, or src's config at TINY_SHAPE) and fresh random weights, plus src's side files."""
     import torch
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(src)
+    if tiny:
+        config.update(TINY_SHAPE)
     if moe:
         config = transformers.MixtralConfig(
             vocab_size=config.vocab_size,
@@ -73,9 +91,13 @@ def main() -> None:
     parser.add_argument("src", type=Path)
     parser.add_argument("dst", type=Path)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--moe", action="store_true", help="a Mixtral of MOE_SHAPE, src's vocabulary")
+    shape = parser.add_mutually_exclusive_group()
+    shape.add_argument("--moe", action="store_true", help="a Mixtral of MOE_SHAPE, src's vocabulary")
+    shape.add_argument(
+        "--tiny", action="store_true", help="src's config at TINY_SHAPE (host-cost benchmarks)"
+    )
     args = parser.parse_args()
-    print(random_like(args.src, args.dst, args.seed, args.moe))
+    print(random_like(args.src, args.dst, args.seed, args.moe, args.tiny))
 
 
 if __name__ == "__main__":

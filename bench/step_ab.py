@@ -1,11 +1,12 @@
 """The engine's decode step, this tree against an older revision, in alternating processes.
 
     python bench/step_ab.py --baseline-rev HEAD~3 [--batch 1 64] [--dtypes bfloat16 float32] [--rounds 3]
+        [--model FOLDER]
 
 The baseline revision is exported with ``git archive`` into a temporary folder, the working
 tree (committed or not) copied beside it. Each round runs
 one process per tree (the order alternates between rounds) on one torch thread; each process
-builds an engine on the demo model, starts B requests of 128 prompt tokens, lets them all decode,
+builds an engine on the demo model (or --model), starts B requests of 128 prompt tokens, lets them all decode,
 then times --steps pure decode steps (``LLMEngine.step``): wall time and the CPU time of the
 stepping thread (one torch thread runs the whole step in it, so CPU time is what the step costs,
 whatever else preempts it on a shared machine). The summary gives, per tree and setting, the
@@ -28,7 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def time_steps(tree: Path, dtype: str, batches: list[int], steps: int) -> dict[str, list[float]]:
+def time_steps(
+    tree: Path, dtype: str, batches: list[int], steps: int, model: str | None
+) -> dict[str, list[float]]:
     """In a child process whose imports come from ``tree``: median wall and CPU ms per decode step,
     by batch."""
     sys.path.insert(0, str(tree))
@@ -40,13 +43,15 @@ def time_steps(tree: Path, dtype: str, batches: list[int], steps: int) -> dict[s
 
     torch.set_num_threads(1)
     top = max(batches)
-    config = EngineConfig(device="cpu", dtype=dtype, max_num_seqs=top, num_kv_blocks=top * 16, num_threads=1)
+    config = EngineConfig(
+        model=model, device="cpu", dtype=dtype, max_num_seqs=top, num_kv_blocks=top * 16, num_threads=1
+    )
     engine = LLMEngine(config)
     result = {}
     for batch in batches:
         params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
         for i in range(batch):
-            engine.add_request(f"{batch}-{i}", [100 + (i + j) % 1000 for j in range(128)], params)
+            engine.add_request(f"{batch}-{i}", [100 + (i + j) % 900 for j in range(128)], params)
         decoding: set[str] = set()
         while len(decoding) < batch:
             decoding.update(e.request_id for e in engine.step() if e.token_id is not None)
@@ -72,10 +77,12 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--model", help="model folder (default: the demo model); a --tiny one from "
+                        "bench/random_model.py leaves the host's share of a step")  # fmt: skip
     parser.add_argument("--child", nargs=2, metavar=("TREE", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(time_steps(Path(args.child[0]), args.child[1], args.batch, args.steps)))
+        print(json.dumps(time_steps(Path(args.child[0]), args.child[1], args.batch, args.steps, args.model)))
         return
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,7 +106,8 @@ def main() -> None:
             for dtype in args.dtypes:
                 for name, tree in order:
                     cmd = [sys.executable, str(current / "bench" / "step_ab.py"), "--baseline-rev", args.baseline_rev,
-                           "--child", str(tree), dtype, "--steps", str(args.steps), "--batch", *map(str, args.batch)]  # fmt: skip
+                           "--child", str(tree), dtype, "--steps", str(args.steps), "--batch", *map(str, args.batch),
+                           *(["--model", args.model] if args.model else [])]  # fmt: skip
                     load = Path("/proc/loadavg").read_text().split()[0]
                     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=tree).stdout
                     for batch, (wall, cpu) in json.loads(out.strip().splitlines()[-1]).items():
