@@ -13,16 +13,18 @@
 #   there, for dense models), and tests/unit/test_cuda_graphs.py: captured graphs against eager
 #   steps (logits, the cache outside the step's slots untouched, greedy tokens through the engine),
 #   and the compiled Triton kernels against torch: tests/unit/test_ops_triton.py's fused layer ops
-#   and the paged-decode kernel at 8B's head shape (test_attention_triton.py), in float32, bfloat16
-#   and float16 (their interpreted CPU variants are CI's: the machine's older Triton interpreter
-#   cannot run the decode kernel's loop over a loaded bound)
+#   and the paged-decode and varlen prefill kernels at 8B's head shape (test_attention_triton.py),
+#   in float32, bfloat16 and float16 (their interpreted CPU variants are CI's: the machine's older
+#   Triton interpreter cannot run the kernels' loops over a loaded bound)
+# prefill: the Triton varlen prefill kernel (one launch for a step's chunks) against SDPA chunk by
+#   chunk, at 8B's head shape in bfloat16 (bench/prefill_attention.py; OUTDIR/prefill.json)
 # Stages (any subset, in order): env exact parity throughput backends profile gateway gateway-paired moe
-#   roofline
+#   roofline prefill
 #   bash bench/gpu_suite.sh SIDE TINY OUTDIR [STAGE...]
 set -uo pipefail
 side=$1 tiny=$2 out=$3
 shift 3
-stages=${*:-env exact parity throughput backends profile gateway gateway-paired moe roofline}
+stages=${*:-env exact parity throughput backends profile gateway gateway-paired moe roofline prefill}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 rand=/tmp/scalellm-random-$(basename "$side")
@@ -46,6 +48,7 @@ for s in $stages; do
       stage exact 240 env SCALELLM_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider \
         tests/unit/test_engine_exact.py tests/unit/test_cuda_graphs.py tests/unit/test_ops_triton.py \
         tests/unit/test_attention_triton.py::test_the_compiled_kernel_on_cuda_equals_torch_sdpa_at_an_8b_shape \
+        tests/unit/test_attention_triton.py::test_the_compiled_prefill_kernel_on_cuda_equals_torch_sdpa_at_an_8b_shape \
         tests/unit/test_attention_triton.py::test_write_kv_puts_each_token_in_its_slot_as_indexing_does \
         -k "not demo and not cpu" ;;
     parity)
@@ -81,6 +84,9 @@ for s in $stages; do
       stage roofline 360 python3 bench/decode_roofline.py --shape 8b --device cuda \
         --batch 1 16 64 256 --context 512 --steps 20 --prefill 2048 --graphs off on \
         --json "$out/roofline.json" ;;
+    prefill)
+      stage prefill 120 python3 bench/prefill_attention.py --device cuda --shape 8b --dtype bfloat16 \
+        --repeats 20 --json "$out/prefill.json" ;;
     *) echo "unknown stage $s" ;;
   esac
 done

@@ -17,12 +17,14 @@ Backends:
 - ``TorchSDPA`` (every device): each decode's blocks are gathered into a padded [B, L] context
   and attended with one masked SDPA call, the query heads that share a K/V head folded into the
   query length (so grouped-query K/V is never repeated; see _decode). Prefill chunks attend one
-  request at a time.
+  request at a time (``prefill_each_span``).
 - ``CpuPagedDecode`` (CPU, where its C++ kernel builds; scalellm/engine/cpu_kernels.py): decodes
   read K/V straight from their blocks, no gathered copy; prefill chunks as TorchSDPA.
 - ``TritonPagedDecode`` (CUDA, where triton imports; scalellm/engine/attention_triton.py): the
-  same for GPUs, one Triton program per (sequence, K/V head); ``SCALELLM_ATTENTION_TORCH=1``
+  same for GPUs, one Triton program per (sequence, K/V head), and every prefill chunk of a step
+  in one varlen launch that reads its context from the blocks; ``SCALELLM_ATTENTION_TORCH=1``
   keeps TorchSDPA there instead.
+- ``kv_quant.Int8KVSDPA`` (an int8 cache, any device): TorchSDPA's way, dequantizing what it reads.
 """
 
 from __future__ import annotations
@@ -65,6 +67,11 @@ class AttentionMetadata:
     backend: AttentionBackend
     decode_mask: torch.Tensor | None = None
     """[B, 1, 1, max_blocks * block_size]: True where the slot holds context (TorchSDPA only)."""
+    prefill_bounds: torch.Tensor | None = None
+    """[S, 3] the ``prefills`` as rows (start, length, context_len) on the device, for a backend
+    that runs every chunk in one kernel (None when the step has no prefill chunk)."""
+    prefill_tables: torch.Tensor | None = None
+    """[S, max_blocks] each chunk's block table (its ``block_table``, padded with 0), on the device."""
 
     @classmethod
     def decodes(
@@ -100,16 +107,26 @@ class AttentionBackend(Protocol):
         """q [B, Hq, D] of the step's decodes -> [B, Hq, D]; their K/V is already in ``kv``."""
         ...
 
+    def prefill(
+        self,
+        q: torch.Tensor,
+        new_kv: torch.Tensor,
+        kv: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        out: torch.Tensor,
+    ) -> None:
+        """The step's prefill chunks (``meta.prefills``): rows [span.start, span.end) of q [T, Hq,
+        D] attend their context and, causally, their own chunk, into the same rows of out [T,
+        Hq, D]. new_kv [T, 2, Hkv, D] is the step's new K/V, already written into ``kv``."""
+        ...
+
 
 def paged_attention(
     q: torch.Tensor, new_kv: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
     """q [T, Hq, D] and new_kv [T, 2, Hkv, D] (rope applied); writes new_kv into the cache and
     returns the attention output [T, Hq * D]."""
-    if kv.dtype == torch.int8:  # an int8 cache quantizes writes, dequantizes reads (kv_quant)
-        from scalellm.engine import kv_quant  # here: kv_quant builds on this module
-
-        return kv_quant.paged_attention(q, new_kv, kv, meta, scale)
     num_tokens, num_heads, head_dim = q.shape
     meta.backend.write_kv(kv, new_kv, meta)
     nd = meta.num_decode_tokens
@@ -118,9 +135,21 @@ def paged_attention(
     out = torch.empty_like(q)
     if nd:
         out[:nd] = meta.backend.decode(q[:nd], kv, meta, scale)
+    meta.backend.prefill(q, new_kv, kv, meta, scale, out)
+    return out.view(num_tokens, num_heads * head_dim)
+
+
+def prefill_each_span(
+    q: torch.Tensor,
+    new_kv: torch.Tensor,
+    kv: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """AttentionBackend.prefill one chunk at a time through torch's SDPA (``_prefill``)."""
     for span in meta.prefills:
         out[span.start : span.end] = _prefill(q, new_kv, kv, span, scale)
-    return out.view(num_tokens, num_heads * head_dim)
 
 
 class TorchSDPA:
@@ -145,6 +174,8 @@ class TorchSDPA:
     ) -> torch.Tensor:
         assert meta.decode_block_tables is not None and meta.decode_mask is not None
         return _decode(q, kv[:, 0], kv[:, 1], meta.decode_block_tables, meta.decode_mask, scale)
+
+    prefill = staticmethod(prefill_each_span)
 
 
 FORCE_TORCH_ENV = "SCALELLM_ATTENTION_TORCH"

@@ -18,14 +18,19 @@ share that K/V head are the rows of one tile, so each K/V token is loaded once f
 Not split-K: one program walks the whole context, which is enough at the batch sizes where
 (B x Hkv) programs fill the device; a long-context batch-1 decode leaves most of it idle.
 float32, bfloat16 and float16 caches; the scores, softmax and accumulator are float32 (float32
-inputs use IEEE dot products, not TF32). Cache writes are one small kernel (``write_kv``);
-prefill chunks go through attention._prefill as with TorchSDPA. Tested on CPU under
-TRITON_INTERPRET=1 against TorchSDPA (tests/unit/test_attention_triton.py). One difference
-there: Triton 3.9's interpreter computes tl.dot of bfloat16 tiles wrongly (errors of 1e10 on a
-16x16 product), so on CPU tensors (the interpreter's only case) the dot inputs are upcast to
-float32 first; on CUDA half and bfloat16 tiles go into tl.dot as they are (tensor cores, float32
-accumulation). That variant is compiled for sm_90 in CI (Triton's bundled ptxas, no GPU needed)
-and was run on an H200 against TorchSDPA at 8B's head shape (SCALELLM_TEST_DEVICE=cuda).
+inputs use IEEE dot products, not TF32). Cache writes are one small kernel (``write_kv``).
+A step's prefill chunks run in one launch of a second kernel (``paged_prefill``): the same
+tiles and softmax, query rows of a (chunk, K/V head) pair, each chunk's context and its own K/V
+read through its block table (written before attention, as for decodes), a causal mask within
+the chunk.
+
+Both are tested on CPU under TRITON_INTERPRET=1 against TorchSDPA
+(tests/unit/test_attention_triton.py). One difference there: Triton 3.9's interpreter computes
+tl.dot of bfloat16 tiles wrongly (errors of 1e10 on a 16x16 product), so on CPU tensors (the
+interpreter's only case) the dot inputs are upcast to float32 first; on CUDA half and bfloat16
+tiles go into tl.dot as they are (tensor cores, float32 accumulation). That variant is compiled
+for sm_90 in CI (Triton's bundled ptxas, no GPU needed); the decode kernel was run on an H200
+against TorchSDPA at 8B's head shape (SCALELLM_TEST_DEVICE=cuda), the prefill kernel not yet.
 """
 
 from __future__ import annotations
@@ -112,6 +117,65 @@ if AVAILABLE:
 
     _write_kv = Jitted(_write_kv_body)
 
+    def _paged_prefill_body(  # type: ignore[no-untyped-def]
+        out_ptr, q_ptr, kv_ptr, table_ptr, bounds_ptr, scale,
+        stride_qt, stride_qh, stride_ot, stride_oh, stride_tb,
+        stride_kb, stride_kv, stride_ks, stride_kh,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    ):  # fmt: skip
+        span = tl.program_id(0).to(tl.int64)
+        tile = tl.program_id(1)
+        kv_head = tl.program_id(2)
+        start = tl.load(bounds_ptr + span * 3)
+        length = tl.load(bounds_ptr + span * 3 + 1)
+        context = tl.load(bounds_ptr + span * 3 + 2)
+        tokens_per_tile = BLOCK_R // GROUP
+        first = tile * tokens_per_tile
+        if first < length:
+            r = tl.arange(0, BLOCK_R)
+            d = tl.arange(0, BLOCK_D)
+            token = first + r // GROUP  # row r: token first + r // G, query head j*G + r % G
+            heads = kv_head * GROUP + r % GROUP
+            rows_ok = (r < tokens_per_tile * GROUP) & (token < length)
+            q_mask = rows_ok[:, None] & (d[None, :] < HEAD_DIM)
+            q_rows = (start + token).to(tl.int64) * stride_qt + heads * stride_qh
+            q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=q_mask, other=0.0)
+            if UPCAST_DOT:
+                q = q.to(tl.float32)
+            position = context + token  # each row's query position: it sees keys 0 .. position
+            end = context + tl.minimum(first + tokens_per_tile, length)
+            m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+            total = tl.full((BLOCK_R,), 0.0, tl.float32)
+            acc = tl.full((BLOCK_R, BLOCK_D), 0.0, tl.float32)
+            head_base = kv_ptr + kv_head.to(tl.int64) * stride_kh
+            for n0 in range(0, end, BLOCK_N):
+                n = n0 + tl.arange(0, BLOCK_N)
+                valid = n < end
+                block = tl.load(table_ptr + span * stride_tb + n // BLOCK_SIZE, mask=valid, other=0)
+                kv_rows = (
+                    head_base + block.to(tl.int64) * stride_kb + (n % BLOCK_SIZE).to(tl.int64) * stride_ks
+                )
+                kv_mask = valid[:, None] & (d[None, :] < HEAD_DIM)
+                k = tl.load(kv_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+                v = tl.load(kv_rows[:, None] + stride_kv + d[None, :], mask=kv_mask, other=0.0)
+                if UPCAST_DOT:
+                    k = k.to(tl.float32)
+                    v = v.to(tl.float32)
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+                s = tl.where(valid[None, :] & (n[None, :] <= position[:, None]), s, float("-inf"))
+                m_new = tl.maximum(m, tl.reduce(s, 1, max_combine))  # finite: key 0 is in every row's view
+                alpha = tl.exp(m - m_new)
+                p = tl.exp(s - m_new[:, None])
+                total = total * alpha + tl.reduce(p, 1, add_combine)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+                m = m_new
+            out = acc / total[:, None]
+            o_rows = (start + token).to(tl.int64) * stride_ot + heads * stride_oh
+            tl.store(out_ptr + o_rows[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+    _prefill_kernel = Jitted(_paged_prefill_body)
+
 
 def paged_decode(
     q: torch.Tensor,
@@ -148,6 +212,54 @@ def paged_decode(
     return out
 
 
+def paged_prefill(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    tables: torch.Tensor,
+    bounds: torch.Tensor,
+    max_length: int,
+    scale: float,
+    out: torch.Tensor,
+    block_r: int | None = None,
+    block_n: int | None = None,
+) -> None:
+    """Every prefill chunk of a step in one launch, into its rows of ``out``. q and out [T, Hq,
+    D]; kv [num_blocks, 2, block_size, Hkv, D] (a strided layer view), holding each chunk's own
+    K/V already (written before attention); tables [S, max_blocks] each chunk's blocks from
+    position 0 on; bounds [S, 3] (start row in q, length, tokens cached before it); max_length
+    the longest chunk (sizes the grid). ``block_r``: rows of a query tile (query heads of a K/V
+    head times tokens); ``block_n``: keys per tile; None: 64, or 32 for a float32 cache.
+
+        grid (S, tiles of the longest chunk, Hkv)    program (s, t, j): chunk s, K/V head j
+        rows   r = 0 .. block_r - 1: token t*R + r // G, query head j*G + r % G  (R = block_r // G)
+        keys   0 .. context + the tile's last token, read through table[s] as the decode kernel
+               does; row (token i) sees keys <= context + i (causal within the chunk)
+
+    Programs past their chunk's length return at once. Like the decode kernel: float32 scores,
+    softmax and accumulator, IEEE dot products for float32 inputs."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    _, two, block_size, num_kv_heads, _ = kv.shape
+    num_spans = bounds.shape[0]
+    if num_spans == 0:
+        return
+    wide = 32 if kv.element_size() == 4 else 64
+    group = num_heads // num_kv_heads
+    block_r = max(block_r or wide, 16, triton.next_power_of_2(group))
+    block_n = block_n or wide
+    assert two == 2 and num_heads % num_kv_heads == 0 and block_n >= 16
+    assert q.stride(2) == 1 and out.stride(2) == 1 and kv.stride(4) == 1 and tables.stride(1) == 1
+    assert bounds.is_contiguous() and bounds.shape[1] == 3
+    tiles = -(-max_length // (block_r // group))
+    _prefill_kernel()[(num_spans, tiles, num_kv_heads)](
+        out, q, kv, tables, bounds, scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0),
+        kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_R=block_r, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_N=block_n, UPCAST_DOT=not q.is_cuda,
+    )  # fmt: skip
+
+
 def write_kv(
     kv: torch.Tensor, new_kv: torch.Tensor, slot_blocks: torch.Tensor, slot_offsets: torch.Tensor
 ) -> None:
@@ -167,14 +279,16 @@ def write_kv(
 
 
 class TritonPagedDecode:
-    """Decodes and cache writes through the Triton kernels above; prefill as TorchSDPA."""
+    """Decodes, prefill chunks and cache writes through the Triton kernels above."""
 
-    name = "triton-paged (Triton decode kernel; SDPA for prefill)"
+    name = "triton-paged (Triton decode and varlen prefill kernels)"
     graph_safe = True  # the context loop's bound is read from context_lens on the device
 
-    def __init__(self, block_n: int | None = None) -> None:
-        """``block_n``: context tokens per tile; None: paged_decode's default."""
+    def __init__(self, block_n: int | None = None, block_r: int | None = None) -> None:
+        """``block_n``: context tokens per tile; ``block_r``: query rows per prefill tile; None:
+        paged_decode's and paged_prefill's defaults."""
         self.block_n = block_n
+        self.block_r = block_r
 
     def prepare(self, meta: AttentionMetadata, block_size: int) -> AttentionMetadata:
         return meta
@@ -187,3 +301,20 @@ class TritonPagedDecode:
     ) -> torch.Tensor:
         assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
         return paged_decode(q, kv, meta.decode_block_tables, meta.decode_context_lens, scale, self.block_n)
+
+    def prefill(
+        self,
+        q: torch.Tensor,
+        new_kv: torch.Tensor,
+        kv: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        out: torch.Tensor,
+    ) -> None:
+        if not meta.prefills:
+            return
+        assert meta.prefill_tables is not None and meta.prefill_bounds is not None
+        longest = max(span.end - span.start for span in meta.prefills)
+        paged_prefill(
+            q, kv, meta.prefill_tables, meta.prefill_bounds, longest, scale, out, self.block_r, self.block_n
+        )

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from scalellm.engine.attention import AttentionMetadata
+from scalellm.engine.attention import AttentionMetadata, prefill_each_span
 from scalellm.models import ops_triton
 from scalellm.models.ops import LayerOps, TorchOps
 
@@ -149,6 +149,8 @@ class CpuPagedDecode:
             out, q, kv, meta.decode_block_tables, meta.decode_context_lens, scale
         )
         return out
+
+    prefill = staticmethod(prefill_each_span)
 
 
 class CpuFusedOps:

@@ -108,6 +108,18 @@ class Int8KVSDPA:
         return out.reshape(batch, num_heads, head_dim)
 
     def prefill(
+        self,
+        q: torch.Tensor,
+        new_kv: torch.Tensor,
+        kv: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        out: torch.Tensor,
+    ) -> None:
+        for span in meta.prefills:
+            out[span.start : span.end] = self.prefill_span(q, new_kv, kv, span, scale)
+
+    def prefill_span(
         self, q: torch.Tensor, new_kv: torch.Tensor, kv: torch.Tensor, span: PrefillSpan, scale: float
     ) -> torch.Tensor:
         """One prefill chunk -> [n, Hq, D]: earlier context and its own K/V dequantized (as stored)."""
@@ -138,20 +150,3 @@ class Int8KVSDPA:
         _, bs, hkv, _ = cache.shape
         blocks = dequantize_rows(cache.index_select(0, block_tables.reshape(-1)), self.dtype)
         return blocks.view(batch, nb * bs, hkv, -1).transpose(1, 2)
-
-
-def paged_attention(
-    q: torch.Tensor, new_kv: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata, scale: float
-) -> torch.Tensor:
-    """attention.paged_attention over an int8 cache (the same contract)."""
-    backend = meta.backend
-    assert isinstance(backend, Int8KVSDPA), "an int8 KV cache needs the Int8KVSDPA backend"
-    num_tokens, num_heads, head_dim = q.shape
-    backend.write_kv(kv, new_kv, meta)
-    out = torch.empty_like(q)
-    nd = meta.num_decode_tokens
-    if nd:
-        out[:nd] = backend.decode(q[:nd], kv, meta, scale)
-    for span in meta.prefills:
-        out[span.start : span.end] = backend.prefill(q, new_kv, kv, span, scale)
-    return out.view(num_tokens, num_heads * head_dim)

@@ -345,8 +345,9 @@ class ModelRunner:
                 sample_rows.append(len(input_ids) - 1)
                 sampling.append(i)
 
-        spans: list[PrefillSpan] = []
         prefill_offsets: dict[int, int] = {}
+        bounds: list[tuple[int, int, int]] = []  # per chunk: start row, length, tokens cached before it
+        chunk_tables: list[list[int]] = []  # per chunk: its blocks from position 0 on
         for i in prefills:
             s = steps[i]
             start, n, offset = s.start, len(s.token_ids), len(input_ids)
@@ -354,8 +355,8 @@ class ModelRunner:
             input_ids.extend(s.token_ids)
             positions.extend(range(start, start + n))
             slot_blocks.extend(s.block_ids[p // bs] for p in range(start, start + n))
-            table = s.block_ids[: -(-(start + n) // bs)] if start else []
-            spans.append(PrefillSpan(offset, offset + n, start, self._tensor(table)))
+            bounds.append((offset, n, start))
+            chunk_tables.append(s.block_ids[: -(-(start + n) // bs)])
             if s.samples:
                 sample_rows.append(offset + n - 1)
                 sampling.append(i)
@@ -363,24 +364,37 @@ class ModelRunner:
         # Every integer input of the step in one host-to-device copy (on a GPU each copy is a
         # synchronous transfer of its own), then split into views:
         #     input_ids | positions | slot_blocks | sample_rows | context lens | block tables
-        width = max((len(steps[i].block_ids) for i in decodes), default=0)
+        #     [| prefill bounds | prefill block tables: steps with prefill chunks]
         context = [steps[i].start + 1 for i in decodes]
-        tables: list[int] = []
-        for i in decodes:
-            ids = steps[i].block_ids
-            tables += ids
-            tables += [0] * (width - len(ids))
-        sizes = [len(input_ids)] * 3 + [len(sample_rows), len(context), len(tables)]
-        packed = self._ints(input_ids + positions + slot_blocks + sample_rows + context + tables)
-        ids_t, pos_t, slots_t, sample_t, context_t, tables_t = packed.split(sizes)
+        tables, width = _padded([steps[i].block_ids for i in decodes])
+        parts = [input_ids, positions, slot_blocks, sample_rows, context, tables]
+        if prefills:
+            prefill_tables, prefill_width = _padded(chunk_tables)
+            parts += [[v for bound in bounds for v in bound], prefill_tables]
+        flat: list[int] = []
+        for part in parts:
+            flat += part
+        packed = self._ints(flat)
+        views = packed.split([len(part) for part in parts])
+        ids_t, pos_t, slots_t, sample_t, context_t, tables_t = views[:6]
+        bounds_t = chunk_t = None
+        spans: tuple[PrefillSpan, ...] = ()
+        if prefills:
+            bounds_t, chunk_t = views[6].view(len(prefills), 3), views[7].view(len(prefills), prefill_width)
+            spans = tuple(
+                PrefillSpan(offset, offset + n, start, chunk_t[k, : len(chunk_tables[k])])
+                for k, (offset, n, start) in enumerate(bounds)
+            )
         meta = AttentionMetadata(
             slot_blocks=slots_t,
             slot_offsets=pos_t % bs,
             num_decode_tokens=len(decodes),
             decode_block_tables=tables_t.view(len(decodes), width) if decodes else None,
             decode_context_lens=context_t if decodes else None,
-            prefills=tuple(spans),
+            prefills=spans,
             backend=self.attention,
+            prefill_bounds=bounds_t,
+            prefill_tables=chunk_t,
         )
         meta = self.attention.prepare(meta, bs)
         return StepInputs(ids_t, pos_t, meta, sample_t, sampling, prefill_offsets)
@@ -413,3 +427,13 @@ class ModelRunner:
             return torch.empty(0, dtype=torch.long, device=self.device)
         host = torch.frombuffer(array.array("q", data), dtype=torch.long)
         return host if self.device.type == "cpu" else host.to(self.device)
+
+
+def _padded(rows: list[list[int]]) -> tuple[list[int], int]:
+    """Rows of block ids padded with 0 to the longest, flattened; and that width."""
+    width = max(map(len, rows), default=0)
+    flat: list[int] = []
+    for ids in rows:
+        flat += ids
+        flat += [0] * (width - len(ids))
+    return flat, width

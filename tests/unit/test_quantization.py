@@ -274,7 +274,7 @@ def test_int8_prefill_chunk_reads_its_context_and_itself_as_stored() -> None:
     q = torch.randn(4, 6, 32, generator=gen)
     new_kv = torch.randn(4, 2, 2, 32, generator=gen)
     span = PrefillSpan(0, 4, 5, table)
-    got = Int8KVSDPA(torch.float32).prefill(q, new_kv, cache, span, 0.2)
+    got = Int8KVSDPA(torch.float32).prefill_span(q, new_kv, cache, span, 0.2)
     context = reference.index_select(0, table).transpose(0, 1).reshape(2, 12, 2, 32)[:, :5]
     stored = dequantize_rows(quantize_rows(new_kv), torch.float32)
     assert not torch.equal(stored, new_kv)  # the round trip is visible
