@@ -24,6 +24,9 @@ Backends:
   same for GPUs, one Triton program per (sequence, K/V head), and every prefill chunk of a step
   in one varlen launch that reads its context from the blocks; ``SCALELLM_ATTENTION_TORCH=1``
   keeps TorchSDPA there instead.
+- ``FlashAttnPaged`` (CUDA, where flash-attn is installed and block_size is a multiple of 256:
+  flash-attn 2's page size; scalellm/engine/attention_flash.py): flash-attn's paged decode and
+  varlen prefill kernels over the same cache.
 - ``kv_quant.Int8KVSDPA`` (an int8 cache, any device): TorchSDPA's way, dequantizing what it reads.
 """
 
@@ -72,6 +75,9 @@ class AttentionMetadata:
     that runs every chunk in one kernel (None when the step has no prefill chunk)."""
     prefill_tables: torch.Tensor | None = None
     """[S, max_blocks] each chunk's block table (its ``block_table``, padded with 0), on the device."""
+    prepared: object | None = None
+    """What the backend's ``prepare`` added for its own kernels, read by that backend only
+    (attention_flash.FlashStep)."""
 
     @classmethod
     def decodes(
@@ -183,9 +189,14 @@ FORCE_TORCH_ENV = "SCALELLM_ATTENTION_TORCH"
 suspected kernel fault)."""
 
 
-def select_backend(device: torch.device) -> AttentionBackend:
-    """The fastest backend that works here; the choice is logged. (An int8 KV cache never gets
-    here: model_runner gives it kv_quant's backend.)"""
+def select_backend(
+    device: torch.device, *, block_size: int, dtype: torch.dtype, head_dim: int
+) -> AttentionBackend:
+    """The fastest backend that works here for a cache of ``block_size``-token blocks and a
+    model computing in ``dtype``; the choice is logged. On CUDA: flash-attn's paged kernels
+    where flash-attn is installed and takes them (attention_flash.why_not), else the Triton
+    kernels where triton imports, else TorchSDPA. (An int8 KV cache never gets here:
+    model_runner gives it kv_quant's backend.)"""
     backend: AttentionBackend = TorchSDPA()
     if device.type == "cpu":
         from scalellm.engine import cpu_kernels
@@ -193,10 +204,15 @@ def select_backend(device: torch.device) -> AttentionBackend:
         if cpu_kernels.available():
             backend = cpu_kernels.CpuPagedDecode()
     elif device.type == "cuda" and os.environ.get(FORCE_TORCH_ENV, "0") != "1":
-        from scalellm.engine import attention_triton  # here: it builds on this module
+        from scalellm.engine import attention_flash, attention_triton  # here: they build on this module
 
-        if attention_triton.AVAILABLE:
+        passed_over = attention_flash.why_not(block_size, dtype, head_dim)
+        if passed_over is None:
+            backend = attention_flash.FlashAttnPaged()
+        elif attention_triton.AVAILABLE:
             backend = attention_triton.TritonPagedDecode()
+        if passed_over is not None and attention_flash.AVAILABLE:
+            log.info("flash-attn is installed but not used: %s", passed_over)
     log.info("attention backend: %s", backend.name)
     return backend
 

@@ -139,7 +139,11 @@ class ModelRunner:
             """This rank's K/V heads: [rank * num_kv_heads, (rank + 1) * num_kv_heads) of the model's."""
             self.num_blocks = self._agree(config.num_kv_blocks or self._blocks_that_fit())
             self.attention: AttentionBackend = (
-                Int8KVSDPA(self.dtype) if self.kv_format.quantized else select_backend(self.device)
+                Int8KVSDPA(self.dtype)
+                if self.kv_format.quantized
+                else select_backend(
+                    self.device, block_size=self.block_size, dtype=self.dtype, head_dim=model_config.head_dim
+                )
             )
             eager_reason = why_eager(config, model_config, self.attention, self.kv_format.quantized)
             scratch = 0 if eager_reason else 1

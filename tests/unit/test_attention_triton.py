@@ -193,9 +193,14 @@ def test_varlen_prefill_writes_only_its_chunks_rows() -> None:
 def test_cuda_gets_the_triton_backend_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
     """Selection only: no CUDA call is made in choosing."""
     monkeypatch.delenv(FORCE_TORCH_ENV, raising=False)
-    assert isinstance(select_backend(torch.device("cuda")), attention_triton.TritonPagedDecode)
+    assert isinstance(
+        select_backend(torch.device("cuda"), block_size=16, dtype=torch.bfloat16, head_dim=128),
+        attention_triton.TritonPagedDecode,
+    )
     monkeypatch.setenv(FORCE_TORCH_ENV, "1")
-    assert isinstance(select_backend(torch.device("cuda")), TorchSDPA)
+    assert isinstance(
+        select_backend(torch.device("cuda"), block_size=16, dtype=torch.bfloat16, head_dim=128), TorchSDPA
+    )
 
 
 def _tiny_runner(num_heads: int) -> ModelRunner:

@@ -181,8 +181,13 @@ def _meta(slot_blocks: torch.Tensor, slot_offsets: torch.Tensor) -> AttentionMet
 
 @needs_kernel
 def test_cpu_backend_is_chosen_on_cpu_and_torch_sdpa_elsewhere() -> None:
-    assert isinstance(select_backend(torch.device("cpu")), cpu_kernels.CpuPagedDecode)
-    assert isinstance(select_backend(torch.device("meta")), TorchSDPA)
+    assert isinstance(
+        select_backend(torch.device("cpu"), block_size=16, dtype=torch.float32, head_dim=64),
+        cpu_kernels.CpuPagedDecode,
+    )
+    assert isinstance(
+        select_backend(torch.device("meta"), block_size=16, dtype=torch.float32, head_dim=64), TorchSDPA
+    )
 
 
 @pytest.mark.skipif(not packing_supported(torch.device("cpu"), torch.float32), reason="no oneDNN")
