@@ -1,10 +1,14 @@
 """Linear layers of a bfloat16 model on this CPU: torch's bfloat16 matmul, our bfloat16 kernel
-(``Bf16Linear``, for CPUs without bfloat16 arithmetic) and oneDNN in float32 for scale.
+(``Bf16Linear``'s kernel path, at every row count) and oneDNN in float32 for scale.
 
-    python bench/bf16_linear.py [--rows 1 8 64 256] [--threads 1] [--repeats 30]
+    python bench/bf16_linear.py [--rows 1 8 64 256] [--threads 1] [--repeats 30] [--layers 1]
+        [--paths torch kernel onednn]
 
 SmolLM2's shapes (hidden 576: q/k/v 960, gate/up 3072, down from 1536, o 576, lm_head 49152).
-Calls alternate between the paths; prints the minimum and median ms per call.
+Calls alternate between the paths; prints the minimum and median ms per call. ``--layers N``
+gives each path N copies of the layer, called in turn, so that with N large enough (30: the
+model's layers) the weights come from memory as in a step, not from the cache the previous call
+warmed.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -32,6 +37,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64, 256])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--layers", type=int, default=1, help="copies of each layer, called in turn")
+    parser.add_argument(
+        "--paths", nargs="+", choices=["torch", "kernel", "onednn"], default=["torch", "kernel", "onednn"]
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -43,21 +52,26 @@ def main() -> None:
 
     print(f"threads {args.threads}, load {Path('/proc/loadavg').read_text().split()[0]}")
     for name, (k, n) in SHAPES.items():
-        linear = torch.nn.Linear(k, n, bias=False)
-        bf16 = linear.to(torch.bfloat16)
-        paths = {"torch bf16": partial(F.linear, weight=bf16.weight), "kernel bf16": Bf16Linear(bf16)}
-        if packing_supported(torch.device("cpu"), torch.float32):
-            packed = PackedLinear(torch.nn.Linear(k, n, bias=False))
-            paths["oneDNN fp32"] = lambda x, packed=packed: packed(x.float())
+        copies = [torch.nn.Linear(k, n, bias=False) for _ in range(args.layers)]
+        bf16 = [linear.to(torch.bfloat16) for linear in copies]
+        paths: dict[str, list[Callable[[torch.Tensor], torch.Tensor]]] = {}
+        if "torch" in args.paths:
+            paths["torch bf16"] = [partial(F.linear, weight=b.weight) for b in bf16]
+        if "kernel" in args.paths:
+            paths["kernel bf16"] = [Bf16Linear(b, max_kernel_rows=1 << 30) for b in bf16]
+        if "onednn" in args.paths and packing_supported(torch.device("cpu"), torch.float32):
+            packed = [PackedLinear(torch.nn.Linear(k, n, bias=False)) for _ in range(args.layers)]
+            paths["oneDNN fp32"] = [lambda x, p=p: p(x.float()) for p in packed]
         for rows in args.rows:
             x = torch.randn(rows, k).to(torch.bfloat16)
             times: dict[str, list[float]] = {p: [] for p in paths}
             with torch.inference_mode():
                 for _ in range(args.repeats):
-                    for p, fn in paths.items():
+                    for p, layers in paths.items():
                         start = time.perf_counter()
-                        fn(x)
-                        times[p].append((time.perf_counter() - start) * 1e3)
+                        for fn in layers:
+                            fn(x)
+                        times[p].append((time.perf_counter() - start) * 1e3 / len(layers))
             cells = "  ".join(f"{p} {min(t):7.3f}/{statistics.median(t):7.3f}" for p, t in times.items())
             print(f"{name:8s} {k:5d}x{n:<6d} rows {rows:4d}: {cells}  (ms min/median)", flush=True)
 

@@ -12,8 +12,9 @@ accumulated in a different order (float32: errors of the same size as MKL's).
 Only CPU float32/bfloat16 models are packed; anything else keeps nn.Linear. A bfloat16 model on a
 CPU without bfloat16 arithmetic (no AVX512-BF16, no AMX: oneDNN has no bfloat16 kernels for it and
 torch's matmul takes a generic path) gets ``Bf16Linear`` instead: for a few rows the weights stay
-bfloat16 and ``csrc/bf16_linear.cpp`` widens them in registers, for many a float32 copy goes
-through oneDNN (float32 products and sums either way, as a bfloat16 GEMM accumulates).
+bfloat16, packed in panels that ``csrc/bf16_linear.cpp`` widens in registers; for many a float32
+copy goes through oneDNN (float32 products and sums either way, as a bfloat16 GEMM
+accumulates).
 """
 
 from __future__ import annotations
@@ -70,23 +71,26 @@ class PackedLinear(nn.Module):
 class Bf16Linear(nn.Module):
     """``nn.Linear`` semantics for bfloat16 on CPUs without bfloat16 arithmetic (inference only).
 
-    Up to ``max_kernel_rows`` rows (decode steps: bound by the bytes of weight streamed) the weight
-    as it is, through ``torch.ops.scalellm_cpu.linear_bf16``; above (prefill, many decodes: bound by
-    arithmetic, where oneDNN's float32 kernel is ~2x ours, docs/benchmarks.md) a float32 copy of
-    the weight, packed for oneDNN, with x widened and the output rounded back. Both are float32
-    products and sums of the same bfloat16 values, one rounding of each output.
+    Up to ``max_kernel_rows`` rows (decode steps: bound by the bytes of weight streamed) the
+    weight in bfloat16, packed once in 16-column panels (``torch.ops.scalellm_cpu.pack_bf16``),
+    through ``torch.ops.scalellm_cpu.linear_bf16``; above (prefill, many decodes: bound by
+    arithmetic, where oneDNN's float32 kernel is 1.5-2x ours from 32 rows on, docs/benchmarks.md)
+    a float32 copy of the weight, packed for oneDNN, with x widened and the output rounded back. Both are float32 products and sums of the same bfloat16 values, one
+    rounding of each output. The module keeps no reference to the original weight: a tied
+    embedding keeps its own.
     """
 
     def __init__(self, linear: nn.Linear, max_kernel_rows: int = 16) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.max_kernel_rows = max_kernel_rows
-        self.weight = linear.weight.detach().contiguous()  # a tied embedding's stays shared
+        weight = linear.weight.detach().contiguous()
+        self.panels = torch.ops.scalellm_cpu.pack_bf16(weight)
         self.bias = None if linear.bias is None else linear.bias.detach().contiguous()
         self.packed: torch.Tensor | None = None
         self.bias32: torch.Tensor | None = None
-        if packing_supported(self.weight.device, torch.float32):
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.float())
+        if packing_supported(weight.device, torch.float32):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.float())
             self.bias32 = None if self.bias is None else self.bias.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,7 +102,7 @@ class Bf16Linear(nn.Module):
             if flat.stride(-1) != 1:
                 flat = flat.contiguous()
             out = flat.new_empty(flat.shape[0], self.out_features)
-            torch.ops.scalellm_cpu.linear_bf16(out, flat, self.weight, self.bias)
+            torch.ops.scalellm_cpu.linear_bf16(out, flat, self.panels, self.bias)
         return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -219,13 +219,14 @@ def test_pack_linears_keeps_a_tied_embedding_weight() -> None:
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 7, 64, 67])
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 50, 64, 67])
 @pytest.mark.parametrize(("features", "bias"), [((48, 80), False), ((37, 22), True), ((576, 1536), False)])
 def test_bf16_kernel_equals_float32_products_rounded_once(
     rows: int, features: tuple[int, int], bias: bool
 ) -> None:
-    """Odd sizes (a K tail past the 8-lane loop, N not a multiple of the 4-row blocks) and the
-    engine's; the reference: the same bfloat16 values multiplied and summed in float64, rounded."""
+    """Odd sizes (N not a multiple of the 16-column panels, rows not of the 6-row micro-kernel,
+    50 rows past a 48-row chunk) and the engine's; the reference: the same bfloat16 values
+    multiplied and summed in float64, rounded."""
     gen = torch.Generator().manual_seed(rows)
     k, n = features
     linear = torch.nn.Linear(k, n, bias=bias).to(torch.bfloat16)
@@ -252,16 +253,23 @@ def test_bf16_kernel_equals_float32_products_rounded_once(
 
 
 @needs_kernel
-def test_bf16_linear_keeps_a_tied_embedding_weight() -> None:
+def test_bf16_linear_leaves_a_tied_embedding_weight_as_it_was() -> None:
+    """The head packs its own panels from the shared weight; the embedding keeps the weight and
+    both compute with the same values."""
     model = torch.nn.ModuleDict(
         {"embed": torch.nn.Embedding(10, 8), "head": torch.nn.Linear(8, 10, bias=False)}
     ).to(torch.bfloat16)
     embed = model["embed"]
     assert isinstance(embed, torch.nn.Embedding)
     model["head"].weight = embed.weight
+    before = embed.weight.detach().clone()
     assert pack_linears(model, Bf16Linear) == 1
     head = model["head"]
-    assert isinstance(head, Bf16Linear) and head.weight.data_ptr() == embed.weight.data_ptr()
+    assert isinstance(head, Bf16Linear) and isinstance(embed.weight, torch.nn.Parameter)
+    assert torch.equal(embed.weight, before)
+    x = torch.randn(3, 8).to(torch.bfloat16)
+    expected = F.linear(x.double(), before.double()).to(torch.bfloat16)
+    torch.testing.assert_close(head(x), expected, atol=1e-2, rtol=8e-3)
 
 
 def test_auto_dtype_on_cpu_follows_native_bf16_and_explicit_wins() -> None:

@@ -8,11 +8,19 @@
 //
 //   out[m, n] = bf16( sum_k x[m, k] * w[n, k] + bias[n] )      x [M, K], w [N, K] (nn.Linear's)
 //
-// Work is split over blocks of NB = 4 weight rows; each block is read once for MB = 2 rows of x
-// at a time (8 accumulators in registers) and stays in L1 while the rows of x go past it, in
-// chunks of MC rows that stay in L2 (a decode step's x is one chunk; a prefill's is many).
+// The weight is packed once (pack_bf16) into panels of NR = 16 output columns, k-major, so one
+// 32-byte load is the 16 weights of a k for a panel, widened into two 8-lane vectors:
+//
+//   packed [P = ceil(N / 16), K, 16]       packed[p, k, c] = w[16 p + c, k]  (0 past N)
+//
+// and a micro-kernel multiplies MR <= 6 rows of x by a panel as outer products, one k at a time:
+// each x[m, k] broadcast, two multiply-adds into the MR x 16 accumulators (12 of the 16 AVX2
+// registers at MR = 6), so a weight widened once serves MR rows. Each output is a sum over k in
+// order, whatever MR. Work is split over panels; rows of x go past a task's panels in chunks of
+// MC rows that stay in L2 (a decode step's x is one chunk; a prefill's is many).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
@@ -28,9 +36,9 @@
 
 namespace {
 
-constexpr int64_t NB = 4;  // weight rows per block
-constexpr int64_t MB = 2;  // rows of x per pass over a block
-constexpr int64_t MC = 32;  // rows of x per chunk (a prefill's thousands would not stay in cache)
+constexpr int64_t NR = 16;  // output columns per panel
+constexpr int64_t MR = 6;  // rows of x per micro-kernel call
+constexpr int64_t MC = 48;  // rows of x per chunk (a prefill's thousands would not stay in cache)
 
 inline float widen(uint16_t b) {
   const uint32_t bits = static_cast<uint32_t>(b) << 16;
@@ -40,60 +48,72 @@ inline float widen(uint16_t b) {
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-inline __m256 load8(const uint16_t* p) {  // 8 bfloat16 -> 8 float32 (bfloat16 is float32's upper half)
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-}
-
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// sums[m * NB + n] = x[m, :] . w[n, :] for R rows of x (R <= MB) and NB rows of w
+// c[m * NR + j] = sum_k x[m, k] * panel[k, j] for R rows of x
 template <int64_t R>
-inline void tile(const float* x, int64_t K, const uint16_t* w, int64_t ldw, float* sums) {
-  __m256 acc[R][NB];
-  for (int64_t m = 0; m < R; ++m)
-    for (int64_t n = 0; n < NB; ++n) acc[m][n] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    __m256 wv[NB];
-    for (int64_t n = 0; n < NB; ++n) wv[n] = load8(w + n * ldw + k);
+inline void micro(const float* x, int64_t K, const uint16_t* panel, float* c) {
+  __m256 acc[R][2];
+  for (int64_t m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + k * NR));
+    const __m256 w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(raw)), 16));
+    const __m256 w1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(raw, 1)), 16));
     for (int64_t m = 0; m < R; ++m) {
-      const __m256 xv = _mm256_loadu_ps(x + m * K + k);
-      for (int64_t n = 0; n < NB; ++n) acc[m][n] = _mm256_fmadd_ps(xv, wv[n], acc[m][n]);
+      const __m256 xv = _mm256_broadcast_ss(x + m * K + k);
+      acc[m][0] = _mm256_fmadd_ps(xv, w0, acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(xv, w1, acc[m][1]);
     }
   }
-  for (int64_t m = 0; m < R; ++m)
-    for (int64_t n = 0; n < NB; ++n) {
-      float s = hsum8(acc[m][n]);
-      for (int64_t j = k; j < K; ++j) s += x[m * K + j] * widen(w[n * ldw + j]);
-      sums[m * NB + n] = s;
-    }
+  for (int64_t m = 0; m < R; ++m) {
+    _mm256_storeu_ps(c + m * NR, acc[m][0]);
+    _mm256_storeu_ps(c + m * NR + 8, acc[m][1]);
+  }
 }
 #else
 template <int64_t R>
-inline void tile(const float* x, int64_t K, const uint16_t* w, int64_t ldw, float* sums) {
+inline void micro(const float* x, int64_t K, const uint16_t* panel, float* c) {
   for (int64_t m = 0; m < R; ++m)
-    for (int64_t n = 0; n < NB; ++n) {
+    for (int64_t j = 0; j < NR; ++j) {
       float s = 0.f;
-      for (int64_t j = 0; j < K; ++j) s += x[m * K + j] * widen(w[n * ldw + j]);
-      sums[m * NB + n] = s;
+      for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * widen(panel[k * NR + j]);
+      c[m * NR + j] = s;
     }
 }
 #endif
 
-void linear_bf16(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
+inline void micro_rows(int64_t rows, const float* x, int64_t K, const uint16_t* panel, float* c) {
+  switch (rows) {
+    case 6: micro<6>(x, K, panel, c); break;
+    case 5: micro<5>(x, K, panel, c); break;
+    case 4: micro<4>(x, K, panel, c); break;
+    case 3: micro<3>(x, K, panel, c); break;
+    case 2: micro<2>(x, K, panel, c); break;
+    default: micro<1>(x, K, panel, c);
+  }
+}
+
+at::Tensor pack_bf16(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.is_contiguous(), "w [N, K] contiguous bfloat16");
+  const int64_t N = w.size(0), K = w.size(1), P = (N + NR - 1) / NR;
+  at::Tensor packed = at::zeros({P, K, NR}, w.options());
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  uint16_t* dst = reinterpret_cast<uint16_t*>(packed.data_ptr());
+  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p)
+      for (int64_t j = 0; j < NR && p * NR + j < N; ++j)
+        for (int64_t k = 0; k < K; ++k) dst[(p * K + k) * NR + j] = src[(p * NR + j) * K + k];
+  });
+  return packed;
+}
+
+void linear_bf16(const at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
                  const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && out.dim() == 2, "x [M, K], w [N, K], out [M, N]");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 &&
+  TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && out.dim() == 2, "x [M, K], packed [P, K, 16], out [M, N]");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16 &&
                   out.scalar_type() == at::kBFloat16, "bfloat16 only");
-  TORCH_CHECK(x.size(1) == w.size(1) && out.size(0) == x.size(0) && out.size(1) == w.size(0), "shapes do not match");
-  TORCH_CHECK(x.stride(1) == 1 && w.is_contiguous() && out.is_contiguous(), "rows must be contiguous");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const int64_t M = x.size(0), K = x.size(1), N = out.size(1), P = packed.size(0);
+  TORCH_CHECK(packed.size(1) == K && packed.size(2) == NR && P == (N + NR - 1) / NR && out.size(0) == M,
+              "shapes do not match");
+  TORCH_CHECK(x.stride(1) == 1 && packed.is_contiguous() && out.is_contiguous(), "rows must be contiguous");
   const uint16_t* bias_ptr = nullptr;
   if (bias.has_value()) {
     TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() && bias->numel() == N, "bias [N] bfloat16");
@@ -101,41 +121,29 @@ void linear_bf16(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w
   }
   if (M == 0 || N == 0) return;
   const uint16_t* x_ptr = reinterpret_cast<const uint16_t*>(x.data_ptr());
-  std::vector<float> xf(M * K);  // x widened once, read by every block
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) xf[m * K + k] = widen(x_ptr[m * x.stride(0) + k]);
-  const uint16_t* w_ptr = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  std::vector<float> xf(M * K);  // x widened once, read by every panel
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m)
+      for (int64_t k = 0; k < K; ++k) xf[m * K + k] = widen(x_ptr[m * x.stride(0) + k]);
+  });
+  const uint16_t* w_ptr = reinterpret_cast<const uint16_t*>(packed.data_ptr());
   c10::BFloat16* out_ptr = out.data_ptr<c10::BFloat16>();
-  const int64_t blocks = (N + NB - 1) / NB;
   // a task of at least ~64 KB of weights: fewer, larger tasks at one thread cost nothing
-  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, K));
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    float sums[MB * NB];
-    for (int64_t c0 = 0; c0 < M; c0 += MC) {  // a chunk of x stays in L2 while the task's rows of w pass
+  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, K * NR));
+  at::parallel_for(0, P, grain, [&](int64_t begin, int64_t end) {
+    float c[MR * NR];
+    for (int64_t c0 = 0; c0 < M; c0 += MC) {  // a chunk of x stays in L2 while the task's panels pass
       const int64_t c1 = std::min(M, c0 + MC);
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t n0 = blk * NB, nn = std::min(NB, N - n0);
-        if (nn < NB) {  // the last rows when N is not a multiple of NB
-          for (int64_t m = c0; m < c1; ++m)
-            for (int64_t n = n0; n < N; ++n) {
-              float s = 0.f;
-              for (int64_t k = 0; k < K; ++k) s += xf[m * K + k] * widen(w_ptr[n * K + k]);
-              if (bias_ptr != nullptr) s += widen(bias_ptr[n]);
-              out_ptr[m * N + n] = c10::BFloat16(s);
-            }
-          continue;
-        }
-        for (int64_t m0 = c0; m0 < c1; m0 += MB) {
-          const int64_t rows = std::min(MB, c1 - m0);
-          if (rows == MB)
-            tile<MB>(xf.data() + m0 * K, K, w_ptr + n0 * K, K, sums);
-          else
-            tile<1>(xf.data() + m0 * K, K, w_ptr + n0 * K, K, sums);
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t n0 = p * NR, cols = std::min(NR, N - n0);
+        for (int64_t m0 = c0; m0 < c1; m0 += MR) {
+          const int64_t rows = std::min(MR, c1 - m0);
+          micro_rows(rows, xf.data() + m0 * K, K, w_ptr + p * K * NR, c);
           for (int64_t m = 0; m < rows; ++m)
-            for (int64_t n = 0; n < NB; ++n) {
-              float s = sums[m * NB + n];
-              if (bias_ptr != nullptr) s += widen(bias_ptr[n0 + n]);
-              out_ptr[(m0 + m) * N + n0 + n] = c10::BFloat16(s);
+            for (int64_t j = 0; j < cols; ++j) {
+              float s = c[m * NR + j];
+              if (bias_ptr != nullptr) s += widen(bias_ptr[n0 + j]);
+              out_ptr[(m0 + m) * N + n0 + j] = c10::BFloat16(s);
             }
         }
       }
@@ -146,6 +154,8 @@ void linear_bf16(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(scalellm_cpu, m) {
-  m.def("linear_bf16(Tensor(a!) out, Tensor x, Tensor w, Tensor? bias) -> ()");
+  m.def("pack_bf16(Tensor w) -> Tensor");
+  m.impl("pack_bf16", c10::DispatchKey::CPU, pack_bf16);
+  m.def("linear_bf16(Tensor(a!) out, Tensor x, Tensor packed, Tensor? bias) -> ()");
   m.impl("linear_bf16", c10::DispatchKey::CPU, linear_bf16);
 }
