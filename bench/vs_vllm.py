@@ -10,7 +10,7 @@ idle cores to busy ones; and disaggregated), one after the other: start the serv
 run vLLM's own client (`vllm bench serve`: random dataset, 128 prompt tokens, 64 output tokens,
 EOS ignored, greedy) at each concurrency, stop it. Every level's result is a JSON file in
 --results; a level whose file exists is skipped, so a stopped run resumes where it stopped and a
-subset can be re-run with --force. --rounds N repeats everything with the system order rotated
+subset can be re-run with --force (the report's note names the levels measured before the run began). --rounds N repeats everything with the system order rotated
 per round; the report takes medians over rounds. The report (a markdown table per dtype, the
 machine, the load seen) goes into --docs between markers, the plot into --plot (matplotlib:
 `pip install -e '.[bench]'`; without it the report says so and draws none).
@@ -124,6 +124,19 @@ def served_name(port: int) -> str:
         return str(json.load(response)["data"][0]["id"])
 
 
+def reused_before(results: Path, started: float) -> str:
+    """A line for the report naming the level files in ``results`` measured before this run
+    started (an earlier run's, reused since they exist), '' when there are none."""
+    old = sorted(
+        (p.stat().st_mtime, p.stem) for p in results.glob("r*-c*.json") if p.stat().st_mtime < started
+    )
+    if not old:
+        return ""
+    when = ", ".join(f"{stem} ({time.strftime('%Y-%m-%d %H:%M', time.gmtime(t))} UTC)" for t, stem in old)
+    print(f"reused {len(old)} levels measured before this run: {when}", flush=True)
+    return f"Levels from earlier runs in this results folder, reused (--force re-measures them): {when}."
+
+
 def run_system(plan: Plan, round_: int, dtype: str, name: str, levels: list[int], extra: list[str]) -> None:
     todo = [c for c in levels if plan.force or not result_file(plan, round_, dtype, name, c).exists()]
     if not todo:
@@ -182,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
                 args.min_prompts, args.force)  # fmt: skip
     plan.results.mkdir(parents=True, exist_ok=True)
     plan.logs.mkdir(parents=True, exist_ok=True)
+    note = args.note
     if not args.report_only:
+        started = time.time()
         subprocess.run([plan.vllm_script, "install"], check=True, capture_output=True)
         (plan.results / "machine.json").write_text(json.dumps(machine(plan.vllm_script), indent=1))
         for round_ in range(args.rounds):
@@ -191,11 +206,12 @@ def main(argv: list[str] | None = None) -> int:
                 for name in args.systems[shift:] + args.systems[:shift]:
                     extra = args.vllm_arg if name == "vllm" else args.mesh_arg
                     run_system(plan, round_, dtype, name, args.concurrency, extra)
+        note = " ".join(filter(None, [note, reused_before(plan.results, started)]))
     levels: list[Level] = load_levels(plan.results)
     if not levels:
         print("no results yet", flush=True)
         return 1
-    write_report(levels, plan.results, Path(args.docs), Path(args.plot), args.note)
+    write_report(levels, plan.results, Path(args.docs), Path(args.plot), note)
     return 0
 
 

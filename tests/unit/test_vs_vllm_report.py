@@ -45,3 +45,21 @@ def test_the_report_shows_each_process_kinds_cores_median_over_rounds(tmp_path: 
 def test_results_without_cpu_counts_give_no_cores_table(tmp_path: Path) -> None:
     _level(tmp_path, 0, "vllm", 1, 10.0, {})
     assert vs_vllm_report.cores(vs_vllm_report.load_levels(tmp_path), "float32") == []
+
+
+def test_levels_from_before_the_run_are_named_in_the_report(tmp_path: Path) -> None:
+    """A results folder may hold an earlier run's levels, which a run reuses (it skips levels
+    whose file exists): the report's note names them with their dates, and only them."""
+    import os
+
+    from bench import vs_vllm
+
+    old, new = tmp_path / "r0-float32-vllm-c1.json", tmp_path / "r0-float32-vllm-c64.json"
+    for path in (old, new, tmp_path / "machine.json"):
+        path.write_text("{}")
+    os.utime(old, (1_700_000_000, 1_700_000_000))  # 2023-11-14 22:13 UTC
+    line = vs_vllm.reused_before(tmp_path, started=1_800_000_000)
+    assert "r0-float32-vllm-c1 (2023-11-14 22:13 UTC)" in line and "c64" in line  # both older than that
+    line = vs_vllm.reused_before(tmp_path, started=new.stat().st_mtime - 1)
+    assert "r0-float32-vllm-c1 (2023-11-14 22:13 UTC)" in line and "c64" not in line
+    assert vs_vllm.reused_before(tmp_path, started=0) == ""
