@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from scalellm.engine.attention import AttentionMetadata
+from scalellm.engine.attention import AttentionMetadata, TorchSDPA
 
 AVAILABLE = importlib.util.find_spec("flash_attn") is not None
 """Whether flash-attn is importable (it is never on CPU installs)."""
@@ -94,7 +94,8 @@ class FlashAttnPaged:
         self._flash: Any = flash_attn
         from scalellm.engine import attention_triton
 
-        self._triton_writes = attention_triton.AVAILABLE
+        self._triton_write = attention_triton.write_kv if attention_triton.AVAILABLE else None
+        self._indexed = TorchSDPA()  # its cache write (indexing) where the Triton one cannot run
 
     def prepare(self, meta: AttentionMetadata, block_size: int) -> AttentionMetadata:
         tables = lens = chunk_tables = cu_q = cu_k = None
@@ -114,12 +115,10 @@ class FlashAttnPaged:
         return dataclasses.replace(meta, prepared=step)
 
     def write_kv(self, kv: torch.Tensor, new_kv: torch.Tensor, meta: AttentionMetadata) -> None:
-        if self._triton_writes and kv.is_cuda:
-            from scalellm.engine import attention_triton
-
-            attention_triton.write_kv(kv, new_kv, meta.slot_blocks, meta.slot_offsets)
+        if self._triton_write is not None and kv.is_cuda:
+            self._triton_write(kv, new_kv, meta.slot_blocks, meta.slot_offsets)
         else:
-            kv[meta.slot_blocks, :, meta.slot_offsets] = new_kv
+            self._indexed.write_kv(kv, new_kv, meta)
 
     def decode(
         self, q: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata, scale: float

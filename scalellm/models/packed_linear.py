@@ -75,9 +75,9 @@ class Bf16Linear(nn.Module):
     weight in bfloat16, packed once in 16-column panels (``torch.ops.scalellm_cpu.pack_bf16``),
     through ``torch.ops.scalellm_cpu.linear_bf16``; above (prefill, many decodes: bound by
     arithmetic, where oneDNN's float32 kernel is 1.5-2x ours from 32 rows on, docs/benchmarks.md)
-    a float32 copy of the weight, packed for oneDNN, with x widened and the output rounded back. Both are float32 products and sums of the same bfloat16 values, one
-    rounding of each output. The module keeps no reference to the original weight: a tied
-    embedding keeps its own.
+    a float32 copy of the weight, packed for oneDNN, with x widened and the output rounded back.
+    Both are float32 products and sums of the same bfloat16 values, one rounding of each output.
+    The module keeps no reference to the original weight: a tied embedding keeps its own.
     """
 
     def __init__(self, linear: nn.Linear, max_kernel_rows: int = 16) -> None:
