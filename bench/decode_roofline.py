@@ -26,6 +26,10 @@ Reported per batch size and mode:
     host launches/step: the host's kernel launch calls in that step (cudaLaunchKernel,
         cuLaunchKernel, ...; a graph replay is one cudaGraphLaunch); CPU: none
     torch ops/step: aten ops the profiler saw in that step (both devices)
+    loop ms, async loop ms: ms per step of --steps steps run back to back as LLMEngine.step runs
+        them (loop_seconds; the scheduler aside), each step's tokens read on the host and fed to
+        the next: synchronously, and with async scheduling (the next step launched before this
+        one's tokens are read); async roofline: the roofline at the async loop's step time
 
 and one --prefill-token prefill: its matmul FLOPs (2 x non-embedding weights x tokens, plus the
 causal attention) over its time, against the bf16 (or --dtype) matmul peak measured here.
@@ -54,10 +58,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from scalellm.engine.config import EngineConfig  # noqa: E402
-from scalellm.engine.model_runner import ModelRunner, SeqStep  # noqa: E402
+from scalellm.engine.model_runner import LaunchedStep, ModelRunner, SeqStep  # noqa: E402
+from scalellm.engine.request import Request, RequestStatus  # noqa: E402
+from scalellm.engine.scheduler import ScheduledRequest  # noqa: E402
 from scalellm.models.config import ModelConfig  # noqa: E402
 from scalellm.models.loader import random_model  # noqa: E402
 from scalellm.models.quant_linear import weight_bytes as model_weight_bytes  # noqa: E402
+from scalellm.types import SamplingParams  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
     "8b": {  # Llama-3-8B
@@ -153,6 +160,51 @@ def decode_steps(batch: int, context: int, vocab: int) -> list[SeqStep]:
     ]
 
 
+def loop_seconds(
+    runner: ModelRunner, batch: int, context: int, steps: int, warmup: int, overlap: bool
+) -> float:
+    """Seconds per decode step when steps follow each other as LLMEngine.step runs them (the
+    scheduler's own work aside): each step's tokens read on the host and fed to the next step.
+    ``overlap`` False: the host waits for a step's tokens before it launches the next (the
+    synchronous engine); True: it launches the next step first, its rows fed from this step's
+    tokens on the device, and reads this step's tokens while that one runs (async_scheduling).
+    Each sequence moves one position a step from ``context``: the blocks hold
+    context + warmup + steps + 1 tokens."""
+    per_seq = -(-(context + warmup + steps + 1) // BLOCK_SIZE)
+    vocab = runner.model_config.vocab_size
+    params = SamplingParams(temperature=0.0, ignore_eos=True)
+    reqs = []
+    for i in range(batch):
+        req = Request(f"s{i}", [(7 * i + t) % vocab for t in range(context + 1)], params, max_tokens=1 << 20)
+        req.block_ids = list(range(1 + i * per_seq, 1 + (i + 1) * per_seq))
+        req.num_computed_tokens = context  # the first step feeds prompt token ``context``
+        req.status = RequestStatus.RUNNING
+        reqs.append(req)
+    scheduled = [ScheduledRequest(req, 1) for req in reqs]
+    previous: LaunchedStep | None = None
+    start = 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync(runner.device)
+            start = time.perf_counter()
+        launched = runner.launch(scheduled, previous if overlap else None)
+        if overlap and previous is not None:
+            for req, token in zip(previous.requests, previous.token_ids(), strict=True):
+                req.fill_pending(token)
+        for req in reqs:
+            req.num_computed_tokens += 1
+        if overlap:
+            for req in reqs:
+                req.append_pending()
+            previous = launched
+        else:
+            for req, token in zip(reqs, launched.token_ids(), strict=True):
+                req.append_token(token)
+    if previous is not None:
+        previous.token_ids()  # the last timed step's tokens
+    return (time.perf_counter() - start) / steps
+
+
 def prefill_flops(cfg: ModelConfig, tokens: int) -> int:
     """Matmul FLOPs of one prefill: every token through every layer's projections, the causal
     attention (QK^T and PV over the lower triangle), and lm_head for the last token only (the
@@ -207,7 +259,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dtype = getattr(torch, args.dtype)
     cfg = model_config(args.shape)
     max_len = max(args.context + 1, args.prefill)
-    decode_blocks = max(args.batch) * -(-(args.context + 1) // BLOCK_SIZE)
+    decode_blocks = max(args.batch) * -(-(args.context + args.warmup + args.steps + 1) // BLOCK_SIZE)
     prefill_blocks = -(-args.prefill // BLOCK_SIZE)
     config = EngineConfig(
         device=args.device,
@@ -274,6 +326,10 @@ def decode_rows(
         prepare = median_seconds(lambda steps=steps: runner.prepare(steps), runner.device, args.steps, 1)
         prof = profile_step(step, runner.device)
         moved = weight_bytes(runner, batch) + kv_bytes(runner, batch, args.context)
+        loops = {
+            overlap: loop_seconds(runner, batch, args.context, args.steps, args.warmup, overlap)
+            for overlap in (False, True)
+        }
         row = {
             "batch": batch,
             "graphs": mode,
@@ -287,6 +343,9 @@ def decode_rows(
             "torch_ops_per_step": prof.ops,
             "kernel_ms_per_step": prof.busy_ms,
             "prepare_ms": prepare * 1e3,
+            "loop_ms_per_step": loops[False] * 1e3,
+            "async_loop_ms_per_step": loops[True] * 1e3,
+            "async_loop_roofline": moved / loops[True] / bandwidth,
             "top": prof.top,
         }
         rows.append(row)
@@ -316,8 +375,8 @@ def table(result: dict[str, Any]) -> str:
         f"matmul {result['matmul_peak_tflops']:.3g} TFLOP/s, context {result['context']}",
         "",
         "| batch | graphs | ms/step | kernel ms | prepare ms | tok/s | roofline | launches/step "
-        "| host launches/step | torch ops/step |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| host launches/step | torch ops/step | loop ms | async loop ms | async roofline |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["decode"]:
         launches, host = (
@@ -329,7 +388,9 @@ def table(result: dict[str, Any]) -> str:
         lines.append(
             f"| {row['batch']} | {graphs} | {row['ms_per_step']:.2f} | {kernel_ms} | {row['prepare_ms']:.2f} "
             f"| {row['tokens_per_s']:.0f} | "
-            f"{100 * row['roofline']:.3g}% | {launches} | {host} | {row['torch_ops_per_step']} |"
+            f"{100 * row['roofline']:.3g}% | {launches} | {host} | {row['torch_ops_per_step']} | "
+            f"{row['loop_ms_per_step']:.2f} | {row['async_loop_ms_per_step']:.2f} | "
+            f"{100 * row['async_loop_roofline']:.3g}% |"
         )
     p = result.get("prefill")
     if p is not None:

@@ -77,6 +77,15 @@ def run_ours(llm, work: Workload) -> float:  # type: ignore[no-untyped-def]
     return elapsed
 
 
+def generated(llm, work: Workload) -> list[list[int]]:  # type: ignore[no-untyped-def]
+    """The token ids of the workload's greedy outputs."""
+    from scalellm import SamplingParams
+
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in work.output_lens]
+    outs = llm.generate([{"prompt_token_ids": p} for p in work.prompts], params)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
 def run_hf(model, work: Workload, pad_id: int) -> float:  # type: ignore[no-untyped-def]
     width = max(len(p) for p in work.prompts)
     ids = torch.full((len(work.prompts), width), pad_id, dtype=torch.long)
@@ -111,6 +120,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write JSON results here")
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, or auto (per device)")
+    parser.add_argument(
+        "--async-scheduling",
+        action="store_true",
+        help="also run a second engine with async_scheduling, interleaved with the first (same outputs "
+        "checked): the overlap of the host's step work with the device's",
+    )
     args = parser.parse_args()
 
     import transformers
@@ -142,6 +157,18 @@ def main() -> None:
         dtype=dtype_name,
         gpu_memory_utilization=0.5,
     )
+    overlapped = (
+        LLM(
+            model=str(model_dir),
+            max_num_seqs=max(args.num_requests),
+            device=str(device),
+            dtype=dtype_name,
+            gpu_memory_utilization=0.25,
+            async_scheduling=True,
+        )
+        if args.async_scheduling
+        else None
+    )
     params = sum(p.numel() for p in hf.parameters())
     peak = matmul_peak_flops(device, dtype)
     bound = peak / (2 * params)
@@ -151,13 +178,19 @@ def main() -> None:
     for n in args.num_requests:
         work = make_workload(n, vocab, seed=n)
         run_ours(llm, make_workload(4, vocab, seed=999))  # warm-up
+        if overlapped is not None:
+            run_ours(overlapped, make_workload(4, vocab, seed=999))
+            assert generated(overlapped, work) == generated(llm, work), "async scheduling changed the output"
         # Interleaved (ours, transformers, ours, ...) so that a change in the machine's load
         # during the run hits both sides alike.
         ours: list[float] = []
         base: list[float] = []
+        ours_async: list[float] = []
         for i in range(max(args.repeats, args.hf_repeats)):
             if i < args.repeats:
                 ours.append(run_ours(llm, work))
+                if overlapped is not None:
+                    ours_async.append(run_ours(overlapped, work))
             if i < args.hf_repeats:
                 base.append(run_hf(hf, work, pad_id=0))
         ours_tps = work.output_tokens / statistics.median(ours)
@@ -173,12 +206,21 @@ def main() -> None:
                 hf_tokens_per_s=hf_tps,
                 speedup=ours_tps / hf_tps,
                 fraction_of_bound=ours_tps / bound,
+                ours_async_seconds=ours_async,
+                ours_async_tokens_per_s=work.output_tokens / statistics.median(ours_async)
+                if ours_async
+                else None,
             )
         )
         print(
             f"n={n}: ours {ours_tps:.1f} tok/s, transformers {hf_tps:.1f} tok/s, x{ours_tps / hf_tps:.2f}",
             flush=True,
         )
+        if ours_async:
+            async_tps = work.output_tokens / statistics.median(ours_async)
+            print(
+                f"n={n}: ours with async scheduling {async_tps:.1f} tok/s, x{async_tps / ours_tps:.2f} of ours"
+            )
 
     where = (
         torch.cuda.get_device_name(device)

@@ -7,15 +7,19 @@
 #   (moe: a random Mixtral-shaped model with SIDE's vocabulary, bench/random_model.py --moe)
 #   (roofline: needs neither: bench/decode_roofline.py draws an 8B-shaped Llama's bf16 weights on the
 #    GPU and reports decode ms/step, tok/s, HBM roofline fraction and launches per step at batch 1,
-#    16, 64, 256, with decode CUDA graphs off and on, and a 2k-token prefill against the measured
-#    matmul peak; OUTDIR/roofline.json)
+#    16, 64, 256, with decode CUDA graphs off and on, steps back to back as the engine runs them
+#    with and without async scheduling, and a 2k-token prefill against the measured matmul peak;
+#    OUTDIR/roofline.json)
+# throughput: the offline engine against transformers, and the engine with async scheduling
+#   beside it (same greedy outputs checked)
 # exact: greedy output equal to transformers on CUDA (decode CUDA graphs on, the engine's default
 #   there, for dense models), and tests/unit/test_cuda_graphs.py: captured graphs against eager
 #   steps (logits, the cache outside the step's slots untouched, greedy tokens through the engine),
 #   and the compiled Triton kernels against torch: tests/unit/test_ops_triton.py's fused layer ops
 #   and the paged-decode and varlen prefill kernels at 8B's head shape (test_attention_triton.py),
 #   in float32, bfloat16 and float16 (their interpreted CPU variants are CI's: the machine's older
-#   Triton interpreter cannot run the kernels' loops over a loaded bound)
+#   Triton interpreter cannot run the kernels' loops over a loaded bound); async scheduling's events
+#   equal the synchronous engine's with graphs on, and its launches never synchronize with the GPU
 # prefill: the Triton varlen prefill kernel (one launch for a step's chunks) against SDPA chunk by
 #   chunk, at 8B's head shape in bfloat16 (bench/prefill_attention.py; OUTDIR/prefill.json)
 # Stages (any subset, in order): env exact parity throughput backends profile gateway gateway-paired moe
@@ -50,7 +54,7 @@ for s in $stages; do
         tests/unit/test_attention_triton.py::test_the_compiled_kernel_on_cuda_equals_torch_sdpa_at_an_8b_shape \
         tests/unit/test_attention_triton.py::test_the_compiled_prefill_kernel_on_cuda_equals_torch_sdpa_at_an_8b_shape \
         tests/unit/test_attention_triton.py::test_write_kv_puts_each_token_in_its_slot_as_indexing_does \
-        tests/unit/test_attention_flash.py \
+        tests/unit/test_attention_flash.py tests/unit/test_async_scheduling.py \
         -k "not demo and not cpu" ;;
     parity)
       [ -f "$rand/model.safetensors" ] || python3 bench/random_model.py "$side" "$rand" >/dev/null
@@ -59,7 +63,7 @@ for s in $stages; do
     throughput)
       [ -f "$rand/model.safetensors" ] || python3 bench/random_model.py "$side" "$rand" >/dev/null
       stage throughput 300 python3 bench/engine_throughput.py --model "$rand" --device cuda \
-        --num-requests 64 256 --repeats 3 --hf-repeats 1 --out "$out/throughput.json" ;;
+        --num-requests 64 256 --repeats 3 --hf-repeats 1 --async-scheduling --out "$out/throughput.json" ;;
     backends)
       [ -f "$rand/model.safetensors" ] || python3 bench/random_model.py "$side" "$rand" >/dev/null
       stage backends 270 python3 bench/sdpa_backends.py --model "$rand" \

@@ -61,6 +61,14 @@ class EngineConfig:
     CUDA, 0 elsewhere. Capped at max_num_seqs. Off under tensor parallelism, with an int8 KV
     cache and for mixture-of-experts models. On CPU a positive value runs the same bucketed
     static buffers without capture (what the CPU tests check; no speed-up there)."""
+    async_scheduling: bool = False
+    """Overlap the host's work with the device's: each step is scheduled and launched while the
+    previous one still runs, its decode inputs taken on the device from the previous step's
+    sampled tokens, whose results are applied afterwards (engine.py, ``LLMEngine.step``). A
+    request that finishes in a step still rides in the next one (its row is discarded). Steps
+    with logprobs, prompt logprobs or logits controls (penalties, structured output, ...) run
+    synchronously. For GPUs, where the host would otherwise leave the device idle between
+    steps; a CPU computes everything at launch anyway. Not under tensor parallelism."""
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -101,6 +109,11 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size must be positive, got {size}")
         if size == 1:
             return
+        if self.async_scheduling:
+            raise ValueError(
+                f"async_scheduling is not supported with tensor_parallel_size {size}: the ranks take "
+                "their input tokens from the host"
+            )
         if self.torch_device().type != "cpu":
             raise ValueError(
                 f"tensor_parallel_size {size}: tensor parallelism runs on CPU (gloo) in this version, "

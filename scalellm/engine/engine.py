@@ -24,9 +24,10 @@ from scalellm.engine.block_manager import BlockManager
 from scalellm.engine.config import EngineConfig
 from scalellm.engine.events import EngineStats, RemoteReservation, TokenEvent, outcome
 from scalellm.engine.grammar import GrammarCompiler
-from scalellm.engine.model_runner import ModelRunner
+from scalellm.engine.model_runner import LaunchedStep, ModelRunner
 from scalellm.engine.request import Request, RequestStatus
-from scalellm.engine.scheduler import Scheduler, SchedulerConfig
+from scalellm.engine.sampler import SamplerOutput, drawn_on_device
+from scalellm.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig
 from scalellm.kvhash import BlockHashDelta
 from scalellm.models.config import ModelConfig
 from scalellm.models.prepare import resolve_model_dir
@@ -59,6 +60,8 @@ class LLMEngine:
         self._kept: dict[str, Request] = {}
         """Finished prefill-only requests whose blocks are held until release()."""
         self._landing: torch.Tensor | None = None
+        self._in_flight: LaunchedStep | None = None
+        """The step launched by the last step() call, its tokens not applied yet (async scheduling)."""
 
     def _max_model_len(self) -> int:
         limit = self.model_config.context_length  # within a sliding window: none is implemented
@@ -258,7 +261,7 @@ class LLMEngine:
         self.runner.close()
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._in_flight is not None
 
     def take_block_hash_delta(self, full: bool = False) -> BlockHashDelta:
         """Prefix-cache hashes added and evicted since the last call (with ``full``: all cached
@@ -278,27 +281,53 @@ class LLMEngine:
     # ---- one step ------------------------------------------------------------------------
 
     def step(self) -> list[TokenEvent]:
+        """Schedule a step, run it, apply its tokens; returns their events. With async
+        scheduling a step whose requests are all sampled on the device is left running and its
+        tokens are applied in the next call, after that call scheduled and launched the step
+        behind it (whose rows for those requests take the tokens on the device):
+
+            call k:  schedule S(k) | launch S(k)      | apply S(k-1)'s tokens | advance S(k)
+            device:  ... S(k-1) runs ........... S(k) runs ...
+
+        A request that finishes in S(k-1) still has a row in S(k), discarded."""
         out = self.scheduler.schedule()
-        if out.empty:
-            return self._drain_finished([])
-        sampled_reqs, sampled = self.runner.execute(out.scheduled)
-        tokens = {r.request_id: t for r, t in zip(sampled_reqs, sampled.token_ids, strict=True)}
-        logprobs = {r.request_id: lp for r, lp in zip(sampled_reqs, sampled.logprobs, strict=True)}
-        for req, lp in zip(sampled_reqs, sampled.logprobs, strict=True):
+        previous, self._in_flight = self._in_flight, None
+        launched: LaunchedStep | None = None
+        sampled: tuple[list[Request], SamplerOutput] = ([], SamplerOutput([], []))
+        if self.config.async_scheduling and not out.empty and all(map(_deferrable, out.scheduled)):
+            launched = self.runner.launch(out.scheduled, previous)
+        elif not out.empty:
+            sampled = self.runner.execute(out.scheduled, previous)
+        events = [] if previous is None else self._apply(previous.requests, previous.token_ids(), None)
+        self.scheduler.advance(out)
+        if launched is not None:
+            for req in launched.requests:
+                if req.status is RequestStatus.RUNNING:  # else it finished in the previous step
+                    req.append_pending()
+            self._in_flight = launched
+        events += self._apply(sampled[0], sampled[1].token_ids, sampled[1].logprobs)
+        return self._drain_finished(events)
+
+    def _apply(
+        self, requests: list[Request], token_ids: list[int], logprobs: list[TokenLogprobs | None] | None
+    ) -> list[TokenEvent]:
+        """A step's sampled tokens (and logprobs, if any were asked for) into its requests."""
+        found = dict(zip((r.request_id for r in requests), logprobs or [None] * len(requests), strict=True))
+        for req in requests:
+            lp = found[req.request_id]
             if lp is not None:
                 req.logprobs.append(lp)
-        advanced = self.scheduler.update(out, tokens)
-        events = [
+        advanced = self.scheduler.add_tokens(zip(requests, token_ids, strict=True))
+        return [
             TokenEvent(
                 r,
                 r.token_ids[-1],
-                logprobs[r.request_id],
+                found[r.request_id],
                 outcome(r) if r.status.finished else None,
                 _prompt_logprobs(r),
             )
             for r in advanced
         ]
-        return self._drain_finished(events)
 
     def _drain_finished(self, events: list[TokenEvent]) -> list[TokenEvent]:
         reported = {e.request.request_id for e in events}
@@ -313,6 +342,11 @@ class LLMEngine:
     @property
     def num_free_blocks(self) -> int:
         return self.blocks.num_free_blocks
+
+
+def _deferrable(s: ScheduledRequest) -> bool:
+    """Whether a step with this request may run on without the host waiting for its tokens."""
+    return drawn_on_device(s.request.sampling_params) and s.request.sampling_params.prompt_logprobs is None
 
 
 def _check_in_vocab(name: str, token_ids: Sequence[int], vocab: int) -> None:

@@ -93,6 +93,37 @@ class StepInputs:
     """Row of each prefill step's first token in the flattened batch (by step index)."""
 
 
+@dataclass(frozen=True)
+class LaunchedStep:
+    """A step launched without waiting for its tokens (async scheduling): the requests that
+    sample in it and their tokens, still being computed on the device."""
+
+    requests: list[Request]
+    tokens: torch.Tensor
+    """[len(requests)] on the device: what the next step feeds to these requests' pending rows."""
+    host: torch.Tensor
+    """The same tokens on the host once ``copied`` has happened (pinned; asynchronous on CUDA)."""
+    copied: torch.cuda.Event | None
+
+    @classmethod
+    def start(cls, requests: list[Request], tokens: torch.Tensor) -> LaunchedStep:
+        """Queue the tokens' copy to the host right behind the step, before any later step is
+        launched: a copy issued later would wait for that step too."""
+        if tokens.device.type != "cuda":
+            return cls(requests, tokens, tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return cls(requests, tokens, host, copied)
+
+    def token_ids(self) -> list[int]:
+        """Wait for the step's tokens (only for them: later steps may still run)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host.tolist()
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -274,18 +305,52 @@ class ModelRunner:
         return max(1, int(budget // self.bytes_per_block))
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledRequest]) -> tuple[list[Request], SamplerOutput]:
-        """Run one step; returns the requests that sampled a token and what they sampled."""
+    def execute(
+        self, scheduled: list[ScheduledRequest], previous: LaunchedStep | None = None
+    ) -> tuple[list[Request], SamplerOutput]:
+        """Run one step; returns the requests that sampled a token and what they sampled.
+        ``previous``: the launched step whose tokens the pending rows take (async scheduling)."""
         steps = [SeqStep.of(s) for s in scheduled]
         if self.ranks is not None:
             self.ranks.send_steps(steps)
-        inputs, hidden = self._forward(steps)
+        inputs, hidden = self._forward(steps, self._pending_rows(scheduled, previous))
         self._prompt_logprobs(scheduled, inputs, hidden)
         if not inputs.sampling:
             return [], SamplerOutput([], [])
         logits = self.model.compute_logits(hidden[inputs.sample_indices])
         requests = [scheduled[i].request for i in inputs.sampling]
         return requests, self.sampler(logits, requests)
+
+    @torch.inference_mode()
+    def launch(self, scheduled: list[ScheduledRequest], previous: LaunchedStep | None) -> LaunchedStep:
+        """Run one step without waiting for its tokens (async scheduling: every request
+        ``drawn_on_device``, none wants prompt logprobs, a single rank). Its pending rows take
+        ``previous``'s tokens on the device."""
+        assert self.ranks is None, "the ranks take their input tokens from the host"
+        steps = [SeqStep.of(s) for s in scheduled]
+        inputs, hidden = self._forward(steps, self._pending_rows(scheduled, previous))
+        requests = [scheduled[i].request for i in inputs.sampling]
+        if not requests:
+            nothing = torch.empty(0, dtype=torch.long, device=self.device)
+            return LaunchedStep([], nothing, nothing, None)
+        logits = self.model.compute_logits(hidden[inputs.sample_indices])
+        return LaunchedStep.start(requests, self.sampler.draw(logits, requests))
+
+    def _pending_rows(
+        self, scheduled: list[ScheduledRequest], previous: LaunchedStep | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The input rows holding a pending token, and each one's token from ``previous``: the
+        decodes (one-token steps, which ``prepare`` puts first, in order) of requests
+        awaiting_token."""
+        if previous is None:
+            return None
+        index = {id(r): j for j, r in enumerate(previous.requests)}
+        decodes = [s.request for s in scheduled if s.num_new_tokens == 1]
+        rows = [row for row, req in enumerate(decodes) if req.awaiting_token]
+        if not rows:
+            return None
+        found = self._ints(rows + [index[id(decodes[row])] for row in rows])
+        return found[: len(rows)], previous.tokens.index_select(0, found[len(rows) :])
 
     @torch.inference_mode()
     def run_steps(self, steps: list[SeqStep]) -> tuple[list[int], torch.Tensor | None]:
@@ -295,8 +360,12 @@ class ModelRunner:
             return [], None
         return inputs.sampling, self.model.compute_logits(hidden[inputs.sample_indices])
 
-    def _forward(self, steps: list[SeqStep]) -> tuple[StepInputs, torch.Tensor]:
+    def _forward(
+        self, steps: list[SeqStep], pending: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[StepInputs, torch.Tensor]:
         inputs = self.prepare(steps)
+        if pending is not None:
+            inputs.input_ids.index_copy_(0, *pending)
         hidden = None
         if self.graphs is not None:  # a pure-decode step its buckets hold; else None
             hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
@@ -426,11 +495,14 @@ class ModelRunner:
 
     def _ints(self, data: list[int]) -> torch.Tensor:
         """``_tensor`` of a flat list, through array.array: a third of torch.tensor's time on a
-        list of ints (0.2 against 0.7 ms for the 10k of a 256-sequence decode step)."""
+        list of ints (0.2 against 0.7 ms for the 10k of a 256-sequence decode step). On CUDA
+        through pinned memory, so the copy does not wait for the steps still running."""
         if not data:
             return torch.empty(0, dtype=torch.long, device=self.device)
         host = torch.frombuffer(array.array("q", data), dtype=torch.long)
-        return host if self.device.type == "cpu" else host.to(self.device)
+        if self.device.type == "cpu":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
 
 
 def _padded(rows: list[list[int]]) -> tuple[list[int], int]:

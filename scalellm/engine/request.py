@@ -49,6 +49,11 @@ class RequestStatus(enum.Enum):
         return _FINISH_REASON.get(self)
 
 
+PENDING_TOKEN = -1
+"""Stands in token_ids for a token sampled by a step still running on the device (async
+scheduling): the next step feeds it on the device, the engine fills it in when the step's results
+arrive."""
+
 _FINISHED = frozenset(
     {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED}
 )
@@ -107,6 +112,9 @@ class Request:
     grammar: GrammarMatcher | None = None
     """Structured output: where the output stands in its grammar. Every appended token advances
     it, so a request continued on a decode worker catches up by appending the first token."""
+    awaiting_token: bool = False
+    """token_ids ends with PENDING_TOKEN: a token sampled in the step still running (async
+    scheduling). At most one: the engine keeps one step in flight."""
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -138,6 +146,26 @@ class Request:
             self.grammar.accept(token_id)
         if self.first_token_time is None:
             self.first_token_time = time.monotonic()
+
+    def append_pending(self) -> None:
+        """A step that samples for this request was launched; its token is not known yet."""
+        assert not self.awaiting_token and self.grammar is None, "one pending token, no grammar"
+        self.token_ids.append(PENDING_TOKEN)
+        self.awaiting_token = True
+
+    def fill_pending(self, token_id: int) -> None:
+        """The launched step's token arrived: it takes the placeholder's place."""
+        assert self.awaiting_token
+        self.token_ids[-1] = token_id
+        self.awaiting_token = False
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
+
+    def drop_pending(self) -> None:
+        """Forget the pending token (the request ended before it arrived)."""
+        if self.awaiting_token:
+            self.token_ids.pop()
+            self.awaiting_token = False
 
     def resume(self, token_ids: Sequence[int]) -> None:
         """Continue a request another worker began: its output so far is taken as given (the

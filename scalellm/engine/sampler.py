@@ -19,13 +19,19 @@ import torch
 
 from scalellm.engine.logits_controls import LogitsControls
 from scalellm.engine.request import Request
-from scalellm.types import TokenLogprobs
+from scalellm.types import SamplingParams, TokenLogprobs
 
 
 @dataclass(frozen=True)
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
+
+
+def drawn_on_device(params: SamplingParams) -> bool:
+    """Whether ``Sampler.draw`` serves these parameters: no logprobs to report and no logits
+    controls, which read the request's output so far on the host."""
+    return params.logprobs is None and not params.uses_logits_controls
 
 
 def torch_argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -56,25 +62,38 @@ class Sampler:
         if all(p.greedy and p.logprobs is None and not p.uses_logits_controls for p in params):
             return SamplerOutput(self._argmax(logits).tolist(), [None] * len(requests))
         logits = logits.float()
-        processed = self._controls(logits, requests)
-        greedy_ids = self._argmax(processed)
-        random_rows = [i for i, p in enumerate(params) if not p.greedy]
-        token_ids = greedy_ids
-        if random_rows:
-            token_ids = greedy_ids.clone()
-            rows = torch.tensor(random_rows, device=logits.device)
-            token_ids[rows] = self._sample(processed[rows], [requests[i] for i in random_rows])
+        token_ids = self._pick(self._controls(logits, requests), requests)
         ids = token_ids.tolist()
         want = [p.logprobs for p in params]
         if all(n is None for n in want):
             return SamplerOutput(ids, [None] * len(ids))
         return SamplerOutput(ids, list(token_logprobs(logits, token_ids, want)))
 
+    @torch.inference_mode()
+    def draw(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """The token ids [N] on the logits' device, without waiting for them (async scheduling):
+        for requests without logprobs or logits controls, whose tokens ``__call__`` would pick
+        alike."""
+        assert all(drawn_on_device(r.sampling_params) for r in requests)
+        if all(r.sampling_params.greedy for r in requests):
+            return self._argmax(logits)
+        return self._pick(logits.float(), requests)
+
+    def _pick(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Greedy rows' argmax, the other rows' draws, from processed float32 logits."""
+        token_ids = self._argmax(logits)
+        random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
+        if random_rows:
+            token_ids = token_ids.clone()
+            rows = _on(logits.device, random_rows, torch.long)
+            token_ids[rows] = self._sample(logits[rows], [requests[i] for i in random_rows])
+        return token_ids
+
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         params = [r.sampling_params for r in requests]
         dev = logits.device
         vocab = logits.shape[-1]
-        temps = torch.tensor([p.temperature for p in params], device=dev, dtype=logits.dtype)
+        temps = _on(dev, [p.temperature for p in params], logits.dtype)
         logits = logits / temps.unsqueeze(1)
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
         top_p = [p.top_p for p in params]
@@ -84,14 +103,14 @@ class Sampler:
         if needs_sort:
             logits, order = logits.sort(dim=-1, descending=True)
             ranks = torch.arange(vocab, device=dev).unsqueeze(0)
-            logits = logits.masked_fill(ranks >= torch.tensor(top_k, device=dev).unsqueeze(1), float("-inf"))
+            logits = logits.masked_fill(ranks >= _on(dev, top_k, torch.long).unsqueeze(1), float("-inf"))
         probs = logits.softmax(dim=-1)
         if needs_sort and any(p < 1.0 for p in top_p):
             before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
-            cut = before >= torch.tensor(top_p, device=dev, dtype=probs.dtype).unsqueeze(1)
+            cut = before >= _on(dev, top_p, probs.dtype).unsqueeze(1)
             probs = probs.masked_fill(cut, 0.0)  # the top token is never cut (before == 0)
         if any(m > 0.0 for m in min_p):
-            floor = torch.tensor(min_p, device=dev, dtype=probs.dtype).unsqueeze(1)
+            floor = _on(dev, min_p, probs.dtype).unsqueeze(1)
             probs = probs.masked_fill(probs < floor * probs.max(dim=-1, keepdim=True).values, 0.0)
         noise = self._exponential(probs, requests)  # one draw per token id, in vocabulary order
         if order is not None:
@@ -116,6 +135,13 @@ class Sampler:
                 self._generators[req.request_id] = gen
             noise[i].exponential_(generator=gen)
         return noise
+
+
+def _on(device: torch.device, values: list[int] | list[float], dtype: torch.dtype) -> torch.Tensor:
+    """A small host list on the device; on CUDA through pinned memory, so that the copy does not
+    wait for the steps still running (async scheduling)."""
+    host = torch.tensor(values, dtype=dtype)
+    return host if device.type == "cpu" else host.pin_memory().to(device, non_blocking=True)
 
 
 def token_logprobs(

@@ -33,7 +33,10 @@ docs/serving_benchmark.md). While anything decodes, prompts therefore advance by
 burst with nothing decoding yet still fills the whole budget.
 
 ``update()`` applies the step's sampled tokens: requests whose computed tokens reached the end
-of their sequence get the new token, and finished ones free their blocks.
+of their sequence get the new token, and finished ones free their blocks. With async scheduling
+the engine splits it: ``advance()`` when a step is launched (each sampling request then holds a
+pending token, so the next ``schedule()`` sees it decoding), ``add_tokens()`` once the tokens
+arrive, after the next step was scheduled and launched.
 """
 
 from __future__ import annotations
@@ -201,6 +204,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.awaiting_token and req.num_output_tokens >= req.max_tokens:
+                i += 1  # async scheduling: its pending token is its last
+                continue
             left = req.num_tokens - req.num_computed_tokens
             n = min(left, budget, prefill_budget if left > 1 else 1)
             if n < 1:
@@ -227,6 +233,8 @@ class Scheduler:
         ):
             index = self._next_waiting()
             req = self.waiting[index]
+            if req.awaiting_token:  # preempted before its pending token arrived: not yet
+                break
             if not self.blocks.allocate(req, req.num_tokens, reserve=self.config.watermark_blocks):
                 break
             del self.waiting[index]
@@ -247,22 +255,37 @@ class Scheduler:
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Advance the scheduled requests; ``sampled`` maps request id to its new token for
         those whose step reached the end of their sequence. Returns the requests that got a
-        token this step (some may now be finished)."""
-        advanced: list[Request] = []
+        token this step (some may now be finished). A synchronous step's ``advance`` and
+        ``add_tokens`` together."""
+        self.advance(out)
+        scheduled = [s.request for s in out.scheduled]
+        return self.add_tokens([(r, sampled[r.request_id]) for r in scheduled if r.request_id in sampled])
+
+    def advance(self, out: SchedulerOutput) -> None:
+        """The step's tokens are in the KV cache (with async scheduling: will be, before any later
+        step reads them, the device running steps in order): each running request's
+        num_computed_tokens moves on and its newly full blocks join the prefix cache."""
         for s in out.scheduled:
             req = s.request
-            if req.status is not RequestStatus.RUNNING:
-                continue  # aborted while the step ran
-            req.num_computed_tokens += s.num_new_tokens
-            self.blocks.commit_computed_blocks(req)
-            token = sampled.get(req.request_id)
-            if token is None:
-                continue
-            req.append_token(token)
+            if req.status is RequestStatus.RUNNING:  # else aborted while the step ran
+                req.num_computed_tokens += s.num_new_tokens
+                self.blocks.commit_computed_blocks(req)
+
+    def add_tokens(self, sampled: Iterable[tuple[Request, int]]) -> list[Request]:
+        """Append each request's sampled token (or fill in its pending one, async scheduling)
+        and finish those that stop. Returns the requests that got a token."""
+        advanced: list[Request] = []
+        for req, token in sampled:
+            if req.awaiting_token:  # running, or preempted by the step scheduled meanwhile
+                req.fill_pending(token)
+            elif req.status is RequestStatus.RUNNING:
+                req.append_token(token)
+            else:
+                continue  # aborted while the step ran (a pending token was dropped then)
             advanced.append(req)
             stop = req.check_stop()
             if stop is not None:
-                self.running.remove(req)
+                (self.running if req.status is RequestStatus.RUNNING else self.waiting).remove(req)
                 self._finish(req, stop)
         return advanced
 
@@ -339,6 +362,7 @@ class Scheduler:
         self.blocks.free_request(req)
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
+        req.drop_pending()  # aborted before the token arrived: its output ends before it
         req.status = status
         if not req.keep_blocks or status is RequestStatus.FINISHED_ABORTED:
             self.blocks.free_request(req)

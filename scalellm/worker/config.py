@@ -156,6 +156,12 @@ def worker_options(roles: Sequence[WorkerRole]) -> tuple[Option, ...]:
             int,
             "decode batches up to this size replay CUDA graphs (0: off; default 256 on CUDA)",
         ),
+        _option(
+            "--async-scheduling",
+            "engine.async_scheduling",
+            parse_on_off,
+            "on: schedule and launch each step while the previous one runs on the device (GPU)",
+        ),
         _option("--prefill-timeout", "prefill_timeout_s", float, "seconds a Prefill rpc may take"),
         _option("--transfer-timeout", "transfer_timeout_s", float, "seconds a KV transfer op may take"),
         _option(

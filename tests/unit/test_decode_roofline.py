@@ -33,6 +33,11 @@ def test_tiny_shape_runs_on_cpu_and_accounts_the_bytes_it_reads(
         assert row["ms_per_step"] > 0 and row["roofline"] > 0
         assert row["launches_per_step"] is None and row["host_launches_per_step"] is None  # no CUDA here
         assert row["torch_ops_per_step"] > 0
+        assert (
+            row["loop_ms_per_step"] > 0
+            and row["async_loop_ms_per_step"] > 0
+            and row["async_loop_roofline"] > 0
+        )
     assert result["prefill"]["tokens"] == 32 and result["prefill"]["tflops"] > 0
     assert result["attention"].startswith(("cpu-paged", "torch-sdpa"))
     table = capsys.readouterr().out

@@ -22,6 +22,8 @@ def test_engine_flags_and_variables_build_the_engine_config() -> None:
         model="/m", dtype="float32", block_size=8, kv_cache_gb=0.5, num_threads=2
     )
     assert parse_worker_args([], ROLES, {}).engine == EngineConfig()
+    assert parse_worker_args(["--async-scheduling", "on"], ROLES, {}).engine.async_scheduling
+    assert parse_worker_args([], ROLES, {"SCALELLM_ASYNC_SCHEDULING": "on"}).engine.async_scheduling
     assert not {f.name for f in fields(WorkerConfig)} & {f.name for f in fields(EngineConfig)}
 
 

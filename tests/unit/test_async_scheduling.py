@@ -1,0 +1,267 @@
+"""Async scheduling (EngineConfig.async_scheduling) on a real engine (tiny random Llama, CPU):
+each step is launched before the previous step's tokens are applied, its pending rows fed on the
+device. What a caller sees must not change: the same tokens, logprobs, finish reasons and events
+as the synchronous engine, through stops, aborts, preemption, prefill-only requests and steps
+that must sample on the host; and every block comes back."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from scalellm.engine.block_manager import BlockManager
+from scalellm.engine.config import EngineConfig
+from scalellm.engine.engine import LLMEngine
+from scalellm.engine.request import PENDING_TOKEN, Request, RequestStatus
+from scalellm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from scalellm.types import FinishReason, SamplingParams
+
+BLOCK = 4
+
+
+DEVICE = os.environ.get("SCALELLM_TEST_DEVICE", "cpu")
+"""cuda on a GPU machine (bench/gpu_suite.sh's exact stage): decode steps then replay CUDA graphs."""
+
+
+def _engine(model: Path, overlap: bool, blocks: int = 96, budget: int = 32) -> LLMEngine:
+    return LLMEngine(
+        EngineConfig(
+            model=str(model),
+            dtype="float32",
+            device=DEVICE,
+            num_kv_blocks=blocks,
+            block_size=BLOCK,
+            max_num_batched_tokens=budget,
+            max_prefill_tokens_with_decodes=16,
+            async_scheduling=overlap,
+        )
+    )
+
+
+def _prompt(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 500) for _ in range(n)]
+
+
+_reported: dict[int, int] = {}
+"""id of a request's event list in _run's result -> num_output_tokens of its outcome"""
+
+Workload = list[tuple[int, str, list[int], SamplingParams]]
+"""(step at which it arrives, id, prompt, params)"""
+
+
+def _run(engine: LLMEngine, workload: Workload, abort: dict[str, int] | None = None) -> dict[str, list]:
+    """Step the engine through the workload; per request: its events as (token, logprobs, finish
+    reason). ``abort``: request id -> step at which the caller aborts it."""
+    seen: dict[str, list] = {}
+    launches = 0
+    launch = engine.runner.launch
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal launches
+        launches += 1
+        return launch(*args, **kwargs)
+
+    engine.runner.launch = counted  # type: ignore[method-assign]
+    step = 0
+    pending = sorted(workload, key=lambda w: w[0])
+    while pending or engine.has_unfinished():
+        while pending and pending[0][0] <= step:
+            _, rid, prompt, params = pending.pop(0)
+            engine.add_request(rid, prompt, params)
+        for rid, at in (abort or {}).items():
+            if at == step:
+                engine.abort_request(rid)
+        for e in engine.step():
+            reason = e.outcome.finish_reason if e.outcome is not None else None
+            seen.setdefault(e.request_id, []).append((e.token_id, e.logprobs, reason))
+            if e.outcome is not None:
+                _reported[id(seen[e.request_id])] = e.outcome.num_output_tokens
+        step += 1
+        assert step < 500, "the engine does not finish"
+    assert engine.num_free_blocks == engine.num_blocks, "blocks leaked"
+    assert (launches > 0) == engine.config.async_scheduling
+    return seen
+
+
+def _both(model: Path, workload: Workload, **kw) -> tuple[dict[str, list], dict[str, list]]:  # type: ignore[no-untyped-def]
+    abort = kw.pop("abort", None)
+    return _run(_engine(model, False, **kw), workload, abort), _run(
+        _engine(model, True, **kw), workload, abort
+    )
+
+
+def _tokens(events: list) -> list[int]:
+    return [t for t, _, _ in events if t is not None]
+
+
+def test_async_steps_give_the_synchronous_engines_events(tiny_llama: Path) -> None:
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    probe = _run(_engine(tiny_llama, False), [(0, "probe", _prompt(5, 9), greedy)])
+    out = _tokens(probe["probe"])
+    first = next(i for i, t in enumerate(out) if i >= 2 and t not in out[:i])  # reached mid-way
+    stop_at = out[first]
+    workload: Workload = [
+        (0, "long", _prompt(1, 50), greedy),  # chunked prefill: 50 tokens over a 32-token budget
+        (0, "one", _prompt(2, 7), SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)),
+        (0, "two", _prompt(3, 12), SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)),
+        (1, "stops", _prompt(5, 9), replace(greedy, ignore_eos=False, stop_token_ids=(stop_at,))),
+        (2, "seeded", _prompt(6, 10), SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=9)),
+        (4, "late", _prompt(7, 21), greedy),
+        (4, "shared", [*_prompt(1, 50)[:24], 9, 9], greedy),  # a prefix-cache hit on "long"'s blocks
+    ]
+    sync, overlapped = _both(tiny_llama, workload)
+    assert overlapped == sync
+    assert sync["stops"][-1][2] is FinishReason.STOP and _tokens(sync["stops"]) == out[: first + 1]
+    assert len(_tokens(sync["one"])) == 1 and len(_tokens(sync["two"])) == 2
+
+
+def test_steps_sampled_on_the_host_run_synchronously_in_between(tiny_llama: Path) -> None:
+    """Logprobs, penalties and prompt logprobs make a step synchronous; the requests around it
+    keep their pending tokens across the switch."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    workload: Workload = [
+        (0, "a", _prompt(11, 13), greedy),
+        (0, "b", _prompt(12, 6), greedy),
+        (3, "logprobs", _prompt(13, 8), SamplingParams(temperature=0.0, max_tokens=4, logprobs=2)),
+        (6, "penalty", _prompt(14, 8), SamplingParams(temperature=0.0, max_tokens=5, presence_penalty=1.5)),
+        (9, "prompt", _prompt(15, 8), SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=1)),
+        (12, "c", _prompt(16, 9), greedy),
+    ]
+    sync, overlapped = _both(tiny_llama, workload)
+    assert overlapped == sync
+    assert all(lp is not None for _, lp, _ in sync["logprobs"])
+
+
+def test_an_abort_drops_the_pending_token(tiny_llama: Path) -> None:
+    greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    workload: Workload = [(0, "kept", _prompt(21, 10), greedy), (0, "cut", _prompt(22, 10), greedy)]
+    sync, overlapped = _both(tiny_llama, workload, abort={"cut": 6})
+    assert overlapped["kept"] == sync["kept"]
+    # the caller aborts before step 6: the synchronous engine has applied step 5's token, the
+    # overlapped one only step 4's (step 5's was pending and is dropped); no token is made up
+    cut, cut_sync = _tokens(overlapped["cut"]), _tokens(sync["cut"])
+    assert 0 < len(cut) <= len(cut_sync) < 16 and cut == cut_sync[: len(cut)]
+    assert overlapped["cut"][-1] == (None, None, FinishReason.ABORT)
+    assert _reported[id(overlapped["cut"])] == len(cut)  # its usage counts no placeholder
+
+
+def test_preemption_recomputes_with_the_pending_token_filled_in(tiny_llama: Path) -> None:
+    """So few blocks that the running requests preempt each other while tokens are pending."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    workload: Workload = [(0, f"r{i}", _prompt(30 + i, 14), greedy) for i in range(4)]
+    engine = _engine(tiny_llama, True, blocks=22)
+    preempt, pending_then = engine.scheduler._preempt, []
+
+    def watched(req: Request, *args):  # type: ignore[no-untyped-def]
+        pending_then.append(req.awaiting_token)
+        return preempt(req, *args)
+
+    engine.scheduler._preempt = watched  # type: ignore[method-assign,assignment]
+    overlapped = _run(engine, workload)
+    assert any(pending_then), "no request was preempted while its token was pending"
+    sync = _run(_engine(tiny_llama, False, blocks=22), workload)
+    assert overlapped == sync
+    assert all(len(_tokens(v)) == 20 for v in sync.values())
+
+
+def _prefill_only(model: Path, overlap: bool) -> int | None:
+    """A prefill-only request beside a decoding one: its first token, after checking that it
+    ran no row past its prompt and kept its blocks until released."""
+    engine = _engine(model, overlap)
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    req = engine.make_request("p", _prompt(41, 11), greedy, prefill_only=True)
+    engine.add(req)
+    engine.add_request("other", _prompt(42, 5), greedy)
+    schedule, rows = engine.scheduler.schedule, list[int]()
+
+    def watched() -> SchedulerOutput:
+        out = schedule()
+        rows.extend(s.num_new_tokens for s in out.scheduled if s.request is req)
+        return out
+
+    engine.scheduler.schedule = watched  # type: ignore[method-assign]
+    events = []
+    while engine.has_unfinished():
+        events += [e for e in engine.step() if e.request_id == "p"]
+    assert [e.finished for e in events] == [True]
+    assert rows == [11], "its pending token is its last: no decode row after the prompt"
+    assert req.num_tokens == 12 and PENDING_TOKEN not in req.token_ids
+    assert events[0].outcome is not None and events[0].outcome.kept_block_ids
+    assert engine.num_free_blocks < engine.num_blocks
+    engine.release("p")
+    assert engine.num_free_blocks == engine.num_blocks
+    return events[0].token_id
+
+
+def test_prefill_only_requests_sample_once_and_keep_their_blocks(tiny_llama: Path) -> None:
+    assert _prefill_only(tiny_llama, True) == _prefill_only(tiny_llama, False)
+
+
+def test_a_pending_token_that_stops_a_preempted_request_finishes_it() -> None:
+    """Scheduler level: the token of a request preempted while it was pending is filled in
+    from the waiting queue; a stop there finishes the request and leaves the queue."""
+    s = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32), BlockManager(16, 4))
+    req = Request("r", [5, 6, 7], SamplingParams(stop_token_ids=(99,)), max_tokens=8)
+    s.add(req)
+    out = s.schedule()
+    s.advance(out)
+    req.append_pending()
+    assert s.schedule().scheduled[0].num_new_tokens == 1  # decodes its pending token
+    s.running.remove(req)
+    s._preempt(req, {}, s.schedule())  # as schedule() does when blocks run out
+    assert req.status is RequestStatus.PREEMPTED and req in s.waiting
+    assert s.schedule().empty  # not admitted again while its token is pending
+    assert s.add_tokens([(req, 99)]) == [req]
+    assert req.status is RequestStatus.FINISHED_STOPPED and not s.waiting and req.token_ids[-1] == 99
+    assert s.take_finished() == [req] and s.blocks.num_free_blocks == 16
+
+
+def test_async_scheduling_is_refused_under_tensor_parallelism() -> None:
+    with pytest.raises(ValueError, match="async_scheduling"):
+        EngineConfig(device="cpu", tensor_parallel_size=2, async_scheduling=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_launch_does_not_wait_for_the_device(tiny_llama: Path) -> None:
+    """Overlap needs a launch that never synchronizes with the device (a pageable host-to-device
+    copy, a .tolist(), an .item() would): CUDA's sync debug mode turns any such call into an
+    error, here for decode steps (graph replay), a step with a prefill chunk, and a request that
+    draws its tokens (temperature, top-k, top-p, min-p, a seed) beside greedy ones."""
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(tiny_llama),
+            dtype="float32",
+            device="cuda",
+            num_kv_blocks=96,
+            block_size=BLOCK,
+            async_scheduling=True,
+        )
+    )
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    for i in range(3):
+        engine.add_request(f"r{i}", _prompt(50 + i, 9), greedy)
+    drawn = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.01, seed=3, max_tokens=12)
+    engine.add_request("drawn", _prompt(53, 9), drawn)
+    for _ in range(3):
+        engine.step()  # prefill and the first decodes, compiling whatever compiles on first use
+    engine.add_request("late", _prompt(60, 9), greedy)
+    launch, checked = engine.runner.launch, []
+
+    def strict(*args, **kwargs):  # type: ignore[no-untyped-def]
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            checked.append(True)
+
+    engine.runner.launch = strict  # type: ignore[method-assign]
+    while engine.has_unfinished():
+        engine.step()
+    assert len(checked) >= 9
