@@ -28,7 +28,11 @@ DEVICE = os.environ.get("SCALELLM_TEST_DEVICE", "cpu")
 """cuda on a GPU machine (bench/gpu_suite.sh's exact stage): decode steps then replay CUDA graphs."""
 
 
-def _engine(model: Path, overlap: bool, blocks: int = 96, budget: int = 32) -> LLMEngine:
+def _engine(
+    model: Path, overlap: bool, blocks: int = 96, budget: int = 32, graphs: int | None = None
+) -> LLMEngine:
+    """``graphs``: cuda_graph_max_batch (None: the device's default; on CPU a positive one runs
+    decode steps through the graphs' bucketed static buffers without capture)."""
     return LLMEngine(
         EngineConfig(
             model=str(model),
@@ -39,6 +43,7 @@ def _engine(model: Path, overlap: bool, blocks: int = 96, budget: int = 32) -> L
             max_num_batched_tokens=budget,
             max_prefill_tokens_with_decodes=16,
             async_scheduling=overlap,
+            cuda_graph_max_batch=graphs,
         )
     )
 
@@ -100,7 +105,8 @@ def _tokens(events: list) -> list[int]:
     return [t for t, _, _ in events if t is not None]
 
 
-def test_async_steps_give_the_synchronous_engines_events(tiny_llama: Path) -> None:
+@pytest.mark.parametrize("graphs", [None, 8])
+def test_async_steps_give_the_synchronous_engines_events(tiny_llama: Path, graphs: int | None) -> None:
     greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     probe = _run(_engine(tiny_llama, False), [(0, "probe", _prompt(5, 9), greedy)])
     out = _tokens(probe["probe"])
@@ -115,7 +121,7 @@ def test_async_steps_give_the_synchronous_engines_events(tiny_llama: Path) -> No
         (4, "late", _prompt(7, 21), greedy),
         (4, "shared", [*_prompt(1, 50)[:24], 9, 9], greedy),  # a prefix-cache hit on "long"'s blocks
     ]
-    sync, overlapped = _both(tiny_llama, workload)
+    sync, overlapped = _both(tiny_llama, workload, graphs=graphs)
     assert overlapped == sync
     assert sync["stops"][-1][2] is FinishReason.STOP and _tokens(sync["stops"]) == out[: first + 1]
     assert len(_tokens(sync["one"])) == 1 and len(_tokens(sync["two"])) == 2
