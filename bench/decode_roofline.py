@@ -189,7 +189,7 @@ def loop_seconds(
             start = time.perf_counter()
         launched = runner.launch(scheduled, previous if overlap else None)
         if overlap and previous is not None:
-            for req, token in zip(previous.requests, previous.token_ids(), strict=True):
+            for req, token in zip(previous.requests, previous.output().token_ids, strict=True):
                 req.fill_pending(token)
         for req in reqs:
             req.num_computed_tokens += 1
@@ -198,10 +198,10 @@ def loop_seconds(
                 req.append_pending()
             previous = launched
         else:
-            for req, token in zip(reqs, launched.token_ids(), strict=True):
+            for req, token in zip(reqs, launched.output().token_ids, strict=True):
                 req.append_token(token)
     if previous is not None:
-        previous.token_ids()  # the last timed step's tokens
+        previous.output()  # the last timed step's tokens
     return (time.perf_counter() - start) / steps
 
 

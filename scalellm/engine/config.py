@@ -65,10 +65,11 @@ class EngineConfig:
     """Overlap the host's work with the device's: each step is scheduled and launched while the
     previous one still runs, its decode inputs taken on the device from the previous step's
     sampled tokens, whose results are applied afterwards (engine.py, ``LLMEngine.step``). A
-    request that finishes in a step still rides in the next one (its row is discarded). Steps
-    with logprobs, prompt logprobs or logits controls (penalties, structured output, ...) run
-    synchronously. For GPUs, where the host would otherwise leave the device idle between
-    steps; a CPU computes everything at launch anyway. Not under tensor parallelism."""
+    request that finishes in a step still rides in the next one (its row is discarded).
+    Logprobs are drawn on the device too; steps with prompt logprobs or logits controls
+    (penalties, structured output, ...) run synchronously. For GPUs, where the host would
+    otherwise leave the device idle between steps; a CPU computes everything at launch anyway.
+    Not under tensor parallelism."""
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:

@@ -298,26 +298,24 @@ class LLMEngine:
             launched = self.runner.launch(out.scheduled, previous)
         elif not out.empty:
             sampled = self.runner.execute(out.scheduled, previous)
-        events = [] if previous is None else self._apply(previous.requests, previous.token_ids(), None)
+        events = [] if previous is None else self._apply(previous.requests, previous.output())
         self.scheduler.advance(out)
         if launched is not None:
             for req in launched.requests:
                 if req.status is RequestStatus.RUNNING:  # else it finished in the previous step
                     req.append_pending()
             self._in_flight = launched
-        events += self._apply(sampled[0], sampled[1].token_ids, sampled[1].logprobs)
+        events += self._apply(*sampled)
         return self._drain_finished(events)
 
-    def _apply(
-        self, requests: list[Request], token_ids: list[int], logprobs: list[TokenLogprobs | None] | None
-    ) -> list[TokenEvent]:
-        """A step's sampled tokens (and logprobs, if any were asked for) into its requests."""
-        found = dict(zip((r.request_id for r in requests), logprobs or [None] * len(requests), strict=True))
+    def _apply(self, requests: list[Request], sampled: SamplerOutput) -> list[TokenEvent]:
+        """A step's sampled tokens and logprobs into its requests."""
+        found = dict(zip((r.request_id for r in requests), sampled.logprobs, strict=True))
         for req in requests:
             lp = found[req.request_id]
             if lp is not None:
                 req.logprobs.append(lp)
-        advanced = self.scheduler.add_tokens(zip(requests, token_ids, strict=True))
+        advanced = self.scheduler.add_tokens(zip(requests, sampled.token_ids, strict=True))
         return [
             TokenEvent(
                 r,

@@ -32,7 +32,7 @@ from scalellm.engine.config import EngineConfig
 from scalellm.engine.cuda_graphs import DecodeGraphs, graph_buckets, graph_limit, why_eager
 from scalellm.engine.kv_quant import Int8KVSDPA, KVCacheFormat
 from scalellm.engine.request import Request
-from scalellm.engine.sampler import Sampler, SamplerOutput, token_logprobs
+from scalellm.engine.sampler import Drawn, Sampler, SamplerOutput, token_logprobs
 from scalellm.engine.scheduler import ScheduledRequest
 from scalellm.engine.tp_ranks import TPRanks, broadcast_ints
 from scalellm.models.config import ModelConfig
@@ -96,32 +96,38 @@ class StepInputs:
 @dataclass(frozen=True)
 class LaunchedStep:
     """A step launched without waiting for its tokens (async scheduling): the requests that
-    sample in it and their tokens, still being computed on the device."""
+    sample in it and what they drew, still being computed on the device."""
 
     requests: list[Request]
-    tokens: torch.Tensor
-    """[len(requests)] on the device: what the next step feeds to these requests' pending rows."""
-    host: torch.Tensor
-    """The same tokens on the host once ``copied`` has happened (pinned; asynchronous on CUDA)."""
+    drawn: Drawn
+    """Its ``token_ids`` are what the next step feeds to these requests' pending rows."""
+    host: list[torch.Tensor]
+    """``drawn``'s tensors on the host once ``copied`` has happened (pinned; asynchronous on CUDA)."""
     copied: torch.cuda.Event | None
 
     @classmethod
-    def start(cls, requests: list[Request], tokens: torch.Tensor) -> LaunchedStep:
-        """Queue the tokens' copy to the host right behind the step, before any later step is
-        launched: a copy issued later would wait for that step too."""
-        if tokens.device.type != "cuda":
-            return cls(requests, tokens, tokens, None)
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
+    def start(cls, requests: list[Request], drawn: Drawn) -> LaunchedStep:
+        """Queue the copy to the host right behind the step, before any later step is launched:
+        a copy issued later would wait for that step too."""
+        if drawn.token_ids.device.type != "cuda":
+            return cls(requests, drawn, drawn.tensors(), None)
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in drawn.tensors()]
+        for dst, src in zip(host, drawn.tensors(), strict=True):
+            dst.copy_(src, non_blocking=True)
         copied = torch.cuda.Event()
         copied.record()
-        return cls(requests, tokens, host, copied)
+        return cls(requests, drawn, host, copied)
 
-    def token_ids(self) -> list[int]:
-        """Wait for the step's tokens (only for them: later steps may still run)."""
+    @property
+    def tokens(self) -> torch.Tensor:
+        """The sampled tokens on the device."""
+        return self.drawn.token_ids
+
+    def output(self) -> SamplerOutput:
+        """Wait for the step's tokens and logprobs (only for them: later steps may still run)."""
         if self.copied is not None:
             self.copied.synchronize()
-        return self.host.tolist()
+        return self.drawn.output(self.host)
 
 
 class ModelRunner:
@@ -331,8 +337,8 @@ class ModelRunner:
         inputs, hidden = self._forward(steps, self._pending_rows(scheduled, previous))
         requests = [scheduled[i].request for i in inputs.sampling]
         if not requests:
-            nothing = torch.empty(0, dtype=torch.long, device=self.device)
-            return LaunchedStep([], nothing, nothing, None)
+            nothing = Drawn(torch.empty(0, dtype=torch.long, device=self.device), None, [])
+            return LaunchedStep([], nothing, nothing.tensors(), None)
         logits = self.model.compute_logits(hidden[inputs.sample_indices])
         return LaunchedStep.start(requests, self.sampler.draw(logits, requests))
 

@@ -29,9 +29,32 @@ class SamplerOutput:
 
 
 def drawn_on_device(params: SamplingParams) -> bool:
-    """Whether ``Sampler.draw`` serves these parameters: no logprobs to report and no logits
-    controls, which read the request's output so far on the host."""
-    return params.logprobs is None and not params.uses_logits_controls
+    """Whether ``Sampler.draw`` serves these parameters: no logits controls, which read the
+    request's output so far on the host."""
+    return not params.uses_logits_controls
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """``Sampler.draw``'s tokens and logprobs, still on the device."""
+
+    token_ids: torch.Tensor
+    """[N]"""
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    """``logprob_tensors``' (chosen, top values, top ids) when any row asked for logprobs."""
+    want: list[int | None]
+    """Each row's logprobs setting (None: none)."""
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.token_ids, *(self.logprobs or ())]
+
+    def output(self, host: list[torch.Tensor]) -> SamplerOutput:
+        """The SamplerOutput of ``tensors()`` once they are on the host."""
+        ids = host[0].tolist()
+        if self.logprobs is None:
+            return SamplerOutput(ids, [None] * len(ids))
+        chosen, values, indices = (t.tolist() for t in host[1:])
+        return SamplerOutput(ids, assemble_logprobs(ids, chosen, values, indices, self.want))
 
 
 def torch_argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -70,14 +93,19 @@ class Sampler:
         return SamplerOutput(ids, list(token_logprobs(logits, token_ids, want)))
 
     @torch.inference_mode()
-    def draw(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """The token ids [N] on the logits' device, without waiting for them (async scheduling):
-        for requests without logprobs or logits controls, whose tokens ``__call__`` would pick
-        alike."""
+    def draw(self, logits: torch.Tensor, requests: list[Request]) -> Drawn:
+        """The tokens (and logprobs where asked for) on the logits' device, without waiting for
+        them (async scheduling): for requests without logits controls, whose tokens and logprobs
+        ``__call__`` would give alike."""
         assert all(drawn_on_device(r.sampling_params) for r in requests)
-        if all(r.sampling_params.greedy for r in requests):
-            return self._argmax(logits)
-        return self._pick(logits.float(), requests)
+        want = [r.sampling_params.logprobs for r in requests]
+        if all(r.sampling_params.greedy for r in requests) and all(n is None for n in want):
+            return Drawn(self._argmax(logits), None, want)
+        logits = logits.float()
+        token_ids = self._pick(logits, requests)
+        if all(n is None for n in want):
+            return Drawn(token_ids, None, want)
+        return Drawn(token_ids, logprob_tensors(logits, token_ids, max(n or 0 for n in want)), want)
 
     def _pick(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """Greedy rows' argmax, the other rows' draws, from processed float32 logits."""
@@ -149,15 +177,28 @@ def token_logprobs(
 ) -> list[TokenLogprobs | None]:
     """Per row: the logprob of token_ids[row] under the row's logits and the top want[row] (None:
     nothing for that row)."""
+    chosen, values, indices = logprob_tensors(logits, token_ids, max(n or 0 for n in want))
+    return assemble_logprobs(token_ids.tolist(), chosen.tolist(), values.tolist(), indices.tolist(), want)
+
+
+def logprob_tensors(
+    logits: torch.Tensor, token_ids: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows' log-softmax at token_ids [N], and its top k values and ids [N, k]."""
     logprobs = logits.log_softmax(dim=-1)
-    chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()
-    k = max(n or 0 for n in want)
-    top_vals: list[list[float]] = []
-    top_ids: list[list[int]] = []
-    if k:
-        values, indices = logprobs.topk(k, dim=-1)
-        top_vals, top_ids = values.tolist(), indices.tolist()
-    ids = token_ids.tolist()
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+    values, indices = logprobs.topk(k, dim=-1)
+    return chosen, values, indices
+
+
+def assemble_logprobs(
+    ids: list[int],
+    chosen: list[float],
+    top_vals: list[list[float]],
+    top_ids: list[list[int]],
+    want: list[int | None] | list[int],
+) -> list[TokenLogprobs | None]:
+    """logprob_tensors' values, on the host, as each row's TokenLogprobs (None where not wanted)."""
     out: list[TokenLogprobs | None] = []
     for i, n in enumerate(want):
         if n is None:

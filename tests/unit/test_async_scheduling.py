@@ -128,8 +128,8 @@ def test_async_steps_give_the_synchronous_engines_events(tiny_llama: Path, graph
 
 
 def test_steps_sampled_on_the_host_run_synchronously_in_between(tiny_llama: Path) -> None:
-    """Logprobs, penalties and prompt logprobs make a step synchronous; the requests around it
-    keep their pending tokens across the switch."""
+    """Penalties and prompt logprobs make a step synchronous; the requests around it keep their
+    pending tokens across the switch (logprobs do not: they are drawn on the device)."""
     greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     workload: Workload = [
         (0, "a", _prompt(11, 13), greedy),
@@ -142,6 +142,25 @@ def test_steps_sampled_on_the_host_run_synchronously_in_between(tiny_llama: Path
     sync, overlapped = _both(tiny_llama, workload)
     assert overlapped == sync
     assert all(lp is not None for _, lp, _ in sync["logprobs"])
+
+
+def test_logprobs_are_drawn_on_the_device_without_a_synchronous_step(tiny_llama: Path) -> None:
+    workload: Workload = [
+        (
+            0,
+            "top3",
+            _prompt(17, 9),
+            SamplingParams(temperature=0.0, max_tokens=6, logprobs=3, ignore_eos=True),
+        ),
+        (1, "chosen", _prompt(18, 7), SamplingParams(temperature=0.7, seed=5, max_tokens=5, logprobs=0)),
+        (2, "plain", _prompt(19, 8), SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)),
+    ]
+    engine = _engine(tiny_llama, True)
+    engine.runner.execute = None  # type: ignore[assignment,method-assign]  # any synchronous step fails
+    overlapped = _run(engine, workload)
+    assert overlapped == _run(_engine(tiny_llama, False), workload)
+    assert all(lp is not None and len(lp.top) == 3 for _, lp, _ in overlapped["top3"])
+    assert all(lp is not None and lp.top == () for _, lp, _ in overlapped["chosen"])
 
 
 def test_an_abort_drops_the_pending_token(tiny_llama: Path) -> None:
