@@ -49,7 +49,7 @@ for s in $stages; do
     env)
       stage env 60 bash -c 'nvidia-smi -L; nproc; python3 -c "import torch, transformers, grpc; print(torch.__version__, torch.version.cuda, transformers.__version__, grpc.__version__, torch.cuda.get_device_name())"' ;;
     exact)
-      stage exact 240 env SCALELLM_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider \
+      stage exact 300 env SCALELLM_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider \
         tests/unit/test_engine_exact.py tests/unit/test_cuda_graphs.py tests/unit/test_ops_triton.py \
         tests/unit/test_attention_triton.py::test_the_compiled_kernel_on_cuda_equals_torch_sdpa_at_an_8b_shape \
         tests/unit/test_attention_triton.py::test_the_compiled_prefill_kernel_on_cuda_equals_torch_sdpa_at_an_8b_shape \

@@ -31,8 +31,11 @@ DEVICE = os.environ.get("SCALELLM_TEST_DEVICE", "cpu")
 def _engine(
     model: Path, overlap: bool, blocks: int = 96, budget: int = 32, graphs: int | None = None
 ) -> LLMEngine:
-    """``graphs``: cuda_graph_max_batch (None: the device's default; on CPU a positive one runs
-    decode steps through the graphs' bucketed static buffers without capture)."""
+    """``graphs``: cuda_graph_max_batch (None: 0 on CPU, 8 on CUDA, where capturing every bucket
+    up to 256 would cost each engine seconds; on CPU a positive one runs decode steps through the
+    graphs' bucketed static buffers without capture)."""
+    if graphs is None and DEVICE.startswith("cuda"):
+        graphs = 8
     return LLMEngine(
         EngineConfig(
             model=str(model),
@@ -257,7 +260,8 @@ def test_a_launch_does_not_wait_for_the_device(tiny_llama: Path) -> None:
     """Overlap needs a launch that never synchronizes with the device (a pageable host-to-device
     copy, a .tolist(), an .item() would): CUDA's sync debug mode turns any such call into an
     error, here for decode steps (graph replay), a step with a prefill chunk, and a request that
-    draws its tokens (temperature, top-k, top-p, min-p, a seed) beside greedy ones."""
+    draws its tokens (temperature, top-k, top-p, min-p, a seed) and one with logprobs beside
+    greedy ones."""
     engine = LLMEngine(
         EngineConfig(
             model=str(tiny_llama),
@@ -266,6 +270,7 @@ def test_a_launch_does_not_wait_for_the_device(tiny_llama: Path) -> None:
             num_kv_blocks=96,
             block_size=BLOCK,
             async_scheduling=True,
+            cuda_graph_max_batch=8,
         )
     )
     greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -273,6 +278,7 @@ def test_a_launch_does_not_wait_for_the_device(tiny_llama: Path) -> None:
         engine.add_request(f"r{i}", _prompt(50 + i, 9), greedy)
     drawn = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.01, seed=3, max_tokens=12)
     engine.add_request("drawn", _prompt(53, 9), drawn)
+    engine.add_request("logprobs", _prompt(54, 9), replace(greedy, logprobs=2))
     for _ in range(3):
         engine.step()  # prefill and the first decodes, compiling whatever compiles on first use
     engine.add_request("late", _prompt(60, 9), greedy)
