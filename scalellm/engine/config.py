@@ -66,10 +66,10 @@ class EngineConfig:
     previous one still runs, its decode inputs taken on the device from the previous step's
     sampled tokens, whose results are applied afterwards (engine.py, ``LLMEngine.step``). A
     request that finishes in a step still rides in the next one (its row is discarded).
-    Logprobs are drawn on the device too; steps with prompt logprobs or logits controls
-    (penalties, structured output, ...) run synchronously. For GPUs, where the host would
-    otherwise leave the device idle between steps; a CPU computes everything at launch anyway.
-    Not under tensor parallelism."""
+    Logprobs and penalties are computed on the device too; steps with prompt logprobs,
+    structured output or bad words of several tokens run synchronously. For GPUs, where the
+    host would otherwise leave the device idle between steps; a CPU computes everything at
+    launch anyway. Not under tensor parallelism."""
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:

@@ -344,7 +344,7 @@ class LLMEngine:
 
 def _deferrable(s: ScheduledRequest) -> bool:
     """Whether a step with this request may run on without the host waiting for its tokens."""
-    return drawn_on_device(s.request.sampling_params) and s.request.sampling_params.prompt_logprobs is None
+    return drawn_on_device(s.request) and s.request.sampling_params.prompt_logprobs is None
 
 
 def _check_in_vocab(name: str, token_ids: Sequence[int], vocab: int) -> None:

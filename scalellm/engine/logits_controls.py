@@ -14,6 +14,12 @@ batch where none does costs one pass over its SamplingParams):
 
 Each step is a few tensor operations over the affected rows; the per-request Python work is over
 the requests' own token lists and parameters, never the vocabulary.
+
+With async scheduling a request's last output token may still be pending (computed by the step
+in flight, on the device): the penalties then count it from ``pending``, a device tensor, and
+everything else is independent of its value (min_tokens counts tokens; single-token bad words and
+logit_bias are fixed). Grammars and bad words of several tokens need the value on the host:
+``host_free`` says whether a request's controls can do without it.
 """
 
 from __future__ import annotations
@@ -21,25 +27,35 @@ from __future__ import annotations
 import torch
 
 from scalellm.engine.grammar import BitmaskFiller
-from scalellm.engine.request import Request
+from scalellm.engine.host_copy import to_device
+from scalellm.engine.request import PENDING_TOKEN, Request
 
 NEG_INF = float("-inf")
+
+
+def host_free(req: Request) -> bool:
+    """Whether the request's controls apply without its pending token's value on the host."""
+    params = req.sampling_params
+    return params.structured_output is None and all(len(seq) == 1 for seq in params.bad_words_token_ids)
 
 
 class LogitsControls:
     def __init__(self) -> None:
         self._bitmasks = BitmaskFiller()
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def __call__(
+        self, logits: torch.Tensor, requests: list[Request], pending: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The logits [N, V] with every request's controls applied: the same tensor when no
-        request has any, otherwise a processed copy (the raw logits stay for logprobs)."""
+        request has any, otherwise a processed copy (the raw logits stay for logprobs).
+        ``pending`` [N]: row i's pending token, on the device, where requests[i].awaiting_token."""
         if not any(r.sampling_params.uses_logits_controls for r in requests):
             return logits
         logits = logits.clone()
         self._grammar(logits, requests)
         _ban(logits, requests)
         _bias(logits, requests)
-        _penalties(logits, requests)
+        _penalties(logits, requests, pending)
         return logits
 
     def _grammar(self, logits: torch.Tensor, requests: list[Request]) -> None:
@@ -48,7 +64,7 @@ class LogitsControls:
             return
         matchers = [m for m in (requests[i].grammar for i in rows) if m is not None]
         allowed = self._bitmasks.allowed(matchers, logits.shape[1]).to(logits.device)
-        index = torch.tensor(rows, device=logits.device)
+        index = to_device(rows, logits.device)
         logits[index] = logits[index].masked_fill(~allowed, NEG_INF)
 
 
@@ -62,7 +78,7 @@ def _ban(logits: torch.Tensor, requests: list[Request]) -> None:
         tokens.extend(banned)
     if rows:
         dev = logits.device
-        logits[torch.tensor(rows, device=dev), torch.tensor(tokens, device=dev)] = NEG_INF
+        logits[to_device(rows, dev), to_device(tokens, dev)] = NEG_INF
 
 
 def _banned(req: Request) -> list[int]:
@@ -92,19 +108,24 @@ def _bias(logits: torch.Tensor, requests: list[Request]) -> None:
             values.append(bias)
     if rows:
         dev = logits.device
-        index = (torch.tensor(rows, device=dev), torch.tensor(tokens, device=dev))
-        logits.index_put_(index, torch.tensor(values, device=dev, dtype=logits.dtype), accumulate=True)
+        index = (to_device(rows, dev), to_device(tokens, dev))
+        logits.index_put_(index, to_device(values, dev, logits.dtype), accumulate=True)
 
 
-def _penalties(logits: torch.Tensor, requests: list[Request]) -> None:
+def _penalties(logits: torch.Tensor, requests: list[Request], pending: torch.Tensor | None) -> None:
     rows = [i for i, r in enumerate(requests) if _has_penalty(r)]
     if not rows:
         return
     reqs = [requests[i] for i in rows]
     dev, vocab = logits.device, logits.shape[1]
-    index = torch.tensor(rows, device=dev)
+    index = to_device(rows, dev)
     sub = logits[index]
     counts = _counts([r.output_token_ids for r in reqs], vocab, dev)
+    waiting = [k for k, r in enumerate(reqs) if r.awaiting_token]
+    if waiting:  # each pending token once more, from the device
+        assert pending is not None, "a pending token's row needs its value"
+        at = to_device(waiting, dev)
+        counts.index_put_((at, pending[index[at]]), torch.ones(len(waiting), device=dev), accumulate=True)
     in_output = counts > 0
     repetition = [r.sampling_params.repetition_penalty for r in reqs]
     if any(r != 1.0 for r in repetition):
@@ -122,14 +143,15 @@ def _has_penalty(req: Request) -> bool:
 
 
 def _counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    """float [len(token_lists), vocab]: how often each token occurs in each list (padding goes to
-    an extra column that is dropped)."""
+    """float [len(token_lists), vocab]: how often each token occurs in each list (padding and
+    pending tokens go to an extra column that is dropped)."""
     width = max(1, max(len(t) for t in token_lists))
-    padded = torch.tensor([t + [vocab] * (width - len(t)) for t in token_lists], device=device)
+    known = [[*t[:-1], vocab] if t and t[-1] == PENDING_TOKEN else t for t in token_lists]
+    padded = to_device([t + [vocab] * (width - len(t)) for t in known], device)
     counts = torch.zeros((len(token_lists), vocab + 1), device=device)
     counts.scatter_add_(1, padded, torch.ones(padded.shape, device=device))
     return counts[:, :vocab]
 
 
 def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, device=like.device, dtype=like.dtype).unsqueeze(1)
+    return to_device(values, like.device, like.dtype).unsqueeze(1)

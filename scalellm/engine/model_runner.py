@@ -30,6 +30,7 @@ from scalellm.engine import cpu_kernels
 from scalellm.engine.attention import AttentionBackend, AttentionMetadata, PrefillSpan, select_backend
 from scalellm.engine.config import EngineConfig
 from scalellm.engine.cuda_graphs import DecodeGraphs, graph_buckets, graph_limit, why_eager
+from scalellm.engine.host_copy import upload
 from scalellm.engine.kv_quant import Int8KVSDPA, KVCacheFormat
 from scalellm.engine.request import Request
 from scalellm.engine.sampler import Drawn, Sampler, SamplerOutput, token_logprobs
@@ -340,7 +341,22 @@ class ModelRunner:
             nothing = Drawn(torch.empty(0, dtype=torch.long, device=self.device), None, [])
             return LaunchedStep([], nothing, nothing.tensors(), None)
         logits = self.model.compute_logits(hidden[inputs.sample_indices])
-        return LaunchedStep.start(requests, self.sampler.draw(logits, requests))
+        pending = self._pending_tokens(requests, previous)
+        return LaunchedStep.start(requests, self.sampler.draw(logits, requests, pending))
+
+    def _pending_tokens(self, requests: list[Request], previous: LaunchedStep | None) -> torch.Tensor | None:
+        """[len(requests)] on the device: each pending token from ``previous`` (0 for rows
+        without one), where a request with logits controls awaits its token; else None."""
+        if previous is None or not any(
+            r.awaiting_token and r.sampling_params.uses_logits_controls for r in requests
+        ):
+            return None
+        index = {id(r): j for j, r in enumerate(previous.requests)}
+        rows = [i for i, r in enumerate(requests) if r.awaiting_token]
+        found = self._ints(rows + [index[id(requests[i])] for i in rows])
+        pending = torch.zeros(len(requests), dtype=torch.long, device=self.device)
+        pending[found[: len(rows)]] = previous.tokens[found[len(rows) :]]
+        return pending
 
     def _pending_rows(
         self, scheduled: list[ScheduledRequest], previous: LaunchedStep | None
@@ -501,14 +517,11 @@ class ModelRunner:
 
     def _ints(self, data: list[int]) -> torch.Tensor:
         """``_tensor`` of a flat list, through array.array: a third of torch.tensor's time on a
-        list of ints (0.2 against 0.7 ms for the 10k of a 256-sequence decode step). On CUDA
-        through pinned memory, so the copy does not wait for the steps still running."""
+        list of ints (0.2 against 0.7 ms for the 10k of a 256-sequence decode step); on CUDA
+        through pinned memory (host_copy)."""
         if not data:
             return torch.empty(0, dtype=torch.long, device=self.device)
-        host = torch.frombuffer(array.array("q", data), dtype=torch.long)
-        if self.device.type == "cpu":
-            return host
-        return host.pin_memory().to(self.device, non_blocking=True)
+        return upload(torch.frombuffer(array.array("q", data), dtype=torch.long), self.device)
 
 
 def _padded(rows: list[list[int]]) -> tuple[list[int], int]:

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from scalellm.engine.logits_controls import LogitsControls
+from scalellm.engine.host_copy import to_device
+from scalellm.engine.logits_controls import LogitsControls, host_free
 from scalellm.engine.request import Request
-from scalellm.types import SamplingParams, TokenLogprobs
+from scalellm.types import TokenLogprobs
 
 
 @dataclass(frozen=True)
@@ -28,10 +29,10 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]
 
 
-def drawn_on_device(params: SamplingParams) -> bool:
-    """Whether ``Sampler.draw`` serves these parameters: no logits controls, which read the
-    request's output so far on the host."""
-    return not params.uses_logits_controls
+def drawn_on_device(req: Request) -> bool:
+    """Whether ``Sampler.draw`` serves this request: its logits controls, if any, need no
+    pending token's value on the host (logits_controls.host_free)."""
+    return not req.sampling_params.uses_logits_controls or host_free(req)
 
 
 @dataclass(frozen=True)
@@ -93,16 +94,20 @@ class Sampler:
         return SamplerOutput(ids, list(token_logprobs(logits, token_ids, want)))
 
     @torch.inference_mode()
-    def draw(self, logits: torch.Tensor, requests: list[Request]) -> Drawn:
+    def draw(
+        self, logits: torch.Tensor, requests: list[Request], pending: torch.Tensor | None = None
+    ) -> Drawn:
         """The tokens (and logprobs where asked for) on the logits' device, without waiting for
-        them (async scheduling): for requests without logits controls, whose tokens and logprobs
-        ``__call__`` would give alike."""
-        assert all(drawn_on_device(r.sampling_params) for r in requests)
-        want = [r.sampling_params.logprobs for r in requests]
-        if all(r.sampling_params.greedy for r in requests) and all(n is None for n in want):
+        them (async scheduling), as ``__call__`` would pick them, for requests ``drawn_on_device``.
+        ``pending`` [N]: row i's pending token on the device, where requests[i].awaiting_token
+        (their penalties count it)."""
+        assert all(map(drawn_on_device, requests))
+        params = [r.sampling_params for r in requests]
+        want = [p.logprobs for p in params]
+        if all(p.greedy and p.logprobs is None and not p.uses_logits_controls for p in params):
             return Drawn(self._argmax(logits), None, want)
         logits = logits.float()
-        token_ids = self._pick(logits, requests)
+        token_ids = self._pick(self._controls(logits, requests, pending), requests)
         if all(n is None for n in want):
             return Drawn(token_ids, None, want)
         return Drawn(token_ids, logprob_tensors(logits, token_ids, max(n or 0 for n in want)), want)
@@ -113,7 +118,7 @@ class Sampler:
         random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
         if random_rows:
             token_ids = token_ids.clone()
-            rows = _on(logits.device, random_rows, torch.long)
+            rows = to_device(random_rows, logits.device)
             token_ids[rows] = self._sample(logits[rows], [requests[i] for i in random_rows])
         return token_ids
 
@@ -121,7 +126,7 @@ class Sampler:
         params = [r.sampling_params for r in requests]
         dev = logits.device
         vocab = logits.shape[-1]
-        temps = _on(dev, [p.temperature for p in params], logits.dtype)
+        temps = to_device([p.temperature for p in params], dev, logits.dtype)
         logits = logits / temps.unsqueeze(1)
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
         top_p = [p.top_p for p in params]
@@ -131,14 +136,14 @@ class Sampler:
         if needs_sort:
             logits, order = logits.sort(dim=-1, descending=True)
             ranks = torch.arange(vocab, device=dev).unsqueeze(0)
-            logits = logits.masked_fill(ranks >= _on(dev, top_k, torch.long).unsqueeze(1), float("-inf"))
+            logits = logits.masked_fill(ranks >= to_device(top_k, dev).unsqueeze(1), float("-inf"))
         probs = logits.softmax(dim=-1)
         if needs_sort and any(p < 1.0 for p in top_p):
             before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
-            cut = before >= _on(dev, top_p, probs.dtype).unsqueeze(1)
+            cut = before >= to_device(top_p, dev, probs.dtype).unsqueeze(1)
             probs = probs.masked_fill(cut, 0.0)  # the top token is never cut (before == 0)
         if any(m > 0.0 for m in min_p):
-            floor = _on(dev, min_p, probs.dtype).unsqueeze(1)
+            floor = to_device(min_p, dev, probs.dtype).unsqueeze(1)
             probs = probs.masked_fill(probs < floor * probs.max(dim=-1, keepdim=True).values, 0.0)
         noise = self._exponential(probs, requests)  # one draw per token id, in vocabulary order
         if order is not None:
@@ -163,13 +168,6 @@ class Sampler:
                 self._generators[req.request_id] = gen
             noise[i].exponential_(generator=gen)
         return noise
-
-
-def _on(device: torch.device, values: list[int] | list[float], dtype: torch.dtype) -> torch.Tensor:
-    """A small host list on the device; on CUDA through pinned memory, so that the copy does not
-    wait for the steps still running (async scheduling)."""
-    host = torch.tensor(values, dtype=dtype)
-    return host if device.type == "cpu" else host.pin_memory().to(device, non_blocking=True)
 
 
 def token_logprobs(

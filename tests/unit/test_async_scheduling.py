@@ -130,21 +130,52 @@ def test_async_steps_give_the_synchronous_engines_events(tiny_llama: Path, graph
     assert len(_tokens(sync["one"])) == 1 and len(_tokens(sync["two"])) == 2
 
 
-def test_steps_sampled_on_the_host_run_synchronously_in_between(tiny_llama: Path) -> None:
-    """Penalties and prompt logprobs make a step synchronous; the requests around it keep their
-    pending tokens across the switch (logprobs do not: they are drawn on the device)."""
+def test_steps_that_need_a_token_on_the_host_run_synchronously_in_between(tiny_llama: Path) -> None:
+    """Bad words of two tokens (their first must be known on the host) and prompt logprobs make
+    a step synchronous; the requests around it keep their pending tokens across the switch."""
     greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     workload: Workload = [
         (0, "a", _prompt(11, 13), greedy),
         (0, "b", _prompt(12, 6), greedy),
-        (3, "logprobs", _prompt(13, 8), SamplingParams(temperature=0.0, max_tokens=4, logprobs=2)),
-        (6, "penalty", _prompt(14, 8), SamplingParams(temperature=0.0, max_tokens=5, presence_penalty=1.5)),
+        (3, "words", _prompt(13, 8), replace(greedy, max_tokens=5, bad_words_token_ids=((7, 8),))),
         (9, "prompt", _prompt(15, 8), SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=1)),
         (12, "c", _prompt(16, 9), greedy),
     ]
-    sync, overlapped = _both(tiny_llama, workload)
-    assert overlapped == sync
-    assert all(lp is not None for _, lp, _ in sync["logprobs"])
+    engine = _engine(tiny_llama, True)
+    execute, synchronous = engine.runner.execute, []
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        synchronous.append(True)
+        return execute(*args, **kwargs)
+
+    engine.runner.execute = counted  # type: ignore[method-assign]
+    overlapped = _run(engine, workload)
+    assert overlapped == _run(_engine(tiny_llama, False), workload)
+    assert len(synchronous) >= 6  # the words request's 5 tokens and the prompt's prefill
+
+
+def test_penalties_count_the_pending_token_on_the_device(tiny_llama: Path) -> None:
+    """Penalties, logit_bias, min_tokens and one-token bad words need no token's value on the
+    host: no step runs synchronously, and the events equal the synchronous engine's."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    penalties = replace(greedy, presence_penalty=0.8, frequency_penalty=0.6, repetition_penalty=1.4)
+    workload: Workload = [
+        (0, "penalties", _prompt(71, 9), penalties),
+        (0, "plain", _prompt(71, 9), greedy),
+        (1, "drawn", _prompt(72, 8), replace(penalties, temperature=0.8, seed=11)),
+        (2, "bias", _prompt(73, 7), replace(greedy, logit_bias=((9, 5.0), (10, -3.0)), min_tokens=4)),
+        (
+            2,
+            "words",
+            _prompt(74, 7),
+            replace(greedy, bad_words_token_ids=((9,), (12,)), frequency_penalty=2.0),
+        ),
+    ]
+    engine = _engine(tiny_llama, True)
+    engine.runner.execute = None  # type: ignore[assignment,method-assign]  # any synchronous step fails
+    overlapped = _run(engine, workload)
+    assert overlapped == _run(_engine(tiny_llama, False), workload)
+    assert _tokens(overlapped["penalties"]) != _tokens(overlapped["plain"])  # they bite
 
 
 def test_logprobs_are_drawn_on_the_device_without_a_synchronous_step(tiny_llama: Path) -> None:
@@ -260,8 +291,8 @@ def test_a_launch_does_not_wait_for_the_device(tiny_llama: Path) -> None:
     """Overlap needs a launch that never synchronizes with the device (a pageable host-to-device
     copy, a .tolist(), an .item() would): CUDA's sync debug mode turns any such call into an
     error, here for decode steps (graph replay), a step with a prefill chunk, and a request that
-    draws its tokens (temperature, top-k, top-p, min-p, a seed) and one with logprobs beside
-    greedy ones."""
+    draws its tokens (temperature, top-k, top-p, min-p, a seed), one with logprobs and one with
+    penalties, a logit bias, min_tokens and a bad word beside greedy ones."""
     engine = LLMEngine(
         EngineConfig(
             model=str(tiny_llama),
@@ -279,6 +310,10 @@ def test_a_launch_does_not_wait_for_the_device(tiny_llama: Path) -> None:
     drawn = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.01, seed=3, max_tokens=12)
     engine.add_request("drawn", _prompt(53, 9), drawn)
     engine.add_request("logprobs", _prompt(54, 9), replace(greedy, logprobs=2))
+    controls = replace(
+        greedy, presence_penalty=0.5, repetition_penalty=1.2, logit_bias=((9, 2.0),), min_tokens=3
+    )
+    engine.add_request("controls", _prompt(55, 9), replace(controls, bad_words_token_ids=((12,),)))
     for _ in range(3):
         engine.step()  # prefill and the first decodes, compiling whatever compiles on first use
     engine.add_request("late", _prompt(60, 9), greedy)
