@@ -326,7 +326,7 @@ class ModelRunner:
             return [], SamplerOutput([], [])
         logits = self.model.compute_logits(hidden[inputs.sample_indices])
         requests = [scheduled[i].request for i in inputs.sampling]
-        return requests, self.sampler(logits, requests)
+        return requests, self.sampler(logits, requests, self._pending_tokens(requests, previous))
 
     @torch.inference_mode()
     def launch(self, scheduled: list[ScheduledRequest], previous: LaunchedStep | None) -> LaunchedStep:

@@ -78,15 +78,18 @@ class Sampler:
         self._generators.pop(request_id, None)
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+    def __call__(
+        self, logits: torch.Tensor, requests: list[Request], pending: torch.Tensor | None = None
+    ) -> SamplerOutput:
         """logits [N, V] in the model's dtype, one row per request, in order. A batch of plain
         greedy rows takes the argmax of those logits as they are (widening to float32 is exact,
-        so the index is the same); anything else works on a float32 copy."""
+        so the index is the same); anything else works on a float32 copy. ``pending``: as for
+        ``draw`` (a synchronous step right after an async one)."""
         params = [r.sampling_params for r in requests]
         if all(p.greedy and p.logprobs is None and not p.uses_logits_controls for p in params):
             return SamplerOutput(self._argmax(logits).tolist(), [None] * len(requests))
         logits = logits.float()
-        token_ids = self._pick(self._controls(logits, requests), requests)
+        token_ids = self._pick(self._controls(logits, requests, pending), requests)
         ids = token_ids.tolist()
         want = [p.logprobs for p in params]
         if all(n is None for n in want):

@@ -132,11 +132,13 @@ def test_async_steps_give_the_synchronous_engines_events(tiny_llama: Path, graph
 
 def test_steps_that_need_a_token_on_the_host_run_synchronously_in_between(tiny_llama: Path) -> None:
     """Bad words of two tokens (their first must be known on the host) and prompt logprobs make
-    a step synchronous; the requests around it keep their pending tokens across the switch."""
+    a step synchronous; the requests around it keep their pending tokens across the switch, a
+    penalised one counting its own from the device there too."""
     greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     workload: Workload = [
         (0, "a", _prompt(11, 13), greedy),
         (0, "b", _prompt(12, 6), greedy),
+        (2, "penalty", _prompt(14, 8), replace(greedy, presence_penalty=1.5, frequency_penalty=0.5)),
         (3, "words", _prompt(13, 8), replace(greedy, max_tokens=5, bad_words_token_ids=((7, 8),))),
         (9, "prompt", _prompt(15, 8), SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=1)),
         (12, "c", _prompt(16, 9), greedy),
