@@ -65,13 +65,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_ours(llm, work: Workload) -> float:  # type: ignore[no-untyped-def]
+def generate(llm, work: Workload) -> list:  # type: ignore[no-untyped-def]
+    """The workload through ``LLM.generate``: greedy, each request its own output length."""
     from scalellm import SamplingParams
 
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in work.output_lens]
-    prompts = [{"prompt_token_ids": p} for p in work.prompts]
+    return llm.generate([{"prompt_token_ids": p} for p in work.prompts], params)
+
+
+def run_ours(llm, work: Workload) -> float:  # type: ignore[no-untyped-def]
     t = time.perf_counter()
-    outs = llm.generate(prompts, params)
+    outs = generate(llm, work)
     elapsed = time.perf_counter() - t
     assert sum(len(o.outputs[0].token_ids) for o in outs) == work.output_tokens
     return elapsed
@@ -79,11 +83,7 @@ def run_ours(llm, work: Workload) -> float:  # type: ignore[no-untyped-def]
 
 def generated(llm, work: Workload) -> list[list[int]]:  # type: ignore[no-untyped-def]
     """The token ids of the workload's greedy outputs."""
-    from scalellm import SamplingParams
-
-    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in work.output_lens]
-    outs = llm.generate([{"prompt_token_ids": p} for p in work.prompts], params)
-    return [list(o.outputs[0].token_ids) for o in outs]
+    return [list(o.outputs[0].token_ids) for o in generate(llm, work)]
 
 
 def run_hf(model, work: Workload, pad_id: int) -> float:  # type: ignore[no-untyped-def]

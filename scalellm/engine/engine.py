@@ -24,9 +24,10 @@ from scalellm.engine.block_manager import BlockManager
 from scalellm.engine.config import EngineConfig
 from scalellm.engine.events import EngineStats, RemoteReservation, TokenEvent, outcome
 from scalellm.engine.grammar import GrammarCompiler
+from scalellm.engine.logits_controls import host_free
 from scalellm.engine.model_runner import LaunchedStep, ModelRunner
 from scalellm.engine.request import Request, RequestStatus
-from scalellm.engine.sampler import SamplerOutput, drawn_on_device
+from scalellm.engine.sampler import SamplerOutput
 from scalellm.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig
 from scalellm.kvhash import BlockHashDelta
 from scalellm.models.config import ModelConfig
@@ -344,7 +345,7 @@ class LLMEngine:
 
 def _deferrable(s: ScheduledRequest) -> bool:
     """Whether a step with this request may run on without the host waiting for its tokens."""
-    return drawn_on_device(s.request) and s.request.sampling_params.prompt_logprobs is None
+    return host_free(s.request) and s.request.sampling_params.prompt_logprobs is None
 
 
 def _check_in_vocab(name: str, token_ids: Sequence[int], vocab: int) -> None:

@@ -331,7 +331,7 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, scheduled: list[ScheduledRequest], previous: LaunchedStep | None) -> LaunchedStep:
         """Run one step without waiting for its tokens (async scheduling: every request
-        ``drawn_on_device``, none wants prompt logprobs, a single rank). Its pending rows take
+        ``logits_controls.host_free``, none wants prompt logprobs, a single rank). Its pending rows take
         ``previous``'s tokens on the device."""
         assert self.ranks is None, "the ranks take their input tokens from the host"
         steps = [SeqStep.of(s) for s in scheduled]
@@ -351,12 +351,9 @@ class ModelRunner:
             r.awaiting_token and r.sampling_params.uses_logits_controls for r in requests
         ):
             return None
-        index = {id(r): j for j, r in enumerate(previous.requests)}
-        rows = [i for i, r in enumerate(requests) if r.awaiting_token]
-        found = self._ints(rows + [index[id(requests[i])] for i in rows])
-        pending = torch.zeros(len(requests), dtype=torch.long, device=self.device)
-        pending[found[: len(rows)]] = previous.tokens[found[len(rows) :]]
-        return pending
+        found = self._from_previous(requests, previous)
+        assert found is not None
+        return torch.zeros(len(requests), dtype=torch.long, device=self.device).index_copy_(0, *found)
 
     def _pending_rows(
         self, scheduled: list[ScheduledRequest], previous: LaunchedStep | None
@@ -366,12 +363,18 @@ class ModelRunner:
         awaiting_token."""
         if previous is None:
             return None
-        index = {id(r): j for j, r in enumerate(previous.requests)}
-        decodes = [s.request for s in scheduled if s.num_new_tokens == 1]
-        rows = [row for row, req in enumerate(decodes) if req.awaiting_token]
+        return self._from_previous([s.request for s in scheduled if s.num_new_tokens == 1], previous)
+
+    def _from_previous(
+        self, requests: list[Request], previous: LaunchedStep
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The positions in ``requests`` of those awaiting their token and, aligned, their tokens
+        from ``previous`` (both on the device); None when none awaits."""
+        rows = [i for i, r in enumerate(requests) if r.awaiting_token]
         if not rows:
             return None
-        found = self._ints(rows + [index[id(decodes[row])] for row in rows])
+        index = {id(r): j for j, r in enumerate(previous.requests)}
+        found = self._ints(rows + [index[id(requests[i])] for i in rows])
         return found[: len(rows)], previous.tokens.index_select(0, found[len(rows) :])
 
     @torch.inference_mode()

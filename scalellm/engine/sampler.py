@@ -20,19 +20,13 @@ import torch
 from scalellm.engine.host_copy import to_device
 from scalellm.engine.logits_controls import LogitsControls, host_free
 from scalellm.engine.request import Request
-from scalellm.types import TokenLogprobs
+from scalellm.types import SamplingParams, TokenLogprobs
 
 
 @dataclass(frozen=True)
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
-
-
-def drawn_on_device(req: Request) -> bool:
-    """Whether ``Sampler.draw`` serves this request: its logits controls, if any, need no
-    pending token's value on the host (logits_controls.host_free)."""
-    return not req.sampling_params.uses_logits_controls or host_free(req)
 
 
 @dataclass(frozen=True)
@@ -56,6 +50,11 @@ class Drawn:
             return SamplerOutput(ids, [None] * len(ids))
         chosen, values, indices = (t.tolist() for t in host[1:])
         return SamplerOutput(ids, assemble_logprobs(ids, chosen, values, indices, self.want))
+
+
+def _plain_greedy(params: list[SamplingParams]) -> bool:
+    """Every row greedy with neither logprobs nor logits controls: one argmax over the logits."""
+    return all(p.greedy and p.logprobs is None and not p.uses_logits_controls for p in params)
 
 
 def torch_argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -86,7 +85,7 @@ class Sampler:
         so the index is the same); anything else works on a float32 copy. ``pending``: as for
         ``draw`` (a synchronous step right after an async one)."""
         params = [r.sampling_params for r in requests]
-        if all(p.greedy and p.logprobs is None and not p.uses_logits_controls for p in params):
+        if _plain_greedy(params):
             return SamplerOutput(self._argmax(logits).tolist(), [None] * len(requests))
         logits = logits.float()
         token_ids = self._pick(self._controls(logits, requests, pending), requests)
@@ -101,13 +100,14 @@ class Sampler:
         self, logits: torch.Tensor, requests: list[Request], pending: torch.Tensor | None = None
     ) -> Drawn:
         """The tokens (and logprobs where asked for) on the logits' device, without waiting for
-        them (async scheduling), as ``__call__`` would pick them, for requests ``drawn_on_device``.
+        them (async scheduling), as ``__call__`` would pick them, for requests whose controls need no
+        token on the host (logits_controls.host_free).
         ``pending`` [N]: row i's pending token on the device, where requests[i].awaiting_token
         (their penalties count it)."""
-        assert all(map(drawn_on_device, requests))
+        assert all(map(host_free, requests))
         params = [r.sampling_params for r in requests]
         want = [p.logprobs for p in params]
-        if all(p.greedy and p.logprobs is None and not p.uses_logits_controls for p in params):
+        if _plain_greedy(params):
             return Drawn(self._argmax(logits), None, want)
         logits = logits.float()
         token_ids = self._pick(self._controls(logits, requests, pending), requests)
