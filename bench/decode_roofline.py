@@ -166,8 +166,9 @@ def loop_seconds(
     """Seconds per decode step when steps follow each other as LLMEngine.step runs them (the
     scheduler's own work aside): each step's tokens read on the host and fed to the next step.
     ``overlap`` False: the host waits for a step's tokens before it launches the next (the
-    synchronous engine); True: it launches the next step first, its rows fed from this step's
-    tokens on the device, and reads this step's tokens while that one runs (async_scheduling).
+    synchronous engine); True: it launches the next step's forward pass first, its rows fed from
+    this step's tokens on the device, reads this step's tokens while that one runs, then samples
+    the next (async_scheduling).
     Each sequence moves one position a step from ``context``: the blocks hold
     context + warmup + steps + 1 tokens."""
     per_seq = -(-(context + warmup + steps + 1) // BLOCK_SIZE)
@@ -187,10 +188,11 @@ def loop_seconds(
         if i == warmup:
             sync(runner.device)
             start = time.perf_counter()
-        launched = runner.launch(scheduled, previous if overlap else None)
+        ran = runner.forward(scheduled, previous if overlap else None)
         if overlap and previous is not None:
             for req, token in zip(previous.requests, previous.output().token_ids, strict=True):
                 req.fill_pending(token)
+        launched = runner.sample(ran)
         for req in reqs:
             req.num_computed_tokens += 1
         if overlap:

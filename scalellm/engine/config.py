@@ -62,13 +62,12 @@ class EngineConfig:
     cache and for mixture-of-experts models. On CPU a positive value runs the same bucketed
     static buffers without capture (what the CPU tests check; no speed-up there)."""
     async_scheduling: bool = False
-    """Overlap the host's work with the device's: each step is scheduled and launched while the
-    previous one still runs, its decode inputs taken on the device from the previous step's
-    sampled tokens, whose results are applied afterwards (engine.py, ``LLMEngine.step``). A
-    request that finishes in a step still rides in the next one (its row is discarded).
-    Logprobs and penalties are computed on the device too; steps with prompt logprobs,
-    structured output or bad words of several tokens run synchronously. For GPUs, where the
-    host would otherwise leave the device idle between steps; a CPU computes everything at
+    """Overlap the host's work with the device's: each step's forward pass is scheduled and
+    launched while the previous step still runs, its decode inputs taken on the device from the
+    previous step's sampled tokens, which are applied before the step samples (engine.py,
+    ``LLMEngine.step``). A request that finishes in a step still rides in the next one (its row is
+    discarded). Every kind of request overlaps (grammars, penalties, logprobs). For GPUs, where
+    the host would otherwise leave the device idle between steps; a CPU computes everything at
     launch anyway. Not under tensor parallelism."""
 
     def __post_init__(self) -> None:

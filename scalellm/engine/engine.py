@@ -24,11 +24,10 @@ from scalellm.engine.block_manager import BlockManager
 from scalellm.engine.config import EngineConfig
 from scalellm.engine.events import EngineStats, RemoteReservation, TokenEvent, outcome
 from scalellm.engine.grammar import GrammarCompiler
-from scalellm.engine.logits_controls import host_free
 from scalellm.engine.model_runner import LaunchedStep, ModelRunner
 from scalellm.engine.request import Request, RequestStatus
 from scalellm.engine.sampler import SamplerOutput
-from scalellm.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig
+from scalellm.engine.scheduler import Scheduler, SchedulerConfig
 from scalellm.kvhash import BlockHashDelta
 from scalellm.models.config import ModelConfig
 from scalellm.models.prepare import resolve_model_dir
@@ -282,31 +281,30 @@ class LLMEngine:
     # ---- one step ------------------------------------------------------------------------
 
     def step(self) -> list[TokenEvent]:
-        """Schedule a step, run it, apply its tokens; returns their events. With async
-        scheduling a step whose requests are all sampled on the device is left running and its
-        tokens are applied in the next call, after that call scheduled and launched the step
-        behind it (whose rows for those requests take the tokens on the device):
+        """Schedule a step, run it, apply its tokens; returns their events. The previous step's
+        tokens (async scheduling) are applied between the step's forward pass and its sampling,
+        so that sampling sees every token (grammars, penalties) while the forward pass runs:
 
-            call k:  schedule S(k) | launch S(k)      | apply S(k-1)'s tokens | advance S(k)
-            device:  ... S(k-1) runs ........... S(k) runs ...
+            call k:  schedule S(k) | forward S(k) | apply S(k-1)'s tokens | sample S(k) | advance S(k)
+            device:  ... S(k-1) runs ............ S(k) runs ...
 
-        A request that finishes in S(k-1) still has a row in S(k), discarded."""
+        With async scheduling S(k)'s tokens are left on their way to the host (each sampling
+        request holds a pending token, which S(k+1)'s forward pass takes on the device); else
+        they are applied at once. A request that finishes in S(k-1) still has a row in S(k),
+        discarded."""
         out = self.scheduler.schedule()
         previous, self._in_flight = self._in_flight, None
-        launched: LaunchedStep | None = None
-        sampled: tuple[list[Request], SamplerOutput] = ([], SamplerOutput([], []))
-        if self.config.async_scheduling and not out.empty and all(map(_deferrable, out.scheduled)):
-            launched = self.runner.launch(out.scheduled, previous)
-        elif not out.empty:
-            sampled = self.runner.execute(out.scheduled, previous)
+        ran = None if out.empty else self.runner.forward(out.scheduled, previous)
         events = [] if previous is None else self._apply(previous.requests, previous.output())
+        launched = None if ran is None else self.runner.sample(ran)
         self.scheduler.advance(out)
-        if launched is not None:
+        if launched is not None and self.config.async_scheduling:
             for req in launched.requests:
                 if req.status is RequestStatus.RUNNING:  # else it finished in the previous step
                     req.append_pending()
             self._in_flight = launched
-        events += self._apply(*sampled)
+        elif launched is not None:
+            events += self._apply(launched.requests, launched.output())
         return self._drain_finished(events)
 
     def _apply(self, requests: list[Request], sampled: SamplerOutput) -> list[TokenEvent]:
@@ -341,11 +339,6 @@ class LLMEngine:
     @property
     def num_free_blocks(self) -> int:
         return self.blocks.num_free_blocks
-
-
-def _deferrable(s: ScheduledRequest) -> bool:
-    """Whether a step with this request may run on without the host waiting for its tokens."""
-    return host_free(s.request) and s.request.sampling_params.prompt_logprobs is None
 
 
 def _check_in_vocab(name: str, token_ids: Sequence[int], vocab: int) -> None:

@@ -15,11 +15,9 @@ batch where none does costs one pass over its SamplingParams):
 Each step is a few tensor operations over the affected rows; the per-request Python work is over
 the requests' own token lists and parameters, never the vocabulary.
 
-With async scheduling a request's last output token may still be pending (computed by the step
-in flight, on the device): the penalties then count it from ``pending``, a device tensor, and
-everything else is independent of its value (min_tokens counts tokens; single-token bad words and
-logit_bias are fixed). Grammars and bad words of several tokens need the value on the host:
-``host_free`` says whether a request's controls can do without it.
+Every token a request holds is known on the host when its logits are processed: with async
+scheduling the engine applies the previous step's tokens (advancing the grammars) after launching
+a step's forward pass and before sampling it.
 """
 
 from __future__ import annotations
@@ -27,43 +25,35 @@ from __future__ import annotations
 import torch
 
 from scalellm.engine.grammar import BitmaskFiller
-from scalellm.engine.host_copy import to_device
-from scalellm.engine.request import PENDING_TOKEN, Request
+from scalellm.engine.host_copy import to_device, upload
+from scalellm.engine.request import Request
 
 NEG_INF = float("-inf")
-
-
-def host_free(req: Request) -> bool:
-    """Whether the request's controls apply without its pending token's value on the host."""
-    params = req.sampling_params
-    return params.structured_output is None and all(len(seq) == 1 for seq in params.bad_words_token_ids)
 
 
 class LogitsControls:
     def __init__(self) -> None:
         self._bitmasks = BitmaskFiller()
 
-    def __call__(
-        self, logits: torch.Tensor, requests: list[Request], pending: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """The logits [N, V] with every request's controls applied: the same tensor when no
-        request has any, otherwise a processed copy (the raw logits stay for logprobs).
-        ``pending`` [N]: row i's pending token, on the device, where requests[i].awaiting_token."""
+        request has any, otherwise a processed copy (the raw logits stay for logprobs)."""
         if not any(r.sampling_params.uses_logits_controls for r in requests):
             return logits
         logits = logits.clone()
         self._grammar(logits, requests)
         _ban(logits, requests)
         _bias(logits, requests)
-        _penalties(logits, requests, pending)
+        _penalties(logits, requests)
         return logits
 
     def _grammar(self, logits: torch.Tensor, requests: list[Request]) -> None:
-        rows = [i for i, r in enumerate(requests) if r.grammar is not None]
+        # a finished request's row (async scheduling: it stopped in the step before) is discarded
+        rows = [i for i, r in enumerate(requests) if r.grammar is not None and not r.grammar.done]
         if not rows:
             return
         matchers = [m for m in (requests[i].grammar for i in rows) if m is not None]
-        allowed = self._bitmasks.allowed(matchers, logits.shape[1]).to(logits.device)
+        allowed = upload(self._bitmasks.allowed(matchers, logits.shape[1]), logits.device)
         index = to_device(rows, logits.device)
         logits[index] = logits[index].masked_fill(~allowed, NEG_INF)
 
@@ -112,7 +102,7 @@ def _bias(logits: torch.Tensor, requests: list[Request]) -> None:
         logits.index_put_(index, to_device(values, dev, logits.dtype), accumulate=True)
 
 
-def _penalties(logits: torch.Tensor, requests: list[Request], pending: torch.Tensor | None) -> None:
+def _penalties(logits: torch.Tensor, requests: list[Request]) -> None:
     rows = [i for i, r in enumerate(requests) if _has_penalty(r)]
     if not rows:
         return
@@ -121,11 +111,6 @@ def _penalties(logits: torch.Tensor, requests: list[Request], pending: torch.Ten
     index = to_device(rows, dev)
     sub = logits[index]
     counts = _counts([r.output_token_ids for r in reqs], vocab, dev)
-    waiting = [k for k, r in enumerate(reqs) if r.awaiting_token]
-    if waiting:  # each pending token once more, from the device
-        assert pending is not None, "a pending token's row needs its value"
-        at = to_device(waiting, dev)
-        counts.index_put_((at, pending[index[at]]), torch.ones(len(waiting), device=dev), accumulate=True)
     in_output = counts > 0
     repetition = [r.sampling_params.repetition_penalty for r in reqs]
     if any(r != 1.0 for r in repetition):
@@ -143,11 +128,10 @@ def _has_penalty(req: Request) -> bool:
 
 
 def _counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    """float [len(token_lists), vocab]: how often each token occurs in each list (padding and
-    pending tokens go to an extra column that is dropped)."""
+    """float [len(token_lists), vocab]: how often each token occurs in each list (padding goes
+    to an extra column that is dropped)."""
     width = max(1, max(len(t) for t in token_lists))
-    known = [[*t[:-1], vocab] if t and t[-1] == PENDING_TOKEN else t for t in token_lists]
-    padded = to_device([t + [vocab] * (width - len(t)) for t in known], device)
+    padded = to_device([t + [vocab] * (width - len(t)) for t in token_lists], device)
     counts = torch.zeros((len(token_lists), vocab + 1), device=device)
     counts.scatter_add_(1, padded, torch.ones(padded.shape, device=device))
     return counts[:, :vocab]

@@ -95,9 +95,19 @@ class StepInputs:
 
 
 @dataclass(frozen=True)
+class ForwardPass:
+    """A step's forward pass, launched: ``ModelRunner.sample`` draws its tokens."""
+
+    scheduled: list[ScheduledRequest]
+    inputs: StepInputs
+    hidden: torch.Tensor
+
+
+@dataclass(frozen=True)
 class LaunchedStep:
-    """A step launched without waiting for its tokens (async scheduling): the requests that
-    sample in it and what they drew, still being computed on the device."""
+    """A step whose tokens are drawn on the device and on their way to the host: the requests
+    that sample in it and what they drew. With async scheduling the engine reads them one step
+    later, while the next step runs."""
 
     requests: list[Request]
     drawn: Drawn
@@ -312,69 +322,54 @@ class ModelRunner:
         return max(1, int(budget // self.bytes_per_block))
 
     @torch.inference_mode()
-    def execute(
-        self, scheduled: list[ScheduledRequest], previous: LaunchedStep | None = None
-    ) -> tuple[list[Request], SamplerOutput]:
-        """Run one step; returns the requests that sampled a token and what they sampled.
-        ``previous``: the launched step whose tokens the pending rows take (async scheduling)."""
-        steps = [SeqStep.of(s) for s in scheduled]
-        if self.ranks is not None:
-            self.ranks.send_steps(steps)
-        inputs, hidden = self._forward(steps, self._pending_rows(scheduled, previous))
-        self._prompt_logprobs(scheduled, inputs, hidden)
-        if not inputs.sampling:
-            return [], SamplerOutput([], [])
-        logits = self.model.compute_logits(hidden[inputs.sample_indices])
-        requests = [scheduled[i].request for i in inputs.sampling]
-        return requests, self.sampler(logits, requests, self._pending_tokens(requests, previous))
+    def execute(self, scheduled: list[ScheduledRequest]) -> tuple[list[Request], SamplerOutput]:
+        """Run one step and wait for it: the requests that sampled a token, and what they
+        sampled."""
+        launched = self.sample(self.forward(scheduled))
+        return launched.requests, launched.output()
 
     @torch.inference_mode()
-    def launch(self, scheduled: list[ScheduledRequest], previous: LaunchedStep | None) -> LaunchedStep:
-        """Run one step without waiting for its tokens (async scheduling: every request
-        ``logits_controls.host_free``, none wants prompt logprobs, a single rank). Its pending rows take
-        ``previous``'s tokens on the device."""
-        assert self.ranks is None, "the ranks take their input tokens from the host"
+    def forward(self, scheduled: list[ScheduledRequest], previous: LaunchedStep | None = None) -> ForwardPass:
+        """Launch a step's forward pass (on CUDA the host goes on while it runs). ``previous``
+        (async scheduling, a single rank): the step still running, whose tokens the pending rows
+        take on the device."""
         steps = [SeqStep.of(s) for s in scheduled]
+        if self.ranks is not None:
+            assert previous is None, "the ranks take their input tokens from the host"
+            self.ranks.send_steps(steps)
         inputs, hidden = self._forward(steps, self._pending_rows(scheduled, previous))
+        return ForwardPass(scheduled, inputs, hidden)
+
+    @torch.inference_mode()
+    def sample(self, ran: ForwardPass) -> LaunchedStep:
+        """Sample a forward pass's tokens on the device, once every token its requests hold is
+        known on the host (the engine applies the previous step's first: grammars and penalties
+        read them), and start their copy to the host. Prompt logprobs are computed here, waiting
+        for the device."""
+        scheduled, inputs, hidden = ran.scheduled, ran.inputs, ran.hidden
+        self._prompt_logprobs(scheduled, inputs, hidden)
         requests = [scheduled[i].request for i in inputs.sampling]
+        assert not any(r.awaiting_token for r in requests), "apply the previous step's tokens first"
         if not requests:
             nothing = Drawn(torch.empty(0, dtype=torch.long, device=self.device), None, [])
             return LaunchedStep([], nothing, nothing.tensors(), None)
         logits = self.model.compute_logits(hidden[inputs.sample_indices])
-        pending = self._pending_tokens(requests, previous)
-        return LaunchedStep.start(requests, self.sampler.draw(logits, requests, pending))
-
-    def _pending_tokens(self, requests: list[Request], previous: LaunchedStep | None) -> torch.Tensor | None:
-        """[len(requests)] on the device: each pending token from ``previous`` (0 for rows
-        without one), where a request with logits controls awaits its token; else None."""
-        if previous is None or not any(
-            r.awaiting_token and r.sampling_params.uses_logits_controls for r in requests
-        ):
-            return None
-        found = self._from_previous(requests, previous)
-        assert found is not None
-        return torch.zeros(len(requests), dtype=torch.long, device=self.device).index_copy_(0, *found)
+        return LaunchedStep.start(requests, self.sampler.draw(logits, requests))
 
     def _pending_rows(
         self, scheduled: list[ScheduledRequest], previous: LaunchedStep | None
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The input rows holding a pending token, and each one's token from ``previous``: the
-        decodes (one-token steps, which ``prepare`` puts first, in order) of requests
-        awaiting_token."""
+        """The input rows holding a pending token, and each one's token from ``previous`` (both
+        on the device): the decodes (one-token steps, which ``prepare`` puts first, in order) of
+        requests awaiting_token."""
         if previous is None:
             return None
-        return self._from_previous([s.request for s in scheduled if s.num_new_tokens == 1], previous)
-
-    def _from_previous(
-        self, requests: list[Request], previous: LaunchedStep
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The positions in ``requests`` of those awaiting their token and, aligned, their tokens
-        from ``previous`` (both on the device); None when none awaits."""
-        rows = [i for i, r in enumerate(requests) if r.awaiting_token]
+        decodes = [s.request for s in scheduled if s.num_new_tokens == 1]
+        rows = [i for i, r in enumerate(decodes) if r.awaiting_token]
         if not rows:
             return None
         index = {id(r): j for j, r in enumerate(previous.requests)}
-        found = self._ints(rows + [index[id(requests[i])] for i in rows])
+        found = self._ints(rows + [index[id(decodes[i])] for i in rows])
         return found[: len(rows)], previous.tokens.index_select(0, found[len(rows) :])
 
     @torch.inference_mode()

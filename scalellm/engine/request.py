@@ -149,15 +149,18 @@ class Request:
 
     def append_pending(self) -> None:
         """A step that samples for this request was launched; its token is not known yet."""
-        assert not self.awaiting_token and self.grammar is None, "one pending token, no grammar"
+        assert not self.awaiting_token, "one pending token at a time"
         self.token_ids.append(PENDING_TOKEN)
         self.awaiting_token = True
 
     def fill_pending(self, token_id: int) -> None:
-        """The launched step's token arrived: it takes the placeholder's place."""
+        """The launched step's token arrived: it takes the placeholder's place (and advances
+        the grammar, as append_token does)."""
         assert self.awaiting_token
         self.token_ids[-1] = token_id
         self.awaiting_token = False
+        if self.grammar is not None:
+            self.grammar.accept(token_id)
         if self.first_token_time is None:
             self.first_token_time = time.monotonic()
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from scalellm.engine.host_copy import to_device
-from scalellm.engine.logits_controls import LogitsControls, host_free
+from scalellm.engine.logits_controls import LogitsControls
 from scalellm.engine.request import Request
 from scalellm.types import SamplingParams, TokenLogprobs
 
@@ -77,40 +77,23 @@ class Sampler:
         self._generators.pop(request_id, None)
 
     @torch.inference_mode()
-    def __call__(
-        self, logits: torch.Tensor, requests: list[Request], pending: torch.Tensor | None = None
-    ) -> SamplerOutput:
-        """logits [N, V] in the model's dtype, one row per request, in order. A batch of plain
-        greedy rows takes the argmax of those logits as they are (widening to float32 is exact,
-        so the index is the same); anything else works on a float32 copy. ``pending``: as for
-        ``draw`` (a synchronous step right after an async one)."""
-        params = [r.sampling_params for r in requests]
-        if _plain_greedy(params):
-            return SamplerOutput(self._argmax(logits).tolist(), [None] * len(requests))
-        logits = logits.float()
-        token_ids = self._pick(self._controls(logits, requests, pending), requests)
-        ids = token_ids.tolist()
-        want = [p.logprobs for p in params]
-        if all(n is None for n in want):
-            return SamplerOutput(ids, [None] * len(ids))
-        return SamplerOutput(ids, list(token_logprobs(logits, token_ids, want)))
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        """``draw``'s tokens and logprobs on the host."""
+        drawn = self.draw(logits, requests)
+        return drawn.output(drawn.tensors())
 
     @torch.inference_mode()
-    def draw(
-        self, logits: torch.Tensor, requests: list[Request], pending: torch.Tensor | None = None
-    ) -> Drawn:
-        """The tokens (and logprobs where asked for) on the logits' device, without waiting for
-        them (async scheduling), as ``__call__`` would pick them, for requests whose controls need no
-        token on the host (logits_controls.host_free).
-        ``pending`` [N]: row i's pending token on the device, where requests[i].awaiting_token
-        (their penalties count it)."""
-        assert all(map(host_free, requests))
+    def draw(self, logits: torch.Tensor, requests: list[Request]) -> Drawn:
+        """logits [N, V] in the model's dtype, one row per request, in order: the tokens (and
+        logprobs where asked for) on the logits' device, without waiting for them. A batch of
+        plain greedy rows takes the argmax of those logits as they are (widening to float32 is
+        exact, so the index is the same); anything else works on a float32 copy."""
         params = [r.sampling_params for r in requests]
         want = [p.logprobs for p in params]
         if _plain_greedy(params):
             return Drawn(self._argmax(logits), None, want)
         logits = logits.float()
-        token_ids = self._pick(self._controls(logits, requests, pending), requests)
+        token_ids = self._pick(self._controls(logits, requests), requests)
         if all(n is None for n in want):
             return Drawn(token_ids, None, want)
         return Drawn(token_ids, logprob_tensors(logits, token_ids, max(n or 0 for n in want)), want)

@@ -1,25 +1,27 @@
 """Async scheduling (EngineConfig.async_scheduling) on a real engine (tiny random Llama, CPU):
-each step is launched before the previous step's tokens are applied, its pending rows fed on the
-device. What a caller sees must not change: the same tokens, logprobs, finish reasons and events
-as the synchronous engine, through stops, aborts, preemption, prefill-only requests and steps
-that must sample on the host; and every block comes back."""
+each step's forward pass is launched before the previous step's tokens are applied, its pending
+rows fed on the device. What a caller sees must not change: the same tokens, logprobs, finish
+reasons and events as the synchronous engine, through stops, aborts, preemption, prefill-only
+requests, grammars, penalties and prompt logprobs; and every block comes back."""
 
 from __future__ import annotations
 
 import os
 import random
+import re
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer
 
 from scalellm.engine.block_manager import BlockManager
 from scalellm.engine.config import EngineConfig
 from scalellm.engine.engine import LLMEngine
 from scalellm.engine.request import PENDING_TOKEN, Request, RequestStatus
 from scalellm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from scalellm.types import FinishReason, SamplingParams
+from scalellm.types import FinishReason, SamplingParams, StructuredOutput
 
 BLOCK = 4
 
@@ -67,15 +69,7 @@ def _run(engine: LLMEngine, workload: Workload, abort: dict[str, int] | None = N
     """Step the engine through the workload; per request: its events as (token, logprobs, finish
     reason). ``abort``: request id -> step at which the caller aborts it."""
     seen: dict[str, list] = {}
-    launches = 0
-    launch = engine.runner.launch
-
-    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
-        nonlocal launches
-        launches += 1
-        return launch(*args, **kwargs)
-
-    engine.runner.launch = counted  # type: ignore[method-assign]
+    overlapped_steps = 0
     step = 0
     pending = sorted(workload, key=lambda w: w[0])
     while pending or engine.has_unfinished():
@@ -90,10 +84,14 @@ def _run(engine: LLMEngine, workload: Workload, abort: dict[str, int] | None = N
             seen.setdefault(e.request_id, []).append((e.token_id, e.logprobs, reason))
             if e.outcome is not None:
                 _reported[id(seen[e.request_id])] = e.outcome.num_output_tokens
+        overlapped_steps += any(r.awaiting_token for r in engine.scheduler.running)
         step += 1
         assert step < 500, "the engine does not finish"
     assert engine.num_free_blocks == engine.num_blocks, "blocks leaked"
-    assert (launches > 0) == engine.config.async_scheduling
+    if engine.config.async_scheduling:  # every step that samples leaves its tokens pending
+        assert overlapped_steps >= step - 2, (overlapped_steps, step)
+    else:
+        assert overlapped_steps == 0
     return seen
 
 
@@ -130,35 +128,42 @@ def test_async_steps_give_the_synchronous_engines_events(tiny_llama: Path, graph
     assert len(_tokens(sync["one"])) == 1 and len(_tokens(sync["two"])) == 2
 
 
-def test_steps_that_need_a_token_on_the_host_run_synchronously_in_between(tiny_llama: Path) -> None:
-    """Bad words of two tokens (their first must be known on the host) and prompt logprobs make
-    a step synchronous; the requests around it keep their pending tokens across the switch, a
-    penalised one counting its own from the device there too."""
+def test_grammars_bad_words_and_prompt_logprobs_overlap_too(tiny_chat_model: Path) -> None:
+    """What reads a request's tokens on the host (a grammar's next mask, bad words of two tokens,
+    penalties) runs after the previous step's tokens are applied, so these requests keep their
+    steps in flight like any other; prompt logprobs are computed while sampling. The events equal
+    the synchronous engine's."""
     greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    regex = StructuredOutput.regex("(ab|cd)[0-9]{3,6}")
     workload: Workload = [
         (0, "a", _prompt(11, 13), greedy),
-        (0, "b", _prompt(12, 6), greedy),
+        (0, "regex", _prompt(10, 6), SamplingParams(temperature=0.0, max_tokens=20, structured_output=regex)),
+        (
+            1,
+            "json",
+            _prompt(9, 7),
+            SamplingParams(temperature=0.0, max_tokens=16, structured_output=StructuredOutput.json_object()),
+        ),
         (2, "penalty", _prompt(14, 8), replace(greedy, presence_penalty=1.5, frequency_penalty=0.5)),
         (3, "words", _prompt(13, 8), replace(greedy, max_tokens=5, bad_words_token_ids=((7, 8),))),
+        (
+            4,
+            "drawn",
+            _prompt(8, 9),
+            SamplingParams(temperature=1.0, seed=3, max_tokens=12, structured_output=regex),
+        ),
         (9, "prompt", _prompt(15, 8), SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=1)),
         (12, "c", _prompt(16, 9), greedy),
     ]
-    engine = _engine(tiny_llama, True)
-    execute, synchronous = engine.runner.execute, []
-
-    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
-        synchronous.append(True)
-        return execute(*args, **kwargs)
-
-    engine.runner.execute = counted  # type: ignore[method-assign]
-    overlapped = _run(engine, workload)
-    assert overlapped == _run(_engine(tiny_llama, False), workload)
-    assert len(synchronous) >= 6  # the words request's 5 tokens and the prompt's prefill
+    sync, overlapped = _both(tiny_chat_model, workload)
+    assert overlapped == sync
+    tokenizer = Tokenizer.from_file(str(tiny_chat_model / "tokenizer.json"))
+    for rid in ("regex", "drawn"):
+        assert overlapped[rid][-1][2] is FinishReason.STOP, "the grammar completes"
+        assert re.fullmatch(regex.spec, tokenizer.decode(_tokens(overlapped[rid]))), rid
 
 
-def test_penalties_count_the_pending_token_on_the_device(tiny_llama: Path) -> None:
-    """Penalties, logit_bias, min_tokens and one-token bad words need no token's value on the
-    host: no step runs synchronously, and the events equal the synchronous engine's."""
+def test_penalties_logit_bias_and_min_tokens_give_the_synchronous_engines_events(tiny_llama: Path) -> None:
     greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     penalties = replace(greedy, presence_penalty=0.8, frequency_penalty=0.6, repetition_penalty=1.4)
     workload: Workload = [
@@ -173,14 +178,12 @@ def test_penalties_count_the_pending_token_on_the_device(tiny_llama: Path) -> No
             replace(greedy, bad_words_token_ids=((9,), (12,)), frequency_penalty=2.0),
         ),
     ]
-    engine = _engine(tiny_llama, True)
-    engine.runner.execute = None  # type: ignore[assignment,method-assign]  # any synchronous step fails
-    overlapped = _run(engine, workload)
-    assert overlapped == _run(_engine(tiny_llama, False), workload)
+    sync, overlapped = _both(tiny_llama, workload)
+    assert overlapped == sync
     assert _tokens(overlapped["penalties"]) != _tokens(overlapped["plain"])  # they bite
 
 
-def test_logprobs_are_drawn_on_the_device_without_a_synchronous_step(tiny_llama: Path) -> None:
+def test_logprobs_give_the_synchronous_engines_events(tiny_llama: Path) -> None:
     workload: Workload = [
         (
             0,
@@ -191,10 +194,8 @@ def test_logprobs_are_drawn_on_the_device_without_a_synchronous_step(tiny_llama:
         (1, "chosen", _prompt(18, 7), SamplingParams(temperature=0.7, seed=5, max_tokens=5, logprobs=0)),
         (2, "plain", _prompt(19, 8), SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)),
     ]
-    engine = _engine(tiny_llama, True)
-    engine.runner.execute = None  # type: ignore[assignment,method-assign]  # any synchronous step fails
-    overlapped = _run(engine, workload)
-    assert overlapped == _run(_engine(tiny_llama, False), workload)
+    sync, overlapped = _both(tiny_llama, workload)
+    assert overlapped == sync
     assert all(lp is not None and len(lp.top) == 3 for _, lp, _ in overlapped["top3"])
     assert all(lp is not None and lp.top == () for _, lp, _ in overlapped["chosen"])
 
@@ -290,11 +291,12 @@ def test_async_scheduling_is_refused_under_tensor_parallelism() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_launch_does_not_wait_for_the_device(tiny_llama: Path) -> None:
-    """Overlap needs a launch that never synchronizes with the device (a pageable host-to-device
-    copy, a .tolist(), an .item() would): CUDA's sync debug mode turns any such call into an
-    error, here for decode steps (graph replay), a step with a prefill chunk, and a request that
-    draws its tokens (temperature, top-k, top-p, min-p, a seed), one with logprobs and one with
-    penalties, a logit bias, min_tokens and a bad word beside greedy ones."""
+    """Overlap needs a forward pass and a sampling that never synchronize with the device (a
+    pageable host-to-device copy, a .tolist(), an .item() would): CUDA's sync debug mode turns
+    any such call into an error, here for decode steps (graph replay), a step with a prefill
+    chunk, and a request that draws its tokens (temperature, top-k, top-p, min-p, a seed), one
+    with logprobs and one with penalties, a logit bias, min_tokens and bad words of one and two
+    tokens beside greedy ones."""
     engine = LLMEngine(
         EngineConfig(
             model=str(tiny_llama),
@@ -315,21 +317,27 @@ def test_a_launch_does_not_wait_for_the_device(tiny_llama: Path) -> None:
     controls = replace(
         greedy, presence_penalty=0.5, repetition_penalty=1.2, logit_bias=((9, 2.0),), min_tokens=3
     )
-    engine.add_request("controls", _prompt(55, 9), replace(controls, bad_words_token_ids=((12,),)))
+    engine.add_request("controls", _prompt(55, 9), replace(controls, bad_words_token_ids=((12,), (7, 8))))
     for _ in range(3):
         engine.step()  # prefill and the first decodes, compiling whatever compiles on first use
     engine.add_request("late", _prompt(60, 9), greedy)
-    launch, checked = engine.runner.launch, []
+    checked: list[str] = []
 
-    def strict(*args, **kwargs):  # type: ignore[no-untyped-def]
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return launch(*args, **kwargs)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-            checked.append(True)
+    def strict(name: str):  # type: ignore[no-untyped-def]
+        method = getattr(engine.runner, name)
 
-    engine.runner.launch = strict  # type: ignore[method-assign]
+        def run(*args, **kwargs):  # type: ignore[no-untyped-def]
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return method(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                checked.append(name)
+
+        setattr(engine.runner, name, run)
+
+    strict("forward")
+    strict("sample")
     while engine.has_unfinished():
         engine.step()
-    assert len(checked) >= 9
+    assert checked.count("forward") >= 9 and checked.count("sample") >= 9

@@ -239,7 +239,7 @@ async def test_a_failed_step_aborts_every_request_including_remote_ones(tiny_lla
         def broken(*args: object) -> object:
             raise RuntimeError("injected step failure")
 
-        engine.runner.execute = broken  # type: ignore[method-assign]
+        engine.runner.forward = broken  # type: ignore[method-assign]
         local = engine.make_request("local", _prompt(16), GREEDY)
         (event,) = [e async for e in aengine.add_and_stream(local)]
         assert event.token_id is None and event.outcome is not None
