@@ -1,7 +1,7 @@
 """The gateway (in-process, its real code) in front of real decode worker processes on a tiny model
 with the demo tokenizer: n > 1, logprobs, stop token ids, cancellation by stop string, disconnect
-and deadline, retries on RESOURCE_EXHAUSTED and UNAVAILABLE and the --route-attempts cap, and a
-worker dying mid-stream. Every answer is compared with the engine alone on the same model.
+and deadline, retries on RESOURCE_EXHAUSTED and UNAVAILABLE and the --route-attempts cap, a
+worker dying mid-stream, and a worker with async scheduling. Every answer is compared with the engine alone on the same model.
 
 A tiny model generates thousands of tokens per request here (max_tokens LONG): a request that is
 still running when the test cancels it has thousands of steps left, so "the worker stopped early"
@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import json
 import random
+import re
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import pytest
 from scalellm import LLM, SamplingParams
 from scalellm.redis_server import free_port
 from scalellm.text import bad_words_token_ids
+from scalellm.types import StructuredOutput
 from scalellm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, worker_pb2_grpc
 from services.gateway.config import GatewayConfig
 from services.gateway.openai_format import parse_events
@@ -481,3 +483,53 @@ async def test_values_the_worker_refuses_are_named(gateway: GatewayFactory, work
             assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and name in (
                 err.value.details() or ""
             )
+
+
+@pytest.fixture(scope="module")
+def async_worker(tiny_chat_model: Path) -> Iterator[Service]:
+    svc = start_service(
+        "services.decode",
+        worker_args(tiny_chat_model, "--role", "both", "--async-scheduling", "on"),
+    )
+    yield svc
+    assert svc.stop() == 0, svc.log()
+
+
+async def test_an_async_scheduling_worker_answers_as_the_engine_alone(
+    gateway: GatewayFactory, async_worker: Service, engine: LLM
+) -> None:
+    """A worker run with --async-scheduling on, its steps overlapping: concurrent requests of every
+    kind (greedy, seeded draws with logprobs, penalties with a bad word, a regex and a JSON schema)
+    batched together give exactly what the synchronous engine alone gives each of them."""
+    regex = r"(yes|no) [0-9]{2,4}"
+    cases: list[tuple[dict[str, Any], SamplingParams]] = [
+        ({"max_tokens": 12, "extra_body": {"ignore_eos": True}}, _sampling(max_tokens=12)),
+        (
+            {"max_tokens": 10, "temperature": 1.0, "seed": 5, "logprobs": 2, "extra_body": {"ignore_eos": True}},
+            _sampling(max_tokens=10, temperature=1.0, seed=5, logprobs=2),
+        ),
+        (
+            {"max_tokens": 10, "presence_penalty": 0.5, "extra_body": {"ignore_eos": True, "bad_words": ["the"]}},
+            _sampling(max_tokens=10, presence_penalty=0.5, bad_words=["the"]),
+        ),
+        (
+            {"max_tokens": 12, "temperature": 1.0, "seed": 3, "extra_body": {"guided_regex": regex}},
+            SamplingParams(temperature=1.0, seed=3, max_tokens=12, structured_output=StructuredOutput.regex(regex)),
+        ),
+        (
+            {"max_tokens": 40, "extra_body": {"guided_json": SCHEMA}},
+            SamplingParams(temperature=0.0, max_tokens=40, structured_output=StructuredOutput.json_schema(SCHEMA)),
+        ),
+    ]  # fmt: skip
+    gw = await gateway(async_worker.address)
+    answers = await asyncio.gather(
+        *(gw.client.completions.create(model=gw.model, prompt=PROMPT, **{"temperature": 0, **kw}) for kw, _ in cases)
+    )  # fmt: skip
+    for answer, (kw, params) in zip(answers, cases, strict=True):
+        alone = engine.generate(PROMPT, params)[0].outputs[0]
+        assert answer.choices[0].text == alone.text, kw
+        if params.logprobs is not None:
+            got = answer.choices[0].logprobs.token_logprobs
+            assert got == pytest.approx([lp.logprob for lp in alone.logprobs or ()], abs=1e-4)
+    assert re.fullmatch(regex, answers[3].choices[0].text)
+    jsonschema.validate(json.loads(answers[4].choices[0].text), SCHEMA)
