@@ -58,9 +58,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from scalellm.engine.config import EngineConfig  # noqa: E402
-from scalellm.engine.model_runner import LaunchedStep, ModelRunner, SeqStep  # noqa: E402
+from scalellm.engine.model_runner import LaunchedStep, ModelRunner  # noqa: E402
 from scalellm.engine.request import Request, RequestStatus  # noqa: E402
 from scalellm.engine.scheduler import ScheduledRequest  # noqa: E402
+from scalellm.engine.step_inputs import SeqStep  # noqa: E402
 from scalellm.models.config import ModelConfig  # noqa: E402
 from scalellm.models.loader import random_model  # noqa: E402
 from scalellm.models.quant_linear import weight_bytes as model_weight_bytes  # noqa: E402

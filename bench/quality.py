@@ -35,9 +35,10 @@ import torch
 
 from scalellm import LLM
 from scalellm.engine.config import EngineConfig
-from scalellm.engine.model_runner import ModelRunner, SeqStep
+from scalellm.engine.model_runner import ModelRunner
 from scalellm.engine.request import Request
 from scalellm.engine.scheduler import ScheduledRequest
+from scalellm.engine.step_inputs import SeqStep
 from scalellm.models.config import ModelConfig
 from scalellm.models.prepare import resolve_model_dir
 from scalellm.models.quant_linear import weight_bytes

@@ -27,7 +27,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from scalellm.engine import cpu_kernels
-from scalellm.engine.attention import AttentionBackend, AttentionMetadata, PrefillSpan, select_backend
+from scalellm.engine.attention import AttentionBackend, select_backend
 from scalellm.engine.config import EngineConfig
 from scalellm.engine.cuda_graphs import DecodeGraphs, graph_buckets, graph_limit, why_eager
 from scalellm.engine.host_copy import upload
@@ -35,6 +35,7 @@ from scalellm.engine.kv_quant import Int8KVSDPA, KVCacheFormat
 from scalellm.engine.request import Request
 from scalellm.engine.sampler import Drawn, Sampler, SamplerOutput, token_logprobs
 from scalellm.engine.scheduler import ScheduledRequest
+from scalellm.engine.step_inputs import SeqStep, StepInputs, build_inputs
 from scalellm.engine.tp_ranks import TPRanks, broadcast_ints
 from scalellm.models.config import ModelConfig
 from scalellm.models.llama import LlamaForCausalLM
@@ -44,54 +45,6 @@ from scalellm.models.parallel import SINGLE, TensorParallel, check_divisible
 log = logging.getLogger(__name__)
 
 _CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-@dataclass(frozen=True)
-class SeqStep:
-    """What a step runs of one sequence: everything the ranks need, nothing of the Request."""
-
-    start: int
-    """Tokens already in the cache (the request's num_computed_tokens)."""
-    token_ids: list[int]
-    """The tokens fed this step (positions start, start + 1, ...)."""
-    block_ids: list[int]
-    samples: bool
-
-    @classmethod
-    def of(cls, s: ScheduledRequest) -> SeqStep:
-        req, start = s.request, s.request.num_computed_tokens
-        return cls(start, req.token_ids[start : start + s.num_new_tokens], req.block_ids, s.samples)
-
-    @staticmethod
-    def encode(steps: list[SeqStep]) -> list[int]:
-        """[count, then per step: start, samples, n tokens, n blocks, tokens..., blocks...]"""
-        out = [len(steps)]
-        for s in steps:
-            out += [s.start, int(s.samples), len(s.token_ids), len(s.block_ids), *s.token_ids, *s.block_ids]
-        return out
-
-    @classmethod
-    def decode(cls, values: list[int]) -> list[SeqStep]:
-        steps, i = [], 1
-        for _ in range(values[0]):
-            start, samples, n, b = values[i : i + 4]
-            i += 4
-            steps.append(cls(start, values[i : i + n], values[i + n : i + n + b], bool(samples)))
-            i += n + b
-        return steps
-
-
-@dataclass(frozen=True)
-class StepInputs:
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    meta: AttentionMetadata
-    sample_indices: torch.Tensor
-    """Row of each sampling sequence's last token in the flattened batch."""
-    sampling: list[int]
-    """Which steps sample (indexes into the step list), in the order of sample_indices."""
-    prefill_offsets: dict[int, int]
-    """Row of each prefill step's first token in the flattened batch (by step index)."""
 
 
 @dataclass(frozen=True)
@@ -419,78 +372,8 @@ class ModelRunner:
         return sdpa_kernel(_CUDA_SDPA_BACKENDS)
 
     def prepare(self, steps: list[SeqStep]) -> StepInputs:
-        """Flatten a step: decodes (one token each) first, then prefill chunks."""
-        bs = self.block_size
-        decodes = [i for i, s in enumerate(steps) if len(s.token_ids) == 1]
-        prefills = [i for i, s in enumerate(steps) if len(s.token_ids) > 1]
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slot_blocks: list[int] = []  # the block of each new token (its offset is position % bs)
-        sample_rows: list[int] = []
-        sampling: list[int] = []
-
-        for i in decodes:
-            s = steps[i]
-            input_ids.append(s.token_ids[0])
-            positions.append(s.start)
-            slot_blocks.append(s.block_ids[s.start // bs])
-            if s.samples:
-                sample_rows.append(len(input_ids) - 1)
-                sampling.append(i)
-
-        prefill_offsets: dict[int, int] = {}
-        bounds: list[tuple[int, int, int]] = []  # per chunk: start row, length, tokens cached before it
-        chunk_tables: list[list[int]] = []  # per chunk: its blocks from position 0 on
-        for i in prefills:
-            s = steps[i]
-            start, n, offset = s.start, len(s.token_ids), len(input_ids)
-            prefill_offsets[i] = offset
-            input_ids.extend(s.token_ids)
-            positions.extend(range(start, start + n))
-            slot_blocks.extend(s.block_ids[p // bs] for p in range(start, start + n))
-            bounds.append((offset, n, start))
-            chunk_tables.append(s.block_ids[: -(-(start + n) // bs)])
-            if s.samples:
-                sample_rows.append(offset + n - 1)
-                sampling.append(i)
-
-        # Every integer input of the step in one host-to-device copy (on a GPU each copy is a
-        # synchronous transfer of its own), then split into views:
-        #     input_ids | positions | slot_blocks | sample_rows | context lens | block tables
-        #     [| prefill bounds | prefill block tables: steps with prefill chunks]
-        context = [steps[i].start + 1 for i in decodes]
-        tables, width = _padded([steps[i].block_ids for i in decodes])
-        parts = [input_ids, positions, slot_blocks, sample_rows, context, tables]
-        if prefills:
-            prefill_tables, prefill_width = _padded(chunk_tables)
-            parts += [[v for bound in bounds for v in bound], prefill_tables]
-        flat: list[int] = []
-        for part in parts:
-            flat += part
-        packed = self._ints(flat)
-        views = packed.split([len(part) for part in parts])
-        ids_t, pos_t, slots_t, sample_t, context_t, tables_t = views[:6]
-        bounds_t = chunk_t = None
-        spans: tuple[PrefillSpan, ...] = ()
-        if prefills:
-            bounds_t, chunk_t = views[6].view(len(prefills), 3), views[7].view(len(prefills), prefill_width)
-            spans = tuple(
-                PrefillSpan(offset, offset + n, start, chunk_t[k, : len(chunk_tables[k])])
-                for k, (offset, n, start) in enumerate(bounds)
-            )
-        meta = AttentionMetadata(
-            slot_blocks=slots_t,
-            slot_offsets=pos_t % bs,
-            num_decode_tokens=len(decodes),
-            decode_block_tables=tables_t.view(len(decodes), width) if decodes else None,
-            decode_context_lens=context_t if decodes else None,
-            prefills=spans,
-            backend=self.attention,
-            prefill_bounds=bounds_t,
-            prefill_tables=chunk_t,
-        )
-        meta = self.attention.prepare(meta, bs)
-        return StepInputs(ids_t, pos_t, meta, sample_t, sampling, prefill_offsets)
+        """A step's rows on the device (step_inputs.build_inputs)."""
+        return build_inputs(steps, self.block_size, self.attention, self._ints)
 
     @staticmethod
     def _prompt_rows(
@@ -520,13 +403,3 @@ class ModelRunner:
         if not data:
             return torch.empty(0, dtype=torch.long, device=self.device)
         return upload(torch.frombuffer(array.array("q", data), dtype=torch.long), self.device)
-
-
-def _padded(rows: list[list[int]]) -> tuple[list[int], int]:
-    """Rows of block ids padded with 0 to the longest, flattened; and that width."""
-    width = max(map(len, rows), default=0)
-    flat: list[int] = []
-    for ids in rows:
-        flat += ids
-        flat += [0] * (width - len(ids))
-    return flat, width

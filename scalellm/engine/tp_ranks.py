@@ -33,17 +33,15 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from scalellm.engine.config import EngineConfig
+from scalellm.engine.step_inputs import SeqStep
 from scalellm.models.config import ModelConfig
 from scalellm.models.parallel import TensorParallel
-
-if TYPE_CHECKING:
-    from scalellm.engine.model_runner import SeqStep
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +129,6 @@ class TPRanks:
         return cls(tp, store, procs)
 
     def send_steps(self, steps: list[SeqStep]) -> None:
-        from scalellm.engine.model_runner import SeqStep
-
         broadcast_ints(self.tp, SeqStep.encode(steps))
 
     def send_gather(self, block_ids: list[int]) -> None:
@@ -174,7 +170,7 @@ class TPRanks:
 
 def follower_main(args: FollowerArgs) -> None:
     """Rank r > 0: build this rank's model and cache, then run each broadcast step until STOP."""
-    from scalellm.engine.model_runner import ModelRunner, SeqStep
+    from scalellm.engine.model_runner import ModelRunner
 
     assert args.config.model is not None, "rank 0 passes the resolved model folder"
     store = dist.TCPStore(HOST, args.store_port, args.size, is_master=False, timeout=CONNECT_TIMEOUT)

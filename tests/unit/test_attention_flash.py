@@ -209,7 +209,8 @@ def test_a_runner_prefills_in_chunks_and_decodes_as_with_torch_sdpa(stand_in: No
     prompt whole and another in two chunks, then decodes, through TorchSDPA and again (on a
     zeroed cache) through the flash-attn backend."""
     from scalellm.engine.config import EngineConfig
-    from scalellm.engine.model_runner import ModelRunner, SeqStep
+    from scalellm.engine.model_runner import ModelRunner
+    from scalellm.engine.step_inputs import SeqStep
     from scalellm.models.config import ModelConfig
     from scalellm.models.loader import random_model
 

@@ -18,7 +18,8 @@ from scalellm.engine.attention import (
     paged_attention,
     select_backend,
 )
-from scalellm.engine.model_runner import ModelRunner, SeqStep
+from scalellm.engine.model_runner import ModelRunner
+from scalellm.engine.step_inputs import SeqStep
 
 pytestmark = pytest.mark.skipif(not attention_triton.AVAILABLE, reason="triton is not installed")
 

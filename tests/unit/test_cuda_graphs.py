@@ -18,7 +18,8 @@ from scalellm.engine.config import EngineConfig
 from scalellm.engine.cuda_graphs import graph_buckets, graph_limit, pick_bucket, why_eager
 from scalellm.engine.engine import LLMEngine
 from scalellm.engine.kv_quant import Int8KVSDPA
-from scalellm.engine.model_runner import ModelRunner, SeqStep
+from scalellm.engine.model_runner import ModelRunner
+from scalellm.engine.step_inputs import SeqStep
 from scalellm.models.config import ModelConfig
 from scalellm.models.loader import random_model
 from scalellm.types import SamplingParams

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from scalellm.engine.config import EngineConfig
 from scalellm.engine.engine import LLMEngine
-from scalellm.engine.model_runner import SeqStep
+from scalellm.engine.step_inputs import SeqStep
 from scalellm.models.config import ModelConfig
 from scalellm.models.loader import load_model
 from scalellm.models.moe import SparseMoeBlock
