@@ -326,7 +326,11 @@ def decode_rows(
         replays = runner.graphs.replays if runner.graphs is not None else 0
         seconds = median_seconds(step, runner.device, args.steps, args.warmup)
         bucketed = runner.graphs is not None and runner.graphs.replays > replays
-        prepare = median_seconds(lambda steps=steps: runner.prepare(steps), runner.device, args.steps, 1)
+
+        def prepare_only(steps: list[SeqStep] = steps) -> object:
+            return runner.prepare(steps)
+
+        prepare = median_seconds(prepare_only, runner.device, args.steps, 1)
         prof = profile_step(step, runner.device)
         moved = weight_bytes(runner, batch) + kv_bytes(runner, batch, args.context)
         loops = {
