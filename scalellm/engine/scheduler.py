@@ -36,7 +36,7 @@ burst with nothing decoding yet still fills the whole budget.
 of their sequence get the new token, and finished ones free their blocks. With async scheduling
 the engine splits it: ``advance()`` when a step is launched (each sampling request then holds a
 pending token, so the next ``schedule()`` sees it decoding), ``add_tokens()`` once the tokens
-arrive, after the next step was scheduled and launched.
+arrive, after the next step was scheduled and its forward pass launched.
 """
 
 from __future__ import annotations

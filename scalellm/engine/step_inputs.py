@@ -91,17 +91,20 @@ class _Rows:
     def add(self, i: int, s: SeqStep) -> None:
         """Step ``i``'s rows; every decode must come before the first prefill chunk."""
         bs, start, n, offset = self.block_size, s.start, len(s.token_ids), len(self.input_ids)
-        if n == 1:
+        if n == 1:  # the common row: kept to plain appends (a 256-decode step is 256 of them)
             assert not self.bounds, "decodes first"
+            self.input_ids.append(s.token_ids[0])
+            self.positions.append(start)
+            self.slot_blocks.append(s.block_ids[start // bs])
             self.decode_context.append(start + 1)
             self.decode_tables.append(s.block_ids)
         else:
+            self.input_ids.extend(s.token_ids)
+            self.positions.extend(range(start, start + n))
+            self.slot_blocks.extend(s.block_ids[p // bs] for p in range(start, start + n))
             self.prefill_offsets[i] = offset
             self.bounds.append((offset, n, start))
             self.chunk_tables.append(s.block_ids[: -(-(start + n) // bs)])
-        self.input_ids.extend(s.token_ids)
-        self.positions.extend(range(start, start + n))
-        self.slot_blocks.extend(s.block_ids[p // bs] for p in range(start, start + n))
         if s.samples:
             self.sample_rows.append(offset + n - 1)
             self.sampling.append(i)
