@@ -44,12 +44,15 @@ def time_steps(
     torch.set_num_threads(1)
     top = max(batches)
     config = EngineConfig(
-        model=model, device="cpu", dtype=dtype, max_num_seqs=top, num_kv_blocks=top * 16, num_threads=1
+        model=model, device="cpu", dtype=dtype, max_num_seqs=top, num_kv_blocks=top * 24, num_threads=1
     )
     engine = LLMEngine(config)
     result = {}
     for batch in batches:
-        params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
+        # No request may end before the timed steps do: prompts join the batch a few per step
+        # (the scheduler's prompt cap beside decodes), so the first ones decode for as many steps
+        # as the last ones wait; all are aborted after the timing.
+        params = SamplingParams(temperature=0.0, max_tokens=4 * batch + steps + 64, ignore_eos=True)
         for i in range(batch):
             engine.add_request(f"{batch}-{i}", [100 + (i + j) % 900 for j in range(128)], params)
         decoding: set[str] = set()
@@ -58,12 +61,12 @@ def time_steps(
         engine.step()
         walls, cpus = [], []
         for _ in range(steps):
+            assert engine.stats().num_running == batch, "a timed step below the batch size"
             start, start_cpu = time.perf_counter(), time.thread_time()
             engine.step()
             walls.append((time.perf_counter() - start) * 1e3)
             cpus.append((time.thread_time() - start_cpu) * 1e3)
-        while engine.has_unfinished():
-            engine.step()
+        engine.abort_all()
         result[str(batch)] = [statistics.median(walls), statistics.median(cpus)]
     return result
 
