@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything this project measures on a lent GPU machine, in one go (the device tool's machines keep
 # nothing between calls). Needs: the repo, Python with torch+CUDA and transformers, the project's
-# other dependencies importable (PYTHONPATH or installed), and two model folders:
+# other dependencies importable (PYTHONPATH or installed), and two model folders; bench/gpu_prep.sh
+# prepares the missing wheels and a SIDE folder here and prints the device command that uses them:
 #   SIDE   a model folder's config and tokenizer files (bench/random_model.py gives it random weights)
 #   TINY   the tiny bench model (bench/gateway_overhead.py --model tiny builds it)
 #   (moe: a random Mixtral-shaped model with SIDE's vocabulary, bench/random_model.py --moe)
