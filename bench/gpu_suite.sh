@@ -21,7 +21,7 @@
 #   in float32, bfloat16 and float16 (their interpreted CPU variants are CI's: the machine's older
 #   Triton interpreter cannot run the kernels' loops over a loaded bound); async scheduling's events
 #   equal the synchronous engine's with graphs on, and its forward passes and sampling never
-#   synchronize with the GPU (its grammar test needs the demo model, which the machine lacks)
+#   synchronize with the GPU (tests with the demo tokenizer take it from SIDE)
 # prefill: the Triton varlen prefill kernel (one launch for a step's chunks) against SDPA chunk by
 #   chunk, at 8B's head shape in bfloat16 (bench/prefill_attention.py; OUTDIR/prefill.json)
 # Stages (any subset, in order): env exact parity throughput backends profile gateway gateway-paired moe
@@ -51,13 +51,13 @@ for s in $stages; do
     env)
       stage env 60 bash -c 'nvidia-smi -L; nproc; python3 -c "import torch, transformers, grpc; print(torch.__version__, torch.version.cuda, transformers.__version__, grpc.__version__, torch.cuda.get_device_name())"' ;;
     exact)
-      stage exact 300 env SCALELLM_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider \
+      stage exact 300 env SCALELLM_TEST_DEVICE=cuda SCALELLM_TEST_TOKENIZER_DIR="$side" python3 -m pytest -q -p no:cacheprovider \
         tests/unit/test_engine_exact.py tests/unit/test_cuda_graphs.py tests/unit/test_ops_triton.py \
         tests/unit/test_attention_triton.py::test_the_compiled_kernel_on_cuda_equals_torch_sdpa_at_an_8b_shape \
         tests/unit/test_attention_triton.py::test_the_compiled_prefill_kernel_on_cuda_equals_torch_sdpa_at_an_8b_shape \
         tests/unit/test_attention_triton.py::test_write_kv_puts_each_token_in_its_slot_as_indexing_does \
         tests/unit/test_attention_flash.py tests/unit/test_async_scheduling.py \
-        -k "not demo and not cpu and not grammars" ;;
+        -k "not demo and not cpu" ;;
     parity)
       [ -f "$rand/model.safetensors" ] || python3 bench/random_model.py "$side" "$rand" >/dev/null
       stage parity-float32 120 python3 bench/greedy_parity.py --model "$rand" --dtype float32

@@ -47,13 +47,19 @@ def tiny_llama(tiny_model_factory) -> Path:  # type: ignore[no-untyped-def]
     return tiny_model_factory("llama")
 
 
+TOKENIZER_DIR_ENV = "SCALELLM_TEST_TOKENIZER_DIR"
+"""A folder with the demo model's config and tokenizer files but no weights, for tiny_chat_model
+where the demo model cannot be prepared (a GPU machine reaches no package index:
+bench/gpu_prep.sh makes one)."""
+
+
 @pytest.fixture(scope="session")
-def tiny_chat_model(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_chat_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama with the demo model's tokenizer and chat template and an 8192-token
     context: a gateway serves it and a worker runs it at milliseconds per step, for tests about the
     mesh rather than the text (greedy output is still exact: compare with the engine alone)."""
     from tests.tiny_models import build_tiny_chat_model
 
-    return build_tiny_chat_model(
-        demo_model_dir, tmp_path_factory.mktemp("tiny-chat"), max_position_embeddings=8192
-    )
+    given = os.environ.get(TOKENIZER_DIR_ENV)
+    source = Path(given) if given else request.getfixturevalue("demo_model_dir")
+    return build_tiny_chat_model(source, tmp_path_factory.mktemp("tiny-chat"), max_position_embeddings=8192)

@@ -290,16 +290,17 @@ def test_async_scheduling_is_refused_under_tensor_parallelism() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_a_launch_does_not_wait_for_the_device(tiny_llama: Path) -> None:
+def test_a_launch_does_not_wait_for_the_device(tiny_chat_model: Path) -> None:
     """Overlap needs a forward pass and a sampling that never synchronize with the device (a
     pageable host-to-device copy, a .tolist(), an .item() would): CUDA's sync debug mode turns
     any such call into an error, here for decode steps (graph replay), a step with a prefill
     chunk, and a request that draws its tokens (temperature, top-k, top-p, min-p, a seed), one
-    with logprobs and one with penalties, a logit bias, min_tokens and bad words of one and two
-    tokens beside greedy ones."""
+    with logprobs, one with penalties, a logit bias, min_tokens and bad words of one and two
+    tokens, and one with a grammar, beside greedy ones (the demo tokenizer: on a GPU machine
+    SCALELLM_TEST_TOKENIZER_DIR points at its files, bench/gpu_prep.sh)."""
     engine = LLMEngine(
         EngineConfig(
-            model=str(tiny_llama),
+            model=str(tiny_chat_model),
             dtype="float32",
             device="cuda",
             num_kv_blocks=96,
@@ -318,6 +319,8 @@ def test_a_launch_does_not_wait_for_the_device(tiny_llama: Path) -> None:
         greedy, presence_penalty=0.5, repetition_penalty=1.2, logit_bias=((9, 2.0),), min_tokens=3
     )
     engine.add_request("controls", _prompt(55, 9), replace(controls, bad_words_token_ids=((12,), (7, 8))))
+    regex = StructuredOutput.regex("(ab|cd)[0-9]{3,6}")
+    engine.add_request("grammar", _prompt(56, 9), SamplingParams(max_tokens=12, structured_output=regex))
     for _ in range(3):
         engine.step()  # prefill and the first decodes, compiling whatever compiles on first use
     engine.add_request("late", _prompt(60, 9), greedy)
