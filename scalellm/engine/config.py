@@ -68,7 +68,8 @@ class EngineConfig:
     ``LLMEngine.step``). A request that finishes in a step still rides in the next one (its row is
     discarded). Every kind of request overlaps (grammars, penalties, logprobs). For GPUs, where
     the host would otherwise leave the device idle between steps; a CPU computes everything at
-    launch anyway. Not under tensor parallelism."""
+    launch, so there it only reports each token one step later (the engine warns). Not under
+    tensor parallelism."""
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:

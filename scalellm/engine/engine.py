@@ -15,6 +15,7 @@ last event); they never touch the scheduler or mutate a Request.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -32,6 +33,8 @@ from scalellm.kvhash import BlockHashDelta
 from scalellm.models.config import ModelConfig
 from scalellm.models.prepare import resolve_model_dir
 from scalellm.types import DEFAULT_TENANT, InvalidParameter, SamplingParams, TenantShare, TokenLogprobs
+
+log = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -62,6 +65,11 @@ class LLMEngine:
         self._landing: torch.Tensor | None = None
         self._in_flight: LaunchedStep | None = None
         """The step launched by the last step() call, its tokens not applied yet (async scheduling)."""
+        if config.async_scheduling and self.runner.device.type == "cpu":
+            log.warning(
+                "async scheduling on a CPU overlaps nothing (the forward pass runs as it is launched) "
+                "and reports each token one step later; it is meant for GPUs"
+            )
 
     def _max_model_len(self) -> int:
         limit = self.model_config.context_length  # within a sliding window: none is implemented

@@ -284,6 +284,17 @@ def test_a_pending_token_that_stops_a_preempted_request_finishes_it() -> None:
     assert s.take_finished() == [req] and s.blocks.num_free_blocks == 16
 
 
+def test_a_cpu_engine_warns_that_async_scheduling_only_delays_its_tokens(
+    tiny_llama: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    if DEVICE != "cpu":
+        pytest.skip("a CPU engine's warning")
+    _engine(tiny_llama, False)
+    assert "async scheduling" not in caplog.text
+    _engine(tiny_llama, True)
+    assert "async scheduling on a CPU overlaps nothing" in caplog.text
+
+
 def test_async_scheduling_is_refused_under_tensor_parallelism() -> None:
     with pytest.raises(ValueError, match="async_scheduling"):
         EngineConfig(device="cpu", tensor_parallel_size=2, async_scheduling=True)
