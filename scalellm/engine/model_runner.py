@@ -275,13 +275,6 @@ class ModelRunner:
         return max(1, int(budget // self.bytes_per_block))
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledRequest]) -> tuple[list[Request], SamplerOutput]:
-        """Run one step and wait for it: the requests that sampled a token, and what they
-        sampled."""
-        launched = self.sample(self.forward(scheduled))
-        return launched.requests, launched.output()
-
-    @torch.inference_mode()
     def forward(self, scheduled: list[ScheduledRequest], previous: LaunchedStep | None = None) -> ForwardPass:
         """Launch a step's forward pass (on CUDA the host goes on while it runs). ``previous``
         (async scheduling, a single rank): the step still running, whose tokens the pending rows
