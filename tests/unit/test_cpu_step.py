@@ -76,8 +76,8 @@ def test_paged_decode_kernel_on_long_contexts(
 def test_paged_decode_work_items_give_the_same_bits(
     dtype: torch.dtype, head_dim: int, heads: int, kv_heads: int
 ) -> None:
-    """With at least 4 requests per thread the AVX-512 kernel takes a request per work item, else a
-    (request, K/V head): 8 requests on 1 thread and on 8 threads take one layout each, and agree
+    """With at least 4 requests per thread the vectorized kernels (AVX-512, or AVX2 without it) take
+    a request per work item, else a (request, K/V head): 8 requests on 1 thread and on 8 threads take one layout each, and agree
     bit for bit (the same sums in the same order), and with gather + SDPA."""
     gen = torch.Generator().manual_seed(3)
     cache = torch.randn(8 * 13, 2, 2, 16, kv_heads, head_dim, generator=gen).to(dtype)

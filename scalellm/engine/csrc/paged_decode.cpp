@@ -18,6 +18,7 @@
 // is a (request, K/V head), or a whole request once every thread has four: then a block's K (then
 // V) rows of all heads are read in one sweep, with less memory stall (the kernel is bound by
 // memory at 64 decodes); the same sums in the same order, so the same bits.
+// With AVX2 but not AVX-512 and D 64 or 128, decode_heads_avx2 does the same with 8-lane registers.
 // Elsewhere the scalar loops of decode_kernel (which the compiler vectorizes as it can; with AVX2
 // the softmax's exp runs 8 lanes at a time, vec256.h).
 #include <ATen/Parallel.h>
@@ -147,9 +148,7 @@ void decode_kernel(const at::Tensor& out, const at::Tensor& q, const at::Tensor&
 }
 
 
-#if defined(__AVX512F__)
-// ---- AVX-512: one (request, K/V head) item, D = 16 * NV -------------------------------------
-
+// A work item of the vectorized kernels: K/V heads of one request (see decode_items).
 struct Item {
   const int64_t* table;  // this request's block ids
   int64_t len;           // context tokens
@@ -157,6 +156,45 @@ struct Item {
   const void* v;
   int64_t s_blk, s_tok;  // strides in elements
 };
+
+// Requests per thread from which a work item is a whole request (decode_items).
+constexpr int64_t kRequestsPerThread = 4;
+
+// The vectorized kernels' work items: one per request where there are enough of them to keep
+// every thread busy (a block's heads read in one sweep), else one per (request, K/V head) so that
+// a lone long request still spreads over the threads. `heads` computes one item (D = head size):
+//   heads(item, item_heads, q, q head stride, out, out head stride, groups, block_size, scale,
+//         scores [item_heads * groups * len], accumulators [item_heads * groups * D])
+template <typename T, int64_t D, typename Heads>
+void decode_items(Heads heads, const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv,
+                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+  const int64_t batch = q.size(0), num_heads = q.size(1);
+  const int64_t block_size = kv.size(2), num_kv_heads = kv.size(3);
+  const int64_t groups = num_heads / num_kv_heads, max_blocks = block_tables.size(1);
+  const T* q_ptr = q.data_ptr<T>();
+  const T* kv_ptr = kv.data_ptr<T>();
+  T* out_ptr = out.data_ptr<T>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  // a whole request per item needs a row's heads adjacent (the engine's cache has them so)
+  const bool per_request = kv.stride(3) == D && batch >= kRequestsPerThread * at::get_num_threads();
+  const int64_t item_heads = per_request ? num_kv_heads : 1;
+  at::parallel_for(0, batch * num_kv_heads / item_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(item_heads * groups * D), scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item * item_heads / num_kv_heads, h = item * item_heads % num_kv_heads;
+      const T* head = kv_ptr + h * kv.stride(3);
+      const Item it{tables + b * max_blocks, lens[b], head, head + kv.stride(1), kv.stride(0), kv.stride(2)};
+      scores.resize(item_heads * groups * it.len);
+      heads(it, item_heads, q_ptr + b * q.stride(0) + h * groups * q.stride(1), q.stride(1),
+            out_ptr + b * out.stride(0) + h * groups * out.stride(1), out.stride(1), groups, block_size,
+            static_cast<float>(scale), scores.data(), acc.data());
+    }
+  });
+}
+
+#if defined(__AVX512F__)
+// ---- AVX-512: one (request, K/V head) item, D = 16 * NV -------------------------------------
 
 // r[i] = the sum of a[i]'s 16 lanes, for 16 vectors at once: a transpose and add in four rounds
 // (45 instructions where 16 horizontal sums take ~130).
@@ -221,9 +259,6 @@ inline float softmax_numerators(float* s, int64_t len) {
 template <int64_t NV>
 constexpr int64_t kGroupChunk = NV <= 4 ? 4 : 2;
 
-// Requests per thread from which a work item is a whole request (decode_avx512).
-constexpr int64_t kRequestsPerThread = 4;
-
 // K/V heads h0 .. h0 + H - 1 of one request (it.k, it.v: head h0's rows; the H heads adjacent in
 // a row, D apart) and their H * G query heads, block by block:
 //
@@ -233,7 +268,7 @@ constexpr int64_t kRequestsPerThread = 4;
 //   out_g        = sum_t p[g, t] v_t  per block and head, that head's query heads' accumulators
 //                                    brought into registers (acc_buf [H * G, D] between blocks)
 //
-// A work item is one head (H = 1) or a whole request (H = Hkv, decode_avx512): the same sums in
+// A work item is one head (H = 1) or a whole request (H = Hkv, decode_items): the same sums in
 // the same order either way, so the same bits. The next block's K and V lines are prefetched a
 // share per query head, between the heads' scores, not in one burst that fills the line-fill
 // buffers. bench/decode_kernel.py, 30 layers, 64 decodes of ~185 tokens, bfloat16, 2 threads on
@@ -306,68 +341,175 @@ void decode_heads_avx512(const Item& it, int64_t num_kv_heads, const T* q, int64
   }
 }
 
-// Work items: one per request where there are enough of them to keep every thread busy (a
-// block's heads read in one sweep), else one per (request, K/V head) so that a lone long request
-// still spreads over the threads.
-template <typename T, int64_t NV>
-void decode_avx512(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv,
-                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
-  const int64_t batch = q.size(0), num_heads = q.size(1);
-  const int64_t block_size = kv.size(2), num_kv_heads = kv.size(3);
-  const int64_t groups = num_heads / num_kv_heads, max_blocks = block_tables.size(1);
-  const T* q_ptr = q.data_ptr<T>();
-  const T* kv_ptr = kv.data_ptr<T>();
-  T* out_ptr = out.data_ptr<T>();
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
-  const int64_t* lens = context_lens.data_ptr<int64_t>();
-  // a whole request per item needs a row's heads adjacent (the engine's cache has them so)
-  const bool per_request = kv.stride(3) == 16 * NV && batch >= kRequestsPerThread * at::get_num_threads();
-  const int64_t item_heads = per_request ? num_kv_heads : 1;
-  at::parallel_for(0, batch * num_kv_heads / item_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(item_heads * groups * 16 * NV), scores;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item * item_heads / num_kv_heads, h = item * item_heads % num_kv_heads;
-      const T* head = kv_ptr + h * kv.stride(3);
-      const Item it{tables + b * max_blocks, lens[b], head, head + kv.stride(1), kv.stride(0), kv.stride(2)};
-      scores.resize(item_heads * groups * it.len);
-      decode_heads_avx512<T, NV>(it, item_heads, q_ptr + b * q.stride(0) + h * groups * q.stride(1), q.stride(1),
-                                 out_ptr + b * out.stride(0) + h * groups * out.stride(1), out.stride(1), groups,
-                                 block_size, static_cast<float>(scale), scores.data(), acc.data());
-    }
-  });
-}
 #endif  // __AVX512F__
 
-void paged_decode(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv,
-                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+#if defined(SCALELLM_AVX2)
+// ---- AVX2 (no AVX-512): decode_heads_avx512's work items and sweeps, 8 lanes, D = 64 * n -----
+//
+// The AVX-512 kernel's work items (a whole request once every thread has four) and block sweeps,
+// with 8-lane registers: a query head scores 8 K rows at a time (one accumulator per row, their
+// lanes summed together by reduce8), and the P.V accumulators are 64 values (8 registers) of one
+// query head at a time, so accumulators, a probability and a loaded row fit AVX2's 16 registers.
+// The next block is prefetched as there. Either work item sums in the same order, so gives the
+// same bits. bench/decode_kernel.py on the 2-core AVX2 EPYC (30 layers, 64 decodes of ~136 tokens,
+// SmolLM2's heads, 2 threads, medians of two runs): 0.60-0.74 against decode_kernel's 0.86-1.18 ms
+// a layer in bfloat16, 0.90-0.96 against 1.03-1.15 in float32 (docs/benchmarks.md).
+
+// r[i] = the sum of a[i]'s 8 lanes, for 8 vectors at once (hadd within 128-bit halves, then the
+// halves added).
+inline __m256 reduce8(const __m256* a) {
+  const __m256 b0 = _mm256_hadd_ps(a[0], a[1]), b1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 b2 = _mm256_hadd_ps(a[4], a[5]), b3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 c0 = _mm256_hadd_ps(b0, b1), c1 = _mm256_hadd_ps(b2, b3);  // [a0..a3 low | a0..a3 high]
+  return _mm256_add_ps(_mm256_permute2f128_ps(c0, c1, 0x20), _mm256_permute2f128_ps(c0, c1, 0x31));
+}
+
+inline __m256i lanes_below(int64_t m) {  // lanes 0 .. m - 1 all ones
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(m, 8))),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// One query head (q * scale in float32), scoring 8 K rows `stride` elements apart: q . row_j for
+// j < m, 0 beyond.
+template <typename T, int64_t D>
+struct QueryHead8 {
+  alignas(32) float q[D];
+  QueryHead8(const T* src, float scale) {
+    for (int64_t d = 0; d < D; ++d) q[d] = to_float(src[d]) * scale;
+  }
+  __m256 scores8(const T* rows, int64_t stride, int64_t m) const {
+    return m == 8 ? rows8<8>(rows, stride) : rows8<0>(rows, stride, m);
+  }
+  // M = 8: a full tile (the row loop unrolled, the accumulators in registers); 0: m rows.
+  template <int64_t M>
+  __m256 rows8(const T* rows, int64_t stride, int64_t m = 8) const {
+    const int64_t count = M > 0 ? M : m;
+    __m256 acc[8];
+    for (int64_t j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 qd = _mm256_load_ps(q + d);
+      for (int64_t j = 0; j < count; ++j) acc[j] = _mm256_fmadd_ps(qd, load8(rows + j * stride + d), acc[j]);
+    }
+    return reduce8(acc);
+  }
+};
+
+// s[t] = e^(s[t] - max s) for t < len, in place; returns 1 / their sum.
+inline float softmax_numerators8(float* s, int64_t len) {
+  __m256 peak = _mm256_set1_ps(-INFINITY);
+  for (int64_t t = 0; t < len; t += 8) {
+    const __m256i m = lanes_below(len - t);
+    peak = _mm256_max_ps(peak, _mm256_blendv_ps(peak, _mm256_maskload_ps(s + t, m), _mm256_castsi256_ps(m)));
+  }
+  const __m256 top = _mm256_set1_ps(hmax8(peak));
+  __m256 total = _mm256_setzero_ps();
+  for (int64_t t = 0; t < len; t += 8) {
+    const __m256i m = lanes_below(len - t);
+    const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_maskload_ps(s + t, m), top)), _mm256_castsi256_ps(m));
+    _mm256_maskstore_ps(s + t, m, e);
+    total = _mm256_add_ps(total, e);
+  }
+  return 1.f / hsum8(total);
+}
+
+template <typename T, int64_t D>
+void decode_heads_avx2(const Item& it, int64_t num_kv_heads, const T* q, int64_t qs_h, T* out, int64_t os_h,
+                       int64_t groups, int64_t block_size, float scale, float* scores, float* acc_buf) {
+  const T* kbase = static_cast<const T*>(it.k);
+  const T* vbase = static_cast<const T*>(it.v);
+  const int64_t len = it.len, num_heads = num_kv_heads * groups;
+  std::vector<QueryHead8<T, D>> heads;
+  heads.reserve(num_heads);
+  for (int64_t g = 0; g < num_heads; ++g) heads.emplace_back(q + g * qs_h, scale);
+  // The next block's K and V lines of these heads (row_lines per token row) are prefetched a share
+  // per query head, between the heads' scores. Written out here: the same loop in a lambda made
+  // the kernel ~35% slower in bfloat16 (GCC 12, bench/decode_kernel.py).
+  const int64_t row_lines = (num_kv_heads * D * static_cast<int64_t>(sizeof(T)) + 63) / 64;
+  const int64_t lines = block_size * row_lines, per_head = (lines + num_heads - 1) / num_heads;
+  const int64_t num_blocks = (len + block_size - 1) / block_size;
+  for (int64_t index = 0; index < num_blocks; ++index) {
+    const int64_t first = index * block_size, n = std::min(block_size, len - first);
+    const bool fetch = index + 1 < num_blocks;
+    const char* knext = fetch ? reinterpret_cast<const char*>(kbase + it.table[index + 1] * it.s_blk) : nullptr;
+    const char* vnext = fetch ? reinterpret_cast<const char*>(vbase + it.table[index + 1] * it.s_blk) : nullptr;
+    const T* block = kbase + it.table[index] * it.s_blk;
+    for (int64_t j0 = 0; j0 < n; j0 += 8) {
+      const int64_t m = std::min<int64_t>(8, n - j0);
+      for (int64_t g = 0; g < num_heads; ++g) {
+        _mm256_maskstore_ps(scores + g * len + first + j0, lanes_below(m),
+                            heads[g].scores8(block + (g / groups) * D + j0 * it.s_tok, it.s_tok, m));
+        if (fetch && j0 == 0)
+          for (int64_t l = g * per_head; l < std::min(lines, (g + 1) * per_head); ++l) {
+            const int64_t at = (l / row_lines) * it.s_tok * static_cast<int64_t>(sizeof(T)) + (l % row_lines) * 64;
+            _mm_prefetch(knext + at, _MM_HINT_T0);
+            _mm_prefetch(vnext + at, _MM_HINT_T0);
+          }
+      }
+    }
+  }
+  std::vector<float> inv(num_heads);
+  for (int64_t g = 0; g < num_heads; ++g) inv[g] = softmax_numerators8(scores + g * len, len);
+  std::fill(acc_buf, acc_buf + num_heads * D, 0.f);
+  for (int64_t first = 0; first < len; first += block_size) {
+    const int64_t n = std::min(block_size, len - first);
+    const T* block = vbase + it.table[first / block_size] * it.s_blk;
+    for (int64_t g = 0; g < num_heads; ++g) {
+      const T* rows = block + (g / groups) * D;
+      const float* p = scores + g * len + first;
+      for (int64_t c = 0; c < D; c += 64) {
+        float* a = acc_buf + g * D + c;
+        __m256 acc[8];
+        for (int64_t v = 0; v < 8; ++v) acc[v] = _mm256_loadu_ps(a + 8 * v);
+        for (int64_t j = 0; j < n; ++j) {
+          const __m256 pj = _mm256_set1_ps(p[j]);
+          for (int64_t v = 0; v < 8; ++v) acc[v] = _mm256_fmadd_ps(pj, load8(rows + j * it.s_tok + c + 8 * v), acc[v]);
+        }
+        for (int64_t v = 0; v < 8; ++v) _mm256_storeu_ps(a + 8 * v, acc[v]);
+      }
+    }
+  }
+  for (int64_t g = 0; g < num_heads; ++g)
+    for (int64_t d = 0; d < D; d += 8)
+      store8(out + g * os_h + d, _mm256_mul_ps(_mm256_loadu_ps(acc_buf + g * D + d), _mm256_set1_ps(inv[g])));
+}
+
+#endif  // SCALELLM_AVX2
+
+void paged_decode(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables,
+                  const at::Tensor& lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && out.dim() == 3 && kv.dim() == 5, "q/out [B, Hq, D], kv [N, 2, bs, Hkv, D]");
   TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1 && kv.stride(4) == 1, "head_dim must be contiguous");
   TORCH_CHECK(q.scalar_type() == kv.scalar_type() && out.scalar_type() == kv.scalar_type(), "dtype mismatch");
   TORCH_CHECK(q.size(1) % kv.size(3) == 0 && q.size(2) == kv.size(4), "head shapes do not match");
-  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong, "int64 tables");
-  TORCH_CHECK(block_tables.is_contiguous() && context_lens.is_contiguous(), "contiguous tables");
+  TORCH_CHECK(tables.scalar_type() == at::kLong && lens.scalar_type() == at::kLong, "int64 tables");
+  TORCH_CHECK(tables.is_contiguous() && lens.is_contiguous(), "contiguous tables");
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16, "float32 or bfloat16 only");
   const bool bf16 = q.scalar_type() == at::kBFloat16;
   const int64_t d = q.size(2);
 #if defined(__AVX512F__)
-  if (d == 64) {
-    return bf16 ? decode_avx512<c10::BFloat16, 4>(out, q, kv, block_tables, context_lens, scale)
-                : decode_avx512<float, 4>(out, q, kv, block_tables, context_lens, scale);
-  }
-  if (d == 128) {
-    return bf16 ? decode_avx512<c10::BFloat16, 8>(out, q, kv, block_tables, context_lens, scale)
-                : decode_avx512<float, 8>(out, q, kv, block_tables, context_lens, scale);
-  }
+  if (d == 64)
+    return bf16 ? decode_items<c10::BFloat16, 64>(decode_heads_avx512<c10::BFloat16, 4>, out, q, kv, tables, lens, scale)
+                : decode_items<float, 64>(decode_heads_avx512<float, 4>, out, q, kv, tables, lens, scale);
+  if (d == 128)
+    return bf16 ? decode_items<c10::BFloat16, 128>(decode_heads_avx512<c10::BFloat16, 8>, out, q, kv, tables, lens, scale)
+                : decode_items<float, 128>(decode_heads_avx512<float, 8>, out, q, kv, tables, lens, scale);
+#elif defined(SCALELLM_AVX2)
+  if (d == 64)
+    return bf16 ? decode_items<c10::BFloat16, 64>(decode_heads_avx2<c10::BFloat16, 64>, out, q, kv, tables, lens, scale)
+                : decode_items<float, 64>(decode_heads_avx2<float, 64>, out, q, kv, tables, lens, scale);
+  if (d == 128)
+    return bf16 ? decode_items<c10::BFloat16, 128>(decode_heads_avx2<c10::BFloat16, 128>, out, q, kv, tables, lens, scale)
+                : decode_items<float, 128>(decode_heads_avx2<float, 128>, out, q, kv, tables, lens, scale);
 #endif
   if (d == 64) {
-    bf16 ? decode_kernel<c10::BFloat16, 64>(out, q, kv, block_tables, context_lens, scale)
-         : decode_kernel<float, 64>(out, q, kv, block_tables, context_lens, scale);
+    bf16 ? decode_kernel<c10::BFloat16, 64>(out, q, kv, tables, lens, scale)
+         : decode_kernel<float, 64>(out, q, kv, tables, lens, scale);
   } else if (d == 128) {
-    bf16 ? decode_kernel<c10::BFloat16, 128>(out, q, kv, block_tables, context_lens, scale)
-         : decode_kernel<float, 128>(out, q, kv, block_tables, context_lens, scale);
+    bf16 ? decode_kernel<c10::BFloat16, 128>(out, q, kv, tables, lens, scale)
+         : decode_kernel<float, 128>(out, q, kv, tables, lens, scale);
   } else {
-    bf16 ? decode_kernel<c10::BFloat16, 0>(out, q, kv, block_tables, context_lens, scale)
-         : decode_kernel<float, 0>(out, q, kv, block_tables, context_lens, scale);
+    bf16 ? decode_kernel<c10::BFloat16, 0>(out, q, kv, tables, lens, scale)
+         : decode_kernel<float, 0>(out, q, kv, tables, lens, scale);
   }
 }
 
