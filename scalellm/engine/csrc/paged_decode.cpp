@@ -475,6 +475,15 @@ void decode_heads_avx2(const Item& it, int64_t num_kv_heads, const T* q, int64_t
 
 #endif  // SCALELLM_AVX2
 
+// The vectorized kernel this build has, for head size D (decode_items' `heads`).
+#if defined(__AVX512F__)
+template <typename T, int64_t D>
+constexpr auto kHeads = &decode_heads_avx512<T, D / 16>;
+#elif defined(SCALELLM_AVX2)
+template <typename T, int64_t D>
+constexpr auto kHeads = &decode_heads_avx2<T, D>;
+#endif
+
 void paged_decode(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables,
                   const at::Tensor& lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && out.dim() == 3 && kv.dim() == 5, "q/out [B, Hq, D], kv [N, 2, bs, Hkv, D]");
@@ -486,20 +495,13 @@ void paged_decode(const at::Tensor& out, const at::Tensor& q, const at::Tensor& 
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16, "float32 or bfloat16 only");
   const bool bf16 = q.scalar_type() == at::kBFloat16;
   const int64_t d = q.size(2);
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(SCALELLM_AVX2)
   if (d == 64)
-    return bf16 ? decode_items<c10::BFloat16, 64>(decode_heads_avx512<c10::BFloat16, 4>, out, q, kv, tables, lens, scale)
-                : decode_items<float, 64>(decode_heads_avx512<float, 4>, out, q, kv, tables, lens, scale);
+    return bf16 ? decode_items<c10::BFloat16, 64>(kHeads<c10::BFloat16, 64>, out, q, kv, tables, lens, scale)
+                : decode_items<float, 64>(kHeads<float, 64>, out, q, kv, tables, lens, scale);
   if (d == 128)
-    return bf16 ? decode_items<c10::BFloat16, 128>(decode_heads_avx512<c10::BFloat16, 8>, out, q, kv, tables, lens, scale)
-                : decode_items<float, 128>(decode_heads_avx512<float, 8>, out, q, kv, tables, lens, scale);
-#elif defined(SCALELLM_AVX2)
-  if (d == 64)
-    return bf16 ? decode_items<c10::BFloat16, 64>(decode_heads_avx2<c10::BFloat16, 64>, out, q, kv, tables, lens, scale)
-                : decode_items<float, 64>(decode_heads_avx2<float, 64>, out, q, kv, tables, lens, scale);
-  if (d == 128)
-    return bf16 ? decode_items<c10::BFloat16, 128>(decode_heads_avx2<c10::BFloat16, 128>, out, q, kv, tables, lens, scale)
-                : decode_items<float, 128>(decode_heads_avx2<float, 128>, out, q, kv, tables, lens, scale);
+    return bf16 ? decode_items<c10::BFloat16, 128>(kHeads<c10::BFloat16, 128>, out, q, kv, tables, lens, scale)
+                : decode_items<float, 128>(kHeads<float, 128>, out, q, kv, tables, lens, scale);
 #endif
   if (d == 64) {
     bf16 ? decode_kernel<c10::BFloat16, 64>(out, q, kv, tables, lens, scale)
