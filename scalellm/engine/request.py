@@ -154,15 +154,11 @@ class Request:
         self.awaiting_token = True
 
     def fill_pending(self, token_id: int) -> None:
-        """The launched step's token arrived: it takes the placeholder's place (and advances
-        the grammar, as append_token does)."""
+        """The launched step's token arrived: it takes the placeholder's place, as append_token
+        takes a token."""
         assert self.awaiting_token
-        self.token_ids[-1] = token_id
-        self.awaiting_token = False
-        if self.grammar is not None:
-            self.grammar.accept(token_id)
-        if self.first_token_time is None:
-            self.first_token_time = time.monotonic()
+        self.drop_pending()
+        self.append_token(token_id)
 
     def drop_pending(self) -> None:
         """Forget the pending token (the request ended before it arrived)."""
