@@ -63,6 +63,7 @@ import grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scalellm.launcher.child import exec_argv  # noqa: E402
 from scalellm.lifecycle import ReadyLine  # noqa: E402
 from scalellm.security import SecurityConfig  # noqa: E402
 from scalellm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, worker_pb2, worker_pb2_grpc  # noqa: E402
@@ -95,14 +96,12 @@ def start(
 ) -> tuple[subprocess.Popen[str], ReadyLine]:
     """Run `python -m module args` (on cpus only, if given); return the process and its READY line."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-    proc = subprocess.Popen(
-        [sys.executable, "-m", module, *args],
+    proc = subprocess.Popen(  # pinned before exec, and no fork of this gRPC client (launcher/exec_child.py)
+        exec_argv([sys.executable, "-m", module, *args], sorted(cpus or ())),
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
         text=True,
-        preexec_fn=pin,
     )
     assert proc.stdout is not None
     for line in proc.stdout:

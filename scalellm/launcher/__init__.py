@@ -4,6 +4,7 @@ child processes, each started through its own `python -m services.<name>` entry 
     config.py       UpConfig, the one frozen config
     plan.py         ChildSpec per process: the exact command lines
     child.py        Child: one process, its output and its READY line
+    exec_child.py   what each child starts as: death signal, CPU mask, then exec (no preexec_fn)
     launcher.py     Launcher: start in order, supervise, restart a dead child at its address
     restarts.py     the restart budget and backoff per child
     shutdown.py     stop in order: gateway, workers, kvstore, Redis

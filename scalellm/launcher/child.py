@@ -2,38 +2,34 @@
 
 Each child runs in its own session, so a Ctrl-C at the terminal reaches only the launcher, which
 then stops the children in order. On Linux a child also gets SIGTERM if the launcher dies
-(PR_SET_PDEATHSIG), so even a SIGKILLed launcher leaves no orphans serving.
+(PR_SET_PDEATHSIG), so even a SIGKILLed launcher leaves no orphans serving. Both that and the
+child's CPU mask are set by exec_child.py, the program every child starts as (why not
+``preexec_fn``: its docstring).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from scalellm.launcher.plan import ChildSpec
 from scalellm.lifecycle import ReadyLine
 
-_PR_SET_PDEATHSIG = 1
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+EXEC_CHILD = Path(__file__).with_name("exec_child.py")
 
 
-def _die_with(parent: int, cpus: tuple[int, ...] = ()) -> Callable[[], None]:
-    def preexec() -> None:  # runs in the child between fork and exec: keep it tiny
-        if _LIBC is not None:
-            _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the launcher died before prctl took effect
-            os._exit(1)
-        if cpus:  # before exec: every thread it starts inherits the mask
-            os.sched_setaffinity(0, cpus)
-
-    return preexec
+def exec_argv(argv: Sequence[str], cpus: Sequence[int] = ()) -> list[str]:
+    """The command line that runs argv through exec_child.py: on cpus (all: empty), and sent
+    SIGTERM when this process dies."""
+    mask = ",".join(map(str, cpus))
+    return [sys.executable, "-I", "-S", str(EXEC_CHILD), str(os.getpid()), mask, "--", *argv]
 
 
 class Child:
@@ -65,9 +61,8 @@ class Child:
     def start(self) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.spec.env}
         self._proc = subprocess.Popen(
-            self.spec.argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            exec_argv(self.spec.argv, self.spec.cpus), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True,
-            preexec_fn=_die_with(os.getpid(), self.spec.cpus),
         )  # fmt: skip
         self._pump = threading.Thread(target=self._read, name=f"up-{self.name}", daemon=True)
         self._pump.start()
