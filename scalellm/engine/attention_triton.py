@@ -49,7 +49,7 @@ if AVAILABLE:
     import triton.language as tl
 
     # tl.reduce with triton_jit's combine functions, not tl.max / tl.sum (see triton_jit)
-    from scalellm.models.triton_jit import Jitted, add_combine, max_combine
+    from scalellm.models.triton_jit import FP_FUSION, Jitted, add_combine, max_combine
 
     def _paged_decode_body(  # type: ignore[no-untyped-def]
         out_ptr, q_ptr, kv_ptr, table_ptr, lens_ptr, scale,
@@ -207,7 +207,7 @@ def paged_decode(
         kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_N=block_n, UPCAST_DOT=not q.is_cuda,
+        BLOCK_N=block_n, UPCAST_DOT=not q.is_cuda, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return out
 
@@ -256,7 +256,7 @@ def paged_prefill(
         kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_R=block_r, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_N=block_n, UPCAST_DOT=not q.is_cuda,
+        BLOCK_N=block_n, UPCAST_DOT=not q.is_cuda, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
 
 
@@ -274,7 +274,7 @@ def write_kv(
     _write_kv()[(tokens, 2)](
         kv, new_kv, slot_blocks, slot_offsets,
         new_kv.stride(0), new_kv.stride(1), kv.stride(0), kv.stride(1), kv.stride(2),
-        WIDTH=width, BLOCK=triton.next_power_of_2(width),
+        WIDTH=width, BLOCK=triton.next_power_of_2(width), enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
 
 

@@ -33,7 +33,7 @@ if AVAILABLE:
     import triton
     import triton.language as tl
 
-    from scalellm.models.triton_jit import Jitted
+    from scalellm.models.triton_jit import FP_FUSION, Jitted
 
     def _grouped_matmul_body(  # type: ignore[no-untyped-def]
         a_ptr, rows_ptr, w_ptr, tile_expert_ptr, scale_ptr, c_ptr, N, K,
@@ -88,6 +88,7 @@ def grouped_matmul(
         a, rows, w, tile_expert, scale if scale is not None else rows, c, n, k,
         a.stride(0), w.stride(0), w.stride(1), c.stride(0),
         HAS_SCALE=scale is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return c
 

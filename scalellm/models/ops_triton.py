@@ -27,7 +27,7 @@ if AVAILABLE:
     import triton
     import triton.language as tl
 
-    from scalellm.models.triton_jit import Jitted, add_combine
+    from scalellm.models.triton_jit import FP_FUSION, Jitted, add_combine
 
     def _rms_norm_body(  # type: ignore[no-untyped-def]
         out_ptr, x_ptr, res_ptr, w_ptr, eps, n, stride_x, stride_r, stride_o,
@@ -101,7 +101,7 @@ class TritonOps:
         res = x if residual is None else residual
         _rms_norm()[(rows,)](
             out, x, res, weight, eps, n, x.stride(0), res.stride(0), out.stride(0),
-            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n),
+            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n), enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
         return out
 
@@ -113,7 +113,7 @@ class TritonOps:
             return out
         block = min(SILU_BLOCK, triton.next_power_of_2(inter))
         _silu_mul()[(rows, triton.cdiv(inter, block))](
-            out, gate_up, inter, gate_up.stride(0), out.stride(0), BLOCK=block
+            out, gate_up, inter, gate_up.stride(0), out.stride(0), BLOCK=block, enable_fp_fusion=FP_FUSION
         )
         return out
 
@@ -124,5 +124,5 @@ class TritonOps:
         assert x.stride(2) == 1 and cos.stride(2) == 1 and signed_sin.stride(2) == 1
         _rope()[(tokens, heads)](
             x, cos, signed_sin, x.stride(0), x.stride(1), cos.stride(0), signed_sin.stride(0),
-            HEAD_DIM=dim, BLOCK=triton.next_power_of_2(dim),
+            HEAD_DIM=dim, BLOCK=triton.next_power_of_2(dim), enable_fp_fusion=FP_FUSION,
         )  # fmt: skip

@@ -279,6 +279,8 @@ def test_the_kernel_compiles_for_an_h100_class_gpu(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from scalellm.models.triton_jit import FP_FUSION
+
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # compiled here, not found in a cache
     strides = ["stride_qb", "stride_qh", "stride_ob", "stride_oh", "stride_tb"]
@@ -289,7 +291,9 @@ def test_the_kernel_compiles_for_an_h100_class_gpu(
     constants |= {"BLOCK_N": block_n, "UPCAST_DOT": False}
     signature |= dict.fromkeys(constants, "constexpr")
     source = ASTSource(attention_triton._kernel(), signature, constexprs=constants)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": FP_FUSION}
+    )
     assert compiled.asm["cubin"]
     assert compiled.metadata.shared <= 48 * 1024  # fits without the opt-in to larger shared memory
 
@@ -305,6 +309,8 @@ def test_the_prefill_kernel_compiles_for_an_h100_class_gpu(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from scalellm.models.triton_jit import FP_FUSION
+
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     strides = ["stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_tb"]
@@ -315,7 +321,9 @@ def test_the_prefill_kernel_compiles_for_an_h100_class_gpu(
     constants |= {"BLOCK_N": block, "UPCAST_DOT": False}
     signature |= dict.fromkeys(constants, "constexpr")
     source = ASTSource(attention_triton._prefill_kernel(), signature, constexprs=constants)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": FP_FUSION}
+    )
     assert compiled.asm["cubin"]
     assert compiled.metadata.shared <= 227 * 1024
 
