@@ -4,7 +4,9 @@
     python bench/vs_vllm.py --dtypes bfloat16 --concurrency 1 64 --systems vllm mesh-colocated
     python bench/vs_vllm.py --report-only                     # tables and plot from saved results
 
-For each dtype and each system (vLLM's `vllm serve` through ../shared/peers/vllm-cpu.sh, and
+For each dtype and each system (vLLM's `vllm serve` through ../shared/peers/vllm-cpu.sh, as it
+comes (one core for its worker's OpenMP threads on 2 cores: it keeps one for its scheduler) and
+with every core bound to its worker (vllm-all-cores, VLLM_CPU_OMP_THREADS_BIND), and
 `scalellm up` colocated: one worker on every core; per-core: one colocated worker per core, lending
 idle cores to busy ones; and disaggregated), one after the other: start the server, warm it up,
 run vLLM's own client (`vllm bench serve`: random dataset, 128 prompt tokens, 64 output tokens,
@@ -36,7 +38,7 @@ from bench.serving.systems import Running, System, mesh  # noqa: E402
 from bench.vs_vllm_report import Level, load_levels, machine, write_report  # noqa: E402
 from scalellm.worker.cpu_share import machine_cores  # noqa: E402
 
-SYSTEMS = ("vllm", "mesh-colocated", "mesh-per-core", "mesh-disaggregated")
+SYSTEMS = ("vllm", "vllm-all-cores", "mesh-colocated", "mesh-per-core", "mesh-disaggregated")
 
 
 def default_vllm_script() -> str:
@@ -67,8 +69,11 @@ def free_port() -> int:
 
 def make_system(name: str, dtype: str, plan: Plan, extra: list[str]) -> System:
     port = free_port()
-    if name == "vllm":
+    if name.startswith("vllm"):
         command = [plan.vllm_script, "serve", plan.model, "--port", str(port), "--dtype", dtype, *extra]
+        if name == "vllm-all-cores":  # its default keeps a core for its scheduler: give the worker all
+            cores = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+            command = ["env", f"VLLM_CPU_OMP_THREADS_BIND={cores}", *command]
         return System(name, command, port, None)
     topology = {
         "mesh-colocated": ["--colocated", "--decode", "1"],
@@ -204,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             for dtype in args.dtypes:
                 shift = round_ % len(args.systems)
                 for name in args.systems[shift:] + args.systems[:shift]:
-                    extra = args.vllm_arg if name == "vllm" else args.mesh_arg
+                    extra = args.vllm_arg if name.startswith("vllm") else args.mesh_arg
                     run_system(plan, round_, dtype, name, args.concurrency, extra)
         note = " ".join(filter(None, [note, reused_before(plan.results, started)]))
     levels: list[Level] = load_levels(plan.results)

@@ -21,8 +21,17 @@ from typing import Any
 BEGIN, END = "<!-- vs_vllm:begin -->", "<!-- vs_vllm:end -->"
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 NAME = re.compile(r"r(\d+)-(\w+)-([\w-]+)-c(\d+)\.json$")
+PEERS = ("vllm", "vllm-all-cores")
+"""vLLM as it comes, and with every core bound to its worker (bench/vs_vllm.py)."""
 OURS = ("mesh-colocated", "mesh-per-core", "mesh-disaggregated")
-COLORS = {"vllm": "C1", "mesh-colocated": "C0", "mesh-per-core": "C3", "mesh-disaggregated": "C2"}
+COLORS = {
+    "vllm": "C1",
+    "vllm-all-cores": "C4",
+    "mesh-colocated": "C0",
+    "mesh-per-core": "C3",
+    "mesh-disaggregated": "C2",
+}
+PEER_NAMES = {"vllm": "vLLM", "vllm-all-cores": "vLLM all cores"}
 
 
 @dataclass(frozen=True)
@@ -72,9 +81,10 @@ def _median(levels: list[Level], key: str) -> float:
 
 def table(levels: list[Level], dtype: str) -> list[str]:
     mine = [lv for lv in levels if lv.dtype == dtype]
-    systems = [s for s in ("vllm", *OURS) if any(lv.system == s for lv in mine)]
+    systems = [s for s in (*PEERS, *OURS) if any(lv.system == s for lv in mine)]
+    pairs = [(s, peer) for peer in PEERS for s in OURS if s in systems and peer in systems]
     head = ["streams"] + [f"{s} tok/s (TPOT p50, ITL p99 ms)" for s in systems]
-    head += [f"{s.removeprefix('mesh-')} / vLLM" for s in OURS if s in systems and "vllm" in systems]
+    head += [f"{s.removeprefix('mesh-')} / {PEER_NAMES[peer]}" for s, peer in pairs]
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for c in sorted({lv.concurrency for lv in mine}):
         cells, tps = [str(c)], {}
@@ -87,10 +97,9 @@ def table(levels: list[Level], dtype: str) -> list[str]:
             n = f" x{len(runs)}" if len(runs) > 1 else ""
             cells.append(f"{tps[s]:.1f} ({_median(runs, 'median_tpot_ms'):.0f}, "
                          f"{_median(runs, 'p99_itl_ms'):.0f}){n}")  # fmt: skip
-        for s in OURS:
-            if s in systems and "vllm" in systems:
-                ok = s in tps and tps.get("vllm")
-                cells.append(f"**{tps[s] / tps['vllm']:.2f}x**" if ok else "")
+        for s, peer in pairs:
+            ok = s in tps and tps.get(peer)
+            cells.append(f"**{tps[s] / tps[peer]:.2f}x**" if ok else "")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -100,7 +109,7 @@ def cores(levels: list[Level], dtype: str) -> list[str]:
     over the client's run, median over rounds; kinds under 0.01 core left out). Empty when the
     results predate that count (no server_cpu_s)."""
     mine = [lv for lv in levels if lv.dtype == dtype and lv.result.get("server_cpu_s")]
-    systems = [s for s in ("vllm", *OURS) if any(lv.system == s for lv in mine)]
+    systems = [s for s in (*PEERS, *OURS) if any(lv.system == s for lv in mine)]
     if not systems:
         return []
     lines = ["| streams | " + " | ".join(f"{s} cores (by process)" for s in systems) + " |"]

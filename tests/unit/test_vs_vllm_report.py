@@ -63,3 +63,31 @@ def test_levels_from_before_the_run_are_named_in_the_report(tmp_path: Path) -> N
     line = vs_vllm.reused_before(tmp_path, started=new.stat().st_mtime - 1)
     assert "r0-float32-vllm-c1 (2023-11-14 22:13 UTC)" in line and "c64" not in line
     assert vs_vllm.reused_before(tmp_path, started=0) == ""
+
+
+def test_ours_is_set_against_each_vllm_configuration_that_ran(tmp_path: Path) -> None:
+    """vLLM as it comes and with every core bound to its worker: one ratio column per pair."""
+    _level(tmp_path, 0, "vllm", 64, 80.0, {})
+    _level(tmp_path, 0, "vllm-all-cores", 64, 160.0, {})
+    _level(tmp_path, 0, "mesh-colocated", 64, 120.0, {})
+    lines = vs_vllm_report.table(vs_vllm_report.load_levels(tmp_path), "float32")
+    assert lines[0] == (
+        "| streams | vllm tok/s (TPOT p50, ITL p99 ms) | vllm-all-cores tok/s (TPOT p50, ITL p99 ms) "
+        "| mesh-colocated tok/s (TPOT p50, ITL p99 ms) | colocated / vLLM | colocated / vLLM all cores |"
+    )
+    assert (
+        lines[2] == "| 64 | 80.0 (100, 200) | 160.0 (100, 200) | 120.0 (100, 200) | **1.50x** | **0.75x** |"
+    )
+
+
+def test_vllm_all_cores_binds_its_worker_to_every_core_this_process_may_use() -> None:
+    import os
+
+    from bench import vs_vllm
+
+    plan = vs_vllm.Plan("/m", "vllm-cpu.sh", Path("r"), Path("l"), 128, 64, 2, 2, 8, False)
+    cores = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+    system = vs_vllm.make_system("vllm-all-cores", "float32", plan, ["--x=1"])
+    assert system.command[:3] == ["env", f"VLLM_CPU_OMP_THREADS_BIND={cores}", "vllm-cpu.sh"]
+    assert system.command[-1] == "--x=1"
+    assert vs_vllm.make_system("vllm", "float32", plan, []).command[0] == "vllm-cpu.sh"  # as it comes
