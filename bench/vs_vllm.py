@@ -59,6 +59,8 @@ class Plan:
     prompts_per_stream: int
     min_prompts: int
     force: bool
+    vllm_env: tuple[str, ...] = ()
+    """NAME=VALUE settings in the environment of vLLM's server only (--vllm-env)."""
 
 
 def free_port() -> int:
@@ -71,10 +73,10 @@ def make_system(name: str, dtype: str, plan: Plan, extra: list[str]) -> System:
     port = free_port()
     if name.startswith("vllm"):
         command = [plan.vllm_script, "serve", plan.model, "--port", str(port), "--dtype", dtype, *extra]
+        env = list(plan.vllm_env)
         if name == "vllm-all-cores":  # its default keeps a core for its scheduler: give the worker all
-            cores = ",".join(map(str, sorted(os.sched_getaffinity(0))))
-            command = ["env", f"VLLM_CPU_OMP_THREADS_BIND={cores}", *command]
-        return System(name, command, port, None)
+            env.append("VLLM_CPU_OMP_THREADS_BIND=" + ",".join(map(str, sorted(os.sched_getaffinity(0)))))
+        return System(name, ["env", *env, *command] if env else command, port, None)
     topology = {
         "mesh-colocated": ["--colocated", "--decode", "1"],
         # one single-threaded colocated worker per core; an idle one lends its core to the busy
@@ -183,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     add("--warmup-prompts", type=int, default=8, help="untimed requests after each start")
     add("--vllm-script", default=default_vllm_script(), help="the peers script (install, serve, bench)")
     add("--vllm-arg", action="append", default=[], help="extra `vllm serve` flag: --vllm-arg=--flag=value")
+    add(
+        "--vllm-env",
+        action="append",
+        default=[],
+        help="NAME=VALUE for vLLM's server only (e.g. LD_PRELOAD, as vLLM's CPU docs advise)",
+    )
     add("--mesh-arg", action="append", default=[], help="extra `scalellm up` flag: --mesh-arg=--flag=value")
     add("--results", default=str(ROOT / "bench" / "results" / "vs_vllm"), help="one JSON per level")
     add("--logs", default="/tmp/scalellm-vs-vllm", help="each server's output goes here")
@@ -197,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 
     plan = Plan(str(resolve_model_dir(args.model)), args.vllm_script, Path(args.results), Path(args.logs),
                 args.input_len, args.output_len, args.warmup_prompts, args.prompts_per_stream,
-                args.min_prompts, args.force)  # fmt: skip
+                args.min_prompts, args.force, tuple(args.vllm_env))  # fmt: skip
     plan.results.mkdir(parents=True, exist_ok=True)
     plan.logs.mkdir(parents=True, exist_ok=True)
     note = args.note

@@ -91,3 +91,11 @@ def test_vllm_all_cores_binds_its_worker_to_every_core_this_process_may_use() ->
     assert system.command[:3] == ["env", f"VLLM_CPU_OMP_THREADS_BIND={cores}", "vllm-cpu.sh"]
     assert system.command[-1] == "--x=1"
     assert vs_vllm.make_system("vllm", "float32", plan, []).command[0] == "vllm-cpu.sh"  # as it comes
+    tuned = vs_vllm.Plan(
+        "/m", "vllm-cpu.sh", Path("r"), Path("l"), 128, 64, 2, 2, 8, False, ("LD_PRELOAD=/x.so",)
+    )
+    assert vs_vllm.make_system("vllm", "float32", tuned, []).command[:3] == [
+        "env",
+        "LD_PRELOAD=/x.so",
+        "vllm-cpu.sh",
+    ]
