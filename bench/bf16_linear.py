@@ -1,5 +1,5 @@
 """Linear layers of a bfloat16 model on this CPU: torch's bfloat16 matmul, our bfloat16 kernel
-(``Bf16Linear``'s kernel path, at every row count) and oneDNN in float32 for scale.
+(``PanelLinear``'s kernel path, at every row count) and oneDNN in float32 for scale.
 
     python bench/bf16_linear.py [--rows 1 8 64 256] [--threads 1] [--repeats 30] [--layers 1]
         [--paths torch kernel onednn]
@@ -45,7 +45,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from scalellm.engine import cpu_kernels
-    from scalellm.models.packed_linear import Bf16Linear, PackedLinear, packing_supported
+    from scalellm.models.packed_linear import PackedLinear, PanelLinear, packing_supported
 
     if not cpu_kernels.available():
         raise SystemExit("the CPU kernels could not be built here")
@@ -58,7 +58,7 @@ def main() -> None:
         if "torch" in args.paths:
             paths["torch bf16"] = [partial(F.linear, weight=b.weight) for b in bf16]
         if "kernel" in args.paths:
-            paths["kernel bf16"] = [Bf16Linear(b, max_kernel_rows=1 << 30) for b in bf16]
+            paths["kernel bf16"] = [PanelLinear(b, max_kernel_rows=1 << 30) for b in bf16]
         if "onednn" in args.paths and packing_supported(torch.device("cpu"), torch.float32):
             packed = [PackedLinear(torch.nn.Linear(k, n, bias=False)) for _ in range(args.layers)]
             paths["oneDNN fp32"] = [lambda x, p=p: p(x.float()) for p in packed]

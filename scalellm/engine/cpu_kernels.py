@@ -37,7 +37,7 @@ SOURCES = (
     CSRC / "paged_decode.cpp",
     CSRC / "fused_ops.cpp",
     CSRC / "quant_ops.cpp",
-    CSRC / "bf16_linear.cpp",
+    CSRC / "linear_panels.cpp",
     CSRC / "argmax.cpp",
 )
 HEADERS = (CSRC / "vec256.h", CSRC / "vec512.h")

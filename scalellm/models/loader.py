@@ -12,7 +12,7 @@ from safetensors import safe_open
 from scalellm.engine.cpu_kernels import layer_ops, w8a8_kernel
 from scalellm.models.config import ModelConfig
 from scalellm.models.llama import LlamaForCausalLM, RotaryEmbedding
-from scalellm.models.packed_linear import Bf16Linear, bf16_kernel_applies, pack_linears, packing_supported
+from scalellm.models.packed_linear import PanelLinear, pack_linears, packing_supported, panels_apply
 from scalellm.models.parallel import SINGLE, TensorParallel
 from scalellm.models.quant_linear import quantize_weights, weight_bytes
 
@@ -91,9 +91,13 @@ def _finish(
         kernel = w8a8_kernel(device, dtype) if quantization == "w8a8" else None
         count = quantize_weights(model, quantization, kernel)
         log.info("weights: %s, %d quantized, %.0f MB", quantization, count, weight_bytes(model) / 1e6)
+    elif panels_apply(device, dtype):
+        count = pack_linears(model, PanelLinear)
+        log.info(
+            "linear layers: %d through the panel kernel (%s on this CPU)",
+            count,
+            str(dtype).removeprefix("torch."),
+        )
     elif packing_supported(device, dtype):
         log.info("linear layers: oneDNN, %d weights reordered for this CPU", pack_linears(model))
-    elif bf16_kernel_applies(device, dtype):
-        count = pack_linears(model, Bf16Linear)
-        log.info("linear layers: %d through the bfloat16 kernel (this CPU has no bfloat16 arithmetic)", count)
     return model.eval()

@@ -9,12 +9,16 @@ accumulated in a different order (float32: errors of the same size as MKL's).
 
     nn.Linear.weight [out, in]  --reorder once-->  opaque oneDNN weight  --per call-->  x @ W^T (+ b)
 
-Only CPU float32/bfloat16 models are packed; anything else keeps nn.Linear. A bfloat16 model on a
-CPU without bfloat16 arithmetic (no AVX512-BF16, no AMX: oneDNN has no bfloat16 kernels for it and
-torch's matmul takes a generic path) gets ``Bf16Linear`` instead: for a few rows the weights stay
-bfloat16, packed in panels that ``csrc/bf16_linear.cpp`` widens in registers; for many a float32
-copy goes through oneDNN (float32 products and sums either way, as a bfloat16 GEMM
-accumulates).
+Only CPU float32/bfloat16 models are packed; anything else keeps nn.Linear. ``PanelLinear``
+(our kernel, ``csrc/linear_panels.cpp``: the weight in 16-column panels) takes two cases instead:
+- a bfloat16 model on a CPU without bfloat16 arithmetic (no AVX512-BF16, no AMX: oneDNN has no
+  bfloat16 kernels for it and torch's matmul takes a generic path): for a few rows the weights
+  stay bfloat16 and are widened in registers; for many a float32 copy goes through oneDNN
+  (float32 products and sums either way, as a bfloat16 GEMM accumulates);
+- a float32 model on a CPU with AVX2 but not AVX-512, where the panels took 0.71-0.91x oneDNN's
+  time at every row count measured (1 to 1024 rows, the demo model's shapes, 2-core AVX2 EPYC):
+  all rows, one copy of the weight. Each output is a sum over k in order, whatever the rows: a
+  request's logits do not depend on what it is batched with.
 """
 
 from __future__ import annotations
@@ -35,9 +39,18 @@ def packing_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype != torch.bfloat16 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def bf16_kernel_applies(device: torch.device, dtype: torch.dtype) -> bool:
-    """A bfloat16 model on a CPU whose oneDNN has no bfloat16 kernels, with our kernels built."""
-    if device.type != "cpu" or dtype != torch.bfloat16 or packing_supported(device, dtype):
+def panels_apply(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this model's linear layers go through PanelLinear (the module docstring's two
+    cases), with our kernels built."""
+    if device.type != "cpu":
+        return False
+    if dtype == torch.bfloat16:
+        wanted = not packing_supported(device, dtype)
+    elif dtype == torch.float32:
+        wanted = torch.backends.cpu.get_cpu_capability() == "AVX2"  # AVX-512 CPUs keep oneDNN
+    else:
+        return False
+    if not wanted:
         return False
     from scalellm.engine import cpu_kernels  # here: cpu_kernels builds on the models package
 
@@ -68,16 +81,17 @@ class PackedLinear(nn.Module):
         )
 
 
-class Bf16Linear(nn.Module):
-    """``nn.Linear`` semantics for bfloat16 on CPUs without bfloat16 arithmetic (inference only).
+class PanelLinear(nn.Module):
+    """``nn.Linear`` semantics through our panel kernel (inference only), in the weight's dtype.
 
-    Up to ``max_kernel_rows`` rows (decode steps: bound by the bytes of weight streamed) the
-    weight in bfloat16, packed once in 16-column panels (``torch.ops.scalellm_cpu.pack_bf16``),
-    through ``torch.ops.scalellm_cpu.linear_bf16``; above (prefill, many decodes: bound by
-    arithmetic, where oneDNN's float32 kernel is 1.5-2x ours from 32 rows on, docs/benchmarks.md)
-    a float32 copy of the weight, packed for oneDNN, with x widened and the output rounded back.
-    Both are float32 products and sums of the same bfloat16 values, one rounding of each output.
-    The module keeps no reference to the original weight: a tied embedding keeps its own.
+    The weight packed once in 16-column panels (``torch.ops.scalellm_cpu.pack_panels``), through
+    ``torch.ops.scalellm_cpu.linear_panels``. bfloat16: up to ``max_kernel_rows`` rows (decode
+    steps: bound by the bytes of weight streamed); above (prefill, many decodes: bound by
+    arithmetic, where oneDNN's float32 kernel was 1.5-2x the widening kernel from 32 rows on,
+    docs/benchmarks.md) a float32 copy of the weight, packed for oneDNN, with x widened and the
+    output rounded back. Both are float32 products and sums of the same bfloat16 values, one
+    rounding of each output. float32: the panels at every row count (no second copy). The module
+    keeps no reference to the original weight: a tied embedding keeps its own.
     """
 
     def __init__(self, linear: nn.Linear, max_kernel_rows: int = 16) -> None:
@@ -85,11 +99,11 @@ class Bf16Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.max_kernel_rows = max_kernel_rows
         weight = linear.weight.detach().contiguous()
-        self.panels = torch.ops.scalellm_cpu.pack_bf16(weight)
+        self.panels = torch.ops.scalellm_cpu.pack_panels(weight)
         self.bias = None if linear.bias is None else linear.bias.detach().contiguous()
         self.packed: torch.Tensor | None = None
         self.bias32: torch.Tensor | None = None
-        if packing_supported(weight.device, torch.float32):
+        if weight.dtype == torch.bfloat16 and packing_supported(weight.device, torch.float32):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.float())
             self.bias32 = None if self.bias is None else self.bias.float()
 
@@ -102,7 +116,7 @@ class Bf16Linear(nn.Module):
             if flat.stride(-1) != 1:
                 flat = flat.contiguous()
             out = flat.new_empty(flat.shape[0], self.out_features)
-            torch.ops.scalellm_cpu.linear_bf16(out, flat, self.panels, self.bias)
+            torch.ops.scalellm_cpu.linear_panels(out, flat, self.panels, self.bias)
         return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -112,9 +126,9 @@ class Bf16Linear(nn.Module):
         )
 
 
-def pack_linears(model: nn.Module, kind: type[PackedLinear] | type[Bf16Linear] = PackedLinear) -> int:
-    """Replace every nn.Linear in ``model`` with a ``kind`` (PackedLinear: oneDNN; Bf16Linear: our
-    bfloat16 kernel); returns how many were replaced. A weight shared with another module (tied
+def pack_linears(model: nn.Module, kind: type[PackedLinear] | type[PanelLinear] = PackedLinear) -> int:
+    """Replace every nn.Linear in ``model`` with a ``kind`` (PackedLinear: oneDNN; PanelLinear: our
+    panel kernel); returns how many were replaced. A weight shared with another module (tied
     embeddings) stays as it is for that module."""
     count = 0
     for parent in list(model.modules()):

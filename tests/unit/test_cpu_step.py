@@ -15,7 +15,7 @@ from scalellm.engine.config import EngineConfig, cpu_has_native_bf16
 from scalellm.models.config import RopeConfig
 from scalellm.models.llama import RotaryEmbedding
 from scalellm.models.ops import TorchOps
-from scalellm.models.packed_linear import Bf16Linear, PackedLinear, pack_linears, packing_supported
+from scalellm.models.packed_linear import PackedLinear, PanelLinear, pack_linears, packing_supported
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ toolchain for the CPU kernel")
 
@@ -238,8 +238,8 @@ def test_bf16_kernel_equals_float32_products_rounded_once(
     exact = F.linear(
         x.double(), linear.weight.double(), None if linear.bias is None else linear.bias.double()
     )
-    kernel_only = Bf16Linear(linear, max_kernel_rows=1 << 30)
-    for path in (Bf16Linear(linear), kernel_only):  # oneDNN in float32 above 16 rows; the kernel at all
+    kernel_only = PanelLinear(linear, max_kernel_rows=1 << 30)
+    for path in (PanelLinear(linear), kernel_only):  # oneDNN in float32 above 16 rows; the kernel at all
         got = path(x)
         assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
         # float32 sums in another order than float64's: at most one bfloat16 step apart
@@ -253,6 +253,43 @@ def test_bf16_kernel_equals_float32_products_rounded_once(
 
 
 @needs_kernel
+@pytest.mark.parametrize("bias", [False, True])
+def test_float32_panels_match_float64_and_do_not_depend_on_the_batch(bias: bool) -> None:
+    """float32 through the panels (what AVX2 CPUs without AVX-512 use for every row count): close
+    to a float64 reference, and each row's output bit for bit the same alone, in a batch of 70
+    (past the 48-row chunk, not a multiple of the 6-row micro-kernel) or in the 3-d reshape path."""
+    gen = torch.Generator().manual_seed(7)
+    k, n = 576, 200  # N not a multiple of the 16-column panels
+    linear = torch.nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(n, k, generator=gen) * 0.05)
+        if linear.bias is not None:
+            linear.bias.copy_(torch.randn(n, generator=gen))
+    panels = PanelLinear(linear)
+    assert panels.packed is None  # one copy of a float32 weight: the panels
+    x = torch.randn(70, k, generator=gen)
+    got = panels(x)
+    assert got.dtype == torch.float32 and got.shape == (70, n)
+    exact = F.linear(
+        x.double(), linear.weight.double(), None if linear.bias is None else linear.bias.double()
+    )
+    torch.testing.assert_close(got.double(), exact, atol=1e-5, rtol=1e-5)
+    for rows in (1, 5, 6, 49):
+        torch.testing.assert_close(panels(x[:rows]), got[:rows], atol=0, rtol=0)
+    torch.testing.assert_close(panels(x.unsqueeze(0))[0], got, atol=0, rtol=0)
+
+
+def test_float32_panels_are_chosen_on_avx2_without_avx512_only() -> None:
+    from scalellm.models.packed_linear import panels_apply
+
+    cpu = torch.device("cpu")
+    avx2_only = torch.backends.cpu.get_cpu_capability() == "AVX2"
+    assert panels_apply(cpu, torch.float32) == (avx2_only and cpu_kernels.available())
+    assert not panels_apply(torch.device("meta"), torch.float32)
+    assert not panels_apply(cpu, torch.float16)
+
+
+@needs_kernel
 def test_bf16_linear_leaves_a_tied_embedding_weight_as_it_was() -> None:
     """The head packs its own panels from the shared weight; the embedding keeps the weight and
     both compute with the same values."""
@@ -263,9 +300,9 @@ def test_bf16_linear_leaves_a_tied_embedding_weight_as_it_was() -> None:
     assert isinstance(embed, torch.nn.Embedding)
     model["head"].weight = embed.weight
     before = embed.weight.detach().clone()
-    assert pack_linears(model, Bf16Linear) == 1
+    assert pack_linears(model, PanelLinear) == 1
     head = model["head"]
-    assert isinstance(head, Bf16Linear) and isinstance(embed.weight, torch.nn.Parameter)
+    assert isinstance(head, PanelLinear) and isinstance(embed.weight, torch.nn.Parameter)
     assert torch.equal(embed.weight, before)
     x = torch.randn(3, 8).to(torch.bfloat16)
     expected = F.linear(x.double(), before.double()).to(torch.bfloat16)
