@@ -277,6 +277,8 @@ def test_float32_panels_match_float64_and_do_not_depend_on_the_batch(bias: bool)
     for rows in (1, 5, 6, 49):
         torch.testing.assert_close(panels(x[:rows]), got[:rows], atol=0, rtol=0)
     torch.testing.assert_close(panels(x.unsqueeze(0))[0], got, atol=0, rtol=0)
+    strided = torch.randn(70, 2 * k, generator=gen)[:, :k]  # rows with a gap: widened into a copy
+    torch.testing.assert_close(panels(strided), panels(strided.contiguous()), atol=0, rtol=0)
 
 
 def test_float32_panels_are_chosen_on_avx2_without_avx512_only() -> None:

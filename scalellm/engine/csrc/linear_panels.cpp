@@ -1,14 +1,14 @@
-// Linear layers at a few rows (decode steps), where the weights are streamed once a step and the
-// bytes read are the cost.
+// Linear layers over weights packed once in panels (models/packed_linear.PanelLinear).
 //
 // bfloat16 on CPUs without bfloat16 arithmetic (no AVX512-BF16, no AMX): there torch's bfloat16
 // matmul takes its generic path (oneDNN's bfloat16 kernels need AVX-512), and oneDNN cannot be
 // given the weights as they are. This kernel keeps the weights in bfloat16 (half the bytes of
 // float32 to stream per step) and widens them in registers; products and sums in float32, one
 // rounding of each output to bfloat16 (bias added before it), as a bfloat16 GEMM with float32
-// accumulation does. float32: the same panels in float32, because they stream faster than
-// oneDNN's packed weights at one row (27 against 21 GB/s on the 2-core AVX2 EPYC, the model's
-// shapes, docs/benchmarks.md).
+// accumulation does; above a few rows PanelLinear hands bfloat16 to oneDNN in float32. float32
+// on AVX2 CPUs without AVX-512, at every row count: the same panels in float32 took 0.71-0.91x
+// oneDNN's time from 1 to 1024 rows (the demo model's shapes, the 2-core AVX2 EPYC; one row
+// streams 32.6 against 23.8 GB/s, docs/benchmarks.md).
 //
 //   out[m, n] = T( sum_k x[m, k] * w[n, k] + bias[n] )      x [M, K], w [N, K] (nn.Linear's), T x's dtype
 //
@@ -142,8 +142,11 @@ void linear_typed(const at::Tensor& out, const at::Tensor& x, const at::Tensor& 
   const W* bias_ptr = bias.has_value() ? reinterpret_cast<const W*>(bias->data_ptr()) : nullptr;
   const W* x_ptr = reinterpret_cast<const W*>(x.data_ptr());
   std::vector<float> xf;  // bfloat16 x widened once, read by every panel; float32 x read as it is
-  const float* xs = reinterpret_cast<const float*>(x_ptr);
-  if (!std::is_same_v<T, float> || x.stride(0) != K) {
+  const float* xs = nullptr;
+  if constexpr (std::is_same_v<T, float>) {
+    if (x.stride(0) == K) xs = x.data_ptr<float>();
+  }
+  if (xs == nullptr) {
     xf.resize(M * K);
     at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
       for (int64_t m = begin; m < end; ++m)
