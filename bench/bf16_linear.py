@@ -1,8 +1,9 @@
 """Linear layers of a bfloat16 model on this CPU: torch's bfloat16 matmul, our bfloat16 kernel
-(``PanelLinear``'s kernel path, at every row count) and oneDNN in float32 for scale.
+(``PanelLinear``'s kernel path, at every row count), and a float32 copy of the weight through
+oneDNN or through our panels (what serves many rows).
 
     python bench/bf16_linear.py [--rows 1 8 64 256] [--threads 1] [--repeats 30] [--layers 1]
-        [--paths torch kernel onednn]
+        [--paths torch kernel onednn panels]
 
 SmolLM2's shapes (hidden 576: q/k/v 960, gate/up 3072, down from 1536, o 576, lm_head 49152).
 Calls alternate between the paths; prints the minimum and median ms per call. ``--layers N``
@@ -39,7 +40,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--layers", type=int, default=1, help="copies of each layer, called in turn")
     parser.add_argument(
-        "--paths", nargs="+", choices=["torch", "kernel", "onednn"], default=["torch", "kernel", "onednn"]
+        "--paths",
+        nargs="+",
+        choices=["torch", "kernel", "onednn", "panels"],
+        default=["torch", "kernel", "onednn"],
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -62,6 +66,9 @@ def main() -> None:
         if "onednn" in args.paths and packing_supported(torch.device("cpu"), torch.float32):
             packed = [PackedLinear(torch.nn.Linear(k, n, bias=False)) for _ in range(args.layers)]
             paths["oneDNN fp32"] = [lambda x, p=p: p(x.float()) for p in packed]
+        if "panels" in args.paths:
+            wide = [PanelLinear(torch.nn.Linear(k, n, bias=False)) for _ in range(args.layers)]
+            paths["panels fp32"] = [lambda x, p=p: p(x.float()) for p in wide]
         for rows in args.rows:
             x = torch.randn(rows, k).to(torch.bfloat16)
             times: dict[str, list[float]] = {p: [] for p in paths}

@@ -12,9 +12,11 @@ accumulated in a different order (float32: errors of the same size as MKL's).
 Only CPU float32/bfloat16 models are packed; anything else keeps nn.Linear. ``PanelLinear``
 (our kernel, ``csrc/linear_panels.cpp``: the weight in 16-column panels) takes two cases instead:
 - a bfloat16 model on a CPU without bfloat16 arithmetic (no AVX512-BF16, no AMX: oneDNN has no
-  bfloat16 kernels for it and torch's matmul takes a generic path): for a few rows the weights
-  stay bfloat16 and are widened in registers; for many a float32 copy goes through oneDNN
-  (float32 products and sums either way, as a bfloat16 GEMM accumulates);
+  bfloat16 kernels for it and torch's matmul takes a generic path): the weights stay bfloat16 and
+  are widened in registers, float32 products and sums as a bfloat16 GEMM accumulates. On AVX2
+  CPUs at every row count (1.0-1.9x oneDNN's float32 speed from 1 to 1024 rows, 2-core AVX2 EPYC);
+  on AVX-512 CPUs many rows go to a float32 copy through oneDNN instead (its AVX-512 kernels
+  against our AVX2 one: not measured);
 - a float32 model on a CPU with AVX2 but not AVX-512, where the panels took 0.71-0.91x oneDNN's
   time at every row count measured (1 to 1024 rows, the demo model's shapes, 2-core AVX2 EPYC):
   all rows, one copy of the weight. Each output is a sum over k in order, whatever the rows: a
@@ -39,6 +41,12 @@ def packing_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype != torch.bfloat16 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def avx2_is_widest() -> bool:
+    """Whether torch dispatches this CPU's kernels at AVX2 (no AVX-512): where our panel kernel's
+    8-lane vectors are as wide as oneDNN's."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
 def panels_apply(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether this model's linear layers go through PanelLinear (the module docstring's two
     cases), with our kernels built."""
@@ -47,7 +55,7 @@ def panels_apply(device: torch.device, dtype: torch.dtype) -> bool:
     if dtype == torch.bfloat16:
         wanted = not packing_supported(device, dtype)
     elif dtype == torch.float32:
-        wanted = torch.backends.cpu.get_cpu_capability() == "AVX2"  # AVX-512 CPUs keep oneDNN
+        wanted = avx2_is_widest()  # AVX-512 CPUs keep oneDNN
     else:
         return False
     if not wanted:
@@ -85,13 +93,12 @@ class PanelLinear(nn.Module):
     """``nn.Linear`` semantics through our panel kernel (inference only), in the weight's dtype.
 
     The weight packed once in 16-column panels (``torch.ops.scalellm_cpu.pack_panels``), through
-    ``torch.ops.scalellm_cpu.linear_panels``. bfloat16: up to ``max_kernel_rows`` rows (decode
-    steps: bound by the bytes of weight streamed); above (prefill, many decodes: bound by
-    arithmetic, where oneDNN's float32 kernel was 1.5-2x the widening kernel from 32 rows on,
-    docs/benchmarks.md) a float32 copy of the weight, packed for oneDNN, with x widened and the
-    output rounded back. Both are float32 products and sums of the same bfloat16 values, one
-    rounding of each output. float32: the panels at every row count (no second copy). The module
-    keeps no reference to the original weight: a tied embedding keeps its own.
+    ``torch.ops.scalellm_cpu.linear_panels``, at every row count: float32 weights, and bfloat16
+    ones on CPUs whose widest vectors are AVX2's. A bfloat16 weight on an AVX-512 CPU also gets a
+    float32 copy packed for oneDNN, which takes calls of more than ``max_kernel_rows`` rows (x
+    widened, the output rounded back): both are float32 products and sums of the same bfloat16
+    values, one rounding of each output. The module keeps no reference to the original weight:
+    a tied embedding keeps its own.
     """
 
     def __init__(self, linear: nn.Linear, max_kernel_rows: int = 16) -> None:
@@ -103,7 +110,11 @@ class PanelLinear(nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach().contiguous()
         self.packed: torch.Tensor | None = None
         self.bias32: torch.Tensor | None = None
-        if weight.dtype == torch.bfloat16 and packing_supported(weight.device, torch.float32):
+        if (
+            weight.dtype == torch.bfloat16
+            and not avx2_is_widest()
+            and packing_supported(weight.device, torch.float32)
+        ):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.float())
             self.bias32 = None if self.bias is None else self.bias.float()
 

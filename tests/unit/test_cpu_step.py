@@ -239,7 +239,10 @@ def test_bf16_kernel_equals_float32_products_rounded_once(
         x.double(), linear.weight.double(), None if linear.bias is None else linear.bias.double()
     )
     kernel_only = PanelLinear(linear, max_kernel_rows=1 << 30)
-    for path in (PanelLinear(linear), kernel_only):  # oneDNN in float32 above 16 rows; the kernel at all
+    for path in (
+        PanelLinear(linear),
+        kernel_only,
+    ):  # as chosen here (AVX-512: oneDNN above 16 rows); the kernel
         got = path(x)
         assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
         # float32 sums in another order than float64's: at most one bfloat16 step apart
@@ -250,6 +253,29 @@ def test_bf16_kernel_equals_float32_products_rounded_once(
         torch.testing.assert_close(batched[0], got, atol=0, rtol=0)
     strided = torch.randn(rows, 2 * k, generator=gen).to(torch.bfloat16)[:, :k]  # rows with a gap between
     torch.testing.assert_close(kernel_only(strided), kernel_only(strided.contiguous()), atol=0, rtol=0)
+    # the kernel's sums are the float32 panels' over the widened values, in the same order: the
+    # same float32 result, rounded once (bfloat16 panels are only stored interleaved)
+    wide = torch.nn.Linear(k, n, bias=bias)
+    wide.load_state_dict({name: value.float() for name, value in linear.state_dict().items()})
+    torch.testing.assert_close(
+        kernel_only(x), PanelLinear(wide)(x.float()).to(torch.bfloat16), atol=0, rtol=0
+    )
+    # and a row's output does not depend on the rows beside it
+    for row in (0, rows - 1):
+        torch.testing.assert_close(kernel_only(x[row : row + 1])[0], kernel_only(x)[row], atol=0, rtol=0)
+
+
+@needs_kernel
+def test_bf16_weights_have_one_copy_where_avx2_is_the_widest() -> None:
+    """AVX2 CPUs run a bfloat16 model's linear layers through the kernel at every row count (no
+    float32 copy); AVX-512 ones keep a float32 copy for oneDNN above ``max_kernel_rows``."""
+    from scalellm.models.packed_linear import avx2_is_widest
+
+    panels = PanelLinear(torch.nn.Linear(64, 32).to(torch.bfloat16))
+    if avx2_is_widest():
+        assert panels.packed is None and "max_kernel_rows=all" in repr(panels)
+    elif packing_supported(torch.device("cpu"), torch.float32):
+        assert panels.packed is not None and panels.packed.dtype != torch.bfloat16
 
 
 @needs_kernel
@@ -282,11 +308,10 @@ def test_float32_panels_match_float64_and_do_not_depend_on_the_batch(bias: bool)
 
 
 def test_float32_panels_are_chosen_on_avx2_without_avx512_only() -> None:
-    from scalellm.models.packed_linear import panels_apply
+    from scalellm.models.packed_linear import avx2_is_widest, panels_apply
 
     cpu = torch.device("cpu")
-    avx2_only = torch.backends.cpu.get_cpu_capability() == "AVX2"
-    assert panels_apply(cpu, torch.float32) == (avx2_only and cpu_kernels.available())
+    assert panels_apply(cpu, torch.float32) == (avx2_is_widest() and cpu_kernels.available())
     assert not panels_apply(torch.device("meta"), torch.float32)
     assert not panels_apply(cpu, torch.float16)
 

@@ -5,23 +5,30 @@
 // given the weights as they are. This kernel keeps the weights in bfloat16 (half the bytes of
 // float32 to stream per step) and widens them in registers; products and sums in float32, one
 // rounding of each output to bfloat16 (bias added before it), as a bfloat16 GEMM with float32
-// accumulation does; above a few rows PanelLinear hands bfloat16 to oneDNN in float32. float32
-// on AVX2 CPUs without AVX-512, at every row count: the same panels in float32 took 0.71-0.91x
-// oneDNN's time from 1 to 1024 rows (the demo model's shapes, the 2-core AVX2 EPYC; one row
-// streams 32.6 against 23.8 GB/s, docs/benchmarks.md).
+// accumulation does. On AVX2 CPUs it runs every row count (1.0-1.9x oneDNN's float32 speed from
+// 1 to 1024 rows, the demo model's shapes, the 2-core AVX2 EPYC); on AVX-512 ones PanelLinear
+// hands many rows to oneDNN in float32. float32 on AVX2 CPUs without AVX-512, at every row
+// count: the same panels took 0.71-0.91x oneDNN's time from 1 to 1024 rows (one row streams 32.6
+// against 23.8 GB/s, docs/benchmarks.md).
 //
 //   out[m, n] = T( sum_k x[m, k] * w[n, k] + bias[n] )      x [M, K], w [N, K] (nn.Linear's), T x's dtype
 //
 // The weight is packed once (pack_panels) into panels of NR = 16 output columns, k-major, so one
 // load of 32 (bfloat16) or 64 bytes is the 16 weights of a k for a panel, as two 8-lane vectors:
 //
-//   packed [P = ceil(N / 16), K, 16]       packed[p, k, c] = w[16 p + c, k]  (0 past N)
+//   packed [P = ceil(N / 16), K, 16]       packed[p, k, slot(c)] = w[16 p + c, k]  (0 past N)
 //
-// and a micro-kernel multiplies MR <= 6 rows of x by a panel as outer products, one k at a time:
+// slot(c) = c for float32; bfloat16 interleaves, so a shift and a mask widen the 16 in place:
+//
+//   32-bit lane j of a bfloat16 k-row:   [ high half: column 8 + j | low half: column j ]
+//
+// A micro-kernel multiplies MR <= 6 rows of x by a panel as outer products, one k at a time:
 // each x[m, k] broadcast, two multiply-adds into the MR x 16 accumulators (12 of the 16 AVX2
 // registers at MR = 6), so a weight widened once serves MR rows. Each output is a sum over k in
-// order, whatever MR. Work is split over panels; rows of x go past a task's panels in chunks of
-// MC rows that stay in L2 (a decode step's x is one chunk; a prefill's is many).
+// order, whatever MR: a row's output does not depend on the rows beside it, and the bfloat16
+// result is the float32 kernel's over the widened weights, rounded. Work is split over panels;
+// rows of x go past a task's panels in chunks of MC rows that stay in L2 (a decode step's x is
+// one chunk; a prefill's is many).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
@@ -54,36 +61,58 @@ inline float widen(uint16_t b) {
 
 inline float widen(float f) { return f; }
 
+// Where a panel keeps output column j (0..15) of a k: float32 in order; bfloat16 interleaved,
+// columns 0-7 in the even slots and 8-15 in the odd ones (load_row widens them in place).
+template <typename W>
+constexpr int64_t slot(int64_t j) {
+  if constexpr (std::is_same_v<W, float>) return j;
+  return j < 8 ? 2 * j : 2 * (j - 8) + 1;
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
 // The 16 weights of one k of a panel as two 8-lane float32 vectors.
+// bfloat16 panels hold column j < 8 in the low half of 32-bit lane j and column 8 + j in its high
+// half (see slot), so a shift and a mask widen them: two cheap operations, no lane shuffles.
 inline void load_row(const uint16_t* w, __m256& w0, __m256& w1) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-  w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(raw)), 16));
-  w1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(raw, 1)), 16));
+  w0 = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+  w1 = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 inline void load_row(const float* w, __m256& w0, __m256& w1) {
   w0 = _mm256_loadu_ps(w);
   w1 = _mm256_loadu_ps(w + 8);
 }
 
-// c[m * NR + j] = sum_k x[m, k] * panel[k, j] for R rows of x
+// c[m * NR + j] = sum_k x[m, k] * panel[k, j] for R rows of x. The accumulators are named
+// variables, not an array: GCC 12 kept an __m256 array in memory for the bfloat16 case at R = 6
+// (a store of every accumulator each k, half the speed), though 15 of the 16 registers suffice;
+// inlined into its caller it still spilled two, so it is kept out of line (a call per K loop).
 template <int64_t R, typename W>
-inline void micro(const float* x, int64_t K, const W* panel, float* c) {
-  __m256 acc[R][2];
-  for (int64_t m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+__attribute__((noinline)) void micro(const float* x, int64_t K, const W* panel, float* c) {
+  static_assert(R >= 1 && R <= 6, "up to 6 rows");
+  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00;
+  __m256 a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
   for (int64_t k = 0; k < K; ++k) {
     __m256 w0, w1;
     load_row(panel + k * NR, w0, w1);
-    for (int64_t m = 0; m < R; ++m) {
-      const __m256 xv = _mm256_broadcast_ss(x + m * K + k);
-      acc[m][0] = _mm256_fmadd_ps(xv, w0, acc[m][0]);
-      acc[m][1] = _mm256_fmadd_ps(xv, w1, acc[m][1]);
-    }
+#define SCALELLM_PANEL_ROW(m)                                  \
+  if constexpr (R > m) {                                       \
+    const __m256 xv = _mm256_broadcast_ss(x + m * K + k);      \
+    a##m##0 = _mm256_fmadd_ps(xv, w0, a##m##0);                \
+    a##m##1 = _mm256_fmadd_ps(xv, w1, a##m##1);                \
   }
-  for (int64_t m = 0; m < R; ++m) {
-    _mm256_storeu_ps(c + m * NR, acc[m][0]);
-    _mm256_storeu_ps(c + m * NR + 8, acc[m][1]);
+    SCALELLM_PANEL_ROW(0) SCALELLM_PANEL_ROW(1) SCALELLM_PANEL_ROW(2)
+    SCALELLM_PANEL_ROW(3) SCALELLM_PANEL_ROW(4) SCALELLM_PANEL_ROW(5)
+#undef SCALELLM_PANEL_ROW
   }
+#define SCALELLM_PANEL_STORE(m)                 \
+  if constexpr (R > m) {                        \
+    _mm256_storeu_ps(c + m * NR, a##m##0);      \
+    _mm256_storeu_ps(c + m * NR + 8, a##m##1);  \
+  }
+  SCALELLM_PANEL_STORE(0) SCALELLM_PANEL_STORE(1) SCALELLM_PANEL_STORE(2)
+  SCALELLM_PANEL_STORE(3) SCALELLM_PANEL_STORE(4) SCALELLM_PANEL_STORE(5)
+#undef SCALELLM_PANEL_STORE
 }
 #else
 template <int64_t R, typename W>
@@ -91,7 +120,7 @@ inline void micro(const float* x, int64_t K, const W* panel, float* c) {
   for (int64_t m = 0; m < R; ++m)
     for (int64_t j = 0; j < NR; ++j) {
       float s = 0.f;
-      for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * widen(panel[k * NR + j]);
+      for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * widen(panel[k * NR + slot<W>(j)]);
       c[m * NR + j] = s;
     }
 }
@@ -117,7 +146,7 @@ void pack_typed(const at::Tensor& w, const at::Tensor& packed) {
   at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p)
       for (int64_t j = 0; j < NR && p * NR + j < N; ++j)
-        for (int64_t k = 0; k < K; ++k) dst[(p * K + k) * NR + j] = src[(p * NR + j) * K + k];
+        for (int64_t k = 0; k < K; ++k) dst[(p * K + k) * NR + slot<W>(j)] = src[(p * NR + j) * K + k];
   });
 }
 
