@@ -14,7 +14,7 @@ Only CPU float32/bfloat16 models are packed; anything else keeps nn.Linear. ``Pa
 - a bfloat16 model on a CPU without bfloat16 arithmetic (no AVX512-BF16, no AMX: oneDNN has no
   bfloat16 kernels for it and torch's matmul takes a generic path): the weights stay bfloat16 and
   are widened in registers, float32 products and sums as a bfloat16 GEMM accumulates. On AVX2
-  CPUs at every row count (1.0-1.9x oneDNN's float32 speed from 1 to 1024 rows, 2-core AVX2 EPYC);
+  CPUs at every row count (0.38-1.05x oneDNN's float32 time from 1 to 1024 rows, 2-core AVX2 EPYC);
   on AVX-512 CPUs many rows go to a float32 copy through oneDNN instead (its AVX-512 kernels
   against our AVX2 one: not measured);
 - a float32 model on a CPU with AVX2 but not AVX-512, where the panels took 0.71-0.91x oneDNN's

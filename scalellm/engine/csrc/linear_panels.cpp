@@ -5,7 +5,7 @@
 // given the weights as they are. This kernel keeps the weights in bfloat16 (half the bytes of
 // float32 to stream per step) and widens them in registers; products and sums in float32, one
 // rounding of each output to bfloat16 (bias added before it), as a bfloat16 GEMM with float32
-// accumulation does. On AVX2 CPUs it runs every row count (1.0-1.9x oneDNN's float32 speed from
+// accumulation does. On AVX2 CPUs it runs every row count (0.38-1.05x oneDNN's float32 time from
 // 1 to 1024 rows, the demo model's shapes, the 2-core AVX2 EPYC); on AVX-512 ones PanelLinear
 // hands many rows to oneDNN in float32. float32 on AVX2 CPUs without AVX-512, at every row
 // count: the same panels took 0.71-0.91x oneDNN's time from 1 to 1024 rows (one row streams 32.6
