@@ -239,10 +239,8 @@ def test_bf16_kernel_equals_float32_products_rounded_once(
         x.double(), linear.weight.double(), None if linear.bias is None else linear.bias.double()
     )
     kernel_only = PanelLinear(linear, max_kernel_rows=1 << 30)
-    for path in (
-        PanelLinear(linear),
-        kernel_only,
-    ):  # as chosen here (AVX-512: oneDNN above 16 rows); the kernel
+    # PanelLinear as chosen here (on AVX-512 CPUs: oneDNN above 16 rows), and the kernel alone
+    for path in (PanelLinear(linear), kernel_only):
         got = path(x)
         assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
         # float32 sums in another order than float64's: at most one bfloat16 step apart
