@@ -311,7 +311,14 @@ def test_streams_of_a_killed_decode_worker_migrate_and_finish_exactly(tiny_serve
             # The first worker to run a quarter of the streams dies, early in their 800 tokens: a
             # later kill can find a worker that already sent its last token into the gateway's
             # buffers (the gateway trails the worker on two cores), and then nothing migrates.
-            victim, running = _busy_worker(metrics_of, at_least=STREAMS // 4, timeout=120)
+            try:
+                victim, running = _busy_worker(metrics_of, at_least=STREAMS // 4, timeout=120)
+            except AssertionError as e:  # say what the streams and the mesh were doing
+                done = [f for f in futures if f.done()]
+                errors = [repr(f.exception()) for f in done if f.exception() is not None]
+                raise AssertionError(
+                    f"{e}\n{len(done)} streams done, {len(errors)} failed {errors[:3]}\n{up.log()[-6000:]}"
+                ) from None
             os.kill(pids_of[victim], signal.SIGKILL)
             texts = [f.result(timeout=300) for f in futures]
         assert running > 0  # the killed worker had streams in flight
