@@ -1,6 +1,6 @@
 """Linear layers of a bfloat16 model on this CPU: torch's bfloat16 matmul, our bfloat16 kernel
 (``PanelLinear``'s kernel path, at every row count), and a float32 copy of the weight through
-oneDNN or through our panels (what serves many rows).
+oneDNN (what PanelLinear uses for many rows on AVX-512 CPUs) or through our panels (to compare).
 
     python bench/bf16_linear.py [--rows 1 8 64 256] [--threads 1] [--repeats 30] [--layers 1]
         [--paths torch kernel onednn panels]

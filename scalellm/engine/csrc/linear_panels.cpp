@@ -70,9 +70,8 @@ constexpr int64_t slot(int64_t j) {
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-// The 16 weights of one k of a panel as two 8-lane float32 vectors.
-// bfloat16 panels hold column j < 8 in the low half of 32-bit lane j and column 8 + j in its high
-// half (see slot), so a shift and a mask widen them: two cheap operations, no lane shuffles.
+// The 16 weights of one k of a panel as two 8-lane float32 vectors (bfloat16: the shift widens
+// columns 0-7, the mask 8-15, as slot stores them).
 inline void load_row(const uint16_t* w, __m256& w0, __m256& w1) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
   w0 = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
