@@ -308,11 +308,15 @@ def test_streams_of_a_killed_decode_worker_migrate_and_finish_exactly(tiny_serve
 
         with ThreadPoolExecutor(STREAMS) as pool:
             futures = [pool.submit(stream, i) for i in range(STREAMS)]
-            # The first worker to run a quarter of the streams dies, early in their 800 tokens: a
-            # later kill can find a worker that already sent its last token into the gateway's
-            # buffers (the gateway trails the worker on two cores), and then nothing migrates.
+            # The first worker to run an eighth of the streams, ~64 tokens into each, dies early in
+            # their 800 tokens. A later kill can find a worker that already sent its last token
+            # into the gateway's buffers (the gateway trails the worker on two cores); an earlier
+            # one, streams whose first token the gateway has not yet had (those are dispatched
+            # again, not migrated): either way nothing migrates.
             try:
-                victim, running = _busy_worker(metrics_of, at_least=STREAMS // 4, timeout=120)
+                victim, running = _busy_worker(
+                    metrics_of, at_least=STREAMS // 8, min_tokens=64 * (STREAMS // 8), timeout=120
+                )
             except AssertionError as e:  # say what the streams and the mesh were doing
                 done = [f for f in futures if f.done()]
                 errors = [repr(f.exception()) for f in done if f.exception() is not None]
@@ -336,13 +340,20 @@ def test_streams_of_a_killed_decode_worker_migrate_and_finish_exactly(tiny_serve
         up.cleanup(pids)
 
 
-def _busy_worker(metrics_of: dict[str, str], at_least: int, timeout: float) -> tuple[str, float]:
-    """The first worker (name, running batch) whose running batch reaches at_least."""
+def _busy_worker(
+    metrics_of: dict[str, str], at_least: int, min_tokens: int, timeout: float
+) -> tuple[str, float]:
+    """The first worker (name, running batch) whose running batch reaches at_least once it has
+    generated min_tokens."""
     deadline = time.monotonic() + timeout
     while True:
-        batches = {n: _metrics(url).get("scalellm_running_batch", 0.0) for n, url in metrics_of.items()}
-        name = max(batches, key=lambda n: batches[n])
-        if batches[name] >= at_least:
-            return name, batches[name]
-        assert time.monotonic() < deadline, f"no worker ran {at_least} streams: {batches}"
+        seen = {n: _metrics(url) for n, url in metrics_of.items()}
+        batches = {n: m.get("scalellm_running_batch", 0.0) for n, m in seen.items()}
+        tokens = {n: m.get("scalellm_generated_tokens_total", 0.0) for n, m in seen.items()}
+        busy = [n for n in seen if batches[n] >= at_least and tokens[n] >= min_tokens]
+        if busy:
+            return busy[0], batches[busy[0]]
+        assert time.monotonic() < deadline, (
+            f"no worker ran {at_least} streams after {min_tokens} tokens: {batches}, tokens {tokens}"
+        )
         time.sleep(0.02)
