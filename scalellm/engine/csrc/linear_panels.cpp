@@ -94,6 +94,9 @@ __attribute__((noinline)) void micro(const float* x, int64_t K, const W* panel, 
   for (int64_t k = 0; k < K; ++k) {
     __m256 w0, w1;
     load_row(panel + k * NR, w0, w1);
+    // keep the weights in registers: at R <= 4 GCC folds them into each multiply-add as a memory
+    // operand, two loads of a panel row per x row, and the loads, not the multiply-adds, set the pace
+    asm("" : "+x"(w0), "+x"(w1));
 #define SCALELLM_PANEL_ROW(m)                                  \
   if constexpr (R > m) {                                       \
     const __m256 xv = _mm256_broadcast_ss(x + m * K + k);      \
