@@ -10,6 +10,7 @@ import logging
 import signal
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any, ClassVar
 
 CANCEL_RETRY_S = 0.05
@@ -69,6 +70,35 @@ def stop_requested() -> asyncio.Event:
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stopping.set)
     return stopping
+
+
+class StopSignals:
+    """Stop signals as they arrive, counted by a handler that takes no lock.
+
+    Python runs a signal handler in the main thread between two instructions of whatever it was
+    doing, which may be the handler of the signal before. A handler that sets a threading.Event
+    takes the Event's lock: a second signal landing while the first handler holds it deadlocks the
+    main thread for good (seen: `timeout` forwarding SIGINT to `scalellm up` as it got one itself),
+    and one landing before the first has set the flag is lost. list.append is one C call.
+    """
+
+    def __init__(self) -> None:
+        self._received: list[int] = []
+
+    def handle(self, signum: int, _frame: FrameType | None) -> None:
+        self._received.append(signum)
+
+    @property
+    def count(self) -> int:
+        return len(self._received)
+
+    def requested(self) -> bool:
+        """A stop was asked for."""
+        return self.count >= 1
+
+    def forced(self) -> bool:
+        """A second stop signal: kill instead of waiting for the drain."""
+        return self.count >= 2
 
 
 async def cancel_and_wait(*tasks: asyncio.Future[Any], retry_s: float = CANCEL_RETRY_S) -> None:

@@ -23,7 +23,6 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 from scalellm.launcher import placement, plan
@@ -33,6 +32,7 @@ from scalellm.launcher.config import UpConfig
 from scalellm.launcher.probes import grpc_serving, http_health, port_free
 from scalellm.launcher.restarts import RestartPolicy, Restarts
 from scalellm.launcher.shutdown import stop_in_order
+from scalellm.lifecycle import StopSignals
 from scalellm.worker import cpu_share
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -51,8 +51,7 @@ class Launcher:
         self.config = config
         self.children: list[Child] = []
         self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._force = threading.Event()
+        self._signals = StopSignals()
         self._deadline = 0.0
         self._up = False
         self._restarts = Restarts(RestartPolicy(budget=config.max_restarts))
@@ -76,11 +75,6 @@ class Launcher:
             except BrokenPipeError:
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
-    def _on_signal(self, _signum: int, _frame: Any) -> None:
-        if self._stopping.is_set():
-            self._force.set()
-        self._stopping.set()
-
     def run(self) -> int:
         """Start, serve until a stop signal (0) or a child's death (1), stop everything."""
         try:
@@ -91,7 +85,7 @@ class Launcher:
         except KeyboardInterrupt:
             return 130
         for sig in STOP_SIGNALS:
-            signal.signal(sig, self._on_signal)
+            signal.signal(sig, self._signals.handle)
         try:
             self._start_all(model_dir)
             while True:
@@ -105,7 +99,7 @@ class Launcher:
         finally:
             if self.children:
                 self.say("stopping")
-                stop_in_order(self.children, self.config.drain_timeout_s, self._force, self.say)
+                stop_in_order(self.children, self.config.drain_timeout_s, self._signals.forced, self.say)
                 self.say(f"stopped {len(self.children)} processes")
             if self._cpu_share is not None:
                 cpu_share.remove(self._cpu_share)
@@ -232,7 +226,7 @@ class Launcher:
         """Raise Interrupted on a stop signal. Once the mesh is up, restart any child that exited
         (after its backoff) and announce restarted ones when they are ready again; raise
         LaunchError for a death during startup or a child that used up its restart budget."""
-        if self._stopping.is_set():
+        if self._signals.requested():
             raise Interrupted
         if self._autoscaler is not None and self._up and self._spawn is not None:
             self._autoscaler.reconcile(self.children, self._spawn)

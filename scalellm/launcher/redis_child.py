@@ -17,9 +17,9 @@ import argparse
 import os
 import signal
 import sys
-import threading
+import time
 
-from scalellm.lifecycle import ReadyLine
+from scalellm.lifecycle import ReadyLine, StopSignals
 from scalellm.redis_server import RedisServer, RedisServerError, server_pid
 
 PASSWORD_ENV = "SCALELLM_REDIS_PASSWORD"
@@ -29,9 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scalellm.launcher.redis_child")
     parser.add_argument("--port", type=int, default=0, help="loopback port (0: any free one)")
     port = parser.parse_args(argv).port
-    stopping = threading.Event()
+    stopping = StopSignals()
     for sig in (signal.SIGTERM, signal.SIGINT):  # a signal during start is kept for below
-        signal.signal(sig, lambda *_: stopping.set())
+        signal.signal(sig, stopping.handle)
     try:
         redis = RedisServer(port=port or None, password=os.environ.get(PASSWORD_ENV) or None).start()
     except RedisServerError as exc:
@@ -40,10 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pid = server_pid(redis.host, redis.port, password=redis.password)
         print(ReadyLine(redis.url, {"redis_pid": str(pid)}), flush=True)
-        while not stopping.wait(0.1):
+        while not stopping.requested():
             if not redis.running:
                 print("redis-server exited", flush=True)
                 return 1
+            time.sleep(0.1)
     finally:
         redis.close()
     return 0
