@@ -144,10 +144,23 @@ class LLM:
             self.engine.abort_request(choice.request.request_id)  # None if this was its last token
 
     def chat(
-        self, messages: list[dict[str, str]], sampling_params: SamplingParams | None = None
+        self,
+        messages: list[dict[str, str]],
+        sampling_params: SamplingParams | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> RequestOutput:
-        """One conversation through the model's chat template."""
-        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        """One conversation through the model's chat template. continue_final_message (with
+        add_generation_prompt=False): the model continues the last message instead of answering
+        it; chat_template_kwargs: extra variables for the template."""
+        prompt = self.tokenizer.apply_chat_template(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            **(chat_template_kwargs or {}),
+        )
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         return self.generate({"prompt_token_ids": ids}, sampling_params)[0]
 

@@ -176,16 +176,30 @@ def render_chat_template(
     tools: Sequence[Mapping[str, Any]] | None = None,
     documents: Sequence[Mapping[str, Any]] | None = None,
     special_tokens: Mapping[str, str] | None = None,
+    continue_final_message: bool = False,
     **kwargs: Any,
 ) -> str:
-    """Render ``messages`` through ``template`` exactly as transformers' ``apply_chat_template`` does."""
+    """Render ``messages`` through ``template`` exactly as transformers' ``apply_chat_template`` does.
+
+    ``continue_final_message``: leave the last message open, so that the model continues it (the
+    beginning of an answer written by the caller) instead of starting a turn of its own: the
+    rendering ends right after that message's text, without what the template writes after it.
+    """
     if not messages:
         raise ValueError("cannot apply a chat template to an empty conversation")
+    if continue_final_message and add_generation_prompt:
+        raise ValueError(
+            "continue_final_message and add_generation_prompt cannot both be set: the first leaves "
+            "the last message open for the model to continue, the second starts a new turn after it"
+        )
     compiled = compile_chat_template(template)
     variables = {**(special_tokens or {}), **kwargs}
+    plain = normalize_messages(messages)
+    if continue_final_message:
+        plain[-1] = _mark_end(plain[-1])
     try:
-        return compiled.render(
-            messages=normalize_messages(messages),
+        rendered = compiled.render(
+            messages=plain,
             tools=_plain(list(tools)) if tools is not None else None,
             documents=_plain(list(documents)) if documents is not None else None,
             add_generation_prompt=add_generation_prompt,
@@ -193,3 +207,40 @@ def render_chat_template(
         )
     except jinja2.exceptions.TemplateError as exc:
         raise ChatTemplateError(str(exc)) from exc
+    except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as exc:
+        # the template's own expressions failed on these values (e.g. a caller's variable of
+        # another type than the template expects): the conversation cannot be rendered
+        raise ChatTemplateError(f"{type(exc).__name__}: {exc}") from exc
+    return _cut_at_mark(rendered) if continue_final_message else rendered
+
+
+# Appended to the text of a message to continue: the rendering is cut where the template put it.
+# Its trailing space tells whether the template trimmed the message's text (then its trailing
+# whitespace goes too, as the template would have dropped it).
+_END_MARK = "<|scalellm-continue-here|> "
+
+
+def _mark_end(message: dict[str, Any]) -> dict[str, Any]:
+    """The final message with the mark after its text (the last text part of a list content)."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return {**message, "content": content + _END_MARK}
+    if isinstance(content, list):
+        for i in reversed(range(len(content))):
+            part = content[i]
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                marked = {**part, "text": part["text"] + _END_MARK}
+                return {**message, "content": [*content[:i], marked, *content[i + 1 :]]}
+    raise ValueError("continue_final_message: the final message has no text to continue")
+
+
+def _cut_at_mark(rendered: str) -> str:
+    at = rendered.rfind(_END_MARK.rstrip())
+    if at < 0:
+        raise ChatTemplateError(
+            "continue_final_message: the chat template does not write the final message's text as "
+            "given, so it cannot be continued"
+        )
+    if rendered.startswith(_END_MARK, at):
+        return rendered[:at]
+    return rendered[:at].rstrip()

@@ -260,8 +260,15 @@ class Preprocessor:
         if prompt.kind is PromptKind.CHAT:
             messages = [m.to_template() for m in prompt.messages]
             tools = [t.to_openai() for t in prompt.tools] or None
+            r = prompt.rendering
             try:
-                text = tok.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
+                text = tok.apply_chat_template(
+                    messages,
+                    add_generation_prompt=r.add_generation_prompt,
+                    continue_final_message=r.continue_final_message,
+                    tools=tools,
+                    **r.template_kwargs,
+                )
             except (ChatTemplateError, ValueError) as exc:
                 raise invalid(
                     f"'{prompt.param}': the chat template refused the conversation: {exc}", prompt.param

@@ -6,7 +6,8 @@ top_logprobs, presence_penalty, frequency_penalty, logit_bias, response_format (
 json_object, json_schema), user; and the vLLM extensions top_k, min_p, repetition_penalty,
 min_tokens, bad_words, guided_json, guided_regex, ignore_eos, stop_token_ids, skip_special_tokens,
 include_stop_str_in_output, priority. Chat: tools, tool_choice (none, auto, required, a named
-function) and parallel_tool_calls, tool messages in the history. Known OpenAI fields that would
+function) and parallel_tool_calls, tool messages in the history; vLLM's add_generation_prompt,
+continue_final_message (the model continues the last message) and chat_template_kwargs. Known OpenAI fields that would
 change the answer (functions, suffix...) are refused by name unless they hold their no-op value;
 anything else unknown is refused by name too.
 """
@@ -22,7 +23,15 @@ from typing import Any
 from scalellm.text.tool_calls import Tool, ToolCall, ToolChoice, ToolMode
 from scalellm.types import InvalidParameter, StructuredOutput
 from services.gateway.openai_convert import Body, kind_of, sampling_from_openai, unsupported
-from services.gateway.request import CHAT_ROLES, ChatMessage, GenerationSpec, Prompt, PromptKind, invalid
+from services.gateway.request import (
+    CHAT_ROLES,
+    ChatMessage,
+    ChatRendering,
+    GenerationSpec,
+    Prompt,
+    PromptKind,
+    invalid,
+)
 
 # ---- prompts and messages ------------------------------------------------------------------------
 
@@ -140,6 +149,22 @@ def parse_messages(value: Any, param: str) -> tuple[ChatMessage, ...]:
 
 
 _FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
+
+
+def _chat_rendering(body: Body) -> ChatRendering:
+    """add_generation_prompt, continue_final_message and chat_template_kwargs, as vLLM takes them."""
+    kwargs = body.raw("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise invalid(
+            f"'chat_template_kwargs' must be an object, got {kind_of(kwargs)}",
+            "chat_template_kwargs",
+            "invalid_type",
+        )
+    return ChatRendering(
+        add_generation_prompt=body.boolean("add_generation_prompt", True),
+        continue_final_message=body.boolean("continue_final_message"),
+        template_kwargs=kwargs or {},
+    )
 
 
 def _object(value: Any, name: str) -> dict[str, Any]:
@@ -356,7 +381,13 @@ def parse_chat(data: dict[str, Any]) -> OpenAIRequest:
     top = body.integer("top_logprobs")
     if top is not None and not want_logprobs:
         raise invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    prompt = Prompt(PromptKind.CHAT, "messages", messages=messages, tools=tools.tools if tools else ())
+    prompt = Prompt(
+        PromptKind.CHAT,
+        "messages",
+        messages=messages,
+        tools=tools.tools if tools else (),
+        rendering=_chat_rendering(body),
+    )
     names = {"logprobs": "top_logprobs"}
     if max_tokens is None and max_completion is not None:
         names["max_tokens"] = "max_completion_tokens"
@@ -406,16 +437,22 @@ class DetokenizeRequest:
 
 
 def parse_tokenize(data: dict[str, Any]) -> TokenizeRequest:
-    """{model, prompt} or {model, messages, tools?}: the ids generation would send to the workers.
-    add_special_tokens / add_generation_prompt only at their defaults (those are what it sends)."""
+    """{model, prompt} or {model, messages, tools?, add_generation_prompt?, continue_final_message?,
+    chat_template_kwargs?}: the ids generation would send to the workers. add_special_tokens only
+    at its default (what generation sends)."""
     body = Body(data)
     model = body.string("model")
     if body.has("messages") == body.has("prompt"):
         raise invalid("give exactly one of 'prompt' and 'messages'", "prompt", "missing_required_parameter")
     if body.has("messages"):
         messages = parse_messages(body.raw("messages"), "messages")
-        prompt = Prompt(PromptKind.CHAT, "messages", messages=messages, tools=_tools(body))
-        body.reject("add_generation_prompt", lambda v: v is True, ": the generation prompt is always added")
+        prompt = Prompt(
+            PromptKind.CHAT,
+            "messages",
+            messages=messages,
+            tools=_tools(body),
+            rendering=_chat_rendering(body),
+        )
         body.reject("add_special_tokens", lambda v: v is False, ": the chat template writes them")
     else:
         text = body.string("prompt")

@@ -209,12 +209,26 @@ SCHEMAS: J = {
     "CompletionRequest": COMPLETION_REQUEST,
 }
 
+CHAT_RENDERING: J = {
+    "add_generation_prompt": _t("boolean", "Open the assistant's turn after the messages (default true)"),
+    "continue_final_message": _t(
+        "boolean",
+        "The model continues the last message (an answer's beginning) instead of starting a turn; "
+        "needs add_generation_prompt: false",
+    ),
+    "chat_template_kwargs": {
+        "type": "object",
+        "description": 'Extra variables for the chat template, e.g. {"enable_thinking": false}',
+    },
+}
+
 CHAT_REQUEST: J = {
     "type": "object",
     "required": ["messages"],
     "additionalProperties": False,
     "properties": {
         "messages": {"type": "array", "items": _ref("Message"), "minItems": 1},
+        **CHAT_RENDERING,
         "max_tokens": _t("integer", "Default: the rest of the context", minimum=1),
         "max_completion_tokens": _t("integer", "OpenAI's newer name for max_tokens", minimum=1),
         "logprobs": _t("boolean", "Log-probabilities of the output tokens"),
@@ -259,7 +273,7 @@ SCHEMAS["TokenizeRequest"] = {
             "type": "boolean",
             "description": "Only its default (true for prompt, false for messages)",
         },
-        "add_generation_prompt": _only("With messages", True),
+        **CHAT_RENDERING,
         "return_token_strs": _t("boolean", "Also the tokens' strings"),
     },
 }

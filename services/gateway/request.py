@@ -13,8 +13,8 @@ types of scalellm.types.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -58,6 +58,44 @@ class ChatMessage:
         return out
 
 
+# Names the gateway gives the chat template itself: chat_template_kwargs may not set them.
+RESERVED_TEMPLATE_VARIABLES = frozenset(
+    {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "chat_template",
+     "special_tokens", "template", "tokenize"}
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRendering:
+    """How a conversation becomes the prompt's text (vLLM's chat request extensions).
+
+    With continue_final_message the last message is left open and the model continues it (the
+    beginning of an answer written by the client): no generation prompt, and the rendering stops
+    right after that message's text.
+    """
+
+    add_generation_prompt: bool = True
+    """Open the assistant's turn after the conversation."""
+    continue_final_message: bool = False
+    """Leave the last message open for the model to continue."""
+    template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    """Extra variables for the chat template (e.g. enable_thinking); JSON values."""
+
+    def __post_init__(self) -> None:
+        if self.continue_final_message and self.add_generation_prompt:
+            raise invalid(
+                "'continue_final_message' leaves the last message open and 'add_generation_prompt' "
+                "starts a new turn: set 'add_generation_prompt' to false to continue the last message",
+                "continue_final_message",
+            )
+        for name in self.template_kwargs:
+            if name in RESERVED_TEMPLATE_VARIABLES:
+                raise invalid(
+                    f"'chat_template_kwargs' cannot set {name!r}: the gateway decides it",
+                    "chat_template_kwargs",
+                )
+
+
 @dataclass(frozen=True, slots=True)
 class Prompt:
     """One or more prompts (completions accept a batch) or one conversation.
@@ -72,6 +110,8 @@ class Prompt:
     messages: tuple[ChatMessage, ...] = ()
     tools: tuple[Tool, ...] = ()
     """Functions shown to the chat template (a conversation's ``tools``)."""
+    rendering: ChatRendering = ChatRendering()
+    """How a conversation is rendered."""
 
     @property
     def count(self) -> int:

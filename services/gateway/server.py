@@ -16,6 +16,7 @@ from dataclasses import replace
 
 import grpc
 from aiohttp import web
+from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -39,6 +40,7 @@ from services.gateway.models import SourceFor
 from services.gateway.request import (
     CHAT_ROLES,
     ChatMessage,
+    ChatRendering,
     ChoiceUpdate,
     GatewayError,
     GenerationSpec,
@@ -312,7 +314,13 @@ def prompt_from_proto(msg: gateway_pb2.GatewayGenerateRequest | gateway_pb2.Toke
     if which == "token_ids" and isinstance(msg, gateway_pb2.GatewayGenerateRequest):
         return Prompt(PromptKind.TOKENS, "token_ids", token_ids=(tuple(msg.token_ids.ids),))
     if which == "chat":
-        return Prompt(PromptKind.CHAT, "chat", messages=_messages(msg.chat, "chat"))
+        chat = msg.chat
+        rendering = ChatRendering(
+            add_generation_prompt=not chat.continue_final_message,
+            continue_final_message=chat.continue_final_message,
+            template_kwargs=json_format.MessageToDict(chat.template_kwargs),
+        )
+        return Prompt(PromptKind.CHAT, "chat", messages=_messages(chat, "chat"), rendering=rendering)
     raise invalid("a prompt is required: set text, token_ids or chat", "prompt")
 
 

@@ -209,6 +209,32 @@ async def test_tokenize_list_models_health_reflection(mesh: Mesh) -> None:
         assert {"scalellm.v1.Gateway", "grpc.health.v1.Health"} <= services
 
 
+async def test_a_chat_can_continue_its_last_message_and_give_the_template_variables(mesh: Mesh) -> None:
+    tok = mesh.gateway.core.model.tokenizer
+    turns = [("user", "Name three colors."), ("assistant", "Red, ")]
+    chat = gateway_pb2.ChatMessages(
+        messages=[gateway_pb2.ChatMessage(role=role, content=content) for role, content in turns],
+        continue_final_message=True,
+    )
+    chat.template_kwargs.update({"enable_thinking": False})
+    async with grpc.aio.insecure_channel(mesh.grpc_address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        out = await stub.Tokenize(gateway_pb2.TokenizeRequest(chat=chat))
+        text = tok.apply_chat_template(
+            [{"role": r, "content": c} for r, c in turns],
+            add_generation_prompt=False,
+            continue_final_message=True,
+        )
+        assert text.endswith("<|im_start|>assistant\nRed, ")
+        assert list(out.token_ids) == tok.encode(text, add_special_tokens=False)
+        chat.template_kwargs.update({"messages": []})
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Tokenize(gateway_pb2.TokenizeRequest(chat=chat))
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "messages" in (
+            err.value.details() or ""
+        )
+
+
 async def test_oversized_message_is_refused(mesh_factory: MeshFactory) -> None:
     mesh = await mesh_factory(max_payload_bytes=64 * 1024)
     with pytest.raises(grpc.aio.AioRpcError) as err:

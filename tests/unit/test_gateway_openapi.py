@@ -119,7 +119,11 @@ async def test_tokenize_and_detokenize(mesh: Mesh) -> None:
         ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, "prompt"),
         ("/tokenize", {"prompt": 5}, "prompt"),
         ("/tokenize", {"prompt": "x", "add_special_tokens": False}, "add_special_tokens"),
-        ("/tokenize", {"messages": [{"role": "user", "content": "x"}], "add_generation_prompt": False}, "add_generation_prompt"),
+        ("/tokenize", {"messages": [{"role": "user", "content": "x"}], "continue_final_message": True}, "continue_final_message"),
+        ("/tokenize", {"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": [1]}, "chat_template_kwargs"),
+        ("/tokenize", {"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
+        ("/tokenize", {"messages": [{"role": "user", "content": "x"}], "add_generation_prompt": 0}, "add_generation_prompt"),
+        ("/tokenize", {"prompt": "x", "continue_final_message": True}, "continue_final_message"),
         ("/tokenize", {"prompt": "x", "bogus": 1}, "bogus"),
         ("/tokenize", {"prompt": "word " * 9000}, None),
         ("/detokenize", {"tokens": "12"}, "tokens"),
@@ -139,6 +143,28 @@ async def test_bad_tokenize_bodies_are_400_naming_the_field(
         assert status == 200 and error["count"] > error["max_model_len"]
         return
     assert status == 400 and error["error"]["param"] == param, error
+
+
+async def test_chat_rendering_options_shape_the_prompt_the_worker_gets(mesh: Mesh) -> None:
+    """vLLM's continue_final_message (the model continues the last message), add_generation_prompt
+    and chat_template_kwargs reach the chat template; /tokenize gives the ids the worker got."""
+    tok = mesh.gateway.core.model.tokenizer
+    messages = [{"role": "user", "content": "Name three colors."}, {"role": "assistant", "content": "Red, "}]
+    cases = [
+        ({"continue_final_message": True, "add_generation_prompt": False}, "<|im_start|>assistant\nRed, "),
+        ({"add_generation_prompt": False}, "<|im_start|>assistant\nRed, <|im_end|>\n"),
+        # a variable this template does not read changes nothing
+        ({"chat_template_kwargs": {"enable_thinking": False}}, "Red, <|im_end|>\n<|im_start|>assistant\n"),
+    ]
+    for options, ending in cases:
+        await mesh.client().chat.completions.create(
+            model="", messages=messages, max_tokens=1, extra_body=options
+        )  # type: ignore[arg-type]
+        sent = list(mesh.workers[0].requests[-1].prompt_token_ids)
+        text = tok.decode(sent, skip_special_tokens=False)
+        assert text.endswith(ending), (options, text[-40:])
+        status, out = await call(mesh, "POST", "/tokenize", {"messages": messages, **options})
+        assert status == 200 and out["tokens"] == sent, options
 
 
 async def test_priority_reaches_the_worker(mesh: Mesh) -> None:

@@ -51,6 +51,23 @@ def test_chat_stops_at_end_of_turn(llm: LLM) -> None:
     assert "<|im_end|>" not in out.outputs[0].text
 
 
+def test_chat_continues_a_final_assistant_message(llm: LLM) -> None:
+    """continue_final_message: the model goes on from the answer's beginning it was given, as it
+    does from the same rendering sent as a prompt."""
+    messages = [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "The capital of France is"},
+    ]
+    greedy = SamplingParams(temperature=0.0, max_tokens=8)
+    out = llm.chat(messages, greedy, add_generation_prompt=False, continue_final_message=True)
+    text = llm.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=False, continue_final_message=True
+    )
+    assert text.endswith("<|im_start|>assistant\nThe capital of France is")
+    assert out.prompt_token_ids == llm.tokenizer.encode(text, add_special_tokens=False)
+    assert "Paris" in out.outputs[0].text and not out.outputs[0].text.startswith("The capital")
+
+
 def test_seeded_sampling_is_reproducible(llm: LLM) -> None:
     params = SamplingParams(temperature=1.0, top_p=0.95, seed=42, max_tokens=20)
     a = llm.generate("Once upon a time", params)[0].outputs[0].token_ids

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from scalellm.text import ChatTemplateError, IncrementalDetokenizer, StopStringMatcher, Tokenizer
+from scalellm.text.chat_template import render_chat_template
 
 PROMPTS = [
     "Hello, world!",
@@ -235,6 +236,49 @@ def test_chat_template_matches_transformers(
         if not isinstance(ids[0], int):  # some versions return a batch of one
             ids = ids[0]
         assert demo_tok.encode_chat(chat, add_generation_prompt=add_generation_prompt) == list(ids)
+
+
+@pytest.mark.slow
+def test_continue_final_message_matches_transformers(demo_tok: Tokenizer, hf_demo_tok) -> None:
+    """The last message left open for the model to continue, its own spacing kept."""
+    for answer in ("Red,", "Sure:  \n", "  lead and trail  "):
+        chat = [*CHATS[1], {"role": "assistant", "content": answer}]
+        ours = demo_tok.apply_chat_template(chat, add_generation_prompt=False, continue_final_message=True)
+        theirs = hf_demo_tok.apply_chat_template(
+            chat, add_generation_prompt=False, continue_final_message=True, tokenize=False
+        )
+        assert ours == theirs and ours.endswith("<|im_start|>assistant\n" + answer)
+
+
+def test_continue_final_message_follows_the_template() -> None:
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    trims = "{% for m in messages %}[{{ m.role }}]{{ m.content | trim }}[/]{% endfor %}"
+    parts = (
+        "{% for m in messages %}[{{ m.role }}]{% for p in m.content %}{{ p.text }}{% endfor %}[/]{% endfor %}"
+    )
+    chats = {
+        trims: [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Sure,  "}],
+        parts: [
+            {"role": "assistant", "content": [{"type": "text", "text": "A"}, {"type": "text", "text": "B "}]}
+        ],
+    }
+    for template, chat in chats.items():
+        ours = render_chat_template(template, chat, add_generation_prompt=False, continue_final_message=True)
+        assert [ours] == render_jinja_template([chat], chat_template=template, continue_final_message=True)[0]
+    assert ours == "[assistant]AB "
+    chat = chats[trims]
+    with pytest.raises(ValueError, match="cannot both"):
+        render_chat_template(trims, chat, continue_final_message=True)
+    with pytest.raises(ChatTemplateError, match="cannot be continued"):  # the template drops the text
+        render_chat_template(
+            "{{ messages | length }}", chat, add_generation_prompt=False, continue_final_message=True
+        )
+
+
+def test_a_template_failing_on_a_callers_variable_is_a_chat_template_error() -> None:
+    with pytest.raises(ChatTemplateError, match="TypeError"):
+        render_chat_template("{{ depth + 1 }}", [{"role": "user", "content": "x"}], depth="deep")
 
 
 @pytest.mark.slow
