@@ -172,6 +172,8 @@ class ServedModel:
         self.context_length = ModelConfig.from_dir(path).context_length
         self.limits = TokenLimits.resolve(config, self.context_length)
         self.created = int(time.time())
+        self.reasoning = config.reasoning_parser is not None
+        """Chat answers' <think> block goes to reasoning_content (--reasoning-parser)."""
         self.worker_model: str | None = (
             name if name else None if config.worker_model == "*" else config.worker_model or self.name
         )

@@ -15,6 +15,7 @@ from scalellm.settings import Option, nested, parse_config
 from services.gateway.prefix import RoutingMode, RoutingPolicy
 
 ENV_PREFIX = "SCALELLM_GATEWAY_"
+REASONING_PARSERS = ("deepseek_r1", "qwen3")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,6 +55,9 @@ class GatewayConfig:
     routing: RoutingMode = RoutingMode.PREFIX
     queue_weight_tokens: int = 128
     local_prefill_tokens: int = 256
+    reasoning_parser: str | None = None
+    """Chat answers' <think> block as reasoning_content: deepseek_r1 or qwen3 (vLLM's names; both
+    read the same tags, scalellm/text/reasoning.py); None: the answer's text as it is."""
     request_timeout_s: float = 600.0
     grace_s: float = 5.0
     event_loop: str = "uvloop"
@@ -82,6 +86,10 @@ class GatewayConfig:
                 raise ValueError(f"{name} must be a port (0: any free one), got {getattr(self, name)}")
         if self.request_timeout_s <= 0 or self.grace_s < 0:
             raise ValueError("request_timeout_s must be > 0 and grace_s >= 0")
+        if self.reasoning_parser not in (None, *REASONING_PARSERS):
+            raise ValueError(
+                f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, got {self.reasoning_parser!r}"
+            )
         if self.event_loop not in ("uvloop", "asyncio"):
             raise ValueError(f"event_loop must be uvloop or asyncio, got {self.event_loop!r}")
         if self.kvstore and (self.decode_addrs or self.prefill_addrs):
@@ -177,6 +185,12 @@ OPTIONS: tuple[Option, ...] = (
         "local_prefill_tokens",
         int,
         "prefix routing: uncached prompt tokens a decode worker prefills itself",
+    ),
+    _option(
+        "--reasoning-parser",
+        "reasoning_parser",
+        str,
+        "deepseek_r1 or qwen3: a chat answer's <think> block goes to reasoning_content",
     ),
     _option("--request-timeout-s", "request_timeout_s", float, "deadline of an HTTP request"),
     _option("--grace-s", "grace_s", float, "how long SIGTERM lets requests finish"),

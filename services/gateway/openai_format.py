@@ -16,6 +16,7 @@ from dataclasses import replace
 from json.encoder import encode_basestring
 from typing import Any
 
+from scalellm.text.reasoning import ReasoningStream, opens_reasoning
 from scalellm.text.tool_calls import ToolCallStream, ToolDelta, ToolFormat, ToolMode, parse_whole
 from scalellm.types import FinishReason, TokenLogprobs, Usage
 from services.gateway.admission import ServedModel
@@ -31,6 +32,9 @@ from services.gateway.openai_convert import (
 from services.gateway.openai_parse import Api, OpenAIRequest
 from services.gateway.request import ChoiceUpdate, GenerationRequest
 
+_PROMPT_TAIL_TOKENS = 16
+"""Prompt tokens read to tell whether the prompt opened a reasoning block (its last tag)."""
+
 
 class _Choice:
     __slots__ = (
@@ -38,6 +42,7 @@ class _Choice:
         "logprobs",
         "offset",
         "prompt_logprobs",
+        "reasoning",
         "started",
         "texts",
         "timings",
@@ -46,8 +51,9 @@ class _Choice:
         "usage",
     )
 
-    def __init__(self, tools: ToolCallStream | None = None) -> None:
+    def __init__(self, tools: ToolCallStream | None = None, reasoning: ReasoningStream | None = None) -> None:
         self.tools = tools  # chat with tools: splits the text into content and tool calls
+        self.reasoning = reasoning  # with a reasoning parser: the <think> block first
         self.started = False
         self.tokens = 0  # tokens generated so far (counted by chunk(): for continuous usage stats)
         self.offset = 0
@@ -79,10 +85,18 @@ class OpenAIFormatter:
             ToolFormat.for_template(model.tokenizer.get_chat_template(None, tools.tools)) if tools else None
         )
         self._choices = [
-            _Choice(ToolCallStream(tools, self._tool_format) if tools and self._tool_format else None)
-            for _ in range(request.num_choices)
+            _Choice(
+                ToolCallStream(tools, self._tool_format) if tools and self._tool_format else None,
+                self._reasoning_stream(index) if chat and model.reasoning else None,
+            )
+            for index in range(request.num_choices)
         ]
         self._text_events: dict[int, tuple[bytes, bytes] | None] = {}
+
+    def _reasoning_stream(self, index: int) -> ReasoningStream:
+        """The choice's splitter, inside the block from the start when its prompt opened one."""
+        tail = self.request.prompt_of(index)[-_PROMPT_TAIL_TOKENS:]
+        return ReasoningStream(opens_reasoning(self.model.tokenizer.decode(tail, skip_special_tokens=False)))
 
     def _envelope(
         self, choices: list[dict[str, Any]], obj: str | None = None, index: int | None = None
@@ -136,13 +150,20 @@ class OpenAIFormatter:
         return self._envelope([choice], index=update.index)
 
     def _delta(self, state: _Choice, update: ChoiceUpdate) -> dict[str, Any]:
-        """A chat chunk's delta: the role first, then content and (with tools) tool calls."""
+        """A chat chunk's delta: the role first, then reasoning (with a reasoning parser), content
+        and (with tools) tool calls."""
         delta: dict[str, Any] = {} if state.started else {"role": "assistant"}
+        text = update.text
+        if state.reasoning is not None:
+            split = state.reasoning.feed(text, final=update.finish is not None)
+            if split.reasoning:
+                delta["reasoning_content"] = split.reasoning
+            text = split.content
         if state.tools is None:
-            if update.text or not state.started:
-                delta["content"] = update.text
+            if text or not state.started:
+                delta["content"] = text
             return delta
-        part = state.tools.feed(update.text)
+        part = state.tools.feed(text)
         if update.finish is not None:
             end = state.tools.finish()
             part = ToolDelta(part.content + end.content, part.calls + end.calls, part.arguments)
@@ -177,6 +198,7 @@ class OpenAIFormatter:
             (self.call.logprobs and update.logprobs)
             or self.call.continuous_usage
             or state.tools
+            or state.reasoning
             or self.call.echo_only
         )
         if state.started and update.finish is None and plain:
@@ -290,15 +312,23 @@ class OpenAIFormatter:
         return echoed + text, block
 
     def _message(self, state: _Choice, text: str) -> dict[str, Any]:
-        """A whole chat answer; with tools, its calls as ``tool_calls`` (content null without text)."""
+        """A whole chat answer; with a reasoning parser, its reasoning as ``reasoning_content``
+        (content null when there is none after it); with tools, its calls as ``tool_calls``
+        (content null without text)."""
+        message: dict[str, Any] = {"role": "assistant"}
+        no_text: str | None = ""
+        if state.reasoning is not None:
+            split = state.reasoning.feed(text, final=True)
+            message["reasoning_content"] = split.reasoning or None
+            text, no_text = split.content, None  # nothing after the reasoning: null
         if self._tools is None or self._tool_format is None:
-            return {"role": "assistant", "content": text}
+            return {**message, "content": text or no_text}
         content, calls = parse_whole(self._tools, self._tool_format, text)
         if not calls:
-            return {"role": "assistant", "content": content}
+            return {**message, "content": content or no_text}
         if state.finish == "stop":
             state.finish = "tool_calls"
-        return {"role": "assistant", "content": content or None, "tool_calls": [c.to_openai() for c in calls]}
+        return {**message, "content": content or None, "tool_calls": [c.to_openai() for c in calls]}
 
     # -- helpers -----------------------------------------------------------------------------------
 

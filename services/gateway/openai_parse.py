@@ -113,6 +113,18 @@ def _tool_calls(value: Any, name: str) -> tuple[ToolCall, ...]:
     return tuple(calls)
 
 
+def _reasoning(body: Body, name: str, role: str) -> str | None:
+    """An assistant message's reasoning sent back in the history: reasoning_content (what a
+    reasoning parser answers) or vLLM's newer name, reasoning."""
+    given = [(key, body.string(key)) for key in ("reasoning_content", "reasoning")]
+    texts = [(key, text) for key, text in given if text is not None]
+    if texts and role != "assistant":
+        raise invalid(f"'{name}.{texts[0][0]}' is only for assistant messages", f"{name}.{texts[0][0]}")
+    if len({text for _, text in texts}) > 1:
+        raise invalid(f"'{name}.reasoning_content' and '{name}.reasoning' differ", f"{name}.reasoning")
+    return texts[0][1] if texts else None
+
+
 def parse_messages(value: Any, param: str) -> tuple[ChatMessage, ...]:
     """Chat messages: a non-empty array of {role, content, name?} with text content; an assistant's
     may hold tool_calls (then content may be null), a tool's answers tool_call_id."""
@@ -140,8 +152,11 @@ def parse_messages(value: Any, param: str) -> tuple[ChatMessage, ...]:
             raise invalid(f"'{name}.content' is required", f"{name}.content")
         text = "" if content is None else _content(content, f"{name}.content")
         speaker = body.string("name")
+        reasoning = _reasoning(body, name, role)
         body.finish()
-        out.append(ChatMessage("system" if role == "developer" else role, text, speaker, calls, call_id))
+        out.append(
+            ChatMessage("system" if role == "developer" else role, text, speaker, calls, call_id, reasoning)
+        )
     return tuple(out)
 
 

@@ -192,6 +192,8 @@ SCHEMAS: J = {
             "name": {"type": "string"},
             "tool_calls": {"type": "array", "items": _TOOL_CALL, "description": "Assistant messages"},
             "tool_call_id": {"type": "string", "description": "Tool messages: the call answered"},
+            "reasoning_content": {"type": "string", "description": "Assistant messages: their reasoning"},
+            "reasoning": {"type": "string", "description": "vLLM's newer name for reasoning_content"},
             "function_call": {"enum": ["", []]},
             "audio": {"enum": ["", []]},
             "refusal": {"enum": ["", []]},

@@ -45,12 +45,16 @@ class ChatMessage:
     """An assistant's calls earlier in the conversation."""
     tool_call_id: str | None = None
     """A tool message: the call it answers."""
+    reasoning: str | None = None
+    """An assistant's reasoning, as a reasoning parser returned it (reasoning_content)."""
 
     def to_template(self) -> dict[str, Any]:
         """The message as chat templates read it (transformers' keys; unset ones left out)."""
         out: dict[str, Any] = {"role": self.role, "content": self.content}
         if self.name is not None:
             out["name"] = self.name
+        if self.reasoning is not None:
+            out["reasoning_content"] = self.reasoning
         if self.tool_calls:
             out["tool_calls"] = [call.to_template() for call in self.tool_calls]
         if self.tool_call_id is not None:

@@ -1,0 +1,52 @@
+"""scalellm/text/reasoning.py: a chat answer's <think> block split from its content, whole and
+over every way of cutting the text into deltas."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from scalellm.text.reasoning import ReasoningStream, opens_reasoning, split_reasoning
+
+CASES = [
+    # (answer, the prompt opened the block, (reasoning, content))
+    ("<think>\nso 6*7</think>42", False, ("\nso 6*7", "42")),
+    ("  <think>x</think>\n\nAnswer <think>y</think>", False, ("x", "\n\nAnswer <think>y</think>")),
+    ("plain answer", False, ("", "plain answer")),
+    ("plain <think> later", False, ("", "plain <think> later")),
+    ("reasoning only</think>answer", True, ("reasoning only", "answer")),
+    ("cut off in its reasoning </thi", True, ("cut off in its reasoning </thi", "")),
+    ("<thin", False, ("", "<thin")),
+    ("   ", False, ("", "   ")),
+    ("", False, ("", "")),
+    ("<think></think>", False, ("", "")),
+    ("<think>a < b and </ c</think>", False, ("a < b and </ c", "")),
+]
+
+
+@pytest.mark.parametrize(("answer", "opened", "want"), CASES)
+def test_whole_and_every_cut_into_deltas_agree(answer: str, opened: bool, want: tuple[str, str]) -> None:
+    assert tuple(split_reasoning(answer, opened)) == want
+    rng = random.Random(answer)
+    for _ in range(300):
+        cuts = sorted(rng.sample(range(len(answer) + 1), min(len(answer) + 1, rng.randint(0, 8))))
+        deltas = [answer[a:b] for a, b in zip([0, *cuts], [*cuts, len(answer)], strict=True)]
+        stream = ReasoningStream(opened)
+        parts = [stream.feed(d, final=i == len(deltas) - 1) for i, d in enumerate(deltas)]
+        assert ("".join(p.reasoning for p in parts), "".join(p.content for p in parts)) == want, deltas
+
+
+def test_text_that_may_begin_a_tag_waits_for_the_next_delta() -> None:
+    stream = ReasoningStream(open_in_prompt=False)
+    assert [tuple(stream.feed(d)) for d in ("<thi", "nk>\nso 6*7</th", "ink>42")] == [
+        ("", ""),
+        ("\nso 6*7", ""),
+        ("", "42"),
+    ]
+
+
+def test_the_prompts_last_tag_says_whether_the_answer_starts_inside_the_block() -> None:
+    assert opens_reasoning("<|User|>hi<|Assistant|><think>\n")  # DeepSeek-R1's template
+    assert not opens_reasoning("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # Qwen3, thinking off
+    assert not opens_reasoning("<|im_start|>assistant\n")
