@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API (aiohttp, on the same event loop as the gRPC server).
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models[/{id}], POST /tokenize,
+Routes: POST /v1/completions, POST /v1/chat/completions, POST /v1/responses (over the chat route:
+responses.py), GET /v1/models[/{id}], POST /tokenize,
 POST /detokenize (vLLM's shapes), GET /version, GET /openapi.json (services/gateway/openapi.py),
 GET /health, GET /metrics. Every route but /health, /version and /openapi.json needs an API key
 when keys are configured. Errors use
@@ -31,6 +32,7 @@ from services.gateway.openai_parse import (
 )
 from services.gateway.openapi import openapi_document
 from services.gateway.request import ErrorKind, GatewayError, invalid
+from services.gateway.responses import ResponseBuilder, chat_body, renamed
 from services.gateway.streaming import Generation
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ class HttpApi:
         app = web.Application(client_max_size=self.core.config.max_payload_bytes, middlewares=[self._errors])
         app.router.add_post("/v1/completions", self.completions, name="completions")
         app.router.add_post("/v1/chat/completions", self.chat, name="chat")
+        app.router.add_post("/v1/responses", self.responses, name="responses")
         app.router.add_get("/v1/models", self.models, name="models")
         app.router.add_get("/v1/models/{model}", self.model, name="model")
         app.router.add_post("/tokenize", self.tokenize, name="tokenize")
@@ -117,11 +120,21 @@ class HttpApi:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, Api.CHAT)
 
-    async def _generate(self, request: web.Request, api: Api) -> web.StreamResponse:
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, Api.CHAT, responses=True)
+
+    async def _generate(self, request: web.Request, api: Api, responses: bool = False) -> web.StreamResponse:
+        """responses: a Responses request (services/gateway/responses.py) over the chat route."""
         tenant = self.core.authenticate(request.headers.get("Authorization"))
-        async with self.core.scope(api.value, tenant) as scope:
+        async with self.core.scope("responses" if responses else api.value, tenant) as scope:
             data = parse_json_object(await request.read())
-            call = parse_chat(data) if api is Api.CHAT else parse_completion(data)
+            if responses:
+                try:
+                    call = parse_chat(chat_body(data))
+                except GatewayError as exc:
+                    raise renamed(exc) from None
+            else:
+                call = parse_chat(data) if api is Api.CHAT else parse_completion(data)
             generation = await self.core.generate(call.spec, tenant, scope.received_at)
             reason = "client"  # why choices still running at the end are cancelled
             try:
@@ -131,12 +144,19 @@ class HttpApi:
                     self.core.model_of(generation.request),
                     request.headers.get(TIMINGS_HEADER) == "1",
                 )
-                if call.stream:
+                if responses:
+                    builder = ResponseBuilder(data, generation.request.model, formatter.created)
+                    if call.stream:
+                        return await self._stream_response(request, generation, formatter, builder)
+                    body = await self._whole_response(generation, formatter, builder)
+                elif call.stream:
                     return await self._stream(request, call, generation, formatter)
-                async for update in generation.updates():
-                    formatter.add(update)
+                else:
+                    async for update in generation.updates():
+                        formatter.add(update)
+                    body = formatter.response()
                 return web.Response(
-                    body=dumps(formatter.response()),
+                    body=dumps(body),
                     content_type="application/json",
                     headers={REQUEST_ID_HEADER: generation.request.request_id},
                 )
@@ -146,17 +166,53 @@ class HttpApi:
             finally:
                 await generation.close("error" if STREAM_ERROR in request else reason)
 
+    @staticmethod
+    async def _whole_response(
+        generation: Generation, formatter: OpenAIFormatter, builder: ResponseBuilder
+    ) -> dict[str, Any]:
+        async for update in generation.updates():
+            formatter.add(update)
+        [choice] = formatter.response()["choices"]
+        message = choice["message"]
+        calls = [{"index": i, **call} for i, call in enumerate(message.get("tool_calls") or ())]
+        builder.feed({**message, "tool_calls": calls})
+        builder.finish(choice["finish_reason"], formatter.usage())
+        return builder.response()
+
+    async def _stream_response(
+        self,
+        request: web.Request,
+        generation: Generation,
+        formatter: OpenAIFormatter,
+        builder: ResponseBuilder,
+    ) -> web.StreamResponse:
+        """The Responses events: ``event: <type>`` and ``data: <json>`` each, no [DONE]."""
+        response = await _open_stream(request, generation)
+        events = builder.start()
+        try:
+            async for update in generation.updates():
+                chunk = formatter.chunk(update)
+                if chunk is None:
+                    continue
+                [choice] = chunk["choices"]
+                events += builder.feed(choice["delta"])
+                if update.finish is not None:
+                    events += builder.finish(choice["finish_reason"], formatter.usage())
+                await response.write(b"".join(map(_typed_event, events)))
+                events = []
+        except GatewayError as exc:
+            request[STREAM_ERROR] = exc
+            error = exc.to_openai()["error"]
+            events.append(
+                builder.event("error", code=error["code"], message=error["message"], param=error["param"])
+            )
+        await response.write_eof(b"".join(map(_typed_event, events)))
+        return response
+
     async def _stream(
         self, request: web.Request, call: OpenAIRequest, generation: Generation, formatter: OpenAIFormatter
     ) -> web.StreamResponse:
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": SSE_CONTENT_TYPE,
-                "Cache-Control": "no-cache",
-                REQUEST_ID_HEADER: generation.request.request_id,
-            }
-        )
-        await response.prepare(request)  # the headers go out with the first event
+        response = await _open_stream(request, generation)
         running = generation.request.num_choices
         tail = b""  # the last choice's last event: sent with [DONE] and the body's end in one write
         try:
@@ -259,3 +315,21 @@ class HttpApi:
 
 def _dumps(obj: Any) -> str:
     return dumps(obj).decode("utf-8")
+
+
+async def _open_stream(request: web.Request, generation: Generation) -> web.StreamResponse:
+    """An SSE response, prepared: its headers go out with the first event."""
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": SSE_CONTENT_TYPE,
+            "Cache-Control": "no-cache",
+            REQUEST_ID_HEADER: generation.request.request_id,
+        }
+    )
+    await response.prepare(request)
+    return response
+
+
+def _typed_event(event: dict[str, Any]) -> bytes:
+    """A Responses stream event: its type on the ``event:`` line, itself as the data."""
+    return b"event: " + event["type"].encode() + b"\n" + sse_event(event)

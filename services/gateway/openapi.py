@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from services.gateway.responses import PASSED_AS_IS
+
 J = dict[str, Any]
 
 
@@ -262,6 +264,39 @@ CHAT_REQUEST: J = {
     },
 }
 SCHEMAS["ChatCompletionRequest"] = CHAT_REQUEST
+SCHEMAS["ResponsesRequest"] = {
+    "type": "object",
+    "required": ["input"],
+    "additionalProperties": False,
+    "description": "OpenAI's Responses API, served over the chat completions route (docs/gateway.md)",
+    "properties": {
+        "model": SAMPLING["model"],
+        "input": {
+            "anyOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "object"}}],
+            "description": "A user message, or items: messages (text parts), function_call, "
+            "function_call_output, reasoning (dropped)",
+        },
+        "instructions": _t("string", "A system message before the input"),
+        "max_output_tokens": _t("integer", "Default: the rest of the context", minimum=1),
+        **{key: CHAT_REQUEST["properties"][key] for key in PASSED_AS_IS if key != "model"},
+        "tools": {
+            "type": "array",
+            "items": {"type": "object", "properties": {"type": {"enum": ["function"]}}},
+            "description": "Function tools: {type, name, description, parameters, strict}",
+        },
+        "text": {"type": "object", "description": "{format: {type: text | json_object | json_schema, ...}}"},
+        "store": _t("boolean", "Accepted, nothing is stored"),
+        "metadata": {"type": "object", "description": "Accepted, ignored"},
+        "service_tier": _t("string", "Accepted, there is one tier"),
+        "previous_response_id": _only("Needs stored responses", None),
+        "background": _only("Background responses", False),
+        "include": _only("Extra output data", []),
+        "truncation": _only("Context truncation", "disabled"),
+        "reasoning": _only("Reasoning models' effort", {}),
+        "top_logprobs": _only("Output logprobs", 0),
+        "prompt": _only("Stored prompt templates", None),
+    },
+}
 SCHEMAS["TokenizeRequest"] = {
     "type": "object",
     "additionalProperties": False,
@@ -390,6 +425,23 @@ EXAMPLES: dict[str, J] = {
             "tool_choice": "required",
         },
     },
+    "/v1/responses": {
+        "text": {"input": "Hi!", "instructions": "Be brief.", "max_output_tokens": 8, "temperature": 0},
+        "items": {
+            "input": [
+                {"role": "user", "content": [{"type": "input_text", "text": "Weather in Paris?"}]},
+                {
+                    "type": "function_call",
+                    "call_id": "call_1",
+                    "name": "get_weather",
+                    "arguments": '{"city": "Paris"}',
+                },
+                {"type": "function_call_output", "call_id": "call_1", "output": "Sunny, 21 C"},
+            ],
+            "max_output_tokens": 16,
+            "stream": True,
+        },
+    },
     "/tokenize": {
         "prompt": {"prompt": "Hello world", "return_token_strs": True},
         "messages": {"messages": [{"role": "user", "content": "Hello"}]},
@@ -441,6 +493,12 @@ def openapi_document(version: str) -> J:
             "/v1/completions": _post("Text completions", "CompletionRequest", completion, "/v1/completions"),
             "/v1/chat/completions": _post(
                 "Chat completions", "ChatCompletionRequest", completion, "/v1/chat/completions"
+            ),
+            "/v1/responses": _post(
+                "Responses (OpenAI's newer API, over chat completions)",
+                "ResponsesRequest",
+                {"content": {"application/json": {"schema": {"type": "object"}}, **stream}},
+                "/v1/responses",
             ),
             "/v1/models": _get("The served models", _json(_ref("ModelList"))),
             "/v1/models/{model}": model_path,

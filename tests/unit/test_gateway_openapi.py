@@ -15,7 +15,7 @@ import pytest
 from openapi_spec_validator import validate
 
 from scalellm import __version__
-from services.gateway import openai_parse
+from services.gateway import openai_parse, responses
 from services.gateway.http_app import HttpApi
 from services.gateway.openai_convert import Body
 from services.gateway.openapi import EXAMPLES, SCHEMAS
@@ -47,6 +47,7 @@ async def test_the_document_is_valid_and_covers_every_route(mesh: Mesh) -> None:
 SCHEMA_OF = {
     "/v1/completions": ("CompletionRequest", openai_parse.parse_completion, {"prompt": "x"}),
     "/v1/chat/completions": ("ChatCompletionRequest", openai_parse.parse_chat, {"messages": [{"role": "user", "content": "x"}]}),
+    "/v1/responses": ("ResponsesRequest", responses.chat_body, {"input": "x"}),
     "/tokenize": ("TokenizeRequest", openai_parse.parse_tokenize, {"messages": [{"role": "user", "content": "x"}]}),
     "/detokenize": ("DetokenizeRequest", openai_parse.parse_detokenize, {"tokens": [1]}),
 }  # fmt: skip

@@ -1,0 +1,133 @@
+"""POST /v1/responses through the in-process gateway in front of a scripted decode worker
+(fixtures: test_gateway_server.py), read with the official openai client: the request reaches
+the worker as the same chat would, and the answer comes back as output items, whole and as the
+Responses stream's events."""
+
+# ruff: noqa: F811 - the fixtures imported from test_gateway_server are pytest parameters here
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from tests.unit.test_gateway_server import (  # noqa: F401 - fixtures
+    REPLY,
+    Mesh,
+    MeshFactory,
+    mesh,
+    mesh_factory,
+    served_config,
+    served_model,
+)
+
+MODEL = "SmolLM2-135M-Instruct"
+PARAMS = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+TOOL: Any = {"type": "function", "name": "get_weather", "description": "d", "parameters": PARAMS}
+
+
+async def replying(mesh_factory: MeshFactory, text: str, **config: Any) -> Mesh:
+    mesh = await mesh_factory(**config)
+    mesh.workers[0].reply_ids = mesh.gateway.core.model.tokenizer.encode(text, add_special_tokens=False)
+    return mesh
+
+
+async def test_a_text_answer_whole_and_streamed(mesh: Mesh) -> None:
+    client = mesh.client()
+    out = await client.responses.create(model=MODEL, input="Hi!", instructions="Be brief.")
+    assert out.status == "completed" and out.output_text == REPLY
+    assert [item.type for item in out.output] == ["message"]
+    assert out.usage is not None and out.usage.output_tokens == len(mesh.reply_ids) + 1
+    sent = list(mesh.workers[0].requests[-1].prompt_token_ids)
+    tok = mesh.gateway.core.model.tokenizer
+    system_and_user = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    assert sent == tok.encode_chat(system_and_user)
+
+    events = [e async for e in await client.responses.create(model=MODEL, input="Hi!", stream=True)]
+    kinds = [e.type for e in events]
+    assert kinds[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == REPLY
+    assert events[-1].response.output_text == REPLY  # type: ignore[union-attr]
+
+
+async def test_max_output_tokens_leaves_the_response_incomplete(mesh: Mesh) -> None:
+    out = await mesh.client().responses.create(model=MODEL, input="Hi!", max_output_tokens=3)
+    assert out.status == "incomplete" and out.incomplete_details is not None
+    assert out.incomplete_details.reason == "max_output_tokens" and out.usage.output_tokens == 3  # type: ignore[union-attr]
+
+
+async def test_function_calls_round_trip(mesh_factory: MeshFactory) -> None:
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    mesh = await replying(mesh_factory, call)
+    client = mesh.client()
+    out = await client.responses.create(model=MODEL, input="Weather in Paris?", tools=[TOOL])
+    [item] = out.output
+    assert item.type == "function_call" and item.name == "get_weather"
+    assert json.loads(item.arguments) == {"city": "Paris"} and item.call_id.startswith("call_")
+
+    events = [
+        e async for e in await client.responses.create(model=MODEL, input="Paris?", tools=[TOOL], stream=True)
+    ]
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert len(done) == 1 and json.loads(done[0].arguments) == {"city": "Paris"}
+
+    # the call and its output sent back reach the worker as the same chat's assistant call and tool answer
+    history: Any = [
+        {"role": "user", "content": [{"type": "input_text", "text": "Weather in Paris?"}]},
+        {"type": "function_call", "call_id": item.call_id, "name": item.name, "arguments": item.arguments},
+        {"type": "function_call_output", "call_id": item.call_id, "output": "Sunny"},
+    ]
+    await client.responses.create(model=MODEL, input=history, tools=[TOOL])
+    by_responses = list(mesh.workers[0].requests[-1].prompt_token_ids)
+    function = {"name": item.name, "arguments": item.arguments}
+    chat: Any = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "tool_calls": [{"id": item.call_id, "type": "function", "function": function}]},
+        {"role": "tool", "tool_call_id": item.call_id, "content": "Sunny"},
+    ]
+    tools: Any = [{"type": "function", "function": {k: v for k, v in TOOL.items() if k != "type"}}]
+    await client.chat.completions.create(model=MODEL, messages=chat, tools=tools)
+    assert by_responses == list(mesh.workers[0].requests[-1].prompt_token_ids)
+    assert "Sunny" in mesh.gateway.core.model.tokenizer.decode(by_responses)
+
+
+async def test_reasoning_comes_first_as_its_own_item(mesh_factory: MeshFactory) -> None:
+    mesh = await replying(mesh_factory, "<think>Easy.</think>Paris.", reasoning_parser="qwen3")
+    out = await mesh.client().responses.create(model=MODEL, input="Capital of France?")
+    reasoning, message = out.output
+    assert reasoning.type == "reasoning" and reasoning.content[0].text == "Easy."  # type: ignore[union-attr,index]
+    assert message.type == "message" and out.output_text == "Paris."
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({}, "input"),
+        ({"input": []}, "input"),
+        ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+        ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"input": [{"type": "image", "image_url": "x"}]}, "input[0].type"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}, "input[0].content[0].type"),
+        ({"input": "x", "text": {"format": {"type": "yaml"}}}, "text.format.type"),
+        ({"input": "x", "n": 2}, "n"),
+    ],
+)
+async def test_bad_requests_are_400_naming_the_field(mesh: Mesh, body: dict[str, Any], param: str) -> None:
+    async with aiohttp.ClientSession() as session, session.post(mesh.http + "/v1/responses", json=body) as r:
+        error = await r.json()
+    assert r.status == 400 and error["error"]["param"] == param, error
+
+
+async def test_the_client_reads_an_error_before_the_stream(mesh: Mesh) -> None:
+    with pytest.raises(openai.BadRequestError):
+        await mesh.client().responses.create(model=MODEL, input="x", max_output_tokens=0, stream=True)
