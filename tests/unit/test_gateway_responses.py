@@ -131,3 +131,17 @@ async def test_bad_requests_are_400_naming_the_field(mesh: Mesh, body: dict[str,
 async def test_the_client_reads_an_error_before_the_stream(mesh: Mesh) -> None:
     with pytest.raises(openai.BadRequestError):
         await mesh.client().responses.create(model=MODEL, input="x", max_output_tokens=0, stream=True)
+
+
+async def test_a_failure_mid_stream_ends_it_with_an_error_event(mesh_factory: MeshFactory) -> None:
+    """The worker aborts after 4 tokens and no move is allowed: the events so far, then `error`."""
+    mesh = await mesh_factory(worker_kw=[{"abort_after": 4}], migration_limit=0)
+    body = {"model": MODEL, "input": "Hi!", "stream": True}
+    async with aiohttp.ClientSession() as session, session.post(mesh.http + "/v1/responses", json=body) as r:
+        raw = (await r.read()).decode()
+    blocks = [b for b in raw.split("\n\n") if b]
+    kinds = [b.split("\n")[0].removeprefix("event: ") for b in blocks]
+    assert r.status == 200 and kinds[0] == "response.created" and kinds[-1] == "error", kinds
+    assert "response.output_text.delta" in kinds and "response.completed" not in kinds
+    error = json.loads(blocks[-1].split("\n")[1].removeprefix("data: "))
+    assert error["type"] == "error" and error["message"] and error["sequence_number"] == len(blocks) - 1
