@@ -19,6 +19,8 @@ from __future__ import annotations
 import enum
 from typing import NamedTuple
 
+from scalellm.text.stop import partial_suffix
+
 START, END = "<think>", "</think>"
 
 
@@ -36,14 +38,6 @@ class _State(enum.Enum):
 def opens_reasoning(prompt_text: str) -> bool:
     """Whether a prompt ends inside an open reasoning block (its last tag is a start tag)."""
     return prompt_text.rfind(START) > prompt_text.rfind(END)
-
-
-def _partial_tag_at_end(text: str, tag: str) -> int:
-    """Length of the longest end of text that begins tag (the part to keep back)."""
-    for n in range(min(len(text), len(tag) - 1), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0
 
 
 class ReasoningStream:
@@ -82,7 +76,7 @@ class ReasoningStream:
         if self._state is _State.REASONING:
             end = text.find(END)
             if end < 0:
-                keep = _partial_tag_at_end(text, END)
+                keep = partial_suffix(text, END)
                 self._held = text[len(text) - keep :]
                 return Split(text[: len(text) - keep], "")
             reasoning, text = text[:end], text[end + len(END) :]

@@ -77,15 +77,19 @@ class StopStringMatcher:
 
     def _partial_suffix(self, buf: str) -> int:
         """Length of the longest tail of ``buf`` that is a proper prefix of some stop string."""
-        longest = 0
-        for s in self._stops:
-            for k in range(min(len(s) - 1, len(buf)), longest, -1):
-                if buf.endswith(s[:k]):
-                    longest = k
-                    break
-        return longest
+        return max((partial_suffix(buf, s) for s in self._stops), default=0)
 
     def flush(self) -> str:
         """End of stream: release the held tail (it never became a stop string)."""
         held, self._held = self._held, ""
         return "" if self.matched is not None else held
+
+
+def partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest end of ``text`` that is a proper beginning of ``tag``: what a stream
+    keeps back until the next piece shows whether the tag (a stop string, a tool call's or a
+    reasoning block's tag) is there."""
+    for n in range(min(len(text), len(tag) - 1), 0, -1):
+        if tag.startswith(text[-n:]):
+            return n
+    return 0

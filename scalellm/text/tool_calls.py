@@ -28,6 +28,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from scalellm.text.stop import partial_suffix
+
 __all__ = [
     "Tool",
     "ToolCall",
@@ -275,7 +277,7 @@ class ToolCallStream:
                 out.content += before if not self.calls or before.strip() else ""
                 self._in_call = True
                 continue
-            keep = _partial_suffix(self._pending, _OPEN)
+            keep = partial_suffix(self._pending, _OPEN)
             release = self._pending[: len(self._pending) - keep]
             self._pending = self._pending[len(release) :]
             if release.strip() or not self.calls:
@@ -308,11 +310,3 @@ def parse_whole(choice: ToolChoice, fmt: ToolFormat, text: str) -> tuple[str, li
     stream = ToolCallStream(choice, fmt)
     content = stream.feed(text).content + stream.finish().content
     return content, stream.calls
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest end of ``text`` that is a proper beginning of ``tag``."""
-    for n in range(min(len(text), len(tag) - 1), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0
