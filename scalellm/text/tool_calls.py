@@ -8,6 +8,10 @@ template (``ToolFormat.for_template``):
                  SmolLM2; the body may also be a JSON array of such objects)
     LLAMA3_JSON  {"name": ..., "parameters": {...}}; {...}                  (Llama 3.x, optionally
                  after <|python_tag|>): the whole answer is the call(s)
+    MISTRAL      [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]        (Mistral 7B v0.3, Nemo,
+                 Small: [TOOL_CALLS] is a special token, so the text is usually the array alone);
+                 the whole answer is the calls, and call ids are 9 letters and digits, the only
+                 ids Mistral's templates accept back
 
 ``ToolCallStream`` reads one choice's text as it streams and splits it into content and tool calls
 (text that only might open a call is held back until it is clear). How the choice is steered:
@@ -23,9 +27,11 @@ from __future__ import annotations
 
 import enum
 import json
+import secrets
+import string
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from scalellm.text.stop import partial_suffix
@@ -139,19 +145,30 @@ def required_schema(tools: Sequence[Tool], parallel: bool = True) -> dict[str, A
 class ToolFormat(enum.Enum):
     HERMES = "hermes"
     LLAMA3_JSON = "llama3_json"
+    MISTRAL = "mistral"
 
     @classmethod
     def for_template(cls, template: str | None) -> ToolFormat:
-        """The format a chat template teaches: Llama 3's when it speaks of ipython / python_tag
-        without Hermes tags, else Hermes (also the default for templates that show no tools)."""
+        """The format a chat template teaches: Mistral's when it writes [TOOL_CALLS], Llama 3's
+        when it speaks of ipython / python_tag without Hermes tags, else Hermes (also the default
+        for templates that show no tools)."""
         text = template or ""
+        if "<tool_call>" not in text and _MISTRAL_TAG in text:
+            return cls.MISTRAL
         if "<tool_call>" not in text and ("<|python_tag|>" in text or "ipython" in text):
             return cls.LLAMA3_JSON
         return cls.HERMES
 
+    def new_call_id(self) -> str:
+        """An id for a call the model made, in the form the model's template takes back."""
+        if self is ToolFormat.MISTRAL:
+            return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
+        return f"call_{uuid.uuid4().hex[:24]}"
+
 
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
 _PYTHON_TAG = "<|python_tag|>"
+_MISTRAL_TAG = "[TOOL_CALLS]"
 
 
 def _calls_from_json(text: str, arguments_key: str) -> list[ToolCall] | None:
@@ -193,6 +210,26 @@ def _split_llama3(text: str) -> list[ToolCall] | None:
     return calls or None
 
 
+def _split_mistral(text: str) -> list[ToolCall] | None:
+    """Mistral's answer: optional [TOOL_CALLS], then a JSON array of {"name", "arguments"}."""
+    body = text.strip().removeprefix(_MISTRAL_TAG).strip()
+    return _calls_from_json(body, "arguments") if body.startswith(("[", "{")) else None
+
+
+def _opens_call(fmt: ToolFormat, head: str) -> bool | None:
+    """Whether an answer beginning with head (stripped) is a call, in a whole-answer format;
+    None while it cannot tell yet."""
+    tag, starts = (_PYTHON_TAG, ("{",)) if fmt is ToolFormat.LLAMA3_JSON else (_MISTRAL_TAG, ("[",))
+    if head.startswith(tag):
+        return True
+    if tag.startswith(head):  # nothing yet, or the tag begun
+        return None
+    if fmt is ToolFormat.MISTRAL and head.startswith("["):  # an array of calls, or text like "[1]"
+        inside = head[1:].lstrip()
+        return inside.startswith("{") if inside else None
+    return head.startswith(starts)
+
+
 @dataclass(slots=True)
 class ToolDelta:
     """What one piece of a choice's text adds: visible content and finished (or, NAMED, started
@@ -228,9 +265,9 @@ class ToolCallStream:
         self._pending += text
         if mode is ToolMode.REQUIRED:
             return ToolDelta()
-        if self.format is ToolFormat.LLAMA3_JSON:
-            return self._feed_llama3()
-        return self._feed_hermes()
+        if self.format is ToolFormat.HERMES:
+            return self._feed_hermes()
+        return self._feed_whole_answer()
 
     def finish(self) -> ToolDelta:
         """Whatever was held back, once the choice ended."""
@@ -239,8 +276,9 @@ class ToolCallStream:
         if mode is ToolMode.REQUIRED:
             calls = _calls_from_json(pending, "parameters")
             return self._add(calls) if calls else ToolDelta(content=pending)
-        if mode is ToolMode.AUTO and self.format is ToolFormat.LLAMA3_JSON and self._is_call is not False:
-            calls = _split_llama3(pending)
+        if mode is ToolMode.AUTO and self.format is not ToolFormat.HERMES and self._is_call is not False:
+            split = _split_llama3 if self.format is ToolFormat.LLAMA3_JSON else _split_mistral
+            calls = split(pending)
             return self._add(calls) if calls else ToolDelta(content=pending)
         if mode is ToolMode.AUTO and self._in_call:  # a call the model did not close
             calls = _calls_from_json(pending, "arguments")
@@ -251,7 +289,7 @@ class ToolCallStream:
 
     def _feed_named(self, text: str) -> ToolDelta:
         if self._named is None:
-            self._named = ToolCall(self.choice.function or "", "")
+            self._named = ToolCall(self.choice.function or "", "", self.format.new_call_id())
             self.calls.append(self._named)
             return ToolDelta(calls=[self._named], arguments=text)
         return ToolDelta(arguments=text)
@@ -284,13 +322,10 @@ class ToolCallStream:
                 out.content += release
             return out
 
-    def _feed_llama3(self) -> ToolDelta:
+    def _feed_whole_answer(self) -> ToolDelta:
+        """LLAMA3_JSON and MISTRAL: an answer that opens as a call is held to its end."""
         if self._is_call is None:
-            head = self._pending.lstrip()
-            if head.startswith(("{", _PYTHON_TAG)):
-                self._is_call = True
-            elif head and not _PYTHON_TAG.startswith(head):
-                self._is_call = False
+            self._is_call = _opens_call(self.format, self._pending.lstrip())
         if self._is_call is not False:
             return ToolDelta()  # a call (wait for the end) or not yet clear
         text, self._pending = self._pending, ""
@@ -299,6 +334,7 @@ class ToolCallStream:
     def _add(self, calls: list[ToolCall]) -> ToolDelta:
         if not self.choice.parallel:
             calls = calls[: max(0, 1 - len(self.calls))]
+        calls = [replace(call, id=self.format.new_call_id()) for call in calls]
         self.calls.extend(calls)
         return ToolDelta(calls=calls)
 
@@ -306,7 +342,7 @@ class ToolCallStream:
 def parse_whole(choice: ToolChoice, fmt: ToolFormat, text: str) -> tuple[str, list[ToolCall]]:
     """A whole answer's content and calls (what streaming it through ToolCallStream gives)."""
     if choice.mode is ToolMode.NAMED:
-        return "", [ToolCall(choice.function or "", text)]
+        return "", [ToolCall(choice.function or "", text, fmt.new_call_id())]
     stream = ToolCallStream(choice, fmt)
     content = stream.feed(text).content + stream.finish().content
     return content, stream.calls

@@ -1,4 +1,4 @@
-"""Tool calls: parsing the Hermes and Llama 3 forms out of streamed text, the grammar schemas of
+"""Tool calls: parsing the Hermes, Llama 3 and Mistral forms out of streamed text, the grammar schemas of
 required / named choices, and the parsing of tools, tool_choice and tool messages in chat bodies."""
 
 from __future__ import annotations
@@ -97,8 +97,36 @@ def test_llama3_json_form() -> None:
     assert stream_pieces(AUTO, ToolFormat.LLAMA3_JSON, ["{not json"]) == ("{not json", [])
 
 
+@pytest.mark.parametrize(
+    "text", ['[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Rome"}}, {"name": "get_time", "arguments": {}}]',
+             ' [ {"name": "get_weather", "arguments": {"city": "Rome"}}, {"name": "get_time", "arguments": {}}]']
+)  # fmt: skip
+def test_mistral_form_with_or_without_its_tag(text: str) -> None:
+    """[TOOL_CALLS] is a special token in Mistral's tokenizers: the text usually lacks it."""
+    want = ("", [("get_weather", {"city": "Rome"}), ("get_time", {})])
+    assert stream_pieces(AUTO, ToolFormat.MISTRAL, chars(text)) == want
+    assert stream_pieces(AUTO, ToolFormat.MISTRAL, [text]) == want
+
+
+def test_mistral_text_streams_and_its_call_ids_are_what_its_template_takes() -> None:
+    stream = ToolCallStream(AUTO, ToolFormat.MISTRAL)
+    assert stream.feed("[").content == ""  # the tag, an array of calls, or text: not yet clear
+    assert stream.feed("1] First, ").content == "[1] First, "
+    for text in ("[TOOL_CALL", "[ not a call"):
+        assert stream_pieces(AUTO, ToolFormat.MISTRAL, chars(text)) == (text, [])
+    _, [call] = parse_whole(AUTO, ToolFormat.MISTRAL, '[{"name": "get_time", "arguments": {}}]')
+    assert len(call.id) == 9 and call.id.isalnum()  # Mistral's templates refuse any other id
+    _, [named] = parse_whole(ToolChoice((TIME,), ToolMode.NAMED, "get_time"), ToolFormat.MISTRAL, "{}")
+    assert len(named.id) == 9 and named.id.isalnum()
+    _, [hermes] = parse_whole(
+        AUTO, ToolFormat.HERMES, '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+    )
+    assert hermes.id.startswith("call_")
+
+
 def test_format_is_chosen_from_the_template() -> None:
     assert ToolFormat.for_template("{{ '<tool_call>' }}") is ToolFormat.HERMES
+    assert ToolFormat.for_template("{{ '[TOOL_CALLS]' + tool_calls|tojson }}") is ToolFormat.MISTRAL
     assert (
         ToolFormat.for_template("{% if message.role == 'ipython' %}<|python_tag|>") is ToolFormat.LLAMA3_JSON
     )
