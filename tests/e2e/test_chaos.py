@@ -312,11 +312,13 @@ def test_streams_of_a_killed_decode_worker_migrate_and_finish_exactly(tiny_serve
             # their 800 tokens. A later kill can find a worker that already sent its last token
             # into the gateway's buffers (the gateway trails the worker on two cores); an earlier
             # one, streams whose first token the gateway has not yet had (those are dispatched
-            # again, not migrated): either way nothing migrates.
+            # again, not migrated): either way nothing migrates. It is stopped (SIGSTOP) the
+            # moment its metrics say so, so that a slow test thread cannot let it finish them.
             try:
                 victim, running = _busy_worker(
-                    metrics_of, at_least=STREAMS // 8, min_tokens=64 * (STREAMS // 8), timeout=120
-                )
+                    metrics_of, at_least=STREAMS // 8, min_tokens=64 * (STREAMS // 8), timeout=120,
+                    stop=pids_of,
+                )  # fmt: skip
             except AssertionError as e:  # say what the streams and the mesh were doing
                 done = [f for f in futures if f.done()]
                 errors = [repr(f.exception()) for f in done if f.exception() is not None]
@@ -331,7 +333,8 @@ def test_streams_of_a_killed_decode_worker_migrate_and_finish_exactly(tiny_serve
         migrated = sum(
             v for k, v in gateway_metrics.items() if k.startswith("scalellm_gateway_migrations_total")
         )
-        assert migrated > 0, gateway_metrics
+        moved = {k: v for k, v in gateway_metrics.items() if "migrat" in k or "retr" in k}
+        assert migrated > 0, (victim, running, moved, up.log()[-4000:])
         pids |= up.pids()
         addresses = up.addresses()
         assert up.stop() == 0, up.log()
@@ -341,19 +344,24 @@ def test_streams_of_a_killed_decode_worker_migrate_and_finish_exactly(tiny_serve
 
 
 def _busy_worker(
-    metrics_of: dict[str, str], at_least: int, min_tokens: int, timeout: float
+    metrics_of: dict[str, str], at_least: int, min_tokens: int, timeout: float, stop: dict[str, int]
 ) -> tuple[str, float]:
     """The first worker (name, running batch) whose running batch reaches at_least once it has
-    generated min_tokens."""
+    generated min_tokens, stopped (SIGSTOP: its pid in stop) as soon as its metrics say so."""
     deadline = time.monotonic() + timeout
+    last: dict[str, tuple[float, float]] = {}  # (running batch, generated tokens) per worker
     while True:
-        seen = {n: _metrics(url) for n, url in metrics_of.items()}
-        batches = {n: m.get("scalellm_running_batch", 0.0) for n, m in seen.items()}
-        tokens = {n: m.get("scalellm_generated_tokens_total", 0.0) for n, m in seen.items()}
-        busy = [n for n in seen if batches[n] >= at_least and tokens[n] >= min_tokens]
-        if busy:
-            return busy[0], batches[busy[0]]
+        for name, url in metrics_of.items():
+            seen = _metrics(url)
+            batch, tokens = (
+                seen.get("scalellm_running_batch", 0.0),
+                seen.get("scalellm_generated_tokens_total", 0.0),
+            )
+            if batch >= at_least and tokens >= min_tokens:
+                os.kill(stop[name], signal.SIGSTOP)
+                return name, batch
+            last[name] = (batch, tokens)
         assert time.monotonic() < deadline, (
-            f"no worker ran {at_least} streams after {min_tokens} tokens: {batches}, tokens {tokens}"
+            f"no worker ran {at_least} streams after {min_tokens} tokens: {last}"
         )
         time.sleep(0.02)
