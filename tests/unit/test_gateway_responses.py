@@ -145,3 +145,28 @@ async def test_a_failure_mid_stream_ends_it_with_an_error_event(mesh_factory: Me
     assert "response.output_text.delta" in kinds and "response.completed" not in kinds
     error = json.loads(blocks[-1].split("\n")[1].removeprefix("data: "))
     assert error["type"] == "error" and error["message"] and error["sequence_number"] == len(blocks) - 1
+
+
+async def test_a_named_tool_choice_and_a_text_format_reach_the_worker_as_grammars(
+    mesh_factory: MeshFactory,
+) -> None:
+    from scalellm.types.proto import sampling_from_proto
+
+    mesh = await replying(mesh_factory, '{"city": "Rome"}')
+    client = mesh.client()
+    named: Any = {"type": "function", "name": "get_weather"}
+    stream = await client.responses.create(
+        model=MODEL, input="Rome?", tools=[TOOL], tool_choice=named, stream=True
+    )
+    events = [e async for e in stream]
+    pieces = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    [done] = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert len(pieces) > 1 and json.loads("".join(pieces)) == json.loads(done.arguments) == {"city": "Rome"}
+    grammar = sampling_from_proto(mesh.workers[0].requests[-1].sampling).structured_output
+    assert grammar is not None and json.loads(grammar.spec) == PARAMS
+
+    fmt: Any = {"format": {"type": "json_schema", "name": "place", "schema": PARAMS}}
+    out = await client.responses.create(model=MODEL, input="A city as JSON", text=fmt)
+    assert json.loads(out.output_text) == {"city": "Rome"}
+    grammar = sampling_from_proto(mesh.workers[0].requests[-1].sampling).structured_output
+    assert grammar is not None and json.loads(grammar.spec) == PARAMS
