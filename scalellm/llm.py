@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypedDict
 
@@ -145,24 +145,30 @@ class LLM:
 
     def chat(
         self,
-        messages: list[dict[str, str]],
-        sampling_params: SamplingParams | None = None,
+        messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
         *,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
-        chat_template_kwargs: dict[str, Any] | None = None,
-    ) -> RequestOutput:
-        """One conversation through the model's chat template. continue_final_message (with
-        add_generation_prompt=False): the model continues the last message instead of answering
-        it; chat_template_kwargs: extra variables for the template."""
-        prompt = self.tokenizer.apply_chat_template(
-            messages,
-            add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message,
-            **(chat_template_kwargs or {}),
-        )
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        return self.generate({"prompt_token_ids": ids}, sampling_params)[0]
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        """Conversations through the model's chat template, as vLLM's ``LLM.chat``: one
+        conversation (a list of messages) or several (a list of them); one output each.
+        continue_final_message (with add_generation_prompt=False): the model continues the last
+        message instead of answering it; chat_template_kwargs: extra variables for the template."""
+        batch = bool(messages) and not isinstance(messages[0], Mapping)
+        conversations = list(messages) if batch else [messages]
+        prompts: list[PromptType] = []
+        for conversation in conversations:
+            text = self.tokenizer.apply_chat_template(
+                list(conversation),
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                **(chat_template_kwargs or {}),
+            )
+            prompts.append({"prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm)
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -248,7 +254,7 @@ def run_generate_command(args: argparse.Namespace) -> int:
     )
     for prompt in args.prompts:
         if args.chat:
-            out = llm.chat([{"role": "user", "content": prompt}], params)
+            out = llm.chat([{"role": "user", "content": prompt}], params)[0]
         else:
             out = llm.generate(prompt, params)[0]
         print(out.outputs[0].text)

@@ -61,7 +61,7 @@ def expected(demo_model_dir: Path) -> Expected:
     llm = LLM(model=str(demo_model_dir), dtype="float32", num_kv_blocks=200)
     greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
     outs = llm.generate(PROMPTS, greedy)
-    chat = llm.chat(CHAT, SamplingParams(temperature=0.0, max_tokens=24))
+    [chat] = llm.chat(CHAT, SamplingParams(temperature=0.0, max_tokens=24))
     return Expected(
         [o.outputs[0].text for o in outs], [len(o.outputs[0].token_ids) for o in outs], chat.outputs[0].text
     )

@@ -42,13 +42,20 @@ def test_one_sampling_params_per_prompt(llm: LLM) -> None:
 
 
 def test_chat_stops_at_end_of_turn(llm: LLM) -> None:
-    out = llm.chat(
+    [out] = llm.chat(
         [{"role": "user", "content": "What is the capital of France?"}],
         SamplingParams(temperature=0.0, max_tokens=64),
     )
     assert "Paris" in out.outputs[0].text
     assert out.outputs[0].finish_reason == "stop"
     assert "<|im_end|>" not in out.outputs[0].text
+    # several conversations at once, as vLLM's LLM.chat takes them: one output each, in order
+    other = [{"role": "user", "content": "What is the capital of Italy?"}]
+    both = llm.chat([[{"role": "user", "content": "What is the capital of France?"}], other],
+                    SamplingParams(temperature=0.0, max_tokens=64))  # fmt: skip
+    [alone] = llm.chat(other, SamplingParams(temperature=0.0, max_tokens=64))
+    assert [o.outputs[0].text for o in both] == [out.outputs[0].text, alone.outputs[0].text]
+    assert both[1].prompt_token_ids == alone.prompt_token_ids != out.prompt_token_ids
 
 
 def test_chat_continues_a_final_assistant_message(llm: LLM) -> None:
@@ -59,7 +66,7 @@ def test_chat_continues_a_final_assistant_message(llm: LLM) -> None:
         {"role": "assistant", "content": "The capital of France is"},
     ]
     greedy = SamplingParams(temperature=0.0, max_tokens=8)
-    out = llm.chat(messages, greedy, add_generation_prompt=False, continue_final_message=True)
+    [out] = llm.chat(messages, greedy, add_generation_prompt=False, continue_final_message=True)
     text = llm.tokenizer.apply_chat_template(
         messages, add_generation_prompt=False, continue_final_message=True
     )
