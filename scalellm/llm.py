@@ -68,6 +68,10 @@ class LLM:
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self._ids = itertools.count()
 
+    def get_tokenizer(self) -> Tokenizer:
+        """The model's tokenizer (vLLM's accessor; also ``llm.tokenizer``)."""
+        return self.tokenizer
+
     def close(self) -> None:
         """Stop the engine's tensor-parallel ranks (``tensor_parallel_size`` > 1); idempotent.
         Also on leaving a ``with LLM(...) as llm:`` block."""

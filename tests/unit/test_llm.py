@@ -56,6 +56,7 @@ def test_chat_stops_at_end_of_turn(llm: LLM) -> None:
     [alone] = llm.chat(other, SamplingParams(temperature=0.0, max_tokens=64))
     assert [o.outputs[0].text for o in both] == [out.outputs[0].text, alone.outputs[0].text]
     assert both[1].prompt_token_ids == alone.prompt_token_ids != out.prompt_token_ids
+    assert alone.prompt_token_ids == llm.get_tokenizer().encode_chat(other)
 
 
 def test_chat_continues_a_final_assistant_message(llm: LLM) -> None:
