@@ -17,19 +17,15 @@ from tests.unit.test_gateway_server import (  # noqa: F401 - fixtures
     Mesh,
     MeshFactory,
     mesh_factory,
+    replying,
     served_config,
     served_model,
 )
 
 MODEL = "SmolLM2-135M-Instruct"
 ASK = [{"role": "user", "content": "What is the capital of France?"}]
+THINKING = {"reasoning_parser": "qwen3"}
 THOUGHT = "<think>\nThe user asks about France. Its capital is Paris.\n</think>\n\nParis."
-
-
-async def replying(mesh_factory: MeshFactory, text: str, **config: Any) -> Mesh:
-    mesh = await mesh_factory(**{"reasoning_parser": "qwen3", **config})
-    mesh.workers[0].reply_ids = mesh.gateway.core.model.tokenizer.encode(text, add_special_tokens=False)
-    return mesh
 
 
 def reasoning_of(message: Any) -> Any:
@@ -37,7 +33,7 @@ def reasoning_of(message: Any) -> Any:
 
 
 async def test_the_think_block_is_reasoning_content_whole_and_streamed(mesh_factory: MeshFactory) -> None:
-    mesh = await replying(mesh_factory, THOUGHT)
+    mesh = await replying(mesh_factory, THOUGHT, **THINKING)
     client = mesh.client()
     out = await client.chat.completions.create(model=MODEL, messages=ASK)  # type: ignore[arg-type]
     message = out.choices[0].message
@@ -53,13 +49,13 @@ async def test_the_think_block_is_reasoning_content_whole_and_streamed(mesh_fact
 
 
 async def test_without_the_parser_the_text_is_the_answer(mesh_factory: MeshFactory) -> None:
-    mesh = await replying(mesh_factory, THOUGHT, reasoning_parser=None)
+    mesh = await replying(mesh_factory, THOUGHT)  # no reasoning parser
     out = await mesh.client().chat.completions.create(model=MODEL, messages=ASK)  # type: ignore[arg-type]
     assert out.choices[0].message.content == THOUGHT and reasoning_of(out.choices[0].message) is None
 
 
 async def test_an_answer_cut_off_while_reasoning_has_no_content(mesh_factory: MeshFactory) -> None:
-    mesh = await replying(mesh_factory, THOUGHT)
+    mesh = await replying(mesh_factory, THOUGHT, **THINKING)
     out = await mesh.client().chat.completions.create(model=MODEL, messages=ASK, max_tokens=6)  # type: ignore[arg-type]
     message = out.choices[0].message
     assert out.choices[0].finish_reason == "length" and message.content is None
@@ -69,7 +65,7 @@ async def test_an_answer_cut_off_while_reasoning_has_no_content(mesh_factory: Me
 async def test_a_prompt_that_opened_the_block_starts_the_answer_inside_it(mesh_factory: MeshFactory) -> None:
     """DeepSeek-R1's template ends the prompt with <think>: the reply holds only the closing tag.
     Here the prompt opens it with continue_final_message."""
-    mesh = await replying(mesh_factory, "Paris, surely.</think>Paris.")
+    mesh = await replying(mesh_factory, "Paris, surely.</think>Paris.", **THINKING)
     opened = [*ASK, {"role": "assistant", "content": "<think>\n"}]
     extra = {"continue_final_message": True, "add_generation_prompt": False}
     out = await mesh.client().chat.completions.create(model=MODEL, messages=opened, extra_body=extra)  # type: ignore[arg-type]
@@ -81,7 +77,7 @@ async def test_a_prompt_that_opened_the_block_starts_the_answer_inside_it(mesh_f
 
 async def test_tool_calls_are_read_after_the_reasoning(mesh_factory: MeshFactory) -> None:
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
-    mesh = await replying(mesh_factory, "<think>A tool helps.</think>" + call)
+    mesh = await replying(mesh_factory, "<think>A tool helps.</think>" + call, **THINKING)
     params = {"type": "object", "properties": {"city": {"type": "string"}}}
     tools: Any = [{"type": "function", "function": {"name": "get_weather", "parameters": params}}]
     out = await mesh.client().chat.completions.create(model=MODEL, messages=ASK, tools=tools)  # type: ignore[arg-type]

@@ -19,6 +19,7 @@ from tests.unit.test_gateway_server import (  # noqa: F401 - fixtures
     MeshFactory,
     mesh,
     mesh_factory,
+    replying,
     served_config,
     served_model,
 )
@@ -26,12 +27,6 @@ from tests.unit.test_gateway_server import (  # noqa: F401 - fixtures
 MODEL = "SmolLM2-135M-Instruct"
 PARAMS = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 TOOL: Any = {"type": "function", "name": "get_weather", "description": "d", "parameters": PARAMS}
-
-
-async def replying(mesh_factory: MeshFactory, text: str, **config: Any) -> Mesh:
-    mesh = await mesh_factory(**config)
-    mesh.workers[0].reply_ids = mesh.gateway.core.model.tokenizer.encode(text, add_special_tokens=False)
-    return mesh
 
 
 async def test_a_text_answer_whole_and_streamed(mesh: Mesh) -> None:

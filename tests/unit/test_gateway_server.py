@@ -466,3 +466,10 @@ async def test_metrics(mesh: Mesh) -> None:
     assert "scalellm_gateway_time_per_output_token_seconds_count 1.0" in text
     assert "scalellm_gateway_requests_in_flight 0.0" in text
     assert 'scalellm_gateway_workers{kind="decode"} 1.0' in text
+
+
+async def replying(mesh_factory: MeshFactory, text: str, **config: Any) -> Mesh:
+    """A mesh (config: GatewayConfig overrides) whose scripted worker replies with text."""
+    mesh = await mesh_factory(**config)
+    mesh.workers[0].reply_ids = mesh.gateway.core.model.tokenizer.encode(text, add_special_tokens=False)
+    return mesh

@@ -23,6 +23,7 @@ from tests.unit.test_gateway_server import (  # noqa: F401 - fixtures
     Mesh,
     MeshFactory,
     mesh_factory,
+    replying,
     served_config,
     served_model,
 )
@@ -34,12 +35,6 @@ TOOLS: Any = [
     {"type": "function", "function": {"name": "get_weather", "description": "d", "parameters": PARAMS}}
 ]
 HERMES = 'Checking.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
-
-
-async def replying(mesh_factory: MeshFactory, text: str) -> Mesh:
-    mesh = await mesh_factory()
-    mesh.workers[0].reply_ids = mesh.gateway.core.model.tokenizer.encode(text, add_special_tokens=False)
-    return mesh
 
 
 async def test_auto_tool_call_whole_and_streamed(mesh_factory: MeshFactory) -> None:
