@@ -18,6 +18,7 @@ keeps what a previous life of the worker held).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -110,3 +111,38 @@ class BlockHashLog:
         self._added.clear()
         self._removed.clear()
         return delta
+
+
+class BlockHashMirror:
+    """A block manager's hash set as last published, readable from any thread.
+
+    The engine's step thread publishes each step's changes; the registry heartbeat takes them (or
+    the whole set) at once, without waiting for the step under way to end: a step can run for
+    seconds (a long prefill on a CPU), and a heartbeat that waited for it let the lease expire.
+    """
+
+    __slots__ = ("_hashes", "_lock", "_log")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._hashes: set[int] = set()
+        self._log = BlockHashLog()
+
+    def publish(self, delta: BlockHashDelta) -> None:
+        """Apply a change taken from the block manager (a change, never a reset)."""
+        if delta.reset:
+            raise ValueError("publish changes, not a reset")
+        if delta.empty:
+            return
+        with self._lock:
+            for h in delta.removed:
+                self._hashes.discard(h)
+                self._log.removed(h)
+            for h in delta.added:
+                self._hashes.add(h)
+                self._log.added(h)
+
+    def take(self, full: bool = False) -> BlockHashDelta:
+        """The changes published since the last take; with ``full``, the whole set as a reset."""
+        with self._lock:
+            return self._log.take(tuple(self._hashes) if full else None)

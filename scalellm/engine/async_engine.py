@@ -5,7 +5,7 @@
     add / abort / release / reserve_remote /
     remote_kv_landed ---- command queue ------>  the LLMEngine method, between steps
     stream(request_id) <- call_soon_threadsafe -  engine.step() -> TokenEvents
-    stats <-------------- one snapshot ---------  after every step and every command
+    stats, block hashes <- published -----------  after every step and every command
 
 All engine state is touched by the step thread only; the event loop never runs torch. Torch
 releases the GIL inside its kernels, so the loop stays responsive while a step runs. The methods
@@ -28,7 +28,7 @@ import torch
 from scalellm.engine.engine import LLMEngine
 from scalellm.engine.events import EngineStats, RemoteReservation, TokenEvent
 from scalellm.engine.request import Request
-from scalellm.kvhash import BlockHashDelta
+from scalellm.kvhash import BlockHashDelta, BlockHashMirror
 from scalellm.types import TokenLogprobs
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopped = False
         self._stats = engine.stats()
+        self._hashes = BlockHashMirror()
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -136,9 +137,10 @@ class AsyncEngine:
         """LLMEngine.scatter_kv between steps (pushed KV landing on a tensor-parallel worker)."""
         await self._submit(lambda e: e.scatter_kv(block_ids))
 
-    async def take_block_hash_delta(self, full: bool = False) -> BlockHashDelta:
-        """LLMEngine.take_block_hash_delta, between steps."""
-        return await self._submit(lambda engine: engine.take_block_hash_delta(full))
+    def take_block_hash_delta(self, full: bool = False) -> BlockHashDelta:
+        """The prefix-cache hashes added and evicted since the last call (``full``: all of them,
+        as a reset), as of the last step or command; never waits for the step under way."""
+        return self._hashes.take(full)
 
     @property
     def stats(self) -> EngineStats:
@@ -232,7 +234,7 @@ class AsyncEngine:
                     if command is None:
                         return
                     command()
-                    self._stats = engine.stats()
+                    self._publish()
                     block = False
             except queue.Empty:
                 pass
@@ -245,11 +247,16 @@ class AsyncEngine:
             except Exception:  # a bug in a step must not kill the worker silently
                 log.exception("engine step failed; aborting its requests")
                 events = engine.abort_all()
-            self._stats = engine.stats()
+            self._publish()
             if self._on_step is not None:
                 self._on_step(engine, events)
             if events and self._loop is not None:
                 self._loop.call_soon_threadsafe(self._dispatch, events)
+
+    def _publish(self) -> None:
+        """Step thread: the load and the cached block hashes as of now, for readers on any thread."""
+        self._stats = self.engine.stats()
+        self._hashes.publish(self.engine.take_block_hash_delta())
 
     def _dispatch(self, events: list[TokenEvent]) -> None:
         for event in events:

@@ -24,8 +24,9 @@ from scalellm.registry.validation import validate_load
 log = logging.getLogger(__name__)
 
 LoadSource = Callable[[], WorkerLoad | Awaitable[WorkerLoad]]
-BlockSource = Callable[[bool], Awaitable[BlockHashDelta]]
-"""The engine's block-hash changes since the last call (True: its whole set, as a reset)."""
+BlockSource = Callable[[bool], BlockHashDelta | Awaitable[BlockHashDelta]]
+"""The engine's block-hash changes since the last call (True: its whole set, as a reset). It must
+answer at once (AsyncEngine.take_block_hash_delta does): the heartbeat waits for it."""
 
 
 class WorkerRegistration:
@@ -155,7 +156,8 @@ class WorkerRegistration:
         if self._block_source is None:
             return self._pending
         try:
-            delta = await self._block_source(full)
+            value = self._block_source(full)
+            delta = await value if inspect.isawaitable(value) else value
         except Exception:  # e.g. the engine stopped: publish what is known
             log.exception("block source of %s failed", self.info.worker_id)
             return BlockHashDelta(reset=True) if full else self._pending

@@ -20,6 +20,7 @@ from scalellm.engine.config import EngineConfig
 from scalellm.engine.engine import LLMEngine
 from scalellm.engine.events import TokenEvent
 from scalellm.engine.request import RequestStatus
+from scalellm.kvhash import prompt_block_hashes
 from scalellm.types import FinishReason, InvalidParameter, SamplingParams
 
 BLOCK = 4
@@ -251,6 +252,47 @@ async def test_a_failed_step_aborts_every_request_including_remote_ones(tiny_lla
         await asyncio.wrap_future(aengine.barrier())
         assert aengine.stats.num_free_blocks == engine.num_blocks and aengine.stats.num_running == 0
     finally:
+        aengine.stop()
+
+
+async def test_block_hashes_are_readable_while_a_step_runs(tiny_llama: Path) -> None:
+    """The registry heartbeat takes the cached block hashes; a step that runs for seconds (a long
+    prefill on a CPU) must not hold it up: a heartbeat that waited for the step boundary let the
+    worker's lease expire under a burst of long prompts."""
+    aengine = AsyncEngine(_engine(tiny_llama))
+    engine = aengine.engine
+    aengine.start()
+    in_step, release = threading.Event(), threading.Event()
+    try:
+        prompt = _prompt(17)
+        await _collect(aengine.add_and_stream(engine.make_request("first", prompt, GREEDY)))
+        await asyncio.wrap_future(aengine.barrier())
+        cached = set(engine.blocks.cached)
+        assert set(prompt_block_hashes(prompt, BLOCK)) <= cached
+        assert set(aengine.take_block_hash_delta().added) == cached
+
+        forward = engine.runner.forward
+
+        def held(*args: object, **kwargs: object) -> object:
+            in_step.set()
+            release.wait(120)
+            return forward(*args, **kwargs)  # type: ignore[arg-type]
+
+        engine.runner.forward = held  # type: ignore[method-assign]
+        second = asyncio.ensure_future(
+            _collect(aengine.add_and_stream(engine.make_request("second", _prompt(18), GREEDY)))
+        )
+        assert await asyncio.to_thread(in_step.wait, 120)
+        full = aengine.take_block_hash_delta(full=True)  # the step is still under way
+        assert full.reset and set(full.added) == cached
+        assert aengine.take_block_hash_delta().empty
+        release.set()
+        await asyncio.wait_for(second, 120)
+        await asyncio.wrap_future(aengine.barrier())
+        delta = aengine.take_block_hash_delta()
+        assert set(delta.added) == set(engine.blocks.cached) - cached and not delta.removed
+    finally:
+        release.set()
         aengine.stop()
 
 

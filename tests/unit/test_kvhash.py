@@ -5,9 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from scalellm.engine.block_manager import BlockManager
 from scalellm.engine.request import Request
-from scalellm.kvhash import BlockHashDelta, from_wire, prompt_block_hashes, to_wire
+from scalellm.kvhash import BlockHashDelta, BlockHashMirror, from_wire, prompt_block_hashes, to_wire
 from scalellm.types import SamplingParams
 
 
@@ -93,3 +95,27 @@ def test_deltas_applied_in_turn_rebuild_the_cache_through_churn() -> None:
             assert not set(delta.added) & set(delta.removed)
             published = (published - set(delta.removed)) | set(delta.added)
             assert published == set(bm.cached)
+
+
+def test_a_mirror_fed_every_change_answers_changes_and_the_whole_set() -> None:
+    """What the step thread publishes after each step is what the heartbeat takes: the changes since
+    its last take, or the whole set as a reset (the changes so far then count as sent)."""
+    bm = BlockManager(num_blocks=3, block_size=4)
+    mirror = BlockHashMirror()
+    published: set[int] = set()
+    for i in range(12):
+        req = _req(str(i), [i % 4] * 4 + list(range(i * 10, i * 10 + 5)))
+        _run(bm, req)
+        bm.free_request(req)
+        mirror.publish(bm.take_hash_delta())  # every step
+        if i == 4:
+            full = mirror.take(full=True)
+            assert full.reset and set(full.added) == set(bm.cached)
+            assert mirror.take().empty
+            published = set(full.added)
+        elif i % 3 == 2:
+            delta = mirror.take()
+            published = (published - set(delta.removed)) | set(delta.added)
+            assert published == set(bm.cached)
+    with pytest.raises(ValueError, match="reset"):
+        mirror.publish(BlockHashDelta(added=(1,), reset=True))
