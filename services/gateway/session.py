@@ -15,7 +15,8 @@ None; a failure raises WorkerFailure (services/gateway/request.py) with the work
 the deadline ends it with DEADLINE_EXCEEDED, and cancel() stops the request on the worker. If the
 stream breaks (the worker died or stopped), every request on it fails with UNAVAILABLE and the
 next request opens a new stream. Streams and channels of workers that left are closed when the
-worker set changes.
+worker set changes: the stream half-closes once its last request ended, so a request that the
+client leaves meanwhile is still cancelled on the worker.
 
 Nothing is written before the worker accepted the stream (its headers came): grpc fails a write
 that races the stream's end and reports INTERNAL instead of the worker's status, so a refusal (a
@@ -155,8 +156,8 @@ class SessionCall:
         """End the request here with error and on the worker, unless it already ended."""
         if self._ended:
             return False
+        self._session.cancel(self.request_id)  # before _end: the last request's end half-closes
         self._end(error)
-        self._session.cancel(self.request_id)
         return True
 
     def _end(self, error: WorkerFailure | None) -> None:
@@ -180,6 +181,7 @@ class WorkerSession:
         self.address = address
         self.closed = False
         self._accepted = False  # the worker's headers came: it took the stream
+        self._finishing = False  # finish() was called: half-close once no request runs
         self._calls: dict[str, SessionCall] = {}
         self._outgoing: asyncio.Queue[worker_pb2.SessionRequest | None] = asyncio.Queue()
         self._stream = stub.Session(self._requests(), metadata=metadata)  # the mesh token, if any
@@ -187,7 +189,7 @@ class WorkerSession:
 
     def start(self, request: worker_pb2.GenerateRequest, deadline: float) -> SessionCall:
         """Send request (deadline: a time.perf_counter() value) and return its call."""
-        if self.closed:
+        if self.closed or self._finishing:
             raise RuntimeError("start() on a closed session")
         call = SessionCall(self, request.request_id, deadline)
         self._calls[request.request_id] = call
@@ -200,15 +202,24 @@ class WorkerSession:
 
     def forget(self, request_id: str) -> None:
         self._calls.pop(request_id, None)
+        if self._finishing and not self._calls:
+            self._half_close()
 
     @property
     def running(self) -> int:
         return len(self._calls)
 
     def finish(self) -> None:
-        """Half-close: the requests still running finish, then the worker ends the stream."""
+        """No new requests; the running ones finish (or are cancelled: their cancels still go
+        out), then the stream half-closes and the worker ends it."""
+        if not self._finishing:
+            self._finishing = True
+            if not self._calls:
+                self._half_close()
+
+    def _half_close(self) -> None:
         if not self.closed:
-            self._outgoing.put_nowait(None)
+            self._outgoing.put_nowait(None)  # nothing is written after this
 
     async def close(self) -> None:
         """End the stream now; requests still running fail with UNAVAILABLE."""

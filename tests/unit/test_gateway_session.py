@@ -109,3 +109,48 @@ async def test_an_accepted_stream_that_breaks_fails_its_requests_with_unavailabl
     its requests fail with UNAVAILABLE: retried elsewhere before their first token, 503 after."""
     err = await _first_error(grpc.StatusCode.INTERNAL, accept=True)
     assert err.status is grpc.StatusCode.UNAVAILABLE and "INTERNAL scripted end" in err.details, err
+
+
+class _Recording(worker_pb2_grpc.DecodeWorkerServicer):
+    """A Session that takes every message (its requests never produce a token) and ends when the
+    gateway half-closes."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, str]] = []
+        self.half_closed = False
+
+    async def Session(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        await context.send_initial_metadata(())
+        async for message in request_iterator:
+            self.received.append((message.WhichOneof("kind"), message.cancel or message.generate.request_id))
+        self.half_closed = True
+        return
+        yield  # pragma: no cover - makes this an async generator, as a Session handler is
+
+
+async def test_a_finished_session_still_cancels_the_requests_running_on_it() -> None:
+    """finish() (the worker left the registry, e.g. its lease lapsed) half-closes only once no
+    request runs: a client that leaves meanwhile still stops its request on the worker. The cancel
+    used to queue behind the half-close and never go out, and the worker generated on for nobody."""
+    worker = _Recording()
+    server = grpc.aio.server()
+    worker_pb2_grpc.add_DecodeWorkerServicer_to_server(worker, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            session = WorkerSession(worker_pb2_grpc.DecodeWorkerStub(channel), "w")
+            calls = [
+                session.start(worker_pb2.GenerateRequest(request_id=r), time.perf_counter() + 60)
+                for r in "ab"
+            ]
+            await _until(lambda: len(worker.received) == 2)
+            session.finish()
+            calls[0].cancel()
+            await _until(lambda: ("cancel", "a") in worker.received)
+            assert not worker.half_closed and session.running == 1
+            calls[1].cancel()  # the last request: its cancel goes out, then the half-close
+            await _until(lambda: worker.half_closed and session.closed)
+            assert worker.received == [("generate", "a"), ("generate", "b"), ("cancel", "a"), ("cancel", "b")]
+    finally:
+        await server.stop(0)
