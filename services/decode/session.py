@@ -16,6 +16,7 @@ a new call for the worker to accept.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncGenerator, AsyncIterable, Callable
 from contextlib import aclosing
 
@@ -68,10 +69,13 @@ async def serve_session(
             raise  # cancelled by the client (or the stream ended): nobody waits for an answer
         except Exception as exc:
             outbox.error(request_id, *reported_status(exc, f"request {request_id}"))
-        finally:
-            if running.get(request_id) is asyncio.current_task():
-                del running[request_id]
-            outbox.wake.set()
+
+    def ended(request_id: str, task: asyncio.Task[None]) -> None:
+        # A done callback, not a finally in run(): a task cancelled before its first step never
+        # runs its body, and would stay "running" (the session would never end).
+        if running.get(request_id) is task:
+            del running[request_id]
+        outbox.wake.set()
 
     async def read() -> None:
         try:
@@ -88,9 +92,10 @@ async def serve_session(
                         why = f"request_id {request_id!r} is already running on this session"
                         outbox.error(request_id, grpc.StatusCode.INVALID_ARGUMENT, why)
                     else:
-                        running[request_id] = asyncio.create_task(run(message.generate))
-                elif kind == "cancel" and (task := running.get(message.cancel)) is not None:
-                    task.cancel()
+                        task = running[request_id] = asyncio.create_task(run(message.generate))
+                        task.add_done_callback(functools.partial(ended, request_id))
+                elif kind == "cancel" and message.cancel in running:
+                    running[message.cancel].cancel()
         finally:
             outbox.wake.set()  # the client half-closed (or the stream broke): the writer decides
 
