@@ -190,7 +190,7 @@ OPTIONS: tuple[Option, ...] = (
         "--reasoning-parser",
         "reasoning_parser",
         str,
-        "deepseek_r1 or qwen3: a chat answer's <think> block goes to reasoning_content",
+        "deepseek_r1 or qwen3: a chat answer's <think> block goes to reasoning_content (and reasoning)",
     ),
     _option("--request-timeout-s", "request_timeout_s", float, "deadline of an HTTP request"),
     _option("--grace-s", "grace_s", float, "how long SIGTERM lets requests finish"),

@@ -157,7 +157,7 @@ class OpenAIFormatter:
         if state.reasoning is not None:
             split = state.reasoning.feed(text, final=update.finish is not None)
             if split.reasoning:
-                delta["reasoning_content"] = split.reasoning
+                delta["reasoning_content"] = delta["reasoning"] = split.reasoning
             text = split.content
         if state.tools is None:
             if text or not state.started:
@@ -313,13 +313,15 @@ class OpenAIFormatter:
 
     def _message(self, state: _Choice, text: str) -> dict[str, Any]:
         """A whole chat answer; with a reasoning parser, its reasoning as ``reasoning_content``
-        (content null when there is none after it); with tools, its calls as ``tool_calls``
-        (content null without text)."""
+        and ``reasoning`` (content null when there is none after it); with tools, its calls as
+        ``tool_calls`` (content null without text)."""
         message: dict[str, Any] = {"role": "assistant"}
         no_text: str | None = ""
         if state.reasoning is not None:
             split = state.reasoning.feed(text, final=True)
-            message["reasoning_content"] = split.reasoning or None
+            # Both names: vLLM writes only `reasoning` now; SGLang, DeepSeek's API and most
+            # clients read `reasoning_content` (vLLM sent both while it moved).
+            message["reasoning_content"] = message["reasoning"] = split.reasoning or None
             text, no_text = split.content, None  # nothing after the reasoning: null
         if self._tools is None or self._tool_format is None:
             return {**message, "content": text or no_text}

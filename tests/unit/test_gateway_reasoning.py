@@ -1,7 +1,7 @@
 """--reasoning-parser through the in-process gateway in front of a scripted decode worker
 (fixtures: test_gateway_server.py): the worker's reply holds a <think> block, and the official
-openai client reads it back as reasoning_content, whole and streamed, with the answer as content;
-tool calls are read from the content only; the history may send reasoning back."""
+openai client reads it back as reasoning_content (and reasoning), whole and streamed, with the
+answer as content; tool calls are read from the content only; the history may send reasoning back."""
 
 # ruff: noqa: F811 - the fixtures imported from test_gateway_server are pytest parameters here
 from __future__ import annotations
@@ -29,7 +29,11 @@ THOUGHT = "<think>\nThe user asks about France. Its capital is Paris.\n</think>\
 
 
 def reasoning_of(message: Any) -> Any:
-    return (message.model_extra or {}).get("reasoning_content")
+    """The reasoning, sent under both names (vLLM's `reasoning` and the `reasoning_content` most
+    other servers and clients use), always alike."""
+    extra = message.model_extra or {}
+    assert extra.get("reasoning") == extra.get("reasoning_content"), extra
+    return extra.get("reasoning_content")
 
 
 async def test_the_think_block_is_reasoning_content_whole_and_streamed(mesh_factory: MeshFactory) -> None:
