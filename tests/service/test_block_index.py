@@ -1,20 +1,26 @@
 """Prefix-block placement through the real kvstore and Redis: a worker's block manager publishes
 its hash deltas with its registration, every gateway's WorkerView index follows (eviction, a
-worker's death or restart, a gateway joining late)."""
+worker's death or restart, a gateway joining late, an engine step longer than the lease)."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
+from scalellm.engine.async_engine import AsyncEngine
 from scalellm.engine.block_manager import BlockManager
+from scalellm.engine.config import EngineConfig
+from scalellm.engine.engine import LLMEngine
 from scalellm.engine.request import Request
 from scalellm.kvhash import BlockHashDelta, prompt_block_hashes
 from scalellm.registry import Backoff, RegistryClient, WorkerInfo, WorkerRegistration, WorkerRole, WorkerView
 from scalellm.types import SamplingParams
 from services.kvstore.server import KvstoreServer
+from tests.service.conftest import TEST_LEASE_S
 
 BS = 4
 
@@ -143,3 +149,59 @@ async def test_a_dead_worker_leaves_the_index_and_its_restart_starts_over(
     assert view.blocks.matched_blocks("decode-0", old) == 0
     await again.drain()
     await asyncio.gather(worker.client.close(), again.client.close())
+
+
+async def test_an_engine_step_longer_than_the_lease_keeps_the_lease(
+    address: str, views: list[WorkerView], tiny_llama: Path
+) -> None:
+    """The heartbeat takes the block hashes the step thread published and never waits for the step
+    under way: a step held for three leases (a long prefill on a CPU runs for seconds) leaves the
+    worker registered, and the blocks that step computed reach the index once it ends. (Waiting
+    for the step boundary let a decode worker's lease lapse under a burst of long prompts, and the
+    gateway dropped it with requests running.)"""
+    config = EngineConfig(
+        model=str(tiny_llama), dtype="float32", device="cpu", num_kv_blocks=64, block_size=BS
+    )
+    aengine = AsyncEngine(LLMEngine(config))
+    engine = aengine.engine
+    aengine.start()
+    worker = WorkerRegistration(
+        RegistryClient(address),
+        _info(),
+        backoff=_fast(),
+        block_source=aengine.take_block_hash_delta,
+        blocks_interval_s=0.02,
+    )
+    in_step, release = threading.Event(), threading.Event()
+    forward = engine.runner.forward
+
+    def held(*args: object, **kwargs: object) -> object:
+        in_step.set()
+        release.wait(120)
+        return forward(*args, **kwargs)  # type: ignore[arg-type]
+
+    try:
+        await worker.start(timeout_s=30)
+        engine.runner.forward = held  # type: ignore[method-assign]
+        prompt = list(range(3, 21))
+        params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+        request = engine.make_request("r", prompt, params)
+        finished = asyncio.ensure_future(_drain(aengine.add_and_stream(request)))
+        assert await asyncio.to_thread(in_step.wait, 60)
+        await asyncio.sleep(3 * TEST_LEASE_S)  # the step runs on, three leases long
+        assert views[0].get("decode-0") is not None, "the lease lapsed while a step ran"
+        release.set()
+        await asyncio.wait_for(finished, 120)
+        hashes = prompt_block_hashes(prompt, BS)
+        await _until(views[0], lambda: views[0].blocks.matched_blocks("decode-0", hashes) == len(hashes))
+        assert worker.registrations == 1
+    finally:
+        release.set()
+        await worker.drain()
+        await worker.client.close()
+        aengine.stop()
+
+
+async def _drain(events: AsyncIterator[object]) -> None:
+    async for _ in events:
+        pass
