@@ -11,7 +11,8 @@ template (``ToolFormat.for_template``):
     MISTRAL      [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]        (Mistral 7B v0.3, Nemo,
                  Small: [TOOL_CALLS] is a special token, so the text is usually the array alone);
                  the whole answer is the calls, and call ids are 9 letters and digits, the only
-                 ids Mistral's templates accept back
+                 ids Mistral's templates accept back (a history's other ids are mapped to such
+                 ids: ``ToolFormat.template_messages``)
 
 ``ToolCallStream`` reads one choice's text as it streams and splits it into content and tool calls
 (text that only might open a call is held back until it is clear). How the choice is steered:
@@ -26,6 +27,7 @@ template (``ToolFormat.for_template``):
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import secrets
 import string
@@ -162,8 +164,44 @@ class ToolFormat(enum.Enum):
     def new_call_id(self) -> str:
         """An id for a call the model made, in the form the model's template takes back."""
         if self is ToolFormat.MISTRAL:
-            return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
+            return "".join(secrets.choice(_ALNUM) for _ in range(9))
         return f"call_{uuid.uuid4().hex[:24]}"
+
+    def template_messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A conversation's messages with their tool-call ids in the form this format's templates
+        take back. Mistral's refuse any id but 9 letters and digits, while clients (and other
+        servers' answers) bring ids of their own: each other id becomes one derived from it, the
+        same for a call and its answer and in every request (vLLM truncates ids instead, which
+        can leave an underscore, or make two ids one)."""
+        if self is not ToolFormat.MISTRAL:
+            return messages
+        out = []
+        for message in messages:
+            calls, answered = message.get("tool_calls"), message.get("tool_call_id")
+            if calls:
+                message = {
+                    **message,
+                    "tool_calls": [{**c, "id": _mistral_id(c["id"])} if "id" in c else c for c in calls],
+                }
+            if answered is not None:
+                message = {**message, "tool_call_id": _mistral_id(answered)}
+            out.append(message)
+        return out
+
+
+_ALNUM = string.ascii_letters + string.digits
+
+
+def _mistral_id(call_id: Any) -> Any:
+    """call_id if it is 9 letters and digits, else 9 of them derived from it (None stays None)."""
+    if not isinstance(call_id, str) or (len(call_id) == 9 and call_id.isascii() and call_id.isalnum()):
+        return call_id
+    n = int.from_bytes(hashlib.sha256(call_id.encode()).digest()[:8], "big")
+    digits = []
+    for _ in range(9):
+        n, d = divmod(n, len(_ALNUM))
+        digits.append(_ALNUM[d])
+    return "".join(digits)
 
 
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"

@@ -37,6 +37,7 @@ from tokenizers import decoders
 from scalellm.models.config import ModelConfig
 from scalellm.security import check_private
 from scalellm.text import ChatTemplateError, Tokenizer, resolve_bad_words
+from scalellm.text.tool_calls import ToolFormat
 from scalellm.types import InvalidParameter, SamplingParams
 from services.gateway.config import GatewayConfig
 from services.gateway.request import (
@@ -264,6 +265,9 @@ class Preprocessor:
             tools = [t.to_openai() for t in prompt.tools] or None
             r = prompt.rendering
             try:
+                if any(m.tool_calls or m.tool_call_id is not None for m in prompt.messages):
+                    fmt = ToolFormat.for_template(tok.get_chat_template(None, tools))
+                    messages = fmt.template_messages(messages)  # ids the template takes back
                 text = tok.apply_chat_template(
                     messages,
                     add_generation_prompt=r.add_generation_prompt,

@@ -132,3 +132,34 @@ async def test_the_template_sees_tools_and_tool_messages(tool_model: Path) -> No
     assert text.startswith("<tools>" + json.dumps(TOOLS[0]) + "</tools>\n")
     assert '<tool_call>get_weather {"city": "Paris"}</tool_call>' in text  # arguments as an object
     assert "<|im_start|>tool\nsunny [call_7]<|im_end|>" in text
+
+
+# Mistral's templates check every id in the history (this one as theirs do, in its own words).
+MISTRAL_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m.tool_calls %}[TOOL_CALLS]{% for c in m.tool_calls %}"
+    "{% if not (c.id is string and c.id | length == 9) %}{{ raise_exception('call ids must be 9 characters') }}{% endif %}"
+    "{{ c.function.name }}:{{ c.id }} {% endfor %}"
+    "{% elif m.tool_call_id %}[TOOL_RESULTS]{{ m.tool_call_id }}:{{ m.content }}[/TOOL_RESULTS]"
+    "{% else %}[INST]{{ m.content }}[/INST]{% endif %}{% endfor %}"
+)
+
+
+async def test_a_mistral_template_takes_a_history_with_openai_call_ids(tool_model: Path) -> None:
+    config_path = tool_model / "tokenizer_config.json"
+    config_json = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(config_json | {"chat_template": MISTRAL_TEMPLATE}))
+    config = GatewayConfig(model=str(tool_model))
+    model = ServedModel(tool_model, config)
+    call = ToolCall("get_weather", '{"city": "Paris"}', "call_9b1c2e7d4f")  # an id from OpenAI's form
+    history = [
+        *M,
+        {"role": "assistant", "content": None, "tool_calls": [call.to_openai()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny"},
+    ]
+    spec = parse_chat({"messages": history, "tools": TOOLS}).spec
+    [ids] = await Preprocessor(model, config).tokenize(spec.prompt)
+    text = model.tokenizer.decode(ids, skip_special_tokens=False)
+    mapped = text.split("get_weather:")[1].split(" ")[0]
+    assert len(mapped) == 9 and mapped.isalnum()
+    assert f"[TOOL_RESULTS]{mapped}:sunny[/TOOL_RESULTS]" in text

@@ -124,6 +124,32 @@ def test_mistral_text_streams_and_its_call_ids_are_what_its_template_takes() -> 
     assert hermes.id.startswith("call_")
 
 
+def test_a_historys_call_ids_become_ids_mistral_templates_take() -> None:
+    """Clients bring their own ids ("call_..." from OpenAI, other servers): for Mistral each becomes
+    9 letters and digits, the same for the call and its answer and from one request to the next
+    (the conversation stays a cached prefix); ids already in that form are kept."""
+    history: list[dict[str, Any]] = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_7f3a_x", "type": "function", "function": {"name": "get_weather", "arguments": {}}},
+            {"id": "Ab3dE6gH9", "type": "function", "function": {"name": "get_time", "arguments": {}}},
+        ]},
+        {"role": "tool", "tool_call_id": "call_7f3a_x", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "Ab3dE6gH9", "content": "noon"},
+    ]  # fmt: skip
+    mapped = ToolFormat.MISTRAL.template_messages(history)
+    first, kept = (c["id"] for c in mapped[1]["tool_calls"])
+    assert len(first) == 9 and first.isascii() and first.isalnum() and kept == "Ab3dE6gH9"
+    assert [m.get("tool_call_id") for m in mapped[2:]] == [first, kept]
+    assert ToolFormat.MISTRAL.template_messages(history) == mapped  # the same in every request
+    other = ToolFormat.MISTRAL.template_messages(
+        [{"role": "tool", "tool_call_id": "call_7f3a_y", "content": ""}]
+    )
+    assert other[0]["tool_call_id"] != first
+    assert history[1]["tool_calls"][0]["id"] == "call_7f3a_x"  # the caller's messages are not changed
+    assert ToolFormat.HERMES.template_messages(history) is history
+
+
 def test_format_is_chosen_from_the_template() -> None:
     assert ToolFormat.for_template("{{ '<tool_call>' }}") is ToolFormat.HERMES
     assert ToolFormat.for_template("{{ '[TOOL_CALLS]' + tool_calls|tojson }}") is ToolFormat.MISTRAL
