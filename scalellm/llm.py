@@ -200,8 +200,9 @@ class LLM:
         if choice.stop_matched and choice.stops is not None:
             text, reason = choice.stops.text, FinishReason.STOP
         else:
-            text = self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
             reason = req.status.finish_reason
+            shown = params.shown_ids(ids, reason is FinishReason.STOP, self.engine.eos_token_ids)
+            text = self.tokenizer.decode(shown, skip_special_tokens=params.skip_special_tokens)
         return CompletionOutput(
             index=choice.index,
             text=text,

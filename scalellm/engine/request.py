@@ -178,11 +178,7 @@ class Request:
 
     def check_stop(self) -> RequestStatus | None:
         """After a token was appended: the finished status it leads to, if any."""
-        last = self.token_ids[-1]
-        params = self.sampling_params
-        if not params.ignore_eos and last in self.eos_token_ids:
-            return RequestStatus.FINISHED_STOPPED
-        if last in params.stop_token_ids:
+        if self.sampling_params.stops_on(self.token_ids[-1], self.eos_token_ids):
             return RequestStatus.FINISHED_STOPPED
         if self.grammar is not None and self.grammar.done:
             return RequestStatus.FINISHED_STOPPED  # complete: only the end could follow

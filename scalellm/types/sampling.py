@@ -10,7 +10,7 @@ HTTP 400 with an OpenAI error body).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from scalellm.types.errors import InvalidParameter
@@ -45,7 +45,8 @@ class SamplingParams:
     skip_special_tokens: leave special tokens out of the text.
     stop: strings that end the output (applied to the text by the gateway and the offline LLM;
         duplicates dropped).
-    include_stop_str_in_output: keep the matched stop string at the end of the text.
+    include_stop_str_in_output: keep the matched stop string at the end of the text (and the
+        text of the token that stopped the output: EOS, or one of stop_token_ids).
     presence_penalty: subtract this from the logit of every token already generated, in [-2, 2].
     frequency_penalty: subtract this times the token's count in the output so far, in [-2, 2].
     repetition_penalty: > 0; a token seen in the prompt or the output has its logit divided by it
@@ -183,6 +184,19 @@ class SamplingParams:
     def greedy(self) -> bool:
         """True when sampling reduces to argmax."""
         return self.temperature == 0.0 or self.top_k == 1
+
+    def stops_on(self, token_id: int, eos_token_ids: Collection[int]) -> bool:
+        """Whether token_id ends the output: an EOS (unless ignore_eos) or one of stop_token_ids."""
+        return (not self.ignore_eos and token_id in eos_token_ids) or token_id in self.stop_token_ids
+
+    def shown_ids(self, ids: Sequence[int], stopped: bool, eos_token_ids: Collection[int]) -> Sequence[int]:
+        """The output ids whose text is shown, as vLLM shows it: all but a last token that stopped
+        the output (stopped: it ended with finish reason stop), unless include_stop_str_in_output.
+        That token stays in the token ids; its text (EOS when special tokens are kept, or an
+        ordinary token given in stop_token_ids) is left out."""
+        if stopped and ids and not self.include_stop_str_in_output and self.stops_on(ids[-1], eos_token_ids):
+            return ids[:-1]
+        return ids
 
 
 def _is_int(value: object) -> bool:

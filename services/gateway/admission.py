@@ -170,7 +170,10 @@ class ServedModel:
         self.path = path
         self.tokenizer = Tokenizer.from_dir(path)
         self.name = name or config.served_model_name or path.name
-        self.context_length = ModelConfig.from_dir(path).context_length
+        model_config = ModelConfig.from_dir(path)
+        self.context_length = model_config.context_length
+        self.eos_token_ids = frozenset(model_config.eos_token_ids)
+        """The ids that end an answer (as the workers' engines read them from the same files)."""
         self.limits = TokenLimits.resolve(config, self.context_length)
         self.created = int(time.time())
         self.reasoning = config.reasoning_parser is not None

@@ -107,6 +107,7 @@ class ModelLane:
             self._metrics,
             self.config.route_attempts,
             self.config.migration_limit,
+            eos_token_ids=served.eos_token_ids,
         )
 
 

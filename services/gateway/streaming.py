@@ -68,10 +68,13 @@ class Dispatcher:
         metrics: GatewayMetrics,
         attempts: int = 3,
         migration_limit: int = 3,
+        *,
+        eos_token_ids: frozenset[int] = frozenset(),
     ) -> None:
         self.router = router
         self.channels = channels
         self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
         self.metrics = metrics
         self.attempts = attempts
         self.migration_limit = migration_limit
@@ -185,7 +188,7 @@ class ChoiceStream:
         self.worker_id = started.lease.route.decode.worker_id
         self._first: worker_pb2.GenerateResponse | None = started.first
         prompt = request.prompt_of(index)
-        params = request.sampling
+        params = self._params = request.sampling
         self._detok = IncrementalDetokenizer(
             dispatcher.tokenizer, params.skip_special_tokens, prompt_ids=prompt
         )
@@ -284,8 +287,11 @@ class ChoiceStream:
         ids = msg.token_ids
         self._output.extend(ids)
         self.completion_tokens += len(ids)
-        text = self._detok.add(ids) if ids else ""
         finish = finish_reason_from_proto(msg.finish_reason)
+        shown: Sequence[int] = ids
+        if finish is FinishReason.STOP:  # the token that stopped it is not shown (as in vLLM)
+            shown = self._params.shown_ids(ids, True, self._dispatcher.eos_token_ids)
+        text = self._detok.add(shown) if shown else ""
         if finish is FinishReason.ABORT or (finish is None and msg.finish_reason):
             raise GatewayError(ErrorKind.UNAVAILABLE, f"decode worker {self.worker_id} aborted the request")
         if finish is not None:

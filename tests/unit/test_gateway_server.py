@@ -85,6 +85,8 @@ class ScriptedDecode(worker_pb2_grpc.DecodeWorkerServicer):
         if self.exhausted:
             raise ResourceExhausted("no KV blocks free")
         ids = [*self.reply_ids, EOS]
+        stops = set(request.sampling.stop_token_ids)  # end on them as the engine does
+        ids = ids[: next((i + 1 for i, t in enumerate(ids) if t in stops), len(ids))]
         limit = request.sampling.max_tokens or len(ids)
         resumed = len(request.resume_token_ids)
         assert list(request.resume_token_ids) == ids[:resumed], "a migration resumes what was sent"
@@ -113,7 +115,9 @@ class ScriptedDecode(worker_pb2_grpc.DecodeWorkerServicer):
                         msg.prompt_logprobs.add(token_id=t, logprob=-0.5, top=top)
                 if i == len(ids) - 1:
                     msg.finish_reason = (
-                        common_pb2.FINISH_REASON_STOP if token == EOS else common_pb2.FINISH_REASON_LENGTH
+                        common_pb2.FINISH_REASON_STOP
+                        if token == EOS or token in stops
+                        else common_pb2.FINISH_REASON_LENGTH
                     )
                     msg.usage.CopyFrom(
                         common_pb2.Usage(
@@ -311,6 +315,34 @@ async def test_stop_string_streaming_never_leaks_the_stop(mesh: Mesh) -> None:
     )
     text = "".join([c.choices[0].text async for c in stream])
     assert text == "Hello! The café costs 5€. 😀 "
+
+
+async def test_the_token_that_stopped_the_answer_is_not_in_its_text(mesh: Mesh) -> None:
+    """As in vLLM: the EOS (with special tokens kept) or a token of stop_token_ids ends the answer
+    and counts as a completion token, but its text is left out unless include_stop_str_in_output."""
+    client, tok = mesh.client(), mesh.gateway.core.model.tokenizer
+    ask: Any = [{"role": "user", "content": "x"}]
+    model = "SmolLM2-135M-Instruct"
+    special = {"skip_special_tokens": False}
+    out = await client.chat.completions.create(model=model, messages=ask, extra_body=special)
+    assert out.choices[0].message.content == REPLY and out.choices[0].finish_reason == "stop"
+    assert out.usage is not None and out.usage.completion_tokens == len(mesh.reply_ids) + 1
+    keep = {**special, "include_stop_str_in_output": True}
+    out = await client.chat.completions.create(model=model, messages=ask, extra_body=keep)
+    assert out.choices[0].message.content == REPLY + tok.decode([EOS], skip_special_tokens=False)
+
+    k = next(i for i in range(2, len(mesh.reply_ids)) if mesh.reply_ids[i] not in mesh.reply_ids[:i])
+    stop = {"stop_token_ids": [mesh.reply_ids[k]]}  # an ordinary token, its first time in the reply
+    out = await client.chat.completions.create(model=model, messages=ask, extra_body=stop)
+    assert out.choices[0].message.content == tok.decode(mesh.reply_ids[:k])
+    assert (
+        out.choices[0].finish_reason == "stop"
+        and out.usage is not None
+        and out.usage.completion_tokens == k + 1
+    )
+    stream = await client.chat.completions.create(model=model, messages=ask, extra_body=stop, stream=True)
+    deltas = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+    assert "".join(deltas) == tok.decode(mesh.reply_ids[:k])
 
 
 async def test_n_fans_out(mesh_factory: MeshFactory) -> None:

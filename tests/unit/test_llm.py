@@ -59,6 +59,24 @@ def test_chat_stops_at_end_of_turn(llm: LLM) -> None:
     assert alone.prompt_token_ids == llm.get_tokenizer().encode_chat(other)
 
 
+def test_the_token_that_stopped_the_output_is_not_in_its_text(llm: LLM) -> None:
+    """As in vLLM: an EOS kept by skip_special_tokens=False, or an ordinary token given in
+    stop_token_ids, ends the output and stays in its token ids, but not in its text (unless
+    include_stop_str_in_output)."""
+    ask = [{"role": "user", "content": "What is the capital of France?"}]
+    greedy = SamplingParams(temperature=0.0, max_tokens=64, skip_special_tokens=False)
+    [out] = llm.chat(ask, greedy)
+    ids = out.outputs[0].token_ids
+    assert out.outputs[0].finish_reason == "stop" and ids[-1] in llm.engine.eos_token_ids
+    assert out.outputs[0].text == llm.tokenizer.decode(ids[:-1], skip_special_tokens=False)
+    [kept] = llm.chat(ask, replace(greedy, include_stop_str_in_output=True))
+    assert kept.outputs[0].text == llm.tokenizer.decode(ids, skip_special_tokens=False)
+    k = next(i for i in range(1, len(ids) - 1) if ids[i] not in ids[:i])
+    [cut] = llm.chat(ask, replace(greedy, stop_token_ids=(ids[k],)))
+    assert cut.outputs[0].token_ids == ids[: k + 1] and cut.outputs[0].finish_reason == "stop"
+    assert cut.outputs[0].text == llm.tokenizer.decode(ids[:k])
+
+
 def test_chat_continues_a_final_assistant_message(llm: LLM) -> None:
     """continue_final_message: the model goes on from the answer's beginning it was given, as it
     does from the same rendering sent as a prompt."""

@@ -125,3 +125,14 @@ def test_logprobs_are_raw_log_softmax() -> None:
 def test_bad_parameters_name_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
+
+
+def test_the_token_that_stopped_the_output_is_not_shown() -> None:
+    eos = frozenset({2})
+    params = SamplingParams(stop_token_ids=(13,))
+    assert params.shown_ids([5, 6, 2], True, eos) == [5, 6] and params.shown_ids([5, 13], True, eos) == [5]
+    assert params.shown_ids([5, 6], True, eos) == [5, 6]  # stopped by a grammar's last token: shown
+    assert params.shown_ids([5, 2], False, eos) == [5, 2]  # not a stop (max_tokens on an EOS)
+    assert SamplingParams(ignore_eos=True).shown_ids([5, 2], True, eos) == [5, 2]
+    assert SamplingParams(include_stop_str_in_output=True).shown_ids([5, 2], True, eos) == [5, 2]
+    assert params.stops_on(2, eos) and params.stops_on(13, eos) and not params.stops_on(5, eos)
