@@ -13,6 +13,9 @@ template (``ToolFormat.for_template``):
                  the whole answer is the calls, and call ids are 9 letters and digits, the only
                  ids Mistral's templates accept back (a history's other ids are mapped to such
                  ids: ``ToolFormat.template_messages``)
+    MISTRAL_V11  content[TOOL_CALLS]name[ARGS]{...}[TOOL_CALLS]name[ARGS]{...}  (Mistral Small 3.1+,
+                 Devstral, Magistral: templates that write [ARGS]); the tags are special tokens,
+                 so the answer is detokenized with them (``ToolFormat.needs_special_tokens``)
 
 ``ToolCallStream`` reads one choice's text as it streams and splits it into content and tool calls
 (text that only might open a call is held back until it is clear). How the choice is steered:
@@ -148,22 +151,28 @@ class ToolFormat(enum.Enum):
     HERMES = "hermes"
     LLAMA3_JSON = "llama3_json"
     MISTRAL = "mistral"
+    MISTRAL_V11 = "mistral_v11"
 
     @classmethod
     def for_template(cls, template: str | None) -> ToolFormat:
-        """The format a chat template teaches: Mistral's when it writes [TOOL_CALLS], Llama 3's
-        when it speaks of ipython / python_tag without Hermes tags, else Hermes (also the default
-        for templates that show no tools)."""
+        """The format a chat template teaches: Mistral's when it writes [TOOL_CALLS] (the newer
+        form when it writes [ARGS] too), Llama 3's when it speaks of ipython / python_tag without
+        Hermes tags, else Hermes (also the default for templates that show no tools)."""
         text = template or ""
         if "<tool_call>" not in text and _MISTRAL_TAG in text:
-            return cls.MISTRAL
+            return cls.MISTRAL_V11 if _ARGS_TAG in text else cls.MISTRAL
         if "<tool_call>" not in text and ("<|python_tag|>" in text or "ipython" in text):
             return cls.LLAMA3_JSON
         return cls.HERMES
 
+    @property
+    def needs_special_tokens(self) -> bool:
+        """Whether the calls are read from special tokens, which the answer's text must keep."""
+        return self is ToolFormat.MISTRAL_V11
+
     def new_call_id(self) -> str:
         """An id for a call the model made, in the form the model's template takes back."""
-        if self is ToolFormat.MISTRAL:
+        if self in (ToolFormat.MISTRAL, ToolFormat.MISTRAL_V11):
             return "".join(secrets.choice(_ALNUM) for _ in range(9))
         return f"call_{uuid.uuid4().hex[:24]}"
 
@@ -173,7 +182,7 @@ class ToolFormat(enum.Enum):
         servers' answers) bring ids of their own: each other id becomes one derived from it, the
         same for a call and its answer and in every request (vLLM truncates ids instead, which
         can leave an underscore, or make two ids one)."""
-        if self is not ToolFormat.MISTRAL:
+        if self not in (ToolFormat.MISTRAL, ToolFormat.MISTRAL_V11):
             return messages
         out = []
         for message in messages:
@@ -207,6 +216,7 @@ def _mistral_id(call_id: Any) -> Any:
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
 _PYTHON_TAG = "<|python_tag|>"
 _MISTRAL_TAG = "[TOOL_CALLS]"
+_ARGS_TAG, _CALL_ID_TAG = "[ARGS]", "[CALL_ID]"
 
 
 def _calls_from_json(text: str, arguments_key: str) -> list[ToolCall] | None:
@@ -252,6 +262,26 @@ def _split_mistral(text: str) -> list[ToolCall] | None:
     """Mistral's answer: optional [TOOL_CALLS], then a JSON array of {"name", "arguments"}."""
     body = text.strip().removeprefix(_MISTRAL_TAG).strip()
     return _calls_from_json(body, "arguments") if body.startswith(("[", "{")) else None
+
+
+def _split_mistral_v11(text: str) -> list[ToolCall] | None:
+    """Mistral's newer calls: [TOOL_CALLS]name[ARGS]{...} each ([CALL_ID]id may come before
+    [ARGS]); None unless the text is only such calls."""
+    head, *parts = text.strip().split(_MISTRAL_TAG)
+    if head.strip() or not parts:
+        return None
+    calls = []
+    for part in parts:
+        name, tagged, arguments = part.partition(_ARGS_TAG)
+        name = name.partition(_CALL_ID_TAG)[0].strip()
+        try:
+            value = json.loads(arguments)
+        except ValueError:
+            return None
+        if not tagged or not name or not isinstance(value, dict):
+            return None
+        calls.append(ToolCall(name, json.dumps(value, ensure_ascii=False)))
+    return calls
 
 
 def _opens_call(fmt: ToolFormat, head: str) -> bool | None:
@@ -305,6 +335,8 @@ class ToolCallStream:
             return ToolDelta()
         if self.format is ToolFormat.HERMES:
             return self._feed_hermes()
+        if self.format is ToolFormat.MISTRAL_V11:
+            return self._feed_mistral_v11()
         return self._feed_whole_answer()
 
     def finish(self) -> ToolDelta:
@@ -313,6 +345,9 @@ class ToolCallStream:
         self._pending = ""
         if mode is ToolMode.REQUIRED:
             calls = _calls_from_json(pending, "parameters")
+            return self._add(calls) if calls else ToolDelta(content=pending)
+        if mode is ToolMode.AUTO and self.format is ToolFormat.MISTRAL_V11:
+            calls = _split_mistral_v11(pending) if self._in_call else None
             return self._add(calls) if calls else ToolDelta(content=pending)
         if mode is ToolMode.AUTO and self.format is not ToolFormat.HERMES and self._is_call is not False:
             split = _split_llama3 if self.format is ToolFormat.LLAMA3_JSON else _split_mistral
@@ -359,6 +394,22 @@ class ToolCallStream:
             if release.strip() or not self.calls:
                 out.content += release
             return out
+
+    def _feed_mistral_v11(self) -> ToolDelta:
+        """Content until the first [TOOL_CALLS]; from there the calls are held to the end."""
+        if self._in_call:
+            return ToolDelta()
+        start = self._pending.find(_MISTRAL_TAG)
+        if start >= 0:
+            self._in_call = True
+            before, self._pending = self._pending[:start], self._pending[start:]
+            return ToolDelta(content=before)
+        keep = partial_suffix(self._pending, _MISTRAL_TAG)
+        release, self._pending = (
+            self._pending[: len(self._pending) - keep],
+            self._pending[len(self._pending) - keep :],
+        )
+        return ToolDelta(content=release)
 
     def _feed_whole_answer(self) -> ToolDelta:
         """LLAMA3_JSON and MISTRAL: an answer that opens as a call is held to its end."""

@@ -181,9 +181,20 @@ class ServedModel:
         self.worker_model: str | None = (
             name if name else None if config.worker_model == "*" else config.worker_model or self.name
         )
+        self._tool_format: ToolFormat | None = None
         self._token_text = lru_cache(maxsize=65536)(self._decode_one)
         self._token_bytes = lru_cache(maxsize=65536)(self._bytes_of)
         self._byte_level = isinstance(self.tokenizer.backend.decoder, decoders.ByteLevel)
+
+    def tool_format(self) -> ToolFormat:
+        """How the model writes tool calls: read from the chat template it uses with tools."""
+        if self._tool_format is None:
+            try:
+                template: str | None = self.tokenizer.get_chat_template(None, tools=[{}])  # any tool
+            except ValueError:  # no chat template
+                template = None
+            self._tool_format = ToolFormat.for_template(template)
+        return self._tool_format
 
     def accepts(self, name: str | None) -> bool:
         """True for the names a request may use: empty (the default), the served name or the folder."""
@@ -269,8 +280,7 @@ class Preprocessor:
             r = prompt.rendering
             try:
                 if any(m.tool_calls or m.tool_call_id is not None for m in prompt.messages):
-                    fmt = ToolFormat.for_template(tok.get_chat_template(None, tools))
-                    messages = fmt.template_messages(messages)  # ids the template takes back
+                    messages = self.model.tool_format().template_messages(messages)  # ids it takes
                 text = tok.apply_chat_template(
                     messages,
                     add_generation_prompt=r.add_generation_prompt,
@@ -345,11 +355,14 @@ class Preprocessor:
                 "max_tokens",
                 "context_length_exceeded",
             )
+        sampling = spec.sampling
+        if spec.prompt.tools and self.model.tool_format().needs_special_tokens:
+            sampling = replace(sampling, skip_special_tokens=False)  # the calls' tags are special tokens
         return GenerationRequest(
             request_id=uuid.uuid4().hex,
             model=self.model.name,
             prompts=prompts,
-            sampling=self._worker_sampling(spec.sampling, max_tokens),
+            sampling=self._worker_sampling(sampling, max_tokens),
             priority=spec.priority,
             tenant=tenant,
             received_at=received_at,

@@ -17,7 +17,7 @@ from json.encoder import encode_basestring
 from typing import Any
 
 from scalellm.text.reasoning import ReasoningStream, opens_reasoning
-from scalellm.text.tool_calls import ToolCallStream, ToolDelta, ToolFormat, ToolMode, parse_whole
+from scalellm.text.tool_calls import ToolCallStream, ToolDelta, ToolMode, parse_whole
 from scalellm.types import FinishReason, TokenLogprobs, Usage
 from services.gateway.admission import ServedModel
 from services.gateway.openai_convert import (
@@ -81,9 +81,7 @@ class OpenAIFormatter:
         self.created = int(time.time())
         tools = call.tools if call.tools is not None and call.tools.mode is not ToolMode.NONE else None
         self._tools = tools
-        self._tool_format = (
-            ToolFormat.for_template(model.tokenizer.get_chat_template(None, tools.tools)) if tools else None
-        )
+        self._tool_format = model.tool_format() if tools else None
         self._choices = [
             _Choice(
                 ToolCallStream(tools, self._tool_format) if tools and self._tool_format else None,

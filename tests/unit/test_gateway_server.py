@@ -174,7 +174,13 @@ MeshFactory = Callable[..., Awaitable[Mesh]]
 async def mesh_factory(served_config: GatewayConfig, served_model: ServedModel) -> AsyncIterator[MeshFactory]:
     started: list[tuple[Mesh, list[grpc.aio.Server]]] = []
 
-    async def make(workers: int = 1, worker_kw: list[dict[str, Any]] | None = None, **overrides: Any) -> Mesh:
+    async def make(
+        workers: int = 1,
+        worker_kw: list[dict[str, Any]] | None = None,
+        model_dir: Path | None = None,
+        **overrides: Any,
+    ) -> Mesh:
+        """model_dir: serve this folder instead of the demo model (its own tokenizer, template)."""
         reply_ids = served_model.tokenizer.encode(REPLY)
         scripted, servers, addrs = [], [], []
         for i in range(workers):
@@ -188,7 +194,7 @@ async def mesh_factory(served_config: GatewayConfig, served_model: ServedModel) 
             addrs.append(f"w{i}=127.0.0.1:{port}")
         settings = {"decode_addrs": tuple(addrs)} | overrides
         config = GatewayConfig(**{**_fields(served_config), **settings})
-        gateway = GatewayServer(config, model=ServedModel(served_model.path, config))
+        gateway = GatewayServer(config, model=ServedModel(model_dir or served_model.path, config))
         await gateway.start()
         mesh = Mesh(gateway, scripted, reply_ids, servers)
         started.append((mesh, servers))
@@ -501,7 +507,7 @@ async def test_metrics(mesh: Mesh) -> None:
 
 
 async def replying(mesh_factory: MeshFactory, text: str, **config: Any) -> Mesh:
-    """A mesh (config: GatewayConfig overrides) whose scripted worker replies with text."""
+    """A mesh (config: mesh_factory's arguments) whose scripted worker replies with text."""
     mesh = await mesh_factory(**config)
     mesh.workers[0].reply_ids = mesh.gateway.core.model.tokenizer.encode(text, add_special_tokens=False)
     return mesh

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tokenizers
 
 from scalellm.text.tool_calls import ToolCall, required_schema
 from scalellm.types.proto import sampling_from_proto
@@ -163,3 +164,52 @@ async def test_a_mistral_template_takes_a_history_with_openai_call_ids(tool_mode
     mapped = text.split("get_weather:")[1].split(" ")[0]
     assert len(mapped) == 9 and mapped.isalnum()
     assert f"[TOOL_RESULTS]{mapped}:sunny[/TOOL_RESULTS]" in text
+
+
+# Mistral Small 3.1+ write [TOOL_CALLS]name[ARGS]{...} per call, the tags special tokens.
+MISTRAL_V11_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m.tool_calls %}{% for c in m.tool_calls %}[TOOL_CALLS]{{ c.function.name }}[ARGS]"
+    "{{ c.function.arguments | tojson }}{% endfor %}"
+    "{% else %}[INST]{{ m.content }}[/INST]{% endif %}{% endfor %}"
+)
+
+
+@pytest.fixture
+def mistral_v11_model(tool_model: Path) -> Path:
+    """The demo tokenizer with [TOOL_CALLS] and [ARGS] as special tokens and a template writing them."""
+    tok = tokenizers.Tokenizer.from_file(str(tool_model / "tokenizer.json"))
+    tok.add_special_tokens([tokenizers.AddedToken(t, special=True) for t in ("[TOOL_CALLS]", "[ARGS]")])
+    tok.save(str(tool_model / "tokenizer.json"))
+    config_path = tool_model / "tokenizer_config.json"
+    config_path.write_text(
+        json.dumps(json.loads(config_path.read_text()) | {"chat_template": MISTRAL_V11_TEMPLATE})
+    )
+    return tool_model
+
+
+async def test_mistral_v11_calls_are_read_from_their_special_tokens(
+    mesh_factory: MeshFactory, mistral_v11_model: Path
+) -> None:
+    """The tags are special tokens, which the answer's text drops by default: for this format the
+    gateway keeps them (skip_special_tokens false) and reads the calls out, whole and streamed."""
+    reply = 'Let me check.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_weather[ARGS]{"city": "Rome"}'
+    mesh = await replying(mesh_factory, reply, model_dir=mistral_v11_model)
+    tok = mesh.gateway.core.model.tokenizer
+    assert len(tok.encode("[TOOL_CALLS][ARGS]", add_special_tokens=False)) == 2  # two special tokens
+    client, name = mesh.client(), mesh.gateway.core.model.name
+    out = await client.chat.completions.create(model=name, messages=M, tools=TOOLS)
+    choice = out.choices[0]
+    assert choice.message.content == "Let me check." and choice.finish_reason == "tool_calls"
+    calls = choice.message.tool_calls or []
+    assert [json.loads(c.function.arguments)["city"] for c in calls] == ["Paris", "Rome"]  # type: ignore[union-attr]
+    assert all(len(c.id) == 9 and c.id.isalnum() for c in calls)
+
+    stream = await client.chat.completions.create(model=name, messages=M, tools=TOOLS, stream=True)
+    chunks = [c async for c in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Let me check."
+    deltas = [t for c in chunks for t in c.choices[0].delta.tool_calls or []]
+    assert [(d.index, d.function.name) for d in deltas] == [(0, "get_weather"), (1, "get_weather")]  # type: ignore[union-attr]
+
+    plain = await client.chat.completions.create(model=name, messages=M)  # no tools: tags dropped as usual
+    assert plain.choices[0].message.content == tok.decode(tok.encode(reply, add_special_tokens=False))

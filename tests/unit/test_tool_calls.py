@@ -124,6 +124,29 @@ def test_mistral_text_streams_and_its_call_ids_are_what_its_template_takes() -> 
     assert hermes.id.startswith("call_")
 
 
+def test_mistral_v11_content_then_calls_however_the_text_is_split() -> None:
+    text = (
+        'Checking.[TOOL_CALLS]get_weather[ARGS]{"city": "Rome"}[TOOL_CALLS]get_time[CALL_ID]a1B2c3D4e[ARGS]{}'
+    )
+    want = ("Checking.", [("get_weather", {"city": "Rome"}), ("get_time", {})])
+    assert stream_pieces(AUTO, ToolFormat.MISTRAL_V11, chars(text)) == want
+    assert stream_pieces(AUTO, ToolFormat.MISTRAL_V11, [text]) == want
+    stream = ToolCallStream(AUTO, ToolFormat.MISTRAL_V11)
+    assert stream.feed("Hi [TOOL").content == "Hi "  # the tag may be starting: held
+    assert stream.feed("S] no").content == "[TOOLS] no"
+    for bad in (
+        "[TOOL_CALLS]get_weather{}",
+        '[TOOL_CALLS][ARGS]{"a": 1}',
+        "[TOOL_CALLS]f[ARGS]{oops",
+        "no calls",
+    ):
+        assert stream_pieces(AUTO, ToolFormat.MISTRAL_V11, chars(bad)) == (bad, []), bad
+    _, [call] = parse_whole(AUTO, ToolFormat.MISTRAL_V11, "[TOOL_CALLS]get_time[ARGS]{}")
+    assert len(call.id) == 9 and call.id.isalnum()
+    assert ToolFormat.for_template("{{ '[TOOL_CALLS]' + c.name + '[ARGS]' }}") is ToolFormat.MISTRAL_V11
+    assert ToolFormat.MISTRAL_V11.needs_special_tokens and not ToolFormat.MISTRAL.needs_special_tokens
+
+
 def test_a_historys_call_ids_become_ids_mistral_templates_take() -> None:
     """Clients bring their own ids ("call_..." from OpenAI, other servers): for Mistral each becomes
     9 letters and digits, the same for the call and its answer and from one request to the next
