@@ -86,30 +86,57 @@ class BlockHashDelta:
 
 
 class BlockHashLog:
-    """Accumulates a block manager's adds and evictions until they are taken as one delta."""
+    """Accumulates a block manager's adds and evictions until they are taken as one delta.
 
-    __slots__ = ("_added", "_removed")
+    Nobody may take them (a worker without a registry, the offline LLM): past ``max_changes``
+    untaken changes the log forgets them and the next take is a reset to the whole set, so its
+    memory stays bounded however long the cache churns.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_added", "_max_changes", "_overflowed", "_removed")
+
+    def __init__(self, max_changes: int = 1 << 16) -> None:
         self._added: set[int] = set()
         self._removed: set[int] = set()
+        self._max_changes = max_changes
+        self._overflowed = False
 
     def added(self, h: int) -> None:
-        self._removed.discard(h)
-        self._added.add(h)
+        if not self._overflowed:
+            self._removed.discard(h)
+            self._added.add(h)
+            self._bound()
 
     def removed(self, h: int) -> None:
-        self._added.discard(h)
-        self._removed.add(h)
+        if not self._overflowed:
+            self._added.discard(h)
+            self._removed.add(h)
+            self._bound()
 
-    def take(self, full: Iterable[int] | None = None) -> BlockHashDelta:
-        """The changes since the last take (and forget them); with ``full``, a reset to it."""
-        if full is not None:
-            delta = BlockHashDelta(tuple(full), (), reset=True)
+    def reset(self) -> None:
+        """Forget the changes: the next take is a reset."""
+        self._added.clear()
+        self._removed.clear()
+        self._overflowed = True
+
+    def __len__(self) -> int:
+        """Changes held (untaken)."""
+        return len(self._added) + len(self._removed)
+
+    def _bound(self) -> None:
+        if len(self) > self._max_changes:
+            self.reset()
+
+    def take(self, current: Iterable[int], full: bool = False) -> BlockHashDelta:
+        """The changes since the last take (and forget them); with ``full``, or when they were
+        forgotten, a reset to ``current`` (the whole set now, read only then)."""
+        if full or self._overflowed:
+            delta = BlockHashDelta(tuple(current), (), reset=True)
         else:
             delta = BlockHashDelta(tuple(self._added), tuple(self._removed))
         self._added.clear()
         self._removed.clear()
+        self._overflowed = False
         return delta
 
 
@@ -129,12 +156,14 @@ class BlockHashMirror:
         self._log = BlockHashLog()
 
     def publish(self, delta: BlockHashDelta) -> None:
-        """Apply a change taken from the block manager (a change, never a reset)."""
-        if delta.reset:
-            raise ValueError("publish changes, not a reset")
+        """Apply what the block manager's take_hash_delta gave."""
         if delta.empty:
             return
         with self._lock:
+            if delta.reset:
+                self._hashes = set(delta.added)
+                self._log.reset()
+                return
             for h in delta.removed:
                 self._hashes.discard(h)
                 self._log.removed(h)
@@ -145,4 +174,4 @@ class BlockHashMirror:
     def take(self, full: bool = False) -> BlockHashDelta:
         """The changes published since the last take; with ``full``, the whole set as a reset."""
         with self._lock:
-            return self._log.take(tuple(self._hashes) if full else None)
+            return self._log.take(self._hashes, full)

@@ -56,7 +56,7 @@ class BlockManager:
     def take_hash_delta(self, full: bool = False) -> BlockHashDelta:
         """The cached hashes added and evicted since the last call; with ``full``, every cached
         hash as a reset (and the changes so far are forgotten)."""
-        return self._hash_log.take(tuple(self.cached) if full else None)
+        return self._hash_log.take(self.cached, full)
 
     # ---- allocation ----------------------------------------------------------------------
 

@@ -5,11 +5,16 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
 from scalellm.engine.block_manager import BlockManager
 from scalellm.engine.request import Request
-from scalellm.kvhash import BlockHashDelta, BlockHashMirror, from_wire, prompt_block_hashes, to_wire
+from scalellm.kvhash import (
+    BlockHashDelta,
+    BlockHashLog,
+    BlockHashMirror,
+    from_wire,
+    prompt_block_hashes,
+    to_wire,
+)
 from scalellm.types import SamplingParams
 
 
@@ -117,5 +122,22 @@ def test_a_mirror_fed_every_change_answers_changes_and_the_whole_set() -> None:
             delta = mirror.take()
             published = (published - set(delta.removed)) | set(delta.added)
             assert published == set(bm.cached)
-    with pytest.raises(ValueError, match="reset"):
-        mirror.publish(BlockHashDelta(added=(1,), reset=True))
+    mirror.publish(BlockHashDelta(added=(1, 2), reset=True))  # the block manager forgot its changes
+    assert mirror.take() == BlockHashDelta(added=(1, 2), reset=True)
+
+
+def test_untaken_changes_are_bounded_and_become_a_reset() -> None:
+    """Nobody may take the changes (no registry, the offline LLM): past the bound they are
+    forgotten, and the next take is the whole set as a reset."""
+    log = BlockHashLog(max_changes=4)
+    for h in range(3):
+        log.added(h)
+    assert log.take({0, 1, 2}) == BlockHashDelta(added=(0, 1, 2))
+    for h in range(10, 20):  # churn: more changes than the bound
+        log.added(h)
+        log.removed(h - 1)
+    assert len(log) <= 4  # bounded
+    full = log.take({18, 19})
+    assert full.reset and set(full.added) == {18, 19}
+    log.removed(19)
+    assert log.take({18}) == BlockHashDelta(removed=(19,))  # back to changes after the reset
