@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import replace
 from types import TracebackType
 
@@ -236,8 +236,13 @@ class GatewayCore:
         return await start_generation(lane.dispatcher, request, timeout, self.metrics)
 
     def prune_channels(self) -> None:
-        """Close channels to workers that left (called when the worker set changes)."""
-        self.channels.prune({w.address for workers in self.worker_sets() for w in workers.decode})
+        """Close channels to workers that left, drop their metric series (called when the worker
+        set changes)."""
+        sets = self.worker_sets()
+        self.channels.prune({w.address for workers in sets for w in workers.decode})
+        self.metrics.forget_workers(
+            {w.worker_id for workers in sets for w in (*workers.decode, *workers.prefill)}
+        )
 
     async def close(self) -> None:
         await self.channels.close()
@@ -378,6 +383,9 @@ class GatewayMetrics:
             ["worker"],
             registry=r,
         )
+        self._by_worker = (self.routes, self.route_prompt_blocks, self.route_cached_blocks,
+                           self.route_prompt_tokens, self.route_cached_tokens)  # fmt: skip
+        self._workers: set[str] = set()  # worker ids with series
         self.auth_failures = Counter(
             "scalellm_gateway_auth_failures",
             "Requests refused for their API key: missing, malformed or unknown (never the key itself)",
@@ -390,11 +398,27 @@ class GatewayMetrics:
         local = route.local_prefill
         worker = route.decode if local else route.prefill[0]
         labels = (worker.worker_id, "local" if local else "remote")
+        self._workers.add(worker.worker_id)
         self.routes.labels(*labels).inc()
         self.route_prompt_blocks.labels(*labels).inc(route.prompt_blocks)
         self.route_cached_blocks.labels(*labels).inc(route.cached_blocks)
         self.route_prompt_tokens.labels(*labels).inc(prompt_len)
         self.route_cached_tokens.labels(*labels).inc(min(prompt_len, route.cached_blocks * worker.block_size))
+
+    def observe_cached_prompt(self, worker_id: str, tokens: int) -> None:
+        """Prompt tokens a decode worker reported as prefix-cache hits."""
+        self._workers.add(worker_id)
+        self.cached_prompt_tokens.labels(worker_id).inc(tokens)
+
+    def forget_workers(self, live: Collection[str]) -> None:
+        """Drop the per-worker series of workers that left. A worker's id is new with every start:
+        an autoscaled mesh would otherwise add series for as long as the gateway runs."""
+        for worker_id in self._workers.difference(live):
+            for counter in self._by_worker:
+                for prefill in ("local", "remote"):
+                    counter.remove(worker_id, prefill)
+            self.cached_prompt_tokens.remove(worker_id)
+        self._workers.intersection_update(live)
 
     def watch_workers(self, decode: Callable[[], float], prefill: Callable[[], float]) -> None:
         """Report the routable worker counts at scrape time."""

@@ -410,7 +410,7 @@ class Generation:
         if update.timings is not None:
             self.metrics.overhead.observe(update.timings.gateway)
         if update.usage is not None and update.usage.cached_prompt_tokens:
-            self.metrics.cached_prompt_tokens.labels(stream.worker_id).inc(update.usage.cached_prompt_tokens)
+            self.metrics.observe_cached_prompt(stream.worker_id, update.usage.cached_prompt_tokens)
         if update.stop_str is not None:
             self.metrics.cancelled.labels("stop_string").inc()
 
