@@ -295,6 +295,18 @@ class Preprocessor:
             return (tuple(await self._encode(text, add_special_tokens=False)),)
         return tuple([tuple(await self._encode(text, add_special_tokens=True)) for text in prompt.texts])
 
+    def _truncate(self, prompts: tuple[tuple[int, ...], ...], keep: int) -> tuple[tuple[int, ...], ...]:
+        """Each prompt's last ``keep`` tokens (vLLM's left truncation; -1: the prompt limit)."""
+        limit = self.model.limits.max_prompt_tokens
+        if keep > limit:
+            raise invalid(
+                f"'truncate_prompt_tokens' {keep} is more than the limit of {limit} prompt tokens",
+                "truncate_prompt_tokens",
+                "invalid_value",
+            )
+        keep = limit if keep == -1 else keep
+        return tuple(p[-keep:] for p in prompts)
+
     def _worker_sampling(self, sampling: SamplingParams, max_tokens: int) -> SamplingParams:
         """max_tokens resolved (min_tokens is checked against it again), bad words as token ids,
         and every token id within the vocabulary; GatewayError naming the field otherwise."""
@@ -335,6 +347,8 @@ class Preprocessor:
             )
         prompts = await self.tokenize(spec.prompt)
         limits = self.model.limits
+        if spec.truncate_prompt_tokens is not None:
+            prompts = self._truncate(prompts, spec.truncate_prompt_tokens)
         longest = max(len(p) for p in prompts)
         if any(not p for p in prompts):
             raise invalid(f"'{spec.prompt.param}' is empty (no tokens after tokenization)", spec.prompt.param)

@@ -345,12 +345,17 @@ def _common(
     body.string("user")  # accepted: an end-user id for the operator's logs; it changes nothing
     stream = body.boolean("stream")
     include_usage, continuous_usage = _stream_options(body, stream)
+    truncate = body.integer("truncate_prompt_tokens")
+    if truncate is not None and truncate < 1 and truncate != -1:
+        why = f"'truncate_prompt_tokens' must be -1 (the model's limit) or at least 1, got {truncate}"
+        raise invalid(why, "truncate_prompt_tokens", "invalid_value")
     spec = GenerationSpec(
         model=model,
         prompt=prompt,
         sampling=sampling_from_openai(body, max_tokens, logprobs, names, prompt_logprobs),
         default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS if api is Api.COMPLETIONS else None,
         priority=priority,
+        truncate_prompt_tokens=truncate,
     )
     body.finish()
     return OpenAIRequest(api, spec, stream, include_usage, continuous_usage, logprobs is not None)

@@ -65,7 +65,12 @@ SAMPLING: J = {
     "stop_token_ids": {**_TOKEN_IDS, "description": "vLLM: token ids that end a choice"},
     "ignore_eos": _t("boolean", "vLLM: keep generating past EOS"),
     "skip_special_tokens": _t("boolean", "vLLM: leave special tokens out of the text (default true)"),
-    "include_stop_str_in_output": _t("boolean", "vLLM: keep the matched stop string"),
+    "include_stop_str_in_output": _t(
+        "boolean", "vLLM: keep the matched stop string (and the text of the token that ended the choice)"
+    ),
+    "truncate_prompt_tokens": _t(
+        "integer", "vLLM: keep only the prompt's last k tokens (-1: the limit)", minimum=-1
+    ),
     "presence_penalty": _t("number", "", minimum=-2, maximum=2),
     "frequency_penalty": _t("number", "", minimum=-2, maximum=2),
     "repetition_penalty": _t("number", "vLLM: > 0, 1 is off", exclusiveMinimum=0),

@@ -137,6 +137,8 @@ class GenerationSpec:
     """max_tokens None: the default below, within the limits."""
     priority: int = 0
     default_max_tokens: int | None = None  # None: up to the max total tokens
+    truncate_prompt_tokens: int | None = None
+    """vLLM's: keep only each prompt's last k tokens (-1: as many as the limit allows)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -351,6 +351,31 @@ async def test_the_token_that_stopped_the_answer_is_not_in_its_text(mesh: Mesh) 
     assert "".join(deltas) == tok.decode(mesh.reply_ids[:k])
 
 
+async def test_truncate_prompt_tokens_keeps_the_prompts_end(mesh: Mesh) -> None:
+    """vLLM's left truncation: the worker gets the prompt's last k tokens; -1 keeps what the limit
+    allows; a bad k is a 400 naming the field."""
+    client, model = mesh.client(), "SmolLM2-135M-Instruct"
+    ids = list(range(100, 110))
+    out = await client.completions.create(
+        model=model, prompt=ids, max_tokens=2, extra_body={"truncate_prompt_tokens": 4}
+    )
+    assert list(mesh.workers[0].requests[-1].prompt_token_ids) == ids[-4:]
+    assert out.usage is not None and out.usage.prompt_tokens == 4
+    await client.completions.create(
+        model=model, prompt=ids, max_tokens=2, extra_body={"truncate_prompt_tokens": -1}
+    )
+    assert list(mesh.workers[0].requests[-1].prompt_token_ids) == ids
+    ask: Any = [{"role": "user", "content": "hi"}]
+    await client.chat.completions.create(model=model, messages=ask, extra_body={"truncate_prompt_tokens": 3})
+    assert len(mesh.workers[0].requests[-1].prompt_token_ids) == 3
+    for bad in (0, -2, 10**9):
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.completions.create(
+                model=model, prompt=ids, extra_body={"truncate_prompt_tokens": bad}
+            )
+        assert caught.value.body["param"] == "truncate_prompt_tokens", bad  # type: ignore[index]
+
+
 async def test_n_fans_out(mesh_factory: MeshFactory) -> None:
     mesh = await mesh_factory(workers=2)
     out = await mesh.client().chat.completions.create(
