@@ -62,6 +62,7 @@ class WorkerChannels:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, worker_pb2_grpc.DecodeWorkerStub] = {}
         self._sessions: dict[str, WorkerSession] = {}
+        self._leaving: set[asyncio.Task[None]] = set()  # channels closing after their grace
 
     def decode_stub(self, address: str) -> worker_pb2_grpc.DecodeWorkerStub:
         stub = self._stubs.get(address)
@@ -87,7 +88,9 @@ class WorkerChannels:
             if session is not None:
                 session.finish()  # its running requests finish, then the worker ends the stream
             channel = self._channels.pop(address)
-            asyncio.get_running_loop().create_task(channel.close(grace=30.0))
+            closing = asyncio.get_running_loop().create_task(channel.close(grace=30.0))
+            self._leaving.add(closing)  # a task nothing refers to may be collected unfinished
+            closing.add_done_callback(self._leaving.discard)
 
     async def close(self) -> None:
         sessions, self._sessions = self._sessions, {}
