@@ -172,7 +172,7 @@ class ToolFormat(enum.Enum):
 
     def new_call_id(self) -> str:
         """An id for a call the model made, in the form the model's template takes back."""
-        if self in (ToolFormat.MISTRAL, ToolFormat.MISTRAL_V11):
+        if self in _MISTRAL_FORMATS:
             return "".join(secrets.choice(_ALNUM) for _ in range(9))
         return f"call_{uuid.uuid4().hex[:24]}"
 
@@ -182,7 +182,7 @@ class ToolFormat(enum.Enum):
         servers' answers) bring ids of their own: each other id becomes one derived from it, the
         same for a call and its answer and in every request (vLLM truncates ids instead, which
         can leave an underscore, or make two ids one)."""
-        if self not in (ToolFormat.MISTRAL, ToolFormat.MISTRAL_V11):
+        if self not in _MISTRAL_FORMATS:
             return messages
         out = []
         for message in messages:
@@ -198,6 +198,7 @@ class ToolFormat(enum.Enum):
         return out
 
 
+_MISTRAL_FORMATS = frozenset({ToolFormat.MISTRAL, ToolFormat.MISTRAL_V11})  # 9-character call ids
 _ALNUM = string.ascii_letters + string.digits
 
 
@@ -388,9 +389,7 @@ class ToolCallStream:
                 out.content += before if not self.calls or before.strip() else ""
                 self._in_call = True
                 continue
-            keep = partial_suffix(self._pending, _OPEN)
-            release = self._pending[: len(self._pending) - keep]
-            self._pending = self._pending[len(release) :]
+            release = self._release(_OPEN)
             if release.strip() or not self.calls:
                 out.content += release
             return out
@@ -404,12 +403,13 @@ class ToolCallStream:
             self._in_call = True
             before, self._pending = self._pending[:start], self._pending[start:]
             return ToolDelta(content=before)
-        keep = partial_suffix(self._pending, _MISTRAL_TAG)
-        release, self._pending = (
-            self._pending[: len(self._pending) - keep],
-            self._pending[len(self._pending) - keep :],
-        )
-        return ToolDelta(content=release)
+        return ToolDelta(content=self._release(_MISTRAL_TAG))
+
+    def _release(self, tag: str) -> str:
+        """Take out of the pending text all that cannot be the beginning of tag."""
+        cut = len(self._pending) - partial_suffix(self._pending, tag)
+        release, self._pending = self._pending[:cut], self._pending[cut:]
+        return release
 
     def _feed_whole_answer(self) -> ToolDelta:
         """LLAMA3_JSON and MISTRAL: an answer that opens as a call is held to its end."""
