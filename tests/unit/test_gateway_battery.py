@@ -4,7 +4,6 @@ Every bad request gets a 4xx with OpenAI's error body naming the field, no worke
 the gateway keeps serving afterwards. (Fixtures and the scripted worker: test_gateway_server.py.)
 """
 
-# ruff: noqa: F811 - the fixtures imported from test_gateway_server are pytest parameters here
 from __future__ import annotations
 
 import asyncio
@@ -18,14 +17,11 @@ import openai
 import pytest
 
 from scalellm.v1 import gateway_pb2, gateway_pb2_grpc
-from tests.unit.test_gateway_server import (  # noqa: F401 - fixtures
+from tests.unit.test_gateway_server import (
     DEADLINES_S,
     REPLY,
     Mesh,
     MeshFactory,
-    mesh_factory,
-    served_config,
-    served_model,
     wait_for,
 )
 

@@ -2,16 +2,11 @@
 scripted worker: test_gateway_server.py; the worker reports each prompt token t with logprob -0.5
 and t + 1 as its top alternative at -0.125)."""
 
-# ruff: noqa: F811 - the fixtures imported from test_gateway_server are pytest parameters here
 from __future__ import annotations
 
-from tests.unit.test_gateway_server import (  # noqa: F401 - fixtures
+from tests.unit.test_gateway_server import (
     REPLY,
     Mesh,
-    mesh,
-    mesh_factory,
-    served_config,
-    served_model,
 )
 
 PROMPT = "The café is"

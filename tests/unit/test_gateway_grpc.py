@@ -1,6 +1,5 @@
 """The gRPC Gateway service as a streaming client sees it (scripted workers: test_gateway_server.py)."""
 
-# ruff: noqa: F811 - the fixtures imported from test_gateway_server are pytest parameters here
 from __future__ import annotations
 
 import grpc
@@ -9,16 +8,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from scalellm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from tests.unit.test_gateway_server import (  # noqa: F401 - fixtures
+from tests.unit.test_gateway_server import (
     DEADLINES_S,
     REPLY,
     Mesh,
     MeshFactory,
     ScriptedDecode,
-    mesh,
-    mesh_factory,
-    served_config,
-    served_model,
     tokens_until,
     wait_for,
 )

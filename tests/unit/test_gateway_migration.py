@@ -2,7 +2,6 @@
 from the tokens already sent, on both APIs (scripted workers: test_gateway_server.py). The exact
 continuation on real engines is tested in tests/e2e/test_chaos.py and test_engine_exact.py."""
 
-# ruff: noqa: F811 - the fixtures imported from test_gateway_server are pytest parameters here
 from __future__ import annotations
 
 import asyncio
@@ -12,13 +11,10 @@ import grpc
 import pytest
 
 from scalellm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from tests.unit.test_gateway_server import (  # noqa: F401 - fixtures
+from tests.unit.test_gateway_server import (
     REPLY,
     Mesh,
     MeshFactory,
-    mesh_factory,
-    served_config,
-    served_model,
     wait_for,
 )
 

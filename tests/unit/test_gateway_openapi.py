@@ -3,7 +3,6 @@
 route of the app is in it, each request schema lists exactly the fields its parser reads, and every
 example in it is accepted by the gateway and valid under its own schema."""
 
-# ruff: noqa: F811 - the fixtures imported from test_gateway_server are pytest parameters here
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -19,13 +18,8 @@ from services.gateway import openai_parse, responses
 from services.gateway.http_app import HttpApi
 from services.gateway.openai_convert import Body
 from services.gateway.openapi import EXAMPLES, SCHEMAS
-from tests.unit.test_gateway_server import (  # noqa: F401 - fixtures
+from tests.unit.test_gateway_server import (
     Mesh,
-    MeshFactory,
-    mesh,
-    mesh_factory,
-    served_config,
-    served_model,
 )
 
 

@@ -3,7 +3,6 @@
 openai client reads it back as reasoning_content (and reasoning), whole and streamed, with the
 answer as content; tool calls are read from the content only; the history may send reasoning back."""
 
-# ruff: noqa: F811 - the fixtures imported from test_gateway_server are pytest parameters here
 from __future__ import annotations
 
 import json
@@ -13,13 +12,9 @@ import pytest
 
 from services.gateway.openai_parse import parse_chat
 from services.gateway.request import GatewayError
-from tests.unit.test_gateway_server import (  # noqa: F401 - fixtures
-    Mesh,
+from tests.unit.test_gateway_server import (
     MeshFactory,
-    mesh_factory,
     replying,
-    served_config,
-    served_model,
 )
 
 MODEL = "SmolLM2-135M-Instruct"

@@ -3,7 +3,6 @@
 the worker as the same chat would, and the answer comes back as output items, whole and as the
 Responses stream's events."""
 
-# ruff: noqa: F811 - the fixtures imported from test_gateway_server are pytest parameters here
 from __future__ import annotations
 
 import json
@@ -13,15 +12,11 @@ import aiohttp
 import openai
 import pytest
 
-from tests.unit.test_gateway_server import (  # noqa: F401 - fixtures
+from tests.unit.test_gateway_server import (
     REPLY,
     Mesh,
     MeshFactory,
-    mesh,
-    mesh_factory,
     replying,
-    served_config,
-    served_model,
 )
 
 MODEL = "SmolLM2-135M-Instruct"

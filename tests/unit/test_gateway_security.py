@@ -2,7 +2,6 @@
 to workers, API-key refusals counted by reason and never shown. In-process gateway, scripted
 decode workers behind a real gRPC server that checks the token (tests/unit/test_gateway_server.py)."""
 
-# ruff: noqa: F811 - the fixtures imported from test_gateway_server are pytest parameters here
 from __future__ import annotations
 
 import logging
@@ -23,11 +22,9 @@ from services.gateway.admission import ServedModel
 from services.gateway.config import GatewayConfig
 from services.gateway.server import GatewayServer
 from tests.certs import Pki, make_pki
-from tests.unit.test_gateway_server import (  # noqa: F401 - fixtures
+from tests.unit.test_gateway_server import (
     REPLY,
     ScriptedDecode,
-    served_config,
-    served_model,
 )
 
 TOKEN = "mesh-token-of-the-gateway-tests"

@@ -5,7 +5,9 @@ honours max_tokens and resume_token_ids (a migrated stream continues where the r
 refuse with RESOURCE_EXHAUSTED, can hold a stream after some tokens until the test releases it
 (so "still running" never depends on timing), can abort after some tokens as a draining worker
 does, and records which streams were cancelled.
-The gateway reaches it over the worker's real Session code (services/decode/session.py).
+The gateway reaches it over the worker's real Session code (services/decode/session.py). The
+fixtures that start them (served_config, served_model, mesh_factory, mesh) are in
+tests/unit/conftest.py, for every gateway test module.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -157,65 +158,7 @@ class Mesh:
         return client
 
 
-@pytest.fixture(scope="module")
-def served_config(demo_model_dir: Path) -> GatewayConfig:
-    return GatewayConfig(host="127.0.0.1", http_port=0, grpc_port=0, model=str(demo_model_dir), grace_s=0.5)
-
-
-@pytest.fixture(scope="module")
-def served_model(demo_model_dir: Path, served_config: GatewayConfig) -> ServedModel:
-    return ServedModel(demo_model_dir, served_config)
-
-
 MeshFactory = Callable[..., Awaitable[Mesh]]
-
-
-@pytest.fixture
-async def mesh_factory(served_config: GatewayConfig, served_model: ServedModel) -> AsyncIterator[MeshFactory]:
-    started: list[tuple[Mesh, list[grpc.aio.Server]]] = []
-
-    async def make(
-        workers: int = 1,
-        worker_kw: list[dict[str, Any]] | None = None,
-        model_dir: Path | None = None,
-        **overrides: Any,
-    ) -> Mesh:
-        """model_dir: serve this folder instead of the demo model (its own tokenizer, template)."""
-        reply_ids = served_model.tokenizer.encode(REPLY)
-        scripted, servers, addrs = [], [], []
-        for i in range(workers):
-            worker = ScriptedDecode(reply_ids, **((worker_kw or [{}] * workers)[i]))
-            server = grpc.aio.server()
-            worker_pb2_grpc.add_DecodeWorkerServicer_to_server(worker, server)
-            port = server.add_insecure_port("127.0.0.1:0")
-            await server.start()
-            scripted.append(worker)
-            servers.append(server)
-            addrs.append(f"w{i}=127.0.0.1:{port}")
-        settings = {"decode_addrs": tuple(addrs)} | overrides
-        config = GatewayConfig(**{**_fields(served_config), **settings})
-        gateway = GatewayServer(config, model=ServedModel(model_dir or served_model.path, config))
-        await gateway.start()
-        mesh = Mesh(gateway, scripted, reply_ids, servers)
-        started.append((mesh, servers))
-        return mesh
-
-    yield make
-    for mesh, servers in started:
-        for client in mesh.clients:
-            await client.close()
-        await mesh.gateway.stop(0)
-        for server in servers:
-            await server.stop(0)
-
-
-def _fields(config: GatewayConfig) -> dict[str, Any]:
-    return {name: getattr(config, name) for name in config.__dataclass_fields__}
-
-
-@pytest.fixture
-async def mesh(mesh_factory: MeshFactory) -> Mesh:
-    return await mesh_factory()
 
 
 async def wait_for(predicate: Callable[[], bool], timeout_s: float = 60.0) -> None:

@@ -3,7 +3,6 @@ the fair admission queue, and the limits through both front ends (429 with Retry
 RESOURCE_EXHAUSTED) with per-tenant usage in /metrics. In-process gateway over scripted decode
 workers (tests/unit/test_gateway_server.py)."""
 
-# ruff: noqa: F811 - the fixtures imported from test_gateway_server are pytest parameters here
 from __future__ import annotations
 
 import asyncio
@@ -20,13 +19,10 @@ from services.gateway.admission import ApiKeys
 from services.gateway.admission_queue import AdmissionQueue
 from services.gateway.request import ErrorKind, GatewayError
 from services.gateway.tenants import RateLimited, Tenant, TenantLimiter
-from tests.unit.test_gateway_server import (  # noqa: F401 - fixtures
+from tests.unit.test_gateway_server import (
     REPLY,
     Mesh,
     MeshFactory,
-    mesh_factory,
-    served_config,
-    served_model,
     wait_for,
 )
 

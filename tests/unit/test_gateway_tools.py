@@ -4,7 +4,6 @@ openai client must read it back as ``tool_calls``, whole and streamed; required 
 reach the worker as a JSON-schema grammar; the chat template is given the tools and the history's
 tool messages."""
 
-# ruff: noqa: F811 - the fixtures imported from test_gateway_server are pytest parameters here
 from __future__ import annotations
 
 import json
@@ -20,13 +19,9 @@ from scalellm.types.proto import sampling_from_proto
 from services.gateway.admission import Preprocessor, ServedModel
 from services.gateway.config import GatewayConfig
 from services.gateway.openai_parse import parse_chat
-from tests.unit.test_gateway_server import (  # noqa: F401 - fixtures
-    Mesh,
+from tests.unit.test_gateway_server import (
     MeshFactory,
-    mesh_factory,
     replying,
-    served_config,
-    served_model,
 )
 
 MODEL = "SmolLM2-135M-Instruct"
