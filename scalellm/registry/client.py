@@ -32,16 +32,14 @@ from scalellm.v1 import registry_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 # Reconnect quickly after a replica comes back (a restarted container may come back at another IP
-# under the same name: re-resolve within a second, not gRPC's default 30 s); keep idle watch
-# streams alive through middleboxes.
+# under the same name: re-resolve within a second, not gRPC's default 30 s). Keepalive pings come
+# with every mesh channel (scalellm/keepalive.py).
 # Never set grpc.min_reconnect_backoff_ms: gRPC takes its minimum connect timeout from it (default
 # 20 s), and at 100 ms a kvstore slow to finish the handshake (loaded, far away) was unreachable.
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.dns_min_time_between_resolutions_ms", 1000),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
 )
 
 _DOMAIN_ERRORS: dict[grpc.StatusCode, type[RegistryError]] = {

@@ -3,9 +3,11 @@
     SecurityConfig   --mesh-token / SCALELLM_MESH_TOKEN, --mesh-token-file, --mesh-tls-{cert,key,ca},
                      --mesh-tls-server-name: strings, validated, never read at import
         .load()  ->  MeshSecurity: the token and the TLS material, read once per process
-                       server side: add_port(server, address), interceptors(on_refused)
+                       server side: server(on_refused), add_port(server, address)
                        client side: channel(address), metadata (pass it on every call)
                        KV transfer: transfer_key
+
+Both ends ping each other (scalellm/keepalive.py): server() and channel() set the options.
 
 Mesh TLS is all or nothing: a certificate, its key and the CA that signed every service's
 certificate. Then every internal listener serves TLS and requires a client certificate from that
@@ -21,6 +23,7 @@ from typing import Any
 
 import grpc
 
+from scalellm import keepalive
 from scalellm.security.files import read_secret
 from scalellm.security.interceptor import RefusalCounter, TokenInterceptor
 from scalellm.security.tls import TlsFiles, TlsMaterial
@@ -107,6 +110,15 @@ class MeshSecurity:
         """The token check for an internal server, first in its interceptor chain."""
         return [TokenInterceptor(self.token, on_refused)] if self.token else []
 
+    def server(
+        self,
+        on_refused: RefusalCounter | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    ) -> grpc.aio.Server:
+        """An internal server: the token check first, then ``interceptors``; keepalive pings."""
+        chain = [*self.interceptors(on_refused), *interceptors]
+        return grpc.aio.server(interceptors=chain, options=keepalive.SERVER_OPTIONS)
+
     def add_port(self, server: grpc.aio.Server | grpc.Server, address: str) -> int:
         """Bind ``address`` (mutual TLS when configured); the bound port."""
         if self.tls is None:
@@ -114,7 +126,9 @@ class MeshSecurity:
         return server.add_secure_port(address, self.tls.server_credentials())
 
     def channel(self, address: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
-        """An asyncio channel to an internal service (TLS with our certificate when configured)."""
+        """An asyncio channel to an internal service (TLS with our certificate when configured),
+        with keepalive pings; ``options`` add to or override keepalive's."""
+        options = list({**dict(keepalive.CHANNEL_OPTIONS), **dict(options)}.items())
         if self.tls is None:
             return grpc.aio.insecure_channel(address, options=list(options))
         return grpc.aio.secure_channel(address, self.tls.channel_credentials(), self._tls_options(options))

@@ -68,8 +68,7 @@ class WorkerServer:
     async def start(self) -> None:
         await self.worker.start()
         security = self.config.security.load()
-        interceptors = [*security.interceptors(self.metrics.count_auth_failure), ErrorInterceptor()]
-        server = grpc.aio.server(interceptors=interceptors)
+        server = security.server(self.metrics.count_auth_failure, [ErrorInterceptor()])
         name = self._add_servicer(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

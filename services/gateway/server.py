@@ -20,6 +20,7 @@ from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from scalellm import keepalive
 from scalellm.lifecycle import ReadyLine, cancel_and_wait, stop_requested
 from scalellm.models.prepare import resolve_model_dir
 from scalellm.registry import RegistryClient, WorkerView
@@ -114,7 +115,7 @@ class GatewayServer:
             with contextlib.suppress(asyncio.TimeoutError):  # no registry yet: serve; the view keeps trying
                 await self.view.start(wait=True, timeout_s=FIRST_VIEW_WAIT_S)
 
-        options = [("grpc.max_receive_message_length", c.max_payload_bytes)]
+        options = [("grpc.max_receive_message_length", c.max_payload_bytes), *keepalive.PUBLIC_SERVER_OPTIONS]
         self._grpc = server = grpc.aio.server(options=options)
         gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(core), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

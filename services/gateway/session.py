@@ -39,15 +39,15 @@ from scalellm.v1 import worker_pb2, worker_pb2_grpc
 from services.gateway.request import WorkerFailure
 
 # Fast reconnects after a worker restarts (re-resolving its name within a second: a restarted
-# container may keep its hostname and change its IP); pings keep idle HTTP/2 connections warm.
+# container may keep its hostname and change its IP). Keepalive pings come with every mesh channel:
+# a worker that hangs with its connection open fails its streams within 2 x PING_S
+# (scalellm/keepalive.py), and the requests on them are retried or migrated.
 # Never set grpc.min_reconnect_backoff_ms: gRPC takes its minimum connect timeout from it (default
 # 20 s), and at 100 ms a worker slow to finish the handshake (loaded, far away) was unreachable.
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2000),
     ("grpc.dns_min_time_between_resolutions_ms", 1000),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 )

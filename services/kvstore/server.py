@@ -23,11 +23,6 @@ from services.kvstore.servicer import RegistryServicer
 log = logging.getLogger(__name__)
 
 REGISTRY_SERVICE = pb.DESCRIPTOR.services_by_name["Registry"].full_name
-# Let clients keep idle watch streams alive with pings every >= 10 s.
-SERVER_OPTIONS = (
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ("grpc.http2.max_ping_strikes", 0),
-)
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -72,9 +67,7 @@ class KvstoreServer:
                 self.metrics, self.config.metrics_bind_host, self.config.metrics_port
             )
             self.metrics_port = self._metrics_http.port
-        server = grpc.aio.server(
-            options=SERVER_OPTIONS, interceptors=self.security.interceptors(self.metrics.count_auth_failure)
-        )
+        server = self.security.server(self.metrics.count_auth_failure)
         self._server = server
         pb_grpc.add_RegistryServicer_to_server(RegistryServicer(self.store, self.metrics), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

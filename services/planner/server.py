@@ -59,7 +59,7 @@ class PlannerServer:
                 c.metrics_port, addr=c.metrics_bind_host, registry=self.metrics.registry
             )
             self.metrics_port = int(self._metrics_http.server_port)
-        server = grpc.aio.server(interceptors=self.security.interceptors(self.metrics.count_auth_failure))
+        server = self.security.server(self.metrics.count_auth_failure)
         self._server = server
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((health.SERVICE_NAME, reflection.SERVICE_NAME), server)
