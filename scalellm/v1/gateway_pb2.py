@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from scalellm.v1 import common_pb2 as scalellm_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19scalellm/v1/gateway.proto\x12\x0bscalellm.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x18scalellm/v1/common.proto\":\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"\x8c\x01\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.scalellm.v1.ChatMessage\x12\x1e\n\x16\x63ontinue_final_message\x18\x02 \x01(\x08\x12\x30\n\x0ftemplate_kwargs\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xbc\x02\n\x16GatewayGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.scalellm.v1.TokenIdsH\x00\x12)\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x19.scalellm.v1.ChatMessagesH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.scalellm.v1.SamplingParams\x12\t\n\x01n\x18\x06 \x01(\r\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x18\n\x10include_stop_str\x18\x08 \x01(\x08\x12\x1b\n\x13keep_special_tokens\x18\t \x01(\x08\x12\x10\n\x08priority\x18\n \x01(\x05\x12\x11\n\tbad_words\x18\x0b \x03(\tB\x08\n\x06prompt\"\xce\x02\n\x17GatewayGenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12,\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1a.scalellm.v1.TokenLogprobs\x12\x30\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x19.scalellm.v1.FinishReason\x12\x10\n\x08stop_str\x18\x07 \x01(\t\x12!\n\x05usage\x18\x08 \x01(\x0b\x32\x12.scalellm.v1.Usage\x12%\n\x07timings\x18\t \x01(\x0b\x32\x14.scalellm.v1.Timings\x12\x33\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x1a.scalellm.v1.TokenLogprobs\"e\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x19.scalellm.v1.ChatMessagesH\x00\x42\x08\n\x06prompt\"?\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x18\n\x10max_total_tokens\x18\x02 \x01(\r\"\x13\n\x11ListModelsRequest\"T\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x03\x12\x10\n\x08owned_by\x18\x03 \x01(\t\x12\x18\n\x10max_total_tokens\x18\x04 \x01(\r\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.scalellm.v1.ModelCard2\xfa\x01\n\x07Gateway\x12W\n\x08Generate\x12#.scalellm.v1.GatewayGenerateRequest\x1a$.scalellm.v1.GatewayGenerateResponse0\x01\x12G\n\x08Tokenize\x12\x1c.scalellm.v1.TokenizeRequest\x1a\x1d.scalellm.v1.TokenizeResponse\x12M\n\nListModels\x12\x1e.scalellm.v1.ListModelsRequest\x1a\x1f.scalellm.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19scalellm/v1/gateway.proto\x12\x0bscalellm.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x18scalellm/v1/common.proto\":\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"\x8c\x01\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.scalellm.v1.ChatMessage\x12\x1e\n\x16\x63ontinue_final_message\x18\x02 \x01(\x08\x12\x30\n\x0ftemplate_kwargs\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xbc\x02\n\x16GatewayGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.scalellm.v1.TokenIdsH\x00\x12)\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x19.scalellm.v1.ChatMessagesH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.scalellm.v1.SamplingParams\x12\t\n\x01n\x18\x06 \x01(\r\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x18\n\x10include_stop_str\x18\x08 \x01(\x08\x12\x1b\n\x13keep_special_tokens\x18\t \x01(\x08\x12\x10\n\x08priority\x18\n \x01(\x05\x12\x11\n\tbad_words\x18\x0b \x03(\tB\x08\n\x06prompt\"\xe1\x02\n\x17GatewayGenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12,\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1a.scalellm.v1.TokenLogprobs\x12\x30\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x19.scalellm.v1.FinishReason\x12\x10\n\x08stop_str\x18\x07 \x01(\t\x12!\n\x05usage\x18\x08 \x01(\x0b\x32\x12.scalellm.v1.Usage\x12%\n\x07timings\x18\t \x01(\x0b\x32\x14.scalellm.v1.Timings\x12\x33\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x1a.scalellm.v1.TokenLogprobs\x12\x11\n\treasoning\x18\x0b \x01(\t\"e\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x19.scalellm.v1.ChatMessagesH\x00\x42\x08\n\x06prompt\"?\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x18\n\x10max_total_tokens\x18\x02 \x01(\r\"\x13\n\x11ListModelsRequest\"T\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x03\x12\x10\n\x08owned_by\x18\x03 \x01(\t\x12\x18\n\x10max_total_tokens\x18\x04 \x01(\r\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.scalellm.v1.ModelCard2\xfa\x01\n\x07Gateway\x12W\n\x08Generate\x12#.scalellm.v1.GatewayGenerateRequest\x1a$.scalellm.v1.GatewayGenerateResponse0\x01\x12G\n\x08Tokenize\x12\x1c.scalellm.v1.TokenizeRequest\x1a\x1d.scalellm.v1.TokenizeResponse\x12M\n\nListModels\x12\x1e.scalellm.v1.ListModelsRequest\x1a\x1f.scalellm.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,17 +42,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GATEWAYGENERATEREQUEST']._serialized_start=327
   _globals['_GATEWAYGENERATEREQUEST']._serialized_end=643
   _globals['_GATEWAYGENERATERESPONSE']._serialized_start=646
-  _globals['_GATEWAYGENERATERESPONSE']._serialized_end=980
-  _globals['_TOKENIZEREQUEST']._serialized_start=982
-  _globals['_TOKENIZEREQUEST']._serialized_end=1083
-  _globals['_TOKENIZERESPONSE']._serialized_start=1085
-  _globals['_TOKENIZERESPONSE']._serialized_end=1148
-  _globals['_LISTMODELSREQUEST']._serialized_start=1150
-  _globals['_LISTMODELSREQUEST']._serialized_end=1169
-  _globals['_MODELCARD']._serialized_start=1171
-  _globals['_MODELCARD']._serialized_end=1255
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1257
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1317
-  _globals['_GATEWAY']._serialized_start=1320
-  _globals['_GATEWAY']._serialized_end=1570
+  _globals['_GATEWAYGENERATERESPONSE']._serialized_end=999
+  _globals['_TOKENIZEREQUEST']._serialized_start=1001
+  _globals['_TOKENIZEREQUEST']._serialized_end=1102
+  _globals['_TOKENIZERESPONSE']._serialized_start=1104
+  _globals['_TOKENIZERESPONSE']._serialized_end=1167
+  _globals['_LISTMODELSREQUEST']._serialized_start=1169
+  _globals['_LISTMODELSREQUEST']._serialized_end=1188
+  _globals['_MODELCARD']._serialized_start=1190
+  _globals['_MODELCARD']._serialized_end=1274
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1276
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1336
+  _globals['_GATEWAY']._serialized_start=1339
+  _globals['_GATEWAY']._serialized_end=1589
 # @@protoc_insertion_point(module_scope)

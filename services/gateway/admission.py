@@ -28,6 +28,7 @@ import enum
 import hashlib
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -37,6 +38,8 @@ from tokenizers import decoders
 from scalellm.models.config import ModelConfig
 from scalellm.security import check_private
 from scalellm.text import ChatTemplateError, Tokenizer, resolve_bad_words
+from scalellm.text.reasoning import PARSERS as REASONING_TAGS
+from scalellm.text.reasoning import ReasoningStream, opens_reasoning
 from scalellm.text.tool_calls import ToolFormat
 from scalellm.types import InvalidParameter, SamplingParams
 from services.gateway.config import GatewayConfig
@@ -158,6 +161,10 @@ class TokenLimits:
         return cls(max_prompt_tokens=prompt, max_total_tokens=total)
 
 
+_PROMPT_TAIL_TOKENS = 16
+"""Prompt tokens read to tell whether the prompt opened a reasoning block (its last tag)."""
+
+
 class ServedModel:
     """The served model: its tokenizer, public name, context length and token limits.
 
@@ -176,8 +183,12 @@ class ServedModel:
         """The ids that end an answer (as the workers' engines read them from the same files)."""
         self.limits = TokenLimits.resolve(config, self.context_length)
         self.created = int(time.time())
-        self.reasoning = config.reasoning_parser is not None
-        """Chat answers' <think> block goes to reasoning_content (--reasoning-parser)."""
+        self.reasoning_tags = REASONING_TAGS[config.reasoning_parser] if config.reasoning_parser else None
+        """The tags of chat answers' reasoning block (--reasoning-parser); None: no split."""
+        self.reasoning_needs_special_tokens = self.reasoning_tags is not None and any(
+            self.tokenizer.token_to_id(tag) in self.tokenizer.special_token_ids for tag in self.reasoning_tags
+        )
+        """Whether the tags are special tokens, which a chat answer's text must then keep."""
         self.worker_model: str | None = (
             name if name else None if config.worker_model == "*" else config.worker_model or self.name
         )
@@ -195,6 +206,14 @@ class ServedModel:
                 template = None
             self._tool_format = ToolFormat.for_template(template)
         return self._tool_format
+
+    def reasoning_stream(self, prompt: Sequence[int]) -> ReasoningStream | None:
+        """The splitter of a chat choice's text, None without a reasoning parser; inside the block
+        from the start when the prompt (its last tokens) opened one."""
+        if self.reasoning_tags is None:
+            return None
+        tail = self.tokenizer.decode(prompt[-_PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
+        return ReasoningStream(opens_reasoning(tail, self.reasoning_tags), self.reasoning_tags)
 
     def accepts(self, name: str | None) -> bool:
         """True for the names a request may use: empty (the default), the served name or the folder."""
@@ -307,6 +326,15 @@ class Preprocessor:
         keep = limit if keep == -1 else keep
         return tuple(p[-keep:] for p in prompts)
 
+    def _keeps_special_tokens(self, prompt: Prompt) -> bool:
+        """Whether a chat's answer is read from special tokens its text must keep: its tool calls
+        (Mistral v11's tags) or its reasoning block (Magistral's [THINK])."""
+        if prompt.kind is not PromptKind.CHAT:
+            return False
+        return self.model.reasoning_needs_special_tokens or (
+            bool(prompt.tools) and self.model.tool_format().needs_special_tokens
+        )
+
     def _worker_sampling(self, sampling: SamplingParams, max_tokens: int) -> SamplingParams:
         """max_tokens resolved (min_tokens is checked against it again), bad words as token ids,
         and every token id within the vocabulary; GatewayError naming the field otherwise."""
@@ -370,8 +398,8 @@ class Preprocessor:
                 "context_length_exceeded",
             )
         sampling = spec.sampling
-        if spec.prompt.tools and self.model.tool_format().needs_special_tokens:
-            sampling = replace(sampling, skip_special_tokens=False)  # the calls' tags are special tokens
+        if self._keeps_special_tokens(spec.prompt):
+            sampling = replace(sampling, skip_special_tokens=False)
         return GenerationRequest(
             request_id=uuid.uuid4().hex,
             model=self.model.name,

@@ -12,10 +12,10 @@ from typing import Any
 
 from scalellm.security import SECURITY_OPTIONS, SecurityConfig, TlsFiles
 from scalellm.settings import Option, nested, parse_config
+from scalellm.text.reasoning import PARSERS as REASONING_PARSERS
 from services.gateway.prefix import RoutingMode, RoutingPolicy
 
 ENV_PREFIX = "SCALELLM_GATEWAY_"
-REASONING_PARSERS = ("deepseek_r1", "qwen3")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -56,8 +56,9 @@ class GatewayConfig:
     queue_weight_tokens: int = 128
     local_prefill_tokens: int = 256
     reasoning_parser: str | None = None
-    """Chat answers' <think> block as reasoning_content: deepseek_r1 or qwen3 (vLLM's names; both
-    read the same tags, scalellm/text/reasoning.py); None: the answer's text as it is."""
+    """Chat answers' reasoning block as reasoning_content: deepseek_r1 or qwen3 (<think>), mistral
+    ([THINK], special tokens: the text keeps special tokens then); vLLM's names,
+    scalellm/text/reasoning.py. None: the answer's text as it is."""
     request_timeout_s: float = 600.0
     grace_s: float = 5.0
     event_loop: str = "uvloop"
@@ -190,7 +191,8 @@ OPTIONS: tuple[Option, ...] = (
         "--reasoning-parser",
         "reasoning_parser",
         str,
-        "deepseek_r1 or qwen3: a chat answer's <think> block goes to reasoning_content (and reasoning)",
+        "deepseek_r1, qwen3 (<think>) or mistral ([THINK]): a chat answer's reasoning block goes to "
+        "reasoning_content (and reasoning)",
     ),
     _option("--request-timeout-s", "request_timeout_s", float, "deadline of an HTTP request"),
     _option("--grace-s", "grace_s", float, "how long SIGTERM lets requests finish"),

@@ -16,7 +16,7 @@ from dataclasses import replace
 from json.encoder import encode_basestring
 from typing import Any
 
-from scalellm.text.reasoning import ReasoningStream, opens_reasoning
+from scalellm.text.reasoning import ReasoningStream
 from scalellm.text.tool_calls import ToolCallStream, ToolDelta, ToolMode, parse_whole
 from scalellm.types import FinishReason, TokenLogprobs, Usage
 from services.gateway.admission import ServedModel
@@ -31,9 +31,6 @@ from services.gateway.openai_convert import (
 )
 from services.gateway.openai_parse import Api, OpenAIRequest
 from services.gateway.request import ChoiceUpdate, GenerationRequest
-
-_PROMPT_TAIL_TOKENS = 16
-"""Prompt tokens read to tell whether the prompt opened a reasoning block (its last tag)."""
 
 
 class _Choice:
@@ -85,16 +82,11 @@ class OpenAIFormatter:
         self._choices = [
             _Choice(
                 ToolCallStream(tools, self._tool_format) if tools and self._tool_format else None,
-                self._reasoning_stream(index) if chat and model.reasoning else None,
+                model.reasoning_stream(request.prompt_of(index)) if chat else None,
             )
             for index in range(request.num_choices)
         ]
         self._text_events: dict[int, tuple[bytes, bytes] | None] = {}
-
-    def _reasoning_stream(self, index: int) -> ReasoningStream:
-        """The choice's splitter, inside the block from the start when its prompt opened one."""
-        tail = self.request.prompt_of(index)[-_PROMPT_TAIL_TOKENS:]
-        return ReasoningStream(opens_reasoning(self.model.tokenizer.decode(tail, skip_special_tokens=False)))
 
     def _envelope(
         self, choices: list[dict[str, Any]], obj: str | None = None, index: int | None = None

@@ -24,6 +24,7 @@ from scalellm import keepalive
 from scalellm.lifecycle import ReadyLine, cancel_and_wait, stop_requested
 from scalellm.models.prepare import resolve_model_dir
 from scalellm.registry import RegistryClient, WorkerView
+from scalellm.text.reasoning import ReasoningStream
 from scalellm.types import InvalidParameter
 from scalellm.types.proto import (
     finish_reason_to_proto,
@@ -44,6 +45,7 @@ from services.gateway.request import (
     ChatRendering,
     ChoiceUpdate,
     GatewayError,
+    GenerationRequest,
     GenerationSpec,
     Prompt,
     PromptKind,
@@ -236,8 +238,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 reason = "client"  # why choices still running at the end are cancelled
                 try:
                     request_id = generation.request.request_id
+                    splits = _reasoning_streams(core, spec, generation.request)
                     async for update in generation.updates():
-                        yield update_to_proto(update, request_id)
+                        yield update_to_proto(update, request_id, splits.get(update.index))
                 except GatewayError:
                     reason = "error"
                     raise
@@ -347,11 +350,29 @@ def spec_from_proto(msg: gateway_pb2.GatewayGenerateRequest) -> GenerationSpec:
     return GenerationSpec(model=msg.model or None, prompt=prompt, sampling=sampling, priority=msg.priority)
 
 
-def update_to_proto(update: ChoiceUpdate, request_id: str) -> gateway_pb2.GatewayGenerateResponse:
-    """One choice update as a response message."""
+def _reasoning_streams(
+    core: GatewayCore, spec: GenerationSpec, request: GenerationRequest
+) -> dict[int, ReasoningStream]:
+    """Each choice's reasoning splitter: for a chat, when the gateway has a reasoning parser."""
+    if spec.prompt.kind is not PromptKind.CHAT:
+        return {}
+    model = core.model_of(request)
+    streams = {i: model.reasoning_stream(request.prompt_of(i)) for i in range(request.num_choices)}
+    return {i: stream for i, stream in streams.items() if stream is not None}
+
+
+def update_to_proto(
+    update: ChoiceUpdate, request_id: str, reasoning: ReasoningStream | None = None
+) -> gateway_pb2.GatewayGenerateResponse:
+    """One choice update as a response message; with its choice's reasoning splitter, the text
+    split into reasoning and what follows it."""
     out = gateway_pb2.GatewayGenerateResponse(
-        request_id=request_id, index=update.index, token_ids=update.token_ids, text=update.text
+        request_id=request_id, index=update.index, token_ids=update.token_ids
     )
+    if reasoning is None:
+        out.text = update.text
+    else:
+        out.reasoning, out.text = reasoning.feed(update.text, final=update.finish is not None)
     if update.logprobs:
         out.logprobs.extend(logprobs_to_proto(lp) for lp in update.logprobs)
     if update.prompt_logprobs:

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from scalellm.text.reasoning import ReasoningStream, opens_reasoning, split_reasoning
+from scalellm.text.reasoning import MISTRAL, THINK, ReasoningStream, Tags, opens_reasoning, split_reasoning
 
 CASES = [
     # (answer, the prompt opened the block, (reasoning, content))
@@ -25,14 +25,23 @@ CASES = [
 ]
 
 
+def _as_mistral(text: str) -> str:
+    return text.replace("<think>", "[THINK]").replace("</think>", "[/THINK]").replace("</thi", "[/THI")
+
+
+@pytest.mark.parametrize("tags", [THINK, MISTRAL], ids=["think", "mistral"])
 @pytest.mark.parametrize(("answer", "opened", "want"), CASES)
-def test_whole_and_every_cut_into_deltas_agree(answer: str, opened: bool, want: tuple[str, str]) -> None:
-    assert tuple(split_reasoning(answer, opened)) == want
+def test_whole_and_every_cut_into_deltas_agree(
+    answer: str, opened: bool, want: tuple[str, str], tags: Tags
+) -> None:
+    if tags is MISTRAL:  # the same cases with Magistral's tags
+        answer, want = _as_mistral(answer), (_as_mistral(want[0]), _as_mistral(want[1]))
+    assert tuple(split_reasoning(answer, opened, tags)) == want
     rng = random.Random(answer)
     for _ in range(300):
         cuts = sorted(rng.sample(range(len(answer) + 1), min(len(answer) + 1, rng.randint(0, 8))))
         deltas = [answer[a:b] for a, b in zip([0, *cuts], [*cuts, len(answer)], strict=True)]
-        stream = ReasoningStream(opened)
+        stream = ReasoningStream(opened, tags)
         parts = [stream.feed(d, final=i == len(deltas) - 1) for i, d in enumerate(deltas)]
         assert ("".join(p.reasoning for p in parts), "".join(p.content for p in parts)) == want, deltas
 
@@ -50,3 +59,6 @@ def test_the_prompts_last_tag_says_whether_the_answer_starts_inside_the_block() 
     assert opens_reasoning("<|User|>hi<|Assistant|><think>\n")  # DeepSeek-R1's template
     assert not opens_reasoning("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # Qwen3, thinking off
     assert not opens_reasoning("<|im_start|>assistant\n")
+    assert opens_reasoning("[INST]hi[/INST][THINK]", MISTRAL) and not opens_reasoning(
+        "[INST]hi[/INST][THINK]"
+    )
