@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import llguidance
 import torch
+from llguidance.gbnf_to_lark import gbnf_to_lark
 
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
@@ -100,6 +101,9 @@ class GrammarCompiler:
         tokenizer = self._llg_tokenizer()
         text = _grammar_text(spec)
         error = llguidance.LLMatcher.validate_grammar(text, tokenizer)
+        if error and spec.kind is StructuredKind.LARK and "::=" in spec.spec:  # GBNF's rules
+            gbnf, gbnf_error = _from_gbnf(spec.spec, tokenizer)  # Lark first: Lark is never converted
+            text, error = (gbnf, "") if gbnf else (text, f"{error}\nnor as GBNF: {gbnf_error}")
         if error:
             raise InvalidParameter(FIELD, f"cannot be compiled: {error}")
         grammar = Grammar(tokenizer, text)
@@ -134,6 +138,16 @@ def _grammar_text(spec: StructuredOutput) -> str:
         return llguidance.LLMatcher.grammar_from_lark(spec.spec)
     except ValueError as exc:
         raise InvalidParameter(FIELD, f"cannot be compiled: {exc}") from None
+
+
+def _from_gbnf(grammar: str, tokenizer: llguidance.LLTokenizer) -> tuple[str, str]:
+    """A grammar Lark refused read as GBNF (llguidance's converter): (grammar, "") or ("", why not)."""
+    try:
+        text = llguidance.LLMatcher.grammar_from_lark(gbnf_to_lark(grammar))
+    except Exception as exc:  # the converter raises whatever its parser meets
+        return "", str(exc) or type(exc).__name__
+    error = llguidance.LLMatcher.validate_grammar(text, tokenizer)
+    return ("", error) if error else (text, "")
 
 
 class BitmaskFiller:

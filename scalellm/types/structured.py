@@ -1,5 +1,5 @@
-"""StructuredOutput: a constraint every generated token must keep (JSON, a JSON Schema, a regex or
-a Lark grammar), enforced by the engine's grammar engine token by token.
+"""StructuredOutput: a constraint every generated token must keep (JSON, a JSON Schema, a regex, a
+grammar, or one of a list of choices), enforced by the engine's grammar engine token by token.
 
 Torch-free and engine-free: this only checks what can be checked without the model's vocabulary
 (the spec is present, a schema is a JSON object); the engine compiles it for its vocabulary and
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,8 @@ class StructuredKind(enum.Enum):
     REGEX = "regex"
     """Text matching ``spec`` as a whole."""
     LARK = "lark"
-    """Text of the Lark grammar ``spec`` (llguidance's dialect: start rule ``start``)."""
+    """Text of the grammar ``spec``: Lark (llguidance's dialect: start rule ``start``), or GBNF
+    (llama.cpp's, ``root ::= ...``; what vLLM's grammar examples are written in)."""
 
 
 @dataclass(frozen=True)
@@ -75,3 +76,12 @@ class StructuredOutput:
     @classmethod
     def lark(cls, grammar: str) -> StructuredOutput:
         return cls(StructuredKind.LARK, grammar)
+
+    @classmethod
+    def choice(cls, options: Sequence[str]) -> StructuredOutput:
+        """The output is exactly one of ``options`` (vLLM's guided choice): a grammar of them."""
+        if isinstance(options, str) or not isinstance(options, Sequence) or not options:
+            raise InvalidParameter(FIELD, "choice must be a non-empty array of strings")
+        if not all(isinstance(o, str) for o in options):
+            raise InvalidParameter(FIELD, "choice must hold only strings")
+        return cls(StructuredKind.LARK, "start: " + " | ".join(json.dumps(o) for o in options))

@@ -218,10 +218,22 @@ def _logit_bias(body: Body) -> tuple[tuple[int, Any], ...]:
     return tuple(out.items())
 
 
+_STRUCTURED_FIELDS = (
+    "response_format",
+    "structured_outputs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+)
+"""Where a request may ask for structured output: OpenAI's field, vLLM's current one and vLLM's
+older guided_* ones; at most one of them."""
+
+
 def _structured_output(body: Body) -> tuple[StructuredOutput | None, str]:
-    """response_format (json_object, json_schema), or vLLM's guided_json / guided_regex; at most one.
-    Returns the constraint and the field it came from (for error messages)."""
-    given = [(key, body.raw(key)) for key in ("response_format", "guided_json", "guided_regex")]
+    """The constraint from whichever of _STRUCTURED_FIELDS the request gave (at most one), and the
+    field it came from (for error messages)."""
+    given = [(key, body.raw(key)) for key in _STRUCTURED_FIELDS]
     given = [(key, v) for key, v in given if v is not None]
     if len(given) > 1:
         raise invalid(f"give at most one of {', '.join(k for k, _ in given)}", given[1][0])
@@ -229,17 +241,61 @@ def _structured_output(body: Body) -> tuple[StructuredOutput | None, str]:
         return None, "response_format"
     key, value = given[0]
     try:
-        if key == "guided_regex":
-            if not isinstance(value, str):
-                raise invalid(f"'{key}' must be a string, got {kind_of(value)}", key, "invalid_type")
-            return StructuredOutput.regex(value), key
-        if key == "guided_json":
-            if not isinstance(value, (dict, str)):
-                raise invalid(f"'{key}' must be an object or a string, got {kind_of(value)}", key)
-            return StructuredOutput.json_schema(value), key
-        return _response_format(value), key
+        if key == "response_format":
+            return _response_format(value), key
+        if key == "structured_outputs":
+            return _structured_outputs(value)
+        return _guided(key, key.removeprefix("guided_"), value), key
     except InvalidParameter as exc:
         raise _invalid(exc, key) from None
+
+
+def _guided(name: str, kind: str, value: Any) -> StructuredOutput:
+    """One of vLLM's kinds of constraint (json, regex, choice, grammar) from the field ``name``."""
+    if kind == "json":
+        if not isinstance(value, (dict, str)):
+            raise invalid(
+                f"'{name}' must be an object or a string, got {kind_of(value)}", name, "invalid_type"
+            )
+        return StructuredOutput.json_schema(value)
+    if kind == "choice":
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            raise invalid(
+                f"'{name}' must be a non-empty array of strings, got {kind_of(value)}", name, "invalid_type"
+            )
+        return StructuredOutput.choice(value)
+    if not isinstance(value, str):
+        raise invalid(f"'{name}' must be a string, got {kind_of(value)}", name, "invalid_type")
+    return StructuredOutput.regex(value) if kind == "regex" else StructuredOutput.lark(value)
+
+
+def _structured_outputs(value: Any) -> tuple[StructuredOutput, str]:
+    """vLLM's structured_outputs object: one of json, regex, choice, grammar, json_object."""
+    if not isinstance(value, dict):
+        raise invalid(
+            f"'structured_outputs' must be an object, got {kind_of(value)}",
+            "structured_outputs",
+            "invalid_type",
+        )
+    spec = Body(value, "structured_outputs.")
+    kinds = [(k, spec.raw(k)) for k in ("json", "regex", "choice", "grammar")]
+    kinds = [(k, v) for k, v in kinds if v is not None]
+    if spec.boolean("json_object"):
+        kinds.append(("json_object", True))
+    spec.boolean("disable_fallback")  # one grammar engine: nothing to fall back to
+    spec.boolean("disable_any_whitespace")  # JSON is always compact here
+    for unsupported_key in ("disable_additional_properties", "whitespace_pattern", "structural_tag"):
+        spec.reject(unsupported_key, lambda v: v is False or v == "")
+    spec.finish()
+    if len(kinds) != 1:
+        given = f"got {', '.join(k for k, _ in kinds)}" if kinds else "got none"
+        raise invalid(
+            f"'structured_outputs' must set exactly one of json, regex, choice, grammar, json_object; {given}",
+            "structured_outputs",
+        )
+    kind, raw = kinds[0]
+    name = spec.name(kind)
+    return (StructuredOutput.json_object() if kind == "json_object" else _guided(name, kind, raw)), name
 
 
 def _response_format(value: Any) -> StructuredOutput | None:

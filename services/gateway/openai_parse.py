@@ -430,7 +430,9 @@ def _with_tools(call: OpenAIRequest, tools: ToolChoice) -> OpenAIRequest:
     sampling = call.spec.sampling
     if sampling.structured_output is not None:
         raise invalid(
-            "'tool_choice' required or named cannot be combined with 'response_format'", "tool_choice"
+            "'tool_choice' required or named cannot be combined with structured output "
+            "(response_format, structured_outputs, guided_*)",
+            "tool_choice",
         )
     try:
         sampling = replace(sampling, structured_output=StructuredOutput.json_schema(schema))

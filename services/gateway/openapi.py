@@ -85,6 +85,27 @@ SAMPLING: J = {
     "response_format": _ref("ResponseFormat"),
     "guided_json": {"anyOf": [{"type": "object"}, {"type": "string"}], "description": "vLLM: a JSON Schema"},
     "guided_regex": _t("string", "vLLM: the output matches this regex"),
+    "guided_choice": {
+        "type": "array",
+        "items": {"type": "string"},
+        "minItems": 1,
+        "description": "vLLM: the output is exactly one of these",
+    },
+    "guided_grammar": _t("string", "vLLM: a grammar the output follows (Lark, or GBNF: root ::= ...)"),
+    "structured_outputs": {
+        "type": "object",
+        "description": "vLLM's: exactly one of json, regex, choice, grammar, json_object",
+        "properties": {
+            "json": {"anyOf": [{"type": "object"}, {"type": "string"}]},
+            "regex": {"type": "string"},
+            "choice": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+            "grammar": {"type": "string"},
+            "json_object": {"type": "boolean"},
+            "disable_fallback": {"type": "boolean"},
+            "disable_any_whitespace": {"type": "boolean"},
+        },
+        "additionalProperties": False,
+    },
     "stream": _t("boolean", "Server-sent events"),
     "stream_options": {
         "type": "object",

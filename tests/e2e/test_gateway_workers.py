@@ -424,6 +424,47 @@ async def test_response_format_json_schema_validates(gateway: GatewayFactory, wo
         jsonschema.validate(json.loads(out.choices[0].message.content or ""), SCHEMA)
 
 
+async def test_vllms_structured_outputs_choice_and_grammar(gateway: GatewayFactory, worker: Service) -> None:
+    """What clients written for vLLM send (extra_body structured_outputs, and the older guided_*):
+    a choice is exactly one of its strings, a GBNF grammar is followed; a grammar the engine cannot
+    compile is a 400 that names the client's field."""
+    gw = await gateway(worker.address)
+    options = ["positive", "negative", "neutral"]
+    gbnf = 'root ::= ("yes" | "no") " " [0-9] [0-9]'
+    bodies: list[dict[str, Any]] = [
+        {"structured_outputs": {"choice": options}},
+        {"guided_choice": options},
+        {"structured_outputs": {"grammar": gbnf}},
+        {"guided_grammar": gbnf},
+    ]
+    answers = await asyncio.gather(
+        *(
+            gw.client.chat.completions.create(
+                model=gw.model, messages=[{"role": "user", "content": "How was the film?"}], max_tokens=20,
+                temperature=1.0, seed=seed, extra_body=body,
+            )
+            for body in bodies
+            for seed in (1, 2)
+        )
+    )  # fmt: skip
+    texts = [a.choices[0].message.content or "" for a in answers]
+    assert all(t in options for t in texts[:4]), texts
+    assert all(re.fullmatch(r"(yes|no) [0-9][0-9]", t) for t in texts[4:]), texts
+    assert all(a.choices[0].finish_reason == "stop" for a in answers)
+    async with aiohttp.ClientSession() as session:
+        payload = {
+            "model": gw.model,
+            "prompt": PROMPT,
+            "max_tokens": 4,
+            "structured_outputs": {"grammar": "root ::= ("},
+        }
+        async with session.post(gw.http + "/v1/completions", json=payload) as r:
+            error = (await r.json())["error"]
+            assert (
+                r.status == 400 and "structured_output" in error["message"] and "GBNF" in error["message"]
+            ), error
+
+
 async def test_continuous_usage_stats_put_usage_on_every_chunk(
     gateway: GatewayFactory, worker: Service
 ) -> None:

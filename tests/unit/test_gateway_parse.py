@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -72,9 +73,40 @@ def test_sampling_controls_and_structured_output_map_to_sampling_params() -> Non
         ({"response_format": {"type": "text"}}, None),
         ({"guided_json": schema}, StructuredOutput.json_schema(schema)),
         ({"guided_regex": "[a-z]+"}, StructuredOutput.regex("[a-z]+")),
-    ]
+        ({"guided_choice": ["yes", "no"]}, StructuredOutput.choice(["yes", "no"])),
+        ({"guided_grammar": 'root ::= "a"'}, StructuredOutput.lark('root ::= "a"')),
+        ({"structured_outputs": {"json": schema}}, StructuredOutput.json_schema(schema)),
+        ({"structured_outputs": {"regex": "[a-z]+"}}, StructuredOutput.regex("[a-z]+")),
+        ({"structured_outputs": {"choice": ["a", "b"], "disable_fallback": True}}, StructuredOutput.choice(["a", "b"])),
+        ({"structured_outputs": {"grammar": 'start: "a"'}}, StructuredOutput.lark('start: "a"')),
+        ({"structured_outputs": {"json_object": True, "disable_any_whitespace": True}}, StructuredOutput.json_object()),
+    ]  # fmt: skip
     for extra, want in forms:
         assert parse_completion({"prompt": "x", **extra}).spec.sampling.structured_output == want
+    assert StructuredOutput.choice(['say "hi"', "x|y"]).spec == 'start: "say \\"hi\\"" | "x|y"'
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"structured_outputs": {}}, "structured_outputs"),
+        ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+        ({"structured_outputs": {"json_object": False}}, "structured_outputs"),
+        ({"structured_outputs": {"choice": []}}, "structured_outputs.choice"),
+        ({"structured_outputs": {"choice": ["a", 1]}}, "structured_outputs.choice"),
+        ({"structured_outputs": {"grammar": 5}}, "structured_outputs.grammar"),
+        ({"structured_outputs": {"regex": "a", "whitespace_pattern": " *"}}, "structured_outputs.whitespace_pattern"),
+        ({"structured_outputs": {"regex": "a", "typo": 1}}, "structured_outputs.typo"),
+        ({"structured_outputs": ["a"]}, "structured_outputs"),
+        ({"guided_choice": "yes"}, "guided_choice"),
+        ({"guided_grammar": ["x"]}, "guided_grammar"),
+        ({"guided_choice": ["a"], "structured_outputs": {"regex": "a"}}, "guided_choice"),
+    ],
+)  # fmt: skip
+def test_a_bad_structured_output_names_its_field(extra: dict[str, Any], param: str) -> None:
+    with pytest.raises(GatewayError) as err:
+        parse_completion({"prompt": "x", **extra})
+    assert err.value.kind is ErrorKind.INVALID and err.value.param == param, err.value
 
 
 def test_completion_defaults_follow_openai() -> None:

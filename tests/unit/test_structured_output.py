@@ -62,6 +62,27 @@ def test_regex_and_lark_outputs_match(llm: LLM) -> None:
         assert re.fullmatch(r"(yes|no) (please|thanks)", text) and finish == "stop", text
 
 
+def test_choice_and_gbnf_outputs_match(llm: LLM) -> None:
+    """A choice (vLLM's guided_choice) is one of its strings exactly, quotes and bars included; a
+    GBNF grammar (vLLM's grammar examples) is read as GBNF, a Lark one as Lark."""
+    options = ['say "hi"', "a|b", "café", "no"]
+    choice = StructuredOutput.choice(options)
+    gbnf = StructuredOutput.lark(
+        'root ::= answer " " polite\nanswer ::= "yes" | "no"\npolite ::= "please" | "thanks"'
+    )
+    params = [
+        SamplingParams(temperature=1.0, seed=s, max_tokens=30, structured_output=choice) for s in range(6)
+    ]
+    params += [
+        SamplingParams(temperature=1.0, seed=s, max_tokens=30, structured_output=gbnf) for s in range(3)
+    ]
+    results = _texts(llm, params)
+    for text, finish in results[:6]:
+        assert text in options and finish == "stop", text
+    for text, finish in results[6:]:
+        assert re.fullmatch(r"(yes|no) (please|thanks)", text) and finish == "stop", text
+
+
 def test_json_object_output_is_an_object_and_bias_cannot_break_the_grammar(llm: LLM) -> None:
     """'"' and '}' pushed by +100 wherever the grammar allows them, so the random model's
     free-running keys end; the grammar still decides where they may go: the output is an object."""
@@ -114,6 +135,8 @@ def test_bad_words_as_text_are_never_generated(llm: LLM) -> None:
             SamplingParams(structured_output=StructuredOutput.lark("start: undefined_rule")),
             "structured_output",
         ),
+        (SamplingParams(structured_output=StructuredOutput.lark("root ::= undefined")), "structured_output"),
+        (SamplingParams(structured_output=StructuredOutput.lark("root ::= ( unclosed")), "structured_output"),
         (SamplingParams(logit_bias={10**7: 1.0}), "logit_bias"),
         (SamplingParams(bad_words_token_ids=[(1, 10**7)]), "bad_words_token_ids"),
         (SamplingParams(bad_words=["x"]), "bad_words"),
