@@ -93,9 +93,13 @@ def structured_from_proto(msg: common_pb2.StructuredOutput) -> StructuredOutput:
     """A message with no kind set (or json_object false) is refused: it asks for nothing."""
     kind = msg.WhichOneof("kind")
     if kind is None or (kind == "json_object" and not msg.json_object):
-        raise InvalidParameter("structured_output", "must set one of json_object, json_schema, regex, lark")
+        raise InvalidParameter(
+            "structured_output", "must set one of json_object, json_schema, regex, lark, choice"
+        )
     if kind == "json_object":
         return StructuredOutput.json_object()
+    if kind == "choice":
+        return StructuredOutput.choice(list(msg.choice.options))
     return StructuredOutput(StructuredKind(kind), getattr(msg, kind))
 
 

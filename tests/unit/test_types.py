@@ -142,6 +142,9 @@ def test_structured_output_checks_what_it_can_without_a_vocabulary() -> None:
         lambda: StructuredOutput.regex(""),
         lambda: StructuredOutput(StructuredKind.JSON_OBJECT, "x"),
         lambda: StructuredOutput.lark("x" * (64 * 1024 + 1)),
+        lambda: StructuredOutput.choice([]),
+        lambda: StructuredOutput.choice("ab"),  # a string is not a list of choices
+        lambda: StructuredOutput.choice(["a", 1]),  # type: ignore[list-item]
     ):
         with pytest.raises(InvalidParameter) as err:
             make()
@@ -166,6 +169,10 @@ def test_every_sampling_control_round_trips_through_the_proto() -> None:
     assert convert.sampling_from_proto(convert.sampling_to_proto(held)) == held
     unset = common_pb2.SamplingParams()
     assert convert.sampling_from_proto(unset).repetition_penalty == 1.0  # 0 on the wire means unset
+    choice = common_pb2.StructuredOutput(choice=common_pb2.Choices(options=["yes", 'say "no"']))
+    assert convert.structured_from_proto(choice) == StructuredOutput.choice(["yes", 'say "no"'])
+    with pytest.raises(InvalidParameter):
+        convert.structured_from_proto(common_pb2.StructuredOutput(choice=common_pb2.Choices()))
     empty = common_pb2.SamplingParams(structured_output=common_pb2.StructuredOutput())
     with pytest.raises(InvalidParameter) as err:
         convert.sampling_from_proto(empty)
