@@ -25,7 +25,7 @@ from scalellm.registry.client import CHANNEL_OPTIONS as REGISTRY_OPTIONS
 from scalellm.security import MeshSecurity
 from scalellm.v1 import worker_pb2, worker_pb2_grpc
 from services.gateway.session import CHANNEL_OPTIONS as GATEWAY_OPTIONS
-from tests.hung_peer import METHOD
+from tests.hung_peer import open_stream, start_server
 
 _ROOT = Path(__file__).resolve().parents[2]
 
@@ -79,13 +79,7 @@ async def _stream_to_hung_server(first: bytes) -> grpc.aio.AioRpcError:
     with _peer("server") as proc:
         port = int(await _line(proc))
         async with MeshSecurity().channel(f"127.0.0.1:{port}", GATEWAY_OPTIONS) as channel:
-            queue: asyncio.Queue[bytes] = asyncio.Queue()
-
-            async def requests() -> AsyncIterator[bytes]:
-                while True:
-                    yield await queue.get()
-
-            call = channel.stream_stream(METHOD)(requests())
+            call, queue = open_stream(channel)
             queue.put_nowait(first)
             assert await call.read() == first
             os.kill(proc.pid, signal.SIGSTOP)
@@ -114,16 +108,7 @@ async def _server_call_of_hung_client() -> bool:
             ended.set()
         yield b""  # never reached
 
-    server = MeshSecurity().server()
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                "test.Peer", {"Stream": grpc.stream_stream_rpc_method_handler(stream)}
-            ),
-        )
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    server, port = await start_server(stream)
     try:
         with _peer("client", f"127.0.0.1:{port}") as proc:
             assert await _line(proc) == "open"
@@ -158,26 +143,11 @@ async def test_a_quiet_stream_is_not_sent_away_for_its_pings() -> None:
         async for request in requests:
             yield request
 
-    server = MeshSecurity().server()
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                "test.Peer", {"Stream": grpc.stream_stream_rpc_method_handler(echo)}
-            ),
-        )
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    server, port = await start_server(echo)
     try:
         options = (*GATEWAY_OPTIONS, ("grpc.keepalive_time_ms", 1000))
         async with MeshSecurity().channel(f"127.0.0.1:{port}", options) as channel:
-            queue: asyncio.Queue[bytes] = asyncio.Queue()
-
-            async def requests() -> AsyncIterator[bytes]:
-                while True:
-                    yield await queue.get()
-
-            call = channel.stream_stream(METHOD)(requests())
+            call, queue = open_stream(channel)
             queue.put_nowait(b"one")
             assert await call.read() == b"one"
             await asyncio.sleep(6)  # six pings, no data either way

@@ -46,41 +46,28 @@ def test_json_schema_output_parses_and_validates(llm: LLM) -> None:
         assert finish == "stop", text
 
 
-def test_regex_and_lark_outputs_match(llm: LLM) -> None:
-    regex = StructuredOutput.regex(r"[a-z]{2,5}-[0-9]{2}")
-    lark = StructuredOutput.lark('start: ("yes" | "no") " " ("please" | "thanks")')
-    params = [
-        SamplingParams(temperature=1.0, seed=s, max_tokens=30, structured_output=regex) for s in range(3)
-    ]
-    params += [
-        SamplingParams(temperature=1.0, seed=s, max_tokens=30, structured_output=lark) for s in range(3)
-    ]
-    results = _texts(llm, params)
-    for text, finish in results[:3]:
-        assert re.fullmatch(r"[a-z]{2,5}-[0-9]{2}", text) and finish == "stop", text
-    for text, finish in results[3:]:
-        assert re.fullmatch(r"(yes|no) (please|thanks)", text) and finish == "stop", text
+CHOICES = ['say "hi"', "a|b", "café", "no"]
+POLITE = r"(yes|no) (please|thanks)"
 
 
-def test_choice_and_gbnf_outputs_match(llm: LLM) -> None:
-    """A choice (vLLM's guided_choice) is one of its strings exactly, quotes and bars included; a
-    GBNF grammar (vLLM's grammar examples) is read as GBNF, a Lark one as Lark."""
-    options = ['say "hi"', "a|b", "café", "no"]
-    choice = StructuredOutput.choice(options)
-    gbnf = StructuredOutput.lark(
-        'root ::= answer " " polite\nanswer ::= "yes" | "no"\npolite ::= "please" | "thanks"'
-    )
+@pytest.mark.parametrize(
+    ("constraint", "pattern"),
+    [
+        (StructuredOutput.regex(r"[a-z]{2,5}-[0-9]{2}"), r"[a-z]{2,5}-[0-9]{2}"),
+        (StructuredOutput.lark('start: ("yes" | "no") " " ("please" | "thanks")'), POLITE),
+        # GBNF (vLLM's grammar examples): read as GBNF once Lark refuses it
+        (StructuredOutput.lark('root ::= answer " " polite\nanswer ::= "yes" | "no"\npolite ::= "please" | "thanks"'), POLITE),
+        # a choice (vLLM's guided_choice) is one of its strings exactly, quotes and bars included
+        (StructuredOutput.choice(CHOICES), "|".join(re.escape(c) for c in CHOICES)),
+    ],
+    ids=["regex", "lark", "gbnf", "choice"],
+)  # fmt: skip
+def test_grammar_outputs_match(llm: LLM, constraint: StructuredOutput, pattern: str) -> None:
     params = [
-        SamplingParams(temperature=1.0, seed=s, max_tokens=30, structured_output=choice) for s in range(6)
+        SamplingParams(temperature=1.0, seed=s, max_tokens=30, structured_output=constraint) for s in range(4)
     ]
-    params += [
-        SamplingParams(temperature=1.0, seed=s, max_tokens=30, structured_output=gbnf) for s in range(3)
-    ]
-    results = _texts(llm, params)
-    for text, finish in results[:6]:
-        assert text in options and finish == "stop", text
-    for text, finish in results[6:]:
-        assert re.fullmatch(r"(yes|no) (please|thanks)", text) and finish == "stop", text
+    for text, finish in _texts(llm, params):
+        assert re.fullmatch(pattern, text) and finish == "stop", text
 
 
 def test_json_object_output_is_an_object_and_bias_cannot_break_the_grammar(llm: LLM) -> None:
