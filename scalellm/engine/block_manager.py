@@ -109,7 +109,7 @@ class BlockManager:
         while len(hashes) < num_full:
             i = len(hashes)
             parent = hashes[-1] if hashes else NO_PARENT
-            h = hash_block(parent, tuple(req.token_ids[i * bs : (i + 1) * bs]))
+            h = hash_block(parent, req.token_ids[i * bs : (i + 1) * bs])
             hashes.append(h)
             block = req.block_ids[i]
             if self.block_hash[block] is None and h not in self.cached:
@@ -125,7 +125,7 @@ class BlockManager:
         parent = NO_PARENT
         bs = self.block_size
         for i in range(max_blocks):
-            h = hash_block(parent, tuple(req.token_ids[i * bs : (i + 1) * bs]))
+            h = hash_block(parent, req.token_ids[i * bs : (i + 1) * bs])
             block = self.cached.get(h)
             if block is None:
                 break

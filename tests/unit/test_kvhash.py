@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import struct
 import subprocess
 import sys
 
 from scalellm.engine.block_manager import BlockManager
 from scalellm.engine.request import Request
 from scalellm.kvhash import (
+    NO_PARENT,
     BlockHashDelta,
     BlockHashLog,
     BlockHashMirror,
     from_wire,
+    hash_block,
     prompt_block_hashes,
     to_wire,
 )
@@ -52,6 +56,17 @@ def test_hashes_agree_across_processes_with_different_hash_seeds() -> None:
         for seed in ("1", "2")
     }
     assert outputs == {f"{prompt_block_hashes(list(range(40)), 16)}\n"}
+
+
+def test_the_chain_is_blake2b_of_the_parent_and_the_tokens() -> None:
+    """Pinned: a cryptographic hash of a documented byte layout, not Python's tuple hash (whose
+    collisions a client could compute to share another tenant's KV); the same bytes anywhere."""
+    layout = struct.pack("<q4I", NO_PARENT, 1, 2, 3, 4)
+    want = int.from_bytes(hashlib.blake2b(layout, digest_size=8).digest(), "little", signed=True)
+    assert hash_block(NO_PARENT, [1, 2, 3, 4]) == hash_block(NO_PARENT, (1, 2, 3, 4)) == want
+    assert hash_block(NO_PARENT, [1, 2, 3, 4]) != hash((NO_PARENT, (1, 2, 3, 4)))
+    assert prompt_block_hashes([1, 2, 3, 4, 5], 4) == [want]
+    assert hash_block(want, [1, 2, 3, 4]) != want  # the parent is part of what is hashed
 
 
 def test_wire_form_is_unsigned_and_round_trips() -> None:
