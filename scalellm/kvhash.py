@@ -12,7 +12,8 @@ step by step, so a client could compute a block that collides with another tenan
 second preimage of a 64-bit BLAKE2b costs ~2^64 hashes; hashing costs ~1.5 us a block against
 0.2 us (bench-free: ``python -m timeit``), once per block computed or matched. Hashes are signed
 64-bit ints in Python; the wire carries them as fixed64 (``to_wire`` / ``from_wire`` at the proto
-boundary). The chain is not salted by
+boundary). A request's ``cache_salt`` changes the chain's root (``chain_root``): blocks are shared
+only between requests with the same salt, or with none. The chain is not salted by
 model: an index is kept per worker and a worker serves one model, so two models never meet in one
 lookup.
 
@@ -40,13 +41,24 @@ def hash_block(parent: int, tokens: Sequence[int]) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
 
 
-def prompt_block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
+def chain_root(cache_salt: str | None) -> int:
+    """The parent of a prompt's first block: NO_PARENT, or under a cache salt (vLLM's
+    ``cache_salt``) a hash of it, so that only requests with the same salt share blocks."""
+    if cache_salt is None:
+        return NO_PARENT
+    digest = hashlib.blake2b(cache_salt.encode(), digest_size=8, person=b"cache_salt").digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def prompt_block_hashes(
+    token_ids: Sequence[int], block_size: int, cache_salt: str | None = None
+) -> list[int]:
     """The chain of a prompt's blocks that a prefix-cache hit can cover: full blocks only, and
     never the block holding the last token (the engine always computes that one afresh)."""
     if block_size <= 0:
         return []
     hashes: list[int] = []
-    parent = NO_PARENT
+    parent = chain_root(cache_salt)
     for i in range((len(token_ids) - 1) // block_size):
         parent = hash_block(parent, token_ids[i * block_size : (i + 1) * block_size])
         hashes.append(parent)

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from scalellm.engine.request import Request
-from scalellm.kvhash import NO_PARENT, BlockHashDelta, BlockHashLog, hash_block
+from scalellm.kvhash import BlockHashDelta, BlockHashLog, chain_root, hash_block
 
 
 class BlockManager:
@@ -108,7 +108,7 @@ class BlockManager:
         bs = self.block_size
         while len(hashes) < num_full:
             i = len(hashes)
-            parent = hashes[-1] if hashes else NO_PARENT
+            parent = hashes[-1] if hashes else chain_root(req.sampling_params.cache_salt)
             h = hash_block(parent, req.token_ids[i * bs : (i + 1) * bs])
             hashes.append(h)
             block = req.block_ids[i]
@@ -122,7 +122,7 @@ class BlockManager:
     def _match_prefix(self, req: Request, max_blocks: int) -> list[int]:
         hits: list[int] = []
         hashes: list[int] = []
-        parent = NO_PARENT
+        parent = chain_root(req.sampling_params.cache_salt)
         bs = self.block_size
         for i in range(max_blocks):
             h = hash_block(parent, req.token_ids[i * bs : (i + 1) * bs])

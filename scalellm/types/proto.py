@@ -50,6 +50,8 @@ def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
         msg.logprobs = params.logprobs
     if params.prompt_logprobs is not None:
         msg.prompt_logprobs = params.prompt_logprobs
+    if params.cache_salt is not None:
+        msg.cache_salt = params.cache_salt
     if params.structured_output is not None:
         msg.structured_output.CopyFrom(structured_to_proto(params.structured_output))
     return msg
@@ -68,6 +70,7 @@ def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
         ignore_eos=msg.ignore_eos,
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
         prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
+        cache_salt=msg.cache_salt if msg.HasField("cache_salt") else None,
         presence_penalty=msg.presence_penalty,
         frequency_penalty=msg.frequency_penalty,
         repetition_penalty=msg.repetition_penalty or 1.0,

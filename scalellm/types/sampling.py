@@ -62,6 +62,9 @@ class SamplingParams:
         ignore_eos or min_tokens: the grammar decides where the output ends).
     prompt_logprobs: how many top logprobs to return per prompt token, computed at prefill (None:
         none; 0: only each prompt token's own). The first prompt token has none.
+    cache_salt: vLLM's: the prompt's prefix-cache blocks are shared only with requests of the same
+        salt (None: with requests without one). A tenant's secret keeps others from timing or
+        reusing its cached prompts; 1..1024 characters.
 
     The penalties and controls act in vLLM's order on the logits: structured output mask, bad
     words, min_tokens, logit_bias, then repetition, frequency and presence penalties; greedy
@@ -90,6 +93,7 @@ class SamplingParams:
     bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
     structured_output: StructuredOutput | None = None
     prompt_logprobs: int | None = None
+    cache_salt: str | None = None
     uses_logits_controls: bool = field(init=False, repr=False, compare=False)
     """Whether any control beyond temperature / top-k / top-p / min-p touches the logits (set
     when made: the sampler's fast path for requests that use none)."""
@@ -144,6 +148,13 @@ class SamplingParams:
             or (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
             f"must be in [0, {MAX_LOGPROBS}]",
             self.prompt_logprobs,
+        )
+        _check(
+            "cache_salt",
+            self.cache_salt is None
+            or (isinstance(self.cache_salt, str) and 1 <= len(self.cache_salt) <= 1024),
+            "must be a string of 1 to 1024 characters",
+            self.cache_salt,
         )
         self._validate_controls()
         uses = (

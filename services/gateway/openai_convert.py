@@ -189,6 +189,7 @@ def sampling_from_openai(
             bad_words=_strings(body, "bad_words"),
             structured_output=structured,
             prompt_logprobs=prompt_logprobs,
+            cache_salt=body.string("cache_salt"),
         )
     except InvalidParameter as exc:
         raise _invalid(exc, names.get(exc.field, exc.field)) from None

@@ -75,16 +75,19 @@ class RoutingPolicy:
 class PrefixHashes:
     """A prompt's block-hash chains, computed once per block size."""
 
-    __slots__ = ("_by_size", "_prompt")
+    __slots__ = ("_by_size", "_prompt", "_salt")
 
-    def __init__(self, prompt: Sequence[int]) -> None:
+    def __init__(self, prompt: Sequence[int], cache_salt: str | None = None) -> None:
         self._prompt = prompt
+        self._salt = cache_salt
         self._by_size: dict[int, tuple[int, ...]] = {}
 
     def of(self, block_size: int) -> tuple[int, ...]:
         chain = self._by_size.get(block_size)
         if chain is None:
-            chain = self._by_size[block_size] = tuple(prompt_block_hashes(self._prompt, block_size))
+            chain = self._by_size[block_size] = tuple(
+                prompt_block_hashes(self._prompt, block_size, self._salt)
+            )
         return chain
 
 

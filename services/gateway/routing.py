@@ -280,10 +280,15 @@ class Router:
         return bool(self.source.current().decode)
 
     def route(
-        self, prompt_len: int, exclude: Collection[str] = (), *, prompt: Sequence[int] = ()
+        self,
+        prompt_len: int,
+        exclude: Collection[str] = (),
+        *,
+        prompt: Sequence[int] = (),
+        cache_salt: str | None = None,
     ) -> Route | None:
-        """The best route for a prompt (its token ids in prompt, for prefix routing), skipping
-        decode workers in exclude (already tried).
+        """The best route for a prompt (its token ids in prompt and its cache salt, for prefix
+        routing), skipping decode workers in exclude (already tried).
 
         None when every decode worker is excluded; GatewayError(UNAVAILABLE) when there is none.
         """
@@ -294,7 +299,7 @@ class Router:
             self._prune({w.worker_id for w in (*workers.decode, *workers.prefill)})
         if self.policy.mode is RoutingMode.LOAD:
             return self._route_by_load(workers, prompt_len, exclude)
-        return self._route_by_prefix(workers, prompt_len, exclude, PrefixHashes(prompt))
+        return self._route_by_prefix(workers, prompt_len, exclude, PrefixHashes(prompt, cache_salt))
 
     def _short(self, worker: WorkerEndpoint, prompt_len: int) -> int:
         """1 when the worker's reported free blocks cannot hold the prompt (reports may be stale:

@@ -107,7 +107,12 @@ class Dispatcher:
         last: GatewayError | None = None
         dispatched_at = 0.0
         for _ in range(self.attempts):
-            route = self.router.route(len(prompt) + len(resume), tried, prompt=(*prompt, *resume))
+            route = self.router.route(
+                len(prompt) + len(resume),
+                tried,
+                prompt=(*prompt, *resume),
+                cache_salt=request.sampling.cache_salt,
+            )
             if route is None:
                 break
             if resume:  # computed where it resumes, never on a prefill worker

@@ -465,6 +465,39 @@ async def test_vllms_structured_outputs_choice_and_grammar(gateway: GatewayFacto
             ), error
 
 
+async def test_a_cache_salt_shares_cached_prompts_only_with_the_same_salt(
+    gateway: GatewayFactory, worker: Service
+) -> None:
+    """vLLM's cache_salt through a real worker: the same long prompt is a prefix-cache hit only
+    for a request with the salt it was cached under (usage.prompt_tokens_details.cached_tokens),
+    over HTTP and gRPC alike."""
+    gw = await gateway(worker.address)
+    prompt = " ".join(f"item{i}" for i in range(120))  # far more than one block of tokens
+
+    async def cached(salt: str | None) -> int:
+        extra = {} if salt is None else {"cache_salt": salt}
+        out = await gw.client.completions.create(
+            model=gw.model, prompt=prompt, max_tokens=1, extra_body=extra
+        )
+        assert out.usage is not None and out.usage.prompt_tokens_details is not None
+        return out.usage.prompt_tokens_details.cached_tokens or 0
+
+    assert await cached("alice") == 0
+    assert await cached("bob") == 0 and await cached(None) == 0
+    assert await cached("alice") > 0 and await cached(None) > 0
+    async with grpc.aio.insecure_channel(gw.grpc) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        for salt, hit in (("carol", False), ("carol", True), ("alice", True)):
+            sampling = common_pb2.SamplingParams(max_tokens=1, cache_salt=salt)
+            messages = [
+                m
+                async for m in stub.Generate(
+                    gateway_pb2.GatewayGenerateRequest(text=prompt, sampling=sampling)
+                )
+            ]
+            assert (messages[-1].usage.cached_prompt_tokens > 0) is hit, salt
+
+
 async def test_continuous_usage_stats_put_usage_on_every_chunk(
     gateway: GatewayFactory, worker: Service
 ) -> None:

@@ -54,6 +54,24 @@ def test_prefix_blocks_are_shared_and_refcounted() -> None:
     assert bm.num_free_blocks == 10
 
 
+def test_blocks_are_shared_only_under_the_same_cache_salt() -> None:
+    """vLLM's cache_salt: a prompt cached under one salt (or none) is a miss under another."""
+    bm = BlockManager(num_blocks=32, block_size=4)
+    prompt = list(range(12))
+
+    def cached_tokens(rid: str, salt: str | None) -> int:
+        req = Request(rid, prompt, SamplingParams(cache_salt=salt), max_tokens=16)
+        assert bm.allocate(req, req.num_tokens)
+        _compute_all(bm, req)
+        return req.num_cached_tokens
+
+    assert cached_tokens("plain", None) == 0
+    assert cached_tokens("alice", "alice-secret") == 0  # not the unsalted blocks
+    assert cached_tokens("bob", "bob-secret") == 0
+    assert cached_tokens("alice-again", "alice-secret") == 8  # her own: two full blocks
+    assert cached_tokens("plain-again", None) == 8
+
+
 def test_full_hit_still_computes_the_last_block() -> None:
     bm = BlockManager(num_blocks=10, block_size=4)
     a = _req("a", list(range(8)))

@@ -83,6 +83,12 @@ def test_sampling_controls_and_structured_output_map_to_sampling_params() -> Non
     ]  # fmt: skip
     for extra, want in forms:
         assert parse_completion({"prompt": "x", **extra}).spec.sampling.structured_output == want
+    salted = parse_chat({"messages": [{"role": "user", "content": "x"}], "cache_salt": "k3y"})
+    assert salted.spec.sampling.cache_salt == "k3y"
+    for bad in ("", 7):
+        with pytest.raises(GatewayError) as err:
+            parse_completion({"prompt": "x", "cache_salt": bad})
+        assert err.value.param == "cache_salt"
     assert StructuredOutput.choice(['say "hi"', "x|y"]).spec == 'start: "say \\"hi\\"" | "x|y"'
 
 

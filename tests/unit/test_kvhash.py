@@ -37,6 +37,10 @@ def test_gateway_chain_is_the_engines_and_skips_the_last_block() -> None:
     tokens = list(range(100, 113))  # 13 tokens: 3 full blocks, all cacheable after computing
     _run(bm, _req("a", tokens))
     assert set(bm.cached) == set(prompt_block_hashes([*tokens, 0], 4))
+    salted = BlockManager(num_blocks=8, block_size=4)  # a cache salt: the same chain on both sides
+    _run(salted, Request("s", tokens, SamplingParams(cache_salt="k"), max_tokens=16))
+    assert set(salted.cached) == set(prompt_block_hashes([*tokens, 0], 4, cache_salt="k"))
+    assert not set(salted.cached) & set(bm.cached)
     # A prompt never hits the block holding its last token, so the gateway does not count it.
     assert len(prompt_block_hashes(list(range(12)), 4)) == 2
     assert len(prompt_block_hashes(list(range(13)), 4)) == 3
