@@ -232,6 +232,9 @@ class GatewayCore:
             self.metrics.rate_limited.labels(tenant.name, exc.limit).inc()
             raise
         request = replace(request, tenant_weight=tenant.weight)
+        salt = tenant.cache_salt(request.sampling.cache_salt)
+        if salt != request.sampling.cache_salt:  # namespaced by tenant (tenants.py)
+            request = replace(request, sampling=replace(request.sampling, cache_salt=salt))
         timeout = self.config.request_timeout_s if timeout_s is None else timeout_s
         return await start_generation(lane.dispatcher, request, timeout, self.metrics)
 

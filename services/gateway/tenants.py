@@ -1,7 +1,8 @@
 """Tenants: what each API key's tenant may do (the keys file's ``key=value`` fields) and the
 limiter that holds every tenant to it.
 
-A keys-file line is ``KEY TENANT [weight=W] [max_concurrency=N] [rpm=N] [tpm=N] [models=a,b]``.
+A keys-file line is ``KEY TENANT [weight=W] [max_concurrency=N] [rpm=N] [tpm=N] [models=a,b]
+[isolate_cache=yes]``.
 A tenant's fields may be written on any of its keys' lines (a value given twice must agree);
 lines without fields share them. Requests without keys (auth off) are one tenant, "anonymous".
 
@@ -20,10 +21,16 @@ a Retry-After and the tenant named in the message:
 
 ``weight`` is the tenant's share under contention (fair admission in the gateway, and the decode
 workers' waiting queues); ``models`` the models its keys may use (others: 404 model_not_found).
+
+The prefix cache: a request's ``cache_salt`` (vLLM's) is namespaced by its tenant, so no other
+tenant can name the same salt and share (or time) its cached prompts; ``isolate_cache=yes`` salts
+every request of the tenant that way, so its prompts are cached for it alone without a client
+change. A tenant's requests without a salt share blocks with every such request of other tenants.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections import deque
@@ -47,6 +54,7 @@ class Tenant:
     rpm: int | None = None
     tpm: int | None = None
     models: frozenset[str] | None = None
+    isolate_cache: bool = False
 
     def __post_init__(self) -> None:
         self.share  # noqa: B018 (checks the weight)
@@ -63,6 +71,14 @@ class Tenant:
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
 
+    def cache_salt(self, asked: str | None) -> str | None:
+        """The salt a request of this tenant runs under: the client's ``asked`` one within this
+        tenant's namespace, or with isolate_cache the tenant's own; None (shared) otherwise."""
+        if asked is None and not self.isolate_cache:
+            return None
+        key = f"{self.name}\0{asked or ''}".encode()
+        return hashlib.blake2b(key, digest_size=16, person=b"tenant_salt").hexdigest()
+
     @classmethod
     def parse(cls, name: str, fields: Sequence[str]) -> Tenant:
         """A tenant from its ``key=value`` fields; ValueError naming a bad one."""
@@ -75,13 +91,14 @@ class Tenant:
             rpm=_int(values, "rpm"),
             tpm=_int(values, "tpm"),
             models=frozenset(m for m in models.split(",") if m) if models is not None else None,
+            isolate_cache=_yes(values, "isolate_cache"),
         )
 
 
 ANONYMOUS = Tenant(name="anonymous")
 """Every request when API keys are off."""
 
-_FIELDS = ("weight", "max_concurrency", "rpm", "tpm", "models")
+_FIELDS = ("weight", "max_concurrency", "rpm", "tpm", "models", "isolate_cache")
 
 
 def _parse_fields(fields: Sequence[str]) -> dict[str, str]:
@@ -103,6 +120,13 @@ def _int(values: dict[str, str], key: str) -> int | None:
         return int(values[key])
     except ValueError:
         raise ValueError(f"{key} must be an integer, got {values[key]!r}") from None
+
+
+def _yes(values: dict[str, str], key: str) -> bool:
+    value = values.get(key, "no")
+    if value not in ("yes", "no"):
+        raise ValueError(f"{key} must be yes or no, got {value!r}")
+    return value == "yes"
 
 
 def merge_fields(name: str, lines: Sequence[Sequence[str]]) -> Tenant:

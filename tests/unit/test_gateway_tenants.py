@@ -43,7 +43,7 @@ def test_keys_file_fields(tmp_path: Path) -> None:
             tmp_path,
             "sk-a acme weight=2 max_concurrency=3 rpm=10 tpm=500 models=m1,m2\n"
             "sk-a2 acme\n"  # shares acme's fields
-            "sk-b bravo\n"
+            "sk-b bravo isolate_cache=yes\n"
             "sk-c weight=0.5\n",  # tenant 'default' with a field
         )
     )
@@ -52,7 +52,7 @@ def test_keys_file_fields(tmp_path: Path) -> None:
         name="acme", weight=2.0, max_concurrency=3, rpm=10, tpm=500, models=frozenset({"m1", "m2"})
     )
     assert keys.lookup("Bearer sk-a2") is acme and keys.tenant("Bearer sk-a2") == "acme"
-    assert keys.lookup("Bearer sk-b") == Tenant(name="bravo")
+    assert keys.lookup("Bearer sk-b") == Tenant(name="bravo", isolate_cache=True)
     assert keys.lookup("Bearer sk-c") == Tenant(name="default", weight=0.5)
     assert [t.name for t in keys.all_tenants()] == ["acme", "bravo", "default"]
     assert acme.may_use("m1") and not acme.may_use("m3") and Tenant(name="x").may_use("m3")
@@ -67,6 +67,7 @@ def test_keys_file_fields(tmp_path: Path) -> None:
         ("sk-a acme color=red\n", "expected one of weight=..."),
         ("sk-a acme rpm=1 rpm=2\n", "rpm given twice"),
         ("sk-a acme rpm=1\nsk-b acme rpm=2\n", "different fields on different lines"),
+        ("sk-a acme isolate_cache=true\n", "isolate_cache must be yes or no"),
     ],
 )
 def test_bad_keys_file_fields_are_refused(tmp_path: Path, text: str, error: str) -> None:
@@ -290,3 +291,25 @@ async def test_at_the_bound_requests_wait_in_the_fair_queue(
         worker.release.set()
         assert (await first).status == 200 and (await queued).status == 200
     assert REPLY.startswith("Hello")
+
+
+async def test_cache_salts_are_namespaced_by_tenant(mesh_factory: MeshFactory, tmp_path: Path) -> None:
+    """No tenant can name another's salt: the same client salt reaches the workers as a different
+    salt per tenant; isolate_cache salts a tenant's every request; other requests carry none."""
+    mesh = await mesh_factory(
+        api_keys_file=str(keys_file(tmp_path, "sk-a acme\nsk-b bravo isolate_cache=yes\n"))
+    )
+    worker = mesh.workers[0]
+    sent = [("sk-a", None), ("sk-a", "s1"), ("sk-b", "s1"), ("sk-b", None), ("sk-a", "s1")]
+    async with aiohttp.ClientSession() as session:
+        for key, salt in sent:
+            body = {"prompt": "x", "max_tokens": 2, **({"cache_salt": salt} if salt else {})}
+            async with session.post(
+                mesh.http + "/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+            ) as r:
+                assert r.status == 200, await r.text()
+    salts = [r.sampling.cache_salt if r.sampling.HasField("cache_salt") else None for r in worker.requests]
+    assert salts[0] is None  # acme asked for none
+    assert salts[1] and salts[1] != "s1" and salts[1] == salts[4]  # acme's s1, the same each time
+    assert salts[2] and salts[2] != salts[1]  # bravo's s1 is not acme's
+    assert salts[3] and salts[3] not in (salts[1], salts[2])  # bravo isolated even without one
