@@ -82,6 +82,12 @@ SAMPLING: J = {
     },
     "min_tokens": _t("integer", "vLLM: no EOS / stop token before this many tokens", minimum=0),
     "bad_words": {**_STRINGS, "description": "vLLM: words never generated"},
+    "cache_salt": _t(
+        "string",
+        "vLLM: prefix-cache blocks are shared only with requests of the same salt (namespaced by tenant)",
+        minLength=1,
+        maxLength=1024,
+    ),
     "response_format": _ref("ResponseFormat"),
     "guided_json": {"anyOf": [{"type": "object"}, {"type": "string"}], "description": "vLLM: a JSON Schema"},
     "guided_regex": _t("string", "vLLM: the output matches this regex"),
