@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests import procs
 
 
 @pytest.fixture(scope="session")
@@ -63,3 +66,10 @@ def tiny_chat_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
     given = os.environ.get(TOKENIZER_DIR_ENV)
     source = Path(given) if given else request.getfixturevalue("demo_model_dir")
     return build_tiny_chat_model(source, tmp_path_factory.mktemp("tiny-chat"), max_position_embeddings=8192)
+
+
+@pytest.fixture
+def whole_machine() -> Iterator[None]:
+    """The machine to this test alone among the test processes (tests.procs.whole_machine)."""
+    with procs.whole_machine():
+        yield

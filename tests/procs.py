@@ -2,22 +2,50 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import os
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from scalellm.lifecycle import ReadyLine
 
 ROOT = Path(__file__).resolve().parent.parent
+
+_machine: list[IO[bytes]] = []  # this process's hold on the lock, once per whole_machine() entered
+
+
+@contextlib.contextmanager
+def whole_machine() -> Iterator[None]:
+    """The machine to this test alone among the test processes of this checkout (xdist's
+    workers): for tests that load it whole (a `scalellm up` mesh divides every core between its
+    workers; the offline engine's long runs), which run each other past their deadlines on CI's
+    two cores. Re-entrant within a process; tests that do not take it still run beside."""
+    if not _machine:
+        key = hashlib.sha256(str(ROOT).encode()).hexdigest()[:12]
+        lock = open(Path(tempfile.gettempdir()) / f"scalellm-whole-machine-{key}.lock", "wb")  # noqa: SIM115
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _machine.append(lock)
+    else:
+        _machine.append(_machine[0])
+    try:
+        yield
+    finally:
+        lock = _machine.pop()
+        if not _machine:
+            lock.close()
 
 
 @dataclass

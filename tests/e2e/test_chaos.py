@@ -37,7 +37,7 @@ from tests.e2e import test_autoscale
 from tests.e2e.test_autoscale import _wait
 from tests.e2e.test_up import Up, _assert_gone, _metrics
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("whole_machine")]
 
 tiny_served = test_autoscale.tiny_served  # the tiny random Llama with the demo model's tokenizer
 

@@ -19,7 +19,7 @@ import pytest
 from scalellm.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.e2e.test_up import Up, _metrics
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("whole_machine")]
 
 PROMPTS = ["The capital of France is", "Count: one, two,", "Hello, my name is"]
 KEYS = (

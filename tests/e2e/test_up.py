@@ -5,6 +5,7 @@ spread over every worker; SIGTERM stops everything in order and leaves no proces
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -24,7 +25,7 @@ import pytest
 from scalellm.launcher.config import UpConfig
 from scalellm.launcher.plan import Secrets, WorkerRun, gateway_spec, kvstore_spec, redis_spec, worker_specs
 from scalellm.v1 import worker_pb2, worker_pb2_grpc
-from tests.procs import ROOT
+from tests.procs import ROOT, whole_machine
 from tests.sockets import is_loopback, listening
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -185,10 +186,14 @@ def test_bad_flags_are_refused_before_anything_starts(argv: list[str]) -> None:
 
 
 class Up:
-    """`python -m scalellm up ...` in its own session, its output collected line by line."""
+    """`python -m scalellm up ...` in its own session, its output collected line by line.
+
+    Holds tests.procs.whole_machine() from its start to cleanup(): one mesh at a time."""
 
     def __init__(self, *args: str, env: dict[str, str | None] | None = None) -> None:
         """env: added to this process's environment; a None value removes the variable."""
+        self._machine = contextlib.ExitStack()
+        self._machine.enter_context(whole_machine())
         self.lines: list[str] = []
         environ = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
@@ -246,6 +251,7 @@ class Up:
                 self.proc.kill()
         for pid in _alive(known):
             os.kill(pid, signal.SIGKILL)
+        self._machine.close()  # the next mesh may start
 
 
 def _descendants(root: int) -> set[int]:
