@@ -166,6 +166,7 @@ class LLMEngine:
             ("logit_bias", [t for t, _ in params.logit_bias]),
             ("bad_words_token_ids", [t for seq in params.bad_words_token_ids for t in seq]),
             ("stop_token_ids", list(params.stop_token_ids)),
+            ("allowed_token_ids", list(params.allowed_token_ids)),
         ):
             bad = next((t for t in ids if t >= vocab), None)
             if bad is not None:

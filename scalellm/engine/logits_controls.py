@@ -3,7 +3,8 @@
 In vLLM's order, on the rows of the requests that use any (the others are not touched, and a
 batch where none does costs one pass over its SamplingParams):
 
-    1. structured output   tokens its grammar does not allow next          -> -inf
+    1. allowed_token_ids   every token not in the list                      -> -inf
+       structured output   tokens its grammar does not allow next          -> -inf
     2. bad words           the last token of a sequence the output ends on -> -inf
     3. min_tokens          EOS and stop token ids, while output < min_tokens -> -inf
     4. logit_bias          logit += bias
@@ -41,6 +42,7 @@ class LogitsControls:
         if not any(r.sampling_params.uses_logits_controls for r in requests):
             return logits
         logits = logits.clone()
+        _allow(logits, requests)
         self._grammar(logits, requests)
         _ban(logits, requests)
         _bias(logits, requests)
@@ -56,6 +58,20 @@ class LogitsControls:
         allowed = upload(self._bitmasks.allowed(matchers, logits.shape[1]), logits.device)
         index = to_device(rows, logits.device)
         logits[index] = logits[index].masked_fill(~allowed, NEG_INF)
+
+
+def _allow(logits: torch.Tensor, requests: list[Request]) -> None:
+    """allowed_token_ids: a row's logits outside its list become -inf (one masked fill)."""
+    rows = [i for i, r in enumerate(requests) if r.sampling_params.allowed_token_ids]
+    if not rows:
+        return
+    ids = [requests[i].sampling_params.allowed_token_ids for i in rows]
+    dev = logits.device
+    keep = torch.zeros((len(rows), logits.shape[1]), dtype=torch.bool, device=dev)
+    which = to_device([n for n, row in enumerate(ids) for _ in row], dev)
+    keep[which, to_device([t for row in ids for t in row], dev)] = True
+    index = to_device(rows, dev)
+    logits[index] = logits[index].masked_fill(~keep, NEG_INF)
 
 
 def _ban(logits: torch.Tensor, requests: list[Request]) -> None:

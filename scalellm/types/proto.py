@@ -43,6 +43,7 @@ def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
         logit_bias=dict(params.logit_bias),
         min_tokens=params.min_tokens,
         bad_words_token_ids=[common_pb2.TokenSequence(token_ids=s) for s in params.bad_words_token_ids],
+        allowed_token_ids=params.allowed_token_ids,
     )
     if params.seed is not None:
         msg.seed = params.seed
@@ -77,6 +78,7 @@ def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
         logit_bias=tuple(sorted(msg.logit_bias.items())),
         min_tokens=msg.min_tokens,
         bad_words_token_ids=tuple(tuple(s.token_ids) for s in msg.bad_words_token_ids),
+        allowed_token_ids=tuple(msg.allowed_token_ids),
         structured_output=structured_from_proto(msg.structured_output)
         if msg.HasField("structured_output")
         else None,

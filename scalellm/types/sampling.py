@@ -58,6 +58,8 @@ class SamplingParams:
         bad_words_token_ids with the tokenizer; the engine takes only the ids).
     bad_words_token_ids: token sequences never to generate: the last token of a sequence is banned
         whenever the output ends with the rest of it (a one-token sequence: always banned).
+    allowed_token_ids: vLLM's: only these token ids may be generated (empty: any). EOS is not
+        added: a list without it runs to max_tokens (or a stop token id in the list).
     structured_output: a JSON / JSON Schema / regex / Lark constraint on the whole output (not with
         ignore_eos or min_tokens: the grammar decides where the output ends).
     prompt_logprobs: how many top logprobs to return per prompt token, computed at prefill (None:
@@ -66,8 +68,8 @@ class SamplingParams:
         salt (None: with requests without one). A tenant's secret keeps others from timing or
         reusing its cached prompts; 1..1024 characters.
 
-    The penalties and controls act in vLLM's order on the logits: structured output mask, bad
-    words, min_tokens, logit_bias, then repetition, frequency and presence penalties; greedy
+    The penalties and controls act in vLLM's order on the logits: allowed_token_ids and
+    structured output masks, bad words, min_tokens, logit_bias, then repetition, frequency and presence penalties; greedy
     requests take the argmax of the result. Reported logprobs stay those of the raw logits.
     """
 
@@ -91,6 +93,7 @@ class SamplingParams:
     min_tokens: int = 0
     bad_words: tuple[str, ...] = ()
     bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
+    allowed_token_ids: tuple[int, ...] = ()
     structured_output: StructuredOutput | None = None
     prompt_logprobs: int | None = None
     cache_salt: str | None = None
@@ -105,6 +108,7 @@ class SamplingParams:
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
         object.__setattr__(self, "bad_words", _strings("bad_words", self.bad_words))
         object.__setattr__(self, "bad_words_token_ids", _sequences(self.bad_words_token_ids))
+        object.__setattr__(self, "allowed_token_ids", _token_set("allowed_token_ids", self.allowed_token_ids))
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         _check_stop(stop)
         object.__setattr__(self, "stop", tuple(dict.fromkeys(stop)))
@@ -164,6 +168,7 @@ class SamplingParams:
             or bool(self.logit_bias)
             or self.min_tokens > 0
             or bool(self.bad_words_token_ids)
+            or bool(self.allowed_token_ids)
             or self.structured_output is not None
         )
         object.__setattr__(self, "uses_logits_controls", uses)
@@ -261,6 +266,14 @@ def _sequences(value: object) -> tuple[tuple[int, ...], ...]:
             )
         out.append(ids)
     return tuple(dict.fromkeys(out))
+
+
+def _token_set(name: str, value: object) -> tuple[int, ...]:
+    """Token ids -> sorted, without repeats (the order and repeats change nothing)."""
+    ids = tuple(value) if isinstance(value, Iterable) and not isinstance(value, (str, bytes)) else None
+    if ids is None or not all(_is_int(t) and t >= 0 for t in ids):
+        raise InvalidParameter(name, f"must be token ids (integers >= 0), got {value!r}")
+    return tuple(sorted(set(ids)))
 
 
 def _check(field: str, ok: bool, rule: str, value: object) -> None:

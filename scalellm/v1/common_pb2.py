@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18scalellm/v1/common.proto\x12\x0bscalellm.v1\"\xf6\x04\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\rH\x01\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x0c \x01(\x02\x12>\n\nlogit_bias\x18\r \x03(\x0b\x32*.scalellm.v1.SamplingParams.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x0e \x01(\r\x12\x37\n\x13\x62\x61\x64_words_token_ids\x18\x0f \x03(\x0b\x32\x1a.scalellm.v1.TokenSequence\x12\x38\n\x11structured_output\x18\x10 \x01(\x0b\x32\x1d.scalellm.v1.StructuredOutput\x12\x1c\n\x0fprompt_logprobs\x18\x11 \x01(\rH\x02\x88\x01\x01\x12\x17\n\ncache_salt\x18\x12 \x01(\tH\x03\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\r\n\x0b_cache_salt\"\"\n\rTokenSequence\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x91\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_object\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x0e\n\x04lark\x18\x04 \x01(\tH\x00\x12&\n\x06\x63hoice\x18\x05 \x01(\x0b\x32\x14.scalellm.v1.ChoicesH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07options\x18\x01 \x03(\t\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"X\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.scalellm.v1.TopLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\x96\x02\n\x07Timings\x12\x0f\n\x07gateway\x18\x01 \x01(\x01\x12\r\n\x05queue\x18\x02 \x01(\x01\x12\x0f\n\x07prefill\x18\x03 \x01(\x01\x12\x10\n\x08transfer\x18\x04 \x01(\x01\x12\x0e\n\x06\x64\x65\x63ode\x18\x05 \x01(\x01\x12\x16\n\x0etransfer_bytes\x18\x06 \x01(\x04\x12\r\n\x05total\x18\x07 \x01(\x01\x12\x13\n\x0bworker_call\x18\x08 \x01(\x01\x12\x12\n\nmigrations\x18\x0f \x01(\r\x12\x16\n\x0eremote_prefill\x18\t \x01(\x08\x12\x15\n\rprompt_blocks\x18\n \x01(\r\x12\x1c\n\x14routed_cached_blocks\x18\x0b \x01(\r\x12\x1b\n\x13routed_ahead_tokens\x18\x0c \x01(\x04*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18scalellm/v1/common.proto\x12\x0bscalellm.v1\"\x91\x05\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\rH\x01\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x0c \x01(\x02\x12>\n\nlogit_bias\x18\r \x03(\x0b\x32*.scalellm.v1.SamplingParams.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x0e \x01(\r\x12\x37\n\x13\x62\x61\x64_words_token_ids\x18\x0f \x03(\x0b\x32\x1a.scalellm.v1.TokenSequence\x12\x38\n\x11structured_output\x18\x10 \x01(\x0b\x32\x1d.scalellm.v1.StructuredOutput\x12\x1c\n\x0fprompt_logprobs\x18\x11 \x01(\rH\x02\x88\x01\x01\x12\x17\n\ncache_salt\x18\x12 \x01(\tH\x03\x88\x01\x01\x12\x19\n\x11\x61llowed_token_ids\x18\x13 \x03(\r\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\r\n\x0b_cache_salt\"\"\n\rTokenSequence\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x91\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_object\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x0e\n\x04lark\x18\x04 \x01(\tH\x00\x12&\n\x06\x63hoice\x18\x05 \x01(\x0b\x32\x14.scalellm.v1.ChoicesH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07options\x18\x01 \x03(\t\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"X\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.scalellm.v1.TopLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\x96\x02\n\x07Timings\x12\x0f\n\x07gateway\x18\x01 \x01(\x01\x12\r\n\x05queue\x18\x02 \x01(\x01\x12\x0f\n\x07prefill\x18\x03 \x01(\x01\x12\x10\n\x08transfer\x18\x04 \x01(\x01\x12\x0e\n\x06\x64\x65\x63ode\x18\x05 \x01(\x01\x12\x16\n\x0etransfer_bytes\x18\x06 \x01(\x04\x12\r\n\x05total\x18\x07 \x01(\x01\x12\x13\n\x0bworker_call\x18\x08 \x01(\x01\x12\x12\n\nmigrations\x18\x0f \x01(\r\x12\x16\n\x0eremote_prefill\x18\t \x01(\x08\x12\x15\n\rprompt_blocks\x18\n \x01(\r\x12\x1c\n\x14routed_cached_blocks\x18\x0b \x01(\r\x12\x1b\n\x13routed_ahead_tokens\x18\x0c \x01(\x04*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,24 +33,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1395
-  _globals['_FINISHREASON']._serialized_end=1515
+  _globals['_FINISHREASON']._serialized_start=1422
+  _globals['_FINISHREASON']._serialized_end=1542
   _globals['_SAMPLINGPARAMS']._serialized_start=42
-  _globals['_SAMPLINGPARAMS']._serialized_end=672
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=567
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=615
-  _globals['_TOKENSEQUENCE']._serialized_start=674
-  _globals['_TOKENSEQUENCE']._serialized_end=708
-  _globals['_STRUCTUREDOUTPUT']._serialized_start=711
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=856
-  _globals['_CHOICES']._serialized_start=858
-  _globals['_CHOICES']._serialized_end=884
-  _globals['_TOPLOGPROB']._serialized_start=886
-  _globals['_TOPLOGPROB']._serialized_end=933
-  _globals['_TOKENLOGPROBS']._serialized_start=935
-  _globals['_TOKENLOGPROBS']._serialized_end=1023
-  _globals['_USAGE']._serialized_start=1025
-  _globals['_USAGE']._serialized_end=1112
-  _globals['_TIMINGS']._serialized_start=1115
-  _globals['_TIMINGS']._serialized_end=1393
+  _globals['_SAMPLINGPARAMS']._serialized_end=699
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=594
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=642
+  _globals['_TOKENSEQUENCE']._serialized_start=701
+  _globals['_TOKENSEQUENCE']._serialized_end=735
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=738
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=883
+  _globals['_CHOICES']._serialized_start=885
+  _globals['_CHOICES']._serialized_end=911
+  _globals['_TOPLOGPROB']._serialized_start=913
+  _globals['_TOPLOGPROB']._serialized_end=960
+  _globals['_TOKENLOGPROBS']._serialized_start=962
+  _globals['_TOKENLOGPROBS']._serialized_end=1050
+  _globals['_USAGE']._serialized_start=1052
+  _globals['_USAGE']._serialized_end=1139
+  _globals['_TIMINGS']._serialized_start=1142
+  _globals['_TIMINGS']._serialized_end=1420
 # @@protoc_insertion_point(module_scope)

@@ -347,6 +347,7 @@ class Preprocessor:
             ("logit_bias", [t for t, _ in out.logit_bias]),
             ("stop_token_ids", out.stop_token_ids),
             ("bad_words_token_ids", [t for seq in out.bad_words_token_ids for t in seq]),
+            ("allowed_token_ids", out.allowed_token_ids),
         ):
             bad = next((t for t in ids if t >= tok.vocab_size), None)
             if bad is not None:
@@ -401,7 +402,9 @@ class Preprocessor:
         if self._keeps_special_tokens(spec.prompt):
             sampling = replace(sampling, skip_special_tokens=False)
         return GenerationRequest(
-            request_id=uuid.uuid4().hex,
+            request_id=uuid.uuid4().hex
+            if spec.request_id is None
+            else f"{spec.request_id}-{uuid.uuid4().hex[:16]}",
             model=self.model.name,
             prompts=prompts,
             sampling=self._worker_sampling(sampling, max_tokens),

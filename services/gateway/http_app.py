@@ -29,6 +29,7 @@ from services.gateway.openai_parse import (
     parse_completion,
     parse_detokenize,
     parse_tokenize,
+    with_request_id,
 )
 from services.gateway.openapi import openapi_document
 from services.gateway.request import ErrorKind, GatewayError, invalid
@@ -135,6 +136,7 @@ class HttpApi:
                     raise renamed(exc) from None
             else:
                 call = parse_chat(data) if api is Api.CHAT else parse_completion(data)
+            call = with_request_id(call, request.headers.get(REQUEST_ID_HEADER))
             generation = await self.core.generate(call.spec, tenant, scope.received_at)
             reason = "client"  # why choices still running at the end are cancelled
             try:
@@ -158,7 +160,7 @@ class HttpApi:
                 return web.Response(
                     body=dumps(body),
                     content_type="application/json",
-                    headers={REQUEST_ID_HEADER: generation.request.request_id},
+                    headers={REQUEST_ID_HEADER: formatter.request_id},
                 )
             except GatewayError:
                 reason = "error"
@@ -187,7 +189,7 @@ class HttpApi:
         builder: ResponseBuilder,
     ) -> web.StreamResponse:
         """The Responses events: ``event: <type>`` and ``data: <json>`` each, no [DONE]."""
-        response = await _open_stream(request, generation)
+        response = await _open_stream(request, formatter.request_id)
         events = builder.start()
         try:
             async for update in generation.updates():
@@ -212,7 +214,7 @@ class HttpApi:
     async def _stream(
         self, request: web.Request, call: OpenAIRequest, generation: Generation, formatter: OpenAIFormatter
     ) -> web.StreamResponse:
-        response = await _open_stream(request, generation)
+        response = await _open_stream(request, formatter.request_id)
         running = generation.request.num_choices
         tail = b""  # the last choice's last event: sent with [DONE] and the body's end in one write
         try:
@@ -317,13 +319,13 @@ def _dumps(obj: Any) -> str:
     return dumps(obj).decode("utf-8")
 
 
-async def _open_stream(request: web.Request, generation: Generation) -> web.StreamResponse:
+async def _open_stream(request: web.Request, request_id: str) -> web.StreamResponse:
     """An SSE response, prepared: its headers go out with the first event."""
     response = web.StreamResponse(
         headers={
             "Content-Type": SSE_CONTENT_TYPE,
             "Cache-Control": "no-cache",
-            REQUEST_ID_HEADER: generation.request.request_id,
+            REQUEST_ID_HEADER: request_id,
         }
     )
     await response.prepare(request)

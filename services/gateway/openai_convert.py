@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, overload
+from typing import Any, Protocol, overload
 
 from scalellm.types import (
     FinishReason,
@@ -187,6 +187,7 @@ def sampling_from_openai(
             logit_bias=_logit_bias(body),
             min_tokens=body.integer("min_tokens", 0),
             bad_words=_strings(body, "bad_words"),
+            allowed_token_ids=_allowed_token_ids(body),
             structured_output=structured,
             prompt_logprobs=prompt_logprobs,
             cache_salt=body.string("cache_salt"),
@@ -202,6 +203,14 @@ def _token_ids(body: Body, key: str) -> tuple[int, ...]:
     ):
         raise invalid(f"'{key}' must be an array of non-negative integers", key, "invalid_type")
     return tuple(value or ())
+
+
+def _allowed_token_ids(body: Body) -> tuple[int, ...]:
+    """vLLM's allowed_token_ids; an empty list would allow nothing (vLLM refuses it too)."""
+    ids = _token_ids(body, "allowed_token_ids")
+    if body.raw("allowed_token_ids") == []:
+        raise invalid("'allowed_token_ids' must not be empty", "allowed_token_ids", "invalid_value")
+    return ids
 
 
 def _logit_bias(body: Body) -> tuple[tuple[int, Any], ...]:
@@ -390,7 +399,26 @@ def timings_to_openai(t: Timings) -> dict[str, float | int | bool]:
     }
 
 
-def chat_logprobs_to_openai(entries: Sequence[TokenLogprobs], model: ServedModel) -> list[dict[str, Any]]:
+class TokenNames(Protocol):
+    """How logprobs name a token: its text (ServedModel) or its id (TokenIdNames)."""
+
+    def token_text(self, token_id: int) -> str: ...
+
+    def token_bytes(self, token_id: int) -> tuple[int, ...]: ...
+
+
+class TokenIdNames:
+    """vLLM's return_tokens_as_token_ids: a token is "token_id:<id>" in logprobs, so that one
+    whose text is part of a character (byte-level BPE) can still be told apart."""
+
+    def token_text(self, token_id: int) -> str:
+        return f"token_id:{token_id}"
+
+    def token_bytes(self, token_id: int) -> tuple[int, ...]:
+        return tuple(self.token_text(token_id).encode())
+
+
+def chat_logprobs_to_openai(entries: Sequence[TokenLogprobs], model: TokenNames) -> list[dict[str, Any]]:
     """Chat completions' ``logprobs.content`` entries."""
     return [
         {
@@ -411,7 +439,7 @@ def chat_logprobs_to_openai(entries: Sequence[TokenLogprobs], model: ServedModel
 
 
 def completion_logprobs_to_openai(
-    entries: Sequence[TokenLogprobs], model: ServedModel, offset: int
+    entries: Sequence[TokenLogprobs], model: TokenNames, offset: int
 ) -> tuple[dict[str, list[Any]], int]:
     """Completions' ``logprobs`` block for entries whose text starts at ``offset`` in the choice's
     text; returns the block and the offset after it."""
@@ -431,7 +459,7 @@ def completion_logprobs_to_openai(
 
 
 def echo_logprobs_to_openai(
-    prompt: Sequence[int], entries: Sequence[TokenLogprobs], model: ServedModel
+    prompt: Sequence[int], entries: Sequence[TokenLogprobs], model: TokenNames
 ) -> dict[str, list[Any]]:
     """Completions' ``logprobs`` block of an echoed prompt: its first token has none (null), as
     OpenAI reports it; ``entries`` are those of tokens 1..; offsets count from the text's start."""

@@ -21,6 +21,8 @@ from scalellm.text.tool_calls import ToolCallStream, ToolDelta, ToolMode, parse_
 from scalellm.types import FinishReason, TokenLogprobs, Usage
 from services.gateway.admission import ServedModel
 from services.gateway.openai_convert import (
+    TokenIdNames,
+    TokenNames,
     chat_logprobs_to_openai,
     completion_logprobs_to_openai,
     echo_logprobs_to_openai,
@@ -73,9 +75,14 @@ class OpenAIFormatter:
         self.model = model
         self.timings = timings
         chat = call.api is Api.CHAT
-        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{request.request_id}"
+        self.request_id = call.answer_id or request.request_id
+        """The client's id for the request when it gave one (the X-Request-Id answered), else the
+        gateway's."""
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{self.request_id}"
         self.object = "chat.completion.chunk" if chat else "text_completion"
         self.created = int(time.time())
+        self._names: TokenNames = TokenIdNames() if call.tokens_as_ids else model
+        self._echo = _chat_echo(call) if chat else ""
         tools = call.tools if call.tools is not None and call.tools.mode is not ToolMode.NONE else None
         self._tools = tools
         self._tool_format = model.tool_format() if tools else None
@@ -141,7 +148,13 @@ class OpenAIFormatter:
 
     def _delta(self, state: _Choice, update: ChoiceUpdate) -> dict[str, Any]:
         """A chat chunk's delta: the role first, then reasoning (with a reasoning parser), content
-        and (with tools) tool calls."""
+        (the first one after an echoed message) and (with tools) tool calls."""
+        delta = self._answer_delta(state, update)
+        if not state.started and self._echo:
+            delta["content"] = self._echo + delta["content"]
+        return delta
+
+    def _answer_delta(self, state: _Choice, update: ChoiceUpdate) -> dict[str, Any]:
         delta: dict[str, Any] = {} if state.started else {"role": "assistant"}
         text = update.text
         if state.reasoning is not None:
@@ -294,7 +307,7 @@ class OpenAIFormatter:
             else self.model.tokenizer.decode(prompt, skip_special_tokens=False)
         )
         if call.logprobs:
-            block = echo_logprobs_to_openai(prompt, update.prompt_logprobs, self.model)
+            block = echo_logprobs_to_openai(prompt, update.prompt_logprobs, self._names)
             state.logprobs.append(block)
             state.offset = len(echoed)
             if update.logprobs and not call.echo_only:
@@ -305,6 +318,12 @@ class OpenAIFormatter:
         """A whole chat answer; with a reasoning parser, its reasoning as ``reasoning_content``
         and ``reasoning`` (content null when there is none after it); with tools, its calls as
         ``tool_calls`` (content null without text)."""
+        message = self._answer_message(state, text)
+        if self._echo:
+            message["content"] = self._echo + (message["content"] or "")
+        return message
+
+    def _answer_message(self, state: _Choice, text: str) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant"}
         no_text: str | None = ""
         if state.reasoning is not None:
@@ -333,12 +352,21 @@ class OpenAIFormatter:
 
     def _logprobs(self, state: _Choice, entries: Sequence[TokenLogprobs]) -> Any:
         if self.call.api is Api.CHAT:
-            content = chat_logprobs_to_openai(entries, self.model)
+            content = chat_logprobs_to_openai(entries, self._names)
             state.logprobs.extend(content)
             return {"content": content}
-        block, state.offset = completion_logprobs_to_openai(entries, self.model, state.offset)
+        block, state.offset = completion_logprobs_to_openai(entries, self._names, state.offset)
         state.logprobs.append(block)
         return block
+
+
+def _chat_echo(call: OpenAIRequest) -> str:
+    """What a chat answer starts with under vLLM's echo: the last message's content when it is
+    the assistant's (the answer the model continues), else nothing."""
+    messages = call.spec.prompt.messages
+    if not call.echo or not messages or messages[-1].role != "assistant":
+        return ""
+    return messages[-1].content
 
 
 def _merge_completion_logprobs(blocks: list[dict[str, list[Any]]]) -> dict[str, list[Any]]:

@@ -4,8 +4,9 @@ Supported: model, prompt / messages, max_tokens (max_completion_tokens), tempera
 stop, seed, stream, stream_options (include_usage, continuous_usage_stats), logprobs /
 top_logprobs, presence_penalty, frequency_penalty, logit_bias, response_format (text,
 json_object, json_schema), user; and the vLLM extensions top_k, min_p, repetition_penalty,
-min_tokens, bad_words, guided_json, guided_regex, ignore_eos, stop_token_ids, skip_special_tokens,
-include_stop_str_in_output, priority. Chat: tools, tool_choice (none, auto, required, a named
+min_tokens, bad_words, allowed_token_ids, structured_outputs and guided_*, ignore_eos, stop_token_ids,
+skip_special_tokens, include_stop_str_in_output, priority, cache_salt, request_id (the X-Request-Id
+header wins over it), return_tokens_as_token_ids, echo (chat: the assistant's last message). Chat: tools, tool_choice (none, auto, required, a named
 function) and parallel_tool_calls, tool messages in the history; vLLM's add_generation_prompt,
 continue_final_message (the model continues the last message) and chat_template_kwargs. Known OpenAI fields that would
 change the answer (functions, suffix...) are refused by name unless they hold their no-op value;
@@ -274,11 +275,20 @@ class OpenAIRequest:
     tools: ToolChoice | None = None
     """Chat: the tools offered and how the answer must use them."""
     echo: bool = False
-    """Completions: the prompt's text (and with logprobs its logprobs) before each choice's."""
+    """Completions: the prompt's text (and with logprobs its logprobs) before each choice's.
+    Chat (vLLM's): the last message's content before each answer's, when that message is the
+    assistant's (an answer the model continues)."""
     echo_only: bool = False
     """echo with max_tokens 0: the generated token is dropped."""
     prompt_logprobs: bool = False
     """vLLM's prompt_logprobs: each choice carries "prompt_logprobs"."""
+    tokens_as_ids: bool = False
+    """vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:<id>"."""
+
+    @property
+    def answer_id(self) -> str | None:
+        """The id the client gave the request (None: the gateway's own id is the answer's)."""
+        return self.spec.request_id
 
 
 def _empty(v: Any) -> bool:
@@ -286,7 +296,16 @@ def _empty(v: Any) -> bool:
 
 
 # Known OpenAI fields this server does not implement: name -> "its value changes nothing".
+_VLLM_UNSUPPORTED = {
+    "use_beam_search": lambda v: v is False,
+    "length_penalty": lambda v: v == 1,
+    "spaces_between_special_tokens": lambda v: v is True,
+}
+"""vLLM's fields for what this server does not do (beam search; the tokenizer's own spacing of
+special tokens is the only one): refused unless they hold their default."""
 _CHAT_UNSUPPORTED = {
+    **_VLLM_UNSUPPORTED,
+    "best_of": lambda v: v == 1,
     "functions": _empty,  # the deprecated form of tools
     "function_call": lambda v: v == "none",
     "audio": lambda v: False,
@@ -296,6 +315,7 @@ _CHAT_UNSUPPORTED = {
     "web_search_options": lambda v: False,
 }
 _COMPLETION_UNSUPPORTED = {
+    **_VLLM_UNSUPPORTED,
     "suffix": lambda v: v == "",
     "best_of": lambda v: v == 1,
 }
@@ -349,6 +369,8 @@ def _common(
     if truncate is not None and truncate < 1 and truncate != -1:
         why = f"'truncate_prompt_tokens' must be -1 (the model's limit) or at least 1, got {truncate}"
         raise invalid(why, "truncate_prompt_tokens", "invalid_value")
+    request_id = body.string("request_id")
+    tokens_as_ids = body.boolean("return_tokens_as_token_ids")
     spec = GenerationSpec(
         model=model,
         prompt=prompt,
@@ -356,9 +378,32 @@ def _common(
         default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS if api is Api.COMPLETIONS else None,
         priority=priority,
         truncate_prompt_tokens=truncate,
+        request_id=None if request_id is None else checked_request_id(request_id, "request_id"),
     )
     body.finish()
-    return OpenAIRequest(api, spec, stream, include_usage, continuous_usage, logprobs is not None)
+    return OpenAIRequest(
+        api, spec, stream, include_usage, continuous_usage, logprobs is not None, tokens_as_ids=tokens_as_ids
+    )
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+
+
+def checked_request_id(value: str, name: str) -> str:
+    """A client's request id: 1-128 characters of letters, digits and ``._:@/+=-`` (it goes into
+    ids, headers and logs as it is); a 400 naming ``name`` otherwise."""
+    if _REQUEST_ID.fullmatch(value) is None:
+        why = f"'{name}' must be 1-128 letters, digits or ._:@/+=- characters, got {value[:40]!r}"
+        raise invalid(why, name, "invalid_value")
+    return value
+
+
+def with_request_id(call: OpenAIRequest, header: str | None) -> OpenAIRequest:
+    """The request with the X-Request-Id header's id, which wins over the body's (as in vLLM)."""
+    if header is None:
+        return call
+    request_id = checked_request_id(header, "X-Request-Id")
+    return replace(call, spec=replace(call.spec, request_id=request_id))
 
 
 def parse_completion(data: dict[str, Any]) -> OpenAIRequest:
@@ -397,6 +442,7 @@ def parse_chat(data: dict[str, Any]) -> OpenAIRequest:
     max_completion = body.integer("max_completion_tokens")
     if max_tokens is not None and max_completion is not None and max_tokens != max_completion:
         raise invalid("give 'max_tokens' or 'max_completion_tokens', not two different values", "max_tokens")
+    echo = body.boolean("echo")
     want_logprobs = body.boolean("logprobs")
     top = body.integer("top_logprobs")
     if top is not None and not want_logprobs:
@@ -419,6 +465,7 @@ def parse_chat(data: dict[str, Any]) -> OpenAIRequest:
         (top or 0) if want_logprobs else None,
         names,
     )
+    call = replace(call, echo=echo)
     return call if tools is None else _with_tools(call, tools)
 
 

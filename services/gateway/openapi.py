@@ -82,6 +82,11 @@ SAMPLING: J = {
     },
     "min_tokens": _t("integer", "vLLM: no EOS / stop token before this many tokens", minimum=0),
     "bad_words": {**_STRINGS, "description": "vLLM: words never generated"},
+    "allowed_token_ids": {
+        **_TOKEN_IDS,
+        "minItems": 1,
+        "description": "vLLM: only these token ids are generated",
+    },
     "cache_salt": _t(
         "string",
         "vLLM: prefix-cache blocks are shared only with requests of the same salt (namespaced by tenant)",
@@ -121,6 +126,15 @@ SAMPLING: J = {
     },
     "user": _t("string", "An end-user id (accepted, changes nothing)"),
     "priority": _t("integer", "vLLM: lower runs first on the workers", minimum=-(2**31), maximum=2**31 - 1),
+    "request_id": _t(
+        "string",
+        "vLLM: the answer's id (X-Request-Id wins over it)",
+        pattern="^[A-Za-z0-9._:@/+=-]{1,128}$",
+    ),
+    "return_tokens_as_token_ids": _t("boolean", 'vLLM: logprobs name tokens "token_id:<id>"'),
+    "use_beam_search": _only("vLLM: beam search", False),
+    "length_penalty": _only("vLLM: beam search's length penalty", 1),
+    "spaces_between_special_tokens": _only("vLLM: the tokenizer's spacing is the only one", True),
 }
 
 _PROMPT = {
@@ -286,6 +300,10 @@ CHAT_REQUEST: J = {
             "description": "Accepted, ignored",
         },
         "service_tier": _t("string", "Accepted, there is one tier"),
+        "echo": _t(
+            "boolean", "vLLM: the last message's content before the answer's, when it is the assistant's"
+        ),
+        "best_of": _only("Server-side best of", 1),
         "functions": _only("Deprecated form of tools", []),
         "function_call": _only("Deprecated form of tool_choice", "none"),
         "audio": _only("Audio output", None),

@@ -139,6 +139,9 @@ class GenerationSpec:
     default_max_tokens: int | None = None  # None: up to the max total tokens
     truncate_prompt_tokens: int | None = None
     """vLLM's: keep only each prompt's last k tokens (-1: as many as the limit allows)."""
+    request_id: str | None = None
+    """The client's id for it (vLLM's request_id, or the X-Request-Id header): the answer's id,
+    and the start of the id the workers see (which adds a random suffix: clients reuse ids)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -31,6 +31,7 @@ from scalellm import LLM, SamplingParams
 from scalellm.redis_server import free_port
 from scalellm.text import bad_words_token_ids
 from scalellm.types import StructuredOutput
+from scalellm.types.proto import sampling_to_proto
 from scalellm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, worker_pb2_grpc
 from services.gateway.config import GatewayConfig
 from services.gateway.openai_format import parse_events
@@ -408,6 +409,29 @@ async def test_sampling_controls_equal_the_engines_on_both_apis(
             max_tokens=8, ignore_eos=True, logit_bias={first: -100.0}, **penalties
         )
         request = gateway_pb2.GatewayGenerateRequest(text=PROMPT, sampling=sampling, bad_words=[word])
+        messages = [m async for m in gateway_pb2_grpc.GatewayStub(channel).Generate(request)]
+    assert [t for m in messages for t in m.token_ids] == want
+
+
+async def test_allowed_token_ids_on_both_apis(gateway: GatewayFactory, worker: Service, engine: LLM) -> None:
+    """vLLM's allowed_token_ids: every generated token is one of them, exactly the engine's
+    tokens, over HTTP (both APIs) and gRPC."""
+    allowed = [400, 401, 402, 403]
+    sampled = _sampling(max_tokens=8, temperature=1.0, seed=5, allowed_token_ids=allowed)
+    want = engine.generate(PROMPT, sampled)[0].outputs[0].token_ids
+    assert set(want) <= set(allowed) and len(want) == 8
+    gw = await gateway(worker.address)
+    extra = {"allowed_token_ids": allowed, "ignore_eos": True}
+    out = await gw.complete(PROMPT, max_tokens=8, temperature=1.0, seed=5, extra_body=extra)
+    assert out.choices[0].text == engine.tokenizer.decode(want)
+    chat = await gw.client.chat.completions.create(
+        model=gw.model, messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0.0,
+        logprobs=True, extra_body={**extra, "return_tokens_as_token_ids": True},
+    )  # fmt: skip
+    ids = [int(t.token.removeprefix("token_id:")) for t in chat.choices[0].logprobs.content]
+    assert len(ids) == 6 and set(ids) <= set(allowed), ids
+    async with grpc.aio.insecure_channel(gw.grpc) as channel:
+        request = gateway_pb2.GatewayGenerateRequest(text=PROMPT, sampling=sampling_to_proto(sampled))
         messages = [m async for m in gateway_pb2_grpc.GatewayStub(channel).Generate(request)]
     assert [t for m in messages for t in m.token_ids] == want
 

@@ -34,11 +34,12 @@ SCHEMA = {
     "additionalProperties": False,
 }
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12] * 5 + [300, 301, 302]
+ALLOWED = (400, 401, 402, 403, 404)
 
 
 def _cases(first: int) -> dict[str, tuple[list[int], SamplingParams]]:
     """(prompt, params) per case. ``first`` is the greedy first token after PROMPT; the first
-    three cases each change it (asserted below), so a prefill worker that dropped a control on
+    four cases each change it (asserted below), so a prefill worker that dropped a control on
     the first token would give itself away; the others run the controls over a whole output."""
     so = StructuredOutput.json_schema(SCHEMA)
     greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -47,6 +48,7 @@ def _cases(first: int) -> dict[str, tuple[list[int], SamplingParams]]:
         "bias": (PROMPT, replace(greedy, logit_bias=((400, 3.0),))),
         # the model repeats `first`; the prompt already has it twice: the penalty reaches it
         "repetition": ([*PROMPT, first, first], replace(greedy, repetition_penalty=1.8)),
+        "allowed": (PROMPT, replace(greedy, allowed_token_ids=ALLOWED)),
         "penalties": (PROMPT, replace(greedy, max_tokens=16, presence_penalty=1.2, frequency_penalty=0.6)),
         "seeded": (PROMPT, SamplingParams(
             temperature=1.0, seed=11, max_tokens=16, ignore_eos=True, presence_penalty=-0.5,
@@ -93,8 +95,10 @@ async def test_disaggregated_equals_colocated_equals_the_engine(
     )
     [[repeated]] = alone([cases["repetition"][0]], [greedy])
     assert repeated == first  # without the penalty the model would repeat itself
-    for name in ("ban", "bias", "repetition"):
+    assert first not in ALLOWED
+    for name in ("ban", "bias", "repetition", "allowed"):
         assert expected[name][0] != first, name
+    assert set(expected["allowed"]) <= set(ALLOWED) and len(expected["allowed"]) == 8
 
     target = [worker_pb2.PrefillTarget(worker_id=PREFILL_ID, address=prefill.address)]
     results = {}

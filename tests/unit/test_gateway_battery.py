@@ -61,7 +61,15 @@ BAD: list[tuple[str, Any, str | None]] = [
     (C, {"prompt": "x", "prompt_logprobs": -1}, "prompt_logprobs"),
     (C, {"prompt": "x", "echo": True, "logprobs": 21}, "logprobs"),
     (CHAT, {"messages": M, "prompt_logprobs": 1}, "prompt_logprobs"),  # completions only
-    (CHAT, {"messages": M, "echo": True}, "echo"),
+    (CHAT, {"messages": M, "echo": "yes"}, "echo"),
+    (CHAT, {"messages": M, "best_of": 2}, "best_of"),
+    (CHAT, {"messages": M, "use_beam_search": True}, "use_beam_search"),
+    (C, {"prompt": "x", "length_penalty": 0.5}, "length_penalty"),
+    (C, {"prompt": "x", "spaces_between_special_tokens": False}, "spaces_between_special_tokens"),
+    (C, {"prompt": "x", "request_id": "has space"}, "request_id"),
+    (C, {"prompt": "x", "request_id": "x" * 129}, "request_id"),
+    (CHAT, {"messages": M, "request_id": 5}, "request_id"),
+    (C, {"prompt": "x", "return_tokens_as_token_ids": 1}, "return_tokens_as_token_ids"),
     (C, {"prompt": "x", "suffix": "y"}, "suffix"),
     (C, {"prompt": "x", "best_of": 2}, "best_of"),
     (C, {"prompt": "x", "frequency_penalty": 2.5}, "frequency_penalty"),
@@ -75,6 +83,10 @@ BAD: list[tuple[str, Any, str | None]] = [
     (C, {"prompt": "x", "min_tokens": 20}, "min_tokens"),  # more than the default max_tokens 16
     (C, {"prompt": "x", "bad_words": [""]}, "bad_words"),
     (C, {"prompt": "x", "stop_token_ids": [999_999]}, "stop_token_ids"),
+    (C, {"prompt": "x", "allowed_token_ids": [999_999]}, "allowed_token_ids"),
+    (C, {"prompt": "x", "allowed_token_ids": []}, "allowed_token_ids"),
+    (CHAT, {"messages": M, "allowed_token_ids": [-3]}, "allowed_token_ids"),
+    (CHAT, {"messages": M, "allowed_token_ids": "1,2"}, "allowed_token_ids"),
     (C, {"prompt": "x", "response_format": {"type": "xml"}}, "response_format.type"),
     (C, {"prompt": "x", "response_format": {"type": "json_schema"}}, "response_format.json_schema"),
     (
@@ -184,6 +196,7 @@ async def test_noop_values_of_unsupported_fields_are_accepted(limited: Mesh) -> 
         "tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "user": "u-1",
         "stream": False, "top_k": -1, "min_p": 0.1, "ignore_eos": False, "stop": None, "seed": None,
         "store": True, "metadata": {"team": "search"}, "service_tier": "flex",  # informative only
+        "best_of": 1, "use_beam_search": False, "length_penalty": 1.0, "spaces_between_special_tokens": True,
     }  # fmt: skip
     status, out = await post(limited, CHAT, body)
     assert status == 200, out

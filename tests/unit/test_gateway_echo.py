@@ -4,6 +4,11 @@ and t + 1 as its top alternative at -0.125)."""
 
 from __future__ import annotations
 
+import json
+
+import aiohttp
+
+from services.gateway.openai_format import parse_events
 from tests.unit.test_gateway_server import (
     REPLY,
     Mesh,
@@ -79,3 +84,78 @@ async def test_prompt_logprobs_in_vllms_shape(mesh: Mesh) -> None:
     firsts = [(c.choices[0].model_extra or {}).get("prompt_logprobs") for c in chunks]
     assert firsts[0] is not None and len(firsts[0]) == len(ids) and firsts[1:] == [None] * (len(chunks) - 1)
     assert "".join(c.choices[0].text for c in chunks) == REPLY[:6]
+
+
+# ---- vLLM's chat echo, request ids and token ids in logprobs -------------------------------------
+
+BEGUN = [{"role": "user", "content": "Greet me"}, {"role": "assistant", "content": "Sure: "}]
+
+
+async def test_chat_echo_puts_the_assistants_last_message_first(mesh: Mesh) -> None:
+    """vLLM's chat echo: an answer continuing the assistant's message starts with that message,
+    whole and streamed; after a user's message echo adds nothing."""
+    extra = {"echo": True, "continue_final_message": True, "add_generation_prompt": False}
+    whole = await mesh.client().chat.completions.create(model="", messages=BEGUN, extra_body=extra)  # type: ignore[arg-type]
+    assert whole.choices[0].message.content == "Sure: " + REPLY
+    assert whole.usage is not None and whole.usage.completion_tokens == len(mesh.reply_ids) + 1
+    stream = await mesh.client().chat.completions.create(
+        model="",
+        messages=BEGUN,  # type: ignore[arg-type]
+        stream=True,
+        extra_body=extra,
+    )
+    chunks = [c async for c in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[0].choices[0].delta.content.startswith("Sure: ")  # type: ignore[union-attr]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Sure: " + REPLY
+    plain = await mesh.client().chat.completions.create(
+        model="",
+        messages=BEGUN[:1],
+        extra_body={"echo": True},  # type: ignore[arg-type]
+    )
+    assert plain.choices[0].message.content == REPLY
+
+
+async def test_a_clients_request_id_is_the_answers_id(mesh: Mesh) -> None:
+    """vLLM's request_id (and the X-Request-Id header, which wins) become the answer's id and the
+    X-Request-Id answered; the workers see it with a suffix, so a reused id never collides."""
+    url = mesh.http + "/v1/chat/completions"
+    body = {"model": "", "messages": BEGUN[:1], "max_tokens": 2, "request_id": "trace-7"}
+    async with aiohttp.ClientSession() as session:
+        for headers, want in (({}, "trace-7"), ({"X-Request-Id": "edge-abc.1"}, "edge-abc.1")):
+            for stream in (False, True):
+                async with session.post(url, json={**body, "stream": stream}, headers=headers) as r:
+                    assert r.status == 200 and r.headers["X-Request-Id"] == want
+                    raw = await r.read()
+                first = parse_events(raw)[0] if stream else json.loads(raw)
+                assert first["id"] == f"chatcmpl-{want}"
+        async with session.post(url, json=body, headers={"X-Request-Id": "no spaces please"}) as r:
+            error = (await r.json())["error"]
+            assert r.status == 400 and error["param"] == "X-Request-Id", error
+        async with session.post(mesh.http + "/v1/completions", json={"prompt": "x", "max_tokens": 1}) as r:
+            assert r.status == 200 and len(r.headers["X-Request-Id"]) == 32  # the gateway's own
+    sent = [req.request_id for worker in mesh.workers for req in worker.requests]
+    assert len(set(sent)) == len(sent) == 5
+    assert sum(rid.startswith("trace-7-") for rid in sent) == 2
+    assert sum(rid.startswith("edge-abc.1-") for rid in sent) == 2
+
+
+async def test_return_tokens_as_token_ids_names_tokens_by_id(mesh: Mesh) -> None:
+    out = await mesh.client().completions.create(
+        model="", prompt=PROMPT, max_tokens=3, logprobs=1, extra_body={"return_tokens_as_token_ids": True}
+    )
+    lp = out.choices[0].logprobs
+    assert lp is not None and lp.tokens == [f"token_id:{t}" for t in mesh.reply_ids[:3]]
+    assert out.choices[0].text == "Hello! The"  # the text itself is unchanged
+    chat = await mesh.client().chat.completions.create(
+        model="",
+        messages=BEGUN[:1],  # type: ignore[arg-type]
+        max_tokens=2,
+        logprobs=True,
+        top_logprobs=1,
+        extra_body={"return_tokens_as_token_ids": True},
+    )
+    content = chat.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert [c.token for c in content] == [f"token_id:{t}" for t in mesh.reply_ids[:2]]
+    assert content[0].bytes == list(f"token_id:{mesh.reply_ids[0]}".encode())
+    assert content[0].top_logprobs[0].token.startswith("token_id:")

@@ -1,5 +1,5 @@
 """The sampler's logits controls against a reference written out token by token: penalties,
-logit_bias, min_tokens, bad words; and what they do to sampled tokens."""
+logit_bias, min_tokens, bad words, allowed_token_ids; and what they do to sampled tokens."""
 
 from __future__ import annotations
 
@@ -30,10 +30,13 @@ def _logits(rows: int, seed: int = 0) -> torch.Tensor:
 
 
 def _reference(logits: list[float], req: Request) -> list[float]:
-    """vLLM's order, one token at a time: bad words, min_tokens, bias, repetition, frequency, presence."""
+    """vLLM's order, one token at a time: allowed ids, bad words, min_tokens, bias, repetition,
+    frequency, presence."""
     p = req.sampling_params
     out = list(logits)
     output = req.output_token_ids
+    if p.allowed_token_ids:
+        out = [v if t in p.allowed_token_ids else -math.inf for t, v in enumerate(out)]
     for seq in p.bad_words_token_ids:
         if len(seq) == 1 or output[len(output) - len(seq) + 1 :] == list(seq[:-1]):
             out[seq[-1]] = -math.inf
@@ -51,7 +54,7 @@ def _reference(logits: list[float], req: Request) -> list[float]:
 
 
 def test_every_control_matches_the_reference_row_by_row() -> None:
-    logits = _logits(5)
+    logits = _logits(7)
     reqs = [
         _request("plain", SamplingParams(), [3, 4], [5]),
         _request("pen", SamplingParams(presence_penalty=0.5, frequency_penalty=0.7), [3, 4], [5, 5, 6, 9, 5]),
@@ -71,6 +74,13 @@ def test_every_control_matches_the_reference_row_by_row() -> None:
             [6, 5],
         ),
         _request("bias-only", SamplingParams(logit_bias={0: -100.0, 39: 100.0}), [1], []),
+        _request("allowed", SamplingParams(allowed_token_ids=[30, 4, 7, 4]), [1], [4]),
+        _request(
+            "allowed+",
+            SamplingParams(allowed_token_ids=[5, 6, 7], logit_bias={6: 3.0, 8: 2.0}, presence_penalty=1.0),
+            [1],
+            [5],
+        ),
     ]
     processed = LogitsControls()(logits, reqs)
     for i, req in enumerate(reqs):
@@ -78,7 +88,9 @@ def test_every_control_matches_the_reference_row_by_row() -> None:
         torch.testing.assert_close(processed[i], expected, msg=req.request_id)
     assert processed[3, 13] == -math.inf and processed[3, 14] != -math.inf  # output ends with 5, not 6
     assert processed[3, 12] == -math.inf and processed[3, EOS] == -math.inf and processed[3, 9] == -math.inf
-    torch.testing.assert_close(logits, _logits(5))  # the raw logits are not touched (logprobs use them)
+    assert [t for t in range(VOCAB) if processed[5, t] != -math.inf] == [4, 7, 30]
+    assert [t for t in range(VOCAB) if processed[6, t] != -math.inf] == [5, 6, 7]
+    torch.testing.assert_close(logits, _logits(7))  # the raw logits are not touched (logprobs use them)
 
 
 def test_a_batch_without_controls_is_not_copied() -> None:
@@ -117,6 +129,29 @@ def test_banned_ids_never_appear_in_samples() -> None:
     sampler = Sampler(torch.device("cpu"))
     seen = {sampler(logits, [_request("b", params, [1])]).token_ids[0] for _ in range(300)}
     assert seen.isdisjoint(banned) and len(seen) > 10
+
+
+def test_only_allowed_ids_are_sampled_greedy_or_not() -> None:
+    logits = torch.zeros(2, VOCAB)  # uniform: every token is likely without the list
+    logits[:, 0] = 50.0  # and token 0 would win every draw
+    allowed = (3, 17, 31)
+    sampler = Sampler(torch.device("cpu"))
+    reqs = [
+        _request("s", SamplingParams(temperature=1.0, allowed_token_ids=allowed), [1]),
+        _request("g", SamplingParams(temperature=0.0, allowed_token_ids=allowed), [1]),
+    ]
+    seen = [sampler(logits, reqs).token_ids for _ in range(200)]
+    assert {row[0] for row in seen} == set(allowed)
+    assert {row[1] for row in seen} == {3}  # greedy: the first of the tied allowed ids
+
+
+def test_allowed_token_ids_are_checked_and_normalised() -> None:
+    assert SamplingParams(allowed_token_ids=[9, 2, 9]).allowed_token_ids == (2, 9)
+    assert SamplingParams(allowed_token_ids=[1]).uses_logits_controls
+    assert not SamplingParams().uses_logits_controls
+    for bad in ([-1], ["3"], [True], 5):
+        with pytest.raises(ValueError, match="allowed_token_ids"):
+            SamplingParams(allowed_token_ids=bad)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

@@ -166,7 +166,7 @@ def test_every_sampling_control_round_trips_through_the_proto() -> None:
         full = SamplingParams(
             temperature=0.5, presence_penalty=0.5, frequency_penalty=-0.25, repetition_penalty=1.5,
             logit_bias={5: 3.0, 2: -1.0}, bad_words_token_ids=[[1, 2], [3]], structured_output=so,
-            cache_salt="tenant-secret",
+            cache_salt="tenant-secret", allowed_token_ids=[7, 3, 9],
         )  # fmt: skip
         assert convert.sampling_from_proto(convert.sampling_to_proto(full)) == full
     held = SamplingParams(min_tokens=4, max_tokens=8)
