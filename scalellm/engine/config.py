@@ -71,6 +71,19 @@ class EngineConfig:
     launch, so there it only reports each token one step later (the engine warns). Not under
     tensor parallelism."""
 
+    num_speculative_tokens: int = 0
+    """Speculative decoding by prompt lookup (engine/speculative.py): each step, a greedy request
+    whose last tokens occurred earlier in its sequence feeds up to this many tokens that followed
+    them, and keeps those the model agrees with (the output is unchanged). 0: off. Not with
+    async_scheduling or tensor parallelism."""
+    prompt_lookup_min: int = 2
+    """The shortest run of final tokens looked up for drafts."""
+    prompt_lookup_max: int = 4
+    """The longest run of final tokens looked up for drafts (the longest found is used)."""
+    speculative_max_batch: int = 8
+    """Draft only while at most this many requests run: in larger batches a step is bound by
+    arithmetic, not by reading the weights, and every draft costs a token's compute."""
+
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
@@ -86,6 +99,25 @@ class EngineConfig:
             raise ValueError(f"cuda_graph_max_batch must be 0 or more, got {self.cuda_graph_max_batch}")
         self._check_compression()
         self._check_tensor_parallel()
+        self._check_speculative()
+
+    def _check_speculative(self) -> None:
+        if self.num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens must be 0 or more, got {self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(
+                "prompt_lookup_min and prompt_lookup_max must satisfy 1 <= min <= max, got "
+                f"{self.prompt_lookup_min} and {self.prompt_lookup_max}"
+            )
+        if self.num_speculative_tokens == 0:
+            return
+        if self.async_scheduling:
+            raise ValueError(
+                "num_speculative_tokens needs synchronous steps: a step's drafts depend on how many "
+                "of the previous step's the model accepted (turn async_scheduling off)"
+            )
+        if self.tensor_parallel_size > 1:
+            raise ValueError("num_speculative_tokens is not supported with tensor parallelism yet")
 
     def _check_compression(self) -> None:
         if self.quantization not in QUANTIZATIONS:

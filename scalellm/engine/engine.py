@@ -28,7 +28,8 @@ from scalellm.engine.grammar import GrammarCompiler
 from scalellm.engine.model_runner import LaunchedStep, ModelRunner
 from scalellm.engine.request import Request, RequestStatus
 from scalellm.engine.sampler import SamplerOutput
-from scalellm.engine.scheduler import Scheduler, SchedulerConfig
+from scalellm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from scalellm.engine.speculative import NgramDrafter, accepted
 from scalellm.kvhash import BlockHashDelta
 from scalellm.models.config import ModelConfig
 from scalellm.models.prepare import resolve_model_dir
@@ -65,6 +66,17 @@ class LLMEngine:
         self._landing: torch.Tensor | None = None
         self._in_flight: LaunchedStep | None = None
         """The step launched by the last step() call, its tokens not applied yet (async scheduling)."""
+        self.drafter = (
+            NgramDrafter(
+                config.num_speculative_tokens,
+                config.prompt_lookup_min,
+                config.prompt_lookup_max,
+                config.speculative_max_batch,
+            )
+            if config.num_speculative_tokens
+            else None
+        )
+        """Speculative decoding's drafts (None: off); its counts are the acceptance metrics."""
         if config.async_scheduling and self.runner.device.type == "cpu":
             log.warning(
                 "async scheduling on a CPU overlaps nothing (the forward pass runs as it is launched) "
@@ -301,20 +313,55 @@ class LLMEngine:
         request holds a pending token, which S(k+1)'s forward pass takes on the device); else
         they are applied at once. A request that finishes in S(k-1) still has a row in S(k),
         discarded."""
+        if self.drafter is not None:
+            self.drafter.draft(self.scheduler.running)
         out = self.scheduler.schedule()
         previous, self._in_flight = self._in_flight, None
         ran = None if out.empty else self.runner.forward(out.scheduled, previous)
         events = [] if previous is None else self._apply(previous.requests, previous.output())
         launched = None if ran is None else self.runner.sample(ran)
-        self.scheduler.advance(out)
         if launched is not None and self.config.async_scheduling:
+            self.scheduler.advance(out)
             for req in launched.requests:
                 if req.status is RequestStatus.RUNNING:  # else it finished in the previous step
                     req.append_pending()
             self._in_flight = launched
         elif launched is not None:
-            events += self._apply(launched.requests, launched.output())
+            requests, sampled, rejected = self._verify(out, launched.requests, launched.output())
+            self.scheduler.advance(out, rejected)
+            events += self._apply(requests, sampled)
+        else:
+            self.scheduler.advance(out)
         return self._drain_finished(events)
+
+    def _verify(
+        self, out: SchedulerOutput, requests: list[Request], sampled: SamplerOutput
+    ) -> tuple[list[Request], SamplerOutput, dict[str, int]]:
+        """A step's rows as the tokens its requests get: a request that fed draft tokens has a
+        row per draft plus one and keeps the rows up to the first that disagrees with its draft
+        (speculative.accepted); returns those rows and each such request's rejected drafts."""
+        drafts = {s.request.request_id: s.num_draft_tokens for s in out.scheduled if s.num_draft_tokens}
+        if not drafts:
+            return requests, sampled, {}
+        assert self.drafter is not None
+        rows: list[int] = []
+        rejected: dict[str, int] = {}
+        i = 0
+        while i < len(requests):
+            req = requests[i]
+            d = drafts.get(req.request_id, 0)
+            kept = accepted(req.draft_token_ids[:d], sampled.token_ids[i : i + d + 1])
+            rows.extend(range(i, i + len(kept)))
+            if d:
+                rejected[req.request_id] = d + 1 - len(kept)
+                self.drafter.count(d, len(kept) - 1)
+            i += d + 1
+        token_ids = [sampled.token_ids[r] for r in rows]
+        return (
+            [requests[r] for r in rows],
+            SamplerOutput(token_ids, [sampled.logprobs[r] for r in rows]),
+            rejected,
+        )
 
     def _apply(self, requests: list[Request], sampled: SamplerOutput) -> list[TokenEvent]:
         """A step's sampled tokens and logprobs into its requests."""
@@ -323,16 +370,17 @@ class LLMEngine:
             lp = found[req.request_id]
             if lp is not None:
                 req.logprobs.append(lp)
-        advanced = self.scheduler.add_tokens(zip(requests, sampled.token_ids, strict=True))
+        added = self.scheduler.add_tokens(zip(requests, sampled.token_ids, strict=True))
+        last = {id(r): i for i, (r, _) in enumerate(added)}  # several with verified drafts
         return [
             TokenEvent(
                 r,
-                r.token_ids[-1],
+                token,
                 found[r.request_id],
-                outcome(r) if r.status.finished else None,
+                outcome(r) if r.status.finished and i == last[id(r)] else None,
                 _prompt_logprobs(r),
             )
-            for r in advanced
+            for i, (r, token) in enumerate(added)
         ]
 
     def _drain_finished(self, events: list[TokenEvent]) -> list[TokenEvent]:

@@ -115,6 +115,9 @@ class Request:
     awaiting_token: bool = False
     """token_ids ends with PENDING_TOKEN: a token sampled in the step still running (async
     scheduling). At most one: the engine keeps one step in flight."""
+    draft_token_ids: list[int] = field(default_factory=list)
+    """Speculative decoding: tokens guessed to follow token_ids (engine/speculative.py), set
+    before each step; the scheduler feeds them with the request's last token, budget allowing."""
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

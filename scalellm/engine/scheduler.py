@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from scalellm.engine.block_manager import BlockManager
@@ -82,12 +82,16 @@ class SchedulerConfig:
 class ScheduledRequest:
     request: Request
     num_new_tokens: int
-    """Tokens fed this step, starting at request.num_computed_tokens."""
+    """Tokens fed this step, starting at request.num_computed_tokens (draft tokens included)."""
+    num_draft_tokens: int = 0
+    """Of those, the last ones are the first num_draft_tokens of request.draft_token_ids
+    (speculative decoding: the step samples a token after each of them too)."""
 
     @property
     def samples(self) -> bool:
         """Whether this step reaches the end of the sequence, so a token is sampled."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+        fed = self.num_new_tokens - self.num_draft_tokens
+        return self.request.num_computed_tokens + fed == self.request.num_tokens
 
 
 @dataclass
@@ -212,6 +216,9 @@ class Scheduler:
             if n < 1:
                 i += 1  # a prompt waiting for the next step's prefill budget
                 continue
+            drafts = min(len(req.draft_token_ids), budget - n) if left == 1 else 0
+            if drafts and not self._room_for_drafts(req, req.num_computed_tokens + n + drafts):
+                drafts = 0
             while not self.blocks.allocate(req, req.num_computed_tokens + n):
                 victim = self.running.pop()  # lowest priority, latest arrival
                 given_back = self._preempt(victim, chosen, out)
@@ -220,8 +227,8 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                chosen[req.request_id] = ScheduledRequest(req, n)
-                budget -= n
+                chosen[req.request_id] = ScheduledRequest(req, n + drafts, drafts)
+                budget -= n + drafts
                 prefill_budget -= n if left > 1 else 0
                 i += 1
 
@@ -259,22 +266,27 @@ class Scheduler:
         ``add_tokens`` together."""
         self.advance(out)
         scheduled = [s.request for s in out.scheduled]
-        return self.add_tokens([(r, sampled[r.request_id]) for r in scheduled if r.request_id in sampled])
+        added = self.add_tokens([(r, sampled[r.request_id]) for r in scheduled if r.request_id in sampled])
+        return [r for r, _ in added]
 
-    def advance(self, out: SchedulerOutput) -> None:
+    def advance(self, out: SchedulerOutput, rejected: Mapping[str, int] | None = None) -> None:
         """The step's tokens are in the KV cache (with async scheduling: will be, before any later
         step reads them, the device running steps in order): each running request's
-        num_computed_tokens moves on and its newly full blocks join the prefix cache."""
+        num_computed_tokens moves on and its newly full blocks join the prefix cache.
+        ``rejected``: per request id, how many of its draft tokens the model did not confirm
+        (their K/V is not the sequence's: the request's computed tokens stop before them)."""
         for s in out.scheduled:
             req = s.request
             if req.status is RequestStatus.RUNNING:  # else aborted while the step ran
-                req.num_computed_tokens += s.num_new_tokens
+                req.num_computed_tokens += s.num_new_tokens - (rejected or {}).get(req.request_id, 0)
                 self.blocks.commit_computed_blocks(req)
 
-    def add_tokens(self, sampled: Iterable[tuple[Request, int]]) -> list[Request]:
+    def add_tokens(self, sampled: Iterable[tuple[Request, int]]) -> list[tuple[Request, int]]:
         """Append each request's sampled token (or fill in its pending one, async scheduling)
-        and finish those that stop. Returns the requests that got a token."""
-        advanced: list[Request] = []
+        and finish those that stop; a request may come with several tokens in a row (verified
+        drafts), and those after the one it stops on are dropped. Returns the (request, token)
+        pairs appended, in order."""
+        advanced: list[tuple[Request, int]] = []
         for req, token in sampled:
             if req.awaiting_token:  # running, or preempted by the step scheduled meanwhile
                 req.fill_pending(token)
@@ -282,7 +294,7 @@ class Scheduler:
                 req.append_token(token)
             else:
                 continue  # aborted while the step ran (a pending token was dropped then)
-            advanced.append(req)
+            advanced.append((req, token))
             stop = req.check_stop()
             if stop is not None:
                 (self.running if req.status is RequestStatus.RUNNING else self.waiting).remove(req)
@@ -324,6 +336,16 @@ class Scheduler:
         victim = max((r for r in self.running if r.tenant.name == over), key=lambda r: r.sort_key)
         self.running.remove(victim)
         self._preempt(victim, {}, out)
+
+    def _room_for_drafts(self, req: Request, num_tokens: int) -> bool:
+        """Allocate slots for a request's draft tokens if that leaves a free block for every
+        running request (each may need one to grow): drafts never cause a preemption."""
+        extra = self.blocks.blocks_needed(num_tokens) - len(req.block_ids)
+        if extra <= 0:
+            return True
+        return self.blocks.num_free_blocks - extra >= len(self.running) and self.blocks.allocate(
+            req, num_tokens
+        )
 
     def _next_waiting(self) -> int:
         """Index of the waiting request to admit next: the first in line of each tenant; of

@@ -6,6 +6,10 @@ tensor-parallel rank needs) flattened into one batch of rows (``StepInputs``), d
     positions   start      ...              start .. start + n0 - 1
     slot        (block of the position, position % block_size): where the row's K/V goes
 
+A decode with draft tokens (speculative decoding) is a decode row per token, each attending to
+the context up to itself through the decode kernel: every row's K/V is written before any row
+attends, so the row of draft j sees the drafts before it, as it would have decoding one a step.
+
 Every integer of a step goes to the device in one copy (on a GPU each copy is a transfer of its
 own), then is split into views.
 """
@@ -31,27 +35,37 @@ class SeqStep:
     """The tokens fed this step (positions start, start + 1, ...)."""
     block_ids: list[int]
     samples: bool
+    drafts: int = 0
+    """The last ``drafts`` tokens are draft tokens (speculative decoding): a token is sampled
+    after each of them too, 1 + drafts rows in all."""
+
+    @property
+    def decodes(self) -> bool:
+        """One new token (and its drafts): its rows run as decode rows."""
+        return len(self.token_ids) - self.drafts == 1
 
     @classmethod
     def of(cls, s: ScheduledRequest) -> SeqStep:
-        req, start = s.request, s.request.num_computed_tokens
-        return cls(start, req.token_ids[start : start + s.num_new_tokens], req.block_ids, s.samples)
+        req, start, d = s.request, s.request.num_computed_tokens, s.num_draft_tokens
+        tokens = req.token_ids[start : start + s.num_new_tokens - d] + req.draft_token_ids[:d]
+        return cls(start, tokens, req.block_ids, s.samples, d)
 
     @staticmethod
     def encode(steps: list[SeqStep]) -> list[int]:
-        """[count, then per step: start, samples, n tokens, n blocks, tokens..., blocks...]"""
+        """[count, then per step: start, samples, drafts, n tokens, n blocks, tokens..., blocks...]"""
         out = [len(steps)]
         for s in steps:
-            out += [s.start, int(s.samples), len(s.token_ids), len(s.block_ids), *s.token_ids, *s.block_ids]
+            header = [s.start, int(s.samples), s.drafts, len(s.token_ids), len(s.block_ids)]
+            out += [*header, *s.token_ids, *s.block_ids]
         return out
 
     @classmethod
     def decode(cls, values: list[int]) -> list[SeqStep]:
         steps, i = [], 1
         for _ in range(values[0]):
-            start, samples, n, b = values[i : i + 4]
-            i += 4
-            steps.append(cls(start, values[i : i + n], values[i + n : i + n + b], bool(samples)))
+            start, samples, drafts, n, b = values[i : i + 5]
+            i += 5
+            steps.append(cls(start, values[i : i + n], values[i + n : i + n + b], bool(samples), drafts))
             i += n + b
         return steps
 
@@ -62,9 +76,11 @@ class StepInputs:
     positions: torch.Tensor
     meta: AttentionMetadata
     sample_indices: torch.Tensor
-    """Row of each sampling sequence's last token in the flattened batch."""
+    """Row of each sampling sequence's last token in the flattened batch (and of the tokens
+    before its drafts)."""
     sampling: list[int]
-    """Which steps sample (indexes into the step list), in the order of sample_indices."""
+    """The step (an index into the step list) of each of sample_indices' rows: a step with drafts
+    has 1 + drafts consecutive rows."""
     prefill_offsets: dict[int, int]
     """Row of each prefill step's first token in the flattened batch (by step index)."""
 
@@ -98,6 +114,13 @@ class _Rows:
             self.slot_blocks.append(s.block_ids[start // bs])
             self.decode_context.append(start + 1)
             self.decode_tables.append(s.block_ids)
+        elif s.decodes:  # a token and its drafts: a decode row each, seeing the rows before it
+            assert not self.bounds, "decodes first"
+            self.input_ids.extend(s.token_ids)
+            self.positions.extend(range(start, start + n))
+            self.slot_blocks.extend(s.block_ids[p // bs] for p in range(start, start + n))
+            self.decode_context.extend(range(start + 1, start + n + 1))
+            self.decode_tables.extend([s.block_ids] * n)
         else:
             self.input_ids.extend(s.token_ids)
             self.positions.extend(range(start, start + n))
@@ -105,9 +128,9 @@ class _Rows:
             self.prefill_offsets[i] = offset
             self.bounds.append((offset, n, start))
             self.chunk_tables.append(s.block_ids[: -(-(start + n) // bs)])
-        if s.samples:
-            self.sample_rows.append(offset + n - 1)
-            self.sampling.append(i)
+        if s.samples:  # the last row; with drafts, the row before each draft too
+            self.sample_rows.extend(range(offset + n - 1 - s.drafts, offset + n))
+            self.sampling.extend([i] * (1 + s.drafts))
 
 
 def build_inputs(
@@ -124,10 +147,10 @@ def build_inputs(
     """
     rows = _Rows(block_size)
     for i, s in enumerate(steps):
-        if len(s.token_ids) == 1:
+        if s.decodes:
             rows.add(i, s)
     for i, s in enumerate(steps):
-        if len(s.token_ids) > 1:
+        if not s.decodes:
             rows.add(i, s)
     decodes, chunks = len(rows.decode_tables), len(rows.bounds)
     tables, width = _padded(rows.decode_tables)

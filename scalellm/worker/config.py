@@ -162,6 +162,24 @@ def worker_options(roles: Sequence[WorkerRole]) -> tuple[Option, ...]:
             parse_on_off,
             "on: schedule and launch each step while the previous one runs on the device (GPU)",
         ),
+        _option(
+            "--num-speculative-tokens",
+            "engine.num_speculative_tokens",
+            int,
+            "draft tokens per step by prompt lookup for greedy requests (0: off)",
+        ),
+        _option(
+            "--prompt-lookup-min", "engine.prompt_lookup_min", int, "shortest n-gram looked up for drafts"
+        ),
+        _option(
+            "--prompt-lookup-max", "engine.prompt_lookup_max", int, "longest n-gram looked up for drafts"
+        ),
+        _option(
+            "--speculative-max-batch",
+            "engine.speculative_max_batch",
+            int,
+            "draft only while at most this many requests run",
+        ),
         _option("--prefill-timeout", "prefill_timeout_s", float, "seconds a Prefill rpc may take"),
         _option("--transfer-timeout", "transfer_timeout_s", float, "seconds a KV transfer op may take"),
         _option(

@@ -46,6 +46,9 @@ class EngineHost:
         metrics.free_blocks.set_function(lambda: aengine.stats.num_free_blocks)
         metrics.waiting.set_function(lambda: aengine.stats.num_waiting)
         metrics.running.set_function(lambda: aengine.stats.num_running)
+        drafter = self.engine.drafter
+        if drafter is not None:
+            metrics.watch_speculation(lambda: drafter.drafted, lambda: drafter.accepted)
 
     def start(self) -> None:
         self.aengine.start()

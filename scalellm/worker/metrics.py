@@ -64,6 +64,15 @@ class WorkerMetrics:
             )
         )
 
+    def watch_speculation(self, drafted: Callable[[], int], accepted: Callable[[], int]) -> None:
+        """Speculative decoding's draft tokens verified and accepted (vLLM reports the same pair:
+        accepted / drafted is the acceptance rate), read at scrape time."""
+        for name, doc, read in (
+            ("scalellm_spec_decode_draft_tokens", "Draft tokens verified", drafted),
+            ("scalellm_spec_decode_accepted_tokens", "Draft tokens the model agreed with", accepted),
+        ):
+            self.registry.register(_Reading(name, doc, read))
+
     def serve(self, port: int, host: str) -> int:
         """Serve /metrics on port (0 picks one); returns the bound port."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)

@@ -631,3 +631,51 @@ async def test_an_async_scheduling_worker_answers_as_the_engine_alone(
             assert got == pytest.approx([lp.logprob for lp in alone.logprobs or ()], abs=1e-4)
     assert re.fullmatch(regex, answers[3].choices[0].text)
     jsonschema.validate(json.loads(answers[4].choices[0].text), SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def speculative_worker(tiny_chat_model: Path) -> Iterator[Service]:
+    svc = start_service(
+        "services.decode",
+        worker_args(tiny_chat_model, "--role", "both", "--num-speculative-tokens", "4"),
+    )
+    yield svc
+    assert svc.stop() == 0, svc.log()
+
+
+async def test_a_speculative_worker_answers_as_the_engine_alone(
+    gateway: GatewayFactory, speculative_worker: Service, engine: LLM
+) -> None:
+    """A worker drafting by prompt lookup (--num-speculative-tokens 4): greedy answers streamed
+    several tokens a step, beside a seeded one with logprobs, are exactly the engine's; the
+    worker's metrics show drafts accepted (so the drafts were verified, not skipped)."""
+    repeating = "one two three four five six seven eight. one two three four five six seven eight. one two"
+    gw = await gateway(speculative_worker.address)
+    greedy = {"max_tokens": 24, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    seeded = {
+        "max_tokens": 10,
+        "temperature": 1.0,
+        "seed": 5,
+        "logprobs": 2,
+        "extra_body": {"ignore_eos": True},
+    }
+    stream = await gw.client.completions.create(model=gw.model, prompt=repeating, stream=True, **greedy)
+    streamed = "".join([c.choices[0].text async for c in stream if c.choices])
+    answers = await asyncio.gather(
+        gw.client.completions.create(model=gw.model, prompt=PROMPT, **greedy),
+        gw.client.completions.create(model=gw.model, prompt=PROMPT, **seeded),
+    )
+    assert streamed == engine.generate(repeating, _sampling(max_tokens=24))[0].outputs[0].text
+    assert answers[0].choices[0].text == engine.generate(PROMPT, _sampling(max_tokens=24))[0].outputs[0].text
+    alone = engine.generate(PROMPT, _sampling(max_tokens=10, temperature=1.0, seed=5, logprobs=2))[0].outputs[
+        0
+    ]
+    assert answers[1].choices[0].text == alone.text
+    got = answers[1].choices[0].logprobs.token_logprobs
+    assert got == pytest.approx([lp.logprob for lp in alone.logprobs or ()], abs=1e-4)
+    port = speculative_worker.proc.args[speculative_worker.proc.args.index("--metrics-port") + 1]  # type: ignore[union-attr]
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as r:
+        text = await r.text()
+    accepted = re.search(r"^scalellm_spec_decode_accepted_tokens_total (\S+)$", text, re.M)
+    drafted = re.search(r"^scalellm_spec_decode_draft_tokens_total (\S+)$", text, re.M)
+    assert accepted and drafted and 0 < float(accepted[1]) <= float(drafted[1]), text[-2000:]

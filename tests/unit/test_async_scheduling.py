@@ -279,7 +279,7 @@ def test_a_pending_token_that_stops_a_preempted_request_finishes_it() -> None:
     s._preempt(req, {}, s.schedule())  # as schedule() does when blocks run out
     assert req.status is RequestStatus.PREEMPTED and req in s.waiting
     assert s.schedule().empty  # not admitted again while its token is pending
-    assert s.add_tokens([(req, 99)]) == [req]
+    assert s.add_tokens([(req, 99)]) == [(req, 99)]
     assert req.status is RequestStatus.FINISHED_STOPPED and not s.waiting and req.token_ids[-1] == 99
     assert s.take_finished() == [req] and s.blocks.num_free_blocks == 16
 

@@ -1,0 +1,141 @@
+"""Speculative decoding by prompt lookup (engine/speculative.py) against plain decoding, offline.
+
+    python bench/speculative.py                      # k = 0 2 4 6, batches 1 and 8, 3 repeats
+    python bench/speculative.py --k 0 4 --batch 1 --repeats 1 --json out.json
+
+Two greedy workloads on the demo model (LLM.generate, EOS ignored, 64 output tokens):
+  repeating  prompts whose answers repeat what they hold (code to continue, a list to go on
+             with, a passage to quote): what prompt lookup is for;
+  random     random token ids (128 of them), as `vllm bench serve`'s random dataset: the model's
+             output repeats only what it repeats by itself.
+For each k (0: off) and batch size B (the workload's prompts, cycled up to B of them, B at a time),
+the median over --repeats of output tokens / wall time, and the share of drafts accepted. An
+engine per k, built once, warmed up by one run; the repeats of every k interleaved. Every run's
+greedy tokens are checked equal to k = 0's (the bench stops otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from scalellm import LLM, SamplingParams  # noqa: E402
+
+REPEATING = [
+    "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\ndef mul(a, b):\n"
+    "    return a * b\n\n\ndef div(a, b):\n",
+    "Monday: gym, work, dinner.\nTuesday: gym, work, dinner.\nWednesday: gym, work, dinner.\nThursday:",
+    "Quote the first sentence of this text exactly. Text: The river rises in the northern hills and "
+    "flows south for two hundred miles before it reaches the sea. Quote:",
+    '<ul>\n  <li><a href="/home">Home</a></li>\n  <li><a href="/about">About</a></li>\n  <li><a href=',
+]
+
+
+def prompts_of(workload: str, tokenizer_encode, vocab: int) -> list[list[int]]:  # type: ignore[no-untyped-def]
+    if workload == "repeating":
+        return [tokenizer_encode(p) for p in REPEATING]
+    rng = random.Random(0)
+    return [[rng.randrange(100, vocab) for _ in range(128)] for _ in range(4)]
+
+
+def run(llm: LLM, prompts: list[list[int]], batch: int, max_tokens: int) -> tuple[float, list[list[int]]]:
+    """The prompts (cycled up to ``batch`` of them) ``batch`` at a time: output tokens / second."""
+    chosen = [prompts[i % len(prompts)] for i in range(max(batch, len(prompts)))]
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    tokens = []
+    start = time.perf_counter()
+    for i in range(0, len(chosen), batch):
+        outs = llm.generate([{"prompt_token_ids": p} for p in chosen[i : i + batch]], params)
+        tokens += [o.outputs[0].token_ids for o in outs]
+    seconds = time.perf_counter() - start
+    return sum(map(len, tokens)) / seconds, tokens
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--k", type=int, nargs="+", default=[0, 2, 4, 6])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--workloads", nargs="+", default=["repeating", "random"])
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    if 0 not in args.k:
+        args.k = [0, *args.k]
+    llms = {k: LLM(dtype=args.dtype, num_speculative_tokens=k, num_kv_blocks=512) for k in args.k}
+    base = llms[0]
+    vocab = base.engine.model_config.vocab_size
+    results = []
+    for workload in args.workloads:
+        prompts = prompts_of(workload, lambda t: base.tokenizer.encode(t), vocab)
+        for batch in args.batch:
+            rates: dict[int, list[float]] = {k: [] for k in args.k}
+            counts: dict[int, tuple[int, int]] = {}
+            expected = run(base, prompts, batch, args.max_tokens)[1]
+            for llm in llms.values():
+                run(llm, prompts, batch, args.max_tokens)  # warm-up
+            for _ in range(args.repeats):
+                for k, llm in llms.items():
+                    drafter = llm.engine.drafter
+                    before = (drafter.drafted, drafter.accepted) if drafter else (0, 0)
+                    rate, tokens = run(llm, prompts, batch, args.max_tokens)
+                    if tokens != expected:
+                        sys.exit(f"k={k} {workload} batch {batch}: greedy tokens differ from k=0's")
+                    rates[k].append(rate)
+                    after = (drafter.drafted, drafter.accepted) if drafter else (0, 0)
+                    done = counts.get(k, (0, 0))
+                    counts[k] = (done[0] + after[0] - before[0], done[1] + after[1] - before[1])
+            plain = statistics.median(rates[0])
+            for k in args.k:
+                drafted, accepted = counts[k]
+                row = {
+                    "workload": workload,
+                    "batch": batch,
+                    "k": k,
+                    "tok_s": statistics.median(rates[k]),
+                    "runs": rates[k],
+                    "speedup": statistics.median(rates[k]) / plain,
+                    "drafted": drafted,
+                    "accepted": accepted,
+                    "acceptance": accepted / drafted if drafted else None,
+                }
+                results.append(row)
+                print(json.dumps(row), flush=True)
+    machine = f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    print(f"\n{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, {machine}, {args.dtype}, "
+          f"{args.max_tokens} greedy tokens, median of {args.repeats}\n")  # fmt: skip
+    print("| workload | batch | k | tok/s | vs k=0 | drafts accepted |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        acc = "-" if r["acceptance"] is None else f"{r['acceptance']:.0%} of {r['drafted']}"
+        print(
+            f"| {r['workload']} | {r['batch']} | {r['k']} | {r['tok_s']:.1f} | {r['speedup']:.2f}x | {acc} |"
+        )
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
