@@ -26,6 +26,10 @@ Each ``schedule()`` builds one step's batch:
            slots 16, flood running 16, victim arrives:  flood 16 > share 8, victim 0 < 8
            -> preempt flood's newest, admit the victim's request now
 
+    3. (speculative decoding) what is left of the budget goes to draft tokens of requests about
+       to sample (Request.draft_token_ids, engine/speculative.py), in the same order, as long
+       as blocks stay free for every running request to grow.
+
 Decode latency: a step costs roughly its token count, so one 2048-token prefill step stalls
 every running stream for seconds on a CPU (an inter-token latency p99 of 5 s at 64 streams,
 docs/serving_benchmark.md). While anything decodes, prompts therefore advance by at most
@@ -216,9 +220,6 @@ class Scheduler:
             if n < 1:
                 i += 1  # a prompt waiting for the next step's prefill budget
                 continue
-            drafts = min(len(req.draft_token_ids), budget - n) if left == 1 else 0
-            if drafts and not self._room_for_drafts(req, req.num_computed_tokens + n + drafts):
-                drafts = 0
             while not self.blocks.allocate(req, req.num_computed_tokens + n):
                 victim = self.running.pop()  # lowest priority, latest arrival
                 given_back = self._preempt(victim, chosen, out)
@@ -227,8 +228,8 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                chosen[req.request_id] = ScheduledRequest(req, n + drafts, drafts)
-                budget -= n + drafts
+                chosen[req.request_id] = ScheduledRequest(req, n)
+                budget -= n
                 prefill_budget -= n if left > 1 else 0
                 i += 1
 
@@ -255,16 +256,30 @@ class Scheduler:
             budget -= n
             prefill_budget -= n
 
+        self._add_drafts(chosen, budget)
         out.scheduled = list(chosen.values())
         out.preempted[:0] = fair.preempted
         return out
+
+    def _add_drafts(self, chosen: dict[str, ScheduledRequest], budget: int) -> None:
+        """3. (speculative decoding) Draft tokens ride on what is left of the step once every
+        running and admitted request has its tokens: a request about to sample its next token
+        feeds its ``draft_token_ids`` too, budget and blocks allowing (never a preemption)."""
+        for rid, s in chosen.items():
+            req = s.request
+            drafts = min(len(req.draft_token_ids), budget)
+            if drafts == 0 or s.num_new_tokens != 1 or not s.samples:
+                continue
+            if self._room_for_drafts(req, req.num_computed_tokens + 1 + drafts):
+                chosen[rid] = ScheduledRequest(req, 1 + drafts, drafts)
+                budget -= drafts
 
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Advance the scheduled requests; ``sampled`` maps request id to its new token for
         those whose step reached the end of their sequence. Returns the requests that got a
         token this step (some may now be finished). A synchronous step's ``advance`` and
         ``add_tokens`` together."""
-        self.advance(out)
+        self.advance(out, {s.request.request_id: s.num_draft_tokens for s in out.scheduled})  # one token each
         scheduled = [s.request for s in out.scheduled]
         added = self.add_tokens([(r, sampled[r.request_id]) for r in scheduled if r.request_id in sampled])
         return [r for r, _ in added]
@@ -339,7 +354,7 @@ class Scheduler:
 
     def _room_for_drafts(self, req: Request, num_tokens: int) -> bool:
         """Allocate slots for a request's draft tokens if that leaves a free block for every
-        running request (each may need one to grow): drafts never cause a preemption."""
+        running request (each may need one to grow next step): drafts never cause a preemption."""
         extra = self.blocks.blocks_needed(num_tokens) - len(req.block_ids)
         if extra <= 0:
             return True

@@ -103,6 +103,13 @@ def test_drafts_ride_within_the_budget_and_never_take_the_last_blocks() -> None:
     assert (by_id["b"].num_new_tokens, by_id["b"].num_draft_tokens) == (1, 0)
     assert by_id["a"].samples and by_id["b"].samples
     assert SeqStep.of(by_id["a"]).token_ids == [8, 11, 12, 13, 14]
+    # a prompt that arrives takes its tokens before drafts take what is left
+    sched.update(out, {"a": 9, "b": 9})
+    waiting = Request("w", [4, 5, 6], GREEDY, max_tokens=40)
+    sched.add(waiting)
+    a.draft_token_ids = [11, 12, 13, 14]
+    by_id = {s.request.request_id: s for s in sched.schedule().scheduled}
+    assert by_id["w"].num_new_tokens == 3 and by_id["a"].num_draft_tokens == 6 - 3 - 2
     # 2 blocks free, 2 running: a draft needing a third block of a's is refused
     blocks2 = BlockManager(num_blocks=6, block_size=4, enable_prefix_caching=False)
     sched2 = Scheduler(SchedulerConfig(), blocks2)
