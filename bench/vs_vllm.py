@@ -8,7 +8,9 @@ For each dtype and each system (vLLM's `vllm serve` through ../shared/peers/vllm
 comes (one core for its worker's OpenMP threads on 2 cores: it keeps one for its scheduler) and
 with every core bound to its worker (vllm-all-cores, VLLM_CPU_OMP_THREADS_BIND), and
 `scalellm up` colocated: one worker on every core; per-core: one colocated worker per core, lending
-idle cores to busy ones; and disaggregated), one after the other: start the server, warm it up,
+idle cores to busy ones; and disaggregated; and, only when named, mesh-speculative: colocated
+with prompt-lookup drafts, --num-speculative-tokens 4, which vLLM here runs without), one after
+the other: start the server, warm it up,
 run vLLM's own client (`vllm bench serve`: random dataset, 128 prompt tokens, 64 output tokens,
 EOS ignored, greedy) at each concurrency, stop it. Every level's result is a JSON file in
 --results; a level whose file exists is skipped, so a stopped run resumes where it stopped and a
@@ -38,7 +40,14 @@ from bench.serving.systems import Running, System, mesh  # noqa: E402
 from bench.vs_vllm_report import Level, load_levels, machine, write_report  # noqa: E402
 from scalellm.worker.cpu_share import machine_cores  # noqa: E402
 
-SYSTEMS = ("vllm", "vllm-all-cores", "mesh-colocated", "mesh-per-core", "mesh-disaggregated")
+SYSTEMS = (
+    "vllm",
+    "vllm-all-cores",
+    "mesh-colocated",
+    "mesh-per-core",
+    "mesh-disaggregated",
+    "mesh-speculative",
+)
 
 
 def default_vllm_script() -> str:
@@ -83,6 +92,8 @@ def make_system(name: str, dtype: str, plan: Plan, extra: list[str]) -> System:
         # ones (scalellm/worker/cpu_share.py), so one stream still runs on every core
         "mesh-per-core": ["--colocated", "--decode", str(machine_cores())],
         "mesh-disaggregated": ["--prefill", "1", "--decode", "1"],
+        # greedy requests draft by prompt lookup (engine/speculative.py): not how vLLM runs here
+        "mesh-speculative": ["--colocated", "--decode", "1", "--worker-arg=--num-speculative-tokens=4"],
     }[name]
     return mesh(name, topology, plan.model, port, ["--dtype", dtype, *extra])
 
@@ -174,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--model", default=None, help="HF folder (default: the prepared demo model)")
-    add("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    add("--systems", nargs="+", default=[s for s in SYSTEMS if s != "mesh-speculative"], choices=SYSTEMS)
     add("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     add("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     add("--rounds", type=int, default=1, help="repeat everything, system order rotated per round")

@@ -23,13 +23,14 @@ FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16"
 NAME = re.compile(r"r(\d+)-(\w+)-([\w-]+)-c(\d+)\.json$")
 PEERS = ("vllm", "vllm-all-cores")
 """vLLM as it comes, and with every core bound to its worker (bench/vs_vllm.py)."""
-OURS = ("mesh-colocated", "mesh-per-core", "mesh-disaggregated")
+OURS = ("mesh-colocated", "mesh-per-core", "mesh-disaggregated", "mesh-speculative")
 COLORS = {
     "vllm": "C1",
     "vllm-all-cores": "C4",
     "mesh-colocated": "C0",
     "mesh-per-core": "C3",
     "mesh-disaggregated": "C2",
+    "mesh-speculative": "C5",
 }
 PEER_NAMES = {"vllm": "vLLM", "vllm-all-cores": "vLLM all cores"}
 

@@ -80,9 +80,12 @@ class EngineConfig:
     """The shortest run of final tokens looked up for drafts."""
     prompt_lookup_max: int = 4
     """The longest run of final tokens looked up for drafts (the longest found is used)."""
-    speculative_max_batch: int = 8
-    """Draft only while at most this many requests run: in larger batches a step is bound by
-    arithmetic, not by reading the weights, and every draft costs a token's compute."""
+    speculative_max_rows: int | None = None
+    """Drafts go only into a step whose decode rows (a decoding request's token and each draft
+    are a row) stay within this many: up to a few rows a step costs what reading the weights
+    costs, past that every row costs its arithmetic (bench/speculative.py: on a 2-core AVX2 CPU
+    5 rows of the demo model take 1.2x one row's time, and 8 requests drafting lost 1-4%). None:
+    6 on CPU, 64 on CUDA (not measured there yet)."""
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -109,6 +112,8 @@ class EngineConfig:
                 "prompt_lookup_min and prompt_lookup_max must satisfy 1 <= min <= max, got "
                 f"{self.prompt_lookup_min} and {self.prompt_lookup_max}"
             )
+        if self.speculative_max_rows is not None and self.speculative_max_rows < 2:
+            raise ValueError(f"speculative_max_rows must be at least 2, got {self.speculative_max_rows}")
         if self.num_speculative_tokens == 0:
             return
         if self.async_scheduling:
@@ -157,6 +162,14 @@ class EngineConfig:
                 f"tensor_parallel_size {size} is not supported with quantization {self.quantization!r} "
                 f"or kv_cache_dtype {self.kv_cache_dtype!r} yet; use none / auto"
             )
+
+    def draft_rows(self) -> int:
+        """speculative_max_rows resolved (0 when speculative decoding is off)."""
+        if self.num_speculative_tokens == 0:
+            return 0
+        if self.speculative_max_rows is not None:
+            return self.speculative_max_rows
+        return 64 if self.torch_device().type == "cuda" else 6
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -54,6 +54,7 @@ class LLMEngine:
                 max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=config.max_num_batched_tokens,
                 prefill_tokens_with_decodes=config.max_prefill_tokens_with_decodes,
+                max_rows_with_drafts=config.draft_rows(),
                 watermark_blocks=max(1, self.runner.num_blocks // 100),
             ),
             self.blocks,
@@ -71,7 +72,7 @@ class LLMEngine:
                 config.num_speculative_tokens,
                 config.prompt_lookup_min,
                 config.prompt_lookup_max,
-                config.speculative_max_batch,
+                config.draft_rows(),
             )
             if config.num_speculative_tokens
             else None

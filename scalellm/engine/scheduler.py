@@ -26,9 +26,10 @@ Each ``schedule()`` builds one step's batch:
            slots 16, flood running 16, victim arrives:  flood 16 > share 8, victim 0 < 8
            -> preempt flood's newest, admit the victim's request now
 
-    3. (speculative decoding) what is left of the budget goes to draft tokens of requests about
-       to sample (Request.draft_token_ids, engine/speculative.py), in the same order, as long
-       as blocks stay free for every running request to grow.
+    3. (speculative decoding) what is left of the budget, up to max_rows_with_drafts decode rows
+       in all, goes to draft tokens of requests about to sample (Request.draft_token_ids,
+       engine/speculative.py), in the same order, as long as blocks stay free for every running
+       request to grow.
 
 Decode latency: a step costs roughly its token count, so one 2048-token prefill step stalls
 every running stream for seconds on a CPU (an inter-token latency p99 of 5 s at 64 streams,
@@ -74,6 +75,9 @@ class SchedulerConfig:
     """Blocks that admission leaves free so running requests can grow without preemption."""
     prefill_tokens_with_decodes: int = 256
     """Most prompt tokens in a step while any running request decodes (protects decode latency)."""
+    max_rows_with_drafts: int = 0
+    """Speculative decoding: draft tokens join a step only while its decode rows (one per
+    decoding request, one per draft) stay within this many (0: no drafts)."""
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.prefill_tokens_with_decodes < 1:
@@ -256,7 +260,8 @@ class Scheduler:
             budget -= n
             prefill_budget -= n
 
-        self._add_drafts(chosen, budget)
+        if self.config.max_rows_with_drafts:
+            self._add_drafts(chosen, budget)
         out.scheduled = list(chosen.values())
         out.preempted[:0] = fair.preempted
         return out
@@ -264,11 +269,13 @@ class Scheduler:
     def _add_drafts(self, chosen: dict[str, ScheduledRequest], budget: int) -> None:
         """3. (speculative decoding) Draft tokens ride on what is left of the step once every
         running and admitted request has its tokens: a request about to sample its next token
-        feeds its ``draft_token_ids`` too, budget and blocks allowing (never a preemption)."""
+        feeds its ``draft_token_ids`` too, budget, rows and blocks allowing (never a preemption)."""
+        rows = sum(1 for s in chosen.values() if s.num_new_tokens == 1)
+        budget = min(budget, self.config.max_rows_with_drafts - rows)
         for rid, s in chosen.items():
             req = s.request
             drafts = min(len(req.draft_token_ids), budget)
-            if drafts == 0 or s.num_new_tokens != 1 or not s.samples:
+            if drafts <= 0 or s.num_new_tokens != 1 or not s.samples:
                 continue
             if self._room_for_drafts(req, req.num_computed_tokens + 1 + drafts):
                 chosen[rid] = ScheduledRequest(req, 1 + drafts, drafts)

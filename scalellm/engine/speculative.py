@@ -19,9 +19,9 @@ past the sequence's computed tokens and is overwritten by the next step.
 
 Only greedy requests without logprobs or logits controls (penalties, bias, bad words,
 min_tokens, structured output) draft: for them a token is the argmax of its row, so acceptance
-is plain equality and the output does not change. Drafting stops above ``max_batch`` running
-requests, where a step is no longer bound by reading the weights and every draft costs a token's
-compute (scheduler.py gives draft tokens only what is left of the step's budget).
+is plain equality and the output does not change. A step takes drafts only up to ``max_rows``
+decode rows in all (scheduler.py, from what is left of its token budget): past a few rows a
+step is no longer bound by reading the weights and every draft costs a token's arithmetic.
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ class NgramDrafter:
     """k: most drafts per request and step."""
     min_n: int = 2
     max_n: int = 4
-    max_batch: int = 8
+    max_rows: int = 6
+    """No drafts when this many requests (or more) run: a step would have no row to spare."""
     drafted: int = 0
     """Draft tokens verified so far."""
     accepted: int = 0
@@ -95,8 +96,8 @@ class NgramDrafter:
 
     def draft(self, running: Sequence[Request]) -> None:
         """Set every running request's ``draft_token_ids`` for the next step ([] for those that
-        do not draft, and for all of them above max_batch)."""
-        busy = len(running) > self.max_batch
+        do not draft, and for all of them when no row is left for drafts)."""
+        busy = len(running) >= self.max_rows
         for req in running:
             room = req.max_tokens - req.num_output_tokens - 1  # the model's own token comes on top
             drafts: list[int] = []

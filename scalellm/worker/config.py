@@ -175,10 +175,10 @@ def worker_options(roles: Sequence[WorkerRole]) -> tuple[Option, ...]:
             "--prompt-lookup-max", "engine.prompt_lookup_max", int, "longest n-gram looked up for drafts"
         ),
         _option(
-            "--speculative-max-batch",
-            "engine.speculative_max_batch",
+            "--speculative-max-rows",
+            "engine.speculative_max_rows",
             int,
-            "draft only while at most this many requests run",
+            "drafts only while a step's decode rows stay within this many (default 6 CPU, 64 CUDA)",
         ),
         _option("--prefill-timeout", "prefill_timeout_s", float, "seconds a Prefill rpc may take"),
         _option("--transfer-timeout", "transfer_timeout_s", float, "seconds a KV transfer op may take"),

@@ -92,7 +92,7 @@ def _decoding(rid: str, blocks: BlockManager, n: int = 8) -> Request:
 
 def test_drafts_ride_within_the_budget_and_never_take_the_last_blocks() -> None:
     blocks = BlockManager(num_blocks=10, block_size=4, enable_prefix_caching=False)
-    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=6), blocks)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=6, max_rows_with_drafts=16), blocks)
     a, b = _decoding("a", blocks), _decoding("b", blocks)
     sched.running = [a, b]
     a.draft_token_ids, b.draft_token_ids = [11, 12, 13, 14], [21, 22, 23, 24]
@@ -112,7 +112,7 @@ def test_drafts_ride_within_the_budget_and_never_take_the_last_blocks() -> None:
     assert by_id["w"].num_new_tokens == 3 and by_id["a"].num_draft_tokens == 6 - 3 - 2
     # 2 blocks free, 2 running: a draft needing a third block of a's is refused
     blocks2 = BlockManager(num_blocks=6, block_size=4, enable_prefix_caching=False)
-    sched2 = Scheduler(SchedulerConfig(), blocks2)
+    sched2 = Scheduler(SchedulerConfig(max_rows_with_drafts=16), blocks2)
     c, d = _decoding("c", blocks2), _decoding("d", blocks2)
     sched2.running = [c, d]
     c.draft_token_ids = [1, 2]
@@ -206,8 +206,10 @@ def test_a_mixed_batch_gives_what_it_gives_without_drafts(tiny_llama: Path, engi
     assert drafted[2].output_token_ids[-1] == stop_at[2] and len(drafted[1].output_token_ids) == 7
 
 
-def test_no_drafts_above_the_batch_limit(tiny_llama: Path, engine_device: str) -> None:
-    engine = _engine(tiny_llama, engine_device, 4, speculative_max_batch=2, max_num_batched_tokens=512)
+def test_drafts_only_fill_a_steps_rows_up_to_the_limit(tiny_llama: Path, engine_device: str) -> None:
+    """speculative_max_rows 4: no drafts while 4 or more requests decode, and with r running at
+    most 4 - r drafts in a step."""
+    engine = _engine(tiny_llama, engine_device, 4, speculative_max_rows=4, max_num_batched_tokens=512)
     drafter = engine.drafter
     assert drafter is not None
     lengths = [12, 16, 20, 24, 28, 40]  # they finish one after the other
@@ -217,10 +219,9 @@ def test_no_drafts_above_the_batch_limit(tiny_llama: Path, engine_device: str) -
     while engine.has_unfinished():
         running, before = len(engine.scheduler.running), drafter.drafted
         engine.step()
-        if running > 2:
-            busy_steps += 1
-            assert drafter.drafted == before, f"drafted with {running} running"
-    assert busy_steps > 5 and drafter.drafted > 0  # and again once two or fewer were left
+        busy_steps += running >= 4
+        assert drafter.drafted - before <= max(0, 4 - running), f"{running} running"
+    assert busy_steps > 5 and drafter.drafted > 0  # and drafts again once fewer were left
 
 
 def test_the_demo_model_drafts_and_matches_transformers(demo_model_dir: Path) -> None:
