@@ -583,14 +583,15 @@ async def test_values_the_worker_refuses_are_named(gateway: GatewayFactory, work
             )
 
 
-@pytest.fixture(scope="module")
-def async_worker(tiny_chat_model: Path) -> Iterator[Service]:
-    svc = start_service(
-        "services.decode",
-        worker_args(tiny_chat_model, "--role", "both", "--async-scheduling", "on"),
-    )
+def _colocated_worker(model: Path, *flags: str) -> Iterator[Service]:
+    svc = start_service("services.decode", worker_args(model, "--role", "both", *flags))
     yield svc
     assert svc.stop() == 0, svc.log()
+
+
+@pytest.fixture(scope="module")
+def async_worker(tiny_chat_model: Path) -> Iterator[Service]:
+    yield from _colocated_worker(tiny_chat_model, "--async-scheduling", "on")
 
 
 async def test_an_async_scheduling_worker_answers_as_the_engine_alone(
@@ -635,12 +636,7 @@ async def test_an_async_scheduling_worker_answers_as_the_engine_alone(
 
 @pytest.fixture(scope="module")
 def speculative_worker(tiny_chat_model: Path) -> Iterator[Service]:
-    svc = start_service(
-        "services.decode",
-        worker_args(tiny_chat_model, "--role", "both", "--num-speculative-tokens", "4"),
-    )
-    yield svc
-    assert svc.stop() == 0, svc.log()
+    yield from _colocated_worker(tiny_chat_model, "--num-speculative-tokens", "4")
 
 
 async def test_a_speculative_worker_answers_as_the_engine_alone(
