@@ -10,8 +10,9 @@ its final n tokens are a good guess for what comes next:
     tokens   ... a b c d e f ... x a b c          (n = 3: the last 3 tokens occurred before)
     drafts             d e f                      (up to k tokens that followed them)
 
-The step feeds the last token and the drafts as one chunk, ``[c d e f]``, at positions
-``L-1 .. L-1+k``; the row of each position predicts the next token, ``t0 t1 t2 t3``. The model
+The step feeds the last token and the drafts, ``[c d e f]``, at positions ``L-1 .. L-1+k``, each
+as a decode row whose context ends at itself (step_inputs.py); the row of each position predicts
+the next token, ``t0 t1 t2 t3``. The model
 agrees with the first ``a`` drafts when ``t0 = d``, ``t1 = e``, ...; the step then yields
 ``t0 .. ta``: the accepted drafts and the model's own next token, every one exactly what
 decoding one token a step would have given (greedy). The K/V written for rejected drafts lies

@@ -31,6 +31,7 @@ from services.gateway.request import (
     GenerationSpec,
     Prompt,
     PromptKind,
+    checked_request_id,
     invalid,
 )
 
@@ -384,18 +385,6 @@ def _common(
     return OpenAIRequest(
         api, spec, stream, include_usage, continuous_usage, logprobs is not None, tokens_as_ids=tokens_as_ids
     )
-
-
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
-
-
-def checked_request_id(value: str, name: str) -> str:
-    """A client's request id: 1-128 characters of letters, digits and ``._:@/+=-`` (it goes into
-    ids, headers and logs as it is); a 400 naming ``name`` otherwise."""
-    if _REQUEST_ID.fullmatch(value) is None:
-        why = f"'{name}' must be 1-128 letters, digits or ._:@/+=- characters, got {value[:40]!r}"
-        raise invalid(why, name, "invalid_value")
-    return value
 
 
 def with_request_id(call: OpenAIRequest, header: str | None) -> OpenAIRequest:

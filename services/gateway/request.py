@@ -13,6 +13,7 @@ types of scalellm.types.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -262,6 +263,19 @@ class GatewayError(Exception):
 def invalid(message: str, param: str | None = None, code: str | None = None) -> GatewayError:
     """A 400 / INVALID_ARGUMENT naming the offending parameter."""
     return GatewayError(ErrorKind.INVALID, message, param=param, code=code)
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+
+
+def checked_request_id(value: str, name: str) -> str:
+    """A client's request id (vLLM's request_id, an X-Request-Id header or gRPC metadata): 1-128
+    letters, digits or ``._:@/+=-`` (it goes into ids, headers and logs as it is); a 400 /
+    INVALID_ARGUMENT naming ``name`` otherwise."""
+    if _REQUEST_ID.fullmatch(value) is None:
+        why = f"'{name}' must be 1-128 letters, digits or ._:@/+=- characters, got {value[:40]!r}"
+        raise invalid(why, name, "invalid_value")
+    return value
 
 
 _RETRYABLE = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE})

@@ -49,6 +49,7 @@ from services.gateway.request import (
     GenerationSpec,
     Prompt,
     PromptKind,
+    checked_request_id,
     invalid,
 )
 from services.gateway.routing import RegistryWorkers, StaticWorkers, WorkerSource
@@ -212,11 +213,21 @@ def _retry_metadata(exc: GatewayError) -> tuple[tuple[str, str], ...]:
     return (("retry-after", str(exc.retry_after)),) if exc.retry_after else ()
 
 
-def _authorization(context: grpc.aio.ServicerContext) -> str | None:
+def _metadata(context: grpc.aio.ServicerContext, name: str) -> str | None:
     for key, value in context.invocation_metadata() or ():
-        if key == "authorization":
+        if key == name:
             return value if isinstance(value, str) else value.decode("latin-1")
     return None
+
+
+def _authorization(context: grpc.aio.ServicerContext) -> str | None:
+    return _metadata(context, "authorization")
+
+
+def _client_request_id(context: grpc.aio.ServicerContext) -> str | None:
+    """The x-request-id metadata, checked (the HTTP API's X-Request-Id)."""
+    value = _metadata(context, "x-request-id")
+    return None if value is None else checked_request_id(value, "x-request-id")
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -233,11 +244,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         try:
             tenant = core.authenticate(_authorization(context))
             async with core.scope("grpc_generate", tenant) as scope:
-                spec = spec_from_proto(request)
+                spec = replace(spec_from_proto(request), request_id=_client_request_id(context))
                 generation = await core.generate(spec, tenant, scope.received_at, context.time_remaining())
                 reason = "client"  # why choices still running at the end are cancelled
                 try:
-                    request_id = generation.request.request_id
+                    request_id = spec.request_id or generation.request.request_id
                     splits = _reasoning_streams(core, spec, generation.request)
                     async for update in generation.updates():
                         yield update_to_proto(update, request_id, splits.get(update.index))

@@ -1,10 +1,13 @@
 """Sampling controls and structured output on real worker processes: a disaggregated pair (the
-prefill worker samples the first token, the decode worker the rest) gives exactly what a colocated
-worker and the engine alone give, penalties and grammars included."""
+prefill worker samples the first token, the decode worker the rest, drafting greedy requests'
+tokens by prompt lookup) gives exactly what a colocated worker and the engine alone give,
+penalties and grammars included."""
 
 from __future__ import annotations
 
 import json
+import re
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -49,6 +52,7 @@ def _cases(first: int) -> dict[str, tuple[list[int], SamplingParams]]:
         # the model repeats `first`; the prompt already has it twice: the penalty reaches it
         "repetition": ([*PROMPT, first, first], replace(greedy, repetition_penalty=1.8)),
         "allowed": (PROMPT, replace(greedy, allowed_token_ids=ALLOWED)),
+        "plain": (PROMPT, replace(greedy, max_tokens=24)),  # drafts on the decode worker
         "penalties": (PROMPT, replace(greedy, max_tokens=16, presence_penalty=1.2, frequency_penalty=0.6)),
         "seeded": (PROMPT, SamplingParams(
             temperature=1.0, seed=11, max_tokens=16, ignore_eos=True, presence_penalty=-0.5,
@@ -68,7 +72,8 @@ def _cases(first: int) -> dict[str, tuple[list[int], SamplingParams]]:
 @pytest.fixture(scope="module")
 def services(tiny_chat_model: Path) -> Iterator[tuple[Service, Service, Service]]:
     prefill = start_service("services.prefill", worker_args(tiny_chat_model, "--worker-id", PREFILL_ID))
-    decode = start_service("services.decode", worker_args(tiny_chat_model, "--role", "decode"))
+    speculative = ("--num-speculative-tokens", "4", "--speculative-max-rows", "64")
+    decode = start_service("services.decode", worker_args(tiny_chat_model, "--role", "decode", *speculative))
     colocated = start_service("services.decode", worker_args(tiny_chat_model, "--role", "both"))
     yield prefill, decode, colocated
     for svc in (colocated, decode, prefill):
@@ -120,6 +125,10 @@ async def test_disaggregated_equals_colocated_equals_the_engine(
     assert results["colocated"] == expected
 
     assert 2 not in expected["min_tokens"][:3] and expected["min_tokens"][3:] == [2]
+    port = decode.proc.args[decode.proc.args.index("--metrics-port") + 1]  # type: ignore[union-attr]
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    accepted = re.search(r"^scalellm_spec_decode_accepted_tokens_total (\S+)$", metrics, re.M)
+    assert accepted and float(accepted[1]) > 0, "the decode worker verified no drafts"
     for name in ("json_greedy", "json_sampled"):
         jsonschema.validate(json.loads(llm.tokenizer.decode(expected[name])), SCHEMA)
     await wait_all_blocks_free(decode)

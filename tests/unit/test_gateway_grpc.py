@@ -236,3 +236,17 @@ async def test_oversized_message_is_refused(mesh_factory: MeshFactory) -> None:
         await generate(mesh, Request(text="x" * 100_000))
     assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "".join(m.text for m in await generate(mesh, Request(text="x"))) == REPLY
+
+
+async def test_x_request_id_metadata_is_the_answers_request_id(mesh: Mesh) -> None:
+    """The HTTP API's X-Request-Id over gRPC: every message carries the client's id; the worker
+    sees it with a suffix; a malformed one is INVALID_ARGUMENT naming the metadata key."""
+    request = Request(text="hi", sampling=common_pb2.SamplingParams(max_tokens=2))
+    messages = await generate(mesh, request, metadata=(("x-request-id", "grpc-trace.9"),))
+    assert {m.request_id for m in messages} == {"grpc-trace.9"}
+    assert mesh.workers[0].requests[-1].request_id.startswith("grpc-trace.9-")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await generate(mesh, request, metadata=(("x-request-id", "bad id"),))
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "x-request-id" in (
+        err.value.details() or ""
+    )
