@@ -29,21 +29,30 @@ from __future__ import annotations
 
 import array
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from scalellm.engine.request import Request
 
 
-def propose(token_ids: Sequence[int], k: int, min_n: int, max_n: int) -> list[int]:
+def as_words(token_ids: Sequence[int]) -> bytes:
+    """Token ids as 4-byte words: what ``propose`` searches."""
+    return array.array("I", token_ids).tobytes()
+
+
+def propose(
+    token_ids: Sequence[int], k: int, min_n: int, max_n: int, words: bytes | bytearray | None = None
+) -> list[int]:
     """Up to ``k`` tokens that followed the last earlier occurrence of the sequence's final n
     tokens, for the largest n in [min_n, max_n] that occurred before; [] when none did.
 
-    The search runs in C: the ids as 4-byte words, ``bytes.rfind`` for the final n words, a
-    match at an offset that is not a word boundary skipped."""
+    The search runs in C: the ids as 4-byte words (``words``, as_words(token_ids) when not
+    given), ``bytes.rfind`` for the final n words, a match at an offset that is not a word
+    boundary skipped."""
     length = len(token_ids)
     if k < 1 or length < min_n + 1:
         return []
-    words = array.array("I", token_ids).tobytes()
+    if words is None:
+        words = as_words(token_ids)
     for n in range(min(max_n, length - 1), min_n - 1, -1):
         suffix = words[4 * (length - n) :]
         end = 4 * (length - 1)  # an occurrence must end before the last token
@@ -94,17 +103,34 @@ class NgramDrafter:
     """Draft tokens verified so far."""
     accepted: int = 0
     """Of those, the ones the model agreed with."""
+    _words: dict[str, tuple[Request, bytearray]] = field(default_factory=dict, repr=False)
+    """Each drafting request's tokens as words, grown by the tokens added since the last step
+    (converting a long sequence every step would cost ~80 us at 8k tokens); only the running
+    requests' are kept."""
 
     def draft(self, running: Sequence[Request]) -> None:
         """Set every running request's ``draft_token_ids`` for the next step ([] for those that
         do not draft, and for all of them when no row is left for drafts)."""
         busy = len(running) >= self.max_rows
+        kept: dict[str, tuple[Request, bytearray]] = {}
         for req in running:
             room = req.max_tokens - req.num_output_tokens - 1  # the model's own token comes on top
             drafts: list[int] = []
             if not busy and speculates(req):
-                drafts = propose(req.token_ids, min(self.num_tokens, room), self.min_n, self.max_n)
+                words = self._words_of(req)
+                kept[req.request_id] = (req, words)
+                drafts = propose(req.token_ids, min(self.num_tokens, room), self.min_n, self.max_n, words)
             req.draft_token_ids = drafts
+        self._words = kept
+
+    def _words_of(self, req: Request) -> bytearray:
+        """``as_words(req.token_ids)``, from the last step's words plus the new tokens."""
+        request, words = self._words.get(req.request_id, (None, bytearray()))
+        have = len(words) // 4
+        if request is not req or have > req.num_tokens:  # another request under a reused id
+            words, have = bytearray(), 0
+        words += as_words(req.token_ids[have:])
+        return words
 
     def count(self, drafted: int, accepted: int) -> None:
         self.drafted += drafted

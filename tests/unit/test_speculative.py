@@ -50,6 +50,27 @@ def test_propose_matches_whole_tokens_only() -> None:
     assert propose([*straddling, 1, 2, 7, 1, 2], 1, 2, 2) == [7]
 
 
+def test_the_drafter_grows_its_words_with_each_step_and_forgets_finished_requests() -> None:
+    from scalellm.engine.speculative import NgramDrafter
+
+    rng = random.Random(1)
+    drafter = NgramDrafter(num_tokens=3, max_rows=8)
+    reqs = [
+        Request(f"r{i}", [rng.randrange(1, 9) for _ in range(20)], GREEDY, max_tokens=40) for i in range(3)
+    ]
+    for _ in range(15):
+        for req in reqs:
+            req.num_computed_tokens = req.num_tokens - 1
+        drafter.draft(reqs)
+        for req in reqs:
+            assert req.draft_token_ids == propose(req.token_ids, 3, 2, 4)
+            req.append_token(rng.randrange(1, 9))
+    assert set(drafter._words) == {"r0", "r1", "r2"}
+    reqs[0].num_computed_tokens = reqs[0].num_tokens - 1
+    drafter.draft(reqs[:1])
+    assert set(drafter._words) == {"r0"}  # the others left the running batch
+
+
 def test_accepted_keeps_drafts_up_to_the_first_disagreement_and_the_models_token() -> None:
     assert accepted([5, 6, 7], [5, 6, 7, 8]) == [5, 6, 7, 8]
     assert accepted([5, 6, 7], [5, 9, 7, 8]) == [5, 9]
