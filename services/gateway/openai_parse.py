@@ -300,10 +300,13 @@ def _empty(v: Any) -> bool:
 _VLLM_UNSUPPORTED = {
     "use_beam_search": lambda v: v is False,
     "length_penalty": lambda v: v == 1,
+    "early_stopping": lambda v: v is False,
     "spaces_between_special_tokens": lambda v: v is True,
+    "guided_whitespace_pattern": lambda v: False,
 }
 """vLLM's fields for what this server does not do (beam search; the tokenizer's own spacing of
-special tokens is the only one): refused unless they hold their default."""
+special tokens is the only one; JSON is always compact): refused unless they hold their default
+(clients such as LangChain's vLLM classes send every one of them at its default)."""
 _CHAT_UNSUPPORTED = {
     **_VLLM_UNSUPPORTED,
     "best_of": lambda v: v == 1,
@@ -371,6 +374,7 @@ def _common(
         why = f"'truncate_prompt_tokens' must be -1 (the model's limit) or at least 1, got {truncate}"
         raise invalid(why, "truncate_prompt_tokens", "invalid_value")
     request_id = body.string("request_id")
+    body.string("guided_decoding_backend")  # vLLM's older choice of grammar engine: there is one here
     tokens_as_ids = body.boolean("return_tokens_as_token_ids")
     spec = GenerationSpec(
         model=model,

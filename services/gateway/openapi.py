@@ -134,6 +134,9 @@ SAMPLING: J = {
     "return_tokens_as_token_ids": _t("boolean", 'vLLM: logprobs name tokens "token_id:<id>"'),
     "use_beam_search": _only("vLLM: beam search", False),
     "length_penalty": _only("vLLM: beam search's length penalty", 1),
+    "early_stopping": _only("vLLM: beam search's stopping rule", False),
+    "guided_whitespace_pattern": _only("vLLM: JSON's whitespace (always compact here)", None),
+    "guided_decoding_backend": _t("string", "vLLM: accepted, changes nothing (one grammar engine)"),
     "spaces_between_special_tokens": _only("vLLM: the tokenizer's spacing is the only one", True),
 }
 

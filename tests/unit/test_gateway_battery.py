@@ -203,6 +203,24 @@ async def test_noop_values_of_unsupported_fields_are_accepted(limited: Mesh) -> 
     assert out["choices"][0]["message"]["content"] == "Hello!"
 
 
+async def test_langchains_vllm_defaults_are_accepted(limited: Mesh) -> None:
+    """What LangChain's vLLM chat class sends on every request (its _extra_body at defaults)."""
+    body = {
+        "messages": M, "max_tokens": 2, "best_of": 1, "use_beam_search": False, "top_k": -1, "min_p": 0.0,
+        "repetition_penalty": 1.0, "length_penalty": 1.0, "early_stopping": False, "stop_token_ids": [],
+        "ignore_eos": False, "min_tokens": 0, "skip_special_tokens": True, "spaces_between_special_tokens": True,
+        "include_stop_str_in_output": False, "guided_json": None, "guided_regex": None, "guided_choice": None,
+        "guided_grammar": None, "guided_decoding_backend": None, "guided_whitespace_pattern": None, "echo": False,
+    }  # fmt: skip
+    status, out = await post(limited, CHAT, body)
+    assert status == 200, out
+    status, out = await post(limited, CHAT, {**body, "guided_decoding_backend": "xgrammar"})
+    assert status == 200, out
+    for name, value in (("early_stopping", True), ("guided_whitespace_pattern", "[ ]?")):
+        status, out = await post(limited, CHAT, {**body, name: value})
+        assert status == 400 and out["error"]["param"] == name, out
+
+
 async def test_huge_payload_is_413(limited: Mesh) -> None:
     status, error = await post(limited, C, {"prompt": "x" * 100_000})
     assert status == 413 and "larger than the limit" in error["error"]["message"]
