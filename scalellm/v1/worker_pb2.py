@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from scalellm.v1 import common_pb2 as scalellm_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18scalellm/v1/worker.proto\x12\x0bscalellm.v1\x1a\x18scalellm/v1/common.proto\"\\\n\x0eSessionRequest\x12\x30\n\x08generate\x18\x01 \x01(\x0b\x32\x1c.scalellm.v1.GenerateRequestH\x00\x12\x10\n\x06\x63\x61ncel\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"\x7f\n\rSessionUpdate\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x08response\x18\x02 \x01(\x0b\x32\x1d.scalellm.v1.GenerateResponse\x12\x12\n\nerror_code\x18\x03 \x01(\x05\x12\x15\n\rerror_message\x18\x04 \x01(\t\">\n\x0fSessionResponse\x12+\n\x07updates\x18\x01 \x03(\x0b\x32\x1a.scalellm.v1.SessionUpdate\"3\n\rPrefillTarget\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\xee\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.scalellm.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12+\n\x07prefill\x18\x05 \x03(\x0b\x32\x1a.scalellm.v1.PrefillTarget\x12\x18\n\x10resume_token_ids\x18\x06 \x03(\r\x12\x0e\n\x06tenant\x18\x10 \x01(\t\x12\x15\n\rtenant_weight\x18\x11 \x01(\x02\"\x84\x02\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12,\n\x08logprobs\x18\x02 \x03(\x0b\x32\x1a.scalellm.v1.TokenLogprobs\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.scalellm.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.scalellm.v1.Usage\x12%\n\x07timings\x18\x05 \x01(\x0b\x32\x14.scalellm.v1.Timings\x12\x33\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x1a.scalellm.v1.TokenLogprobs\"\xf2\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.scalellm.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12/\n\x0b\x64\x65stination\x18\x05 \x01(\x0b\x32\x1a.scalellm.v1.KVDestination\x12\x19\n\x11prefill_worker_id\x18\x06 \x01(\t\x12\x0e\n\x06tenant\x18\x10 \x01(\t\x12\x15\n\rtenant_weight\x18\x11 \x01(\x02\"\x81\x01\n\rKVDestination\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x01 \x01(\t\x12\x19\n\x11transfer_endpoint\x18\x02 \x01(\t\x12\x13\n\x0btransfer_id\x18\x03 \x01(\x03\x12\x13\n\x0bskip_blocks\x18\x04 \x01(\r\x12\x11\n\tblock_ids\x18\x05 \x03(\r\"\xe3\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x38\n\x14\x66irst_token_logprobs\x18\x02 \x01(\x0b\x32\x1a.scalellm.v1.TokenLogprobs\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\x12\x15\n\rqueue_seconds\x18\x04 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x05 \x01(\x01\x12\x18\n\x10transfer_seconds\x18\x06 \x01(\x01\x12\x16\n\x0etransfer_bytes\x18\x07 \x01(\x04\x32\xa3\x01\n\x0c\x44\x65\x63odeWorker\x12I\n\x08Generate\x12\x1c.scalellm.v1.GenerateRequest\x1a\x1d.scalellm.v1.GenerateResponse0\x01\x12H\n\x07Session\x12\x1b.scalellm.v1.SessionRequest\x1a\x1c.scalellm.v1.SessionResponse(\x01\x30\x01\x32U\n\rPrefillWorker\x12\x44\n\x07Prefill\x12\x1b.scalellm.v1.PrefillRequest\x1a\x1c.scalellm.v1.PrefillResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18scalellm/v1/worker.proto\x12\x0bscalellm.v1\x1a\x18scalellm/v1/common.proto\"\\\n\x0eSessionRequest\x12\x30\n\x08generate\x18\x01 \x01(\x0b\x32\x1c.scalellm.v1.GenerateRequestH\x00\x12\x10\n\x06\x63\x61ncel\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"\x94\x01\n\rSessionUpdate\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x08response\x18\x02 \x01(\x0b\x32\x1d.scalellm.v1.GenerateResponse\x12\x12\n\nerror_code\x18\x03 \x01(\x05\x12\x15\n\rerror_message\x18\x04 \x01(\t\x12\x13\n\x0b\x65rror_param\x18\x05 \x01(\t\">\n\x0fSessionResponse\x12+\n\x07updates\x18\x01 \x03(\x0b\x32\x1a.scalellm.v1.SessionUpdate\"3\n\rPrefillTarget\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\xee\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.scalellm.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12+\n\x07prefill\x18\x05 \x03(\x0b\x32\x1a.scalellm.v1.PrefillTarget\x12\x18\n\x10resume_token_ids\x18\x06 \x03(\r\x12\x0e\n\x06tenant\x18\x10 \x01(\t\x12\x15\n\rtenant_weight\x18\x11 \x01(\x02\"\x84\x02\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12,\n\x08logprobs\x18\x02 \x03(\x0b\x32\x1a.scalellm.v1.TokenLogprobs\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.scalellm.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.scalellm.v1.Usage\x12%\n\x07timings\x18\x05 \x01(\x0b\x32\x14.scalellm.v1.Timings\x12\x33\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x1a.scalellm.v1.TokenLogprobs\"\xf2\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.scalellm.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12/\n\x0b\x64\x65stination\x18\x05 \x01(\x0b\x32\x1a.scalellm.v1.KVDestination\x12\x19\n\x11prefill_worker_id\x18\x06 \x01(\t\x12\x0e\n\x06tenant\x18\x10 \x01(\t\x12\x15\n\rtenant_weight\x18\x11 \x01(\x02\"\x81\x01\n\rKVDestination\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x01 \x01(\t\x12\x19\n\x11transfer_endpoint\x18\x02 \x01(\t\x12\x13\n\x0btransfer_id\x18\x03 \x01(\x03\x12\x13\n\x0bskip_blocks\x18\x04 \x01(\r\x12\x11\n\tblock_ids\x18\x05 \x03(\r\"\xe3\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x38\n\x14\x66irst_token_logprobs\x18\x02 \x01(\x0b\x32\x1a.scalellm.v1.TokenLogprobs\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\x12\x15\n\rqueue_seconds\x18\x04 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x05 \x01(\x01\x12\x18\n\x10transfer_seconds\x18\x06 \x01(\x01\x12\x16\n\x0etransfer_bytes\x18\x07 \x01(\x04\x32\xa3\x01\n\x0c\x44\x65\x63odeWorker\x12I\n\x08Generate\x12\x1c.scalellm.v1.GenerateRequest\x1a\x1d.scalellm.v1.GenerateResponse0\x01\x12H\n\x07Session\x12\x1b.scalellm.v1.SessionRequest\x1a\x1c.scalellm.v1.SessionResponse(\x01\x30\x01\x32U\n\rPrefillWorker\x12\x44\n\x07Prefill\x12\x1b.scalellm.v1.PrefillRequest\x1a\x1c.scalellm.v1.PrefillResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,24 +34,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SESSIONREQUEST']._serialized_start=67
   _globals['_SESSIONREQUEST']._serialized_end=159
-  _globals['_SESSIONUPDATE']._serialized_start=161
-  _globals['_SESSIONUPDATE']._serialized_end=288
-  _globals['_SESSIONRESPONSE']._serialized_start=290
-  _globals['_SESSIONRESPONSE']._serialized_end=352
-  _globals['_PREFILLTARGET']._serialized_start=354
-  _globals['_PREFILLTARGET']._serialized_end=405
-  _globals['_GENERATEREQUEST']._serialized_start=408
-  _globals['_GENERATEREQUEST']._serialized_end=646
-  _globals['_GENERATERESPONSE']._serialized_start=649
-  _globals['_GENERATERESPONSE']._serialized_end=909
-  _globals['_PREFILLREQUEST']._serialized_start=912
-  _globals['_PREFILLREQUEST']._serialized_end=1154
-  _globals['_KVDESTINATION']._serialized_start=1157
-  _globals['_KVDESTINATION']._serialized_end=1286
-  _globals['_PREFILLRESPONSE']._serialized_start=1289
-  _globals['_PREFILLRESPONSE']._serialized_end=1516
-  _globals['_DECODEWORKER']._serialized_start=1519
-  _globals['_DECODEWORKER']._serialized_end=1682
-  _globals['_PREFILLWORKER']._serialized_start=1684
-  _globals['_PREFILLWORKER']._serialized_end=1769
+  _globals['_SESSIONUPDATE']._serialized_start=162
+  _globals['_SESSIONUPDATE']._serialized_end=310
+  _globals['_SESSIONRESPONSE']._serialized_start=312
+  _globals['_SESSIONRESPONSE']._serialized_end=374
+  _globals['_PREFILLTARGET']._serialized_start=376
+  _globals['_PREFILLTARGET']._serialized_end=427
+  _globals['_GENERATEREQUEST']._serialized_start=430
+  _globals['_GENERATEREQUEST']._serialized_end=668
+  _globals['_GENERATERESPONSE']._serialized_start=671
+  _globals['_GENERATERESPONSE']._serialized_end=931
+  _globals['_PREFILLREQUEST']._serialized_start=934
+  _globals['_PREFILLREQUEST']._serialized_end=1176
+  _globals['_KVDESTINATION']._serialized_start=1179
+  _globals['_KVDESTINATION']._serialized_end=1308
+  _globals['_PREFILLRESPONSE']._serialized_start=1311
+  _globals['_PREFILLRESPONSE']._serialized_end=1538
+  _globals['_DECODEWORKER']._serialized_start=1541
+  _globals['_DECODEWORKER']._serialized_end=1704
+  _globals['_PREFILLWORKER']._serialized_start=1706
+  _globals['_PREFILLWORKER']._serialized_end=1791
 # @@protoc_insertion_point(module_scope)

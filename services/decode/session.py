@@ -22,6 +22,7 @@ from contextlib import aclosing
 
 import grpc
 
+from scalellm.types import InvalidParameter
 from scalellm.v1 import worker_pb2
 from scalellm.worker.errors import reported_status
 
@@ -40,8 +41,10 @@ class _Outbox:
         self.response.updates.add(request_id=request_id, response=message)
         self.wake.set()
 
-    def error(self, request_id: str, code: grpc.StatusCode, text: str) -> None:
-        self.response.updates.add(request_id=request_id, error_code=code.value[0], error_message=text)
+    def error(self, request_id: str, code: grpc.StatusCode, text: str, param: str = "") -> None:
+        self.response.updates.add(
+            request_id=request_id, error_code=code.value[0], error_message=text, error_param=param
+        )
         self.wake.set()
 
     def __len__(self) -> int:
@@ -68,7 +71,8 @@ async def serve_session(
         except asyncio.CancelledError:
             raise  # cancelled by the client (or the stream ended): nobody waits for an answer
         except Exception as exc:
-            outbox.error(request_id, *reported_status(exc, f"request {request_id}"))
+            param = exc.field if isinstance(exc, InvalidParameter) else ""
+            outbox.error(request_id, *reported_status(exc, f"request {request_id}"), param=param)
 
     def ended(request_id: str, task: asyncio.Task[None]) -> None:
         # A done callback, not a finally in run(): a task cancelled before its first step never

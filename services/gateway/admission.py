@@ -28,7 +28,7 @@ import enum
 import hashlib
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -50,6 +50,7 @@ from services.gateway.request import (
     GenerationSpec,
     Prompt,
     PromptKind,
+    client_named,
     invalid,
 )
 from services.gateway.tenants import ANONYMOUS, Tenant, merge_fields
@@ -335,14 +336,17 @@ class Preprocessor:
             bool(prompt.tools) and self.model.tool_format().needs_special_tokens
         )
 
-    def _worker_sampling(self, sampling: SamplingParams, max_tokens: int) -> SamplingParams:
+    def _worker_sampling(
+        self, sampling: SamplingParams, max_tokens: int, names: Mapping[str, str]
+    ) -> SamplingParams:
         """max_tokens resolved (min_tokens is checked against it again), bad words as token ids,
-        and every token id within the vocabulary; GatewayError naming the field otherwise."""
+        and every token id within the vocabulary; GatewayError naming the field as the client
+        did (``names``) otherwise."""
         tok = self.model.tokenizer
         try:
             out = resolve_bad_words(tok, replace(sampling, max_tokens=max_tokens))
         except InvalidParameter as exc:
-            raise invalid(str(exc), exc.field, "invalid_value") from None
+            raise client_named(invalid(str(exc), exc.field, "invalid_value"), names) from None
         for name, ids in (
             ("logit_bias", [t for t, _ in out.logit_bias]),
             ("stop_token_ids", out.stop_token_ids),
@@ -351,9 +355,8 @@ class Preprocessor:
         ):
             bad = next((t for t in ids if t >= tok.vocab_size), None)
             if bad is not None:
-                raise invalid(
-                    f"'{name}' has token id {bad}, not below the vocabulary size {tok.vocab_size}", name
-                )
+                why = f"'{name}' has token id {bad}, not below the vocabulary size {tok.vocab_size}"
+                raise client_named(invalid(why, name), names)
         return out
 
     async def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
@@ -407,8 +410,9 @@ class Preprocessor:
             else f"{spec.request_id}-{uuid.uuid4().hex[:16]}",
             model=self.model.name,
             prompts=prompts,
-            sampling=self._worker_sampling(sampling, max_tokens),
+            sampling=self._worker_sampling(sampling, max_tokens, spec.param_names),
             priority=spec.priority,
             tenant=tenant,
             received_at=received_at,
+            param_names=spec.param_names,
         )

@@ -240,6 +240,11 @@ _STRUCTURED_FIELDS = (
 older guided_* ones; at most one of them."""
 
 
+def structured_field(body: Body) -> str | None:
+    """Which of _STRUCTURED_FIELDS the request gave (the first; _structured_output refuses two)."""
+    return next((key for key in _STRUCTURED_FIELDS if body.has(key)), None)
+
+
 def _structured_output(body: Body) -> tuple[StructuredOutput | None, str]:
     """The constraint from whichever of _STRUCTURED_FIELDS the request gave (at most one), and the
     field it came from (for error messages)."""

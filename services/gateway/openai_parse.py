@@ -23,7 +23,7 @@ from typing import Any
 
 from scalellm.text.tool_calls import Tool, ToolCall, ToolChoice, ToolMode
 from scalellm.types import InvalidParameter, StructuredOutput
-from services.gateway.openai_convert import Body, kind_of, sampling_from_openai, unsupported
+from services.gateway.openai_convert import Body, kind_of, sampling_from_openai, structured_field, unsupported
 from services.gateway.request import (
     CHAT_ROLES,
     ChatMessage,
@@ -384,11 +384,18 @@ def _common(
         priority=priority,
         truncate_prompt_tokens=truncate,
         request_id=None if request_id is None else checked_request_id(request_id, "request_id"),
+        param_names=_param_names(body, names or {}),
     )
     body.finish()
     return OpenAIRequest(
         api, spec, stream, include_usage, continuous_usage, logprobs is not None, tokens_as_ids=tokens_as_ids
     )
+
+
+def _param_names(body: Body, names: dict[str, str]) -> dict[str, str]:
+    """The body's name of each SamplingParams field where it is another (GenerationSpec.param_names)."""
+    given = structured_field(body)
+    return {**names, "structured_output": given} if given is not None else dict(names)
 
 
 def with_request_id(call: OpenAIRequest, header: str | None) -> OpenAIRequest:
@@ -478,7 +485,8 @@ def _with_tools(call: OpenAIRequest, tools: ToolChoice) -> OpenAIRequest:
         sampling = replace(sampling, structured_output=StructuredOutput.json_schema(schema))
     except InvalidParameter as exc:
         raise invalid(exc.message_for("tool_choice"), "tool_choice", "invalid_value") from None
-    return replace(call, spec=replace(call.spec, sampling=sampling), tools=tools)
+    names = {**call.spec.param_names, "structured_output": "tool_choice"}
+    return replace(call, spec=replace(call.spec, sampling=sampling, param_names=names), tools=tools)
 
 
 # ---- /tokenize and /detokenize (vLLM's shapes) ---------------------------------------------------

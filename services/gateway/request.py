@@ -140,6 +140,10 @@ class GenerationSpec:
     default_max_tokens: int | None = None  # None: up to the max total tokens
     truncate_prompt_tokens: int | None = None
     """vLLM's: keep only each prompt's last k tokens (-1: as many as the limit allows)."""
+    param_names: Mapping[str, str] = field(default_factory=dict)
+    """The client's name for a SamplingParams field where it is not the field's own (HTTP:
+    structured_output -> response_format or guided_regex ...; gRPC: sampling.<field>): errors
+    found after parsing (the workers', the vocabulary checks) name the field as the client did."""
     request_id: str | None = None
     """The client's id for it (vLLM's request_id, or the X-Request-Id header): the answer's id,
     and the start of the id the workers see (which adds a random suffix: clients reuse ids)."""
@@ -160,6 +164,8 @@ class GenerationRequest:
     tenant: str = ""
     tenant_weight: float = 1.0
     received_at: float = 0.0  # time.perf_counter() when the request arrived
+    param_names: Mapping[str, str] = field(default_factory=dict)
+    """GenerationSpec.param_names."""
 
     @property
     def num_choices(self) -> int:
@@ -265,6 +271,18 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return GatewayError(ErrorKind.INVALID, message, param=param, code=code)
 
 
+def client_named(error: GatewayError, names: Mapping[str, str]) -> GatewayError:
+    """The error with its param (a SamplingParams field) under the client's name for it, in the
+    param and in the message ('structured_output' -> 'guided_regex', 'logit_bias' ->
+    'sampling.logit_bias')."""
+    param = error.param
+    if param is None or param not in names:
+        return error
+    name = names[param]
+    message = error.message.replace(f"'{param}'", f"'{name}'", 1)
+    return GatewayError(error.kind, message, param=name, code=error.code, retry_after=error.retry_after)
+
+
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 
 
@@ -291,10 +309,12 @@ class WorkerFailure(Exception):
     then reports as an HTTP status or a gRPC status.
     """
 
-    def __init__(self, status: grpc.StatusCode, details: str) -> None:
+    def __init__(self, status: grpc.StatusCode, details: str, param: str | None = None) -> None:
         super().__init__(f"{status.name}: {details}")
         self.status = status
         self.details = details
+        self.param = param
+        """INVALID_ARGUMENT for a bad sampling value: the SamplingParams field at fault."""
 
     @property
     def retryable(self) -> bool:
@@ -302,12 +322,14 @@ class WorkerFailure(Exception):
         take the request."""
         return self.status in _RETRYABLE
 
-    def to_gateway_error(self, worker_id: str) -> GatewayError:
-        """The failure as the gateway reports it to its client."""
+    def to_gateway_error(self, worker_id: str, names: Mapping[str, str] | None = None) -> GatewayError:
+        """The failure as the gateway reports it to its client (``names``: the client's name of
+        each SamplingParams field, GenerationRequest.param_names)."""
         status = self.status
         detail = f"decode worker {worker_id}: {status.name}: {self.details}"
         if status is grpc.StatusCode.INVALID_ARGUMENT:
-            return GatewayError(ErrorKind.INVALID, self.details or detail)
+            error = GatewayError(ErrorKind.INVALID, self.details or detail, param=self.param)
+            return error if self.param is None else client_named(error, names or {})
         if status is grpc.StatusCode.DEADLINE_EXCEEDED:
             return GatewayError(ErrorKind.TIMEOUT, "the request ran past its deadline", code="timeout")
         if status is grpc.StatusCode.RESOURCE_EXHAUSTED:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import grpc
 from aiohttp import web
@@ -25,7 +25,7 @@ from scalellm.lifecycle import ReadyLine, cancel_and_wait, stop_requested
 from scalellm.models.prepare import resolve_model_dir
 from scalellm.registry import RegistryClient, WorkerView
 from scalellm.text.reasoning import ReasoningStream
-from scalellm.types import InvalidParameter
+from scalellm.types import InvalidParameter, SamplingParams
 from scalellm.types.proto import (
     finish_reason_to_proto,
     logprobs_to_proto,
@@ -341,6 +341,8 @@ def prompt_from_proto(msg: gateway_pb2.GatewayGenerateRequest | gateway_pb2.Toke
 
 _TOP_LEVEL = frozenset({"n", "stop", "include_stop_str_in_output", "skip_special_tokens", "bad_words"})
 """SamplingParams fields that GatewayGenerateRequest holds itself, not in its `sampling`."""
+_SAMPLING_NAMES = {f.name: f"sampling.{f.name}" for f in fields(SamplingParams) if f.name not in _TOP_LEVEL}
+"""A SamplingParams field's name in a Generate request (GenerationSpec.param_names)."""
 
 
 def spec_from_proto(msg: gateway_pb2.GatewayGenerateRequest) -> GenerationSpec:
@@ -358,7 +360,13 @@ def spec_from_proto(msg: gateway_pb2.GatewayGenerateRequest) -> GenerationSpec:
     except InvalidParameter as exc:
         param = exc.field if exc.field in _TOP_LEVEL else f"sampling.{exc.field}"
         raise invalid(exc.message_for(param), param) from None
-    return GenerationSpec(model=msg.model or None, prompt=prompt, sampling=sampling, priority=msg.priority)
+    return GenerationSpec(
+        model=msg.model or None,
+        prompt=prompt,
+        sampling=sampling,
+        priority=msg.priority,
+        param_names=_SAMPLING_NAMES,
+    )
 
 
 def _reasoning_streams(

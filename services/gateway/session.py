@@ -141,7 +141,7 @@ class SessionCall:
             return
         if update.error_code:
             status = _CODES.get(update.error_code, grpc.StatusCode.UNKNOWN)
-            self._end(WorkerFailure(status, update.error_message))
+            self._end(WorkerFailure(status, update.error_message, update.error_param or None))
             return
         self._messages.append(update.response)
         if update.response.finish_reason:

@@ -137,7 +137,7 @@ class Dispatcher:
             except WorkerFailure as exc:
                 lease.release()
                 if not exc.retryable:
-                    raise exc.to_gateway_error(route.decode.worker_id) from exc
+                    raise exc.to_gateway_error(route.decode.worker_id, request.param_names) from exc
                 self.metrics.retries.labels(exc.status.name).inc()
                 tried.append(route.decode.worker_id)
                 last = exc.to_gateway_error(route.decode.worker_id)
@@ -241,7 +241,7 @@ class ChoiceStream:
                 try:
                     msg = await self._call.read()
                 except WorkerFailure as exc:
-                    failure = exc.to_gateway_error(self.worker_id)
+                    failure = exc.to_gateway_error(self.worker_id, self.request.param_names)
                     if exc.status is not grpc.StatusCode.UNAVAILABLE or not self._can_migrate():
                         raise failure from exc
                     await self._migrate("unavailable", failure)

@@ -553,25 +553,35 @@ async def test_continuous_usage_stats_put_usage_on_every_chunk(
 
 
 async def test_values_the_worker_refuses_are_named(gateway: GatewayFactory, worker: Service) -> None:
-    """Out of range (SamplingParams) and uncompilable (the worker's grammar engine): 400 and
-    INVALID_ARGUMENT naming the field."""
+    """Out of range (SamplingParams), outside the vocabulary (the gateway's check after parsing)
+    and uncompilable (the worker's grammar engine): 400 and INVALID_ARGUMENT naming the field as
+    the client named it, in the message and in the error's param."""
     gw = await gateway(worker.address)
+    chat = [{"role": "user", "content": "hi"}]
+    broken = {"type": "object", "properties": {"a": {"type": "string", "pattern": "("}}}  # its regex
+    tool = {"type": "function", "function": {"name": "f", "parameters": broken}}
     async with aiohttp.ClientSession() as session:
-        for body, name in (
-            ({"logit_bias": {"5": 200}}, "logit_bias"),
-            ({"guided_regex": "(unclosed"}, "structured_output"),
-        ):
-            payload = {"model": gw.model, "prompt": PROMPT, "max_tokens": 4, **body}
-            async with session.post(gw.http + "/v1/completions", json=payload) as r:
+        for path, body, name in (
+            ("/v1/completions", {"logit_bias": {"5": 200}}, "logit_bias"),
+            ("/v1/completions", {"guided_regex": "(unclosed"}, "guided_regex"),
+            ("/v1/completions", {"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs"),
+            ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {
+                "name": "x", "schema": {"type": "string", "pattern": "(unclosed"}}}}, "response_format"),
+            ("/v1/chat/completions", {"tools": [tool], "tool_choice": "required"}, "tool_choice"),
+        ):  # fmt: skip
+            prompt = {"messages": chat} if "chat" in path else {"prompt": PROMPT}
+            payload = {"model": gw.model, "max_tokens": 4, **prompt, **body}
+            async with session.post(gw.http + path, json=payload) as r:
                 error = (await r.json())["error"]
-                assert r.status == 400 and name in error["message"], error
+                assert r.status == 400 and error["param"] == name and f"'{name}'" in error["message"], error
     async with grpc.aio.insecure_channel(gw.grpc) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         for sampling, name in (
             (common_pb2.SamplingParams(logit_bias={5: 200.0}), "sampling.logit_bias"),
+            (common_pb2.SamplingParams(logit_bias={10**6: 1.0}), "sampling.logit_bias"),
             (
                 common_pb2.SamplingParams(structured_output=common_pb2.StructuredOutput(regex="(")),
-                "structured_output",
+                "sampling.structured_output",
             ),
         ):
             with pytest.raises(grpc.aio.AioRpcError) as err:
