@@ -72,10 +72,10 @@ class EngineConfig:
     tensor parallelism."""
 
     num_speculative_tokens: int = 0
-    """Speculative decoding by prompt lookup (engine/speculative.py): each step, a greedy request
-    whose last tokens occurred earlier in its sequence feeds up to this many tokens that followed
-    them, and keeps those the model agrees with (the output is unchanged). 0: off. Not with
-    async_scheduling or tensor parallelism."""
+    """Speculative decoding by prompt lookup (engine/speculative.py): each step, a request
+    without logits controls whose last tokens occurred earlier in its sequence feeds up to this
+    many tokens that followed them, and keeps those its own draws agree with (the output is
+    unchanged). 0: off. Not with async_scheduling or tensor parallelism."""
     prompt_lookup_min: int = 2
     """The shortest run of final tokens looked up for drafts."""
     prompt_lookup_max: int = 4

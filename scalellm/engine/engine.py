@@ -356,6 +356,7 @@ class LLMEngine:
             if d:
                 rejected[req.request_id] = d + 1 - len(kept)
                 self.drafter.count(d, len(kept) - 1)
+                self.runner.sampler.keep_draws(req.request_id, len(kept), d + 1)
             i += d + 1
         token_ids = [sampled.token_ids[r] for r in rows]
         return (
@@ -365,24 +366,22 @@ class LLMEngine:
         )
 
     def _apply(self, requests: list[Request], sampled: SamplerOutput) -> list[TokenEvent]:
-        """A step's sampled tokens and logprobs into its requests."""
-        found = dict(zip((r.request_id for r in requests), sampled.logprobs, strict=True))
-        for req in requests:
-            lp = found[req.request_id]
+        """A step's sampled tokens (a request may have several: verified drafts) and their
+        logprobs into its requests."""
+        rows = list(zip(requests, sampled.token_ids, sampled.logprobs, strict=True))
+        added = self.scheduler.add_tokens((r, t) for r, t, _ in rows)
+        last = {id(r): i for i, (r, _) in enumerate(added)}
+        events, j = [], 0
+        for i, (req, token) in enumerate(added):
+            while rows[j][0] is not req:  # added is rows without those add_tokens dropped
+                j += 1
+            lp = rows[j][2]
+            j += 1
             if lp is not None:
                 req.logprobs.append(lp)
-        added = self.scheduler.add_tokens(zip(requests, sampled.token_ids, strict=True))
-        last = {id(r): i for i, (r, _) in enumerate(added)}  # several with verified drafts
-        return [
-            TokenEvent(
-                r,
-                token,
-                found[r.request_id],
-                outcome(r) if r.status.finished and i == last[id(r)] else None,
-                _prompt_logprobs(r),
-            )
-            for i, (r, token) in enumerate(added)
-        ]
+            ends = req.status.finished and i == last[id(req)]
+            events.append(TokenEvent(req, token, lp, outcome(req) if ends else None, _prompt_logprobs(req)))
+        return events
 
     def _drain_finished(self, events: list[TokenEvent]) -> list[TokenEvent]:
         reported = {e.request.request_id for e in events}

@@ -12,6 +12,7 @@ and truncation), as vLLM and OpenAI report them.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -70,11 +71,28 @@ class Sampler:
         self.device = device
         self._argmax = argmax or torch_argmax
         self._generators: dict[str, torch.Generator] = {}
+        self._before: dict[str, tuple[torch.Tensor, int]] = {}
+        """A seeded request sampling several rows (draft tokens): its generator's state before
+        them and the draws' width, until keep_draws says how many rows it keeps."""
         self._controls = LogitsControls()
 
     def release(self, request_id: str) -> None:
         """Forget a finished request's generator."""
         self._generators.pop(request_id, None)
+        self._before.pop(request_id, None)
+
+    def keep_draws(self, request_id: str, rows: int, drawn: int) -> None:
+        """A seeded request drew for each of its ``drawn`` rows (a token and its drafts) but keeps
+        the tokens of the first ``rows``: its generator goes back to where it stood after those
+        draws, so that its next token is drawn as it would have been without drafts."""
+        before = self._before.pop(request_id, None)
+        gen = self._generators.get(request_id)
+        if before is None or gen is None or rows == drawn:
+            return
+        state, width = before
+        gen.set_state(state)
+        for _ in range(rows):
+            torch.empty(width, device=gen.device).exponential_(generator=gen)
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
@@ -139,6 +157,7 @@ class Sampler:
 
     def _exponential(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         noise = torch.empty_like(probs).exponential_()
+        several = {r.request_id for r, nxt in itertools.pairwise(requests) if r is nxt}
         for i, req in enumerate(requests):
             seed = req.sampling_params.seed
             if seed is None:
@@ -152,6 +171,8 @@ class Sampler:
                 for _ in range(req.num_output_tokens):
                     torch.empty_like(noise[i]).exponential_(generator=gen)
                 self._generators[req.request_id] = gen
+            if req.request_id in several and (i == 0 or requests[i - 1] is not req):
+                self._before[req.request_id] = (gen.get_state(), noise.shape[1])
             noise[i].exponential_(generator=gen)
         return noise
 

@@ -15,12 +15,20 @@ as a decode row whose context ends at itself (step_inputs.py); the row of each p
 the next token, ``t0 t1 t2 t3``. The model
 agrees with the first ``a`` drafts when ``t0 = d``, ``t1 = e``, ...; the step then yields
 ``t0 .. ta``: the accepted drafts and the model's own next token, every one exactly what
-decoding one token a step would have given (greedy). The K/V written for rejected drafts lies
-past the sequence's computed tokens and is overwritten by the next step.
+decoding one token a step would have given. The K/V written for rejected drafts lies past the
+sequence's computed tokens and is overwritten by the next step.
 
-Only greedy requests without logprobs or logits controls (penalties, bias, bad words,
-min_tokens, structured output) draft: for them a token is the argmax of its row, so acceptance
-is plain equality and the output does not change. A step takes drafts only up to ``max_rows``
+Each row's token is drawn as decoding draws it (the argmax, or the sampler's draw from the row's
+distribution), so acceptance is plain equality. For a sampled request that is exact too: t0 is
+drawn from the model's distribution after ``c``; when it equals the draft ``d``, row 1's
+distribution is the one after ``c d``, so t1 is what a second step would have drawn; the first
+disagreement is a draw from the right distribution that the drafts did not predict. (With a
+draft that is a single token this is rejection sampling itself: accept d with probability p(d),
+else draw from p without d.) A seeded request's generator is set back to after the rows it keeps
+(Sampler.keep_draws): its tokens are the ones it gets without drafts. Requests with logits
+controls (penalties, bias, bad words, min_tokens, allowed_token_ids, structured output) do not
+draft: those read the output so far, which for a draft row would have to include the drafts
+before it. A step takes drafts only up to ``max_rows``
 decode rows in all (scheduler.py, from what is left of its token budget): past a few rows a
 step is no longer bound by reading the weights and every draft costs a token's arithmetic.
 """
@@ -65,13 +73,11 @@ def propose(
 
 
 def speculates(req: Request) -> bool:
-    """Whether the request's next tokens may be drafted: greedy and plain (its token is the
-    argmax of its logits as they come), decoding, with more than one token left to generate."""
+    """Whether the request's next tokens may be drafted: no logits controls (each row's logits
+    are used as they come), decoding, with more than one token left to generate."""
     p = req.sampling_params
     return (
-        p.greedy
-        and p.logprobs is None
-        and p.prompt_logprobs is None
+        p.prompt_logprobs is None
         and not p.uses_logits_controls
         and req.num_tokens - req.num_computed_tokens == 1
         and not req.awaiting_token

@@ -166,7 +166,7 @@ def worker_options(roles: Sequence[WorkerRole]) -> tuple[Option, ...]:
             "--num-speculative-tokens",
             "engine.num_speculative_tokens",
             int,
-            "draft tokens per step by prompt lookup for greedy requests (0: off)",
+            "draft tokens per step by prompt lookup (0: off)",
         ),
         _option(
             "--prompt-lookup-min", "engine.prompt_lookup_min", int, "shortest n-gram looked up for drafts"

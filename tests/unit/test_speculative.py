@@ -78,16 +78,16 @@ def test_accepted_keeps_drafts_up_to_the_first_disagreement_and_the_models_token
     assert accepted([], [3]) == [3]
 
 
-def test_only_plain_greedy_decoding_requests_draft() -> None:
+def test_decoding_requests_without_logits_controls_draft() -> None:
     def decoding(params: SamplingParams) -> Request:
         req = Request("r", [1, 2, 3], params, max_tokens=10)
         req.num_computed_tokens = 2
         return req
 
     assert speculates(decoding(GREEDY))
+    assert speculates(decoding(SamplingParams(temperature=0.7, seed=3)))
+    assert speculates(decoding(replace(GREEDY, logprobs=2)))
     for params in (
-        SamplingParams(temperature=0.7),
-        replace(GREEDY, logprobs=0),
         replace(GREEDY, presence_penalty=0.5),
         replace(GREEDY, allowed_token_ids=(1, 2)),
         replace(GREEDY, prompt_logprobs=1),
@@ -225,6 +225,32 @@ def test_a_mixed_batch_gives_what_it_gives_without_drafts(tiny_llama: Path, engi
             assert x.logprob == pytest.approx(y.logprob, abs=1e-5)
     assert engine.drafter is not None and engine.drafter.accepted > 0
     assert drafted[2].output_token_ids[-1] == stop_at[2] and len(drafted[1].output_token_ids) == 7
+
+
+def test_sampled_and_logprobs_requests_draft_and_draw_what_they_draw_without(
+    tiny_llama: Path, engine_device: str
+) -> None:
+    """Seeded sampling (temperature, top-k, top-p, min-p) and logprobs with drafts: every token
+    and logprob is the engine's without drafts, rejected drafts included (the seeded generator is
+    set back to after the rows a request keeps)."""
+    prompts = _repetitive_prompts(23, 6)
+    params = [
+        SamplingParams(temperature=0.6, seed=1, max_tokens=40, ignore_eos=True),
+        SamplingParams(temperature=1.0, seed=2, top_k=5, max_tokens=40, ignore_eos=True),
+        SamplingParams(temperature=0.9, seed=3, top_p=0.8, min_p=0.05, max_tokens=40, ignore_eos=True),
+        SamplingParams(temperature=0.7, seed=4, logprobs=3, max_tokens=40, ignore_eos=True),
+        replace(GREEDY, logprobs=1),
+        SamplingParams(temperature=0.3, seed=5, max_tokens=40, ignore_eos=True),
+    ]
+    plain = _run(_engine(tiny_llama, engine_device, 0), prompts, params)
+    engine = _engine(tiny_llama, engine_device, 4, speculative_max_rows=64, num_kv_blocks=256)
+    drafted = _run(engine, prompts, params)
+    for a, b in zip(plain, drafted, strict=True):
+        assert b.output_token_ids == a.output_token_ids, b.request_id
+        assert [x.token_id for x in b.logprobs] == [x.token_id for x in a.logprobs]
+        assert [x.logprob for x in b.logprobs] == pytest.approx([x.logprob for x in a.logprobs], abs=1e-5)
+    drafter = engine.drafter
+    assert drafter is not None and 0 < drafter.accepted < drafter.drafted  # kept and rejected drafts
 
 
 def test_drafts_only_fill_a_steps_rows_up_to_the_limit(tiny_llama: Path, engine_device: str) -> None:
