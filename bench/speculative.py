@@ -3,7 +3,8 @@
     python bench/speculative.py                      # k = 0 2 4 6, batches 1 and 8, 3 repeats
     python bench/speculative.py --k 0 4 --batch 1 --repeats 1 --json out.json
 
-Two greedy workloads on the demo model (LLM.generate, EOS ignored, 64 output tokens):
+Two workloads on the demo model (LLM.generate, EOS ignored, 64 output tokens; greedy, or with
+--temperature seeded sampling, prompt i with seed i):
   repeating  prompts whose answers repeat what they hold (code to continue, a list to go on
              with, a passage to quote): what prompt lookup is for;
   random     random token ids (128 of them), as `vllm bench serve`'s random dataset: the model's
@@ -11,7 +12,7 @@ Two greedy workloads on the demo model (LLM.generate, EOS ignored, 64 output tok
 For each k (0: off) and batch size B (the workload's prompts, cycled up to B of them, B at a time),
 the median over --repeats of output tokens / wall time, and the share of drafts accepted. An
 engine per k, built once, warmed up by one run; the repeats of every k interleaved. Every run's
-greedy tokens are checked equal to k = 0's (the bench stops otherwise).
+tokens are checked equal to k = 0's (the bench stops otherwise).
 """
 
 from __future__ import annotations
@@ -49,13 +50,19 @@ def prompts_of(workload: str, tokenizer_encode, vocab: int) -> list[list[int]]: 
     return [[rng.randrange(100, vocab) for _ in range(128)] for _ in range(4)]
 
 
-def run(llm: LLM, prompts: list[list[int]], batch: int, max_tokens: int) -> tuple[float, list[list[int]]]:
-    """The prompts (cycled up to ``batch`` of them) ``batch`` at a time: output tokens / second."""
+def run(
+    llm: LLM, prompts: list[list[int]], batch: int, max_tokens: int, temperature: float = 0.0
+) -> tuple[float, list[list[int]]]:
+    """The prompts (cycled up to ``batch`` of them) ``batch`` at a time: output tokens / second.
+    With a temperature, prompt i samples with seed i (the same tokens whatever k is)."""
     chosen = [prompts[i % len(prompts)] for i in range(max(batch, len(prompts)))]
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     tokens = []
     start = time.perf_counter()
     for i in range(0, len(chosen), batch):
+        params = [
+            SamplingParams(temperature=temperature, seed=j, max_tokens=max_tokens, ignore_eos=True)
+            for j in range(i, min(i + batch, len(chosen)))
+        ]
         outs = llm.generate([{"prompt_token_ids": p} for p in chosen[i : i + batch]], params)
         tokens += [o.outputs[0].token_ids for o in outs]
     seconds = time.perf_counter() - start
@@ -80,6 +87,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else seeded sampling")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if 0 not in args.k:
@@ -93,16 +101,16 @@ def main() -> None:
         for batch in args.batch:
             rates: dict[int, list[float]] = {k: [] for k in args.k}
             counts: dict[int, tuple[int, int]] = {}
-            expected = run(base, prompts, batch, args.max_tokens)[1]
+            expected = run(base, prompts, batch, args.max_tokens, args.temperature)[1]
             for llm in llms.values():
-                run(llm, prompts, batch, args.max_tokens)  # warm-up
+                run(llm, prompts, batch, args.max_tokens, args.temperature)  # warm-up
             for _ in range(args.repeats):
                 for k, llm in llms.items():
                     drafter = llm.engine.drafter
                     before = (drafter.drafted, drafter.accepted) if drafter else (0, 0)
-                    rate, tokens = run(llm, prompts, batch, args.max_tokens)
+                    rate, tokens = run(llm, prompts, batch, args.max_tokens, args.temperature)
                     if tokens != expected:
-                        sys.exit(f"k={k} {workload} batch {batch}: greedy tokens differ from k=0's")
+                        sys.exit(f"k={k} {workload} batch {batch}: tokens differ from k=0's")
                     rates[k].append(rate)
                     after = (drafter.drafted, drafter.accepted) if drafter else (0, 0)
                     done = counts.get(k, (0, 0))
@@ -125,7 +133,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     machine = f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
     print(f"\n{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, {machine}, {args.dtype}, "
-          f"{args.max_tokens} greedy tokens, median of {args.repeats}\n")  # fmt: skip
+          f"{args.max_tokens} tokens at temperature {args.temperature}, median of {args.repeats}\n")  # fmt: skip
     print("| workload | batch | k | tok/s | vs k=0 | drafts accepted |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in results:
