@@ -224,10 +224,14 @@ def _authorization(context: grpc.aio.ServicerContext) -> str | None:
     return _metadata(context, "authorization")
 
 
+REQUEST_ID_METADATA = "x-request-id"
+"""A Generate call's id: the client's (checked) in its metadata, and the answer's in the
+response's initial metadata, as X-Request-Id over HTTP."""
+
+
 def _client_request_id(context: grpc.aio.ServicerContext) -> str | None:
-    """The x-request-id metadata, checked (the HTTP API's X-Request-Id)."""
-    value = _metadata(context, "x-request-id")
-    return None if value is None else checked_request_id(value, "x-request-id")
+    value = _metadata(context, REQUEST_ID_METADATA)
+    return None if value is None else checked_request_id(value, REQUEST_ID_METADATA)
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -249,6 +253,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 reason = "client"  # why choices still running at the end are cancelled
                 try:
                     request_id = spec.request_id or generation.request.request_id
+                    await context.send_initial_metadata(((REQUEST_ID_METADATA, request_id),))
                     splits = _reasoning_streams(core, spec, generation.request)
                     async for update in generation.updates():
                         yield update_to_proto(update, request_id, splits.get(update.index))

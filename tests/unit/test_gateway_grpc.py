@@ -245,6 +245,10 @@ async def test_x_request_id_metadata_is_the_answers_request_id(mesh: Mesh) -> No
     messages = await generate(mesh, request, metadata=(("x-request-id", "grpc-trace.9"),))
     assert {m.request_id for m in messages} == {"grpc-trace.9"}
     assert mesh.workers[0].requests[-1].request_id.startswith("grpc-trace.9-")
+    async with grpc.aio.insecure_channel(mesh.grpc_address) as channel:  # the answer's id, minted
+        call = gateway_pb2_grpc.GatewayStub(channel).Generate(request)
+        minted = [m.request_id async for m in call]
+        assert dict(await call.initial_metadata())["x-request-id"] == minted[0] != "grpc-trace.9"
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await generate(mesh, request, metadata=(("x-request-id", "bad id"),))
     assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "x-request-id" in (
