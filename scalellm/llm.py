@@ -202,7 +202,10 @@ class LLM:
         else:
             reason = req.status.finish_reason
             shown = params.shown_ids(ids, reason is FinishReason.STOP, self.engine.eos_token_ids)
-            text = self.tokenizer.decode(shown, skip_special_tokens=params.skip_special_tokens)
+            # decoded after the prompt's last tokens, as the gateway streams it (and vLLM decodes):
+            # a SentencePiece word keeps its space, a byte that continues the prompt's stays with it
+            detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, req.prompt_token_ids)
+            text = detok.add(shown) + detok.flush()
         return CompletionOutput(
             index=choice.index,
             text=text,
