@@ -139,7 +139,7 @@ class LLMEngine:
         if not prompt_token_ids:
             raise ValueError("prompt_token_ids must not be empty")
         vocab = self.model_config.vocab_size
-        self._check_token_ids(params, vocab)
+        params.check_vocabulary(vocab)
         _check_in_vocab("prompt_token_ids", prompt_token_ids, vocab)
         _check_in_vocab("resume_token_ids", resume_token_ids, vocab)
         if prefill_only and resume_token_ids:
@@ -171,19 +171,6 @@ class LLMEngine:
         )
         req.resume(resume_token_ids)
         return req
-
-    @staticmethod
-    def _check_token_ids(params: SamplingParams, vocab: int) -> None:
-        """Token ids in the sampling controls must be in the vocabulary (SamplingParams cannot know it)."""
-        for field, ids in (
-            ("logit_bias", [t for t, _ in params.logit_bias]),
-            ("bad_words_token_ids", [t for seq in params.bad_words_token_ids for t in seq]),
-            ("stop_token_ids", list(params.stop_token_ids)),
-            ("allowed_token_ids", list(params.allowed_token_ids)),
-        ):
-            bad = next((t for t in ids if t >= vocab), None)
-            if bad is not None:
-                raise InvalidParameter(field, f"has token id {bad}, outside the vocabulary [0, {vocab})")
 
     # ---- the lifecycle (the step thread only) ---------------------------------------------
 

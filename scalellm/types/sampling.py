@@ -196,6 +196,21 @@ class SamplingParams:
                 "cannot be combined with ignore_eos or min_tokens (the grammar decides where the output ends)",
             )
 
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Every token id of the controls is below ``vocab_size`` (which a SamplingParams cannot
+        know when made); InvalidParameter naming the field otherwise."""
+        for field_name, ids in (
+            ("logit_bias", [t for t, _ in self.logit_bias]),
+            ("bad_words_token_ids", [t for seq in self.bad_words_token_ids for t in seq]),
+            ("stop_token_ids", self.stop_token_ids),
+            ("allowed_token_ids", self.allowed_token_ids),
+        ):
+            bad = next((t for t in ids if t >= vocab_size), None)
+            if bad is not None:
+                raise InvalidParameter(
+                    field_name, f"has token id {bad}, outside the vocabulary [0, {vocab_size})"
+                )
+
     @property
     def greedy(self) -> bool:
         """True when sampling reduces to argmax."""

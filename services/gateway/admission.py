@@ -345,18 +345,9 @@ class Preprocessor:
         tok = self.model.tokenizer
         try:
             out = resolve_bad_words(tok, replace(sampling, max_tokens=max_tokens))
+            out.check_vocabulary(tok.vocab_size)
         except InvalidParameter as exc:
             raise client_named(invalid(str(exc), exc.field, "invalid_value"), names) from None
-        for name, ids in (
-            ("logit_bias", [t for t, _ in out.logit_bias]),
-            ("stop_token_ids", out.stop_token_ids),
-            ("bad_words_token_ids", [t for seq in out.bad_words_token_ids for t in seq]),
-            ("allowed_token_ids", out.allowed_token_ids),
-        ):
-            bad = next((t for t in ids if t >= tok.vocab_size), None)
-            if bad is not None:
-                why = f"'{name}' has token id {bad}, not below the vocabulary size {tok.vocab_size}"
-                raise client_named(invalid(why, name), names)
         return out
 
     async def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
