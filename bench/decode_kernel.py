@@ -1,12 +1,14 @@
 """The CPU paged decode kernel against an older version of itself and against gather + SDPA.
 
     python bench/decode_kernel.py --baseline-rev HEAD~1 [--batch 1 64] [--context 192] [--repeats 60]
-                                  [--layers 30] [--threads 1]
+                                  [--layers 30] [--threads 1] [--rows 1]
 
 SmolLM2's attention shape (9 query heads, 3 K/V heads, head dim 64; --heads and --head-dim change
 it) over a block-major cache of --layers layers, each attended in turn as a decode step does, so a
 layer's K/V comes from memory, not from the cache the previous call warmed (--layers 1 measures
-the hot case). The figures are ms per layer, on --threads torch threads. The baseline is
+the hot case). --rows R gives each request R consecutive rows over its one block table, the
+last R tokens of its context each attending to the tokens up to itself, as a decode and its R - 1
+draft tokens do (speculative decoding). The figures are ms per layer, on --threads torch threads. The baseline is
 ``scalellm/engine/csrc/paged_decode.cpp`` as it was at --baseline-rev, built under its own name
 and op namespace so both load into this process; the three run interleaved in each repeat, so
 load from other processes hits all of them alike. Prints the minimum and median ms per call.
@@ -62,6 +64,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=60)
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rows", type=int, default=1, help="rows per request (1 + draft tokens)")
     args = parser.parse_args()
 
     from scalellm.engine import cpu_kernels
@@ -93,7 +96,9 @@ def main() -> None:
             cells = ", ".join(
                 f"{name} {min(t):.3f} / {statistics.median(t):.3f}" for name, t in times.items()
             )
-            print(f"{dtype_name:8s} batch {batch:3d}: min / median ms: {cells}", flush=True)
+            print(
+                f"{dtype_name:8s} batch {batch:3d} x {args.rows} rows: min / median ms: {cells}", flush=True
+            )
 
 
 @dataclass(frozen=True)
@@ -122,7 +127,8 @@ def run_kernel(
 
 def make_case(batch: int, dtype: torch.dtype, args: argparse.Namespace) -> Case:
     """batch decodes of about --context tokens in scattered blocks of a --layers block-major cache
-    [blocks, layers, 2, block_size, Hkv, D]."""
+    [blocks, layers, 2, block_size, Hkv, D], each --rows rows (request b's rows consecutive, its
+    last row seeing its whole context, each row before it one token less)."""
     hq, hkv = args.heads
     bs = 16
     nblocks = -(-args.context // bs)
@@ -130,7 +136,10 @@ def make_case(batch: int, dtype: torch.dtype, args: argparse.Namespace) -> Case:
     cache = torch.randn(batch * nblocks, args.layers, 2, bs, hkv, args.head_dim, generator=gen).to(dtype)
     tables = torch.randperm(batch * nblocks, generator=gen).view(batch, nblocks)
     lens = args.context - torch.randint(0, 16, (batch,), generator=gen)
-    q = torch.randn(batch, hq + 2 * hkv, args.head_dim, generator=gen).to(dtype)[:, :hq]
+    rows = args.rows
+    tables = tables.repeat_interleave(rows, dim=0)
+    lens = (lens.unsqueeze(1) - torch.arange(rows - 1, -1, -1)).flatten()
+    q = torch.randn(batch * rows, hq + 2 * hkv, args.head_dim, generator=gen).to(dtype)[:, :hq]
     mask = (torch.arange(nblocks * bs).unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]
     return Case(q, cache, tables, lens, mask, args.head_dim**-0.5)
 

@@ -7,8 +7,9 @@ Two workloads on the demo model (LLM.generate, EOS ignored, 64 output tokens; gr
 --temperature seeded sampling, prompt i with seed i):
   repeating  prompts whose answers repeat what they hold (code to continue, a list to go on
              with, a passage to quote): what prompt lookup is for;
-  random     random token ids (128 of them), as `vllm bench serve`'s random dataset: the model's
-             output repeats only what it repeats by itself.
+  random     random token ids (--random-tokens, 128), as `vllm bench serve`'s random dataset: the
+             model's output repeats only what it repeats by itself (a longer prompt: more context
+             for every row, a decode's and its drafts', to attend to).
 For each k (0: off) and batch size B (the workload's prompts, cycled up to B of them, B at a time),
 the median over --repeats of output tokens / wall time, and the share of drafts accepted. An
 engine per k, built once, warmed up by one run; the repeats of every k interleaved. Every run's
@@ -43,11 +44,11 @@ REPEATING = [
 ]
 
 
-def prompts_of(workload: str, tokenizer_encode, vocab: int) -> list[list[int]]:  # type: ignore[no-untyped-def]
+def prompts_of(workload: str, tokenizer_encode, vocab: int, length: int = 128) -> list[list[int]]:  # type: ignore[no-untyped-def]
     if workload == "repeating":
         return [tokenizer_encode(p) for p in REPEATING]
     rng = random.Random(0)
-    return [[rng.randrange(100, vocab) for _ in range(128)] for _ in range(4)]
+    return [[rng.randrange(100, vocab) for _ in range(length)] for _ in range(4)]
 
 
 def run(
@@ -85,6 +86,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--workloads", nargs="+", default=["repeating", "random"])
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--random-tokens", type=int, default=128, help="the random workload's prompt length")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else seeded sampling")
@@ -97,7 +99,7 @@ def main() -> None:
     vocab = base.engine.model_config.vocab_size
     results = []
     for workload in args.workloads:
-        prompts = prompts_of(workload, lambda t: base.tokenizer.encode(t), vocab)
+        prompts = prompts_of(workload, lambda t: base.tokenizer.encode(t), vocab, args.random_tokens)
         for batch in args.batch:
             rates: dict[int, list[float]] = {k: [] for k in args.k}
             counts: dict[int, tuple[int, int]] = {}

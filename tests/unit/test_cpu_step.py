@@ -103,6 +103,49 @@ def test_paged_decode_work_items_give_the_same_bits(
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("head_dim", "heads", "kv_heads"), [(64, 9, 3), (128, 10, 2), (16, 6, 2)])
+@pytest.mark.parametrize("threads", [1, 8])
+def test_rows_sharing_a_block_table_give_each_rows_own_bits(
+    dtype: torch.dtype, head_dim: int, heads: int, kv_heads: int, threads: int
+) -> None:
+    """A decode and its draft tokens are consecutive rows with one block table, each seeing the
+    context up to itself; the kernel reads their K/V once for all of them. Each row's output is
+    the one it gets alone, bit for bit (and gather + SDPA's), with rows straddling a block edge,
+    a lone row between two such runs, and on 1 and 8 threads (a request per work item, or a
+    (request, K/V head)); a request alone on 8 threads has its rows split over several items."""
+    gen = torch.Generator().manual_seed(head_dim + heads)
+    cache = torch.randn(60, 2, 2, 16, kv_heads, head_dim, generator=gen).to(dtype)
+    kv = cache[:, 1]
+    perm = torch.randperm(60, generator=gen)
+    runs = [(perm[0:13], [29, 30, 31, 32, 33]), (perm[13:26], [7]), (perm[26:39], [200, 201, 202, 203])]
+    runs += [(perm[39 + 4 * i : 43 + 4 * i], [50 + i, 51 + i]) for i in range(5)]  # enough for 8 threads
+    tables = torch.cat([F.pad(t, (0, 13 - len(t))).expand(len(lens), 13) for t, lens in runs]).contiguous()
+    context = torch.tensor([n for _, lens in runs for n in lens])
+    q = torch.randn(len(context), heads, head_dim, generator=gen).to(dtype)
+    got, alone = torch.empty_like(q), torch.empty_like(q)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        torch.ops.scalellm_cpu.paged_decode(got, q, kv, tables, context, head_dim**-0.5)
+        first = torch.empty_like(q[:5])
+        torch.ops.scalellm_cpu.paged_decode(first, q[:5], kv, tables[:5], context[:5], head_dim**-0.5)
+        assert torch.equal(first, got[:5])
+        for row in range(len(context)):
+            one = slice(row, row + 1)
+            torch.ops.scalellm_cpu.paged_decode(
+                alone[one], q[one], kv, tables[one], context[one], head_dim**-0.5
+            )
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(got, alone)
+    mask = (torch.arange(13 * 16).unsqueeze(0) < context.unsqueeze(1))[:, None, None, :]
+    expected = _decode(q, kv[:, 0], kv[:, 1], tables, mask, head_dim**-0.5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("width", [576, 40])  # SmolLM2's hidden size; one off the 16-lane vectors
 def test_fused_ops_equal_torch_ops(dtype: torch.dtype, width: int) -> None:
     gen = torch.Generator().manual_seed(width)

@@ -19,6 +19,13 @@
 // V) rows of all heads are read in one sweep, with less memory stall (the kernel is bound by
 // memory at 64 decodes); the same sums in the same order, so the same bits.
 // With AVX2 but not AVX-512 and D 64 or 128, decode_heads_avx2 does the same with 8-lane registers.
+// Both take consecutive rows with the same block table (a decode and its draft tokens, each row
+// seeing the context up to itself) as one work item, so a K or V row is read once for all of them:
+//
+//   rows   b0      b0+1     b0+2        (a token and two drafts; context_len 7, 8, 9)
+//   K/V    t0 .. t6 | t7   | t8         row b sees t < context_len[b]; the item reads t < 9 once
+//
+// Each row's sums are those it gets in an item of its own (the same order), so the same bits.
 // Elsewhere the scalar loops of decode_kernel (which the compiler vectorizes as it can; with AVX2
 // the softmax's exp runs 8 lanes at a time, vec256.h).
 #include <ATen/Parallel.h>
@@ -148,23 +155,39 @@ void decode_kernel(const at::Tensor& out, const at::Tensor& q, const at::Tensor&
 }
 
 
-// A work item of the vectorized kernels: K/V heads of one request (see decode_items).
+// A work item of the vectorized kernels: K/V heads of one request's rows (see decode_items).
 struct Item {
-  const int64_t* table;  // this request's block ids
-  int64_t len;           // context tokens
+  const int64_t* table;  // the rows' block ids
+  const int64_t* lens;   // context tokens of each row
+  int64_t rows;          // consecutive rows with this block table: a decode and its draft tokens
+  int64_t len;           // the longest row's context, the tokens the item reads
   const void* k;         // K of block 0, this head; block i at + i * s_blk, token j at + j * s_tok
   const void* v;
   int64_t s_blk, s_tok;  // strides in elements
+  int64_t qs_b, os_b;    // q's and out's row strides
 };
+
+// Where the query head qi of an item (row qi / nh, head qi % nh of its nh) reads and writes.
+template <typename T>
+inline const T* query_of(const Item& it, const T* q, int64_t qs_h, int64_t nh, int64_t qi) {
+  return q + (qi / nh) * it.qs_b + (qi % nh) * qs_h;
+}
+template <typename T>
+inline T* output_of(const Item& it, T* out, int64_t os_h, int64_t nh, int64_t qi) {
+  return out + (qi / nh) * it.os_b + (qi % nh) * os_h;
+}
 
 // Requests per thread from which a work item is a whole request (decode_items).
 constexpr int64_t kRequestsPerThread = 4;
 
 // The vectorized kernels' work items: one per request where there are enough of them to keep
 // every thread busy (a block's heads read in one sweep), else one per (request, K/V head) so that
-// a lone long request still spreads over the threads. `heads` computes one item (D = head size):
+// a lone long request still spreads over the threads. A request here is a run of consecutive rows
+// with the same block table (a decode and its drafts; rows of one token each otherwise): whatever
+// rows share a table attend over the same K/V, so reading it once for them is right for any rows.
+// `heads` computes one item (D = head size, nh = item_heads * groups query heads a row):
 //   heads(item, item_heads, q, q head stride, out, out head stride, groups, block_size, scale,
-//         scores [item_heads * groups * len], accumulators [item_heads * groups * D])
+//         scores [rows * nh * len], accumulators [rows * nh * D])
 template <typename T, int64_t D, typename Heads>
 void decode_items(Heads heads, const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv,
                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
@@ -176,16 +199,40 @@ void decode_items(Heads heads, const at::Tensor& out, const at::Tensor& q, const
   T* out_ptr = out.data_ptr<T>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
+  std::vector<int64_t> firsts;  // each request's first row, then batch
+  for (int64_t b = 0; b < batch; ++b)
+    if (b == 0 || std::memcmp(tables + b * max_blocks, tables + (b - 1) * max_blocks, max_blocks * sizeof(int64_t)))
+      firsts.push_back(b);
+  firsts.push_back(batch);
+  int64_t requests = static_cast<int64_t>(firsts.size()) - 1;
+  const int64_t threads = at::get_num_threads();
   // a whole request per item needs a row's heads adjacent (the engine's cache has them so)
-  const bool per_request = kv.stride(3) == D && batch >= kRequestsPerThread * at::get_num_threads();
+  const bool per_request = kv.stride(3) == D && requests >= kRequestsPerThread * threads;
   const int64_t item_heads = per_request ? num_kv_heads : 1;
-  at::parallel_for(0, batch * num_kv_heads / item_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(item_heads * groups * D), scores;
+  if (!per_request && requests * num_kv_heads < 2 * threads && requests < batch) {
+    // Too few (request, head) items to share out (one request with drafts and 3 K/V heads on 2
+    // threads: 2 items against 1): each request's rows go in `parts` items, each reading the K/V.
+    const int64_t parts = (2 * threads + requests * num_kv_heads - 1) / (requests * num_kv_heads);
+    std::vector<int64_t> split;
+    for (int64_t r = 0; r < requests; ++r) {
+      const int64_t rows = firsts[r + 1] - firsts[r], step = (rows + parts - 1) / parts;
+      for (int64_t b = firsts[r]; b < firsts[r + 1]; b += step) split.push_back(b);
+    }
+    split.push_back(batch);
+    firsts.swap(split);
+    requests = static_cast<int64_t>(firsts.size()) - 1;
+  }
+  at::parallel_for(0, requests * num_kv_heads / item_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc, scores;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item * item_heads / num_kv_heads, h = item * item_heads % num_kv_heads;
+      const int64_t r = item * item_heads / num_kv_heads, h = item * item_heads % num_kv_heads;
+      const int64_t b = firsts[r], rows = firsts[r + 1] - b;
       const T* head = kv_ptr + h * kv.stride(3);
-      const Item it{tables + b * max_blocks, lens[b], head, head + kv.stride(1), kv.stride(0), kv.stride(2)};
-      scores.resize(item_heads * groups * it.len);
+      const Item it{tables + b * max_blocks, lens + b,     rows,        *std::max_element(lens + b, lens + b + rows),
+                    head,                    head + kv.stride(1), kv.stride(0), kv.stride(2),
+                    q.stride(0),             out.stride(0)};
+      scores.resize(rows * item_heads * groups * it.len);
+      acc.resize(rows * item_heads * groups * D);
       heads(it, item_heads, q_ptr + b * q.stride(0) + h * groups * q.stride(1), q.stride(1),
             out_ptr + b * out.stride(0) + h * groups * out.stride(1), out.stride(1), groups, block_size,
             static_cast<float>(scale), scores.data(), acc.data());
@@ -260,10 +307,10 @@ template <int64_t NV>
 constexpr int64_t kGroupChunk = NV <= 4 ? 4 : 2;
 
 // K/V heads h0 .. h0 + H - 1 of one request (it.k, it.v: head h0's rows; the H heads adjacent in
-// a row, D apart) and their H * G query heads, block by block:
+// a row, D apart) and their H * G query heads in each of the request's rows, block by block:
 //
 //   scores[g, t] = q_g . k_t         16 tokens at a time (QueryHead::scores16), a block's K rows of
-//                                    the H heads in one sweep
+//                                    the H heads in one sweep, t below g's row's context length
 //   p[g, :]      = softmax(scores[g, :])
 //   out_g        = sum_t p[g, t] v_t  per block and head, that head's query heads' accumulators
 //                                    brought into registers (acc_buf [H * G, D] between blocks)
@@ -279,9 +326,12 @@ void decode_heads_avx512(const Item& it, int64_t num_kv_heads, const T* q, int64
   constexpr int64_t D = 16 * NV;
   const T* kbase = static_cast<const T*>(it.k);
   const T* vbase = static_cast<const T*>(it.v);
-  const int64_t len = it.len, num_heads = num_kv_heads * groups;
+  // query head qi: row qi / nh, head qi % nh of that row, K/V head (qi % nh) / groups; its scores
+  // at scores + qi * len, over that row's own context
+  const int64_t len = it.len, nh = num_kv_heads * groups, num_heads = it.rows * nh;
   std::vector<QueryHead<T, NV>> heads;
-  for (int64_t g = 0; g < num_heads; ++g) heads.emplace_back(q + g * qs_h, scale);
+  heads.reserve(num_heads);
+  for (int64_t qi = 0; qi < num_heads; ++qi) heads.emplace_back(query_of(it, q, qs_h, nh, qi), scale);
   // a block's lines of these heads: row_lines per token row, a share of them per query head
   const int64_t row_lines = (num_kv_heads * D * static_cast<int64_t>(sizeof(T)) + 63) / 64;
   const int64_t lines = block_size * row_lines, per_head = (lines + num_heads - 1) / num_heads;
@@ -292,12 +342,13 @@ void decode_heads_avx512(const Item& it, int64_t num_kv_heads, const T* q, int64
     const T* vnext = fetch ? vbase + it.table[index + 1] * it.s_blk : nullptr;
     const T* block = kbase + it.table[index] * it.s_blk;
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
-      const int64_t m = std::min<int64_t>(16, n - j0);
-      for (int64_t g = 0; g < num_heads; ++g) {
-        _mm512_mask_storeu_ps(scores + g * len + first + j0, __mmask16(m == 16 ? 0xFFFF : (1u << m) - 1),
-                              heads[g].scores16(block + (g / groups) * D + j0 * it.s_tok, it.s_tok, m));
+      for (int64_t qi = 0; qi < num_heads; ++qi) {
+        const int64_t m = std::min<int64_t>(16, it.lens[qi / nh] - first - j0);  // this row's tokens here
+        if (m > 0)
+          _mm512_mask_storeu_ps(scores + qi * len + first + j0, __mmask16(m == 16 ? 0xFFFF : (1u << m) - 1),
+                                heads[qi].scores16(block + (qi % nh / groups) * D + j0 * it.s_tok, it.s_tok, m));
         if (fetch && j0 == 0)
-          for (int64_t l = g * per_head; l < std::min(lines, (g + 1) * per_head); ++l) {
+          for (int64_t l = qi * per_head; l < std::min(lines, (qi + 1) * per_head); ++l) {
             const int64_t at = (l / row_lines) * it.s_tok * static_cast<int64_t>(sizeof(T)) + (l % row_lines) * 64;
             _mm_prefetch(reinterpret_cast<const char*>(knext) + at, _MM_HINT_T0);
             _mm_prefetch(reinterpret_cast<const char*>(vnext) + at, _MM_HINT_T0);
@@ -306,37 +357,39 @@ void decode_heads_avx512(const Item& it, int64_t num_kv_heads, const T* q, int64
     }
   }
   std::vector<float> inv(num_heads);
-  for (int64_t g = 0; g < num_heads; ++g) inv[g] = softmax_numerators(scores + g * len, len);
+  for (int64_t qi = 0; qi < num_heads; ++qi) inv[qi] = softmax_numerators(scores + qi * len, it.lens[qi / nh]);
   constexpr int64_t GC = kGroupChunk<NV>;
   std::fill(acc_buf, acc_buf + num_heads * D, 0.f);
   for (int64_t first = 0; first < len; first += block_size) {
-    const int64_t n = std::min(block_size, len - first);
     const T* block = vbase + it.table[first / block_size] * it.s_blk;
-    for (int64_t h = 0; h < num_kv_heads; ++h) {
-      for (int64_t g0 = h * groups; g0 < (h + 1) * groups; g0 += GC) {
-        const int64_t gn = std::min(GC, (h + 1) * groups - g0);
-        __m512 acc[GC][NV];
-        for (int64_t g = 0; g < gn; ++g)
-          for (int64_t v = 0; v < NV; ++v) acc[g][v] = _mm512_loadu_ps(acc_buf + (g0 + g) * D + 16 * v);
-        for (int64_t j = 0; j < n; ++j) {
-          const T* row = block + j * it.s_tok + h * D;
-          __m512 val[NV];
-          for (int64_t v = 0; v < NV; ++v) val[v] = load16(row + 16 * v);
-          for (int64_t g = 0; g < gn; ++g) {
-            const __m512 p = _mm512_set1_ps(scores[(g0 + g) * len + first + j]);
-            for (int64_t v = 0; v < NV; ++v) acc[g][v] = _mm512_fmadd_ps(p, val[v], acc[g][v]);
+    for (int64_t r = 0; r < it.rows; ++r) {
+      const int64_t n = std::min(block_size, it.lens[r] - first);  // this row's tokens here
+      for (int64_t h = 0; h < num_kv_heads && n > 0; ++h) {
+        for (int64_t g0 = r * nh + h * groups; g0 < r * nh + (h + 1) * groups; g0 += GC) {
+          const int64_t gn = std::min(GC, r * nh + (h + 1) * groups - g0);
+          __m512 acc[GC][NV];
+          for (int64_t g = 0; g < gn; ++g)
+            for (int64_t v = 0; v < NV; ++v) acc[g][v] = _mm512_loadu_ps(acc_buf + (g0 + g) * D + 16 * v);
+          for (int64_t j = 0; j < n; ++j) {
+            const T* row = block + j * it.s_tok + h * D;
+            __m512 val[NV];
+            for (int64_t v = 0; v < NV; ++v) val[v] = load16(row + 16 * v);
+            for (int64_t g = 0; g < gn; ++g) {
+              const __m512 p = _mm512_set1_ps(scores[(g0 + g) * len + first + j]);
+              for (int64_t v = 0; v < NV; ++v) acc[g][v] = _mm512_fmadd_ps(p, val[v], acc[g][v]);
+            }
           }
+          for (int64_t g = 0; g < gn; ++g)
+            for (int64_t v = 0; v < NV; ++v) _mm512_storeu_ps(acc_buf + (g0 + g) * D + 16 * v, acc[g][v]);
         }
-        for (int64_t g = 0; g < gn; ++g)
-          for (int64_t v = 0; v < NV; ++v) _mm512_storeu_ps(acc_buf + (g0 + g) * D + 16 * v, acc[g][v]);
       }
     }
   }
-  for (int64_t g = 0; g < num_heads; ++g) {
+  for (int64_t qi = 0; qi < num_heads; ++qi) {
     float row[D];
     for (int64_t v = 0; v < NV; ++v)
-      _mm512_storeu_ps(row + 16 * v, _mm512_mul_ps(_mm512_loadu_ps(acc_buf + g * D + 16 * v), _mm512_set1_ps(inv[g])));
-    T* dst = out + g * os_h;
+      _mm512_storeu_ps(row + 16 * v, _mm512_mul_ps(_mm512_loadu_ps(acc_buf + qi * D + 16 * v), _mm512_set1_ps(inv[qi])));
+    T* dst = output_of(it, out, os_h, nh, qi);
     for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(row[d]);
   }
 }
@@ -417,10 +470,12 @@ void decode_heads_avx2(const Item& it, int64_t num_kv_heads, const T* q, int64_t
                        int64_t groups, int64_t block_size, float scale, float* scores, float* acc_buf) {
   const T* kbase = static_cast<const T*>(it.k);
   const T* vbase = static_cast<const T*>(it.v);
-  const int64_t len = it.len, num_heads = num_kv_heads * groups;
+  // query head qi: row qi / nh, head qi % nh of that row, K/V head (qi % nh) / groups; its scores
+  // at scores + qi * len, over that row's own context
+  const int64_t len = it.len, nh = num_kv_heads * groups, num_heads = it.rows * nh;
   std::vector<QueryHead8<T, D>> heads;
   heads.reserve(num_heads);
-  for (int64_t g = 0; g < num_heads; ++g) heads.emplace_back(q + g * qs_h, scale);
+  for (int64_t qi = 0; qi < num_heads; ++qi) heads.emplace_back(query_of(it, q, qs_h, nh, qi), scale);
   // The next block's K and V lines of these heads (row_lines per token row) are prefetched a share
   // per query head, between the heads' scores. Written out here: the same loop in a lambda made
   // the kernel ~35% slower in bfloat16 (GCC 12, bench/decode_kernel.py).
@@ -434,12 +489,13 @@ void decode_heads_avx2(const Item& it, int64_t num_kv_heads, const T* q, int64_t
     const char* vnext = fetch ? reinterpret_cast<const char*>(vbase + it.table[index + 1] * it.s_blk) : nullptr;
     const T* block = kbase + it.table[index] * it.s_blk;
     for (int64_t j0 = 0; j0 < n; j0 += 8) {
-      const int64_t m = std::min<int64_t>(8, n - j0);
-      for (int64_t g = 0; g < num_heads; ++g) {
-        _mm256_maskstore_ps(scores + g * len + first + j0, lanes_below(m),
-                            heads[g].scores8(block + (g / groups) * D + j0 * it.s_tok, it.s_tok, m));
+      for (int64_t qi = 0; qi < num_heads; ++qi) {
+        const int64_t m = std::min<int64_t>(8, it.lens[qi / nh] - first - j0);  // this row's tokens here
+        if (m > 0)
+          _mm256_maskstore_ps(scores + qi * len + first + j0, lanes_below(m),
+                              heads[qi].scores8(block + (qi % nh / groups) * D + j0 * it.s_tok, it.s_tok, m));
         if (fetch && j0 == 0)
-          for (int64_t l = g * per_head; l < std::min(lines, (g + 1) * per_head); ++l) {
+          for (int64_t l = qi * per_head; l < std::min(lines, (qi + 1) * per_head); ++l) {
             const int64_t at = (l / row_lines) * it.s_tok * static_cast<int64_t>(sizeof(T)) + (l % row_lines) * 64;
             _mm_prefetch(knext + at, _MM_HINT_T0);
             _mm_prefetch(vnext + at, _MM_HINT_T0);
@@ -448,16 +504,16 @@ void decode_heads_avx2(const Item& it, int64_t num_kv_heads, const T* q, int64_t
     }
   }
   std::vector<float> inv(num_heads);
-  for (int64_t g = 0; g < num_heads; ++g) inv[g] = softmax_numerators8(scores + g * len, len);
+  for (int64_t qi = 0; qi < num_heads; ++qi) inv[qi] = softmax_numerators8(scores + qi * len, it.lens[qi / nh]);
   std::fill(acc_buf, acc_buf + num_heads * D, 0.f);
   for (int64_t first = 0; first < len; first += block_size) {
-    const int64_t n = std::min(block_size, len - first);
     const T* block = vbase + it.table[first / block_size] * it.s_blk;
-    for (int64_t g = 0; g < num_heads; ++g) {
-      const T* rows = block + (g / groups) * D;
-      const float* p = scores + g * len + first;
-      for (int64_t c = 0; c < D; c += 64) {
-        float* a = acc_buf + g * D + c;
+    for (int64_t qi = 0; qi < num_heads; ++qi) {
+      const int64_t n = std::min(block_size, it.lens[qi / nh] - first);
+      const T* rows = block + (qi % nh / groups) * D;
+      const float* p = scores + qi * len + first;
+      for (int64_t c = 0; c < D && n > 0; c += 64) {
+        float* a = acc_buf + qi * D + c;
         __m256 acc[8];
         for (int64_t v = 0; v < 8; ++v) acc[v] = _mm256_loadu_ps(a + 8 * v);
         for (int64_t j = 0; j < n; ++j) {
@@ -468,9 +524,11 @@ void decode_heads_avx2(const Item& it, int64_t num_kv_heads, const T* q, int64_t
       }
     }
   }
-  for (int64_t g = 0; g < num_heads; ++g)
+  for (int64_t qi = 0; qi < num_heads; ++qi) {
+    T* dst = output_of(it, out, os_h, nh, qi);
     for (int64_t d = 0; d < D; d += 8)
-      store8(out + g * os_h + d, _mm256_mul_ps(_mm256_loadu_ps(acc_buf + g * D + d), _mm256_set1_ps(inv[g])));
+      store8(dst + d, _mm256_mul_ps(_mm256_loadu_ps(acc_buf + qi * D + d), _mm256_set1_ps(inv[qi])));
+  }
 }
 
 #endif  // SCALELLM_AVX2
