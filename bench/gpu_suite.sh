@@ -22,15 +22,19 @@
 #   Triton interpreter cannot run the kernels' loops over a loaded bound); async scheduling's events
 #   equal the synchronous engine's with graphs on, and its forward passes and sampling never
 #   synchronize with the GPU (tests with the demo tokenizer take it from SIDE)
+# speculative: prompt-lookup drafts (k = 2, 4) against none on the random model in bfloat16, at 1,
+#   16 and 64 requests with the CUDA rows budget (64), decode graphs on: tok/s, drafts accepted,
+#   and how many outputs differ from k = 0's (several rows a step may take other matmul kernels
+#   than one; OUTDIR/speculative.json)
 # prefill: the Triton varlen prefill kernel (one launch for a step's chunks) against SDPA chunk by
 #   chunk, at 8B's head shape in bfloat16 (bench/prefill_attention.py; OUTDIR/prefill.json)
 # Stages (any subset, in order): env exact parity throughput backends profile gateway gateway-paired moe
-#   roofline prefill
+#   roofline speculative prefill
 #   bash bench/gpu_suite.sh SIDE TINY OUTDIR [STAGE...]
 set -uo pipefail
 side=$1 tiny=$2 out=$3
 shift 3
-stages=${*:-env exact parity throughput backends profile gateway gateway-paired moe roofline prefill}
+stages=${*:-env exact parity throughput backends profile gateway gateway-paired moe roofline speculative prefill}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 rand=/tmp/scalellm-random-$(basename "$side")
@@ -91,6 +95,11 @@ for s in $stages; do
       stage roofline 360 python3 bench/decode_roofline.py --shape 8b --device cuda \
         --batch 1 16 64 256 --context 512 --steps 20 --prefill 2048 --graphs off on \
         --json "$out/roofline.json" ;;
+    speculative)
+      [ -f "$rand/model.safetensors" ] || python3 bench/random_model.py "$side" "$rand" >/dev/null
+      stage speculative 240 python3 bench/speculative.py --model "$rand" --device cuda --dtype bfloat16 \
+        --k 0 2 4 --batch 1 16 64 --max-rows 64 --kv-blocks 4096 --repeats 2 --tolerate-mismatch \
+        --json "$out/speculative.json" ;;
     prefill)
       stage prefill 120 python3 bench/prefill_attention.py --device cuda --shape 8b --dtype bfloat16 \
         --repeats 20 --json "$out/prefill.json" ;;
