@@ -75,7 +75,7 @@ class EngineConfig:
     """Speculative decoding by prompt lookup (engine/speculative.py): each step, a request
     without logits controls whose last tokens occurred earlier in its sequence feeds up to this
     many tokens that followed them, and keeps those its own draws agree with (the output is
-    unchanged). 0: off. Not with async_scheduling or tensor parallelism."""
+    unchanged). 0: off. Not with async_scheduling."""
     prompt_lookup_min: int = 2
     """The shortest run of final tokens looked up for drafts."""
     prompt_lookup_max: int = 4
@@ -121,8 +121,6 @@ class EngineConfig:
                 "num_speculative_tokens needs synchronous steps: a step's drafts depend on how many "
                 "of the previous step's the model accepted (turn async_scheduling off)"
             )
-        if self.tensor_parallel_size > 1:
-            raise ValueError("num_speculative_tokens is not supported with tensor parallelism yet")
 
     def _check_compression(self) -> None:
         if self.quantization not in QUANTIZATIONS:

@@ -4,6 +4,7 @@ whatever else is in the batch, wherever a request stops."""
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +21,7 @@ from scalellm.engine.scheduler import Scheduler, SchedulerConfig
 from scalellm.engine.speculative import accepted, propose, speculates
 from scalellm.engine.step_inputs import SeqStep, build_inputs
 from scalellm.types import SamplingParams
+from tests.procs import child_pids
 from tests.tiny_models import hf_greedy
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
@@ -197,6 +199,26 @@ def test_speculative_greedy_matches_transformers(tiny_model_factory, family: str
     assert sum(r.num_preemptions for r in reqs) > 0  # the small cache preempted some mid-draft
 
 
+@pytest.mark.slow
+def test_tensor_parallel_ranks_verify_drafts_as_one_rank_does(tiny_llama: Path) -> None:
+    """Two ranks over gloo: a step's draft rows travel in its SeqSteps (their count encoded), every
+    rank runs them as decode rows, and only rank 0 verifies; a rejected draft's K/V on each rank
+    lies past the request's computed tokens and is overwritten. The same greedy tokens as
+    transformers, with drafts accepted and preemptions, and no rank process left behind."""
+    prompts = _repetitive_prompts(5, 8)
+    expected = hf_greedy(tiny_llama, prompts, max_new_tokens=40)
+    before = set(child_pids(os.getpid()))
+    engine = _engine(tiny_llama, "cpu", 4, tensor_parallel_size=2, num_threads=1)
+    try:
+        reqs = _run(engine, prompts, [GREEDY] * len(prompts))
+        assert [r.output_token_ids for r in reqs] == expected
+        assert engine.drafter is not None and 0 < engine.drafter.accepted < engine.drafter.drafted
+        assert sum(r.num_preemptions for r in reqs) > 0
+    finally:
+        engine.close()
+    assert set(child_pids(os.getpid())) == before, "a rank process outlived engine.close()"
+
+
 def test_a_mixed_batch_gives_what_it_gives_without_drafts(tiny_llama: Path, engine_device: str) -> None:
     """Greedy requests drafting beside seeded, penalised and logprobs ones, and greedy ones that
     stop on a token or at max_tokens inside an accepted run: token for token (and logprob for
@@ -290,11 +312,9 @@ def test_the_demo_model_drafts_and_matches_transformers(demo_model_dir: Path) ->
     assert engine.drafter is not None and engine.drafter.accepted > 0
 
 
-def test_speculative_decoding_needs_synchronous_single_rank_steps() -> None:
+def test_speculative_decoding_needs_synchronous_steps() -> None:
     with pytest.raises(ValueError, match="async_scheduling"):
         EngineConfig(num_speculative_tokens=2, async_scheduling=True)
-    with pytest.raises(ValueError, match="tensor parallelism"):
-        EngineConfig(num_speculative_tokens=2, tensor_parallel_size=2)
     with pytest.raises(ValueError, match="prompt_lookup"):
         EngineConfig(num_speculative_tokens=2, prompt_lookup_min=3, prompt_lookup_max=2)
     with pytest.raises(ValueError, match="num_speculative_tokens"):
