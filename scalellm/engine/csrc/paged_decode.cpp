@@ -343,7 +343,8 @@ void decode_heads_avx512(const Item& it, int64_t num_kv_heads, const T* q, int64
     const T* block = kbase + it.table[index] * it.s_blk;
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
       for (int64_t qi = 0; qi < num_heads; ++qi) {
-        const int64_t m = std::min<int64_t>(16, it.lens[qi / nh] - first - j0);  // this row's tokens here
+        // the tokens of this block and of this query head's row from j0 on, 16 at most
+        const int64_t m = std::min<int64_t>(16, std::min(n, it.lens[qi / nh] - first) - j0);
         if (m > 0)
           _mm512_mask_storeu_ps(scores + qi * len + first + j0, __mmask16(m == 16 ? 0xFFFF : (1u << m) - 1),
                                 heads[qi].scores16(block + (qi % nh / groups) * D + j0 * it.s_tok, it.s_tok, m));
@@ -490,7 +491,8 @@ void decode_heads_avx2(const Item& it, int64_t num_kv_heads, const T* q, int64_t
     const T* block = kbase + it.table[index] * it.s_blk;
     for (int64_t j0 = 0; j0 < n; j0 += 8) {
       for (int64_t qi = 0; qi < num_heads; ++qi) {
-        const int64_t m = std::min<int64_t>(8, it.lens[qi / nh] - first - j0);  // this row's tokens here
+        // the tokens of this block and of this query head's row from j0 on, 8 at most
+        const int64_t m = std::min<int64_t>(8, std::min(n, it.lens[qi / nh] - first) - j0);
         if (m > 0)
           _mm256_maskstore_ps(scores + qi * len + first + j0, lanes_below(m),
                               heads[qi].scores8(block + (qi % nh / groups) * D + j0 * it.s_tok, it.s_tok, m));
