@@ -328,10 +328,11 @@ class LLMEngine:
         """A step's rows as the tokens its requests get: a request that fed draft tokens has a
         row per draft plus one and keeps the rows up to the first that disagrees with its draft
         (speculative.accepted); returns those rows and each such request's rejected drafts."""
+        if self.drafter is None:  # speculative decoding off: nothing to look for in the step
+            return requests, sampled, {}
         drafts = {s.request.request_id: s.num_draft_tokens for s in out.scheduled if s.num_draft_tokens}
         if not drafts:
             return requests, sampled, {}
-        assert self.drafter is not None
         rows: list[int] = []
         rejected: dict[str, int] = {}
         i = 0
