@@ -13,8 +13,10 @@
 // Where the compiler targets AVX-512 and D is 64 or 128, decode_heads_avx512 does a work item
 // with D/16 registers per K/V row: a row is loaded (and widened from bfloat16) once, dotted with
 // all G query heads, and the softmax's exp runs 16 lanes at a time. Scores of 16 tokens are summed
-// across lanes together (reduce16) and the next block is prefetched (~34 -> ~28 ms for 30 layers
-// of 64 decodes of 100-200 tokens in bfloat16 on a 2-core Xeon; docs/benchmarks.md). A work item
+// across lanes together (reduce16) and the next block is prefetched into L2 (~34 -> ~28 ms for 30
+// layers of 64 decodes of 100-200 tokens in bfloat16 on a 2-core Xeon; docs/benchmarks.md), as is
+// the next work item's first block. With AVX512-BF16 a bfloat16 K row is dotted as it is stored
+// (vdpbf16ps, QueryHead<BFloat16>), not widened first. A work item
 // is a (request, K/V head), or a whole request once every thread has four: then a block's K (then
 // V) rows of all heads are read in one sweep, with less memory stall (the kernel is bound by
 // memory at 64 decodes); the same sums in the same order, so the same bits.
@@ -177,6 +179,20 @@ inline T* output_of(const Item& it, T* out, int64_t os_h, int64_t nh, int64_t qi
   return out + (qi / nh) * it.os_b + (qi % nh) * os_h;
 }
 
+// Asks for a block's K and V rows of this layer (every head) into L2 (prefetcht1). A work item
+// prefetches each next block of its own as it goes; its first block would otherwise be a cold
+// miss at the start of every item, so decode_items asks for the next item's while one runs.
+template <typename T>
+void prefetch_block(const at::Tensor& kv, int64_t block) {
+  const char* k = reinterpret_cast<const char*>(kv.data_ptr<T>() + block * kv.stride(0));
+  const char* v = k + kv.stride(1) * static_cast<int64_t>(sizeof(T));
+  const int64_t bytes = kv.size(2) * kv.stride(2) * static_cast<int64_t>(sizeof(T));  // block_size rows
+  for (int64_t at = 0; at < bytes; at += 64) {
+    __builtin_prefetch(k + at, 0, 2);
+    __builtin_prefetch(v + at, 0, 2);
+  }
+}
+
 // Requests per thread from which a work item is a whole request (decode_items).
 constexpr int64_t kRequestsPerThread = 4;
 
@@ -233,6 +249,8 @@ void decode_items(Heads heads, const at::Tensor& out, const at::Tensor& q, const
                     q.stride(0),             out.stride(0)};
       scores.resize(rows * item_heads * groups * it.len);
       acc.resize(rows * item_heads * groups * D);
+      if (item + 1 < end)  // the next item's first block, on its way while this item runs
+        prefetch_block<T>(kv, tables[firsts[(item + 1) * item_heads / num_kv_heads] * max_blocks]);
       heads(it, item_heads, q_ptr + b * q.stride(0) + h * groups * q.stride(1), q.stride(1),
             out_ptr + b * out.stride(0) + h * groups * out.stride(1), out.stride(1), groups, block_size,
             static_cast<float>(scale), scores.data(), acc.data());
@@ -284,6 +302,35 @@ struct QueryHead {
   }
 };
 
+#if defined(__AVX512BF16__)
+// bfloat16 on CPUs with AVX512-BF16: vdpbf16ps multiplies 32 bfloat16 pairs and adds each lane's
+// two products (exact in float32) to its float32 sum, so a K row is read as it is stored, 32
+// values a load, with no widening: a third of the instructions a widened row takes, where the
+// scores are bound by instructions, not memory (bench/decode_kernel.py on a 2-core Zen 4). The
+// query stays bfloat16 and the scale multiplies the sums (the same as scaling q first where the
+// scale is a power of two: head size 64); a float32 sum per lane, then reduce16, as above.
+template <int64_t NV>
+struct QueryHead<c10::BFloat16, NV> {
+  static_assert(NV % 2 == 0, "a head of 32 * (NV / 2) bfloat16 values");
+  __m512bh q[NV / 2];
+  __m512 scale;
+  QueryHead(const c10::BFloat16* src, float s) : scale(_mm512_set1_ps(s)) {
+    for (int64_t v = 0; v < NV / 2; ++v) q[v] = load32bh(src + 32 * v);
+  }
+  static __m512bh load32bh(const c10::BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); }
+  __m512 scores16(const c10::BFloat16* rows, int64_t stride, int64_t m) const {
+    __m512 acc[16];
+    for (int64_t j = 0; j < 16; ++j) {
+      acc[j] = _mm512_setzero_ps();
+      if (j < m)
+        for (int64_t v = 0; v < NV / 2; ++v)
+          acc[j] = _mm512_dpbf16_ps(acc[j], q[v], load32bh(rows + j * stride + 32 * v));
+    }
+    return _mm512_mul_ps(reduce16(acc), scale);
+  }
+};
+#endif
+
 // s[t] = e^(s[t] - max s) for t < len, in place; returns 1 / their sum.
 inline float softmax_numerators(float* s, int64_t len) {
   __m512 peak = _mm512_set1_ps(-INFINITY);
@@ -319,7 +366,9 @@ constexpr int64_t kGroupChunk = NV <= 4 ? 4 : 2;
 // the same order either way, so the same bits. The next block's K and V lines are prefetched a
 // share per query head, between the heads' scores, not in one burst that fills the line-fill
 // buffers. bench/decode_kernel.py, 30 layers, 64 decodes of ~185 tokens, bfloat16, 2 threads on
-// the 2-core Xeon: 0.79-0.85 ms a layer by request against 0.88-0.96 by (request, head).
+// the 2-core Xeon: 0.79-0.85 ms a layer by request against 0.88-0.96 by (request, head). Into L2
+// (prefetcht1), not L1: 18% less time than prefetcht0 at 64 decodes in both dtypes on the 2-core
+// Zen 4 (docs/benchmarks.md).
 template <typename T, int64_t NV>
 void decode_heads_avx512(const Item& it, int64_t num_kv_heads, const T* q, int64_t qs_h, T* out, int64_t os_h,
                          int64_t groups, int64_t block_size, float scale, float* scores, float* acc_buf) {
@@ -351,8 +400,8 @@ void decode_heads_avx512(const Item& it, int64_t num_kv_heads, const T* q, int64
         if (fetch && j0 == 0)
           for (int64_t l = qi * per_head; l < std::min(lines, (qi + 1) * per_head); ++l) {
             const int64_t at = (l / row_lines) * it.s_tok * static_cast<int64_t>(sizeof(T)) + (l % row_lines) * 64;
-            _mm_prefetch(reinterpret_cast<const char*>(knext) + at, _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(vnext) + at, _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(knext) + at, _MM_HINT_T1);
+            _mm_prefetch(reinterpret_cast<const char*>(vnext) + at, _MM_HINT_T1);
           }
       }
     }
@@ -478,8 +527,10 @@ void decode_heads_avx2(const Item& it, int64_t num_kv_heads, const T* q, int64_t
   heads.reserve(num_heads);
   for (int64_t qi = 0; qi < num_heads; ++qi) heads.emplace_back(query_of(it, q, qs_h, nh, qi), scale);
   // The next block's K and V lines of these heads (row_lines per token row) are prefetched a share
-  // per query head, between the heads' scores. Written out here: the same loop in a lambda made
-  // the kernel ~35% slower in bfloat16 (GCC 12, bench/decode_kernel.py).
+  // per query head, between the heads' scores, into L2 as in the AVX-512 kernel (this kernel on the
+  // Zen 4 built without AVX-512: 20-23% less time than prefetcht0 at 8 and 64 decodes; not timed
+  // on an AVX2-only CPU). Written out here: the same loop in a lambda made the kernel ~35% slower
+  // in bfloat16 (GCC 12, bench/decode_kernel.py).
   const int64_t row_lines = (num_kv_heads * D * static_cast<int64_t>(sizeof(T)) + 63) / 64;
   const int64_t lines = block_size * row_lines, per_head = (lines + num_heads - 1) / num_heads;
   const int64_t num_blocks = (len + block_size - 1) / block_size;
@@ -499,8 +550,8 @@ void decode_heads_avx2(const Item& it, int64_t num_kv_heads, const T* q, int64_t
         if (fetch && j0 == 0)
           for (int64_t l = qi * per_head; l < std::min(lines, (qi + 1) * per_head); ++l) {
             const int64_t at = (l / row_lines) * it.s_tok * static_cast<int64_t>(sizeof(T)) + (l % row_lines) * 64;
-            _mm_prefetch(knext + at, _MM_HINT_T0);
-            _mm_prefetch(vnext + at, _MM_HINT_T0);
+            _mm_prefetch(knext + at, _MM_HINT_T1);
+            _mm_prefetch(vnext + at, _MM_HINT_T1);
           }
       }
     }
