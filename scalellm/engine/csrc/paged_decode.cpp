@@ -11,8 +11,9 @@
 // block-major cache; only D must be contiguous. Arithmetic in float32 for float32 and bfloat16.
 //
 // Where the compiler targets AVX-512 and D is 64 or 128, decode_heads_avx512 does a work item
-// with D/16 registers per K/V row: a row is loaded (and widened from bfloat16) once, dotted with
-// all G query heads, and the softmax's exp runs 16 lanes at a time. Scores of 16 tokens are summed
+// with D/16 registers per K/V row: a K row is dotted with each of the G query heads (from L1
+// after the first), a V row loaded (and widened from bfloat16) once for all G, and the softmax's
+// exp runs 16 lanes at a time. Scores of 16 tokens are summed
 // across lanes together (reduce16) and the next block is prefetched into L2 (~34 -> ~28 ms for 30
 // layers of 64 decodes of 100-200 tokens in bfloat16 on a 2-core Xeon; docs/benchmarks.md), as is
 // the next work item's first block. With AVX512-BF16 a bfloat16 K row is dotted as it is stored
