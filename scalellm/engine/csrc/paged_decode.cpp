@@ -13,11 +13,11 @@
 // Where the compiler targets AVX-512 and D is 64 or 128, decode_heads_avx512 does a work item
 // with D/16 registers per K/V row: a K row is dotted with each of the G query heads (from L1
 // after the first), a V row loaded (and widened from bfloat16) once for all G, and the softmax's
-// exp runs 16 lanes at a time. Scores of 16 tokens are summed
-// across lanes together (reduce16) and the next block is prefetched into L2 (~34 -> ~28 ms for 30
-// layers of 64 decodes of 100-200 tokens in bfloat16 on a 2-core Xeon; docs/benchmarks.md), as is
-// the next work item's first block. With AVX512-BF16 a bfloat16 K row is dotted as it is stored
-// (vdpbf16ps, QueryHead<BFloat16>), not widened first. A work item
+// exp runs 16 lanes at a time. Scores of 16 tokens are summed across lanes together (reduce16);
+// the next block is prefetched into L2 (~34 -> ~28 ms for 30 layers of 64 decodes of 100-200
+// tokens in bfloat16 on a 2-core Xeon; docs/benchmarks.md), as is the next work item's first
+// block. With AVX512-BF16 a bfloat16 K row is dotted as it is stored (vdpbf16ps,
+// QueryHead<BFloat16>), not widened first. A work item
 // is a (request, K/V head), or a whole request once every thread has four: then a block's K (then
 // V) rows of all heads are read in one sweep, with less memory stall (the kernel is bound by
 // memory at 64 decodes); the same sums in the same order, so the same bits.
