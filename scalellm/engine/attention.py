@@ -19,7 +19,8 @@ Backends:
   query length (so grouped-query K/V is never repeated; see _decode). Prefill chunks attend one
   request at a time (``prefill_each_span``).
 - ``CpuPagedDecode`` (CPU, where its C++ kernel builds; scalellm/engine/cpu_kernels.py): decodes
-  read K/V straight from their blocks, no gathered copy; prefill chunks as TorchSDPA.
+  read K/V straight from their blocks, no gathered copy; so do a step's prefill chunks of up to
+  ~1k tokens of context (every one of them in one call), longer ones as TorchSDPA.
 - ``TritonPagedDecode`` (CUDA, where triton imports; scalellm/engine/attention_triton.py): the
   same for GPUs, one Triton program per (sequence, K/V head), and every prefill chunk of a step
   in one varlen launch that reads its context from the blocks; ``SCALELLM_ATTENTION_TORCH=1``
@@ -153,9 +154,9 @@ def prefill_each_span(
     scale: float,
     out: torch.Tensor,
 ) -> None:
-    """AttentionBackend.prefill one chunk at a time through torch's SDPA (``_prefill``)."""
+    """AttentionBackend.prefill one chunk at a time through torch's SDPA (``prefill_span``)."""
     for span in meta.prefills:
-        out[span.start : span.end] = _prefill(q, new_kv, kv, span, scale)
+        out[span.start : span.end] = prefill_span(q, new_kv, kv, span, scale)
 
 
 class TorchSDPA:
@@ -202,7 +203,7 @@ def select_backend(
         from scalellm.engine import cpu_kernels
 
         if cpu_kernels.available():
-            backend = cpu_kernels.CpuPagedDecode()
+            backend = cpu_kernels.CpuPagedDecode(dtype)
     elif device.type == "cuda" and os.environ.get(FORCE_TORCH_ENV, "0") != "1":
         from scalellm.engine import attention_flash, attention_triton  # here: they build on this module
 
@@ -248,9 +249,10 @@ def _decode(
     return out.reshape(batch, num_heads, head_dim)
 
 
-def _prefill(
+def prefill_span(
     q: torch.Tensor, new_kv: torch.Tensor, kv: torch.Tensor, span: PrefillSpan, scale: float
 ) -> torch.Tensor:
+    """One chunk's attention through torch's SDPA: rows [span.start, span.end) of q -> [n, Hq, D]."""
     n = span.end - span.start
     query = q[span.start : span.end].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
     if span.context_len == 0:

@@ -15,6 +15,7 @@ its own copy instead of loading one that dies on an illegal instruction.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import hashlib
@@ -22,11 +23,12 @@ import logging
 import os
 import platform
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from scalellm.engine.attention import AttentionMetadata, prefill_each_span
+from scalellm.engine.attention import AttentionMetadata, PrefillSpan, prefill_span
 from scalellm.models import ops_triton
 from scalellm.models.ops import LayerOps, TorchOps
 
@@ -128,14 +130,47 @@ def build_turn(name: str) -> Iterator[None]:
         yield
 
 
-class CpuPagedDecode:
-    """Decodes read K/V from the cache blocks directly (see csrc/paged_decode.cpp)."""
+KERNEL_PREFILL_MAX_TOKENS = {torch.bfloat16: 1024, torch.float32: 512}
+"""The longest context (cached tokens + the chunk) a prefill chunk attends through the C++ kernel;
+longer chunks go to torch's SDPA one at a time. The kernel scores a chunk's rows as decodes (see
+``paged_prefill`` in csrc/paged_decode.cpp) at a steady ~100 GFLOPS in bfloat16 and ~70 in
+float32 on two Zen 4 cores, where SDPA's flash kernel gains with length: 2.0x / 1.4x SDPA's
+speed on 128-token prompts, level at ~1-2k tokens in bfloat16 and 0.7x there in float32
+(docs/benchmarks.md, "Prefill attention on CPU")."""
 
-    name = "cpu-paged (C++ decode kernel and cache writes; SDPA for prefill)"
+
+@dataclass(frozen=True)
+class CpuPrefillPlan:
+    """Which of a step's prefill chunks go to the kernel (AttentionMetadata.prepared)."""
+
+    tables: torch.Tensor | None
+    """[S', max_blocks] block tables of the kernel's chunks (None: no chunk goes there)."""
+    bounds: torch.Tensor | None
+    """[S', 3] their (start row, length, cached context)."""
+    long_spans: tuple[PrefillSpan, ...]
+    """The chunks SDPA takes, one call each."""
+
+
+class CpuPagedDecode:
+    """Decodes read K/V from the cache blocks directly (see csrc/paged_decode.cpp); so do prefill
+    chunks up to KERNEL_PREFILL_MAX_TOKENS of context, every one of a step in one call a layer."""
+
+    name = "cpu-paged (C++ decode and prefill kernels and cache writes; SDPA for long prefill chunks)"
     graph_safe = True  # no capture on CPU; the bucketed static-buffer path is tested with it
 
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.max_kernel_tokens = KERNEL_PREFILL_MAX_TOKENS.get(dtype, 0)
+
     def prepare(self, meta: AttentionMetadata, block_size: int) -> AttentionMetadata:
-        return meta
+        if not meta.prefills:
+            return meta
+        fits = [s.context_len + s.end - s.start <= self.max_kernel_tokens for s in meta.prefills]
+        long_spans = tuple(span for span, ok in zip(meta.prefills, fits, strict=True) if not ok)
+        tables, bounds = meta.prefill_tables, meta.prefill_bounds
+        if long_spans and tables is not None and bounds is not None:
+            index = torch.tensor([k for k, ok in enumerate(fits) if ok], dtype=torch.long)
+            tables, bounds = (tables[index], bounds[index]) if len(index) else (None, None)
+        return dataclasses.replace(meta, prepared=CpuPrefillPlan(tables, bounds, long_spans))
 
     def write_kv(self, kv: torch.Tensor, new_kv: torch.Tensor, meta: AttentionMetadata) -> None:
         torch.ops.scalellm_cpu.write_kv(kv, new_kv, meta.slot_blocks, meta.slot_offsets)
@@ -150,7 +185,21 @@ class CpuPagedDecode:
         )
         return out
 
-    prefill = staticmethod(prefill_each_span)
+    def prefill(
+        self,
+        q: torch.Tensor,
+        new_kv: torch.Tensor,
+        kv: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        out: torch.Tensor,
+    ) -> None:
+        plan = meta.prepared
+        assert isinstance(plan, CpuPrefillPlan)
+        if plan.tables is not None and plan.bounds is not None:
+            torch.ops.scalellm_cpu.paged_prefill(out, q, kv, plan.tables, plan.bounds, scale)
+        for span in plan.long_spans:
+            out[span.start : span.end] = prefill_span(q, new_kv, kv, span, scale)
 
 
 class CpuFusedOps:

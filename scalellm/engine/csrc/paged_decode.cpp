@@ -33,10 +33,15 @@
 // the softmax's exp runs 8 lanes at a time, vec256.h).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -253,6 +258,70 @@ void decode_items(Heads heads, const at::Tensor& out, const at::Tensor& q, const
       if (item + 1 < end)  // the next item's first block, on its way while this item runs
         prefetch_block<T>(kv, tables[firsts[(item + 1) * item_heads / num_kv_heads] * max_blocks]);
       heads(it, item_heads, q_ptr + b * q.stride(0) + h * groups * q.stride(1), q.stride(1),
+            out_ptr + b * out.stride(0) + h * groups * out.stride(1), out.stride(1), groups, block_size,
+            static_cast<float>(scale), scores.data(), acc.data());
+    }
+  });
+}
+
+// Rows of a prefill chunk per work item of prefill_items.
+constexpr int64_t kPrefillRows = 8;
+
+// Every prefill chunk of a step through the decode kernels' `heads`, in one call. Chunk k is rows
+// [start, start + n) of q; row i of it attends the chunk's cached context and, causally, the
+// chunk up to itself: in decode_items' terms a row with context length context_len + i + 1, and
+// the chunk's rows a run with one block table (its K/V is in the cache before attention runs).
+//
+//   rows    start .. start+7 | start+8 .. start+15 | ...     pieces of kPrefillRows rows
+//   lens    c+1   .. c+8     | c+9     .. c+16     | ...     (c = context_len)
+//
+// A work item is a (piece, K/V head): the piece's rows read each K/V row of the head once. Late
+// pieces of a chunk attend more tokens than early ones, so items go out longest first from a
+// shared counter (an even split of a 128-token prompt's items gave one thread three times the
+// other's work). Each row's sums are the ones paged_decode computes for that row, so a token's
+// attention has the same bits whether it was prefilled, in whatever chunk, or decoded.
+template <typename T, int64_t D, typename Heads>
+void prefill_items(Heads heads, const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv,
+                   const at::Tensor& tables, const std::vector<int64_t>& lens,
+                   const std::vector<std::array<int64_t, 3>>& chunks, double scale) {
+  const int64_t block_size = kv.size(2), num_kv_heads = kv.size(3);
+  const int64_t groups = q.size(1) / num_kv_heads, width = tables.size(1);
+  struct Piece {
+    int64_t chunk, row, rows, work;  // work: the (row, token) pairs it attends, to order by
+  };
+  std::vector<Piece> pieces;
+  for (int64_t k = 0; k < static_cast<int64_t>(chunks.size()); ++k) {
+    const auto [start, n, context] = chunks[k];
+    for (int64_t i = 0; i < n; i += kPrefillRows) {
+      const int64_t rows = std::min(kPrefillRows, n - i);
+      pieces.push_back({k, start + i, rows, rows * (context + i + rows)});
+    }
+  }
+  std::stable_sort(pieces.begin(), pieces.end(), [](const Piece& a, const Piece& b) { return a.work > b.work; });
+  const int64_t items = static_cast<int64_t>(pieces.size()) * num_kv_heads;
+  const T* q_ptr = q.data_ptr<T>();
+  const T* kv_ptr = kv.data_ptr<T>();
+  T* out_ptr = out.data_ptr<T>();
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    std::vector<float> acc, scores;
+    for (int64_t item = next++; item < items; item = next++) {
+      const Piece& p = pieces[item / num_kv_heads];
+      const int64_t h = item % num_kv_heads, b = p.row;
+      const T* head = kv_ptr + h * kv.stride(3);
+      const Item it{tables.data_ptr<int64_t>() + p.chunk * width,
+                    lens.data() + b,
+                    p.rows,
+                    lens[b + p.rows - 1],
+                    head,
+                    head + kv.stride(1),
+                    kv.stride(0),
+                    kv.stride(2),
+                    q.stride(0),
+                    out.stride(0)};
+      scores.resize(p.rows * groups * it.len);
+      acc.resize(p.rows * groups * D);
+      heads(it, 1, q_ptr + b * q.stride(0) + h * groups * q.stride(1), q.stride(1),
             out_ptr + b * out.stride(0) + h * groups * out.stride(1), out.stride(1), groups, block_size,
             static_cast<float>(scale), scores.data(), acc.data());
     }
@@ -596,15 +665,21 @@ template <typename T, int64_t D>
 constexpr auto kHeads = &decode_heads_avx2<T, D>;
 #endif
 
-void paged_decode(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables,
-                  const at::Tensor& lens, double scale) {
-  TORCH_CHECK(q.dim() == 3 && out.dim() == 3 && kv.dim() == 5, "q/out [B, Hq, D], kv [N, 2, bs, Hkv, D]");
+// What paged_decode and paged_prefill ask of their query, output and cache.
+void check_attention_args(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv) {
+  TORCH_CHECK(q.dim() == 3 && out.dim() == 3 && kv.dim() == 5, "q/out [rows, Hq, D], kv [N, 2, bs, Hkv, D]");
+  TORCH_CHECK(q.sizes() == out.sizes(), "q and out differ in shape");
   TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1 && kv.stride(4) == 1, "head_dim must be contiguous");
   TORCH_CHECK(q.scalar_type() == kv.scalar_type() && out.scalar_type() == kv.scalar_type(), "dtype mismatch");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16, "float32 or bfloat16 only");
   TORCH_CHECK(q.size(1) % kv.size(3) == 0 && q.size(2) == kv.size(4), "head shapes do not match");
+}
+
+void paged_decode(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables,
+                  const at::Tensor& lens, double scale) {
+  check_attention_args(out, q, kv);
   TORCH_CHECK(tables.scalar_type() == at::kLong && lens.scalar_type() == at::kLong, "int64 tables");
   TORCH_CHECK(tables.is_contiguous() && lens.is_contiguous(), "contiguous tables");
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16, "float32 or bfloat16 only");
   const bool bf16 = q.scalar_type() == at::kBFloat16;
   const int64_t d = q.size(2);
 #if defined(__AVX512F__) || defined(SCALELLM_AVX2)
@@ -625,6 +700,62 @@ void paged_decode(const at::Tensor& out, const at::Tensor& q, const at::Tensor& 
     bf16 ? decode_kernel<c10::BFloat16, 0>(out, q, kv, tables, lens, scale)
          : decode_kernel<float, 0>(out, q, kv, tables, lens, scale);
   }
+}
+
+// The step's prefill chunks (bounds [S, 3]: start row in q, length, cached context; tables [S, W]:
+// each chunk's block table) into the same rows of out; decode rows are not touched. K/V of the
+// chunks must already be in the cache (write_kv). Where this build has no vectorized kernel, or
+// for other head sizes, the rows go to decode_kernel with a table row each.
+void paged_prefill(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables,
+                   const at::Tensor& bounds, double scale) {
+  check_attention_args(out, q, kv);
+  TORCH_CHECK(tables.scalar_type() == at::kLong && bounds.scalar_type() == at::kLong, "int64 tables and bounds");
+  TORCH_CHECK(tables.dim() == 2 && bounds.dim() == 2 && bounds.size(1) == 3 && tables.size(0) == bounds.size(0),
+              "tables [S, W], bounds [S, 3]");
+  TORCH_CHECK(tables.is_contiguous() && bounds.is_contiguous(), "contiguous tables and bounds");
+  const int64_t* bnd = bounds.data_ptr<int64_t>();
+  const int64_t* tab = tables.data_ptr<int64_t>();
+  const int64_t rows = q.size(0), block_size = kv.size(2), width = tables.size(1);
+  std::vector<std::array<int64_t, 3>> chunks;
+  std::vector<int64_t> lens(rows, 0);
+  int64_t first = rows;  // the first prefill row
+  for (int64_t k = 0; k < bounds.size(0); ++k) {
+    const int64_t start = bnd[3 * k], n = bnd[3 * k + 1], context = bnd[3 * k + 2];
+    TORCH_CHECK(start >= 0 && n > 0 && start + n <= rows && context >= 0, "a chunk's rows out of range");
+    const int64_t blocks = (context + n + block_size - 1) / block_size;
+    TORCH_CHECK(blocks <= width, "a chunk's block table is too short for its context");
+    for (int64_t i = 0; i < blocks; ++i)
+      TORCH_CHECK(0 <= tab[k * width + i] && tab[k * width + i] < kv.size(0), "block id out of range");
+    for (int64_t i = 0; i < n; ++i) lens[start + i] = context + i + 1;
+    chunks.push_back({start, n, context});
+    first = std::min(first, start);
+  }
+  if (chunks.empty()) return;
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  const int64_t d = q.size(2);
+#if defined(__AVX512F__) || defined(SCALELLM_AVX2)
+  if (d == 64)
+    return bf16 ? prefill_items<c10::BFloat16, 64>(kHeads<c10::BFloat16, 64>, out, q, kv, tables, lens, chunks, scale)
+                : prefill_items<float, 64>(kHeads<float, 64>, out, q, kv, tables, lens, chunks, scale);
+  if (d == 128)
+    return bf16 ? prefill_items<c10::BFloat16, 128>(kHeads<c10::BFloat16, 128>, out, q, kv, tables, lens, chunks, scale)
+                : prefill_items<float, 128>(kHeads<float, 128>, out, q, kv, tables, lens, chunks, scale);
+#endif
+  // rows [first, rows) as decodes: each its chunk's table (rows between chunks: one token of block 0)
+  std::vector<int64_t> owner(rows - first, -1);
+  for (int64_t k = 0; k < static_cast<int64_t>(chunks.size()); ++k)
+    for (int64_t i = 0; i < chunks[k][1]; ++i) owner[chunks[k][0] + i - first] = k;
+  at::Tensor row_tables = at::zeros({rows - first, width}, tables.options());
+  at::Tensor row_lens = at::ones({rows - first}, tables.options());
+  for (int64_t r = 0; r < rows - first; ++r)
+    if (owner[r] >= 0) {
+      std::memcpy(row_tables.data_ptr<int64_t>() + r * width, tab + owner[r] * width, width * sizeof(int64_t));
+      row_lens.data_ptr<int64_t>()[r] = lens[first + r];
+    }
+  at::Tensor scratch = at::empty({rows - first, q.size(1), d}, out.options());
+  paged_decode(scratch, q.narrow(0, first, rows - first), kv, row_tables, row_lens, scale);
+  for (int64_t r = 0; r < rows - first; ++r)
+    if (owner[r] >= 0) out[first + r].copy_(scratch[r]);
 }
 
 // kv[slot_blocks[t], 0 and 1, slot_offsets[t]] = new_kv[t, 0 and 1]: the step's K and V rows into
@@ -659,7 +790,9 @@ void write_kv(const at::Tensor& kv, const at::Tensor& new_kv, const at::Tensor& 
 
 TORCH_LIBRARY(scalellm_cpu, m) {
   m.def("paged_decode(Tensor(a!) out, Tensor q, Tensor kv, Tensor block_tables, Tensor context_lens, float scale) -> ()");
+  m.def("paged_prefill(Tensor(a!) out, Tensor q, Tensor kv, Tensor chunk_tables, Tensor chunk_bounds, float scale) -> ()");
   m.def("write_kv(Tensor(a!) kv, Tensor new_kv, Tensor slot_blocks, Tensor slot_offsets) -> ()");
   m.impl("paged_decode", c10::DispatchKey::CPU, paged_decode);
+  m.impl("paged_prefill", c10::DispatchKey::CPU, paged_prefill);
   m.impl("write_kv", c10::DispatchKey::CPU, write_kv);
 }
