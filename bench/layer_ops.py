@@ -44,7 +44,7 @@ def cases(tokens: int, dtype: torch.dtype) -> dict[str, tuple[Callable[[], objec
     slots = torch.randperm(256)[:tokens]
     meta = AttentionMetadata(slots, torch.arange(tokens) % 16, tokens, None, None, (), TorchSDPA())
     new_kv = qkv[:, 9:].unflatten(1, (2, 3))
-    paged = cpu_kernels.CpuPagedDecode(dtype)
+    paged = cpu_kernels.CpuPagedDecode(None)
     logits = torch.randn(tokens, 49152).to(dtype)
     return {
         "add + rms_norm": (

@@ -203,7 +203,7 @@ def select_backend(
         from scalellm.engine import cpu_kernels
 
         if cpu_kernels.available():
-            backend = cpu_kernels.CpuPagedDecode(dtype)
+            backend = cpu_kernels.CpuPagedDecode(cpu_kernels.max_kernel_prefill_tokens(dtype, head_dim))
     elif device.type == "cuda" and os.environ.get(FORCE_TORCH_ENV, "0") != "1":
         from scalellm.engine import attention_flash, attention_triton  # here: they build on this module
 

@@ -131,12 +131,20 @@ def build_turn(name: str) -> Iterator[None]:
 
 
 KERNEL_PREFILL_MAX_TOKENS = {torch.bfloat16: 1024, torch.float32: 512}
-"""The longest context (cached tokens + the chunk) a prefill chunk attends through the C++ kernel;
-longer chunks go to torch's SDPA one at a time. The kernel scores a chunk's rows as decodes (see
-``paged_prefill`` in csrc/paged_decode.cpp) at a steady ~100 GFLOPS in bfloat16 and ~70 in
-float32 on two Zen 4 cores, where SDPA's flash kernel gains with length: 2.0x / 1.4x SDPA's
+"""The longest context (cached tokens + the chunk) a prefill chunk attends through the C++ rows
+kernel; longer chunks go to torch's SDPA one at a time. The rows kernel scores a chunk's rows as
+decodes (``prefill_items`` in csrc/paged_decode.cpp) at a steady ~100 GFLOPS in bfloat16 and ~70
+in float32 on two Zen 4 cores, where SDPA's flash kernel gains with length: 2.0x / 1.4x SDPA's
 speed on 128-token prompts, level at ~1-2k tokens in bfloat16 and 0.7x there in float32
-(docs/benchmarks.md, "Prefill attention on CPU")."""
+(docs/benchmarks.md, "Prefill attention on CPU"). bfloat16 on CPUs with AVX512-BF16 takes the
+tile kernel instead (``prefill_tiles_bf16``), faster than SDPA at every length measured: no limit."""
+
+
+def max_kernel_prefill_tokens(dtype: torch.dtype, head_dim: int) -> int | None:
+    """The longest context a prefill chunk attends through our kernel (None: any), else SDPA."""
+    if dtype == torch.bfloat16 and torch.ops.scalellm_cpu.prefill_tiles(head_dim):
+        return None
+    return KERNEL_PREFILL_MAX_TOKENS.get(dtype, 0)
 
 
 @dataclass(frozen=True)
@@ -152,19 +160,22 @@ class CpuPrefillPlan:
 
 
 class CpuPagedDecode:
-    """Decodes read K/V from the cache blocks directly (see csrc/paged_decode.cpp); so do prefill
-    chunks up to KERNEL_PREFILL_MAX_TOKENS of context, every one of a step in one call a layer."""
+    """Decodes read K/V from the cache blocks directly (see csrc/paged_decode.cpp); so do a step's
+    prefill chunks, every one of them in one call a layer, up to max_kernel_prefill_tokens of
+    context (longer ones through SDPA)."""
 
     name = "cpu-paged (C++ decode and prefill kernels and cache writes; SDPA for long prefill chunks)"
     graph_safe = True  # no capture on CPU; the bucketed static-buffer path is tested with it
 
-    def __init__(self, dtype: torch.dtype) -> None:
-        self.max_kernel_tokens = KERNEL_PREFILL_MAX_TOKENS.get(dtype, 0)
+    def __init__(self, max_kernel_tokens: int | None) -> None:
+        self.max_kernel_tokens = max_kernel_tokens
+        """Chunks attending more context than this go to SDPA (None: none do)."""
 
     def prepare(self, meta: AttentionMetadata, block_size: int) -> AttentionMetadata:
         if not meta.prefills:
             return meta
-        fits = [s.context_len + s.end - s.start <= self.max_kernel_tokens for s in meta.prefills]
+        most = self.max_kernel_tokens
+        fits = [most is None or s.context_len + s.end - s.start <= most for s in meta.prefills]
         long_spans = tuple(span for span, ok in zip(meta.prefills, fits, strict=True) if not ok)
         tables, bounds = meta.prefill_tables, meta.prefill_bounds
         if long_spans and tables is not None and bounds is not None:

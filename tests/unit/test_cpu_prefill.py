@@ -1,5 +1,6 @@
-"""The CPU prefill kernel (``paged_prefill`` in csrc/paged_decode.cpp) against torch's SDPA chunk
-by chunk, against the decode kernel row by row, and the backend's split between the two."""
+"""The CPU prefill kernels (``paged_prefill`` in csrc/paged_decode.cpp: decode rows, or bfloat16
+tiles where the CPU has AVX512-BF16) against torch's SDPA chunk by chunk and against the decode
+kernel row by row, and the backend's split between the kernel and SDPA."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from scalellm.engine import cpu_kernels
-from scalellm.engine.attention import AttentionMetadata, PrefillSpan, TorchSDPA, prefill_span
+from scalellm.engine.attention import AttentionMetadata, PrefillSpan, prefill_span
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ toolchain for the CPU kernel")
 
@@ -21,11 +22,18 @@ class Step:
     engine lays out a step: q [DECODES + chunk rows, Hq, D], each chunk's K/V already in the cache."""
 
     def __init__(
-        self, chunks: list[tuple[int, int]], dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int
+        self,
+        chunks: list[tuple[int, int]],
+        dtype: torch.dtype,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        block: int = BLOCK,
     ) -> None:
         gen = torch.Generator().manual_seed(len(chunks) * 100 + head_dim + heads)
-        need = sum(-(-(n + c) // BLOCK) for n, c in chunks)
-        cache = torch.randn(need + 5, 2, 2, BLOCK, kv_heads, head_dim, generator=gen).to(dtype)
+        need = sum(-(-(n + c) // block) for n, c in chunks)
+        # slots no chunk has written hold NaN: a kernel that reads past a row's context shows it
+        cache = torch.full((need + 5, 2, 2, block, kv_heads, head_dim), float("nan"), dtype=dtype)
         self.kv = cache[:, 1]  # strided, as the engine passes a layer's view
         perm = torch.randperm(need + 5, generator=gen).tolist()
         rows = DECODES + sum(n for n, _ in chunks)
@@ -34,10 +42,12 @@ class Step:
         self.new_kv = torch.empty(rows, 2, kv_heads, head_dim, dtype=dtype)
         spans, tables, bounds, start = [], [], [], DECODES
         for n, context in chunks:
-            ids = [perm.pop() for _ in range(-(-(n + context) // BLOCK))]
+            ids = [perm.pop() for _ in range(-(-(n + context) // block))]
+            for pos in range(context + n):  # the cached context, then the chunk's own K/V
+                self.kv[ids[pos // block], :, pos % block] = torch.randn(2, kv_heads, head_dim, generator=gen)
             for i in range(n):
                 pos = context + i
-                self.new_kv[start + i] = self.kv[ids[pos // BLOCK], :, pos % BLOCK]
+                self.new_kv[start + i] = self.kv[ids[pos // block], :, pos % block]
             spans.append(PrefillSpan(start, start + n, context, torch.tensor(ids)))
             tables.append(ids)
             bounds.append((start, n, context))
@@ -99,16 +109,35 @@ def test_prefill_kernel_equals_sdpa_chunk_by_chunk(
 
 
 @needs_kernel
+@pytest.mark.parametrize("block", [8, 32])
+@pytest.mark.parametrize(("head_dim", "heads", "kv_heads"), [(64, 9, 3), (128, 8, 2)])
+def test_prefill_kernel_with_other_block_sizes_and_odd_lengths(
+    block: int, head_dim: int, heads: int, kv_heads: int
+) -> None:
+    """Blocks smaller and larger than a 16-token tile, chunks ending mid-tile on an odd token (the
+    bfloat16 tiles pair tokens for P.V), and a context over many tiles."""
+    for dtype in (torch.bfloat16, torch.float32):
+        step = Step([(45, 0), (33, 301), (3, 7)], dtype, heads, kv_heads, head_dim, block)
+        got = step.kernel(2)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got, step.sdpa(), atol=tol, rtol=tol)
+
+
+@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("head_dim", "heads", "kv_heads"), SHAPES)
 def test_a_prefilled_row_has_the_bits_of_the_same_row_decoded(
     dtype: torch.dtype, head_dim: int, heads: int, kv_heads: int
 ) -> None:
-    """Row i of a chunk on c cached tokens is a decode with context c + i + 1: the same sums in the
-    same order, so the same bits, on 1 and on 8 threads (other work items and orders)."""
+    """The rows kernel: row i of a chunk on c cached tokens is a decode with context c + i + 1, the
+    same sums in the same order, so the same bits. Either kernel: the same bits on 1 and on 8
+    threads (other work items and orders). The bfloat16 tiles round p before P.V: SDPA's
+    tolerance (above), not a decode's bits."""
     step = Step(CHUNKS, dtype, heads, kv_heads, head_dim)
     one, many = step.kernel(1), step.kernel(8)
     assert torch.equal(one, many)
+    if dtype == torch.bfloat16 and torch.ops.scalellm_cpu.prefill_tiles(head_dim):
+        return
     for span, table in zip(step.spans, step.tables, strict=True):
         for i in range(span.end - span.start):
             row = slice(span.start + i, span.start + i + 1)
@@ -138,12 +167,12 @@ def test_prefill_kernel_refuses_what_would_read_outside_the_cache() -> None:
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backend_sends_short_chunks_to_the_kernel_and_long_ones_to_sdpa(dtype: torch.dtype) -> None:
-    """Chunks whose context reaches past KERNEL_PREFILL_MAX_TOKENS go to SDPA; the rest to the kernel
-    in one call: the step's output equals SDPA's for every chunk either way."""
-    limit = cpu_kernels.KERNEL_PREFILL_MAX_TOKENS[dtype]
+    """Chunks whose context reaches past the backend's limit go to SDPA; the rest to the kernel in
+    one call: the step's output equals SDPA's for every chunk either way."""
+    limit = 100
     chunks = [(30, 0), (40, limit - 20), (9, 2)]  # the middle one attends limit + 20 tokens
     step = Step(chunks, dtype, 9, 3, 64)
-    backend = cpu_kernels.CpuPagedDecode(dtype)
+    backend = cpu_kernels.CpuPagedDecode(limit)
     meta = backend.prepare(step.meta(backend), BLOCK)
     plan = meta.prepared
     assert isinstance(plan, cpu_kernels.CpuPrefillPlan)
@@ -155,5 +184,18 @@ def test_backend_sends_short_chunks_to_the_kernel_and_long_ones_to_sdpa(dtype: t
     torch.testing.assert_close(out, step.sdpa(), atol=tol, rtol=tol)
     only_long = backend.prepare(Step([(40, limit)], dtype, 9, 3, 64).meta(backend), BLOCK).prepared
     assert isinstance(only_long, cpu_kernels.CpuPrefillPlan) and only_long.tables is None
-    all_short = backend.prepare(step.meta(TorchSDPA()), BLOCK).prepared
-    assert isinstance(all_short, cpu_kernels.CpuPrefillPlan) and len(all_short.long_spans) == 1
+    unlimited = cpu_kernels.CpuPagedDecode(None).prepare(step.meta(backend), BLOCK).prepared
+    assert isinstance(unlimited, cpu_kernels.CpuPrefillPlan) and unlimited.long_spans == ()
+    assert unlimited.tables is step.tables
+
+
+@needs_kernel
+def test_the_limit_follows_the_kernel_this_cpu_has() -> None:
+    """bfloat16 on AVX512-BF16 takes the tiles at any length; the rows kernel has a limit per dtype."""
+    tiles = torch.ops.scalellm_cpu.prefill_tiles(64)
+    assert tiles == torch.ops.scalellm_cpu.prefill_tiles(128)
+    assert not torch.ops.scalellm_cpu.prefill_tiles(16)
+    assert cpu_kernels.max_kernel_prefill_tokens(torch.bfloat16, 64) == (None if tiles else 1024)
+    assert cpu_kernels.max_kernel_prefill_tokens(torch.bfloat16, 16) == 1024
+    assert cpu_kernels.max_kernel_prefill_tokens(torch.float32, 64) == 512
+    assert cpu_kernels.max_kernel_prefill_tokens(torch.float16, 64) == 0

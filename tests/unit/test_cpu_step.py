@@ -206,14 +206,14 @@ def test_kv_write_equals_indexed_copy(dtype: torch.dtype) -> None:
     new_kv = qkv[:, 9:].unflatten(1, (2, 3))  # [T, 2, Hkv, D], a view as the model passes it
     meta = dataclasses.replace(
         _meta(torch.tensor([4, 4, 0, 11, 7]), torch.tensor([0, 3, 2, 1, 3])),
-        backend=cpu_kernels.CpuPagedDecode(dtype),
+        backend=cpu_kernels.CpuPagedDecode(None),
     )
     expected = cache.clone()
     TorchSDPA().write_kv(expected[:, 1], new_kv, meta)
-    cpu_kernels.CpuPagedDecode(dtype).write_kv(cache[:, 1], new_kv, meta)
+    cpu_kernels.CpuPagedDecode(None).write_kv(cache[:, 1], new_kv, meta)
     assert torch.equal(cache, expected)
     with pytest.raises(RuntimeError, match="slot out of range"):
-        cpu_kernels.CpuPagedDecode(dtype).write_kv(
+        cpu_kernels.CpuPagedDecode(None).write_kv(
             cache[:, 1], new_kv, _meta(torch.tensor([4, 4, 0, 12, 7]), meta.slot_offsets)
         )
 

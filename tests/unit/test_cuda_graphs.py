@@ -57,7 +57,7 @@ def test_graphs_are_on_by_default_only_on_cuda_and_off_where_unsafe() -> None:
         EngineConfig(cuda_graph_max_batch=-1)
 
     on = EngineConfig(device="cpu", cuda_graph_max_batch=8)
-    safe = cpu_kernels.CpuPagedDecode(torch.float32)
+    safe = cpu_kernels.CpuPagedDecode(None)
     assert why_eager(on, CFG, safe, quantized_kv=False) is None
     assert "0" in (why_eager(EngineConfig(device="cpu"), CFG, safe, quantized_kv=False) or "")
     assert "int8" in (why_eager(on, CFG, Int8KVSDPA(torch.float32), quantized_kv=True) or "")

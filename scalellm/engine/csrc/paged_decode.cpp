@@ -280,7 +280,8 @@ constexpr int64_t kPrefillRows = 8;
 // shared counter (an even split of a 128-token prompt's items gave one thread three times the
 // other's work). Each row's sums are the ones paged_decode computes for that row, so a token's
 // attention has the same bits whether it was prefilled, in whatever chunk, or decoded.
-template <typename T, int64_t D, typename Heads>
+// PIECE: rows a work item; BUFFERS: whether `heads` takes the scores and accumulator buffers.
+template <typename T, int64_t D, int64_t PIECE = kPrefillRows, bool BUFFERS = true, typename Heads>
 void prefill_items(Heads heads, const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv,
                    const at::Tensor& tables, const std::vector<int64_t>& lens,
                    const std::vector<std::array<int64_t, 3>>& chunks, double scale) {
@@ -292,8 +293,8 @@ void prefill_items(Heads heads, const at::Tensor& out, const at::Tensor& q, cons
   std::vector<Piece> pieces;
   for (int64_t k = 0; k < static_cast<int64_t>(chunks.size()); ++k) {
     const auto [start, n, context] = chunks[k];
-    for (int64_t i = 0; i < n; i += kPrefillRows) {
-      const int64_t rows = std::min(kPrefillRows, n - i);
+    for (int64_t i = 0; i < n; i += PIECE) {
+      const int64_t rows = std::min(PIECE, n - i);
       pieces.push_back({k, start + i, rows, rows * (context + i + rows)});
     }
   }
@@ -319,8 +320,10 @@ void prefill_items(Heads heads, const at::Tensor& out, const at::Tensor& q, cons
                     kv.stride(2),
                     q.stride(0),
                     out.stride(0)};
-      scores.resize(p.rows * groups * it.len);
-      acc.resize(p.rows * groups * D);
+      if (BUFFERS) {
+        scores.resize(p.rows * groups * it.len);
+        acc.resize(p.rows * groups * D);
+      }
       heads(it, 1, q_ptr + b * q.stride(0) + h * groups * q.stride(1), q.stride(1),
             out_ptr + b * out.stride(0) + h * groups * out.stride(1), out.stride(1), groups, block_size,
             static_cast<float>(scale), scores.data(), acc.data());
@@ -332,19 +335,26 @@ void prefill_items(Heads heads, const at::Tensor& out, const at::Tensor& q, cons
 // ---- AVX-512: one (request, K/V head) item, D = 16 * NV -------------------------------------
 
 // r[i] = the sum of a[i]'s 16 lanes, for 16 vectors at once: a transpose and add in four rounds
-// (45 instructions where 16 horizontal sums take ~130).
-inline __m512 reduce16(const __m512* a) {
+// (45 instructions where 16 horizontal sums take ~130). reduce16_max: their maxima the same way.
+template <typename Op>
+inline __m512 reduce16_by(const __m512* a, Op op) {
   __m512 b[8], c[4];
   for (int i = 0; i < 8; ++i)  // per 128-bit lane: [x0+x2, y0+y2, x1+x3, y1+y3] of x, y = a[2i], a[2i+1]
-    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    b[i] = op(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
   for (int i = 0; i < 4; ++i) {  // per 128-bit lane: that lane's sums of a[4i], ..., a[4i + 3]
     const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
-    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    c[i] = op(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
   }
   // across the four 128-bit lanes: 0x88 takes lanes 0 and 2 of each operand, 0xDD lanes 1 and 3
-  const __m512 e0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
-  const __m512 e1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x88), _mm512_shuffle_f32x4(c[2], c[3], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(e0, e1, 0x88), _mm512_shuffle_f32x4(e0, e1, 0xDD));
+  const __m512 e0 = op(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+  const __m512 e1 = op(_mm512_shuffle_f32x4(c[2], c[3], 0x88), _mm512_shuffle_f32x4(c[2], c[3], 0xDD));
+  return op(_mm512_shuffle_f32x4(e0, e1, 0x88), _mm512_shuffle_f32x4(e0, e1, 0xDD));
+}
+inline __m512 reduce16(const __m512* a) {
+  return reduce16_by(a, [](__m512 x, __m512 y) { return _mm512_add_ps(x, y); });
+}
+inline __m512 reduce16_max(const __m512* a) {
+  return reduce16_by(a, [](__m512 x, __m512 y) { return _mm512_max_ps(x, y); });
 }
 
 // q . row, lane by lane (the lanes are summed later): D = 16 * NV products per row.
@@ -513,6 +523,156 @@ void decode_heads_avx512(const Item& it, int64_t num_kv_heads, const T* q, int64
     for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(row[d]);
   }
 }
+
+#if defined(__AVX512BF16__)
+// ---- bfloat16 prefill in tiles (AVX512-BF16) ------------------------------------------------
+//
+// paged_prefill's kernel for bfloat16 where the CPU has vdpbf16ps. A work item (prefill_items)
+// is kTilePiece tokens of a chunk and one K/V head: R = tokens * G query rows (row r: token r / G,
+// query head r % G of the K/V head's G), over the chunk's context 16 tokens at a time, with flash
+// attention's online softmax (a running max m_r and sum l_r in float32; 16 rows' maxima and sums
+// in one register, reduce16_max and reduce16):
+//
+//   kt[dp]     lane j = (K[j][2dp], K[j][2dp+1])          a tile's K as bfloat16 pairs (a gather)
+//   S[r]       lane j = scale * sum_dp (q_r[2dp], q_r[2dp+1]) . kt[dp][j]    (vdpbf16ps)
+//   p[r]       = e^(S[r] - m_r) for the tokens row r sees, 0 past them; rounded to bfloat16
+//   vp[t2]     = V rows 2 t2 and 2 t2 + 1 interleaved (vpunpck{l,h}wd: pairs per head dim)
+//   acc_r      = acc_r * e^(m_old - m_r) + sum_t2 (p[r][2 t2], p[r][2 t2 + 1]) . vp[t2]    (vdpbf16ps)
+//
+// Both products take 32 multiply-adds an instruction with no lane sums, where the decode kernels'
+// rows (paged_decode, and paged_prefill elsewhere) take 16 and sum lanes; the price is p rounded
+// to bfloat16 before P.V, as GPU flash kernels do, so a prefilled row no longer has a decoded
+// row's bits (it is tested against SDPA within bfloat16's tolerance). An accumulator's lanes hold
+// head dims in the unpack's order (dim_of). On the 2-core Zen 4 (bench/prefill_attention.py
+// --device cpu, docs/benchmarks.md) it runs at 1.5-3x SDPA's speed from 128 to 8k tokens, and
+// about 1.7x the rows kernel's; the gather of K is ~10% of its time.
+constexpr int64_t kTileTokens = 16;  // a register's lanes of scores
+constexpr int64_t kTilePiece = 32;   // tokens of a chunk per work item: its K tiles gathered once for them
+
+// The head dim in lane j of a row's P.V accumulator k: unpack interleaves within 128-bit lanes,
+// so accumulator 2z holds dims 0-3, 8-11, 16-19, 24-27 of V's 32-dim register z, 2z + 1 the rest.
+inline int64_t dim_of(int64_t k, int64_t j) { return 32 * (k / 2) + 8 * (j / 4) + 4 * (k % 2) + j % 4; }
+
+// Per-thread buffers of prefill_tiles_bf16, sized for the largest item it has seen.
+struct TileScratch {
+  std::vector<float> acc, m, l, corr;
+  std::vector<uint32_t> p;  // a row's 16 probabilities as 8 bfloat16 pairs
+  std::vector<int64_t> seen;  // how many of the current tile's tokens each row sees
+  std::vector<const int32_t*> q;  // each row's query as bfloat16 pairs
+};
+
+// One work item, in decode_heads_avx512's signature (scores and acc_buf unused: TileScratch).
+template <int64_t ND>  // D = 32 * ND head dims, ND 512-bit registers of bfloat16 a row
+void prefill_tiles_bf16(const Item& it, int64_t num_kv_heads, const c10::BFloat16* q, int64_t qs_h,
+                        c10::BFloat16* out, int64_t os_h, int64_t groups, int64_t block_size, float scale,
+                        float*, float*) {
+  using bf16 = c10::BFloat16;
+  constexpr int64_t D = 32 * ND, NA = 2 * ND;  // NA accumulators of 16 floats a row
+  constexpr int64_t RS = 16, RP = 16 / NA;     // rows a register tile of S; of P.V
+  TORCH_CHECK(num_kv_heads == 1, "prefill tiles take one K/V head an item");
+  static thread_local TileScratch t;
+  const int64_t rows = it.rows * groups, padded = (rows + RS - 1) / RS * RS;
+  t.acc.assign(padded * D, 0.f);
+  t.m.assign(padded, -INFINITY);
+  t.l.assign(padded, 0.f);
+  t.corr.assign(padded, 1.f);
+  t.p.assign(padded * 8, 0u);
+  t.seen.assign(padded, 0);
+  t.q.resize(padded);
+  for (int64_t r = 0; r < padded; ++r) {  // padding rows read row 0's query and see nothing
+    const int64_t at = r < rows ? r : 0;
+    t.q[r] = reinterpret_cast<const int32_t*>(q + (at / groups) * it.qs_b + (at % groups) * qs_h);
+  }
+  const bf16* kbase = static_cast<const bf16*>(it.k);
+  const bf16* vbase = static_cast<const bf16*>(it.v);
+  const __m512i token_dwords = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                  _mm512_set1_epi32(static_cast<int32_t>(it.s_tok / 2)));
+  const __m512 vscale = _mm512_set1_ps(scale);
+  __m512i kt[D / 2], vp[kTileTokens / 2][NA];
+  for (int64_t first = 0; first < it.len; first += block_size) {
+    const int64_t n = std::min(block_size, it.len - first);
+    const int64_t block = it.table[first / block_size];
+    for (int64_t j0 = 0; j0 < n; j0 += kTileTokens) {
+      const int64_t c = std::min(kTileTokens, n - j0), pos = first + j0;
+      const __mmask16 valid = c == 16 ? __mmask16(0xFFFF) : __mmask16((1u << c) - 1);
+      const int32_t* krow = reinterpret_cast<const int32_t*>(kbase + block * it.s_blk + j0 * it.s_tok);
+      for (int64_t dp = 0; dp < D / 2; ++dp)
+        kt[dp] = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, token_dwords, krow + dp, 4);
+      for (int64_t r = 0; r < rows; ++r)
+        t.seen[r] = std::clamp<int64_t>(it.lens[r / groups] - pos, 0, c);
+      // scores and the online softmax, RS rows at a time (their maxima and sums in one register)
+      for (int64_t r0 = 0; r0 < padded; r0 += RS) {
+        if (t.seen[std::min(r0 + RS, rows) - 1] == 0) {  // rows go by token: the tile's last sees most
+          std::fill(t.corr.begin() + r0, t.corr.begin() + r0 + RS, 1.f);
+          std::fill(t.p.begin() + r0 * 8, t.p.begin() + (r0 + RS) * 8, 0u);
+          continue;
+        }
+        __m512 s[RS];
+        for (int64_t r = 0; r < RS; ++r) s[r] = _mm512_setzero_ps();
+        for (int64_t dp = 0; dp < D / 2; ++dp)
+          for (int64_t r = 0; r < RS; ++r)
+            s[r] = _mm512_dpbf16_ps(s[r], (__m512bh)kt[dp], (__m512bh)_mm512_set1_epi32(t.q[r0 + r][dp]));
+        __mmask16 sees[RS];
+        for (int64_t r = 0; r < RS; ++r) {  // lanes past what the row sees: -inf
+          const int64_t cnt = t.seen[r0 + r];
+          sees[r] = cnt == 16 ? __mmask16(0xFFFF) : __mmask16((1u << cnt) - 1);
+          s[r] = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), sees[r], s[r], vscale);
+        }
+        const __m512 old = _mm512_loadu_ps(t.m.data() + r0);
+        const __m512 peak = _mm512_max_ps(old, reduce16_max(s));  // lane r: row r0 + r's running max
+        // a row that has seen nothing yet (padding) keeps corr 1 and m -inf
+        const __mmask16 live = _mm512_cmp_ps_mask(peak, _mm512_set1_ps(-INFINITY), _CMP_GT_OQ);
+        const __m512 corr = _mm512_mask_blend_ps(live, _mm512_set1_ps(1.f), exp16(_mm512_maskz_sub_ps(live, old, peak)));
+        for (int64_t r = 0; r < RS; ++r) {
+          const __m512 at = _mm512_permutexvar_ps(_mm512_set1_epi32(static_cast<int32_t>(r)), peak);
+          s[r] = _mm512_maskz_mov_ps(sees[r], exp16(_mm512_sub_ps(s[r], at)));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(t.p.data() + (r0 + r) * 8), (__m256i)_mm512_cvtneps_pbh(s[r]));
+        }
+        const __m512 l = _mm512_fmadd_ps(_mm512_loadu_ps(t.l.data() + r0), corr, reduce16(s));
+        _mm512_storeu_ps(t.l.data() + r0, l);
+        _mm512_storeu_ps(t.m.data() + r0, peak);
+        _mm512_storeu_ps(t.corr.data() + r0, corr);
+      }
+      // V's token pairs interleaved; a missing second token of the last pair is zero
+      const int64_t pairs = (c + 1) / 2;
+      const bf16* vrow = vbase + block * it.s_blk + j0 * it.s_tok;
+      for (int64_t t2 = 0; t2 < pairs; ++t2)
+        for (int64_t z = 0; z < ND; ++z) {
+          const __m512i a = _mm512_loadu_si512(vrow + 2 * t2 * it.s_tok + 32 * z);
+          const __m512i b = 2 * t2 + 1 < c ? _mm512_loadu_si512(vrow + (2 * t2 + 1) * it.s_tok + 32 * z)
+                                           : _mm512_setzero_si512();
+          vp[t2][2 * z] = _mm512_unpacklo_epi16(a, b);
+          vp[t2][2 * z + 1] = _mm512_unpackhi_epi16(a, b);
+        }
+      // acc = acc * corr + p . V, RP rows at a time (RP * NA = 16 accumulators in registers)
+      for (int64_t r0 = 0; r0 < padded; r0 += RP) {
+        bool any = false;
+        for (int64_t r = r0; r < r0 + RP; ++r) any |= t.seen[r] > 0;
+        if (!any) continue;
+        __m512 a[RP][NA];
+        for (int64_t r = 0; r < RP; ++r)
+          for (int64_t k = 0; k < NA; ++k)
+            a[r][k] = _mm512_mul_ps(_mm512_loadu_ps(t.acc.data() + (r0 + r) * D + 16 * k), _mm512_set1_ps(t.corr[r0 + r]));
+        for (int64_t t2 = 0; t2 < pairs; ++t2)
+          for (int64_t r = 0; r < RP; ++r) {
+            const __m512bh pp = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(t.p[(r0 + r) * 8 + t2]));
+            for (int64_t k = 0; k < NA; ++k) a[r][k] = _mm512_dpbf16_ps(a[r][k], (__m512bh)vp[t2][k], pp);
+          }
+        for (int64_t r = 0; r < RP; ++r)
+          for (int64_t k = 0; k < NA; ++k) _mm512_storeu_ps(t.acc.data() + (r0 + r) * D + 16 * k, a[r][k]);
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float row[D];
+    const float inv = 1.f / t.l[r];
+    for (int64_t k = 0; k < NA; ++k)
+      for (int64_t j = 0; j < 16; ++j) row[dim_of(k, j)] = t.acc[r * D + 16 * k + j] * inv;
+    bf16* dst = out + (r / groups) * it.os_b + (r % groups) * os_h;
+    for (int64_t v = 0; v < D / 16; ++v) store16(dst + 16 * v, _mm512_loadu_ps(row + 16 * v));
+  }
+}
+#endif  // __AVX512BF16__
 
 #endif  // __AVX512F__
 
@@ -733,6 +893,12 @@ void paged_prefill(const at::Tensor& out, const at::Tensor& q, const at::Tensor&
   if (chunks.empty()) return;
   const bool bf16 = q.scalar_type() == at::kBFloat16;
   const int64_t d = q.size(2);
+#if defined(__AVX512BF16__)
+  if (bf16 && d == 64)
+    return prefill_items<c10::BFloat16, 64, kTilePiece, false>(&prefill_tiles_bf16<2>, out, q, kv, tables, lens, chunks, scale);
+  if (bf16 && d == 128)
+    return prefill_items<c10::BFloat16, 128, kTilePiece, false>(&prefill_tiles_bf16<4>, out, q, kv, tables, lens, chunks, scale);
+#endif
 #if defined(__AVX512F__) || defined(SCALELLM_AVX2)
   if (d == 64)
     return bf16 ? prefill_items<c10::BFloat16, 64>(kHeads<c10::BFloat16, 64>, out, q, kv, tables, lens, chunks, scale)
@@ -756,6 +922,16 @@ void paged_prefill(const at::Tensor& out, const at::Tensor& q, const at::Tensor&
   paged_decode(scratch, q.narrow(0, first, rows - first), kv, row_tables, row_lens, scale);
   for (int64_t r = 0; r < rows - first; ++r)
     if (owner[r] >= 0) out[first + r].copy_(scratch[r]);
+}
+
+// Whether paged_prefill runs bfloat16 chunks of this head size in tiles (prefill_tiles_bf16).
+bool prefill_tiles(int64_t head_dim) {
+#if defined(__AVX512BF16__)
+  return head_dim == 64 || head_dim == 128;
+#else
+  (void)head_dim;
+  return false;
+#endif
 }
 
 // kv[slot_blocks[t], 0 and 1, slot_offsets[t]] = new_kv[t, 0 and 1]: the step's K and V rows into
@@ -791,6 +967,7 @@ void write_kv(const at::Tensor& kv, const at::Tensor& new_kv, const at::Tensor& 
 TORCH_LIBRARY(scalellm_cpu, m) {
   m.def("paged_decode(Tensor(a!) out, Tensor q, Tensor kv, Tensor block_tables, Tensor context_lens, float scale) -> ()");
   m.def("paged_prefill(Tensor(a!) out, Tensor q, Tensor kv, Tensor chunk_tables, Tensor chunk_bounds, float scale) -> ()");
+  m.def("prefill_tiles(int head_dim) -> bool", &prefill_tiles);
   m.def("write_kv(Tensor(a!) kv, Tensor new_kv, Tensor slot_blocks, Tensor slot_offsets) -> ()");
   m.impl("paged_decode", c10::DispatchKey::CPU, paged_decode);
   m.impl("paged_prefill", c10::DispatchKey::CPU, paged_prefill);
