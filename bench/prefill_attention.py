@@ -1,8 +1,10 @@
-"""A step's prefill attention: the Triton varlen kernel (one launch for every chunk) against
-torch's SDPA chunk by chunk (what TorchSDPA and the CPU backend do), on a GPU.
+"""A step's prefill attention: our kernel (one call for every chunk) against torch's SDPA chunk by
+chunk (what TorchSDPA does). On a GPU the kernel is Triton's varlen kernel; on CPU (--kernel cpu)
+csrc/paged_decode.cpp's paged_prefill (bfloat16 tiles where the CPU has AVX512-BF16, else decode
+rows), with no length limit (the engine sends chunks past its limit to SDPA instead).
 
-    python bench/prefill_attention.py [--device cuda] [--shape 8b|tiny] [--dtype bfloat16]
-        [--workload NAME ...] [--repeats 20] [--json OUT]
+    python bench/prefill_attention.py [--device cuda] [--kernel triton|cpu] [--shape 8b|smollm|tiny]
+        [--dtype bfloat16] [--workload NAME ...] [--threads N] [--repeats 20] [--json OUT]
 
 One layer of an engine-shaped paged cache (blocks of 16, scattered), the chunks' K/V already in
 it, and one call of each backend's ``prefill`` over the whole step, timed with a device
@@ -13,6 +15,8 @@ cached context):
     long      one prompt of 2048 tokens
     chunked   one 2048-token chunk on 6144 cached tokens (chunked prefill of a long prompt)
     mixed     8 chunks of 256 tokens on 1024 cached each (prefix-cache hits)
+    prompt    one prompt of 128 tokens (the side by side's)
+    medium    one prompt of 512 tokens
 
 Reported: ms per call for each backend, their ratio, and the attention's TFLOP/s (4 x query
 heads x head_dim per (query, key) pair it attends, causal pairs only). ``--shape tiny`` with
@@ -40,18 +44,22 @@ sys.path.insert(0, str(ROOT))
 from scalellm.engine.attention import AttentionBackend, AttentionMetadata, PrefillSpan, TorchSDPA  # noqa: E402
 
 BLOCK_SIZE = 16
-SHAPES = {"8b": (32, 8, 128), "tiny": (4, 2, 16)}  # query heads, K/V heads, head_dim
+SHAPES = {"8b": (32, 8, 128), "smollm": (9, 3, 64), "tiny": (4, 2, 16)}  # query heads, K/V heads, head_dim
 WORKLOADS: dict[str, list[tuple[int, int]]] = {  # (context, length) per chunk
     "burst": [(0, 128)] * 64,
     "long": [(0, 2048)],
     "chunked": [(6144, 2048)],
     "mixed": [(1024, 256)] * 8,
+    "prompt": [(0, 128)],
+    "medium": [(0, 512)],
 }
 TINY_WORKLOADS: dict[str, list[tuple[int, int]]] = {
     "burst": [(0, 8)] * 4,
     "long": [(0, 40)],
     "chunked": [(50, 20)],
     "mixed": [(17, 9)] * 3,
+    "prompt": [(0, 8)],
+    "medium": [(0, 24)],
 }
 
 
@@ -101,17 +109,25 @@ def time_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> flo
     return statistics.median(times) * 1e3
 
 
-def run(workload: str, chunks: list[tuple[int, int]], args: argparse.Namespace) -> dict[str, Any]:
+def kernel_backend(name: str) -> AttentionBackend:
+    """The backend whose one-call prefill is measured: Triton's, or the CPU kernels' (no limit)."""
+    if name == "cpu":
+        from scalellm.engine import cpu_kernels
+
+        if not cpu_kernels.available():
+            raise SystemExit("the CPU kernels did not build here")
+        return cpu_kernels.CpuPagedDecode(None)
     from scalellm.engine import attention_triton
 
+    return attention_triton.TritonPagedDecode()
+
+
+def run(workload: str, chunks: list[tuple[int, int]], args: argparse.Namespace) -> dict[str, Any]:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     shape = SHAPES[args.shape]
     q, new_kv, kv, spans, bounds, tables = step(chunks, shape, dtype, device)
     scale = shape[2] ** -0.5
-    backends: dict[str, AttentionBackend] = {
-        "triton": attention_triton.TritonPagedDecode(),
-        "sdpa": TorchSDPA(),
-    }
+    backends = {"kernel": kernel_backend(args.kernel), "sdpa": TorchSDPA()}
     result: dict[str, Any] = {"workload": workload, "chunks": len(chunks), "tokens": q.shape[0]}
     outs = {}
     for name, backend in backends.items():
@@ -119,15 +135,16 @@ def run(workload: str, chunks: list[tuple[int, int]], args: argparse.Namespace) 
         meta = AttentionMetadata(
             empty, empty, 0, None, None, tuple(spans), backend, prefill_bounds=bounds, prefill_tables=tables
         )
+        meta = backend.prepare(meta, BLOCK_SIZE)
         out = torch.empty_like(q)
         call = functools.partial(backend.prefill, q, new_kv, kv, meta, scale, out)
         result[f"{name}_ms"] = time_ms(call, device, args.repeats)
         outs[name] = out
     flops = 4 * shape[0] * shape[2] * attended_pairs(chunks)
-    result["sdpa_over_triton"] = result["sdpa_ms"] / result["triton_ms"]
-    result["triton_tflops"] = flops / result["triton_ms"] / 1e9
+    result["sdpa_over_kernel"] = result["sdpa_ms"] / result["kernel_ms"]
+    result["kernel_tflops"] = flops / result["kernel_ms"] / 1e9
     result["sdpa_tflops"] = flops / result["sdpa_ms"] / 1e9
-    result["max_abs_diff"] = (outs["triton"].float() - outs["sdpa"].float()).abs().max().item()
+    result["max_abs_diff"] = (outs["kernel"].float() - outs["sdpa"].float()).abs().max().item()
     return result
 
 
@@ -136,23 +153,32 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--kernel", choices=["triton", "cpu"], default="triton")
+    parser.add_argument("--threads", type=int, help="torch threads on CPU (default: torch's)")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="8b")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--workload", nargs="+", choices=sorted(WORKLOADS), default=list(WORKLOADS))
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     table = TINY_WORKLOADS if args.shape == "tiny" else WORKLOADS
     results = [run(name, table[name], args) for name in args.workload]
-    print(f"prefill attention, {args.shape} heads {SHAPES[args.shape]}, {args.dtype}, {args.device}")
     print(
-        "| workload | chunks | tokens | triton ms | sdpa ms | sdpa / triton | triton TFLOP/s | max abs diff |"
+        f"prefill attention, {args.shape} heads {SHAPES[args.shape]}, {args.dtype}, {args.device}, "
+        f"{torch.get_num_threads()} threads"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    k = args.kernel
+    print(
+        f"| workload | chunks | tokens | {k} ms | sdpa ms | sdpa / {k} | {k} TFLOP/s | sdpa TFLOP/s | max abs diff |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(
-            f"| {r['workload']} | {r['chunks']} | {r['tokens']} | {r['triton_ms']:.3f} | {r['sdpa_ms']:.3f} "
-            f"| {r['sdpa_over_triton']:.2f}x | {r['triton_tflops']:.1f} | {r['max_abs_diff']:.2e} |"
+            f"| {r['workload']} | {r['chunks']} | {r['tokens']} | {r['kernel_ms']:.3f} | {r['sdpa_ms']:.3f} "
+            f"| {r['sdpa_over_kernel']:.2f}x | {r['kernel_tflops']:.3f} | {r['sdpa_tflops']:.3f} "
+            f"| {r['max_abs_diff']:.2e} |"
         )
     if args.json:
         args.json.write_text(

@@ -1,5 +1,6 @@
-"""bench/prefill_attention.py on CPU with the tiny shape, the Triton kernel interpreted: the code
-path the GPU run takes (the step's layout, both backends, the accounting), not its figures."""
+"""bench/prefill_attention.py on CPU with the tiny shape: the Triton kernel interpreted (the code
+path the GPU run takes: the step's layout, both backends, the accounting, not its figures), and
+our CPU kernel against SDPA on every workload."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from bench import prefill_attention
-from scalellm.engine import attention_triton
+from scalellm.engine import attention_triton, cpu_kernels
 
-pytestmark = pytest.mark.skipif(not attention_triton.AVAILABLE, reason="triton is not installed")
+needs_triton = pytest.mark.skipif(not attention_triton.AVAILABLE, reason="triton is not installed")
 
 
 def test_causal_pairs_count_the_context_and_the_chunk_up_to_each_token() -> None:
@@ -20,6 +21,7 @@ def test_causal_pairs_count_the_context_and_the_chunk_up_to_each_token() -> None
     assert prefill_attention.attended_pairs([(0, 4), (2, 3)]) == 10 + 12
 
 
+@needs_triton
 def test_tiny_shape_runs_both_backends_to_the_same_output(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -35,6 +37,21 @@ def test_tiny_shape_runs_both_backends_to_the_same_output(
         ("chunked", 1, 20),
     ]
     for r in results:
-        assert r["triton_ms"] > 0 and r["sdpa_ms"] > 0 and r["triton_tflops"] > 0
+        assert r["kernel_ms"] > 0 and r["sdpa_ms"] > 0 and r["kernel_tflops"] > 0
         assert r["max_abs_diff"] < 1e-5  # the same attention, chunk by chunk or in one launch
     assert "| chunked | 1 | 20 |" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ toolchain for the CPU kernel")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_kernel_runs_every_workload_to_sdpas_output(tmp_path: Path, dtype: str) -> None:
+    out = tmp_path / "prefill.json"
+    prefill_attention.main(
+        ["--device", "cpu", "--kernel", "cpu", "--shape", "tiny", "--dtype", dtype, "--repeats", "1",
+         "--threads", "2", "--json", str(out)]
+    )  # fmt: skip
+    results = json.loads(out.read_text())["results"]
+    assert [r["workload"] for r in results] == list(prefill_attention.WORKLOADS)
+    for r in results:
+        assert r["kernel_ms"] > 0 and r["sdpa_ms"] > 0
+        assert r["max_abs_diff"] < (1e-5 if dtype == "float32" else 2e-2)
