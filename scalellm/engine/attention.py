@@ -19,8 +19,9 @@ Backends:
   query length (so grouped-query K/V is never repeated; see _decode). Prefill chunks attend one
   request at a time (``prefill_each_span``).
 - ``CpuPagedDecode`` (CPU, where its C++ kernel builds; scalellm/engine/cpu_kernels.py): decodes
-  read K/V straight from their blocks, no gathered copy; so do a step's prefill chunks of up to
-  ~1k tokens of context (every one of them in one call), longer ones as TorchSDPA.
+  read K/V straight from their blocks, no gathered copy; so do a step's prefill chunks, every one
+  in one call, up to a length where SDPA's kernel is as fast (bfloat16 on AVX512-BF16: any
+  length; ``max_kernel_prefill_tokens``), longer ones as TorchSDPA.
 - ``TritonPagedDecode`` (CUDA, where triton imports; scalellm/engine/attention_triton.py): the
   same for GPUs, one Triton program per (sequence, K/V head), and every prefill chunk of a step
   in one varlen launch that reads its context from the blocks; ``SCALELLM_ATTENTION_TORCH=1``

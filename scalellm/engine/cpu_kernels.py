@@ -130,21 +130,28 @@ def build_turn(name: str) -> Iterator[None]:
         yield
 
 
-KERNEL_PREFILL_MAX_TOKENS = {torch.bfloat16: 1024, torch.float32: 512}
+ROWS_PREFILL_MAX_TOKENS = {torch.bfloat16: 1024, torch.float32: 512}
 """The longest context (cached tokens + the chunk) a prefill chunk attends through the C++ rows
-kernel; longer chunks go to torch's SDPA one at a time. The rows kernel scores a chunk's rows as
-decodes (``prefill_items`` in csrc/paged_decode.cpp) at a steady ~100 GFLOPS in bfloat16 and ~70
-in float32 on two Zen 4 cores, where SDPA's flash kernel gains with length: 2.0x / 1.4x SDPA's
-speed on 128-token prompts, level at ~1-2k tokens in bfloat16 and 0.7x there in float32
-(docs/benchmarks.md, "Prefill attention on CPU"). bfloat16 on CPUs with AVX512-BF16 takes the
-tile kernel instead (``prefill_tiles_bf16``), faster than SDPA at every length measured: no limit."""
+kernel, where the tile kernel does not run (AVX2 CPUs; bfloat16 without AVX512-BF16; head sizes
+other than 64 and 128); longer chunks go to torch's SDPA one at a time. The rows kernel scores a
+chunk's rows as decodes (``prefill_items`` in csrc/paged_decode.cpp) at a steady ~0.1 TFLOPS in
+bfloat16 and ~0.07 in float32 on two Zen 4 cores, where SDPA's flash kernel gains with length:
+2.0x / 1.4x SDPA's speed on 128-token prompts, level at ~1-2k tokens in bfloat16 and 0.7x there
+in float32 (docs/benchmarks.md, "Prefill attention on CPU")."""
+
+TILES_PREFILL_MAX_TOKENS: dict[torch.dtype, int | None] = {torch.bfloat16: None, torch.float32: 1536}
+"""The same for the tile kernel (``prefill_tiles``: float32 on AVX-512, bfloat16 on AVX512-BF16;
+None: any length). bfloat16's tiles ran at 1.7-3.3x SDPA's speed from 128 to 8k tokens, float32's
+at 1.1-2.5x up to 1536 tokens and 0.9-1.0x from 2048 on (the same machine)."""
 
 
 def max_kernel_prefill_tokens(dtype: torch.dtype, head_dim: int) -> int | None:
-    """The longest context a prefill chunk attends through our kernel (None: any), else SDPA."""
-    if dtype == torch.bfloat16 and torch.ops.scalellm_cpu.prefill_tiles(head_dim):
-        return None
-    return KERNEL_PREFILL_MAX_TOKENS.get(dtype, 0)
+    """The longest context a prefill chunk attends through our kernels (None: any), else SDPA."""
+    if dtype not in ROWS_PREFILL_MAX_TOKENS:
+        return 0
+    if torch.ops.scalellm_cpu.prefill_tiles(dtype == torch.bfloat16, head_dim):
+        return TILES_PREFILL_MAX_TOKENS[dtype]
+    return ROWS_PREFILL_MAX_TOKENS[dtype]
 
 
 @dataclass(frozen=True)

@@ -131,12 +131,12 @@ def test_a_prefilled_row_has_the_bits_of_the_same_row_decoded(
 ) -> None:
     """The rows kernel: row i of a chunk on c cached tokens is a decode with context c + i + 1, the
     same sums in the same order, so the same bits. Either kernel: the same bits on 1 and on 8
-    threads (other work items and orders). The bfloat16 tiles round p before P.V: SDPA's
-    tolerance (above), not a decode's bits."""
+    threads (other work items and orders). The tiles sum in another order (and round p to
+    bfloat16 in bfloat16): SDPA's tolerance (above), not a decode's bits."""
     step = Step(CHUNKS, dtype, heads, kv_heads, head_dim)
     one, many = step.kernel(1), step.kernel(8)
     assert torch.equal(one, many)
-    if dtype == torch.bfloat16 and torch.ops.scalellm_cpu.prefill_tiles(head_dim):
+    if torch.ops.scalellm_cpu.prefill_tiles(dtype == torch.bfloat16, head_dim):
         return
     for span, table in zip(step.spans, step.tables, strict=True):
         for i in range(span.end - span.start):
@@ -191,11 +191,14 @@ def test_backend_sends_short_chunks_to_the_kernel_and_long_ones_to_sdpa(dtype: t
 
 @needs_kernel
 def test_the_limit_follows_the_kernel_this_cpu_has() -> None:
-    """bfloat16 on AVX512-BF16 takes the tiles at any length; the rows kernel has a limit per dtype."""
-    tiles = torch.ops.scalellm_cpu.prefill_tiles(64)
-    assert tiles == torch.ops.scalellm_cpu.prefill_tiles(128)
-    assert not torch.ops.scalellm_cpu.prefill_tiles(16)
-    assert cpu_kernels.max_kernel_prefill_tokens(torch.bfloat16, 64) == (None if tiles else 1024)
-    assert cpu_kernels.max_kernel_prefill_tokens(torch.bfloat16, 16) == 1024
-    assert cpu_kernels.max_kernel_prefill_tokens(torch.float32, 64) == 512
+    """The tiles (float32 on AVX-512, bfloat16 on AVX512-BF16) and the rows kernel each have their
+    limits per dtype; other dtypes go to SDPA."""
+    for dtype, bf16 in ((torch.float32, False), (torch.bfloat16, True)):
+        tiles = torch.ops.scalellm_cpu.prefill_tiles(bf16, 64)
+        assert tiles == torch.ops.scalellm_cpu.prefill_tiles(bf16, 128)
+        assert not torch.ops.scalellm_cpu.prefill_tiles(bf16, 16)
+        rows = cpu_kernels.ROWS_PREFILL_MAX_TOKENS[dtype]
+        expected = cpu_kernels.TILES_PREFILL_MAX_TOKENS[dtype] if tiles else rows
+        assert cpu_kernels.max_kernel_prefill_tokens(dtype, 64) == expected
+        assert cpu_kernels.max_kernel_prefill_tokens(dtype, 16) == rows
     assert cpu_kernels.max_kernel_prefill_tokens(torch.float16, 64) == 0

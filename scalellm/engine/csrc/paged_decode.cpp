@@ -524,94 +524,170 @@ void decode_heads_avx512(const Item& it, int64_t num_kv_heads, const T* q, int64
   }
 }
 
-#if defined(__AVX512BF16__)
-// ---- bfloat16 prefill in tiles (AVX512-BF16) ------------------------------------------------
+// ---- prefill in tiles (AVX-512; bfloat16 needs AVX512-BF16) --------------------------------
 //
-// paged_prefill's kernel for bfloat16 where the CPU has vdpbf16ps. A work item (prefill_items)
-// is kTilePiece tokens of a chunk and one K/V head: R = tokens * G query rows (row r: token r / G,
-// query head r % G of the K/V head's G), over the chunk's context 16 tokens at a time, with flash
-// attention's online softmax (a running max m_r and sum l_r in float32; 16 rows' maxima and sums
-// in one register, reduce16_max and reduce16):
+// paged_prefill's kernel for float32, and for bfloat16 where the CPU has vdpbf16ps. A work item
+// (prefill_items) is kTilePiece tokens of a chunk and one K/V head: R = tokens * G query rows
+// (row r: token r / G, query head r % G of the K/V head's G), over the chunk's context 16 tokens
+// at a time, with flash attention's online softmax (a running max m_r and sum l_r in float32;
+// 16 rows' maxima and sums in one register, reduce16_max and reduce16):
 //
-//   kt[dp]     lane j = (K[j][2dp], K[j][2dp+1])          a tile's K as bfloat16 pairs (a gather)
-//   S[r]       lane j = scale * sum_dp (q_r[2dp], q_r[2dp+1]) . kt[dp][j]    (vdpbf16ps)
-//   p[r]       = e^(S[r] - m_r) for the tokens row r sees, 0 past them; rounded to bfloat16
-//   vp[t2]     = V rows 2 t2 and 2 t2 + 1 interleaved (vpunpck{l,h}wd: pairs per head dim)
-//   acc_r      = acc_r * e^(m_old - m_r) + sum_t2 (p[r][2 t2], p[r][2 t2 + 1]) . vp[t2]    (vdpbf16ps)
+//   kt         the tile's K transposed (a gather): 16 tokens in a register's lanes
+//   S[r]       lane j = scale * q_r . K[j]                       RS = 16 rows in registers
+//   p[r]       = e^(S[r] - m_r) for the tokens row r sees, 0 past them
+//   acc_r      = acc_r * e^(m_old - m_r) + sum_j p[r][j] V[j]    RP rows' accumulators in registers
 //
-// Both products take 32 multiply-adds an instruction with no lane sums, where the decode kernels'
-// rows (paged_decode, and paged_prefill elsewhere) take 16 and sum lanes; the price is p rounded
-// to bfloat16 before P.V, as GPU flash kernels do, so a prefilled row no longer has a decoded
-// row's bits (it is tested against SDPA within bfloat16's tolerance). An accumulator's lanes hold
-// head dims in the unpack's order (dim_of). On the 2-core Zen 4 (bench/prefill_attention.py
-// --device cpu, docs/benchmarks.md) it runs at 1.5-3x SDPA's speed from 128 to 8k tokens, and
-// about 1.7x the rows kernel's; the gather of K is ~10% of its time.
+// TileMath<T, D> holds what depends on the element type. float32: one FMA a head dim for 16
+// scores, and P.V by FMAs over V's rows as stored. bfloat16: vdpbf16ps over K in bfloat16 pairs
+// (kt[dp] lane j = K[j][2dp..2dp+1]), and P.V by vdpbf16ps over V's token pairs interleaved,
+// p rounded to bfloat16 first as GPU flash kernels do: 32 multiply-adds an instruction in both
+// products. The decode kernels' rows (paged_decode, and paged_prefill on AVX2) instead dot each
+// row with 16 K rows and sum lanes. A tiled row no longer has a decoded row's bits (tested
+// against SDPA within the dtype's tolerance). On the 2-core Zen 4 (bench/prefill_attention.py
+// --device cpu, docs/benchmarks.md) bfloat16 runs at 1.7-3.3x SDPA's speed from 128 to 8k tokens
+// (0.12-0.19 TFLOPS; the gather of K ~10% of its time), float32 at 1.1-2.5x up to 1.5k tokens and
+// level beyond (0.09-0.11 TFLOPS); the rows kernel at 0.1 and 0.07.
 constexpr int64_t kTileTokens = 16;  // a register's lanes of scores
 constexpr int64_t kTilePiece = 32;   // tokens of a chunk per work item: its K tiles gathered once for them
 
-// The head dim in lane j of a row's P.V accumulator k: unpack interleaves within 128-bit lanes,
-// so accumulator 2z holds dims 0-3, 8-11, 16-19, 24-27 of V's 32-dim register z, 2z + 1 the rest.
-inline int64_t dim_of(int64_t k, int64_t j) { return 32 * (k / 2) + 8 * (j / 4) + 4 * (k % 2) + j % 4; }
+template <typename T, int64_t D>
+struct TileMath;
 
-// Per-thread buffers of prefill_tiles_bf16, sized for the largest item it has seen.
+template <int64_t D>
+struct TileMath<float, D> {
+  using QWord = float;  // what a query row is read as
+  using PWord = float;  // what a row's probabilities are kept as
+  static constexpr int64_t NA = D / 16, PW = 16;  // accumulators a row; PWords a row's p
+  __m512 kt[D];
+  const float* v = nullptr;
+  int64_t stride = 0, count = 0;
+
+  void load(const float* k, const float* vrow, int64_t s_tok, int64_t c, __mmask16 valid) {
+    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32(static_cast<int32_t>(s_tok)));
+    for (int64_t d = 0; d < D; ++d) kt[d] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, idx, k + d, 4);
+    v = vrow, stride = s_tok, count = c;
+  }
+  template <int64_t RS>
+  void scores(__m512* s, const QWord* const* q) const {
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t r = 0; r < RS; ++r) s[r] = _mm512_fmadd_ps(kt[d], _mm512_set1_ps(q[r][d]), s[r]);
+  }
+  static void store_p(PWord* p, __m512 e) { _mm512_storeu_ps(p, e); }
+  template <int64_t RP>
+  void pv(__m512 (&a)[RP][NA], const PWord* const* p) const {
+    for (int64_t j = 0; j < count; ++j) {
+      __m512 val[NA];
+      for (int64_t k = 0; k < NA; ++k) val[k] = _mm512_loadu_ps(v + j * stride + 16 * k);
+      for (int64_t r = 0; r < RP; ++r) {
+        const __m512 pj = _mm512_set1_ps(p[r][j]);
+        for (int64_t k = 0; k < NA; ++k) a[r][k] = _mm512_fmadd_ps(pj, val[k], a[r][k]);
+      }
+    }
+  }
+  static int64_t dim_of(int64_t k, int64_t j) { return 16 * k + j; }
+};
+
+#if defined(__AVX512BF16__)
+template <int64_t D>
+struct TileMath<c10::BFloat16, D> {
+  using QWord = int32_t;   // a pair of bfloat16
+  using PWord = uint32_t;  // a pair of bfloat16 probabilities
+  static constexpr int64_t NA = D / 16, PW = 8;
+  __m512i kt[D / 2], vp[kTileTokens / 2][NA];
+  int64_t pairs = 0;
+
+  void load(const c10::BFloat16* k, const c10::BFloat16* vrow, int64_t s_tok, int64_t c, __mmask16 valid) {
+    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32(static_cast<int32_t>(s_tok / 2)));
+    const int32_t* k32 = reinterpret_cast<const int32_t*>(k);
+    for (int64_t dp = 0; dp < D / 2; ++dp) kt[dp] = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, idx, k32 + dp, 4);
+    // V's token pairs interleaved per head dim; a missing second token of the last pair is zero
+    pairs = (c + 1) / 2;
+    for (int64_t t2 = 0; t2 < pairs; ++t2)
+      for (int64_t z = 0; z < D / 32; ++z) {
+        const __m512i a = _mm512_loadu_si512(vrow + 2 * t2 * s_tok + 32 * z);
+        const __m512i b = 2 * t2 + 1 < c ? _mm512_loadu_si512(vrow + (2 * t2 + 1) * s_tok + 32 * z) : _mm512_setzero_si512();
+        vp[t2][2 * z] = _mm512_unpacklo_epi16(a, b);
+        vp[t2][2 * z + 1] = _mm512_unpackhi_epi16(a, b);
+      }
+  }
+  template <int64_t RS>
+  void scores(__m512* s, const QWord* const* q) const {
+    for (int64_t dp = 0; dp < D / 2; ++dp)
+      for (int64_t r = 0; r < RS; ++r) s[r] = _mm512_dpbf16_ps(s[r], (__m512bh)kt[dp], (__m512bh)_mm512_set1_epi32(q[r][dp]));
+  }
+  static void store_p(PWord* p, __m512 e) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(e)); }
+  template <int64_t RP>
+  void pv(__m512 (&a)[RP][NA], const PWord* const* p) const {
+    for (int64_t t2 = 0; t2 < pairs; ++t2)
+      for (int64_t r = 0; r < RP; ++r) {
+        const __m512bh pp = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(p[r][t2]));
+        for (int64_t k = 0; k < NA; ++k) a[r][k] = _mm512_dpbf16_ps(a[r][k], (__m512bh)vp[t2][k], pp);
+      }
+  }
+  // unpack interleaves within 128-bit lanes: accumulator 2z holds dims 0-3, 8-11, 16-19, 24-27 of
+  // V's 32-dim register z, accumulator 2z + 1 the rest
+  static int64_t dim_of(int64_t k, int64_t j) { return 32 * (k / 2) + 8 * (j / 4) + 4 * (k % 2) + j % 4; }
+};
+#endif  // __AVX512BF16__
+
+// Per-thread buffers of prefill_tiles, sized for the largest item it has seen.
+template <typename M>
 struct TileScratch {
   std::vector<float> acc, m, l, corr;
-  std::vector<uint32_t> p;  // a row's 16 probabilities as 8 bfloat16 pairs
-  std::vector<int64_t> seen;  // how many of the current tile's tokens each row sees
-  std::vector<const int32_t*> q;  // each row's query as bfloat16 pairs
+  std::vector<typename M::PWord> p;       // each row's probabilities for the current tile
+  std::vector<int64_t> seen;              // how many of the current tile's tokens each row sees
+  std::vector<const typename M::QWord*> q;  // each row's query
+  std::vector<const typename M::PWord*> prow;
 };
 
 // One work item, in decode_heads_avx512's signature (scores and acc_buf unused: TileScratch).
-template <int64_t ND>  // D = 32 * ND head dims, ND 512-bit registers of bfloat16 a row
-void prefill_tiles_bf16(const Item& it, int64_t num_kv_heads, const c10::BFloat16* q, int64_t qs_h,
-                        c10::BFloat16* out, int64_t os_h, int64_t groups, int64_t block_size, float scale,
-                        float*, float*) {
-  using bf16 = c10::BFloat16;
-  constexpr int64_t D = 32 * ND, NA = 2 * ND;  // NA accumulators of 16 floats a row
-  constexpr int64_t RS = 16, RP = 16 / NA;     // rows a register tile of S; of P.V
+template <typename T, int64_t D>
+void prefill_tiles(const Item& it, int64_t num_kv_heads, const T* q, int64_t qs_h, T* out, int64_t os_h,
+                   int64_t groups, int64_t block_size, float scale, float*, float*) {
+  using M = TileMath<T, D>;
+  constexpr int64_t NA = M::NA, PW = M::PW;
+  constexpr int64_t RS = 16, RP = 16 / NA;  // rows a register tile of S; of P.V (16 accumulators)
   TORCH_CHECK(num_kv_heads == 1, "prefill tiles take one K/V head an item");
-  static thread_local TileScratch t;
+  static thread_local TileScratch<M> t;
   const int64_t rows = it.rows * groups, padded = (rows + RS - 1) / RS * RS;
   t.acc.assign(padded * D, 0.f);
   t.m.assign(padded, -INFINITY);
   t.l.assign(padded, 0.f);
   t.corr.assign(padded, 1.f);
-  t.p.assign(padded * 8, 0u);
+  t.p.assign(padded * PW, 0);
   t.seen.assign(padded, 0);
   t.q.resize(padded);
+  t.prow.resize(padded);
   for (int64_t r = 0; r < padded; ++r) {  // padding rows read row 0's query and see nothing
     const int64_t at = r < rows ? r : 0;
-    t.q[r] = reinterpret_cast<const int32_t*>(q + (at / groups) * it.qs_b + (at % groups) * qs_h);
+    t.q[r] = reinterpret_cast<const typename M::QWord*>(q + (at / groups) * it.qs_b + (at % groups) * qs_h);
+    t.prow[r] = t.p.data() + r * PW;
   }
-  const bf16* kbase = static_cast<const bf16*>(it.k);
-  const bf16* vbase = static_cast<const bf16*>(it.v);
-  const __m512i token_dwords = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                  _mm512_set1_epi32(static_cast<int32_t>(it.s_tok / 2)));
+  const T* kbase = static_cast<const T*>(it.k);
+  const T* vbase = static_cast<const T*>(it.v);
   const __m512 vscale = _mm512_set1_ps(scale);
-  __m512i kt[D / 2], vp[kTileTokens / 2][NA];
+  M math;
   for (int64_t first = 0; first < it.len; first += block_size) {
     const int64_t n = std::min(block_size, it.len - first);
     const int64_t block = it.table[first / block_size];
     for (int64_t j0 = 0; j0 < n; j0 += kTileTokens) {
       const int64_t c = std::min(kTileTokens, n - j0), pos = first + j0;
       const __mmask16 valid = c == 16 ? __mmask16(0xFFFF) : __mmask16((1u << c) - 1);
-      const int32_t* krow = reinterpret_cast<const int32_t*>(kbase + block * it.s_blk + j0 * it.s_tok);
-      for (int64_t dp = 0; dp < D / 2; ++dp)
-        kt[dp] = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, token_dwords, krow + dp, 4);
-      for (int64_t r = 0; r < rows; ++r)
-        t.seen[r] = std::clamp<int64_t>(it.lens[r / groups] - pos, 0, c);
+      const int64_t at = block * it.s_blk + j0 * it.s_tok;
+      math.load(kbase + at, vbase + at, it.s_tok, c, valid);
+      for (int64_t r = 0; r < rows; ++r) t.seen[r] = std::clamp<int64_t>(it.lens[r / groups] - pos, 0, c);
       // scores and the online softmax, RS rows at a time (their maxima and sums in one register)
       for (int64_t r0 = 0; r0 < padded; r0 += RS) {
         if (t.seen[std::min(r0 + RS, rows) - 1] == 0) {  // rows go by token: the tile's last sees most
           std::fill(t.corr.begin() + r0, t.corr.begin() + r0 + RS, 1.f);
-          std::fill(t.p.begin() + r0 * 8, t.p.begin() + (r0 + RS) * 8, 0u);
+          std::fill(t.p.begin() + r0 * PW, t.p.begin() + (r0 + RS) * PW, 0);
           continue;
         }
         __m512 s[RS];
         for (int64_t r = 0; r < RS; ++r) s[r] = _mm512_setzero_ps();
-        for (int64_t dp = 0; dp < D / 2; ++dp)
-          for (int64_t r = 0; r < RS; ++r)
-            s[r] = _mm512_dpbf16_ps(s[r], (__m512bh)kt[dp], (__m512bh)_mm512_set1_epi32(t.q[r0 + r][dp]));
+        math.template scores<RS>(s, t.q.data() + r0);
         __mmask16 sees[RS];
         for (int64_t r = 0; r < RS; ++r) {  // lanes past what the row sees: -inf
           const int64_t cnt = t.seen[r0 + r];
@@ -624,27 +700,15 @@ void prefill_tiles_bf16(const Item& it, int64_t num_kv_heads, const c10::BFloat1
         const __mmask16 live = _mm512_cmp_ps_mask(peak, _mm512_set1_ps(-INFINITY), _CMP_GT_OQ);
         const __m512 corr = _mm512_mask_blend_ps(live, _mm512_set1_ps(1.f), exp16(_mm512_maskz_sub_ps(live, old, peak)));
         for (int64_t r = 0; r < RS; ++r) {
-          const __m512 at = _mm512_permutexvar_ps(_mm512_set1_epi32(static_cast<int32_t>(r)), peak);
-          s[r] = _mm512_maskz_mov_ps(sees[r], exp16(_mm512_sub_ps(s[r], at)));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(t.p.data() + (r0 + r) * 8), (__m256i)_mm512_cvtneps_pbh(s[r]));
+          const __m512 top = _mm512_permutexvar_ps(_mm512_set1_epi32(static_cast<int32_t>(r)), peak);
+          s[r] = _mm512_maskz_mov_ps(sees[r], exp16(_mm512_sub_ps(s[r], top)));
+          M::store_p(t.p.data() + (r0 + r) * PW, s[r]);
         }
-        const __m512 l = _mm512_fmadd_ps(_mm512_loadu_ps(t.l.data() + r0), corr, reduce16(s));
-        _mm512_storeu_ps(t.l.data() + r0, l);
+        _mm512_storeu_ps(t.l.data() + r0, _mm512_fmadd_ps(_mm512_loadu_ps(t.l.data() + r0), corr, reduce16(s)));
         _mm512_storeu_ps(t.m.data() + r0, peak);
         _mm512_storeu_ps(t.corr.data() + r0, corr);
       }
-      // V's token pairs interleaved; a missing second token of the last pair is zero
-      const int64_t pairs = (c + 1) / 2;
-      const bf16* vrow = vbase + block * it.s_blk + j0 * it.s_tok;
-      for (int64_t t2 = 0; t2 < pairs; ++t2)
-        for (int64_t z = 0; z < ND; ++z) {
-          const __m512i a = _mm512_loadu_si512(vrow + 2 * t2 * it.s_tok + 32 * z);
-          const __m512i b = 2 * t2 + 1 < c ? _mm512_loadu_si512(vrow + (2 * t2 + 1) * it.s_tok + 32 * z)
-                                           : _mm512_setzero_si512();
-          vp[t2][2 * z] = _mm512_unpacklo_epi16(a, b);
-          vp[t2][2 * z + 1] = _mm512_unpackhi_epi16(a, b);
-        }
-      // acc = acc * corr + p . V, RP rows at a time (RP * NA = 16 accumulators in registers)
+      // acc = acc * corr + p . V, RP rows at a time
       for (int64_t r0 = 0; r0 < padded; r0 += RP) {
         bool any = false;
         for (int64_t r = r0; r < r0 + RP; ++r) any |= t.seen[r] > 0;
@@ -653,11 +717,7 @@ void prefill_tiles_bf16(const Item& it, int64_t num_kv_heads, const c10::BFloat1
         for (int64_t r = 0; r < RP; ++r)
           for (int64_t k = 0; k < NA; ++k)
             a[r][k] = _mm512_mul_ps(_mm512_loadu_ps(t.acc.data() + (r0 + r) * D + 16 * k), _mm512_set1_ps(t.corr[r0 + r]));
-        for (int64_t t2 = 0; t2 < pairs; ++t2)
-          for (int64_t r = 0; r < RP; ++r) {
-            const __m512bh pp = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(t.p[(r0 + r) * 8 + t2]));
-            for (int64_t k = 0; k < NA; ++k) a[r][k] = _mm512_dpbf16_ps(a[r][k], (__m512bh)vp[t2][k], pp);
-          }
+        math.template pv<RP>(a, t.prow.data() + r0);
         for (int64_t r = 0; r < RP; ++r)
           for (int64_t k = 0; k < NA; ++k) _mm512_storeu_ps(t.acc.data() + (r0 + r) * D + 16 * k, a[r][k]);
       }
@@ -667,12 +727,11 @@ void prefill_tiles_bf16(const Item& it, int64_t num_kv_heads, const c10::BFloat1
     float row[D];
     const float inv = 1.f / t.l[r];
     for (int64_t k = 0; k < NA; ++k)
-      for (int64_t j = 0; j < 16; ++j) row[dim_of(k, j)] = t.acc[r * D + 16 * k + j] * inv;
-    bf16* dst = out + (r / groups) * it.os_b + (r % groups) * os_h;
+      for (int64_t j = 0; j < 16; ++j) row[M::dim_of(k, j)] = t.acc[r * D + 16 * k + j] * inv;
+    T* dst = out + (r / groups) * it.os_b + (r % groups) * os_h;
     for (int64_t v = 0; v < D / 16; ++v) store16(dst + 16 * v, _mm512_loadu_ps(row + 16 * v));
   }
 }
-#endif  // __AVX512BF16__
 
 #endif  // __AVX512F__
 
@@ -862,6 +921,19 @@ void paged_decode(const at::Tensor& out, const at::Tensor& q, const at::Tensor& 
   }
 }
 
+// Whether paged_prefill runs chunks of this dtype and head size in tiles (prefill_tiles): float32
+// with AVX-512, bfloat16 with AVX512-BF16; head sizes 64 and 128.
+bool prefill_tiles_for(bool bf16, int64_t head_dim) {
+  bool tiles = false;
+#if defined(__AVX512F__)
+  tiles = !bf16;
+#endif
+#if defined(__AVX512BF16__)
+  tiles = true;
+#endif
+  return tiles && (head_dim == 64 || head_dim == 128);
+}
+
 // The step's prefill chunks (bounds [S, 3]: start row in q, length, cached context; tables [S, W]:
 // each chunk's block table) into the same rows of out; decode rows are not touched. K/V of the
 // chunks must already be in the cache (write_kv). Where this build has no vectorized kernel, or
@@ -893,11 +965,22 @@ void paged_prefill(const at::Tensor& out, const at::Tensor& q, const at::Tensor&
   if (chunks.empty()) return;
   const bool bf16 = q.scalar_type() == at::kBFloat16;
   const int64_t d = q.size(2);
+#if defined(__AVX512F__)
+  if (prefill_tiles_for(bf16, d)) {
+    if (bf16) {
 #if defined(__AVX512BF16__)
-  if (bf16 && d == 64)
-    return prefill_items<c10::BFloat16, 64, kTilePiece, false>(&prefill_tiles_bf16<2>, out, q, kv, tables, lens, chunks, scale);
-  if (bf16 && d == 128)
-    return prefill_items<c10::BFloat16, 128, kTilePiece, false>(&prefill_tiles_bf16<4>, out, q, kv, tables, lens, chunks, scale);
+      return d == 64 ? prefill_items<c10::BFloat16, 64, kTilePiece, false>(&prefill_tiles<c10::BFloat16, 64>, out, q,
+                                                                           kv, tables, lens, chunks, scale)
+                     : prefill_items<c10::BFloat16, 128, kTilePiece, false>(&prefill_tiles<c10::BFloat16, 128>, out,
+                                                                            q, kv, tables, lens, chunks, scale);
+#endif
+    } else {
+      return d == 64 ? prefill_items<float, 64, kTilePiece, false>(&prefill_tiles<float, 64>, out, q, kv, tables,
+                                                                   lens, chunks, scale)
+                     : prefill_items<float, 128, kTilePiece, false>(&prefill_tiles<float, 128>, out, q, kv, tables,
+                                                                    lens, chunks, scale);
+    }
+  }
 #endif
 #if defined(__AVX512F__) || defined(SCALELLM_AVX2)
   if (d == 64)
@@ -922,16 +1005,6 @@ void paged_prefill(const at::Tensor& out, const at::Tensor& q, const at::Tensor&
   paged_decode(scratch, q.narrow(0, first, rows - first), kv, row_tables, row_lens, scale);
   for (int64_t r = 0; r < rows - first; ++r)
     if (owner[r] >= 0) out[first + r].copy_(scratch[r]);
-}
-
-// Whether paged_prefill runs bfloat16 chunks of this head size in tiles (prefill_tiles_bf16).
-bool prefill_tiles(int64_t head_dim) {
-#if defined(__AVX512BF16__)
-  return head_dim == 64 || head_dim == 128;
-#else
-  (void)head_dim;
-  return false;
-#endif
 }
 
 // kv[slot_blocks[t], 0 and 1, slot_offsets[t]] = new_kv[t, 0 and 1]: the step's K and V rows into
@@ -967,7 +1040,7 @@ void write_kv(const at::Tensor& kv, const at::Tensor& new_kv, const at::Tensor& 
 TORCH_LIBRARY(scalellm_cpu, m) {
   m.def("paged_decode(Tensor(a!) out, Tensor q, Tensor kv, Tensor block_tables, Tensor context_lens, float scale) -> ()");
   m.def("paged_prefill(Tensor(a!) out, Tensor q, Tensor kv, Tensor chunk_tables, Tensor chunk_bounds, float scale) -> ()");
-  m.def("prefill_tiles(int head_dim) -> bool", &prefill_tiles);
+  m.def("prefill_tiles(bool bfloat16, int head_dim) -> bool", &prefill_tiles_for);
   m.def("write_kv(Tensor(a!) kv, Tensor new_kv, Tensor slot_blocks, Tensor slot_offsets) -> ()");
   m.impl("paged_decode", c10::DispatchKey::CPU, paged_decode);
   m.impl("paged_prefill", c10::DispatchKey::CPU, paged_prefill);
