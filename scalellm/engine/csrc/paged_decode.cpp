@@ -267,7 +267,8 @@ void decode_items(Heads heads, const at::Tensor& out, const at::Tensor& q, const
 // Rows of a prefill chunk per work item of prefill_items.
 constexpr int64_t kPrefillRows = 8;
 
-// Every prefill chunk of a step through the decode kernels' `heads`, in one call. Chunk k is rows
+// Every prefill chunk of a step through `heads` (the decode kernels' rows below; prefill_tiles
+// with PIECE = kTilePiece on AVX-512), in one call. Chunk k is rows
 // [start, start + n) of q; row i of it attends the chunk's cached context and, causally, the
 // chunk up to itself: in decode_items' terms a row with context length context_len + i + 1, and
 // the chunk's rows a run with one block table (its K/V is in the cache before attention runs).
