@@ -12,7 +12,9 @@ idle cores to busy ones; and disaggregated; and, only when named, mesh-speculati
 with prompt-lookup drafts, --num-speculative-tokens 4, which vLLM here runs without), one after
 the other: start the server, warm it up,
 run vLLM's own client (`vllm bench serve`: random dataset, 128 prompt tokens, 64 output tokens,
-EOS ignored, greedy) at each concurrency, stop it. Every level's result is a JSON file in
+EOS ignored, greedy) at each concurrency, stop it. A mesh system named NAME@REV (e.g.
+mesh-colocated@HEAD~1) runs NAME from the repository's files at git revision REV, so a change is
+measured against its base in one run, rounds interleaved: the report sets NAME against NAME@REV. Every level's result is a JSON file in
 --results; a level whose file exists is skipped, so a stopped run resumes where it stopped and a
 subset can be re-run with --force (the report's note names the levels measured before the run began). --rounds N repeats everything with the system order rotated
 per round; the report takes medians over rounds. The report (a markdown table per dtype, the
@@ -36,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.serving.proc_cpu import cpu_delta, tree_cpu  # noqa: E402
-from bench.serving.systems import Running, System, mesh  # noqa: E402
+from bench.serving.systems import Running, System, mesh, tree_at  # noqa: E402
 from bench.vs_vllm_report import Level, load_levels, machine, write_report  # noqa: E402
 from scalellm.worker.cpu_share import machine_cores  # noqa: E402
 
@@ -78,8 +80,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def system_name(value: str) -> str:
+    """--systems' values: one of SYSTEMS, or a mesh system at a git revision (NAME@REV)."""
+    base, at, revision = value.partition("@")
+    if base not in SYSTEMS or (at and (not base.startswith("mesh-") or not revision or "/" in revision)):
+        raise argparse.ArgumentTypeError(f"{value!r}: one of {', '.join(SYSTEMS)}, or mesh-...@REV (no '/')")
+    return value
+
+
 def make_system(name: str, dtype: str, plan: Plan, extra: list[str]) -> System:
     port = free_port()
+    name, _, revision = name.partition("@")
     if name.startswith("vllm"):
         command = [plan.vllm_script, "serve", plan.model, "--port", str(port), "--dtype", dtype, *extra]
         env = list(plan.vllm_env)
@@ -95,7 +106,15 @@ def make_system(name: str, dtype: str, plan: Plan, extra: list[str]) -> System:
         # greedy requests draft by prompt lookup (engine/speculative.py): not how vLLM runs here
         "mesh-speculative": ["--colocated", "--decode", "1", "--worker-arg=--num-speculative-tokens=4"],
     }[name]
-    return mesh(name, topology, plan.model, port, ["--dtype", dtype, *extra])
+    tree = tree_at(revision) if revision else ROOT
+    return mesh(
+        f"{name}@{revision}" if revision else name,
+        topology,
+        plan.model,
+        port,
+        ["--dtype", dtype, *extra],
+        tree,
+    )
 
 
 def result_file(plan: Plan, round_: int, dtype: str, system: str, concurrency: int) -> Path:
@@ -185,7 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--model", default=None, help="HF folder (default: the prepared demo model)")
-    add("--systems", nargs="+", default=[s for s in SYSTEMS if s != "mesh-speculative"], choices=SYSTEMS)
+    add(
+        "--systems",
+        nargs="+",
+        type=system_name,
+        default=[s for s in SYSTEMS if s != "mesh-speculative"],
+        help=f"of {', '.join(SYSTEMS)}; a mesh system as NAME@REV runs the repository's files at git revision REV",
+    )
     add("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     add("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     add("--rounds", type=int, default=1, help="repeat everything, system order rotated per round")

@@ -20,7 +20,7 @@ from typing import Any
 
 BEGIN, END = "<!-- vs_vllm:begin -->", "<!-- vs_vllm:end -->"
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
-NAME = re.compile(r"r(\d+)-(\w+)-([\w-]+)-c(\d+)\.json$")
+NAME = re.compile(r"r(\d+)-(\w+)-([\w@~^.-]+)-c(\d+)\.json$")
 PEERS = ("vllm", "vllm-all-cores")
 """vLLM as it comes, and with every core bound to its worker (bench/vs_vllm.py)."""
 OURS = ("mesh-colocated", "mesh-per-core", "mesh-disaggregated", "mesh-speculative")
@@ -80,12 +80,30 @@ def _median(levels: list[Level], key: str) -> float:
     return statistics.median(lv.result[key] for lv in levels)
 
 
+def ordered(names: set[str]) -> list[str]:
+    """vLLM's configurations, ours, then ours at other revisions (NAME@REV: bench/vs_vllm.py)."""
+    known = [s for s in (*PEERS, *OURS) if s in names]
+    return known + sorted(names - set(known))
+
+
+def ratios(systems: list[str]) -> list[tuple[str, str, str]]:
+    """(numerator, denominator, column title): each of ours against each vLLM configuration that
+    ran, and against itself at each other revision that ran."""
+    pairs = [(s, peer, f"{s.removeprefix('mesh-')} / {PEER_NAMES[peer]}") for peer in PEERS for s in OURS
+             if s in systems and peer in systems]  # fmt: skip
+    for other in systems:
+        base, _, revision = other.partition("@")
+        if revision and base in systems:
+            pairs.append((base, other, f"{base.removeprefix('mesh-')} / at {revision}"))
+    return pairs
+
+
 def table(levels: list[Level], dtype: str) -> list[str]:
     mine = [lv for lv in levels if lv.dtype == dtype]
-    systems = [s for s in (*PEERS, *OURS) if any(lv.system == s for lv in mine)]
-    pairs = [(s, peer) for peer in PEERS for s in OURS if s in systems and peer in systems]
+    systems = ordered({lv.system for lv in mine})
+    pairs = ratios(systems)
     head = ["streams"] + [f"{s} tok/s (TPOT p50, ITL p99 ms)" for s in systems]
-    head += [f"{s.removeprefix('mesh-')} / {PEER_NAMES[peer]}" for s, peer in pairs]
+    head += [title for _, _, title in pairs]
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for c in sorted({lv.concurrency for lv in mine}):
         cells, tps = [str(c)], {}
@@ -98,9 +116,9 @@ def table(levels: list[Level], dtype: str) -> list[str]:
             n = f" x{len(runs)}" if len(runs) > 1 else ""
             cells.append(f"{tps[s]:.1f} ({_median(runs, 'median_tpot_ms'):.0f}, "
                          f"{_median(runs, 'p99_itl_ms'):.0f}){n}")  # fmt: skip
-        for s, peer in pairs:
-            ok = s in tps and tps.get(peer)
-            cells.append(f"**{tps[s] / tps[peer]:.2f}x**" if ok else "")
+        for s, other, _ in pairs:
+            ok = s in tps and tps.get(other)
+            cells.append(f"**{tps[s] / tps[other]:.2f}x**" if ok else "")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -110,7 +128,7 @@ def cores(levels: list[Level], dtype: str) -> list[str]:
     over the client's run, median over rounds; kinds under 0.01 core left out). Empty when the
     results predate that count (no server_cpu_s)."""
     mine = [lv for lv in levels if lv.dtype == dtype and lv.result.get("server_cpu_s")]
-    systems = [s for s in (*PEERS, *OURS) if any(lv.system == s for lv in mine)]
+    systems = ordered({lv.system for lv in mine})
     if not systems:
         return []
     lines = ["| streams | " + " | ".join(f"{s} cores (by process)" for s in systems) + " |"]

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -24,6 +25,10 @@ class System:
     extra_body: dict[str, object] = field(default_factory=dict)
     ignore_eos: bool = True
     max_requests: int = 64
+    cwd: Path = ROOT
+    """Where it starts (another revision's tree: bench/vs_vllm.py's NAME@REV systems)."""
+    env: tuple[str, ...] = ()
+    """NAME=VALUE settings added to its environment."""
 
     @property
     def base_url(self) -> str:
@@ -38,10 +43,10 @@ class Running:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> str:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **dict(kv.split("=", 1) for kv in self.system.env)}
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                self.system.command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                self.system.command, cwd=self.system.cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )  # fmt: skip
         deadline = time.monotonic() + self.timeout
@@ -83,10 +88,30 @@ def baseline(model: str, port: int, threads: int, max_requests: int) -> System:
     return System("hf-baseline", command, port, "READY", max_requests=max_requests)
 
 
-def mesh(name: str, topology: list[str], model: str, port: int, extra: list[str]) -> System:
+def mesh(
+    name: str, topology: list[str], model: str, port: int, extra: list[str], tree: Path = ROOT
+) -> System:
+    """``scalellm up`` from ``tree``: this checkout, or another revision's files (its processes
+    import that tree's packages first: PYTHONPATH)."""
     command = [sys.executable, "-m", "scalellm", "up", *topology, "--model", model, "--http-port", str(port),
                "--grpc-port", "0", "--quiet", "--drain-timeout", "10", *extra]  # fmt: skip
-    return System(name, command, port, "mesh ready:")
+    env = () if tree == ROOT else (f"PYTHONPATH={tree}",)
+    return System(name, command, port, "mesh ready:", cwd=tree, env=env)
+
+
+def tree_at(revision: str, parent: Path | None = None) -> Path:
+    """This repository's files at a git revision, extracted once into a folder of their own
+    (``git archive``: no worktree registered, nothing to clean up in the repository)."""
+    sha = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short=12", f"{revision}^{{commit}}"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    folder = (parent or Path(tempfile.gettempdir())) / f"scalellm-at-{sha}"
+    if not (folder / "scalellm").is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", sha], check=True, capture_output=True)
+        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    return folder
 
 
 def llama_cpp(

@@ -99,3 +99,55 @@ def test_vllm_all_cores_binds_its_worker_to_every_core_this_process_may_use() ->
         "LD_PRELOAD=/x.so",
         "vllm-cpu.sh",
     ]
+
+
+def test_ours_at_another_revision_gets_its_column_and_a_ratio(tmp_path: Path) -> None:
+    """bench/vs_vllm.py's NAME@REV systems: after vLLM and ours, and ours set against them."""
+    _level(tmp_path, 0, "vllm", 64, 80.0, {})
+    _level(tmp_path, 0, "mesh-colocated@abc123", 64, 100.0, {})
+    _level(tmp_path, 0, "mesh-colocated", 64, 120.0, {})
+    _level(tmp_path, 1, "mesh-colocated@abc123", 64, 110.0, {})
+    lines = vs_vllm_report.table(vs_vllm_report.load_levels(tmp_path), "float32")
+    assert lines[0] == (
+        "| streams | vllm tok/s (TPOT p50, ITL p99 ms) | mesh-colocated tok/s (TPOT p50, ITL p99 ms) "
+        "| mesh-colocated@abc123 tok/s (TPOT p50, ITL p99 ms) | colocated / vLLM | colocated / at abc123 |"
+    )
+    assert lines[2] == (
+        "| 64 | 80.0 (100, 200) | 120.0 (100, 200) | 105.0 (100, 200) x2 | **1.50x** | **1.14x** |"
+    )
+
+
+def test_system_names_take_a_revision_for_mesh_systems_only() -> None:
+    import argparse
+
+    import pytest
+
+    from bench import vs_vllm
+
+    assert vs_vllm.system_name("mesh-colocated@HEAD~1") == "mesh-colocated@HEAD~1"
+    assert vs_vllm.system_name("vllm") == "vllm"
+    for bad in ("vllm@HEAD", "mesh-colocated@", "mesh-nothing", "mesh-colocated@origin/main"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            vs_vllm.system_name(bad)
+
+
+def test_a_mesh_at_a_revision_runs_from_that_revisions_files(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import tempfile
+
+    from bench import vs_vllm
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    plan = vs_vllm.Plan("/m", "vllm-cpu.sh", Path("r"), Path("l"), 128, 64, 2, 2, 8, False)
+    system = vs_vllm.make_system("mesh-colocated@HEAD", "bfloat16", plan, ["--x=1"])
+    head = subprocess.run(
+        ["git", "-C", str(vs_vllm.ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    assert system.name == "mesh-colocated@HEAD"
+    assert (
+        system.cwd == tmp_path / f"scalellm-at-{head}" and (system.cwd / "scalellm" / "__init__.py").exists()
+    )
+    assert system.env == (f"PYTHONPATH={system.cwd}",)
+    assert system.command[1:4] == ["-m", "scalellm", "up"] and system.command[-1] == "--x=1"
+    here = vs_vllm.make_system("mesh-colocated", "bfloat16", plan, [])
+    assert here.cwd == vs_vllm.ROOT and here.env == ()
