@@ -107,10 +107,11 @@ def tree_at(revision: str, parent: Path | None = None) -> Path:
         check=True, capture_output=True, text=True,
     ).stdout.strip()  # fmt: skip
     folder = (parent or Path(tempfile.gettempdir())) / f"scalellm-at-{sha}"
-    if not (folder / "scalellm").is_dir():
-        folder.mkdir(parents=True, exist_ok=True)
+    if not folder.is_dir():  # extracted beside it, then renamed: a folder there is complete
+        partial = Path(tempfile.mkdtemp(prefix=f"{folder.name}.", dir=folder.parent))
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", sha], check=True, capture_output=True)
-        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+        subprocess.run(["tar", "-x", "-C", str(partial)], input=archive.stdout, check=True)
+        partial.rename(folder)
     return folder
 
 
