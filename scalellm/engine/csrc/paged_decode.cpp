@@ -551,6 +551,12 @@ void decode_heads_avx512(const Item& it, int64_t num_kv_heads, const T* q, int64
 constexpr int64_t kTileTokens = 16;  // a register's lanes of scores
 constexpr int64_t kTilePiece = 32;   // tokens of a chunk per work item: its K tiles gathered once for them
 
+// j * stride in lane j: the offsets of a tile's 16 token rows, for a gather.
+inline __m512i lane_offsets(int64_t stride) {
+  return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                            _mm512_set1_epi32(static_cast<int32_t>(stride)));
+}
+
 template <typename T, int64_t D>
 struct TileMath;
 
@@ -564,8 +570,7 @@ struct TileMath<float, D> {
   int64_t stride = 0, count = 0;
 
   void load(const float* k, const float* vrow, int64_t s_tok, int64_t c, __mmask16 valid) {
-    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                           _mm512_set1_epi32(static_cast<int32_t>(s_tok)));
+    const __m512i idx = lane_offsets(s_tok);
     for (int64_t d = 0; d < D; ++d) kt[d] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, idx, k + d, 4);
     v = vrow, stride = s_tok, count = c;
   }
@@ -576,12 +581,12 @@ struct TileMath<float, D> {
   }
   static void store_p(PWord* p, __m512 e) { _mm512_storeu_ps(p, e); }
   template <int64_t RP>
-  void pv(__m512 (&a)[RP][NA], const PWord* const* p) const {
+  void pv(__m512 (&a)[RP][NA], const PWord* p) const {  // row r's p at p + r * PW
     for (int64_t j = 0; j < count; ++j) {
       __m512 val[NA];
       for (int64_t k = 0; k < NA; ++k) val[k] = _mm512_loadu_ps(v + j * stride + 16 * k);
       for (int64_t r = 0; r < RP; ++r) {
-        const __m512 pj = _mm512_set1_ps(p[r][j]);
+        const __m512 pj = _mm512_set1_ps(p[r * PW + j]);
         for (int64_t k = 0; k < NA; ++k) a[r][k] = _mm512_fmadd_ps(pj, val[k], a[r][k]);
       }
     }
@@ -599,8 +604,7 @@ struct TileMath<c10::BFloat16, D> {
   int64_t pairs = 0;
 
   void load(const c10::BFloat16* k, const c10::BFloat16* vrow, int64_t s_tok, int64_t c, __mmask16 valid) {
-    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                           _mm512_set1_epi32(static_cast<int32_t>(s_tok / 2)));
+    const __m512i idx = lane_offsets(s_tok / 2);
     const int32_t* k32 = reinterpret_cast<const int32_t*>(k);
     for (int64_t dp = 0; dp < D / 2; ++dp) kt[dp] = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, idx, k32 + dp, 4);
     // V's token pairs interleaved per head dim; a missing second token of the last pair is zero
@@ -620,10 +624,10 @@ struct TileMath<c10::BFloat16, D> {
   }
   static void store_p(PWord* p, __m512 e) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(e)); }
   template <int64_t RP>
-  void pv(__m512 (&a)[RP][NA], const PWord* const* p) const {
+  void pv(__m512 (&a)[RP][NA], const PWord* p) const {  // row r's p pairs at p + r * PW
     for (int64_t t2 = 0; t2 < pairs; ++t2)
       for (int64_t r = 0; r < RP; ++r) {
-        const __m512bh pp = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(p[r][t2]));
+        const __m512bh pp = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(p[r * PW + t2]));
         for (int64_t k = 0; k < NA; ++k) a[r][k] = _mm512_dpbf16_ps(a[r][k], (__m512bh)vp[t2][k], pp);
       }
   }
@@ -640,7 +644,6 @@ struct TileScratch {
   std::vector<typename M::PWord> p;       // each row's probabilities for the current tile
   std::vector<int64_t> seen;              // how many of the current tile's tokens each row sees
   std::vector<const typename M::QWord*> q;  // each row's query
-  std::vector<const typename M::PWord*> prow;
 };
 
 // One work item, in decode_heads_avx512's signature (scores and acc_buf unused: TileScratch).
@@ -660,11 +663,9 @@ void prefill_tiles(const Item& it, int64_t num_kv_heads, const T* q, int64_t qs_
   t.p.assign(padded * PW, 0);
   t.seen.assign(padded, 0);
   t.q.resize(padded);
-  t.prow.resize(padded);
   for (int64_t r = 0; r < padded; ++r) {  // padding rows read row 0's query and see nothing
     const int64_t at = r < rows ? r : 0;
     t.q[r] = reinterpret_cast<const typename M::QWord*>(q + (at / groups) * it.qs_b + (at % groups) * qs_h);
-    t.prow[r] = t.p.data() + r * PW;
   }
   const T* kbase = static_cast<const T*>(it.k);
   const T* vbase = static_cast<const T*>(it.v);
@@ -718,7 +719,7 @@ void prefill_tiles(const Item& it, int64_t num_kv_heads, const T* q, int64_t qs_
         for (int64_t r = 0; r < RP; ++r)
           for (int64_t k = 0; k < NA; ++k)
             a[r][k] = _mm512_mul_ps(_mm512_loadu_ps(t.acc.data() + (r0 + r) * D + 16 * k), _mm512_set1_ps(t.corr[r0 + r]));
-        math.template pv<RP>(a, t.prow.data() + r0);
+        math.template pv<RP>(a, t.p.data() + r0 * PW);
         for (int64_t r = 0; r < RP; ++r)
           for (int64_t k = 0; k < NA; ++k) _mm512_storeu_ps(t.acc.data() + (r0 + r) * D + 16 * k, a[r][k]);
       }
