@@ -10,17 +10,22 @@ accumulated in a different order (float32: errors of the same size as MKL's).
     nn.Linear.weight [out, in]  --reorder once-->  opaque oneDNN weight  --per call-->  x @ W^T (+ b)
 
 Only CPU float32/bfloat16 models are packed; anything else keeps nn.Linear. ``PanelLinear``
-(our kernel, ``csrc/linear_panels.cpp``: the weight in 16-column panels) takes two cases instead:
+(our kernel, ``csrc/linear_panels.cpp``: the weight in 16-column panels) takes these cases instead:
+- a float32 model on any CPU with AVX2: with AVX-512, 16-lane panels, 1.5-2x oneDNN's speed from
+  one to a few rows (a decode step at low concurrency: oneDNN's GEMV path streams the weights at
+  ~19 GB/s and costs ~15 us a call) and within ~10% of it at hundreds (2-core Zen 4); on AVX2
+  CPUs 0.71-0.91x oneDNN's time at every row count measured (1 to 1024 rows, 2-core AVX2 EPYC).
+- a bfloat16 model on a CPU with AVX512-BF16 but not AMX: the weights in k pairs for vdpbf16ps,
+  the same gains as float32's over oneDNN (AMX CPUs keep oneDNN, whose AMX kernels we do not
+  match at many rows);
 - a bfloat16 model on a CPU without bfloat16 arithmetic (no AVX512-BF16, no AMX: oneDNN has no
   bfloat16 kernels for it and torch's matmul takes a generic path): the weights stay bfloat16 and
   are widened in registers, float32 products and sums as a bfloat16 GEMM accumulates. On AVX2
   CPUs at every row count (0.38-1.05x oneDNN's float32 time from 1 to 1024 rows, 2-core AVX2 EPYC);
   on AVX-512 CPUs many rows go to a float32 copy through oneDNN instead (its AVX-512 kernels
-  against our AVX2 one: not measured);
-- a float32 model on a CPU with AVX2 but not AVX-512, where the panels took 0.71-0.91x oneDNN's
-  time at every row count measured (1 to 1024 rows, the demo model's shapes, 2-core AVX2 EPYC):
-  all rows, one copy of the weight. Each output is a sum over k in order, whatever the rows: a
-  request's logits do not depend on what it is batched with.
+  against our AVX2 one: not measured).
+Each output is a sum over k in order, whatever the rows: a request's logits do not depend on what
+it is batched with.
 """
 
 from __future__ import annotations
@@ -47,22 +52,32 @@ def avx2_is_widest() -> bool:
     return torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
+def panels_isa(dtype: torch.dtype) -> str:
+    """Which of our kernels a ``dtype`` weight's panels go through in this build: "avx512_bf16",
+    "avx512", "avx2" or "scalar" (our kernels must be built: ``cpu_kernels.available()``)."""
+    return str(torch.ops.scalellm_cpu.panels_isa(dtype))
+
+
+def panels_take_every_row(dtype: torch.dtype) -> bool:
+    """Whether PanelLinear runs every row count through our kernel (else a bfloat16 weight on an
+    AVX-512 CPU whose kernel here is the 8-lane one also keeps a float32 copy for oneDNN)."""
+    return dtype == torch.float32 or avx2_is_widest() or panels_isa(dtype) == "avx512_bf16"
+
+
 def panels_apply(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether this model's linear layers go through PanelLinear (the module docstring's two
-    cases), with our kernels built."""
-    if device.type != "cpu":
-        return False
-    if dtype == torch.bfloat16:
-        wanted = not packing_supported(device, dtype)
-    elif dtype == torch.float32:
-        wanted = avx2_is_widest()  # AVX-512 CPUs keep oneDNN
-    else:
-        return False
-    if not wanted:
+    """Whether this model's linear layers go through PanelLinear (the module docstring's cases),
+    with our kernels built."""
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return False
     from scalellm.engine import cpu_kernels  # here: cpu_kernels builds on the models package
 
-    return cpu_kernels.available()
+    if not cpu_kernels.available() or panels_isa(dtype) == "scalar":
+        return False
+    if dtype == torch.float32:
+        return True
+    if not packing_supported(device, dtype):
+        return True  # no bfloat16 arithmetic for oneDNN here
+    return panels_isa(dtype) == "avx512_bf16" and not torch.cpu._is_amx_tile_supported()
 
 
 class PackedLinear(nn.Module):
@@ -93,12 +108,12 @@ class PanelLinear(nn.Module):
     """``nn.Linear`` semantics through our panel kernel (inference only), in the weight's dtype.
 
     The weight packed once in 16-column panels (``torch.ops.scalellm_cpu.pack_panels``), through
-    ``torch.ops.scalellm_cpu.linear_panels``, at every row count: float32 weights, and bfloat16
-    ones on CPUs whose widest vectors are AVX2's. A bfloat16 weight on an AVX-512 CPU also gets a
-    float32 copy packed for oneDNN, which takes calls of more than ``max_kernel_rows`` rows (x
-    widened, the output rounded back): both are float32 products and sums of the same bfloat16
-    values, one rounding of each output. The module keeps no reference to the original weight:
-    a tied embedding keeps its own.
+    ``torch.ops.scalellm_cpu.linear_panels``, at every row count where ``panels_take_every_row``.
+    Otherwise (a bfloat16 weight, an AVX-512 CPU, the 8-lane kernel) it also gets a float32 copy
+    packed for oneDNN, which takes calls of more than ``max_kernel_rows`` rows (x widened, the
+    output rounded back): both are float32 products and sums of the same bfloat16 values, one
+    rounding of each output. The module keeps no reference to the original weight: a tied
+    embedding keeps its own.
     """
 
     def __init__(self, linear: nn.Linear, max_kernel_rows: int = 16) -> None:
@@ -110,11 +125,7 @@ class PanelLinear(nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach().contiguous()
         self.packed: torch.Tensor | None = None
         self.bias32: torch.Tensor | None = None
-        if (
-            weight.dtype == torch.bfloat16
-            and not avx2_is_widest()
-            and packing_supported(weight.device, torch.float32)
-        ):
+        if not panels_take_every_row(weight.dtype) and packing_supported(weight.device, torch.float32):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.float())
             self.bias32 = None if self.bias is None else self.bias.float()
 

@@ -15,7 +15,15 @@ from scalellm.engine.config import EngineConfig, cpu_has_native_bf16
 from scalellm.models.config import RopeConfig
 from scalellm.models.llama import RotaryEmbedding
 from scalellm.models.ops import TorchOps
-from scalellm.models.packed_linear import PackedLinear, PanelLinear, pack_linears, packing_supported
+from scalellm.models.packed_linear import (
+    PackedLinear,
+    PanelLinear,
+    pack_linears,
+    packing_supported,
+    panels_apply,
+    panels_isa,
+    panels_take_every_row,
+)
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ toolchain for the CPU kernel")
 
@@ -294,12 +302,17 @@ def test_bf16_kernel_equals_float32_products_rounded_once(
         torch.testing.assert_close(batched[0], got, atol=0, rtol=0)
     strided = torch.randn(rows, 2 * k, generator=gen).to(torch.bfloat16)[:, :k]  # rows with a gap between
     torch.testing.assert_close(kernel_only(strided), kernel_only(strided.contiguous()), atol=0, rtol=0)
-    # the kernel's sums are the float32 panels' over the widened values, in the same order: the
-    # same float32 result, rounded once (bfloat16 panels are only stored interleaved)
+    # the 8-lane kernel's sums are the float32 panels' over the widened values, in the same order:
+    # the same float32 result, rounded once (bfloat16 panels are only stored interleaved);
+    # vdpbf16ps adds a k pair's two products per step, so AVX512-BF16's differ in the last bits
     wide = torch.nn.Linear(k, n, bias=bias)
     wide.load_state_dict({name: value.float() for name, value in linear.state_dict().items()})
+    exact_order = panels_isa(torch.bfloat16) != "avx512_bf16"
     torch.testing.assert_close(
-        kernel_only(x), PanelLinear(wide)(x.float()).to(torch.bfloat16), atol=0, rtol=0
+        kernel_only(x),
+        PanelLinear(wide)(x.float()).to(torch.bfloat16),
+        atol=0 if exact_order else 1e-3 * k**0.5,
+        rtol=0 if exact_order else 8e-3,
     )
     # and a row's output does not depend on the rows beside it
     for row in (0, rows - 1):
@@ -307,22 +320,26 @@ def test_bf16_kernel_equals_float32_products_rounded_once(
 
 
 @needs_kernel
-def test_bf16_weights_have_one_copy_where_avx2_is_the_widest() -> None:
-    """AVX2 CPUs run a bfloat16 model's linear layers through the kernel at every row count (no
-    float32 copy); AVX-512 ones keep a float32 copy for oneDNN above ``max_kernel_rows``."""
-    from scalellm.models.packed_linear import avx2_is_widest
-
-    panels = PanelLinear(torch.nn.Linear(64, 32).to(torch.bfloat16))
-    if avx2_is_widest():
+def test_bf16_weights_have_one_copy_where_our_kernel_takes_every_row() -> None:
+    """AVX2 CPUs (8-lane kernel) and AVX512-BF16 ones (vdpbf16ps over k pairs) run a bfloat16
+    model's linear layers through the kernel at every row count, one copy of the weight; other
+    AVX-512 CPUs keep a float32 copy for oneDNN above ``max_kernel_rows``."""
+    panels = PanelLinear(torch.nn.Linear(64, 33).to(torch.bfloat16))
+    if panels_take_every_row(torch.bfloat16):
         assert panels.packed is None and "max_kernel_rows=all" in repr(panels)
     elif packing_supported(torch.device("cpu"), torch.float32):
         assert panels.packed is not None and panels.packed.dtype != torch.bfloat16
+    # the panels' layout follows the kernel: k pairs for vdpbf16ps, else one k a row of 16
+    pairs = panels_isa(torch.bfloat16) == "avx512_bf16"
+    assert panels.panels.shape == ((3, 32, 32) if pairs else (3, 64, 16))
+    odd = PanelLinear(torch.nn.Linear(7, 16).to(torch.bfloat16))
+    assert odd.panels.shape == ((1, 4, 32) if pairs else (1, 7, 16))
 
 
 @needs_kernel
 @pytest.mark.parametrize("bias", [False, True])
 def test_float32_panels_match_float64_and_do_not_depend_on_the_batch(bias: bool) -> None:
-    """float32 through the panels (what AVX2 CPUs without AVX-512 use for every row count): close
+    """float32 through the panels (every row count on CPUs with AVX2, AVX-512 included): close
     to a float64 reference, and each row's output bit for bit the same alone, in a batch of 70
     (past the 48-row chunk, not a multiple of the 6-row micro-kernel) or in the 3-d reshape path."""
     gen = torch.Generator().manual_seed(7)
@@ -348,11 +365,14 @@ def test_float32_panels_match_float64_and_do_not_depend_on_the_batch(bias: bool)
     torch.testing.assert_close(panels(strided), panels(strided.contiguous()), atol=0, rtol=0)
 
 
-def test_float32_panels_are_chosen_on_avx2_without_avx512_only() -> None:
-    from scalellm.models.packed_linear import avx2_is_widest, panels_apply
-
+def test_panels_are_chosen_where_our_kernel_is_the_faster() -> None:
+    """float32: on every CPU with AVX2 (AVX-512's 16-lane kernel too); bfloat16: without bfloat16
+    arithmetic for oneDNN, or with AVX512-BF16 and no AMX; never off CPU or for other dtypes."""
     cpu = torch.device("cpu")
-    assert panels_apply(cpu, torch.float32) == (avx2_is_widest() and cpu_kernels.available())
+    built = cpu_kernels.available()
+    assert panels_apply(cpu, torch.float32) == (built and panels_isa(torch.float32) != "scalar")
+    if built and panels_isa(torch.bfloat16) == "avx512_bf16":
+        assert panels_apply(cpu, torch.bfloat16) == (not torch.cpu._is_amx_tile_supported())
     assert not panels_apply(torch.device("meta"), torch.float32)
     assert not panels_apply(cpu, torch.float16)
 
