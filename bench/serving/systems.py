@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -35,14 +36,33 @@ class System:
         return f"http://127.0.0.1:{self.port}/v1"
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 class Running:
-    """A started system: `with Running(system, log) as base_url: ...` stops it on exit."""
+    """A started system: `with Running(system, log) as base_url: ...` stops it on exit.
+
+    While it runs, SIGTERM to the benchmark (in its main thread) raises SystemExit, so the block
+    exits and stops the system: a benchmark killed by default kills only itself, and left
+    ``scalellm up`` (which restarts its children) or vLLM serving.
+    """
 
     def __init__(self, system: System, log: Path, startup_timeout_s: float = 300.0) -> None:
         self.system, self.log, self.timeout = system, log, startup_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
+        self._previous_sigterm: object = None
 
     def __enter__(self) -> str:
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        try:
+            return self._start()
+        except BaseException:  # not ready, exited, or SIGTERM while starting: stop what started
+            self.__exit__()
+            raise
+
+    def _start(self) -> str:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **dict(kv.split("=", 1) for kv in self.system.env)}
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
@@ -56,7 +76,6 @@ class Running:
             if self._ready():
                 return self.system.base_url
             time.sleep(1.0)
-        self.__exit__()
         raise RuntimeError(f"{self.system.name} not ready in {self.timeout:.0f} s: {self._tail()}")
 
     def _ready(self) -> bool:
@@ -72,6 +91,14 @@ class Running:
         return self.log.read_text(errors="replace")[-1500:]
 
     def __exit__(self, *_: object) -> None:
+        try:
+            self._stop()
+        finally:
+            if self._previous_sigterm is not None:
+                signal.signal(signal.SIGTERM, self._previous_sigterm)  # type: ignore[arg-type]
+                self._previous_sigterm = None
+
+    def _stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGTERM)  # scalellm up drains and stops its own children
