@@ -17,7 +17,8 @@
 // the next block is prefetched into L2 (~34 -> ~28 ms for 30 layers of 64 decodes of 100-200
 // tokens in bfloat16 on a 2-core Xeon; docs/benchmarks.md), as is the next work item's first
 // block. With AVX512-BF16 a bfloat16 K row is dotted as it is stored (vdpbf16ps,
-// QueryHead<BFloat16>), not widened first. A work item
+// QueryHead<BFloat16>), not widened first, and P.V takes V rows in token pairs (pv_pairs: p
+// rounded to bfloat16, V as stored; -16% kernel time at 64 decodes on the 2-core Zen 4). A work item
 // is a (request, K/V head), or a whole request once every thread has four: then a block's K (then
 // V) rows of all heads are read in one sweep, with less memory stall (the kernel is bound by
 // memory at 64 decodes); the same sums in the same order, so the same bits.
@@ -430,6 +431,74 @@ inline float softmax_numerators(float* s, int64_t len) {
   return 1.f / _mm512_reduce_add_ps(total);
 }
 
+// P.V over token pairs (bfloat16 with AVX512-BF16): vdpbf16ps multiplies a lane's two bfloat16
+// values by two others and adds both products to a float32 sum, so two V rows interleaved,
+// (V[j][d], V[j + 1][d]) in a 32-bit lane, times (p[j], p[j + 1]) rounded to bfloat16 (as GPU
+// flash kernels round p), are two tokens' products in one instruction, V read as stored (no
+// widening). Pairs are (j, j + 1) from a block's first token, the last one of an odd count
+// paired with a zero p: a row's pairs do not depend on the rows or heads beside it. The unpacks
+// work within 128-bit lanes, so the accumulators hold d in the order
+//
+//   register 2u:     d = 32u + {0-3, 8-11, 16-19, 24-27}      (unpacklo of V[j], V[j + 1])
+//   register 2u + 1: d = 32u + {4-7, 12-15, 20-23, 28-31}     (unpackhi)
+//
+// until unpair_pv puts them back in order at the end.
+template <typename T>
+constexpr bool kPairedPV = false;
+#if defined(__AVX512BF16__)
+template <>
+constexpr bool kPairedPV<c10::BFloat16> = true;
+
+inline uint32_t bf16_pair(float lo, float hi) {
+  return static_cast<uint32_t>(c10::BFloat16(lo).x) | (static_cast<uint32_t>(c10::BFloat16(hi).x) << 16);
+}
+
+// acc[g][.] += sum over this block's n tokens of p_g[j] * V[j] for the gn query heads whose
+// (unnormalized) p are at p + g * ps; rows: the block's V rows of one head, stride apart
+template <int64_t NV, int64_t GC>
+inline void pv_pairs(__m512 (&acc)[GC][NV], int64_t gn, const c10::BFloat16* rows, int64_t stride, int64_t n,
+                     const float* p, int64_t ps) {
+  for (int64_t j = 0; j < n; j += 2) {
+    const bool two = j + 1 < n;
+    const c10::BFloat16* a = rows + j * stride;
+    __m512i pairs[NV];
+    for (int64_t u = 0; u < NV / 2; ++u) {
+      const __m512i va = _mm512_loadu_si512(a + 32 * u);
+      const __m512i vb = two ? _mm512_loadu_si512(a + stride + 32 * u) : _mm512_setzero_si512();
+      pairs[2 * u] = _mm512_unpacklo_epi16(va, vb);
+      pairs[2 * u + 1] = _mm512_unpackhi_epi16(va, vb);
+    }
+    for (int64_t g = 0; g < gn; ++g) {
+      const float* pg = p + g * ps;
+      const __m512bh pp = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(bf16_pair(pg[j], two ? pg[j + 1] : 0.f)));
+      for (int64_t v = 0; v < NV; ++v) acc[g][v] = _mm512_dpbf16_ps(acc[g][v], (__m512bh)pairs[v], pp);
+    }
+  }
+}
+
+// a head's D sums from pv_pairs' order back to d order, in place
+template <int64_t NV>
+inline void unpair_pv(float* acc) {
+  for (int64_t u = 0; u < NV / 2; ++u) {
+    const __m512 lo = _mm512_loadu_ps(acc + 32 * u), hi = _mm512_loadu_ps(acc + 32 * u + 16);
+    // d = 32u + 8c + i (c: 128-bit lane, i < 8): lo's lane 4c + i for i < 4, hi's lane 4c + i - 4
+    alignas(64) int32_t first[16], second[16];
+    for (int32_t i = 0; i < 16; ++i) {
+      const int32_t d0 = i, d1 = 16 + i;  // this output register's d within the 32
+      first[i] = (d0 % 8 < 4) ? (d0 / 8) * 4 + d0 % 8 : 16 + (d0 / 8) * 4 + d0 % 8 - 4;
+      second[i] = (d1 % 8 < 4) ? (d1 / 8) * 4 + d1 % 8 : 16 + (d1 / 8) * 4 + d1 % 8 - 4;
+    }
+    _mm512_storeu_ps(acc + 32 * u, _mm512_permutex2var_ps(lo, _mm512_load_si512(first), hi));
+    _mm512_storeu_ps(acc + 32 * u + 16, _mm512_permutex2var_ps(lo, _mm512_load_si512(second), hi));
+  }
+}
+#else
+template <int64_t NV, int64_t GC>
+inline void pv_pairs(__m512 (&)[GC][NV], int64_t, const c10::BFloat16*, int64_t, int64_t, const float*, int64_t) {}
+template <int64_t NV>
+inline void unpair_pv(float*) {}
+#endif
+
 // G query heads at a time keep their accumulators in registers (G * NV <= 16 of 32 zmm).
 template <int64_t NV>
 constexpr int64_t kGroupChunk = NV <= 4 ? 4 : 2;
@@ -501,13 +570,17 @@ void decode_heads_avx512(const Item& it, int64_t num_kv_heads, const T* q, int64
           __m512 acc[GC][NV];
           for (int64_t g = 0; g < gn; ++g)
             for (int64_t v = 0; v < NV; ++v) acc[g][v] = _mm512_loadu_ps(acc_buf + (g0 + g) * D + 16 * v);
-          for (int64_t j = 0; j < n; ++j) {
-            const T* row = block + j * it.s_tok + h * D;
-            __m512 val[NV];
-            for (int64_t v = 0; v < NV; ++v) val[v] = load16(row + 16 * v);
-            for (int64_t g = 0; g < gn; ++g) {
-              const __m512 p = _mm512_set1_ps(scores[(g0 + g) * len + first + j]);
-              for (int64_t v = 0; v < NV; ++v) acc[g][v] = _mm512_fmadd_ps(p, val[v], acc[g][v]);
+          if constexpr (kPairedPV<T>) {
+            pv_pairs<NV, GC>(acc, gn, block + h * D, it.s_tok, n, scores + g0 * len + first, len);
+          } else {
+            for (int64_t j = 0; j < n; ++j) {
+              const T* row = block + j * it.s_tok + h * D;
+              __m512 val[NV];
+              for (int64_t v = 0; v < NV; ++v) val[v] = load16(row + 16 * v);
+              for (int64_t g = 0; g < gn; ++g) {
+                const __m512 p = _mm512_set1_ps(scores[(g0 + g) * len + first + j]);
+                for (int64_t v = 0; v < NV; ++v) acc[g][v] = _mm512_fmadd_ps(p, val[v], acc[g][v]);
+              }
             }
           }
           for (int64_t g = 0; g < gn; ++g)
@@ -518,6 +591,7 @@ void decode_heads_avx512(const Item& it, int64_t num_kv_heads, const T* q, int64
   }
   for (int64_t qi = 0; qi < num_heads; ++qi) {
     float row[D];
+    if constexpr (kPairedPV<T>) unpair_pv<NV>(acc_buf + qi * D);
     for (int64_t v = 0; v < NV; ++v)
       _mm512_storeu_ps(row + 16 * v, _mm512_mul_ps(_mm512_loadu_ps(acc_buf + qi * D + 16 * v), _mm512_set1_ps(inv[qi])));
     T* dst = output_of(it, out, os_h, nh, qi);
