@@ -1,9 +1,11 @@
-"""Linear layers of a bfloat16 model on this CPU: torch's bfloat16 matmul, our bfloat16 kernel
-(``PanelLinear``'s kernel path, at every row count), and a float32 copy of the weight through
-oneDNN (what PanelLinear uses for many rows on AVX-512 CPUs) or through our panels (to compare).
+"""Linear layers of a bfloat16 (or --dtype float32) model on this CPU: torch's matmul, our
+kernel (``PanelLinear``'s kernel path, at every row count), oneDNN on a weight reordered in the
+model's dtype (``PackedLinear``: what AMX CPUs use for bfloat16), and a float32 copy of the
+weight through oneDNN (what PanelLinear uses for many rows on AVX-512 CPUs without AVX512-BF16)
+or through our panels (to compare).
 
     python bench/bf16_linear.py [--rows 1 8 64 256] [--threads 1] [--repeats 30] [--layers 1]
-        [--paths torch kernel onednn panels]
+        [--paths torch kernel onednn-same onednn panels] [--dtype float32]
 
 SmolLM2's shapes (hidden 576: q/k/v 960, gate/up 3072, down from 1536, o 576, lm_head 49152).
 Calls alternate between the paths; prints the minimum and median ms per call. ``--layers N``
@@ -42,9 +44,10 @@ def main() -> None:
     parser.add_argument(
         "--paths",
         nargs="+",
-        choices=["torch", "kernel", "onednn", "panels"],
+        choices=["torch", "kernel", "onednn-same", "onednn", "panels"],
         default=["torch", "kernel", "onednn"],
     )
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -54,15 +57,19 @@ def main() -> None:
     if not cpu_kernels.available():
         raise SystemExit("the CPU kernels could not be built here")
 
-    print(f"threads {args.threads}, load {Path('/proc/loadavg').read_text().split()[0]}")
+    dtype = getattr(torch, args.dtype)
+    tag = "bf16" if dtype == torch.bfloat16 else "fp32"
+    print(f"{args.dtype}, threads {args.threads}, load {Path('/proc/loadavg').read_text().split()[0]}")
     for name, (k, n) in SHAPES.items():
         copies = [torch.nn.Linear(k, n, bias=False) for _ in range(args.layers)]
-        bf16 = [linear.to(torch.bfloat16) for linear in copies]
+        bf16 = [linear.to(dtype) for linear in copies]
         paths: dict[str, list[Callable[[torch.Tensor], torch.Tensor]]] = {}
         if "torch" in args.paths:
-            paths["torch bf16"] = [partial(F.linear, weight=b.weight) for b in bf16]
+            paths[f"torch {tag}"] = [partial(F.linear, weight=b.weight) for b in bf16]
         if "kernel" in args.paths:
-            paths["kernel bf16"] = [PanelLinear(b, max_kernel_rows=1 << 30) for b in bf16]
+            paths[f"kernel {tag}"] = [PanelLinear(b, max_kernel_rows=1 << 30) for b in bf16]
+        if "onednn-same" in args.paths and packing_supported(torch.device("cpu"), dtype):
+            paths[f"oneDNN {tag}"] = [PackedLinear(b) for b in bf16]
         if "onednn" in args.paths and packing_supported(torch.device("cpu"), torch.float32):
             packed = [PackedLinear(torch.nn.Linear(k, n, bias=False)) for _ in range(args.layers)]
             paths["oneDNN fp32"] = [lambda x, p=p: p(x.float()) for p in packed]
@@ -70,7 +77,7 @@ def main() -> None:
             wide = [PanelLinear(torch.nn.Linear(k, n, bias=False)) for _ in range(args.layers)]
             paths["panels fp32"] = [lambda x, p=p: p(x.float()) for p in wide]
         for rows in args.rows:
-            x = torch.randn(rows, k).to(torch.bfloat16)
+            x = torch.randn(rows, k).to(dtype)
             times: dict[str, list[float]] = {p: [] for p in paths}
             with torch.inference_mode():
                 for _ in range(args.repeats):
