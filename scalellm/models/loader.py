@@ -12,7 +12,13 @@ from safetensors import safe_open
 from scalellm.engine.cpu_kernels import layer_ops, w8a8_kernel
 from scalellm.models.config import ModelConfig
 from scalellm.models.llama import LlamaForCausalLM, RotaryEmbedding
-from scalellm.models.packed_linear import PanelLinear, pack_linears, packing_supported, panels_apply
+from scalellm.models.packed_linear import (
+    PanelLinear,
+    pack_linears,
+    packing_supported,
+    panels_apply,
+    panels_isa,
+)
 from scalellm.models.parallel import SINGLE, TensorParallel
 from scalellm.models.quant_linear import quantize_weights, weight_bytes
 
@@ -94,9 +100,10 @@ def _finish(
     elif panels_apply(device, dtype):
         count = pack_linears(model, PanelLinear)
         log.info(
-            "linear layers: %d through the panel kernel (%s on this CPU)",
+            "linear layers: %d through the panel kernel (%s, its %s build on this CPU)",
             count,
             str(dtype).removeprefix("torch."),
+            panels_isa(dtype),
         )
     elif packing_supported(device, dtype):
         log.info("linear layers: oneDNN, %d weights reordered for this CPU", pack_linears(model))

@@ -13,7 +13,7 @@ Only CPU float32/bfloat16 models are packed; anything else keeps nn.Linear. ``Pa
 (our kernel, ``csrc/linear_panels.cpp``: the weight in 16-column panels) takes these cases instead:
 - a float32 model on any CPU with AVX2: with AVX-512, 16-lane panels, 1.5-2x oneDNN's speed from
   one to a few rows (a decode step at low concurrency: oneDNN's GEMV path streams the weights at
-  ~19 GB/s and costs ~15 us a call) and within ~10% of it at hundreds (2-core Zen 4); on AVX2
+  ~19 GB/s and costs ~15 us a call) and level with it from 64 to 1024 rows (2-core Zen 4); on AVX2
   CPUs 0.71-0.91x oneDNN's time at every row count measured (1 to 1024 rows, 2-core AVX2 EPYC).
 - a bfloat16 model on a CPU with AVX512-BF16 but not AMX: the weights in k pairs for vdpbf16ps,
   the same gains as float32's over oneDNN (AMX CPUs keep oneDNN, whose AMX kernels we do not
@@ -54,7 +54,11 @@ def avx2_is_widest() -> bool:
 
 def panels_isa(dtype: torch.dtype) -> str:
     """Which of our kernels a ``dtype`` weight's panels go through in this build: "avx512_bf16",
-    "avx512", "avx2" or "scalar" (our kernels must be built: ``cpu_kernels.available()``)."""
+    "avx512", "avx2", "scalar", or "none" where our kernels cannot be built here."""
+    from scalellm.engine import cpu_kernels  # here: cpu_kernels builds on the models package
+
+    if not cpu_kernels.available():
+        return "none"
     return str(torch.ops.scalellm_cpu.panels_isa(dtype))
 
 
@@ -69,9 +73,7 @@ def panels_apply(device: torch.device, dtype: torch.dtype) -> bool:
     with our kernels built."""
     if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return False
-    from scalellm.engine import cpu_kernels  # here: cpu_kernels builds on the models package
-
-    if not cpu_kernels.available() or panels_isa(dtype) == "scalar":
+    if panels_isa(dtype) in ("none", "scalar"):
         return False
     if dtype == torch.float32:
         return True

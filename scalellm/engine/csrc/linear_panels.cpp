@@ -39,9 +39,9 @@
 //
 // A task's panels are read in address order, four long streams at a time; one row of x at a
 // time (a decode at one stream) runs at the memory's rate, 1.5-2x oneDNN's bfloat16 and float32
-// on the 2-core Zen 4 (whose GEMV paths cost ~15 us a call and stream at ~19 GB/s), and within
-// ~10% of it at 512 rows (docs/benchmarks.md). Each output is still a sum over k (bfloat16: over
-// k pairs) in order, whatever the rows beside it.
+// on the 2-core Zen 4 (whose GEMV paths cost ~15 us a call and stream at ~19 GB/s), and level
+// with it from 64 to 1024 rows (docs/benchmarks.md). Each output is still a sum over k
+// (bfloat16: over k pairs) in order, whatever the rows beside it.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
@@ -336,7 +336,14 @@ std::string panels_isa(at::ScalarType dtype) {
 }
 
 // bfloat16 panels stored in k pairs (for vdpbf16ps), else one k at a time
-bool in_pairs(at::ScalarType dtype) { return panels_isa(dtype) == "avx512_bf16"; }
+constexpr bool in_pairs(at::ScalarType dtype) {
+#if defined(SCALELLM_PANELS_BF16)
+  return dtype == at::kBFloat16;
+#else
+  static_cast<void>(dtype);  // no vdpbf16ps in this build
+  return false;
+#endif
+}
 
 template <typename W>
 void pack_typed(const at::Tensor& w, const at::Tensor& packed) {
