@@ -476,20 +476,16 @@ inline void pv_pairs(__m512 (&acc)[GC][NV], int64_t gn, const c10::BFloat16* row
   }
 }
 
-// a head's D sums from pv_pairs' order back to d order, in place
+// a head's D sums from pv_pairs' order back to d order, in place: d = 32u + 8c + i (c the 128-bit
+// lane) is lo's lane 4c + i for i < 4, hi's lane 4c + i - 4 else (permutex2var: hi's lanes are 16-31)
 template <int64_t NV>
 inline void unpair_pv(float* acc) {
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
   for (int64_t u = 0; u < NV / 2; ++u) {
     const __m512 lo = _mm512_loadu_ps(acc + 32 * u), hi = _mm512_loadu_ps(acc + 32 * u + 16);
-    // d = 32u + 8c + i (c: 128-bit lane, i < 8): lo's lane 4c + i for i < 4, hi's lane 4c + i - 4
-    alignas(64) int32_t first[16], second[16];
-    for (int32_t i = 0; i < 16; ++i) {
-      const int32_t d0 = i, d1 = 16 + i;  // this output register's d within the 32
-      first[i] = (d0 % 8 < 4) ? (d0 / 8) * 4 + d0 % 8 : 16 + (d0 / 8) * 4 + d0 % 8 - 4;
-      second[i] = (d1 % 8 < 4) ? (d1 / 8) * 4 + d1 % 8 : 16 + (d1 / 8) * 4 + d1 % 8 - 4;
-    }
-    _mm512_storeu_ps(acc + 32 * u, _mm512_permutex2var_ps(lo, _mm512_load_si512(first), hi));
-    _mm512_storeu_ps(acc + 32 * u + 16, _mm512_permutex2var_ps(lo, _mm512_load_si512(second), hi));
+    _mm512_storeu_ps(acc + 32 * u, _mm512_permutex2var_ps(lo, first, hi));
+    _mm512_storeu_ps(acc + 32 * u + 16, _mm512_permutex2var_ps(lo, second, hi));
   }
 }
 #else
