@@ -41,8 +41,9 @@ SOURCES = (
     CSRC / "quant_ops.cpp",
     CSRC / "linear_panels.cpp",
     CSRC / "argmax.cpp",
+    CSRC / "decode_stack.cpp",
 )
-HEADERS = (CSRC / "vec256.h", CSRC / "vec512.h")
+HEADERS = (CSRC / "kernels.h", CSRC / "vec256.h", CSRC / "vec512.h")
 # -ffp-contract=off: a * b + c * d stays two roundings and a sum, as torch's separate ops compute it;
 # -fno-reciprocal-math: x / s stays a division (W8A8's scalar quantization loop, which AVX2-only
 # CPUs run, rounded x * (1 / s) otherwise: one quantization step off near halves)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -175,6 +176,23 @@ class DecoderLayer(nn.Module):
         return self.tp.all_reduce(self.mlp(h)), residual
 
 
+class DecodeStack(Protocol):
+    """Every decoder layer of a step in one call, for the steps it ``takes``
+    (models/decode_stack.CpuDecodeStack: a step of decodes on CPU, one C++ call)."""
+
+    def takes(self, num_tokens: int, meta: AttentionMetadata) -> bool: ...
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the layer loop returns: the last layer's output and the residual stream."""
+        ...
+
+
 class LlamaForCausalLM(nn.Module):
     def __init__(
         self,
@@ -200,6 +218,8 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size // tp.size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.decode_stack: DecodeStack | None = None
+        """Set by the loader where one covers this model (models/decode_stack.py)."""
 
     def forward(
         self,
@@ -211,9 +231,12 @@ class LlamaForCausalLM(nn.Module):
         """Flattened tokens of one step -> final hidden states [T, hidden]."""
         x = self.embed_tokens(input_ids)
         rope = self.rotary.tables(positions, x.dtype)
-        residual = None
-        for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, rope, kv_cache[:, i], meta)
+        residual: torch.Tensor | None = None
+        if self.decode_stack is not None and self.decode_stack.takes(x.shape[0], meta):
+            x, residual = self.decode_stack(x, rope, kv_cache, meta)
+        else:
+            for i, layer in enumerate(self.layers):
+                x, residual = layer(x, residual, rope, kv_cache[:, i], meta)
         return self.norm(x, residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

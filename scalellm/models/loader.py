@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from scalellm.engine.cpu_kernels import layer_ops, w8a8_kernel
 from scalellm.models.config import ModelConfig
+from scalellm.models.decode_stack import CpuDecodeStack
 from scalellm.models.llama import LlamaForCausalLM, RotaryEmbedding
 from scalellm.models.packed_linear import (
     PanelLinear,
@@ -105,6 +106,9 @@ def _finish(
             str(dtype).removeprefix("torch."),
             panels_isa(dtype),
         )
+        model.decode_stack = CpuDecodeStack.of(model)
+        if model.decode_stack is not None:
+            log.info("decode steps: every layer in one C++ call (decode_layers)")
     elif packing_supported(device, dtype):
         log.info("linear layers: oneDNN, %d weights reordered for this CPU", pack_linears(model))
     return model.eval()

@@ -121,9 +121,9 @@ class PanelLinear(nn.Module):
     def __init__(self, linear: nn.Linear, max_kernel_rows: int = 16) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.max_kernel_rows = max_kernel_rows
+        self.max_kernel_rows: int = max_kernel_rows
         weight = linear.weight.detach().contiguous()
-        self.panels = torch.ops.scalellm_cpu.pack_panels(weight)
+        self.panels: torch.Tensor = torch.ops.scalellm_cpu.pack_panels(weight)
         self.bias = None if linear.bias is None else linear.bias.detach().contiguous()
         self.packed: torch.Tensor | None = None
         self.bias32: torch.Tensor | None = None

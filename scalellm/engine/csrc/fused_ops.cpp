@@ -14,9 +14,11 @@
 #include <cmath>
 #include <cstdint>
 
+#include "kernels.h"
 #include "vec256.h"
 #include "vec512.h"
 
+namespace scalellm {
 namespace {
 
 constexpr int64_t kRowsPerTask = 16;
@@ -110,6 +112,8 @@ void dispatch(const at::Tensor& x, F&& f) {
   x.scalar_type() == at::kBFloat16 ? f(c10::BFloat16{}) : f(float{});
 }
 
+}  // namespace
+
 void rms_norm(const at::Tensor& out, const at::Tensor& x, const std::optional<at::Tensor>& residual,
               const at::Tensor& weight, double eps) {
   const int64_t n = weight.numel();
@@ -165,13 +169,13 @@ void rope_(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   });
 }
 
-}  // namespace
+}  // namespace scalellm
 
 TORCH_LIBRARY_FRAGMENT(scalellm_cpu, m) {
   m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor(b!)? residual, Tensor weight, float eps) -> ()");
   m.def("silu_mul(Tensor(a!) out, Tensor gate_up) -> ()");
   m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
-  m.impl("rms_norm", c10::DispatchKey::CPU, rms_norm);
-  m.impl("silu_mul", c10::DispatchKey::CPU, silu_mul);
-  m.impl("rope_", c10::DispatchKey::CPU, rope_);
+  m.impl("rms_norm", c10::DispatchKey::CPU, scalellm::rms_norm);
+  m.impl("silu_mul", c10::DispatchKey::CPU, scalellm::silu_mul);
+  m.impl("rope_", c10::DispatchKey::CPU, scalellm::rope_);
 }

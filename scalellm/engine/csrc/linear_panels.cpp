@@ -56,6 +56,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernels.h"
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
@@ -69,6 +71,7 @@
 #define SCALELLM_PANELS_BF16 1
 #endif
 
+namespace scalellm {
 namespace {
 
 constexpr int64_t NR = 16;  // output columns per panel
@@ -430,6 +433,8 @@ void linear_typed(const at::Tensor& out, const at::Tensor& x, const at::Tensor& 
   });
 }
 
+}  // namespace
+
 void linear_panels(const at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
                    const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && out.dim() == 2, "x [M, K], packed [P, K, 16], out [M, N]");
@@ -457,12 +462,12 @@ void linear_panels(const at::Tensor& out, const at::Tensor& x, const at::Tensor&
     linear_typed<float, float>(out, x, packed, bias);
 }
 
-}  // namespace
+}  // namespace scalellm
 
 TORCH_LIBRARY_FRAGMENT(scalellm_cpu, m) {
   m.def("pack_panels(Tensor w) -> Tensor");
-  m.impl("pack_panels", c10::DispatchKey::CPU, pack_panels);
+  m.impl("pack_panels", c10::DispatchKey::CPU, scalellm::pack_panels);
   m.def("linear_panels(Tensor(a!) out, Tensor x, Tensor packed, Tensor? bias) -> ()");
-  m.impl("linear_panels", c10::DispatchKey::CPU, linear_panels);
-  m.def("panels_isa(ScalarType dtype) -> str", panels_isa);
+  m.impl("linear_panels", c10::DispatchKey::CPU, scalellm::linear_panels);
+  m.def("panels_isa(ScalarType dtype) -> str", scalellm::panels_isa);
 }

@@ -48,9 +48,11 @@
 #include <cstring>
 #include <vector>
 
+#include "kernels.h"
 #include "vec256.h"
 #include "vec512.h"
 
+namespace scalellm {
 namespace {
 
 inline float to_float(float x) { return x; }
@@ -957,7 +959,9 @@ constexpr auto kHeads = &decode_heads_avx2<T, D>;
 #endif
 
 // What paged_decode and paged_prefill ask of their query, output and cache.
-void check_attention_args(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv) {
+}  // namespace
+
+static void check_attention_args(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv) {
   TORCH_CHECK(q.dim() == 3 && out.dim() == 3 && kv.dim() == 5, "q/out [rows, Hq, D], kv [N, 2, bs, Hkv, D]");
   TORCH_CHECK(q.sizes() == out.sizes(), "q and out differ in shape");
   TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1 && kv.stride(4) == 1, "head_dim must be contiguous");
@@ -995,7 +999,7 @@ void paged_decode(const at::Tensor& out, const at::Tensor& q, const at::Tensor& 
 
 // Whether paged_prefill runs chunks of this dtype and head size in tiles (prefill_tiles): float32
 // with AVX-512, bfloat16 with AVX512-BF16; head sizes 64 and 128.
-bool prefill_tiles_for(bool bf16, int64_t head_dim) {
+static bool prefill_tiles_for(bool bf16, int64_t head_dim) {
   bool tiles = false;
 #if defined(__AVX512F__)
   tiles = !bf16;
@@ -1010,7 +1014,7 @@ bool prefill_tiles_for(bool bf16, int64_t head_dim) {
 // each chunk's block table) into the same rows of out; decode rows are not touched. K/V of the
 // chunks must already be in the cache (write_kv). Where this build has no vectorized kernel, or
 // for other head sizes, the rows go to decode_kernel with a table row each.
-void paged_prefill(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables,
+static void paged_prefill(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables,
                    const at::Tensor& bounds, double scale) {
   check_attention_args(out, q, kv);
   TORCH_CHECK(tables.scalar_type() == at::kLong && bounds.scalar_type() == at::kLong, "int64 tables and bounds");
@@ -1107,14 +1111,14 @@ void write_kv(const at::Tensor& kv, const at::Tensor& new_kv, const at::Tensor& 
                   src + (t * new_kv.stride(0) + s * new_kv.stride(1)) * es, bytes);
 }
 
-}  // namespace
+}  // namespace scalellm
 
 TORCH_LIBRARY(scalellm_cpu, m) {
   m.def("paged_decode(Tensor(a!) out, Tensor q, Tensor kv, Tensor block_tables, Tensor context_lens, float scale) -> ()");
   m.def("paged_prefill(Tensor(a!) out, Tensor q, Tensor kv, Tensor chunk_tables, Tensor chunk_bounds, float scale) -> ()");
-  m.def("prefill_tiles(bool bfloat16, int head_dim) -> bool", &prefill_tiles_for);
+  m.def("prefill_tiles(bool bfloat16, int head_dim) -> bool", &scalellm::prefill_tiles_for);
   m.def("write_kv(Tensor(a!) kv, Tensor new_kv, Tensor slot_blocks, Tensor slot_offsets) -> ()");
-  m.impl("paged_decode", c10::DispatchKey::CPU, paged_decode);
-  m.impl("paged_prefill", c10::DispatchKey::CPU, paged_prefill);
-  m.impl("write_kv", c10::DispatchKey::CPU, write_kv);
+  m.impl("paged_decode", c10::DispatchKey::CPU, scalellm::paged_decode);
+  m.impl("paged_prefill", c10::DispatchKey::CPU, scalellm::paged_prefill);
+  m.impl("write_kv", c10::DispatchKey::CPU, scalellm::write_kv);
 }

@@ -1,0 +1,87 @@
+// A step of decodes through every decoder layer in one call (CPU): the kernels that
+// models/llama.py's layer loop calls for such a step, in the same order on the same values, so the
+// same bits, without going back to Python and the dispatcher between them. That trip cost ~60 us
+// a layer (module calls, op dispatch, a new tensor per output): a one-stream step of the demo
+// model went from 10.1 to 7.3 ms on two Zen 4 cores (docs/benchmarks.md). models/decode_stack.py's
+// CpuDecodeStack says which models and steps take it.
+//
+//   x [B, hidden]: the step's embeddings; each of the B rows is one decode (or a draft token)
+//   for each layer l:
+//     h   = rms_norm(x)                  (l = 0: residual = x)
+//     h   = rms_norm(x + residual)       (l > 0: residual += x first)
+//     qkv = h Wqkv^T (+ bias)            [B, Hq + 2 Hkv, D]; rope on q and k in place
+//     K, V of each row -> its cache slot; a = paged_decode(q, the layer's cache)   [B, Hq D]
+//     h   = rms_norm(a Wo^T + residual)  (residual += a Wo^T first)
+//     x   = (silu(h Wg^T) * h Wu^T) Wd^T
+//   returns the last layer's x; x (the embeddings) now holds the residual stream: the model's final
+//   norm adds the two.
+//
+// Buffers are allocated once a step and reused by every layer (no op reads the buffer it writes).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+
+#include "kernels.h"
+
+namespace scalellm {
+namespace {
+
+at::Tensor decode_layers(
+    const at::Tensor& x, at::TensorList input_norms, at::TensorList qkv, at::TensorList qkv_bias, at::TensorList o,
+    at::TensorList post_norms, at::TensorList gate_up, at::TensorList down, const at::Tensor& kv_cache,
+    const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slot_blocks, const at::Tensor& slot_offsets,
+    const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t num_heads, int64_t intermediate,
+    double eps, double scale) {
+  const auto layers = static_cast<int64_t>(input_norms.size());
+  TORCH_CHECK(static_cast<int64_t>(qkv.size()) == layers && static_cast<int64_t>(o.size()) == layers &&
+                  static_cast<int64_t>(post_norms.size()) == layers &&
+                  static_cast<int64_t>(gate_up.size()) == layers && static_cast<int64_t>(down.size()) == layers,
+              "one weight of each kind per layer");
+  TORCH_CHECK(qkv_bias.empty() || static_cast<int64_t>(qkv_bias.size()) == layers, "a qkv bias per layer, or none");
+  TORCH_CHECK(kv_cache.dim() == 6 && kv_cache.size(1) == layers, "kv_cache [blocks, layers, 2, bs, Hkv, D]");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x [B, hidden] contiguous");
+  const int64_t rows = x.size(0), hidden = x.size(1);
+  const int64_t kv_heads = kv_cache.size(4), head_dim = kv_cache.size(5), heads = num_heads + 2 * kv_heads;
+  auto buffer = [&](int64_t width) { return at::empty({rows, width}, x.options()); };
+  const at::Tensor h = buffer(hidden), qkv_out = buffer(heads * head_dim), attn = buffer(num_heads * head_dim);
+  const at::Tensor o_out = buffer(hidden), gu = buffer(2 * intermediate), act = buffer(intermediate);
+  const at::Tensor mlp_out = buffer(hidden);
+  const at::Tensor residual = x;  // layer 0's norm reads x; later ones add into it
+  const at::Tensor all_heads = qkv_out.view({rows, heads, head_dim});
+  const at::Tensor rotated = all_heads.narrow(1, 0, num_heads + kv_heads);  // q and k
+  const at::Tensor q = all_heads.narrow(1, 0, num_heads);
+  const at::Tensor new_kv = all_heads.narrow(1, num_heads, 2 * kv_heads).view({rows, 2, kv_heads, head_dim});
+  const at::Tensor attn_heads = attn.view({rows, num_heads, head_dim});
+  for (int64_t l = 0; l < layers; ++l) {
+    if (l == 0)
+      rms_norm(h, x, std::nullopt, input_norms[0], eps);
+    else
+      rms_norm(h, mlp_out, residual, input_norms[l], eps);
+    linear_panels(qkv_out, h, qkv[l], qkv_bias.empty() ? std::nullopt : std::optional<at::Tensor>(qkv_bias[l]));
+    rope_(rotated, cos, sin);
+    const at::Tensor kv = kv_cache.select(1, l);
+    write_kv(kv, new_kv, slot_blocks, slot_offsets);
+    paged_decode(attn_heads, q, kv, block_tables, context_lens, scale);
+    linear_panels(o_out, attn, o[l], std::nullopt);
+    rms_norm(h, o_out, residual, post_norms[l], eps);
+    linear_panels(gu, h, gate_up[l], std::nullopt);
+    silu_mul(act, gu);
+    linear_panels(mlp_out, act, down[l], std::nullopt);
+  }
+  return mlp_out;
+}
+
+}  // namespace
+}  // namespace scalellm
+
+TORCH_LIBRARY_FRAGMENT(scalellm_cpu, m) {
+  m.def(
+      "decode_layers(Tensor(a!) x, Tensor[] input_norms, Tensor[] qkv, Tensor[] qkv_bias, Tensor[] o, "
+      "Tensor[] post_norms, Tensor[] gate_up, Tensor[] down, Tensor(b!) kv_cache, Tensor cos, Tensor sin, "
+      "Tensor slot_blocks, Tensor slot_offsets, Tensor block_tables, Tensor context_lens, int num_heads, "
+      "int intermediate, float eps, float scale) -> Tensor");
+  m.impl("decode_layers", c10::DispatchKey::CPU, scalellm::decode_layers);
+}

@@ -1,0 +1,28 @@
+// The kernels' entry points (each file's torch op), declared for decode_stack.cpp, which calls
+// them in a decode step's order without going back to Python between them. Their contracts are
+// in the files that define them.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace scalellm {
+
+// fused_ops.cpp
+void rms_norm(const at::Tensor& out, const at::Tensor& x, const std::optional<at::Tensor>& residual,
+              const at::Tensor& weight, double eps);
+void silu_mul(const at::Tensor& out, const at::Tensor& gate_up);
+void rope_(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+
+// linear_panels.cpp
+void linear_panels(const at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
+                   const std::optional<at::Tensor>& bias);
+
+// paged_decode.cpp
+void paged_decode(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables,
+                  const at::Tensor& lens, double scale);
+void write_kv(const at::Tensor& kv, const at::Tensor& new_kv, const at::Tensor& slot_blocks,
+              const at::Tensor& slot_offsets);
+
+}  // namespace scalellm

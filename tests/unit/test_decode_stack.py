@@ -1,0 +1,149 @@
+"""A step of decodes through every layer in one C++ call (models/decode_stack.py): the same bits as
+the layer loop, logits and cache, and the layer loop wherever the composite does not apply."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from scalellm.engine import cpu_kernels
+from scalellm.engine.config import EngineConfig
+from scalellm.engine.model_runner import ModelRunner
+from scalellm.engine.step_inputs import SeqStep
+from scalellm.models.config import ModelConfig
+from scalellm.models.decode_stack import CpuDecodeStack
+from scalellm.models.llama import LlamaForCausalLM
+from scalellm.models.loader import random_model
+from scalellm.models.packed_linear import PanelLinear, panels_apply
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU kernels do not build here")
+
+BLOCK_SIZE, NUM_BLOCKS, MAX_LEN, VOCAB = 4, 40, 64, 97
+CONTEXTS = (1, 5, 17, 8, 3, 12, 9)
+
+
+def _config(head_dim: int, **extra: object) -> ModelConfig:
+    heads = 4
+    raw = {"architectures": ["LlamaForCausalLM"], "hidden_size": heads * head_dim, "intermediate_size": 96,
+           "num_hidden_layers": 3, "num_attention_heads": heads, "num_key_value_heads": 2,
+           "vocab_size": VOCAB, "max_position_embeddings": MAX_LEN}  # fmt: skip
+    return ModelConfig.from_dict(raw | extra)
+
+
+def _runner(cfg: ModelConfig, dtype: torch.dtype, **config: object) -> ModelRunner:
+    if not panels_apply(torch.device("cpu"), dtype):
+        pytest.skip(f"{dtype} linear layers do not run through the panels on this CPU")
+    model = random_model(cfg, dtype, torch.device("cpu"), MAX_LEN)
+    with torch.no_grad():  # random_model zeroes biases: make a dropped bias show
+        for module in model.modules():
+            if isinstance(module, PanelLinear) and module.bias is not None:
+                module.bias.normal_(0.0, 0.5)
+    engine = EngineConfig(
+        device="cpu", dtype=str(dtype).removeprefix("torch."), block_size=BLOCK_SIZE, num_kv_blocks=NUM_BLOCKS
+    )
+    return ModelRunner(replace(engine, **config), cfg, MAX_LEN, model=model)
+
+
+def _decodes(rows: int, drafts: int = 0) -> list[SeqStep]:
+    """Decodes at CONTEXTS' positions on disjoint blocks; each with ``drafts`` draft tokens."""
+    steps, next_id = [], 1
+    for i, c in enumerate(CONTEXTS[:rows]):
+        n = (c + drafts) // BLOCK_SIZE + 1
+        tokens = [(11 * i + k) % VOCAB for k in range(1 + drafts)]
+        steps.append(SeqStep(c, tokens, list(range(next_id, next_id + n)), True, drafts))
+        next_id += n
+    assert next_id <= NUM_BLOCKS
+    return steps
+
+
+def _both_ways(runner: ModelRunner, steps: list[SeqStep]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's logits and cache through the stack, then through the layer loop, from one cache;
+    asserts they are the same bits and returns them."""
+    model = runner.model
+    stack = model.decode_stack
+    assert stack is not None
+    start = torch.randn(runner.kv_cache.shape, generator=torch.Generator().manual_seed(5))
+    results = []
+    for use in (stack, None):
+        model.decode_stack = use
+        runner.kv_cache.copy_(start.to(runner.kv_cache.dtype))
+        _, logits = runner.run_steps(steps)
+        assert logits is not None
+        results.append((logits, runner.kv_cache.clone()))
+    model.decode_stack = stack
+    (got, got_cache), (want, want_cache) = results
+    assert torch.equal(got, want)
+    assert torch.equal(got_cache, want_cache)
+    return got, got_cache
+
+
+def _count_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one with each step the stack runs."""
+    calls: list[int] = []
+    real = CpuDecodeStack.__call__
+    monkeypatch.setattr(CpuDecodeStack, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 16])  # the vectorized decode kernel's size, and another
+def test_a_step_of_decodes_through_the_stack_equals_the_layer_loop(
+    dtype: torch.dtype, head_dim: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = _runner(_config(head_dim), dtype)
+    assert isinstance(runner.model.decode_stack, CpuDecodeStack)
+    calls = _count_calls(monkeypatch)
+    for rows in (1, 2, 7):
+        _, cache = _both_ways(runner, _decodes(rows))
+        assert torch.isfinite(cache.float()).all()
+    assert len(calls) == 3  # one call a step through the stack (the loop ran the other three)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qkv_biases_and_draft_rows_go_through_the_stack_unchanged(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = _runner(_config(64, architectures=["Qwen2ForCausalLM"]), dtype)
+    stack = runner.model.decode_stack
+    assert stack is not None and len(stack.qkv_bias) == 3
+    calls = _count_calls(monkeypatch)
+    logits, _ = _both_ways(runner, _decodes(5, drafts=2))
+    assert logits.shape == (15, VOCAB) and len(calls) == 1  # a row for each token and draft
+
+
+def test_steps_with_prefill_chunks_and_int8_caches_run_the_layer_loop() -> None:
+    runner = _runner(_config(64), torch.float32)
+    stack = runner.model.decode_stack
+    assert stack is not None
+    prefill = [SeqStep(0, [3, 4, 5, 6, 7], [NUM_BLOCKS - 2, NUM_BLOCKS - 1], True), *_decodes(2)]
+    inputs = runner.prepare(prefill)
+    assert not stack.takes(len(inputs.input_ids), inputs.meta)
+    decodes = runner.prepare(_decodes(3))
+    assert stack.takes(len(decodes.input_ids), decodes.meta)
+    # bfloat16 layers that hand many rows to oneDNN (AVX-512 without AVX512-BF16) take a few only
+    assert not replace(stack, max_rows=2).takes(len(decodes.input_ids), decodes.meta)
+    assert replace(stack, max_rows=3).takes(len(decodes.input_ids), decodes.meta)
+
+    quantized = _runner(_config(64), torch.float32, kv_cache_dtype="int8")
+    step = quantized.prepare(_decodes(3))
+    assert quantized.model.decode_stack is not None
+    assert not quantized.model.decode_stack.takes(len(step.input_ids), step.meta)
+    _, logits = quantized.run_steps(_decodes(3))  # through the loop and the int8 backend
+    assert logits is not None and torch.isfinite(logits).all()
+
+
+def _stack_of(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> CpuDecodeStack | None:
+    model: LlamaForCausalLM = random_model(cfg, dtype, torch.device("cpu"), MAX_LEN)
+    return model.decode_stack  # type: ignore[return-value]
+
+
+def test_models_the_composite_does_not_compute_get_no_stack() -> None:
+    if not panels_apply(torch.device("cpu"), torch.float32):
+        pytest.skip("float32 linear layers do not run through the panels on this CPU")
+    assert _stack_of(_config(64)) is not None
+    assert _stack_of(_config(64, architectures=["Qwen3ForCausalLM"])) is None  # q/k norms
+    moe = _config(64, architectures=["MixtralForCausalLM"], num_local_experts=4, num_experts_per_tok=2)
+    assert _stack_of(moe) is None
+    assert _stack_of(_config(64), torch.float16) is None  # no panels: torch's linear layers
