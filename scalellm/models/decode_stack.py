@@ -10,8 +10,9 @@ chunks, and models or steps the composite does not cover, run the layer loop.
 
 ``CpuDecodeStack.of`` builds one for a model it covers: dense Llama layers without q/k norms on
 one rank, the fused C++ ops, every linear layer through the panel kernel (bfloat16 with a oneDNN
-copy for many rows: up to that many rows). ``takes`` then checks each step: decodes only, the C++
-paged backend (an int8 cache has its own).
+copy for many rows: up to that many rows) or every one through oneDNN (``PackedLinear``, bfloat16
+on AMX CPUs: the composite calls torch's ``mkldnn::_linear_pointwise`` as PackedLinear does).
+``takes`` then checks each step: decodes only, the C++ paged backend (an int8 cache has its own).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import nn
 from scalellm.engine.attention import AttentionMetadata
 from scalellm.engine.cpu_kernels import CpuFusedOps, CpuPagedDecode
 from scalellm.models.llama import MLP, DecoderLayer, LlamaForCausalLM
-from scalellm.models.packed_linear import PanelLinear
+from scalellm.models.packed_linear import PackedLinear, PanelLinear
 
 
 @dataclass(frozen=True)
@@ -33,13 +34,16 @@ class CpuDecodeStack:
 
     input_norms: list[torch.Tensor]
     qkv: list[torch.Tensor]
-    """Each layer's fused q/k/v weight packed in panels (PanelLinear.panels); o, gate_up, down alike."""
+    """Each layer's fused q/k/v weight as its linear layer keeps it: packed in panels
+    (PanelLinear.panels) or reordered for oneDNN (PackedLinear.packed); o, gate_up, down alike."""
     qkv_bias: list[torch.Tensor]
     """Each layer's q/k/v bias, or none at all."""
     o: list[torch.Tensor]
     post_norms: list[torch.Tensor]
     gate_up: list[torch.Tensor]
     down: list[torch.Tensor]
+    onednn: bool
+    """Whether the weights are oneDNN's (PackedLinear: bfloat16 on AMX CPUs), else our panels."""
     num_heads: int
     intermediate: int
     eps: float
@@ -50,37 +54,49 @@ class CpuDecodeStack:
     @classmethod
     def of(cls, model: LlamaForCausalLM) -> CpuDecodeStack | None:
         """A stack for ``model``, or None where the composite does not compute what its layers do:
-        more than one rank, a mixture of experts, q/k norms, torch's elementwise ops, a linear layer
-        outside the panels (oneDNN's, quantized), a bias but on q/k/v."""
+        more than one rank, a mixture of experts, q/k norms, torch's elementwise ops, linear layers
+        other than all PanelLinear or all PackedLinear (quantized ones), a bias but on q/k/v."""
         layers = [layer for layer in model.layers if isinstance(layer, DecoderLayer)]
         if model.tp.size != 1 or not layers or len(layers) != len(model.layers):
             return None
-        attn, mlp = [layer.self_attn for layer in layers], [layer.mlp for layer in layers]
-        if not all(isinstance(m, MLP) for m in mlp) or any(a.q_norm is not None for a in attn):
+        n = len(layers)
+        attn = [layer.self_attn for layer in layers]
+        dense = [layer.mlp for layer in layers if isinstance(layer.mlp, MLP)]
+        if len(dense) != n or any(a.q_norm is not None for a in attn):
             return None
         if not all(isinstance(layer.input_layernorm.ops, CpuFusedOps) for layer in layers):
             return None
-        qkv, o = [a.qkv_proj for a in attn], [a.o_proj for a in attn]
-        gate_up = [m.gate_up_proj for m in mlp if isinstance(m, MLP)]
-        down = [m.down_proj for m in mlp if isinstance(m, MLP)]
-        linears: list[nn.Module] = [*qkv, *o, *gate_up, *down]
-        panels = [lin for lin in linears if isinstance(lin, PanelLinear)]
-        if len(panels) != len(linears) or any(lin.bias is not None for lin in panels[len(qkv) :]):
+        linears: list[nn.Module] = [
+            *(a.qkv_proj for a in attn),
+            *(a.o_proj for a in attn),
+            *(m.gate_up_proj for m in dense),
+            *(m.down_proj for m in dense),
+        ]
+        weights = [_weight(lin) for lin in linears]
+        kinds = {type(lin) for lin in linears}
+        if len(kinds) != 1 or any(w is None for w in weights):
             return None
-        qkv_bias: list[torch.Tensor] = [lin.bias for lin in panels[: len(qkv)] if lin.bias is not None]
-        if len(qkv_bias) not in (0, len(qkv)):
+        biases = [_bias(lin) for lin in linears]
+        if any(b is not None for b in biases[n:]):
             return None
-        with_onednn = [lin.max_kernel_rows for lin in panels if lin.packed is not None]
+        qkv_bias = [b for b in biases[:n] if b is not None]
+        if len(qkv_bias) not in (0, n):
+            return None
+        with_onednn = [
+            lin.max_kernel_rows for lin in linears if isinstance(lin, PanelLinear) and lin.packed is not None
+        ]
+        packed = [w for w in weights if w is not None]
         return cls(
             input_norms=[layer.input_layernorm.weight for layer in layers],
-            qkv=[lin.panels for lin in panels[: len(qkv)]],
+            qkv=packed[:n],
             qkv_bias=qkv_bias,
-            o=[lin.panels for lin in panels[len(qkv) : 2 * len(qkv)]],
+            o=packed[n : 2 * n],
             post_norms=[layer.post_attention_layernorm.weight for layer in layers],
-            gate_up=[lin.panels for lin in panels[2 * len(qkv) : 3 * len(qkv)]],
-            down=[lin.panels for lin in panels[3 * len(qkv) :]],
+            gate_up=packed[2 * n : 3 * n],
+            down=packed[3 * n :],
+            onednn=kinds == {PackedLinear},
             num_heads=attn[0].num_heads,
-            intermediate=panels[-1].in_features,
+            intermediate=model.config.intermediate_size,
             eps=model.config.rms_norm_eps,
             scale=attn[0].scale,
             max_rows=min(with_onednn) if with_onednn else None,
@@ -124,5 +140,19 @@ class CpuDecodeStack:
             self.intermediate,
             self.eps,
             self.scale,
+            self.onednn,
         )
         return out, x
+
+
+def _weight(linear: nn.Module) -> torch.Tensor | None:
+    """The weight as the composite takes it: panels (our kernel) or oneDNN's reordered copy."""
+    if isinstance(linear, PanelLinear):
+        return linear.panels
+    if isinstance(linear, PackedLinear):
+        return linear.packed
+    return None
+
+
+def _bias(linear: nn.Module) -> torch.Tensor | None:
+    return linear.bias if isinstance(linear, (PanelLinear, PackedLinear)) else None

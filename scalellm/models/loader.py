@@ -106,9 +106,9 @@ def _finish(
             str(dtype).removeprefix("torch."),
             panels_isa(dtype),
         )
-        model.decode_stack = CpuDecodeStack.of(model)
-        if model.decode_stack is not None:
-            log.info("decode steps: every layer in one C++ call (decode_layers)")
     elif packing_supported(device, dtype):
         log.info("linear layers: oneDNN, %d weights reordered for this CPU", pack_linears(model))
+    model.decode_stack = CpuDecodeStack.of(model) if device.type == "cpu" else None
+    if model.decode_stack is not None:
+        log.info("decode steps: every layer in one C++ call (decode_layers)")
     return model.eval()

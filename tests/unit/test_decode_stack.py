@@ -12,11 +12,12 @@ from scalellm.engine import cpu_kernels
 from scalellm.engine.config import EngineConfig
 from scalellm.engine.model_runner import ModelRunner
 from scalellm.engine.step_inputs import SeqStep
+from scalellm.models import loader
 from scalellm.models.config import ModelConfig
 from scalellm.models.decode_stack import CpuDecodeStack
 from scalellm.models.llama import LlamaForCausalLM
 from scalellm.models.loader import random_model
-from scalellm.models.packed_linear import PanelLinear, panels_apply
+from scalellm.models.packed_linear import PackedLinear, PanelLinear, packing_supported, panels_apply
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU kernels do not build here")
 
@@ -36,9 +37,15 @@ def _runner(cfg: ModelConfig, dtype: torch.dtype, **config: object) -> ModelRunn
     if not panels_apply(torch.device("cpu"), dtype):
         pytest.skip(f"{dtype} linear layers do not run through the panels on this CPU")
     model = random_model(cfg, dtype, torch.device("cpu"), MAX_LEN)
+    return _runner_of(model, cfg, dtype, **config)
+
+
+def _runner_of(
+    model: LlamaForCausalLM, cfg: ModelConfig, dtype: torch.dtype, **config: object
+) -> ModelRunner:
     with torch.no_grad():  # random_model zeroes biases: make a dropped bias show
         for module in model.modules():
-            if isinstance(module, PanelLinear) and module.bias is not None:
+            if isinstance(module, (PanelLinear, PackedLinear)) and module.bias is not None:
                 module.bias.normal_(0.0, 0.5)
     engine = EngineConfig(
         device="cpu", dtype=str(dtype).removeprefix("torch."), block_size=BLOCK_SIZE, num_kv_blocks=NUM_BLOCKS
@@ -111,6 +118,28 @@ def test_qkv_biases_and_draft_rows_go_through_the_stack_unchanged(
     calls = _count_calls(monkeypatch)
     logits, _ = _both_ways(runner, _decodes(5, drafts=2))
     assert logits.shape == (15, VOCAB) and len(calls) == 1  # a row for each token and draft
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onednn_linear_layers_go_through_the_stack_unchanged(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the loader packs the weights for oneDNN (bfloat16 on AMX CPUs), the stack calls
+    oneDNN's linear op for them, with the same bits as PackedLinear's."""
+    if not packing_supported(torch.device("cpu"), dtype):
+        pytest.skip(f"oneDNN has no {dtype} linear layers on this CPU")
+    monkeypatch.setattr(loader, "panels_apply", lambda device, dtype: False)
+    cfg = _config(64, architectures=["Qwen2ForCausalLM"])
+    model = random_model(cfg, dtype, torch.device("cpu"), MAX_LEN)
+    assert isinstance(model.layers[0].self_attn.qkv_proj, PackedLinear)
+    runner = _runner_of(model, cfg, dtype)
+    stack = runner.model.decode_stack
+    assert isinstance(stack, CpuDecodeStack) and stack.onednn and len(stack.qkv_bias) == 3
+    calls = _count_calls(monkeypatch)
+    for rows in (1, 7):
+        _both_ways(runner, _decodes(rows))
+    _both_ways(runner, _decodes(3, drafts=1))
+    assert len(calls) == 3
 
 
 def test_steps_with_prefill_chunks_and_int8_caches_run_the_layer_loop() -> None:

@@ -16,60 +16,81 @@
 //   returns the last layer's x; x (the embeddings) now holds the residual stream: the model's final
 //   norm adds the two.
 //
-// Buffers are allocated once a step and reused by every layer (no op reads the buffer it writes).
+// The linear layers' weights are all packed by pack_panels (our kernel: linear_panels) or all
+// reordered for oneDNN (torch's mkldnn::_linear_pointwise: bfloat16 on AMX CPUs, PackedLinear).
+// Buffers are allocated once a step and reused by every layer (no op reads the buffer it writes);
+// oneDNN's calls return their own.
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <cstdint>
 #include <optional>
+#include <string>
 
 #include "kernels.h"
 
 namespace scalellm {
 namespace {
 
+// x W^T (+ bias) as PackedLinear computes it: the op it calls, through the dispatcher.
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  torch::jit::Stack stack{x, w, bias, std::string("none"), c10::List<std::optional<at::Scalar>>(),
+                          std::optional<std::string>("")};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+// x W^T (+ bias): into `out` through our kernel, or a new tensor from oneDNN.
+at::Tensor linear(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
+                  const std::optional<at::Tensor>& bias, bool onednn) {
+  if (onednn) return onednn_linear(x, w, bias);
+  linear_panels(out, x, w, bias);
+  return out;
+}
+
 at::Tensor decode_layers(
     const at::Tensor& x, at::TensorList input_norms, at::TensorList qkv, at::TensorList qkv_bias, at::TensorList o,
     at::TensorList post_norms, at::TensorList gate_up, at::TensorList down, const at::Tensor& kv_cache,
     const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slot_blocks, const at::Tensor& slot_offsets,
     const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t num_heads, int64_t intermediate,
-    double eps, double scale) {
+    double eps, double scale, bool onednn) {
   const auto layers = static_cast<int64_t>(input_norms.size());
   TORCH_CHECK(static_cast<int64_t>(qkv.size()) == layers && static_cast<int64_t>(o.size()) == layers &&
                   static_cast<int64_t>(post_norms.size()) == layers &&
                   static_cast<int64_t>(gate_up.size()) == layers && static_cast<int64_t>(down.size()) == layers,
               "one weight of each kind per layer");
   TORCH_CHECK(qkv_bias.empty() || static_cast<int64_t>(qkv_bias.size()) == layers, "a qkv bias per layer, or none");
-  TORCH_CHECK(kv_cache.dim() == 6 && kv_cache.size(1) == layers, "kv_cache [blocks, layers, 2, bs, Hkv, D]");
+  TORCH_CHECK(layers > 0 && kv_cache.dim() == 6 && kv_cache.size(1) == layers, "kv_cache [blocks, layers, 2, bs, Hkv, D]");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x [B, hidden] contiguous");
   const int64_t rows = x.size(0), hidden = x.size(1);
   const int64_t kv_heads = kv_cache.size(4), head_dim = kv_cache.size(5), heads = num_heads + 2 * kv_heads;
   auto buffer = [&](int64_t width) { return at::empty({rows, width}, x.options()); };
-  const at::Tensor h = buffer(hidden), qkv_out = buffer(heads * head_dim), attn = buffer(num_heads * head_dim);
-  const at::Tensor o_out = buffer(hidden), gu = buffer(2 * intermediate), act = buffer(intermediate);
-  const at::Tensor mlp_out = buffer(hidden);
+  const at::Tensor h = buffer(hidden), qkv_buffer = buffer(heads * head_dim), attn = buffer(num_heads * head_dim);
+  const at::Tensor o_buffer = buffer(hidden), gu_buffer = buffer(2 * intermediate), act = buffer(intermediate);
+  const at::Tensor mlp_buffer = buffer(hidden);
   const at::Tensor residual = x;  // layer 0's norm reads x; later ones add into it
-  const at::Tensor all_heads = qkv_out.view({rows, heads, head_dim});
-  const at::Tensor rotated = all_heads.narrow(1, 0, num_heads + kv_heads);  // q and k
-  const at::Tensor q = all_heads.narrow(1, 0, num_heads);
-  const at::Tensor new_kv = all_heads.narrow(1, num_heads, 2 * kv_heads).view({rows, 2, kv_heads, head_dim});
   const at::Tensor attn_heads = attn.view({rows, num_heads, head_dim});
+  at::Tensor mlp_out;
   for (int64_t l = 0; l < layers; ++l) {
     if (l == 0)
       rms_norm(h, x, std::nullopt, input_norms[0], eps);
     else
       rms_norm(h, mlp_out, residual, input_norms[l], eps);
-    linear_panels(qkv_out, h, qkv[l], qkv_bias.empty() ? std::nullopt : std::optional<at::Tensor>(qkv_bias[l]));
-    rope_(rotated, cos, sin);
+    const auto bias = qkv_bias.empty() ? std::nullopt : std::optional<at::Tensor>(qkv_bias[l]);
+    const at::Tensor all_heads = linear(qkv_buffer, h, qkv[l], bias, onednn).view({rows, heads, head_dim});
+    rope_(all_heads.narrow(1, 0, num_heads + kv_heads), cos, sin);  // q and k
     const at::Tensor kv = kv_cache.select(1, l);
-    write_kv(kv, new_kv, slot_blocks, slot_offsets);
-    paged_decode(attn_heads, q, kv, block_tables, context_lens, scale);
-    linear_panels(o_out, attn, o[l], std::nullopt);
-    rms_norm(h, o_out, residual, post_norms[l], eps);
-    linear_panels(gu, h, gate_up[l], std::nullopt);
+    write_kv(kv, all_heads.narrow(1, num_heads, 2 * kv_heads).view({rows, 2, kv_heads, head_dim}), slot_blocks,
+             slot_offsets);
+    paged_decode(attn_heads, all_heads.narrow(1, 0, num_heads), kv, block_tables, context_lens, scale);
+    rms_norm(h, linear(o_buffer, attn, o[l], std::nullopt, onednn), residual, post_norms[l], eps);
+    const at::Tensor gu = linear(gu_buffer, h, gate_up[l], std::nullopt, onednn);
     silu_mul(act, gu);
-    linear_panels(mlp_out, act, down[l], std::nullopt);
+    mlp_out = linear(mlp_buffer, act, down[l], std::nullopt, onednn);
   }
   return mlp_out;
 }
@@ -82,6 +103,7 @@ TORCH_LIBRARY_FRAGMENT(scalellm_cpu, m) {
       "decode_layers(Tensor(a!) x, Tensor[] input_norms, Tensor[] qkv, Tensor[] qkv_bias, Tensor[] o, "
       "Tensor[] post_norms, Tensor[] gate_up, Tensor[] down, Tensor(b!) kv_cache, Tensor cos, Tensor sin, "
       "Tensor slot_blocks, Tensor slot_offsets, Tensor block_tables, Tensor context_lens, int num_heads, "
-      "int intermediate, float eps, float scale) -> Tensor");
+      "int intermediate, float eps, float scale, bool onednn) -> Tensor");
   m.impl("decode_layers", c10::DispatchKey::CPU, scalellm::decode_layers);
+  m.impl("decode_layers", c10::DispatchKey::MkldnnCPU, scalellm::decode_layers);  // oneDNN's weights
 }
