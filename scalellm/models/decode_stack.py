@@ -8,8 +8,8 @@ the ~60 us a layer of module calls, dispatch and fresh tensors between them: a o
 the demo model went from 10.1 to 7.3 ms on two Zen 4 cores (docs/benchmarks.md). Steps with prefill
 chunks, and models or steps the composite does not cover, run the layer loop.
 
-``CpuDecodeStack.of`` builds one for a model it covers: dense Llama layers without q/k norms on
-one rank, the fused C++ ops, every linear layer through the panel kernel (bfloat16 with a oneDNN
+``CpuDecodeStack.of`` builds one for a model it covers: dense Llama layers (Qwen3's q/k norms
+included) on one rank, the fused C++ ops, every linear layer through the panel kernel (bfloat16 with a oneDNN
 copy for many rows: up to that many rows) or every one through oneDNN (``PackedLinear``, bfloat16
 on AMX CPUs: the composite calls torch's ``mkldnn::_linear_pointwise`` as PackedLinear does).
 ``takes`` then checks each step: decodes only, the C++ paged backend (an int8 cache has its own).
@@ -39,6 +39,9 @@ class CpuDecodeStack:
     qkv_bias: list[torch.Tensor]
     """Each layer's q/k/v bias, or none at all."""
     o: list[torch.Tensor]
+    q_norms: list[torch.Tensor]
+    """Each layer's q/k RMSNorm weights (Qwen3), or none at all; k_norms alike."""
+    k_norms: list[torch.Tensor]
     post_norms: list[torch.Tensor]
     gate_up: list[torch.Tensor]
     down: list[torch.Tensor]
@@ -54,7 +57,7 @@ class CpuDecodeStack:
     @classmethod
     def of(cls, model: LlamaForCausalLM) -> CpuDecodeStack | None:
         """A stack for ``model``, or None where the composite does not compute what its layers do:
-        more than one rank, a mixture of experts, q/k norms, torch's elementwise ops, linear layers
+        more than one rank, a mixture of experts, torch's elementwise ops, linear layers
         other than all PanelLinear or all PackedLinear (quantized ones), a bias but on q/k/v."""
         layers = [layer for layer in model.layers if isinstance(layer, DecoderLayer)]
         if model.tp.size != 1 or not layers or len(layers) != len(model.layers):
@@ -62,7 +65,7 @@ class CpuDecodeStack:
         n = len(layers)
         attn = [layer.self_attn for layer in layers]
         dense = [layer.mlp for layer in layers if isinstance(layer.mlp, MLP)]
-        if len(dense) != n or any(a.q_norm is not None for a in attn):
+        if len(dense) != n:
             return None
         if not all(isinstance(layer.input_layernorm.ops, CpuFusedOps) for layer in layers):
             return None
@@ -86,11 +89,17 @@ class CpuDecodeStack:
             lin.max_kernel_rows for lin in linears if isinstance(lin, PanelLinear) and lin.packed is not None
         ]
         packed = [w for w in weights if w is not None]
+        q_norms: list[torch.Tensor] = [a.q_norm.weight for a in attn if a.q_norm is not None]
+        k_norms: list[torch.Tensor] = [a.k_norm.weight for a in attn if a.k_norm is not None]
+        if len(q_norms) not in (0, n) or len(k_norms) != len(q_norms):
+            return None
         return cls(
             input_norms=[layer.input_layernorm.weight for layer in layers],
             qkv=packed[:n],
             qkv_bias=qkv_bias,
             o=packed[n : 2 * n],
+            q_norms=q_norms,
+            k_norms=k_norms,
             post_norms=[layer.post_attention_layernorm.weight for layer in layers],
             gate_up=packed[2 * n : 3 * n],
             down=packed[3 * n :],
@@ -127,6 +136,8 @@ class CpuDecodeStack:
             self.qkv,
             self.qkv_bias,
             self.o,
+            self.q_norms,
+            self.k_norms,
             self.post_norms,
             self.gate_up,
             self.down,

@@ -47,6 +47,9 @@ def _runner_of(
         for module in model.modules():
             if isinstance(module, (PanelLinear, PackedLinear)) and module.bias is not None:
                 module.bias.normal_(0.0, 0.5)
+        for name, param in model.named_parameters():  # and a dropped norm weight (all ones there)
+            if name.endswith("norm.weight"):
+                param.normal_(1.0, 0.2)
     engine = EngineConfig(
         device="cpu", dtype=str(dtype).removeprefix("torch."), block_size=BLOCK_SIZE, num_kv_blocks=NUM_BLOCKS
     )
@@ -109,12 +112,17 @@ def test_a_step_of_decodes_through_the_stack_equals_the_layer_loop(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_qkv_biases_and_draft_rows_go_through_the_stack_unchanged(
-    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("family", ["Qwen2ForCausalLM", "Qwen3ForCausalLM"])  # q/k/v biases; q/k norms
+def test_qwen_layers_and_draft_rows_go_through_the_stack_unchanged(
+    dtype: torch.dtype, family: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    runner = _runner(_config(64, architectures=["Qwen2ForCausalLM"]), dtype)
+    runner = _runner(_config(64, architectures=[family]), dtype)
     stack = runner.model.decode_stack
-    assert stack is not None and len(stack.qkv_bias) == 3
+    assert stack is not None
+    if family == "Qwen2ForCausalLM":
+        assert len(stack.qkv_bias) == 3 and not stack.q_norms
+    else:
+        assert len(stack.q_norms) == len(stack.k_norms) == 3 and not stack.qkv_bias
     calls = _count_calls(monkeypatch)
     logits, _ = _both_ways(runner, _decodes(5, drafts=2))
     assert logits.shape == (15, VOCAB) and len(calls) == 1  # a row for each token and draft
@@ -172,7 +180,6 @@ def test_models_the_composite_does_not_compute_get_no_stack() -> None:
     if not panels_apply(torch.device("cpu"), torch.float32):
         pytest.skip("float32 linear layers do not run through the panels on this CPU")
     assert _stack_of(_config(64)) is not None
-    assert _stack_of(_config(64, architectures=["Qwen3ForCausalLM"])) is None  # q/k norms
     moe = _config(64, architectures=["MixtralForCausalLM"], num_local_experts=4, num_experts_per_tok=2)
     assert _stack_of(moe) is None
     assert _stack_of(_config(64), torch.float16) is None  # no panels: torch's linear layers

@@ -9,7 +9,9 @@
 //   for each layer l:
 //     h   = rms_norm(x)                  (l = 0: residual = x)
 //     h   = rms_norm(x + residual)       (l > 0: residual += x first)
-//     qkv = h Wqkv^T (+ bias)            [B, Hq + 2 Hkv, D]; rope on q and k in place
+//     qkv = h Wqkv^T (+ bias)            [B, Hq + 2 Hkv, D]
+//     q, k = rms_norm per head (Qwen3's q/k norms, torch's op as the layer's TorchOps calls it)
+//     rope on q and k in place
 //     K, V of each row -> its cache slot; a = paged_decode(q, the layer's cache)   [B, Hq D]
 //     h   = rms_norm(a Wo^T + residual)  (residual += a Wo^T first)
 //     x   = (silu(h Wg^T) * h Wu^T) Wd^T
@@ -23,6 +25,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/rms_norm.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -54,7 +57,8 @@ at::Tensor linear(const at::Tensor& out, const at::Tensor& x, const at::Tensor& 
 
 at::Tensor decode_layers(
     const at::Tensor& x, at::TensorList input_norms, at::TensorList qkv, at::TensorList qkv_bias, at::TensorList o,
-    at::TensorList post_norms, at::TensorList gate_up, at::TensorList down, const at::Tensor& kv_cache,
+    at::TensorList q_norms, at::TensorList k_norms, at::TensorList post_norms, at::TensorList gate_up,
+    at::TensorList down, const at::Tensor& kv_cache,
     const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slot_blocks, const at::Tensor& slot_offsets,
     const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t num_heads, int64_t intermediate,
     double eps, double scale, bool onednn) {
@@ -64,6 +68,8 @@ at::Tensor decode_layers(
                   static_cast<int64_t>(gate_up.size()) == layers && static_cast<int64_t>(down.size()) == layers,
               "one weight of each kind per layer");
   TORCH_CHECK(qkv_bias.empty() || static_cast<int64_t>(qkv_bias.size()) == layers, "a qkv bias per layer, or none");
+  TORCH_CHECK(q_norms.size() == k_norms.size() && (q_norms.empty() || static_cast<int64_t>(q_norms.size()) == layers),
+              "q and k norms for every layer, or none");
   TORCH_CHECK(layers > 0 && kv_cache.dim() == 6 && kv_cache.size(1) == layers, "kv_cache [blocks, layers, 2, bs, Hkv, D]");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x [B, hidden] contiguous");
   const int64_t rows = x.size(0), hidden = x.size(1);
@@ -82,6 +88,11 @@ at::Tensor decode_layers(
       rms_norm(h, mlp_out, residual, input_norms[l], eps);
     const auto bias = qkv_bias.empty() ? std::nullopt : std::optional<at::Tensor>(qkv_bias[l]);
     const at::Tensor all_heads = linear(qkv_buffer, h, qkv[l], bias, onednn).view({rows, heads, head_dim});
+    if (!q_norms.empty()) {  // Python: qkv[:, :hq] = q_norm(qkv[:, :hq]), the same for k
+      const at::Tensor q = all_heads.narrow(1, 0, num_heads), k = all_heads.narrow(1, num_heads, kv_heads);
+      q.copy_(at::rms_norm(q, {head_dim}, q_norms[l], eps));
+      k.copy_(at::rms_norm(k, {head_dim}, k_norms[l], eps));
+    }
     rope_(all_heads.narrow(1, 0, num_heads + kv_heads), cos, sin);  // q and k
     const at::Tensor kv = kv_cache.select(1, l);
     write_kv(kv, all_heads.narrow(1, num_heads, 2 * kv_heads).view({rows, 2, kv_heads, head_dim}), slot_blocks,
@@ -101,7 +112,7 @@ at::Tensor decode_layers(
 TORCH_LIBRARY_FRAGMENT(scalellm_cpu, m) {
   m.def(
       "decode_layers(Tensor(a!) x, Tensor[] input_norms, Tensor[] qkv, Tensor[] qkv_bias, Tensor[] o, "
-      "Tensor[] post_norms, Tensor[] gate_up, Tensor[] down, Tensor(b!) kv_cache, Tensor cos, Tensor sin, "
+      "Tensor[] q_norms, Tensor[] k_norms, Tensor[] post_norms, Tensor[] gate_up, Tensor[] down, Tensor(b!) kv_cache, Tensor cos, Tensor sin, "
       "Tensor slot_blocks, Tensor slot_offsets, Tensor block_tables, Tensor context_lens, int num_heads, "
       "int intermediate, float eps, float scale, bool onednn) -> Tensor");
   m.impl("decode_layers", c10::DispatchKey::CPU, scalellm::decode_layers);
