@@ -4,14 +4,16 @@ For a step whose rows are all decodes, ``LlamaForCausalLM.forward`` hands the la
 ``CpuDecodeStack``: ``torch.ops.scalellm_cpu.decode_layers`` (engine/csrc/decode_stack.cpp) runs
 the kernels the layer loop runs (fused norms, our panel linears, rope, the cache write, the paged
 decode kernel) in the same order on the same values, so the bits are the layer loop's, without
-the ~60 us a layer of module calls, dispatch and fresh tensors between them: a one-stream step of
-the demo model went from 10.1 to 7.3 ms on two Zen 4 cores (docs/benchmarks.md). Steps with prefill
-chunks, and models or steps the composite does not cover, run the layer loop.
+the ~60 us a layer of module calls, dispatch and fresh tensors between them: one engine's
+one-stream step of the demo model, with and without it in turns, 11.2 against 8.1 ms on two Zen 4
+cores (docs/benchmarks.md). Steps with prefill chunks, and models or steps the composite does not
+cover, run the layer loop.
 
 ``CpuDecodeStack.of`` builds one for a model it covers: dense Llama layers (Qwen3's q/k norms
-included) on one rank, the fused C++ ops, every linear layer through the panel kernel (bfloat16 with a oneDNN
-copy for many rows: up to that many rows) or every one through oneDNN (``PackedLinear``, bfloat16
-on AMX CPUs: the composite calls torch's ``mkldnn::_linear_pointwise`` as PackedLinear does).
+included) on one rank, the fused C++ ops, every linear layer through the panel kernel (bfloat16
+with a oneDNN copy for many rows: up to that many rows) or every one through oneDNN
+(``PackedLinear``, bfloat16 on AMX CPUs: the composite calls torch's ``mkldnn::_linear_pointwise``
+as PackedLinear does).
 ``takes`` then checks each step: decodes only, the C++ paged backend (an int8 cache has its own).
 """
 

@@ -1,9 +1,9 @@
 // A step of decodes through every decoder layer in one call (CPU): the kernels that
 // models/llama.py's layer loop calls for such a step, in the same order on the same values, so the
 // same bits, without going back to Python and the dispatcher between them. That trip cost ~60 us
-// a layer (module calls, op dispatch, a new tensor per output): a one-stream step of the demo
-// model went from 10.1 to 7.3 ms on two Zen 4 cores (docs/benchmarks.md). models/decode_stack.py's
-// CpuDecodeStack says which models and steps take it.
+// a layer (module calls, op dispatch, a new tensor per output): one engine's one-stream step of the
+// demo model, with and without it in turns, 11.2 against 8.1 ms on two Zen 4 cores
+// (docs/benchmarks.md). models/decode_stack.py's CpuDecodeStack says which models and steps take it.
 //
 //   x [B, hidden]: the step's embeddings; each of the B rows is one decode (or a draft token)
 //   for each layer l:
