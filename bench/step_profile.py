@@ -4,8 +4,9 @@
 
 For each batch size: B requests of 128 prompt tokens, run until all of them decode, then
 --steps decode steps under the torch profiler. Prints the wall time per step, the summed kernel
-time per step (CUDA), the kernels launched per step and the most expensive kernels. Wall time
-far above kernel time means the step is bound by Python and launches, not by the GPU.
+time per step (CUDA; on CPU the ops' own time), the kernels launched per step and the most
+expensive kernels. Wall time far above kernel (or op) time means the step is bound by Python and
+launches, not by the device.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def profile_batch(engine, batch: int, steps: int, device: str) -> None:  # type:
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         busy = sum(e.device_time for e in kernels) / 1e3 / steps
         line += f", kernels {busy:7.2f} ms/step ({100 * busy / wall:.0f}% of wall), {len(kernels) / steps:.0f} launches/step"
+    else:  # the ops' own time against the wall: the rest is Python and the engine between them
+        ops = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e3 / steps
+        line += f", ops {ops:7.2f} ms/step ({100 * ops / wall:.0f}% of wall; the profiler adds to both)"
     print(line, flush=True)
     sort = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=8, max_name_column_width=50), flush=True)
