@@ -11,15 +11,16 @@ cover, run the layer loop.
 
 ``CpuDecodeStack.of`` builds one for a model it covers: dense Llama layers (Qwen3's q/k norms
 included) on one rank, the fused C++ ops, every linear layer through the panel kernel (bfloat16
-with a oneDNN copy for many rows: up to that many rows) or every one through oneDNN
+with a oneDNN copy for many rows: up to that many rows), every one through oneDNN
 (``PackedLinear``, bfloat16 on AMX CPUs: the composite calls torch's ``mkldnn::_linear_pointwise``
-as PackedLinear does).
+as PackedLinear does) or every one W8A8 (``--quantization w8a8``: the C++ W8A8 kernel).
 ``takes`` then checks each step: decodes only, the C++ paged backend (an int8 cache has its own).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
 
 import torch
 from torch import nn
@@ -28,6 +29,21 @@ from scalellm.engine.attention import AttentionMetadata
 from scalellm.engine.cpu_kernels import CpuFusedOps, CpuPagedDecode
 from scalellm.models.llama import MLP, DecoderLayer, LlamaForCausalLM
 from scalellm.models.packed_linear import PackedLinear, PanelLinear
+from scalellm.models.quant_linear import W8A8Linear
+
+
+class LinearKind(IntEnum):
+    """How the stack's linear weights are kept (csrc/decode_stack.cpp's LinearKind)."""
+
+    PANELS = 0
+    """PanelLinear: packed in panels for our kernel."""
+    ONEDNN = 1
+    """PackedLinear: reordered for oneDNN (bfloat16 on AMX CPUs)."""
+    W8A8 = 2
+    """W8A8Linear: int8 with a scale per output, through the W8A8 kernel."""
+
+
+KINDS = {PanelLinear: LinearKind.PANELS, PackedLinear: LinearKind.ONEDNN, W8A8Linear: LinearKind.W8A8}
 
 
 @dataclass(frozen=True)
@@ -47,8 +63,11 @@ class CpuDecodeStack:
     post_norms: list[torch.Tensor]
     gate_up: list[torch.Tensor]
     down: list[torch.Tensor]
-    onednn: bool
-    """Whether the weights are oneDNN's (PackedLinear: bfloat16 on AMX CPUs), else our panels."""
+    kind: LinearKind
+    scales: list[torch.Tensor]
+    """W8A8 only: each layer's weight scales, qkv, o, gate_up, down, layer after layer."""
+    w8a8_path: int
+    """W8A8 only: the kernel path its layers were given (cpu_kernels.CpuW8A8.path; 0: the best)."""
     num_heads: int
     intermediate: int
     eps: float
@@ -60,7 +79,8 @@ class CpuDecodeStack:
     def of(cls, model: LlamaForCausalLM) -> CpuDecodeStack | None:
         """A stack for ``model``, or None where the composite does not compute what its layers do:
         more than one rank, a mixture of experts, torch's elementwise ops, linear layers
-        other than all PanelLinear or all PackedLinear (quantized ones), a bias but on q/k/v."""
+        other than all of one kind (PanelLinear, PackedLinear or W8A8Linear on the C++ kernel), a
+        bias but on q/k/v."""
         layers = [layer for layer in model.layers if isinstance(layer, DecoderLayer)]
         if model.tp.size != 1 or not layers or len(layers) != len(model.layers):
             return None
@@ -78,9 +98,18 @@ class CpuDecodeStack:
             *(m.down_proj for m in dense),
         ]
         weights = [_weight(lin) for lin in linears]
-        kinds = {type(lin) for lin in linears}
-        if len(kinds) != 1 or any(w is None for w in weights):
+        kinds = {KINDS.get(type(lin)) for lin in linears}
+        kind = kinds.pop()
+        if kinds or kind is None or any(w is None for w in weights):
             return None
+        w8a8 = [lin for lin in linears if isinstance(lin, W8A8Linear)]
+        w8a8_path = 0
+        if w8a8:
+            paths = {getattr(lin.kernel, "path", None) for lin in w8a8}
+            path = paths.pop() if len(paths) == 1 else None
+            if not isinstance(path, int):
+                return None  # kernels other than the C++ one, or several paths
+            w8a8_path = path
         biases = [_bias(lin) for lin in linears]
         if any(b is not None for b in biases[n:]):
             return None
@@ -105,7 +134,9 @@ class CpuDecodeStack:
             post_norms=[layer.post_attention_layernorm.weight for layer in layers],
             gate_up=packed[2 * n : 3 * n],
             down=packed[3 * n :],
-            onednn=kinds == {PackedLinear},
+            kind=kind,
+            scales=[w8a8[i + k * n].scales for i in range(n) for k in range(4)] if w8a8 else [],
+            w8a8_path=w8a8_path,
             num_heads=attn[0].num_heads,
             intermediate=model.config.intermediate_size,
             eps=model.config.rms_norm_eps,
@@ -143,6 +174,7 @@ class CpuDecodeStack:
             self.post_norms,
             self.gate_up,
             self.down,
+            self.scales,
             kv_cache,
             *rope,
             meta.slot_blocks,
@@ -153,19 +185,20 @@ class CpuDecodeStack:
             self.intermediate,
             self.eps,
             self.scale,
-            self.onednn,
+            int(self.kind),
+            self.w8a8_path,
         )
         return out, x
 
 
 def _weight(linear: nn.Module) -> torch.Tensor | None:
-    """The weight as the composite takes it: panels (our kernel) or oneDNN's reordered copy."""
+    """The weight as the composite takes it: panels (our kernel), oneDNN's reordered copy, int8."""
     if isinstance(linear, PanelLinear):
         return linear.panels
-    if isinstance(linear, PackedLinear):
+    if isinstance(linear, (PackedLinear, W8A8Linear)):
         return linear.packed
     return None
 
 
 def _bias(linear: nn.Module) -> torch.Tensor | None:
-    return linear.bias if isinstance(linear, (PanelLinear, PackedLinear)) else None
+    return linear.bias if isinstance(linear, (PanelLinear, PackedLinear, W8A8Linear)) else None

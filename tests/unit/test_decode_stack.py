@@ -14,10 +14,11 @@ from scalellm.engine.model_runner import ModelRunner
 from scalellm.engine.step_inputs import SeqStep
 from scalellm.models import loader
 from scalellm.models.config import ModelConfig
-from scalellm.models.decode_stack import CpuDecodeStack
+from scalellm.models.decode_stack import CpuDecodeStack, LinearKind
 from scalellm.models.llama import LlamaForCausalLM
 from scalellm.models.loader import random_model
 from scalellm.models.packed_linear import PackedLinear, PanelLinear, packing_supported, panels_apply
+from scalellm.models.quant_linear import W8A8Linear, quantize_weights
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU kernels do not build here")
 
@@ -45,7 +46,7 @@ def _runner_of(
 ) -> ModelRunner:
     with torch.no_grad():  # random_model zeroes biases: make a dropped bias show
         for module in model.modules():
-            if isinstance(module, (PanelLinear, PackedLinear)) and module.bias is not None:
+            if isinstance(module, (PanelLinear, PackedLinear, W8A8Linear)) and module.bias is not None:
                 module.bias.normal_(0.0, 0.5)
         for name, param in model.named_parameters():  # and a dropped norm weight (all ones there)
             if name.endswith("norm.weight"):
@@ -142,7 +143,32 @@ def test_onednn_linear_layers_go_through_the_stack_unchanged(
     assert isinstance(model.layers[0].self_attn.qkv_proj, PackedLinear)
     runner = _runner_of(model, cfg, dtype)
     stack = runner.model.decode_stack
-    assert isinstance(stack, CpuDecodeStack) and stack.onednn and len(stack.qkv_bias) == 3
+    assert isinstance(stack, CpuDecodeStack) and stack.kind == LinearKind.ONEDNN and len(stack.qkv_bias) == 3
+    calls = _count_calls(monkeypatch)
+    for rows in (1, 7):
+        _both_ways(runner, _decodes(rows))
+    _both_ways(runner, _decodes(3, drafts=1))
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_linear_layers_go_through_the_stack_unchanged(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--quantization w8a8``: the stack calls the W8A8 kernel with each layer's int8 weights and
+    scales, the same bits as W8A8Linear's."""
+    kernel = cpu_kernels.w8a8_kernel(torch.device("cpu"), dtype)
+    assert kernel is not None
+    monkeypatch.setattr(loader, "panels_apply", lambda device, dtype: False)
+    monkeypatch.setattr(loader, "packing_supported", lambda device, dtype: False)
+    cfg = _config(64, architectures=["Qwen2ForCausalLM"])
+    model = random_model(cfg, dtype, torch.device("cpu"), MAX_LEN)  # plain nn.Linear layers
+    assert model.decode_stack is None
+    quantize_weights(model, "w8a8", kernel)
+    stack = CpuDecodeStack.of(model)
+    assert stack is not None and stack.kind == LinearKind.W8A8 and len(stack.scales) == 4 * 3
+    model.decode_stack = stack
+    runner = _runner_of(model, cfg, dtype)
     calls = _count_calls(monkeypatch)
     for rows in (1, 7):
         _both_ways(runner, _decodes(rows))

@@ -18,8 +18,9 @@
 //   returns the last layer's x; x (the embeddings) now holds the residual stream: the model's final
 //   norm adds the two.
 //
-// The linear layers' weights are all packed by pack_panels (our kernel: linear_panels) or all
-// reordered for oneDNN (torch's mkldnn::_linear_pointwise: bfloat16 on AMX CPUs, PackedLinear).
+// The linear layers' weights are all of one kind (LinearKind): packed by pack_panels (our kernel:
+// linear_panels), reordered for oneDNN (torch's mkldnn::_linear_pointwise: bfloat16 on AMX CPUs,
+// PackedLinear) or int8 with a scale per output (w8a8_linear: W8A8Linear).
 // Buffers are allocated once a step and reused by every layer (no op reads the buffer it writes);
 // oneDNN's calls return their own.
 #include <ATen/core/Tensor.h>
@@ -47,10 +48,18 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w, const std::op
   return stack[0].toTensor();
 }
 
-// x W^T (+ bias): into `out` through our kernel, or a new tensor from oneDNN.
-at::Tensor linear(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
-                  const std::optional<at::Tensor>& bias, bool onednn) {
-  if (onednn) return onednn_linear(x, w, bias);
+// The kinds of linear weights, as models/decode_stack.LinearKind numbers them.
+enum LinearKind : int64_t { kPanels = 0, kOneDnn = 1, kW8A8 = 2 };
+
+// x W^T (+ bias) for a weight of `kind` (W8A8: `scales` its per-output scales, `path` its kernel
+// path): into `out`, or a new tensor from oneDNN.
+at::Tensor linear(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w, const at::Tensor* scales,
+                  const std::optional<at::Tensor>& bias, int64_t kind, int64_t path) {
+  if (kind == kOneDnn) return onednn_linear(x, w, bias);
+  if (kind == kW8A8) {
+    w8a8_linear(out, x, w, *scales, bias, path);
+    return out;
+  }
   linear_panels(out, x, w, bias);
   return out;
 }
@@ -58,16 +67,19 @@ at::Tensor linear(const at::Tensor& out, const at::Tensor& x, const at::Tensor& 
 at::Tensor decode_layers(
     const at::Tensor& x, at::TensorList input_norms, at::TensorList qkv, at::TensorList qkv_bias, at::TensorList o,
     at::TensorList q_norms, at::TensorList k_norms, at::TensorList post_norms, at::TensorList gate_up,
-    at::TensorList down, const at::Tensor& kv_cache,
+    at::TensorList down, at::TensorList scales, const at::Tensor& kv_cache,
     const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slot_blocks, const at::Tensor& slot_offsets,
     const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t num_heads, int64_t intermediate,
-    double eps, double scale, bool onednn) {
+    double eps, double scale, int64_t kind, int64_t w8a8_path) {
   const auto layers = static_cast<int64_t>(input_norms.size());
   TORCH_CHECK(static_cast<int64_t>(qkv.size()) == layers && static_cast<int64_t>(o.size()) == layers &&
                   static_cast<int64_t>(post_norms.size()) == layers &&
                   static_cast<int64_t>(gate_up.size()) == layers && static_cast<int64_t>(down.size()) == layers,
               "one weight of each kind per layer");
   TORCH_CHECK(qkv_bias.empty() || static_cast<int64_t>(qkv_bias.size()) == layers, "a qkv bias per layer, or none");
+  TORCH_CHECK(kind == kPanels || kind == kOneDnn || kind == kW8A8, "unknown linear kind");
+  TORCH_CHECK((kind == kW8A8) == !scales.empty() && (scales.empty() || static_cast<int64_t>(scales.size()) == 4 * layers),
+              "W8A8 weights come with their scales: qkv, o, gate_up, down of each layer");
   TORCH_CHECK(q_norms.size() == k_norms.size() && (q_norms.empty() || static_cast<int64_t>(q_norms.size()) == layers),
               "q and k norms for every layer, or none");
   TORCH_CHECK(layers > 0 && kv_cache.dim() == 6 && kv_cache.size(1) == layers, "kv_cache [blocks, layers, 2, bs, Hkv, D]");
@@ -87,7 +99,10 @@ at::Tensor decode_layers(
     else
       rms_norm(h, mlp_out, residual, input_norms[l], eps);
     const auto bias = qkv_bias.empty() ? std::nullopt : std::optional<at::Tensor>(qkv_bias[l]);
-    const at::Tensor all_heads = linear(qkv_buffer, h, qkv[l], bias, onednn).view({rows, heads, head_dim});
+    // this layer's W8A8 scales (unused for other kinds)
+    const at::Tensor* sc = scales.empty() ? nullptr : &scales[4 * l];
+    const at::Tensor all_heads =
+        linear(qkv_buffer, h, qkv[l], sc, bias, kind, w8a8_path).view({rows, heads, head_dim});
     if (!q_norms.empty()) {  // Python: qkv[:, :hq] = q_norm(qkv[:, :hq]), the same for k
       const at::Tensor q = all_heads.narrow(1, 0, num_heads), k = all_heads.narrow(1, num_heads, kv_heads);
       q.copy_(at::rms_norm(q, {head_dim}, q_norms[l], eps));
@@ -98,10 +113,11 @@ at::Tensor decode_layers(
     write_kv(kv, all_heads.narrow(1, num_heads, 2 * kv_heads).view({rows, 2, kv_heads, head_dim}), slot_blocks,
              slot_offsets);
     paged_decode(attn_heads, all_heads.narrow(1, 0, num_heads), kv, block_tables, context_lens, scale);
-    rms_norm(h, linear(o_buffer, attn, o[l], std::nullopt, onednn), residual, post_norms[l], eps);
-    const at::Tensor gu = linear(gu_buffer, h, gate_up[l], std::nullopt, onednn);
+    const auto scale_of = [&](int64_t i) { return sc == nullptr ? nullptr : sc + i; };
+    rms_norm(h, linear(o_buffer, attn, o[l], scale_of(1), std::nullopt, kind, w8a8_path), residual, post_norms[l], eps);
+    const at::Tensor gu = linear(gu_buffer, h, gate_up[l], scale_of(2), std::nullopt, kind, w8a8_path);
     silu_mul(act, gu);
-    mlp_out = linear(mlp_buffer, act, down[l], std::nullopt, onednn);
+    mlp_out = linear(mlp_buffer, act, down[l], scale_of(3), std::nullopt, kind, w8a8_path);
   }
   return mlp_out;
 }
@@ -112,9 +128,10 @@ at::Tensor decode_layers(
 TORCH_LIBRARY_FRAGMENT(scalellm_cpu, m) {
   m.def(
       "decode_layers(Tensor(a!) x, Tensor[] input_norms, Tensor[] qkv, Tensor[] qkv_bias, Tensor[] o, "
-      "Tensor[] q_norms, Tensor[] k_norms, Tensor[] post_norms, Tensor[] gate_up, Tensor[] down, Tensor(b!) kv_cache, Tensor cos, Tensor sin, "
+      "Tensor[] q_norms, Tensor[] k_norms, Tensor[] post_norms, Tensor[] gate_up, Tensor[] down, Tensor[] scales, "
+      "Tensor(b!) kv_cache, Tensor cos, Tensor sin, "
       "Tensor slot_blocks, Tensor slot_offsets, Tensor block_tables, Tensor context_lens, int num_heads, "
-      "int intermediate, float eps, float scale, bool onednn) -> Tensor");
+      "int intermediate, float eps, float scale, int kind, int w8a8_path) -> Tensor");
   m.impl("decode_layers", c10::DispatchKey::CPU, scalellm::decode_layers);
   m.impl("decode_layers", c10::DispatchKey::MkldnnCPU, scalellm::decode_layers);  // oneDNN's weights
 }

@@ -19,6 +19,10 @@ void rope_(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 void linear_panels(const at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
                    const std::optional<at::Tensor>& bias);
 
+// quant_ops.cpp
+void w8a8_linear(const at::Tensor& out, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w_scales,
+                 const std::optional<at::Tensor>& bias, int64_t requested);
+
 // paged_decode.cpp
 void paged_decode(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables,
                   const at::Tensor& lens, double scale);

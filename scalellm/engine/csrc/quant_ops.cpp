@@ -38,6 +38,7 @@
 #include <utility>
 #include <vector>
 
+#include "kernels.h"
 #include "vec512.h"
 
 #if defined(__AMX_TILE__)
@@ -49,6 +50,7 @@
 #include <immintrin.h>
 #endif
 
+namespace scalellm {
 namespace {
 
 constexpr int64_t kRowsPerTask = 4;
@@ -352,6 +354,8 @@ Tiles tiles_for(int64_t path) {
   TORCH_CHECK(false, "unreachable");
 }
 
+}  // namespace
+
 // out [T, N] = (x quantized per row and group of kGroup channels) @ (packed weight)^T, times the
 // weight's scales, plus bias; `path` picks the inner kernel (kAuto: the best this build has).
 void w8a8_linear(const at::Tensor& out, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w_scales,
@@ -478,10 +482,10 @@ void w8a8_linear(const at::Tensor& out, const at::Tensor& x, const at::Tensor& p
   });
 }
 
-}  // namespace
+}  // namespace scalellm
 
 TORCH_LIBRARY_FRAGMENT(scalellm_cpu, m) {
   m.def("w8a8_linear(Tensor(a!) out, Tensor x, Tensor packed, Tensor w_scales, Tensor? bias, int path=0) -> ()");
-  m.impl("w8a8_linear", c10::DispatchKey::CPU, w8a8_linear);
-  m.def("w8a8_paths() -> int[]", &w8a8_paths);
+  m.impl("w8a8_linear", c10::DispatchKey::CPU, scalellm::w8a8_linear);
+  m.def("w8a8_paths() -> int[]", &scalellm::w8a8_paths);
 }
