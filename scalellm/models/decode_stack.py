@@ -48,12 +48,14 @@ KINDS = {PanelLinear: LinearKind.PANELS, PackedLinear: LinearKind.ONEDNN, W8A8Li
 
 @dataclass(frozen=True)
 class CpuDecodeStack:
-    """The model's decoder weights as the composite takes them: one list per kind, layer by layer."""
+    """The model's decoder weights as the composite takes them: one list per weight of a layer,
+    layer by layer, and the linear layers' kind."""
 
     input_norms: list[torch.Tensor]
     qkv: list[torch.Tensor]
     """Each layer's fused q/k/v weight as its linear layer keeps it: packed in panels
-    (PanelLinear.panels) or reordered for oneDNN (PackedLinear.packed); o, gate_up, down alike."""
+    (PanelLinear.panels), reordered for oneDNN (PackedLinear.packed) or int8 (W8A8Linear.packed);
+    o, gate_up, down alike."""
     qkv_bias: list[torch.Tensor]
     """Each layer's q/k/v bias, or none at all."""
     o: list[torch.Tensor]

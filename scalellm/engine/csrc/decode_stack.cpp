@@ -78,11 +78,13 @@ at::Tensor decode_layers(
               "one weight of each kind per layer");
   TORCH_CHECK(qkv_bias.empty() || static_cast<int64_t>(qkv_bias.size()) == layers, "a qkv bias per layer, or none");
   TORCH_CHECK(kind == kPanels || kind == kOneDnn || kind == kW8A8, "unknown linear kind");
-  TORCH_CHECK((kind == kW8A8) == !scales.empty() && (scales.empty() || static_cast<int64_t>(scales.size()) == 4 * layers),
-              "W8A8 weights come with their scales: qkv, o, gate_up, down of each layer");
+  TORCH_CHECK((kind == kW8A8) == !scales.empty(), "W8A8 weights, and only they, come with scales");
+  TORCH_CHECK(scales.empty() || static_cast<int64_t>(scales.size()) == 4 * layers,
+              "W8A8 scales: qkv, o, gate_up, down of each layer");
   TORCH_CHECK(q_norms.size() == k_norms.size() && (q_norms.empty() || static_cast<int64_t>(q_norms.size()) == layers),
               "q and k norms for every layer, or none");
-  TORCH_CHECK(layers > 0 && kv_cache.dim() == 6 && kv_cache.size(1) == layers, "kv_cache [blocks, layers, 2, bs, Hkv, D]");
+  TORCH_CHECK(layers > 0 && kv_cache.dim() == 6 && kv_cache.size(1) == layers,
+              "kv_cache [blocks, layers, 2, bs, Hkv, D]");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x [B, hidden] contiguous");
   const int64_t rows = x.size(0), hidden = x.size(1);
   const int64_t kv_heads = kv_cache.size(4), head_dim = kv_cache.size(5), heads = num_heads + 2 * kv_heads;
