@@ -6,8 +6,11 @@ float32 frequencies, the same residual order), which is what keeps greedy output
 q/k/v and gate/up projections are fused into one matmul each; rope tables are looked up once per
 step and applied to q and k together, in place; the residual add rides with the next norm. The
 elementwise ops come from a ``LayerOps`` (models/ops.py: torch's, or fused C++ on CPU) and on CPU
-the linear layers run through oneDNN (packed_linear). Under tensor parallelism each rank builds
-its slice of every layer (models/parallel.py) and all-reduces attention's and the MLP's outputs.
+the linear layers run through our panel kernel or oneDNN (packed_linear), and a step of decodes
+goes through every layer in one C++ call where the loader set a ``decode_stack``
+(models/decode_stack.py: the same kernels in this loop's order). Under tensor parallelism each
+rank builds its slice of every layer (models/parallel.py) and all-reduces attention's and the
+MLP's outputs.
 """
 
 from __future__ import annotations
