@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 SOURCE = "scalellm/engine/csrc/paged_decode.cpp"
-HEADERS = ("scalellm/engine/csrc/vec512.h", "scalellm/engine/csrc/vec256.h")
+HEADERS = ("scalellm/engine/csrc/vec512.h", "scalellm/engine/csrc/vec256.h", "scalellm/engine/csrc/kernels.h")
 
 
 def build_baseline(rev: str, folder: Path) -> Callable[..., None]:

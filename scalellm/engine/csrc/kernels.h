@@ -1,12 +1,17 @@
 // The kernels' entry points (each file's torch op), declared for decode_stack.cpp, which calls
 // them in a decode step's order without going back to Python between them. Their contracts are
 // in the files that define them.
+//
+// Hidden: not exported from the built library. A benchmark loads an older build of a kernel
+// beside this one (bench/decode_kernel.py, bench/w8a8_kernel.py); with default visibility the
+// dynamic linker would bind its registration of scalellm::paged_decode to the first library's.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <optional>
 
+#pragma GCC visibility push(hidden)
 namespace scalellm {
 
 // fused_ops.cpp
@@ -30,3 +35,4 @@ void write_kv(const at::Tensor& kv, const at::Tensor& new_kv, const at::Tensor& 
               const at::Tensor& slot_offsets);
 
 }  // namespace scalellm
+#pragma GCC visibility pop
