@@ -3,7 +3,10 @@ the layer loop, logits and cache, and the layer loop wherever the composite does
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -209,3 +212,20 @@ def test_models_the_composite_does_not_compute_get_no_stack() -> None:
     moe = _config(64, architectures=["MixtralForCausalLM"], num_local_experts=4, num_experts_per_tok=2)
     assert _stack_of(moe) is None
     assert _stack_of(_config(64), torch.float16) is None  # no panels: torch's linear layers
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="reads the library's symbols with nm (binutils)")
+def test_the_kernels_entry_points_are_not_exported() -> None:
+    """csrc/kernels.h declares them hidden: exported, a benchmark loading an older build beside
+    this one (bench/decode_kernel.py) would have its ops bound to this library's functions."""
+    built = {
+        line.split()[-1]
+        for line in Path("/proc/self/maps").read_text().splitlines()
+        if "/scalellm_cpu_" in line
+    }
+    assert built, "the kernels' library is not loaded"
+    for path in built:
+        symbols = subprocess.run(
+            ["nm", "-DC", "--defined-only", path], capture_output=True, text=True, check=True
+        )
+        assert "scalellm::" not in symbols.stdout
