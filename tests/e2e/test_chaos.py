@@ -20,9 +20,12 @@ tokens it already streamed), and every text equals the engine alone's.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -290,6 +293,7 @@ def test_streams_of_a_killed_decode_worker_migrate_and_finish_exactly(tiny_serve
         "--quiet", "--num-kv-blocks", "2048", "--dtype", "float32", "--max-num-seqs", "32", "--startup-timeout", "120",
     )  # fmt: skip
     pids: dict[int, str] = {}
+    poller: subprocess.Popen[str] | None = None
     try:
         base_url = up.wait_for("mesh ready: ", timeout=150).split()[2]
         pids = up.pids()
@@ -306,25 +310,31 @@ def test_streams_of_a_killed_decode_worker_migrate_and_finish_exactly(tiny_serve
             )  # fmt: skip
             return "".join(chunk.choices[0].text if chunk.choices else "" for chunk in chunks)
 
+        # The first worker to run an eighth of the streams, ~64 tokens into each, dies early in
+        # their 800 tokens. A later kill can find a worker that already sent its last token into
+        # the gateway's buffers (the gateway trails the worker on two cores); an earlier one,
+        # streams whose first token the gateway has not yet had (those are dispatched again, not
+        # migrated): either way nothing migrates. It is stopped (SIGSTOP) the moment its metrics
+        # say so, by a poller in a process of its own (tests/e2e/busy_worker.py) that the streams'
+        # threads cannot hold up while the workers run through their tokens.
+        watch = {"metrics": metrics_of, "pids": pids_of, "at_least": STREAMS // 8,
+                 "min_tokens": 64 * (STREAMS // 8), "timeout": 120}  # fmt: skip
+        poller = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("busy_worker.py")), json.dumps(watch)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert poller.stdout is not None and poller.stdout.readline().strip() == "ready"
         with ThreadPoolExecutor(STREAMS) as pool:
             futures = [pool.submit(stream, i) for i in range(STREAMS)]
-            # The first worker to run an eighth of the streams, ~64 tokens into each, dies early in
-            # their 800 tokens. A later kill can find a worker that already sent its last token
-            # into the gateway's buffers (the gateway trails the worker on two cores); an earlier
-            # one, streams whose first token the gateway has not yet had (those are dispatched
-            # again, not migrated): either way nothing migrates. It is stopped (SIGSTOP) the
-            # moment its metrics say so, so that a slow test thread cannot let it finish them.
-            try:
-                victim, running = _busy_worker(
-                    metrics_of, at_least=STREAMS // 8, min_tokens=64 * (STREAMS // 8), timeout=120,
-                    stop=pids_of,
-                )  # fmt: skip
-            except AssertionError as e:  # say what the streams and the mesh were doing
+            found = json.loads(poller.communicate(timeout=150)[0])
+            if "error" in found:  # say what the streams and the mesh were doing
                 done = [f for f in futures if f.done()]
                 errors = [repr(f.exception()) for f in done if f.exception() is not None]
                 raise AssertionError(
-                    f"{e}\n{len(done)} streams done, {len(errors)} failed {errors[:3]}\n{up.log()[-6000:]}"
-                ) from None
+                    f"{found['error']}\n{len(done)} streams done, {len(errors)} failed {errors[:3]}\n{up.log()[-6000:]}"
+                )
+            victim, running = found["victim"], found["running"]
             os.kill(pids_of[victim], signal.SIGKILL)
             texts = [f.result(timeout=300) for f in futures]
         assert running > 0  # the killed worker had streams in flight
@@ -340,28 +350,7 @@ def test_streams_of_a_killed_decode_worker_migrate_and_finish_exactly(tiny_serve
         assert up.stop() == 0, up.log()
         _assert_gone(up, pids, addresses)
     finally:
+        if poller is not None and poller.poll() is None:
+            poller.kill()
+            poller.wait()
         up.cleanup(pids)
-
-
-def _busy_worker(
-    metrics_of: dict[str, str], at_least: int, min_tokens: int, timeout: float, stop: dict[str, int]
-) -> tuple[str, float]:
-    """The first worker (name, running batch) whose running batch reaches at_least once it has
-    generated min_tokens, stopped (SIGSTOP: its pid in stop) as soon as its metrics say so."""
-    deadline = time.monotonic() + timeout
-    last: dict[str, tuple[float, float]] = {}  # (running batch, generated tokens) per worker
-    while True:
-        for name, url in metrics_of.items():
-            seen = _metrics(url)
-            batch, tokens = (
-                seen.get("scalellm_running_batch", 0.0),
-                seen.get("scalellm_generated_tokens_total", 0.0),
-            )
-            if batch >= at_least and tokens >= min_tokens:
-                os.kill(stop[name], signal.SIGSTOP)
-                return name, batch
-            last[name] = (batch, tokens)
-        assert time.monotonic() < deadline, (
-            f"no worker ran {at_least} streams after {min_tokens} tokens: {last}"
-        )
-        time.sleep(0.02)
