@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -27,6 +27,9 @@ from scalellm.models.config import ModelConfig, RopeConfig
 from scalellm.models.moe import SparseMoeBlock, expert_weight, load_expert, moe_prefix
 from scalellm.models.ops import LayerOps, TorchOps
 from scalellm.models.parallel import SINGLE, TensorParallel, VocabParallelEmbedding, shard
+
+if TYPE_CHECKING:  # decode_stack builds on this module
+    from scalellm.models.decode_stack import CpuDecodeStack
 
 TORCH_OPS = TorchOps()
 
@@ -179,23 +182,6 @@ class DecoderLayer(nn.Module):
         return self.tp.all_reduce(self.mlp(h)), residual
 
 
-class DecodeStack(Protocol):
-    """Every decoder layer of a step in one call, for the steps it ``takes``
-    (models/decode_stack.CpuDecodeStack: a step of decodes on CPU, one C++ call)."""
-
-    def takes(self, num_tokens: int, meta: AttentionMetadata) -> bool: ...
-
-    def __call__(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the layer loop returns: the last layer's output and the residual stream."""
-        ...
-
-
 class LlamaForCausalLM(nn.Module):
     def __init__(
         self,
@@ -221,7 +207,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size // tp.size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.decode_stack: DecodeStack | None = None
+        self.decode_stack: CpuDecodeStack | None = None
         """Set by the loader where one covers this model (models/decode_stack.py)."""
 
     def forward(

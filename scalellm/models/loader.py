@@ -108,7 +108,7 @@ def _finish(
         )
     elif packing_supported(device, dtype):
         log.info("linear layers: oneDNN, %d weights reordered for this CPU", pack_linears(model))
-    model.decode_stack = CpuDecodeStack.of(model) if device.type == "cpu" else None
+    model.decode_stack = CpuDecodeStack.of(model)  # None off CPU: no C++ fused ops there
     if model.decode_stack is not None:
         log.info("decode steps: every layer in one C++ call (decode_layers)")
     return model.eval()
