@@ -714,7 +714,7 @@ template <typename M>
 struct TileScratch {
   std::vector<float> acc, m, l, corr;
   std::vector<typename M::PWord> p;       // each row's probabilities for the current tile
-  std::vector<int64_t> seen;              // how many of the current tile's tokens each row sees
+  std::vector<int64_t> len, seen;         // each row's context; how many of the tile's tokens it sees
   std::vector<const typename M::QWord*> q;  // each row's query
 };
 
@@ -734,11 +734,20 @@ void prefill_tiles(const Item& it, int64_t num_kv_heads, const T* q, int64_t qs_
   t.corr.assign(padded, 1.f);
   t.p.assign(padded * PW, 0);
   t.seen.assign(padded, 0);
+  t.len.assign(padded, 0);
   t.q.resize(padded);
   for (int64_t r = 0; r < padded; ++r) {  // padding rows read row 0's query and see nothing
     const int64_t at = r < rows ? r : 0;
     t.q[r] = reinterpret_cast<const typename M::QWord*>(q + (at / groups) * it.qs_b + (at % groups) * qs_h);
+    if (r < rows) t.len[r] = it.lens[r / groups];
   }
+  // the buffers through plain pointers: the intrinsics' stores may alias anything, so through
+  // `t` every store would reload the vectors' data pointers (and the thread-local's address)
+  float *const acc = t.acc.data(), *const m = t.m.data(), *const l = t.l.data(), *const corrs = t.corr.data();
+  typename M::PWord* const probs = t.p.data();
+  int64_t* const seen = t.seen.data();
+  const int64_t* const row_len = t.len.data();
+  const typename M::QWord* const* const queries = t.q.data();
   const T* kbase = static_cast<const T*>(it.k);
   const T* vbase = static_cast<const T*>(it.v);
   const __m512 vscale = _mm512_set1_ps(scale);
@@ -751,24 +760,24 @@ void prefill_tiles(const Item& it, int64_t num_kv_heads, const T* q, int64_t qs_
       const __mmask16 valid = c == 16 ? __mmask16(0xFFFF) : __mmask16((1u << c) - 1);
       const int64_t at = block * it.s_blk + j0 * it.s_tok;
       math.load(kbase + at, vbase + at, it.s_tok, c, valid);
-      for (int64_t r = 0; r < rows; ++r) t.seen[r] = std::clamp<int64_t>(it.lens[r / groups] - pos, 0, c);
+      for (int64_t r = 0; r < rows; ++r) seen[r] = std::clamp<int64_t>(row_len[r] - pos, 0, c);
       // scores and the online softmax, RS rows at a time (their maxima and sums in one register)
       for (int64_t r0 = 0; r0 < padded; r0 += RS) {
-        if (t.seen[std::min(r0 + RS, rows) - 1] == 0) {  // rows go by token: the tile's last sees most
-          std::fill(t.corr.begin() + r0, t.corr.begin() + r0 + RS, 1.f);
-          std::fill(t.p.begin() + r0 * PW, t.p.begin() + (r0 + RS) * PW, 0);
+        if (seen[std::min(r0 + RS, rows) - 1] == 0) {  // rows go by token: the tile's last sees most
+          std::fill(corrs + r0, corrs + r0 + RS, 1.f);
+          std::fill(probs + r0 * PW, probs + (r0 + RS) * PW, 0);
           continue;
         }
         __m512 s[RS];
         for (int64_t r = 0; r < RS; ++r) s[r] = _mm512_setzero_ps();
-        math.template scores<RS>(s, t.q.data() + r0);
+        math.template scores<RS>(s, queries + r0);
         __mmask16 sees[RS];
         for (int64_t r = 0; r < RS; ++r) {  // lanes past what the row sees: -inf
-          const int64_t cnt = t.seen[r0 + r];
+          const int64_t cnt = seen[r0 + r];
           sees[r] = cnt == 16 ? __mmask16(0xFFFF) : __mmask16((1u << cnt) - 1);
           s[r] = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), sees[r], s[r], vscale);
         }
-        const __m512 old = _mm512_loadu_ps(t.m.data() + r0);
+        const __m512 old = _mm512_loadu_ps(m + r0);
         const __m512 peak = _mm512_max_ps(old, reduce16_max(s));  // lane r: row r0 + r's running max
         // a row that has seen nothing yet (padding) keeps corr 1 and m -inf
         const __mmask16 live = _mm512_cmp_ps_mask(peak, _mm512_set1_ps(-INFINITY), _CMP_GT_OQ);
@@ -776,32 +785,32 @@ void prefill_tiles(const Item& it, int64_t num_kv_heads, const T* q, int64_t qs_
         for (int64_t r = 0; r < RS; ++r) {
           const __m512 top = _mm512_permutexvar_ps(_mm512_set1_epi32(static_cast<int32_t>(r)), peak);
           s[r] = _mm512_maskz_mov_ps(sees[r], exp16(_mm512_sub_ps(s[r], top)));
-          M::store_p(t.p.data() + (r0 + r) * PW, s[r]);
+          M::store_p(probs + (r0 + r) * PW, s[r]);
         }
-        _mm512_storeu_ps(t.l.data() + r0, _mm512_fmadd_ps(_mm512_loadu_ps(t.l.data() + r0), corr, reduce16(s)));
-        _mm512_storeu_ps(t.m.data() + r0, peak);
-        _mm512_storeu_ps(t.corr.data() + r0, corr);
+        _mm512_storeu_ps(l + r0, _mm512_fmadd_ps(_mm512_loadu_ps(l + r0), corr, reduce16(s)));
+        _mm512_storeu_ps(m + r0, peak);
+        _mm512_storeu_ps(corrs + r0, corr);
       }
       // acc = acc * corr + p . V, RP rows at a time
       for (int64_t r0 = 0; r0 < padded; r0 += RP) {
         bool any = false;
-        for (int64_t r = r0; r < r0 + RP; ++r) any |= t.seen[r] > 0;
+        for (int64_t r = r0; r < r0 + RP; ++r) any |= seen[r] > 0;
         if (!any) continue;
         __m512 a[RP][NA];
         for (int64_t r = 0; r < RP; ++r)
           for (int64_t k = 0; k < NA; ++k)
-            a[r][k] = _mm512_mul_ps(_mm512_loadu_ps(t.acc.data() + (r0 + r) * D + 16 * k), _mm512_set1_ps(t.corr[r0 + r]));
-        math.template pv<RP>(a, t.p.data() + r0 * PW);
+            a[r][k] = _mm512_mul_ps(_mm512_loadu_ps(acc + (r0 + r) * D + 16 * k), _mm512_set1_ps(corrs[r0 + r]));
+        math.template pv<RP>(a, probs + r0 * PW);
         for (int64_t r = 0; r < RP; ++r)
-          for (int64_t k = 0; k < NA; ++k) _mm512_storeu_ps(t.acc.data() + (r0 + r) * D + 16 * k, a[r][k]);
+          for (int64_t k = 0; k < NA; ++k) _mm512_storeu_ps(acc + (r0 + r) * D + 16 * k, a[r][k]);
       }
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
     float row[D];
-    const float inv = 1.f / t.l[r];
+    const float inv = 1.f / l[r];
     for (int64_t k = 0; k < NA; ++k)
-      for (int64_t j = 0; j < 16; ++j) row[M::dim_of(k, j)] = t.acc[r * D + 16 * k + j] * inv;
+      for (int64_t j = 0; j < 16; ++j) row[M::dim_of(k, j)] = acc[r * D + 16 * k + j] * inv;
     T* dst = out + (r / groups) * it.os_b + (r % groups) * os_h;
     for (int64_t v = 0; v < D / 16; ++v) store16(dst + 16 * v, _mm512_loadu_ps(row + 16 * v));
   }
