@@ -140,10 +140,11 @@ bfloat16 and ~0.07 in float32 on two Zen 4 cores, where SDPA's flash kernel gain
 2.0x / 1.4x SDPA's speed on 128-token prompts, level at ~1-2k tokens in bfloat16 and 0.7x there
 in float32 (docs/benchmarks.md, "Prefill attention on CPU")."""
 
-TILES_PREFILL_MAX_TOKENS: dict[torch.dtype, int | None] = {torch.bfloat16: None, torch.float32: 1536}
+TILES_PREFILL_MAX_TOKENS: dict[torch.dtype, int | None] = {torch.bfloat16: None, torch.float32: None}
 """The same for the tile kernel (``prefill_tiles``: float32 on AVX-512, bfloat16 on AVX512-BF16;
-None: any length). bfloat16's tiles ran at 1.7-3.3x SDPA's speed from 128 to 8k tokens, float32's
-at 1.1-2.5x up to 1536 tokens and 0.9-1.0x from 2048 on (the same machine)."""
+None: any length). On two Zen 4 cores bfloat16's tiles run at 2.3-4.1x SDPA's speed from 128 to
+8k tokens of context, float32's at 1.1-2.4x (docs/benchmarks.md, "Prefill tiles without
+reloads")."""
 
 
 def max_kernel_prefill_tokens(dtype: torch.dtype, head_dim: int) -> int | None:
