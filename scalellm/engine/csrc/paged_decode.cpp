@@ -202,6 +202,20 @@ void prefetch_block(const at::Tensor& kv, int64_t block) {
   }
 }
 
+// Lines [from, to) of a block's K and V rows into L2: line l is line l % row_lines of token row
+// l / row_lines (row_bytes apart); one division for the range, not one a line.
+__attribute__((always_inline)) inline void prefetch_lines(const void* k, const void* v, int64_t row_bytes, int64_t row_lines, int64_t from,
+                           int64_t to) {
+  if (from >= to) return;
+  int64_t row = from / row_lines, line = from % row_lines;
+  for (int64_t l = from; l < to; ++l) {
+    const int64_t at = row * row_bytes + line * 64;
+    __builtin_prefetch(static_cast<const char*>(k) + at, 0, 2);
+    __builtin_prefetch(static_cast<const char*>(v) + at, 0, 2);
+    if (++line == row_lines) line = 0, ++row;
+  }
+}
+
 // Requests per thread from which a work item is a whole request (decode_items).
 constexpr int64_t kRequestsPerThread = 4;
 
@@ -539,17 +553,17 @@ void decode_heads_avx512(const Item& it, int64_t num_kv_heads, const T* q, int64
     const T* vnext = fetch ? vbase + it.table[index + 1] * it.s_blk : nullptr;
     const T* block = kbase + it.table[index] * it.s_blk;
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
-      for (int64_t qi = 0; qi < num_heads; ++qi) {
-        // the tokens of this block and of this query head's row from j0 on, 16 at most
-        const int64_t m = std::min<int64_t>(16, std::min(n, it.lens[qi / nh] - first) - j0);
-        if (m > 0)
-          _mm512_mask_storeu_ps(scores + qi * len + first + j0, __mmask16(m == 16 ? 0xFFFF : (1u << m) - 1),
-                                heads[qi].scores16(block + (qi % nh / groups) * D + j0 * it.s_tok, it.s_tok, m));
-        if (fetch && j0 == 0)
-          for (int64_t l = qi * per_head; l < std::min(lines, (qi + 1) * per_head); ++l) {
-            const int64_t at = (l / row_lines) * it.s_tok * static_cast<int64_t>(sizeof(T)) + (l % row_lines) * 64;
-            _mm_prefetch(reinterpret_cast<const char*>(knext) + at, _MM_HINT_T1);
-            _mm_prefetch(reinterpret_cast<const char*>(vnext) + at, _MM_HINT_T1);
+      // query head qi = r * nh + g * groups + i: row r, K/V head g (no divisions in the loop)
+      for (int64_t r = 0, qi = 0; r < it.rows; ++r) {
+        // the tokens of this block and of this row from j0 on, 16 at most
+        const int64_t m = std::min<int64_t>(16, std::min(n, it.lens[r] - first) - j0);
+        for (int64_t g = 0; g < num_kv_heads; ++g)
+          for (int64_t i = 0; i < groups; ++i, ++qi) {
+            if (m > 0)
+              _mm512_mask_storeu_ps(scores + qi * len + first + j0, __mmask16(m == 16 ? 0xFFFF : (1u << m) - 1),
+                                    heads[qi].scores16(block + g * D + j0 * it.s_tok, it.s_tok, m));
+            if (fetch && j0 == 0) prefetch_lines(knext, vnext, it.s_tok * static_cast<int64_t>(sizeof(T)), row_lines,
+                                                 qi * per_head, std::min(lines, (qi + 1) * per_head));
           }
       }
     }
@@ -913,17 +927,17 @@ void decode_heads_avx2(const Item& it, int64_t num_kv_heads, const T* q, int64_t
     const char* vnext = fetch ? reinterpret_cast<const char*>(vbase + it.table[index + 1] * it.s_blk) : nullptr;
     const T* block = kbase + it.table[index] * it.s_blk;
     for (int64_t j0 = 0; j0 < n; j0 += 8) {
-      for (int64_t qi = 0; qi < num_heads; ++qi) {
-        // the tokens of this block and of this query head's row from j0 on, 8 at most
-        const int64_t m = std::min<int64_t>(8, std::min(n, it.lens[qi / nh] - first) - j0);
-        if (m > 0)
-          _mm256_maskstore_ps(scores + qi * len + first + j0, lanes_below(m),
-                              heads[qi].scores8(block + (qi % nh / groups) * D + j0 * it.s_tok, it.s_tok, m));
-        if (fetch && j0 == 0)
-          for (int64_t l = qi * per_head; l < std::min(lines, (qi + 1) * per_head); ++l) {
-            const int64_t at = (l / row_lines) * it.s_tok * static_cast<int64_t>(sizeof(T)) + (l % row_lines) * 64;
-            _mm_prefetch(knext + at, _MM_HINT_T1);
-            _mm_prefetch(vnext + at, _MM_HINT_T1);
+      // query head qi = r * nh + g * groups + i: row r, K/V head g (no divisions in the loop)
+      for (int64_t r = 0, qi = 0; r < it.rows; ++r) {
+        // the tokens of this block and of this row from j0 on, 8 at most
+        const int64_t m = std::min<int64_t>(8, std::min(n, it.lens[r] - first) - j0);
+        for (int64_t g = 0; g < num_kv_heads; ++g)
+          for (int64_t i = 0; i < groups; ++i, ++qi) {
+            if (m > 0)
+              _mm256_maskstore_ps(scores + qi * len + first + j0, lanes_below(m),
+                                  heads[qi].scores8(block + g * D + j0 * it.s_tok, it.s_tok, m));
+            if (fetch && j0 == 0) prefetch_lines(knext, vnext, it.s_tok * static_cast<int64_t>(sizeof(T)), row_lines,
+                                                 qi * per_head, std::min(lines, (qi + 1) * per_head));
           }
       }
     }
