@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from scalellm.engine import cpu_kernels
+from scalellm.engine import cpu_kernels, huge_pages
 from scalellm.engine.attention import AttentionBackend, select_backend
 from scalellm.engine.config import EngineConfig
 from scalellm.engine.cuda_graphs import DecodeGraphs, graph_buckets, graph_limit, why_eager
@@ -148,15 +148,18 @@ class ModelRunner:
             )
             eager_reason = why_eager(config, model_config, self.attention, self.kv_format.quantized)
             scratch = 0 if eager_reason else 1
-            self._kv_blocks = torch.zeros(
+            shape = (
                 self.num_blocks + scratch,
                 model_config.num_layers,
                 2,
                 self.block_size,
                 self.num_kv_heads,
                 self.kv_format.row_width,
-                dtype=self.kv_format.dtype,
-                device=self.device,
+            )
+            self._kv_blocks = (
+                huge_pages.zeros(shape, self.kv_format.dtype)  # a step reads its blocks: fewer TLB misses
+                if self.device.type == "cpu"
+                else torch.zeros(shape, dtype=self.kv_format.dtype, device=self.device)
             )
             """The cache and, with decode graphs, one scratch block past the scheduler's (cuda_graphs)."""
             self.kv_cache = self._kv_blocks[: self.num_blocks]

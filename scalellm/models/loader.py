@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from scalellm.engine import huge_pages
 from scalellm.engine.cpu_kernels import layer_ops, w8a8_kernel
 from scalellm.models.config import ModelConfig
 from scalellm.models.decode_stack import CpuDecodeStack
@@ -108,6 +109,8 @@ def _finish(
         )
     elif packing_supported(device, dtype):
         log.info("linear layers: oneDNN, %d weights reordered for this CPU", pack_linears(model))
+    if device.type == "cpu" and (moved := huge_pages.move_module(model)):
+        log.info("weights: %.0f MB in memory advised for 2 MB pages", moved / 1e6)
     model.decode_stack = CpuDecodeStack.of(model)  # None off CPU: no C++ fused ops there
     if model.decode_stack is not None:
         log.info("decode steps: every layer in one C++ call (decode_layers)")

@@ -287,7 +287,8 @@ def quantize_weights(
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes the weights take: parameters, int8 buffers and scales, and oneDNN-packed copies,
-    each storage counted once (rope tables, which are not weights, are left out)."""
+    each tensor counted once (rope tables, which are not weights, are left out; tensors may share
+    a storage, huge_pages' arenas)."""
     seen: set[int] = set()
     total = 0
     for module in model.modules():
@@ -296,8 +297,7 @@ def weight_bytes(model: nn.Module) -> int:
         for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
             if name in module._non_persistent_buffers_set:
                 continue
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
+            if tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
+                total += tensor.numel() * tensor.element_size()
     return total
