@@ -204,8 +204,9 @@ void prefetch_block(const at::Tensor& kv, int64_t block) {
 
 // Lines [from, to) of a block's K and V rows into L2: line l is line l % row_lines of token row
 // l / row_lines (row_bytes apart); one division for the range, not one a line.
-__attribute__((always_inline)) inline void prefetch_lines(const void* k, const void* v, int64_t row_bytes, int64_t row_lines, int64_t from,
-                           int64_t to) {
+// Inlined: as a call it made the decode kernel 1.6x slower (the callers' live vectors spilled).
+__attribute__((always_inline)) inline void prefetch_lines(const void* k, const void* v, int64_t row_bytes,
+                                                          int64_t row_lines, int64_t from, int64_t to) {
   if (from >= to) return;
   int64_t row = from / row_lines, line = from % row_lines;
   for (int64_t l = from; l < to; ++l) {
@@ -619,7 +620,7 @@ void decode_heads_avx512(const Item& it, int64_t num_kv_heads, const T* q, int64
 // at a time, with flash attention's online softmax (a running max m_r and sum l_r in float32;
 // 16 rows' maxima and sums in one register, reduce16_max and reduce16):
 //
-//   kt         the tile's K transposed (a gather): 16 tokens in a register's lanes
+//   kt         the tile's K transposed (transpose16): 16 tokens in a register's lanes
 //   S[r]       lane j = scale * q_r . K[j]                       RS = 16 rows in registers
 //   p[r]       = e^(S[r] - m_r) for the tokens row r sees, 0 past them
 //   acc_r      = acc_r * e^(m_old - m_r) + sum_j p[r][j] V[j]    RP rows' accumulators in registers
@@ -631,16 +632,48 @@ void decode_heads_avx512(const Item& it, int64_t num_kv_heads, const T* q, int64
 // products. The decode kernels' rows (paged_decode, and paged_prefill on AVX2) instead dot each
 // row with 16 K rows and sum lanes. A tiled row no longer has a decoded row's bits (tested
 // against SDPA within the dtype's tolerance). On the 2-core Zen 4 (bench/prefill_attention.py
-// --device cpu, docs/benchmarks.md) bfloat16 runs at 1.7-3.3x SDPA's speed from 128 to 8k tokens
-// (0.12-0.19 TFLOPS; the gather of K ~10% of its time), float32 at 1.1-2.5x up to 1.5k tokens and
-// level beyond (0.09-0.11 TFLOPS); the rows kernel at 0.1 and 0.07.
+// --device cpu, docs/benchmarks.md) bfloat16 runs at 2.4-4.3x SDPA's speed from 128 to 8k tokens
+// of context (0.15-0.28 TFLOPS on two threads), float32 at 1.2-2.5x (0.08-0.15 TFLOPS); the rows
+// kernel at 0.1 and 0.07.
 constexpr int64_t kTileTokens = 16;  // a register's lanes of scores
-constexpr int64_t kTilePiece = 32;   // tokens of a chunk per work item: its K tiles gathered once for them
+constexpr int64_t kTilePiece = 32;   // tokens of a chunk per work item: its K tiles transposed once for them
 
-// j * stride in lane j: the offsets of a tile's 16 token rows, for a gather.
-inline __m512i lane_offsets(int64_t stride) {
-  return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                            _mm512_set1_epi32(static_cast<int32_t>(stride)));
+// out[i] lane j = in[j] lane i: a 16 x 16 transpose of 32-bit words in 64 shuffles.
+//   stage 1-2 (unpack 32, 64): u[4k + c] 128-bit lane L = words 4L + c of rows 4k .. 4k + 3
+//   stage 3-4 (shuffle_i32x4): out[4L + c] lane k = u[4k + c] lane L
+inline void transpose16(const __m512i (&in)[16], __m512i* out) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(in[2 * i], in[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(in[2 * i], in[2 * i + 1]);
+  }
+  for (int k = 0; k < 4; ++k) {
+    u[4 * k] = _mm512_unpacklo_epi64(t[4 * k], t[4 * k + 2]);
+    u[4 * k + 1] = _mm512_unpackhi_epi64(t[4 * k], t[4 * k + 2]);
+    u[4 * k + 2] = _mm512_unpacklo_epi64(t[4 * k + 1], t[4 * k + 3]);
+    u[4 * k + 3] = _mm512_unpackhi_epi64(t[4 * k + 1], t[4 * k + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i s0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), s1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
+    const __m512i s2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
+    const __m512i s3 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
+    out[c] = _mm512_shuffle_i32x4(s0, s2, 0x88);
+    out[4 + c] = _mm512_shuffle_i32x4(s0, s2, 0xDD);
+    out[8 + c] = _mm512_shuffle_i32x4(s1, s3, 0x88);
+    out[12 + c] = _mm512_shuffle_i32x4(s1, s3, 0xDD);
+  }
+}
+
+// A tile's c token rows of `words` 32-bit words (row j at rows + j * stride words) transposed:
+// out[w] lane j = word w of row j, 0 for j >= c. Loads and shuffles rather than a gather per
+// word: the tiles ran 3-8% faster on the 2-core Zen 4.
+template <int64_t WORDS>
+inline void transpose_rows(const int32_t* rows, int64_t stride, int64_t c, __m512i* out) {
+  for (int64_t w0 = 0; w0 < WORDS; w0 += 16) {
+    __m512i in[16];
+    for (int64_t j = 0; j < 16; ++j) in[j] = j < c ? _mm512_loadu_si512(rows + j * stride + w0) : _mm512_setzero_si512();
+    transpose16(in, out + w0);
+  }
 }
 
 template <typename T, int64_t D>
@@ -655,9 +688,10 @@ struct TileMath<float, D> {
   const float* v = nullptr;
   int64_t stride = 0, count = 0;
 
-  void load(const float* k, const float* vrow, int64_t s_tok, int64_t c, __mmask16 valid) {
-    const __m512i idx = lane_offsets(s_tok);
-    for (int64_t d = 0; d < D; ++d) kt[d] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, idx, k + d, 4);
+  void load(const float* k, const float* vrow, int64_t s_tok, int64_t c) {
+    __m512i words[D];
+    transpose_rows<D>(reinterpret_cast<const int32_t*>(k), s_tok, c, words);
+    for (int64_t d = 0; d < D; ++d) kt[d] = _mm512_castsi512_ps(words[d]);
     v = vrow, stride = s_tok, count = c;
   }
   template <int64_t RS>
@@ -689,10 +723,8 @@ struct TileMath<c10::BFloat16, D> {
   __m512i kt[D / 2], vp[kTileTokens / 2][NA];
   int64_t pairs = 0;
 
-  void load(const c10::BFloat16* k, const c10::BFloat16* vrow, int64_t s_tok, int64_t c, __mmask16 valid) {
-    const __m512i idx = lane_offsets(s_tok / 2);
-    const int32_t* k32 = reinterpret_cast<const int32_t*>(k);
-    for (int64_t dp = 0; dp < D / 2; ++dp) kt[dp] = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, idx, k32 + dp, 4);
+  void load(const c10::BFloat16* k, const c10::BFloat16* vrow, int64_t s_tok, int64_t c) {
+    transpose_rows<D / 2>(reinterpret_cast<const int32_t*>(k), s_tok / 2, c, kt);
     // V's token pairs interleaved per head dim; a missing second token of the last pair is zero
     pairs = (c + 1) / 2;
     for (int64_t t2 = 0; t2 < pairs; ++t2)
@@ -771,9 +803,8 @@ void prefill_tiles(const Item& it, int64_t num_kv_heads, const T* q, int64_t qs_
     const int64_t block = it.table[first / block_size];
     for (int64_t j0 = 0; j0 < n; j0 += kTileTokens) {
       const int64_t c = std::min(kTileTokens, n - j0), pos = first + j0;
-      const __mmask16 valid = c == 16 ? __mmask16(0xFFFF) : __mmask16((1u << c) - 1);
       const int64_t at = block * it.s_blk + j0 * it.s_tok;
-      math.load(kbase + at, vbase + at, it.s_tok, c, valid);
+      math.load(kbase + at, vbase + at, it.s_tok, c);
       for (int64_t r = 0; r < rows; ++r) seen[r] = std::clamp<int64_t>(row_len[r] - pos, 0, c);
       // scores and the online softmax, RS rows at a time (their maxima and sums in one register)
       for (int64_t r0 = 0; r0 < padded; r0 += RS) {
