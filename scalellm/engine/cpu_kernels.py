@@ -143,8 +143,8 @@ in float32 (docs/benchmarks.md, "Prefill attention on CPU")."""
 TILES_PREFILL_MAX_TOKENS: dict[torch.dtype, int | None] = {torch.bfloat16: None, torch.float32: None}
 """The same for the tile kernel (``prefill_tiles``: float32 on AVX-512, bfloat16 on AVX512-BF16;
 None: any length). On two Zen 4 cores bfloat16's tiles run at 2.4-4.3x SDPA's speed from 128 to
-8k tokens of context, float32's at 1.2-2.5x (docs/benchmarks.md, "Prefill tiles without
-reloads")."""
+8k tokens of context, float32's at 1.2-2.5x (docs/benchmarks.md, "Long prompts; prefill tiles
+without reloads; ...")."""
 
 
 def max_kernel_prefill_tokens(dtype: torch.dtype, head_dim: int) -> int | None:

@@ -7,7 +7,8 @@ step walks the page tables thousands of times. Linux gives anonymous memory 2 MB
 the pages are first touched, which is the default setting of most distributions
 (``/sys/kernel/mm/transparent_hugepage/enabled``: ``[madvise]``). On a 2-core Zen 4 VM the panel
 kernel streamed a 135M model's weights 9-19% faster from such pages, the paged decode kernel
-read K/V 2-14% faster (docs/benchmarks.md, "Weights and KV cache in 2 MB pages").
+read K/V 2-14% faster (docs/benchmarks.md, "Long prompts; prefill tiles without reloads;
+weights and KV cache in 2 MB pages").
 
 ``empty`` allocates a tensor whose pages are advised before anything touches them;
 ``move_module`` copies a model's tensors into such arenas after loading, a group of up to
