@@ -104,3 +104,18 @@ def test_the_engine_loads_its_weights_and_cache_into_advised_memory(tiny_chat_mo
     assert advised(engine.kv_cache)
     embedding = engine.runner.model.embed_tokens.weight  # the demo's vocabulary: 12.6 MB
     assert advised(embedding)
+
+
+@needs_thp
+def test_weight_bytes_counts_tensors_not_the_arena_they_share() -> None:
+    from scalellm.models.quant_linear import weight_bytes
+
+    model = Holder()
+    before = weight_bytes(model)
+    assert before == (1024 * 768 + 1024) * 4 + 1024 * 512 * 4  # parameters and buffers
+    assert huge_pages.move_module(model) > 0
+    assert (
+        model.linear.weight.untyped_storage().data_ptr()
+        == model.get_buffer("table").untyped_storage().data_ptr()
+    )
+    assert weight_bytes(model) == before
