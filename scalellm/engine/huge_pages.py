@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import math
 import sys
 from functools import cache
 from pathlib import Path
@@ -68,10 +69,7 @@ def available() -> bool:
 def empty(shape: tuple[int, ...] | list[int], dtype: torch.dtype) -> torch.Tensor:
     """``torch.empty(shape, dtype=dtype)`` on the CPU, its whole 2 MB pages advised as huge before
     first use (nothing has touched them: torch.empty does not write)."""
-    numel = 1
-    for size in shape:
-        numel *= size
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     advise = _madvise()
     if advise is None or nbytes < HUGE_PAGE:
         return torch.empty(tuple(shape), dtype=dtype)
@@ -95,7 +93,7 @@ def _movable(tensor: object) -> bool:
         and tensor.device.type == "cpu"
         and tensor.layout == torch.strided
         and tensor.is_contiguous()
-        and tensor.numel() * tensor.element_size() >= MIN_TENSOR_BYTES
+        and tensor.nbytes >= MIN_TENSOR_BYTES
     )
 
 
@@ -140,15 +138,14 @@ def move_module(model: nn.Module) -> int:
 
 def _padded(tensor: torch.Tensor) -> int:
     """A tensor's bytes in an arena: each starts on a 64-byte line."""
-    return (tensor.numel() * tensor.element_size() + 63) // 64 * 64
+    return (tensor.nbytes + 63) // 64 * 64
 
 
 def _move_group(tensors: list[torch.Tensor], places: list[list[tuple[nn.Module, str]]]) -> int:
     arena = empty((sum(_padded(t) for t in tensors),), torch.uint8)
     offset = 0
     for tensor, where in zip(tensors, places, strict=True):
-        nbytes = tensor.numel() * tensor.element_size()
-        copy = arena[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape)
+        copy = arena[offset : offset + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
         with torch.no_grad():
             copy.copy_(tensor)
         offset += _padded(tensor)

@@ -99,11 +99,11 @@ class CpuDecodeStack:
             *(m.gate_up_proj for m in dense),
             *(m.down_proj for m in dense),
         ]
-        weights = [_weight(lin) for lin in linears]
         kinds = {KINDS.get(type(lin)) for lin in linears}
         kind = kinds.pop()
-        if kinds or kind is None or any(w is None for w in weights):
+        if kinds or kind is None:
             return None
+        weights = [_weight(lin) for lin in linears]
         w8a8 = [lin for lin in linears if isinstance(lin, W8A8Linear)]
         w8a8_path = 0
         if w8a8:
@@ -121,21 +121,20 @@ class CpuDecodeStack:
         with_onednn = [
             lin.max_kernel_rows for lin in linears if isinstance(lin, PanelLinear) and lin.packed is not None
         ]
-        packed = [w for w in weights if w is not None]
         q_norms: list[torch.Tensor] = [a.q_norm.weight for a in attn if a.q_norm is not None]
         k_norms: list[torch.Tensor] = [a.k_norm.weight for a in attn if a.k_norm is not None]
         if len(q_norms) not in (0, n) or len(k_norms) != len(q_norms):
             return None
         return cls(
             input_norms=[layer.input_layernorm.weight for layer in layers],
-            qkv=packed[:n],
+            qkv=weights[:n],
             qkv_bias=qkv_bias,
-            o=packed[n : 2 * n],
+            o=weights[n : 2 * n],
             q_norms=q_norms,
             k_norms=k_norms,
             post_norms=[layer.post_attention_layernorm.weight for layer in layers],
-            gate_up=packed[2 * n : 3 * n],
-            down=packed[3 * n :],
+            gate_up=weights[2 * n : 3 * n],
+            down=weights[3 * n :],
             kind=kind,
             scales=[w8a8[i + k * n].scales for i in range(n) for k in range(4)] if w8a8 else [],
             w8a8_path=w8a8_path,
@@ -193,13 +192,13 @@ class CpuDecodeStack:
         return out, x
 
 
-def _weight(linear: nn.Module) -> torch.Tensor | None:
-    """The weight as the composite takes it: panels (our kernel), oneDNN's reordered copy, int8."""
+def _weight(linear: nn.Module) -> torch.Tensor:
+    """The weight of one of KINDS' layers as the composite takes it: panels (our kernel), oneDNN's
+    reordered copy, int8."""
     if isinstance(linear, PanelLinear):
         return linear.panels
-    if isinstance(linear, (PackedLinear, W8A8Linear)):
-        return linear.packed
-    return None
+    assert isinstance(linear, (PackedLinear, W8A8Linear))
+    return linear.packed
 
 
 def _bias(linear: nn.Module) -> torch.Tensor | None:

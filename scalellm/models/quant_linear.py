@@ -299,5 +299,5 @@ def weight_bytes(model: nn.Module) -> int:
                 continue
             if tensor.data_ptr() not in seen:
                 seen.add(tensor.data_ptr())
-                total += tensor.numel() * tensor.element_size()
+                total += tensor.nbytes
     return total
