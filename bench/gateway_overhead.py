@@ -48,7 +48,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -65,6 +64,7 @@ sys.path.insert(0, str(ROOT))
 
 from scalellm.launcher.child import exec_argv  # noqa: E402
 from scalellm.lifecycle import ReadyLine  # noqa: E402
+from scalellm.redis_server import free_port  # noqa: E402
 from scalellm.security import SecurityConfig  # noqa: E402
 from scalellm.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, worker_pb2, worker_pb2_grpc  # noqa: E402
 from services.gateway.session import WorkerSession  # noqa: E402
@@ -108,12 +108,6 @@ def start(
         if (ready := ReadyLine.parse(line)) is not None:
             return proc, ready
     raise RuntimeError(f"{module} exited before it was ready")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Paths:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from bench.serving.proc_cpu import cpu_delta, tree_cpu  # noqa: E402
 from bench.serving.systems import Running, System, mesh, tree_at  # noqa: E402
 from bench.vs_vllm_report import Level, load_levels, machine, write_report  # noqa: E402
+from scalellm.redis_server import free_port  # noqa: E402
 from scalellm.worker.cpu_share import machine_cores  # noqa: E402
 
 SYSTEMS = (
@@ -72,12 +72,6 @@ class Plan:
     force: bool
     vllm_env: tuple[str, ...] = ()
     """NAME=VALUE settings in the environment of vLLM's server only (--vllm-env)."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def system_name(value: str) -> str:

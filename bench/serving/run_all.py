@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -24,14 +23,9 @@ from bench.serving.client import RunConfig, first_model, run
 from bench.serving.metrics import summarize
 from bench.serving.systems import Running, System, baseline, llama_cpp, mesh
 from bench.serving.workload import load_tokenizer, random_requests
+from scalellm.redis_server import free_port
 
 ALL = ("hf-baseline", "mesh-colocated", "mesh-disaggregated", "llama.cpp")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def requests_for(concurrency: int, cap: int) -> int:

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
 
+from scalellm.redis_server import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _alive(pid: int) -> bool:
@@ -33,7 +28,7 @@ def test_sigterm_to_the_benchmark_stops_the_system_it_runs(tmp_path: Path) -> No
     # (Running starts it so), so a signal to the benchmark reaches it only through Running
     (tmp_path / "v1").mkdir()
     (tmp_path / "v1" / "models").write_text("{}")
-    port = _free_port()
+    port = free_port()
     bench = textwrap.dedent(
         f"""
         import sys, time
