@@ -316,12 +316,14 @@ class ChoiceStream:
         if finish is not None:
             self._ended = stop_str is None
             update.usage, update.timings = self._final(msg, stop_str is not None)
-        self.gateway_s += time.perf_counter() - start
+        end = time.perf_counter()
+        self.gateway_s += end - start
         if update.timings is not None:
             route = self._lease.route
             update.timings = replace(
                 update.timings,
                 gateway=self.gateway_s,
+                total=end - self.request.received_at,  # the last message's own work included
                 remote_prefill=not route.local_prefill,
                 prompt_blocks=route.prompt_blocks,
                 routed_cached_blocks=route.cached_blocks,
@@ -330,19 +332,18 @@ class ChoiceStream:
         return update
 
     def _final(self, msg: worker_pb2.GenerateResponse, cut: bool) -> tuple[Usage, Timings]:
-        total = self.last_at - self.request.received_at
+        """The request's usage and timings, `total` and `gateway` left for _process to set."""
         worker_call = self.last_at - self.dispatched_at
         if not cut and msg.HasField("usage"):
             u = msg.usage
             usage = Usage(u.prompt_tokens or self._prompt_len, u.completion_tokens, u.cached_prompt_tokens)
             worker = timings_from_proto(msg.timings)
-            return usage, replace(worker, total=total, worker_call=worker_call, migrations=self.migrations)
+            return usage, replace(worker, worker_call=worker_call, migrations=self.migrations)
         # Cut by a stop string (the worker's own summary never comes): count and time it here.
         usage = Usage(self._prompt_len, self.completion_tokens)
         timings = Timings(
             prefill=self.first_at - self.dispatched_at,
             decode=self.last_at - self.first_at,
-            total=total,
             worker_call=worker_call,
             migrations=self.migrations,
         )
