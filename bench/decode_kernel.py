@@ -10,8 +10,9 @@ the hot case). --rows R gives each request R consecutive rows over its one block
 last R tokens of its context each attending to the tokens up to itself, as a decode and its R - 1
 draft tokens do (speculative decoding). The figures are ms per layer, on --threads torch threads. The baseline is
 ``scalellm/engine/csrc/paged_decode.cpp`` as it was at --baseline-rev, built under its own name
-and op namespace so both load into this process; the three run interleaved in each repeat, so
-load from other processes hits all of them alike. Prints the minimum and median ms per call.
+and op namespace so both load into this process; the two kernels run interleaved in each repeat, each
+first in every other one, so load from other processes hits both alike; gather + SDPA runs after
+them (10 repeats at most). Prints the minimum and median ms per call.
 """
 
 from __future__ import annotations
@@ -82,23 +83,32 @@ def main() -> None:
             case = make_case(batch, getattr(torch, dtype_name), args)
             out = torch.empty(case.q.shape, dtype=case.q.dtype)
             layers = [case.cache[:, layer] for layer in range(args.layers)]  # the engine's strided views
-            runs: dict[str, Callable[[], object]] = {
-                "gather+sdpa": functools.partial(run_sdpa, case, layers),
+            kernels: dict[str, Callable[[], object]] = {
                 f"baseline ({args.baseline_rev})": functools.partial(run_kernel, baseline, out, case, layers),
                 "current": functools.partial(run_kernel, current, out, case, layers),
             }
-            times: dict[str, list[float]] = {name: [] for name in runs}
-            for _ in range(args.repeats):
-                for name, fn in runs.items():
-                    start = time.perf_counter()
-                    fn()
-                    times[name].append((time.perf_counter() - start) * 1e3 / args.layers)
+            times: dict[str, list[float]] = {name: [] for name in kernels}
+            for repeat in range(args.repeats):  # interleaved, each first in every other repeat
+                for name in sorted(kernels, reverse=repeat % 2 == 1):
+                    times[name] += per_layer_ms(kernels[name], 1, args.layers)
+            # apart from the kernels: a kernel timed right after it ran ~15% slower (its temporaries)
+            sdpa = per_layer_ms(functools.partial(run_sdpa, case, layers), min(args.repeats, 10), args.layers)
+            times = {"gather+sdpa": sdpa, **times}
             cells = ", ".join(
                 f"{name} {min(t):.3f} / {statistics.median(t):.3f}" for name, t in times.items()
             )
             print(
                 f"{dtype_name:8s} batch {batch:3d} x {args.rows} rows: min / median ms: {cells}", flush=True
             )
+
+
+def per_layer_ms(fn: Callable[[], object], repeats: int, layers: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3 / layers)
+    return times
 
 
 @dataclass(frozen=True)
@@ -129,11 +139,15 @@ def make_case(batch: int, dtype: torch.dtype, args: argparse.Namespace) -> Case:
     """batch decodes of about --context tokens in scattered blocks of a --layers block-major cache
     [blocks, layers, 2, block_size, Hkv, D], each --rows rows (request b's rows consecutive, its
     last row seeing its whole context, each row before it one token less)."""
+    from scalellm.engine import huge_pages
+
     hq, hkv = args.heads
     bs = 16
     nblocks = -(-args.context // bs)
     gen = torch.Generator().manual_seed(batch)
-    cache = torch.randn(batch * nblocks, args.layers, 2, bs, hkv, args.head_dim, generator=gen).to(dtype)
+    shape = (batch * nblocks, args.layers, 2, bs, hkv, args.head_dim)
+    cache = huge_pages.empty(shape, dtype)  # in 2 MB pages where it can be, as the engine's
+    cache.copy_(torch.randn(shape, generator=gen))
     tables = torch.randperm(batch * nblocks, generator=gen).view(batch, nblocks)
     lens = args.context - torch.randint(0, 16, (batch,), generator=gen)
     rows = args.rows
