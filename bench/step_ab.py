@@ -1,12 +1,12 @@
 """The engine's decode step, this tree against an older revision, in alternating processes.
 
     python bench/step_ab.py --baseline-rev HEAD~3 [--batch 1 64] [--dtypes bfloat16 float32] [--rounds 3]
-        [--model FOLDER]
+        [--model FOLDER] [--prompt-len 128]
 
 The baseline revision is exported with ``git archive`` into a temporary folder, the working
 tree (committed or not) copied beside it. Each round runs
 one process per tree (the order alternates between rounds) on one torch thread; each process
-builds an engine on the demo model (or --model), starts B requests of 128 prompt tokens, lets them all decode,
+builds an engine on the demo model (or --model), starts B requests of --prompt-len tokens, lets them all decode,
 then times --steps pure decode steps (``LLMEngine.step``): wall time and the CPU time of the
 stepping thread (one torch thread runs the whole step in it, so CPU time is what the step costs,
 whatever else preempts it on a shared machine). The summary gives, per tree and setting, the
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def time_steps(
-    tree: Path, dtype: str, batches: list[int], steps: int, model: str | None
+    tree: Path, dtype: str, batches: list[int], steps: int, model: str | None, prompt_len: int
 ) -> dict[str, list[float]]:
     """In a child process whose imports come from ``tree``: median wall and CPU ms per decode step,
     by batch."""
@@ -43,8 +43,14 @@ def time_steps(
 
     torch.set_num_threads(1)
     top = max(batches)
+    blocks_each = -(-(prompt_len + 4 * top + steps + 64) // 16) + 1  # 16-token blocks
     config = EngineConfig(
-        model=model, device="cpu", dtype=dtype, max_num_seqs=top, num_kv_blocks=top * 24, num_threads=1
+        model=model,
+        device="cpu",
+        dtype=dtype,
+        max_num_seqs=top,
+        num_kv_blocks=top * blocks_each,
+        num_threads=1,
     )
     engine = LLMEngine(config)
     result = {}
@@ -54,7 +60,7 @@ def time_steps(
         # as the last ones wait; all are aborted after the timing.
         params = SamplingParams(temperature=0.0, max_tokens=4 * batch + steps + 64, ignore_eos=True)
         for i in range(batch):
-            engine.add_request(f"{batch}-{i}", [100 + (i + j) % 900 for j in range(128)], params)
+            engine.add_request(f"{batch}-{i}", [100 + (i + j) % 900 for j in range(prompt_len)], params)
         decoding: set[str] = set()
         while len(decoding) < batch:
             decoding.update(e.request_id for e in engine.step() if e.token_id is not None)
@@ -82,10 +88,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", help="model folder (default: the demo model); a --tiny one from "
                         "bench/random_model.py leaves the host's share of a step")  # fmt: skip
+    parser.add_argument("--prompt-len", type=int, default=128, help="prompt tokens a request")
     parser.add_argument("--child", nargs=2, metavar=("TREE", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(time_steps(Path(args.child[0]), args.child[1], args.batch, args.steps, args.model)))
+        print(
+            json.dumps(
+                time_steps(
+                    Path(args.child[0]), args.child[1], args.batch, args.steps, args.model, args.prompt_len
+                )
+            )
+        )
         return
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,6 +123,7 @@ def main() -> None:
                 for name, tree in order:
                     cmd = [sys.executable, str(current / "bench" / "step_ab.py"), "--baseline-rev", args.baseline_rev,
                            "--child", str(tree), dtype, "--steps", str(args.steps), "--batch", *map(str, args.batch),
+                           "--prompt-len", str(args.prompt_len),
                            *(["--model", args.model] if args.model else [])]  # fmt: skip
                     load = Path("/proc/loadavg").read_text().split()[0]
                     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=tree).stdout
