@@ -202,17 +202,15 @@ void prefetch_block(const at::Tensor& kv, int64_t block) {
   }
 }
 
-// Lines [from, to) of a block's K and V rows into L2: line l is line l % row_lines of token row
+// Lines [from, to) of a block's K (or V) rows into L2: line l is line l % row_lines of token row
 // l / row_lines (row_bytes apart); one division for the range, not one a line.
 // Inlined: as a call it made the decode kernel 1.6x slower (the callers' live vectors spilled).
-__attribute__((always_inline)) inline void prefetch_lines(const void* k, const void* v, int64_t row_bytes,
-                                                          int64_t row_lines, int64_t from, int64_t to) {
+__attribute__((always_inline)) inline void prefetch_lines(const void* rows, int64_t row_bytes, int64_t row_lines,
+                                                          int64_t from, int64_t to) {
   if (from >= to) return;
   int64_t row = from / row_lines, line = from % row_lines;
   for (int64_t l = from; l < to; ++l) {
-    const int64_t at = row * row_bytes + line * 64;
-    __builtin_prefetch(static_cast<const char*>(k) + at, 0, 2);
-    __builtin_prefetch(static_cast<const char*>(v) + at, 0, 2);
+    __builtin_prefetch(static_cast<const char*>(rows) + row * row_bytes + line * 64, 0, 2);
     if (++line == row_lines) line = 0, ++row;
   }
 }
@@ -526,9 +524,10 @@ constexpr int64_t kGroupChunk = NV <= 4 ? 4 : 2;
 //                                    brought into registers (acc_buf [H * G, D] between blocks)
 //
 // A work item is one head (H = 1) or a whole request (H = Hkv, decode_items): the same sums in
-// the same order either way, so the same bits. The next block's K and V lines are prefetched a
-// share per query head, between the heads' scores, not in one burst that fills the line-fill
-// buffers. bench/decode_kernel.py, 30 layers, 64 decodes of ~185 tokens, bfloat16, 2 threads on
+// the same order either way, so the same bits. The next block's K lines are prefetched a share
+// per query head, between the heads' scores, not in one burst that fills the line-fill buffers;
+// V's a share per K/V head in the P.V pass (fetched with K, a long context's V was evicted from
+// L2 by the rest of the K pass before P.V read it: 6-10% at 1152 tokens, bfloat16). bench/decode_kernel.py, 30 layers, 64 decodes of ~185 tokens, bfloat16, 2 threads on
 // the 2-core Xeon: 0.79-0.85 ms a layer by request against 0.88-0.96 by (request, head). Into L2
 // (prefetcht1), not L1: 18% less time than prefetcht0 at 64 decodes in both dtypes on the 2-core
 // Zen 4 (docs/benchmarks.md).
@@ -547,11 +546,11 @@ void decode_heads_avx512(const Item& it, int64_t num_kv_heads, const T* q, int64
   // a block's lines of these heads: row_lines per token row, a share of them per query head
   const int64_t row_lines = (num_kv_heads * D * static_cast<int64_t>(sizeof(T)) + 63) / 64;
   const int64_t lines = block_size * row_lines, per_head = (lines + num_heads - 1) / num_heads;
+  const int64_t row_bytes = it.s_tok * static_cast<int64_t>(sizeof(T));
   for (int64_t first = 0; first < len; first += block_size) {
     const int64_t index = first / block_size, n = std::min(block_size, len - first);
     const bool fetch = first + block_size < len;
     const T* knext = fetch ? kbase + it.table[index + 1] * it.s_blk : nullptr;
-    const T* vnext = fetch ? vbase + it.table[index + 1] * it.s_blk : nullptr;
     const T* block = kbase + it.table[index] * it.s_blk;
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
       // query head qi = r * nh + g * groups + i: row r, K/V head g (no divisions in the loop)
@@ -563,8 +562,8 @@ void decode_heads_avx512(const Item& it, int64_t num_kv_heads, const T* q, int64
             if (m > 0)
               _mm512_mask_storeu_ps(scores + qi * len + first + j0, __mmask16(m == 16 ? 0xFFFF : (1u << m) - 1),
                                     heads[qi].scores16(block + g * D + j0 * it.s_tok, it.s_tok, m));
-            if (fetch && j0 == 0) prefetch_lines(knext, vnext, it.s_tok * static_cast<int64_t>(sizeof(T)), row_lines,
-                                                 qi * per_head, std::min(lines, (qi + 1) * per_head));
+            if (fetch && j0 == 0)
+              prefetch_lines(knext, row_bytes, row_lines, qi * per_head, std::min(lines, (qi + 1) * per_head));
           }
       }
     }
@@ -573,11 +572,18 @@ void decode_heads_avx512(const Item& it, int64_t num_kv_heads, const T* q, int64
   for (int64_t qi = 0; qi < num_heads; ++qi) inv[qi] = softmax_numerators(scores + qi * len, it.lens[qi / nh]);
   constexpr int64_t GC = kGroupChunk<NV>;
   std::fill(acc_buf, acc_buf + num_heads * D, 0.f);
+  const int64_t per_kv_head = (lines + num_kv_heads - 1) / num_kv_heads;
   for (int64_t first = 0; first < len; first += block_size) {
-    const T* block = vbase + it.table[first / block_size] * it.s_blk;
+    const int64_t index = first / block_size;
+    const T* block = vbase + it.table[index] * it.s_blk;
+    // V's next block, a share per K/V head of the first row (not during the K pass: at long
+    // contexts the rest of the K pass evicted it from L2 before P.V came to it)
+    const T* vnext = first + block_size < len ? vbase + it.table[index + 1] * it.s_blk : nullptr;
     for (int64_t r = 0; r < it.rows; ++r) {
       const int64_t n = std::min(block_size, it.lens[r] - first);  // this row's tokens here
       for (int64_t h = 0; h < num_kv_heads && n > 0; ++h) {
+        if (vnext != nullptr && r == 0)
+          prefetch_lines(vnext, row_bytes, row_lines, h * per_kv_head, std::min(lines, (h + 1) * per_kv_head));
         for (int64_t g0 = r * nh + h * groups; g0 < r * nh + (h + 1) * groups; g0 += GC) {
           const int64_t gn = std::min(GC, r * nh + (h + 1) * groups - g0);
           __m512 acc[GC][NV];
@@ -943,19 +949,19 @@ void decode_heads_avx2(const Item& it, int64_t num_kv_heads, const T* q, int64_t
   std::vector<QueryHead8<T, D>> heads;
   heads.reserve(num_heads);
   for (int64_t qi = 0; qi < num_heads; ++qi) heads.emplace_back(query_of(it, q, qs_h, nh, qi), scale);
-  // The next block's K and V lines of these heads (row_lines per token row) are prefetched a share
-  // per query head, between the heads' scores, into L2 as in the AVX-512 kernel (this kernel on the
+  // The next block's K lines of these heads (row_lines per token row; V's in the P.V pass) are
+  // prefetched a share per query head, between the heads' scores, into L2 as in the AVX-512 kernel (this kernel on the
   // Zen 4 built without AVX-512: 20-23% less time than prefetcht0 at 8 and 64 decodes; not timed
   // on an AVX2-only CPU). Written out here: the same loop in a lambda made the kernel ~35% slower
   // in bfloat16 (GCC 12, bench/decode_kernel.py).
   const int64_t row_lines = (num_kv_heads * D * static_cast<int64_t>(sizeof(T)) + 63) / 64;
   const int64_t lines = block_size * row_lines, per_head = (lines + num_heads - 1) / num_heads;
+  const int64_t row_bytes = it.s_tok * static_cast<int64_t>(sizeof(T));
   const int64_t num_blocks = (len + block_size - 1) / block_size;
   for (int64_t index = 0; index < num_blocks; ++index) {
     const int64_t first = index * block_size, n = std::min(block_size, len - first);
     const bool fetch = index + 1 < num_blocks;
     const char* knext = fetch ? reinterpret_cast<const char*>(kbase + it.table[index + 1] * it.s_blk) : nullptr;
-    const char* vnext = fetch ? reinterpret_cast<const char*>(vbase + it.table[index + 1] * it.s_blk) : nullptr;
     const T* block = kbase + it.table[index] * it.s_blk;
     for (int64_t j0 = 0; j0 < n; j0 += 8) {
       // query head qi = r * nh + g * groups + i: row r, K/V head g (no divisions in the loop)
@@ -967,8 +973,8 @@ void decode_heads_avx2(const Item& it, int64_t num_kv_heads, const T* q, int64_t
             if (m > 0)
               _mm256_maskstore_ps(scores + qi * len + first + j0, lanes_below(m),
                                   heads[qi].scores8(block + g * D + j0 * it.s_tok, it.s_tok, m));
-            if (fetch && j0 == 0) prefetch_lines(knext, vnext, it.s_tok * static_cast<int64_t>(sizeof(T)), row_lines,
-                                                 qi * per_head, std::min(lines, (qi + 1) * per_head));
+            if (fetch && j0 == 0)
+              prefetch_lines(knext, row_bytes, row_lines, qi * per_head, std::min(lines, (qi + 1) * per_head));
           }
       }
     }
@@ -976,10 +982,16 @@ void decode_heads_avx2(const Item& it, int64_t num_kv_heads, const T* q, int64_t
   std::vector<float> inv(num_heads);
   for (int64_t qi = 0; qi < num_heads; ++qi) inv[qi] = softmax_numerators8(scores + qi * len, it.lens[qi / nh]);
   std::fill(acc_buf, acc_buf + num_heads * D, 0.f);
+  const int64_t per_row_head = (lines + nh - 1) / nh;
   for (int64_t first = 0; first < len; first += block_size) {
-    const T* block = vbase + it.table[first / block_size] * it.s_blk;
+    const int64_t index = first / block_size;
+    const T* block = vbase + it.table[index] * it.s_blk;
+    // V's next block, a share per query head of the first row, as in the AVX-512 kernel
+    const T* vnext = index + 1 < num_blocks ? vbase + it.table[index + 1] * it.s_blk : nullptr;
     for (int64_t qi = 0; qi < num_heads; ++qi) {
       const int64_t n = std::min(block_size, it.lens[qi / nh] - first);
+      if (vnext != nullptr && qi < nh)
+        prefetch_lines(vnext, row_bytes, row_lines, qi * per_row_head, std::min(lines, (qi + 1) * per_row_head));
       const T* rows = block + (qi % nh / groups) * D;
       const float* p = scores + qi * len + first;
       for (int64_t c = 0; c < D && n > 0; c += 64) {
