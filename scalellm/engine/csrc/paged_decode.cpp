@@ -215,6 +215,15 @@ __attribute__((always_inline)) inline void prefetch_lines(const void* rows, int6
   }
 }
 
+// The lines of one or two rows of N elements into L2 (b may be null).
+template <int64_t N, typename T>
+__attribute__((always_inline)) inline void prefetch_row(const T* a, const T* b = nullptr) {
+  for (int64_t at = 0; at < N * static_cast<int64_t>(sizeof(T)); at += 64) {
+    __builtin_prefetch(reinterpret_cast<const char*>(a) + at, 0, 2);
+    if (b != nullptr) __builtin_prefetch(reinterpret_cast<const char*>(b) + at, 0, 2);
+  }
+}
+
 // Requests per thread from which a work item is a whole request (decode_items).
 constexpr int64_t kRequestsPerThread = 4;
 
@@ -469,13 +478,15 @@ inline uint32_t bf16_pair(float lo, float hi) {
 }
 
 // acc[g][.] += sum over this block's n tokens of p_g[j] * V[j] for the gn query heads whose
-// (unnormalized) p are at p + g * ps; rows: the block's V rows of one head, stride apart
+// (unnormalized) p are at p + g * ps; rows: the block's V rows of one head, stride apart; next
+// (or null): the next block's rows of the head, asked into L2 a row for each row read
 template <int64_t NV, int64_t GC>
 inline void pv_pairs(__m512 (&acc)[GC][NV], int64_t gn, const c10::BFloat16* rows, int64_t stride, int64_t n,
-                     const float* p, int64_t ps) {
+                     const float* p, int64_t ps, const c10::BFloat16* next) {
   for (int64_t j = 0; j < n; j += 2) {
     const bool two = j + 1 < n;
     const c10::BFloat16* a = rows + j * stride;
+    if (next != nullptr) prefetch_row<32 * NV>(next + j * stride, next + (j + 1) * stride);
     __m512i pairs[NV];
     for (int64_t u = 0; u < NV / 2; ++u) {
       const __m512i va = _mm512_loadu_si512(a + 32 * u);
@@ -505,7 +516,8 @@ inline void unpair_pv(float* acc) {
 }
 #else
 template <int64_t NV, int64_t GC>
-inline void pv_pairs(__m512 (&)[GC][NV], int64_t, const c10::BFloat16*, int64_t, int64_t, const float*, int64_t) {}
+inline void pv_pairs(__m512 (&)[GC][NV], int64_t, const c10::BFloat16*, int64_t, int64_t, const float*, int64_t,
+                     const c10::BFloat16*) {}
 template <int64_t NV>
 inline void unpair_pv(float*) {}
 #endif
@@ -526,8 +538,9 @@ constexpr int64_t kGroupChunk = NV <= 4 ? 4 : 2;
 // A work item is one head (H = 1) or a whole request (H = Hkv, decode_items): the same sums in
 // the same order either way, so the same bits. The next block's K lines are prefetched a share
 // per query head, between the heads' scores, not in one burst that fills the line-fill buffers;
-// V's a share per K/V head in the P.V pass (fetched with K, a long context's V was evicted from
-// L2 by the rest of the K pass before P.V read it: 6-10% at 1152 tokens, bfloat16). bench/decode_kernel.py, 30 layers, 64 decodes of ~185 tokens, bfloat16, 2 threads on
+// V's in the P.V pass, a row of the next block for each row P.V reads (fetched with K, a long
+// context's V was evicted from L2 by the rest of the K pass before P.V read it; in shares per
+// K/V head, 5-12% slower than row by row). bench/decode_kernel.py, 30 layers, 64 decodes of ~185 tokens, bfloat16, 2 threads on
 // the 2-core Xeon: 0.79-0.85 ms a layer by request against 0.88-0.96 by (request, head). Into L2
 // (prefetcht1), not L1: 18% less time than prefetcht0 at 64 decodes in both dtypes on the 2-core
 // Zen 4 (docs/benchmarks.md).
@@ -572,28 +585,28 @@ void decode_heads_avx512(const Item& it, int64_t num_kv_heads, const T* q, int64
   for (int64_t qi = 0; qi < num_heads; ++qi) inv[qi] = softmax_numerators(scores + qi * len, it.lens[qi / nh]);
   constexpr int64_t GC = kGroupChunk<NV>;
   std::fill(acc_buf, acc_buf + num_heads * D, 0.f);
-  const int64_t per_kv_head = (lines + num_kv_heads - 1) / num_kv_heads;
   for (int64_t first = 0; first < len; first += block_size) {
     const int64_t index = first / block_size;
     const T* block = vbase + it.table[index] * it.s_blk;
-    // V's next block, a share per K/V head of the first row (not during the K pass: at long
-    // contexts the rest of the K pass evicted it from L2 before P.V came to it)
+    // V's next block, each row of a head as the first row's P.V reads this block's (not during
+    // the K pass: at long contexts the rest of the K pass evicted it from L2 before P.V read it)
     const T* vnext = first + block_size < len ? vbase + it.table[index + 1] * it.s_blk : nullptr;
     for (int64_t r = 0; r < it.rows; ++r) {
       const int64_t n = std::min(block_size, it.lens[r] - first);  // this row's tokens here
       for (int64_t h = 0; h < num_kv_heads && n > 0; ++h) {
-        if (vnext != nullptr && r == 0)
-          prefetch_lines(vnext, row_bytes, row_lines, h * per_kv_head, std::min(lines, (h + 1) * per_kv_head));
+        const T* next = r == 0 && vnext != nullptr ? vnext + h * D : nullptr;
         for (int64_t g0 = r * nh + h * groups; g0 < r * nh + (h + 1) * groups; g0 += GC) {
           const int64_t gn = std::min(GC, r * nh + (h + 1) * groups - g0);
           __m512 acc[GC][NV];
           for (int64_t g = 0; g < gn; ++g)
             for (int64_t v = 0; v < NV; ++v) acc[g][v] = _mm512_loadu_ps(acc_buf + (g0 + g) * D + 16 * v);
           if constexpr (kPairedPV<T>) {
-            pv_pairs<NV, GC>(acc, gn, block + h * D, it.s_tok, n, scores + g0 * len + first, len);
+            pv_pairs<NV, GC>(acc, gn, block + h * D, it.s_tok, n, scores + g0 * len + first, len,
+                             g0 == r * nh + h * groups ? next : nullptr);
           } else {
             for (int64_t j = 0; j < n; ++j) {
               const T* row = block + j * it.s_tok + h * D;
+              if (next != nullptr && g0 == r * nh + h * groups) prefetch_row<D>(next + j * it.s_tok);
               __m512 val[NV];
               for (int64_t v = 0; v < NV; ++v) val[v] = load16(row + 16 * v);
               for (int64_t g = 0; g < gn; ++g) {
@@ -986,7 +999,8 @@ void decode_heads_avx2(const Item& it, int64_t num_kv_heads, const T* q, int64_t
   for (int64_t first = 0; first < len; first += block_size) {
     const int64_t index = first / block_size;
     const T* block = vbase + it.table[index] * it.s_blk;
-    // V's next block, a share per query head of the first row, as in the AVX-512 kernel
+    // V's next block, a share per query head of the first row (row by row, as the AVX-512 kernel
+    // does, was 5-12% slower in float32 here, built for AVX2 on the Zen 4)
     const T* vnext = index + 1 < num_blocks ? vbase + it.table[index + 1] * it.s_blk : nullptr;
     for (int64_t qi = 0; qi < num_heads; ++qi) {
       const int64_t n = std::min(block_size, it.lens[qi / nh] - first);
