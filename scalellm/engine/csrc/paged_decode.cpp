@@ -540,10 +540,10 @@ constexpr int64_t kGroupChunk = NV <= 4 ? 4 : 2;
 // per query head, between the heads' scores, not in one burst that fills the line-fill buffers;
 // V's in the P.V pass, a row of the next block for each row P.V reads (fetched with K, a long
 // context's V was evicted from L2 by the rest of the K pass before P.V read it; in shares per
-// K/V head, 5-12% slower than row by row). bench/decode_kernel.py, 30 layers, 64 decodes of ~185 tokens, bfloat16, 2 threads on
-// the 2-core Xeon: 0.79-0.85 ms a layer by request against 0.88-0.96 by (request, head). Into L2
-// (prefetcht1), not L1: 18% less time than prefetcht0 at 64 decodes in both dtypes on the 2-core
-// Zen 4 (docs/benchmarks.md).
+// K/V head, 5-12% slower than row by row). bench/decode_kernel.py, 30 layers, 64 decodes of
+// ~185 tokens, bfloat16, 2 threads on the 2-core Xeon: 0.79-0.85 ms a layer by request against
+// 0.88-0.96 by (request, head). Into L2 (prefetcht1), not L1: 18% less time than prefetcht0 at 64
+// decodes in both dtypes on the 2-core Zen 4 (docs/benchmarks.md).
 template <typename T, int64_t NV>
 void decode_heads_avx512(const Item& it, int64_t num_kv_heads, const T* q, int64_t qs_h, T* out, int64_t os_h,
                          int64_t groups, int64_t block_size, float scale, float* scores, float* acc_buf) {
@@ -963,9 +963,9 @@ void decode_heads_avx2(const Item& it, int64_t num_kv_heads, const T* q, int64_t
   heads.reserve(num_heads);
   for (int64_t qi = 0; qi < num_heads; ++qi) heads.emplace_back(query_of(it, q, qs_h, nh, qi), scale);
   // The next block's K lines of these heads (row_lines per token row; V's in the P.V pass) are
-  // prefetched a share per query head, between the heads' scores, into L2 as in the AVX-512 kernel (this kernel on the
-  // Zen 4 built without AVX-512: 20-23% less time than prefetcht0 at 8 and 64 decodes; not timed
-  // on an AVX2-only CPU). Written out here: the same loop in a lambda made the kernel ~35% slower
+  // prefetched a share per query head, between the heads' scores, into L2 as in the AVX-512
+  // kernel (this kernel on the Zen 4 built without AVX-512: 20-23% less time than prefetcht0 at 8
+  // and 64 decodes; not timed on an AVX2-only CPU). Written out here: the same loop in a lambda made the kernel ~35% slower
   // in bfloat16 (GCC 12, bench/decode_kernel.py).
   const int64_t row_lines = (num_kv_heads * D * static_cast<int64_t>(sizeof(T)) + 63) / 64;
   const int64_t lines = block_size * row_lines, per_head = (lines + num_heads - 1) / num_heads;
