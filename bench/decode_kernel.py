@@ -91,7 +91,7 @@ def main() -> None:
             for repeat in range(args.repeats):  # interleaved, each first in every other repeat
                 for name in sorted(kernels, reverse=repeat % 2 == 1):
                     times[name] += per_layer_ms(kernels[name], 1, args.layers)
-            # apart from the kernels: a kernel timed right after it ran ~15% slower (its temporaries)
+            # apart from the kernels: in one A/A run the kernel timed right after it was 17% slower
             sdpa = per_layer_ms(functools.partial(run_sdpa, case, layers), min(args.repeats, 10), args.layers)
             times = {"gather+sdpa": sdpa, **times}
             cells = ", ".join(

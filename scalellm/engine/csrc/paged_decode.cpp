@@ -215,13 +215,11 @@ __attribute__((always_inline)) inline void prefetch_lines(const void* rows, int6
   }
 }
 
-// The lines of one or two rows of N elements into L2 (b may be null).
+// The lines of a row of N elements into L2.
 template <int64_t N, typename T>
-__attribute__((always_inline)) inline void prefetch_row(const T* a, const T* b = nullptr) {
-  for (int64_t at = 0; at < N * static_cast<int64_t>(sizeof(T)); at += 64) {
-    __builtin_prefetch(reinterpret_cast<const char*>(a) + at, 0, 2);
-    if (b != nullptr) __builtin_prefetch(reinterpret_cast<const char*>(b) + at, 0, 2);
-  }
+__attribute__((always_inline)) inline void prefetch_row(const T* row) {
+  for (int64_t at = 0; at < N * static_cast<int64_t>(sizeof(T)); at += 64)
+    __builtin_prefetch(reinterpret_cast<const char*>(row) + at, 0, 2);
 }
 
 // Requests per thread from which a work item is a whole request (decode_items).
@@ -486,7 +484,10 @@ inline void pv_pairs(__m512 (&acc)[GC][NV], int64_t gn, const c10::BFloat16* row
   for (int64_t j = 0; j < n; j += 2) {
     const bool two = j + 1 < n;
     const c10::BFloat16* a = rows + j * stride;
-    if (next != nullptr) prefetch_row<32 * NV>(next + j * stride, next + (j + 1) * stride);
+    if (next != nullptr) {
+      prefetch_row<32 * NV>(next + j * stride);
+      prefetch_row<32 * NV>(next + (j + 1) * stride);
+    }
     __m512i pairs[NV];
     for (int64_t u = 0; u < NV / 2; ++u) {
       const __m512i va = _mm512_loadu_si512(a + 32 * u);
@@ -594,19 +595,19 @@ void decode_heads_avx512(const Item& it, int64_t num_kv_heads, const T* q, int64
     for (int64_t r = 0; r < it.rows; ++r) {
       const int64_t n = std::min(block_size, it.lens[r] - first);  // this row's tokens here
       for (int64_t h = 0; h < num_kv_heads && n > 0; ++h) {
-        const T* next = r == 0 && vnext != nullptr ? vnext + h * D : nullptr;
         for (int64_t g0 = r * nh + h * groups; g0 < r * nh + (h + 1) * groups; g0 += GC) {
           const int64_t gn = std::min(GC, r * nh + (h + 1) * groups - g0);
+          // the head's next rows, asked for once: by the first row's first chunk of query heads
+          const T* next = r == 0 && g0 == h * groups && vnext != nullptr ? vnext + h * D : nullptr;
           __m512 acc[GC][NV];
           for (int64_t g = 0; g < gn; ++g)
             for (int64_t v = 0; v < NV; ++v) acc[g][v] = _mm512_loadu_ps(acc_buf + (g0 + g) * D + 16 * v);
           if constexpr (kPairedPV<T>) {
-            pv_pairs<NV, GC>(acc, gn, block + h * D, it.s_tok, n, scores + g0 * len + first, len,
-                             g0 == r * nh + h * groups ? next : nullptr);
+            pv_pairs<NV, GC>(acc, gn, block + h * D, it.s_tok, n, scores + g0 * len + first, len, next);
           } else {
             for (int64_t j = 0; j < n; ++j) {
               const T* row = block + j * it.s_tok + h * D;
-              if (next != nullptr && g0 == r * nh + h * groups) prefetch_row<D>(next + j * it.s_tok);
+              if (next != nullptr) prefetch_row<D>(next + j * it.s_tok);
               __m512 val[NV];
               for (int64_t v = 0; v < NV; ++v) val[v] = load16(row + 16 * v);
               for (int64_t g = 0; g < gn; ++g) {
