@@ -154,6 +154,67 @@ def test_rows_sharing_a_block_table_give_each_rows_own_bits(
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("head_dim", "heads", "kv_heads"), [(64, 9, 3), (128, 10, 2)])
+def test_contexts_longer_than_a_partition_are_merged_from_their_partitions(
+    dtype: torch.dtype, head_dim: int, heads: int, kv_heads: int
+) -> None:
+    """A long context is attended a partition of 1024 tokens at a time (csrc/paged_decode.cpp's
+    kPartitionTokens; the last one also takes a remainder under 256), in items of its own, and
+    merged: a long decode and its drafts, whose contexts have 2 partitions (2302, 2303) and 3
+    (2304, 2600), against gather + SDPA; a row of one partition (1279) and one of two (1280);
+    each row's output the one it gets alone, on 1 and 8 threads and beside 7 short decodes (the
+    partitions depend on a row's own length only)."""
+    gen = torch.Generator().manual_seed(head_dim)
+    width = 170  # blocks of 16 tokens: 2720 tokens a table
+    cache = torch.randn(7 + 3 * width, 2, 2, 16, kv_heads, head_dim, generator=gen).to(dtype)
+    kv = cache[:, 1]
+    perm = torch.randperm(len(cache), generator=gen)
+    long_rows = [2302, 2303, 2304, 2600]  # a decode and three drafts: 2 partitions, then 3
+    tables = [perm[:width]] * len(long_rows) + [perm[width : 2 * width], perm[2 * width : 3 * width]]
+    context = [*long_rows, 1279, 1280]
+    tables += [F.pad(perm[3 * width + i : 3 * width + i + 1], (0, width - 1)) for i in range(7)]
+    context += [5 + i for i in range(7)]
+    tables_t, context_t = torch.stack(tables).contiguous(), torch.tensor(context)
+    q = torch.randn(len(context), heads, head_dim, generator=gen).to(dtype)
+    scale = head_dim**-0.5
+    previous = torch.get_num_threads()
+    got = {}
+    try:
+        for threads in (1, 8):
+            torch.set_num_threads(threads)
+            got[threads] = torch.empty_like(q)
+            torch.ops.scalellm_cpu.paged_decode(got[threads], q, kv, tables_t, context_t, scale)
+        alone = torch.empty_like(q)
+        for row in range(len(context)):
+            one = slice(row, row + 1)
+            torch.ops.scalellm_cpu.paged_decode(alone[one], q[one], kv, tables_t[one], context_t[one], scale)
+        first = torch.empty_like(q[:4])  # the long request by itself: one request on 8 threads
+        torch.ops.scalellm_cpu.paged_decode(first, q[:4], kv, tables_t[:4], context_t[:4], scale)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(got[1], got[8])
+    assert torch.equal(got[8], alone)
+    assert torch.equal(first, got[8][:4])
+    mask = (torch.arange(width * 16).unsqueeze(0) < context_t.unsqueeze(1))[:, None, None, :]
+    expected = _decode(q, kv[:, 0], kv[:, 1], tables_t, mask, scale)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got[8], expected, atol=tol, rtol=tol)
+
+
+@needs_kernel
+def test_paged_decode_refuses_a_context_its_block_table_cannot_hold() -> None:
+    """A context longer than its table's blocks (or empty) would read outside them: an error."""
+    kv = torch.randn(8, 2, 16, 3, 64)
+    q, out = torch.randn(2, 9, 64), torch.empty(2, 9, 64)
+    tables = torch.tensor([[0, 1], [2, 3]])
+    for bad in ([33, 5], [5, 0]):
+        with pytest.raises(RuntimeError, match="outside its block table"):
+            torch.ops.scalellm_cpu.paged_decode(out, q, kv, tables, torch.tensor(bad), 0.125)
+    torch.ops.scalellm_cpu.paged_decode(out, q, kv, tables, torch.tensor([32, 1]), 0.125)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("width", [576, 40])  # SmolLM2's hidden size; one off the 16-lane vectors
 def test_fused_ops_equal_torch_ops(dtype: torch.dtype, width: int) -> None:
     gen = torch.Generator().manual_seed(width)

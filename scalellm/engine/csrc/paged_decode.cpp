@@ -21,7 +21,9 @@
 // rounded to bfloat16, V as stored; -16% kernel time at 64 decodes on the 2-core Zen 4). A work item
 // is a (request, K/V head), or a whole request once every thread has four: then a block's K (then
 // V) rows of all heads are read in one sweep, with less memory stall (the kernel is bound by
-// memory at 64 decodes); the same sums in the same order, so the same bits.
+// memory at 64 decodes); the same sums in the same order, so the same bits. A context over
+// kPartitionTokens is attended a partition per work item and the partitions merged (decode_items):
+// one long decode then keeps every thread busy reading whole token rows.
 // With AVX2 but not AVX-512 and D 64 or 128, decode_heads_avx2 does the same with 8-lane registers.
 // Both take consecutive rows with the same block table (a decode and its draft tokens, each row
 // seeing the context up to itself) as one work item, so a K or V row is read once for all of them:
@@ -166,17 +168,62 @@ void decode_kernel(const at::Tensor& out, const at::Tensor& q, const at::Tensor&
 }
 
 
-// A work item of the vectorized kernels: K/V heads of one request's rows (see decode_items).
+// Context tokens per partition of a decode: a row whose context is longer is attended one
+// partition at a time, in work items of their own, and the partitions merged (decode_items).
+constexpr int64_t kPartitionTokens = 1024;
+
+// The partitions of a context of len tokens, `part` tokens each but the last, which also takes a
+// remainder under a quarter of a partition (1152 tokens: one partition, not 1024 and 128).
+inline int64_t partitions(int64_t len, int64_t part) {
+  return std::max<int64_t>(1, len / part + (len % part >= part / 4 ? 1 : 0));
+}
+
+// The tokens of a row's context (len) in its partition k: [k * part, k * part + this).
+inline int64_t tokens_in(int64_t len, int64_t part, int64_t k) {
+  const int64_t n = partitions(len, part);
+  return k < n - 1 ? part : k == n - 1 ? len - k * part : 0;
+}
+
+// A row's softmax over the tokens an item reads: the largest score and the sum of e^(s - peak).
+struct Softmax {
+  float peak, sum;
+};
+
+// Where a work item over one partition of a long context leaves the float32 results of its rows
+// whose context spans partitions, for decode_items to merge (rows that fit one partition go to
+// out as usual). Query head i of the item's, in row r:
+//
+//   at + r * row_stride + i * (D + 2):   [peak, sum, o_0 .. o_(D-1)]
+//
+// peak: the head's largest score in the partition; sum: the sum of e^(score - peak) there; o: the
+// partition's P.V divided by that sum (out, had the context been this partition alone).
+struct Partials {
+  float* at;
+  int64_t row_stride;
+  const int64_t* whole;  // each row's whole context length
+  int64_t tokens;        // a partition's (kPartitionTokens rounded up to whole blocks; see partitions)
+};
+
+// A work item of the vectorized kernels: K/V heads of one request's rows (see decode_items), over
+// its whole context or one partition of it (then table, lens and len are the partition's).
 struct Item {
   const int64_t* table;  // the rows' block ids
-  const int64_t* lens;   // context tokens of each row
+  const int64_t* lens;   // context tokens of each row (0: none in this partition)
   int64_t rows;          // consecutive rows with this block table: a decode and its draft tokens
   int64_t len;           // the longest row's context, the tokens the item reads
   const void* k;         // K of block 0, this head; block i at + i * s_blk, token j at + j * s_tok
   const void* v;
   int64_t s_blk, s_tok;  // strides in elements
   int64_t qs_b, os_b;    // q's and out's row strides
+  const Partials* parts = nullptr;  // set for a partition of rows whose contexts span several
 };
+
+// Query head i of row r of an item, when that row's context spans partitions: where its
+// [peak, sum, o] go; else null (the row is written to out).
+inline float* partial_of(const Item& it, int64_t r, int64_t i, int64_t head_dim) {
+  if (it.parts == nullptr || partitions(it.parts->whole[r], it.parts->tokens) == 1) return nullptr;
+  return it.parts->at + r * it.parts->row_stride + i * (head_dim + 2);
+}
 
 // Where the query head qi of an item (row qi / nh, head qi % nh of its nh) reads and writes.
 template <typename T>
@@ -227,9 +274,22 @@ constexpr int64_t kRequestsPerThread = 4;
 
 // The vectorized kernels' work items: one per request where there are enough of them to keep
 // every thread busy (a block's heads read in one sweep), else one per (request, K/V head) so that
-// a lone long request still spreads over the threads. A request here is a run of consecutive rows
+// a lone request still spreads over the threads. A request here is a run of consecutive rows
 // with the same block table (a decode and its drafts; rows of one token each otherwise): whatever
 // rows share a table attend over the same K/V, so reading it once for them is right for any rows.
+// A context longer than a partition (P = kPartitionTokens) is split at multiples of P, an item
+// per partition (the last one also takes a remainder under P / 4: `partitions`), and each row's
+// partitions merged once all have run, from each one's (peak m, sum l, output o) (Partials):
+//
+//   context  | partition 0: t < P | partition 1: P <= t < 2P | ... | last: to the end |
+//   item     (request, 0)           (request, 1)                         (x K/V head, as above)
+//   merged   out = sum_k w_k o_k / sum_k w_k,    w_k = l_k e^(m_k - max_j m_j)
+//
+// so that one long decode is shared by every thread a request at a time (whole rows, each line
+// read once) rather than by K/V heads, which split every token row's lines between threads and
+// balance only as well as the heads divide among them (3 on 2 threads). The partitions depend on
+// a row's own context length only, not on the batch or the threads, and a row that fits one
+// partition is computed as before: its bits do not depend on what it is batched with.
 // `heads` computes one item (D = head size, nh = item_heads * groups query heads a row):
 //   heads(item, item_heads, q, q head stride, out, out head stride, groups, block_size, scale,
 //         scores [rows * nh * len], accumulators [rows * nh * D])
@@ -239,6 +299,7 @@ void decode_items(Heads heads, const at::Tensor& out, const at::Tensor& q, const
   const int64_t batch = q.size(0), num_heads = q.size(1);
   const int64_t block_size = kv.size(2), num_kv_heads = kv.size(3);
   const int64_t groups = num_heads / num_kv_heads, max_blocks = block_tables.size(1);
+  const int64_t part = (kPartitionTokens + block_size - 1) / block_size * block_size;
   const T* q_ptr = q.data_ptr<T>();
   const T* kv_ptr = kv.data_ptr<T>();
   T* out_ptr = out.data_ptr<T>();
@@ -249,15 +310,29 @@ void decode_items(Heads heads, const at::Tensor& out, const at::Tensor& q, const
     if (b == 0 || std::memcmp(tables + b * max_blocks, tables + (b - 1) * max_blocks, max_blocks * sizeof(int64_t)))
       firsts.push_back(b);
   firsts.push_back(batch);
+  // starts[r]: request r's first partition, in request order; starts.back(): all of them
+  std::vector<int64_t> starts;
+  const auto count_partitions = [&] {
+    starts.assign(1, 0);
+    for (size_t r = 0; r + 1 < firsts.size(); ++r) {
+      const int64_t longest = *std::max_element(lens + firsts[r], lens + firsts[r + 1]);
+      starts.push_back(starts.back() + partitions(longest, part));
+    }
+  };
+  count_partitions();
   int64_t requests = static_cast<int64_t>(firsts.size()) - 1;
   const int64_t threads = at::get_num_threads();
-  // a whole request per item needs a row's heads adjacent (the engine's cache has them so)
-  const bool per_request = kv.stride(3) == D && requests >= kRequestsPerThread * threads;
+  // A whole request (partition) per item needs a row's heads adjacent (the engine's cache has
+  // them so); taken with four a thread, or once long contexts' partitions give every thread one:
+  // one decode of 4000 tokens on 2 threads, 4 partitions by request took 0.7-0.8x the time of 12
+  // by (partition, head), which read a third of each token row's lines (bench/decode_kernel.py).
+  const bool per_request = kv.stride(3) == D && (starts.back() >= kRequestsPerThread * threads ||
+                                                  (starts.back() > requests && starts.back() >= threads));
   const int64_t item_heads = per_request ? num_kv_heads : 1;
-  if (!per_request && requests * num_kv_heads < 2 * threads && requests < batch) {
+  if (!per_request && starts.back() * num_kv_heads < 2 * threads && requests < batch) {
     // Too few (request, head) items to share out (one request with drafts and 3 K/V heads on 2
     // threads: 2 items against 1): each request's rows go in `parts` items, each reading the K/V.
-    const int64_t parts = (2 * threads + requests * num_kv_heads - 1) / (requests * num_kv_heads);
+    const int64_t parts = (2 * threads + starts.back() * num_kv_heads - 1) / (starts.back() * num_kv_heads);
     std::vector<int64_t> split;
     for (int64_t r = 0; r < requests; ++r) {
       const int64_t rows = firsts[r + 1] - firsts[r], step = (rows + parts - 1) / parts;
@@ -266,23 +341,77 @@ void decode_items(Heads heads, const at::Tensor& out, const at::Tensor& q, const
     split.push_back(batch);
     firsts.swap(split);
     requests = static_cast<int64_t>(firsts.size()) - 1;
+    count_partitions();
   }
-  at::parallel_for(0, requests * num_kv_heads / item_heads, 1, [&](int64_t begin, int64_t end) {
+  // the Partials of requests with more than one partition: row b's at records + offset[b],
+  // a record (every query head's [peak, sum, o]) per partition of its request
+  const int64_t record = num_heads * (D + 2);
+  std::vector<int64_t> offset(batch, -1);
+  int64_t floats = 0;
+  for (int64_t r = 0; r < requests; ++r)
+    if (starts[r + 1] - starts[r] > 1)
+      for (int64_t b = firsts[r]; b < firsts[r + 1]; ++b, floats += (starts[r + 1] - starts[r]) * record) offset[b] = floats;
+  std::vector<float> records(floats);
+  // item i: partition i / per (request r, its partition k), K/V heads h .. h + item_heads - 1
+  const int64_t per = num_kv_heads / item_heads;
+  const auto locate = [&](int64_t i, int64_t& r, int64_t& k, int64_t& h) {
+    r = std::upper_bound(starts.begin(), starts.end(), i / per) - starts.begin() - 1;
+    k = i / per - starts[r];
+    h = i % per * item_heads;
+  };
+  at::parallel_for(0, starts.back() * per, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> acc, scores;
+    std::vector<int64_t> within;  // the rows' tokens in a partition
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t r = item * item_heads / num_kv_heads, h = item * item_heads % num_kv_heads;
-      const int64_t b = firsts[r], rows = firsts[r + 1] - b;
+      int64_t r, k, h;
+      locate(item, r, k, h);
+      const int64_t b = firsts[r], rows = firsts[r + 1] - b, n = starts[r + 1] - starts[r];
       const T* head = kv_ptr + h * kv.stride(3);
-      const Item it{tables + b * max_blocks, lens + b,     rows,        *std::max_element(lens + b, lens + b + rows),
-                    head,                    head + kv.stride(1), kv.stride(0), kv.stride(2),
-                    q.stride(0),             out.stride(0)};
+      Item it{tables + b * max_blocks, lens + b,     rows,        *std::max_element(lens + b, lens + b + rows),
+              head,                    head + kv.stride(1), kv.stride(0), kv.stride(2),
+              q.stride(0),             out.stride(0)};
+      Partials parts{};
+      if (n > 1) {
+        within.resize(rows);
+        for (int64_t i = 0; i < rows; ++i) within[i] = tokens_in(lens[b + i], part, k);
+        it.table += k * part / block_size;
+        it.lens = within.data();
+        it.len = *std::max_element(within.begin(), within.end());
+        parts = {records.data() + offset[b] + k * record + h * groups * (D + 2), n * record, lens + b, part};
+        it.parts = &parts;
+      }
       scores.resize(rows * item_heads * groups * it.len);
       acc.resize(rows * item_heads * groups * D);
-      if (item + 1 < end)  // the next item's first block, on its way while this item runs
-        prefetch_block<T>(kv, tables[firsts[(item + 1) * item_heads / num_kv_heads] * max_blocks]);
+      if (item + 1 < end) {  // the next item's first block, on its way while this item runs
+        int64_t r2, k2, h2;
+        locate(item + 1, r2, k2, h2);
+        prefetch_block<T>(kv, tables[firsts[r2] * max_blocks + k2 * part / block_size]);
+      }
       heads(it, item_heads, q_ptr + b * q.stride(0) + h * groups * q.stride(1), q.stride(1),
             out_ptr + b * out.stride(0) + h * groups * out.stride(1), out.stride(1), groups, block_size,
             static_cast<float>(scale), scores.data(), acc.data());
+    }
+  });
+  if (floats == 0) return;
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n = partitions(lens[b], part);  // this row's (its request's may be more)
+      if (offset[b] < 0 || n == 1) continue;
+      for (int64_t i = 0; i < num_heads; ++i) {
+        const float* at = records.data() + offset[b] + i * (D + 2);
+        float peak = at[0];
+        for (int64_t k = 1; k < n; ++k) peak = std::max(peak, at[k * record]);
+        float total = 0.f, sum[D] = {};
+        for (int64_t k = 0; k < n; ++k) {
+          const float* rec = at + k * record;
+          const float w = rec[1] * std::exp(rec[0] - peak);
+          total += w;
+          for (int64_t d = 0; d < D; ++d) sum[d] += rec[2 + d] * w;
+        }
+        const float inv = 1.f / total;
+        T* dst = out_ptr + b * out.stride(0) + i * out.stride(1);
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(sum[d] * inv);
+      }
     }
   });
 }
@@ -435,14 +564,15 @@ struct QueryHead<c10::BFloat16, NV> {
 };
 #endif
 
-// s[t] = e^(s[t] - max s) for t < len, in place; returns 1 / their sum.
-inline float softmax_numerators(float* s, int64_t len) {
+// s[t] = e^(s[t] - max s) for t < len, in place; returns max s and their sum.
+inline Softmax softmax_numerators(float* s, int64_t len) {
   __m512 peak = _mm512_set1_ps(-INFINITY);
   for (int64_t t = 0; t < len; t += 16) {
     const __mmask16 m = len - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - t)) - 1);
     peak = _mm512_max_ps(peak, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), m, s + t));
   }
-  const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(peak));
+  const float largest = _mm512_reduce_max_ps(peak);
+  const __m512 top = _mm512_set1_ps(largest);
   __m512 total = _mm512_setzero_ps();
   for (int64_t t = 0; t < len; t += 16) {
     const __mmask16 m = len - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - t)) - 1);
@@ -450,7 +580,7 @@ inline float softmax_numerators(float* s, int64_t len) {
     _mm512_mask_storeu_ps(s + t, m, e);
     total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));
   }
-  return 1.f / _mm512_reduce_add_ps(total);
+  return {largest, _mm512_reduce_add_ps(total)};
 }
 
 // P.V over token pairs (bfloat16 with AVX512-BF16): vdpbf16ps multiplies a lane's two bfloat16
@@ -582,8 +712,8 @@ void decode_heads_avx512(const Item& it, int64_t num_kv_heads, const T* q, int64
       }
     }
   }
-  std::vector<float> inv(num_heads);
-  for (int64_t qi = 0; qi < num_heads; ++qi) inv[qi] = softmax_numerators(scores + qi * len, it.lens[qi / nh]);
+  std::vector<Softmax> soft(num_heads);
+  for (int64_t qi = 0; qi < num_heads; ++qi) soft[qi] = softmax_numerators(scores + qi * len, it.lens[qi / nh]);
   constexpr int64_t GC = kGroupChunk<NV>;
   std::fill(acc_buf, acc_buf + num_heads * D, 0.f);
   for (int64_t first = 0; first < len; first += block_size) {
@@ -623,10 +753,17 @@ void decode_heads_avx512(const Item& it, int64_t num_kv_heads, const T* q, int64
     }
   }
   for (int64_t qi = 0; qi < num_heads; ++qi) {
-    float row[D];
+    if (it.lens[qi / nh] <= 0) continue;  // a row with no tokens in this partition
     if constexpr (kPairedPV<T>) unpair_pv<NV>(acc_buf + qi * D);
-    for (int64_t v = 0; v < NV; ++v)
-      _mm512_storeu_ps(row + 16 * v, _mm512_mul_ps(_mm512_loadu_ps(acc_buf + qi * D + 16 * v), _mm512_set1_ps(inv[qi])));
+    float* part = partial_of(it, qi / nh, qi % nh, D);
+    float row[D];
+    float* o = part != nullptr ? part + 2 : row;
+    const __m512 inv = _mm512_set1_ps(1.f / soft[qi].sum);
+    for (int64_t v = 0; v < NV; ++v) _mm512_storeu_ps(o + 16 * v, _mm512_mul_ps(_mm512_loadu_ps(acc_buf + qi * D + 16 * v), inv));
+    if (part != nullptr) {
+      part[0] = soft[qi].peak, part[1] = soft[qi].sum;
+      continue;
+    }
     T* dst = output_of(it, out, os_h, nh, qi);
     for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(row[d]);
   }
@@ -934,14 +1071,15 @@ struct QueryHead8 {
   }
 };
 
-// s[t] = e^(s[t] - max s) for t < len, in place; returns 1 / their sum.
-inline float softmax_numerators8(float* s, int64_t len) {
+// s[t] = e^(s[t] - max s) for t < len, in place; returns max s and their sum.
+inline Softmax softmax_numerators8(float* s, int64_t len) {
   __m256 peak = _mm256_set1_ps(-INFINITY);
   for (int64_t t = 0; t < len; t += 8) {
     const __m256i m = lanes_below(len - t);
     peak = _mm256_max_ps(peak, _mm256_blendv_ps(peak, _mm256_maskload_ps(s + t, m), _mm256_castsi256_ps(m)));
   }
-  const __m256 top = _mm256_set1_ps(hmax8(peak));
+  const float largest = hmax8(peak);
+  const __m256 top = _mm256_set1_ps(largest);
   __m256 total = _mm256_setzero_ps();
   for (int64_t t = 0; t < len; t += 8) {
     const __m256i m = lanes_below(len - t);
@@ -949,7 +1087,7 @@ inline float softmax_numerators8(float* s, int64_t len) {
     _mm256_maskstore_ps(s + t, m, e);
     total = _mm256_add_ps(total, e);
   }
-  return 1.f / hsum8(total);
+  return {largest, hsum8(total)};
 }
 
 template <typename T, int64_t D>
@@ -993,8 +1131,8 @@ void decode_heads_avx2(const Item& it, int64_t num_kv_heads, const T* q, int64_t
       }
     }
   }
-  std::vector<float> inv(num_heads);
-  for (int64_t qi = 0; qi < num_heads; ++qi) inv[qi] = softmax_numerators8(scores + qi * len, it.lens[qi / nh]);
+  std::vector<Softmax> soft(num_heads);
+  for (int64_t qi = 0; qi < num_heads; ++qi) soft[qi] = softmax_numerators8(scores + qi * len, it.lens[qi / nh]);
   std::fill(acc_buf, acc_buf + num_heads * D, 0.f);
   const int64_t per_row_head = (lines + nh - 1) / nh;
   for (int64_t first = 0; first < len; first += block_size) {
@@ -1022,9 +1160,15 @@ void decode_heads_avx2(const Item& it, int64_t num_kv_heads, const T* q, int64_t
     }
   }
   for (int64_t qi = 0; qi < num_heads; ++qi) {
+    if (it.lens[qi / nh] <= 0) continue;  // a row with no tokens in this partition
+    const __m256 inv = _mm256_set1_ps(1.f / soft[qi].sum);
+    if (float* part = partial_of(it, qi / nh, qi % nh, D)) {
+      part[0] = soft[qi].peak, part[1] = soft[qi].sum;
+      for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(part + 2 + d, _mm256_mul_ps(_mm256_loadu_ps(acc_buf + qi * D + d), inv));
+      continue;
+    }
     T* dst = output_of(it, out, os_h, nh, qi);
-    for (int64_t d = 0; d < D; d += 8)
-      store8(dst + d, _mm256_mul_ps(_mm256_loadu_ps(acc_buf + qi * D + d), _mm256_set1_ps(inv[qi])));
+    for (int64_t d = 0; d < D; d += 8) store8(dst + d, _mm256_mul_ps(_mm256_loadu_ps(acc_buf + qi * D + d), inv));
   }
 }
 
@@ -1056,6 +1200,11 @@ void paged_decode(const at::Tensor& out, const at::Tensor& q, const at::Tensor& 
   check_attention_args(out, q, kv);
   TORCH_CHECK(tables.scalar_type() == at::kLong && lens.scalar_type() == at::kLong, "int64 tables");
   TORCH_CHECK(tables.is_contiguous() && lens.is_contiguous(), "contiguous tables");
+  TORCH_CHECK(tables.dim() == 2 && lens.dim() == 1 && tables.size(0) == q.size(0) && lens.size(0) == q.size(0),
+              "a block table and a context length per row");
+  const int64_t* len = lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < q.size(0); ++b)
+    TORCH_CHECK(len[b] >= 1 && len[b] <= tables.size(1) * kv.size(2), "a context length outside its block table");
   const bool bf16 = q.scalar_type() == at::kBFloat16;
   const int64_t d = q.size(2);
 #if defined(__AVX512F__) || defined(SCALELLM_AVX2)
