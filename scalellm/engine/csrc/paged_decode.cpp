@@ -272,6 +272,37 @@ __attribute__((always_inline)) inline void prefetch_row(const T* row) {
 // Requests per thread from which a work item is a whole request (decode_items).
 constexpr int64_t kRequestsPerThread = 4;
 
+// out's rows whose context spans partitions, from their partitions' records (decode_items: row
+// b's at records + offset[b], one of num_heads * (D + 2) floats per partition of its request),
+// in partition order: out = sum_k w_k o_k / sum_k w_k, w_k = l_k e^(m_k - max_j m_j).
+template <typename T, int64_t D>
+void merge_partitions(const at::Tensor& out, const std::vector<float>& records, const std::vector<int64_t>& offset,
+                      const int64_t* lens, int64_t part) {
+  const int64_t batch = out.size(0), num_heads = out.size(1), record = num_heads * (D + 2);
+  T* out_ptr = out.data_ptr<T>();
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n = partitions(lens[b], part);  // this row's (its request's may be more)
+      if (offset[b] < 0 || n == 1) continue;
+      for (int64_t i = 0; i < num_heads; ++i) {
+        const float* at = records.data() + offset[b] + i * (D + 2);
+        float peak = at[0];
+        for (int64_t k = 1; k < n; ++k) peak = std::max(peak, at[k * record]);
+        float total = 0.f, sum[D] = {};
+        for (int64_t k = 0; k < n; ++k) {
+          const float* rec = at + k * record;
+          const float w = rec[1] * std::exp(rec[0] - peak);
+          total += w;
+          for (int64_t d = 0; d < D; ++d) sum[d] += rec[2 + d] * w;
+        }
+        const float inv = 1.f / total;
+        T* dst = out_ptr + b * out.stride(0) + i * out.stride(1);
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(sum[d] * inv);
+      }
+    }
+  });
+}
+
 // The vectorized kernels' work items: one per request where there are enough of them to keep
 // every thread busy (a block's heads read in one sweep), else one per (request, K/V head) so that
 // a lone request still spreads over the threads. A request here is a run of consecutive rows
@@ -392,28 +423,7 @@ void decode_items(Heads heads, const at::Tensor& out, const at::Tensor& q, const
             static_cast<float>(scale), scores.data(), acc.data());
     }
   });
-  if (floats == 0) return;
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t n = partitions(lens[b], part);  // this row's (its request's may be more)
-      if (offset[b] < 0 || n == 1) continue;
-      for (int64_t i = 0; i < num_heads; ++i) {
-        const float* at = records.data() + offset[b] + i * (D + 2);
-        float peak = at[0];
-        for (int64_t k = 1; k < n; ++k) peak = std::max(peak, at[k * record]);
-        float total = 0.f, sum[D] = {};
-        for (int64_t k = 0; k < n; ++k) {
-          const float* rec = at + k * record;
-          const float w = rec[1] * std::exp(rec[0] - peak);
-          total += w;
-          for (int64_t d = 0; d < D; ++d) sum[d] += rec[2 + d] * w;
-        }
-        const float inv = 1.f / total;
-        T* dst = out_ptr + b * out.stride(0) + i * out.stride(1);
-        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(sum[d] * inv);
-      }
-    }
-  });
+  if (floats > 0) merge_partitions<T, D>(out, records, offset, lens, part);
 }
 
 // Rows of a prefill chunk per work item of prefill_items.
