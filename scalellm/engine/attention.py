@@ -29,7 +29,9 @@ Backends:
 - ``FlashAttnPaged`` (CUDA, where flash-attn is installed and block_size is a multiple of 256:
   flash-attn 2's page size; scalellm/engine/attention_flash.py): flash-attn's paged decode and
   varlen prefill kernels over the same cache.
-- ``kv_quant.Int8KVSDPA`` (an int8 cache, any device): TorchSDPA's way, dequantizing what it reads.
+- ``kv_quant.Int8KVSDPA`` (an int8 cache where the C++ kernels do not build, and on CUDA):
+  TorchSDPA's way, dequantizing what it reads. On CPU an int8 cache takes ``CpuPagedDecode``,
+  whose kernels read int8 rows and quantize what they write.
 """
 
 from __future__ import annotations
@@ -192,20 +194,27 @@ suspected kernel fault)."""
 
 
 def select_backend(
-    device: torch.device, *, block_size: int, dtype: torch.dtype, head_dim: int
+    device: torch.device, *, block_size: int, dtype: torch.dtype, head_dim: int, int8_kv: bool = False
 ) -> AttentionBackend:
-    """The fastest backend that works here for a cache of ``block_size``-token blocks and a
-    model computing in ``dtype``; the choice is logged. On CUDA: flash-attn's paged kernels
-    where flash-attn is installed and takes them (attention_flash.why_not), else the Triton
-    kernels where triton imports, else TorchSDPA. (An int8 KV cache never gets here:
-    model_runner gives it kv_quant's backend.)"""
-    backend: AttentionBackend = TorchSDPA()
+    """The fastest backend that works here for a cache of ``block_size``-token blocks (int8
+    rows with ``int8_kv``, engine/kv_quant.py) and a model computing in ``dtype``; the choice is
+    logged. On CPU: the C++ kernels where they build. On CUDA: flash-attn's paged kernels where
+    flash-attn is installed and takes them (attention_flash.why_not), else the Triton kernels
+    where triton imports, else TorchSDPA. An int8 cache off those C++ kernels: Int8KVSDPA."""
+    from scalellm.engine.kv_quant import Int8KVSDPA  # here: kv_quant builds on this module
+
+    backend: AttentionBackend = Int8KVSDPA(dtype) if int8_kv else TorchSDPA()
     if device.type == "cpu":
         from scalellm.engine import cpu_kernels
 
         if cpu_kernels.available():
-            backend = cpu_kernels.CpuPagedDecode(cpu_kernels.max_kernel_prefill_tokens(dtype, head_dim))
-    elif device.type == "cuda" and os.environ.get(FORCE_TORCH_ENV, "0") != "1":
+            longest = cpu_kernels.max_kernel_prefill_tokens(dtype, head_dim)
+            backend = (
+                cpu_kernels.CpuPagedDecode(longest, Int8KVSDPA(dtype).prefill_span)
+                if int8_kv
+                else cpu_kernels.CpuPagedDecode(longest)
+            )
+    elif device.type == "cuda" and not int8_kv and os.environ.get(FORCE_TORCH_ENV, "0") != "1":
         from scalellm.engine import attention_flash, attention_triton  # here: they build on this module
 
         passed_over = attention_flash.why_not(block_size, dtype, head_dim)

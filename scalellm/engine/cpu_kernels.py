@@ -148,12 +148,17 @@ without reloads; ...")."""
 
 
 def max_kernel_prefill_tokens(dtype: torch.dtype, head_dim: int) -> int | None:
-    """The longest context a prefill chunk attends through our kernels (None: any), else SDPA."""
+    """The longest context a prefill chunk attends through our kernels (None: any), else SDPA
+    (the same over an int8 cache: the kernels dequantize each tile they read)."""
     if dtype not in ROWS_PREFILL_MAX_TOKENS:
         return 0
     if torch.ops.scalellm_cpu.prefill_tiles(dtype == torch.bfloat16, head_dim):
         return TILES_PREFILL_MAX_TOKENS[dtype]
     return ROWS_PREFILL_MAX_TOKENS[dtype]
+
+
+SpanAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, PrefillSpan, float], torch.Tensor]
+"""One prefill chunk's attention through SDPA: (q, new_kv, kv, span, scale) -> [n, Hq, D]."""
 
 
 @dataclass(frozen=True)
@@ -173,12 +178,20 @@ class CpuPagedDecode:
     prefill chunks, every one of them in one call a layer, up to max_kernel_prefill_tokens of
     context (longer ones through SDPA)."""
 
-    name = "cpu-paged (C++ decode and prefill kernels and cache writes; SDPA for long prefill chunks)"
     graph_safe = True  # no capture on CPU; the bucketed static-buffer path is tested with it
 
-    def __init__(self, max_kernel_tokens: int | None) -> None:
+    def __init__(self, max_kernel_tokens: int | None, long_span: SpanAttention | None = None) -> None:
         self.max_kernel_tokens = max_kernel_tokens
         """Chunks attending more context than this go to SDPA (None: none do)."""
+        self.long_span: SpanAttention = long_span or prefill_span
+        """How such a chunk attends: attention.prefill_span, or an int8 cache's
+        (kv_quant.Int8KVSDPA.prefill_span: the cache's rows dequantized; the kernels read and
+        write an int8 cache themselves)."""
+        self.name = (
+            "cpu-paged (C++ decode and prefill kernels and cache writes; SDPA for long prefill chunks)"
+            if long_span is None
+            else "cpu-paged over an int8 KV cache (C++ kernels; long prefill chunks dequantized for SDPA)"
+        )
 
     def prepare(self, meta: AttentionMetadata, block_size: int) -> AttentionMetadata:
         if not meta.prefills:
@@ -219,7 +232,7 @@ class CpuPagedDecode:
         if plan.tables is not None and plan.bounds is not None:
             torch.ops.scalellm_cpu.paged_prefill(out, q, kv, plan.tables, plan.bounds, scale)
         for span in plan.long_spans:
-            out[span.start : span.end] = prefill_span(q, new_kv, kv, span, scale)
+            out[span.start : span.end] = self.long_span(q, new_kv, kv, span, scale)
 
 
 class CpuFusedOps:

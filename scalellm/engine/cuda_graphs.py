@@ -74,7 +74,7 @@ def why_eager(
         return "cuda_graph_max_batch is 0 (the default off CUDA)"
     if config.tensor_parallel_size > 1:
         return "tensor parallelism (its all-reduces are gloo collectives on the host)"
-    if quantized_kv:
+    if quantized_kv and not backend.graph_safe:
         return "an int8 KV cache (its backend gathers and dequantizes the whole block table)"
     if not backend.graph_safe:
         return f"the attention backend {backend.name} is not graph-safe"

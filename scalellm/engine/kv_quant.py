@@ -12,12 +12,15 @@ layout reads dtype int8 and head_dim D + 2 off the tensor and refuses a peer who
 Scales are per (token, head): a row is quantized once, when its token's K/V is written, and never
 changes, so appending to a block never re-quantizes it.
 
-Reads dequantize what attention gathers: decodes gather their blocks into a padded context (as
-attention.TorchSDPA does, at half the bytes) and attend with one SDPA call; prefill chunks attend
-earlier context dequantized and their own K/V as stored (quantized and dequantized again), so a
-token attends the same values whichever chunk or step computes it: chunked prefill and
-preemption change nothing. The C++ paged decode kernel reads only
-the model's dtype, so an int8 cache always takes this path.
+On CPU the C++ kernels read and write this layout themselves (cpu_kernels.CpuPagedDecode, chosen
+by attention.select_backend; csrc/paged_decode.cpp): writes quantize as quantize_rows does, the
+same bytes; decodes dot q with a K row's int8 values and scale the sum, and scale each p by its V
+row's scale; prefill tiles dequantize each tile as dequantize_rows does. Elsewhere (CUDA, or a CPU
+where the kernels do not build) Int8KVSDPA below: reads dequantize what attention gathers: decodes
+gather their blocks into a padded context (as attention.TorchSDPA does, at half the bytes) and
+attend with one SDPA call; prefill chunks attend earlier context dequantized and their own K/V as
+stored (quantized and dequantized again). Either way a token attends the same values whichever
+chunk or step computes it: chunked prefill and preemption change nothing.
 """
 
 from __future__ import annotations

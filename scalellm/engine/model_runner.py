@@ -31,7 +31,7 @@ from scalellm.engine.attention import AttentionBackend, select_backend
 from scalellm.engine.config import EngineConfig
 from scalellm.engine.cuda_graphs import DecodeGraphs, graph_buckets, graph_limit, why_eager
 from scalellm.engine.host_copy import upload
-from scalellm.engine.kv_quant import Int8KVSDPA, KVCacheFormat
+from scalellm.engine.kv_quant import KVCacheFormat
 from scalellm.engine.request import Request
 from scalellm.engine.sampler import Drawn, Sampler, SamplerOutput, token_logprobs
 from scalellm.engine.scheduler import ScheduledRequest
@@ -139,12 +139,12 @@ class ModelRunner:
             self.num_kv_heads = model_config.num_kv_heads // self.tp.size
             """This rank's K/V heads: [rank * num_kv_heads, (rank + 1) * num_kv_heads) of the model's."""
             self.num_blocks = self._agree(config.num_kv_blocks or self._blocks_that_fit())
-            self.attention: AttentionBackend = (
-                Int8KVSDPA(self.dtype)
-                if self.kv_format.quantized
-                else select_backend(
-                    self.device, block_size=self.block_size, dtype=self.dtype, head_dim=model_config.head_dim
-                )
+            self.attention: AttentionBackend = select_backend(
+                self.device,
+                block_size=self.block_size,
+                dtype=self.dtype,
+                head_dim=model_config.head_dim,
+                int8_kv=self.kv_format.quantized,
             )
             eager_reason = why_eager(config, model_config, self.attention, self.kv_format.quantized)
             scratch = 0 if eager_reason else 1

@@ -13,6 +13,7 @@ import torch
 
 from scalellm.engine import cpu_kernels
 from scalellm.engine.config import EngineConfig
+from scalellm.engine.kv_quant import quantize_rows
 from scalellm.engine.model_runner import ModelRunner
 from scalellm.engine.step_inputs import SeqStep
 from scalellm.models import loader
@@ -78,11 +79,16 @@ def _both_ways(runner: ModelRunner, steps: list[SeqStep]) -> tuple[torch.Tensor,
     model = runner.model
     stack = model.decode_stack
     assert stack is not None
-    start = torch.randn(runner.kv_cache.shape, generator=torch.Generator().manual_seed(5))
+    cache = runner.kv_cache
+    if runner.kv_format.quantized:  # int8 rows of random values and their scales
+        shape = (*cache.shape[:-1], cache.shape[-1] - 2)
+        start = quantize_rows(torch.randn(shape, generator=torch.Generator().manual_seed(5)))
+    else:
+        start = torch.randn(cache.shape, generator=torch.Generator().manual_seed(5)).to(cache.dtype)
     results = []
     for use in (stack, None):
         model.decode_stack = use
-        runner.kv_cache.copy_(start.to(runner.kv_cache.dtype))
+        runner.kv_cache.copy_(start)
         _, logits = runner.run_steps(steps)
         assert logits is not None
         results.append((logits, runner.kv_cache.clone()))
@@ -179,7 +185,7 @@ def test_w8a8_linear_layers_go_through_the_stack_unchanged(
     assert len(calls) == 3
 
 
-def test_steps_with_prefill_chunks_and_int8_caches_run_the_layer_loop() -> None:
+def test_steps_with_prefill_chunks_run_the_layer_loop() -> None:
     runner = _runner(_config(64), torch.float32)
     stack = runner.model.decode_stack
     assert stack is not None
@@ -192,12 +198,22 @@ def test_steps_with_prefill_chunks_and_int8_caches_run_the_layer_loop() -> None:
     assert not replace(stack, max_rows=2).takes(len(decodes.input_ids), decodes.meta)
     assert replace(stack, max_rows=3).takes(len(decodes.input_ids), decodes.meta)
 
-    quantized = _runner(_config(64), torch.float32, kv_cache_dtype="int8")
-    step = quantized.prepare(_decodes(3))
-    assert quantized.model.decode_stack is not None
-    assert not quantized.model.decode_stack.takes(len(step.input_ids), step.meta)
-    _, logits = quantized.run_steps(_decodes(3))  # through the loop and the int8 backend
-    assert logits is not None and torch.isfinite(logits).all()
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_caches_go_through_the_stack_unchanged(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--kv-cache-dtype int8``: the stack's cache writes quantize as the layer loop's do and its
+    attention reads the int8 rows as the loop's does: the same logits and cache bytes."""
+    runner = _runner(_config(64), dtype, kv_cache_dtype="int8")
+    assert runner.kv_cache.dtype == torch.int8 and isinstance(runner.model.decode_stack, CpuDecodeStack)
+    calls = _count_calls(monkeypatch)
+    for rows in (1, 7):
+        _, cache = _both_ways(runner, _decodes(rows))
+    _both_ways(runner, _decodes(3, drafts=1))
+    assert len(calls) == 3
+    scales = cache[..., -2:].contiguous().view(torch.float16)
+    assert torch.isfinite(scales).all() and (scales > 0).all()
 
 
 def _stack_of(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> CpuDecodeStack | None:

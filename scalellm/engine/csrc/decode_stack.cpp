@@ -12,7 +12,7 @@
 //     qkv = h Wqkv^T (+ bias)            [B, Hq + 2 Hkv, D]
 //     q, k = rms_norm per head (Qwen3's q/k norms, torch's op as the layer's TorchOps calls it)
 //     rope on q and k in place
-//     K, V of each row -> its cache slot; a = paged_decode(q, the layer's cache)   [B, Hq D]
+//     K, V of each row -> its cache slot (int8 cache: quantized); a = paged_decode(q, the layer's cache)
 //     h   = rms_norm(a Wo^T + residual)  (residual += a Wo^T first)
 //     x   = (silu(h Wg^T) * h Wu^T) Wd^T
 //   returns the last layer's x; x (the embeddings) now holds the residual stream: the model's final
@@ -84,10 +84,12 @@ at::Tensor decode_layers(
   TORCH_CHECK(q_norms.size() == k_norms.size() && (q_norms.empty() || static_cast<int64_t>(q_norms.size()) == layers),
               "q and k norms for every layer, or none");
   TORCH_CHECK(layers > 0 && kv_cache.dim() == 6 && kv_cache.size(1) == layers,
-              "kv_cache [blocks, layers, 2, bs, Hkv, D]");
+              "kv_cache [blocks, layers, 2, bs, Hkv, D] (D + 2 for int8)");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x [B, hidden] contiguous");
   const int64_t rows = x.size(0), hidden = x.size(1);
-  const int64_t kv_heads = kv_cache.size(4), head_dim = kv_cache.size(5), heads = num_heads + 2 * kv_heads;
+  // an int8 cache's rows hold a float16 scale after the head's values (engine/kv_quant.py)
+  const int64_t kv_heads = kv_cache.size(4), heads = num_heads + 2 * kv_heads;
+  const int64_t head_dim = kv_cache.size(5) - (kv_cache.scalar_type() == at::kChar ? 2 : 0);
   auto buffer = [&](int64_t width) { return at::empty({rows, width}, x.options()); };
   const at::Tensor h = buffer(hidden), qkv_buffer = buffer(heads * head_dim), attn = buffer(num_heads * head_dim);
   const at::Tensor o_buffer = buffer(hidden), gu_buffer = buffer(2 * intermediate), act = buffer(intermediate);

@@ -32,6 +32,13 @@
 //   K/V    t0 .. t6 | t7   | t8         row b sees t < context_len[b]; the item reads t < 9 once
 //
 // Each row's sums are those it gets in an item of its own (the same order), so the same bits.
+// An int8 cache (engine/kv_quant.py: a row is D int8 values, then their float16 scale) goes
+// through the same kernels with the cache's element type C = int8_t (T, the query's, otherwise):
+//
+//   scores[g, t] = scale_k[t] * (q_g . int8 K[t])      p[g, t] * scale_v[t] . int8 V[t]
+//
+// the values widened to float32 (exact); prefill tiles dequantize each tile into T first, as
+// kv_quant.dequantize_rows does; write_kv quantizes as kv_quant.quantize_rows does (same bytes).
 // Elsewhere the scalar loops of decode_kernel (which the compiler vectorizes as it can; with AVX2
 // the softmax's exp runs 8 lanes at a time, vec256.h).
 #include <ATen/Parallel.h>
@@ -40,6 +47,7 @@
 #include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -48,6 +56,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -67,10 +76,30 @@ inline float to_float(c10::BFloat16 x) {
 
 constexpr int64_t kLanes = 16;  // one AVX-512 register of floats; the compiler vectorizes these loops
 
-// Row of D values as float32: a copy for bfloat16, the row itself for float32.
+// The cache's element type C: float32 and bfloat16 rows (a token's K or V of one head) are the
+// head's D values; an int8 row (engine/kv_quant.py) is D int8 values, x ~= q * scale, and then
+// the scale as float16 (2 bytes): D + 2 elements.
+template <typename C>
+constexpr bool kInt8 = std::is_same_v<C, int8_t>;
+template <typename C, int64_t D>
+constexpr int64_t kRowWidth = kInt8<C> ? D + 2 : D;
+
+// An int8 row's scale (head_dim values, then the float16).
+inline float row_scale(const int8_t* row, int64_t head_dim) {
+  c10::Half scale;
+  std::memcpy(&scale, row + head_dim, sizeof(scale));
+  return static_cast<float>(scale);
+}
+
+// Row of D values as float32: a copy for bfloat16, the row itself for float32, q * scale for int8.
 inline const float* as_float(const float* row, int64_t, float*) { return row; }
 inline const float* as_float(const c10::BFloat16* row, int64_t n, float* buf) {
   for (int64_t d = 0; d < n; ++d) buf[d] = to_float(row[d]);
+  return buf;
+}
+inline const float* as_float(const int8_t* row, int64_t n, float* buf) {
+  const float scale = row_scale(row, n);
+  for (int64_t d = 0; d < n; ++d) buf[d] = static_cast<float>(row[d]) * scale;
   return buf;
 }
 
@@ -86,7 +115,8 @@ inline float dot(const float* a, const float* b, int64_t n) {
 }
 
 // HEAD_DIM > 0 fixes the head size at compile time (fully unrolled rows); 0 reads it at run time.
-template <typename T, int64_t HEAD_DIM>
+// T: the query's and output's type; C: the cache's (T, or int8).
+template <typename T, int64_t HEAD_DIM, typename C = T>
 void decode_kernel(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv,
                    const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
   const int64_t batch = q.size(0), num_heads = q.size(1);
@@ -98,7 +128,7 @@ void decode_kernel(const at::Tensor& out, const at::Tensor& q, const at::Tensor&
   const int64_t os_b = out.stride(0), os_h = out.stride(1);
   const int64_t s_blk = kv.stride(0), s_kv = kv.stride(1), s_tok = kv.stride(2), s_head = kv.stride(3);
   const T* q_ptr = q.data_ptr<T>();
-  const T* kv_ptr = kv.data_ptr<T>();
+  const C* kv_ptr = kv.data_ptr<C>();
   T* out_ptr = out.data_ptr<T>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
@@ -116,7 +146,7 @@ void decode_kernel(const at::Tensor& out, const at::Tensor& q, const at::Tensor&
         for (int64_t d = 0; d < head_dim; ++d) qf[g * head_dim + d] = to_float(src[d]) * fscale;
       }
       for (int64_t first = 0; first < len; first += block_size) {
-        const T* block = kv_ptr + table[first / block_size] * s_blk + h * s_head;
+        const C* block = kv_ptr + table[first / block_size] * s_blk + h * s_head;
         const int64_t n = std::min(block_size, len - first);
         for (int64_t j = 0; j < n; ++j) {
           const float* k = as_float(block + j * s_tok, head_dim, row.data());
@@ -148,7 +178,7 @@ void decode_kernel(const at::Tensor& out, const at::Tensor& q, const at::Tensor&
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t first = 0; first < len; first += block_size) {
-        const T* block = kv_ptr + table[first / block_size] * s_blk + s_kv + h * s_head;
+        const C* block = kv_ptr + table[first / block_size] * s_blk + s_kv + h * s_head;
         const int64_t n = std::min(block_size, len - first);
         for (int64_t j = 0; j < n; ++j) {
           const float* v = as_float(block + j * s_tok, head_dim, row.data());
@@ -324,7 +354,8 @@ void merge_partitions(const at::Tensor& out, const std::vector<float>& records, 
 // `heads` computes one item (D = head size, nh = item_heads * groups query heads a row):
 //   heads(item, item_heads, q, q head stride, out, out head stride, groups, block_size, scale,
 //         scores [rows * nh * len], accumulators [rows * nh * D])
-template <typename T, int64_t D, typename Heads>
+// T: the query's and output's type; C: the cache's (T, or int8).
+template <typename T, int64_t D, typename C = T, typename Heads>
 void decode_items(Heads heads, const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv,
                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
   const int64_t batch = q.size(0), num_heads = q.size(1);
@@ -332,7 +363,7 @@ void decode_items(Heads heads, const at::Tensor& out, const at::Tensor& q, const
   const int64_t groups = num_heads / num_kv_heads, max_blocks = block_tables.size(1);
   const int64_t part = (kPartitionTokens + block_size - 1) / block_size * block_size;
   const T* q_ptr = q.data_ptr<T>();
-  const T* kv_ptr = kv.data_ptr<T>();
+  const C* kv_ptr = kv.data_ptr<C>();
   T* out_ptr = out.data_ptr<T>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
@@ -357,7 +388,7 @@ void decode_items(Heads heads, const at::Tensor& out, const at::Tensor& q, const
   // them so); taken with four a thread, or once long contexts' partitions give every thread one:
   // one decode of 4000 tokens on 2 threads, 4 partitions by request took 0.7-0.8x the time of 12
   // by (partition, head), which read a third of each token row's lines (bench/decode_kernel.py).
-  const bool per_request = kv.stride(3) == D && (starts.back() >= kRequestsPerThread * threads ||
+  const bool per_request = kv.stride(3) == kRowWidth<C, D> && (starts.back() >= kRequestsPerThread * threads ||
                                                   (starts.back() > requests && starts.back() >= threads));
   const int64_t item_heads = per_request ? num_kv_heads : 1;
   if (!per_request && starts.back() * num_kv_heads < 2 * threads && requests < batch) {
@@ -397,7 +428,7 @@ void decode_items(Heads heads, const at::Tensor& out, const at::Tensor& q, const
       int64_t r, k, h;
       locate(item, r, k, h);
       const int64_t b = firsts[r], rows = firsts[r + 1] - b, n = starts[r + 1] - starts[r];
-      const T* head = kv_ptr + h * kv.stride(3);
+      const C* head = kv_ptr + h * kv.stride(3);
       Item it{tables + b * max_blocks, lens + b,     rows,        *std::max_element(lens + b, lens + b + rows),
               head,                    head + kv.stride(1), kv.stride(0), kv.stride(2),
               q.stride(0),             out.stride(0)};
@@ -416,7 +447,7 @@ void decode_items(Heads heads, const at::Tensor& out, const at::Tensor& q, const
       if (item + 1 < end) {  // the next item's first block, on its way while this item runs
         int64_t r2, k2, h2;
         locate(item + 1, r2, k2, h2);
-        prefetch_block<T>(kv, tables[firsts[r2] * max_blocks + k2 * part / block_size]);
+        prefetch_block<C>(kv, tables[firsts[r2] * max_blocks + k2 * part / block_size]);
       }
       heads(it, item_heads, q_ptr + b * q.stride(0) + h * groups * q.stride(1), q.stride(1),
             out_ptr + b * out.stride(0) + h * groups * out.stride(1), out.stride(1), groups, block_size,
@@ -443,8 +474,9 @@ constexpr int64_t kPrefillRows = 8;
 // shared counter (an even split of a 128-token prompt's items gave one thread three times the
 // other's work). Each row's sums are the ones paged_decode computes for that row, so a token's
 // attention has the same bits whether it was prefilled, in whatever chunk, or decoded.
-// PIECE: rows a work item; BUFFERS: whether `heads` takes the scores and accumulator buffers.
-template <typename T, int64_t D, int64_t PIECE = kPrefillRows, bool BUFFERS = true, typename Heads>
+// PIECE: rows a work item; BUFFERS: whether `heads` takes the scores and accumulator buffers; C:
+// the cache's element type (T, or int8).
+template <typename T, int64_t D, int64_t PIECE = kPrefillRows, bool BUFFERS = true, typename C = T, typename Heads>
 void prefill_items(Heads heads, const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv,
                    const at::Tensor& tables, const std::vector<int64_t>& lens,
                    const std::vector<std::array<int64_t, 3>>& chunks, double scale) {
@@ -464,7 +496,7 @@ void prefill_items(Heads heads, const at::Tensor& out, const at::Tensor& q, cons
   std::stable_sort(pieces.begin(), pieces.end(), [](const Piece& a, const Piece& b) { return a.work > b.work; });
   const int64_t items = static_cast<int64_t>(pieces.size()) * num_kv_heads;
   const T* q_ptr = q.data_ptr<T>();
-  const T* kv_ptr = kv.data_ptr<T>();
+  const C* kv_ptr = kv.data_ptr<C>();
   T* out_ptr = out.data_ptr<T>();
   std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
@@ -472,7 +504,7 @@ void prefill_items(Heads heads, const at::Tensor& out, const at::Tensor& q, cons
     for (int64_t item = next++; item < items; item = next++) {
       const Piece& p = pieces[item / num_kv_heads];
       const int64_t h = item % num_kv_heads, b = p.row;
-      const T* head = kv_ptr + h * kv.stride(3);
+      const C* head = kv_ptr + h * kv.stride(3);
       const Item it{tables.data_ptr<int64_t>() + p.chunk * width,
                     lens.data() + b,
                     p.rows,
@@ -528,20 +560,32 @@ inline __m512 dot_row(const __m512* q, const T* row) {
   return acc;
 }
 
-// One query head, ready to score 16 K rows at a time: scores16 returns q . row_j for j < m (0
-// beyond), the rows `stride` elements apart. float32 arithmetic: q * scale once, then one
-// accumulator per row, lane by lane (dot_row), their lanes summed together by reduce16 (16
-// horizontal sums cost more than the products).
-template <typename T, int64_t NV>
+// The float16 scales of int8 rows j < m (0 beyond), `stride` apart, D values each, as 16 floats.
+template <int64_t D>
+inline __m512 row_scales16(const int8_t* rows, int64_t stride, int64_t m) {
+  alignas(32) uint16_t scales[16] = {};
+  for (int64_t j = 0; j < std::min<int64_t>(m, 16); ++j) std::memcpy(&scales[j], rows + j * stride + D, sizeof(uint16_t));
+  return _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(scales)));
+}
+
+// One query head of type T, ready to score 16 K rows of R (T, or int8) at a time: scores16
+// returns q . row_j for j < m (0 beyond), the rows `stride` elements apart. float32 arithmetic: q
+// * scale once, then one accumulator per row, lane by lane (dot_row), their lanes summed together
+// by reduce16 (16 horizontal sums cost more than the products). int8 rows (an int8 cache,
+// engine/kv_quant.py) are widened to float32 (exact) and each sum multiplied by its row's scale.
+template <typename T, int64_t NV, typename R = T>
 struct QueryHead {
   __m512 q[NV];
   QueryHead(const T* src, float scale) {
     for (int64_t v = 0; v < NV; ++v) q[v] = _mm512_mul_ps(load16(src + 16 * v), _mm512_set1_ps(scale));
   }
-  __m512 scores16(const T* rows, int64_t stride, int64_t m) const {
+  __m512 scores16(const R* rows, int64_t stride, int64_t m) const {
     __m512 acc[16];
-    for (int64_t j = 0; j < 16; ++j) acc[j] = j < m ? dot_row<T, NV>(q, rows + j * stride) : _mm512_setzero_ps();
-    return reduce16(acc);
+    for (int64_t j = 0; j < 16; ++j) acc[j] = j < m ? dot_row<R, NV>(q, rows + j * stride) : _mm512_setzero_ps();
+    if constexpr (kInt8<R>)
+      return _mm512_mul_ps(reduce16(acc), row_scales16<16 * NV>(rows, stride, m));
+    else
+      return reduce16(acc);
   }
 };
 
@@ -553,7 +597,7 @@ struct QueryHead {
 // query stays bfloat16 and the scale multiplies the sums (the same as scaling q first where the
 // scale is a power of two: head size 64); a float32 sum per lane, then reduce16, as above.
 template <int64_t NV>
-struct QueryHead<c10::BFloat16, NV> {
+struct QueryHead<c10::BFloat16, NV, c10::BFloat16> {
   static_assert(NV % 2 == 0, "a head of 32 * (NV / 2) bfloat16 values");
   __m512bh q[NV / 2];
   __m512 scale;
@@ -685,27 +729,30 @@ constexpr int64_t kGroupChunk = NV <= 4 ? 4 : 2;
 // ~185 tokens, bfloat16, 2 threads on the 2-core Xeon: 0.79-0.85 ms a layer by request against
 // 0.88-0.96 by (request, head). Into L2 (prefetcht1), not L1: 18% less time than prefetcht0 at 64
 // decodes in both dtypes on the 2-core Zen 4 (docs/benchmarks.md).
-template <typename T, int64_t NV>
+// T: the query's and output's type; C: the cache's, T or int8 (then a K row's scores take its
+// scale, QueryHead, and a V row's scale multiplies its p; rows are W = D + 2 apart).
+template <typename T, int64_t NV, typename C = T>
 void decode_heads_avx512(const Item& it, int64_t num_kv_heads, const T* q, int64_t qs_h, T* out, int64_t os_h,
                          int64_t groups, int64_t block_size, float scale, float* scores, float* acc_buf) {
-  constexpr int64_t D = 16 * NV;
-  const T* kbase = static_cast<const T*>(it.k);
-  const T* vbase = static_cast<const T*>(it.v);
+  constexpr int64_t D = 16 * NV, W = kRowWidth<C, D>;
+  constexpr bool paired = kPairedPV<T> && std::is_same_v<C, T>;
+  const C* kbase = static_cast<const C*>(it.k);
+  const C* vbase = static_cast<const C*>(it.v);
   // query head qi: row qi / nh, head qi % nh of that row, K/V head (qi % nh) / groups; its scores
   // at scores + qi * len, over that row's own context
   const int64_t len = it.len, nh = num_kv_heads * groups, num_heads = it.rows * nh;
-  std::vector<QueryHead<T, NV>> heads;
+  std::vector<QueryHead<T, NV, C>> heads;
   heads.reserve(num_heads);
   for (int64_t qi = 0; qi < num_heads; ++qi) heads.emplace_back(query_of(it, q, qs_h, nh, qi), scale);
   // a block's lines of these heads: row_lines per token row, a share of them per query head
-  const int64_t row_lines = (num_kv_heads * D * static_cast<int64_t>(sizeof(T)) + 63) / 64;
+  const int64_t row_lines = (num_kv_heads * W * static_cast<int64_t>(sizeof(C)) + 63) / 64;
   const int64_t lines = block_size * row_lines, per_head = (lines + num_heads - 1) / num_heads;
-  const int64_t row_bytes = it.s_tok * static_cast<int64_t>(sizeof(T));
+  const int64_t row_bytes = it.s_tok * static_cast<int64_t>(sizeof(C));
   for (int64_t first = 0; first < len; first += block_size) {
     const int64_t index = first / block_size, n = std::min(block_size, len - first);
     const bool fetch = first + block_size < len;
-    const T* knext = fetch ? kbase + it.table[index + 1] * it.s_blk : nullptr;
-    const T* block = kbase + it.table[index] * it.s_blk;
+    const C* knext = fetch ? kbase + it.table[index + 1] * it.s_blk : nullptr;
+    const C* block = kbase + it.table[index] * it.s_blk;
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
       // query head qi = r * nh + g * groups + i: row r, K/V head g (no divisions in the loop)
       for (int64_t r = 0, qi = 0; r < it.rows; ++r) {
@@ -715,7 +762,7 @@ void decode_heads_avx512(const Item& it, int64_t num_kv_heads, const T* q, int64
           for (int64_t i = 0; i < groups; ++i, ++qi) {
             if (m > 0)
               _mm512_mask_storeu_ps(scores + qi * len + first + j0, __mmask16(m == 16 ? 0xFFFF : (1u << m) - 1),
-                                    heads[qi].scores16(block + g * D + j0 * it.s_tok, it.s_tok, m));
+                                    heads[qi].scores16(block + g * W + j0 * it.s_tok, it.s_tok, m));
             if (fetch && j0 == 0)
               prefetch_lines(knext, row_bytes, row_lines, qi * per_head, std::min(lines, (qi + 1) * per_head));
           }
@@ -728,30 +775,33 @@ void decode_heads_avx512(const Item& it, int64_t num_kv_heads, const T* q, int64
   std::fill(acc_buf, acc_buf + num_heads * D, 0.f);
   for (int64_t first = 0; first < len; first += block_size) {
     const int64_t index = first / block_size;
-    const T* block = vbase + it.table[index] * it.s_blk;
+    const C* block = vbase + it.table[index] * it.s_blk;
     // V's next block, each row of a head as the first row's P.V reads this block's (not during
     // the K pass: at long contexts the rest of the K pass evicted it from L2 before P.V read it)
-    const T* vnext = first + block_size < len ? vbase + it.table[index + 1] * it.s_blk : nullptr;
+    const C* vnext = first + block_size < len ? vbase + it.table[index + 1] * it.s_blk : nullptr;
     for (int64_t r = 0; r < it.rows; ++r) {
       const int64_t n = std::min(block_size, it.lens[r] - first);  // this row's tokens here
       for (int64_t h = 0; h < num_kv_heads && n > 0; ++h) {
         for (int64_t g0 = r * nh + h * groups; g0 < r * nh + (h + 1) * groups; g0 += GC) {
           const int64_t gn = std::min(GC, r * nh + (h + 1) * groups - g0);
           // the head's next rows, asked for once: by the first row's first chunk of query heads
-          const T* next = r == 0 && g0 == h * groups && vnext != nullptr ? vnext + h * D : nullptr;
+          const C* next = r == 0 && g0 == h * groups && vnext != nullptr ? vnext + h * W : nullptr;
           __m512 acc[GC][NV];
           for (int64_t g = 0; g < gn; ++g)
             for (int64_t v = 0; v < NV; ++v) acc[g][v] = _mm512_loadu_ps(acc_buf + (g0 + g) * D + 16 * v);
-          if constexpr (kPairedPV<T>) {
+          if constexpr (paired) {
             pv_pairs<NV, GC>(acc, gn, block + h * D, it.s_tok, n, scores + g0 * len + first, len, next);
           } else {
             for (int64_t j = 0; j < n; ++j) {
-              const T* row = block + j * it.s_tok + h * D;
-              if (next != nullptr) prefetch_row<D>(next + j * it.s_tok);
+              const C* row = block + j * it.s_tok + h * W;
+              if (next != nullptr) prefetch_row<W>(next + j * it.s_tok);
               __m512 val[NV];
               for (int64_t v = 0; v < NV; ++v) val[v] = load16(row + 16 * v);
+              float vscale = 1.f;  // int8: p times the row's scale (its values times the scale: V)
+              if constexpr (kInt8<C>) vscale = row_scale(row, D);
               for (int64_t g = 0; g < gn; ++g) {
-                const __m512 p = _mm512_set1_ps(scores[(g0 + g) * len + first + j]);
+                const float pj = scores[(g0 + g) * len + first + j];
+                const __m512 p = _mm512_set1_ps(kInt8<C> ? pj * vscale : pj);
                 for (int64_t v = 0; v < NV; ++v) acc[g][v] = _mm512_fmadd_ps(p, val[v], acc[g][v]);
               }
             }
@@ -764,7 +814,7 @@ void decode_heads_avx512(const Item& it, int64_t num_kv_heads, const T* q, int64
   }
   for (int64_t qi = 0; qi < num_heads; ++qi) {
     if (it.lens[qi / nh] <= 0) continue;  // a row with no tokens in this partition
-    if constexpr (kPairedPV<T>) unpair_pv<NV>(acc_buf + qi * D);
+    if constexpr (paired) unpair_pv<NV>(acc_buf + qi * D);
     float* part = partial_of(it, qi / nh, qi % nh, D);
     float row[D];
     float* o = part != nullptr ? part + 2 : row;
@@ -931,8 +981,20 @@ struct TileScratch {
   std::vector<const typename M::QWord*> q;  // each row's query
 };
 
-// One work item, in decode_heads_avx512's signature (scores and acc_buf unused: TileScratch).
+// c rows of an int8 cache (stride elements apart) dequantized into dst [c, D] of T: each value
+// times its row's scale in float32, rounded to T, as kv_quant.dequantize_rows does.
 template <typename T, int64_t D>
+void dequantize_tile(T* dst, const int8_t* rows, int64_t stride, int64_t c) {
+  for (int64_t j = 0; j < c; ++j) {
+    const __m512 scale = _mm512_set1_ps(row_scale(rows + j * stride, D));
+    for (int64_t v = 0; v < D / 16; ++v)
+      store16(dst + j * D + 16 * v, _mm512_mul_ps(load16(rows + j * stride + 16 * v), scale));
+  }
+}
+
+// One work item, in decode_heads_avx512's signature (scores and acc_buf unused: TileScratch).
+// C: the cache's element type, T or int8 (each tile's rows then dequantized first: dequantize_tile).
+template <typename T, int64_t D, typename C = T>
 void prefill_tiles(const Item& it, int64_t num_kv_heads, const T* q, int64_t qs_h, T* out, int64_t os_h,
                    int64_t groups, int64_t block_size, float scale, float*, float*) {
   using M = TileMath<T, D>;
@@ -961,17 +1023,24 @@ void prefill_tiles(const Item& it, int64_t num_kv_heads, const T* q, int64_t qs_
   int64_t* const seen = t.seen.data();
   const int64_t* const row_len = t.len.data();
   const typename M::QWord* const* const queries = t.q.data();
-  const T* kbase = static_cast<const T*>(it.k);
-  const T* vbase = static_cast<const T*>(it.v);
+  const C* kbase = static_cast<const C*>(it.k);
+  const C* vbase = static_cast<const C*>(it.v);
   const __m512 vscale = _mm512_set1_ps(scale);
   M math;
+  alignas(64) T kbuf[kInt8<C> ? kTileTokens * D : 1], vbuf[kInt8<C> ? kTileTokens * D : 1];
   for (int64_t first = 0; first < it.len; first += block_size) {
     const int64_t n = std::min(block_size, it.len - first);
     const int64_t block = it.table[first / block_size];
     for (int64_t j0 = 0; j0 < n; j0 += kTileTokens) {
       const int64_t c = std::min(kTileTokens, n - j0), pos = first + j0;
       const int64_t at = block * it.s_blk + j0 * it.s_tok;
-      math.load(kbase + at, vbase + at, it.s_tok, c);
+      if constexpr (kInt8<C>) {
+        dequantize_tile<T, D>(kbuf, kbase + at, it.s_tok, c);
+        dequantize_tile<T, D>(vbuf, vbase + at, it.s_tok, c);
+        math.load(kbuf, vbuf, D, c);
+      } else {
+        math.load(kbase + at, vbase + at, it.s_tok, c);
+      }
       for (int64_t r = 0; r < rows; ++r) seen[r] = std::clamp<int64_t>(row_len[r] - pos, 0, c);
       // scores and the online softmax, RS rows at a time (their maxima and sums in one register)
       for (int64_t r0 = 0; r0 < padded; r0 += RS) {
@@ -1057,19 +1126,28 @@ inline __m256i lanes_below(int64_t m) {  // lanes 0 .. m - 1 all ones
 }
 
 // One query head (q * scale in float32), scoring 8 K rows `stride` elements apart: q . row_j for
-// j < m, 0 beyond.
+// j < m, 0 beyond. Rows of T, or int8 rows (an int8 cache): each sum then times its row's scale
+// (the float16 after the D values; the 8 converted together).
 template <typename T, int64_t D>
 struct QueryHead8 {
   alignas(32) float q[D];
   QueryHead8(const T* src, float scale) {
     for (int64_t d = 0; d < D; ++d) q[d] = to_float(src[d]) * scale;
   }
-  __m256 scores8(const T* rows, int64_t stride, int64_t m) const {
-    return m == 8 ? rows8<8>(rows, stride) : rows8<0>(rows, stride, m);
+  template <typename R>
+  __m256 scores8(const R* rows, int64_t stride, int64_t m) const {
+    const __m256 sums = m == 8 ? rows8<8>(rows, stride) : rows8<0>(rows, stride, m);
+    if constexpr (!kInt8<R>) {
+      return sums;
+    } else {
+      alignas(16) uint16_t scales[8] = {};
+      for (int64_t j = 0; j < std::min<int64_t>(m, 8); ++j) std::memcpy(&scales[j], rows + j * stride + D, sizeof(uint16_t));
+      return _mm256_mul_ps(sums, _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(scales))));
+    }
   }
   // M = 8: a full tile (the row loop unrolled, the accumulators in registers); 0: m rows.
-  template <int64_t M>
-  __m256 rows8(const T* rows, int64_t stride, int64_t m = 8) const {
+  template <int64_t M, typename R>
+  __m256 rows8(const R* rows, int64_t stride, int64_t m = 8) const {
     const int64_t count = M > 0 ? M : m;
     __m256 acc[8];
     for (int64_t j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
@@ -1100,11 +1178,14 @@ inline Softmax softmax_numerators8(float* s, int64_t len) {
   return {largest, hsum8(total)};
 }
 
-template <typename T, int64_t D>
+// T: the query's and output's type; C: the cache's, T or int8 (rows W = D + 2 apart; a V row's
+// scale multiplies its p).
+template <typename T, int64_t D, typename C = T>
 void decode_heads_avx2(const Item& it, int64_t num_kv_heads, const T* q, int64_t qs_h, T* out, int64_t os_h,
                        int64_t groups, int64_t block_size, float scale, float* scores, float* acc_buf) {
-  const T* kbase = static_cast<const T*>(it.k);
-  const T* vbase = static_cast<const T*>(it.v);
+  constexpr int64_t W = kRowWidth<C, D>;
+  const C* kbase = static_cast<const C*>(it.k);
+  const C* vbase = static_cast<const C*>(it.v);
   // query head qi: row qi / nh, head qi % nh of that row, K/V head (qi % nh) / groups; its scores
   // at scores + qi * len, over that row's own context
   const int64_t len = it.len, nh = num_kv_heads * groups, num_heads = it.rows * nh;
@@ -1116,15 +1197,15 @@ void decode_heads_avx2(const Item& it, int64_t num_kv_heads, const T* q, int64_t
   // kernel (this kernel on the Zen 4 built without AVX-512: 20-23% less time than prefetcht0 at 8
   // and 64 decodes; not timed on an AVX2-only CPU). Written out here: the same loop in a lambda made the kernel ~35% slower
   // in bfloat16 (GCC 12, bench/decode_kernel.py).
-  const int64_t row_lines = (num_kv_heads * D * static_cast<int64_t>(sizeof(T)) + 63) / 64;
+  const int64_t row_lines = (num_kv_heads * W * static_cast<int64_t>(sizeof(C)) + 63) / 64;
   const int64_t lines = block_size * row_lines, per_head = (lines + num_heads - 1) / num_heads;
-  const int64_t row_bytes = it.s_tok * static_cast<int64_t>(sizeof(T));
+  const int64_t row_bytes = it.s_tok * static_cast<int64_t>(sizeof(C));
   const int64_t num_blocks = (len + block_size - 1) / block_size;
   for (int64_t index = 0; index < num_blocks; ++index) {
     const int64_t first = index * block_size, n = std::min(block_size, len - first);
     const bool fetch = index + 1 < num_blocks;
     const char* knext = fetch ? reinterpret_cast<const char*>(kbase + it.table[index + 1] * it.s_blk) : nullptr;
-    const T* block = kbase + it.table[index] * it.s_blk;
+    const C* block = kbase + it.table[index] * it.s_blk;
     for (int64_t j0 = 0; j0 < n; j0 += 8) {
       // query head qi = r * nh + g * groups + i: row r, K/V head g (no divisions in the loop)
       for (int64_t r = 0, qi = 0; r < it.rows; ++r) {
@@ -1134,7 +1215,7 @@ void decode_heads_avx2(const Item& it, int64_t num_kv_heads, const T* q, int64_t
           for (int64_t i = 0; i < groups; ++i, ++qi) {
             if (m > 0)
               _mm256_maskstore_ps(scores + qi * len + first + j0, lanes_below(m),
-                                  heads[qi].scores8(block + g * D + j0 * it.s_tok, it.s_tok, m));
+                                  heads[qi].scores8(block + g * W + j0 * it.s_tok, it.s_tok, m));
             if (fetch && j0 == 0)
               prefetch_lines(knext, row_bytes, row_lines, qi * per_head, std::min(lines, (qi + 1) * per_head));
           }
@@ -1147,22 +1228,24 @@ void decode_heads_avx2(const Item& it, int64_t num_kv_heads, const T* q, int64_t
   const int64_t per_row_head = (lines + nh - 1) / nh;
   for (int64_t first = 0; first < len; first += block_size) {
     const int64_t index = first / block_size;
-    const T* block = vbase + it.table[index] * it.s_blk;
+    const C* block = vbase + it.table[index] * it.s_blk;
     // V's next block, a share per query head of the first row (row by row, as the AVX-512 kernel
     // does, was 5-12% slower in float32 here, built for AVX2 on the Zen 4)
-    const T* vnext = index + 1 < num_blocks ? vbase + it.table[index + 1] * it.s_blk : nullptr;
+    const C* vnext = index + 1 < num_blocks ? vbase + it.table[index + 1] * it.s_blk : nullptr;
     for (int64_t qi = 0; qi < num_heads; ++qi) {
       const int64_t n = std::min(block_size, it.lens[qi / nh] - first);
       if (vnext != nullptr && qi < nh)
         prefetch_lines(vnext, row_bytes, row_lines, qi * per_row_head, std::min(lines, (qi + 1) * per_row_head));
-      const T* rows = block + (qi % nh / groups) * D;
+      const C* rows = block + (qi % nh / groups) * W;
       const float* p = scores + qi * len + first;
       for (int64_t c = 0; c < D && n > 0; c += 64) {
         float* a = acc_buf + qi * D + c;
         __m256 acc[8];
         for (int64_t v = 0; v < 8; ++v) acc[v] = _mm256_loadu_ps(a + 8 * v);
         for (int64_t j = 0; j < n; ++j) {
-          const __m256 pj = _mm256_set1_ps(p[j]);
+          float pv = p[j];  // int8: times V's row scale (its values times the scale: V)
+          if constexpr (kInt8<C>) pv *= row_scale(rows + j * it.s_tok, D);
+          const __m256 pj = _mm256_set1_ps(pv);
           for (int64_t v = 0; v < 8; ++v) acc[v] = _mm256_fmadd_ps(pj, load8(rows + j * it.s_tok + c + 8 * v), acc[v]);
         }
         for (int64_t v = 0; v < 8; ++v) _mm256_storeu_ps(a + 8 * v, acc[v]);
@@ -1184,25 +1267,103 @@ void decode_heads_avx2(const Item& it, int64_t num_kv_heads, const T* q, int64_t
 
 #endif  // SCALELLM_AVX2
 
-// The vectorized kernel this build has, for head size D (decode_items' `heads`).
+// The vectorized kernel this build has, for head size D (decode_items' `heads`), a query of T and
+// a cache of C (T, or int8).
 #if defined(__AVX512F__)
-template <typename T, int64_t D>
-constexpr auto kHeads = &decode_heads_avx512<T, D / 16>;
+template <typename T, int64_t D, typename C = T>
+constexpr auto kHeads = &decode_heads_avx512<T, D / 16, C>;
 #elif defined(SCALELLM_AVX2)
-template <typename T, int64_t D>
-constexpr auto kHeads = &decode_heads_avx2<T, D>;
+template <typename T, int64_t D, typename C = T>
+constexpr auto kHeads = &decode_heads_avx2<T, D, C>;
 #endif
 
-// What paged_decode and paged_prefill ask of their query, output and cache.
+// paged_decode for a query (and output) of T and a cache of C (T, or int8).
+template <typename T, typename C>
+void decode_as(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables,
+               const at::Tensor& lens, double scale) {
+  const int64_t d = q.size(2);
+#if defined(__AVX512F__) || defined(SCALELLM_AVX2)
+  if (d == 64) return decode_items<T, 64, C>(kHeads<T, 64, C>, out, q, kv, tables, lens, scale);
+  if (d == 128) return decode_items<T, 128, C>(kHeads<T, 128, C>, out, q, kv, tables, lens, scale);
+#endif
+  if (d == 64) return decode_kernel<T, 64, C>(out, q, kv, tables, lens, scale);
+  if (d == 128) return decode_kernel<T, 128, C>(out, q, kv, tables, lens, scale);
+  decode_kernel<T, 0, C>(out, q, kv, tables, lens, scale);
+}
+
+// Whether this build has prefill tiles for T: float32 with AVX-512, bfloat16 with AVX512-BF16.
+template <typename T>
+constexpr bool kTiles =
+#if defined(__AVX512BF16__)
+    true;
+#elif defined(__AVX512F__)
+    std::is_same_v<T, float>;
+#else
+    false;
+#endif
+
+// Whether paged_prefill runs chunks of this dtype and head size in tiles (prefill_tiles): float32
+// with AVX-512, bfloat16 with AVX512-BF16; head sizes 64 and 128; over a cache of this dtype or int8.
+bool prefill_tiles_for(bool bf16, int64_t head_dim) {
+  return (bf16 ? kTiles<c10::BFloat16> : kTiles<float>) && (head_dim == 64 || head_dim == 128);
+}
+
+// paged_prefill's chunks for a query of T and a cache of C (T, or int8) through this build's
+// vectorized kernels, head sizes 64 and 128: tiles (prefill_tiles_for), else the decode kernels'
+// rows (kHeads). False where there is none: paged_prefill then runs the
+// rows as decodes.
+template <typename T, typename C>
+bool prefill_as(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables,
+                const std::vector<int64_t>& lens, const std::vector<std::array<int64_t, 3>>& chunks, double scale) {
+  const int64_t d = q.size(2);
+  if (d != 64 && d != 128) return false;
+#if defined(__AVX512F__)
+  if constexpr (kTiles<T>) {
+    d == 64 ? prefill_items<T, 64, kTilePiece, false, C>(&prefill_tiles<T, 64, C>, out, q, kv, tables, lens, chunks,
+                                                         scale)
+            : prefill_items<T, 128, kTilePiece, false, C>(&prefill_tiles<T, 128, C>, out, q, kv, tables, lens, chunks,
+                                                          scale);
+    return true;
+  }
+#endif
+#if defined(__AVX512F__) || defined(SCALELLM_AVX2)
+  d == 64 ? prefill_items<T, 64, kPrefillRows, true, C>(kHeads<T, 64, C>, out, q, kv, tables, lens, chunks, scale)
+          : prefill_items<T, 128, kPrefillRows, true, C>(kHeads<T, 128, C>, out, q, kv, tables, lens, chunks, scale);
+  return true;
+#else
+  return false;
+#endif
+}
+
+// An int8 cache's row for a head's D values x (float32 or bfloat16): engine/kv_quant.py's
+// quantize_rows, the same arithmetic, so the same bytes. scale = max |x| / 127 (at least float16's
+// smallest normal, kMinScale) rounded to float16; q = x / scale rounded to the nearest integer
+// (ties to even, as torch.round) and clamped to [-127, 127]; the scale after the D values.
+constexpr float kMinScale = 6.103515625e-05f;  // torch.finfo(torch.float16).tiny
+template <typename T>
+void quantize_row(int8_t* dst, const T* x, int64_t d) {
+  float peak = 0.f;
+  for (int64_t i = 0; i < d; ++i) peak = std::max(peak, std::abs(to_float(x[i])));
+  const c10::Half scale(std::max(peak / 127.f, kMinScale));
+  const float s = static_cast<float>(scale);
+  for (int64_t i = 0; i < d; ++i)
+    dst[i] = static_cast<int8_t>(std::clamp(std::nearbyint(to_float(x[i]) / s), -127.f, 127.f));
+  std::memcpy(dst + d, &scale, sizeof(scale));
+}
+
 }  // namespace
 
+// What paged_decode and paged_prefill ask of their query, output and cache. A cache of the query's
+// dtype holds rows of D values, an int8 cache rows of D + 2 (kRowWidth).
 static void check_attention_args(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv) {
   TORCH_CHECK(q.dim() == 3 && out.dim() == 3 && kv.dim() == 5, "q/out [rows, Hq, D], kv [N, 2, bs, Hkv, D]");
   TORCH_CHECK(q.sizes() == out.sizes(), "q and out differ in shape");
   TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1 && kv.stride(4) == 1, "head_dim must be contiguous");
-  TORCH_CHECK(q.scalar_type() == kv.scalar_type() && out.scalar_type() == kv.scalar_type(), "dtype mismatch");
+  const bool int8 = kv.scalar_type() == at::kChar;
+  TORCH_CHECK(out.scalar_type() == q.scalar_type() && (int8 || kv.scalar_type() == q.scalar_type()),
+              "dtype mismatch");
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16, "float32 or bfloat16 only");
-  TORCH_CHECK(q.size(1) % kv.size(3) == 0 && q.size(2) == kv.size(4), "head shapes do not match");
+  TORCH_CHECK(q.size(1) % kv.size(3) == 0 && q.size(2) + (int8 ? 2 : 0) == kv.size(4), "head shapes do not match");
 }
 
 void paged_decode(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables,
@@ -1215,39 +1376,11 @@ void paged_decode(const at::Tensor& out, const at::Tensor& q, const at::Tensor& 
   const int64_t* len = lens.data_ptr<int64_t>();
   for (int64_t b = 0; b < q.size(0); ++b)
     TORCH_CHECK(len[b] >= 1 && len[b] <= tables.size(1) * kv.size(2), "a context length outside its block table");
-  const bool bf16 = q.scalar_type() == at::kBFloat16;
-  const int64_t d = q.size(2);
-#if defined(__AVX512F__) || defined(SCALELLM_AVX2)
-  if (d == 64)
-    return bf16 ? decode_items<c10::BFloat16, 64>(kHeads<c10::BFloat16, 64>, out, q, kv, tables, lens, scale)
-                : decode_items<float, 64>(kHeads<float, 64>, out, q, kv, tables, lens, scale);
-  if (d == 128)
-    return bf16 ? decode_items<c10::BFloat16, 128>(kHeads<c10::BFloat16, 128>, out, q, kv, tables, lens, scale)
-                : decode_items<float, 128>(kHeads<float, 128>, out, q, kv, tables, lens, scale);
-#endif
-  if (d == 64) {
-    bf16 ? decode_kernel<c10::BFloat16, 64>(out, q, kv, tables, lens, scale)
-         : decode_kernel<float, 64>(out, q, kv, tables, lens, scale);
-  } else if (d == 128) {
-    bf16 ? decode_kernel<c10::BFloat16, 128>(out, q, kv, tables, lens, scale)
-         : decode_kernel<float, 128>(out, q, kv, tables, lens, scale);
-  } else {
-    bf16 ? decode_kernel<c10::BFloat16, 0>(out, q, kv, tables, lens, scale)
-         : decode_kernel<float, 0>(out, q, kv, tables, lens, scale);
-  }
-}
-
-// Whether paged_prefill runs chunks of this dtype and head size in tiles (prefill_tiles): float32
-// with AVX-512, bfloat16 with AVX512-BF16; head sizes 64 and 128.
-static bool prefill_tiles_for(bool bf16, int64_t head_dim) {
-  bool tiles = false;
-#if defined(__AVX512F__)
-  tiles = !bf16;
-#endif
-#if defined(__AVX512BF16__)
-  tiles = true;
-#endif
-  return tiles && (head_dim == 64 || head_dim == 128);
+  const bool bf16 = q.scalar_type() == at::kBFloat16, int8 = kv.scalar_type() == at::kChar;
+  if (int8) return bf16 ? decode_as<c10::BFloat16, int8_t>(out, q, kv, tables, lens, scale)
+                        : decode_as<float, int8_t>(out, q, kv, tables, lens, scale);
+  bf16 ? decode_as<c10::BFloat16, c10::BFloat16>(out, q, kv, tables, lens, scale)
+       : decode_as<float, float>(out, q, kv, tables, lens, scale);
 }
 
 // The step's prefill chunks (bounds [S, 3]: start row in q, length, cached context; tables [S, W]:
@@ -1279,33 +1412,12 @@ static void paged_prefill(const at::Tensor& out, const at::Tensor& q, const at::
     first = std::min(first, start);
   }
   if (chunks.empty()) return;
-  const bool bf16 = q.scalar_type() == at::kBFloat16;
-  const int64_t d = q.size(2);
-#if defined(__AVX512F__)
-  if (prefill_tiles_for(bf16, d)) {
-    if (bf16) {
-#if defined(__AVX512BF16__)
-      return d == 64 ? prefill_items<c10::BFloat16, 64, kTilePiece, false>(&prefill_tiles<c10::BFloat16, 64>, out, q,
-                                                                           kv, tables, lens, chunks, scale)
-                     : prefill_items<c10::BFloat16, 128, kTilePiece, false>(&prefill_tiles<c10::BFloat16, 128>, out,
-                                                                            q, kv, tables, lens, chunks, scale);
-#endif
-    } else {
-      return d == 64 ? prefill_items<float, 64, kTilePiece, false>(&prefill_tiles<float, 64>, out, q, kv, tables,
-                                                                   lens, chunks, scale)
-                     : prefill_items<float, 128, kTilePiece, false>(&prefill_tiles<float, 128>, out, q, kv, tables,
-                                                                    lens, chunks, scale);
-    }
-  }
-#endif
-#if defined(__AVX512F__) || defined(SCALELLM_AVX2)
-  if (d == 64)
-    return bf16 ? prefill_items<c10::BFloat16, 64>(kHeads<c10::BFloat16, 64>, out, q, kv, tables, lens, chunks, scale)
-                : prefill_items<float, 64>(kHeads<float, 64>, out, q, kv, tables, lens, chunks, scale);
-  if (d == 128)
-    return bf16 ? prefill_items<c10::BFloat16, 128>(kHeads<c10::BFloat16, 128>, out, q, kv, tables, lens, chunks, scale)
-                : prefill_items<float, 128>(kHeads<float, 128>, out, q, kv, tables, lens, chunks, scale);
-#endif
+  const bool bf16 = q.scalar_type() == at::kBFloat16, int8 = kv.scalar_type() == at::kChar;
+  if (int8 ? bf16 ? prefill_as<c10::BFloat16, int8_t>(out, q, kv, tables, lens, chunks, scale)
+                  : prefill_as<float, int8_t>(out, q, kv, tables, lens, chunks, scale)
+           : bf16 ? prefill_as<c10::BFloat16, c10::BFloat16>(out, q, kv, tables, lens, chunks, scale)
+                  : prefill_as<float, float>(out, q, kv, tables, lens, chunks, scale))
+    return;
   // rows [first, rows) as decodes: each its chunk's table (rows between chunks: one token of block 0)
   std::vector<int64_t> owner(rows - first, -1);
   for (int64_t k = 0; k < static_cast<int64_t>(chunks.size()); ++k)
@@ -1317,38 +1429,54 @@ static void paged_prefill(const at::Tensor& out, const at::Tensor& q, const at::
       std::memcpy(row_tables.data_ptr<int64_t>() + r * width, tab + owner[r] * width, width * sizeof(int64_t));
       row_lens.data_ptr<int64_t>()[r] = lens[first + r];
     }
-  at::Tensor scratch = at::empty({rows - first, q.size(1), d}, out.options());
+  at::Tensor scratch = at::empty({rows - first, q.size(1), q.size(2)}, out.options());
   paged_decode(scratch, q.narrow(0, first, rows - first), kv, row_tables, row_lens, scale);
   for (int64_t r = 0; r < rows - first; ++r)
     if (owner[r] >= 0) out[first + r].copy_(scratch[r]);
 }
 
 // kv[slot_blocks[t], 0 and 1, slot_offsets[t]] = new_kv[t, 0 and 1]: the step's K and V rows into
-// their cache slots ([Hkv, D] each, contiguous on both sides), one copy per row.
+// their cache slots ([Hkv, D] each, contiguous on both sides): one copy per row, or for an int8
+// cache ([Hkv, D + 2] a slot) each head's row quantized (quantize_row).
 void write_kv(const at::Tensor& kv, const at::Tensor& new_kv, const at::Tensor& slot_blocks,
               const at::Tensor& slot_offsets) {
   TORCH_CHECK(kv.dim() == 5 && new_kv.dim() == 4 && new_kv.size(1) == 2, "kv [N, 2, bs, Hkv, D], new_kv [T, 2, Hkv, D]");
-  TORCH_CHECK(kv.scalar_type() == new_kv.scalar_type(), "dtype mismatch");
-  TORCH_CHECK(new_kv.size(2) == kv.size(3) && new_kv.size(3) == kv.size(4), "head shapes do not match");
-  const int64_t row = kv.size(3) * kv.size(4);
+  const bool int8 = kv.scalar_type() == at::kChar && new_kv.scalar_type() != at::kChar;
+  TORCH_CHECK(int8 ? new_kv.scalar_type() == at::kFloat || new_kv.scalar_type() == at::kBFloat16
+                   : kv.scalar_type() == new_kv.scalar_type(),
+              "dtype mismatch");
+  const int64_t head_dim = new_kv.size(3);
+  TORCH_CHECK(new_kv.size(2) == kv.size(3) && head_dim + (int8 ? 2 : 0) == kv.size(4), "head shapes do not match");
   TORCH_CHECK(kv.stride(4) == 1 && kv.stride(3) == kv.size(4), "a cache slot's [Hkv, D] must be contiguous");
   TORCH_CHECK(new_kv.stride(3) == 1 && new_kv.stride(2) == new_kv.size(3), "a new row's [Hkv, D] must be contiguous");
   TORCH_CHECK(slot_blocks.scalar_type() == at::kLong && slot_offsets.scalar_type() == at::kLong, "int64 slots");
   TORCH_CHECK(slot_blocks.is_contiguous() && slot_offsets.is_contiguous(), "contiguous slots");
-  const int64_t tokens = new_kv.size(0), blocks = kv.size(0), block_size = kv.size(2);
+  const int64_t tokens = new_kv.size(0), blocks = kv.size(0), block_size = kv.size(2), heads = kv.size(3);
   TORCH_CHECK(slot_blocks.numel() == tokens && slot_offsets.numel() == tokens, "one slot per token");
   const int64_t* blk = slot_blocks.data_ptr<int64_t>();
   const int64_t* off = slot_offsets.data_ptr<int64_t>();
   for (int64_t t = 0; t < tokens; ++t)
     TORCH_CHECK(0 <= blk[t] && blk[t] < blocks && 0 <= off[t] && off[t] < block_size, "slot out of range");
-  const int64_t bytes = row * kv.element_size();
+  const auto slot = [&](int64_t t, int64_t s) { return blk[t] * kv.stride(0) + s * kv.stride(1) + off[t] * kv.stride(2); };
+  if (int8) {
+    int8_t* dst = kv.data_ptr<int8_t>();
+    const bool bf16 = new_kv.scalar_type() == at::kBFloat16;
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int64_t s = 0; s < 2; ++s)
+        for (int64_t h = 0; h < heads; ++h) {
+          const int64_t src = t * new_kv.stride(0) + s * new_kv.stride(1) + h * head_dim;
+          int8_t* row = dst + slot(t, s) + h * kv.stride(3);
+          bf16 ? quantize_row(row, new_kv.data_ptr<c10::BFloat16>() + src, head_dim)
+               : quantize_row(row, new_kv.data_ptr<float>() + src, head_dim);
+        }
+    return;
+  }
+  const int64_t es = kv.element_size(), bytes = heads * head_dim * es;
   char* dst = static_cast<char*>(kv.data_ptr());
   const char* src = static_cast<const char*>(new_kv.data_ptr());
-  const int64_t es = kv.element_size();
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t s = 0; s < 2; ++s)
-      std::memcpy(dst + (blk[t] * kv.stride(0) + s * kv.stride(1) + off[t] * kv.stride(2)) * es,
-                  src + (t * new_kv.stride(0) + s * new_kv.stride(1)) * es, bytes);
+      std::memcpy(dst + slot(t, s) * es, src + (t * new_kv.stride(0) + s * new_kv.stride(1)) * es, bytes);
 }
 
 }  // namespace scalellm

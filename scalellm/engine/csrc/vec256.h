@@ -1,9 +1,11 @@
 // AVX2 helpers shared by the CPU kernels, for CPUs without AVX-512 (e.g. AMD Zen 2/3): float32
-// rows in and out of float32 or bfloat16 memory, and e^x 8 lanes at a time. The loops around
+// rows in and out of float32 or bfloat16 memory (and in from int8), and e^x 8 lanes at a time. The loops around
 // them vectorize on their own; what does not is std::exp, which stays one libm call per value.
 #pragma once
 
 #include <c10/util/BFloat16.h>
+
+#include <cstdint>
 
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
 #define SCALELLM_AVX2 1
@@ -13,6 +15,9 @@ inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const c10::BFloat16* p) {  // bfloat16 is float32's upper half
   const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+inline __m256 load8(const int8_t* p) {  // int8 values (an int8 KV cache's), exact in float32
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
 inline void store8(float* p, __m256 x) { _mm256_storeu_ps(p, x); }

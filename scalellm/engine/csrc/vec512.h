@@ -1,8 +1,10 @@
 // AVX-512 helpers shared by the CPU kernels: float32 rows in and out of float32 or bfloat16
-// memory, and e^x 16 lanes at a time.
+// memory (and in from int8), and e^x 16 lanes at a time.
 #pragma once
 
 #include <c10/util/BFloat16.h>
+
+#include <cstdint>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -11,6 +13,9 @@ inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const c10::BFloat16* p) {  // bfloat16 is float32's upper half
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline __m512 load16(const int8_t* p) {  // int8 values (an int8 KV cache's), exact in float32
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 
 // e^x: x = n ln2 + r, |r| <= ln2 / 2, e^r by Cephes' expf polynomial (relative error ~1e-7),
