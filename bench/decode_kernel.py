@@ -1,7 +1,7 @@
 """The CPU paged decode kernel against an older version of itself and against gather + SDPA.
 
     python bench/decode_kernel.py --baseline-rev HEAD~1 [--batch 1 64] [--context 192] [--repeats 60]
-                                  [--layers 30] [--threads 1] [--rows 1]
+                                  [--layers 30] [--threads 1] [--rows 1] [--kv-cache-dtype int8]
 
 SmolLM2's attention shape (9 query heads, 3 K/V heads, head dim 64; --heads and --head-dim change
 it) over a block-major cache of --layers layers, each attended in turn as a decode step does, so a
@@ -12,7 +12,9 @@ draft tokens do (speculative decoding). The figures are ms per layer, on --threa
 ``scalellm/engine/csrc/paged_decode.cpp`` as it was at --baseline-rev, built under its own name
 and op namespace so both load into this process; the two kernels run interleaved in each repeat, each
 first in every other one, so load from other processes hits both alike; gather + SDPA runs after
-them (10 repeats at most). Prints the minimum and median ms per call.
+them (10 repeats at most). Prints the minimum and median ms per call. --kv-cache-dtype int8: both
+kernels read an int8 cache (engine/kv_quant.py; the baseline must be a revision whose kernel does,
+6ee5f22 or later) and gather + SDPA dequantizes what it gathers, as Int8KVSDPA.
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rows", type=int, default=1, help="rows per request (1 + draft tokens)")
+    parser.add_argument(
+        "--kv-cache-dtype", choices=["auto", "int8"], default="auto", help="int8: an int8 cache (kv_quant.py)"
+    )
     args = parser.parse_args()
 
     from scalellm.engine import cpu_kernels
@@ -123,8 +128,11 @@ class Case:
 
 def run_sdpa(case: Case, layers: list[torch.Tensor]) -> None:
     from scalellm.engine.attention import _decode
+    from scalellm.engine.kv_quant import dequantize_rows
 
     for kv in layers:
+        if kv.dtype == torch.int8:  # as Int8KVSDPA: the gathered blocks dequantized
+            kv = dequantize_rows(kv, case.q.dtype)
         _decode(case.q, kv[:, 0], kv[:, 1], case.tables, case.mask, case.scale)
 
 
@@ -137,17 +145,22 @@ def run_kernel(
 
 def make_case(batch: int, dtype: torch.dtype, args: argparse.Namespace) -> Case:
     """batch decodes of about --context tokens in scattered blocks of a --layers block-major cache
-    [blocks, layers, 2, block_size, Hkv, D], each --rows rows (request b's rows consecutive, its
-    last row seeing its whole context, each row before it one token less)."""
+    [blocks, layers, 2, block_size, Hkv, D] (int8 rows of D + 2 with --kv-cache-dtype int8), each
+    --rows rows (request b's rows consecutive, its last row seeing its whole context, each row
+    before it one token less)."""
     from scalellm.engine import huge_pages
+    from scalellm.engine.kv_quant import quantize_rows
 
     hq, hkv = args.heads
     bs = 16
     nblocks = -(-args.context // bs)
     gen = torch.Generator().manual_seed(batch)
     shape = (batch * nblocks, args.layers, 2, bs, hkv, args.head_dim)
-    cache = huge_pages.empty(shape, dtype)  # in 2 MB pages where it can be, as the engine's
-    cache.copy_(torch.randn(shape, generator=gen))
+    values = torch.randn(shape, generator=gen)
+    if args.kv_cache_dtype == "int8":
+        values = quantize_rows(values)
+    cache = huge_pages.empty(values.shape, values.dtype if args.kv_cache_dtype == "int8" else dtype)
+    cache.copy_(values)  # in 2 MB pages where it can be, as the engine's
     tables = torch.randperm(batch * nblocks, generator=gen).view(batch, nblocks)
     lens = args.context - torch.randint(0, 16, (batch,), generator=gen)
     rows = args.rows

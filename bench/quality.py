@@ -15,8 +15,8 @@ generated tokens identical to the reference's, position by position, up to the f
 
 Memory: weight bytes (quant_linear.weight_bytes: parameters, int8 buffers, oneDNN-packed
 copies) and KV bytes per token. Speed: the median of decode steps (every row's logits included)
-of a batch of 1 and of 64 streams (``--speed-batches``) at a context of 128 tokens, modes
-interleaved round by round.
+of a batch of 1 and of 64 streams (``--speed-batches``) at a context of 128 tokens (``--speed-contexts``),
+modes interleaved round by round.
 """
 
 from __future__ import annotations
@@ -154,6 +154,11 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
+def _speed_key(batch: int, context: int) -> str:
+    """A result's key for decode steps of ``batch`` streams at ``context`` tokens (128: as before)."""
+    return f"decode_ms_b{batch}" + ("" if context == 128 else f"_c{context}")
+
+
 def progress(stage: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {stage}", file=sys.stderr, flush=True)
 
@@ -168,6 +173,10 @@ def main() -> None:
     parser.add_argument("--greedy-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--speed-batches", type=int, nargs="*", default=[1, 64], help="none: skip speed")
+    parser.add_argument("--speed-contexts", type=int, nargs="+", default=[128], help="cached tokens a stream")
+    parser.add_argument(
+        "--kv-cache-gb", type=float, default=0.25, help="each runner's (64 x 1024 tokens: 1.6 bf16)"
+    )
     parser.add_argument("--out", type=Path)
     parser.add_argument(
         "--modes",
@@ -182,8 +191,10 @@ def main() -> None:
     tokenizer = Tokenizer.from_dir(model_dir)
     paragraphs = [p.strip() for p in TEXT.read_text().split("\n\n") if p.strip()]
     sequences = [tokenizer.encode(p) for p in paragraphs]
-    max_len = max(map(len, sequences)) + 256
-    runners = {f"{q}/{kv}": make_runner(model_dir, args.dtype, q, kv, max_len) for q, kv in modes}
+    max_len = max(*map(len, sequences), *args.speed_contexts) + 256
+    runners = {
+        f"{q}/{kv}": make_runner(model_dir, args.dtype, q, kv, max_len, args.kv_cache_gb) for q, kv in modes
+    }
     ref_name = "none/auto"
     results: dict[str, dict[str, float]] = {}
     progress("runners loaded")
@@ -195,7 +206,11 @@ def main() -> None:
         for q, kv in modes
     }
     progress("greedy generations")
-    speeds = {b: decode_step_times(runners, b, 128, args.rounds) for b in args.speed_batches}
+    speeds = {
+        (b, c): decode_step_times(runners, b, c, args.rounds)
+        for c in args.speed_contexts
+        for b in args.speed_batches
+    }
     progress("decode steps")
     ref = scores[ref_name]
     for name, runner in runners.items():
@@ -209,7 +224,7 @@ def main() -> None:
             "greedy_prefix_match_pct": 100 * same / sum(map(len, greedy[ref_name])),
             "weight_mb": weight_bytes(runner.model) / 1e6,
             "kv_bytes_per_token": runner.bytes_per_block / runner.block_size,
-            **{f"decode_ms_b{b}": 1e3 * t[name] for b, t in speeds.items()},
+            **{_speed_key(b, c): 1e3 * t[name] for (b, c), t in speeds.items()},
         }
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
@@ -223,7 +238,7 @@ def main() -> None:
         "mode (weights/kv) | ppl | vs ref | top-1 agree | greedy match | weights MB | KV B/token | decode ms"
     )
     for name, r in results.items():
-        steps = ", ".join(f"b{b} {r[f'decode_ms_b{b}']:.1f}" for b in speeds)
+        steps = ", ".join(f"b{b} c{c} {r[_speed_key(b, c)]:.1f}" for b, c in speeds)
         print(
             f"{name} | {r['perplexity']:.3f} | {r['ppl_vs_ref_pct']:+.2f}% | {r['top1_agreement_pct']:.1f}% | "
             f"{r['greedy_prefix_match_pct']:.1f}% | {r['weight_mb']:.0f} | {r['kv_bytes_per_token']:.0f} | {steps}"

@@ -17,7 +17,7 @@ from scalellm.engine.attention import TorchSDPA
 from scalellm.engine.config import EngineConfig
 from scalellm.engine.cuda_graphs import graph_buckets, graph_limit, pick_bucket, why_eager
 from scalellm.engine.engine import LLMEngine
-from scalellm.engine.kv_quant import Int8KVSDPA
+from scalellm.engine.kv_quant import Int8KVSDPA, quantize_rows
 from scalellm.engine.model_runner import ModelRunner
 from scalellm.engine.step_inputs import SeqStep
 from scalellm.models.config import ModelConfig
@@ -89,8 +89,11 @@ def _decodes(rows: int, shift: int) -> list[SeqStep]:
 
 
 def _runners(device: str, backend: str, monkeypatch: pytest.MonkeyPatch) -> tuple[ModelRunner, ModelRunner]:
-    """An eager runner and a bucketed one (largest bucket 8) over one model."""
+    """An eager runner and a bucketed one (largest bucket 8) over one model (backend int8: over
+    an int8 KV cache, through the CPU kernels)."""
     config = EngineConfig(device=device, dtype="float32", block_size=BLOCK_SIZE, num_kv_blocks=NUM_BLOCKS)
+    if backend == "int8":
+        config = replace(config, kv_cache_dtype="int8")
     model = random_model(CFG, torch.float32, torch.device(device), MAX_LEN)
     eager = ModelRunner(config, CFG, MAX_LEN, model=model)
     bucketed = ModelRunner(replace(config, cuda_graph_max_batch=8), CFG, MAX_LEN, model=model)
@@ -105,6 +108,14 @@ def _runners(device: str, backend: str, monkeypatch: pytest.MonkeyPatch) -> tupl
     return eager, bucketed
 
 
+def _random(like: torch.Tensor, seed: int) -> torch.Tensor:
+    """Random cache contents for ``like``: normal values, or int8 rows of them and their scales."""
+    gen = torch.Generator().manual_seed(seed)
+    if like.dtype != torch.int8:
+        return torch.randn(like.shape, generator=gen)
+    return quantize_rows(torch.randn(*like.shape[:-1], like.shape[-1] - 2, generator=gen))
+
+
 def _slots(steps: list[SeqStep]) -> set[tuple[int, int]]:
     return {(s.block_ids[s.start // BLOCK_SIZE], s.start % BLOCK_SIZE) for s in steps}
 
@@ -115,7 +126,7 @@ def _changed(after: torch.Tensor, before: torch.Tensor) -> set[tuple[int, int]]:
     return {(b, o) for b, o in diff.nonzero().tolist()}
 
 
-@pytest.mark.parametrize("backend", ["engine", "triton"])
+@pytest.mark.parametrize("backend", ["engine", "triton", "int8"])
 def test_a_padded_bucket_step_equals_the_eager_step_and_writes_only_its_own_slots(
     engine_device: str, backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -126,14 +137,14 @@ def test_a_padded_bucket_step_equals_the_eager_step_and_writes_only_its_own_slot
     assert graphs.scratch_block == NUM_BLOCKS and bucketed.kv_cache.shape[0] == NUM_BLOCKS
     # 7 rows in bucket 8, then 3 in bucket 4: row 3 held a real sequence and must be padding again
     # (the interpreted Triton kernel, slow, runs bucket 4 alone).
-    plan = [_decodes(7, 0), _decodes(3, 1)] if backend == "engine" else [_decodes(3, 0)]
+    plan = [_decodes(3, 0)] if backend == "triton" else [_decodes(7, 0), _decodes(3, 1)]
     for replays, steps in enumerate(plan, start=1):
         # Fresh contents each step (blocks get reused): a stale row rewriting its old K/V shows,
         # and so does the padding, which writes the same K/V every step.
-        cache = torch.randn(eager.kv_cache.shape, generator=torch.Generator().manual_seed(replays))
+        cache = _random(eager.kv_cache, replays)
         eager.kv_cache.copy_(cache)
         bucketed.kv_cache.copy_(cache)
-        scratch.normal_()
+        scratch.copy_(_random(scratch, 100 + replays))
         before, scratch_before = bucketed.kv_cache.clone(), scratch.clone()
         sampling, got = bucketed.run_steps(steps)
         _, want = eager.run_steps(steps)
@@ -147,7 +158,7 @@ def test_a_padded_bucket_step_equals_the_eager_step_and_writes_only_its_own_slot
         assert (scratch[:, :, 0] != scratch_before[:, :, 0]).any()
         torch.testing.assert_close(scratch[:, :, 1:], scratch_before[:, :, 1:], rtol=0, atol=0)
 
-    if backend != "engine":
+    if backend == "triton":
         return
     prefill = [SeqStep(0, [3, 4, 5, 6, 7], [NUM_BLOCKS - 2, NUM_BLOCKS - 1], True), *_decodes(2, 2)]
     _, got = bucketed.run_steps(prefill)
