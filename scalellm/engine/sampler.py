@@ -2,12 +2,14 @@
 
 Per row: the request's logits controls (structured output, bad words, min_tokens, logit_bias,
 penalties: logits_controls.py), then greedy (argmax) or temperature -> top-k -> top-p -> min-p ->
-a draw.
-A draw is ``argmax(p / e)`` with ``e ~ Exp(1)`` per vocabulary entry (the exponential race), so a
-request with a seed uses its own generator for its own row and gets the same tokens whatever
-else is in the batch. Each ``e`` belongs to a token id, not to a rank: whether the batch sorts
-its rows (another row's top-k or top-p) must not change which token a draw picks. Logprobs are those of the model's raw distribution (before temperature
-and truncation), as vLLM and OpenAI report them.
+a draw. On CPU top-k and top-p look at a row's 64 largest logits (``truncate``; CANDIDATES),
+then 1024, then all of them, as far as its top-p needs: not a sort of the vocabulary.
+An unseeded draw inverts the row's CDF with one uniform. A seeded draw is ``argmax(p / e)`` with
+``e ~ Exp(1)`` per vocabulary entry (the exponential race), so a request with a seed uses its
+own generator for its own row and gets the same tokens whatever else is in the batch. Each
+``e`` belongs to a token id, not to a rank: how the row was truncated (its own candidates, or
+the whole vocabulary) must not change which token a draw picks. Logprobs are those of the
+model's raw distribution (before temperature and truncation), as vLLM and OpenAI report them.
 """
 
 from __future__ import annotations
@@ -128,47 +130,60 @@ class Sampler:
         return token_ids
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Each row's draw: temperature; top-k and top-p where the row asks for them, over its
+        largest logits a rung at a time (``truncate`` over ``_width``'s, then ``_wider``'s, as
+        far as its top-p needs), else its whole distribution; then min-p and ``_draw``. Which
+        rung a row ends on depends on its own parameters and logits only, and its seeded
+        uniforms are drawn first, in row order, so its token never depends on the batch."""
         params = [r.sampling_params for r in requests]
-        dev = logits.device
-        vocab = logits.shape[-1]
-        temps = to_device([p.temperature for p in params], dev, logits.dtype)
-        logits = logits / temps.unsqueeze(1)
-        top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-        top_p = [p.top_p for p in params]
-        min_p = [p.min_p for p in params]
-        needs_sort = any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p)
-        order: torch.Tensor | None = None
-        if needs_sort:
-            logits, order = logits.sort(dim=-1, descending=True)
-            ranks = torch.arange(vocab, device=dev).unsqueeze(0)
-            logits = logits.masked_fill(ranks >= to_device(top_k, dev).unsqueeze(1), float("-inf"))
-        probs = logits.softmax(dim=-1)
-        if needs_sort and any(p < 1.0 for p in top_p):
-            before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
-            cut = before >= to_device(top_p, dev, probs.dtype).unsqueeze(1)
-            probs = probs.masked_fill(cut, 0.0)  # the top token is never cut (before == 0)
-        if any(m > 0.0 for m in min_p):
-            floor = to_device(min_p, dev, probs.dtype).unsqueeze(1)
-            probs = probs.masked_fill(probs < floor * probs.max(dim=-1, keepdim=True).values, 0.0)
-        noise = self._exponential(probs, requests)  # one draw per token id, in vocabulary order
-        if order is not None:
-            noise = noise.gather(1, order)  # follows its token: the draw never depends on the batch
-        choice = (probs / noise).argmax(dim=-1)
-        return order.gather(1, choice.unsqueeze(1)).squeeze(1) if order is not None else choice
+        vocab, device = logits.shape[-1], logits.device
+        logits = logits / to_device([p.temperature for p in params], device, logits.dtype).unsqueeze(1)
+        seeded = self._seeded_uniforms(requests, vocab, device)
+        by_width: dict[int, list[int]] = {}
+        for i, p in enumerate(params):
+            by_width.setdefault(_width(p, vocab, device), []).append(i)
+        token_ids = torch.empty(len(requests), dtype=torch.long, device=device)
+        while by_width:
+            width = min(by_width)
+            rows = by_width.pop(width)
+            part = logits if len(rows) == len(requests) else logits[to_device(rows, device)]
+            if width == 0:  # neither top-k nor top-p: the whole distribution, in vocabulary order
+                probs, ids = part.softmax(dim=-1), None
+            else:
+                group = [params[i] for i in rows]
+                top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in group]
+                probs, ids, complete = truncate(part, top_k, [p.top_p for p in group], width)
+                done = complete.tolist() if width < vocab else [True] * len(rows)
+                if not all(done):  # top-p past these candidates: those rows go up a rung
+                    by_width.setdefault(_wider(width, vocab), []).extend(
+                        i for i, ok in zip(rows, done, strict=True) if not ok
+                    )
+                    keep = to_device([j for j, ok in enumerate(done) if ok], device)
+                    rows, probs, ids = (
+                        [i for i, ok in zip(rows, done, strict=True) if ok],
+                        probs[keep],
+                        ids[keep],
+                    )
+            if rows:
+                # a seeded row's tokens take their own uniforms (its row's, in vocabulary order)
+                mine = {
+                    j: seeded[i] if ids is None else seeded[i][ids[j]]
+                    for j, i in enumerate(rows)
+                    if i in seeded
+                }
+                token_ids[to_device(rows, device)] = _draw(probs, ids, [params[i].min_p for i in rows], mine)
+        return token_ids
 
-    def _exponential(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """Exp(1) noise per row: -log U of uniform draws, a seeded request's from its generator.
+    def _seeded_uniforms(
+        self, requests: list[Request], vocab: int, device: torch.device
+    ) -> dict[int, torch.Tensor]:
+        """Row -> a uniform draw per vocabulary entry from the row's request's generator, for
+        rows with a seed, drawn in row order (a request's rows: its token, then its drafts).
 
-        U = 0 (one float32 draw in 2^24) gives inf, and its token sits that draw out. Uniforms
-        and a log rather than ``exponential_``: on the 2-core AVX2 VM torch's CPU exponential_
-        took 1.05 ms a row of the demo model's 49k-token vocabulary, uniform_ and the log 0.2."""
-        noise = torch.empty_like(probs)
-        unseeded = [i for i, r in enumerate(requests) if r.sampling_params.seed is None]
-        if len(unseeded) == len(requests):
-            noise.uniform_()
-        elif unseeded:
-            index = to_device(unseeded, noise.device)
-            noise.index_copy_(0, index, torch.rand(len(unseeded), noise.shape[1], device=noise.device))
+        Uniforms (the race's -log U, ``_draw``) rather than ``exponential_``: on the 2-core AVX2
+        VM torch's CPU exponential_ took 1.05 ms a row of the demo model's 49k-token vocabulary,
+        uniform_ and the log 0.2."""
+        drawn: dict[int, torch.Tensor] = {}
         several = {r.request_id for r, nxt in itertools.pairwise(requests) if r is nxt}
         for i, req in enumerate(requests):
             seed = req.sampling_params.seed
@@ -176,16 +191,98 @@ class Sampler:
                 continue
             gen = self._generators.get(req.request_id)
             if gen is None:
-                gen = torch.Generator(device=probs.device)
+                gen = torch.Generator(device=device)
                 gen.manual_seed(seed)
                 # A request continued on another worker (disaggregated decode) already drew once per
                 # token it has: skip those draws so its stream matches the engine alone.
-                _skip_draws(gen, noise.shape[1], req.num_output_tokens)
+                _skip_draws(gen, vocab, req.num_output_tokens)
                 self._generators[req.request_id] = gen
             if req.request_id in several and (i == 0 or requests[i - 1] is not req):
-                self._before[req.request_id] = (gen.get_state(), noise.shape[1])
-            noise[i].uniform_(generator=gen)
-        return noise.log_().neg_()
+                self._before[req.request_id] = (gen.get_state(), vocab)
+            drawn[i] = torch.empty(vocab, device=device).uniform_(generator=gen)
+        return drawn
+
+
+def _width(params: SamplingParams, vocab: int, device: torch.device) -> int:
+    """The logits a row's truncation looks at first: 0 for none (no top-k, no top-p), else the
+    first of CANDIDATES (or its top_k, where larger) on CPU; the whole vocabulary elsewhere (a
+    GPU sorts it in well under a millisecond, and rungs would read ``complete`` on the host)."""
+    top_k = params.top_k if 0 < params.top_k < vocab else 0
+    if not top_k and params.top_p >= 1.0:
+        return 0
+    return min(vocab, max(CANDIDATES[0], top_k)) if device.type == "cpu" else vocab
+
+
+def _wider(width: int, vocab: int) -> int:
+    """The rung after ``width``: the next of CANDIDATES, then the whole vocabulary."""
+    return min(vocab, next((c for c in CANDIDATES if c > width), vocab))
+
+
+def _draw(
+    probs: torch.Tensor, ids: torch.Tensor | None, min_p: list[float], seeded: dict[int, torch.Tensor]
+) -> torch.Tensor:
+    """min-p, then a token for each row: probs [N, W] of the token ids ``ids`` [N, W] (None: the
+    whole vocabulary, in order) -> [N] token ids.
+
+    An unseeded row inverts its CDF: one uniform u times its mass, the first token whose running
+    sum exceeds it (64 rows of the demo model's 49k tokens: ~1.6 ms on 2 Zen 4 cores, against ~24
+    for a uniform per entry). A seeded row j runs the exponential race argmax(p / e), e = -log U,
+    with ``seeded[j]``'s uniform per entry (from its generator; U = 0, one float32 draw in 2^24,
+    gives e = inf and its token sits that draw out), so that its token depends on its own draws
+    only, whatever the batch."""
+    if any(m > 0.0 for m in min_p):
+        floor = to_device(min_p, probs.device, probs.dtype).unsqueeze(1)
+        probs = probs.masked_fill(probs < floor * probs.max(dim=-1, keepdim=True).values, 0.0)
+    cdf = probs.cumsum(dim=-1)
+    mass = cdf[:, -1:]
+    # u < mass, also where rounding r * mass would reach it: the token found has p > 0
+    u = torch.minimum(
+        torch.rand(len(probs), 1, device=probs.device) * mass, torch.nextafter(mass, torch.zeros_like(mass))
+    )
+    choice = torch.searchsorted(cdf, u, right=True).squeeze(1)  # the first token whose running sum exceeds u
+    if seeded:
+        rows = to_device(list(seeded), probs.device)
+        uniforms = torch.stack(list(seeded.values()))
+        choice[rows] = (probs[rows] / uniforms.log_().neg_()).argmax(dim=-1)
+    return ids.gather(1, choice.unsqueeze(1)).squeeze(1) if ids is not None else choice
+
+
+CANDIDATES = (64, 1024)
+"""The rungs of a row's top-k / top-p truncation on CPU: the ``topk`` of its 64 largest logits
+(or its top_k, where larger), then of 1024 where top-p needs more (a flatter distribution),
+then a sort of the whole vocabulary. On 2 Zen 4 cores, 64 rows of the demo model's 49k tokens:
+topk 2.8 ms at 64, 15 at 1024, a sort 112 (docs/benchmarks.md)."""
+
+
+def truncate(
+    logits: torch.Tensor, top_k: list[int], top_p: list[float], width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k, then top-p, over each row's ``width`` largest logits [N, V] (temperature applied):
+    (probs [N, width], their token ids [N, width], complete [N]). Row r keeps its top_k[r]
+    largest (top_k[r] = V: all), renormalized over those, then the fewest of them, largest first,
+    whose mass reaches top_p[r] (a token is cut when the mass strictly above it already does):
+
+        sorted probs   0.50  0.30  0.15  0.04  0.01 ...     top_p 0.9
+        mass above     0     0.50  0.80  0.95  0.99         kept: the first three
+
+    ``complete[r]`` is false where the row's kept tokens may reach past the ``width`` looked at
+    (no top_k within them and their mass under top_p): the caller goes again with width V.
+    """
+    vocab, device = logits.shape[-1], logits.device
+    values, ids = logits.topk(width, dim=-1)  # sorted, largest first
+    k = to_device(top_k, device).unsqueeze(1)
+    values = values.masked_fill(torch.arange(width, device=device).unsqueeze(0) >= k, float("-inf"))
+    has_k = k.squeeze(1) < vocab
+    total = values.logsumexp(dim=-1)  # the normalizer: over a row's top_k, else its whole vocabulary
+    if any(n >= vocab for n in top_k):
+        total = torch.where(has_k, total, logits.logsumexp(dim=-1))
+    probs = (values - total.unsqueeze(1)).exp()
+    p = to_device(top_p, device, probs.dtype)
+    mass = probs.cumsum(dim=-1)
+    complete = has_k & (k.squeeze(1) <= width) | (mass[:, -1] >= p) | (width == vocab)
+    if any(x < 1.0 for x in top_p):
+        probs = probs.masked_fill(mass - probs >= p.unsqueeze(1), 0.0)  # the top token always stays
+    return probs, ids, complete
 
 
 def _skip_draws(gen: torch.Generator, width: int, draws: int) -> None:

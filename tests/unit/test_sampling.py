@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
+from scalellm.engine import sampler as sampler_module
 from scalellm.engine.request import Request
-from scalellm.engine.sampler import Sampler
+from scalellm.engine.sampler import Sampler, truncate
 from scalellm.types import SamplingParams
 
 
@@ -136,3 +137,78 @@ def test_the_token_that_stopped_the_output_is_not_shown() -> None:
     assert SamplingParams(ignore_eos=True).shown_ids([5, 2], True, eos) == [5, 2]
     assert SamplingParams(include_stop_str_in_output=True).shown_ids([5, 2], True, eos) == [5, 2]
     assert params.stops_on(2, eos) and params.stops_on(13, eos) and not params.stops_on(5, eos)
+
+
+def _wide_logits(rows: int, vocab: int, spread: float, seed: int) -> torch.Tensor:
+    """Logits over a vocabulary wider than sampler.CANDIDATES' rungs: peaked (spread large) or flat."""
+    return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * spread
+
+
+def test_truncation_over_candidates_keeps_what_a_sort_of_the_vocabulary_keeps() -> None:
+    """top-k / top-p look at a row's 1024 largest logits, not a sort of the vocabulary: the
+    kept tokens and their probabilities are those the whole sorted vocabulary gives; a row whose
+    top-p mass reaches past the candidates (a flat distribution) is reported incomplete."""
+    vocab, width = 3072, 1024
+    peaked, flat = _wide_logits(1, vocab, 4.0, 1), _wide_logits(1, vocab, 0.1, 2)
+    logits = torch.cat([peaked, peaked, flat])
+    top_k, top_p = [vocab, 40, vocab], [0.9, 0.95, 0.9]
+    probs, ids, complete = truncate(logits, top_k, top_p, width)
+    full_probs, full_ids, full_complete = truncate(logits, top_k, top_p, vocab)
+    assert complete.tolist() == [True, True, False] and full_complete.all()
+    for row in (0, 1):
+        kept = probs[row] > 0
+        assert 1 < int(kept.sum()) < width
+        assert torch.equal(ids[row][kept], full_ids[row][full_probs[row] > 0])
+        torch.testing.assert_close(probs[row][kept], full_probs[row][full_probs[row] > 0], rtol=1e-6, atol=0)
+    assert int((probs[1] > 0).sum()) <= 40
+    assert int((full_probs[2] > 0).sum()) > width  # the flat row needs more
+
+
+def test_sampling_over_candidates_draws_what_a_full_sort_draws(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seeded draws of rows that stop at the first rung (64 candidates), at the second (1024), at
+    the whole vocabulary (a flat row), a top_k wider than both, and a row without truncation, in
+    one batch: the same tokens as with every row sorted over the whole vocabulary, and as each
+    row alone."""
+    vocab = 3072
+    logits = torch.cat(
+        [_wide_logits(1, vocab, s, seed) for s, seed in ((4.0, 3), (0.1, 4), (2.0, 5), (2.0, 6), (1.0, 7))]
+    )
+    params = [
+        SamplingParams(temperature=0.8, top_p=0.9, seed=7),
+        SamplingParams(temperature=1.0, top_p=0.9, seed=8),  # flat: past 1024 candidates
+        SamplingParams(temperature=1.0, top_k=vocab - 100, top_p=0.97, seed=9),  # a wider top_k
+        SamplingParams(temperature=1.0, min_p=0.01, seed=10),  # no truncation
+        SamplingParams(temperature=1.0, top_p=0.9, seed=11),  # past 64, within 1024
+    ]
+    widths: list[int] = []
+    real = sampler_module.truncate
+
+    def spy(logits: torch.Tensor, top_k: list[int], top_p: list[float], width: int) -> object:
+        widths.append(width)
+        return real(logits, top_k, top_p, width)
+
+    monkeypatch.setattr(sampler_module, "truncate", spy)
+
+    def draws(candidates: tuple[int, ...], rows: list[int]) -> list[list[int]]:
+        monkeypatch.setattr(sampler_module, "CANDIDATES", candidates)
+        sampler = Sampler(torch.device("cpu"))
+        reqs = [Request(f"r{i}", [1], params[i], max_tokens=64) for i in rows]
+        return [sampler(logits[rows], reqs).token_ids for _ in range(25)]
+
+    batched = draws((64, 1024), [0, 1, 2, 3, 4])
+    assert set(widths) == {64, 1024, vocab - 100, vocab}  # every rung taken
+    assert batched == draws((vocab,), [0, 1, 2, 3, 4])
+    for i in range(5):
+        assert [step[i] for step in batched] == [step[0] for step in draws((64, 1024), [i])]
+    ranks = logits[1].argsort(descending=True).argsort()
+    assert max(int(ranks[step[1]]) for step in batched) >= 1024  # the flat row drew past the candidates
+
+
+def test_an_unseeded_draw_never_picks_a_token_it_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inverse-CDF draw at its extremes: u = 0 and u just under 1 (rounded up to the row's
+    mass) land on the first and last tokens with p > 0, never on a cut one past them."""
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    for u, expected in ((0.0, {0}), (1.0 - 2.0**-24, {1})):
+        monkeypatch.setattr(torch, "rand", lambda *shape, u=u, **kw: torch.full(shape, u))
+        seen = {Sampler(torch.device("cpu"))(probs.log(), _reqs(SamplingParams(top_p=0.8))).token_ids[0]}
+        assert seen == expected
