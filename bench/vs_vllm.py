@@ -12,7 +12,7 @@ idle cores to busy ones; and disaggregated; and, only when named, mesh-speculati
 with prompt-lookup drafts, --num-speculative-tokens 4, which vLLM here runs without), one after
 the other: start the server, warm it up,
 run vLLM's own client (`vllm bench serve`: random dataset, 128 prompt tokens, 64 output tokens,
-EOS ignored, greedy) at each concurrency, stop it. A mesh system named NAME@REV (e.g.
+EOS ignored, greedy, or --sampling T P: temperature T, top-p P) at each concurrency, stop it. A mesh system named NAME@REV (e.g.
 mesh-colocated@HEAD~1) runs NAME from the repository's files at git revision REV, so a change is
 measured against its base in one run, rounds interleaved: the report sets NAME against NAME@REV. Every level's result is a JSON file in
 --results; a level whose file exists is skipped, so a stopped run resumes where it stopped and a
@@ -72,6 +72,8 @@ class Plan:
     force: bool
     vllm_env: tuple[str, ...] = ()
     """NAME=VALUE settings in the environment of vLLM's server only (--vllm-env)."""
+    sampling: tuple[float, float] | None = None
+    """(temperature, top_p) of every request (--sampling); None: greedy."""
 
 
 def system_name(value: str) -> str:
@@ -127,8 +129,9 @@ def bench(plan: Plan, port: int, prompts: int, concurrency: int, out: Path | Non
            "--dataset-name", "random", "--random-input-len", str(plan.input_len),
            "--random-output-len", str(plan.output_len), "--num-prompts", str(prompts),
            "--max-concurrency", str(concurrency), "--ignore-eos", "--seed", str(concurrency),
-           "--temperature", "0", "--percentile-metrics", "ttft,tpot,itl,e2el",
-           "--metric-percentiles", "50,90,99", "--disable-tqdm"]  # fmt: skip
+           "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99", "--disable-tqdm"]  # fmt: skip
+    temperature, top_p = plan.sampling or (0.0, 1.0)
+    cmd += ["--temperature", str(temperature)] + (["--top-p", str(top_p)] if plan.sampling else [])
     if out is not None:
         cmd += ["--save-result", "--result-dir", str(out.parent), "--result-filename", out.name + ".tmp"]
     before, cpu_before = loadavg(), tree_cpu(server) if server else {}
@@ -229,13 +232,16 @@ def main(argv: list[str] | None = None) -> int:
     add("--docs", default=str(ROOT / "docs" / "benchmarks.md"), help="markdown file to write the report into")
     add("--plot", default=str(ROOT / "docs" / "vs_vllm.png"))
     add("--note", default="", help="a line about the conditions (load, what else ran) for the report")
+    add("--sampling", type=float, nargs=2, metavar=("TEMPERATURE", "TOP_P"),
+        help="sample every request so (default: greedy); use a --results folder of its own")  # fmt: skip
     args = p.parse_args(argv)
 
     from scalellm.models.prepare import resolve_model_dir
 
     plan = Plan(str(resolve_model_dir(args.model)), args.vllm_script, Path(args.results), Path(args.logs),
                 args.input_len, args.output_len, args.warmup_prompts, args.prompts_per_stream,
-                args.min_prompts, args.force, tuple(args.vllm_env))  # fmt: skip
+                args.min_prompts, args.force, tuple(args.vllm_env),
+                tuple(args.sampling) if args.sampling else None)  # fmt: skip
     plan.results.mkdir(parents=True, exist_ok=True)
     plan.logs.mkdir(parents=True, exist_ok=True)
     note = args.note
