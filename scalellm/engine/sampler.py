@@ -153,25 +153,17 @@ class Sampler:
                 group = [params[i] for i in rows]
                 top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in group]
                 probs, ids, complete = truncate(part, top_k, [p.top_p for p in group], width)
-                done = complete.tolist() if width < vocab else [True] * len(rows)
-                if not all(done):  # top-p past these candidates: those rows go up a rung
+                if width < vocab and not bool(complete.all()):
+                    # top-p past these candidates: those rows go up a rung, a wider width, so
+                    # taken later, and their tokens drawn there replace the ones drawn here
                     by_width.setdefault(_wider(width, vocab), []).extend(
-                        i for i, ok in zip(rows, done, strict=True) if not ok
+                        i for i, ok in zip(rows, complete.tolist(), strict=True) if not ok
                     )
-                    keep = to_device([j for j, ok in enumerate(done) if ok], device)
-                    rows, probs, ids = (
-                        [i for i, ok in zip(rows, done, strict=True) if ok],
-                        probs[keep],
-                        ids[keep],
-                    )
-            if rows:
-                # a seeded row's tokens take their own uniforms (its row's, in vocabulary order)
-                mine = {
-                    j: seeded[i] if ids is None else seeded[i][ids[j]]
-                    for j, i in enumerate(rows)
-                    if i in seeded
-                }
-                token_ids[to_device(rows, device)] = _draw(probs, ids, [params[i].min_p for i in rows], mine)
+            # a seeded row's tokens take their own uniforms (its row's, in vocabulary order)
+            mine = {
+                j: seeded[i] if ids is None else seeded[i][ids[j]] for j, i in enumerate(rows) if i in seeded
+            }
+            token_ids[to_device(rows, device)] = _draw(probs, ids, [params[i].min_p for i in rows], mine)
         return token_ids
 
     def _seeded_uniforms(

@@ -1460,15 +1460,15 @@ void write_kv(const at::Tensor& kv, const at::Tensor& new_kv, const at::Tensor& 
   const auto slot = [&](int64_t t, int64_t s) { return blk[t] * kv.stride(0) + s * kv.stride(1) + off[t] * kv.stride(2); };
   if (int8) {
     int8_t* dst = kv.data_ptr<int8_t>();
-    const bool bf16 = new_kv.scalar_type() == at::kBFloat16;
-    for (int64_t t = 0; t < tokens; ++t)
-      for (int64_t s = 0; s < 2; ++s)
-        for (int64_t h = 0; h < heads; ++h) {
-          const int64_t src = t * new_kv.stride(0) + s * new_kv.stride(1) + h * head_dim;
-          int8_t* row = dst + slot(t, s) + h * kv.stride(3);
-          bf16 ? quantize_row(row, new_kv.data_ptr<c10::BFloat16>() + src, head_dim)
-               : quantize_row(row, new_kv.data_ptr<float>() + src, head_dim);
-        }
+    const auto quantize = [&](const auto* src) {
+      for (int64_t t = 0; t < tokens; ++t)
+        for (int64_t s = 0; s < 2; ++s)
+          for (int64_t h = 0; h < heads; ++h)
+            quantize_row(dst + slot(t, s) + h * kv.stride(3),
+                         src + t * new_kv.stride(0) + s * new_kv.stride(1) + h * head_dim, head_dim);
+    };
+    new_kv.scalar_type() == at::kBFloat16 ? quantize(new_kv.data_ptr<c10::BFloat16>())
+                                          : quantize(new_kv.data_ptr<float>());
     return;
   }
   const int64_t es = kv.element_size(), bytes = heads * head_dim * es;
