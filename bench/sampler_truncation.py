@@ -1,16 +1,18 @@
 """The sampler's cost per step for sampled requests, this tree against an older revision's sampler,
 on the demo model's own next-token logits.
 
-    python bench/sampler_truncation.py --baseline-rev HEAD~1 [--batch 1 8 64] [--repeats 30]
+    python bench/sampler_truncation.py --baseline-rev HEAD~1 [--batch 1 8 64] [--repeats 30] [--path torch]
 
 Logits: the demo model (transformers, float32) teacher-forced over bench/data/quality_text.txt,
 one row per position, the first B rows for a batch of B (bfloat16, as the engine hands them
 over). Kinds of request, every row of a batch alike: temperature 1.0 alone (no truncation),
 temperature 0.7 with top-p 0.9, top-p 0.95 at temperature 1.0, top-k 50 at temperature 0.8. The
 baseline is ``scalellm/engine/sampler.py`` as it was at --baseline-rev, loaded beside the
-current one (its imports are this tree's); the two run interleaved, each first in every other
-repeat. Prints the median ms per sampler call and, for the current tree, how many of the rows'
-top-p truncations stopped at each width (engine/sampler.py's CANDIDATES rungs).
+current one (its imports are this tree's) and built as the model runner builds it (with the CPU
+kernels' argmax and, --path kernel, their draw, csrc/sample.cpp; --path torch: the torch path);
+the two run interleaved, each first in every other repeat. Prints the median ms per sampler call
+and, for the current tree's torch path, how many of the rows' top-p truncations stopped at each
+width (engine/sampler.py's CANDIDATES rungs).
 """
 
 from __future__ import annotations
@@ -84,13 +86,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--path", choices=["kernel", "torch"], default="kernel")
     args = parser.parse_args()
 
+    from scalellm.engine import cpu_kernels
     from scalellm.engine import sampler as current
     from scalellm.engine.request import Request
     from scalellm.types import SamplingParams
 
     torch.set_num_threads(args.threads)
+    cpu = torch.device("cpu")
     with tempfile.TemporaryDirectory() as tmp:
         baseline = baseline_sampler(args.baseline_rev, Path(tmp))
     logits = model_logits(max(args.batch))
@@ -110,8 +115,12 @@ def main() -> None:
             ]
             rows = logits[:batch]
             samplers = {
-                f"baseline ({args.baseline_rev})": baseline.Sampler(torch.device("cpu")),
-                "current": current.Sampler(torch.device("cpu")),
+                f"baseline ({args.baseline_rev})": baseline.Sampler(cpu),
+                "current": current.Sampler(
+                    cpu,
+                    cpu_kernels.greedy_argmax(cpu),
+                    cpu_kernels.fused_sample(cpu) if args.path == "kernel" else None,
+                ),
             }
             times: dict[str, list[float]] = {name: [] for name in samplers}
             for repeat in range(args.repeats):

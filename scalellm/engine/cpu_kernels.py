@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from scalellm.engine.attention import AttentionMetadata, PrefillSpan, prefill_span
+from scalellm.engine.sampler import SampleRows
 from scalellm.models import ops_triton
 from scalellm.models.ops import LayerOps, TorchOps
 
@@ -41,6 +42,7 @@ SOURCES = (
     CSRC / "quant_ops.cpp",
     CSRC / "linear_panels.cpp",
     CSRC / "argmax.cpp",
+    CSRC / "sample.cpp",
     CSRC / "decode_stack.cpp",
 )
 HEADERS = (CSRC / "kernels.h", CSRC / "vec256.h", CSRC / "vec512.h")
@@ -270,6 +272,36 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 def greedy_argmax(device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """``argmax`` where it applies (CPU, kernels built), else None: torch's."""
     return argmax if device.type == "cpu" and available() else None
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: list[float],
+    top_k: list[int],
+    top_p: list[float],
+    min_p: list[float],
+    uniforms: torch.Tensor,
+) -> torch.Tensor:
+    """[N] token ids drawn from [N, V] CPU logits (float32 or bfloat16, rows contiguous), row r
+    with its temperature (> 0), top_k (0: none), top_p, min_p and uniform in [0, 1): the tokens
+    ``Sampler``'s torch path keeps, and the one whose running sum first exceeds u times their
+    mass (csrc/sample.cpp)."""
+    out = torch.empty(logits.shape[0], dtype=torch.long)
+    torch.ops.scalellm_cpu.sample_rows(
+        out,
+        logits,
+        torch.tensor(temperature, dtype=torch.float32),
+        torch.tensor(top_k, dtype=torch.long),
+        torch.tensor(top_p, dtype=torch.float32),
+        torch.tensor(min_p, dtype=torch.float32),
+        uniforms,
+    )
+    return out
+
+
+def fused_sample(device: torch.device) -> SampleRows | None:
+    """``sample`` where it applies (CPU, kernels built), else None: the sampler's torch path."""
+    return sample if device.type == "cpu" and available() else None
 
 
 W8A8_PATHS = {"scalar": 1, "avx2": 2, "vnni": 3, "amx": 4}

@@ -167,7 +167,9 @@ class ModelRunner:
             self.graphs = None if eager_reason else self._decode_graphs(max_model_len)
         if eager_reason:
             log.info("decode steps run eagerly: %s", eager_reason)
-        self.sampler = Sampler(self.device, cpu_kernels.greedy_argmax(self.device))
+        self.sampler = Sampler(
+            self.device, cpu_kernels.greedy_argmax(self.device), cpu_kernels.fused_sample(self.device)
+        )
         log.info(
             "model %s on %s (%s, weights %s), KV cache %s, %d blocks x %d tokens",
             model_config.architecture,

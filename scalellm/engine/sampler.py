@@ -64,14 +64,27 @@ def torch_argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
+SampleRows = Callable[
+    [torch.Tensor, list[float], list[int], list[float], list[float], torch.Tensor], torch.Tensor
+]
+"""(logits [N, V], temperature, top_k, top_p, min_p, uniforms [N]) -> [N] token ids: the tokens
+``_sample_torch`` keeps for those parameters (top_k 0: none), the one whose running sum first
+exceeds u times their mass (cpu_kernels.sample)."""
+
+
 class Sampler:
     def __init__(
-        self, device: torch.device, argmax: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self,
+        device: torch.device,
+        argmax: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        sample_rows: SampleRows | None = None,
     ) -> None:
         """``argmax``: [N, V] -> [N], ``torch.argmax(dim=-1)``'s indices (cpu_kernels.argmax on
-        CPU); None: torch's."""
+        CPU); None: torch's. ``sample_rows``: the draw of rows without a seed from the model's
+        logits as they are (cpu_kernels.sample on CPU); None: ``_sample_torch``'s."""
         self.device = device
         self._argmax = argmax or torch_argmax
+        self._sample_rows = sample_rows
         self._generators: dict[str, torch.Generator] = {}
         self._before: dict[str, tuple[torch.Tensor, int]] = {}
         """A seeded request sampling several rows (draft tokens): its generator's state before
@@ -104,14 +117,16 @@ class Sampler:
     @torch.inference_mode()
     def draw(self, logits: torch.Tensor, requests: list[Request]) -> Drawn:
         """logits [N, V] in the model's dtype, one row per request, in order: the tokens (and
-        logprobs where asked for) on the logits' device, without waiting for them. A batch of
-        plain greedy rows takes the argmax of those logits as they are (widening to float32 is
-        exact, so the index is the same); anything else works on a float32 copy."""
+        logprobs where asked for) on the logits' device, without waiting for them. Greedy rows
+        take the argmax of those logits as they are (widening to float32 is exact, so the index
+        is the same), and so does ``sample_rows`` where there is one (it widens as it reads);
+        logits controls, logprobs and the torch path work on a float32 copy."""
         params = [r.sampling_params for r in requests]
         want = [p.logprobs for p in params]
         if _plain_greedy(params):
             return Drawn(self._argmax(logits), None, want)
-        logits = logits.float()
+        if self._sample_rows is None or any(p.uses_logits_controls or p.logprobs is not None for p in params):
+            logits = logits.float()
         token_ids = self._pick(self._controls(logits, requests), requests)
         if all(n is None for n in want):
             return Drawn(token_ids, None, want)
@@ -130,6 +145,34 @@ class Sampler:
         return token_ids
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Each row's draw: rows without a seed by ``sample_rows`` where there is one, with a
+        uniform each from torch's generator; the others by ``_sample_torch``, over float32."""
+        params = [r.sampling_params for r in requests]
+        fused = [] if self._sample_rows is None else [i for i, p in enumerate(params) if p.seed is None]
+        if len(fused) == len(requests):
+            return self._sample_fused(logits, params)
+        if not fused:
+            return self._sample_torch(logits.float(), requests)
+        rest = [i for i, p in enumerate(params) if p.seed is not None]
+        mine, others = to_device(fused, logits.device), to_device(rest, logits.device)
+        token_ids = torch.empty(len(requests), dtype=torch.long, device=logits.device)
+        token_ids[mine] = self._sample_fused(logits[mine], [params[i] for i in fused])
+        token_ids[others] = self._sample_torch(logits[others].float(), [requests[i] for i in rest])
+        return token_ids
+
+    def _sample_fused(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        assert self._sample_rows is not None
+        vocab = logits.shape[-1]
+        return self._sample_rows(
+            logits,
+            [p.temperature for p in params],
+            [p.top_k if 0 < p.top_k < vocab else 0 for p in params],
+            [p.top_p for p in params],
+            [p.min_p for p in params],
+            torch.rand(len(params)),
+        )
+
+    def _sample_torch(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """Each row's draw: temperature; top-k and top-p where the row asks for them, over its
         largest logits a rung at a time (``truncate`` over ``_width``'s, then ``_wider``'s, as
         far as its top-p needs), else its whole distribution; then min-p and ``_draw``. Which

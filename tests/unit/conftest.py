@@ -1,15 +1,18 @@
-"""Fixtures of the gateway's unit tests: the gateway in-process in front of scripted decode
-workers (ScriptedDecode and Mesh, tests/unit/test_gateway_server.py), for every module here."""
+"""Fixtures of the unit tests: the gateway in-process in front of scripted decode workers
+(ScriptedDecode and Mesh, tests/unit/test_gateway_server.py), and the sampler on each of its
+draw paths, for every module here."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import torch
 
+from scalellm.engine.sampler import Sampler
 from scalellm.v1 import worker_pb2_grpc
 from services.gateway.admission import ServedModel
 from services.gateway.config import GatewayConfig
@@ -73,3 +76,16 @@ def _fields(config: GatewayConfig) -> dict[str, Any]:
 @pytest.fixture
 async def mesh(mesh_factory: MeshFactory) -> Mesh:
     return await mesh_factory()
+
+
+@pytest.fixture(params=["torch", "kernel"])
+def make_sampler(request: pytest.FixtureRequest) -> Callable[[], Sampler]:
+    """A CPU Sampler maker: unseeded rows drawn by the torch path, or by the C++ kernel
+    (cpu_kernels.sample, as the model runner builds it; skipped without a C++ toolchain)."""
+    from scalellm.engine import cpu_kernels
+
+    if request.param == "torch":
+        return lambda: Sampler(torch.device("cpu"))
+    if not cpu_kernels.available():
+        pytest.skip("no C++ toolchain for the CPU kernels")
+    return lambda: Sampler(torch.device("cpu"), cpu_kernels.argmax, cpu_kernels.sample)

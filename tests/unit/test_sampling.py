@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -20,9 +21,9 @@ def _logits(rows: int = 4, vocab: int = 50, seed: int = 0) -> torch.Tensor:
     return torch.randn(rows, vocab, generator=g) * 3
 
 
-def test_greedy_is_argmax() -> None:
+def test_greedy_is_argmax(make_sampler: Callable[[], Sampler]) -> None:
     logits = _logits()
-    out = Sampler(torch.device("cpu"))(logits, _reqs(*[SamplingParams(temperature=0.0)] * 4))
+    out = make_sampler()(logits, _reqs(*[SamplingParams(temperature=0.0)] * 4))
     assert out.token_ids == logits.argmax(-1).tolist()
 
 
@@ -46,12 +47,12 @@ def test_bfloat16_logits_sample_as_their_float32_values(argmax: str | None) -> N
     assert got.logprobs == want.logprobs and got.logprobs[0] is not None
 
 
-def test_seeded_rows_are_reproducible_whatever_the_batch() -> None:
+def test_seeded_rows_are_reproducible_whatever_the_batch(make_sampler: Callable[[], Sampler]) -> None:
     logits = _logits(rows=3) / 3
     seeded = SamplingParams(temperature=1.0, seed=1234)
-    first = Sampler(torch.device("cpu"))
+    first = make_sampler()
     alone = [first(logits[1:2], _reqs(seeded)).token_ids[0] for _ in range(20)]
-    second = Sampler(torch.device("cpu"))
+    second = make_sampler()
     # The first row's top-k makes the batch sort its rows: the seeded row's draws must not care.
     batch = _reqs(SamplingParams(temperature=0.7, top_k=5), seeded, SamplingParams(temperature=0.0))
     batch[1].request_id = "r0"  # same request id -> same generator stream as `alone`
@@ -60,44 +61,42 @@ def test_seeded_rows_are_reproducible_whatever_the_batch() -> None:
     assert len(set(alone)) > 1  # it does sample, not argmax
 
 
-def test_top_k_one_and_tiny_top_p_reduce_to_argmax() -> None:
+def test_top_k_one_and_tiny_top_p_reduce_to_argmax(make_sampler: Callable[[], Sampler]) -> None:
     logits = _logits()
-    sampler = Sampler(torch.device("cpu"))
+    sampler = make_sampler()
     for params in (SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=1.0, top_p=1e-6)):
         for _ in range(5):
             assert sampler(logits, _reqs(*[params] * 4)).token_ids == logits.argmax(-1).tolist()
 
 
-def test_top_k_keeps_only_the_k_best() -> None:
+def test_top_k_keeps_only_the_k_best(make_sampler: Callable[[], Sampler]) -> None:
     logits = _logits(rows=1, vocab=100)
     allowed = set(logits[0].topk(3).indices.tolist())
-    sampler = Sampler(torch.device("cpu"))
+    sampler = make_sampler()
     seen = {sampler(logits, _reqs(SamplingParams(temperature=2.0, top_k=3))).token_ids[0] for _ in range(200)}
     assert seen <= allowed and len(seen) == 3
 
 
-def test_top_p_and_min_p_cut_the_tail() -> None:
+def test_top_p_and_min_p_cut_the_tail(make_sampler: Callable[[], Sampler]) -> None:
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     logits = probs.log()
-    sampler = Sampler(torch.device("cpu"))
+    sampler = make_sampler()
     seen_p = {sampler(logits, _reqs(SamplingParams(top_p=0.8))).token_ids[0] for _ in range(300)}
     assert seen_p == {0, 1}  # 0.5 + 0.3 reaches 0.8: the tail is cut
     seen_m = {sampler(logits, _reqs(SamplingParams(min_p=0.25))).token_ids[0] for _ in range(300)}
     assert seen_m == {0, 1, 2}  # below 0.25 * 0.5 = 0.125 is dropped
 
 
-def test_sampling_follows_the_distribution() -> None:
+def test_sampling_follows_the_distribution(make_sampler: Callable[[], Sampler]) -> None:
     logits = torch.tensor([[0.0, math.log(3.0)]])  # p = [0.25, 0.75]
-    sampler = Sampler(torch.device("cpu"))
+    sampler = make_sampler()
     picks = [sampler(logits, _reqs(SamplingParams(seed=None))).token_ids[0] for _ in range(2000)]
     assert 0.70 < sum(picks) / len(picks) < 0.80
 
 
-def test_logprobs_are_raw_log_softmax() -> None:
+def test_logprobs_are_raw_log_softmax(make_sampler: Callable[[], Sampler]) -> None:
     logits = _logits(rows=2)
-    out = Sampler(torch.device("cpu"))(
-        logits, _reqs(SamplingParams(temperature=0.0, logprobs=3), SamplingParams())
-    )
+    out = make_sampler()(logits, _reqs(SamplingParams(temperature=0.0, logprobs=3), SamplingParams()))
     lp = out.logprobs[0]
     ref = logits[0].log_softmax(-1)
     assert lp is not None and lp.token_id == out.token_ids[0]
@@ -204,11 +203,13 @@ def test_sampling_over_candidates_draws_what_a_full_sort_draws(monkeypatch: pyte
     assert max(int(ranks[step[1]]) for step in batched) >= 1024  # the flat row drew past the candidates
 
 
-def test_an_unseeded_draw_never_picks_a_token_it_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unseeded_draw_never_picks_a_token_it_cut(
+    monkeypatch: pytest.MonkeyPatch, make_sampler: Callable[[], Sampler]
+) -> None:
     """The inverse-CDF draw at its extremes: u = 0 and u just under 1 (rounded up to the row's
     mass) land on the first and last tokens with p > 0, never on a cut one past them."""
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     for u, expected in ((0.0, {0}), (1.0 - 2.0**-24, {1})):
         monkeypatch.setattr(torch, "rand", lambda *shape, u=u, **kw: torch.full(shape, u))
-        seen = {Sampler(torch.device("cpu"))(probs.log(), _reqs(SamplingParams(top_p=0.8))).token_ids[0]}
+        seen = {make_sampler()(probs.log(), _reqs(SamplingParams(top_p=0.8))).token_ids[0]}
         assert seen == expected

@@ -4,6 +4,7 @@ logit_bias, min_tokens, bad words, allowed_token_ids; and what they do to sample
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -99,11 +100,11 @@ def test_a_batch_without_controls_is_not_copied() -> None:
     assert LogitsControls()(logits, reqs) is logits
 
 
-def test_min_tokens_holds_back_eos_and_stop_ids_until_reached() -> None:
+def test_min_tokens_holds_back_eos_and_stop_ids_until_reached(make_sampler: Callable[[], Sampler]) -> None:
     logits = torch.zeros(1, VOCAB)
     logits[0, EOS] = 10.0
     logits[0, 9] = 9.0
-    sampler = Sampler(torch.device("cpu"))
+    sampler = make_sampler()
     params = SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=(9,))
     for n in range(3):
         assert sampler(logits, [_request("m", params, [1], [20] * n)]).token_ids[0] not in (EOS, 9)
@@ -112,9 +113,9 @@ def test_min_tokens_holds_back_eos_and_stop_ids_until_reached() -> None:
     assert sampler(logits, [_request("i", ignoring, [1])]).token_ids == [EOS]  # EOS does not stop it
 
 
-def test_logit_bias_forces_and_bans_tokens_in_sampling() -> None:
+def test_logit_bias_forces_and_bans_tokens_in_sampling(make_sampler: Callable[[], Sampler]) -> None:
     logits = _logits(1)
-    sampler = Sampler(torch.device("cpu"))
+    sampler = make_sampler()
     forced = SamplingParams(temperature=1.0, logit_bias={17: 100.0})
     assert {sampler(logits, [_request("f", forced, [1])]).token_ids[0] for _ in range(50)} == {17}
     top = int(logits[0].argmax())
@@ -122,20 +123,20 @@ def test_logit_bias_forces_and_bans_tokens_in_sampling() -> None:
     assert sampler(logits, [_request("b", banned, [1])]).token_ids[0] != top
 
 
-def test_banned_ids_never_appear_in_samples() -> None:
+def test_banned_ids_never_appear_in_samples(make_sampler: Callable[[], Sampler]) -> None:
     logits = torch.zeros(1, VOCAB)  # uniform: every token is likely without the ban
     banned = list(range(0, VOCAB, 2))
     params = SamplingParams(temperature=1.0, bad_words_token_ids=[(t,) for t in banned])
-    sampler = Sampler(torch.device("cpu"))
+    sampler = make_sampler()
     seen = {sampler(logits, [_request("b", params, [1])]).token_ids[0] for _ in range(300)}
     assert seen.isdisjoint(banned) and len(seen) > 10
 
 
-def test_only_allowed_ids_are_sampled_greedy_or_not() -> None:
+def test_only_allowed_ids_are_sampled_greedy_or_not(make_sampler: Callable[[], Sampler]) -> None:
     logits = torch.zeros(2, VOCAB)  # uniform: every token is likely without the list
     logits[:, 0] = 50.0  # and token 0 would win every draw
     allowed = (3, 17, 31)
-    sampler = Sampler(torch.device("cpu"))
+    sampler = make_sampler()
     reqs = [
         _request("s", SamplingParams(temperature=1.0, allowed_token_ids=allowed), [1]),
         _request("g", SamplingParams(temperature=0.0, allowed_token_ids=allowed), [1]),
@@ -164,22 +165,22 @@ def test_allowed_token_ids_are_checked_and_normalised() -> None:
     ],
 )
 def test_sampled_frequencies_follow_the_penalised_distribution(
-    params: SamplingParams, p_repeat: float
+    params: SamplingParams, p_repeat: float, make_sampler: Callable[[], Sampler]
 ) -> None:
     """Two live tokens of equal logits; token 0 is in the output (twice), token 1 is in neither
     prompt nor output. Token 0's sampled share is the softmax of the controlled logits, as
     vLLM's formulas give it."""
     logits = torch.tensor([[2.0, 2.0, -math.inf]])
     req = _request("d", params, [2], [0, 0] if params.frequency_penalty else [0])
-    sampler = Sampler(torch.device("cpu"))
+    sampler = make_sampler()
     picks = [sampler(logits, [req]).token_ids[0] for _ in range(3000)]
     share = picks.count(0) / len(picks)
     assert abs(share - p_repeat) < 0.035, share
 
 
-def test_penalties_change_greedy_choice_and_leave_logprobs_raw() -> None:
+def test_penalties_change_greedy_choice_and_leave_logprobs_raw(make_sampler: Callable[[], Sampler]) -> None:
     logits = torch.tensor([[3.0, 2.9, 0.0, 1.0]])
-    sampler = Sampler(torch.device("cpu"))
+    sampler = make_sampler()
     plain = SamplingParams(temperature=0.0, logprobs=1)
     penalised = SamplingParams(temperature=0.0, logprobs=1, presence_penalty=0.2)
     assert sampler(logits, [_request("a", plain, [3], [0])]).token_ids == [0]
