@@ -24,6 +24,9 @@ MAX_LOGIT_BIAS = 100.0
 """logit_bias values lie in [-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS] (OpenAI's range)."""
 MAX_PENALTY = 2.0
 """presence_penalty and frequency_penalty lie in [-MAX_PENALTY, MAX_PENALTY] (OpenAI's range)."""
+GREEDY_BELOW = 1e-5
+"""A temperature under this samples greedily, as vLLM's does: dividing logits by it would
+overflow float32 (1e-46 is 0 there), and the distribution is argmax's to float32 precision."""
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,7 @@ class SamplingParams:
     """How to pick tokens for one request.
 
     n: how many choices to generate (the gateway fans them out; the engine runs one per request).
-    temperature: 0 means greedy; otherwise logits are divided by it before sampling.
+    temperature: 0 (or under GREEDY_BELOW) means greedy; otherwise logits are divided by it before sampling.
     top_p: keep the smallest set of tokens whose probability sums to at least top_p, in (0, 1].
     top_k: keep the k most likely tokens (0 or -1: all).
     min_p: drop tokens whose probability is below min_p times the top token's, in [0, 1].
@@ -213,8 +216,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """True when sampling reduces to argmax."""
-        return self.temperature == 0.0 or self.top_k == 1
+        """True when sampling reduces to argmax: top_k 1, or a temperature under GREEDY_BELOW."""
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
     def stops_on(self, token_id: int, eos_token_ids: Collection[int]) -> bool:
         """Whether token_id ends the output: an EOS (unless ignore_eos) or one of stop_token_ids."""

@@ -61,10 +61,17 @@ def test_seeded_rows_are_reproducible_whatever_the_batch(make_sampler: Callable[
     assert len(set(alone)) > 1  # it does sample, not argmax
 
 
-def test_top_k_one_and_tiny_top_p_reduce_to_argmax(make_sampler: Callable[[], Sampler]) -> None:
+def test_top_k_one_tiny_top_p_and_tiny_temperatures_reduce_to_argmax(
+    make_sampler: Callable[[], Sampler],
+) -> None:
     logits = _logits()
     sampler = make_sampler()
-    for params in (SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=1.0, top_p=1e-6)):
+    tiny = (SamplingParams(temperature=1e-46), SamplingParams(temperature=5e-6, top_p=0.9))  # greedy, not NaN
+    for params in (
+        SamplingParams(temperature=1.0, top_k=1),
+        SamplingParams(temperature=1.0, top_p=1e-6),
+        *tiny,
+    ):
         for _ in range(5):
             assert sampler(logits, _reqs(*[params] * 4)).token_ids == logits.argmax(-1).tolist()
 

@@ -1,19 +1,23 @@
 // Sampling's draw for rows without a seed (CPU): temperature, top-k, top-p, min-p and a token
 // by one uniform, per row, from the model's logits as they are (float32 or bfloat16), in one call
 // for the batch. engine/sampler.py's torch path does the same in separate ops over a float32
-// copy of the whole batch (the copy, the division, softmax, cumsum, a topk per rung): 15-40 ms
-// for 64 rows of SmolLM2's 49152 logits on 2 Zen 4 cores, a tenth to a third of a decode step.
+// copy of the whole batch (the copy, the division, softmax, cumsum, a topk per rung): 4-45 ms
+// for 64 rows of SmolLM2's 49152 logits on 2 Zen 4 cores by the parameters, 1-8 ms here
+// (bench/sampler_truncation.py; a decode step of 64 streams: ~60 ms).
 //
 // Per row, in a buffer of the row's own:
 //
-//   peak       max_i x[i]                                 (a NaN or +inf: the first such index)
+//   peak       max_i x[i]                                 (a NaN or +inf: argmax's index instead)
 //   e[i]       exp((x[i] - peak) / t), e[peak's] = 1      one vectorized pass, Z = sum e[i]
 //   no top-k / top-p:   the tokens with e[i] >= min_p, in vocabulary order
-//   top-k or top-p:     the candidates e[i] >= tau, tau the first of 2^-2, 2^-4, ... 2^-24, 0
-//                       under which they are enough (count >= top_k; else mass >= top_p * Z),
-//                       sorted largest first: the top_k first ones (renormalized over them),
-//                       then those with mass above them < top_p, then those >= min_p
+//   top-k or top-p:     the candidates e[i] >= tau, tau the first of kThresholds (powers of two
+//                       from 2^-2 to 2^-24, then 0) under which they are enough (count >= top_k;
+//                       else mass >= top_p * Z), sorted largest first: the top_k first ones
+//                       (renormalized over them), then those with mass above them < top_p, then
+//                       those >= min_p
 //   token      the first kept one whose running sum of e exceeds u * (their sum)
+//
+// A masked token (-inf: a grammar, a ban) has e = 0 and is never kept.
 //
 // The same kept tokens as the torch path (engine/sampler.py's ``truncate``), up to float32
 // rounding of the sums at a top-p boundary; the draw inverts the kept tokens' CDF as ``_draw``
