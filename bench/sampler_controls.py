@@ -11,8 +11,9 @@ Rows per batch size, all in one run with the kinds interleaved:
              request, 512-token prompts and 256-token outputs
   grammar    a JSON schema on every request, each matcher part-way through an object (its state
              does not advance between repeats: bench/grammar_engines.py measures advancing walks)
-The controlled kinds share the plain kind's greedy / top-p mix. Medians of the repeats, in
-microseconds per sampler call.
+The controlled kinds share the plain kind's greedy / top-p mix. The sampler is built as the
+model runner builds it (the CPU kernels' argmax and draw where they are built). Medians of the
+repeats, in microseconds per sampler call.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from collections.abc import Callable
 
 import torch
 
+from scalellm.engine import cpu_kernels
 from scalellm.engine.grammar import GrammarCompiler
 from scalellm.engine.logits_controls import LogitsControls
 from scalellm.engine.request import Request
@@ -99,7 +101,9 @@ def main() -> None:
     print("| batch | plain us | check us (share of plain) | penalties us (x plain) | grammar us (x plain) |")
     print("|---:|---:|---:|---:|---:|")
     for batch in args.batch:
-        sampler, controls = Sampler(torch.device("cpu")), LogitsControls()
+        cpu = torch.device("cpu")
+        sampler = Sampler(cpu, cpu_kernels.greedy_argmax(cpu), cpu_kernels.fused_sample(cpu))
+        controls = LogitsControls()
         reqs = {k: requests(k, batch, compiler, rng) for k in ("plain", "penalties", "grammar")}
         logits = torch.randn(batch, VOCAB) * 3
         times: dict[str, list[float]] = {k: [] for k in ("plain", "check", "penalties", "grammar")}

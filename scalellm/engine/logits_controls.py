@@ -23,6 +23,9 @@ a step's forward pass and before sampling it.
 
 from __future__ import annotations
 
+import array
+import itertools
+
 import torch
 
 from scalellm.engine.grammar import BitmaskFiller
@@ -119,23 +122,38 @@ def _bias(logits: torch.Tensor, requests: list[Request]) -> None:
 
 
 def _penalties(logits: torch.Tensor, requests: list[Request]) -> None:
+    """Repetition, frequency and presence penalties, on the (row, token) pairs they touch only:
+    the tokens each request's output holds (and its prompt's, where a row of the batch has a
+    repetition penalty), not the whole vocabulary of every row (64 rows of a 49k vocabulary
+    made ~10 passes over 12.5 MB: ~20 ms a step)."""
     rows = [i for i, r in enumerate(requests) if _has_penalty(r)]
     if not rows:
         return
     reqs = [requests[i] for i in rows]
     dev, vocab = logits.device, logits.shape[1]
-    index = to_device(rows, dev)
-    sub = logits[index]
-    counts = _counts([r.output_token_ids for r in reqs], vocab, dev)
-    in_output = counts > 0
+    # keys: local row * vocab + token, sorted and unique; counts: times in the output
+    out_keys, counts = _keys([r.output_token_ids for r in reqs], vocab, dev).unique(return_counts=True)
     repetition = [r.sampling_params.repetition_penalty for r in reqs]
-    if any(r != 1.0 for r in repetition):
-        seen = in_output | (_counts([r.prompt_token_ids for r in reqs], vocab, dev) > 0)
-        factor = torch.where(seen, _column(repetition, sub), torch.ones_like(sub))
-        sub = torch.where(sub > 0, sub / factor, sub * factor)
-    frequency = _column([r.sampling_params.frequency_penalty for r in reqs], sub)
-    presence = _column([r.sampling_params.presence_penalty for r in reqs], sub)
-    logits[index] = sub - frequency * counts - presence * in_output
+    keys = out_keys
+    if any(r != 1.0 for r in repetition):  # seen: in the prompt or the output
+        keys = torch.cat([out_keys, _keys([r.prompt_token_ids for r in reqs], vocab, dev)]).unique()
+    if keys is out_keys:
+        in_output, count = torch.ones_like(keys, dtype=torch.bool), counts
+    elif len(out_keys):
+        at = torch.searchsorted(out_keys, keys).clamp_(max=len(out_keys) - 1)
+        in_output = out_keys[at] == keys
+        count = torch.where(in_output, counts[at], 0)
+    else:  # no output yet (a prompt's first token): the prompt's tokens, for repetition
+        in_output, count = torch.zeros_like(keys, dtype=torch.bool), torch.zeros_like(keys)
+    local, token = keys // vocab, keys % vocab
+    row = to_device(rows, dev)[local]
+    value = logits[row, token]
+    if keys is not out_keys:
+        factor = to_device(repetition, dev, logits.dtype)[local]
+        value = torch.where(value > 0, value / factor, value * factor)
+    frequency = to_device([r.sampling_params.frequency_penalty for r in reqs], dev, logits.dtype)[local]
+    presence = to_device([r.sampling_params.presence_penalty for r in reqs], dev, logits.dtype)[local]
+    logits[row, token] = value - frequency * count.to(logits.dtype) - presence * in_output.to(logits.dtype)
 
 
 def _has_penalty(req: Request) -> bool:
@@ -143,15 +161,14 @@ def _has_penalty(req: Request) -> bool:
     return p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
 
 
-def _counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    """float [len(token_lists), vocab]: how often each token occurs in each list (padding goes
-    to an extra column that is dropped)."""
-    width = max(1, max(len(t) for t in token_lists))
-    padded = to_device([t + [vocab] * (width - len(t)) for t in token_lists], device)
-    counts = torch.zeros((len(token_lists), vocab + 1), device=device)
-    counts.scatter_add_(1, padded, torch.ones(padded.shape, device=device))
-    return counts[:, :vocab]
-
-
-def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    return to_device(values, like.device, like.dtype).unsqueeze(1)
+def _keys(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """int64 [total tokens]: row * vocab + token for each token of each row's list. The lists go
+    through an array of int64 (C speed: 64 lists of 768 tokens in ~2 ms, ~10 as a list of keys)."""
+    flat = array.array("q", itertools.chain.from_iterable(token_lists))
+    if not flat:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    rows = torch.arange(len(token_lists)) * vocab
+    keys = torch.frombuffer(flat, dtype=torch.long) + rows.repeat_interleave(
+        to_device([len(t) for t in token_lists], rows.device)
+    )
+    return upload(keys, device)

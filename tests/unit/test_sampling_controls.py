@@ -94,6 +94,34 @@ def test_every_control_matches_the_reference_row_by_row() -> None:
     torch.testing.assert_close(logits, _logits(7))  # the raw logits are not touched (logprobs use them)
 
 
+def test_penalties_over_a_random_batch_match_the_reference() -> None:
+    """Penalties touch only the (row, token) pairs a request's prompt and output hold: a batch of
+    random prompts and outputs (repeats, empty outputs, rows without penalties between them, -inf
+    logits) against the reference, row by row."""
+    gen = torch.Generator().manual_seed(5)
+    logits = _logits(24, seed=3)
+    logits[::5, 7] = -math.inf
+    reqs = []
+    for i in range(24):
+        prompt = torch.randint(
+            0, VOCAB, (int(torch.randint(1, 30, (1,), generator=gen)),), generator=gen
+        ).tolist()
+        output = torch.randint(
+            0, VOCAB, (int(torch.randint(0, 60, (1,), generator=gen)),), generator=gen
+        ).tolist()
+        kinds = [
+            SamplingParams(),
+            SamplingParams(presence_penalty=0.4 * (i % 3 - 1), frequency_penalty=0.3),
+            SamplingParams(repetition_penalty=1.0 + 0.1 * i),
+            SamplingParams(repetition_penalty=0.7, frequency_penalty=-0.2, presence_penalty=1.5),
+        ]
+        reqs.append(_request(f"r{i}", kinds[i % 4], prompt, output if i % 7 else []))
+    processed = LogitsControls()(logits, reqs)
+    for i, req in enumerate(reqs):
+        expected = torch.tensor(_reference(logits[i].tolist(), req))
+        torch.testing.assert_close(processed[i], expected, msg=req.request_id)
+
+
 def test_a_batch_without_controls_is_not_copied() -> None:
     logits = _logits(3)
     reqs = [_request(f"r{i}", SamplingParams(temperature=0.5, top_k=3), [1, 2], [3]) for i in range(3)]
