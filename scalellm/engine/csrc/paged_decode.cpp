@@ -37,7 +37,8 @@
 //
 //   scores[g, t] = scale_k[t] * (q_g . int8 K[t])      p[g, t] * scale_v[t] . int8 V[t]
 //
-// the values widened to float32 (exact); prefill tiles dequantize each tile into T first, as
+// the values widened to float32 (exact; K's scores, where AVX512-VNNI is, by vpdpwssd over an
+// int16 copy of the query, QueryHead<T, NV, int8_t>); prefill tiles dequantize each tile into T first, as
 // kv_quant.dequantize_rows does; write_kv quantizes as kv_quant.quantize_rows does (same bytes).
 // Elsewhere the scalar loops of decode_kernel (which the compiler vectorizes as it can; with AVX2
 // the softmax's exp runs 8 lanes at a time, vec256.h).
@@ -572,7 +573,8 @@ inline __m512 row_scales16(const int8_t* rows, int64_t stride, int64_t m) {
 // returns q . row_j for j < m (0 beyond), the rows `stride` elements apart. float32 arithmetic: q
 // * scale once, then one accumulator per row, lane by lane (dot_row), their lanes summed together
 // by reduce16 (16 horizontal sums cost more than the products). int8 rows (an int8 cache,
-// engine/kv_quant.py) are widened to float32 (exact) and each sum multiplied by its row's scale.
+// engine/kv_quant.py) are widened to float32 (exact) and each sum multiplied by its row's scale
+// (with AVX512-VNNI, the specialization below instead).
 template <typename T, int64_t NV, typename R = T>
 struct QueryHead {
   __m512 q[NV];
