@@ -285,7 +285,11 @@ def sample(
     """[N] token ids drawn from [N, V] CPU logits (float32 or bfloat16, rows contiguous), row r
     with its temperature (> 0), top_k (0: none), top_p, min_p and uniform in [0, 1): the tokens
     ``Sampler``'s torch path keeps, and the one whose running sum first exceeds u times their
-    mass (csrc/sample.cpp)."""
+    mass (csrc/sample.cpp; other dtypes are widened to float32 first, rows made contiguous)."""
+    if logits.dtype not in (torch.float32, torch.bfloat16):
+        logits = logits.float()
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
     out = torch.empty(logits.shape[0], dtype=torch.long)
     torch.ops.scalellm_cpu.sample_rows(
         out,

@@ -120,6 +120,19 @@ def test_rows_are_independent_of_the_batch() -> None:
     assert batch == [_draw(rows[i], *params[i], [float(u[i])])[0] for i in range(4)]
 
 
+def test_other_dtypes_and_strided_rows_draw_as_float32_rows() -> None:
+    """float16 logits are widened first, columns a stride apart copied: the same tokens as the
+    float32 rows for the same uniforms."""
+    rows = torch.stack([_row(2.0, seed=i) for i in range(3)]).half()
+    u = torch.rand(3)
+    args = ([0.8] * 3, [0, 20, 0], [0.9, 1.0, 1.0], [0.0, 0.0, 0.1])
+    want = cpu_kernels.sample(rows.float(), *args, u).tolist()
+    assert cpu_kernels.sample(rows, *args, u).tolist() == want
+    strided = torch.zeros(3, VOCAB, 2).half()
+    strided[..., 0] = rows
+    assert cpu_kernels.sample(strided[..., 0], *args, u).tolist() == want
+
+
 def test_bad_parameters_are_refused() -> None:
     x = torch.zeros(1, 10)
     for t, p, u in ((0.0, 1.0, 0.5), (1.0, 0.0, 0.5), (1.0, 1.0, 1.0)):
