@@ -134,21 +134,21 @@ def _penalties(logits: torch.Tensor, requests: list[Request]) -> None:
     # keys: local row * vocab + token, sorted and unique; counts: times in the output
     out_keys, counts = _keys([r.output_token_ids for r in reqs], vocab, dev).unique(return_counts=True)
     repetition = [r.sampling_params.repetition_penalty for r in reqs]
-    keys = out_keys
-    if any(r != 1.0 for r in repetition):  # seen: in the prompt or the output
+    repeats = any(r != 1.0 for r in repetition)
+    if not repeats:
+        keys, in_output, count = out_keys, torch.ones_like(out_keys, dtype=torch.bool), counts
+    else:  # seen: in the prompt or the output
         keys = torch.cat([out_keys, _keys([r.prompt_token_ids for r in reqs], vocab, dev)]).unique()
-    if keys is out_keys:
-        in_output, count = torch.ones_like(keys, dtype=torch.bool), counts
-    elif len(out_keys):
-        at = torch.searchsorted(out_keys, keys).clamp_(max=len(out_keys) - 1)
-        in_output = out_keys[at] == keys
-        count = torch.where(in_output, counts[at], 0)
-    else:  # no output yet (a prompt's first token): the prompt's tokens, for repetition
-        in_output, count = torch.zeros_like(keys, dtype=torch.bool), torch.zeros_like(keys)
+        if len(out_keys):
+            at = torch.searchsorted(out_keys, keys).clamp_(max=len(out_keys) - 1)
+            in_output = out_keys[at] == keys
+            count = torch.where(in_output, counts[at], 0)
+        else:  # no output yet (a prompt's first token): the prompt's tokens, for repetition
+            in_output, count = torch.zeros_like(keys, dtype=torch.bool), torch.zeros_like(keys)
     local, token = keys // vocab, keys % vocab
     row = to_device(rows, dev)[local]
     value = logits[row, token]
-    if keys is not out_keys:
+    if repeats:
         factor = to_device(repetition, dev, logits.dtype)[local]
         value = torch.where(value > 0, value / factor, value * factor)
     frequency = to_device([r.sampling_params.frequency_penalty for r in reqs], dev, logits.dtype)[local]

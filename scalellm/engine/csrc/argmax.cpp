@@ -15,13 +15,14 @@
 #include <cmath>
 #include <cstdint>
 
+#include "kernels.h"
 #include "vec256.h"
 #include "vec512.h"
 
 namespace {
 
 template <typename T>
-int64_t argmax_row(const T* x, int64_t n) {
+int64_t first_argmax(const T* x, int64_t n) {
   int64_t i = 0;
   float top = -INFINITY;
 #if defined(__AVX512F__)
@@ -69,6 +70,15 @@ int64_t argmax_row(const T* x, int64_t n) {
   return 0;  // n == 0 is refused below; every row of -inf has its maximum at 0
 }
 
+}  // namespace
+
+namespace scalellm {
+int64_t argmax_row(const float* x, int64_t n) { return first_argmax(x, n); }
+int64_t argmax_row(const c10::BFloat16* x, int64_t n) { return first_argmax(x, n); }
+}  // namespace scalellm
+
+namespace {
+
 void argmax_rows(const at::Tensor& out, const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) > 0 && x.stride(1) == 1, "x [N, V], V > 0, rows contiguous");
   TORCH_CHECK(out.dim() == 1 && out.size(0) == x.size(0) && out.scalar_type() == at::kLong &&
@@ -78,7 +88,7 @@ void argmax_rows(const at::Tensor& out, const at::Tensor& x) {
   const int64_t n = x.size(1), stride = x.stride(0);
   auto run = [&](auto* base) {
     at::parallel_for(0, x.size(0), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) dst[r] = argmax_row(base + r * stride, n);
+      for (int64_t r = begin; r < end; ++r) dst[r] = scalellm::argmax_row(base + r * stride, n);
     });
   };
   x.scalar_type() == at::kBFloat16 ? run(x.data_ptr<c10::BFloat16>()) : run(x.data_ptr<float>());

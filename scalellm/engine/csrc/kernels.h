@@ -1,6 +1,6 @@
 // The kernels' entry points (each file's torch op), declared for decode_stack.cpp, which calls
-// them in a decode step's order without going back to Python between them. Their contracts are
-// in the files that define them.
+// them in a decode step's order without going back to Python between them, and the row helpers
+// one kernel file shares with another. Their contracts are in the files that define them.
 //
 // Hidden: not exported from the built library. A benchmark loads an older build of a kernel
 // beside this one (bench/decode_kernel.py, bench/w8a8_kernel.py); with default visibility the
@@ -8,11 +8,17 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
 
+#include <cstdint>
 #include <optional>
 
 #pragma GCC visibility push(hidden)
 namespace scalellm {
+
+// argmax.cpp (sample.cpp's rows without a finite peak take it)
+int64_t argmax_row(const float* x, int64_t n);
+int64_t argmax_row(const c10::BFloat16* x, int64_t n);
 
 // fused_ops.cpp
 void rms_norm(const at::Tensor& out, const at::Tensor& x, const std::optional<at::Tensor>& residual,

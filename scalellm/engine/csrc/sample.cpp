@@ -33,6 +33,7 @@
 #include <utility>
 #include <vector>
 
+#include "kernels.h"
 #include "vec256.h"
 #include "vec512.h"
 
@@ -45,52 +46,6 @@ struct Params {
   float min_p;     // 0: none
   float u;         // the row's uniform in [0, 1)
 };
-
-// The row's largest value; -1 where it is not finite (a NaN anywhere, or +inf, or all -inf).
-template <typename T>
-float peak_of(const T* x, int64_t n) {
-  float top = -INFINITY;
-  bool bad = false;
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  __m512 best = _mm512_set1_ps(-INFINITY);
-  __mmask16 nan = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512 v = load16(x + i);
-    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    best = _mm512_max_ps(best, v);
-  }
-  top = _mm512_reduce_max_ps(best);
-  bad = nan != 0;
-#elif defined(SCALELLM_AVX2)
-  __m256 best = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
-  for (; i + 8 <= n; i += 8) {
-    const __m256 v = load8(x + i);
-    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    best = _mm256_max_ps(best, v);
-  }
-  top = hmax8(best);
-  bad = _mm256_movemask_ps(nan) != 0;
-#endif
-  for (; i < n; ++i) {
-    const float f = static_cast<float>(x[i]);
-    bad |= std::isnan(f);
-    top = f > top ? f : top;
-  }
-  return bad || !std::isfinite(top) ? NAN : top;
-}
-
-// The index a row with no finite peak gets: argmax's (the first NaN, else the first maximum).
-template <typename T>
-int64_t fallback(const T* x, int64_t n) {
-  int64_t best = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const float f = static_cast<float>(x[i]);
-    if (std::isnan(f)) return i;
-    if (f > static_cast<float>(x[best])) best = i;
-  }
-  return best;
-}
 
 // e[i] = exp((x[i] - peak) * inv_t) for i < n (0 where x[i] is -inf); returns their sum.
 template <typename T>
@@ -208,8 +163,9 @@ inline bool larger_first(const std::pair<float, int32_t>& a, const std::pair<flo
 // One row's token: see the file's header. e and cand: buffers of n.
 template <typename T>
 int64_t draw_row(const T* x, int64_t n, const Params& p, float* e, std::pair<float, int32_t>* cand) {
-  const float peak = peak_of(x, n);
-  if (std::isnan(peak)) return fallback(x, n);
+  const int64_t top = scalellm::argmax_row(x, n);  // the first NaN, else the first maximum
+  const float peak = static_cast<float>(x[top]);
+  if (!std::isfinite(peak)) return top;  // a NaN, +inf, or every token masked: argmax's index
   const float total = exps(x, n, peak, p.inv_t, e);
   const bool has_k = p.top_k > 0 && p.top_k < n;
   if (!has_k && p.top_p >= 1.f) {  // the whole distribution (min-p's floor: e of the peak is 1)
