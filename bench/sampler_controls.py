@@ -102,7 +102,7 @@ def main() -> None:
     print("|---:|---:|---:|---:|---:|")
     for batch in args.batch:
         cpu = torch.device("cpu")
-        sampler = Sampler(cpu, cpu_kernels.greedy_argmax(cpu), cpu_kernels.fused_sample(cpu))
+        sampler = Sampler(cpu, cpu_kernels.sampler_kernels(cpu))
         controls = LogitsControls()
         reqs = {k: requests(k, batch, compiler, rng) for k in ("plain", "penalties", "grammar")}
         logits = torch.randn(batch, VOCAB) * 3

@@ -18,6 +18,7 @@ width (engine/sampler.py's CANDIDATES rungs).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import platform
 import statistics
@@ -102,6 +103,9 @@ def main() -> None:
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads")
     widths: Counter[int] = Counter()
     real_truncate = current.truncate
+    kernels = cpu_kernels.sampler_kernels(cpu)
+    if args.path == "torch":
+        kernels = dataclasses.replace(kernels, sample_rows=None)
 
     def counting(logits: torch.Tensor, top_k: list[int], top_p: list[float], width: int) -> object:
         probs, ids, complete = real_truncate(logits, top_k, top_p, width)
@@ -116,11 +120,7 @@ def main() -> None:
             rows = logits[:batch]
             samplers = {
                 f"baseline ({args.baseline_rev})": baseline.Sampler(cpu),
-                "current": current.Sampler(
-                    cpu,
-                    cpu_kernels.greedy_argmax(cpu),
-                    cpu_kernels.fused_sample(cpu) if args.path == "kernel" else None,
-                ),
+                "current": current.Sampler(cpu, kernels),
             }
             times: dict[str, list[float]] = {name: [] for name in samplers}
             for repeat in range(args.repeats):

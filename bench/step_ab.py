@@ -1,14 +1,15 @@
 """The engine's decode step, this tree against an older revision, in alternating processes.
 
     python bench/step_ab.py --baseline-rev HEAD~3 [--batch 1 64] [--dtypes bfloat16 float32] [--rounds 3]
-        [--model FOLDER] [--prompt-len 128] [--sampling T P]
+        [--model FOLDER] [--prompt-len 128] [--sampling T P] [--logprobs N] [--seeded]
 
 The baseline revision is exported with ``git archive`` into a temporary folder, the working
 tree (committed or not) copied beside it. Each round runs
 one process per tree (the order alternates between rounds) on one torch thread; each process
 builds an engine on the demo model (or --model), starts B requests of --prompt-len tokens, lets them all decode,
 then times --steps pure decode steps (``LLMEngine.step``; greedy, or sampled with --sampling's
-temperature and top-p): wall time and the CPU time of the
+temperature and top-p; every request with --logprobs top logprobs, a seed of its own with
+--seeded): wall time and the CPU time of the
 stepping thread (one torch thread runs the whole step in it, so CPU time is what the step costs,
 whatever else preempts it on a shared machine). The summary gives, per tree and setting, the
 median over rounds of the per-process medians, and the ratio; on a loaded machine read the CPU
@@ -38,6 +39,8 @@ def time_steps(
     model: str | None,
     prompt_len: int,
     sampling: tuple[float, float],
+    logprobs: int | None,
+    seeded: bool,
 ) -> dict[str, list[float]]:
     """In a child process whose imports come from ``tree``: median wall and CPU ms per decode step,
     by batch."""
@@ -66,10 +69,15 @@ def time_steps(
         # (the scheduler's prompt cap beside decodes), so the first ones decode for as many steps
         # as the last ones wait; all are aborted after the timing.
         temperature, top_p = sampling
-        params = SamplingParams(
-            temperature=temperature, top_p=top_p, max_tokens=4 * batch + steps + 64, ignore_eos=True
-        )
         for i in range(batch):
+            params = SamplingParams(
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=4 * batch + steps + 64,
+                ignore_eos=True,
+                logprobs=logprobs,
+                seed=i if seeded else None,
+            )
             engine.add_request(f"{batch}-{i}", [100 + (i + j) % 900 for j in range(prompt_len)], params)
         decoding: set[str] = set()
         while len(decoding) < batch:
@@ -101,14 +109,25 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128, help="prompt tokens a request")
     parser.add_argument("--sampling", type=float, nargs=2, metavar=("TEMPERATURE", "TOP_P"),
                         default=[0.0, 1.0], help="sampled requests (default: greedy)")  # fmt: skip
+    parser.add_argument("--logprobs", type=int, help="top logprobs every request asks for")
+    parser.add_argument("--seeded", action="store_true", help="every request with a seed of its own")
     parser.add_argument("--child", nargs=2, metavar=("TREE", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     sampling = (args.sampling[0], args.sampling[1])
     if args.child:
         tree, dtype = Path(args.child[0]), args.child[1]
-        print(
-            json.dumps(time_steps(tree, dtype, args.batch, args.steps, args.model, args.prompt_len, sampling))
+        steps = time_steps(
+            tree,
+            dtype,
+            args.batch,
+            args.steps,
+            args.model,
+            args.prompt_len,
+            sampling,
+            args.logprobs,
+            args.seeded,
         )
+        print(json.dumps(steps))
         return
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,6 +153,8 @@ def main() -> None:
                     cmd = [sys.executable, str(current / "bench" / "step_ab.py"), "--baseline-rev", args.baseline_rev,
                            "--child", str(tree), dtype, "--steps", str(args.steps), "--batch", *map(str, args.batch),
                            "--prompt-len", str(args.prompt_len), "--sampling", *map(str, sampling),
+                           *(["--logprobs", str(args.logprobs)] if args.logprobs is not None else []),
+                           *(["--seeded"] if args.seeded else []),
                            *(["--model", args.model] if args.model else [])]  # fmt: skip
                     load = Path("/proc/loadavg").read_text().split()[0]
                     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=tree).stdout

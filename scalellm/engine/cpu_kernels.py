@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from scalellm.engine.attention import AttentionMetadata, PrefillSpan, prefill_span
-from scalellm.engine.sampler import SampleRows
+from scalellm.engine.sampler import SamplerKernels
 from scalellm.models import ops_triton
 from scalellm.models.ops import LayerOps, TorchOps
 
@@ -43,6 +43,7 @@ SOURCES = (
     CSRC / "linear_panels.cpp",
     CSRC / "argmax.cpp",
     CSRC / "sample.cpp",
+    CSRC / "logprobs.cpp",
     CSRC / "decode_stack.cpp",
 )
 HEADERS = (CSRC / "kernels.h", CSRC / "vec256.h", CSRC / "vec512.h")
@@ -269,11 +270,6 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def greedy_argmax(device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """``argmax`` where it applies (CPU, kernels built), else None: torch's."""
-    return argmax if device.type == "cpu" and available() else None
-
-
 def sample(
     logits: torch.Tensor,
     temperature: list[float],
@@ -303,9 +299,30 @@ def sample(
     return out
 
 
-def fused_sample(device: torch.device) -> SampleRows | None:
-    """``sample`` where it applies (CPU, kernels built), else None: the sampler's torch path."""
-    return sample if device.type == "cpu" and available() else None
+def logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """sampler.logprob_tensors of [N, V] CPU logits without a float32 copy of them: the log-softmax
+    at token_ids [N] and the top k values and ids, float32 (csrc/logprobs.cpp; other dtypes are
+    widened to float32 first, rows made contiguous)."""
+    if logits.dtype not in (torch.float32, torch.bfloat16):
+        logits = logits.float()
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    rows = logits.shape[0]
+    chosen = torch.empty(rows, dtype=torch.float32)
+    values = torch.empty(rows, k, dtype=torch.float32)
+    ids = torch.empty(rows, k, dtype=torch.long)
+    torch.ops.scalellm_cpu.logprob_rows(chosen, values, ids, logits, token_ids.to(torch.long).contiguous())
+    return chosen, values, ids
+
+
+def sampler_kernels(device: torch.device) -> SamplerKernels:
+    """The sampler's C++ passes over the vocabulary where they apply (CPU, kernels built), else
+    none: torch's ops."""
+    if device.type != "cpu" or not available():
+        return SamplerKernels()
+    return SamplerKernels(argmax=argmax, sample_rows=sample, logprobs=logprobs)
 
 
 W8A8_PATHS = {"scalar": 1, "avx2": 2, "vnni": 3, "amx": 4}

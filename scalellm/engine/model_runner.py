@@ -33,7 +33,7 @@ from scalellm.engine.cuda_graphs import DecodeGraphs, graph_buckets, graph_limit
 from scalellm.engine.host_copy import upload
 from scalellm.engine.kv_quant import KVCacheFormat
 from scalellm.engine.request import Request
-from scalellm.engine.sampler import Drawn, Sampler, SamplerOutput, token_logprobs
+from scalellm.engine.sampler import Drawn, Sampler, SamplerOutput
 from scalellm.engine.scheduler import ScheduledRequest
 from scalellm.engine.step_inputs import SeqStep, StepInputs, build_inputs
 from scalellm.engine.tp_ranks import TPRanks, broadcast_ints
@@ -167,9 +167,7 @@ class ModelRunner:
             self.graphs = None if eager_reason else self._decode_graphs(max_model_len)
         if eager_reason:
             log.info("decode steps run eagerly: %s", eager_reason)
-        self.sampler = Sampler(
-            self.device, cpu_kernels.greedy_argmax(self.device), cpu_kernels.fused_sample(self.device)
-        )
+        self.sampler = Sampler(self.device, cpu_kernels.sampler_kernels(self.device))
         log.info(
             "model %s on %s (%s, weights %s), KV cache %s, %d blocks x %d tokens",
             model_config.architecture,
@@ -357,10 +355,9 @@ class ModelRunner:
             if req.sampling_params.prompt_logprobs is None:
                 continue
             for _, rows, targets in self._prompt_rows(req, offset, req.num_computed_tokens, s.num_new_tokens):
-                logits = self.model.compute_logits(hidden[self._tensor(rows)]).float()
+                logits = self.model.compute_logits(hidden[self._tensor(rows)])
                 k = req.sampling_params.prompt_logprobs or 0
-                found = token_logprobs(logits, self._tensor(targets), [k] * len(rows))
-                req.prompt_logprobs.extend(lp for lp in found if lp is not None)
+                req.prompt_logprobs.extend(self.sampler.token_logprobs(logits, self._tensor(targets), k))
 
     def _attention_kernels(self) -> contextlib.AbstractContextManager[None]:
         """On CUDA, SDPA may use flash, memory-efficient or math kernels but not cuDNN's, which

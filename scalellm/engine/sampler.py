@@ -71,20 +71,30 @@ SampleRows = Callable[
 ``_sample_torch`` keeps for those parameters (top_k 0: none), the one whose running sum first
 exceeds u times their mass (cpu_kernels.sample)."""
 
+LogprobRows = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""(logits [N, V], token_ids [N], k) -> ``logprob_tensors``' (chosen, top values, top ids), in
+float32 whatever the logits' dtype (cpu_kernels.logprobs)."""
+
+
+@dataclass(frozen=True)
+class SamplerKernels:
+    """A device's own passes over the vocabulary for the sampler (cpu_kernels.sampler_kernels on
+    CPU), each taking the logits in the model's dtype; None: torch's ops (sampling and logprobs
+    over a float32 copy)."""
+
+    argmax: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """[N, V] -> [N], ``torch.argmax(dim=-1)``'s indices."""
+    sample_rows: SampleRows | None = None
+    """The draw of rows without a seed."""
+    logprobs: LogprobRows | None = None
+
 
 class Sampler:
-    def __init__(
-        self,
-        device: torch.device,
-        argmax: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        sample_rows: SampleRows | None = None,
-    ) -> None:
-        """``argmax``: [N, V] -> [N], ``torch.argmax(dim=-1)``'s indices (cpu_kernels.argmax on
-        CPU); None: torch's. ``sample_rows``: the draw of rows without a seed from the model's
-        logits as they are (cpu_kernels.sample on CPU); None: ``_sample_torch``'s."""
+    def __init__(self, device: torch.device, kernels: SamplerKernels = SamplerKernels()) -> None:
         self.device = device
-        self._argmax = argmax or torch_argmax
-        self._sample_rows = sample_rows
+        self._argmax = kernels.argmax or torch_argmax
+        self._sample_rows = kernels.sample_rows
+        self._logprobs = kernels.logprobs
         self._generators: dict[str, torch.Generator] = {}
         self._before: dict[str, tuple[torch.Tensor, int]] = {}
         """A seeded request sampling several rows (draft tokens): its generator's state before
@@ -119,18 +129,38 @@ class Sampler:
         """logits [N, V] in the model's dtype, one row per request, in order: the tokens (and
         logprobs where asked for) on the logits' device, without waiting for them. Greedy rows
         take the argmax of those logits as they are (widening to float32 is exact, so the index
-        is the same), and so does ``sample_rows`` where there is one (it widens as it reads);
-        logits controls, logprobs and the torch path work on a float32 copy."""
+        is the same), and so do the kernels where there are (they widen as they read); logits
+        controls and torch's sampling and logprobs work on a float32 copy."""
         params = [r.sampling_params for r in requests]
         want = [p.logprobs for p in params]
         if _plain_greedy(params):
             return Drawn(self._argmax(logits), None, want)
-        if self._sample_rows is None or any(p.uses_logits_controls or p.logprobs is not None for p in params):
+        logprobs = any(n is not None for n in want)
+        if (
+            self._sample_rows is None
+            or any(p.uses_logits_controls for p in params)
+            or (logprobs and self._logprobs is None)
+        ):
             logits = logits.float()
         token_ids = self._pick(self._controls(logits, requests), requests)
-        if all(n is None for n in want):
+        if not logprobs:
             return Drawn(token_ids, None, want)
-        return Drawn(token_ids, logprob_tensors(logits, token_ids, max(n or 0 for n in want)), want)
+        return Drawn(token_ids, self._logprob_rows(logits, token_ids, max(n or 0 for n in want)), want)
+
+    def token_logprobs(self, logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> list[TokenLogprobs]:
+        """Per row of logits [N, V] (the model's dtype): the logprob of token_ids[row] and the top
+        k (prompt logprobs)."""
+        chosen, values, indices = self._logprob_rows(logits, token_ids, k)
+        ids, want = token_ids.tolist(), [k] * len(chosen)
+        found = assemble_logprobs(ids, chosen.tolist(), values.tolist(), indices.tolist(), want)
+        return [lp for lp in found if lp is not None]
+
+    def _logprob_rows(
+        self, logits: torch.Tensor, token_ids: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._logprobs is None:
+            return logprob_tensors(logits.float(), token_ids, k)
+        return self._logprobs(logits, token_ids, k)
 
     def _pick(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """Greedy rows' argmax, the other rows' draws, from processed float32 logits."""
@@ -324,15 +354,6 @@ def _skip_draws(gen: torch.Generator, width: int, draws: int) -> None:
     """Advance a request's generator past ``draws`` rows of noise (``_exponential``'s)."""
     for _ in range(draws):
         torch.empty(width, device=gen.device).uniform_(generator=gen)
-
-
-def token_logprobs(
-    logits: torch.Tensor, token_ids: torch.Tensor, want: list[int | None] | list[int]
-) -> list[TokenLogprobs | None]:
-    """Per row: the logprob of token_ids[row] under the row's logits and the top want[row] (None:
-    nothing for that row)."""
-    chosen, values, indices = logprob_tensors(logits, token_ids, max(n or 0 for n in want))
-    return assemble_logprobs(token_ids.tolist(), chosen.tolist(), values.tolist(), indices.tolist(), want)
 
 
 def logprob_tensors(

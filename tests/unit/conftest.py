@@ -80,12 +80,12 @@ async def mesh(mesh_factory: MeshFactory) -> Mesh:
 
 @pytest.fixture(params=["torch", "kernel"])
 def make_sampler(request: pytest.FixtureRequest) -> Callable[[], Sampler]:
-    """A CPU Sampler maker: unseeded rows drawn by the torch path, or by the C++ kernel
-    (cpu_kernels.sample, as the model runner builds it; skipped without a C++ toolchain)."""
+    """A CPU Sampler maker: torch's ops, or the C++ kernels (cpu_kernels.sampler_kernels, as the
+    model runner builds it; skipped without a C++ toolchain)."""
     from scalellm.engine import cpu_kernels
 
     if request.param == "torch":
         return lambda: Sampler(torch.device("cpu"))
     if not cpu_kernels.available():
         pytest.skip("no C++ toolchain for the CPU kernels")
-    return lambda: Sampler(torch.device("cpu"), cpu_kernels.argmax, cpu_kernels.sample)
+    return lambda: Sampler(torch.device("cpu"), cpu_kernels.sampler_kernels(torch.device("cpu")))

@@ -8,7 +8,7 @@ import torch
 
 from scalellm.engine import sampler as sampler_module
 from scalellm.engine.request import Request
-from scalellm.engine.sampler import Sampler, truncate
+from scalellm.engine.sampler import Sampler, SamplerKernels, truncate
 from scalellm.types import SamplingParams
 
 
@@ -38,7 +38,9 @@ def test_bfloat16_logits_sample_as_their_float32_values(argmax: str | None) -> N
         pytest.skip("no C++ toolchain for the CPU kernels")
     logits = _logits(rows=4, vocab=300).to(torch.bfloat16)
     wide = logits.float()
-    sampler = Sampler(torch.device("cpu"), cpu_kernels.argmax if argmax else None)
+    sampler = Sampler(
+        torch.device("cpu"), SamplerKernels(argmax=cpu_kernels.argmax) if argmax else SamplerKernels()
+    )
     greedy = _reqs(*[SamplingParams(temperature=0.0)] * 4)
     assert sampler(logits, greedy).token_ids == wide.argmax(-1).tolist()
     mixed = _reqs(SamplingParams(temperature=0.0, logprobs=2), *[SamplingParams(temperature=0.0)] * 3)

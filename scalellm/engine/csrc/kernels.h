@@ -16,9 +16,14 @@
 #pragma GCC visibility push(hidden)
 namespace scalellm {
 
-// argmax.cpp (sample.cpp's rows without a finite peak take it)
+// argmax.cpp (sample.cpp's and logprobs.cpp's peak)
 int64_t argmax_row(const float* x, int64_t n);
 int64_t argmax_row(const c10::BFloat16* x, int64_t n);
+
+// sample.cpp (logprobs.cpp's log-sum-exp takes it): e[i] = exp((x[i] - peak) * inv_t), 0 where
+// x[i] is -inf; returns their sum
+float exp_sum(const float* x, int64_t n, float peak, float inv_t, float* e);
+float exp_sum(const c10::BFloat16* x, int64_t n, float peak, float inv_t, float* e);
 
 // fused_ops.cpp
 void rms_norm(const at::Tensor& out, const at::Tensor& x, const std::optional<at::Tensor>& residual,

@@ -207,6 +207,17 @@ int64_t draw_row(const T* x, int64_t n, const Params& p, float* e, std::pair<flo
   return cand[count - 1].second;
 }
 
+}  // namespace
+
+namespace scalellm {
+float exp_sum(const float* x, int64_t n, float peak, float inv_t, float* e) { return exps(x, n, peak, inv_t, e); }
+float exp_sum(const c10::BFloat16* x, int64_t n, float peak, float inv_t, float* e) {
+  return exps(x, n, peak, inv_t, e);
+}
+}  // namespace scalellm
+
+namespace {
+
 void sample_rows(const at::Tensor& out, const at::Tensor& x, const at::Tensor& temperature, const at::Tensor& top_k,
                  const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& uniforms) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) > 0 && x.stride(1) == 1, "x [N, V], V > 0, rows contiguous");
