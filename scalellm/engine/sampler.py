@@ -2,14 +2,20 @@
 
 Per row: the request's logits controls (structured output, bad words, min_tokens, logit_bias,
 penalties: logits_controls.py), then greedy (argmax) or temperature -> top-k -> top-p -> min-p ->
-a draw. On CPU top-k and top-p look at a row's 64 largest logits (``truncate``; CANDIDATES),
-then 1024, then all of them, as far as its top-p needs: not a sort of the vocabulary.
-An unseeded draw inverts the row's CDF with one uniform. A seeded draw is ``argmax(p / e)`` with
-``e ~ Exp(1)`` per vocabulary entry (the exponential race), so a request with a seed uses its
-own generator for its own row and gets the same tokens whatever else is in the batch. Each
-``e`` belongs to a token id, not to a rank: how the row was truncated (its own candidates, or
-the whole vocabulary) must not change which token a draw picks. Logprobs are those of the
-model's raw distribution (before temperature and truncation), as vLLM and OpenAI report them.
+a draw. A request with a seed draws from its own generator, so it gets the same tokens whatever
+else is in the batch.
+
+With a device's kernels (``SamplerKernels``; CPU: csrc/sample.cpp) every sampled row inverts its
+CDF with one uniform: a seeded row's from its generator, one draw per token. With torch's ops
+(GPUs) top-k and top-p look at a row's 64 largest logits (``truncate``; CANDIDATES), then 1024,
+then all of them, as far as its top-p needs: not a sort of the vocabulary. An unseeded draw
+inverts the row's CDF with one uniform; a seeded one is ``argmax(p / e)`` with ``e ~ Exp(1)`` per
+vocabulary entry (the exponential race). Each ``e`` belongs to a token id, not to a rank: how
+the row was truncated (its own candidates, or the whole vocabulary) must not change which token
+a draw picks. A seed's tokens therefore differ between the two paths (as between devices).
+
+Logprobs are those of the model's raw distribution (before temperature and truncation), as vLLM
+and OpenAI report them.
 """
 
 from __future__ import annotations
@@ -85,7 +91,7 @@ class SamplerKernels:
     argmax: Callable[[torch.Tensor], torch.Tensor] | None = None
     """[N, V] -> [N], ``torch.argmax(dim=-1)``'s indices."""
     sample_rows: SampleRows | None = None
-    """The draw of rows without a seed."""
+    """The draw of sampled rows, a uniform a row (a seeded row's from its own generator)."""
     logprobs: LogprobRows | None = None
 
 
@@ -175,31 +181,23 @@ class Sampler:
         return token_ids
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """Each row's draw: rows without a seed by ``sample_rows`` where there is one, with a
-        uniform each from torch's generator; the others by ``_sample_torch``, over float32."""
-        params = [r.sampling_params for r in requests]
-        fused = [] if self._sample_rows is None else [i for i, p in enumerate(params) if p.seed is None]
-        if len(fused) == len(requests):
-            return self._sample_fused(logits, params)
-        if not fused:
+        """Each row's draw: by ``sample_rows`` where there is one, with a uniform a row (a seeded
+        row's from its request's generator, the others' from torch's), else ``_sample_torch``'s."""
+        if self._sample_rows is None:
             return self._sample_torch(logits.float(), requests)
-        rest = [i for i, p in enumerate(params) if p.seed is not None]
-        mine, others = to_device(fused, logits.device), to_device(rest, logits.device)
-        token_ids = torch.empty(len(requests), dtype=torch.long, device=logits.device)
-        token_ids[mine] = self._sample_fused(logits[mine], [params[i] for i in fused])
-        token_ids[others] = self._sample_torch(logits[others].float(), [requests[i] for i in rest])
-        return token_ids
-
-    def _sample_fused(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        assert self._sample_rows is not None
+        params = [r.sampling_params for r in requests]
         vocab = logits.shape[-1]
+        uniforms = torch.rand(len(requests))
+        seeded = self._seeded_uniforms(requests, 1, uniforms.device)
+        if seeded:
+            uniforms[list(seeded)] = torch.cat(list(seeded.values()))
         return self._sample_rows(
             logits,
             [p.temperature for p in params],
             [p.top_k if 0 < p.top_k < vocab else 0 for p in params],
             [p.top_p for p in params],
             [p.min_p for p in params],
-            torch.rand(len(params)),
+            uniforms,
         )
 
     def _sample_torch(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
@@ -211,7 +209,7 @@ class Sampler:
         params = [r.sampling_params for r in requests]
         vocab, device = logits.shape[-1], logits.device
         logits = logits / to_device([p.temperature for p in params], device, logits.dtype).unsqueeze(1)
-        seeded = self._seeded_uniforms(requests, vocab, device)
+        seeded = self._seeded_uniforms(requests, vocab, device)  # the race: a uniform per token
         by_width: dict[int, list[int]] = {}
         for i, p in enumerate(params):
             by_width.setdefault(_width(p, vocab, device), []).append(i)
@@ -240,10 +238,11 @@ class Sampler:
         return token_ids
 
     def _seeded_uniforms(
-        self, requests: list[Request], vocab: int, device: torch.device
+        self, requests: list[Request], width: int, device: torch.device
     ) -> dict[int, torch.Tensor]:
-        """Row -> a uniform draw per vocabulary entry from the row's request's generator, for
-        rows with a seed, drawn in row order (a request's rows: its token, then its drafts).
+        """Row -> ``width`` uniforms from the row's request's generator, for rows with a seed,
+        drawn in row order (a request's rows: its token, then its drafts): one a row for
+        ``sample_rows``, one per vocabulary entry for ``_sample_torch``'s race.
 
         Uniforms (the race's -log U, ``_draw``) rather than ``exponential_``: on the 2-core AVX2
         VM torch's CPU exponential_ took 1.05 ms a row of the demo model's 49k-token vocabulary,
@@ -260,11 +259,11 @@ class Sampler:
                 gen.manual_seed(seed)
                 # A request continued on another worker (disaggregated decode) already drew once per
                 # token it has: skip those draws so its stream matches the engine alone.
-                _skip_draws(gen, vocab, req.num_output_tokens)
+                _skip_draws(gen, width, req.num_output_tokens)
                 self._generators[req.request_id] = gen
             if req.request_id in several and (i == 0 or requests[i - 1] is not req):
-                self._before[req.request_id] = (gen.get_state(), vocab)
-            drawn[i] = torch.empty(vocab, device=device).uniform_(generator=gen)
+                self._before[req.request_id] = (gen.get_state(), width)
+            drawn[i] = torch.empty(width, device=device).uniform_(generator=gen)
         return drawn
 
 

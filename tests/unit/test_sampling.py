@@ -63,6 +63,34 @@ def test_seeded_rows_are_reproducible_whatever_the_batch(make_sampler: Callable[
     assert len(set(alone)) > 1  # it does sample, not argmax
 
 
+def test_a_seeded_row_draws_with_one_uniform_of_its_own_a_token() -> None:
+    """With the CPU kernels a seeded row's token is the kernel's draw with the next uniform of
+    its request's generator, one a token, whatever else is in the batch; a request continued by
+    another sampler (disaggregated decode) skips one uniform per token it already has."""
+    from scalellm.engine import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip("no C++ toolchain for the CPU kernels")
+    cpu = torch.device("cpu")
+    logits = _logits(rows=3, vocab=300) / 2
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, seed=77)
+    sampler = Sampler(cpu, cpu_kernels.sampler_kernels(cpu))
+    batch = _reqs(SamplingParams(temperature=0.7), seeded, SamplingParams(temperature=1.2, seed=5))
+    gen = torch.Generator().manual_seed(77)
+    got, want = [], []
+    for _ in range(12):
+        u = torch.empty(1).uniform_(generator=gen)
+        want.append(cpu_kernels.sample(logits[1:2], [0.9], [0], [0.95], [0.0], u).item())
+        got.append(sampler(logits, batch).token_ids[1])
+        batch[1].append_token(got[-1])
+    assert got == want and len(set(got)) > 1
+    later = Request("r1", [1], seeded, max_tokens=8)
+    for token in got[:7]:
+        later.append_token(token)
+    elsewhere = Sampler(cpu, cpu_kernels.sampler_kernels(cpu))
+    assert [elsewhere(logits[1:2], [later]).token_ids[0] for _ in range(5)] == got[7:]
+
+
 def test_top_k_one_tiny_top_p_and_tiny_temperatures_reduce_to_argmax(
     make_sampler: Callable[[], Sampler],
 ) -> None:

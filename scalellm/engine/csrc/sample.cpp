@@ -1,9 +1,10 @@
-// Sampling's draw for rows without a seed (CPU): temperature, top-k, top-p, min-p and a token
-// by one uniform, per row, from the model's logits as they are (float32 or bfloat16), in one call
-// for the batch. engine/sampler.py's torch path does the same in separate ops over a float32
-// copy of the whole batch (the copy, the division, softmax, cumsum, a topk per rung): 4-45 ms
-// for 64 rows of SmolLM2's 49152 logits on 2 Zen 4 cores by the parameters, 1-8 ms here
-// (bench/sampler_truncation.py; a decode step of 64 streams: ~60 ms).
+// Sampling's draw (CPU): temperature, top-k, top-p, min-p and a token by one uniform per row (a
+// seeded row's from its request's generator: engine/sampler.py), from the model's logits as they
+// are (float32 or bfloat16), in one call for the batch. engine/sampler.py's torch path does the
+// same in separate ops over a float32 copy of the whole batch (the copy, the division, softmax,
+// cumsum, a topk per rung; a seeded row a uniform per token): 4-45 ms for 64 rows of SmolLM2's
+// 49152 logits on 2 Zen 4 cores by the parameters, 1-8 ms here (bench/sampler_truncation.py; a
+// decode step of 64 streams: ~60 ms).
 //
 // Per row, in a buffer of the row's own:
 //
