@@ -26,6 +26,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/bit_cast.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -136,34 +137,71 @@ inline int64_t invert(const float* e, int64_t n, float floor, float target) {
 
 constexpr float kThresholds[] = {0x1p-2f, 0x1p-4f, 0x1p-6f, 0x1p-8f, 0x1p-11f, 0x1p-14f, 0x1p-18f, 0x1p-24f, 0.f};
 
-// cand[0, c) = (e[i], i) for every e[i] >= tau, in vocabulary order; returns c. AVX-512 packs a
-// chunk's values and indices (vcompressps) into idx, which then becomes pairs.
-inline int64_t gather(const float* e, int64_t n, float tau, std::pair<float, int32_t>* cand) {
+// A candidate as one sortable integer: its e's bits inverted above its token id. e >= 0, so the
+// bits order as the values do, and ascending keys are the candidates largest first, ties in
+// vocabulary order (an inlined integer compare: a comparator on (e, id) pairs was half the time
+// of a flat top-p row).
+using Key = uint64_t;
+inline Key key(float e, int64_t i) {
+  return (static_cast<uint64_t>(~c10::bit_cast<uint32_t>(e)) << 32) | static_cast<uint32_t>(i);
+}
+inline float value(Key k) { return c10::bit_cast<float>(~static_cast<uint32_t>(k >> 32)); }
+inline int64_t token(Key k) { return static_cast<uint32_t>(k); }
+
+// cand[0, c) = the keys of every e[i] >= tau, in vocabulary order; returns c. cand has room
+// for n + 16 keys. AVX-512 builds 16 keys at once and packs the chosen ones with vpcompressq
+// into a register, then stores all 8 lanes (the memory form of vpcompress is slow on Zen 4).
+inline int64_t gather(const float* e, int64_t n, float tau, Key* cand) {
   int64_t c = 0, i = 0;
 #if defined(__AVX512F__)
   const __m512 floor = _mm512_set1_ps(tau);
   __m512i index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (; i + 16 <= n; i += 16, index = _mm512_add_epi32(index, _mm512_set1_epi32(16))) {
-    const __mmask16 in = _mm512_cmp_ps_mask(_mm512_loadu_ps(e + i), floor, _CMP_GE_OQ);
+    const __m512 v = _mm512_loadu_ps(e + i);
+    const __mmask16 in = _mm512_cmp_ps_mask(v, floor, _CMP_GE_OQ);
     if (!in) continue;
-    alignas(64) int32_t ids[16];
-    _mm512_mask_compressstoreu_epi32(ids, in, index);
-    for (int j = 0, m = __builtin_popcount(in); j < m; ++j) cand[c++] = {e[ids[j]], ids[j]};
+    const __m512i high = _mm512_xor_si512(_mm512_castps_si512(v), _mm512_set1_epi32(-1));
+    for (int half = 0; half < 2; ++half) {
+      const __mmask8 take = static_cast<__mmask8>(in >> (8 * half));
+      const __m256i h = half ? _mm512_extracti64x4_epi64(high, 1) : _mm512_castsi512_si256(high);
+      const __m256i t = half ? _mm512_extracti64x4_epi64(index, 1) : _mm512_castsi512_si256(index);
+      const __m512i keys = _mm512_or_si512(_mm512_slli_epi64(_mm512_cvtepu32_epi64(h), 32), _mm512_cvtepu32_epi64(t));
+      _mm512_storeu_si512(cand + c, _mm512_maskz_compress_epi64(take, keys));
+      c += __builtin_popcount(take);
+    }
   }
 #endif
   for (; i < n; ++i)
-    if (e[i] >= tau) cand[c++] = {e[i], static_cast<int32_t>(i)};
+    if (e[i] >= tau) cand[c++] = key(e[i], i);
   return c;
 }
 
-// Candidates largest first, ties in vocabulary order.
-inline bool larger_first(const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
-  return a.first > b.first || (a.first == b.first && a.second < b.second);
+// keys[0, c) sorted ascending, given that keys with equal upper halves are already in order (the
+// token ids gather wrote): a stable LSD radix sort of the upper 32 bits, 11, 11 and 10 bits a
+// pass through tmp (c keys), a pass skipped where all keys share its digit; std::sort below 256.
+inline void sort_keys(Key* keys, int64_t c, Key* tmp) {
+  if (c < 256) {
+    std::sort(keys, keys + c);
+    return;
+  }
+  Key *src = keys, *dst = tmp;
+  for (const auto& [shift, bits] : {std::pair{32, 11}, std::pair{43, 11}, std::pair{54, 10}}) {
+    const uint64_t mask = (uint64_t{1} << bits) - 1;
+    int64_t offset[2048] = {};
+    for (int64_t i = 0; i < c; ++i) ++offset[(src[i] >> shift) & mask];
+    if (offset[(src[0] >> shift) & mask] == c) continue;
+    int64_t start = 0;
+    for (int64_t d = 0; d <= static_cast<int64_t>(mask); ++d) start += std::exchange(offset[d], start);
+    for (int64_t i = 0; i < c; ++i) dst[offset[(src[i] >> shift) & mask]++] = src[i];
+    std::swap(src, dst);
+  }
+  if (src != keys) std::copy(src, src + c, keys);
 }
 
-// One row's token: see the file's header. e and cand: buffers of n.
+// One row's token: see the file's header. e: n floats; cand: 2n + 16 keys (gather's, then
+// sort_keys' scratch).
 template <typename T>
-int64_t draw_row(const T* x, int64_t n, const Params& p, float* e, std::pair<float, int32_t>* cand) {
+int64_t draw_row(const T* x, int64_t n, const Params& p, float* e, Key* cand) {
   const int64_t top = scalellm::argmax_row(x, n);  // the first NaN, else the first maximum
   const float peak = static_cast<float>(x[top]);
   if (!std::isfinite(peak)) return top;  // a NaN, +inf, or every token masked: argmax's index
@@ -181,31 +219,35 @@ int64_t draw_row(const T* x, int64_t n, const Params& p, float* e, std::pair<flo
     if (has_k ? many >= p.top_k : mass >= p.top_p * total) break;
   }
   const int64_t c = gather(e, n, tau, cand);
-  std::sort(cand, cand + c, larger_first);
   int64_t count = has_k ? std::min<int64_t>(c, p.top_k) : c;
+  if (count < c) {
+    std::partial_sort(cand, cand + count, cand + c);  // top-k: the first count in order
+  } else {
+    sort_keys(cand, c, cand + n + 16);
+  }
   float norm = total;  // the normalizer: over the top_k, else the whole vocabulary
   if (has_k) {
     norm = 0.f;
-    for (int64_t j = 0; j < count; ++j) norm += cand[j].first;
+    for (int64_t j = 0; j < count; ++j) norm += value(cand[j]);
   }
   if (p.top_p < 1.f) {  // a token is cut when the mass above it already reaches top_p
     const float reach = p.top_p * norm;
     float above = 0.f;
     int64_t j = 0;
-    for (; j < count && above < reach; ++j) above += cand[j].first;
+    for (; j < count && above < reach; ++j) above += value(cand[j]);
     count = std::max<int64_t>(j, 1);
   }
-  const float floor = p.min_p * cand[0].first;  // min-p: below min_p times the top token's
-  while (count > 1 && !kept(cand[count - 1].first, floor)) --count;
+  const float floor = p.min_p * value(cand[0]);  // min-p: below min_p times the top token's
+  while (count > 1 && !kept(value(cand[count - 1]), floor)) --count;
   float mass = 0.f;
-  for (int64_t j = 0; j < count; ++j) mass += cand[j].first;
+  for (int64_t j = 0; j < count; ++j) mass += value(cand[j]);
   const float target = p.u * mass;
   float run = 0.f;
   for (int64_t j = 0; j < count; ++j) {
-    run += cand[j].first;
-    if (run > target) return cand[j].second;
+    run += value(cand[j]);
+    if (run > target) return token(cand[j]);
   }
-  return cand[count - 1].second;
+  return token(cand[count - 1]);
 }
 
 }  // namespace
@@ -242,7 +284,7 @@ void sample_rows(const at::Tensor& out, const at::Tensor& x, const at::Tensor& t
   auto run = [&](auto* base) {
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> e(n);
-      std::vector<std::pair<float, int32_t>> cand(n);
+      std::vector<Key> cand(2 * n + 16);  // gather's keys (+ a store's slack), then radix's
       for (int64_t r = begin; r < end; ++r)
         dst[r] = draw_row(base + r * stride, n, Params{1.f / t[r], k[r], tp[r], mp[r], u[r]}, e.data(), cand.data());
     });
