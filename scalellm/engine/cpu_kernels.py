@@ -14,11 +14,13 @@ its own copy instead of loading one that dies on an illegal instruction.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import dataclasses
 import fcntl
 import functools
 import hashlib
+import itertools
 import logging
 import os
 import platform
@@ -44,6 +46,7 @@ SOURCES = (
     CSRC / "argmax.cpp",
     CSRC / "sample.cpp",
     CSRC / "logprobs.cpp",
+    CSRC / "penalties.cpp",
     CSRC / "decode_stack.cpp",
 )
 HEADERS = (CSRC / "kernels.h", CSRC / "vec256.h", CSRC / "vec512.h")
@@ -317,12 +320,39 @@ def logprobs(
     return chosen, values, ids
 
 
+def penalize(
+    logits: torch.Tensor,
+    rows: list[int],
+    token_ids: list[list[int]],
+    prompt_lens: list[int],
+    repetition: list[float],
+    frequency: list[float],
+    presence: list[float],
+) -> None:
+    """logits_controls' penalties in place on [N, V] float32 CPU logits: row rows[i] by the
+    tokens of token_ids[i] (its first prompt_lens[i] the prompt's) and the i-th penalties
+    (csrc/penalties.cpp: the torch path's arithmetic, bit for bit). The lists go through an array
+    of int64 (C speed)."""
+    flat = array.array("q", itertools.chain.from_iterable(token_ids))
+    tokens = torch.frombuffer(flat, dtype=torch.long) if flat else torch.zeros(0, dtype=torch.long)
+    torch.ops.scalellm_cpu.penalize_rows(
+        logits,
+        torch.tensor(rows, dtype=torch.long),
+        tokens,
+        torch.tensor([0, *itertools.accumulate(map(len, token_ids))], dtype=torch.long),
+        torch.tensor(prompt_lens, dtype=torch.long),
+        torch.tensor(repetition, dtype=torch.float32),
+        torch.tensor(frequency, dtype=torch.float32),
+        torch.tensor(presence, dtype=torch.float32),
+    )
+
+
 def sampler_kernels(device: torch.device) -> SamplerKernels:
     """The sampler's C++ passes over the vocabulary where they apply (CPU, kernels built), else
     none: torch's ops."""
     if device.type != "cpu" or not available():
         return SamplerKernels()
-    return SamplerKernels(argmax=argmax, sample_rows=sample, logprobs=logprobs)
+    return SamplerKernels(argmax=argmax, sample_rows=sample, logprobs=logprobs, penalties=penalize)
 
 
 W8A8_PATHS = {"scalar": 1, "avx2": 2, "vnni": 3, "amx": 4}

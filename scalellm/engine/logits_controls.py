@@ -13,8 +13,9 @@ batch where none does costs one pass over its SamplingParams):
          frequency   logit -= f * count
          presence    logit -= p * (count > 0)
 
-Each step is a few tensor operations over the affected rows; the per-request Python work is over
-the requests' own token lists and parameters, never the vocabulary.
+Each step is a few tensor operations over the affected rows (the penalties on CPU: one C++ call,
+csrc/penalties.cpp); the per-request Python work is over the requests' own token lists and
+parameters, never the vocabulary.
 
 Every token a request holds is known on the host when its logits are processed: with async
 scheduling the engine applies the previous step's tokens (advancing the grammars) after launching
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import array
 import itertools
+from collections.abc import Callable
 
 import torch
 
@@ -34,10 +36,19 @@ from scalellm.engine.request import Request
 
 NEG_INF = float("-inf")
 
+Penalize = Callable[
+    [torch.Tensor, list[int], list[list[int]], list[int], list[float], list[float], list[float]], None
+]
+"""(logits [N, V] float32 on the host, rows, each row's request's token_ids (its prompt, then its
+output), prompt lengths, repetition, frequency and presence penalties): the penalties applied in
+place, as ``_penalties`` applies them (cpu_kernels.penalize)."""
+
 
 class LogitsControls:
-    def __init__(self) -> None:
+    def __init__(self, penalize: Penalize | None = None) -> None:
+        """``penalize``: the penalties' kernel for float32 logits on the host; None: torch's ops."""
         self._bitmasks = BitmaskFiller()
+        self._penalize = penalize
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """The logits [N, V] with every request's controls applied: the same tensor when no
@@ -49,8 +60,27 @@ class LogitsControls:
         self._grammar(logits, requests)
         _ban(logits, requests)
         _bias(logits, requests)
-        _penalties(logits, requests)
+        self._penalties(logits, requests)
         return logits
+
+    def _penalties(self, logits: torch.Tensor, requests: list[Request]) -> None:
+        if self._penalize is None or logits.device.type != "cpu" or logits.dtype != torch.float32:
+            _penalties(logits, requests)
+            return
+        rows = [i for i, r in enumerate(requests) if _has_penalty(r)]
+        if not rows:
+            return
+        reqs = [requests[i] for i in rows]
+        params = [r.sampling_params for r in reqs]
+        self._penalize(
+            logits,
+            rows,
+            [r.token_ids for r in reqs],
+            [r.num_prompt_tokens for r in reqs],
+            [p.repetition_penalty for p in params],
+            [p.frequency_penalty for p in params],
+            [p.presence_penalty for p in params],
+        )
 
     def _grammar(self, logits: torch.Tensor, requests: list[Request]) -> None:
         # a finished request's row (async scheduling: it stopped in the step before) is discarded

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from scalellm.engine.host_copy import to_device
-from scalellm.engine.logits_controls import LogitsControls
+from scalellm.engine.logits_controls import LogitsControls, Penalize
 from scalellm.engine.request import Request
 from scalellm.types import SamplingParams, TokenLogprobs
 
@@ -93,6 +93,8 @@ class SamplerKernels:
     sample_rows: SampleRows | None = None
     """The draw of sampled rows, a uniform a row (a seeded row's from its own generator)."""
     logprobs: LogprobRows | None = None
+    penalties: Penalize | None = None
+    """Repetition, frequency and presence penalties on float32 logits."""
 
 
 class Sampler:
@@ -105,7 +107,7 @@ class Sampler:
         self._before: dict[str, tuple[torch.Tensor, int]] = {}
         """A seeded request sampling several rows (draft tokens): its generator's state before
         them and the draws' width, until keep_draws says how many rows it keeps."""
-        self._controls = LogitsControls()
+        self._controls = LogitsControls(kernels.penalties)
 
     def release(self, request_id: str) -> None:
         """Forget a finished request's generator."""

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from scalellm.engine.logits_controls import LogitsControls
+from scalellm.engine.logits_controls import LogitsControls, Penalize
 from scalellm.engine.request import Request
 from scalellm.engine.sampler import Sampler
 from scalellm.types import SamplingParams
@@ -23,6 +23,19 @@ def _request(rid: str, params: SamplingParams, prompt: list[int], output: list[i
     for t in output:
         req.append_token(t)
     return req
+
+
+@pytest.fixture(params=["torch", "kernel"])
+def controls(request: pytest.FixtureRequest) -> Callable[[], LogitsControls]:
+    """A LogitsControls maker: penalties by torch's ops, or by the C++ kernel (as the model
+    runner's sampler builds it; skipped without a C++ toolchain)."""
+    from scalellm.engine import cpu_kernels
+
+    if request.param == "torch":
+        return LogitsControls
+    if not cpu_kernels.available():
+        pytest.skip("no C++ toolchain for the CPU kernels")
+    return lambda: LogitsControls(cpu_kernels.penalize)
 
 
 def _logits(rows: int, seed: int = 0) -> torch.Tensor:
@@ -54,7 +67,7 @@ def _reference(logits: list[float], req: Request) -> list[float]:
     return out
 
 
-def test_every_control_matches_the_reference_row_by_row() -> None:
+def test_every_control_matches_the_reference_row_by_row(controls: Callable[[], LogitsControls]) -> None:
     logits = _logits(7)
     reqs = [
         _request("plain", SamplingParams(), [3, 4], [5]),
@@ -83,7 +96,7 @@ def test_every_control_matches_the_reference_row_by_row() -> None:
             [5],
         ),
     ]
-    processed = LogitsControls()(logits, reqs)
+    processed = controls()(logits, reqs)
     for i, req in enumerate(reqs):
         expected = torch.tensor(_reference(logits[i].tolist(), req))
         torch.testing.assert_close(processed[i], expected, msg=req.request_id)
@@ -94,15 +107,14 @@ def test_every_control_matches_the_reference_row_by_row() -> None:
     torch.testing.assert_close(logits, _logits(7))  # the raw logits are not touched (logprobs use them)
 
 
-def test_penalties_over_a_random_batch_match_the_reference() -> None:
-    """Penalties touch only the (row, token) pairs a request's prompt and output hold: a batch of
-    random prompts and outputs (repeats, empty outputs, rows without penalties between them, -inf
-    logits) against the reference, row by row."""
-    gen = torch.Generator().manual_seed(5)
-    logits = _logits(24, seed=3)
+def _random_batch(rows: int, seed: int) -> tuple[torch.Tensor, list[Request]]:
+    """Random prompts and outputs (repeats, empty outputs, rows without penalties between them,
+    -inf logits), each kind of penalty alone and together."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = _logits(rows, seed=seed + 1)
     logits[::5, 7] = -math.inf
     reqs = []
-    for i in range(24):
+    for i in range(rows):
         prompt = torch.randint(
             0, VOCAB, (int(torch.randint(1, 30, (1,), generator=gen)),), generator=gen
         ).tolist()
@@ -116,10 +128,47 @@ def test_penalties_over_a_random_batch_match_the_reference() -> None:
             SamplingParams(repetition_penalty=0.7, frequency_penalty=-0.2, presence_penalty=1.5),
         ]
         reqs.append(_request(f"r{i}", kinds[i % 4], prompt, output if i % 7 else []))
-    processed = LogitsControls()(logits, reqs)
+    return logits, reqs
+
+
+def test_penalties_over_a_random_batch_match_the_reference(controls: Callable[[], LogitsControls]) -> None:
+    """Penalties touch only the (row, token) pairs a request's prompt and output hold: a random
+    batch against the reference, row by row."""
+    logits, reqs = _random_batch(24, seed=4)
+    processed = controls()(logits, reqs)
     for i, req in enumerate(reqs):
         expected = torch.tensor(_reference(logits[i].tolist(), req))
         torch.testing.assert_close(processed[i], expected, msg=req.request_id)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_penalties_kernel_gives_torchs_values_bit_for_bit(seed: int) -> None:
+    """csrc/penalties.cpp against the torch path on the same random batches (a batch with and
+    one without repetition penalties: the torch path's two branches): the same float32 bits."""
+    from scalellm.engine import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip("no C++ toolchain for the CPU kernels")
+    logits, reqs = _random_batch(40, seed=seed)
+    no_repetition = [r for r in reqs if r.sampling_params.repetition_penalty == 1.0]
+    for batch in (reqs, no_repetition):
+        rows = logits[: len(batch)]
+        want, got = LogitsControls()(rows, batch), LogitsControls(cpu_kernels.penalize)(rows, batch)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+def test_the_penalties_kernel_refuses_token_ids_outside_the_vocabulary() -> None:
+    from scalellm.engine import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip("no C++ toolchain for the CPU kernels")
+    penalize: Penalize = cpu_kernels.penalize
+    logits = _logits(2)
+    with pytest.raises(RuntimeError, match="token id out of range"):
+        penalize(logits, [1], [[3, VOCAB]], [1], [1.2], [0.0], [0.0])
+    with pytest.raises(RuntimeError, match="row 0 out of range"):
+        penalize(logits, [2], [[3]], [1], [1.2], [0.0], [0.0])
+    torch.testing.assert_close(logits, _logits(2))  # refused before touching anything
 
 
 def test_a_batch_without_controls_is_not_copied() -> None:
