@@ -99,6 +99,7 @@ class SamplerKernels:
 
 class Sampler:
     def __init__(self, device: torch.device, kernels: SamplerKernels = SamplerKernels()) -> None:
+        """``kernels``: the device's own passes over the vocabulary; by default torch's ops."""
         self.device = device
         self._argmax = kernels.argmax or torch_argmax
         self._sample_rows = kernels.sample_rows
@@ -171,7 +172,7 @@ class Sampler:
         return self._logprobs(logits, token_ids, k)
 
     def _pick(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """Greedy rows' argmax, the other rows' draws, from processed float32 logits."""
+        """Greedy rows' argmax, the other rows' draws, from the processed logits."""
         random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
         if len(random_rows) == len(requests):  # no argmax, no copy of the rows
             return self._sample(logits, requests)
@@ -352,7 +353,7 @@ def truncate(
 
 
 def _skip_draws(gen: torch.Generator, width: int, draws: int) -> None:
-    """Advance a request's generator past ``draws`` rows of noise (``_exponential``'s)."""
+    """Advance a request's generator past ``draws`` rows of ``width`` uniforms (``_seeded_uniforms``')."""
     for _ in range(draws):
         torch.empty(width, device=gen.device).uniform_(generator=gen)
 
