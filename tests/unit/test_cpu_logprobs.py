@@ -57,6 +57,17 @@ def test_the_kernel_gives_log_softmax_and_its_top_k(dtype: torch.dtype, k: int) 
         assert ties > 0  # the order of ties was tested
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_chosen_token_among_the_top_has_the_same_logprob_there(dtype: torch.dtype) -> None:
+    """A client may look its token up in top_logprobs: the two numbers are one computation."""
+    x = _rows(12, dtype, seed=7)
+    tokens = x.float().topk(3, dim=-1).indices[torch.arange(12), torch.arange(12) % 3]
+    chosen, values, ids = cpu_kernels.logprobs(x, tokens, 5)
+    for r in range(12):
+        (at,) = (ids[r] == tokens[r]).nonzero()[0].tolist()
+        assert chosen[r].item() == values[r, at].item()
+
+
 def test_a_row_is_the_same_alone_and_in_a_batch() -> None:
     x = _rows(6, torch.bfloat16, seed=3)
     tokens = torch.arange(6) * 100

@@ -7,8 +7,9 @@
 // Per row (argmax.cpp's row argmax for the peak, sample.cpp's exp pass for the sum):
 //
 //   peak        max_i x[i]
-//   log Z       log(sum_i exp(x[i] - peak))
-//   logprob(i)  (x[i] - peak) - log Z                    as torch's log_softmax computes it
+//   shift       peak + log(sum_i exp(x[i] - peak))
+//   logprob(i)  x[i] - shift                             torch's log_softmax's form (its exp
+//                                                        and sum differ in the last bits)
 //   top k       the k largest x[i], largest first, ties in vocabulary order: a heap of k, the
 //               row scanned 16 (AVX-512) or 8 (AVX2) values at a time against its smallest
 //
@@ -95,9 +96,11 @@ void logprob_rows(const at::Tensor& chosen, const at::Tensor& values, const at::
         const auto* row = base + r * stride;
         const float peak = static_cast<float>(row[scalellm::argmax_row(row, n)]);
         const bool finite = std::isfinite(peak);
-        const float log_z =
-            finite ? std::log(scalellm::exp_sum(row, n, peak, 1.f, e.data())) : std::numeric_limits<float>::quiet_NaN();
-        auto logprob = [&](float v) { return (v - peak) - log_z; };
+        // one subtraction a value, as torch's log_softmax does: the chosen token's logprob and
+        // its entry among the top are the same number (-ffast-math could reassociate two)
+        const float shift = finite ? peak + std::log(scalellm::exp_sum(row, n, peak, 1.f, e.data()))
+                                   : std::numeric_limits<float>::quiet_NaN();
+        auto logprob = [&](float v) { return v - shift; };
         lp[r] = logprob(static_cast<float>(row[tok[r]]));
         if (k == 0) continue;
         if (finite) {
