@@ -14,7 +14,6 @@ its own copy instead of loading one that dies on an illegal instruction.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import dataclasses
 import fcntl
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 
 from scalellm.engine.attention import AttentionMetadata, PrefillSpan, prefill_span
+from scalellm.engine.host_copy import host_ints
 from scalellm.engine.sampler import SamplerKernels
 from scalellm.models import ops_triton
 from scalellm.models.ops import LayerOps, TorchOps
@@ -331,14 +331,11 @@ def penalize(
 ) -> None:
     """logits_controls' penalties in place on [N, V] float32 CPU logits: row rows[i] by the
     tokens of token_ids[i] (its first prompt_lens[i] the prompt's) and the i-th penalties
-    (csrc/penalties.cpp: the torch path's arithmetic, bit for bit). The lists go through an array
-    of int64 (C speed)."""
-    flat = array.array("q", itertools.chain.from_iterable(token_ids))
-    tokens = torch.frombuffer(flat, dtype=torch.long) if flat else torch.zeros(0, dtype=torch.long)
+    (csrc/penalties.cpp: the torch path's arithmetic, bit for bit)."""
     torch.ops.scalellm_cpu.penalize_rows(
         logits,
         torch.tensor(rows, dtype=torch.long),
-        tokens,
+        host_ints(itertools.chain.from_iterable(token_ids)),
         torch.tensor([0, *itertools.accumulate(map(len, token_ids))], dtype=torch.long),
         torch.tensor(prompt_lens, dtype=torch.long),
         torch.tensor(repetition, dtype=torch.float32),

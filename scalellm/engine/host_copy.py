@@ -9,6 +9,9 @@ has run: torch's host allocator records the stream).
 
 from __future__ import annotations
 
+import array
+from collections.abc import Iterable
+
 import torch
 
 
@@ -20,3 +23,10 @@ def to_device(values: list, device: torch.device, dtype: torch.dtype = torch.lon
 def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on ``device``: itself on CPU, else copied through pinned memory."""
     return host if device.type == "cpu" else host.pin_memory().to(device, non_blocking=True)
+
+
+def host_ints(values: Iterable[int]) -> torch.Tensor:
+    """int64 [len] on the host from an iterable of ints, through array.array (C speed: a third of
+    torch.tensor's time on a list of ints)."""
+    flat = array.array("q", values)
+    return torch.frombuffer(flat, dtype=torch.long) if flat else torch.zeros(0, dtype=torch.long)

@@ -24,14 +24,13 @@ a step's forward pass and before sampling it.
 
 from __future__ import annotations
 
-import array
 import itertools
 from collections.abc import Callable
 
 import torch
 
 from scalellm.engine.grammar import BitmaskFiller
-from scalellm.engine.host_copy import to_device, upload
+from scalellm.engine.host_copy import host_ints, to_device, upload
 from scalellm.engine.request import Request
 
 NEG_INF = float("-inf")
@@ -194,11 +193,8 @@ def _has_penalty(req: Request) -> bool:
 def _keys(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
     """int64 [total tokens]: row * vocab + token for each token of each row's list. The lists go
     through an array of int64 (C speed: 64 lists of 768 tokens in ~2 ms, ~10 as a list of keys)."""
-    flat = array.array("q", itertools.chain.from_iterable(token_lists))
-    if not flat:
-        return torch.zeros(0, dtype=torch.long, device=device)
     rows = torch.arange(len(token_lists)) * vocab
-    keys = torch.frombuffer(flat, dtype=torch.long) + rows.repeat_interleave(
-        to_device([len(t) for t in token_lists], rows.device)
+    keys = host_ints(itertools.chain.from_iterable(token_lists)) + rows.repeat_interleave(
+        torch.tensor([len(t) for t in token_lists])
     )
     return upload(keys, device)

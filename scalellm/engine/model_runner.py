@@ -16,7 +16,6 @@ heads ``[0, num_kv_heads / N)`` of the KV cache; rank r's runner holds the r-th 
 
 from __future__ import annotations
 
-import array
 import contextlib
 import logging
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ from scalellm.engine import cpu_kernels, huge_pages
 from scalellm.engine.attention import AttentionBackend, select_backend
 from scalellm.engine.config import EngineConfig
 from scalellm.engine.cuda_graphs import DecodeGraphs, graph_buckets, graph_limit, why_eager
-from scalellm.engine.host_copy import upload
+from scalellm.engine.host_copy import host_ints, upload
 from scalellm.engine.kv_quant import KVCacheFormat
 from scalellm.engine.request import Request
 from scalellm.engine.sampler import Drawn, Sampler, SamplerOutput
@@ -392,9 +391,6 @@ class ModelRunner:
         return torch.tensor(data, dtype=torch.long, device=self.device)
 
     def _ints(self, data: list[int]) -> torch.Tensor:
-        """``_tensor`` of a flat list, through array.array: a third of torch.tensor's time on a
-        list of ints (0.2 against 0.7 ms for the 10k of a 256-sequence decode step); on CUDA
-        through pinned memory (host_copy)."""
-        if not data:
-            return torch.empty(0, dtype=torch.long, device=self.device)
-        return upload(torch.frombuffer(array.array("q", data), dtype=torch.long), self.device)
+        """``_tensor`` of a flat list, through host_copy.host_ints (0.2 against torch.tensor's
+        0.7 ms for the 10k of a 256-sequence decode step); on CUDA through pinned memory."""
+        return upload(host_ints(data), self.device)
