@@ -33,6 +33,22 @@ COLORS = {
     "mesh-speculative": "C5",
 }
 PEER_NAMES = {"vllm": "vLLM", "vllm-all-cores": "vLLM all cores"}
+SPARE_COLORS = ("C6", "C7", "C8", "C9")
+"""For ours at another revision beside ours (NAME@REV with NAME), one each, in turn."""
+
+
+def colors(systems: list[str]) -> dict[str, str | None]:
+    """Each system's plot colour: COLORS', where NAME@REV ran alone its NAME's, else a spare one
+    (None past the spares: matplotlib's next)."""
+    spare = iter(SPARE_COLORS)
+    out: dict[str, str | None] = {}
+    for s in systems:
+        base = s.partition("@")[0]
+        if s in COLORS or (base in COLORS and base not in systems):
+            out[s] = COLORS[base]
+        else:
+            out[s] = next(spare, None)
+    return out
 
 
 @dataclass(frozen=True)
@@ -88,8 +104,12 @@ def ordered(names: set[str]) -> list[str]:
 
 def ratios(systems: list[str]) -> list[tuple[str, str, str]]:
     """(numerator, denominator, column title): each of ours against each vLLM configuration that
-    ran, and against itself at each other revision that ran."""
-    pairs = [(s, peer, f"{s.removeprefix('mesh-')} / {PEER_NAMES[peer]}") for peer in PEERS for s in OURS
+    ran, and against itself at each other revision that ran. One of ours that ran only at a
+    revision (NAME@REV without NAME, as a run that keeps the working tree free has it) is set
+    against vLLM under that name."""
+    bases = {s: s.partition("@")[0] for s in systems}
+    alone = [s for s, base in bases.items() if s != base and base in OURS and base not in systems]
+    pairs = [(s, peer, f"{s.removeprefix('mesh-')} / {PEER_NAMES[peer]}") for peer in PEERS for s in (*OURS, *alone)
              if s in systems and peer in systems]  # fmt: skip
     for other in systems:
         base, _, revision = other.partition("@")
@@ -157,8 +177,10 @@ def plot(levels: list[Level], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    systems = ordered({lv.system for lv in levels})
+    color = colors(systems)
     for dtype in dict.fromkeys(lv.dtype for lv in levels):
-        for system in dict.fromkeys(lv.system for lv in levels):
+        for system in systems:
             mine = [lv for lv in levels if lv.dtype == dtype and lv.system == system]
             cs = sorted({lv.concurrency for lv in mine})
             if not cs:
@@ -166,7 +188,7 @@ def plot(levels: list[Level], path: Path) -> None:
             style = "-" if dtype == "bfloat16" else "--"  # one colour per system, dashed for float32
             for ax, key in ((left, "output_throughput"), (right, "median_tpot_ms")):
                 ys = [_median([lv for lv in mine if lv.concurrency == c], key) for c in cs]
-                ax.plot(cs, ys, style, marker="o", color=COLORS.get(system), label=f"{system} {dtype}")
+                ax.plot(cs, ys, style, marker="o", color=color[system], label=f"{system} {dtype}")
     for ax, title in ((left, "output tokens/s"), (right, "TPOT p50 (ms)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent streams")

@@ -151,3 +151,23 @@ def test_a_mesh_at_a_revision_runs_from_that_revisions_files(tmp_path: Path, mon
     assert system.command[1:4] == ["-m", "scalellm", "up"] and system.command[-1] == "--x=1"
     here = vs_vllm.make_system("mesh-colocated", "bfloat16", plan, [])
     assert here.cwd == vs_vllm.ROOT and here.env == ()
+
+
+def test_ours_run_only_at_a_revision_is_set_against_vllm(tmp_path: Path) -> None:
+    """A run of mesh-colocated@REV alone (the tree kept free) still gets its ratio to vLLM."""
+    _level(tmp_path, 0, "vllm", 64, 80.0, {})
+    _level(tmp_path, 0, "mesh-colocated@abc123", 64, 120.0, {})
+    lines = vs_vllm_report.table(vs_vllm_report.load_levels(tmp_path), "float32")
+    assert lines[0].endswith(
+        "| mesh-colocated@abc123 tok/s (TPOT p50, ITL p99 ms) | colocated@abc123 / vLLM |"
+    )
+    assert lines[2] == "| 64 | 80.0 (100, 200) | 120.0 (100, 200) | **1.50x** |"
+
+
+def test_each_system_gets_its_own_plot_colour() -> None:
+    """NAME@REV alone takes NAME's colour; beside NAME it takes a spare one, never vLLM's."""
+    alone = vs_vllm_report.colors(["vllm", "mesh-colocated@abc", "mesh-disaggregated@abc"])
+    assert alone == {"vllm": "C1", "mesh-colocated@abc": "C0", "mesh-disaggregated@abc": "C2"}
+    beside = vs_vllm_report.colors(["vllm", "mesh-colocated", "mesh-colocated@abc", "mesh-colocated@def"])
+    assert beside["mesh-colocated"] == "C0"
+    assert {beside["mesh-colocated@abc"], beside["mesh-colocated@def"]} == {"C6", "C7"}
