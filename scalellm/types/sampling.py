@@ -24,6 +24,9 @@ MAX_LOGIT_BIAS = 100.0
 """logit_bias values lie in [-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS] (OpenAI's range)."""
 MAX_PENALTY = 2.0
 """presence_penalty and frequency_penalty lie in [-MAX_PENALTY, MAX_PENALTY] (OpenAI's range)."""
+ALL_TOKENS = 2**31
+"""A top_k this large keeps every token of any vocabulary, as 0 does, and is stored as 0 (the
+wire's top_k is an int32)."""
 GREEDY_BELOW = 1e-5
 """A temperature under this samples greedily, as vLLM's does: dividing logits by it would
 overflow float32 (1e-46 is 0 there), and the distribution is argmax's to float32 precision."""
@@ -36,7 +39,7 @@ class SamplingParams:
     n: how many choices to generate (the gateway fans them out; the engine runs one per request).
     temperature: 0 (or under GREEDY_BELOW) means greedy; otherwise logits are divided by it before sampling.
     top_p: keep the smallest set of tokens whose probability sums to at least top_p, in (0, 1].
-    top_k: keep the k most likely tokens (0 or -1: all).
+    top_k: keep the k most likely tokens (0 or -1: all; so does a k of ALL_TOKENS or more).
     min_p: drop tokens whose probability is below min_p times the top token's, in [0, 1].
     seed: a per-request seed; the same seed gives the same tokens whatever else is in the batch.
     max_tokens: how many tokens to generate at most (None: up to the model's context length).
@@ -115,7 +118,7 @@ class SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         _check_stop(stop)
         object.__setattr__(self, "stop", tuple(dict.fromkeys(stop)))
-        if self.top_k == -1:
+        if self.top_k == -1 or (_is_int(self.top_k) and self.top_k >= ALL_TOKENS):
             object.__setattr__(self, "top_k", 0)
         self._validate()
 

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from scalellm.types import FinishReason, Timings, Usage
+from scalellm.types.proto import sampling_to_proto
 from scalellm.v1 import common_pb2, gateway_pb2
 from services.gateway.openai_convert import finish_reason_to_openai, timings_to_openai, usage_to_openai
 from services.gateway.openai_parse import parse_chat, parse_completion
@@ -51,6 +52,13 @@ def test_non_finite_numbers_are_a_400_not_a_crash() -> None:
 
 def test_top_k_minus_one_means_all() -> None:
     assert parse_completion({"prompt": "x", "top_k": -1}).spec.sampling.top_k == 0
+
+
+def test_a_top_k_past_int32_means_all_not_a_500() -> None:
+    """The fuzzed request that found it: the worker's proto has top_k as an int32."""
+    spec = parse_completion({"prompt": "x", "top_k": 2**63}).spec
+    assert spec.sampling.top_k == 0
+    assert sampling_to_proto(spec.sampling).top_k == 0
 
 
 def test_grpc_names_sampling_fields_under_sampling() -> None:

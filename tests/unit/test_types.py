@@ -26,6 +26,8 @@ def test_sampling_params_normalise_what_they_accept() -> None:
     p = SamplingParams(top_k=-1, stop=["a", "b", "a"], stop_token_ids=[3, 4])  # type: ignore[arg-type]
     assert p.top_k == 0 and p.stop == ("a", "b") and p.stop_token_ids == (3, 4)
     assert SamplingParams(stop="x").stop == ("x",)  # type: ignore[arg-type]
+    # a top_k past any vocabulary keeps every token, as 0 does (and fits the wire's int32)
+    assert SamplingParams(top_k=2**63).top_k == 0 and SamplingParams(top_k=2**31 - 1).top_k == 2**31 - 1
     assert SamplingParams(temperature=0.0).greedy and SamplingParams(top_k=1).greedy
     assert not SamplingParams().greedy
 
