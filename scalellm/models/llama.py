@@ -26,6 +26,7 @@ from scalellm.engine.attention import AttentionMetadata, paged_attention
 from scalellm.models.config import ModelConfig, RopeConfig
 from scalellm.models.moe import SparseMoeBlock, expert_weight, load_expert, moe_prefix
 from scalellm.models.ops import LayerOps, TorchOps
+from scalellm.models.packed_linear import PanelLinear
 from scalellm.models.parallel import SINGLE, TensorParallel, VocabParallelEmbedding, shard
 
 if TYPE_CHECKING:  # decode_stack builds on this module
@@ -229,8 +230,13 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x, residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[T, vocab] logits in the model's dtype (every rank's vocabulary slice, gathered, at
-        TP>1); the sampler widens them to float32 where it needs more than an argmax."""
+        """[T, vocab] logits (every rank's vocabulary slice, gathered, at TP>1): in float32 where
+        lm_head is our panel kernel on a bfloat16 weight (its float32 sums as they are: rounded
+        to bfloat16, logits between 16 and 32 are 0.125 apart and a near-tie becomes a tie that
+        the argmax settles by token id), else in the model's dtype; the sampler widens them to
+        float32 where it needs more than an argmax."""
+        if isinstance(self.lm_head, PanelLinear) and hidden.dtype == torch.bfloat16:
+            return self.tp.all_gather(self.lm_head.forward_float(hidden))
         return self.tp.all_gather(self.lm_head(hidden))
 
     # ---- weights -------------------------------------------------------------------------

@@ -132,14 +132,23 @@ class PanelLinear(nn.Module):
             self.bias32 = None if self.bias is None else self.bias.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._linear(x, x.dtype)
+
+    def forward_float(self, x: torch.Tensor) -> torch.Tensor:
+        """The same products and sums as ``forward``, in float32: each output as summed, not
+        rounded to a bfloat16 weight's dtype (the logits: bfloat16 spaces them 0.125 apart
+        between 16 and 32, so a near-tie there is a tie)."""
+        return self._linear(x, torch.float32)
+
+    def _linear(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if self.packed is not None and flat.shape[0] > self.max_kernel_rows:
             wide = torch.ops.mkldnn._linear_pointwise(flat.float(), self.packed, self.bias32, "none", [], "")
-            out = wide.to(torch.bfloat16)
+            out = wide.to(dtype)
         else:
             if flat.stride(-1) != 1:
                 flat = flat.contiguous()
-            out = flat.new_empty(flat.shape[0], self.out_features)
+            out = flat.new_empty(flat.shape[0], self.out_features, dtype=dtype)
             torch.ops.scalellm_cpu.linear_panels(out, flat, self.panels, self.bias)
         return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 

@@ -361,6 +361,12 @@ def test_bf16_kernel_equals_float32_products_rounded_once(
         )
         batched = path(x.unsqueeze(0))  # [1, rows, k]: the reshape path
         torch.testing.assert_close(batched[0], got, atol=0, rtol=0)
+        # forward_float (the logits): the same sums unrounded, which round to forward's bits
+        wide_sums = path.forward_float(x)
+        assert wide_sums.dtype == torch.float32 and wide_sums.shape == (rows, n)
+        torch.testing.assert_close(wide_sums.to(torch.bfloat16), got, atol=0, rtol=0)
+        torch.testing.assert_close(wide_sums.double(), exact, atol=1e-5 * k**0.5, rtol=1e-5)
+        assert path.forward_float(x.unsqueeze(0)).shape == (1, rows, n)
     strided = torch.randn(rows, 2 * k, generator=gen).to(torch.bfloat16)[:, :k]  # rows with a gap between
     torch.testing.assert_close(kernel_only(strided), kernel_only(strided.contiguous()), atol=0, rtol=0)
     # the 8-lane kernel's sums are the float32 panels' over the widened values, in the same order:

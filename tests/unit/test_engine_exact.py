@@ -113,6 +113,30 @@ def test_demo_model_matches_transformers(demo_model_dir: Path) -> None:
     assert [r.output_token_ids for r in _run(engine, prompts, 24)] == expected
 
 
+@pytest.mark.slow
+def test_bfloat16_logits_keep_a_near_tie_the_float32_model_decides(demo_model_dir: Path) -> None:
+    """The demo model's first answer token to this question: "The" over "L" by 0.08 in float32.
+    bfloat16 logits there are 0.125 apart, so rounded ones tie and the argmax took "L" (token
+    id order) and went on "L'Etoile, la Marseillaise, ..."; the CPU's lm_head keeps its float32
+    sums, and the bfloat16 model answers as the float32 one does."""
+    from scalellm.engine.cpu_kernels import available
+    from scalellm.text import Tokenizer
+
+    if not available():
+        pytest.skip("no C++ toolchain for the CPU kernels (lm_head is torch's)")
+    tok = Tokenizer.from_dir(demo_model_dir)
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True
+    )
+    prompt = tok.encode(chat, add_special_tokens=False)
+    engine = LLMEngine(EngineConfig(model=str(demo_model_dir), dtype="bfloat16", num_kv_blocks=64))
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=2)
+    (req,) = _run(engine, [prompt], [params])
+    assert tok.decode(req.output_token_ids).startswith("The capital of France is Paris")
+    top = req.logprobs[0].top
+    assert [tok.decode([t]) for t, _ in top] == ["The", "L"] and top[0][1] > top[1][1]
+
+
 @pytest.mark.parametrize("case", ["masked", "causal"])
 def test_sdpa_with_repeated_heads_equals_grouped_heads(case: str) -> None:
     """The CUDA path of attention.sdpa (K/V heads repeated) computes what grouped SDPA computes."""

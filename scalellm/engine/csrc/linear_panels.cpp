@@ -268,10 +268,10 @@ inline void store_masked(c10::BFloat16* p, __m512 v, __mmask16 m) {  // round to
 }
 #endif
 
-// out = x @ w^T (+ bias) through micro512: T float (S = Step32) or bfloat16 (S = StepBf16). x's
-// rows are read where they are (ldx apart); a bfloat16 x with K odd is copied with a zero after
-// each row, the pad its last pair reads.
-template <typename T, typename S>
+// out = x @ w^T (+ bias) through micro512: T float (S = Step32) or bfloat16 (S = StepBf16); O the
+// output's type (T, or float for the unrounded sums). x's rows are read where they are (ldx
+// apart); a bfloat16 x with K odd is copied with a zero after each row, the pad its last pair reads.
+template <typename T, typename S, typename O = T>
 void linear512(const at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
                const std::optional<at::Tensor>& bias) {
   using W = typename S::W;
@@ -289,7 +289,7 @@ void linear512(const at::Tensor& out, const at::Tensor& x, const at::Tensor& pac
   }
   const W* w_ptr = reinterpret_cast<const W*>(packed.data_ptr());
   const T* bias_ptr = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
-  T* out_ptr = reinterpret_cast<T*>(out.data_ptr());
+  O* out_ptr = reinterpret_cast<O*>(out.data_ptr());
   constexpr int64_t R = 6, Q = 4;
   // rows of x per chunk: as many as fill half of L2 beside the panels (at least 48)
   const int64_t chunk = std::max<int64_t>(48, (int64_t{1} << 19) / (ldx * static_cast<int64_t>(sizeof(W))) / R * R);
@@ -388,8 +388,9 @@ at::Tensor pack_panels(const at::Tensor& w) {
   return packed;
 }
 
-// out = x @ w^T (+ bias) with w packed by pack_panels; T: bfloat16 (W its bits) or float
-template <typename T, typename W>
+// out = x @ w^T (+ bias) with w packed by pack_panels; T: bfloat16 (W its bits) or float; O:
+// the output's type, T or (a bfloat16 x) float: the sums unrounded
+template <typename T, typename W, typename O = T>
 void linear_typed(const at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
                   const std::optional<at::Tensor>& bias) {
   const int64_t M = x.size(0), K = x.size(1), N = out.size(1), P = packed.size(0);
@@ -409,7 +410,7 @@ void linear_typed(const at::Tensor& out, const at::Tensor& x, const at::Tensor& 
     xs = xf.data();
   }
   const W* w_ptr = reinterpret_cast<const W*>(packed.data_ptr());
-  T* out_ptr = reinterpret_cast<T*>(out.data_ptr());
+  O* out_ptr = reinterpret_cast<O*>(out.data_ptr());
   // a task of at least ~64 KB of weights: fewer, larger tasks at one thread cost nothing
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, K * NR * static_cast<int64_t>(sizeof(W))));
   at::parallel_for(0, P, grain, [&](int64_t begin, int64_t end) {
@@ -425,7 +426,7 @@ void linear_typed(const at::Tensor& out, const at::Tensor& x, const at::Tensor& 
             for (int64_t j = 0; j < cols; ++j) {
               float s = c[m * NR + j];
               if (bias_ptr != nullptr) s += widen(bias_ptr[n0 + j]);
-              out_ptr[(m0 + m) * N + n0 + j] = T(s);
+              out_ptr[(m0 + m) * N + n0 + j] = O(s);
             }
         }
       }
@@ -439,8 +440,10 @@ void linear_panels(const at::Tensor& out, const at::Tensor& x, const at::Tensor&
                    const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && out.dim() == 2, "x [M, K], packed [P, K, 16], out [M, N]");
   const auto dtype = x.scalar_type();
+  const bool wide = dtype == at::kBFloat16 && out.scalar_type() == at::kFloat;  // sums unrounded
   TORCH_CHECK((dtype == at::kBFloat16 || dtype == at::kFloat) && packed.scalar_type() == dtype &&
-                  out.scalar_type() == dtype, "x, packed and out: all bfloat16 or all float32");
+                  (out.scalar_type() == dtype || wide),
+              "x, packed and out: all bfloat16 or all float32 (or a float32 out for bfloat16)");
   const int64_t M = x.size(0), K = x.size(1), N = out.size(1), P = packed.size(0);
   const bool pairs = in_pairs(dtype);
   TORCH_CHECK(packed.size(1) == (pairs ? (K + 1) / 2 : K) && packed.size(2) == (pairs ? 2 * NR : NR) &&
@@ -454,9 +457,12 @@ void linear_panels(const at::Tensor& out, const at::Tensor& x, const at::Tensor&
   if (dtype == at::kFloat) return linear512<float, Step32>(out, x, packed, bias);
 #endif
 #if defined(SCALELLM_PANELS_BF16)
+  if (wide) return linear512<c10::BFloat16, StepBf16, float>(out, x, packed, bias);
   if (dtype == at::kBFloat16) return linear512<c10::BFloat16, StepBf16>(out, x, packed, bias);
 #endif
-  if (dtype == at::kBFloat16)
+  if (wide)
+    linear_typed<c10::BFloat16, uint16_t, float>(out, x, packed, bias);
+  else if (dtype == at::kBFloat16)
     linear_typed<c10::BFloat16, uint16_t>(out, x, packed, bias);
   else
     linear_typed<float, float>(out, x, packed, bias);
