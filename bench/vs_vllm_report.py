@@ -6,6 +6,7 @@ heading the first time), so re-running the bench rewrites its own section and no
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import json
 import os
@@ -38,13 +39,14 @@ SPARE_COLORS = ("C6", "C7", "C8", "C9")
 
 
 def colors(systems: list[str]) -> dict[str, str | None]:
-    """Each system's plot colour: COLORS', where NAME@REV ran alone its NAME's, else a spare one
-    (None past the spares: matplotlib's next)."""
+    """Each system's plot colour: COLORS', where NAME@REV is the only run of its NAME its NAME's,
+    else a spare one (None past the spares: matplotlib's next)."""
     spare = iter(SPARE_COLORS)
+    bases = collections.Counter(s.partition("@")[0] for s in systems)
     out: dict[str, str | None] = {}
     for s in systems:
         base = s.partition("@")[0]
-        if s in COLORS or (base in COLORS and base not in systems):
+        if s in COLORS or (base in COLORS and bases[base] == 1):
             out[s] = COLORS[base]
         else:
             out[s] = next(spare, None)

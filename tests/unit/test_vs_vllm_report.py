@@ -171,3 +171,5 @@ def test_each_system_gets_its_own_plot_colour() -> None:
     beside = vs_vllm_report.colors(["vllm", "mesh-colocated", "mesh-colocated@abc", "mesh-colocated@def"])
     assert beside["mesh-colocated"] == "C0"
     assert {beside["mesh-colocated@abc"], beside["mesh-colocated@def"]} == {"C6", "C7"}
+    two = vs_vllm_report.colors(["vllm", "mesh-colocated@abc", "mesh-colocated@def"])  # an A/B
+    assert {two["mesh-colocated@abc"], two["mesh-colocated@def"]} == {"C6", "C7"}
